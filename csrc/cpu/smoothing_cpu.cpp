@@ -1,0 +1,361 @@
+// CPU kernels of the smoothing + quantization family: quantize_analytic, quantize_mc, their fused
+// SGD-step variants, and the vote counters of framework D. The per-element math is in
+// unlearn/elementwise.h; this file only walks elements and reduces.
+#include <torch/library.h>
+
+#include "cpu_walk.h"
+#include "unlearn/elementwise.h"
+
+namespace unlearn {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 16;  // elements processed side by side: one AVX-512 register of uint32
+
+// ---- analytic ----------------------------------------------------------------------------------
+
+// Visits every element of a span with its analytic decision; emit(i, decision) consumes it.
+template <typename T, typename Emit>
+void analytic_span(const T* g, int64_t count, float beta, float below_threshold, Stats& s, Emit&& emit) {
+  int32_t min_bits = s.min_radius_bits;
+  int32_t nonfinite = 0, below = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = load_float(g[i]);
+    const Decision d = analytic_decision(v, beta);
+    emit(i, d);
+    nonfinite += !is_finite_float(v);
+    below += d.radius < below_threshold;
+    const int32_t b = float_bits(d.radius);
+    min_bits = b < min_bits ? b : min_bits;
+  }
+  s.min_radius_bits = min_bits;
+  s.nonfinite += nonfinite;
+  s.below += below;
+}
+
+// ---- Monte-Carlo -------------------------------------------------------------------------------
+
+struct McParams {
+  float tau, sigma, inv_sigma;
+  int32_t n0, n;
+  int64_t blocks;  // Philox blocks per element: ceil((n0 + n) / 4)
+  const float* radius_table;
+  uint64_t seed, offset;
+};
+
+McParams make_mc_params(double tau, double sigma, int64_t n0, int64_t n, const at::Tensor& table,
+                        int64_t seed, int64_t offset) {
+  return McParams{static_cast<float>(tau), static_cast<float>(sigma), static_cast<float>(1.0 / sigma),
+                  static_cast<int32_t>(n0), static_cast<int32_t>(n), (n0 + n + 3) / 4,
+                  table.data_ptr<float>(), as_u64(seed), as_u64(offset)};
+}
+
+// Counts the n0 selection and n estimation draws of kLanes consecutive elements at once. The lane
+// loops are written so that GCC vectorizes them across elements (each lane is one element's own
+// Philox stream, so lanes never interact).
+template <typename T, typename Emit>
+void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p, float below_threshold,
+             Stats& s, Emit&& emit) {
+  const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
+  for (int64_t base = 0; base < count; base += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - base));
+    int32_t neg_levels[kLanes], pos_start[kLanes], finite[kLanes];
+    uint32_t elem_lo[kLanes], elem_hi[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = l < lanes ? load_float(g[base + l]) : 0.0f;
+      const DrawThresholds t = mc_thresholds(v, p.tau, p.inv_sigma);
+      neg_levels[l] = t.neg_levels;
+      pos_start[l] = t.pos_start;
+      finite[l] = is_finite_float(v);
+      const uint64_t e = global_begin + static_cast<uint64_t>(base + l);
+      elem_lo[l] = static_cast<uint32_t>(e);
+      elem_hi[l] = static_cast<uint32_t>(e >> 32);
+    }
+    int32_t sel_neg[kLanes] = {}, sel_pos[kLanes] = {}, est_neg[kLanes] = {}, est_pos[kLanes] = {};
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      const uint64_t ctr = p.offset + static_cast<uint64_t>(b);
+      const uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
+      uint32_t words[4][kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const PhiloxBlock r = philox4x32_10(c0, c1, elem_lo[l], elem_hi[l], k0, k1);
+        words[0][l] = r.w[0];
+        words[1][l] = r.w[1];
+        words[2][l] = r.w[2];
+        words[3][l] = r.w[3];
+      }
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = 4 * b + q;  // draw index of this word
+        int32_t* neg = j < p.n0 ? sel_neg : est_neg;
+        int32_t* pos = j < p.n0 ? sel_pos : est_pos;
+        if (j >= int64_t(p.n0) + p.n) break;
+        for (int l = 0; l < kLanes; ++l) {
+          const DrawThresholds t{neg_levels[l], pos_start[l]};
+          neg[l] += draw_is_negative(words[q][l], t);
+          pos[l] += draw_is_positive(words[q][l], t);
+        }
+      }
+    }
+    int32_t min_bits = s.min_radius_bits;
+    for (int l = 0; l < lanes; ++l) {
+      Certified c{0, 0.0f, 0};
+      if (finite[l]) {
+        c = certify_from_counts(VoteCounts{sel_neg[l], sel_pos[l]}, p.n0,
+                                VoteCounts{est_neg[l], est_pos[l]}, p.n, p.radius_table, p.sigma);
+      } else {
+        s.nonfinite += 1;
+      }
+      emit(base + l, Decision{c.code, c.radius});
+      s.abstained += c.abstained;
+      s.below += c.radius < below_threshold;
+      min_bits = std::min(min_bits, float_bits(c.radius));
+    }
+    s.min_radius_bits = min_bits;
+  }
+}
+
+// ---- shared drivers ----------------------------------------------------------------------------
+
+// Counts non-finite gradient entries (the pre-scan that lets a step refuse to apply anything).
+int64_t count_nonfinite(const FlatList& grads) {
+  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {
+    dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* g = grads.tensors[t].data_ptr<T>() + lo;
+      int32_t bad = 0;
+      for (int64_t i = 0; i < hi - lo; ++i) bad += !is_finite_float(load_float(g[i]));
+      st.nonfinite += bad;
+    });
+  });
+  return s.nonfinite;
+}
+
+// Quantize: writes codes (int8) and radii (float32) shaped like the gradients.
+template <typename SpanFn>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> quantize_list(
+    const FlatList& grads, SpanFn&& span) {
+  std::vector<at::Tensor> codes = empty_like_list(grads, at::kChar);
+  std::vector<at::Tensor> radii = empty_like_list(grads, at::kFloat);
+  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
+    int8_t* code = codes[t].data_ptr<int8_t>() + lo;
+    float* radius = radii[t].data_ptr<float>() + lo;
+    dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      span(grads.tensors[t].data_ptr<T>() + lo, hi - lo, g0, st, [&](int64_t i, Decision d) {
+        code[i] = d.code;
+        radius[i] = d.radius;
+      });
+    });
+  });
+  auto [min_radius, counts] = stats_tensors(s, grads.tensors.empty() ? at::TensorOptions() : grads.tensors[0].options());
+  return {codes, radii, min_radius, counts};
+}
+
+// Step: w <- w - step_size * code in place, with the same statistics as quantize.
+template <typename SpanFn>
+std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatList& grads,
+                                            double step_size, bool check_finite, SpanFn&& span) {
+  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  check_paired_lists(params, "params", grads.tensors, "grads");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == grads.tensors[i].scalar_type(), "unlearn_ext: params[", i,
+                "] has dtype ", params[i].scalar_type(), " but grads[", i, "] has ",
+                grads.tensors[i].scalar_type(), "; they must match");
+  }
+  const at::TensorOptions opts = grads.tensors[0].options();
+  if (check_finite) {
+    const int64_t bad = count_nonfinite(grads);
+    if (bad > 0) {
+      Stats skipped;
+      skipped.nonfinite = bad;
+      return stats_tensors(skipped, opts);  // nothing applied
+    }
+  }
+  // Non-contiguous parameters are updated through a contiguous copy that is written back.
+  std::vector<at::Tensor> work(params.begin(), params.end());
+  for (auto& w : work) if (!w.is_contiguous()) w = w.contiguous();
+  const float step = static_cast<float>(step_size);
+  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
+    dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* w = work[t].data_ptr<T>() + lo;
+      span(grads.tensors[t].data_ptr<T>() + lo, hi - lo, g0, st, [&](int64_t i, Decision d) {
+        w[i] = store_as<T>(quantized_update(load_float(w[i]), step, d.code));
+      });
+    });
+  });
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!work[i].is_same(params[i])) params[i].copy_(work[i]);
+  return stats_tensors(s, opts);
+}
+
+// ---- op implementations ------------------------------------------------------------------------
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> quantize_analytic_cpu(
+    at::TensorList grads_in, double beta, double count_below) {
+  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  const float b = static_cast<float>(beta), thr = static_cast<float>(count_below);
+  return quantize_list(grads, [&](auto* g, int64_t n, int64_t, Stats& st, auto&& emit) {
+    analytic_span(g, n, b, thr, st, emit);
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> quantize_mc_cpu(
+    at::TensorList grads_in, double tau, double sigma, int64_t n0, int64_t n, const at::Tensor& table,
+    int64_t seed, int64_t offset, double count_below) {
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  check_tau(tau);
+  check_mc_arguments(sigma, n0, n, table, grads.tensors.empty() ? table.device() : grads.tensors[0].device());
+  const at::Tensor table_c = table.contiguous();
+  const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset);
+  const float thr = static_cast<float>(count_below);
+  return quantize_list(grads, [&](auto* g, int64_t cnt, int64_t g0, Stats& st, auto&& emit) {
+    mc_span(g, cnt, static_cast<uint64_t>(g0), p, thr, st, emit);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantized_step_analytic_cpu(at::TensorList params,
+                                                               at::TensorList grads_in, double beta,
+                                                               double step_size, double count_below,
+                                                               bool check_finite) {
+  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: the step needs at least one tensor");
+  const float b = static_cast<float>(beta), thr = static_cast<float>(count_below);
+  return step_list(params, grads, step_size, check_finite, [&](auto* g, int64_t n, int64_t, Stats& st, auto&& emit) {
+    analytic_span(g, n, b, thr, st, emit);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cpu(at::TensorList params, at::TensorList grads_in,
+                                                         double tau, double sigma, int64_t n0, int64_t n,
+                                                         const at::Tensor& table, int64_t seed,
+                                                         int64_t offset, double step_size,
+                                                         double count_below, bool check_finite) {
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: the step needs at least one tensor");
+  check_tau(tau);
+  check_mc_arguments(sigma, n0, n, table, grads.tensors[0].device());
+  const at::Tensor table_c = table.contiguous();
+  const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset);
+  const float thr = static_cast<float>(count_below);
+  return step_list(params, grads, step_size, check_finite, [&](auto* g, int64_t cnt, int64_t g0, Stats& st, auto&& emit) {
+    mc_span(g, cnt, static_cast<uint64_t>(g0), p, thr, st, emit);
+  });
+}
+
+// ---- framework D: vote counters ----------------------------------------------------------------
+
+void check_vote_list(at::TensorList votes, const FlatList& grads, const char* name) {
+  TORCH_CHECK(votes.size() == grads.tensors.size(), "unlearn_ext: ", name, " has ", votes.size(),
+              " tensors but grads has ", grads.tensors.size());
+  for (size_t i = 0; i < votes.size(); ++i) {
+    const at::Tensor& v = votes[i];
+    TORCH_CHECK(v.scalar_type() == at::kShort || v.scalar_type() == at::kInt, "unlearn_ext: ", name,
+                "[", i, "] must be int16 or int32 counts, got ", v.scalar_type());
+    TORCH_CHECK(v.scalar_type() == votes[0].scalar_type(), "unlearn_ext: all tensors in ", name,
+                " must share one dtype");
+    std::vector<int64_t> expected{2};
+    for (auto d : grads.tensors[i].sizes()) expected.push_back(d);
+    TORCH_CHECK(v.sizes() == at::IntArrayRef(expected), "unlearn_ext: ", name, "[", i,
+                "] must have shape (2, *grads[", i, "].shape) = ", at::IntArrayRef(expected),
+                " (counts of -1 and +1 votes), got ", v.sizes());
+    TORCH_CHECK(v.is_contiguous(), "unlearn_ext: ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(v.device() == grads.tensors[i].device(), "unlearn_ext: ", name, "[", i, "] is on ",
+                v.device(), " but grads[", i, "] is on ", grads.tensors[i].device());
+  }
+}
+
+at::Tensor vote_accumulate_cpu(at::TensorList votes, at::TensorList grads_in, double tau) {
+  check_tau(tau);
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  check_vote_list(votes, grads, "votes");
+  const float t = static_cast<float>(tau);
+  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t ti, int64_t lo, int64_t hi, int64_t) {
+    const int64_t numel = grads.tensors[ti].numel();
+    dispatch_float_type(grads.tensors[ti].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* g = grads.tensors[ti].data_ptr<T>() + lo;
+      auto add_votes = [&](auto* counts) {
+        auto* neg = counts + lo;
+        auto* pos = counts + numel + lo;
+        int32_t bad = 0;
+        for (int64_t i = 0; i < hi - lo; ++i) {
+          const float v = load_float(g[i]);
+          const VoteCounts c = ternary_vote(v, t);
+          neg[i] += c.neg;
+          pos[i] += c.pos;
+          bad += !is_finite_float(v);
+        }
+        st.nonfinite += bad;
+      };
+      if (votes[ti].scalar_type() == at::kShort) add_votes(votes[ti].data_ptr<int16_t>());
+      else add_votes(votes[ti].data_ptr<int32_t>());
+    });
+  });
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kLong));
+  out.fill_(s.nonfinite);
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> vote_finalize_cpu(
+    at::TensorList selection, at::TensorList estimation, int64_t n0, int64_t n, const at::Tensor& table,
+    double sigma, double count_below) {
+  TORCH_CHECK(selection.size() == estimation.size(), "unlearn_ext: selection_votes has ",
+              selection.size(), " tensors but estimation_votes has ", estimation.size());
+  TORCH_CHECK(!selection.empty(), "unlearn_ext: vote_finalize needs at least one tensor");
+  // Shapes are validated against a stand-in gradient list of the votes' trailing shape.
+  FlatList shapes;
+  shapes.offsets.push_back(0);
+  for (size_t i = 0; i < selection.size(); ++i) {
+    TORCH_CHECK(selection[i].dim() >= 1 && selection[i].size(0) == 2, "unlearn_ext: selection_votes[", i,
+                "] must have shape (2, ...), got ", selection[i].sizes());
+    shapes.tensors.push_back(at::empty(selection[i].sizes().slice(1), selection[i].options().dtype(at::kFloat)));
+    shapes.offsets.push_back(shapes.offsets.back() + shapes.tensors.back().numel());
+  }
+  check_vote_list(selection, shapes, "selection_votes");
+  check_vote_list(estimation, shapes, "estimation_votes");
+  check_mc_arguments(sigma, n0, n, table, selection[0].device());
+  const at::Tensor table_c = table.contiguous();
+  const float* tab = table_c.data_ptr<float>();
+  const float sig = static_cast<float>(sigma), thr = static_cast<float>(count_below);
+  std::vector<at::Tensor> codes = empty_like_list(shapes, at::kChar);
+  std::vector<at::Tensor> radii = empty_like_list(shapes, at::kFloat);
+  Stats s = parallel_over_list(shapes.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {
+    const int64_t numel = shapes.tensors[t].numel();
+    int8_t* code = codes[t].data_ptr<int8_t>();
+    float* radius = radii[t].data_ptr<float>();
+    auto finalize = [&](const auto* sel, const auto* est) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const Certified c = certify_from_counts(VoteCounts{sel[i], sel[numel + i]}, static_cast<int32_t>(n0),
+                                                VoteCounts{est[i], est[numel + i]}, static_cast<int32_t>(n), tab, sig);
+        code[i] = c.code;
+        radius[i] = c.radius;
+        st.abstained += c.abstained;
+        st.below += c.radius < thr;
+        st.min_radius_bits = std::min(st.min_radius_bits, float_bits(c.radius));
+      }
+    };
+    const bool sel16 = selection[t].scalar_type() == at::kShort, est16 = estimation[t].scalar_type() == at::kShort;
+    if (sel16 && est16) finalize(selection[t].data_ptr<int16_t>(), estimation[t].data_ptr<int16_t>());
+    else if (sel16) finalize(selection[t].data_ptr<int16_t>(), estimation[t].data_ptr<int32_t>());
+    else if (est16) finalize(selection[t].data_ptr<int32_t>(), estimation[t].data_ptr<int16_t>());
+    else finalize(selection[t].data_ptr<int32_t>(), estimation[t].data_ptr<int32_t>());
+  });
+  auto [min_radius, counts] = stats_tensors(s, selection[0].options());
+  return {codes, radii, min_radius, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
+  m.impl("quantize_analytic", &quantize_analytic_cpu);
+  m.impl("quantize_mc", &quantize_mc_cpu);
+  m.impl("quantized_step_analytic_", &quantized_step_analytic_cpu);
+  m.impl("quantized_step_mc_", &quantized_step_mc_cpu);
+  m.impl("vote_accumulate_", &vote_accumulate_cpu);
+  m.impl("vote_finalize", &vote_finalize_cpu);
+}
+
+}  // namespace cpu
+}  // namespace unlearn

@@ -1,0 +1,109 @@
+// Multi-tensor addressing (host side, shared by the CPU and CUDA implementations).
+//
+// Ops take Tensor[] and treat the list as one long vector: the global element index of element j
+// of tensor t is offsets[t] + j, where offsets are the running sums of numel. The global index is
+// what the RNG uses as its subsequence, so it depends only on the list's shapes, never on strides
+// or on how work is split.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace unlearn {
+
+struct FlatList {
+  std::vector<at::Tensor> tensors;  // contiguous (copies are made for non-contiguous inputs)
+  std::vector<int64_t> offsets;     // size tensors.size() + 1; offsets.back() = total numel
+  int64_t total() const { return offsets.back(); }
+};
+
+inline bool is_kernel_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Checks a list of floating inputs: one dtype (fp32/fp16/bf16) and one device for all of them.
+// An empty list is valid and yields an empty FlatList.
+inline FlatList flatten_float_list(at::TensorList list, const char* name) {
+  FlatList flat;
+  flat.offsets.reserve(list.size() + 1);
+  flat.offsets.push_back(0);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.defined(), "unlearn_ext: ", name, "[", i, "] is undefined");
+    TORCH_CHECK(is_kernel_float_dtype(t.scalar_type()), "unlearn_ext: ", name, "[", i,
+                "] has dtype ", t.scalar_type(), "; expected float32, float16 or bfloat16");
+    TORCH_CHECK(t.scalar_type() == list[0].scalar_type(), "unlearn_ext: all tensors in ", name,
+                " must share one dtype, but ", name, "[0] is ", list[0].scalar_type(), " and ",
+                name, "[", i, "] is ", t.scalar_type());
+    TORCH_CHECK(t.device() == list[0].device(), "unlearn_ext: all tensors in ", name,
+                " must be on one device, but ", name, "[0] is on ", list[0].device(), " and ",
+                name, "[", i, "] is on ", t.device());
+    flat.tensors.push_back(t.contiguous());
+    flat.offsets.push_back(flat.offsets.back() + t.numel());
+  }
+  return flat;
+}
+
+inline void check_paired_lists(at::TensorList a, const char* a_name, at::TensorList b,
+                               const char* b_name) {
+  TORCH_CHECK(a.size() == b.size(), "unlearn_ext: ", a_name, " has ", a.size(), " tensors but ",
+              b_name, " has ", b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].sizes() == b[i].sizes(), "unlearn_ext: ", a_name, "[", i, "] has shape ",
+                a[i].sizes(), " but ", b_name, "[", i, "] has shape ", b[i].sizes());
+    TORCH_CHECK(a[i].device() == b[i].device(), "unlearn_ext: ", a_name, "[", i, "] is on ",
+                a[i].device(), " but ", b_name, "[", i, "] is on ", b[i].device());
+  }
+}
+
+// Validates the scalar arguments of the Monte-Carlo certification.
+inline void check_mc_arguments(double sigma, int64_t n0, int64_t n, const at::Tensor& radius_table,
+                               const at::Device& device) {
+  TORCH_CHECK(sigma > 0 && std::isfinite(sigma), "unlearn_ext: sigma must be a finite number > 0, got ",
+              sigma);
+  TORCH_CHECK(n0 >= 1, "unlearn_ext: n0 (selection draws) must be >= 1, got ", n0);
+  TORCH_CHECK(n >= 1, "unlearn_ext: n (estimation draws) must be >= 1, got ", n);
+  TORCH_CHECK(n0 + n <= (int64_t(1) << 30), "unlearn_ext: n0 + n is too large (", n0 + n, ")");
+  TORCH_CHECK(radius_table.dim() == 1 && radius_table.numel() == n + 1,
+              "unlearn_ext: radius_table must be a 1-D tensor of n + 1 = ", n + 1,
+              " entries (one per possible count), got shape ", radius_table.sizes());
+  TORCH_CHECK(radius_table.scalar_type() == at::kFloat,
+              "unlearn_ext: radius_table must be float32, got ", radius_table.scalar_type());
+  TORCH_CHECK(radius_table.device() == device, "unlearn_ext: radius_table is on ",
+              radius_table.device(), " but the gradients are on ", device);
+}
+
+inline void check_tau(double tau) {
+  TORCH_CHECK(tau >= 0 && std::isfinite(tau), "unlearn_ext: tau must be a finite number >= 0, got ",
+              tau);
+}
+
+// Calls f(tensor_index, local_begin, local_end, global_begin) for each piece of the global range
+// [begin, end) that lies inside one tensor.
+template <typename F>
+inline void for_each_span(const std::vector<int64_t>& offsets, int64_t begin, int64_t end, F&& f) {
+  if (begin >= end) return;
+  // Largest t with offsets[t] <= begin (skipping empty tensors).
+  size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+  for (; t + 1 < offsets.size() && offsets[t] < end; ++t) {
+    const int64_t lo = std::max(begin, offsets[t]);
+    const int64_t hi = std::min(end, offsets[t + 1]);
+    if (lo < hi) f(t, lo - offsets[t], hi - offsets[t], lo);
+  }
+}
+
+// Outputs shaped like each input, contiguous, of the given dtype.
+inline std::vector<at::Tensor> empty_like_list(const FlatList& flat, at::ScalarType dtype) {
+  std::vector<at::Tensor> out;
+  out.reserve(flat.tensors.size());
+  for (const auto& t : flat.tensors) out.push_back(at::empty(t.sizes(), t.options().dtype(dtype)));
+  return out;
+}
+
+// Reinterprets a signed schema int (int64) as the unsigned 64-bit seed/offset of the RNG contract.
+inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
+
+}  // namespace unlearn

@@ -1,0 +1,44 @@
+// The `_C` Python module: build and CPU-feature information only. Tensor ops go through the
+// dispatcher registry (ops.cpp), never through pybind11, so torch.compile and opcheck see them.
+#include <torch/extension.h>
+
+#include <string>
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef UNLEARN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cpu_flags() {
+#ifdef UNLEARN_CPU_FLAGS
+  return UNLEARN_CPU_FLAGS;
+#else
+  return "";
+#endif
+}
+
+std::string cpu_vector_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__SSE2__)
+  return "sse2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "unlearn_ext compiled kernels (ops are registered under torch.ops.unlearn_ext)";
+  m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in");
+  m.def("cpu_flags", &cpu_flags, "Extra compiler flags the CPU kernels were built with");
+  m.def("cpu_vector_isa", &cpu_vector_isa, "Widest x86 vector ISA the CPU kernels were compiled for");
+}

@@ -1,0 +1,34 @@
+"""unlearn_ext: fused kernels and methods for machine unlearning in PyTorch.
+
+Start with `smoothing.SmoothedQuantizer` (certified training with smoothed, quantized gradients);
+`backend()` tells whether the compiled kernels or the pure-PyTorch reference serve the ops.
+"""
+from ._ops import backend, compiled, cuda_built  # noqa: F401
+from .smoothing import (  # noqa: F401
+    QuantizeResult,
+    SmoothedQuantizer,
+    StepStats,
+    analytic_threshold,
+    philox_bernoulli,
+    philox_bits,
+    philox_uniform,
+    radius_table,
+    smooth_quantize,
+    smooth_quantize_step_,
+    vote_accumulate_,
+    vote_finalize,
+    VoteCounter,
+)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What was compiled: backend, CUDA, CPU vector ISA and flags."""
+    from . import _ops
+
+    info = {"backend": backend(), "torch": __import__("torch").__version__}
+    if _ops._C is not None:
+        info.update(cuda=_ops._C.built_with_cuda(), cpu_isa=_ops._C.cpu_vector_isa(),
+                    cpu_flags=_ops._C.cpu_flags())
+    return info

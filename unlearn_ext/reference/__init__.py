@@ -1,0 +1,11 @@
+"""Pure-PyTorch reference of every unlearn_ext op: the truth the kernels are tested against, and
+the fallback when the compiled extension is missing."""
+from .philox import philox_bernoulli, philox_bits, philox_uniform, philox_words, philox4x32_10  # noqa: F401
+from .smoothing import (  # noqa: F401
+    quantize_analytic,
+    quantize_mc,
+    quantized_step_analytic_,
+    quantized_step_mc_,
+    vote_accumulate_,
+    vote_finalize,
+)
