@@ -43,7 +43,8 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # -fno-math-errno / -fno-trapping-math let GCC vectorize the Phi and Philox loops (DESIGN 9).
-    cpu_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is inline and uses OpenMP pragmas; without the flag it runs serial.
+    cpu_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     if os.environ.get("UNLEARN_EXT_PORTABLE") != "1":
         cpu_flags.append("-march=native")
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -56,7 +57,8 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=macros + [("UNLEARN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cpu_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cpu_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(
@@ -65,6 +67,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cpu_flags},
+            extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu_walk.h"
+#include "philox_avx512.h"
 #include "unlearn/elementwise.h"
 
 namespace unlearn {
@@ -50,28 +51,74 @@ McParams make_mc_params(double tau, double sigma, int64_t n0, int64_t n, const a
                   table.data_ptr<float>(), as_u64(seed), as_u64(offset)};
 }
 
-// Counts the n0 selection and n estimation draws of kLanes consecutive elements at once. The lane
-// loops are written so that GCC vectorizes them across elements (each lane is one element's own
-// Philox stream, so lanes never interact).
+// Adds one draw per lane to the class counters (separate arrays, so the loop vectorizes).
+inline void count_draws(const uint32_t* __restrict words, const int32_t* __restrict neg_levels,
+                        const int32_t* __restrict pos_start, int32_t* __restrict neg,
+                        int32_t* __restrict pos) {
+  for (int l = 0; l < kLanes; ++l) {
+    const DrawThresholds t{neg_levels[l], pos_start[l]};
+    neg[l] += draw_is_negative(words[l], t);
+    pos[l] += draw_is_positive(words[l], t);
+  }
+}
+
+// Integer draw thresholds of every element of a span. Phi comes from ATen's vectorized erfc
+// (the same function torch.special.erfc uses): glibc's scalar erfcf cost ~40 ns per call here,
+// more than all the draws of an element.
+template <typename T>
+void mc_thresholds_span(const T* g, int64_t count, const McParams& p, int32_t* neg_levels,
+                        int32_t* pos_start, int32_t* finite) {
+  std::vector<float> arg_pos(count), arg_neg(count);
+  constexpr float kInvSqrt2 = 0.70710678118654752f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = load_float(g[i]);
+    // normal_cdf(x) = erfc(-x / sqrt 2) / 2, exactly as in unlearn/elementwise.h.
+    arg_pos[i] = -((v - p.tau) * p.inv_sigma) * kInvSqrt2;
+    arg_neg[i] = -((-p.tau - v) * p.inv_sigma) * kInvSqrt2;
+    finite[i] = is_finite_float(v);
+  }
+  at::Tensor tp = at::from_blob(arg_pos.data(), {count}, at::kFloat);
+  at::Tensor tn = at::from_blob(arg_neg.data(), {count}, at::kFloat);
+  at::erfc_out(tp, tp);
+  at::erfc_out(tn, tn);
+  for (int64_t i = 0; i < count; ++i) {
+    const float p_pos = 0.5f * arg_pos[i], p_neg = 0.5f * arg_neg[i];
+    const DrawThresholds t = finite[i] ? DrawThresholds{static_cast<int32_t>(levels_below(p_neg)),
+                                                        static_cast<int32_t>(kUniformLevels - levels_below(p_pos))}
+                                       : DrawThresholds{0, static_cast<int32_t>(kUniformLevels)};
+    neg_levels[i] = t.neg_levels;
+    pos_start[i] = t.pos_start;
+  }
+}
+
+// Counts the n0 selection and n estimation draws of kLanes consecutive elements at once (each lane
+// is one element's own Philox stream, so lanes never interact).
 template <typename T, typename Emit>
 void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p, float below_threshold,
              Stats& s, Emit&& emit) {
-  const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
+  [[maybe_unused]] const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
+  const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
+  std::vector<int32_t> all_neg(padded, 0), all_pos(padded, int32_t(kUniformLevels)), all_finite(padded, 0);
+  mc_thresholds_span(g, count, p, all_neg.data(), all_pos.data(), all_finite.data());
   for (int64_t base = 0; base < count; base += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - base));
-    int32_t neg_levels[kLanes], pos_start[kLanes], finite[kLanes];
-    uint32_t elem_lo[kLanes], elem_hi[kLanes];
+    const int32_t* neg_levels = all_neg.data() + base;
+    const int32_t* pos_start = all_pos.data() + base;
+    const int32_t* finite = all_finite.data() + base;
+    [[maybe_unused]] uint32_t elem_lo[kLanes], elem_hi[kLanes];
     for (int l = 0; l < kLanes; ++l) {
-      const float v = l < lanes ? load_float(g[base + l]) : 0.0f;
-      const DrawThresholds t = mc_thresholds(v, p.tau, p.inv_sigma);
-      neg_levels[l] = t.neg_levels;
-      pos_start[l] = t.pos_start;
-      finite[l] = is_finite_float(v);
       const uint64_t e = global_begin + static_cast<uint64_t>(base + l);
       elem_lo[l] = static_cast<uint32_t>(e);
       elem_hi[l] = static_cast<uint32_t>(e >> 32);
     }
     int32_t sel_neg[kLanes] = {}, sel_pos[kLanes] = {}, est_neg[kLanes] = {}, est_pos[kLanes] = {};
+#if defined(__AVX512F__)
+    const Avx512Counts vc = mc_counts_avx512(neg_levels, pos_start, global_begin + base, p.seed, p.offset, p.n0, p.n);
+    _mm512_storeu_si512(sel_neg, vc.sel_neg);
+    _mm512_storeu_si512(sel_pos, vc.sel_pos);
+    _mm512_storeu_si512(est_neg, vc.est_neg);
+    _mm512_storeu_si512(est_pos, vc.est_pos);
+#else
     for (int64_t b = 0; b < p.blocks; ++b) {
       const uint64_t ctr = p.offset + static_cast<uint64_t>(b);
       const uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
@@ -85,16 +132,14 @@ void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p
       }
       for (int q = 0; q < 4; ++q) {
         const int64_t j = 4 * b + q;  // draw index of this word
-        int32_t* neg = j < p.n0 ? sel_neg : est_neg;
-        int32_t* pos = j < p.n0 ? sel_pos : est_pos;
-        if (j >= int64_t(p.n0) + p.n) break;
-        for (int l = 0; l < kLanes; ++l) {
-          const DrawThresholds t{neg_levels[l], pos_start[l]};
-          neg[l] += draw_is_negative(words[q][l], t);
-          pos[l] += draw_is_positive(words[q][l], t);
+        if (j < p.n0) {
+          count_draws(words[q], neg_levels, pos_start, sel_neg, sel_pos);
+        } else if (j < int64_t(p.n0) + p.n) {
+          count_draws(words[q], neg_levels, pos_start, est_neg, est_pos);
         }
       }
     }
+#endif
     int32_t min_bits = s.min_radius_bits;
     for (int l = 0; l < lanes; ++l) {
       Certified c{0, 0.0f, 0};

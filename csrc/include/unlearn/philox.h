@@ -6,6 +6,7 @@
 // Draw j of element i is word (j mod 4) of the block at counter (offset + j / 4, i).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "unlearn/macros.h"
