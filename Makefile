@@ -1,0 +1,52 @@
+# Everything a newcomer needs: `make demo` and `make test` on a fresh machine (Python 3.10+, gcc).
+# The virtual environment and the extension build are made on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+DEV_DEPS := numpy scipy pytest hypothesis pytest-benchmark scikit-learn setuptools wheel ninja
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+LOG ?= gpu-logs
+
+.PHONY: demo test test-fast bench build build-cpu cuda-build-check gpu-check clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEV_DEPS)
+	touch $@
+
+# --no-build-isolation: compile against the torch in the venv (isolation would fetch another one).
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+# CPU-only build for fast iteration (skips the CUDA sources even with a CUDA torch).
+build-cpu: $(VENV)/.deps
+	UNLEARN_EXT_CUDA=0 MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(VENV)/.built
+
+demo: build
+	$(VENV)/bin/unlearn-ext demo
+
+test: build
+	$(PY) -m pytest tests -q
+
+test-fast: build
+	$(PY) -m pytest tests -q -m "not slow"
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-only
+
+# Compiles the CUDA sources with nvcc against a CUDA build of torch (no GPU needed).
+cuda-build-check:
+	bash scripts/check_cuda_build.sh
+
+# On a GPU machine with its own torch: build, CUDA tests, compute-sanitizer, GPU benchmarks.
+gpu-check:
+	bash scripts/gpu_check.sh $(LOG)
+
+clean:
+	rm -rf build unlearn_ext/_C*.so *.egg-info

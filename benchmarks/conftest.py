@@ -1,0 +1,83 @@
+"""Collects each benchmark's median time and prints ratios against the baselines of the same run
+(DESIGN section 9). Results also go to benchmarks/last_run.json for RESULTS.md."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+_RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture
+def record():
+    """record(key, benchmark, elements=..., bytes=..., draws=...) after benchmark(...) ran."""
+    def _record(key, benchmark, *, elements, bytes_moved=None, draws=None):
+        stats = getattr(benchmark, "stats", None)
+        if stats is None:  # --benchmark-disable: nothing was timed
+            return
+        median = stats.stats.median
+        entry = {"median_s": median, "elements": elements, "rounds": stats.stats.rounds}
+        if bytes_moved is not None:
+            entry["GB_per_s"] = bytes_moved / median / 1e9
+        if draws is not None:
+            entry["draws_per_s"] = draws / median
+        entry["elements_per_s"] = elements / median
+        _RESULTS[key] = entry
+    return _record
+
+
+def _ratio(a: str, b: str, field="elements_per_s"):
+    if a in _RESULTS and b in _RESULTS:
+        return _RESULTS[a][field] / _RESULTS[b][field]
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("unlearn_ext: throughput and ratios (same run)")
+    for key, e in sorted(_RESULTS.items()):
+        extra = []
+        if "GB_per_s" in e:
+            extra.append(f"{e['GB_per_s']:.2f} GB/s")
+        if "draws_per_s" in e:
+            extra.append(f"{e['draws_per_s'] / 1e9:.3f} G draws/s")
+        tr.write_line(f"{key:40s} median {e['median_s'] * 1e3:9.2f} ms  "
+                      f"{e['elements_per_s'] / 1e6:9.1f} M elem/s  " + "  ".join(extra))
+    ratios = {}
+    for kernel, base in (("mc/kernel", "mc/eager"), ("mc/kernel", "mc/reference"),
+                         ("analytic/kernel", "analytic/eager"), ("analytic/kernel", "analytic/reference"),
+                         ("step_analytic/kernel", "step_analytic/eager"),
+                         ("step_mc/kernel", "mc/eager")):
+        r = _ratio(kernel, base)
+        if r is not None:
+            ratios[f"{kernel} vs {base}"] = r
+    copy = _RESULTS.get("copy/torch")
+    for key in ("analytic/kernel", "step_analytic/kernel"):
+        if copy and key in _RESULTS and "GB_per_s" in _RESULTS[key]:
+            ratios[f"{key} fraction of copy bandwidth"] = _RESULTS[key]["GB_per_s"] / copy["GB_per_s"]
+    for name, r in ratios.items():
+        tr.write_line(f"{name:60s} {r:8.2f}" + ("x" if " vs " in name else ""))
+    out = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "results": _RESULTS,
+        "ratios": ratios,
+    }
+    path = os.environ.get("UNLEARN_BENCH_JSON", os.path.join(os.path.dirname(__file__), "last_run.json"))
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    tr.write_line(f"written to {path}")

@@ -1,0 +1,26 @@
+"""Benchmark workloads: parameter lists shaped like real models (DESIGN section 9)."""
+from __future__ import annotations
+
+import torch
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """Trainable parameter shapes of torchvision's ResNet-18 (62 tensors, 11,689,512 values)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            first = block == 0
+            shapes += [(out_ch, in_ch if first else out_ch, 3, 3), (out_ch,), (out_ch,),
+                       (out_ch, out_ch, 3, 3), (out_ch,), (out_ch,)]
+            if first and (stride != 1 or in_ch != out_ch):
+                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
+        in_ch = out_ch
+    shapes += [(1000, 512), (1000,)]
+    return shapes
+
+
+def gradient_list(scale: float = 1e-2, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """Gradient-like tensors (normal, std `scale`) with ResNet-18's shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen) * scale).to(dtype=dtype, device=device) for s in resnet18_shapes()]
