@@ -140,20 +140,28 @@ void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p
       }
     }
 #endif
-    int32_t min_bits = s.min_radius_bits;
-    for (int l = 0; l < lanes; ++l) {
-      Certified c{0, 0.0f, 0};
-      if (finite[l]) {
-        c = certify_from_counts(VoteCounts{sel_neg[l], sel_pos[l]}, p.n0,
-                                VoteCounts{est_neg[l], est_pos[l]}, p.n, p.radius_table, p.sigma);
-      } else {
-        s.nonfinite += 1;
-      }
-      emit(base + l, Decision{c.code, c.radius});
-      s.abstained += c.abstained;
-      s.below += c.radius < below_threshold;
-      min_bits = std::min(min_bits, float_bits(c.radius));
+    // Certify all lanes with selects and gathers (vectorizable), then emit the valid ones.
+    int8_t codes[kLanes];
+    float radii[kLanes];
+    int32_t abstained[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const Certified c = certify_from_counts(VoteCounts{sel_neg[l], sel_pos[l]}, p.n0,
+                                              VoteCounts{est_neg[l], est_pos[l]}, p.n, p.radius_table, p.sigma);
+      codes[l] = finite[l] ? c.code : int8_t(0);
+      radii[l] = finite[l] ? c.radius : 0.0f;
+      abstained[l] = finite[l] ? c.abstained : 0;
     }
+    int32_t min_bits = s.min_radius_bits, n_abstained = 0, n_nonfinite = 0, n_below = 0;
+    for (int l = 0; l < lanes; ++l) {
+      emit(base + l, Decision{codes[l], radii[l]});
+      n_abstained += abstained[l];
+      n_nonfinite += !finite[l];
+      n_below += radii[l] < below_threshold;
+      min_bits = std::min(min_bits, float_bits(radii[l]));
+    }
+    s.abstained += n_abstained;
+    s.nonfinite += n_nonfinite;
+    s.below += n_below;
     s.min_radius_bits = min_bits;
   }
 }

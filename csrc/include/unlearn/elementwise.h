@@ -102,8 +102,10 @@ UE_HOST_DEVICE Certified certify_from_counts(VoteCounts selection, int32_t n0, V
   // they hold (the Python layer reports inconsistent counts as an error).
   k_a = k_a < 0 ? 0 : (k_a > n ? n : k_a);
   const float phi_inv_low = radius_table[k_a];
-  if (phi_inv_low > 0.0f) return Certified{c_a, round_radius_down(sigma * phi_inv_low), 0};
-  return Certified{0, 0.0f, 1};
+  // Branch-free selects: whether a coordinate abstains is data-dependent and unpredictable.
+  const bool certified = phi_inv_low > 0.0f;
+  return Certified{certified ? c_a : int8_t(0), certified ? round_radius_down(sigma * phi_inv_low) : 0.0f,
+                   static_cast<int32_t>(!certified)};
 }
 
 // ---- data smoothing (framework D) ----------------------------------------------------------------
