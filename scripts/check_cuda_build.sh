@@ -24,5 +24,8 @@ UNLEARN_EXT_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_
 so=$(find "$tmp/lib" -name '_C*.so' | head -n 1)
 test -n "$so"
 # The CUDA kernels must actually be in the library, registered for the CUDA dispatch key.
-nm -DC "$so" | grep -q "cudaLaunchKernel\|__cudaRegisterFatBinary" || { echo "no CUDA code in $so" >&2; exit 1; }
+# (captured first: grep -q closing the pipe early would fail the pipeline under pipefail)
+sections=$(readelf -S -W "$so")
+echo "$sections" | grep "nv_fatbin" >/dev/null || { echo "no CUDA device code (.nv_fatbin) in $so" >&2; exit 1; }
+echo "check_cuda_build: device code present: $(echo "$sections" | grep nv_fatbin | awk '{print $2, "size 0x"$6}')"
 echo "check_cuda_build: OK ($so, $(du -h "$so" | cut -f1))"

@@ -1,0 +1,343 @@
+// CUDA kernels of the smoothing + quantization family. Per-element math comes from
+// unlearn/elementwise.h (shared with the CPU kernels); this file only maps elements to threads.
+#include <torch/library.h>
+
+#include "cuda_walk.cuh"
+#include "unlearn/tensor_list.h"
+
+namespace unlearn {
+namespace cuda {
+namespace {
+
+enum Array { kIn = 0, kOutA = 1, kOutB = 2, kIn2 = 3 };
+
+// Output sinks: write (code, radius) to two arrays, or apply the quantized step to parameters.
+template <typename T>
+struct WriteCodes {
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, Decision d) const {
+    static_cast<int8_t*>(v.ptr(kOutA, t))[i] = d.code;
+    static_cast<float*>(v.ptr(kOutB, t))[i] = d.radius;
+  }
+};
+
+template <typename T>
+struct ApplyStep {
+  float step;
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, Decision d) const {
+    T* w = static_cast<T*>(v.ptr(kOutA, t));
+    w[i] = static_cast<T>(quantized_update(to_float(w[i]), step, d.code));
+  }
+};
+
+__device__ __forceinline__ void add_stats(BlockStats& s, float v, Decision d, int32_t abstained, float below) {
+  s.nonfinite += !is_finite_float(v);
+  s.abstained += abstained;
+  s.below += d.radius < below;
+  s.min_radius_bits = min(s.min_radius_bits, radius_bits(d.radius));
+}
+
+template <typename T, typename Sink>
+struct AnalyticOp {
+  float beta, below;
+  Sink sink;
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats& s) const {
+    const float g = to_float(static_cast<const T*>(v.ptr(kIn, t))[i]);
+    const Decision d = analytic_decision(g, beta);
+    sink(v, t, i, d);
+    add_stats(s, g, d, 0, below);
+  }
+};
+
+template <typename T, typename Sink>
+struct McOp {
+  float tau, sigma, inv_sigma, below;
+  int32_t n0, n;
+  const float* table;
+  uint64_t seed, offset;
+  Sink sink;
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t global,
+                                             BlockStats& s) const {
+    const float g = to_float(static_cast<const T*>(v.ptr(kIn, t))[i]);
+    const DrawThresholds th = mc_thresholds(g, tau, inv_sigma);
+    VoteCounts sel{0, 0}, est{0, 0};
+    const int32_t draws = n0 + n;
+    for (int32_t b = 0; 4 * b < draws; ++b) {
+      const PhiloxBlock r = philox_block_for(seed, offset, static_cast<uint64_t>(b), static_cast<uint64_t>(global));
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int32_t j = 4 * b + q;
+        const int32_t neg = draw_is_negative(r.w[q], th), pos = draw_is_positive(r.w[q], th);
+        if (j < n0) {
+          sel.neg += neg;
+          sel.pos += pos;
+        } else if (j < draws) {
+          est.neg += neg;
+          est.pos += pos;
+        }
+      }
+    }
+    Certified c = certify_from_counts(sel, n0, est, n, table, sigma);
+    if (!is_finite_float(g)) c = Certified{0, 0.0f, 0};
+    const Decision d{c.code, c.radius};
+    sink(v, t, i, d);
+    add_stats(s, g, d, c.abstained, below);
+  }
+};
+
+template <typename T>
+struct CountNonfinite {
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats& s) const {
+    s.nonfinite += !is_finite_float(to_float(static_cast<const T*>(v.ptr(kIn, t))[i]));
+  }
+};
+
+template <typename T, typename C>
+struct VoteOp {
+  float tau;
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats& s) const {
+    const float g = to_float(static_cast<const T*>(v.ptr(kIn, t))[i]);
+    const VoteCounts c = ternary_vote(g, tau);
+    C* votes = static_cast<C*>(v.ptr(kOutA, t));
+    votes[i] += static_cast<C>(c.neg);
+    votes[v.numel(t) + i] += static_cast<C>(c.pos);
+    s.nonfinite += !is_finite_float(g);
+  }
+};
+
+template <typename S, typename E>
+struct FinalizeOp {
+  int32_t n0, n;
+  const float* table;
+  float sigma, below;
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats& s) const {
+    // Slot kIn holds the codes (not the votes): pack_lists sizes the walk by its first list, and
+    // vote tensors hold 2 * numel entries (rows -1 and +1).
+    const int64_t numel = v.numel(t);
+    const S* sel = static_cast<const S*>(v.ptr(kOutA, t));
+    const E* est = static_cast<const E*>(v.ptr(kIn2, t));
+    const Certified c = certify_from_counts(VoteCounts{sel[i], sel[numel + i]}, n0,
+                                            VoteCounts{est[i], est[numel + i]}, n, table, sigma);
+    static_cast<int8_t*>(v.ptr(kIn, t))[i] = c.code;
+    static_cast<float*>(v.ptr(kOutB, t))[i] = c.radius;
+    add_stats(s, 0.0f, Decision{c.code, c.radius}, c.abstained, below);
+  }
+};
+
+using QuantizeOut = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
+
+// Runs a quantize-style op: codes + radii outputs shaped like the gradients.
+template <template <typename, typename> class OpT, typename Configure>
+QuantizeOut quantize_list(const FlatList& grads, Configure&& configure) {
+  const at::Device device = grads.tensors[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> codes = empty_like_list(grads, at::kChar);
+  std::vector<at::Tensor> radii = empty_like_list(grads, at::kFloat);
+  auto [min_radius, counts] = new_stats(device);
+  at::Tensor keep;
+  const ListView view = pack_lists({grads.tensors, codes, radii}, device, keep);
+  dispatch_float_type(grads.tensors[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    OpT<T, WriteCodes<T>> op{};
+    configure(op);
+    launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+  });
+  return {codes, radii, min_radius, counts};
+}
+
+// Runs a step-style op: params updated in place (through contiguous copies if needed).
+template <template <typename, typename> class OpT, typename Configure>
+std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatList& grads, double step_size,
+                                            bool check_finite, Configure&& configure) {
+  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  check_paired_lists(params, "params", grads.tensors, "grads");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == grads.tensors[i].scalar_type(), "unlearn_ext: params[", i,
+                "] has dtype ", params[i].scalar_type(), " but grads[", i, "] has ",
+                grads.tensors[i].scalar_type(), "; they must match");
+  }
+  const at::Device device = grads.tensors[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> work(params.begin(), params.end());
+  for (auto& w : work) if (!w.is_contiguous()) w = w.contiguous();
+  auto [min_radius, counts] = new_stats(device);
+  at::Tensor keep;
+  const ListView view = pack_lists({grads.tensors, work}, device, keep);
+  dispatch_float_type(grads.tensors[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t* skip = nullptr;
+    if (check_finite) {
+      // Counts non-finite entries into counts[1]; the step kernel then returns at once if any, so a
+      // bad gradient changes nothing (and no host synchronization is needed).
+      launch_list(view, CountNonfinite<T>{}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      skip = counts.data_ptr<int64_t>() + 1;
+    }
+    OpT<T, ApplyStep<T>> op{};
+    op.sink.step = static_cast<float>(step_size);
+    configure(op);
+    launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>(), skip);
+  });
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!work[i].is_same(params[i])) params[i].copy_(work[i]);
+  return {min_radius, counts};
+}
+
+QuantizeOut quantize_analytic_cuda(at::TensorList grads_in, double beta, double count_below) {
+  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: quantize_analytic needs at least one tensor");
+  return quantize_list<AnalyticOp>(grads, [&](auto& op) {
+    op.beta = static_cast<float>(beta);
+    op.below = static_cast<float>(count_below);
+  });
+}
+
+template <typename Op>
+void configure_mc(Op& op, double tau, double sigma, int64_t n0, int64_t n, const at::Tensor& table,
+                  int64_t seed, int64_t offset, double count_below) {
+  op.tau = static_cast<float>(tau);
+  op.sigma = static_cast<float>(sigma);
+  op.inv_sigma = static_cast<float>(1.0 / sigma);
+  op.below = static_cast<float>(count_below);
+  op.n0 = static_cast<int32_t>(n0);
+  op.n = static_cast<int32_t>(n);
+  op.table = table.data_ptr<float>();
+  op.seed = as_u64(seed);
+  op.offset = as_u64(offset);
+}
+
+QuantizeOut quantize_mc_cuda(at::TensorList grads_in, double tau, double sigma, int64_t n0, int64_t n,
+                             const at::Tensor& table, int64_t seed, int64_t offset, double count_below) {
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  check_tau(tau);
+  check_mc_arguments(sigma, n0, n, table, grads.tensors.empty() ? table.device() : grads.tensors[0].device());
+  if (grads.tensors.empty()) {
+    auto [m, c] = new_stats(table.device());
+    return {{}, {}, m, c};
+  }
+  const at::Tensor table_c = table.contiguous();
+  return quantize_list<McOp>(grads, [&](auto& op) {
+    configure_mc(op, tau, sigma, n0, n, table_c, seed, offset, count_below);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantized_step_analytic_cuda(at::TensorList params, at::TensorList grads_in,
+                                                                double beta, double step_size,
+                                                                double count_below, bool check_finite) {
+  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: the step needs at least one tensor");
+  return step_list<AnalyticOp>(params, grads, step_size, check_finite, [&](auto& op) {
+    op.beta = static_cast<float>(beta);
+    op.below = static_cast<float>(count_below);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cuda(at::TensorList params, at::TensorList grads_in,
+                                                          double tau, double sigma, int64_t n0, int64_t n,
+                                                          const at::Tensor& table, int64_t seed, int64_t offset,
+                                                          double step_size, double count_below,
+                                                          bool check_finite) {
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: the step needs at least one tensor");
+  check_tau(tau);
+  check_mc_arguments(sigma, n0, n, table, grads.tensors[0].device());
+  const at::Tensor table_c = table.contiguous();
+  return step_list<McOp>(params, grads, step_size, check_finite, [&](auto& op) {
+    configure_mc(op, tau, sigma, n0, n, table_c, seed, offset, count_below);
+  });
+}
+
+void check_votes(at::TensorList votes, const FlatList& like, const char* name) {
+  TORCH_CHECK(votes.size() == like.tensors.size(), "unlearn_ext: ", name, " has ", votes.size(),
+              " tensors but grads has ", like.tensors.size());
+  for (size_t i = 0; i < votes.size(); ++i) {
+    const at::Tensor& v = votes[i];
+    TORCH_CHECK(v.scalar_type() == at::kShort || v.scalar_type() == at::kInt, "unlearn_ext: ", name,
+                "[", i, "] must be int16 or int32 counts, got ", v.scalar_type());
+    TORCH_CHECK(v.scalar_type() == votes[0].scalar_type(), "unlearn_ext: all tensors in ", name,
+                " must share one dtype");
+    std::vector<int64_t> expected{2};
+    for (auto d : like.tensors[i].sizes()) expected.push_back(d);
+    TORCH_CHECK(v.sizes() == at::IntArrayRef(expected), "unlearn_ext: ", name, "[", i,
+                "] must have shape (2, *grads[", i, "].shape) = ", at::IntArrayRef(expected),
+                " (counts of -1 and +1 votes), got ", v.sizes());
+    TORCH_CHECK(v.is_contiguous(), "unlearn_ext: ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(v.device() == like.tensors[i].device(), "unlearn_ext: ", name, "[", i, "] is on ",
+                v.device(), " but grads[", i, "] is on ", like.tensors[i].device());
+  }
+}
+
+at::Tensor vote_accumulate_cuda(at::TensorList votes, at::TensorList grads_in, double tau) {
+  check_tau(tau);
+  const FlatList grads = flatten_float_list(grads_in, "grads");
+  check_votes(votes, grads, "votes");
+  TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: vote_accumulate_ needs at least one tensor");
+  const at::Device device = grads.tensors[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  auto [min_radius, counts] = new_stats(device);
+  at::Tensor keep;
+  const ListView view = pack_lists({grads.tensors, std::vector<at::Tensor>(votes.begin(), votes.end())}, device, keep);
+  dispatch_float_type(grads.tensors[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (votes[0].scalar_type() == at::kShort)
+      launch_list(view, VoteOp<T, int16_t>{static_cast<float>(tau)}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+    else
+      launch_list(view, VoteOp<T, int32_t>{static_cast<float>(tau)}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+  });
+  return counts[1].clone();
+}
+
+QuantizeOut vote_finalize_cuda(at::TensorList selection, at::TensorList estimation, int64_t n0, int64_t n,
+                               const at::Tensor& table, double sigma, double count_below) {
+  TORCH_CHECK(selection.size() == estimation.size(), "unlearn_ext: selection_votes has ",
+              selection.size(), " tensors but estimation_votes has ", estimation.size());
+  TORCH_CHECK(!selection.empty(), "unlearn_ext: vote_finalize needs at least one tensor");
+  FlatList shapes;
+  shapes.offsets.push_back(0);
+  for (size_t i = 0; i < selection.size(); ++i) {
+    TORCH_CHECK(selection[i].dim() >= 1 && selection[i].size(0) == 2, "unlearn_ext: selection_votes[", i,
+                "] must have shape (2, ...), got ", selection[i].sizes());
+    shapes.tensors.push_back(at::empty(selection[i].sizes().slice(1), selection[i].options().dtype(at::kFloat)));
+    shapes.offsets.push_back(shapes.offsets.back() + shapes.tensors.back().numel());
+  }
+  check_votes(selection, shapes, "selection_votes");
+  check_votes(estimation, shapes, "estimation_votes");
+  check_mc_arguments(sigma, n0, n, table, selection[0].device());
+  const at::Device device = selection[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  const at::Tensor table_c = table.contiguous();
+  std::vector<at::Tensor> codes = empty_like_list(shapes, at::kChar);
+  std::vector<at::Tensor> radii = empty_like_list(shapes, at::kFloat);
+  auto [min_radius, counts] = new_stats(device);
+  at::Tensor keep;
+  const ListView view = pack_lists({codes, std::vector<at::Tensor>(selection.begin(), selection.end()), radii,
+                                    std::vector<at::Tensor>(estimation.begin(), estimation.end())},
+                                   device, keep);
+  auto run = [&](auto sel_tag, auto est_tag) {
+    using S = decltype(sel_tag);
+    using E = decltype(est_tag);
+    FinalizeOp<S, E> op{static_cast<int32_t>(n0), static_cast<int32_t>(n), table_c.data_ptr<float>(),
+                        static_cast<float>(sigma), static_cast<float>(count_below)};
+    launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+  };
+  const bool sel16 = selection[0].scalar_type() == at::kShort, est16 = estimation[0].scalar_type() == at::kShort;
+  if (sel16 && est16) run(int16_t{}, int16_t{});
+  else if (sel16) run(int16_t{}, int32_t{});
+  else if (est16) run(int32_t{}, int16_t{});
+  else run(int32_t{}, int32_t{});
+  return {codes, radii, min_radius, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CUDA, m) {
+  m.impl("quantize_analytic", &quantize_analytic_cuda);
+  m.impl("quantize_mc", &quantize_mc_cuda);
+  m.impl("quantized_step_analytic_", &quantized_step_analytic_cuda);
+  m.impl("quantized_step_mc_", &quantized_step_mc_cuda);
+  m.impl("vote_accumulate_", &vote_accumulate_cuda);
+  m.impl("vote_finalize", &vote_finalize_cuda);
+}
+
+}  // namespace cuda
+}  // namespace unlearn
