@@ -80,17 +80,6 @@ inline Stats parallel_over_list(const std::vector<int64_t>& offsets, Body&& body
   return all;
 }
 
-// Dispatches a functor over the three kernel dtypes.
-template <typename F>
-inline void dispatch_float_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "unlearn_ext: unsupported dtype ", t);
-  }
-}
-
 inline std::tuple<at::Tensor, at::Tensor> stats_tensors(const Stats& s, const at::TensorOptions& opts) {
   at::Tensor min_radius = at::empty({}, opts.dtype(at::kFloat));
   min_radius.fill_(bits_float(s.min_radius_bits));

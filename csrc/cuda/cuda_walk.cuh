@@ -16,6 +16,7 @@
 #include <vector>
 #include "unlearn/elementwise.h"
 #include "unlearn/tensor_list.h"
+#include "unlearn/tensor_list.h"
 
 namespace unlearn {
 namespace cuda {
@@ -137,16 +138,6 @@ inline void launch_list(const ListView& view, const Op& op, float* min_radius, i
   list_kernel<<<static_cast<unsigned>(view.chunks), kThreads, 0, stream>>>(view, op, min_radius, counts,
                                                                           skip_if_positive);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename F>
-inline void dispatch_float_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "unlearn_ext: unsupported dtype ", t);
-  }
 }
 
 inline std::tuple<at::Tensor, at::Tensor> new_stats(const at::Device& device) {

@@ -148,13 +148,7 @@ QuantizeOut quantize_list(const FlatList& grads, Configure&& configure) {
 template <template <typename, typename> class OpT, typename Configure>
 std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatList& grads, double step_size,
                                             bool check_finite, Configure&& configure) {
-  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
-  check_paired_lists(params, "params", grads.tensors, "grads");
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].scalar_type() == grads.tensors[i].scalar_type(), "unlearn_ext: params[", i,
-                "] has dtype ", params[i].scalar_type(), " but grads[", i, "] has ",
-                grads.tensors[i].scalar_type(), "; they must match");
-  }
+  check_step_lists(params, grads, step_size);
   const at::Device device = grads.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> work(params.begin(), params.end());
@@ -247,30 +241,10 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cuda(at::TensorList params,
   });
 }
 
-void check_votes(at::TensorList votes, const FlatList& like, const char* name) {
-  TORCH_CHECK(votes.size() == like.tensors.size(), "unlearn_ext: ", name, " has ", votes.size(),
-              " tensors but grads has ", like.tensors.size());
-  for (size_t i = 0; i < votes.size(); ++i) {
-    const at::Tensor& v = votes[i];
-    TORCH_CHECK(v.scalar_type() == at::kShort || v.scalar_type() == at::kInt, "unlearn_ext: ", name,
-                "[", i, "] must be int16 or int32 counts, got ", v.scalar_type());
-    TORCH_CHECK(v.scalar_type() == votes[0].scalar_type(), "unlearn_ext: all tensors in ", name,
-                " must share one dtype");
-    std::vector<int64_t> expected{2};
-    for (auto d : like.tensors[i].sizes()) expected.push_back(d);
-    TORCH_CHECK(v.sizes() == at::IntArrayRef(expected), "unlearn_ext: ", name, "[", i,
-                "] must have shape (2, *grads[", i, "].shape) = ", at::IntArrayRef(expected),
-                " (counts of -1 and +1 votes), got ", v.sizes());
-    TORCH_CHECK(v.is_contiguous(), "unlearn_ext: ", name, "[", i, "] must be contiguous");
-    TORCH_CHECK(v.device() == like.tensors[i].device(), "unlearn_ext: ", name, "[", i, "] is on ",
-                v.device(), " but grads[", i, "] is on ", like.tensors[i].device());
-  }
-}
-
 at::Tensor vote_accumulate_cuda(at::TensorList votes, at::TensorList grads_in, double tau) {
   check_tau(tau);
   const FlatList grads = flatten_float_list(grads_in, "grads");
-  check_votes(votes, grads, "votes");
+  check_vote_list(votes, grads, "votes");
   TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: vote_accumulate_ needs at least one tensor");
   const at::Device device = grads.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);
@@ -289,19 +263,7 @@ at::Tensor vote_accumulate_cuda(at::TensorList votes, at::TensorList grads_in, d
 
 QuantizeOut vote_finalize_cuda(at::TensorList selection, at::TensorList estimation, int64_t n0, int64_t n,
                                const at::Tensor& table, double sigma, double count_below) {
-  TORCH_CHECK(selection.size() == estimation.size(), "unlearn_ext: selection_votes has ",
-              selection.size(), " tensors but estimation_votes has ", estimation.size());
-  TORCH_CHECK(!selection.empty(), "unlearn_ext: vote_finalize needs at least one tensor");
-  FlatList shapes;
-  shapes.offsets.push_back(0);
-  for (size_t i = 0; i < selection.size(); ++i) {
-    TORCH_CHECK(selection[i].dim() >= 1 && selection[i].size(0) == 2, "unlearn_ext: selection_votes[", i,
-                "] must have shape (2, ...), got ", selection[i].sizes());
-    shapes.tensors.push_back(at::empty(selection[i].sizes().slice(1), selection[i].options().dtype(at::kFloat)));
-    shapes.offsets.push_back(shapes.offsets.back() + shapes.tensors.back().numel());
-  }
-  check_votes(selection, shapes, "selection_votes");
-  check_votes(estimation, shapes, "estimation_votes");
+  const FlatList shapes = vote_finalize_shapes(selection, estimation);
   check_mc_arguments(sigma, n0, n, table, selection[0].device());
   const at::Device device = selection[0].device();
   c10::cuda::CUDAGuard guard(device);

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <string>
@@ -101,6 +103,68 @@ inline std::vector<at::Tensor> empty_like_list(const FlatList& flat, at::ScalarT
   out.reserve(flat.tensors.size());
   for (const auto& t : flat.tensors) out.push_back(at::empty(t.sizes(), t.options().dtype(dtype)));
   return out;
+}
+
+// Checks the parameter list of a fused step against its gradients (count, shapes, devices, dtypes).
+inline void check_step_lists(at::TensorList params, const FlatList& grads, double step_size) {
+  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  check_paired_lists(params, "params", grads.tensors, "grads");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == grads.tensors[i].scalar_type(), "unlearn_ext: params[", i,
+                "] has dtype ", params[i].scalar_type(), " but grads[", i, "] has ",
+                grads.tensors[i].scalar_type(), "; they must match");
+  }
+}
+
+// Vote counters of framework D: int16/int32, shape (2, *like[i].shape), contiguous, same device.
+inline void check_vote_list(at::TensorList votes, const FlatList& like, const char* name) {
+  TORCH_CHECK(votes.size() == like.tensors.size(), "unlearn_ext: ", name, " has ", votes.size(),
+              " tensors but grads has ", like.tensors.size());
+  for (size_t i = 0; i < votes.size(); ++i) {
+    const at::Tensor& v = votes[i];
+    TORCH_CHECK(v.scalar_type() == at::kShort || v.scalar_type() == at::kInt, "unlearn_ext: ", name,
+                "[", i, "] must be int16 or int32 counts, got ", v.scalar_type());
+    TORCH_CHECK(v.scalar_type() == votes[0].scalar_type(), "unlearn_ext: all tensors in ", name,
+                " must share one dtype");
+    std::vector<int64_t> expected{2};
+    for (auto d : like.tensors[i].sizes()) expected.push_back(d);
+    TORCH_CHECK(v.sizes() == at::IntArrayRef(expected), "unlearn_ext: ", name, "[", i,
+                "] must have shape (2, *grads[", i, "].shape) = ", at::IntArrayRef(expected),
+                " (counts of -1 and +1 votes), got ", v.sizes());
+    TORCH_CHECK(v.is_contiguous(), "unlearn_ext: ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(v.device() == like.tensors[i].device(), "unlearn_ext: ", name, "[", i, "] is on ",
+                v.device(), " but grads[", i, "] is on ", like.tensors[i].device());
+  }
+}
+
+// The coordinate shapes behind vote_finalize's counters (their trailing dims), validated, as a
+// stand-in gradient list for the shared checks and output allocation.
+inline FlatList vote_finalize_shapes(at::TensorList selection, at::TensorList estimation) {
+  TORCH_CHECK(selection.size() == estimation.size(), "unlearn_ext: selection_votes has ",
+              selection.size(), " tensors but estimation_votes has ", estimation.size());
+  TORCH_CHECK(!selection.empty(), "unlearn_ext: vote_finalize needs at least one tensor");
+  FlatList shapes;
+  shapes.offsets.push_back(0);
+  for (size_t i = 0; i < selection.size(); ++i) {
+    TORCH_CHECK(selection[i].dim() >= 1 && selection[i].size(0) == 2, "unlearn_ext: selection_votes[", i,
+                "] must have shape (2, ...), got ", selection[i].sizes());
+    shapes.tensors.push_back(at::empty(selection[i].sizes().slice(1), selection[i].options().dtype(at::kFloat)));
+    shapes.offsets.push_back(shapes.offsets.back() + shapes.tensors.back().numel());
+  }
+  check_vote_list(selection, shapes, "selection_votes");
+  check_vote_list(estimation, shapes, "estimation_votes");
+  return shapes;
+}
+
+// Calls f(tag) with a value of the kernel element type for fp32 / fp16 / bf16.
+template <typename F>
+inline void dispatch_float_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "unlearn_ext: unsupported dtype ", t);
+  }
 }
 
 // Reinterprets a signed schema int (int64) as the unsigned 64-bit seed/offset of the RNG contract.
