@@ -1,73 +1,385 @@
-"""Runs every op on CUDA and checks it against the CPU kernel (same bits where the contract says
-so). Small sizes: meant to run under compute-sanitizer."""
+#!/usr/bin/env python3
+"""Runs every unlearn_ext op on CUDA and compares it with the same op on CPU.
+
+Words, uniforms, Bernoulli draws, codes, counts and updated parameters must be equal; radii within
+float rounding (they are computed by the same header functions, so in practice they are equal too).
+The one documented exception (DESIGN section 3): the Monte-Carlo mode's Phi comes from CUDA's erfcf
+on the GPU and from ATen's vectorized erfc on the CPU, so a draw threshold may round differently in
+rare cases; mc codes may then differ in at most max(1, 1e-5 * N) elements (use --strict to demand
+none). Needs no scipy (a synthetic radius table is used). Small enough to run under
+compute-sanitizer (--small shrinks it further).
+
+Usage: python3 scripts/cuda_smoke.py [--small] [--strict]
+Exit status 0 when every check passed; prints one line per check.
+"""
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+import traceback
 
 import torch
 
-import unlearn_ext as ue
-from unlearn_ext.smoothing import radius_table
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import unlearn_ext as ue  # noqa: E402
 
-assert torch.cuda.is_available() and ue.cuda_built(), "needs a CUDA build and a GPU"
-ops = torch.ops.unlearn_ext
-failures = []
-
-
-def check(name, ok):
-    print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    if not ok:
-        failures.append(name)
+OPS = None
+ARGS = None
+FAILURES: list[str] = []
+NOTES: list[str] = []
+CHECKS = []
 
 
-def same(a, b):
-    if isinstance(a, (list, tuple)):
-        return all(same(x, y) for x, y in zip(a, b)) and len(a) == len(b)
-    return torch.equal(a.cpu(), b.cpu())
+def check(name):
+    def deco(fn):
+        def run():
+            try:
+                fn()
+                print(f"ok   {name}", flush=True)
+            except Exception as exc:  # keep going: report every failing op
+                FAILURES.append(name)
+                print(f"FAIL {name}: {exc}", flush=True)
+                traceback.print_exc()
+        run.__name__ = fn.__name__
+        CHECKS.append(run)
+        return fn
+    return deco
 
 
-def close(a, b):
-    return all(torch.allclose(x.cpu(), y.cpu(), rtol=1e-6, atol=0) for x, y in zip(a, b))
+def sizes(big):
+    """Tensor sizes of a list: empty tensors, odd sizes, chunk boundaries, one larger tensor."""
+    base = [0, 1, 7, 255, 256, 4095, 4096, 4097, 0, 3]
+    if not ARGS.small:
+        base += [big, 1 << 12 | 1]
+    return base
 
 
-idx = torch.cat([torch.arange(1000), torch.tensor([2**32 + 5, -1])])
-for name in ("philox_bits", "philox_uniform"):
-    check(name, same(getattr(ops, name)(idx.cuda(), 7, 11, 2**32 - 1), getattr(ops, name)(idx, 7, 11, 2**32 - 1)))
-check("philox_bernoulli", same(ops.philox_bernoulli(idx.cuda(), 7, 0.3, 11, 3), ops.philox_bernoulli(idx, 7, 0.3, 11, 3)))
+def make_grads(szs, dtype, seed, scale=0.3, noncontig=False, specials=True):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(szs):
+        if noncontig:
+            t = (torch.randn(3, s, generator=gen) * scale).t()[:, 1]  # strided view
+        else:
+            t = torch.randn(s, generator=gen) * scale
+        if specials and s > 5 and i % 3 == 0:
+            t[0] = float("nan")
+            t[1] = float("inf")
+            t[2] = -float("inf")
+            t[3] = 0.0
+            t[4] = -0.0
+        out.append(t.to(dtype))
+    return out
 
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    gen = torch.Generator().manual_seed(0)
-    cpu = [(torch.randn(s, generator=gen) * 0.3).to(dtype) for s in (0, 1, 255, 4099, 70001)]
-    gpu = [g.cuda() for g in cpu]
-    table = radius_table(24)
-    a = ops.quantize_analytic(cpu, 0.12, 0.05)
-    b = ops.quantize_analytic(gpu, 0.12, 0.05)
-    check(f"quantize_analytic {dtype}", same(a[0], b[0]) and close(a[1], b[1]) and same(a[3], b[3]))
-    a = ops.quantize_mc(cpu, 0.2, 0.25, 8, 24, table, 5, 9, 0.05)
-    b = ops.quantize_mc(gpu, 0.2, 0.25, 8, 24, table.cuda(), 5, 9, 0.05)
-    mism = sum(int((x.cpu() != y.cpu()).sum()) for x, y in zip(a[0], b[0]))
-    check(f"quantize_mc {dtype} (code mismatches from Phi rounding: {mism})", mism <= 2)
-    for mode in ("analytic", "mc"):
-        pc = [torch.randn(g.shape).to(dtype) for g in cpu]
-        pg = [p.cuda() for p in pc]
-        kw = dict(tau=0.2, sigma=0.25, mode=mode, n0=8, n=24, seed=5, offset=9)
-        sa = ue.smooth_quantize_step_(pc, cpu, step_size=0.01, **kw)
-        sb = ue.smooth_quantize_step_(pg, gpu, step_size=0.01, **kw)
-        check(f"step {mode} {dtype}", (mode == "mc" or same(pc, pg)) and (mode == "mc" or same(sa.counts, sb.counts)))
-    bad = [g.clone() for g in gpu]
-    bad[3][7] = float("nan")
-    pg = [torch.zeros_like(g) for g in gpu]
-    s = ue.smooth_quantize_step_(pg, bad, step_size=0.01, tau=0.2, sigma=0.25, nonfinite="skip")
-    check(f"step skips non-finite {dtype}", (not s.applied) and all(int(p.abs().sum()) == 0 for p in pg))
 
-like = [torch.zeros(37, 3), torch.zeros(5)]
-vc, vg = ue.VoteCounter(like, tau=0.1, sigma_data=0.5, n0=4, n=12), ue.VoteCounter([t.cuda() for t in like], tau=0.1, sigma_data=0.5, n0=4, n=12)
-gen = torch.Generator().manual_seed(1)
-for _ in range(16):
-    gs = [torch.randn(t.shape, generator=gen) * 0.2 for t in like]
-    vc.add(gs)
-    vg.add([g.cuda() for g in gs])
-check("vote_accumulate_", same(vc.selection + vc.estimation, vg.selection + vg.estimation))
-ra, rb = vc.finalize(), vg.finalize()
-check("vote_finalize", same(ra.codes, rb.codes) and close(ra.radii, rb.radii) and same(ra.counts, rb.counts))
-torch.cuda.synchronize()
-print("failures:", failures)
-sys.exit(1 if failures else 0)
+def table_for(n, seed=0):
+    """A float32 radius table of n + 1 entries: non-positive (abstain) below ~55%, then rising.
+    The kernels only read it, so any table tests CPU/CUDA agreement; no scipy needed."""
+    k = torch.arange(n + 1, dtype=torch.float64)
+    return ((k / n - 0.55) * 4.0).to(torch.float32)
+
+
+def to_cuda(ts):
+    return [t.cuda() for t in ts]
+
+
+def assert_equal(a, b, what):
+    a_c = a.cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise AssertionError(f"{what}: dtype/shape {a.dtype}{tuple(a.shape)} vs CPU {b.dtype}{tuple(b.shape)}")
+    if not torch.equal(a_c, b):
+        if a_c.is_floating_point():
+            bad = int((a_c != b).logical_and(~(a_c.isnan() & b.isnan())).sum())
+            if bad == 0:
+                return
+        else:
+            bad = int((a_c != b).sum())
+        raise AssertionError(f"{what}: {bad} of {b.numel()} elements differ from CPU")
+
+
+def assert_on_cuda(ts, what):
+    for i, t in enumerate(ts):
+        if t.device.type != "cuda":
+            raise AssertionError(f"{what}[{i}] is on {t.device}, expected cuda")
+
+
+def compare_quantize(out_gpu, out_cpu, what, allow_mc_mismatch=False):
+    codes_g, radii_g, min_g, counts_g = out_gpu
+    codes_c, radii_c, min_c, counts_c = out_cpu
+    assert_on_cuda(list(codes_g) + list(radii_g) + [min_g, counts_g], what)
+    assert len(codes_g) == len(codes_c) and len(radii_g) == len(radii_c)
+    mismatched = sum(int((a.cpu() != b).sum()) for a, b in zip(codes_g, codes_c))
+    total = sum(b.numel() for b in codes_c)
+    if mismatched:
+        bound = max(1, int(total * 1e-5))
+        if allow_mc_mismatch and not ARGS.strict and mismatched <= bound:
+            NOTES.append(f"{what}: {mismatched} of {total} mc codes differ (Phi rounding, bound {bound})")
+            return
+        raise AssertionError(f"{what}: {mismatched} of {total} codes differ from CPU")
+    for i, (a, b) in enumerate(zip(codes_g, codes_c)):
+        assert_equal(a, b, f"{what} codes[{i}]")
+    for i, (a, b) in enumerate(zip(radii_g, radii_c)):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            raise AssertionError(f"{what} radii[{i}]: dtype/shape mismatch")
+        if not torch.equal(a.cpu(), b):
+            torch.testing.assert_close(a.cpu(), b, rtol=2e-7, atol=0, msg=f"{what} radii[{i}]")
+            NOTES.append(f"{what} radii[{i}]: equal within rounding, not bit for bit")
+    assert_equal(counts_g, counts_c, f"{what} counts")
+    if not torch.equal(min_g.cpu(), min_c):
+        torch.testing.assert_close(min_g.cpu(), min_c, rtol=2e-7, atol=0, msg=f"{what} min_radius")
+
+
+# ---- RNG -----------------------------------------------------------------------------------------
+
+@check("philox_bits / philox_uniform / philox_bernoulli")
+def _rng():
+    idx = torch.cat([torch.arange(0, 1000), torch.tensor([2**32 - 1, 2**32, 2**40 + 3, -1, -(2**63)])])
+    idx2d = idx[:1000].reshape(10, 100)
+    for seed, offset in [(0, 0), (123, 7), (-(2**63) + 5, 2**32 - 2), (-1, -1)]:
+        for draws in (0, 1, 3, 4, 5, 8, 13):
+            for ix in (idx, idx2d, idx2d.t()):
+                assert_equal(OPS.philox_bits(ix.cuda(), draws, seed, offset),
+                             OPS.philox_bits(ix, draws, seed, offset), f"bits d={draws}")
+                assert_equal(OPS.philox_uniform(ix.cuda(), draws, seed, offset),
+                             OPS.philox_uniform(ix, draws, seed, offset), f"uniform d={draws}")
+                for p in (0.0, 1e-9, 0.3, 0.5, 1 - 1e-9, 1.0):
+                    assert_equal(OPS.philox_bernoulli(ix.cuda(), draws, p, seed, offset),
+                                 OPS.philox_bernoulli(ix, draws, p, seed, offset), f"bernoulli p={p}")
+    empty = torch.empty(0, dtype=torch.int64)
+    assert OPS.philox_bits(empty.cuda(), 3, 1, 0).shape == (0, 3)
+
+
+# ---- quantize --------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@check("quantize_analytic")
+def _analytic():
+    for dtype in DTYPES:
+        for noncontig in (False, True):
+            g = make_grads(sizes(1 << 18), dtype, seed=1, noncontig=noncontig)
+            for beta, below in [(0.186, 0.05), (0.0, 0.0), (0.3, 1e30)]:
+                compare_quantize(OPS.quantize_analytic(to_cuda(g), beta, below),
+                                 OPS.quantize_analytic(g, beta, below), f"analytic {dtype} nc={noncontig} beta={beta}")
+    many = [torch.randn(int(s)) * 0.3 for s in torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(0))]
+    compare_quantize(OPS.quantize_analytic(to_cuda(many), 0.1, 0.05), OPS.quantize_analytic(many, 0.1, 0.05),
+                     "analytic 300 tensors")
+    shaped = [torch.randn(3, 5, 7) * 0.3, torch.randn(0, 4), torch.randn(2, 1, 9) * 0.3]
+    out = OPS.quantize_analytic(to_cuda(shaped), 0.1, 0.05)
+    assert all(c.shape == t.shape for c, t in zip(out[0], shaped))
+    compare_quantize(out, OPS.quantize_analytic(shaped, 0.1, 0.05), "analytic shaped")
+    allempty = [torch.empty(0), torch.empty(0, 3)]
+    compare_quantize(OPS.quantize_analytic(to_cuda(allempty), 0.1, 0.05),
+                     OPS.quantize_analytic(allempty, 0.1, 0.05), "analytic empty tensors")
+
+
+MC_CASES = [(1, 3), (5, 7), (16, 64), (3, 1)]
+
+
+@check("quantize_mc")
+def _mc():
+    for dtype in DTYPES:
+        for noncontig in (False, True):
+            for n0, n in MC_CASES if not ARGS.small else MC_CASES[:2]:
+                g = make_grads(sizes(1 << 16), dtype, seed=2, scale=0.25, noncontig=noncontig)
+                table = table_for(n)
+                args = (0.2, 0.25, n0, n)
+                for seed, offset in [(2**40 + 9, 2**32 - 3), (-1, 0)]:
+                    gpu = OPS.quantize_mc(to_cuda(g), *args, table.cuda(), seed, offset, 0.1)
+                    cpu = OPS.quantize_mc(g, *args, table, seed, offset, 0.1)
+                    compare_quantize(gpu, cpu, f"mc {dtype} nc={noncontig} n0={n0} n={n}", allow_mc_mismatch=True)
+    # An empty list with the table on the GPU still dispatches to CUDA.
+    out = OPS.quantize_mc([], 0.2, 0.25, 4, 8, table_for(8).cuda(), 1, 2, 0.1)
+    assert out[2].device.type == "cuda" and float(out[2]) == float("inf") and out[3].tolist() == [0, 0, 0]
+
+
+# ---- fused steps -----------------------------------------------------------------------------------
+
+def step_case(kind, dtype, check_finite, with_nan, noncontig_param):
+    szs = sizes(1 << 14)
+    g = make_grads(szs, dtype, seed=5, specials=False)
+    if with_nan:
+        g[3][1] = float("nan")
+        g[6][0] = float("inf")
+    base = make_grads(szs, dtype, seed=6, specials=False)
+
+    def params_on(device):
+        ps = [b.clone().to(device) for b in base]
+        holder = None
+        if noncontig_param:
+            holder = torch.zeros(szs[3], 2, dtype=dtype, device=device)
+            holder[:, 0] = base[3].to(device)
+            ps[3] = holder[:, 0]
+        return ps, holder
+
+    pg, hg = params_on("cuda")
+    pc, hc = params_on("cpu")
+    table = table_for(24)
+    if kind == "analytic":
+        sg = OPS.quantized_step_analytic_(pg, to_cuda(g), 0.1, 0.01, 0.05, check_finite)
+        sc = OPS.quantized_step_analytic_(pc, g, 0.1, 0.01, 0.05, check_finite)
+    else:
+        sg = OPS.quantized_step_mc_(pg, to_cuda(g), 0.2, 0.3, 8, 24, table.cuda(), 11, 4, 0.01, 0.05, check_finite)
+        sc = OPS.quantized_step_mc_(pc, g, 0.2, 0.3, 8, 24, table, 11, 4, 0.01, 0.05, check_finite)
+    what = f"step {kind} {dtype} check_finite={check_finite} nan={with_nan} nc={noncontig_param}"
+    assert_on_cuda(list(sg), what)
+    if kind == "mc":
+        changed = sum(int((a.cpu() != b).sum()) for a, b in zip(pg, pc))
+        total = sum(b.numel() for b in pc)
+        if changed and not ARGS.strict and changed <= max(1, int(total * 1e-5)):
+            NOTES.append(f"{what}: {changed} parameters differ (mc Phi rounding)")
+            return
+    for i, (a, b) in enumerate(zip(pg, pc)):
+        assert_equal(a, b, f"{what} params[{i}]")
+    if hg is not None:
+        assert_equal(hg, hc, f"{what} non-contiguous holder")
+    assert_equal(sg[1], sc[1], f"{what} counts")
+    assert_equal(sg[0], sc[0], f"{what} min_radius")
+    if check_finite and with_nan:
+        assert sg[1].tolist() == [0, 2, 0] and float(sg[0]) == float("inf"), sg
+        for a, b in zip(pg, base):
+            assert_equal(a, b, f"{what} untouched")
+
+
+@check("quantized_step_analytic_ / quantized_step_mc_")
+def _steps():
+    for kind in ("analytic", "mc"):
+        for dtype in DTYPES:
+            for check_finite in (True, False):
+                for with_nan in (False, True):
+                    step_case(kind, dtype, check_finite, with_nan, noncontig_param=True)
+        step_case(kind, torch.float32, True, False, noncontig_param=False)
+
+
+# ---- votes -----------------------------------------------------------------------------------------
+
+@check("vote_accumulate_ / vote_finalize")
+def _votes():
+    shapes = [(37, 3), (5,), (0,), (4097,), (2, 0, 3), ()]
+    for count_dtype in (torch.int16, torch.int32):
+        for dtype in DTYPES:
+            vg = [torch.zeros(2, *s, dtype=count_dtype, device="cuda") for s in shapes]
+            vc = [torch.zeros(2, *s, dtype=count_dtype) for s in shapes]
+            gen = torch.Generator().manual_seed(0)
+            for step in range(5):
+                gs = [(torch.randn(s, generator=gen) * 0.15 + 0.05).to(dtype) for s in shapes]
+                if step == 2:
+                    gs[0].view(-1)[0] = float("nan")
+                    gs[3][5] = float("inf")
+                ng = OPS.vote_accumulate_(vg, to_cuda(gs), 0.1)
+                nc = OPS.vote_accumulate_(vc, gs, 0.1)
+                if int(ng) != int(nc):
+                    raise AssertionError(f"vote_accumulate_ nonfinite {int(ng)} vs CPU {int(nc)}")
+            for i, (a, b) in enumerate(zip(vg, vc)):
+                assert_equal(a, b, f"votes {count_dtype} {dtype} [{i}]")
+    # int16 wrap-around behaves like the CPU.
+    vg = [torch.full((2, 10), 32767, dtype=torch.int16, device="cuda")]
+    vc = [torch.full((2, 10), 32767, dtype=torch.int16)]
+    g = [torch.linspace(-1, 1, 10)]
+    OPS.vote_accumulate_(vg, to_cuda(g), 0.1)
+    OPS.vote_accumulate_(vc, g, 0.1)
+    assert_equal(vg[0], vc[0], "votes int16 overflow")
+
+    n0, n = 16, 40
+    table = table_for(n)
+    gen = torch.Generator().manual_seed(1)
+    for sel_dtype in (torch.int16, torch.int32):
+        for est_dtype in (torch.int16, torch.int32):
+            sel, est = [], []
+            for s in shapes:
+                a = torch.randint(0, n0 + 1, (2, *s), generator=gen)
+                b = torch.randint(0, n + 1, (2, *s), generator=gen)
+                if a.numel():  # also inconsistent counts (sum > n0, negative): clamped reads
+                    a.view(-1)[0] = n0 + 5
+                    b.view(-1)[-1] = -3
+                sel.append(a.to(sel_dtype))
+                est.append(b.to(est_dtype))
+            for below in (0.0, 0.2, 1e30):
+                gpu = OPS.vote_finalize(to_cuda(sel), to_cuda(est), n0, n, table.cuda(), 0.5, below)
+                cpu = OPS.vote_finalize(sel, est, n0, n, table, 0.5, below)
+                compare_quantize(gpu, cpu, f"vote_finalize {sel_dtype}/{est_dtype} below={below}")
+
+
+# ---- streams and errors ----------------------------------------------------------------------------
+
+@check("non-default stream")
+def _stream():
+    g = make_grads([1000, 3000], torch.float32, seed=9)
+    cpu = OPS.quantize_mc(g, 0.2, 0.25, 4, 12, table_for(12), 3, 0, 0.1)
+    s = torch.cuda.Stream()
+    gc = to_cuda(g)
+    table = table_for(12).cuda()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gpu = OPS.quantize_mc(gc, 0.2, 0.25, 4, 12, table, 3, 0, 0.1)
+    s.synchronize()
+    compare_quantize(gpu, cpu, "mc on a side stream", allow_mc_mismatch=True)
+
+
+@check("errors match the CPU messages")
+def _errors():
+    cases = [
+        lambda d: OPS.quantize_analytic([torch.zeros(3, dtype=torch.float64, device=d)], 0.1, 0.0),
+        lambda d: OPS.quantize_analytic([torch.zeros(3, device=d), torch.zeros(3, dtype=torch.half, device=d)], 0.1, 0.0),
+        lambda d: OPS.quantize_analytic([torch.zeros(3, device=d)], -1.0, 0.0),
+        lambda d: OPS.quantize_mc([torch.zeros(3, device=d)], 0.1, 0.0, 4, 8, table_for(8).to(d), 1, 2, 0.0),
+        lambda d: OPS.quantize_mc([torch.zeros(3, device=d)], 0.1, 1.0, 4, 8, table_for(7).to(d), 1, 2, 0.0),
+        lambda d: OPS.quantize_mc([torch.zeros(3, device=d)], -0.1, 1.0, 4, 8, table_for(8).to(d), 1, 2, 0.0),
+        lambda d: OPS.quantized_step_analytic_([torch.zeros(4, device=d)], [torch.zeros(3, device=d)], 0.1, 0.1, 0.0, True),
+        lambda d: OPS.quantized_step_analytic_([torch.zeros(3, device=d)], [torch.zeros(3, device=d)], 0.1, float("inf"), 0.0, True),
+        lambda d: OPS.vote_accumulate_([torch.zeros(2, 3, dtype=torch.int64, device=d)], [torch.zeros(3, device=d)], 0.1),
+        lambda d: OPS.vote_accumulate_([torch.zeros(2, 4, dtype=torch.int32, device=d)], [torch.zeros(3, device=d)], 0.1),
+        lambda d: OPS.vote_finalize([torch.zeros(3, 4, dtype=torch.int32, device=d)], [torch.zeros(3, 4, dtype=torch.int32, device=d)], 4, 8, table_for(8).to(d), 0.5, 0.0),
+        lambda d: OPS.philox_bits(torch.arange(3, dtype=torch.int32, device=d), 2, 0, 0),
+        lambda d: OPS.philox_bernoulli(torch.arange(3, device=d), 2, 1.5, 0, 0),
+    ]
+    for i, case in enumerate(cases):
+        msgs = []
+        for d in ("cpu", "cuda"):
+            try:
+                case(d)
+                msgs.append(None)
+            except RuntimeError as exc:
+                msgs.append(str(exc).splitlines()[0].replace("cuda:0", "cpu").replace("cuda", "cpu"))
+        if msgs[0] is None or msgs[1] is None or msgs[0] != msgs[1]:
+            raise AssertionError(f"error case {i}: CPU {msgs[0]!r} vs CUDA {msgs[1]!r}")
+    # The table on another device than the gradients is refused.
+    try:
+        OPS.quantize_mc([torch.zeros(3, device="cuda")], 0.1, 1.0, 4, 8, table_for(8), 1, 2, 0.0)
+    except RuntimeError as exc:
+        assert "radius_table is on" in str(exc), exc
+    else:
+        raise AssertionError("a CPU radius_table with CUDA gradients was accepted")
+
+
+def main():
+    global OPS, ARGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="smaller inputs (for compute-sanitizer)")
+    parser.add_argument("--strict", action="store_true", help="no mc Phi-rounding mismatches allowed")
+    ARGS = parser.parse_args()
+    print(f"torch {torch.__version__}, backend {ue.backend()}, build {ue.build_info()}")
+    if not torch.cuda.is_available():
+        print("FAIL: no CUDA device")
+        return 2
+    if not ue.cuda_built():
+        print("FAIL: unlearn_ext was built without CUDA kernels")
+        return 2
+    print(f"device {torch.cuda.get_device_name()}")
+    OPS = torch.ops.unlearn_ext
+    for run in CHECKS:
+        run()
+    torch.cuda.synchronize()
+    for note in NOTES:
+        print(f"note {note}")
+    if FAILURES:
+        print(f"cuda_smoke: {len(FAILURES)} of {len(CHECKS)} checks FAILED: {', '.join(FAILURES)}")
+        return 1
+    print(f"cuda_smoke: all {len(CHECKS)} checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,9 @@
-// Multi-tensor walking for the CUDA kernels: one launch per op over a whole tensor list.
-// (Reconstructed from a preprocessed copy after an accidental overwrite by a concurrent helper;
-// original comments were lost.)
+// How the CUDA kernels walk a tensor list: one launch per op. The host packs per-tensor pointers,
+// the running offsets (global element index = offsets[t] + local index) and a chunk table into one
+// int64 tensor; thread block c processes chunk c (kChunk elements of one tensor), reduces its
+// statistics in shared memory and adds them to the outputs with one atomic per block.
 #pragma once
 
-// Layout of the packed table: pointer arrays, offsets, chunk -> tensor, chunk -> start.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,11 +11,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
+
 #include "unlearn/elementwise.h"
-#include "unlearn/tensor_list.h"
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
@@ -25,6 +26,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;
 constexpr int kPointerArrays = 4;
 
+// Device view of the packed metadata.
 struct ListView {
   const int64_t* meta;
   int tensors;
@@ -43,6 +45,10 @@ struct ListView {
   }
 };
 
+// Packs up to kPointerArrays parallel lists of tensors and copies the metadata to the device.
+// The walk (offsets, chunks) is sized by the FIRST list, so it must hold one element per
+// coordinate. `keep` holds the device tensor alive for the launch. The copy from pageable memory
+// synchronizes the host with the stream (pinned staging would avoid that; not done yet).
 inline ListView pack_lists(const std::vector<std::vector<at::Tensor>>& arrays, const at::Device& device,
                            at::Tensor& keep) {
   const int tensors = static_cast<int>(arrays[0].size());
@@ -82,6 +88,7 @@ __device__ __forceinline__ float to_float(c10::BFloat16 v) { return static_cast<
 
 __device__ __forceinline__ int32_t radius_bits(float r) { return __float_as_int(r); }
 
+// Reduces per-thread statistics over the block and adds them to the outputs (one atomic each).
 __device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radius, int64_t* counts) {
   __shared__ int32_t s_min[kThreads / 32];
   __shared__ unsigned long long s_cnt[3][kThreads / 32];
@@ -108,7 +115,7 @@ __device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radi
       b += s_cnt[1][w];
       c += s_cnt[2][w];
     }
-    // Radii are >= 0: the int order of their bit patterns is their float order.
+    // Radii are >= 0, so the integer order of their bit patterns is their float order.
     atomicMin(reinterpret_cast<int*>(min_radius), m);
     auto* cnt = reinterpret_cast<unsigned long long*>(counts);
     if (a) atomicAdd(cnt + 0, a);
@@ -117,6 +124,9 @@ __device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radi
   }
 }
 
+// Runs op(view, tensor, local_index, global_index, stats) over every element, one block per chunk.
+// With skip_if_positive, the whole launch does nothing once that device counter is > 0 (the
+// non-finite pre-scan of a step), without a host synchronization.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads) list_kernel(ListView view, Op op, float* min_radius,
                                                         int64_t* counts, const int64_t* skip_if_positive) {
