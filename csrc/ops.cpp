@@ -38,4 +38,11 @@ TORCH_LIBRARY(unlearn_ext, m) {
       "vote_finalize(Tensor[] selection_votes, Tensor[] estimation_votes, int n0, int n, "
       "Tensor radius_table, float sigma, float count_below) -> "
       "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)");
+
+  // Per-request certificates (DESIGN section 4): the fragile coordinates of one step, compacted in
+  // global-index order: every element whose radius < threshold (a NaN radius counts as fragile),
+  // with its value (as float32) and its radius. One pass to count per chunk, one to write.
+  m.def(
+      "fragile_compact(Tensor[] values, Tensor[] radii, float threshold) -> "
+      "(Tensor index, Tensor value, Tensor radius)");
 }

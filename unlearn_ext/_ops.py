@@ -108,6 +108,12 @@ def vote_finalize(selection_votes, estimation_votes, n0, n, radius_table, sigma,
                                   count_below)
 
 
+def fragile_compact(values, radii, threshold):
+    if not values and not radii:  # no tensor to dispatch on: the answer is empty either way
+        return reference.fragile_compact([], [], threshold)
+    return _impl("fragile_compact")(values, radii, threshold)
+
+
 # ---- fake implementations (shapes only), so the ops trace under torch.compile ----------------------
 
 def _stats_like(t: torch.Tensor):
@@ -154,3 +160,11 @@ if _C is not None:
     def _vote_finalize_fake(selection_votes, estimation_votes, n0, n, radius_table, sigma, count_below):
         shapes = [v[0] for v in selection_votes]
         return (*_codes_radii_like(shapes), *_stats_like(radius_table))
+
+    @torch.library.register_fake("unlearn_ext::fragile_compact")
+    def _fragile_compact_fake(values, radii, threshold):
+        count = torch.library.get_ctx().new_dynamic_size()  # how many are fragile is data-dependent
+        like = values[0]
+        return (like.new_empty((count,), dtype=torch.int64), like.new_empty((count,), dtype=torch.float32),
+                like.new_empty((count,), dtype=torch.float32))
+

@@ -1,5 +1,6 @@
 """Pure-PyTorch reference of every unlearn_ext op: the truth the kernels are tested against, and
 the fallback when the compiled extension is missing."""
+from .fragile import fragile_compact  # noqa: F401
 from .philox import philox_bernoulli, philox_bits, philox_uniform, philox_words, philox4x32_10  # noqa: F401
 from .smoothing import (  # noqa: F401
     quantize_analytic,

@@ -121,4 +121,10 @@ UE_HOST_DEVICE float quantized_update(float w, float step_size, int8_t code) {
   return w - step_size * static_cast<float>(code);
 }
 
+// ---- per-request certificates ---------------------------------------------------------------------
+// A coordinate is fragile at a step when its certified radius is below the threshold M*C/b (plus a
+// rounding margin): removing up to M samples could flip its code, so its exact value is recorded.
+// Written as !(r >= t) so that a NaN radius is fragile too: never silently certified.
+UE_HOST_DEVICE bool is_fragile(float radius, float threshold) { return !(radius >= threshold); }
+
 }  // namespace unlearn

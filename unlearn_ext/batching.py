@@ -1,0 +1,64 @@
+"""The batch schedule of PCMU training (DESIGN section 4).
+
+Each epoch is a seeded permutation of the *original* sample ids cut into fixed batches of the
+nominal size b (the last batch of an epoch may be shorter). Training "without F" uses the same
+permutations and cuts with F's ids deleted inside their batches — never re-chunked — so step t of
+the retrained run sees batch t minus F. A batch left empty makes no update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    step: int          # global step index t
+    epoch: int
+    position: int      # batch index inside the epoch
+    ids: torch.Tensor  # int64 ids present in this batch (excluded ids already removed)
+
+
+class BatchSchedule:
+    """Fixed per-epoch permutations of `ids` cut into batches of `batch_size`."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seed: int = 0):
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("the training set is empty: no ids to schedule")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("sample ids must be unique")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.ids = ids
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.batches_per_epoch = math.ceil(ids.numel() / self.batch_size)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        # numpy's SeedSequence mixes (seed, epoch) into independent streams; the permutation depends
+        # only on these two numbers, never on the excluded ids.
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        return self.ids[torch.from_numpy(rng.permutation(self.ids.numel()))]
+
+    def step(self, t: int, exclude: torch.Tensor | None = None) -> ScheduledStep:
+        epoch, position = divmod(int(t), self.batches_per_epoch)
+        batch = self.permutation(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        if exclude is not None and exclude.numel():
+            batch = batch[~torch.isin(batch, exclude)]
+        return ScheduledStep(int(t), epoch, position, batch)
+
+    def steps(self, begin: int, end: int, exclude: torch.Tensor | None = None):
+        """Steps begin..end-1 (one permutation per epoch, computed once)."""
+        cached_epoch, perm = None, None
+        for t in range(begin, end):
+            epoch, position = divmod(t, self.batches_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, self.permutation(epoch)
+            batch = perm[position * self.batch_size:(position + 1) * self.batch_size]
+            if exclude is not None and exclude.numel():
+                batch = batch[~torch.isin(batch, exclude)]
+            yield ScheduledStep(t, epoch, position, batch)

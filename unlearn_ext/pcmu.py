@@ -1,0 +1,328 @@
+"""PCMU: certified training with smoothed, quantized gradients, and deletion checks against the
+recorded trajectory (DESIGN section 4 — our formulation; the paper's abstract gives no formulas).
+
+Training step t (framework G):
+  1. batch = the fixed batch t of the schedule minus the excluded ids (batching.py); empty -> no update;
+  2. v = sum_i clip_C(grad l_i(w_t)) / b over the batch, b the *nominal* batch size (per_sample.py);
+  3. codes, radii = smoothed ternary quantization of v (`analytic` or `mc`, fused kernels);
+  4. w_{t+1} = w_t - step_size_t * codes; the RNG offset of step t is t * blocks-per-call;
+  5. record the step (pcmu_record.py): ids, step size, smallest radius, fragile coordinates.
+
+Removing k ids from a batch moves v by at most k*C/b in every coordinate, so a coordinate whose
+radius exceeds k*C/b (plus `rounding_margin`) keeps its code. `check_request` uses the records to
+decide, without retraining, whether training without a set of ids would produce the same codes at
+every step — then the parameters are bit-identical — or names the first step where a code flips;
+`resume_without` retrains from that step, which reproduces retraining from scratch exactly.
+
+Framework D (data smoothing) is available as framework='D' (framework_d.py); its radii are in input
+space and do not bound sample removal, so every request on such a model goes to the fallback.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from . import _ops
+from .batching import BatchSchedule
+from .certificate import AprioriCertificate, RequestCheck
+from .pcmu_record import StepRecord, pack_codes, unpack_codes
+from .per_sample import clipped_sum64, trainable
+from .smoothing import analytic_threshold, blocks_per_element, smooth_quantize
+
+# Our choice: |computed v - retrained v| is a few float32 roundings of magnitude <= C (the float64
+# sum is rounded once; per-sample gradients may differ by ulps between batch compositions). 2^-17*C
+# covers that with a >= 100x safety factor while staying small next to C/b for b up to ~10^4.
+DEFAULT_MARGIN_FACTOR = 2.0**-17
+
+
+class PCMUTrainer:
+    """Trains `model` in place with PCMU and records what deletion checks need.
+
+    data: (inputs, targets) tensors, row i belongs to sample id ids[i] (default 0..n-1).
+    lr: the step size lr*scale of the quantized update, a float or a function of the step index.
+    max_request: M, the largest number of removed ids per batch that the per-request check covers.
+    exclude: ids never trained on (the coupled-retraining baseline uses this).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, data, *, batch_size: int, clip_norm: float,
+                 lr, tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
+                 alpha: float = 1e-3, seed: int = 0, max_request: int = 4, ids=None, exclude=None,
+                 chunk: int = 4096, framework: str = "G", sigma_data: float | None = None,
+                 rounding_margin: float | None = None):
+        if framework not in ("G", "D"):
+            raise ValueError(f"framework must be 'G' (gradient smoothing) or 'D' (data smoothing), got {framework!r}")
+        if framework == "D" and (sigma_data is None or not sigma_data > 0):
+            raise ValueError("framework 'D' needs sigma_data > 0 (the input noise scale)")
+        if not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+        if max_request < 0:
+            raise ValueError(f"max_request must be >= 0, got {max_request}")
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs have {x.shape[0]} rows but targets have {y.shape[0]}")
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
+        ids = torch.arange(x.shape[0]) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        if ids.numel() != x.shape[0]:
+            raise ValueError(f"ids has {ids.numel()} entries for {x.shape[0]} samples")
+        self.schedule = BatchSchedule(ids, batch_size, seed)
+        self._sorted_ids, self._rows = ids.sort()
+        self.batch_size, self.clip_norm = int(batch_size), float(clip_norm)
+        self._lr = lr if callable(lr) else (lambda t, v=float(lr): v)
+        self.tau, self.sigma, self.mode = float(tau), float(sigma), mode
+        self.n0, self.n, self.alpha, self.seed = int(n0), int(n), float(alpha), int(seed)
+        self.max_request, self.chunk = int(max_request), int(chunk)
+        self.framework, self.sigma_data = framework, sigma_data
+        self.rounding_margin = (DEFAULT_MARGIN_FACTOR * self.clip_norm if rounding_margin is None
+                                else float(rounding_margin))
+        self.beta = analytic_threshold(self.tau, self.sigma)
+        self.names = list(trainable(model))
+        self.params = [p for p in trainable(model).values()]
+        self.shapes = [p.shape for p in self.params]
+        self.initial = [p.detach().clone() for p in self.params]
+        self.records: list[StepRecord] = []
+        self.forgotten = torch.as_tensor([] if exclude is None else exclude, dtype=torch.int64).unique()
+        smooth_quantize([torch.zeros(1)], tau=self.tau, sigma=self.sigma, mode=mode, n0=n0, n=n,
+                        alpha=alpha)  # validates the smoothing configuration now, not at step 1
+
+    # ---- basic facts --------------------------------------------------------------------------------
+
+    @property
+    def unit(self) -> float:
+        """C/b: the most one removal can move a coordinate of v."""
+        return self.clip_norm / self.batch_size
+
+    @property
+    def fragile_threshold(self) -> float:
+        return self.max_request * self.unit + self.rounding_margin
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.records)
+
+    @property
+    def coordinates(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row numbers of sample ids in the data tensors."""
+        pos = torch.searchsorted(self._sorted_ids, ids)
+        return self._rows[pos]
+
+    def unknown_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids[~torch.isin(ids, self.schedule.ids)]
+
+    def offset_of(self, t: int) -> int:
+        return (t * blocks_per_element(self.mode, self.n0, self.n)) % 2**64
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def train(self, *, epochs: int | None = None, steps: int | None = None) -> "PCMUTrainer":
+        """Runs `steps` more steps (or `epochs` more epochs' worth) from where training stopped."""
+        if (epochs is None) == (steps is None):
+            raise ValueError("give exactly one of epochs= or steps=")
+        count = steps if steps is not None else epochs * self.schedule.batches_per_epoch
+        start = self.steps_done
+        for scheduled in self.schedule.steps(start, start + count, self.forgotten):
+            self.step(scheduled.ids)
+        return self
+
+    def batches(self, epochs: int):
+        """The loop form: `for ids in trainer.batches(epochs): trainer.step(ids)`."""
+        start = self.steps_done
+        for scheduled in self.schedule.steps(start, start + epochs * self.schedule.batches_per_epoch,
+                                             self.forgotten):
+            yield scheduled.ids
+
+    def step(self, ids: torch.Tensor) -> StepRecord:
+        """One PCMU step on the batch `ids` (the schedule's next batch); returns its record."""
+        t = self.steps_done
+        expected = self.schedule.step(t, self.forgotten).ids
+        if not torch.equal(torch.as_tensor(ids, dtype=torch.int64), expected):
+            raise ValueError(f"step {t} must use the scheduled batch (fixed per-epoch cuts minus forgotten ids, "
+                             "DESIGN section 4); iterate trainer.batches() to get it")
+        record = self._compute_step(t, expected)
+        self.records.append(record)
+        return record
+
+    def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
+        rows = self.rows(ids)
+        sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm,
+                             dict(zip(self.names, params)), self.chunk)
+        return [(sums[k] / self.batch_size).to(torch.float32) for k in self.names]
+
+    def _quantize(self, t: int, params, ids, count_below: float):
+        if self.framework == "D":
+            from .framework_d import data_smoothed_quantize
+            return data_smoothed_quantize(self, params, ids, t, count_below)
+        v = self._gradient_mean(params, ids)
+        return v, smooth_quantize(v, tau=self.tau, sigma=self.sigma, mode=self.mode, n0=self.n0, n=self.n,
+                                  alpha=self.alpha, seed=self.seed, offset=self.offset_of(t),
+                                  count_below=count_below)
+
+    def _compute_step(self, t: int, ids: torch.Tensor) -> StepRecord:
+        step_size = float(self._lr(t))
+        empty = torch.empty(0)
+        if ids.numel() == 0:  # an emptied batch makes no update (and consumes no data)
+            return StepRecord(t, ids, step_size, self.offset_of(t), False, float("inf"),
+                              empty.long(), empty, empty, torch.empty(0, dtype=torch.uint8))
+        with torch.no_grad():
+            v, result = self._quantize(t, self.params, ids, self.fragile_threshold)
+            apply_codes_(self.params, result.codes, step_size)
+            if self.framework == "G":
+                index, value, radius = _ops.fragile_compact(v, result.radii, self.fragile_threshold)
+            else:  # input-space radii: nothing to record for removal checks
+                index, value, radius = empty.long(), empty, empty
+        return StepRecord(t, ids, step_size, self.offset_of(t), True, result.min_radius, index.cpu(),
+                          value.cpu(), radius.cpu(), pack_codes(result.codes))
+
+    # ---- certificates ---------------------------------------------------------------------------------
+
+    def certificate(self) -> AprioriCertificate:
+        applied = [r for r in self.records if r.applied]
+        d, unit, margin = self.coordinates, self.unit, self.rounding_margin
+        below = [sum(int((r.fragile_radius < m * unit + margin).sum()) for r in applied)
+                 for m in range(self.max_request + 1)]
+        pairs = max(len(applied) * d, 1)
+        return AprioriCertificate(
+            mode=self.mode if self.framework == "G" else "D", clip_norm=self.clip_norm,
+            batch_size=self.batch_size, tau=self.tau, sigma=self.sigma, alpha=self.alpha,
+            rounding_margin=margin, steps=len(applied), coordinates=d,
+            min_radius_per_step=[r.min_radius for r in applied] if self.framework == "G" else [0.0],
+            max_request=self.max_request, coverage=[1.0 - c / pairs for c in below], below_counts=below)
+
+    def replay(self, t: int, start=None) -> list[torch.Tensor]:
+        """w_t rebuilt bit for bit from the initial weights and the recorded codes. `start` = (s, w_s)
+        continues from an already rebuilt w_s (s <= t) instead of from w_0."""
+        s, w = (0, [p.clone() for p in self.initial]) if start is None else (start[0], [p.clone() for p in start[1]])
+        with torch.no_grad():
+            for r in self.records[s:t]:
+                if r.applied:
+                    apply_codes_(w, unpack_codes(r.codes, self.shapes), r.step_size)
+        return w
+
+    def check_request(self, removed) -> RequestCheck:
+        """Would training without `removed` (all ids forgotten so far included) give the same codes?"""
+        began = time.perf_counter()
+        removed = torch.as_tensor(removed, dtype=torch.int64).unique()
+        out = RequestCheck("exact" if self.mode == "analytic" or self.framework == "D" else "probable",
+                           None, "")
+        w_at, w = 0, None
+        for r in self.records:
+            present = r.ids[torch.isin(r.ids, removed)]
+            k = present.numel()
+            if k == 0 or not r.applied:
+                continue
+            out.steps_with_removed_ids += 1
+            verdict, rebuilt = self._check_step(r, present, w_at, w, out)
+            if rebuilt is not None:  # the step needed w_t: later steps continue the replay from it
+                w_at, w = rebuilt
+            if verdict is not None:
+                out.status, out.first_divergent_step, out.reason = verdict[0], r.step, verdict[1]
+                break
+        if out.first_divergent_step is None:
+            out.reason = ("no code changes at any step: retraining without these ids gives bit-identical "
+                          "parameters" if out.status == "exact" else
+                          "every affected coordinate's change is inside its Monte-Carlo radius: the same codes "
+                          "with probability >= 1 - alpha per coordinate")
+        out.seconds = time.perf_counter() - began
+        return out
+
+    def _check_step(self, r: StepRecord, present: torch.Tensor, w_at: int, w, out: RequestCheck):
+        """(verdict, rebuilt): verdict None if step r keeps its codes without `present`, else
+        (status, reason); rebuilt = (t, w_t) when the check had to replay w_t, else None."""
+        k = present.numel()
+        if self.framework == "D":
+            return ("uncertifiable", "framework D certifies input perturbations, not sample removal"), None
+        if k * self.unit + self.rounding_margin < r.min_radius:
+            out.steps_checked_a_priori += 1
+            return None, None
+        if self.mode == "mc" and k == r.ids.numel():
+            return ("uncertifiable", "the batch would be empty (no update) but mc codes are random"), None
+        if k > self.max_request:
+            return ("over_budget", f"{k} removed ids in one batch exceed the recorded fragile sets (M = "
+                                   f"{self.max_request})"), None
+        w = self.replay(r.step, (w_at, w) if w is not None else None)
+        delta = torch.cat([g.reshape(-1) for g in self._removed_part(w, present)])[r.fragile_index]
+        out.steps_checked_exactly += 1
+        out.sample_gradients += k
+        verdict = (self._requantize_analytic if self.mode == "analytic" else self._radius_check_mc)(r, delta, out)
+        return verdict, (r.step, w)
+
+    def _removed_part(self, w, present):
+        rows = self.rows(present)
+        sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm,
+                             dict(zip(self.names, w)), self.chunk)
+        return [sums[k].cpu() / self.batch_size for k in self.names]
+
+    def _requantize_analytic(self, r: StepRecord, delta: torch.Tensor, out: RequestCheck):
+        beta = float(torch.tensor(self.beta, dtype=torch.float32))  # the kernel compares in float32
+        v = r.fragile_value
+        old = (v > beta).to(torch.int8) - (v < -beta).to(torch.int8)
+        v_new = v.double() - delta
+        new = (v_new > beta).to(torch.int8) - (v_new < -beta).to(torch.int8)
+        near = ((v_new.abs() - beta).abs() <= self.rounding_margin)
+        flipped = (new != old) & ~near
+        if bool(flipped.any()):
+            out.flipped_coordinates = int(flipped.sum())
+            return ("diverges", f"{int(flipped.sum())} coordinates change their code")
+        if bool(near.any()):
+            return ("undecided", f"{int(near.sum())} coordinates land within the rounding margin of +-beta")
+        return None
+
+    def _radius_check_mc(self, r: StepRecord, delta: torch.Tensor, out: RequestCheck):
+        uncovered = ~(delta.abs() + self.rounding_margin < r.fragile_radius.double())
+        if bool(uncovered.any()):
+            return ("undecided", f"{int(uncovered.sum())} coordinates move by more than their Monte-Carlo "
+                                 "radius (abstaining coordinates have radius 0)")
+        return None
+
+    # ---- the fallback -----------------------------------------------------------------------------
+
+    def resume_without(self, removed, t0: int) -> None:
+        """Retrains steps t0.. without `removed` from the replayed w_t0 (exactly what retraining from
+        scratch without them gives when steps < t0 are certified), replacing their records."""
+        removed = torch.as_tensor(removed, dtype=torch.int64).unique()
+        end = self.steps_done
+        w = self.replay(t0)
+        with torch.no_grad():
+            for p, src in zip(self.params, w):
+                p.copy_(src)
+        self.forgotten = torch.cat([self.forgotten, removed]).unique()
+        del self.records[t0:]
+        for scheduled in self.schedule.steps(t0, end, self.forgotten):
+            self.records.append(self._compute_step(scheduled.step, scheduled.ids))
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict:
+        """What must match for saved state to belong to this trainer."""
+        return {"names": self.names, "shapes": [list(s) for s in self.shapes], "mode": self.mode,
+                "framework": self.framework, "batch_size": self.batch_size, "clip_norm": self.clip_norm,
+                "tau": self.tau, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
+                "seed": self.seed, "max_request": self.max_request, "samples": int(self.schedule.ids.numel())}
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint(), "initial": self.initial,
+                "params": [p.detach().clone() for p in self.params], "forgotten": self.forgotten,
+                "records": [r.to_state() for r in self.records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint():
+            mismatch = sorted(k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k])
+            raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
+                             f"{', '.join(mismatch)})")
+        self.initial = [t.clone() for t in state["initial"]]
+        with torch.no_grad():
+            for p, src in zip(self.params, state["params"]):
+                p.copy_(src)
+        self.forgotten = state["forgotten"].clone()
+        self.records = [StepRecord.from_state(s) for s in state["records"]]
+
+
+def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_size: float) -> None:
+    """params <- params - step_size * codes through the same fused kernel as training (a threshold
+    of 0.5 maps the codes, as floats, to themselves), so replays round exactly like the original."""
+    as_float = [c.to(device=p.device, dtype=p.dtype) for p, c in zip(params, codes)]
+    _ops.quantized_step_analytic_(params, as_float, 0.5, float(step_size), 0.0, False)

@@ -1,0 +1,55 @@
+"""Per-sample clipped gradients with torch.func (no Python loop over samples).
+
+PCMU's step needs sum_i clip_C(grad l_i(w)) / b. The sum is accumulated in float64 and rounded to
+float32 once: the result is then the float32 rounding of the exact sum up to ~1e-16 relative error,
+whatever the batch composition or chunking. That is what lets a deletion check predict retraining:
+the sum without F differs from (stored sum - F's part) only by those roundings (see pcmu.py's
+`rounding_margin`).
+
+Limits: the loss must be per-sample. Layers that mix samples (BatchNorm in training mode) are not
+per-sample and are refused by vmap; use GroupNorm/LayerNorm or BatchNorm in eval mode. Dropout would
+make gradients random and break replay; keep the model deterministic.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _per_sample_fn(model, loss_fn):
+    def sample_loss(params, buffers, xi, yi):
+        out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+    return vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
+
+
+def clipped_per_sample(model, loss_fn, x, y, clip_norm: float, params=None) -> dict[str, torch.Tensor]:
+    """Per-sample gradients (leading dim = batch), each clipped to L2 norm `clip_norm`."""
+    params = {k: v.detach() for k, v in (params or trainable(model)).items()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    per_sample = _per_sample_fn(model, loss_fn)(params, buffers, x, y)
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in per_sample.values()))
+    scale = torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+    return {k: g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for k, g in per_sample.items()}
+
+
+def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: int = 4096) -> dict[str, torch.Tensor]:
+    """sum_i clip(grad l_i) in float64, `chunk` samples at a time (bounds memory at chunk * d)."""
+    params = params or trainable(model)
+    total = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in params.items()}
+    for s in range(0, x.shape[0], chunk):
+        per_sample = clipped_per_sample(model, loss_fn, x[s:s + chunk], y[s:s + chunk], clip_norm, params)
+        for k, g in per_sample.items():
+            total[k] += g.double().sum(0)
+    return total
+
+
+def clipped_gradient_sum(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                         clip_norm: float) -> dict[str, torch.Tensor]:
+    """Sum over the batch of per-sample gradients clipped to L2 norm `clip_norm` (parameter dtype)."""
+    params = trainable(model)
+    return {k: v.to(params[k].dtype) for k, v in clipped_sum64(model, loss_fn, x, y, clip_norm).items()}
