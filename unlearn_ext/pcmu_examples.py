@@ -102,7 +102,8 @@ def run(name: str, seed: int = 0, requests: int = 12, mode: str = "analytic") ->
     # Single-id requests checked against the record (no retraining): what fraction is certified,
     # where the others diverge, and what a check costs next to retraining (measured once).
     gen = torch.Generator().manual_seed(1000 + seed)
-    ids = trainer.schedule.ids[torch.randperm(trainer.schedule.ids.numel(), generator=gen)[:requests]]
+    shuffled = trainer.schedule.ids[torch.randperm(trainer.schedule.ids.numel(), generator=gen)]
+    ids, to_delete = shuffled[:requests], shuffled[requests:requests + 4]
     checks = [trainer.check_request(ids[i:i + 1]) for i in range(requests)]
     retrain = _trainer(name, x, y, seed, mode, exclude=ids[:1])
     out["requests"] = {
@@ -119,8 +120,8 @@ def run(name: str, seed: int = 0, requests: int = 12, mode: str = "analytic") ->
         deleter = PromptDeleter(trainer, directory)
         answers = []
         if cert.budget >= 1:
-            answers.append(deleter.forget(ids[1:1 + min(cert.budget, 2)].tolist()))
-        answers.append(deleter.forget(ids[3:5].tolist()))
+            answers.append(deleter.forget(to_delete[:min(cert.budget, 2)].tolist()))
+        answers.append(deleter.forget(to_delete[2:4].tolist()))
         out["deletions"] = [str(a) for a in answers]
     out["pcmu_test_accuracy_after_deletions"] = _accuracy(trainer.model, x_test, y_test)
     return out
