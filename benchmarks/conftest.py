@@ -57,7 +57,14 @@ def pytest_terminal_summary(terminalreporter):
     for kernel, base in (("mc/kernel", "mc/eager"), ("mc/kernel", "mc/reference"),
                          ("analytic/kernel", "analytic/eager"), ("analytic/kernel", "analytic/reference"),
                          ("step_analytic/kernel", "step_analytic/eager"),
-                         ("step_mc/kernel", "mc/eager")):
+                         ("step_mc/kernel", "mc/eager"),
+                         ("pcmu_step_analytic/pcmu", "pcmu_step/plain_sgd"),
+                         ("pcmu_step_analytic/pcmu", "pcmu_step_analytic/eager"),
+                         ("pcmu_step_mc/pcmu", "pcmu_step/plain_sgd"),
+                         ("pcmu_step_mc/pcmu", "pcmu_step_mc/eager"),
+                         ("pcmu_step_D/pcmu", "pcmu_step/plain_sgd"),
+                         ("pcmu_step_D/pcmu", "pcmu_step_mc/eager"),
+                         ("request/check", "request/retrain")):
         r = _ratio(kernel, base)
         if r is not None:
             ratios[f"{kernel} vs {base}"] = r

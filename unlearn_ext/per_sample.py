@@ -32,19 +32,29 @@ def clipped_per_sample(model, loss_fn, x, y, clip_norm: float, params=None) -> d
     params = {k: v.detach() for k, v in (params or trainable(model)).items()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     per_sample = _per_sample_fn(model, loss_fn)(params, buffers, x, y)
-    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).double().pow(2).sum(1) for g in per_sample.values()))
-    scale = torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+    scale = clip_scales(per_sample, clip_norm)
     return {k: g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for k, g in per_sample.items()}
+
+
+def clip_scales(per_sample: dict[str, torch.Tensor], clip_norm: float) -> torch.Tensor:
+    """min(1, C / ||g_i||) per sample. Each row is reduced on its own, so a sample's scale does not
+    depend on which other samples share its batch."""
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in per_sample.values()))
+    return torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
 
 
 def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: int = 4096) -> dict[str, torch.Tensor]:
     """sum_i clip(grad l_i) in float64, `chunk` samples at a time (bounds memory at chunk * d)."""
     params = params or trainable(model)
     total = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in params.items()}
+    detached = {k: v.detach() for k, v in params.items()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    fn = _per_sample_fn(model, loss_fn)
     for s in range(0, x.shape[0], chunk):
-        per_sample = clipped_per_sample(model, loss_fn, x[s:s + chunk], y[s:s + chunk], clip_norm, params)
-        for k, g in per_sample.items():
-            total[k] += g.double().sum(0)
+        per_sample = fn(detached, buffers, x[s:s + chunk], y[s:s + chunk])
+        scale = clip_scales(per_sample, clip_norm).double()
+        for k, g in per_sample.items():  # sum_i scale_i * g_i as one float64 matrix-vector product
+            total[k] += torch.mv(g.reshape(g.shape[0], -1).t().double(), scale).view(total[k].shape)
     return total
 
 
