@@ -1,6 +1,7 @@
 """unlearn_ext: fused kernels and methods for machine unlearning in PyTorch.
 
-Start with `smoothing.SmoothedQuantizer` (certified training with smoothed, quantized gradients);
+Start with `PCMUTrainer` (certified training with smoothed, quantized gradients) and
+`PromptDeleter` (deletion requests answered from the training record, with a ledger);
 `backend()` tells whether the compiled kernels or the pure-PyTorch reference serve the ops.
 """
 from ._ops import backend, compiled, cuda_built  # noqa: F401
@@ -19,6 +20,10 @@ from .smoothing import (  # noqa: F401
     vote_finalize,
     VoteCounter,
 )
+from .batching import BatchSchedule  # noqa: F401,E402
+from .certificate import AprioriCertificate, RequestCheck  # noqa: F401,E402
+from .ledger import DeletionAnswer, PromptDeleter, UnknownIdsError  # noqa: F401,E402
+from .pcmu import PCMUTrainer  # noqa: F401,E402
 
 __version__ = "0.1.0"
 
