@@ -19,6 +19,9 @@ from .smoothing import (  # noqa: F401
     vote_finalize,
     VoteCounter,
 )
+from .history import FieldSpec, HistoryStore, StepRecord  # noqa: F401
+from .history_file import HistoryCorruptError, HistoryFormatError  # noqa: F401
+from .history_recorder import HistoryRecorder, estimate_bytes  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,8 @@
 
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu_walk.h"
 #include "unlearn/codec_list.h"
 #include "unlearn/codecs.h"
@@ -37,26 +39,43 @@ void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t block_size
   });
 }
 
+// Integer max over bit patterns (see finite_abs_bits): vectorizes, equals the float absmax.
+inline float block_absmax(const float* x, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t b = finite_abs_bits(x[i]);
+    m = m > b ? m : b;
+  }
+  return bits_float(m);
+}
+
+// The block's values as fp32: the input itself for float32, else converted into buf.
 template <typename T>
-float block_absmax(const T* x, int64_t n) {
-  float m = 0.0f;
-  UE_CPU_UNROLL
-  for (int64_t i = 0; i < n; ++i) m = max_of(m, finite_abs(load_float(x[i])));
-  return m;
+inline const float* block_as_float(const T* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = load_float(src[i]);
+    return buf;
+  }
 }
 
 // Writes the codes of n values (already fp32) with the given scale. int4 packs pairs; n is even
 // except for a tensor's last block.
 void write_codes(const float* v, int64_t n, float scale, int64_t bits, void* codes_at) {
+  if (!(scale > 0.0f)) {  // zero block: hoisted, so the loops below have no per-element branch on it
+    std::memset(codes_at, 0, static_cast<size_t>(bits == 8 ? n : (n + 1) / 2));
+    return;
+  }
   if (bits == 8) {
     int8_t* c = static_cast<int8_t*>(codes_at);
-    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(quantize_value(v[i], scale, 127.0f));
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(quantize_in_block(v[i], scale, 127.0f));
   } else {
     uint8_t* c = static_cast<uint8_t*>(codes_at);
     const int64_t pairs = n / 2;
     for (int64_t p = 0; p < pairs; ++p)
-      c[p] = pack_int4(quantize_value(v[2 * p], scale, 7.0f), quantize_value(v[2 * p + 1], scale, 7.0f));
-    if (n % 2) c[pairs] = pack_int4(quantize_value(v[n - 1], scale, 7.0f), 0);
+      c[p] = pack_int4(quantize_in_block(v[2 * p], scale, 7.0f), quantize_in_block(v[2 * p + 1], scale, 7.0f));
+    if (n % 2) c[pairs] = pack_int4(quantize_in_block(v[n - 1], scale, 7.0f), 0);
   }
 }
 
@@ -93,14 +112,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_
   parallel_over_blocks(numels_of(x.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
     float buf[kMaxBlock];
     const int64_t n = e1 - e0;
+    const float* v = nullptr;
     dispatch_float_type(x.tensors[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T* src = x.tensors[t].data_ptr<T>() + e0;
-      for (int64_t i = 0; i < n; ++i) buf[i] = load_float(src[i]);
+      v = block_as_float(static_cast<const T*>(x.tensors[t].data_ptr()) + e0, n, buf);
     });
-    const float scale = block_scale(block_absmax(buf, n), qmax);
-    out.scales[t].data_ptr<float>()[b] = scale;
-    write_codes(buf, n, scale, bits, code_ptr(out.codes[t], e0, bits));
+    const float scale = block_scale(block_absmax(v, n), qmax);
+    static_cast<float*>(out.scales[t].data_ptr())[b] = scale;
+    write_codes(v, n, scale, bits, code_ptr(out.codes[t], e0, bits));
   });
   return {out.codes, out.scales};
 }

@@ -59,6 +59,18 @@ UE_HOST_DEVICE float finite_abs(float v) { return is_finite_float(v) ? fabsf(v) 
 
 UE_HOST_DEVICE float max_of(float m, float a) { return a > m ? a : m; }
 
+// The bit pattern of finite_abs(v). Non-negative floats order like their bit patterns, so an
+// absmax can be an integer max, which compilers vectorize without -ffast-math (a float max
+// reduction needs -ffinite-math-only and -fno-signed-zeros to vectorize in GCC).
+// Signed int32 on purpose: GCC 12 vectorizes a signed max reduction with this select, not an
+// unsigned one.
+UE_HOST_DEVICE int32_t finite_abs_bits(float v) {
+  int32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  bits &= 0x7fffffff;
+  return bits < 0x7f800000 ? bits : 0;
+}
+
 UE_HOST_DEVICE float block_scale(float absmax, float qmax) { return absmax / qmax; }
 
 // Round half to even for |y| < 2^22: adding 1.5 * 2^23 moves y into the binade whose ulp is 1, so
@@ -69,10 +81,19 @@ UE_HOST_DEVICE float round_half_even(float y) {
   return sub_rn(add_rn(y, magic), magic);
 }
 
-UE_HOST_DEVICE int32_t quantize_value(float v, float scale, float qmax) {
-  float y = (scale > 0.0f && is_finite_float(v)) ? v / scale : 0.0f;
-  y = y < -qmax ? -qmax : (y > qmax ? qmax : y);  // |y| may exceed qmax by an ulp (or more if scale is subnormal)
+// Code of v in a block with scale > 0. The clamp comes first because |v / scale| may exceed qmax
+// by an ulp (or more when the scale is subnormal); NaN/Inf become 0 before the conversion.
+UE_HOST_DEVICE int32_t quantize_in_block(float v, float scale, float qmax) {
+  float y = v / scale;
+  y = y < -qmax ? -qmax : y;
+  y = y > qmax ? qmax : y;
+  y = is_finite_float(v) ? y : 0.0f;
   return static_cast<int32_t>(round_half_even(y));
+}
+
+// Any block: a zero block (scale 0) has all codes 0.
+UE_HOST_DEVICE int32_t quantize_value(float v, float scale, float qmax) {
+  return scale > 0.0f ? quantize_in_block(v, scale, qmax) : 0;
 }
 
 UE_HOST_DEVICE float dequantize_value(int32_t code, float scale) {
