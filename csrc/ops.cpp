@@ -48,10 +48,12 @@ TORCH_LIBRARY(unlearn_ext, m) {
   // out <- deq(codes, scales); out gives the shapes and the dtype (fp32/fp16/bf16).
   m.def(
       "blockwise_dequantize_(Tensor(a!)[] out, Tensor[] codes, Tensor[] scales, int bits, int block_size) -> ()");
-  // Closed-loop delta: codes, scales = quantize(target - recon); recon (float32) += deq(codes, scales).
+  // Closed-loop delta: codes, scales <- quantize(target - recon); recon (float32) += deq(codes, scales).
+  // codes and scales are preallocated outputs (sized as blockwise_quantize returns them): a
+  // mutable op returning fresh tensor lists cannot be functionalized (torch.compile, opcheck).
   m.def(
-      "delta_encode_(Tensor[] target, Tensor(a!)[] recon, int bits, int block_size) -> "
-      "(Tensor[] codes, Tensor[] scales)");
+      "delta_encode_(Tensor[] target, Tensor(a!)[] recon, Tensor(b!)[] codes, Tensor(c!)[] scales, int bits, "
+      "int block_size) -> ()");
   // y <- y + alpha * deq(codes, scales) (fp32 math, rounded like recon updates: bit-exact decode).
   m.def(
       "dequantize_axpy_(Tensor(a!)[] y, float alpha, Tensor[] codes, Tensor[] scales, int bits, "

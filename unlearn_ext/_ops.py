@@ -118,8 +118,13 @@ def blockwise_dequantize_(out, codes, scales, bits, block_size):
     return _impl("blockwise_dequantize_")(out, codes, scales, bits, block_size)
 
 
-def delta_encode_(target, recon, bits, block_size):
-    return _impl("delta_encode_")(target, recon, bits, block_size)
+def delta_encode_(target, recon, codes, scales, bits, block_size):
+    return _impl("delta_encode_")(target, recon, codes, scales, bits, block_size)
+
+
+def empty_codes(tensors, bits, block_size):
+    """Preallocated (codes, scales) for delta_encode_, sized as blockwise_quantize returns them."""
+    return _coded_like(tensors, bits, block_size)
 
 
 def dequantize_axpy_(y, alpha, codes, scales, bits, block_size):
@@ -197,8 +202,8 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("unlearn_ext::delta_encode_")
-    def _delta_encode_fake(target, recon, bits, block_size):
-        return _coded_like(target, bits, block_size)
+    def _delta_encode_fake(target, recon, codes, scales, bits, block_size):
+        return None
 
     @torch.library.register_fake("unlearn_ext::dequantize_axpy_")
     def _dequantize_axpy_fake(y, alpha, codes, scales, bits, block_size):

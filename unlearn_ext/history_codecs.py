@@ -2,8 +2,9 @@
 
   fp32            exact
   fp16 / bf16     a cast; relative error <= 2^-11 (fp16, inside its range) or 2^-8 (bf16)
-  int8 / int4     blockwise absmax (unlearn_ext ops): |x - deq| <= scale / 2 per element, where
-                  scale = absmax(block) / 127 (int8) or / 7 (int4); plus float rounding of deq
+  int8 / int4     blockwise absmax (unlearn_ext ops): |x - deq| <= scale / 2 + 2^-23 absmax per
+                  element, where scale = absmax(block) / 127 (int8) or / 7 (int4) (half a
+                  quantization step plus the float rounding of x / scale and code * scale)
 
 An encoded field is a list of flat CPU-or-device tensors ("arrays"), in a fixed order: one value
 array per tensor for fp codecs; all code arrays, then all scale arrays, for int codecs. That order
@@ -78,7 +79,8 @@ def encode_keyframe(tensors, codec: str) -> Encoded:
 
 def encode_delta(tensors, recon, codec: str, block_size: int) -> Encoded:
     """Closed loop: quantizes target - recon and moves recon (fp32, in place) by the dequantized delta."""
-    codes, scales = _ops.delta_encode_([t.detach() for t in tensors], recon, BITS[codec], block_size)
+    codes, scales = _ops.empty_codes(tensors, BITS[codec], block_size)
+    _ops.delta_encode_([t.detach() for t in tensors], recon, codes, scales, BITS[codec], block_size)
     return Encoded(codec, DELTA, list(codes) + list(scales))
 
 

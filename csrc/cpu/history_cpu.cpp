@@ -141,14 +141,13 @@ void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at
   write_back(out_in, out.tensors);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> delta_encode_cpu(at::TensorList target_in,
-                                                                              at::TensorList recon_in,
-                                                                              int64_t bits, int64_t block_size) {
+void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
+                      at::TensorList scales_in, int64_t bits, int64_t block_size) {
   check_codec_args(bits, block_size);
   const FlatList target = flatten_float_list(target_in, "target");
   check_recon_list(recon_in, target);
   std::vector<at::Tensor> recon = contiguous_work(recon_in);
-  CodedList out = empty_coded_list(target, bits, block_size);
+  CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
   const float qmax = codec_qmax(static_cast<int>(bits));
   parallel_over_blocks(numels_of(target.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
     float delta[kMaxBlock];
@@ -167,7 +166,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> delta_encode_cpu(at
     read_codes(codes_at, n, bits, [&](int64_t i, int32_t c) { r[i] = recon_update(r[i], c, scale); });
   });
   write_back(recon_in, recon);
-  return {out.codes, out.scales};
+  write_back(codes_in, out.codes);
+  write_back(scales_in, out.scales);
 }
 
 void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
@@ -219,7 +219,59 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
   return out;
 }
 
+// ---- empty lists ---------------------------------------------------------------------------------
+// A call whose lists are all empty carries no tensor, so the dispatcher has no device key to pick
+// a kernel by and falls back to CompositeExplicitAutograd. These kernels answer exactly that case
+// (empty results; the dot product is 0) and refuse tensors of any device without kernels.
+
+void require_empty(std::initializer_list<at::TensorList> lists, const char* op) {
+  for (const auto& l : lists) {
+    TORCH_CHECK(l.empty(), "unlearn_ext: ", op, " has no kernel for device ", l[0].device(),
+                " (kernels exist for CPU, and for CUDA in CUDA builds)");
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_empty(at::TensorList x, int64_t bits,
+                                                                                      int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({x}, "blockwise_quantize");
+  return {};
+}
+
+void blockwise_dequantize_empty(at::TensorList out, at::TensorList codes, at::TensorList scales, int64_t bits,
+                                int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({out, codes, scales}, "blockwise_dequantize_");
+}
+
+void delta_encode_empty(at::TensorList target, at::TensorList recon, at::TensorList codes, at::TensorList scales,
+                        int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({target, recon, codes, scales}, "delta_encode_");
+}
+
+void dequantize_axpy_empty(at::TensorList y, double, at::TensorList codes, at::TensorList scales, int64_t bits,
+                           int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({y, codes, scales}, "dequantize_axpy_");
+}
+
+at::Tensor dequantize_dot_empty(at::TensorList codes, at::TensorList scales, at::TensorList v, int64_t bits,
+                                int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({codes, scales, v}, "dequantize_dot");
+  return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) {
+  m.impl("blockwise_quantize", &blockwise_quantize_empty);
+  m.impl("blockwise_dequantize_", &blockwise_dequantize_empty);
+  m.impl("delta_encode_", &delta_encode_empty);
+  m.impl("dequantize_axpy_", &dequantize_axpy_empty);
+  m.impl("dequantize_dot", &dequantize_dot_empty);
+}
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
   m.impl("blockwise_quantize", &blockwise_quantize_cpu);

@@ -236,12 +236,13 @@ void blockwise_dequantize_cuda(at::TensorList out_in, at::TensorList codes_in, a
   write_back(out_in, out.tensors);
 }
 
-CodesScales delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, int64_t bits, int64_t block_size) {
+void delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
+                       at::TensorList scales_in, int64_t bits, int64_t block_size) {
   check_codec_args(bits, block_size);
   const FlatList target = flatten_float_list(target_in, "target");
   check_recon_list(recon_in, target);
-  CodedList out = empty_coded_list(target, bits, block_size);
-  if (target.tensors.empty()) return {out.codes, out.scales};
+  CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
+  if (target.tensors.empty()) return;
   std::vector<at::Tensor> recon = contiguous_work(recon_in);
   const at::Device device = target.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);
@@ -252,7 +253,8 @@ CodesScales delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in,
     launch(v, delta_encode_kernel<T>);
   });
   write_back(recon_in, recon);
-  return {out.codes, out.scales};
+  write_back(codes_in, out.codes);
+  write_back(scales_in, out.scales);
 }
 
 void dequantize_axpy_cuda(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,

@@ -131,11 +131,12 @@ def blockwise_dequantize_(out, codes, scales, bits: int, block_size: int):
         o.copy_(dequantize_values(c, s, bits, block_size, o.numel()).reshape(o.shape).to(o.dtype))
 
 
-def delta_encode_(target, recon, bits: int, block_size: int):
+def delta_encode_(target, recon, codes_out, scales_out, bits: int, block_size: int):
     check_codec_args(bits, block_size)
     _check_floats(target, "target")
     if len(target) != len(recon):
         raise ValueError(f"target has {len(target)} tensors but recon has {len(recon)}")
+    _check_coded(codes_out, scales_out, target, "target", bits, block_size)
     codes, scales = [], []
     for w, r in zip(target, recon):
         if r.dtype != torch.float32 or r.shape != w.shape:
@@ -145,7 +146,8 @@ def delta_encode_(target, recon, bits: int, block_size: int):
         r.add_(dequantize_values(c, s, bits, block_size, r.numel()).reshape(r.shape))  # one rounding
         codes.append(c)
         scales.append(s)
-    return codes, scales
+    for dst, src in zip(codes_out + scales_out, codes + scales):
+        dst.copy_(src.reshape(dst.shape))
 
 
 def dequantize_axpy_(y, alpha: float, codes, scales, bits: int, block_size: int):

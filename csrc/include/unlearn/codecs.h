@@ -7,7 +7,8 @@
 //   scale  = absmax / qmax                    qmax = 127 (int8) or 7 (int4), float32 division
 //   code   = round_half_even(clamp(x / scale, -qmax, qmax))   (0 for a zero block or non-finite x)
 //   deq    = float(code) * scale
-// so |x - deq| <= scale / 2 for every finite x of the block (plus float rounding of the product).
+// so |x - deq| <= scale / 2 + 2^-23 * absmax for every finite x of the block (half a step, plus
+// the float rounding of x / scale and of code * scale, each at most 2^-24 relative).
 // int8 codes are int8; int4 codes are symmetric in -7..7, two per byte, low nibble first
 // (element 2i in bits 0-3, element 2i+1 in bits 4-7, as two's-complement nibbles; the high
 // nibble of a tensor's odd last element is 0).
