@@ -21,6 +21,7 @@ checksummed, fsync'd at keyframes; reading a step seeks to its records).
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +115,10 @@ class HistoryStore:
         for another model or codec fail with a message. A record cut off by a crash is dropped
         (see `store.recovery`); the encoder state continues from the last keyframe and deltas."""
         hf = HistoryFile.open(path, writable=writable)
+        if hf.recovery.dropped_bytes:
+            warnings.warn(f"{path}: dropped {hf.recovery.dropped_bytes} bytes ({hf.recovery.dropped_records} "
+                          f"record) at the end: {hf.recovery.reason}; the store continues after the last "
+                          "whole record", RuntimeWarning, stacklevel=2)
         head = hf.file_header
         fields = {k: FieldSpec(**v) for k, v in head["fields"].items()}
         if expect is not None:
