@@ -45,4 +45,25 @@ TORCH_LIBRARY(unlearn_ext, m) {
   m.def(
       "fragile_compact(Tensor[] values, Tensor[] radii, float threshold) -> "
       "(Tensor index, Tensor value, Tensor radius)");
+  // ---- Compressed history codecs (DESIGN section 5) ----------------------------------------------
+  // Blockwise absmax quantization, blocks per tensor (a tensor's last block may be short), block
+  // size even in [64, 4096]; math in unlearn/codecs.h. Per input tensor: codes are flat, int8
+  // (bits = 8, numel entries) or uint8 with two int4 codes per byte (bits = 4, ceil(numel / 2)
+  // entries, low nibble first); scales are flat float32, one per block (scale = absmax / 127 or / 7).
+  m.def("blockwise_quantize(Tensor[] x, int bits, int block_size) -> (Tensor[] codes, Tensor[] scales)");
+  // out <- deq(codes, scales); out gives the shapes and the dtype (fp32/fp16/bf16).
+  m.def(
+      "blockwise_dequantize_(Tensor(a!)[] out, Tensor[] codes, Tensor[] scales, int bits, int block_size) -> ()");
+  // Closed-loop delta: codes, scales <- quantize(target - recon); recon (float32) += deq(codes, scales).
+  // codes and scales are preallocated outputs (sized as blockwise_quantize returns them): a
+  // mutable op returning fresh tensor lists cannot be functionalized (torch.compile, opcheck).
+  m.def(
+      "delta_encode_(Tensor[] target, Tensor(a!)[] recon, Tensor(b!)[] codes, Tensor(c!)[] scales, int bits, "
+      "int block_size) -> ()");
+  // y <- y + alpha * deq(codes, scales) (fp32 math, rounded like recon updates: bit-exact decode).
+  m.def(
+      "dequantize_axpy_(Tensor(a!)[] y, float alpha, Tensor[] codes, Tensor[] scales, int bits, "
+      "int block_size) -> ()");
+  // <deq(codes, scales), v> over the whole list, as a float64 scalar.
+  m.def("dequantize_dot(Tensor[] codes, Tensor[] scales, Tensor[] v, int bits, int block_size) -> Tensor");
 }

@@ -24,6 +24,9 @@ from .batching import BatchSchedule  # noqa: F401,E402
 from .certificate import AprioriCertificate, RequestCheck  # noqa: F401,E402
 from .ledger import DeletionAnswer, PromptDeleter, UnknownIdsError  # noqa: F401,E402
 from .pcmu import PCMUTrainer  # noqa: F401,E402
+from .history import FieldSpec, HistoryStore, StepRecord  # noqa: F401
+from .history_file import HistoryCorruptError, HistoryFormatError  # noqa: F401
+from .history_recorder import HistoryRecorder, estimate_bytes  # noqa: F401
 
 __version__ = "0.1.0"
 

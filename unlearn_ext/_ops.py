@@ -112,6 +112,31 @@ def fragile_compact(values, radii, threshold):
     if not values and not radii:  # no tensor to dispatch on: the answer is empty either way
         return reference.fragile_compact([], [], threshold)
     return _impl("fragile_compact")(values, radii, threshold)
+# ---- history codecs (DESIGN section 5) -------------------------------------------------------------
+
+def blockwise_quantize(x, bits, block_size):
+    return _impl("blockwise_quantize")(x, bits, block_size)
+
+
+def blockwise_dequantize_(out, codes, scales, bits, block_size):
+    return _impl("blockwise_dequantize_")(out, codes, scales, bits, block_size)
+
+
+def delta_encode_(target, recon, codes, scales, bits, block_size):
+    return _impl("delta_encode_")(target, recon, codes, scales, bits, block_size)
+
+
+def empty_codes(tensors, bits, block_size):
+    """Preallocated (codes, scales) for delta_encode_, sized as blockwise_quantize returns them."""
+    return _coded_like(tensors, bits, block_size)
+
+
+def dequantize_axpy_(y, alpha, codes, scales, bits, block_size):
+    return _impl("dequantize_axpy_")(y, alpha, codes, scales, bits, block_size)
+
+
+def dequantize_dot(codes, scales, v, bits, block_size):
+    return _impl("dequantize_dot")(codes, scales, v, bits, block_size)
 
 
 # ---- fake implementations (shapes only), so the ops trace under torch.compile ----------------------
@@ -168,3 +193,33 @@ if _C is not None:
         return (like.new_empty((count,), dtype=torch.int64), like.new_empty((count,), dtype=torch.float32),
                 like.new_empty((count,), dtype=torch.float32))
 
+
+# ---- fakes of the history codecs: codes and scales are flat, sized from numel and block_size -------
+
+def _coded_like(tensors, bits, block_size):
+    codes = [t.new_empty(((t.numel() if bits == 8 else (t.numel() + 1) // 2),),
+                         dtype=torch.int8 if bits == 8 else torch.uint8) for t in tensors]
+    scales = [t.new_empty((-(-t.numel() // block_size),), dtype=torch.float32) for t in tensors]
+    return codes, scales
+
+
+if _C is not None:
+    @torch.library.register_fake("unlearn_ext::blockwise_quantize")
+    def _blockwise_quantize_fake(x, bits, block_size):
+        return _coded_like(x, bits, block_size)
+
+    @torch.library.register_fake("unlearn_ext::blockwise_dequantize_")
+    def _blockwise_dequantize_fake(out, codes, scales, bits, block_size):
+        return None
+
+    @torch.library.register_fake("unlearn_ext::delta_encode_")
+    def _delta_encode_fake(target, recon, codes, scales, bits, block_size):
+        return None
+
+    @torch.library.register_fake("unlearn_ext::dequantize_axpy_")
+    def _dequantize_axpy_fake(y, alpha, codes, scales, bits, block_size):
+        return None
+
+    @torch.library.register_fake("unlearn_ext::dequantize_dot")
+    def _dequantize_dot_fake(codes, scales, v, bits, block_size):
+        return (v[0] if v else codes[0]).new_empty((), dtype=torch.float64)

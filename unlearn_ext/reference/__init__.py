@@ -10,3 +10,10 @@ from .smoothing import (  # noqa: F401
     vote_accumulate_,
     vote_finalize,
 )
+from .history import (  # noqa: F401
+    blockwise_dequantize_,
+    blockwise_quantize,
+    delta_encode_,
+    dequantize_axpy_,
+    dequantize_dot,
+)

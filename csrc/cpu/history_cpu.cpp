@@ -1,0 +1,285 @@
+// CPU kernels of the history codecs: blockwise quantize / dequantize, closed-loop delta encode,
+// dequantize-axpy and dequantize-dot. Per-element math is in unlearn/codecs.h; this file walks
+// blocks (at::parallel_for over the global block numbers of the list) and keeps one block's
+// values in a small stack buffer between its absmax pass and its quantize pass.
+//
+// Contraction of a*b+c into an FMA is disabled for this file: the reconstruction update and the
+// axpy must round exactly as the reference does (two roundings), or decoders would drift from the
+// encoder by an ulp per step. It is placed before every include so all inlined code agrees.
+#pragma GCC optimize("fp-contract=off")
+
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "cpu_walk.h"
+#include "unlearn/codec_list.h"
+#include "unlearn/codecs.h"
+
+namespace unlearn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlockGrainElements = 1 << 15;  // elements per parallel task (rounded to blocks)
+
+// Runs body(tensor, block_begin_elem, block_end_elem) for every block of the list, in parallel.
+template <typename Body>
+void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t block_size, Body&& body) {
+  const std::vector<int64_t> boff = block_offsets(numels, block_size);
+  const int64_t total = boff.back();
+  if (total == 0) return;
+  const int64_t grain = std::max<int64_t>(1, kBlockGrainElements / block_size);
+  at::parallel_for(0, total, grain, [&](int64_t b_begin, int64_t b_end) {
+    for_each_span(boff, b_begin, b_end, [&](size_t t, int64_t lo, int64_t hi, int64_t) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t e0 = b * block_size;
+        body(t, b, e0, std::min(numels[t], e0 + block_size));
+      }
+    });
+  });
+}
+
+// Integer max over bit patterns (see finite_abs_bits): vectorizes, equals the float absmax.
+inline float block_absmax(const float* x, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t b = finite_abs_bits(x[i]);
+    m = m > b ? m : b;
+  }
+  return bits_float(m);
+}
+
+// The block's values as fp32: the input itself for float32, else converted into buf.
+template <typename T>
+inline const float* block_as_float(const T* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = load_float(src[i]);
+    return buf;
+  }
+}
+
+// Writes the codes of n values (already fp32) with the given scale. int4 packs pairs; n is even
+// except for a tensor's last block.
+void write_codes(const float* v, int64_t n, float scale, int64_t bits, void* codes_at) {
+  if (!(scale > 0.0f)) {  // zero block: hoisted, so the loops below have no per-element branch on it
+    std::memset(codes_at, 0, static_cast<size_t>(bits == 8 ? n : (n + 1) / 2));
+    return;
+  }
+  if (bits == 8) {
+    int8_t* c = static_cast<int8_t*>(codes_at);
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(quantize_in_block(v[i], scale, 127.0f));
+  } else {
+    uint8_t* c = static_cast<uint8_t*>(codes_at);
+    const int64_t pairs = n / 2;
+    for (int64_t p = 0; p < pairs; ++p)
+      c[p] = pack_int4(quantize_in_block(v[2 * p], scale, 7.0f), quantize_in_block(v[2 * p + 1], scale, 7.0f));
+    if (n % 2) c[pairs] = pack_int4(quantize_in_block(v[n - 1], scale, 7.0f), 0);
+  }
+}
+
+// Calls f(i, code) for the n codes of one block.
+template <typename F>
+inline void read_codes(const void* codes_at, int64_t n, int64_t bits, F&& f) {
+  if (bits == 8) {
+    const int8_t* c = static_cast<const int8_t*>(codes_at);
+    for (int64_t i = 0; i < n; ++i) f(i, static_cast<int32_t>(c[i]));
+  } else {
+    const uint8_t* c = static_cast<const uint8_t*>(codes_at);
+    const int64_t pairs = n / 2;
+    for (int64_t p = 0; p < pairs; ++p) {
+      f(2 * p, int4_low(c[p]));
+      f(2 * p + 1, int4_high(c[p]));
+    }
+    if (n % 2) f(n - 1, int4_low(c[pairs]));
+  }
+}
+
+inline void* code_ptr(const at::Tensor& codes, int64_t elem, int64_t bits) {
+  return static_cast<uint8_t*>(codes.data_ptr()) + (bits == 8 ? elem : elem / 2);
+}
+
+// ---- op implementations ------------------------------------------------------------------------
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_cpu(at::TensorList x_in,
+                                                                                    int64_t bits,
+                                                                                    int64_t block_size) {
+  check_codec_args(bits, block_size);
+  const FlatList x = flatten_float_list(x_in, "x");
+  CodedList out = empty_coded_list(x, bits, block_size);
+  const float qmax = codec_qmax(static_cast<int>(bits));
+  parallel_over_blocks(numels_of(x.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    float buf[kMaxBlock];
+    const int64_t n = e1 - e0;
+    const float* v = nullptr;
+    dispatch_float_type(x.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      v = block_as_float(static_cast<const T*>(x.tensors[t].data_ptr()) + e0, n, buf);
+    });
+    const float scale = block_scale(block_absmax(v, n), qmax);
+    static_cast<float*>(out.scales[t].data_ptr())[b] = scale;
+    write_codes(v, n, scale, bits, code_ptr(out.codes[t], e0, bits));
+  });
+  return {out.codes, out.scales};
+}
+
+void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
+                              int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  const FlatList out = flatten_float_list(out_in, "out");
+  const CodedList q = check_coded_list(codes_in, scales_in, out, "out", bits, block_size);
+  parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    const float scale = q.scales[t].data_ptr<float>()[b];
+    dispatch_float_type(out.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* dst = out.tensors[t].data_ptr<T>() + e0;
+      read_codes(code_ptr(q.codes[t], e0, bits), e1 - e0, bits,
+                 [&](int64_t i, int32_t c) { dst[i] = store_as<T>(dequantize_value(c, scale)); });
+    });
+  });
+  write_back(out_in, out.tensors);
+}
+
+void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
+                      at::TensorList scales_in, int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  const FlatList target = flatten_float_list(target_in, "target");
+  check_recon_list(recon_in, target);
+  std::vector<at::Tensor> recon = contiguous_work(recon_in);
+  CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
+  const float qmax = codec_qmax(static_cast<int>(bits));
+  parallel_over_blocks(numels_of(target.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    float delta[kMaxBlock];
+    const int64_t n = e1 - e0;
+    float* r = recon[t].data_ptr<float>() + e0;
+    dispatch_float_type(target.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* w = target.tensors[t].data_ptr<T>() + e0;
+      for (int64_t i = 0; i < n; ++i) delta[i] = sub_rn(load_float(w[i]), r[i]);
+    });
+    const float scale = block_scale(block_absmax(delta, n), qmax);
+    out.scales[t].data_ptr<float>()[b] = scale;
+    void* codes_at = code_ptr(out.codes[t], e0, bits);
+    write_codes(delta, n, scale, bits, codes_at);
+    // The reconstruction moves by what the decoder will add: the dequantized code, not the delta.
+    read_codes(codes_at, n, bits, [&](int64_t i, int32_t c) { r[i] = recon_update(r[i], c, scale); });
+  });
+  write_back(recon_in, recon);
+  write_back(codes_in, out.codes);
+  write_back(scales_in, out.scales);
+}
+
+void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
+                         int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  TORCH_CHECK(std::isfinite(alpha), "unlearn_ext: alpha must be finite, got ", alpha);
+  const FlatList y = flatten_float_list(y_in, "y");
+  const CodedList q = check_coded_list(codes_in, scales_in, y, "y", bits, block_size);
+  const float a = static_cast<float>(alpha);
+  parallel_over_blocks(numels_of(y.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    const float scale = q.scales[t].data_ptr<float>()[b];
+    dispatch_float_type(y.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* dst = y.tensors[t].data_ptr<T>() + e0;
+      read_codes(code_ptr(q.codes[t], e0, bits), e1 - e0, bits, [&](int64_t i, int32_t c) {
+        dst[i] = store_as<T>(axpy_value(load_float(dst[i]), a, c, scale));
+      });
+    });
+  });
+  write_back(y_in, y.tensors);
+}
+
+// <deq(q), v>: per block, sum code * v in float (<= 4096 terms), times the block's scale, then
+// blocks are summed in double in a fixed order (per-block partials), so the result does not
+// depend on the thread count.
+at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in,
+                              int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  const FlatList v = flatten_float_list(v_in, "v");
+  const CodedList q = check_coded_list(codes_in, scales_in, v, "v", bits, block_size);
+  const std::vector<int64_t> numels = numels_of(v.tensors);
+  const std::vector<int64_t> boff = block_offsets(numels, block_size);
+  std::vector<double> partial(static_cast<size_t>(boff.back()), 0.0);
+  parallel_over_blocks(numels, block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    const float scale = q.scales[t].data_ptr<float>()[b];
+    float sum = 0.0f;
+    dispatch_float_type(v.tensors[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* src = v.tensors[t].data_ptr<T>() + e0;
+      read_codes(code_ptr(q.codes[t], e0, bits), e1 - e0, bits,
+                 [&](int64_t i, int32_t c) { sum += static_cast<float>(c) * load_float(src[i]); });
+    });
+    partial[static_cast<size_t>(boff[t] + b)] = static_cast<double>(sum) * static_cast<double>(scale);
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  out.fill_(total);
+  return out;
+}
+
+// ---- empty lists ---------------------------------------------------------------------------------
+// A call whose lists are all empty carries no tensor, so the dispatcher has no device key to pick
+// a kernel by and falls back to CompositeExplicitAutograd. These kernels answer exactly that case
+// (empty results; the dot product is 0) and refuse tensors of any device without kernels.
+
+void require_empty(std::initializer_list<at::TensorList> lists, const char* op) {
+  for (const auto& l : lists) {
+    TORCH_CHECK(l.empty(), "unlearn_ext: ", op, " has no kernel for device ", l[0].device(),
+                " (kernels exist for CPU, and for CUDA in CUDA builds)");
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_empty(at::TensorList x, int64_t bits,
+                                                                                      int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({x}, "blockwise_quantize");
+  return {};
+}
+
+void blockwise_dequantize_empty(at::TensorList out, at::TensorList codes, at::TensorList scales, int64_t bits,
+                                int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({out, codes, scales}, "blockwise_dequantize_");
+}
+
+void delta_encode_empty(at::TensorList target, at::TensorList recon, at::TensorList codes, at::TensorList scales,
+                        int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({target, recon, codes, scales}, "delta_encode_");
+}
+
+void dequantize_axpy_empty(at::TensorList y, double, at::TensorList codes, at::TensorList scales, int64_t bits,
+                           int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({y, codes, scales}, "dequantize_axpy_");
+}
+
+at::Tensor dequantize_dot_empty(at::TensorList codes, at::TensorList scales, at::TensorList v, int64_t bits,
+                                int64_t block_size) {
+  check_codec_args(bits, block_size);
+  require_empty({codes, scales, v}, "dequantize_dot");
+  return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) {
+  m.impl("blockwise_quantize", &blockwise_quantize_empty);
+  m.impl("blockwise_dequantize_", &blockwise_dequantize_empty);
+  m.impl("delta_encode_", &delta_encode_empty);
+  m.impl("dequantize_axpy_", &dequantize_axpy_empty);
+  m.impl("dequantize_dot", &dequantize_dot_empty);
+}
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
+  m.impl("blockwise_quantize", &blockwise_quantize_cpu);
+  m.impl("blockwise_dequantize_", &blockwise_dequantize_cpu);
+  m.impl("delta_encode_", &delta_encode_cpu);
+  m.impl("dequantize_axpy_", &dequantize_axpy_cpu);
+  m.impl("dequantize_dot", &dequantize_dot_cpu);
+}
+
+}  // namespace cpu
+}  // namespace unlearn

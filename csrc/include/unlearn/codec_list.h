@@ -1,0 +1,113 @@
+// Host-side checks and addressing of the history codec ops (shared by CPU and CUDA).
+//
+// A codec list is a tensor list cut into blocks per tensor (see unlearn/codecs.h). Tensor t holds
+// nblocks(t) = ceil(numel / block_size) blocks; the blocks of all tensors are numbered one after
+// the other (block_offsets = running sums), which is how both backends spread work: CPU tasks and
+// CUDA warps take global block numbers and map them back to (tensor, block).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "unlearn/codecs.h"
+#include "unlearn/tensor_list.h"
+
+namespace unlearn {
+
+inline void check_codec_args(int64_t bits, int64_t block_size) {
+  TORCH_CHECK(bits == 8 || bits == 4, "unlearn_ext: bits must be 8 (int8 codes) or 4 (int4 codes), got ",
+              bits);
+  // Even, so int4 byte pairs never straddle two blocks (each block owns whole bytes).
+  TORCH_CHECK(block_size >= kMinBlock && block_size <= kMaxBlock && block_size % 2 == 0,
+              "unlearn_ext: block_size must be an even number in [", kMinBlock, ", ", kMaxBlock, "], got ",
+              block_size);
+}
+
+inline int64_t code_numel(int64_t numel, int64_t bits) { return bits == 8 ? numel : (numel + 1) / 2; }
+inline int64_t block_count(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
+inline at::ScalarType code_dtype(int64_t bits) { return bits == 8 ? at::kChar : at::kByte; }
+
+// Running sums of the block counts of a list whose tensors hold `numels` elements.
+inline std::vector<int64_t> block_offsets(const std::vector<int64_t>& numels, int64_t block_size) {
+  std::vector<int64_t> off{0};
+  off.reserve(numels.size() + 1);
+  for (int64_t n : numels) off.push_back(off.back() + block_count(n, block_size));
+  return off;
+}
+
+inline std::vector<int64_t> numels_of(const std::vector<at::Tensor>& list) {
+  std::vector<int64_t> n;
+  n.reserve(list.size());
+  for (const auto& t : list) n.push_back(t.numel());
+  return n;
+}
+
+// Codes and scales describing tensors of the given element counts: counts, dtypes, sizes and
+// devices are checked; contiguous versions are returned (copies where the caller's were not).
+struct CodedList {
+  std::vector<at::Tensor> codes, scales;
+};
+
+inline CodedList check_coded_list(at::TensorList codes, at::TensorList scales, const FlatList& like,
+                                  const char* like_name, int64_t bits, int64_t block_size) {
+  const size_t n = like.tensors.size();
+  TORCH_CHECK(codes.size() == n, "unlearn_ext: codes has ", codes.size(), " tensors but ", like_name, " has ",
+              n);
+  TORCH_CHECK(scales.size() == n, "unlearn_ext: scales has ", scales.size(), " tensors but ", like_name,
+              " has ", n);
+  CodedList out;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = like.tensors[i].numel();
+    TORCH_CHECK(codes[i].scalar_type() == code_dtype(bits), "unlearn_ext: codes[", i, "] has dtype ",
+                codes[i].scalar_type(), "; ", bits, "-bit codes are ", code_dtype(bits));
+    TORCH_CHECK(codes[i].numel() == code_numel(numel, bits), "unlearn_ext: codes[", i, "] has ",
+                codes[i].numel(), " entries but ", like_name, "[", i, "] (", numel, " elements) needs ",
+                code_numel(numel, bits), " for ", bits, "-bit codes");
+    TORCH_CHECK(scales[i].scalar_type() == at::kFloat, "unlearn_ext: scales[", i, "] must be float32, got ",
+                scales[i].scalar_type());
+    TORCH_CHECK(scales[i].numel() == block_count(numel, block_size), "unlearn_ext: scales[", i, "] has ",
+                scales[i].numel(), " entries but ", like_name, "[", i, "] (", numel, " elements) has ",
+                block_count(numel, block_size), " blocks of ", block_size,
+                " (codes and scales must come from the same block_size)");
+    TORCH_CHECK(codes[i].device() == like.tensors[i].device() && scales[i].device() == like.tensors[i].device(),
+                "unlearn_ext: codes[", i, "] and scales[", i, "] must be on ", like.tensors[i].device(),
+                " like ", like_name, "[", i, "]");
+    out.codes.push_back(codes[i].contiguous());
+    out.scales.push_back(scales[i].contiguous());
+  }
+  return out;
+}
+
+// Fresh (codes, scales) outputs for a list, contiguous, flat (1-D).
+inline CodedList empty_coded_list(const FlatList& x, int64_t bits, int64_t block_size) {
+  CodedList out;
+  for (const auto& t : x.tensors) {
+    out.codes.push_back(at::empty({code_numel(t.numel(), bits)}, t.options().dtype(code_dtype(bits))));
+    out.scales.push_back(at::empty({block_count(t.numel(), block_size)}, t.options().dtype(at::kFloat)));
+  }
+  return out;
+}
+
+// An in-place list (y, out, recon) paired with nothing else: validated like any float list, and
+// returned as contiguous work tensors; `write_back` copies results into non-contiguous originals.
+inline std::vector<at::Tensor> contiguous_work(at::TensorList list) {
+  std::vector<at::Tensor> work(list.begin(), list.end());
+  for (auto& w : work)
+    if (!w.is_contiguous()) w = w.contiguous();
+  return work;
+}
+
+inline void write_back(at::TensorList originals, const std::vector<at::Tensor>& work) {
+  for (size_t i = 0; i < originals.size(); ++i)
+    if (!work[i].is_same(originals[i])) originals[i].copy_(work[i]);
+}
+
+inline void check_recon_list(at::TensorList recon, const FlatList& target) {
+  check_paired_lists(target.tensors, "target", recon, "recon");
+  for (size_t i = 0; i < recon.size(); ++i)
+    TORCH_CHECK(recon[i].scalar_type() == at::kFloat, "unlearn_ext: recon[", i,
+                "] must be float32 (the reconstruction is kept exactly in fp32), got ", recon[i].scalar_type());
+}
+
+}  // namespace unlearn

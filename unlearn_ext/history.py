@@ -1,0 +1,368 @@
+"""Compressed training-history store (DESIGN section 5).
+
+A store records, per step, named tensor lists ("fields", e.g. "params" and "grads") each with its
+own codec, plus the learning rate and the batch ids (exact int64). Fields declared with
+`delta=True` (parameters) are stored as exact fp32 keyframes every `keyframe_every` records of that
+field and as closed-loop int8/int4 deltas in between, so any step decodes from at most one
+keyframe plus keyframe_every - 1 deltas, and the error never accumulates. Steps can be recorded
+every step or only at chosen steps (anchors): a field simply appears in the steps that recorded it.
+
+Tiers: "device" (the recorded tensors' device, e.g. GPU memory), "host" (CPU memory, pinned when
+CUDA is available, so copies to the GPU can overlap), "disk" (history_file.py: append-only,
+checksummed, fsync'd at keyframes; reading a step seeks to its records).
+
+    store = ue.HistoryStore.for_model(model, params="int8", grads="int8", keyframe_every=50)
+    recorder = ue.HistoryRecorder(store, model, optimizer)      # one line: records at every step
+    ...
+    s = store.read(t)            # StepRecord: s.tensors["params"], s.tensors["grads"], s.lr, s.batch_ids
+    for s in store.iter(10, 20): ...
+    store.report()               # bytes, compression ratio, max and RMS error per step
+"""
+from __future__ import annotations
+
+import bisect
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import history_codecs as hc
+from .history_file import HistoryFile, HistoryFormatError, Recovery
+
+TIERS = ("device", "host", "disk")
+
+
+@dataclass
+class FieldSpec:
+    shapes: list                 # one shape (tuple) per tensor of the field
+    codec: str = "int8"
+    delta: bool = False          # closed-loop deltas between fp32 keyframes (int codecs only)
+
+    def __post_init__(self):
+        self.shapes = [tuple(int(d) for d in s) for s in self.shapes]
+        hc.check_codec(self.codec)
+        if self.delta and self.codec not in hc.BITS:
+            raise ValueError(f"delta encoding needs an int8 or int4 codec, got {self.codec!r} "
+                             "(fp codecs store every step directly)")
+
+    def describe(self) -> dict:
+        return {"shapes": [list(s) for s in self.shapes], "codec": self.codec, "delta": self.delta}
+
+
+@dataclass
+class StepRecord:
+    step: int
+    lr: float | None
+    batch_ids: torch.Tensor | None
+    tensors: dict                # field name -> list of fp32 tensors shaped like the recorded ones
+    stats: dict                  # field name -> {"bytes", "raw_bytes", "max_err", "rms_err", "kind"}
+
+
+@dataclass
+class _Entry:
+    """What the store keeps per recorded step: encoded fields (memory tiers) or a file index entry."""
+    step: int
+    lr: float | None
+    stats: dict
+    fields: dict = field(default_factory=dict)    # name -> hc.Encoded (memory tiers)
+    batch_ids: torch.Tensor | None = None
+    file_entry: object = None                     # history_file.IndexEntry (disk tier)
+
+
+class HistoryStore:
+    def __init__(self, fields: dict, *, tier: str = "host", path: str | None = None,
+                 keyframe_every: int = 50, block_size: int = hc.DEFAULT_BLOCK, nonfinite: str = "error",
+                 _file: HistoryFile | None = None):
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
+        if tier == "disk" and path is None:
+            raise ValueError("the disk tier needs a path")
+        if keyframe_every < 1:
+            raise ValueError(f"keyframe_every must be >= 1, got {keyframe_every}")
+        if nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+        from .reference.history import check_codec_args
+        check_codec_args(8, block_size)
+        self.fields = {k: (v if isinstance(v, FieldSpec) else FieldSpec(**v)) for k, v in fields.items()}
+        self.tier, self.keyframe_every, self.block_size, self.nonfinite = tier, keyframe_every, block_size, nonfinite
+        self.skipped_steps: list = []
+        self._entries: list[_Entry] = []
+        self._recon: dict = {}           # encoder state per delta field: fp32 reconstruction
+        self._since_key: dict = {}       # records of a delta field since its last keyframe
+        self._cache: dict = {}           # decoder state per delta field: (entry index, tensors)
+        self._keyframes: dict = {}       # delta field -> entry indices of its keyframes (ascending)
+        self.file = _file
+        if tier == "disk" and self.file is None:
+            self.file = HistoryFile.create(path, self._describe())
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def for_model(cls, model, *, params: str | None = "int8", grads: str | None = "int8", **kw):
+        """A store for a model's trainable parameters: 'params' (closed-loop deltas for int codecs)
+        and 'grads'. Pass None to leave a field out."""
+        shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+        fields = {}
+        if params is not None:
+            fields["params"] = FieldSpec(shapes, params, delta=params in hc.BITS)
+        if grads is not None:
+            fields["grads"] = FieldSpec(shapes, grads)
+        return cls(fields, **kw)
+
+    @classmethod
+    def open(cls, path: str, *, expect=None, tier: str = "disk", writable: bool = True) -> "HistoryStore":
+        """Reopens a disk store. `expect` (a model or a {name: FieldSpec} dict) makes a file written
+        for another model or codec fail with a message. A record cut off by a crash is dropped
+        (see `store.recovery`); the encoder state continues from the last keyframe and deltas."""
+        hf = HistoryFile.open(path, writable=writable)
+        if hf.recovery.dropped_bytes:
+            warnings.warn(f"{path}: dropped {hf.recovery.dropped_bytes} bytes ({hf.recovery.dropped_records} "
+                          f"record) at the end: {hf.recovery.reason}; the store continues after the last "
+                          "whole record", RuntimeWarning, stacklevel=2)
+        head = hf.file_header
+        fields = {k: FieldSpec(**v) for k, v in head["fields"].items()}
+        if expect is not None:
+            want = expect if isinstance(expect, dict) else cls.for_model(expect, tier="host").fields
+            _check_compatible(path, fields, {k: (v if isinstance(v, FieldSpec) else FieldSpec(**v))
+                                             for k, v in want.items()})
+        store = cls(fields, tier="disk", path=path, keyframe_every=head["keyframe_every"],
+                    block_size=head["block_size"], _file=hf)
+        for e in hf.index:
+            h = e.header
+            store._entries.append(_Entry(h["step"], h["lr"], h["stats"], file_entry=e))
+            for name in h["fields"]:
+                if store.fields[name].delta:
+                    store._since_key[name] = 0 if h["fields"][name] == hc.KEYFRAME else store._since_key[name] + 1
+                    if h["fields"][name] == hc.KEYFRAME:
+                        store._keyframes.setdefault(name, []).append(len(store._entries) - 1)
+        for name, spec in store.fields.items():  # rebuild the encoder's reconstruction for appends
+            if spec.delta and name in store._since_key:
+                store._recon[name] = [t.clone() for t in store._decode_field(name, len(store._entries) - 1)]
+        return store
+
+    @property
+    def recovery(self) -> Recovery:
+        return self.file.recovery if self.file is not None else Recovery()
+
+    def _describe(self) -> dict:
+        return {"fields": {k: v.describe() for k, v in self.fields.items()},
+                "keyframe_every": self.keyframe_every, "block_size": self.block_size}
+
+    # ---- recording -----------------------------------------------------------------------------
+
+    def record(self, step: int, tensors: dict, *, lr: float | None = None, batch_ids=None) -> dict | None:
+        """Records the given fields of one step. Returns the step's stats, or None when the step
+        was skipped for non-finite values (nonfinite='skip')."""
+        step = int(step)
+        if self._entries and step <= self._entries[-1].step:
+            raise ValueError(f"steps must increase: got {step} after {self._entries[-1].step}")
+        for name, ts in tensors.items():
+            if not self._check_field(name, ts, step):
+                self.skipped_steps.append(step)
+                return None
+        entry = _Entry(step, None if lr is None else float(lr), {})
+        if batch_ids is not None:
+            ids = torch.as_tensor(batch_ids)
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise TypeError(f"batch_ids must be integers, got {ids.dtype}")
+            entry.batch_ids = ids.detach().reshape(-1).to("cpu", torch.int64, copy=True)
+        sync = False
+        for name, ts in tensors.items():
+            enc, stats = self._encode(name, list(ts))
+            entry.fields[name] = enc
+            entry.stats[name] = stats
+            if enc.kind == hc.KEYFRAME:
+                sync = True
+                self._keyframes.setdefault(name, []).append(len(self._entries))
+        if self.tier == "disk":
+            self._write(entry, sync)
+        else:
+            self._to_tier(entry)
+        self._entries.append(entry)
+        return entry.stats
+
+    def _check_field(self, name, ts, step) -> bool:
+        if name not in self.fields:
+            raise KeyError(f"unknown field {name!r}; this store records {sorted(self.fields)}")
+        spec = self.fields[name]
+        if len(ts) != len(spec.shapes):
+            raise ValueError(f"field {name!r}: got {len(ts)} tensors, the store was made for {len(spec.shapes)}")
+        for i, (t, s) in enumerate(zip(ts, spec.shapes)):
+            if tuple(t.shape) != s:
+                raise ValueError(f"field {name!r}[{i}]: shape {tuple(t.shape)}, the store was made for {s}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"field {name!r}[{i}]: dtype {t.dtype} is not floating point")
+            if not bool(torch.isfinite(t).all()):
+                if self.nonfinite == "error":
+                    raise ValueError(f"step {step}: field {name!r}[{i}] holds NaN or Inf (pass "
+                                     "nonfinite='skip' to skip such steps)")
+                return False
+        return True
+
+    def _encode(self, name, ts):
+        spec = self.fields[name]
+        raw = sum(t.numel() for t in ts) * 4
+        work = [t.detach() if t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                else t.detach().float() for t in ts]
+        if spec.delta:
+            since = self._since_key.get(name)
+            if since is None or since + 1 >= self.keyframe_every:
+                enc = hc.encode_keyframe(work, spec.codec)
+                self._recon[name] = [t.detach().to(torch.float32, copy=True).contiguous() for t in work]
+                self._since_key[name] = 0
+            else:
+                enc = hc.encode_delta(work, self._recon[name], spec.codec, self.block_size)
+                self._since_key[name] = since + 1
+            approx = self._recon[name]
+        else:
+            enc = hc.encode_plain(work, spec.codec, self.block_size)
+            approx = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in work]
+            hc.decode_into(enc, approx, self.block_size)
+        max_err, rms_err = hc.error_stats(approx, ts)
+        return enc, {"kind": enc.kind, "bytes": enc.nbytes, "raw_bytes": raw, "max_err": max_err,
+                     "rms_err": rms_err}
+
+    def _to_tier(self, entry: _Entry) -> None:
+        if self.tier == "host":
+            pin = torch.cuda.is_available()
+            for enc in entry.fields.values():
+                enc.arrays = [a.cpu().pin_memory() if pin else a.cpu() for a in enc.arrays]
+
+    def _write(self, entry: _Entry, sync: bool) -> None:
+        arrays = [a for enc in entry.fields.values() for a in enc.arrays]
+        if entry.batch_ids is not None:
+            arrays.append(entry.batch_ids)
+        header = {"step": entry.step, "lr": entry.lr, "stats": entry.stats,
+                  "fields": {k: enc.kind for k, enc in entry.fields.items()},
+                  "batch_ids": entry.batch_ids is not None}
+        entry.file_entry = self.file.append(header, arrays, sync=sync)
+        entry.fields, entry.batch_ids = {}, None  # the disk tier keeps only the index in memory
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> list:
+        return [e.step for e in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _index_of(self, step: int) -> int:
+        i = bisect.bisect_left(self.steps, step)
+        if i == len(self._entries) or self._entries[i].step != step:
+            raise KeyError(f"step {step} was not recorded (recorded: {len(self)} steps"
+                           + (f", {self._entries[0].step}..{self._entries[-1].step})" if self._entries else ")"))
+        return i
+
+    def _load(self, i: int):
+        """(fields: name -> Encoded, batch_ids) of entry i, from memory or with one file read."""
+        e = self._entries[i]
+        if e.file_entry is None:
+            return e.fields, e.batch_ids
+        h = e.file_entry.header
+        arrays = self.file.read_arrays(e.file_entry)
+        fields, pos = {}, 0
+        for name, kind in h["fields"].items():
+            spec = self.fields[name]
+            n = hc.array_count(spec.codec, kind, len(spec.shapes))
+            fields[name] = hc.Encoded(spec.codec, kind, arrays[pos:pos + n])
+            pos += n
+        return fields, (arrays[pos] if h["batch_ids"] else None)
+
+    def _field_kind(self, i: int, name: str):
+        e = self._entries[i]
+        if e.file_entry is not None:
+            return e.file_entry.header["fields"].get(name)
+        enc = e.fields.get(name)
+        return None if enc is None else enc.kind
+
+    def _decode_field(self, name: str, i: int, device=None) -> list:
+        spec = self.fields[name]
+        if self._field_kind(i, name) is None:
+            raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if not spec.delta:
+            out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
+            hc.decode_into(self._load(i)[0][name], out, self.block_size)
+            return out
+        # Delta chain: from the cached position when it lies between the keyframe and i, else from
+        # the last keyframe at or before i. Never more than keyframe_every - 1 deltas.
+        keys = self._keyframes[name]
+        key = keys[bisect.bisect_right(keys, i) - 1]
+        cached = self._cache.get(name)
+        if cached is not None and key <= cached[0] <= i and cached[1][0].device == dev:
+            start, recon = cached[0], [t.clone() for t in cached[1]]
+        else:
+            start = key
+            recon = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
+            hc.decode_into(self._load(key)[0][name], recon, self.block_size)
+        for j in range(start + 1, i + 1):
+            if self._field_kind(j, name) == hc.DELTA:
+                hc.apply_delta(self._load(j)[0][name], recon, self.block_size)
+        self._cache[name] = (i, [t.clone() for t in recon])
+        return recon
+
+    def read(self, step: int, names=None, *, device=None) -> StepRecord:
+        """One step's fields (decoded to fp32), lr, batch ids and stats; reads only what it needs."""
+        i = self._index_of(step)
+        e = self._entries[i]
+        names = [n for n in (names or self.fields) if self._field_kind(i, n) is not None]
+        tensors = {n: self._decode_field(n, i, device) for n in names}
+        ids = self._load(i)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
+        return StepRecord(e.step, e.lr, ids, tensors, e.stats)
+
+    def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
+        """StepRecords of the recorded steps in [start, stop), in order (deltas applied incrementally)."""
+        for s in self.steps:
+            if (start is None or s >= start) and (stop is None or s < stop):
+                yield self.read(s, names, device=device)
+
+    # ---- accounting ----------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes of every recorded field (batch ids and file framing not included)."""
+        return sum(s["bytes"] for e in self._entries for s in e.stats.values())
+
+    @property
+    def raw_nbytes(self) -> int:
+        """What the same fields take as fp32."""
+        return sum(s["raw_bytes"] for e in self._entries for s in e.stats.values())
+
+    def compression_ratio(self) -> float:
+        return self.raw_nbytes / self.nbytes if self.nbytes else float("nan")
+
+    def report(self) -> list:
+        """Per recorded step and field: kind, bytes, fp32 bytes, ratio, max and RMS error."""
+        return [dict(step=e.step, field=k, ratio=s["raw_bytes"] / s["bytes"] if s["bytes"] else float("nan"), **s)
+                for e in self._entries for k, s in e.stats.items()]
+
+
+def _check_compatible(path, have: dict, want: dict) -> None:
+    if set(have) != set(want):
+        raise HistoryFormatError(f"{path} records fields {sorted(have)}, expected {sorted(want)}")
+    for name, w in want.items():
+        h = have[name]
+        if len(h.shapes) != len(w.shapes):
+            raise HistoryFormatError(f"{path} was written for another model: field {name!r} has "
+                                     f"{len(h.shapes)} tensors, this model has {len(w.shapes)}")
+        for i, (a, b) in enumerate(zip(h.shapes, w.shapes)):
+            if a != b:
+                raise HistoryFormatError(f"{path} was written for another model: field {name!r}[{i}] "
+                                         f"has shape {a}, this model has {b}")
+        if h.codec != w.codec or h.delta != w.delta:
+            raise HistoryFormatError(f"{path}: field {name!r} uses codec {h.codec!r} (delta={h.delta}), "
+                                     f"expected {w.codec!r} (delta={w.delta})")
+
+
+from .history_recorder import HistoryRecorder, estimate_bytes  # noqa: E402,F401

@@ -1,0 +1,207 @@
+"""On-disk format of the history store: an append-only file of self-describing, checksummed records.
+
+Layout (little endian):
+
+    file   = b"UEHIST01" record*
+    record = frame header payload
+    frame  = struct "<4sIQII": b"UERC", len(header), len(payload), crc32(header), crc32(payload)
+    header = UTF-8 JSON (kind "file" for the first record, "step" for the others)
+    payload= raw bytes of the record's arrays, one after the other, as described by the header
+
+Nothing is ever unpickled: headers are JSON and arrays are rebuilt with torch.frombuffer from
+(dtype, numel) pairs the header lists, so reading a file cannot run code. The first record holds
+the store's description (fields, shapes, codecs, block size, keyframe interval), which is what
+lets a file refuse to load for another model.
+
+Opening scans frames and headers only (seeking over payloads), which rebuilds the index of record
+offsets; reading one step then seeks to its record. A crash can leave a cut-off last record: it
+is detected (short frame, short header or payload, or a bad checksum on the last record), the
+file is truncated back to the last whole record, and what was dropped is reported. A bad
+checksum anywhere else is corruption and raises HistoryCorruptError.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+FILE_MAGIC = b"UEHIST01"
+RECORD_MAGIC = b"UERC"
+FRAME = struct.Struct("<4sIQII")
+FORMAT_NAME = "unlearn_ext.history"
+FORMAT_VERSION = 1
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.int8: "int8", torch.uint8: "uint8", torch.int64: "int64"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+_open_binary = open  # the one place files are opened (tests wrap it to count bytes read)
+
+
+class HistoryFormatError(ValueError):
+    """The file is not a history file, or was written for another model, codec or layout."""
+
+
+class HistoryCorruptError(IOError):
+    """A record's checksum does not match its bytes."""
+
+
+@dataclass
+class Recovery:
+    """What opening a file had to drop from its end (a record cut off by a crash)."""
+    dropped_bytes: int = 0
+    dropped_records: int = 0
+    reason: str = ""
+
+
+@dataclass
+class IndexEntry:
+    offset: int          # of the frame
+    header: dict
+    payload_offset: int
+    payload_len: int
+    payload_crc: int
+
+
+@dataclass
+class HistoryFile:
+    path: str
+    file_header: dict
+    index: list = field(default_factory=list)
+    recovery: Recovery = field(default_factory=Recovery)
+    _f: object = None
+
+    # ---- writing ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, file_header: dict) -> "HistoryFile":
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            raise FileExistsError(f"{path} exists; open it with HistoryStore.open to append, or remove it")
+        hf = cls(path, dict(file_header, format=FORMAT_NAME, version=FORMAT_VERSION, kind="file"))
+        hf._f = _open_binary(path, "w+b")
+        hf._f.write(FILE_MAGIC)
+        hf._append(hf.file_header, [], sync=True, index=False)
+        return hf
+
+    def append(self, header: dict, arrays, *, sync: bool) -> IndexEntry:
+        return self._append(dict(header, kind="step"), arrays, sync=sync, index=True)
+
+    def _append(self, header: dict, arrays, *, sync: bool, index: bool):
+        blobs = [_to_bytes(a) for a in arrays]
+        header = dict(header, arrays=[[DTYPE_NAMES[a.dtype], a.numel()] for a in arrays])
+        head = json.dumps(header, separators=(",", ":")).encode()
+        payload_len = sum(len(b) for b in blobs)
+        crc = 0
+        for b in blobs:
+            crc = zlib.crc32(b, crc)
+        f = self._f
+        f.seek(0, os.SEEK_END)
+        offset = f.tell()
+        f.write(FRAME.pack(RECORD_MAGIC, len(head), payload_len, zlib.crc32(head), crc))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        if sync:  # keyframes: a crash after this point loses nothing up to here
+            os.fsync(f.fileno())
+        entry = IndexEntry(offset, header, offset + FRAME.size + len(head), payload_len, crc)
+        if index:
+            self.index.append(entry)
+        return entry
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = True) -> "HistoryFile":
+        f = _open_binary(path, "r+b" if writable else "rb")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(len(FILE_MAGIC)) != FILE_MAGIC:
+                raise HistoryFormatError(f"{path} is not an unlearn_ext history file (bad magic)")
+            entries, end, why = _scan(f, len(FILE_MAGIC), size)
+            if not entries or entries[0].header.get("kind") != "file":
+                raise HistoryFormatError(f"{path}: the file description record is missing or damaged ({why})")
+            file_header = entries[0].header
+            if file_header.get("format") != FORMAT_NAME or file_header.get("version") != FORMAT_VERSION:
+                raise HistoryFormatError(f"{path}: format {file_header.get('format')!r} version "
+                                         f"{file_header.get('version')!r}; this build reads {FORMAT_NAME!r} "
+                                         f"version {FORMAT_VERSION}")
+            hf = cls(path, file_header, entries[1:], _f=f)
+            # A zero-filled or half-written tail can pass the header checks: verify the last payload.
+            if hf.index and not hf._payload_ok(hf.index[-1]):
+                end = hf.index.pop().offset
+                why = why or "the last record's payload checksum does not match (cut off by a crash)"
+            if end < size:
+                hf.recovery = Recovery(size - end, 1, why)
+                if writable:
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            return hf
+        except BaseException:
+            f.close()
+            raise
+
+    def _payload_ok(self, e: IndexEntry) -> bool:
+        self._f.seek(e.payload_offset)
+        return zlib.crc32(self._f.read(e.payload_len)) == e.payload_crc
+
+    def read_arrays(self, e: IndexEntry) -> list:
+        """The arrays of one record (one seek and one read of its payload), checksum verified."""
+        self._f.seek(e.payload_offset)
+        buf = bytearray(self._f.read(e.payload_len))
+        if len(buf) != e.payload_len or zlib.crc32(buf) != e.payload_crc:
+            raise HistoryCorruptError(f"{self.path}: record at offset {e.offset} (step "
+                                      f"{e.header.get('step')}): payload checksum mismatch")
+        out, pos = [], 0
+        for name, numel in e.header["arrays"]:
+            dtype = DTYPES[name]
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            out.append(torch.frombuffer(buf, dtype=dtype, count=numel, offset=pos) if numel
+                       else torch.empty(0, dtype=dtype))
+            pos += nbytes
+        return out
+
+
+def _scan(f, pos: int, size: int):
+    """Index entries of the whole records from pos on, the end of the last one, and why the scan
+    stopped early (empty when it reached the end of the file)."""
+    entries = []
+    while pos < size:
+        f.seek(pos)
+        frame = f.read(FRAME.size)
+        if len(frame) < FRAME.size:
+            return entries, pos, "the last record's frame is cut off"
+        magic, head_len, payload_len, head_crc, payload_crc = FRAME.unpack(frame)
+        end = pos + FRAME.size + head_len + payload_len
+        if magic != RECORD_MAGIC:
+            f.seek(pos)
+            if not f.read(size - pos).strip(b"\0"):  # zeros a crash left where a record was to go
+                return entries, pos, "zero bytes after the last record (cut off by a crash)"
+            raise HistoryCorruptError(f"{f.name}: no record marker at offset {pos} (file damaged)")
+        head = f.read(head_len)
+        if len(head) < head_len or end > size:
+            return entries, pos, "the last record is cut off"
+        if zlib.crc32(head) != head_crc:
+            raise HistoryCorruptError(f"{f.name}: record header at offset {pos}: checksum mismatch")
+        entries.append(IndexEntry(pos, json.loads(head), pos + FRAME.size + head_len, payload_len, payload_crc))
+        pos = end
+    return entries, pos, ""
+
+
+def _to_bytes(a: torch.Tensor) -> memoryview:
+    a = a.detach().reshape(-1).contiguous().cpu()
+    if a.dtype in (torch.bfloat16, torch.float16):
+        a = a.view(torch.int16)  # numpy has no bfloat16; the bytes are what matters
+    return memoryview(a.numpy()).cast("B")
