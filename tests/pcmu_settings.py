@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from unlearn_ext.pcmu import PCMUTrainer
+from unlearn_ext.pcmu_examples import load
 
 _CACHE: dict = {}
 
@@ -11,21 +12,13 @@ _CACHE: dict = {}
 def synthetic_data():
     """DESIGN section 4's setting where m* >= 1 (make_classification, 20k train, standardized)."""
     if "synthetic" not in _CACHE:
-        from sklearn.datasets import make_classification
-        x, y = make_classification(n_samples=25000, n_features=5, n_informative=4, n_redundant=0, n_classes=3,
-                                   n_clusters_per_class=1, class_sep=1.5, random_state=0)
-        x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
-        mean, std = x[:20000].mean(0), x[:20000].std(0)
-        _CACHE["synthetic"] = ((x[:20000] - mean) / std, y[:20000], (x[20000:] - mean) / std, y[20000:])
+        _CACHE["synthetic"] = load("synthetic")
     return _CACHE["synthetic"]
 
 
 def digits_data():
     if "digits" not in _CACHE:
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
-        _CACHE["digits"] = (x[:1400], y[:1400], x[1400:], y[1400:])
+        _CACHE["digits"] = load("digits")
     return _CACHE["digits"]
 
 

@@ -146,11 +146,15 @@ class PCMUTrainer:
         self.records.append(record)
         return record
 
-    def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
+    def _clipped_mean64(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
+        """sum over `ids` of clipped per-sample gradients at `params`, / nominal b, in float64."""
         rows = self.rows(ids)
         sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm,
                              dict(zip(self.names, params)), self.chunk)
-        return [(sums[k] / self.batch_size).to(torch.float32) for k in self.names]
+        return [sums[k] / self.batch_size for k in self.names]
+
+    def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
+        return [g.to(torch.float32) for g in self._clipped_mean64(params, ids)]
 
     def _quantize(self, t: int, params, ids, count_below: float):
         if self.framework == "D":
@@ -244,17 +248,11 @@ class PCMUTrainer:
             return ("over_budget", f"{k} removed ids in one batch exceed the recorded fragile sets (M = "
                                    f"{self.max_request})"), None
         w = self.replay(r.step, (w_at, w) if w is not None else None)
-        delta = torch.cat([g.reshape(-1) for g in self._removed_part(w, present)])[r.fragile_index]
+        delta = torch.cat([g.reshape(-1).cpu() for g in self._clipped_mean64(w, present)])[r.fragile_index]
         out.steps_checked_exactly += 1
         out.sample_gradients += k
         verdict = (self._requantize_analytic if self.mode == "analytic" else self._radius_check_mc)(r, delta, out)
         return verdict, (r.step, w)
-
-    def _removed_part(self, w, present):
-        rows = self.rows(present)
-        sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm,
-                             dict(zip(self.names, w)), self.chunk)
-        return [sums[k].cpu() / self.batch_size for k in self.names]
 
     def _requantize_analytic(self, r: StepRecord, delta: torch.Tensor, out: RequestCheck):
         beta = float(torch.tensor(self.beta, dtype=torch.float32))  # the kernel compares in float32
