@@ -23,7 +23,7 @@ def tensors(seed, scale=1.0, dtype=torch.float32):
 
 
 def blockwise_bound(x, bits, block):
-    """Per-element bound of the int codecs: scale / 2 + 2^-23 absmax, scale = absmax / qmax per block."""
+    """Per-element bound of the int codecs: scale / 2 + 2^-22 absmax, scale = absmax / qmax per block."""
     q = 127.0 if bits == 8 else 7.0
     out = []
     for t in x:
@@ -31,7 +31,7 @@ def blockwise_bound(x, bits, block):
         pad = (-flat.numel()) % block
         absmax = torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, block).amax(1)
         per = absmax.repeat_interleave(block)[: flat.numel()]
-        out.append((per / q / 2 + per * 2**-23).reshape(t.shape))
+        out.append((per / q / 2 + per * 2**-22).reshape(t.shape))
     return out
 
 

@@ -2,9 +2,9 @@
 
   fp32            exact
   fp16 / bf16     a cast; relative error <= 2^-11 (fp16, inside its range) or 2^-8 (bf16)
-  int8 / int4     blockwise absmax (unlearn_ext ops): |x - deq| <= scale / 2 + 2^-23 absmax per
+  int8 / int4     blockwise absmax (unlearn_ext ops): |x - deq| <= scale / 2 + 2^-22 absmax per
                   element, where scale = absmax(block) / 127 (int8) or / 7 (int4) (half a
-                  quantization step plus the float rounding of x / scale and code * scale)
+                  quantization step plus the float roundings of 1 / scale, x * (1 / scale), deq)
 
 An encoded field is a list of flat CPU-or-device tensors ("arrays"), in a fixed order: one value
 array per tensor for fp codecs; all code arrays, then all scale arrays, for int codecs. That order

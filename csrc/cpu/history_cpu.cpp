@@ -67,15 +67,16 @@ void write_codes(const float* v, int64_t n, float scale, int64_t bits, void* cod
     std::memset(codes_at, 0, static_cast<size_t>(bits == 8 ? n : (n + 1) / 2));
     return;
   }
+  const float inv = inverse_scale(scale);
   if (bits == 8) {
     int8_t* c = static_cast<int8_t*>(codes_at);
-    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(quantize_in_block(v[i], scale, 127.0f));
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(quantize_in_block(v[i], inv, 127.0f));
   } else {
     uint8_t* c = static_cast<uint8_t*>(codes_at);
     const int64_t pairs = n / 2;
     for (int64_t p = 0; p < pairs; ++p)
-      c[p] = pack_int4(quantize_in_block(v[2 * p], scale, 7.0f), quantize_in_block(v[2 * p + 1], scale, 7.0f));
-    if (n % 2) c[pairs] = pack_int4(quantize_in_block(v[n - 1], scale, 7.0f), 0);
+      c[p] = pack_int4(quantize_in_block(v[2 * p], inv, 7.0f), quantize_in_block(v[2 * p + 1], inv, 7.0f));
+    if (n % 2) c[pairs] = pack_int4(quantize_in_block(v[n - 1], inv, 7.0f), 0);
   }
 }
 
