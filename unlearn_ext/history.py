@@ -86,6 +86,7 @@ class HistoryStore:
         self.fields = {k: (v if isinstance(v, FieldSpec) else FieldSpec(**v)) for k, v in fields.items()}
         self.tier, self.keyframe_every, self.block_size, self.nonfinite = tier, keyframe_every, block_size, nonfinite
         self.skipped_steps: list = []
+        self._broken = ""                # why recording stopped (a failed disk write), if it did
         self._entries: list[_Entry] = []
         self._recon: dict = {}           # encoder state per delta field: fp32 reconstruction
         self._since_key: dict = {}       # records of a delta field since its last keyframe
@@ -137,7 +138,8 @@ class HistoryStore:
                         store._keyframes.setdefault(name, []).append(len(store._entries) - 1)
         for name, spec in store.fields.items():  # rebuild the encoder's reconstruction for appends
             if spec.delta and name in store._since_key:
-                store._recon[name] = [t.clone() for t in store._decode_field(name, len(store._entries) - 1)]
+                last = max(i for i in range(len(store._entries)) if store._field_kind(i, name) is not None)
+                store._recon[name] = [t.clone() for t in store._decode_field(name, last)]
         return store
 
     @property
@@ -154,6 +156,9 @@ class HistoryStore:
         """Records the given fields of one step. Returns the step's stats, or None when the step
         was skipped for non-finite values (nonfinite='skip')."""
         step = int(step)
+        if self._broken:
+            raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
+                               "HistoryStore.open, which continues after the last whole record")
         if self._entries and step <= self._entries[-1].step:
             raise ValueError(f"steps must increase: got {step} after {self._entries[-1].step}")
         for name, ts in tensors.items():
@@ -175,7 +180,13 @@ class HistoryStore:
                 sync = True
                 self._keyframes.setdefault(name, []).append(len(self._entries))
         if self.tier == "disk":
-            self._write(entry, sync)
+            try:
+                self._write(entry, sync)
+            except BaseException as exc:
+                # The encoder's reconstruction already includes this step: later deltas would be
+                # relative to a record the file does not have, so the store stops here.
+                self._broken = f"writing step {step} failed ({exc!r})"
+                raise
         else:
             self._to_tier(entry)
         self._entries.append(entry)
