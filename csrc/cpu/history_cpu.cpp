@@ -12,6 +12,10 @@
 
 #include <type_traits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_walk.h"
 #include "unlearn/codec_list.h"
 #include "unlearn/codecs.h"
@@ -163,6 +167,26 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_
   return {out.codes, out.scales};
 }
 
+// int8 codes -> fp32 with non-temporal stores: a decoded history step (tens of MB) is written once
+// and not read back soon, so streaming stores skip the read-for-ownership of every output line
+// (~9 bytes of traffic per element become ~5). The product is the same single IEEE multiply as
+// dequantize_value. Returns the number of elements done (the rest go through the scalar path).
+inline int64_t dequantize_int8_stream(const int8_t* c, float scale, float* dst, int64_t n) {
+#if defined(__AVX512F__)
+  if (reinterpret_cast<uintptr_t>(dst) % 64 != 0) return 0;
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i));
+    _mm512_stream_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), s));
+  }
+  return i;
+#else
+  (void)c, (void)scale, (void)dst, (void)n;
+  return 0;
+#endif
+}
+
 void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
                               int64_t bits, int64_t block_size) {
   check_codec_args(bits, block_size);
@@ -174,10 +198,20 @@ void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at
     parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
       const float scale = static_cast<const float*>(scales[t])[b];
       T* dst = static_cast<T*>(dst_ptrs[t]) + e0;
-      read_codes(code_at(codes[t], e0, bits), e1 - e0, bits,
-                 [&](int64_t i, int32_t c) { dst[i] = store_as<T>(dequantize_value(c, scale)); });
+      int64_t done = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (bits == 8)
+          done = dequantize_int8_stream(reinterpret_cast<const int8_t*>(code_at(codes[t], e0, bits)), scale, dst,
+                                        e1 - e0);
+      }
+      // done is a multiple of 16, so int4 byte pairs are never split (it is 0 for int4 anyway).
+      read_codes(code_at(codes[t], e0 + done, bits), e1 - e0 - done, bits,
+                 [&](int64_t i, int32_t c) { dst[done + i] = store_as<T>(dequantize_value(c, scale)); });
     });
   });
+#if defined(__AVX512F__)
+  _mm_sfence();  // order the streaming stores before anything that reads the outputs
+#endif
   write_back(out_in, out.tensors);
 }
 
