@@ -235,7 +235,10 @@ class HistoryStore:
                 self._recon[name] = [t.detach().to(torch.float32, copy=True).contiguous() for t in work]
                 self._since_key[name] = 0
             else:
-                enc = hc.encode_delta(work, self._recon[name], spec.codec, self.block_size)
+                recon = self._recon[name]
+                if recon and recon[0].device != work[0].device:  # e.g. reopened on CPU, training on GPU
+                    recon = self._recon[name] = [r.to(work[0].device) for r in recon]
+                enc = hc.encode_delta(work, recon, spec.codec, self.block_size)
                 self._since_key[name] = since + 1
             approx = self._recon[name]
         else:
