@@ -103,13 +103,19 @@ def apply_delta(enc: Encoded, recon, block_size: int) -> None:
 
 
 def error_stats(approx, exact) -> tuple[float, float]:
-    """(max |approx - exact|, RMS of approx - exact) over a whole tensor list: fp32 differences,
-    multi-tensor norms, one device-to-host transfer."""
-    pairs = [(a, e) for a, e in zip(approx, exact) if e.numel()]
-    if not pairs:
+    """(max |approx - exact|, RMS of approx - exact) over a whole tensor list, from fp32
+    differences, one tensor at a time (aminmax and a dot product: vectorized single passes; a
+    multi-tensor inf-norm was ~10x slower on CPU), with one device-to-host transfer."""
+    maxes, sums, count = [], [], 0
+    for a, e in zip(approx, exact):
+        if e.numel() == 0:
+            continue
+        d = (a.detach().float() - e.detach().float()).reshape(-1)
+        lo, hi = torch.aminmax(d)
+        maxes.append(torch.maximum(-lo, hi).double())
+        sums.append(torch.dot(d, d).double())
+        count += d.numel()
+    if not count:
         return 0.0, 0.0
-    diffs = torch._foreach_sub([a.detach().float() for a, _ in pairs], [e.detach().float() for _, e in pairs])
-    max_err = torch.stack(torch._foreach_norm(diffs, float("inf"))).max().double()
-    sq = torch.stack(torch._foreach_norm(diffs, 2)).double().pow(2).sum()
-    max_err, sq = torch.stack([max_err, sq]).tolist()
-    return max_err, math.sqrt(sq / sum(e.numel() for _, e in pairs))
+    max_err, sq = torch.stack([torch.stack(maxes).max(), torch.stack(sums).sum()]).tolist()
+    return max_err, math.sqrt(sq / count)
