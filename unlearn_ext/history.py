@@ -30,6 +30,7 @@ from . import history_codecs as hc
 from .history_file import HistoryFile, HistoryFormatError, Recovery
 
 TIERS = ("device", "host", "disk")
+IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
 
 
 @dataclass
@@ -83,6 +84,8 @@ class HistoryStore:
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
         from .reference.history import check_codec_args
         check_codec_args(8, block_size)
+        if any(str(k).startswith("#") for k in fields):
+            raise ValueError("field names may not start with '#' (reserved for the file format)")
         self.fields = {k: (v if isinstance(v, FieldSpec) else FieldSpec(**v)) for k, v in fields.items()}
         self.tier, self.keyframe_every, self.block_size, self.nonfinite = tier, keyframe_every, block_size, nonfinite
         self.skipped_steps: list = []
@@ -253,13 +256,13 @@ class HistoryStore:
                 enc.arrays = [a.cpu().pin_memory() if pin else a.cpu() for a in enc.arrays]
 
     def _write(self, entry: _Entry, sync: bool) -> None:
-        arrays = [a for enc in entry.fields.values() for a in enc.arrays]
+        sections = [(name, enc.arrays) for name, enc in entry.fields.items()]
         if entry.batch_ids is not None:
-            arrays.append(entry.batch_ids)
+            sections.append((IDS, [entry.batch_ids]))
         header = {"step": entry.step, "lr": entry.lr, "stats": entry.stats,
                   "fields": {k: enc.kind for k, enc in entry.fields.items()},
                   "batch_ids": entry.batch_ids is not None}
-        entry.file_entry = self.file.append(header, arrays, sync=sync)
+        entry.file_entry = self.file.append(header, sections, sync=sync)
         entry.fields, entry.batch_ids = {}, None  # the disk tier keeps only the index in memory
 
     def close(self) -> None:
@@ -288,20 +291,18 @@ class HistoryStore:
                            + (f", {self._entries[0].step}..{self._entries[-1].step})" if self._entries else ")"))
         return i
 
-    def _load(self, i: int):
-        """(fields: name -> Encoded, batch_ids) of entry i, from memory or with one file read."""
+    def _load(self, i: int, names=None, ids: bool = False):
+        """(fields: name -> Encoded, batch_ids) of entry i, from memory, or from the file reading
+        only the named fields (all when None) and the batch ids if asked."""
         e = self._entries[i]
         if e.file_entry is None:
             return e.fields, e.batch_ids
         h = e.file_entry.header
-        arrays = self.file.read_arrays(e.file_entry)
-        fields, pos = {}, 0
-        for name, kind in h["fields"].items():
-            spec = self.fields[name]
-            n = hc.array_count(spec.codec, kind, len(spec.shapes))
-            fields[name] = hc.Encoded(spec.codec, kind, arrays[pos:pos + n])
-            pos += n
-        return fields, (arrays[pos] if h["batch_ids"] else None)
+        want = None if names is None else set(names) | ({IDS} if ids else set())
+        sections = self.file.read_sections(e.file_entry, want)
+        fields = {name: hc.Encoded(self.fields[name].codec, kind, sections[name])
+                  for name, kind in h["fields"].items() if name in sections}
+        return fields, (sections[IDS][0] if IDS in sections else None)
 
     def _field_kind(self, i: int, name: str):
         e = self._entries[i]
@@ -317,7 +318,7 @@ class HistoryStore:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if not spec.delta:
             out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
-            hc.decode_into(self._load(i)[0][name], out, self.block_size)
+            hc.decode_into(self._load(i, [name])[0][name], out, self.block_size)
             return out
         # Delta chain: from the cached position when it lies between the keyframe and i, else from
         # the last keyframe at or before i. Never more than keyframe_every - 1 deltas.
@@ -329,10 +330,10 @@ class HistoryStore:
         else:
             start = key
             recon = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
-            hc.decode_into(self._load(key)[0][name], recon, self.block_size)
+            hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
-                hc.apply_delta(self._load(j)[0][name], recon, self.block_size)
+                hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
         self._cache[name] = (i, [t.clone() for t in recon])
         return recon
 
@@ -342,7 +343,7 @@ class HistoryStore:
         e = self._entries[i]
         names = [n for n in (names or self.fields) if self._field_kind(i, n) is not None]
         tensors = {n: self._decode_field(n, i, device) for n in names}
-        ids = self._load(i)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
+        ids = self._load(i, [], ids=True)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
         return StepRecord(e.step, e.lr, ids, tensors, e.stats)
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
