@@ -14,6 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 _RESULTS: dict[str, dict] = {}
+_PAIRS: list = []   # (name, kernel key, baseline key, field) registered by benchmark files
+_NOTES: dict = {}   # other measured figures (e.g. compression ratios), written to last_run.json
 
 
 @pytest.fixture
@@ -32,6 +34,23 @@ def record():
         entry["elements_per_s"] = elements / median
         _RESULTS[key] = entry
     return _record
+
+
+@pytest.fixture
+def compare():
+    """compare(name, kernel_key, baseline_key, field="elements_per_s"): a ratio printed at the end."""
+    def _compare(name, kernel, base, field="elements_per_s"):
+        if (name, kernel, base, field) not in _PAIRS:
+            _PAIRS.append((name, kernel, base, field))
+    return _compare
+
+
+@pytest.fixture
+def note():
+    """note(key, value): a non-timing result (JSON-serializable) kept in last_run.json."""
+    def _note(key, value):
+        _NOTES[key] = value
+    return _note
 
 
 def _ratio(a: str, b: str, field="elements_per_s"):
@@ -72,6 +91,10 @@ def pytest_terminal_summary(terminalreporter):
     for key in ("analytic/kernel", "step_analytic/kernel"):
         if copy and key in _RESULTS and "GB_per_s" in _RESULTS[key]:
             ratios[f"{key} fraction of copy bandwidth"] = _RESULTS[key]["GB_per_s"] / copy["GB_per_s"]
+    for name, kernel, base, field in _PAIRS:
+        r = _ratio(kernel, base, field)
+        if r is not None:
+            ratios[name] = r
     for name, r in ratios.items():
         tr.write_line(f"{name:60s} {r:8.2f}" + ("x" if " vs " in name else ""))
     out = {
@@ -83,8 +106,11 @@ def pytest_terminal_summary(terminalreporter):
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "results": _RESULTS,
         "ratios": ratios,
+        "notes": _NOTES,
     }
     path = os.environ.get("UNLEARN_BENCH_JSON", os.path.join(os.path.dirname(__file__), "last_run.json"))
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
+    for key, value in _NOTES.items():
+        tr.write_line(f"{key}: {value}")
     tr.write_line(f"written to {path}")

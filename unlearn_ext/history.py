@@ -30,6 +30,7 @@ from . import history_codecs as hc
 from .history_file import HistoryFile, HistoryFormatError, Recovery
 
 TIERS = ("device", "host", "disk")
+IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
 
 
 @dataclass
@@ -83,9 +84,12 @@ class HistoryStore:
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
         from .reference.history import check_codec_args
         check_codec_args(8, block_size)
+        if any(str(k).startswith("#") for k in fields):
+            raise ValueError("field names may not start with '#' (reserved for the file format)")
         self.fields = {k: (v if isinstance(v, FieldSpec) else FieldSpec(**v)) for k, v in fields.items()}
         self.tier, self.keyframe_every, self.block_size, self.nonfinite = tier, keyframe_every, block_size, nonfinite
         self.skipped_steps: list = []
+        self._broken = ""                # why recording stopped (a failed disk write), if it did
         self._entries: list[_Entry] = []
         self._recon: dict = {}           # encoder state per delta field: fp32 reconstruction
         self._since_key: dict = {}       # records of a delta field since its last keyframe
@@ -110,7 +114,7 @@ class HistoryStore:
         return cls(fields, **kw)
 
     @classmethod
-    def open(cls, path: str, *, expect=None, tier: str = "disk", writable: bool = True) -> "HistoryStore":
+    def open(cls, path: str, *, expect=None, writable: bool = True) -> "HistoryStore":
         """Reopens a disk store. `expect` (a model or a {name: FieldSpec} dict) makes a file written
         for another model or codec fail with a message. A record cut off by a crash is dropped
         (see `store.recovery`); the encoder state continues from the last keyframe and deltas."""
@@ -137,7 +141,8 @@ class HistoryStore:
                         store._keyframes.setdefault(name, []).append(len(store._entries) - 1)
         for name, spec in store.fields.items():  # rebuild the encoder's reconstruction for appends
             if spec.delta and name in store._since_key:
-                store._recon[name] = [t.clone() for t in store._decode_field(name, len(store._entries) - 1)]
+                last = max(i for i in range(len(store._entries)) if store._field_kind(i, name) is not None)
+                store._recon[name] = [t.clone() for t in store._decode_field(name, last)]
         return store
 
     @property
@@ -154,6 +159,9 @@ class HistoryStore:
         """Records the given fields of one step. Returns the step's stats, or None when the step
         was skipped for non-finite values (nonfinite='skip')."""
         step = int(step)
+        if self._broken:
+            raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
+                               "HistoryStore.open, which continues after the last whole record")
         if self._entries and step <= self._entries[-1].step:
             raise ValueError(f"steps must increase: got {step} after {self._entries[-1].step}")
         for name, ts in tensors.items():
@@ -175,7 +183,13 @@ class HistoryStore:
                 sync = True
                 self._keyframes.setdefault(name, []).append(len(self._entries))
         if self.tier == "disk":
-            self._write(entry, sync)
+            try:
+                self._write(entry, sync)
+            except BaseException as exc:
+                # The encoder's reconstruction already includes this step: later deltas would be
+                # relative to a record the file does not have, so the store stops here.
+                self._broken = f"writing step {step} failed ({exc!r})"
+                raise
         else:
             self._to_tier(entry)
         self._entries.append(entry)
@@ -192,12 +206,22 @@ class HistoryStore:
                 raise ValueError(f"field {name!r}[{i}]: shape {tuple(t.shape)}, the store was made for {s}")
             if not t.dtype.is_floating_point:
                 raise TypeError(f"field {name!r}[{i}]: dtype {t.dtype} is not floating point")
-            if not bool(torch.isfinite(t).all()):
-                if self.nonfinite == "error":
-                    raise ValueError(f"step {step}: field {name!r}[{i}] holds NaN or Inf (pass "
-                                     "nonfinite='skip' to skip such steps)")
-                return False
-        return True
+        # min and max are NaN or +-Inf exactly when a tensor holds one: one vectorized pass per tensor
+        # (torch.aminmax), no boolean temporaries, one device-to-host transfer for the whole field.
+        nonempty = [i for i, t in enumerate(ts) if t.numel()]
+        if not nonempty:
+            return True
+        ends = torch.stack([torch.stack(torch.aminmax(ts[i])).float() for i in nonempty])
+        ok = torch.isfinite(ends).all(dim=1).tolist()
+        if all(ok):
+            return True
+        finite = [True] * len(ts)
+        for i, good in zip(nonempty, ok):
+            finite[i] = good
+        if self.nonfinite == "error":
+            raise ValueError(f"step {step}: field {name!r}[{finite.index(False)}] holds NaN or Inf (pass "
+                             "nonfinite='skip' to skip such steps)")
+        return False
 
     def _encode(self, name, ts):
         spec = self.fields[name]
@@ -211,7 +235,10 @@ class HistoryStore:
                 self._recon[name] = [t.detach().to(torch.float32, copy=True).contiguous() for t in work]
                 self._since_key[name] = 0
             else:
-                enc = hc.encode_delta(work, self._recon[name], spec.codec, self.block_size)
+                recon = self._recon[name]
+                if recon and recon[0].device != work[0].device:  # e.g. reopened on CPU, training on GPU
+                    recon = self._recon[name] = [r.to(work[0].device) for r in recon]
+                enc = hc.encode_delta(work, recon, spec.codec, self.block_size)
                 self._since_key[name] = since + 1
             approx = self._recon[name]
         else:
@@ -229,13 +256,13 @@ class HistoryStore:
                 enc.arrays = [a.cpu().pin_memory() if pin else a.cpu() for a in enc.arrays]
 
     def _write(self, entry: _Entry, sync: bool) -> None:
-        arrays = [a for enc in entry.fields.values() for a in enc.arrays]
+        sections = [(name, enc.arrays) for name, enc in entry.fields.items()]
         if entry.batch_ids is not None:
-            arrays.append(entry.batch_ids)
+            sections.append((IDS, [entry.batch_ids]))
         header = {"step": entry.step, "lr": entry.lr, "stats": entry.stats,
                   "fields": {k: enc.kind for k, enc in entry.fields.items()},
                   "batch_ids": entry.batch_ids is not None}
-        entry.file_entry = self.file.append(header, arrays, sync=sync)
+        entry.file_entry = self.file.append(header, sections, sync=sync)
         entry.fields, entry.batch_ids = {}, None  # the disk tier keeps only the index in memory
 
     def close(self) -> None:
@@ -264,20 +291,18 @@ class HistoryStore:
                            + (f", {self._entries[0].step}..{self._entries[-1].step})" if self._entries else ")"))
         return i
 
-    def _load(self, i: int):
-        """(fields: name -> Encoded, batch_ids) of entry i, from memory or with one file read."""
+    def _load(self, i: int, names=None, ids: bool = False):
+        """(fields: name -> Encoded, batch_ids) of entry i, from memory, or from the file reading
+        only the named fields (all when None) and the batch ids if asked."""
         e = self._entries[i]
         if e.file_entry is None:
             return e.fields, e.batch_ids
         h = e.file_entry.header
-        arrays = self.file.read_arrays(e.file_entry)
-        fields, pos = {}, 0
-        for name, kind in h["fields"].items():
-            spec = self.fields[name]
-            n = hc.array_count(spec.codec, kind, len(spec.shapes))
-            fields[name] = hc.Encoded(spec.codec, kind, arrays[pos:pos + n])
-            pos += n
-        return fields, (arrays[pos] if h["batch_ids"] else None)
+        want = None if names is None else set(names) | ({IDS} if ids else set())
+        sections = self.file.read_sections(e.file_entry, want)
+        fields = {name: hc.Encoded(self.fields[name].codec, kind, sections[name])
+                  for name, kind in h["fields"].items() if name in sections}
+        return fields, (sections[IDS][0] if IDS in sections else None)
 
     def _field_kind(self, i: int, name: str):
         e = self._entries[i]
@@ -293,7 +318,7 @@ class HistoryStore:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if not spec.delta:
             out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
-            hc.decode_into(self._load(i)[0][name], out, self.block_size)
+            hc.decode_into(self._load(i, [name])[0][name], out, self.block_size)
             return out
         # Delta chain: from the cached position when it lies between the keyframe and i, else from
         # the last keyframe at or before i. Never more than keyframe_every - 1 deltas.
@@ -305,10 +330,10 @@ class HistoryStore:
         else:
             start = key
             recon = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
-            hc.decode_into(self._load(key)[0][name], recon, self.block_size)
+            hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
-                hc.apply_delta(self._load(j)[0][name], recon, self.block_size)
+                hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
         self._cache[name] = (i, [t.clone() for t in recon])
         return recon
 
@@ -318,7 +343,7 @@ class HistoryStore:
         e = self._entries[i]
         names = [n for n in (names or self.fields) if self._field_kind(i, n) is not None]
         tensors = {n: self._decode_field(n, i, device) for n in names}
-        ids = self._load(i)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
+        ids = self._load(i, [], ids=True)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
         return StepRecord(e.step, e.lr, ids, tensors, e.stats)
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):

@@ -2,9 +2,9 @@
 
   fp32            exact
   fp16 / bf16     a cast; relative error <= 2^-11 (fp16, inside its range) or 2^-8 (bf16)
-  int8 / int4     blockwise absmax (unlearn_ext ops): |x - deq| <= scale / 2 + 2^-23 absmax per
+  int8 / int4     blockwise absmax (unlearn_ext ops): |x - deq| <= scale / 2 + 2^-22 absmax per
                   element, where scale = absmax(block) / 127 (int8) or / 7 (int4) (half a
-                  quantization step plus the float rounding of x / scale and code * scale)
+                  quantization step plus the float roundings of 1 / scale, x * (1 / scale), deq)
 
 An encoded field is a list of flat CPU-or-device tensors ("arrays"), in a fixed order: one value
 array per tensor for fp codecs; all code arrays, then all scale arrays, for int codecs. That order
@@ -103,13 +103,19 @@ def apply_delta(enc: Encoded, recon, block_size: int) -> None:
 
 
 def error_stats(approx, exact) -> tuple[float, float]:
-    """(max |approx - exact|, RMS of approx - exact) over a whole tensor list, in float64."""
-    max_err, sq, count = 0.0, 0.0, 0
+    """(max |approx - exact|, RMS of approx - exact) over a whole tensor list, from fp32
+    differences, one tensor at a time (aminmax and a dot product: vectorized single passes; a
+    multi-tensor inf-norm was ~10x slower on CPU), with one device-to-host transfer."""
+    maxes, sums, count = [], [], 0
     for a, e in zip(approx, exact):
         if e.numel() == 0:
             continue
-        d = a.detach().to(torch.float64) - e.detach().to(torch.float64)
-        max_err = max(max_err, float(d.abs().max()))
-        sq += float((d * d).sum())
+        d = (a.detach().float() - e.detach().float()).reshape(-1)
+        lo, hi = torch.aminmax(d)
+        maxes.append(torch.maximum(-lo, hi).double())
+        sums.append(torch.dot(d, d).double())
         count += d.numel()
-    return max_err, math.sqrt(sq / count) if count else 0.0
+    if not count:
+        return 0.0, 0.0
+    max_err, sq = torch.stack([torch.stack(maxes).max(), torch.stack(sums).sum()]).tolist()
+    return max_err, math.sqrt(sq / count)

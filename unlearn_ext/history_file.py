@@ -6,10 +6,13 @@ Layout (little endian):
     record = frame header payload
     frame  = struct "<4sIQII": b"UERC", len(header), len(payload), crc32(header), crc32(payload)
     header = UTF-8 JSON (kind "file" for the first record, "step" for the others)
-    payload= raw bytes of the record's arrays, one after the other, as described by the header
+    payload= sections one after the other; header["sections"] lists each as
+             [name, [[dtype, numel], ...], nbytes, crc32], its arrays' raw bytes in that order
 
 Nothing is ever unpickled: headers are JSON and arrays are rebuilt with torch.frombuffer from
-(dtype, numel) pairs the header lists, so reading a file cannot run code. The first record holds
+(dtype, numel) pairs the header lists, so reading a file cannot run code. Each section (one field
+of a step, or its batch ids) has its own checksum, so a reader reads and verifies only the
+sections it needs (a delta chain of parameters skips the gradients). The first record holds
 the store's description (fields, shapes, codecs, block size, keyframe interval), which is what
 lets a file refuse to load for another model.
 
@@ -87,17 +90,24 @@ class HistoryFile:
         hf._append(hf.file_header, [], sync=True, index=False)
         return hf
 
-    def append(self, header: dict, arrays, *, sync: bool) -> IndexEntry:
-        return self._append(dict(header, kind="step"), arrays, sync=sync, index=True)
+    def append(self, header: dict, sections, *, sync: bool) -> IndexEntry:
+        """Appends one step: sections is a list of (name, arrays)."""
+        return self._append(dict(header, kind="step"), sections, sync=sync, index=True)
 
-    def _append(self, header: dict, arrays, *, sync: bool, index: bool):
-        blobs = [_to_bytes(a) for a in arrays]
-        header = dict(header, arrays=[[DTYPE_NAMES[a.dtype], a.numel()] for a in arrays])
+    def _append(self, header: dict, sections, *, sync: bool, index: bool):
+        meta, blobs, crc = [], [], 0
+        for name, arrays in sections:
+            section = [_to_bytes(a) for a in arrays]
+            section_crc = 0
+            for b in section:
+                section_crc = zlib.crc32(b, section_crc)
+                crc = zlib.crc32(b, crc)
+            meta.append([name, [[DTYPE_NAMES[a.dtype], a.numel()] for a in arrays], sum(len(b) for b in section),
+                         section_crc])
+            blobs += section
+        header = dict(header, sections=meta)
         head = json.dumps(header, separators=(",", ":")).encode()
         payload_len = sum(len(b) for b in blobs)
-        crc = 0
-        for b in blobs:
-            crc = zlib.crc32(b, crc)
         f = self._f
         f.seek(0, os.SEEK_END)
         offset = f.tell()
@@ -157,21 +167,31 @@ class HistoryFile:
         self._f.seek(e.payload_offset)
         return zlib.crc32(self._f.read(e.payload_len)) == e.payload_crc
 
-    def read_arrays(self, e: IndexEntry) -> list:
-        """The arrays of one record (one seek and one read of its payload), checksum verified."""
-        self._f.seek(e.payload_offset)
-        buf = bytearray(self._f.read(e.payload_len))
-        if len(buf) != e.payload_len or zlib.crc32(buf) != e.payload_crc:
-            raise HistoryCorruptError(f"{self.path}: record at offset {e.offset} (step "
-                                      f"{e.header.get('step')}): payload checksum mismatch")
-        out, pos = [], 0
-        for name, numel in e.header["arrays"]:
-            dtype = DTYPES[name]
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            out.append(torch.frombuffer(buf, dtype=dtype, count=numel, offset=pos) if numel
-                       else torch.empty(0, dtype=dtype))
+    def read_sections(self, e: IndexEntry, names=None) -> dict:
+        """{section name: arrays} of one record, only the named sections (all when None): one seek
+        and one read per section, each checksum verified."""
+        out, pos = {}, e.payload_offset
+        for name, specs, nbytes, crc in e.header["sections"]:
+            if names is None or name in names:
+                self._f.seek(pos)
+                buf = bytearray(self._f.read(nbytes))
+                if len(buf) != nbytes or zlib.crc32(buf) != crc:
+                    raise HistoryCorruptError(f"{self.path}: record at offset {e.offset} (step "
+                                              f"{e.header.get('step')}), section {name!r}: checksum mismatch")
+                out[name] = _arrays_from(buf, specs)
             pos += nbytes
         return out
+
+
+def _arrays_from(buf: bytearray, specs) -> list:
+    out, pos = [], 0
+    for dtype_name, numel in specs:
+        dtype = DTYPES[dtype_name]
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append(torch.frombuffer(buf, dtype=dtype, count=numel, offset=pos) if numel
+                   else torch.empty(0, dtype=dtype))
+        pos += nbytes
+    return out
 
 
 def _scan(f, pos: int, size: int):

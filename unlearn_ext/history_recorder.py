@@ -88,13 +88,11 @@ def _record_overhead(codecs, shapes, batch_size) -> int:
     """Frame + JSON header of one disk record, with stats floats at their longest repr."""
     long_float = -1.2345678901234567e-300
     names = [n for n, c in codecs.items() if c is not None]
-    arrays = []
-    for n in names:
-        arrays += [["float32", 10**9]] * (2 * len(shapes))
+    sections = [[n, [["float32", 10**9]] * (2 * len(shapes)), 10**10, 2**32 - 1] for n in names]
     if batch_size:
-        arrays.append(["int64", 10**6])
+        sections.append(["#batch_ids", [["int64", 10**6]], 10**10, 2**32 - 1])
     header = {"step": 10**6, "lr": long_float,
               "stats": {n: {"kind": "keyframe", "bytes": 10**9, "raw_bytes": 10**9, "max_err": long_float,
                             "rms_err": long_float} for n in names},
-              "fields": {n: "keyframe" for n in names}, "batch_ids": True, "kind": "step", "arrays": arrays}
+              "fields": {n: "keyframe" for n in names}, "batch_ids": True, "kind": "step", "sections": sections}
     return FRAME.size + len(json.dumps(header, separators=(",", ":")))

@@ -109,19 +109,23 @@ __device__ __forceinline__ void quantize_block(const CodecView& v, const BlockPo
   for (int64_t i = lane; i < p.n; i += 32) m = max_of(m, finite_abs(value(i)));
   const float scale = block_scale(warp_max(m), qmax);
   if (lane == 0) static_cast<float*>(v.ptr(2, p.t))[p.b] = scale;
+  // quantize_value's per-element form, with the block's inverse computed once.
+  const bool nonzero = scale > 0.0f;
+  const float inv = nonzero ? inverse_scale(scale) : 0.0f;
+  auto quantize = [&](float x) { return nonzero ? quantize_in_block(x, inv, qmax) : 0; };
   if (v.bits == 8) {
     int8_t* c = static_cast<int8_t*>(v.ptr(1, p.t)) + p.e0;
     for (int64_t i = lane; i < p.n; i += 32) {
-      const int32_t code = quantize_value(value(i), scale, qmax);
+      const int32_t code = quantize(value(i));
       c[i] = static_cast<int8_t>(code);
       after(i, code, scale);
     }
   } else {
     uint8_t* c = static_cast<uint8_t*>(v.ptr(1, p.t)) + p.e0 / 2;
     for (int64_t j = lane; 2 * j < p.n; j += 32) {
-      const int32_t lo = quantize_value(value(2 * j), scale, qmax);
+      const int32_t lo = quantize(value(2 * j));
       const bool has_hi = 2 * j + 1 < p.n;
-      const int32_t hi = has_hi ? quantize_value(value(2 * j + 1), scale, qmax) : 0;
+      const int32_t hi = has_hi ? quantize(value(2 * j + 1)) : 0;
       c[j] = pack_int4(lo, hi);
       after(2 * j, lo, scale);
       if (has_hi) after(2 * j + 1, hi, scale);

@@ -5,7 +5,8 @@ in-place outputs (dequantize, delta_encode's reconstruction, axpy) bit for bit t
 step below is one float32 operation in the same order as csrc/include/unlearn/codecs.h:
 
     absmax = max |x| over a block's finite elements       scale = absmax / qmax   (qmax 127 or 7)
-    code   = round_half_even(clamp(x / scale, -qmax, qmax)), 0 where scale == 0 or x is not finite
+    inv    = min(1 / scale, FLT_MAX)                      (once per block)
+    code   = round_half_even(clamp(x * inv, -qmax, qmax)), 0 where scale == 0 or x is not finite
     deq    = float(code) * scale
 
 Blocks are per tensor: tensor t is cut into ceil(numel / block_size) blocks in row-major order
@@ -65,9 +66,12 @@ def quantize_values(values: torch.Tensor, bits: int, block_size: int):
     blocks = _blocks(torch.where(finite, flat, torch.zeros_like(flat)), block_size)
     scales = blocks.abs().amax(dim=1) if blocks.numel() else blocks.new_zeros(0)
     scales = scales / torch.tensor(q, dtype=torch.float32)
-    per_elem = scales.repeat_interleave(block_size)[: flat.numel()]
-    ok = (per_elem > 0) & finite
-    y = torch.where(ok, flat / torch.where(ok, per_elem, torch.ones_like(per_elem)), torch.zeros_like(flat))
+    nonzero = scales > 0
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, scales, torch.ones_like(scales)), torch.zeros_like(scales))
+    inv = torch.clamp(inv, max=torch.finfo(torch.float32).max)
+    per_inv = inv.repeat_interleave(block_size)[: flat.numel()]
+    ok = (per_inv > 0) & finite
+    y = torch.where(ok, flat * per_inv, torch.zeros_like(flat))
     codes = torch.round(torch.clamp(y, -q, q)).to(torch.int32)  # torch.round: half to even
     return pack_codes(codes, bits), scales
 

@@ -1,0 +1,223 @@
+"""History codecs on 11.7M fp32 values in 62 tensors (ResNet-18 shapes), DESIGN sections 5 and 9.
+
+Baselines in the same run: an eager PyTorch blockwise absmax quantizer (per tensor: pad, view as
+blocks, amax, divide, round, clamp, cast; int4 also packs nibbles) and its eager dequantizer; a
+plain fp16 `.to()` copy of the same list; an fp32 copy for the machine's copy bandwidth.
+Bytes moved per element: encode reads 4 and writes 1 (int8) or 0.5 (int4) plus 4 / block for the
+scales; decode the reverse; delta encode reads target and recon, writes recon and codes (13 B).
+
+Also measured (not timed): compression ratio and reconstruction error of every codec on real
+parameters and gradients of a small training run (MLP on sklearn digits).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from unlearn_ext import _ops
+from unlearn_ext.history import FieldSpec, HistoryStore
+from workloads import gradient_list
+
+DEVICE = os.environ.get("UNLEARN_BENCH_DEVICE", "cpu")
+BLOCK = 256
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run(benchmark, fn, rounds):
+    def timed():
+        out = fn()
+        _sync()
+        return out
+    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def grads():
+    return gradient_list(scale=1e-2, device=DEVICE)
+
+
+@pytest.fixture(scope="module")
+def numel(grads):
+    return sum(g.numel() for g in grads)
+
+
+def code_bytes(bits):
+    return (1.0 if bits == 8 else 0.5) + 4.0 / BLOCK
+
+
+# ---- eager baselines -----------------------------------------------------------------------------
+
+def eager_quantize(grads, bits, block=BLOCK):
+    q = 127.0 if bits == 8 else 7.0
+    codes, scales = [], []
+    for g in grads:
+        flat = g.reshape(-1)
+        blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % block)).view(-1, block)
+        scale = blocks.abs().amax(dim=1, keepdim=True) / q
+        c = torch.where(scale > 0, blocks / scale, 0.0).round_().clamp_(-q, q).to(torch.int8).reshape(-1)
+        c = c[: flat.numel()]
+        if bits == 4:
+            c = torch.nn.functional.pad(c, (0, c.numel() % 2)).view(-1, 2)
+            c = ((c[:, 0] & 0xF) | ((c[:, 1] & 0xF) << 4)).to(torch.uint8)
+        codes.append(c)
+        scales.append(scale.reshape(-1))
+    return codes, scales
+
+
+def eager_dequantize(codes, scales, shapes, bits, block=BLOCK):
+    out = []
+    for c, s, shape in zip(codes, scales, shapes):
+        n = torch.Size(shape).numel()
+        if bits == 4:
+            b = c.to(torch.int16)
+            c = torch.stack([((b & 0xF) ^ 8) - 8, ((b >> 4) ^ 8) - 8], dim=1).reshape(-1)
+        padded = torch.nn.functional.pad(c.float(), (0, s.numel() * block - c.numel()))
+        out.append((padded.view(-1, block) * s[:, None]).reshape(-1)[:n].view(shape))
+    return out
+
+
+# ---- encode / decode -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.benchmark(group="history encode")
+def test_encode_kernel(benchmark, record, compare, grads, numel, bits):
+    _run(benchmark, lambda: _ops.blockwise_quantize(grads, bits, BLOCK), 20)
+    record(f"history/int{bits} encode kernel", benchmark, elements=numel, bytes_moved=(4 + code_bytes(bits)) * numel)
+    compare(f"history/int{bits} encode kernel vs eager", f"history/int{bits} encode kernel",
+            f"history/int{bits} encode eager")
+    compare(f"history/int{bits} encode kernel vs fp16 copy", f"history/int{bits} encode kernel", "history/fp16 copy")
+    compare(f"history/int{bits} encode fraction of copy bandwidth", f"history/int{bits} encode kernel",
+            "history/fp32 copy", "GB_per_s")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.benchmark(group="history encode")
+def test_encode_eager(benchmark, record, grads, numel, bits):
+    kernel = _ops.blockwise_quantize(grads, bits, BLOCK)
+    eager = eager_quantize(grads, bits)
+    # The baseline computes the same thing (sanity check, not part of the timing).
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kernel[1], eager[1]))
+    _run(benchmark, lambda: eager_quantize(grads, bits), 5)
+    record(f"history/int{bits} encode eager", benchmark, elements=numel, bytes_moved=(4 + code_bytes(bits)) * numel)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.benchmark(group="history decode")
+def test_decode_kernel(benchmark, record, compare, grads, numel, bits):
+    codes, scales = _ops.blockwise_quantize(grads, bits, BLOCK)
+    out = [torch.empty_like(g) for g in grads]
+    _run(benchmark, lambda: _ops.blockwise_dequantize_(out, codes, scales, bits, BLOCK), 20)
+    record(f"history/int{bits} decode kernel", benchmark, elements=numel, bytes_moved=(4 + code_bytes(bits)) * numel)
+    compare(f"history/int{bits} decode kernel vs eager", f"history/int{bits} decode kernel",
+            f"history/int{bits} decode eager")
+    compare(f"history/int{bits} decode kernel vs fp16 copy", f"history/int{bits} decode kernel", "history/fp16 copy")
+    compare(f"history/int{bits} decode fraction of copy bandwidth", f"history/int{bits} decode kernel",
+            "history/fp32 copy", "GB_per_s")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.benchmark(group="history decode")
+def test_decode_eager(benchmark, record, grads, numel, bits):
+    codes, scales = _ops.blockwise_quantize(grads, bits, BLOCK)
+    shapes = [g.shape for g in grads]
+    _run(benchmark, lambda: eager_dequantize(codes, scales, shapes, bits), 5)
+    record(f"history/int{bits} decode eager", benchmark, elements=numel, bytes_moved=(4 + code_bytes(bits)) * numel)
+
+
+@pytest.mark.benchmark(group="history delta")
+def test_delta_encode_kernel(benchmark, record, compare, grads, numel):
+    recon = [torch.zeros_like(g) for g in grads]
+    codes, scales = _ops.empty_codes(grads, 8, BLOCK)
+    _run(benchmark, lambda: _ops.delta_encode_(grads, recon, codes, scales, 8, BLOCK), 20)
+    record("history/int8 delta encode kernel", benchmark, elements=numel, bytes_moved=(12 + code_bytes(8)) * numel)
+    compare("history/int8 delta encode fraction of copy bandwidth", "history/int8 delta encode kernel",
+            "history/fp32 copy", "GB_per_s")
+
+
+@pytest.mark.benchmark(group="history delta")
+def test_dot_kernel(benchmark, record, grads, numel):
+    codes, scales = _ops.blockwise_quantize(grads, 8, BLOCK)
+    _run(benchmark, lambda: _ops.dequantize_dot(codes, scales, grads, 8, BLOCK), 20)
+    record("history/int8 dequantize-dot kernel", benchmark, elements=numel, bytes_moved=(4 + code_bytes(8)) * numel)
+
+
+@pytest.mark.benchmark(group="history copy")
+def test_fp16_copy(benchmark, record, grads, numel):
+    _run(benchmark, lambda: [g.to(torch.float16) for g in grads], 20)
+    record("history/fp16 copy", benchmark, elements=numel, bytes_moved=6 * numel)
+
+
+@pytest.mark.benchmark(group="history copy")
+def test_fp32_copy(benchmark, record, grads, numel):
+    src = torch.cat([g.reshape(-1) for g in grads])
+    dst = torch.empty_like(src)
+    _run(benchmark, lambda: dst.copy_(src), 20)
+    record("history/fp32 copy", benchmark, elements=numel, bytes_moved=8 * numel)
+
+
+# ---- compression on a real training run ---------------------------------------------------------
+
+def digits_run(steps=300, batch=64, seed=0):
+    """Parameters (before each update) and gradients of an MLP trained with SGD on sklearn digits."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = [], []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        params.append([p.detach().clone() for p in model.parameters()])
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return [tuple(p.shape) for p in model.parameters()], params, grads
+
+
+@pytest.mark.benchmark(group="history store")
+def test_compression_on_digits(benchmark, record, note):
+    """Records the run into a store per codec (timed once: all five codecs, 300 steps each)."""
+    shapes, params, grads = digits_run()
+    stores = {}
+
+    def record_all():
+        for codec in ("fp32", "fp16", "bf16", "int8", "int4"):
+            store = HistoryStore({"params": FieldSpec(shapes, codec, delta=codec.startswith("int")),
+                                  "grads": FieldSpec(shapes, codec)}, keyframe_every=50, block_size=BLOCK)
+            for t, (p, g) in enumerate(zip(params, grads)):
+                store.record(t, {"params": p, "grads": g})
+            stores[codec] = store
+    benchmark.pedantic(record_all, rounds=1, iterations=1)
+    record("history/store record, digits MLP, 5 codecs x 300 steps x 2 fields", benchmark,
+           elements=5 * 300 * 2 * sum(torch.Size(s).numel() for s in shapes))
+    results = {}
+    for codec, store in stores.items():
+        rows = store.report()
+        per = {}
+        for name, values in (("params", params), ("grads", grads)):
+            mine = [r for r in rows if r["field"] == name]
+            raw = sum(r["raw_bytes"] for r in mine)
+            stored = sum(r["bytes"] for r in mine)
+            # RMS error of each step relative to the RMS of that step's values.
+            rel = sorted(r["rms_err"] / float(torch.cat([v.reshape(-1) for v in vs]).pow(2).mean().sqrt())
+                         for r, vs in zip(mine, values))
+            per[name] = {"ratio": round(raw / stored, 3), "rel_rms_err_median": float(f"{rel[len(rel) // 2]:.3g}"),
+                         "rel_rms_err_max": float(f"{rel[-1]:.3g}"),
+                         "max_abs_err": float(f"{max(r['max_err'] for r in mine):.3g}")}
+        results[codec] = per
+        if codec == "int8":
+            assert per["grads"]["ratio"] >= 3.9
+        if codec == "int4":
+            assert per["grads"]["ratio"] >= 7.5
+    note("history/compression on digits MLP (300 steps, params keyframe every 50, block 256)", results)
