@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Runs every unlearn_ext op on CUDA and compares it with the same op on CPU.
 
-Words, uniforms, Bernoulli draws, codes, counts and updated parameters must be equal; radii within
-float rounding (they are computed by the same header functions, so in practice they are equal too).
+Words, uniforms, Bernoulli draws, codes, counts, updated parameters, fragile sets and the history
+codecs' codes, scales, reconstructions and decoded values must be equal; radii within float
+rounding (they are computed by the same header functions, so in practice they are equal too);
+dequantize_dot within float64 rounding (its sums run in another order).
 The one documented exception (DESIGN section 3): the Monte-Carlo mode's Phi comes from CUDA's erfcf
 on the GPU and from ATen's vectorized erfc on the CPU, so a draw threshold may round differently in
 rare cases; mc codes may then differ in at most max(1, 1e-5 * N) elements (use --strict to demand
@@ -302,6 +304,87 @@ def _votes():
                 compare_quantize(gpu, cpu, f"vote_finalize {sel_dtype}/{est_dtype} below={below}")
 
 
+# ---- fragile-set compaction (PCMU per-request certificates) ---------------------------------------
+
+@check("fragile_compact")
+def _fragile():
+    for dtype in DTYPES:
+        values = make_grads(sizes(1 << 16), dtype, seed=12, specials=False)
+        radii = [t.float().abs() for t in make_grads(sizes(1 << 16), torch.float32, seed=13)]  # NaN, Inf, 0
+        for threshold in (0.0, 0.05, 0.3, float("inf")):
+            gpu = OPS.fragile_compact(to_cuda(values), to_cuda(radii), threshold)
+            cpu = OPS.fragile_compact(values, radii, threshold)
+            assert_on_cuda(list(gpu), f"fragile_compact {dtype}")
+            for name, a, b in zip(("index", "value", "radius"), gpu, cpu):
+                assert_equal(a, b, f"fragile_compact {dtype} threshold={threshold} {name}")
+
+
+# ---- history codecs ----------------------------------------------------------------------------------
+
+def history_inputs(dtype, seed, noncontig=False):
+    """Gradient-like values with blocks of very different magnitude (one all-zero tensor)."""
+    szs = sizes(1 << 17)
+    g = make_grads(szs, dtype, seed=seed, specials=False, noncontig=noncontig)
+    g[2] = torch.zeros_like(g[2])
+    return g
+
+
+@check("blockwise_quantize / blockwise_dequantize_ / dequantize_axpy_ / dequantize_dot")
+def _codecs():
+    for bits in (8, 4):
+        for block in (64, 256, 4096):
+            for dtype in DTYPES:
+                for noncontig in (False, True):
+                    what = f"codecs bits={bits} block={block} {dtype} nc={noncontig}"
+                    x = history_inputs(dtype, seed=20 + bits, noncontig=noncontig)
+                    codes_g, scales_g = OPS.blockwise_quantize(to_cuda(x), bits, block)
+                    codes_c, scales_c = OPS.blockwise_quantize(x, bits, block)
+                    assert_on_cuda(list(codes_g) + list(scales_g), what)
+                    for i, (a, b) in enumerate(zip(codes_g, codes_c)):
+                        assert_equal(a, b, f"{what} codes[{i}]")
+                    for i, (a, b) in enumerate(zip(scales_g, scales_c)):
+                        assert_equal(a, b, f"{what} scales[{i}]")
+                    out_g = [torch.empty(t.shape, dtype=dtype, device="cuda") for t in x]
+                    out_c = [torch.empty(t.shape, dtype=dtype) for t in x]
+                    OPS.blockwise_dequantize_(out_g, codes_g, scales_g, bits, block)
+                    OPS.blockwise_dequantize_(out_c, codes_c, scales_c, bits, block)
+                    for i, (a, b) in enumerate(zip(out_g, out_c)):
+                        assert_equal(a, b, f"{what} dequantized[{i}]")
+                    y_c = make_grads(sizes(1 << 17), dtype, seed=30, specials=False)
+                    y_g = to_cuda(y_c)
+                    OPS.dequantize_axpy_(y_g, -0.75, codes_g, scales_g, bits, block)
+                    OPS.dequantize_axpy_(y_c, -0.75, codes_c, scales_c, bits, block)
+                    for i, (a, b) in enumerate(zip(y_g, y_c)):
+                        assert_equal(a, b, f"{what} axpy[{i}]")
+                    # Float64 sums in another order: equal to rounding, not bit for bit.
+                    dot_g = OPS.dequantize_dot(codes_g, scales_g, y_g, bits, block)
+                    dot_c = OPS.dequantize_dot(codes_c, scales_c, y_c, bits, block)
+                    assert dot_g.device.type == "cuda" and dot_g.dtype == torch.float64, what
+                    torch.testing.assert_close(dot_g.cpu(), dot_c, rtol=1e-6, atol=1e-9, msg=f"{what} dot")
+
+
+@check("delta_encode_ (closed loop over several steps)")
+def _delta():
+    for bits in (8, 4):
+        for dtype in DTYPES:
+            what = f"delta_encode_ bits={bits} {dtype}"
+            w = history_inputs(torch.float32, seed=40)
+            recon_c = [t.clone() for t in w]
+            recon_g = to_cuda(recon_c)
+            gen = torch.Generator().manual_seed(41)
+            for step in range(4):
+                w = [t + 1e-2 * torch.randn(t.shape, generator=gen) for t in w]
+                target = [t.to(dtype) for t in w]
+                codes_c, scales_c = ue._ops.empty_codes(target, bits, 256)
+                codes_g, scales_g = ue._ops.empty_codes(to_cuda(target), bits, 256)
+                OPS.delta_encode_(target, recon_c, codes_c, scales_c, bits, 256)
+                OPS.delta_encode_(to_cuda(target), recon_g, codes_g, scales_g, bits, 256)
+                for name, gs, cs in (("codes", codes_g, codes_c), ("scales", scales_g, scales_c),
+                                     ("recon", recon_g, recon_c)):
+                    for i, (a, b) in enumerate(zip(gs, cs)):
+                        assert_equal(a, b, f"{what} step {step} {name}[{i}]")
+
+
 # ---- streams and errors ----------------------------------------------------------------------------
 
 @check("non-default stream")
@@ -334,6 +417,10 @@ def _errors():
         lambda d: OPS.vote_finalize([torch.zeros(3, 4, dtype=torch.int32, device=d)], [torch.zeros(3, 4, dtype=torch.int32, device=d)], 4, 8, table_for(8).to(d), 0.5, 0.0),
         lambda d: OPS.philox_bits(torch.arange(3, dtype=torch.int32, device=d), 2, 0, 0),
         lambda d: OPS.philox_bernoulli(torch.arange(3, device=d), 2, 1.5, 0, 0),
+        lambda d: OPS.blockwise_quantize([torch.zeros(3, device=d)], 5, 256),
+        lambda d: OPS.blockwise_quantize([torch.zeros(3, device=d)], 8, 100 + 1),
+        lambda d: OPS.blockwise_dequantize_([torch.zeros(300, device=d)], [torch.zeros(300, dtype=torch.int8, device=d)], [torch.zeros(1, device=d)], 8, 256),
+        lambda d: OPS.fragile_compact([torch.zeros(3, device=d)], [torch.zeros(4, device=d)], 0.1),
     ]
     for i, case in enumerate(cases):
         msgs = []
