@@ -12,6 +12,8 @@ make gradients random and break replay; keep the model deterministic.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.func import functional_call, grad, vmap
 
@@ -36,11 +38,34 @@ def clipped_per_sample(model, loss_fn, x, y, clip_norm: float, params=None) -> d
     return {k: g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for k, g in per_sample.items()}
 
 
+def _rows(g: torch.Tensor) -> torch.Tensor:
+    """[b, ...] -> [b, d] (also for b = 0, where reshape(b, -1) is ambiguous)."""
+    return g.reshape(g.shape[0], math.prod(g.shape[1:]))
+
+
 def clip_scales(per_sample: dict[str, torch.Tensor], clip_norm: float) -> torch.Tensor:
-    """min(1, C / ||g_i||) per sample. Each row is reduced on its own, so a sample's scale does not
-    depend on which other samples share its batch."""
-    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in per_sample.values()))
+    """min(1, C / ||g_i||) per sample: the norm of the per-tensor row norms (one fused reduction per
+    tensor; pow(2) then sum was ~10x slower). Each row is reduced on its own; if the reduction order
+    ever depends on the batch, a scale moves by an ulp, which `rounding_margin` covers (pcmu.py)."""
+    rows = [torch.linalg.vector_norm(_rows(g).float(), dim=1) for g in per_sample.values()]
+    norms = torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1)
     return torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+
+
+# Columns of a per-sample gradient converted to float64 at a time: the [b, 2048] float64 block stays
+# in cache for its matrix-vector product (measured at b = 256, d = 85k: 62 ms for one whole-tensor
+# conversion + mv, 10 ms in blocks; the same bits, since each output element is one dot product).
+SUM_COLUMNS = 2048
+
+
+def weighted_row_sum64(g: torch.Tensor, weights64: torch.Tensor) -> torch.Tensor:
+    """sum_i weights_i * g_i in float64 (g: [b, ...] per-sample values), computed column block by
+    column block. float32 x float32 products are exact in float64, so only the sum rounds."""
+    flat = _rows(g)
+    parts = [torch.mv(flat[:, j:j + SUM_COLUMNS].double().t(), weights64)
+             for j in range(0, flat.shape[1], SUM_COLUMNS)]
+    total = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=g.device)
+    return total.view(g.shape[1:])
 
 
 def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: int = 4096) -> dict[str, torch.Tensor]:
@@ -53,8 +78,8 @@ def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: in
     for s in range(0, x.shape[0], chunk):
         per_sample = fn(detached, buffers, x[s:s + chunk], y[s:s + chunk])
         scale = clip_scales(per_sample, clip_norm).double()
-        for k, g in per_sample.items():  # sum_i scale_i * g_i as one float64 matrix-vector product
-            total[k] += torch.mv(g.reshape(g.shape[0], -1).t().double(), scale).view(total[k].shape)
+        for k, g in per_sample.items():
+            total[k] += weighted_row_sum64(g, scale)
     return total
 
 
