@@ -1,10 +1,12 @@
 """Per-sample clipped gradients with torch.func (no Python loop over samples).
 
 PCMU's step needs sum_i clip_C(grad l_i(w)) / b. The sum is accumulated in float64 and rounded to
-float32 once: the result is then the float32 rounding of the exact sum up to ~1e-16 relative error,
-whatever the batch composition or chunking. That is what lets a deletion check predict retraining:
-the sum without F differs from (stored sum - F's part) only by those roundings (see pcmu.py's
-`rounding_margin`).
+float32 once, so summing adds only ~1e-16 relative error whatever the order or chunking. The
+per-sample gradients themselves come from vmap's batched matmuls, whose float32 roundings depend on
+how many samples share a call: the same sample's gradient can differ by a few float32 roundings
+between batch compositions (tests/test_per_sample.py measures it). That is what lets a deletion
+check predict retraining: the sum without F differs from (stored sum - F's part) only by those
+roundings, which pcmu.py's `rounding_margin` covers.
 
 Limits: the loss must be per-sample. Layers that mix samples (BatchNorm in training mode) are not
 per-sample and are refused by vmap; use GroupNorm/LayerNorm or BatchNorm in eval mode. Dropout would
