@@ -119,6 +119,13 @@ def test_batches_follow_the_schedule_minus_forgotten_ids():
     assert not torch.equal(full[0], full[4])  # a fresh permutation each epoch
     for a, b in zip(full, cut):
         assert torch.equal(a[~torch.isin(a, removed)], b)  # deleted inside their batch, never re-chunked
+    # Steps asked out of order (the cached permutation switches epochs) give the same batches, and
+    # a caller changing a returned batch does not change the schedule.
+    for t in (6, 1, 5, 0, 7):
+        got = schedule.step(t).ids
+        assert torch.equal(got, full[t])
+        got.fill_(-1)
+    assert torch.equal(BatchSchedule(torch.arange(10, 30), batch_size=6, seed=3).step(1).ids, schedule.step(1).ids)
 
 
 def test_empty_batch_makes_no_update():

@@ -37,28 +37,27 @@ class BatchSchedule:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.batches_per_epoch = math.ceil(ids.numel() / self.batch_size)
+        self._cached = None  # (epoch, its permutation)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         # numpy's SeedSequence mixes (seed, epoch) into independent streams; the permutation depends
-        # only on these two numbers, never on the excluded ids.
-        rng = np.random.default_rng([self.seed, int(epoch)])
-        return self.ids[torch.from_numpy(rng.permutation(self.ids.numel()))]
+        # only on these two numbers, never on the excluded ids. The last epoch's permutation is kept:
+        # a training loop asks for every step of an epoch in turn.
+        epoch = int(epoch)
+        if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._cached = (epoch, self.ids[torch.from_numpy(rng.permutation(self.ids.numel()))])
+        return self._cached[1]
 
     def step(self, t: int, exclude: torch.Tensor | None = None) -> ScheduledStep:
         epoch, position = divmod(int(t), self.batches_per_epoch)
-        batch = self.permutation(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        # A copy, so a caller changing its batch cannot change the cached permutation.
+        batch = self.permutation(epoch)[position * self.batch_size:(position + 1) * self.batch_size].clone()
         if exclude is not None and exclude.numel():
             batch = batch[~torch.isin(batch, exclude)]
         return ScheduledStep(int(t), epoch, position, batch)
 
     def steps(self, begin: int, end: int, exclude: torch.Tensor | None = None):
-        """Steps begin..end-1 (one permutation per epoch, computed once)."""
-        cached_epoch, perm = None, None
+        """Steps begin..end-1."""
         for t in range(begin, end):
-            epoch, position = divmod(t, self.batches_per_epoch)
-            if epoch != cached_epoch:
-                cached_epoch, perm = epoch, self.permutation(epoch)
-            batch = perm[position * self.batch_size:(position + 1) * self.batch_size]
-            if exclude is not None and exclude.numel():
-                batch = batch[~torch.isin(batch, exclude)]
-            yield ScheduledStep(t, epoch, position, batch)
+            yield self.step(t, exclude)

@@ -11,17 +11,6 @@ namespace unlearn {
 namespace cpu {
 namespace {
 
-// Checks radii against values (one float32 radius per value) and flattens both.
-std::pair<FlatList, FlatList> fragile_inputs(at::TensorList values, at::TensorList radii) {
-  check_paired_lists(values, "values", radii, "radii");
-  FlatList v = flatten_float_list(values, "values");
-  for (size_t i = 0; i < radii.size(); ++i)
-    TORCH_CHECK(radii[i].scalar_type() == at::kFloat, "unlearn_ext: radii[", i, "] must be float32, got ",
-                radii[i].scalar_type());
-  FlatList r = flatten_float_list(radii, "radii");
-  return {std::move(v), std::move(r)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cpu(at::TensorList values_in,
                                                                    at::TensorList radii_in,
                                                                    double threshold) {

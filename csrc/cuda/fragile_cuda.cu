@@ -70,12 +70,9 @@ __global__ void __launch_bounds__(kThreads) write_fragile_kernel(ListView view, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cuda(at::TensorList values_in, at::TensorList radii_in,
                                                                     double threshold) {
-  check_paired_lists(values_in, "values", radii_in, "radii");
-  const FlatList values = flatten_float_list(values_in, "values");
-  for (size_t i = 0; i < radii_in.size(); ++i)
-    TORCH_CHECK(radii_in[i].scalar_type() == at::kFloat, "unlearn_ext: radii[", i, "] must be float32, got ",
-                radii_in[i].scalar_type());
-  const FlatList radii = flatten_float_list(radii_in, "radii");
+  const std::pair<FlatList, FlatList> inputs = fragile_inputs(values_in, radii_in);
+  const FlatList& values = inputs.first;  // named references, not a structured binding: lambdas capture them
+  const FlatList& radii = inputs.second;
   TORCH_CHECK(!values.tensors.empty(), "unlearn_ext: fragile_compact on CUDA needs at least one tensor");
   const at::Device device = values.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace unlearn {
@@ -59,6 +60,18 @@ inline void check_paired_lists(at::TensorList a, const char* a_name, at::TensorL
     TORCH_CHECK(a[i].device() == b[i].device(), "unlearn_ext: ", a_name, "[", i, "] is on ",
                 a[i].device(), " but ", b_name, "[", i, "] is on ", b[i].device());
   }
+}
+
+// fragile_compact's inputs (CPU and CUDA): values (fp32/fp16/bf16) and one float32 radius per
+// value, paired by shape and device; both flattened.
+inline std::pair<FlatList, FlatList> fragile_inputs(at::TensorList values, at::TensorList radii) {
+  check_paired_lists(values, "values", radii, "radii");
+  FlatList v = flatten_float_list(values, "values");
+  for (size_t i = 0; i < radii.size(); ++i)
+    TORCH_CHECK(radii[i].scalar_type() == at::kFloat, "unlearn_ext: radii[", i, "] must be float32, got ",
+                radii[i].scalar_type());
+  FlatList r = flatten_float_list(radii, "radii");
+  return {std::move(v), std::move(r)};
 }
 
 // Validates the scalar arguments of the Monte-Carlo certification.
