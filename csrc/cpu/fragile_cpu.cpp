@@ -14,7 +14,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cpu(at::TensorList values_in,
                                                                    at::TensorList radii_in,
                                                                    double threshold) {
-  auto [values, radii] = fragile_inputs(values_in, radii_in);
+  const std::pair<FlatList, FlatList> inputs = fragile_inputs(values_in, radii_in);
+  const FlatList& values = inputs.first;  // named references: lambdas below capture them
+  const FlatList& radii = inputs.second;
   const float thr = static_cast<float>(threshold);
   const int64_t total = values.total();
   const int64_t chunks = (total + kChunk - 1) / kChunk;

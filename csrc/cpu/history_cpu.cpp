@@ -40,6 +40,11 @@ void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t block_size
         body(t, b, e0, std::min(numels[t], e0 + block_size));
       }
     });
+#if defined(__AVX512F__)
+    // Streaming stores (int8 decode) are weakly ordered: each worker fences its own, once per task
+    // (a fence per block made the decode 1.65x slower), before the join hands the outputs over.
+    _mm_sfence();
+#endif
   });
 }
 
@@ -180,7 +185,7 @@ inline int64_t dequantize_int8_stream(const int8_t* c, float scale, float* dst, 
     const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i));
     _mm512_stream_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), s));
   }
-  return i;
+  return i;  // the worker fences its streaming stores once per task (parallel_over_blocks)
 #else
   (void)c, (void)scale, (void)dst, (void)n;
   return 0;
@@ -189,9 +194,9 @@ inline int64_t dequantize_int8_stream(const int8_t* c, float scale, float* dst, 
 
 void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
                               int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
-  const FlatList out = flatten_float_list(out_in, "out");
-  const CodedList q = check_coded_list(codes_in, scales_in, out, "out", bits, block_size);
+  const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size);
+  const FlatList& out = in.values;
+  const CodedList& q = in.coded;
   const auto dst_ptrs = raw_ptrs(out.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(out, [&](auto tag) {
     using T = decltype(tag);
@@ -209,9 +214,6 @@ void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at
                  [&](int64_t i, int32_t c) { dst[done + i] = store_as<T>(dequantize_value(c, scale)); });
     });
   });
-#if defined(__AVX512F__)
-  _mm_sfence();  // order the streaming stores before anything that reads the outputs
-#endif
   write_back(out_in, out.tensors);
 }
 
@@ -248,11 +250,10 @@ void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::Ten
 
 void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
                          int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
-  TORCH_CHECK(std::isfinite(alpha), "unlearn_ext: alpha must be finite, got ", alpha);
-  const FlatList y = flatten_float_list(y_in, "y");
-  const CodedList q = check_coded_list(codes_in, scales_in, y, "y", bits, block_size);
-  const float a = static_cast<float>(alpha);
+  const float a = checked_alpha(alpha);
+  const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size);
+  const FlatList& y = in.values;
+  const CodedList& q = in.coded;
   const auto y_ptrs = raw_ptrs(y.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(y, [&](auto tag) {
     using T = decltype(tag);
@@ -272,9 +273,9 @@ void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes
 // depend on the thread count.
 at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in,
                               int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
-  const FlatList v = flatten_float_list(v_in, "v");
-  const CodedList q = check_coded_list(codes_in, scales_in, v, "v", bits, block_size);
+  const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size);
+  const FlatList& v = in.values;
+  const CodedList& q = in.coded;
   const std::vector<int64_t> numels = numels_of(v.tensors);
   const std::vector<int64_t> boff = block_offsets(numels, block_size);
   std::vector<double> partial(static_cast<size_t>(boff.back()), 0.0);

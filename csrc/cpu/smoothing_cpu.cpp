@@ -218,8 +218,7 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
     }
   }
   // Non-contiguous parameters are updated through a contiguous copy that is written back.
-  std::vector<at::Tensor> work(params.begin(), params.end());
-  for (auto& w : work) if (!w.is_contiguous()) w = w.contiguous();
+  std::vector<at::Tensor> work = contiguous_work(params);
   const float step = static_cast<float>(step_size);
   Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
     dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
@@ -230,8 +229,7 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
       });
     });
   });
-  for (size_t i = 0; i < params.size(); ++i)
-    if (!work[i].is_same(params[i])) params[i].copy_(work[i]);
+  write_back(params, work);
   return stats_tensors(s, opts);
 }
 

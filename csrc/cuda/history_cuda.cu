@@ -12,6 +12,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cuda_walk.cuh"  // to_float
 #include "unlearn/codec_list.h"
 #include "unlearn/codecs.h"
 
@@ -65,10 +66,6 @@ CodecView pack(const std::vector<at::Tensor>& values, const std::vector<at::Tens
   keep = at::tensor(meta, at::TensorOptions().dtype(at::kLong)).to(device);
   return CodecView{keep.data_ptr<int64_t>(), tensors, boff.back(), block_size, static_cast<int>(bits)};
 }
-
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-__device__ __forceinline__ float load(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
 
 __device__ __forceinline__ float warp_max(float m) {
   for (int d = 16; d > 0; d >>= 1) m = max_of(m, __shfl_xor_sync(0xffffffffu, m, d));
@@ -138,7 +135,7 @@ __global__ void __launch_bounds__(kCodecThreads) quantize_kernel(CodecView v) {
   BlockPos p;
   if (!warp_block(v, p)) return;
   const T* x = static_cast<const T*>(v.ptr(0, p.t)) + p.e0;
-  quantize_block(v, p, [&](int64_t i) { return load(x, i); }, [](int64_t, int32_t, float) {});
+  quantize_block(v, p, [&](int64_t i) { return to_float(x[i]); }, [](int64_t, int32_t, float) {});
 }
 
 template <typename T>
@@ -150,7 +147,7 @@ __global__ void __launch_bounds__(kCodecThreads) delta_encode_kernel(CodecView v
   // Fused: the lane that reads element i (value) is the one that updates r[i] (after), once the
   // warp's absmax is known; no other lane touches r[i], so the in-place update cannot race.
   quantize_block(
-      v, p, [&](int64_t i) { return sub_rn(load(w, i), r[i]); },
+      v, p, [&](int64_t i) { return sub_rn(to_float(w[i]), r[i]); },
       [&](int64_t i, int32_t code, float scale) { r[i] = recon_update(r[i], code, scale); });
 }
 
@@ -175,7 +172,7 @@ __global__ void __launch_bounds__(kCodecThreads) axpy_kernel(CodecView v, float 
   const void* codes = v.ptr(1, p.t);
   T* y = static_cast<T*>(v.ptr(0, p.t)) + p.e0;
   for (int64_t i = lane; i < p.n; i += 32)
-    y[i] = static_cast<T>(axpy_value(load(y, i), alpha, read_code(codes, v.bits, p.e0, i), scale));
+    y[i] = static_cast<T>(axpy_value(to_float(y[i]), alpha, read_code(codes, v.bits, p.e0, i), scale));
 }
 
 // Per block: float sum of code * v over the lanes, times the scale, added to the double output.
@@ -189,7 +186,7 @@ __global__ void __launch_bounds__(kCodecThreads) dot_kernel(CodecView v, double*
   const void* codes = v.ptr(1, p.t);
   const T* x = static_cast<const T*>(v.ptr(0, p.t)) + p.e0;
   float sum = 0.0f;
-  for (int64_t i = lane; i < p.n; i += 32) sum += static_cast<float>(read_code(codes, v.bits, p.e0, i)) * load(x, i);
+  for (int64_t i = lane; i < p.n; i += 32) sum += static_cast<float>(read_code(codes, v.bits, p.e0, i)) * to_float(x[i]);
   for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
   if (lane == 0) atomicAdd(out, static_cast<double>(sum) * static_cast<double>(scale));
 }
@@ -225,9 +222,9 @@ CodesScales blockwise_quantize_cuda(at::TensorList x_in, int64_t bits, int64_t b
 
 void blockwise_dequantize_cuda(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
                                int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
-  const FlatList out = flatten_float_list(out_in, "out");
-  const CodedList q = check_coded_list(codes_in, scales_in, out, "out", bits, block_size);
+  const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size);
+  const FlatList& out = in.values;
+  const CodedList& q = in.coded;
   if (out.tensors.empty()) return;
   const at::Device device = out.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);
@@ -263,10 +260,10 @@ void delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, at::Te
 
 void dequantize_axpy_cuda(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
                           int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
-  TORCH_CHECK(std::isfinite(alpha), "unlearn_ext: alpha must be finite, got ", alpha);
-  const FlatList y = flatten_float_list(y_in, "y");
-  const CodedList q = check_coded_list(codes_in, scales_in, y, "y", bits, block_size);
+  const float a = checked_alpha(alpha);
+  const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size);
+  const FlatList& y = in.values;
+  const CodedList& q = in.coded;
   if (y.tensors.empty()) return;
   const at::Device device = y.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);
@@ -274,16 +271,16 @@ void dequantize_axpy_cuda(at::TensorList y_in, double alpha, at::TensorList code
   const CodecView v = pack(y.tensors, q.codes, q.scales, {}, block_size, bits, device, keep);
   dispatch_float_type(y.tensors[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    launch(v, axpy_kernel<T>, static_cast<float>(alpha));
+    launch(v, axpy_kernel<T>, a);
   });
   write_back(y_in, y.tensors);
 }
 
 at::Tensor dequantize_dot_cuda(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in, int64_t bits,
                                int64_t block_size) {
-  check_codec_args(bits, block_size);
-  const FlatList x = flatten_float_list(v_in, "v");
-  const CodedList q = check_coded_list(codes_in, scales_in, x, "v", bits, block_size);
+  const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size);
+  const FlatList& x = in.values;
+  const CodedList& q = in.coded;
   TORCH_CHECK(!x.tensors.empty(), "unlearn_ext: dequantize_dot on CUDA needs at least one tensor");
   const at::Device device = x.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);

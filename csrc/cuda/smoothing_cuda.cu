@@ -151,8 +151,7 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
   check_step_lists(params, grads, step_size);
   const at::Device device = grads.tensors[0].device();
   c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> work(params.begin(), params.end());
-  for (auto& w : work) if (!w.is_contiguous()) w = w.contiguous();
+  std::vector<at::Tensor> work = contiguous_work(params);
   auto [min_radius, counts] = new_stats(device);
   at::Tensor keep;
   const ListView view = pack_lists({grads.tensors, work}, device, keep);
@@ -170,8 +169,7 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
     configure(op);
     launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>(), skip);
   });
-  for (size_t i = 0; i < params.size(); ++i)
-    if (!work[i].is_same(params[i])) params[i].copy_(work[i]);
+  write_back(params, work);
   return {min_radius, counts};
 }
 

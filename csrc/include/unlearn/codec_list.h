@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <utility>
 #include <vector>
 
 #include "unlearn/codecs.h"
@@ -89,18 +91,26 @@ inline CodedList empty_coded_list(const FlatList& x, int64_t bits, int64_t block
   return out;
 }
 
-// An in-place list (y, out, recon) paired with nothing else: validated like any float list, and
-// returned as contiguous work tensors; `write_back` copies results into non-contiguous originals.
-inline std::vector<at::Tensor> contiguous_work(at::TensorList list) {
-  std::vector<at::Tensor> work(list.begin(), list.end());
-  for (auto& w : work)
-    if (!w.is_contiguous()) w = w.contiguous();
-  return work;
+// The checks every codec op that reads codes starts with: codec arguments, the value list (x, out,
+// y, v: fp32/fp16/bf16, one dtype, one device) and codes/scales sized for it.
+struct CodecInputs {
+  FlatList values;
+  CodedList coded;
+};
+
+inline CodecInputs codec_inputs(at::TensorList values, const char* name, at::TensorList codes,
+                                at::TensorList scales, int64_t bits, int64_t block_size) {
+  check_codec_args(bits, block_size);
+  FlatList v = flatten_float_list(values, name);
+  CodedList q = check_coded_list(codes, scales, v, name, bits, block_size);
+  return {std::move(v), std::move(q)};
 }
 
-inline void write_back(at::TensorList originals, const std::vector<at::Tensor>& work) {
-  for (size_t i = 0; i < originals.size(); ++i)
-    if (!work[i].is_same(originals[i])) originals[i].copy_(work[i]);
+// alpha as the kernels use it (float): finite as a float, not just as a double.
+inline float checked_alpha(double alpha) {
+  const float a = static_cast<float>(alpha);
+  TORCH_CHECK(std::isfinite(a), "unlearn_ext: alpha must be finite (as float32), got ", alpha);
+  return a;
 }
 
 inline void check_recon_list(at::TensorList recon, const FlatList& target) {

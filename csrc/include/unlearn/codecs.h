@@ -82,7 +82,7 @@ UE_HOST_DEVICE int32_t finite_abs_bits(float v) {
   return bits < 0x7f800000 ? bits : 0;
 }
 
-UE_HOST_DEVICE float block_scale(float absmax, float qmax) { return absmax / qmax; }
+UE_HOST_DEVICE float block_scale(float absmax, float qmax) { return div_rn(absmax, qmax); }
 
 // Round half to even for |y| < 2^22: adding 1.5 * 2^23 moves y into the binade whose ulp is 1, so
 // the float addition itself rounds y to an integer (ties to even, the IEEE default), and the

@@ -62,6 +62,20 @@ inline void check_paired_lists(at::TensorList a, const char* a_name, at::TensorL
   }
 }
 
+// An in-place list (params, y, out, recon) as contiguous work tensors (the originals where they
+// already are contiguous); `write_back` copies results into the non-contiguous originals.
+inline std::vector<at::Tensor> contiguous_work(at::TensorList list) {
+  std::vector<at::Tensor> work(list.begin(), list.end());
+  for (auto& w : work)
+    if (!w.is_contiguous()) w = w.contiguous();
+  return work;
+}
+
+inline void write_back(at::TensorList originals, const std::vector<at::Tensor>& work) {
+  for (size_t i = 0; i < originals.size(); ++i)
+    if (!work[i].is_same(originals[i])) originals[i].copy_(work[i]);
+}
+
 // fragile_compact's inputs (CPU and CUDA): values (fp32/fp16/bf16) and one float32 radius per
 // value, paired by shape and device; both flattened.
 inline std::pair<FlatList, FlatList> fragile_inputs(at::TensorList values, at::TensorList radii) {
