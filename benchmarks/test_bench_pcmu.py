@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unlearn_ext.pcmu import PCMUTrainer
-from unlearn_ext.pcmu_examples import SETTINGS, load
+from unlearn_ext.pcmu_examples import SETTINGS, load, _trainer as _example_trainer
 from unlearn_ext.per_sample import clipped_per_sample
 from unlearn_ext.smoothing import analytic_threshold
 
@@ -133,16 +133,13 @@ def test_vmap_clipping_alone(benchmark, record, data):
 
 # ---- per-request check vs retraining (the digits example's setting) ----------------------------------
 
-def _digits_example_trainer(exclude=None):
-    s = SETTINGS["digits"]
-    x, y, _, _ = load("digits")
-    torch.manual_seed(0)
-    return PCMUTrainer(torch.nn.Linear(64, 10), LOSS, (x, y), batch_size=s["batch_size"], clip_norm=s["clip_norm"],
-                       lr=s["lr"], tau=s["tau"], sigma=s["sigma"], max_request=s["max_request"], exclude=exclude)
+def _digits_example_trainer(data, exclude=None):
+    """The digits example's trainer (pcmu_examples), on data loaded once by the fixture."""
+    return _example_trainer("digits", data[0], data[1], seed=0, mode="analytic", exclude=exclude)
 
 
-def test_request_check(benchmark, record):
-    trainer = _digits_example_trainer().train(epochs=SETTINGS["digits"]["epochs"])
+def test_request_check(benchmark, record, data):
+    trainer = _digits_example_trainer(data).train(epochs=SETTINGS["digits"]["epochs"])
     # A request the check must follow through every epoch (a passing one is the most expensive):
     # pick the first single id that is certified, else the one that diverges latest.
     checks = [(trainer.check_request([i]), i) for i in range(40)]
@@ -152,8 +149,9 @@ def test_request_check(benchmark, record):
     record("request/check", benchmark, elements=1)
 
 
-def test_request_retrain(benchmark, record):
+def test_request_retrain(benchmark, record, data):
+    """Retraining from scratch without the id: building the trainer and training (data already loaded)."""
     epochs = SETTINGS["digits"]["epochs"]
-    benchmark.pedantic(lambda: _digits_example_trainer(torch.tensor([3])).train(epochs=epochs), rounds=3,
+    benchmark.pedantic(lambda: _digits_example_trainer(data, torch.tensor([3])).train(epochs=epochs), rounds=3,
                        iterations=1, warmup_rounds=1)
     record("request/retrain", benchmark, elements=1)

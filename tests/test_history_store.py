@@ -196,6 +196,50 @@ def test_zero_filled_tail_is_dropped(tmp_path):
     assert store.steps == list(range(6)) and store.recovery.dropped_bytes == 1000
 
 
+def test_torn_last_header_is_dropped(tmp_path):
+    """A crash can leave the last record's header bytes zeroed (an unwritten page) at full length."""
+    path = str(tmp_path / "h.uehist")
+    write_disk_store(path, steps=6)
+    with HistoryStore.open(path) as store:
+        last = store._entries[-1].file_entry
+    with open(path, "r+b") as f:
+        f.seek(last.offset + history_file.FRAME.size)
+        f.write(b"\0" * 16)
+    with pytest.warns(RuntimeWarning, match="header checksum"):
+        store = HistoryStore.open(path)
+    assert store.steps == list(range(5)) and store.recovery.dropped_records == 1
+
+
+def test_expecting_a_model_checks_shapes_not_default_codecs(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+    path = str(tmp_path / "h.uehist")
+    with HistoryStore.for_model(model, params="fp32", grads=None, tier="disk", path=path) as store:
+        store.record(0, {"params": [p.detach() for p in model.parameters()]})
+    assert HistoryStore.open(path, expect=model).steps == [0]
+    with pytest.raises(ue.HistoryFormatError, match="another model"):
+        HistoryStore.open(path, expect=torch.nn.Linear(5, 3))
+
+
+def test_failed_encode_stops_recording(monkeypatch):
+    """If one field of a step fails after another was encoded, the delta encoder has moved on: the
+    store must stop rather than record deltas against a step it does not have."""
+    store = HistoryStore({"w": FieldSpec(SHAPES, "int8", delta=True), "g": FieldSpec(SHAPES, "int8")})
+    store.record(0, {"w": tensors(0), "g": tensors(1)})
+    real = store._encode
+
+    def failing(name, ts):
+        if name == "g":
+            raise MemoryError("out of memory")
+        return real(name, ts)
+    monkeypatch.setattr(store, "_encode", failing)
+    with pytest.raises(MemoryError):
+        store.record(1, {"w": tensors(2), "g": tensors(3)})
+    monkeypatch.setattr(store, "_encode", real)
+    with pytest.raises(RuntimeError, match="cannot record any more"):
+        store.record(2, {"w": tensors(4), "g": tensors(5)})
+    assert store.steps == [0]
+
+
 def test_corrupted_payload_is_detected(tmp_path):
     path = str(tmp_path / "h.uehist")
     write_disk_store(path)

@@ -50,6 +50,11 @@ def test_unknown_duplicate_repeat_and_empty_requests(tmp_path):
     assert deleter.requests == [] and deleter.forgotten == []  # nothing recorded or changed
     with pytest.raises(ValueError, match="empty"):
         deleter.forget([])
+    with pytest.raises(TypeError, match="ids must be integers"):  # 1.5 would silently become id 1
+        deleter.forget([1.5])
+    with pytest.raises(TypeError, match="removed must be integers"):
+        trainer.check_request(torch.tensor([True]))
+    assert deleter.requests == [] and deleter.forgotten == []
     first = deleter.forget([7, 7, 8])
     assert first.duplicates == [7] and first.ids == [7, 8]
     again = deleter.forget([8, 7])

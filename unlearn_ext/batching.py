@@ -22,11 +22,22 @@ class ScheduledStep:
     ids: torch.Tensor  # int64 ids present in this batch (excluded ids already removed)
 
 
+def as_ids(values, what: str = "ids") -> torch.Tensor:
+    """Sample ids as a flat int64 tensor. Float or bool input is refused: casting would silently
+    turn 1.5 into id 1 (and forget the wrong sample)."""
+    t = torch.as_tensor(values)
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{what} must be integers, got {t.dtype}")
+    return t.reshape(-1).to(torch.int64)
+
+
 class BatchSchedule:
     """Fixed per-epoch permutations of `ids` cut into batches of `batch_size`."""
 
     def __init__(self, ids: torch.Tensor, batch_size: int, seed: int = 0):
-        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        ids = as_ids(ids)
         if ids.numel() == 0:
             raise ValueError("the training set is empty: no ids to schedule")
         if torch.unique(ids).numel() != ids.numel():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import history_codecs as hc
+from .batching import as_ids
 from .history_file import HistoryFile, HistoryFormatError, Recovery
 
 TIERS = ("device", "host", "disk")
@@ -91,6 +92,7 @@ class HistoryStore:
         self.skipped_steps: list = []
         self._broken = ""                # why recording stopped (a failed disk write), if it did
         self._entries: list[_Entry] = []
+        self._steps: list[int] = []      # the entries' steps (ascending), for bisect
         self._recon: dict = {}           # encoder state per delta field: fp32 reconstruction
         self._since_key: dict = {}       # records of a delta field since its last keyframe
         self._cache: dict = {}           # decoder state per delta field: (entry index, tensors)
@@ -105,7 +107,7 @@ class HistoryStore:
     def for_model(cls, model, *, params: str | None = "int8", grads: str | None = "int8", **kw):
         """A store for a model's trainable parameters: 'params' (closed-loop deltas for int codecs)
         and 'grads'. Pass None to leave a field out."""
-        shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+        shapes = _trainable_shapes(model)
         fields = {}
         if params is not None:
             fields["params"] = FieldSpec(shapes, params, delta=params in hc.BITS)
@@ -126,7 +128,11 @@ class HistoryStore:
         head = hf.file_header
         fields = {k: FieldSpec(**v) for k, v in head["fields"].items()}
         if expect is not None:
-            want = expect if isinstance(expect, dict) else cls.for_model(expect, tier="host").fields
+            if isinstance(expect, dict):
+                want = expect
+            else:  # a model: every field holds its trainable parameters; codecs are the file's own
+                shapes = _trainable_shapes(expect)
+                want = {k: FieldSpec(shapes, v.codec, v.delta) for k, v in fields.items()}
             _check_compatible(path, fields, {k: (v if isinstance(v, FieldSpec) else FieldSpec(**v))
                                              for k, v in want.items()})
         store = cls(fields, tier="disk", path=path, keyframe_every=head["keyframe_every"],
@@ -134,6 +140,7 @@ class HistoryStore:
         for e in hf.index:
             h = e.header
             store._entries.append(_Entry(h["step"], h["lr"], h["stats"], file_entry=e))
+            store._steps.append(h["step"])
             for name in h["fields"]:
                 if store.fields[name].delta:
                     store._since_key[name] = 0 if h["fields"][name] == hc.KEYFRAME else store._since_key[name] + 1
@@ -170,29 +177,28 @@ class HistoryStore:
                 return None
         entry = _Entry(step, None if lr is None else float(lr), {})
         if batch_ids is not None:
-            ids = torch.as_tensor(batch_ids)
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise TypeError(f"batch_ids must be integers, got {ids.dtype}")
-            entry.batch_ids = ids.detach().reshape(-1).to("cpu", torch.int64, copy=True)
-        sync = False
-        for name, ts in tensors.items():
-            enc, stats = self._encode(name, list(ts))
-            entry.fields[name] = enc
-            entry.stats[name] = stats
-            if enc.kind == hc.KEYFRAME:
-                sync = True
-                self._keyframes.setdefault(name, []).append(len(self._entries))
-        if self.tier == "disk":
-            try:
+            entry.batch_ids = as_ids(batch_ids, "batch_ids").to("cpu", copy=True)
+        try:
+            sync = False
+            for name, ts in tensors.items():
+                enc, stats = self._encode(name, list(ts))
+                entry.fields[name] = enc
+                entry.stats[name] = stats
+                if enc.kind == hc.KEYFRAME:
+                    sync = True
+                    self._keyframes.setdefault(name, []).append(len(self._entries))
+            if self.tier == "disk":
                 self._write(entry, sync)
-            except BaseException as exc:
-                # The encoder's reconstruction already includes this step: later deltas would be
-                # relative to a record the file does not have, so the store stops here.
-                self._broken = f"writing step {step} failed ({exc!r})"
-                raise
-        else:
-            self._to_tier(entry)
+            else:
+                self._to_tier(entry)
+        except BaseException as exc:
+            # The encoder's reconstruction may already include this step (one field encoded, the
+            # next or the write failed): later deltas would be relative to a record the store does
+            # not have, so it stops here.
+            self._broken = f"writing step {step} failed ({exc!r})"
+            raise
         self._entries.append(entry)
+        self._steps.append(entry.step)
         return entry.stats
 
     def _check_field(self, name, ts, step) -> bool:
@@ -279,13 +285,13 @@ class HistoryStore:
 
     @property
     def steps(self) -> list:
-        return [e.step for e in self._entries]
+        return list(self._steps)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def _index_of(self, step: int) -> int:
-        i = bisect.bisect_left(self.steps, step)
+        i = bisect.bisect_left(self._steps, step)
         if i == len(self._entries) or self._entries[i].step != step:
             raise KeyError(f"step {step} was not recorded (recorded: {len(self)} steps"
                            + (f", {self._entries[0].step}..{self._entries[-1].step})" if self._entries else ")"))
@@ -348,7 +354,7 @@ class HistoryStore:
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
         """StepRecords of the recorded steps in [start, stop), in order (deltas applied incrementally)."""
-        for s in self.steps:
+        for s in list(self._steps):
             if (start is None or s >= start) and (stop is None or s < stop):
                 yield self.read(s, names, device=device)
 
@@ -371,6 +377,10 @@ class HistoryStore:
         """Per recorded step and field: kind, bytes, fp32 bytes, ratio, max and RMS error."""
         return [dict(step=e.step, field=k, ratio=s["raw_bytes"] / s["bytes"] if s["bytes"] else float("nan"), **s)
                 for e in self._entries for k, s in e.stats.items()]
+
+
+def _trainable_shapes(model) -> list:
+    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
 
 
 def _check_compatible(path, have: dict, want: dict) -> None:

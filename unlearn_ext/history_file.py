@@ -214,6 +214,8 @@ def _scan(f, pos: int, size: int):
         if len(head) < head_len or end > size:
             return entries, pos, "the last record is cut off"
         if zlib.crc32(head) != head_crc:
+            if end == size:  # the last record: a crash can leave its header half-written (zero pages)
+                return entries, pos, "the last record's header checksum does not match (cut off by a crash)"
             raise HistoryCorruptError(f"{f.name}: record header at offset {pos}: checksum mismatch")
         entries.append(IndexEntry(pos, json.loads(head), pos + FRAME.size + head_len, payload_len, payload_crc))
         pos = end

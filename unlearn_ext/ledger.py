@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .batching import as_ids
 from .pcmu import PCMUTrainer
 
 LEDGER = "ledger.json"
@@ -127,7 +128,7 @@ class PromptDeleter:
 
     def forget(self, ids) -> DeletionAnswer:
         began = time.perf_counter()
-        raw = [int(i) for i in torch.as_tensor(ids, dtype=torch.int64).reshape(-1).tolist()]
+        raw = as_ids(ids).tolist()
         if not raw:
             raise ValueError("empty deletion request: give at least one id")
         unknown = self.trainer.unknown_ids(torch.tensor(sorted(set(raw)), dtype=torch.int64))
@@ -154,7 +155,7 @@ class PromptDeleter:
     def _decide(self, answer: DeletionAnswer, new: torch.Tensor) -> None:
         trainer = self.trainer
         union = torch.cat([trainer.forgotten, new]).unique()
-        check = trainer.check_request(union)
+        check = trainer.check_request(new)  # the ids forgotten so far are included by the check
         answer.check = check.to_dict()
         answer.first_divergent_step = check.first_divergent_step
         if check.certified:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import _ops
-from .batching import BatchSchedule
+from .batching import BatchSchedule, as_ids
 from .certificate import AprioriCertificate, RequestCheck
 from .pcmu_record import StepRecord, pack_codes, unpack_codes
 from .per_sample import clipped_sum64, trainable
@@ -63,7 +63,7 @@ class PCMUTrainer:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"inputs have {x.shape[0]} rows but targets have {y.shape[0]}")
         self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
-        ids = torch.arange(x.shape[0]) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        ids = torch.arange(x.shape[0]) if ids is None else as_ids(ids)
         if ids.numel() != x.shape[0]:
             raise ValueError(f"ids has {ids.numel()} entries for {x.shape[0]} samples")
         self.schedule = BatchSchedule(ids, batch_size, seed)
@@ -82,7 +82,7 @@ class PCMUTrainer:
         self.shapes = [p.shape for p in self.params]
         self.initial = [p.detach().clone() for p in self.params]
         self.records: list[StepRecord] = []
-        self.forgotten = torch.as_tensor([] if exclude is None else exclude, dtype=torch.int64).unique()
+        self.forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
         smooth_quantize([torch.zeros(1)], tau=self.tau, sigma=self.sigma, mode=mode, n0=n0, n=n,
                         alpha=alpha)  # validates the smoothing configuration now, not at step 1
 
@@ -125,7 +125,7 @@ class PCMUTrainer:
         count = steps if steps is not None else epochs * self.schedule.batches_per_epoch
         start = self.steps_done
         for scheduled in self.schedule.steps(start, start + count, self.forgotten):
-            self.step(scheduled.ids)
+            self.records.append(self._compute_step(scheduled.step, scheduled.ids))
         return self
 
     def batches(self, epochs: int):
@@ -139,7 +139,7 @@ class PCMUTrainer:
         """One PCMU step on the batch `ids` (the schedule's next batch); returns its record."""
         t = self.steps_done
         expected = self.schedule.step(t, self.forgotten).ids
-        if not torch.equal(torch.as_tensor(ids, dtype=torch.int64), expected):
+        if not torch.equal(as_ids(ids), expected):
             raise ValueError(f"step {t} must use the scheduled batch (fixed per-epoch cuts minus forgotten ids, "
                              "DESIGN section 4); iterate trainer.batches() to get it")
         record = self._compute_step(t, expected)
@@ -207,9 +207,11 @@ class PCMUTrainer:
         return w
 
     def check_request(self, removed) -> RequestCheck:
-        """Would training without `removed` (all ids forgotten so far included) give the same codes?"""
+        """Would training without `removed` and every id forgotten so far give the same codes? The
+        ids forgotten so far are always included: a certified deletion leaves the record as it was,
+        so their gradients are still inside the stored values of the steps that held them."""
         began = time.perf_counter()
-        removed = torch.as_tensor(removed, dtype=torch.int64).unique()
+        removed = torch.cat([self.forgotten, as_ids(removed, "removed")]).unique()
         out = RequestCheck("exact" if self.mode == "analytic" or self.framework == "D" else "probable",
                            None, "")
         w_at, w = 0, None
@@ -281,7 +283,7 @@ class PCMUTrainer:
     def resume_without(self, removed, t0: int) -> None:
         """Retrains steps t0.. without `removed` from the replayed w_t0 (exactly what retraining from
         scratch without them gives when steps < t0 are certified), replacing their records."""
-        removed = torch.as_tensor(removed, dtype=torch.int64).unique()
+        removed = as_ids(removed, "removed").unique()
         end = self.steps_done
         w = self.replay(t0)
         with torch.no_grad():
