@@ -353,6 +353,8 @@ def test_reading_one_step_does_not_read_the_file(tmp_path, monkeypatch):
     keyframe = {name: nbytes for name, _, nbytes, _ in store._entries[60].file_entry.header["sections"]}
     assert CountingFile.total == keyframe["params"] + 3 * sections["params"]
     assert both == CountingFile.total + sections["grads"]  # and with grads: only step 63's
+    with pytest.raises(RuntimeError, match="read-only"):  # and it refuses to record
+        store.record(100, {"params": [torch.randn(256, 256)], "grads": [torch.randn(256, 256)]})
 
 
 # ---- tiers, recorder, estimate ---------------------------------------------------------------------

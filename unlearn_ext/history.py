@@ -28,6 +28,7 @@ import torch
 
 from . import history_codecs as hc
 from .batching import as_ids
+from .per_sample import trainable
 from .history_file import HistoryFile, HistoryFormatError, Recovery
 
 TIERS = ("device", "host", "disk")
@@ -147,7 +148,7 @@ class HistoryStore:
                     if h["fields"][name] == hc.KEYFRAME:
                         store._keyframes.setdefault(name, []).append(len(store._entries) - 1)
         for name, spec in store.fields.items():  # rebuild the encoder's reconstruction for appends
-            if spec.delta and name in store._since_key:
+            if writable and spec.delta and name in store._since_key:
                 last = max(i for i in range(len(store._entries)) if store._field_kind(i, name) is not None)
                 store._recon[name] = [t.clone() for t in store._decode_field(name, last)]
         return store
@@ -169,6 +170,8 @@ class HistoryStore:
         if self._broken:
             raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
                                "HistoryStore.open, which continues after the last whole record")
+        if self.file is not None and not self.file.writable:
+            raise RuntimeError(f"{self.file.path} was opened read-only (writable=False): it cannot record")
         if self._entries and step <= self._entries[-1].step:
             raise ValueError(f"steps must increase: got {step} after {self._entries[-1].step}")
         for name, ts in tensors.items():
@@ -240,6 +243,9 @@ class HistoryStore:
                 enc = hc.encode_keyframe(work, spec.codec)
                 self._recon[name] = [t.detach().to(torch.float32, copy=True).contiguous() for t in work]
                 self._since_key[name] = 0
+                # fp32 holds fp32/fp16/bf16 values exactly: a keyframe has no error to measure.
+                return enc, {"kind": enc.kind, "bytes": enc.nbytes, "raw_bytes": raw, "max_err": 0.0,
+                             "rms_err": 0.0}
             else:
                 recon = self._recon[name]
                 if recon and recon[0].device != work[0].device:  # e.g. reopened on CPU, training on GPU
@@ -380,7 +386,7 @@ class HistoryStore:
 
 
 def _trainable_shapes(model) -> list:
-    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    return [tuple(p.shape) for p in trainable(model).values()]
 
 
 def _check_compatible(path, have: dict, want: dict) -> None:

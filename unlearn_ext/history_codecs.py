@@ -62,7 +62,7 @@ def array_specs(codec: str, kind: str, shapes, block_size: int):
 
 
 def payload_bytes(codec: str, kind: str, shapes, block_size: int) -> int:
-    return sum(torch.empty((), dtype=d).element_size() * n for d, n in array_specs(codec, kind, shapes, block_size))
+    return sum(d.itemsize * n for d, n in array_specs(codec, kind, shapes, block_size))
 
 
 def encode_plain(tensors, codec: str, block_size: int) -> Encoded:

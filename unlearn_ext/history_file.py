@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .durable import fsync_dir
+
 FILE_MAGIC = b"UEHIST01"
 RECORD_MAGIC = b"UERC"
 FRAME = struct.Struct("<4sIQII")
@@ -76,6 +78,7 @@ class HistoryFile:
     file_header: dict
     index: list = field(default_factory=list)
     recovery: Recovery = field(default_factory=Recovery)
+    writable: bool = True
     _f: object = None
 
     # ---- writing ---------------------------------------------------------------------------------
@@ -88,6 +91,7 @@ class HistoryFile:
         hf._f = _open_binary(path, "w+b")
         hf._f.write(FILE_MAGIC)
         hf._append(hf.file_header, [], sync=True, index=False)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))  # the new file's name survives a crash too
         return hf
 
     def append(self, header: dict, sections, *, sync: bool) -> IndexEntry:
@@ -147,7 +151,7 @@ class HistoryFile:
                 raise HistoryFormatError(f"{path}: format {file_header.get('format')!r} version "
                                          f"{file_header.get('version')!r}; this build reads {FORMAT_NAME!r} "
                                          f"version {FORMAT_VERSION}")
-            hf = cls(path, file_header, entries[1:], _f=f)
+            hf = cls(path, file_header, entries[1:], writable=writable, _f=f)
             # A zero-filled or half-written tail can pass the header checks: verify the last payload.
             if hf.index and not hf._payload_ok(hf.index[-1]):
                 end = hf.index.pop().offset
@@ -187,7 +191,7 @@ def _arrays_from(buf: bytearray, specs) -> list:
     out, pos = [], 0
     for dtype_name, numel in specs:
         dtype = DTYPES[dtype_name]
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         out.append(torch.frombuffer(buf, dtype=dtype, count=numel, offset=pos) if numel
                    else torch.empty(0, dtype=dtype))
         pos += nbytes

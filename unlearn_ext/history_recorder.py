@@ -19,12 +19,13 @@ import torch
 
 from . import history_codecs as hc
 from .history_file import FRAME
+from .per_sample import trainable
 
 
 class HistoryRecorder:
     def __init__(self, store, model, optimizer, *, steps=None, start_step: int = 0):
         self.store = store
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list(trainable(model).values())
         self.steps = None if steps is None else set(int(s) for s in steps)
         self.step = int(start_step)
         self._ids = None
@@ -62,7 +63,7 @@ def estimate_bytes(model, steps: int, codecs: dict | None = None, *, keyframe_ev
     (estimated from a header of the same shape). Returns a dict with payload, overhead, total, the
     fp32 size and the compression ratio."""
     codecs = {"params": "int8", "grads": "int8"} if codecs is None else codecs
-    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    shapes = [tuple(p.shape) for p in trainable(model).values()]
     records = -(-steps // record_every)
     payload, raw = 0, 0
     fp32 = sum(math.prod(s) for s in shapes) * 4

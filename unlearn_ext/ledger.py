@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .batching import as_ids
+from .durable import atomic_write
 from .pcmu import PCMUTrainer
 
 LEDGER = "ledger.json"
@@ -60,24 +61,6 @@ class DeletionAnswer:
             extra.append(f"already forgotten: {self.repeats}")
         tail = f" [{'; '.join(extra)}]" if extra else ""
         return f"request {self.request}: {self.status} ({self.how}) — {self.reason}{tail}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class PromptDeleter:
@@ -116,10 +99,10 @@ class PromptDeleter:
         old = self.ledger.get("state")
         version = self.ledger["version"] + 1
         name = f"state-{version:06d}.pt"
-        _atomic_write(os.path.join(self.directory, name), lambda f: torch.save(self.trainer.state_dict(), f))
+        atomic_write(os.path.join(self.directory, name), lambda f: torch.save(self.trainer.state_dict(), f))
         self.ledger.update(state=name, version=version)
         text = json.dumps(self.ledger, indent=1, default=float).encode()
-        _atomic_write(os.path.join(self.directory, LEDGER), lambda f: f.write(text))
+        atomic_write(os.path.join(self.directory, LEDGER), lambda f: f.write(text))
         if old and old != name:
             try:
                 os.remove(os.path.join(self.directory, old))

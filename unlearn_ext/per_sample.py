@@ -83,10 +83,3 @@ def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: in
         for k, g in per_sample.items():
             total[k] += weighted_row_sum64(g, scale)
     return total
-
-
-def clipped_gradient_sum(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                         clip_norm: float) -> dict[str, torch.Tensor]:
-    """Sum over the batch of per-sample gradients clipped to L2 norm `clip_norm` (parameter dtype)."""
-    params = trainable(model)
-    return {k: v.to(params[k].dtype) for k, v in clipped_sum64(model, loss_fn, x, y, clip_norm).items()}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .smoothing import FLOAT_DTYPES  # the kernels' input dtypes
+
 
 
 def fragile_compact(values, radii, threshold: float):

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .smoothing import FLOAT_DTYPES  # the kernels' input dtypes
+
 MIN_BLOCK, MAX_BLOCK = 64, 4096
 
 
