@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from unlearn_ext import _ops
+from unlearn_ext import ops as _ops
 from unlearn_ext.history import FieldSpec, HistoryStore
 from workloads import gradient_list
 

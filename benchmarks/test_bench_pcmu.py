@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from unlearn_ext.pcmu import PCMUTrainer
-from unlearn_ext.pcmu_examples import SETTINGS, load, _trainer as _example_trainer
+from unlearn_ext.pcmu.examples import SETTINGS, load, _trainer as _example_trainer
 from unlearn_ext.per_sample import clipped_per_sample
-from unlearn_ext.smoothing import analytic_threshold
+from unlearn_ext.pcmu.smoothing import analytic_threshold
 
 B, C, TAU, SIGMA, N0, N = 256, 1.0, 0.006, 0.01, 4, 16
 LOSS = torch.nn.functional.cross_entropy

@@ -13,7 +13,7 @@ import torch
 
 import unlearn_ext as ue
 from unlearn_ext import reference
-from unlearn_ext.smoothing import analytic_threshold, radius_table
+from unlearn_ext.pcmu.smoothing import analytic_threshold, radius_table
 from workloads import gradient_list
 
 DEVICE = os.environ.get("UNLEARN_BENCH_DEVICE", "cpu")

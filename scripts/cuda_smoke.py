@@ -375,8 +375,8 @@ def _delta():
             for step in range(4):
                 w = [t + 1e-2 * torch.randn(t.shape, generator=gen) for t in w]
                 target = [t.to(dtype) for t in w]
-                codes_c, scales_c = ue._ops.empty_codes(target, bits, 256)
-                codes_g, scales_g = ue._ops.empty_codes(to_cuda(target), bits, 256)
+                codes_c, scales_c = ue.ops.empty_codes(target, bits, 256)
+                codes_g, scales_g = ue.ops.empty_codes(to_cuda(target), bits, 256)
                 OPS.delta_encode_(target, recon_c, codes_c, scales_c, bits, 256)
                 OPS.delta_encode_(to_cuda(target), recon_g, codes_g, scales_g, bits, 256)
                 for name, gs, cs in (("codes", codes_g, codes_c), ("scales", scales_g, scales_c),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import unlearn_ext as ue
-from unlearn_ext import _ops, reference
+from unlearn_ext import ops as _ops, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "transposed", "strided"]

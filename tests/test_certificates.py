@@ -5,7 +5,7 @@ import torch
 from scipy import optimize, stats
 
 import unlearn_ext as ue
-from unlearn_ext.smoothing import analytic_threshold, radius_table
+from unlearn_ext.pcmu.smoothing import analytic_threshold, radius_table
 
 
 def scipy_beta(tau, sigma):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import unlearn_ext as ue
-from unlearn_ext import _ops
-from unlearn_ext.smoothing import radius_table
+from unlearn_ext import ops as _ops
+from unlearn_ext.pcmu.smoothing import radius_table
 from conftest import requires_compiled
 
 G = [torch.randn(10), torch.randn(3, 2)]

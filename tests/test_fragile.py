@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from unlearn_ext import _ops, reference
+from unlearn_ext import ops as _ops, reference
 
 from conftest import DTYPES, LAYOUTS, devices, make_list, requires_compiled
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from unlearn_ext import _ops, reference
-from unlearn_ext.reference import history as ref_history
+from unlearn_ext import ops as _ops, reference
+from unlearn_ext.reference import codecs as ref_history
 from conftest import DTYPES, LAYOUTS, assert_lists_equal, devices, make_list, make_tensor, requires_compiled, to_cpu
 
 SIZES = [0, 1, 255, 1000003]

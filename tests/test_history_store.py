@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import unlearn_ext as ue
-from unlearn_ext import _ops, history_file
+from unlearn_ext import ops as _ops
+from unlearn_ext.history import file as history_file
 from unlearn_ext.history import FieldSpec, HistoryStore
-from unlearn_ext.reference import history as ref_history
+from unlearn_ext.reference import codecs as ref_history
 
 SHAPES = [(33, 17), (17,), (5, 3, 4)]
 
@@ -470,8 +471,8 @@ def test_reference_backend_writes_the_same_bytes(monkeypatch):
             store.record(t, {"w": tensors(t), "g": tensors(50 + t)})
         return [a for e in store._entries for enc in e.fields.values() for a in enc.arrays]
     compiled = run()
-    monkeypatch.setattr(_ops, "_C", None)
-    monkeypatch.setattr(_ops, "_warned", True)
+    monkeypatch.setattr(_ops.loader, "_C", None)
+    monkeypatch.setattr(_ops.loader, "_warned", True)
     fallback = run()
     assert len(compiled) == len(fallback)
     assert all(torch.equal(a, b) for a, b in zip(compiled, fallback))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from unlearn_ext.ledger import LEDGER, PromptDeleter, UnknownIdsError
+from unlearn_ext.pcmu.deleter_old import LEDGER, PromptDeleter, UnknownIdsError
 
 from pcmu_settings import digits_trainer, first_difference, params_equal, synthetic_trainer
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from unlearn_ext.batching import BatchSchedule
-from unlearn_ext.certificate import AprioriCertificate
+from unlearn_ext.data import BatchSchedule
+from unlearn_ext.pcmu.certificate import AprioriCertificate
 
 from pcmu_settings import (digits_data, digits_trainer, first_difference, params_equal, synthetic_data,
                            synthetic_trainer)

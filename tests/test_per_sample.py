@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unlearn_ext import per_sample
-from unlearn_ext.pcmu import DEFAULT_MARGIN_FACTOR
+from unlearn_ext.pcmu.trainer import DEFAULT_MARGIN_FACTOR
 from unlearn_ext.per_sample import clip_scales, clipped_per_sample, clipped_sum64, weighted_row_sum64
 
 LOSS = torch.nn.functional.cross_entropy

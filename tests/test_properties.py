@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 import unlearn_ext as ue
 from unlearn_ext import reference
-from unlearn_ext.smoothing import analytic_threshold, radius_table
+from unlearn_ext.pcmu.smoothing import analytic_threshold, radius_table
 
 sizes = st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=4)
 floats = st.floats(min_value=-2.0, max_value=2.0, width=32, allow_nan=False)

@@ -7,7 +7,7 @@ import torch
 
 import unlearn_ext as ue
 from unlearn_ext import reference
-from unlearn_ext.smoothing import analytic_threshold, blocks_per_element, radius_table
+from unlearn_ext.pcmu.smoothing import analytic_threshold, blocks_per_element, radius_table
 from conftest import DTYPES, LAYOUTS, assert_lists_equal, devices, make_list, make_params, to_cpu
 
 KW = dict(tau=0.2, sigma=0.3, n0=8, n=64, count_below=0.1)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from unlearn_ext import _ops, reference
-from unlearn_ext.smoothing import analytic_threshold, radius_table
+from unlearn_ext import ops as _ops, reference
+from unlearn_ext.pcmu.smoothing import analytic_threshold, radius_table
 from conftest import (DTYPES, make_params, LAYOUTS, assert_lists_equal, assert_quantize_equal, devices, make_list,
                       make_tensor, mc_compare, signed64, to_cpu)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import unlearn_ext as ue
-from unlearn_ext import _ops, reference
+from unlearn_ext import ops as _ops, reference
 from unlearn_ext.reference import smoothing as ref_smoothing
-from unlearn_ext.smoothing import radius_table
+from unlearn_ext.pcmu.smoothing import radius_table
 from conftest import (DTYPES, LAYOUTS, assert_lists_equal, assert_quantize_equal, devices, make_list,
                       signed64, to_cpu)
 

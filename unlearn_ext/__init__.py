@@ -1,42 +1,65 @@
 """unlearn_ext: fused kernels and methods for machine unlearning in PyTorch.
 
-Start with `PCMUTrainer` (certified training with smoothed, quantized gradients) and
-`PromptDeleter` (deletion requests answered from the training record, with a ledger);
-`backend()` tells whether the compiled kernels or the pure-PyTorch reference serve the ops.
+Layout (README "Where things are"): shared pieces at the top — `ops` (raw op wrappers, fakes,
+backend choice), `rng` (the RNG contract), `data` (TrainingData, BatchSchedule, retrain),
+`unlearner` (the Unlearner interface and its report), `ledger` (deletion ledger for any
+Unlearner), `durable` (crash-safe writes); one subpackage per method family (`pcmu`, `history`);
+`reference` is the pure-PyTorch truth of every op.
 """
-from ._ops import backend, compiled, cuda_built  # noqa: F401
-from .smoothing import (  # noqa: F401
+from .ops import backend, compiled, cuda_built
+from .rng import philox_bernoulli, philox_bits, philox_uniform
+from .pcmu import (
+    AprioriCertificate,
+    PCMUTrainer,
     QuantizeResult,
+    RequestCheck,
     SmoothedQuantizer,
+    SmoothingStats,
     StepStats,
+    VoteCounter,
     analytic_threshold,
-    philox_bernoulli,
-    philox_bits,
-    philox_uniform,
     radius_table,
     smooth_quantize,
     smooth_quantize_step_,
     vote_accumulate_,
     vote_finalize,
-    VoteCounter,
 )
-from .batching import BatchSchedule  # noqa: F401,E402
-from .certificate import AprioriCertificate, RequestCheck  # noqa: F401,E402
-from .ledger import DeletionAnswer, PromptDeleter, UnknownIdsError  # noqa: F401,E402
-from .pcmu import PCMUTrainer  # noqa: F401,E402
-from .history import FieldSpec, HistoryStore, StepRecord  # noqa: F401
-from .history_file import HistoryCorruptError, HistoryFormatError  # noqa: F401
-from .history_recorder import HistoryRecorder, estimate_bytes  # noqa: F401
+from .data import BatchSchedule
+from .pcmu.deleter_old import DeletionAnswer, PromptDeleter, UnknownIdsError
+from .history import (
+    FieldSpec,
+    HistoryCorruptError,
+    HistoryFormatError,
+    HistoryRecorder,
+    HistoryStore,
+    StoredStep,
+    estimate_bytes,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # backend
+    "backend", "compiled", "cuda_built", "build_info",
+    # RNG contract
+    "philox_bits", "philox_uniform", "philox_bernoulli",
+    # PCMU
+    "PCMUTrainer", "AprioriCertificate", "RequestCheck", "SmoothedQuantizer", "QuantizeResult",
+    "SmoothingStats", "StepStats", "VoteCounter", "analytic_threshold", "radius_table",
+    "smooth_quantize", "smooth_quantize_step_", "vote_accumulate_", "vote_finalize",
+    # shared data and deletion
+    "BatchSchedule", "DeletionAnswer", "PromptDeleter", "UnknownIdsError",
+    # history store
+    "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
+    "HistoryCorruptError", "HistoryFormatError",
+]
 
 
 def build_info() -> dict:
     """What was compiled: backend, CUDA, CPU vector ISA and flags."""
-    from . import _ops
+    from .ops.loader import _C
 
     info = {"backend": backend(), "torch": __import__("torch").__version__}
-    if _ops._C is not None:
-        info.update(cuda=_ops._C.built_with_cuda(), cpu_isa=_ops._C.cpu_vector_isa(),
-                    cpu_flags=_ops._C.cpu_flags())
+    if _C is not None:
+        info.update(cuda=_C.built_with_cuda(), cpu_isa=_C.cpu_vector_isa(), cpu_flags=_C.cpu_flags())
     return info

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     if args.command == "info":
         print(json.dumps(build_info(), indent=2))
         return 0
-    from .pcmu_examples import report, run
+    from .pcmu.examples import report, run
 
     names = ["synthetic", "digits"] if args.command == "demo" else [args.example]
     mode = getattr(args, "mode", "analytic")

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every unlearn_ext op: the truth the kernels are tested against, and
 the fallback when the compiled extension is missing."""
 from .fragile import fragile_compact  # noqa: F401
-from .philox import philox_bernoulli, philox_bits, philox_uniform, philox_words, philox4x32_10  # noqa: F401
+from .rng import philox_bernoulli, philox_bits, philox_uniform, philox_words, philox4x32_10  # noqa: F401
 from .smoothing import (  # noqa: F401
     quantize_analytic,
     quantize_mc,
@@ -10,7 +10,7 @@ from .smoothing import (  # noqa: F401
     vote_accumulate_,
     vote_finalize,
 )
-from .history import (  # noqa: F401
+from .codecs import (  # noqa: F401
     blockwise_dequantize_,
     blockwise_quantize,
     delta_encode_,

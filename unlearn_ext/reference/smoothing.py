@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .philox import philox_words, uniform_from_words
+from .rng import philox_words, uniform_from_words
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RADIUS_SHRINK = 1.0 - 2.0**-22  # see round_radius_down in csrc/include/unlearn/elementwise.h

@@ -2,11 +2,11 @@
 recorded trajectory (DESIGN section 4 — our formulation; the paper's abstract gives no formulas).
 
 Training step t (framework G):
-  1. batch = the fixed batch t of the schedule minus the excluded ids (batching.py); empty -> no update;
+  1. batch = the fixed batch t of the schedule minus the excluded ids (data.py); empty -> no update;
   2. v = sum_i clip_C(grad l_i(w_t)) / b over the batch, b the *nominal* batch size (per_sample.py);
   3. codes, radii = smoothed ternary quantization of v (`analytic` or `mc`, fused kernels);
   4. w_{t+1} = w_t - step_size_t * codes; the RNG offset of step t is t * blocks-per-call;
-  5. record the step (pcmu_record.py): ids, step size, smallest radius, fragile coordinates.
+  5. record the step (records.py): ids, step size, smallest radius, fragile coordinates.
 
 Removing k ids from a batch moves v by at most k*C/b in every coordinate, so a coordinate whose
 radius exceeds k*C/b (plus `rounding_margin`) keeps its code. `check_request` uses the records to
@@ -24,11 +24,11 @@ from typing import Callable
 
 import torch
 
-from . import _ops
-from .batching import BatchSchedule, as_ids
+from .. import ops as _ops
+from ..data import BatchSchedule, as_ids
+from ..per_sample import clipped_sum64, trainable
 from .certificate import AprioriCertificate, RequestCheck
-from .pcmu_record import StepRecord, pack_codes, unpack_codes
-from .per_sample import clipped_sum64, trainable
+from .records import PCMUStep, pack_codes, unpack_codes
 from .smoothing import analytic_threshold, blocks_per_element, smooth_quantize
 
 # Our choice: |computed v - retrained v| is a few float32 roundings of magnitude <= C (the float64
@@ -81,7 +81,7 @@ class PCMUTrainer:
         self.params = [p for p in trainable(model).values()]
         self.shapes = [p.shape for p in self.params]
         self.initial = [p.detach().clone() for p in self.params]
-        self.records: list[StepRecord] = []
+        self.records: list[PCMUStep] = []
         self.forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
         smooth_quantize([torch.zeros(1)], tau=self.tau, sigma=self.sigma, mode=mode, n0=n0, n=n,
                         alpha=alpha)  # validates the smoothing configuration now, not at step 1
@@ -135,7 +135,7 @@ class PCMUTrainer:
                                              self.forgotten):
             yield scheduled.ids
 
-    def step(self, ids: torch.Tensor) -> StepRecord:
+    def step(self, ids: torch.Tensor) -> PCMUStep:
         """One PCMU step on the batch `ids` (the schedule's next batch); returns its record."""
         t = self.steps_done
         expected = self.schedule.step(t, self.forgotten).ids
@@ -165,11 +165,11 @@ class PCMUTrainer:
                                   alpha=self.alpha, seed=self.seed, offset=self.offset_of(t),
                                   count_below=count_below)
 
-    def _compute_step(self, t: int, ids: torch.Tensor) -> StepRecord:
+    def _compute_step(self, t: int, ids: torch.Tensor) -> PCMUStep:
         step_size = float(self._lr(t))
         empty = torch.empty(0)
         if ids.numel() == 0:  # an emptied batch makes no update (and consumes no data)
-            return StepRecord(t, ids, step_size, self.offset_of(t), False, float("inf"),
+            return PCMUStep(t, ids, step_size, self.offset_of(t), False, float("inf"),
                               empty.long(), empty, empty, torch.empty(0, dtype=torch.uint8))
         with torch.no_grad():
             v, result = self._quantize(t, self.params, ids, self.fragile_threshold)
@@ -178,7 +178,7 @@ class PCMUTrainer:
                 index, value, radius = _ops.fragile_compact(v, result.radii, self.fragile_threshold)
             else:  # input-space radii: nothing to record for removal checks
                 index, value, radius = empty.long(), empty, empty
-        return StepRecord(t, ids, step_size, self.offset_of(t), True, result.min_radius, index.cpu(),
+        return PCMUStep(t, ids, step_size, self.offset_of(t), True, result.min_radius, index.cpu(),
                           value.cpu(), radius.cpu(), pack_codes(result.codes))
 
     # ---- certificates ---------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class PCMUTrainer:
         out.seconds = time.perf_counter() - began
         return out
 
-    def _check_step(self, r: StepRecord, present: torch.Tensor, w_at: int, w, out: RequestCheck):
+    def _check_step(self, r: PCMUStep, present: torch.Tensor, w_at: int, w, out: RequestCheck):
         """(verdict, rebuilt): verdict None if step r keeps its codes without `present`, else
         (status, reason); rebuilt = (t, w_t) when the check had to replay w_t, else None."""
         k = present.numel()
@@ -256,7 +256,7 @@ class PCMUTrainer:
         verdict = (self._requantize_analytic if self.mode == "analytic" else self._radius_check_mc)(r, delta, out)
         return verdict, (r.step, w)
 
-    def _requantize_analytic(self, r: StepRecord, delta: torch.Tensor, out: RequestCheck):
+    def _requantize_analytic(self, r: PCMUStep, delta: torch.Tensor, out: RequestCheck):
         beta = float(torch.tensor(self.beta, dtype=torch.float32))  # the kernel compares in float32
         v = r.fragile_value
         old = (v > beta).to(torch.int8) - (v < -beta).to(torch.int8)
@@ -271,7 +271,7 @@ class PCMUTrainer:
             return ("undecided", f"{int(near.sum())} coordinates land within the rounding margin of +-beta")
         return None
 
-    def _radius_check_mc(self, r: StepRecord, delta: torch.Tensor, out: RequestCheck):
+    def _radius_check_mc(self, r: PCMUStep, delta: torch.Tensor, out: RequestCheck):
         uncovered = ~(delta.abs() + self.rounding_margin < r.fragile_radius.double())
         if bool(uncovered.any()):
             return ("undecided", f"{int(uncovered.sum())} coordinates move by more than their Monte-Carlo "
@@ -318,7 +318,7 @@ class PCMUTrainer:
             for p, src in zip(self.params, state["params"]):
                 p.copy_(src)
         self.forgotten = state["forgotten"].clone()
-        self.records = [StepRecord.from_state(s) for s in state["records"]]
+        self.records = [PCMUStep.from_state(s) for s in state["records"]]
 
 
 def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_size: float) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _ops
+from .. import ops as _ops
+from ..reference.codecs import block_count, code_dtype, code_numel
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
 FP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,8 +58,8 @@ def array_specs(codec: str, kind: str, shapes, block_size: int):
     if codec in FP_DTYPES:
         return [(FP_DTYPES[codec], n) for n in numels]
     bits = BITS[codec]
-    codes = [(torch.int8 if bits == 8 else torch.uint8, n if bits == 8 else (n + 1) // 2) for n in numels]
-    return codes + [(torch.float32, -(-n // block_size)) for n in numels]
+    codes = [(code_dtype(bits), code_numel(n, bits)) for n in numels]
+    return codes + [(torch.float32, block_count(n, block_size)) for n in numels]
 
 
 def payload_bytes(codec: str, kind: str, shapes, block_size: int) -> int:

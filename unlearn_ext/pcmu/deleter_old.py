@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .batching import as_ids
-from .durable import atomic_write
-from .pcmu import PCMUTrainer
+from ..data import as_ids
+from ..durable import atomic_write
+from .trainer import PCMUTrainer
 
 LEDGER = "ledger.json"
 FORMAT = "unlearn_ext.pcmu-ledger/1"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .per_sample import clipped_sum64
+from ..per_sample import clipped_sum64
 from .smoothing import VoteCounter
 
 

@@ -14,7 +14,7 @@ checksummed, fsync'd at keyframes; reading a step seeks to its records).
     store = ue.HistoryStore.for_model(model, params="int8", grads="int8", keyframe_every=50)
     recorder = ue.HistoryRecorder(store, model, optimizer)      # one line: records at every step
     ...
-    s = store.read(t)            # StepRecord: s.tensors["params"], s.tensors["grads"], s.lr, s.batch_ids
+    s = store.read(t)            # StoredStep: s.tensors["params"], s.tensors["grads"], s.lr, s.batch_ids
     for s in store.iter(10, 20): ...
     store.report()               # bytes, compression ratio, max and RMS error per step
 """
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import history_codecs as hc
-from .batching import as_ids
-from .per_sample import trainable
-from .history_file import HistoryFile, HistoryFormatError, Recovery
+from . import codecs as hc
+from ..data import as_ids
+from ..per_sample import trainable
+from .file import HistoryFile, HistoryFormatError, Recovery
 
 TIERS = ("device", "host", "disk")
 IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
@@ -53,7 +53,7 @@ class FieldSpec:
 
 
 @dataclass
-class StepRecord:
+class StoredStep:
     step: int
     lr: float | None
     batch_ids: torch.Tensor | None
@@ -84,7 +84,7 @@ class HistoryStore:
             raise ValueError(f"keyframe_every must be >= 1, got {keyframe_every}")
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
-        from .reference.history import check_codec_args
+        from ..reference.codecs import check_codec_args
         check_codec_args(8, block_size)
         if any(str(k).startswith("#") for k in fields):
             raise ValueError("field names may not start with '#' (reserved for the file format)")
@@ -349,17 +349,17 @@ class HistoryStore:
         self._cache[name] = (i, [t.clone() for t in recon])
         return recon
 
-    def read(self, step: int, names=None, *, device=None) -> StepRecord:
+    def read(self, step: int, names=None, *, device=None) -> StoredStep:
         """One step's fields (decoded to fp32), lr, batch ids and stats; reads only what it needs."""
         i = self._index_of(step)
         e = self._entries[i]
         names = [n for n in (names or self.fields) if self._field_kind(i, n) is not None]
         tensors = {n: self._decode_field(n, i, device) for n in names}
         ids = self._load(i, [], ids=True)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
-        return StepRecord(e.step, e.lr, ids, tensors, e.stats)
+        return StoredStep(e.step, e.lr, ids, tensors, e.stats)
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
-        """StepRecords of the recorded steps in [start, stop), in order (deltas applied incrementally)."""
+        """StoredSteps of the recorded steps in [start, stop), in order (deltas applied incrementally)."""
         for s in list(self._steps):
             if (start is None or s >= start) and (stop is None or s < stop):
                 yield self.read(s, names, device=device)
@@ -406,4 +406,3 @@ def _check_compatible(path, have: dict, want: dict) -> None:
                                      f"expected {w.codec!r} (delta={w.delta})")
 
 
-from .history_recorder import HistoryRecorder, estimate_bytes  # noqa: E402,F401

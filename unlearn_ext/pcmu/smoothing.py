@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Sequence
-
+from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import _ops
+from .. import ops as _ops
+from ..checks import as_tensor_list, check_float_list, seed_args
+from ..rng import blocks_for_draws, call_offset
 
 MODES = ("analytic", "mc")
 NONFINITE_POLICIES = ("error", "skip")
@@ -95,7 +95,7 @@ def radius_table(n: int, alpha: float = 1e-3, device="cpu") -> torch.Tensor:
 
 def blocks_per_element(mode: str, n0: int, n: int) -> int:
     """Philox blocks one call consumes per element (the offset advance per step)."""
-    return 0 if mode == "analytic" else (n0 + n + 3) // 4
+    return 0 if mode == "analytic" else blocks_for_draws(n0 + n)
 
 
 # ---- argument checks ----------------------------------------------------------------------------
@@ -105,31 +105,6 @@ def _check_tau_sigma(tau: float, sigma: float) -> None:
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
-
-
-def _as_list(tensors, name: str) -> list[torch.Tensor]:
-    if isinstance(tensors, torch.Tensor):
-        return [tensors]
-    out = list(tensors)
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a tensor")
-    return out
-
-
-def _check_float_list(tensors: Sequence[torch.Tensor], name: str) -> None:
-    allowed = (torch.float32, torch.float16, torch.bfloat16)
-    for i, t in enumerate(tensors):
-        if t.dtype not in allowed:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected float32, float16 or bfloat16")
-        if t.dtype != tensors[0].dtype:
-            raise TypeError(f"all tensors in {name} must share one dtype: {name}[0] is "
-                            f"{tensors[0].dtype}, {name}[{i}] is {t.dtype}")
-        if t.device != tensors[0].device:
-            raise ValueError(f"all tensors in {name} must be on one device: {name}[0] is on "
-                             f"{tensors[0].device}, {name}[{i}] is on {t.device}")
-    if tensors:
-        _ops.check_device(tensors[0].device)
 
 
 def _check_mode(mode: str, n0: int, n: int) -> None:
@@ -147,26 +122,12 @@ def _check_policy(nonfinite: str) -> None:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
 
 
-def _check_seed(seed: int, offset: int) -> tuple[int, int]:
-    """The contract's seed and offset are unsigned 64-bit; the schema carries them as int64."""
-    for name, v in (("seed", seed), ("offset", offset)):
-        if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2**64:
-            raise ValueError(f"{name} must be an integer in [0, 2^64), got {v!r}")
-    to_signed = lambda v: int(v) - 2**64 if int(v) >= 2**63 else int(v)  # noqa: E731
-    return to_signed(seed), to_signed(offset)
-
-
 # ---- results ------------------------------------------------------------------------------------
 
 @dataclass
-class QuantizeResult:
-    """Codes (int8, shaped like each gradient), certified radii (float32) and statistics.
-
-    Statistics stay tensors (no device sync until read): `min_radius` is a float32 scalar,
-    `counts` = [abstained, nonfinite, radii below count_below].
-    """
-    codes: list
-    radii: list
+class SmoothingStats:
+    """Statistics of one smoothing op, kept as tensors (no device sync until read): `min_radius_t`
+    is a float32 scalar, `counts` = [abstained, nonfinite, radii below count_below]."""
     min_radius_t: torch.Tensor
     counts: torch.Tensor
 
@@ -188,27 +149,21 @@ class QuantizeResult:
 
 
 @dataclass
-class StepStats:
+class QuantizeResult(SmoothingStats):
+    """Codes (int8, shaped like each gradient) and certified radii (float32), with the statistics."""
+    codes: list = field(default_factory=list)
+    radii: list = field(default_factory=list)
+
+    @classmethod
+    def from_op(cls, out) -> "QuantizeResult":
+        """From an op's (codes, radii, min_radius, counts) tuple."""
+        return cls(out[2], out[3], list(out[0]), list(out[1]))
+
+
+@dataclass
+class StepStats(SmoothingStats):
     """Statistics of one fused quantized step; `applied` is False when a non-finite gradient made
     the step skip (policy 'skip'), in which case no parameter changed."""
-    min_radius_t: torch.Tensor
-    counts: torch.Tensor
-
-    @property
-    def min_radius(self) -> float:
-        return float(self.min_radius_t)
-
-    @property
-    def abstained(self) -> int:
-        return int(self.counts[0])
-
-    @property
-    def nonfinite(self) -> int:
-        return int(self.counts[1])
-
-    @property
-    def below(self) -> int:
-        return int(self.counts[2])
 
     @property
     def applied(self) -> bool:
@@ -236,21 +191,21 @@ def smooth_quantize(grads, *, tau: float, sigma: float, mode: str = "analytic", 
     nonfinite='error' raises on NaN/Inf; 'skip' gives those coordinates code 0 and radius 0 and
     reports their number in `counts[1]`.
     """
-    grads = _as_list(grads, "grads")
+    grads = as_tensor_list(grads, "grads")
     _check_tau_sigma(tau, sigma)
     _check_mode(mode, n0, n)
     _check_policy(nonfinite)
-    _check_float_list(grads, "grads")
-    s_seed, s_offset = _check_seed(seed, offset)
+    check_float_list(grads, "grads")
+    s_seed, s_offset = seed_args(seed, offset)
     if not grads:
-        return QuantizeResult([], [], *_empty_stats())
+        return QuantizeResult(*_empty_stats())
     if mode == "analytic":
         out = _ops.quantize_analytic(grads, analytic_threshold(float(tau), float(sigma)), float(count_below))
     else:
         table = radius_table(int(n), float(alpha), grads[0].device)
         out = _ops.quantize_mc(grads, float(tau), float(sigma), int(n0), int(n), table, s_seed,
                                s_offset, float(count_below))
-    result = QuantizeResult(list(out[0]), list(out[1]), out[2], out[3])
+    result = QuantizeResult.from_op(out)
     if nonfinite == "error" and result.nonfinite:
         _raise_nonfinite(result.nonfinite, "their codes were set to 0")
     return result
@@ -265,7 +220,7 @@ def smooth_quantize_step_(params, grads, *, step_size: float, tau: float, sigma:
     A gradient holding NaN/Inf leaves every parameter untouched; nonfinite='error' then raises,
     'skip' returns stats with applied=False.
     """
-    params, grads = _as_list(params, "params"), _as_list(grads, "grads")
+    params, grads = as_tensor_list(params, "params"), as_tensor_list(grads, "grads")
     _check_tau_sigma(tau, sigma)
     _check_mode(mode, n0, n)
     _check_policy(nonfinite)
@@ -273,12 +228,12 @@ def smooth_quantize_step_(params, grads, *, step_size: float, tau: float, sigma:
         raise ValueError(f"step_size must be finite, got {step_size}")
     if len(params) != len(grads):
         raise ValueError(f"params has {len(params)} tensors but grads has {len(grads)}")
-    _check_float_list(grads, "grads")
+    check_float_list(grads, "grads")
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.shape != g.shape or p.dtype != g.dtype or p.device != g.device:
             raise ValueError(f"params[{i}] ({tuple(p.shape)}, {p.dtype}, {p.device}) does not match "
                              f"grads[{i}] ({tuple(g.shape)}, {g.dtype}, {g.device})")
-    s_seed, s_offset = _check_seed(seed, offset)
+    s_seed, s_offset = seed_args(seed, offset)
     if not grads:
         return StepStats(*_empty_stats())
     with torch.no_grad():
@@ -314,7 +269,7 @@ class SmoothedQuantizer:
         _check_policy(nonfinite)
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        _check_seed(seed, 0)
+        seed_args(seed, 0)
         self.tau, self.sigma, self.mode = float(tau), float(sigma), mode
         self.n0, self.n, self.alpha, self.seed = int(n0), int(n), float(alpha), int(seed)
         self.nonfinite = nonfinite
@@ -336,7 +291,7 @@ class SmoothedQuantizer:
                     nonfinite=self.nonfinite)
 
     def _advance(self) -> None:
-        self.offset = (self.offset + self.blocks_per_call) % 2**64
+        self.offset = call_offset(1, self.blocks_per_call, self.offset)
         self.steps += 1
 
     def quantize(self, grads, count_below: float = 0.0) -> QuantizeResult:
@@ -364,9 +319,9 @@ class SmoothedQuantizer:
 
 def vote_accumulate_(votes, grads, *, tau: float) -> int:
     """Adds one gradient sample's ternary votes into int16/int32 counters of shape (2, *g.shape)."""
-    votes, grads = _as_list(votes, "votes"), _as_list(grads, "grads")
+    votes, grads = as_tensor_list(votes, "votes"), as_tensor_list(grads, "grads")
     _check_tau_sigma(tau, 1.0)
-    _check_float_list(grads, "grads")
+    check_float_list(grads, "grads")
     if len(votes) != len(grads):
         raise ValueError(f"votes has {len(votes)} tensors but grads has {len(grads)}")
     if not grads:
@@ -377,13 +332,13 @@ def vote_accumulate_(votes, grads, *, tau: float) -> int:
 def vote_finalize(selection_votes, estimation_votes, *, n0: int, n: int, sigma: float,
                   alpha: float = 1e-3, count_below: float = 0.0) -> QuantizeResult:
     """Codes and radii (sigma = the data-noise scale, so radii are in input-noise units) from counts."""
-    sel, est = _as_list(selection_votes, "selection_votes"), _as_list(estimation_votes, "estimation_votes")
+    sel, est = as_tensor_list(selection_votes, "selection_votes"), as_tensor_list(estimation_votes, "estimation_votes")
     _check_tau_sigma(0.0, sigma)
     _check_mode("mc", n0, n)
     if len(sel) != len(est):
         raise ValueError(f"selection_votes has {len(sel)} tensors but estimation_votes has {len(est)}")
     if not sel:
-        return QuantizeResult([], [], *_empty_stats())
+        return QuantizeResult(*_empty_stats())
     for name, votes, total in (("selection_votes", sel, n0), ("estimation_votes", est, n)):
         for i, v in enumerate(votes):
             if v.numel() and (int(v.min()) < 0 or int(v.sum(0).max()) > total):
@@ -392,7 +347,7 @@ def vote_finalize(selection_votes, estimation_votes, *, n0: int, n: int, sigma: 
     _ops.check_device(sel[0].device)
     table = radius_table(int(n), float(alpha), sel[0].device)
     out = _ops.vote_finalize(sel, est, int(n0), int(n), table, float(sigma), float(count_below))
-    return QuantizeResult(list(out[0]), list(out[1]), out[2], out[3])
+    return QuantizeResult.from_op(out)
 
 
 class VoteCounter:
@@ -408,7 +363,7 @@ class VoteCounter:
         if max(n0, n) >= 2**31:
             raise ValueError("n0 and n must be < 2^31")
         dtype = torch.int16 if max(n0, n) < 2**15 else torch.int32
-        like = _as_list(like, "like")
+        like = as_tensor_list(like, "like")
         self.selection = [torch.zeros((2, *t.shape), dtype=dtype, device=t.device) for t in like]
         self.estimation = [torch.zeros((2, *t.shape), dtype=dtype, device=t.device) for t in like]
         self.tau, self.sigma_data, self.n0, self.n, self.alpha = tau, sigma_data, n0, n, alpha
@@ -429,26 +384,3 @@ class VoteCounter:
                                f"{self.n0 + self.n}")
         return vote_finalize(self.selection, self.estimation, n0=self.n0, n=self.n,
                              sigma=self.sigma_data, alpha=self.alpha, count_below=count_below)
-
-
-# ---- the RNG contract, exposed ------------------------------------------------------------------
-
-def philox_bits(element_index: torch.Tensor, draws: int, *, seed: int, offset: int = 0) -> torch.Tensor:
-    """The contract's 32-bit words (as int32 bit patterns), shape (*element_index.shape, draws)."""
-    s, o = _check_seed(seed, offset)
-    return _ops.philox_bits(element_index, int(draws), s, o)
-
-
-def philox_uniform(element_index: torch.Tensor, draws: int, *, seed: int, offset: int = 0) -> torch.Tensor:
-    """The contract's uniforms ((x >> 8) + 0.5) 2^-24, exact, as float64."""
-    s, o = _check_seed(seed, offset)
-    return _ops.philox_uniform(element_index, int(draws), s, o)
-
-
-def philox_bernoulli(element_index: torch.Tensor, draws: int, p: float, *, seed: int,
-                     offset: int = 0) -> torch.Tensor:
-    """Bernoulli(p) draws: u < p for the contract's uniform u."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p}")
-    s, o = _check_seed(seed, offset)
-    return _ops.philox_bernoulli(element_index, int(draws), float(p), s, o)

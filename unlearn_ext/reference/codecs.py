@@ -44,6 +44,11 @@ def block_count(numel: int, block_size: int) -> int:
     return -(-numel // block_size)
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """int8 codes are int8; int4 codes are packed two per uint8 byte."""
+    return torch.int8 if bits == 8 else torch.uint8
+
+
 def _check_floats(tensors, name):
     for i, t in enumerate(tensors):
         if t.dtype not in FLOAT_DTYPES:
@@ -108,7 +113,7 @@ def _check_coded(codes, scales, like, like_name, bits, block_size):
     if len(codes) != len(like) or len(scales) != len(like):
         raise ValueError(f"codes has {len(codes)} tensors and scales {len(scales)} but {like_name} has "
                          f"{len(like)}")
-    want = torch.int8 if bits == 8 else torch.uint8
+    want = code_dtype(bits)
     for i, (c, s, t) in enumerate(zip(codes, scales, like)):
         if c.dtype != want:
             raise TypeError(f"codes[{i}] has dtype {c.dtype}; {bits}-bit codes are {want}")

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from . import history_codecs as hc
-from .history_file import FRAME
-from .per_sample import trainable
+from ..per_sample import trainable
+from . import codecs as hc
+from .file import FRAME
 
 
 class HistoryRecorder:

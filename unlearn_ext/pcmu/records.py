@@ -37,7 +37,7 @@ def unpack_codes(packed: torch.Tensor, shapes: list[torch.Size]) -> list[torch.T
 
 
 @dataclass
-class StepRecord:
+class PCMUStep:
     step: int
     ids: torch.Tensor              # int64 ids present in the batch
     step_size: float               # lr * scale of this step
@@ -56,5 +56,5 @@ class StepRecord:
                 "codes": self.codes}
 
     @classmethod
-    def from_state(cls, s: dict) -> "StepRecord":
+    def from_state(cls, s: dict) -> "PCMUStep":
         return cls(**s)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .durable import fsync_dir
+from ..durable import fsync_dir
 
 FILE_MAGIC = b"UEHIST01"
 RECORD_MAGIC = b"UERC"

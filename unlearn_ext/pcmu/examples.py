@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from .ledger import PromptDeleter
-from .pcmu import PCMUTrainer
+from .deleter_old import PromptDeleter
+from .trainer import PCMUTrainer
 
 SETTINGS = {
     "synthetic": dict(batch_size=20000, clip_norm=1.0, lr=0.1, tau=0.1, sigma=0.005, max_request=8, epochs=20,

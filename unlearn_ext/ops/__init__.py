@@ -1,0 +1,84 @@
+"""The raw ops: one-line wrappers over torch.ops.unlearn_ext.* with the op's own signature, served by
+the compiled kernels or, when the extension is not built, by the pure-PyTorch reference
+(loader.py). Argument checks with friendly messages live in the public modules (rng.py,
+pcmu/smoothing.py, history/codecs.py), so this file stays one line per op. Fake (meta)
+implementations for torch.compile are in fakes.py.
+"""
+from __future__ import annotations
+
+from .. import reference
+from .loader import backend, check_device, compiled, cuda_built, impl
+from . import fakes  # noqa: F401  (registers the fake implementations)
+
+# ---- one-line wrappers ---------------------------------------------------------------------------
+
+def philox_bits(element_index, draws, seed, offset):
+    return impl("philox_bits")(element_index, draws, seed, offset)
+
+
+def philox_uniform(element_index, draws, seed, offset):
+    return impl("philox_uniform")(element_index, draws, seed, offset)
+
+
+def philox_bernoulli(element_index, draws, p, seed, offset):
+    return impl("philox_bernoulli")(element_index, draws, p, seed, offset)
+
+
+def quantize_analytic(grads, beta, count_below):
+    return impl("quantize_analytic")(grads, beta, count_below)
+
+
+def quantize_mc(grads, tau, sigma, n0, n, radius_table, seed, offset, count_below):
+    return impl("quantize_mc")(grads, tau, sigma, n0, n, radius_table, seed, offset, count_below)
+
+
+def quantized_step_analytic_(params, grads, beta, step_size, count_below, check_finite):
+    return impl("quantized_step_analytic_")(params, grads, beta, step_size, count_below, check_finite)
+
+
+def quantized_step_mc_(params, grads, tau, sigma, n0, n, radius_table, seed, offset, step_size,
+                       count_below, check_finite):
+    return impl("quantized_step_mc_")(params, grads, tau, sigma, n0, n, radius_table, seed, offset,
+                                       step_size, count_below, check_finite)
+
+
+def vote_accumulate_(votes, grads, tau):
+    return impl("vote_accumulate_")(votes, grads, tau)
+
+
+def vote_finalize(selection_votes, estimation_votes, n0, n, radius_table, sigma, count_below):
+    return impl("vote_finalize")(selection_votes, estimation_votes, n0, n, radius_table, sigma,
+                                  count_below)
+
+
+def fragile_compact(values, radii, threshold):
+    if not values and not radii:  # no tensor to dispatch on: the answer is empty either way
+        return reference.fragile_compact([], [], threshold)
+    return impl("fragile_compact")(values, radii, threshold)
+# ---- history codecs (DESIGN section 5) -------------------------------------------------------------
+
+def blockwise_quantize(x, bits, block_size):
+    return impl("blockwise_quantize")(x, bits, block_size)
+
+
+def blockwise_dequantize_(out, codes, scales, bits, block_size):
+    return impl("blockwise_dequantize_")(out, codes, scales, bits, block_size)
+
+
+def delta_encode_(target, recon, codes, scales, bits, block_size):
+    return impl("delta_encode_")(target, recon, codes, scales, bits, block_size)
+
+
+def empty_codes(tensors, bits, block_size):
+    """Preallocated (codes, scales) for delta_encode_, sized as blockwise_quantize returns them."""
+    return fakes.coded_like(tensors, bits, block_size)
+
+
+def dequantize_axpy_(y, alpha, codes, scales, bits, block_size):
+    return impl("dequantize_axpy_")(y, alpha, codes, scales, bits, block_size)
+
+
+def dequantize_dot(codes, scales, v, bits, block_size):
+    return impl("dequantize_dot")(codes, scales, v, bits, block_size)
+
+

@@ -1,0 +1,66 @@
+"""Which implementation serves the ops: the compiled extension (`unlearn_ext._C`, which registers
+the operators with the dispatcher on import) when it is importable, else the pure-PyTorch reference
+(one warning). UNLEARN_EXT_BACKEND=reference forces the reference."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .. import reference
+
+_C = None
+_LOAD_ERROR: Exception | None = None
+if os.environ.get("UNLEARN_EXT_BACKEND", "").lower() != "reference":
+    try:
+        from .. import _C  # noqa: F811  (registers the ops with the dispatcher on import)
+    except ImportError as exc:  # not built: the reference serves every op
+        _LOAD_ERROR = exc
+
+_warned = False
+
+
+def compiled() -> bool:
+    """True when the compiled extension is loaded."""
+    return _C is not None
+
+
+def cuda_built() -> bool:
+    return _C is not None and _C.built_with_cuda()
+
+
+def backend() -> str:
+    """Which implementation serves the ops: 'compiled (cpu+cuda)', 'compiled (cpu)' or 'reference'."""
+    if _C is None:
+        return "reference"
+    return "compiled (cpu+cuda)" if _C.built_with_cuda() else "compiled (cpu)"
+
+
+def check_device(device: torch.device) -> None:
+    """Refuses devices the loaded build has no kernels for, with the way out in the message."""
+    if _C is None:
+        return  # the reference runs on any device torch supports
+    if device.type == "cuda" and not _C.built_with_cuda():
+        raise RuntimeError(
+            "unlearn_ext was built without CUDA kernels but got a CUDA tensor. Rebuild with a CUDA "
+            "build of torch and nvcc (UNLEARN_EXT_CUDA=1 CUDA_HOME=/usr/local/cuda pip install "
+            "--no-build-isolation -e .), or move the tensors to the CPU."
+        )
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise RuntimeError(f"unlearn_ext has no kernels for device type '{device.type}'")
+
+
+def impl(name: str):
+    """The op itself when compiled, else the reference function of the same name (one warning)."""
+    global _warned
+    if _C is not None:
+        return getattr(torch.ops.unlearn_ext, name)
+    if not _warned:
+        _warned = True
+        why = f" ({_LOAD_ERROR})" if _LOAD_ERROR is not None else " (UNLEARN_EXT_BACKEND=reference)"
+        warnings.warn(f"unlearn_ext: compiled extension not loaded{why}; using the pure-PyTorch "
+                      "reference, which is correct but slow.", RuntimeWarning, stacklevel=3)
+    return getattr(reference, name)
+
+
