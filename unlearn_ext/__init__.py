@@ -11,6 +11,7 @@ from .rng import philox_bernoulli, philox_bits, philox_uniform
 from .pcmu import (
     AprioriCertificate,
     PCMUTrainer,
+    PCMUUnlearner,
     QuantizeResult,
     RequestCheck,
     SmoothedQuantizer,
@@ -24,8 +25,9 @@ from .pcmu import (
     vote_accumulate_,
     vote_finalize,
 )
-from .data import BatchSchedule
-from .pcmu.deleter_old import DeletionAnswer, PromptDeleter, UnknownIdsError
+from .data import BatchSchedule, SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
+from .ledger import DeletionLedger, LedgerInUseError
+from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
     FieldSpec,
     HistoryCorruptError,
@@ -44,11 +46,12 @@ __all__ = [
     # RNG contract
     "philox_bits", "philox_uniform", "philox_bernoulli",
     # PCMU
-    "PCMUTrainer", "AprioriCertificate", "RequestCheck", "SmoothedQuantizer", "QuantizeResult",
+    "PCMUTrainer", "PCMUUnlearner", "AprioriCertificate", "RequestCheck", "SmoothedQuantizer", "QuantizeResult",
     "SmoothingStats", "StepStats", "VoteCounter", "analytic_threshold", "radius_table",
     "smooth_quantize", "smooth_quantize_step_", "vote_accumulate_", "vote_finalize",
-    # shared data and deletion
-    "BatchSchedule", "DeletionAnswer", "PromptDeleter", "UnknownIdsError",
+    # shared: training data, retraining, the Unlearner interface, the ledger
+    "TrainingData", "BatchSchedule", "SGDConfig", "train_sgd", "retrain", "retrain_cost",
+    "Unlearner", "UnlearnReport", "UnknownIdsError", "DeletionLedger", "LedgerInUseError",
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
     "HistoryCorruptError", "HistoryFormatError",

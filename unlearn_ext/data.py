@@ -1,14 +1,19 @@
-"""The batch schedule of PCMU training (DESIGN section 4).
+"""Training data, the batch schedule and retraining: what every method and test shares.
 
-Each epoch is a seeded permutation of the *original* sample ids cut into fixed batches of the
+`TrainingData` holds the tensors, one stable integer id per row and the per-sample loss.
+`BatchSchedule` (DESIGN section 4): each epoch is a seeded permutation of the *original* sample ids cut into fixed batches of the
 nominal size b (the last batch of an epoch may be shorter). Training "without F" uses the same
 permutations and cuts with F's ids deleted inside their batches — never re-chunked — so step t of
 the retrained run sees batch t minus F. A batch left empty makes no update.
+`train_sgd` is the ordinary SGD loop over that schedule, and `retrain` is the gold standard every
+method is compared with: the same loop from the same initial weights, without the forgotten ids.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -72,3 +77,120 @@ class BatchSchedule:
         """Steps begin..end-1."""
         for t in range(begin, end):
             yield self.step(t, exclude)
+
+
+# ---- training data ----------------------------------------------------------------------------------
+
+def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The default per-sample loss: cross-entropy per row (reduction 'none')."""
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+class TrainingData:
+    """A training set with stable ids: row r of `inputs`/`targets` is sample `ids[r]`.
+
+    loss(outputs, targets) must return one loss per row (shape [b]); batch losses are the mean (or
+    sum) of those, so every method uses the same per-sample loss. Ids default to 0..n-1 and must be
+    unique integers; they are what deletion requests name.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, ids=None,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_sample_cross_entropy):
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}")
+        self.inputs, self.targets, self.loss = inputs, targets, loss
+        self.ids = torch.arange(inputs.shape[0]) if ids is None else as_ids(ids)
+        if self.ids.numel() != inputs.shape[0]:
+            raise ValueError(f"ids has {self.ids.numel()} entries for {inputs.shape[0]} samples")
+        if torch.unique(self.ids).numel() != self.ids.numel():
+            raise ValueError("sample ids must be unique")
+        self._sorted_ids, self._rows = self.ids.sort()
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row numbers of known sample ids (check unknown_ids first)."""
+        return self._rows[torch.searchsorted(self._sorted_ids, as_ids(ids))]
+
+    def unknown_ids(self, ids) -> torch.Tensor:
+        """The ids (in request order, repeats kept) that name no sample of this set."""
+        ids = as_ids(ids)
+        return ids[~torch.isin(ids, self.ids)]
+
+    def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows(ids)
+        return self.inputs[rows], self.targets[rows]
+
+    def without(self, ids) -> torch.Tensor:
+        """The ids of every sample not in `ids`, in row order."""
+        return self.ids[~torch.isin(self.ids, as_ids(ids))]
+
+    def fingerprint(self) -> dict:
+        """What identifies this set for saved state: size, feature shape and an id checksum."""
+        return {"samples": len(self), "input_shape": list(self.inputs.shape[1:]),
+                "ids_sum": int(self.ids.sum()), "ids_sq_sum": int((self.ids.double() ** 2).sum())}
+
+
+# ---- plain SGD training and retraining ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SGDConfig:
+    """An ordinary SGD run over the fixed batch schedule. lr: a float or a function of the step."""
+    epochs: int
+    batch_size: int
+    lr: float | Callable[[int], float]
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def lr_at(self, t: int) -> float:
+        return float(self.lr(t)) if callable(self.lr) else float(self.lr)
+
+    def steps(self, n: int) -> int:
+        return self.epochs * math.ceil(n / self.batch_size)
+
+
+def sgd_step(model: torch.nn.Module, data: TrainingData, ids: torch.Tensor, lr: float,
+             weight_decay: float) -> None:
+    """One step of w <- w - lr * (mean per-sample loss gradient over the present ids + wd * w).
+    The mean is over the samples present (a batch with forgotten ids removed averages the rest),
+    which is what retraining on the retained set does; an empty batch makes no update."""
+    if ids.numel() == 0:
+        return
+    x, y = data.batch(ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(data.loss(model(x), y).mean(), params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if weight_decay:
+                g = g + weight_decay * p
+            p.sub_(lr * g)
+
+
+def train_sgd(model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, exclude=None,
+              on_step: Callable | None = None) -> torch.nn.Module:
+    """Trains `model` in place with plain SGD over the schedule of `config` minus `exclude`.
+
+    on_step(t, ids, model) runs before step t's update (e.g. to record history). Plain gradient
+    steps (no momentum) are what the history methods' linear response assumes (DESIGN section 6).
+    """
+    schedule = BatchSchedule(data.ids, config.batch_size, config.seed)
+    excluded = as_ids([] if exclude is None else exclude)
+    for step in schedule.steps(0, config.steps(len(data)), excluded):
+        if on_step is not None:
+            on_step(step.step, step.ids, model)
+        sgd_step(model, data, step.ids, config.lr_at(step.step), config.weight_decay)
+    return model
+
+
+def retrain(initial: torch.nn.Module, data: TrainingData, config: SGDConfig, forgotten) -> torch.nn.Module:
+    """The gold standard: a copy of the initial model trained from scratch with the same seed and
+    batch order, the forgotten ids deleted inside their batches. `initial` is not changed."""
+    return train_sgd(copy.deepcopy(initial), data, config, exclude=forgotten)
+
+
+def retrain_cost(data: TrainingData, config: SGDConfig, forgotten) -> int:
+    """Sample-gradient evaluations retraining without `forgotten` costs (the unit of every report's
+    cost): each retained sample once per epoch."""
+    kept = len(data) - int(torch.isin(data.ids, as_ids(forgotten)).sum())
+    return config.epochs * kept

@@ -27,7 +27,8 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _per_sample_fn(model, loss_fn):
     def sample_loss(params, buffers, xi, yi):
         out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0))
+        # .sum(): a one-sample batch's loss is a scalar whether loss_fn reduces (mean) or not.
+        return loss_fn(out, yi.unsqueeze(0)).sum()
     return vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
 
 

@@ -17,3 +17,4 @@ from .smoothing import (  # noqa: F401
     vote_finalize,
 )
 from .trainer import PCMUTrainer  # noqa: F401
+from .unlearner import PCMUUnlearner  # noqa: F401

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from .deleter_old import PromptDeleter
+from ..ledger import DeletionLedger
 from .trainer import PCMUTrainer
+from .unlearner import PCMUUnlearner
 
 SETTINGS = {
     "synthetic": dict(batch_size=20000, clip_norm=1.0, lr=0.1, tau=0.1, sigma=0.005, max_request=8, epochs=20,
@@ -117,12 +118,12 @@ def run(name: str, seed: int = 0, requests: int = 12, mode: str = "analytic") ->
     }
     # Prompt deletion through the ledger: a request within m* (if any) and one beyond it.
     with tempfile.TemporaryDirectory() as directory:
-        deleter = PromptDeleter(trainer, directory)
-        answers = []
-        if cert.budget >= 1:
-            answers.append(deleter.forget(to_delete[:min(cert.budget, 2)].tolist()))
-        answers.append(deleter.forget(to_delete[2:4].tolist()))
-        out["deletions"] = [str(a) for a in answers]
+        with DeletionLedger(PCMUUnlearner(trainer), directory) as ledger:
+            answers = []
+            if cert.budget >= 1:
+                answers.append(ledger.forget(to_delete[:min(cert.budget, 2)].tolist()))
+            answers.append(ledger.forget(to_delete[2:4].tolist()))
+            out["deletions"] = [f"request {i}: {a}" for i, a in enumerate(answers)]
     out["pcmu_test_accuracy_after_deletions"] = _accuracy(trainer.model, x_test, y_test)
     return out
 

@@ -25,7 +25,9 @@ from typing import Callable
 import torch
 
 from .. import ops as _ops
-from ..data import BatchSchedule, as_ids
+from ..data import BatchSchedule, TrainingData, as_ids
+from ..rng import call_offset
+from ..unlearner import UnknownIdsError
 from ..per_sample import clipped_sum64, trainable
 from .certificate import AprioriCertificate, RequestCheck
 from .records import PCMUStep, pack_codes, unpack_codes
@@ -40,13 +42,15 @@ DEFAULT_MARGIN_FACTOR = 2.0**-17
 class PCMUTrainer:
     """Trains `model` in place with PCMU and records what deletion checks need.
 
-    data: (inputs, targets) tensors, row i belongs to sample id ids[i] (default 0..n-1).
+    data: a TrainingData (tensors, ids, per-sample loss; loss_fn may then be None), or an
+        (inputs, targets) pair whose row i belongs to sample id ids[i] (default 0..n-1).
+    loss_fn: loss of a one-sample batch, e.g. torch.nn.functional.cross_entropy.
     lr: the step size lr*scale of the quantized update, a float or a function of the step index.
     max_request: M, the largest number of removed ids per batch that the per-request check covers.
     exclude: ids never trained on (the coupled-retraining baseline uses this).
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, data, *, batch_size: int, clip_norm: float,
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, data, *, batch_size: int, clip_norm: float,
                  lr, tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
                  alpha: float = 1e-3, seed: int = 0, max_request: int = 4, ids=None, exclude=None,
                  chunk: int = 4096, framework: str = "G", sigma_data: float | None = None,
@@ -59,15 +63,13 @@ class PCMUTrainer:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if max_request < 0:
             raise ValueError(f"max_request must be >= 0, got {max_request}")
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"inputs have {x.shape[0]} rows but targets have {y.shape[0]}")
-        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
-        ids = torch.arange(x.shape[0]) if ids is None else as_ids(ids)
-        if ids.numel() != x.shape[0]:
-            raise ValueError(f"ids has {ids.numel()} entries for {x.shape[0]} samples")
-        self.schedule = BatchSchedule(ids, batch_size, seed)
-        self._sorted_ids, self._rows = ids.sort()
+        if not isinstance(data, TrainingData):
+            data = TrainingData(*data, ids=ids)
+        elif ids is not None:
+            raise ValueError("give ids through the TrainingData, not as a separate argument")
+        self.data = data
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn or data.loss, data.inputs, data.targets
+        self.schedule = BatchSchedule(data.ids, batch_size, seed)
         self.batch_size, self.clip_norm = int(batch_size), float(clip_norm)
         self._lr = lr if callable(lr) else (lambda t, v=float(lr): v)
         self.tau, self.sigma, self.mode = float(tau), float(sigma), mode
@@ -107,14 +109,19 @@ class PCMUTrainer:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Row numbers of sample ids in the data tensors."""
-        pos = torch.searchsorted(self._sorted_ids, ids)
-        return self._rows[pos]
+        return self.data.rows(ids)
 
     def unknown_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids[~torch.isin(ids, self.schedule.ids)]
+        return self.data.unknown_ids(ids)
 
     def offset_of(self, t: int) -> int:
-        return (t * blocks_per_element(self.mode, self.n0, self.n)) % 2**64
+        return call_offset(t, blocks_per_element(self.mode, self.n0, self.n))
+
+    def training_cost(self, without=None, start: int = 0) -> int:
+        """Per-sample gradients that steps start.. of the trained run cost without the ids `without`
+        (the unit of reports: coupled retraining from scratch costs training_cost(F))."""
+        exclude = as_ids([] if without is None else without)
+        return sum(s.ids.numel() for s in self.schedule.steps(start, self.steps_done, exclude))
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -211,7 +218,11 @@ class PCMUTrainer:
         ids forgotten so far are always included: a certified deletion leaves the record as it was,
         so their gradients are still inside the stored values of the steps that held them."""
         began = time.perf_counter()
-        removed = torch.cat([self.forgotten, as_ids(removed, "removed")]).unique()
+        removed = as_ids(removed, "removed")
+        unknown = self.unknown_ids(removed).unique()
+        if unknown.numel():  # an id never trained on has no gradient to remove: answering would mislead
+            raise UnknownIdsError(f"ids never trained on: {unknown.tolist()}")
+        removed = torch.cat([self.forgotten, removed]).unique()
         out = RequestCheck("exact" if self.mode == "analytic" or self.framework == "D" else "probable",
                            None, "")
         w_at, w = 0, None
@@ -301,7 +312,8 @@ class PCMUTrainer:
         return {"names": self.names, "shapes": [list(s) for s in self.shapes], "mode": self.mode,
                 "framework": self.framework, "batch_size": self.batch_size, "clip_norm": self.clip_norm,
                 "tau": self.tau, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
-                "seed": self.seed, "max_request": self.max_request, "samples": int(self.schedule.ids.numel())}
+                "seed": self.seed, "max_request": self.max_request, "rounding_margin": self.rounding_margin,
+                **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint(), "initial": self.initial,

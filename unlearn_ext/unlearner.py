@@ -1,0 +1,153 @@
+"""The one interface every unlearning method implements (DESIGN section 2), and its report.
+
+An `Unlearner` is built from a model, its `TrainingData` and whatever the method recorded during
+training; `unlearn(ids)` makes the model forget those samples and returns an `UnlearnReport`. The
+base class owns what every method must answer the same way (id hygiene, timing, the request
+sequence), so a method only writes `_forget(new_ids, report)`:
+
+  * ids are integers (floats and bools are refused: 1.5 must not become id 1); an empty request is
+    an error;
+  * ids that name no training sample -> UnknownIdsError naming them, nothing changed;
+  * duplicates inside a request are counted once and listed; ids forgotten by earlier requests are
+    listed as repeats and not processed again; a request of only repeats answers
+    'already-forgotten' and changes nothing (so repeated requests are idempotent).
+
+Persistence: `state_dict()` returns a snapshot (later requests must not change it) split into named
+parts, so the ledger can write only the parts a request changed; `load_state_dict()` restores one;
+`fingerprint()` says what must match for saved state to belong to this unlearner.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data import TrainingData, as_ids
+
+
+class UnknownIdsError(ValueError):
+    """A request named ids the model was never trained on."""
+
+
+# Outcomes a report may carry. certified: provably what retraining gives (PCMU); retrained: exact
+# retraining (in full or from a step); unlearned: an approximation (history and perturbation
+# methods); fallback: a safety check failed and the method fell back (reason says which);
+# already-forgotten: nothing to do.
+STATUSES = ("certified", "retrained", "unlearned", "fallback", "already-forgotten")
+
+
+@dataclass
+class UnlearnReport:
+    method: str
+    ids: list                          # ids newly forgotten by this request
+    status: str = ""
+    how: str = ""                      # the route taken, e.g. 'a-priori (m*)', 'resumed from step 12'
+    reason: str = ""
+    weights_changed: bool = False
+    seconds: float = 0.0
+    sample_gradients: int = 0          # per-sample gradient evaluations this request cost
+    retrain_sample_gradients: int = 0  # what retraining without every forgotten id would cost
+    history_bytes_read: int = 0
+    duplicates: list = field(default_factory=list)
+    repeats: list = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # method-specific evidence (certificate, Ritz values...)
+
+    @property
+    def cost_vs_retrain(self) -> float | None:
+        """Sample-gradient cost relative to retraining (None when retraining's cost is unknown)."""
+        if self.retrain_sample_gradients <= 0:
+            return None
+        return self.sample_gradients / self.retrain_sample_gradients
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["cost_vs_retrain"] = self.cost_vs_retrain
+        return out
+
+    def __str__(self) -> str:
+        extra = []
+        if self.duplicates:
+            extra.append(f"duplicates counted once: {self.duplicates}")
+        if self.repeats:
+            extra.append(f"already forgotten: {self.repeats}")
+        tail = f" [{'; '.join(extra)}]" if extra else ""
+        how = f" ({self.how})" if self.how else ""
+        return f"{self.method}: {self.status}{how} — {self.reason}{tail}"
+
+
+class Unlearner(ABC):
+    """Base of every method family. Subclasses set `method` and `data` and implement `_forget`,
+    `fingerprint`, `state_dict` and `load_state_dict`; `forgotten` is kept by this base."""
+
+    method: str = "unlearner"
+    data: TrainingData
+
+    def __init__(self, data: TrainingData):
+        self.data = data
+        self._forgotten = torch.empty(0, dtype=torch.int64)
+
+    # ---- the request sequence ---------------------------------------------------------------------
+
+    @property
+    def forgotten(self) -> torch.Tensor:
+        """Every id forgotten so far (sorted int64)."""
+        return self._forgotten
+
+    def _set_forgotten(self, ids: torch.Tensor) -> None:
+        self._forgotten = as_ids(ids).unique()
+
+    def unknown_ids(self, ids) -> torch.Tensor:
+        """Ids of the request that name no training sample (sorted, each once)."""
+        return self.data.unknown_ids(as_ids(ids)).unique()
+
+    def split_request(self, ids) -> tuple[list, list, list]:
+        """(new ids, duplicates, repeats) of a request, after refusing empty and unknown requests.
+        Raises without changing anything."""
+        raw = as_ids(ids).tolist()
+        if not raw:
+            raise ValueError("empty deletion request: give at least one id")
+        unknown = self.unknown_ids(raw)
+        if unknown.numel():
+            raise UnknownIdsError(f"ids never trained on (nothing was changed): {unknown.tolist()}")
+        seen, duplicates = set(), []
+        for i in raw:
+            if i in seen and i not in duplicates:
+                duplicates.append(i)
+            seen.add(i)
+        already = set(self.forgotten.tolist())
+        return sorted(seen - already), duplicates, sorted(seen & already)
+
+    def unlearn(self, ids) -> UnlearnReport:
+        """Forgets `ids` (see the module docstring for duplicates, repeats and unknown ids)."""
+        began = time.perf_counter()
+        new, duplicates, repeats = self.split_request(ids)
+        report = UnlearnReport(self.method, new, duplicates=duplicates, repeats=repeats)
+        if not new:
+            report.status, report.reason = "already-forgotten", "every id in the request was forgotten before"
+        else:
+            self._forget(torch.tensor(new, dtype=torch.int64), report)
+            if report.status not in STATUSES:
+                raise RuntimeError(f"{type(self).__name__} reported unknown status {report.status!r}")
+        report.seconds = time.perf_counter() - began
+        return report
+
+    @abstractmethod
+    def _forget(self, new_ids: torch.Tensor, report: UnlearnReport) -> None:
+        """Forget `new_ids` (known, unique, none forgotten before), fill in `report`, and add them to
+        `forgotten` (via _set_forgotten) once the model reflects the deletion."""
+
+    # ---- persistence --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """JSON-serializable facts that must match for saved state to belong to this unlearner."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """A snapshot {part name: tensors/lists/numbers}; `forgotten` must be one of the parts."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a snapshot taken by state_dict (all parts)."""
