@@ -26,6 +26,7 @@ from .pcmu import (
     vote_finalize,
 )
 from .data import BatchSchedule, SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
+from .baselines import RetrainUnlearner
 from .ledger import DeletionLedger, LedgerInUseError
 from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
@@ -51,7 +52,7 @@ __all__ = [
     "smooth_quantize", "smooth_quantize_step_", "vote_accumulate_", "vote_finalize",
     # shared: training data, retraining, the Unlearner interface, the ledger
     "TrainingData", "BatchSchedule", "SGDConfig", "train_sgd", "retrain", "retrain_cost",
-    "Unlearner", "UnlearnReport", "UnknownIdsError", "DeletionLedger", "LedgerInUseError",
+    "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "DeletionLedger", "LedgerInUseError",
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
     "HistoryCorruptError", "HistoryFormatError",

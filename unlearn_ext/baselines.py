@@ -1,0 +1,51 @@
+"""Retraining from scratch as an `Unlearner`: the exact but expensive answer every method is judged
+against (DESIGN section 1), usable through the same ledger and harness as the methods."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .data import SGDConfig, TrainingData, retrain, retrain_cost
+from .per_sample import trainable
+from .unlearner import Unlearner, UnlearnReport
+
+
+class RetrainUnlearner(Unlearner):
+    """Forgets by retraining `initial` with plain SGD (`config`) without every id forgotten so far,
+    then loads the result into `model` (the model users hold keeps its identity)."""
+
+    method = "retrain"
+
+    def __init__(self, model: torch.nn.Module, initial: torch.nn.Module, data: TrainingData,
+                 config: SGDConfig):
+        super().__init__(data)
+        self.model, self.initial, self.config = model, copy.deepcopy(initial), config
+
+    def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        union = torch.cat([self.forgotten, new]).unique()
+        retrained = retrain(self.initial, self.data, self.config, union)
+        with torch.no_grad():
+            for p, q in zip(trainable(self.model).values(), trainable(retrained).values()):
+                p.copy_(q)
+        self._set_forgotten(union)
+        cost = retrain_cost(self.data, self.config, union)
+        report.status, report.how, report.weights_changed = "retrained", "from scratch", True
+        report.sample_gradients = report.retrain_sample_gradients = cost
+        report.reason = "retrained from the initial weights with the same seed and batch order, without the ids"
+
+    def fingerprint(self) -> dict:
+        shapes = {k: list(v.shape) for k, v in trainable(self.model).items()}
+        c = self.config
+        return {"shapes": shapes, "epochs": c.epochs, "batch_size": c.batch_size, "seed": c.seed,
+                "weight_decay": c.weight_decay, **self.data.fingerprint()}
+
+    def state_dict(self) -> dict:
+        return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
+                "forgotten": self.forgotten.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in trainable(self.model).items():
+                p.copy_(state["params"][k])
+        self._set_forgotten(state["forgotten"])
