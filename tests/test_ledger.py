@@ -198,3 +198,20 @@ def test_check_request_refuses_unknown_ids():
     trainer = synthetic_trainer().train(steps=2)
     with pytest.raises(UnknownIdsError, match=r"\[-1, 20000\]"):
         trainer.check_request([20000, -1])
+
+
+def test_remaining_budget_accounts_for_certified_deletions(tmp_path):
+    """m* bounds the total removed from one batch over all requests (full batch here: every id is
+    in every step), so after certified deletions the remaining budget shrinks accordingly, and a
+    request within the remaining budget is still certified a priori."""
+    trainer = synthetic_trainer().train(steps=20)
+    m_star = trainer.certificate().budget
+    assert m_star >= 3 and trainer.certificate().remaining_budget == m_star
+    deleter = PromptDeleter(trainer, str(tmp_path))
+    assert deleter.forget([1, 2]).how == "a-priori (m*)"
+    cert = trainer.certificate()
+    assert cert.budget == m_star and cert.remaining_budget == m_star - 2
+    assert cert.to_dict()["remaining_budget"] == m_star - 2 and f"{m_star - 2} left" in str(cert)
+    rest = list(range(10, 10 + cert.remaining_budget))
+    assert deleter.forget(rest).how == "a-priori (m*)"
+    assert trainer.certificate().remaining_budget == 0

@@ -30,6 +30,9 @@ class AprioriCertificate:
     # coverage[m] = fraction of (step, coordinate) pairs with radius > m*C/b + margin, m = 0..M
     coverage: list = field(default_factory=list)
     below_counts: list = field(default_factory=list)  # pairs at or below that bound, m = 0..M
+    # The most ids already forgotten from one recorded batch by certified deletions (their
+    # gradients are still inside the record, so they use up that batch's budget).
+    forgotten_per_batch_max: int = 0
 
     @property
     def unit(self) -> float:
@@ -50,12 +53,19 @@ class AprioriCertificate:
         return m
 
     @property
+    def remaining_budget(self) -> int:
+        """How many more ids any request may hold and still be certified a priori: m* bounds the
+        total removed from any one batch over all requests, not each request."""
+        return max(self.budget - self.forgotten_per_batch_max, 0)
+
+    @property
     def min_radius(self) -> float:
         return min(self.min_radius_per_step) if self.min_radius_per_step else math.inf
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["budget_m_star"] = self.budget
+        out["remaining_budget"] = self.remaining_budget
         out["unit_C_over_b"] = self.unit
         return out
 
@@ -68,7 +78,8 @@ class AprioriCertificate:
         return (f"PCMU a-priori certificate [{self.mode}, C={self.clip_norm:g}, b={self.batch_size}, "
                 f"tau={self.tau:g}, sigma={self.sigma:g}]: {self.steps} steps x {self.coordinates} "
                 f"coordinates; smallest radius {self.min_radius:.4g} vs one removal = C/b = {self.unit:.4g}"
-                f" -> any {self.budget} ids can be forgotten with no work (m* = {self.budget}){prob}. "
+                f" -> any {self.budget} ids can be forgotten with no work (m* = {self.budget}, over all "
+                f"requests; {self.remaining_budget} left){prob}. "
                 f"Coverage (pairs that would keep their code): {cov}.")
 
 

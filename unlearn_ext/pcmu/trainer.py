@@ -201,7 +201,9 @@ class PCMUTrainer:
             batch_size=self.batch_size, tau=self.tau, sigma=self.sigma, alpha=self.alpha,
             rounding_margin=margin, steps=len(applied), coordinates=d,
             min_radius_per_step=[r.min_radius for r in applied] if self.framework == "G" else [0.0],
-            max_request=self.max_request, coverage=[1.0 - c / pairs for c in below], below_counts=below)
+            max_request=self.max_request, coverage=[1.0 - c / pairs for c in below], below_counts=below,
+            forgotten_per_batch_max=max((int(torch.isin(r.ids, self.forgotten).sum()) for r in applied),
+                                        default=0))
 
     def replay(self, t: int, start=None) -> list[torch.Tensor]:
         """w_t rebuilt bit for bit from the initial weights and the recorded codes. `start` = (s, w_s)
