@@ -134,7 +134,7 @@ def test_vmap_clipping_alone(benchmark, record, data):
 # ---- per-request check vs retraining (the digits example's setting) ----------------------------------
 
 def _digits_example_trainer(data, exclude=None):
-    """The digits example's trainer (pcmu_examples), on data loaded once by the fixture."""
+    """The digits example's trainer (pcmu.examples), on data loaded once by the fixture."""
     return _example_trainer("digits", data[0], data[1], seed=0, mode="analytic", exclude=exclude)
 
 

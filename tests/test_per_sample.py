@@ -60,7 +60,7 @@ def test_chunking_moves_the_mean_far_less_than_the_pcmu_margin():
     """vmap computes per-sample gradients with batched matmuls whose float32 roundings depend on
     how many samples share the call, so the clipped sum depends on chunking (and on the batch's
     other samples) by float32 roundings. PCMU's certificates assume such differences of the step's
-    mean stay below its rounding margin with a >= 100x safety factor (pcmu.py): check that here."""
+    mean stay below its rounding margin with a >= 100x safety factor (pcmu/trainer.py): check that here."""
     clip_norm, n = 0.5, 50
     model, x, y = model_and_batch(seed=2, n=n)
     whole = clipped_sum64(model, LOSS, x, y, clip_norm)

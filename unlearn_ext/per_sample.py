@@ -6,7 +6,7 @@ per-sample gradients themselves come from vmap's batched matmuls, whose float32 
 how many samples share a call: the same sample's gradient can differ by a few float32 roundings
 between batch compositions (tests/test_per_sample.py measures it). That is what lets a deletion
 check predict retraining: the sum without F differs from (stored sum - F's part) only by those
-roundings, which pcmu.py's `rounding_margin` covers.
+roundings, which pcmu/trainer.py's `rounding_margin` covers.
 
 Limits: the loss must be per-sample. Layers that mix samples (BatchNorm in training mode) are not
 per-sample and are refused by vmap; use GroupNorm/LayerNorm or BatchNorm in eval mode. Dropout would
@@ -49,7 +49,7 @@ def _rows(g: torch.Tensor) -> torch.Tensor:
 def clip_scales(per_sample: dict[str, torch.Tensor], clip_norm: float) -> torch.Tensor:
     """min(1, C / ||g_i||) per sample: the norm of the per-tensor row norms (one fused reduction per
     tensor; pow(2) then sum was ~10x slower). Each row is reduced on its own; if the reduction order
-    ever depends on the batch, a scale moves by an ulp, which `rounding_margin` covers (pcmu.py)."""
+    ever depends on the batch, a scale moves by an ulp, which `rounding_margin` covers (pcmu/trainer.py)."""
     rows = [torch.linalg.vector_norm(_rows(g).float(), dim=1) for g in per_sample.values()]
     norms = torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1)
     return torch.clamp(clip_norm / (norms + 1e-12), max=1.0)

@@ -8,7 +8,7 @@ keyframe plus keyframe_every - 1 deltas, and the error never accumulates. Steps 
 every step or only at chosen steps (anchors): a field simply appears in the steps that recorded it.
 
 Tiers: "device" (the recorded tensors' device, e.g. GPU memory), "host" (CPU memory, pinned when
-CUDA is available, so copies to the GPU can overlap), "disk" (history_file.py: append-only,
+CUDA is available, so copies to the GPU can overlap), "disk" (file.py: append-only,
 checksummed, fsync'd at keyframes; reading a step seeks to its records).
 
     store = ue.HistoryStore.for_model(model, params="int8", grads="int8", keyframe_every=50)
@@ -69,7 +69,7 @@ class _Entry:
     stats: dict
     fields: dict = field(default_factory=dict)    # name -> hc.Encoded (memory tiers)
     batch_ids: torch.Tensor | None = None
-    file_entry: object = None                     # history_file.IndexEntry (disk tier)
+    file_entry: object = None                     # file.IndexEntry (disk tier)
 
 
 class HistoryStore:
