@@ -54,6 +54,15 @@ DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 _open_binary = open  # the one place files are opened (tests wrap it to count bytes read)
 
 
+def jsonable(value) -> bool:
+    """Whether a value can go into a header: strict JSON (no NaN or Inf, which other readers refuse)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 class HistoryFormatError(ValueError):
     """The file is not a history file, or was written for another model, codec or layout."""
 

@@ -28,7 +28,7 @@ import torch
 
 from ..per_sample import trainable
 from . import codecs as hc
-from .file import FRAME, HistoryFormatError
+from .file import FRAME, HistoryFormatError, jsonable
 
 
 class HistoryRecorder:
@@ -92,14 +92,6 @@ def _number(x):
     return x
 
 
-def _jsonable(x) -> bool:
-    try:
-        json.dumps(x, allow_nan=False)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def optimizer_info(optimizer, params) -> dict:
     """Run metadata of an optimizer: its class name; per param group every JSON-representable
     hyperparameter and the positions (in `params`, the recorded tensors) of the group's tensors;
@@ -109,7 +101,7 @@ def optimizer_info(optimizer, params) -> dict:
     groups = []
     for g in optimizer.param_groups:
         info = {k: _number(v) for k, v in g.items() if k != "params"}
-        info = {k: v for k, v in info.items() if _jsonable(v)}  # e.g. a scheduler's callable is left out
+        info = {k: v for k, v in info.items() if jsonable(v)}  # e.g. a scheduler's callable is left out
         info["param_indices"] = [position[id(p)] for p in g["params"] if id(p) in position]
         groups.append(info)
     shared = {}
@@ -129,8 +121,9 @@ def estimate_bytes(model, steps: int, codecs: dict | None = None, *, keyframe_ev
     codecs: {"params": codec or None, "grads": codec or None} (default int8 for both; params use
     closed-loop deltas with int codecs). record_every: record every k-th step. batch_size: ids per
     step (8 bytes each). On the disk tier each record also carries a frame and a JSON header
-    (estimated from a header of the same shape, with one lr per param group as the recorder writes). Returns a dict with payload, overhead, total, the
-    fp32 size and the compression ratio."""
+    (estimated from a header of the same shape, with one lr per param group, as the recorder
+    writes; param_groups: their number). Returns a dict with payload, overhead, total, the fp32
+    size and the compression ratio."""
     codecs = {"params": "int8", "grads": "int8"} if codecs is None else codecs
     shapes = [tuple(p.shape) for p in trainable(model).values()]
     records = -(-steps // record_every)

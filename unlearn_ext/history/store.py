@@ -33,7 +33,7 @@ import torch
 from . import codecs as hc
 from ..data import as_ids
 from ..per_sample import trainable
-from .file import HistoryFile, HistoryFormatError, Recovery
+from .file import HistoryFile, HistoryFormatError, Recovery, jsonable
 
 TIERS = ("device", "host", "disk")
 IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
@@ -496,11 +496,9 @@ def _extra_spec(name: str, how, param_shapes) -> FieldSpec:
 def _check_json(info: dict) -> None:
     """Run metadata must survive a JSON round trip (the file stores JSON; nothing is pickled)."""
     for key, value in info.items():
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"run metadata {key!r} is not JSON-serializable ({exc}); store numbers, "
-                            "strings, booleans, None, or lists and dicts of them") from None
+        if not jsonable(value):
+            raise TypeError(f"run metadata {key!r} is not JSON-serializable (a {type(value).__name__}); "
+                            "store finite numbers, strings, booleans, None, or lists and dicts of them")
 
 
 def _check_compatible(path, have: dict, want: dict) -> None:
