@@ -2,4 +2,5 @@
 format (file.py), the store (store.py) and the optimizer hook that fills it (recorder.py)."""
 from .file import HistoryCorruptError, HistoryFormatError  # noqa: F401
 from .recorder import HistoryRecorder, estimate_bytes  # noqa: F401
+from .codecs import EncodedField  # noqa: F401
 from .store import FieldSpec, HistoryStore, StoredStep  # noqa: F401

@@ -103,6 +103,99 @@ def apply_delta(enc: Encoded, recon, block_size: int) -> None:
     _ops.dequantize_axpy_(recon, 1.0, arrays[:n], arrays[n:], BITS[enc.codec], block_size)
 
 
+def _values_of(enc: Encoded, device) -> list:
+    """The arrays of an fp-coded field, or the codes and the scales of an int-coded one, on `device`
+    (a no-op for arrays already there)."""
+    return [a.to(device) for a in enc.arrays]
+
+
+class EncodedField:
+    """Read-only view of one plain field of one recorded step, in its stored (compressed) form.
+
+    Its products run on the codes, never building the fp32 values of the whole field: this is how
+    DeltaGrad's L-BFGS two-loop recursion works on the stored gradient history,
+
+        for each stored pair i (newest first):  a_i = rho_i * g_i.dot(q);  g_i.axpy_(q, -a_i)
+
+    with at most one step's codes in memory at a time. Results equal decoding first and then
+    computing densely, up to float roundings (dot: float32 sums within a block, float64 across
+    blocks and tensors; axpy_: one float32 multiply-add per element, as the op documents).
+
+    codec, kind: as stored (kind is always "plain" here); shapes: the field's tensor shapes;
+    arrays: the stored flat arrays (module docstring), shared with the store: do not modify them.
+    """
+
+    def __init__(self, enc: Encoded, shapes, block_size: int):
+        if enc.kind != PLAIN:
+            raise ValueError(f"EncodedField holds plain fields only, got kind {enc.kind!r}")
+        self.codec, self.kind, self.arrays = enc.codec, enc.kind, tuple(enc.arrays)
+        self.shapes, self.block_size = [tuple(s) for s in shapes], block_size
+        self._enc = enc
+
+    @property
+    def nbytes(self) -> int:
+        return self._enc.nbytes
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def __repr__(self) -> str:
+        return (f"EncodedField(codec={self.codec!r}, tensors={len(self.shapes)}, numel={self.numel}, "
+                f"nbytes={self.nbytes})")
+
+    def _check_like(self, ts, what: str) -> list:
+        ts = list(ts)
+        if len(ts) != len(self.shapes):
+            raise ValueError(f"{what} has {len(ts)} tensors; the field has {len(self.shapes)}")
+        for i, (t, s) in enumerate(zip(ts, self.shapes)):
+            if tuple(t.shape) != s:
+                raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}; the field's tensor {i} has shape {s}")
+        return ts
+
+    def dot(self, v) -> float:
+        """<values, v> as a Python float (float64 accumulation). v: tensors shaped like the field
+        (float32, float16 or bfloat16 for int codecs, which use ops.dequantize_dot on the codes)."""
+        v = self._check_like(v, "v")
+        if not v:
+            return 0.0
+        arrays = _values_of(self._enc, v[0].device)
+        if self.codec in BITS:
+            n = len(v)
+            return float(_ops.dequantize_dot(arrays[:n], arrays[n:], v, BITS[self.codec], self.block_size))
+        # fp codecs: the stored values are exact in float64, so this is a plain float64 dot.
+        parts = [torch.dot(a.double(), t.detach().reshape(-1).double()) for a, t in zip(arrays, v)]
+        return float(torch.stack(parts).sum())
+
+    def axpy_(self, y, alpha: float) -> list:
+        """y += alpha * values, in place (math in float32, as ops.dequantize_axpy_); returns y."""
+        y = self._check_like(y, "y")
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        if not y:
+            return y
+        arrays = _values_of(self._enc, y[0].device)
+        if self.codec in BITS:
+            n = len(y)
+            _ops.dequantize_axpy_(y, alpha, arrays[:n], arrays[n:], BITS[self.codec], self.block_size)
+            return y
+        a = torch.tensor(alpha, dtype=torch.float32)
+        for t, x in zip(y, arrays):
+            t.copy_(t.float() + a * x.float().reshape(t.shape))  # float32 math, as the op
+        return y
+
+    def decode(self, out=None, *, device=None) -> list:
+        """The fp32 values (or into `out`, tensors shaped like the field, which is returned)."""
+        if out is None:
+            dev = torch.device(device) if device is not None else torch.device("cpu")
+            out = [torch.empty(s, dtype=torch.float32, device=dev) for s in self.shapes]
+        out = self._check_like(out, "out")
+        if out:
+            decode_into(self._enc, out, self.block_size)
+        return out
+
+
 def error_stats(approx, exact) -> tuple[float, float]:
     """(max |approx - exact|, RMS of approx - exact) over a whole tensor list, from fp32
     differences, one tensor at a time (aminmax and a dot product: vectorized single passes; a

@@ -5,7 +5,8 @@ Layout (little endian):
     file   = b"UEHIST01" record*
     record = frame header payload
     frame  = struct "<4sIQII": b"UERC", len(header), len(payload), crc32(header), crc32(payload)
-    header = UTF-8 JSON (kind "file" for the first record, "step" for the others)
+    header = UTF-8 JSON: kind "file" (the first record), "step" (one recorded step) or "run" (run
+             metadata, header only: {"run": {...}}; later run records update earlier keys)
     payload= sections one after the other; header["sections"] lists each as
              [name, [[dtype, numel], ...], nbytes, crc32], its arrays' raw bytes in that order
 
@@ -15,6 +16,10 @@ of a step, or its batch ids) has its own checksum, so a reader reads and verifie
 sections it needs (a delta chain of parameters skips the gradients). The first record holds
 the store's description (fields, shapes, codecs, block size, keyframe interval), which is what
 lets a file refuse to load for another model.
+
+Versions: 2 added "run" records (and optional per-step "lrs" in step headers). Version 1 files
+(no run records) still open and can be appended to, except for run records: a version-1 reader
+would take a run record for a step, so the store refuses to add one to a version-1 file.
 
 Opening scans frames and headers only (seeking over payloads), which rebuilds the index of record
 offsets; reading one step then seeks to its record. A crash can leave a cut-off last record: it
@@ -38,13 +43,24 @@ FILE_MAGIC = b"UEHIST01"
 RECORD_MAGIC = b"UERC"
 FRAME = struct.Struct("<4sIQII")
 FORMAT_NAME = "unlearn_ext.history"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                 # what this build writes
+READABLE_VERSIONS = (1, 2)         # what it opens
+RECORD_KINDS = ("step", "run")     # kinds after the first ("file") record
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.int8: "int8", torch.uint8: "uint8", torch.int64: "int64"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 _open_binary = open  # the one place files are opened (tests wrap it to count bytes read)
+
+
+def jsonable(value) -> bool:
+    """Whether a value can go into a header: strict JSON (no NaN or Inf, which other readers refuse)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 class HistoryFormatError(ValueError):
@@ -76,7 +92,8 @@ class IndexEntry:
 class HistoryFile:
     path: str
     file_header: dict
-    index: list = field(default_factory=list)
+    index: list = field(default_factory=list)            # step records
+    run_info: dict = field(default_factory=dict)         # run records merged in file order
     recovery: Recovery = field(default_factory=Recovery)
     writable: bool = True
     _f: object = None
@@ -97,6 +114,16 @@ class HistoryFile:
     def append(self, header: dict, sections, *, sync: bool) -> IndexEntry:
         """Appends one step: sections is a list of (name, arrays)."""
         return self._append(dict(header, kind="step"), sections, sync=sync, index=True)
+
+    def append_run(self, info: dict) -> None:
+        """Appends run metadata (a header-only record) and merges it into run_info. fsync'd: it is
+        rare and a reader of the history cannot interpret the steps without it."""
+        if self.file_header.get("version") == 1:
+            raise HistoryFormatError(f"{self.path} was written in history format version 1, which has no "
+                                     "run metadata records (a version-1 reader would misread one); write "
+                                     "a new file to record run metadata")
+        self._append({"kind": "run", "run": info}, [], sync=True, index=False)
+        self.run_info.update(info)
 
     def _append(self, header: dict, sections, *, sync: bool, index: bool):
         meta, blobs, crc = [], [], 0
@@ -147,15 +174,17 @@ class HistoryFile:
             if not entries or entries[0].header.get("kind") != "file":
                 raise HistoryFormatError(f"{path}: the file description record is missing or damaged ({why})")
             file_header = entries[0].header
-            if file_header.get("format") != FORMAT_NAME or file_header.get("version") != FORMAT_VERSION:
+            if file_header.get("format") != FORMAT_NAME or file_header.get("version") not in READABLE_VERSIONS:
                 raise HistoryFormatError(f"{path}: format {file_header.get('format')!r} version "
                                          f"{file_header.get('version')!r}; this build reads {FORMAT_NAME!r} "
-                                         f"version {FORMAT_VERSION}")
-            hf = cls(path, file_header, entries[1:], writable=writable, _f=f)
+                                         f"versions {', '.join(map(str, READABLE_VERSIONS))}")
+            hf = cls(path, file_header, writable=writable, _f=f)
+            records = entries[1:]
             # A zero-filled or half-written tail can pass the header checks: verify the last payload.
-            if hf.index and not hf._payload_ok(hf.index[-1]):
-                end = hf.index.pop().offset
+            if records and records[-1].header.get("kind") == "step" and not hf._payload_ok(records[-1]):
+                end = records.pop().offset
                 why = why or "the last record's payload checksum does not match (cut off by a crash)"
+            hf._index_records(records)
             if end < size:
                 hf.recovery = Recovery(size - end, 1, why)
                 if writable:
@@ -166,6 +195,17 @@ class HistoryFile:
         except BaseException:
             f.close()
             raise
+
+    def _index_records(self, records) -> None:
+        for e in records:
+            kind = e.header.get("kind")
+            if kind not in RECORD_KINDS:
+                raise HistoryFormatError(f"{self.path}: record at offset {e.offset} has kind {kind!r}; this "
+                                         f"build knows {', '.join(RECORD_KINDS)}")
+            if kind == "run":
+                self.run_info.update(e.header["run"])
+            else:
+                self.index.append(e)
 
     def _payload_ok(self, e: IndexEntry) -> bool:
         self._f.seek(e.payload_offset)

@@ -14,13 +14,17 @@ checksummed, fsync'd at keyframes; reading a step seeks to its records).
     store = ue.HistoryStore.for_model(model, params="int8", grads="int8", keyframe_every=50)
     recorder = ue.HistoryRecorder(store, model, optimizer)      # one line: records at every step
     ...
-    s = store.read(t)            # StoredStep: s.tensors["params"], s.tensors["grads"], s.lr, s.batch_ids
+    s = store.read(t)            # StoredStep: s.tensors["params"], s.tensors["grads"], s.lr, s.lrs, s.batch_ids
     for s in store.iter(10, 20): ...
+    g = store.encoded(t, "grads")  # EncodedField: g.dot(v), g.axpy_(y, a) on the codes (no fp32 copy)
+    store.run_info               # run metadata: param groups' lr/weight decay/momentum, n, ...
+    store.bytes_read             # history payload bytes read so far (for unlearning reports)
     store.report()               # bytes, compression ratio, max and RMS error per step
 """
 from __future__ import annotations
 
 import bisect
+import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -29,7 +33,7 @@ import torch
 from . import codecs as hc
 from ..data import as_ids
 from ..per_sample import trainable
-from .file import HistoryFile, HistoryFormatError, Recovery
+from .file import HistoryFile, HistoryFormatError, Recovery, jsonable
 
 TIERS = ("device", "host", "disk")
 IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
@@ -55,10 +59,11 @@ class FieldSpec:
 @dataclass
 class StoredStep:
     step: int
-    lr: float | None
+    lr: float | None             # the first param group's lr (lrs[0] when lrs was recorded)
     batch_ids: torch.Tensor | None
     tensors: dict                # field name -> list of fp32 tensors shaped like the recorded ones
     stats: dict                  # field name -> {"bytes", "raw_bytes", "max_err", "rms_err", "kind"}
+    lrs: list | None = None      # every param group's lr, when recorded (HistoryRecorder does)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class _Entry:
     step: int
     lr: float | None
     stats: dict
+    lrs: list | None = None
     fields: dict = field(default_factory=dict)    # name -> hc.Encoded (memory tiers)
     batch_ids: torch.Tensor | None = None
     file_entry: object = None                     # file.IndexEntry (disk tier)
@@ -75,7 +81,7 @@ class _Entry:
 class HistoryStore:
     def __init__(self, fields: dict, *, tier: str = "host", path: str | None = None,
                  keyframe_every: int = 50, block_size: int = hc.DEFAULT_BLOCK, nonfinite: str = "error",
-                 _file: HistoryFile | None = None):
+                 run_info: dict | None = None, _file: HistoryFile | None = None):
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
         if tier == "disk" and path is None:
@@ -98,22 +104,44 @@ class HistoryStore:
         self._since_key: dict = {}       # records of a delta field since its last keyframe
         self._cache: dict = {}           # decoder state per delta field: (entry index, tensors)
         self._keyframes: dict = {}       # delta field -> entry indices of its keyframes (ascending)
+        self._run_info: dict = {}
+        # Payload bytes (encoded fields and batch ids) that read(), iter() and encoded() loaded
+        # since the store was made or opened: the "history bytes read" of unlearning reports.
+        # Assign 0 to start a new count.
+        self.bytes_read = 0
         self.file = _file
         if tier == "disk" and self.file is None:
             self.file = HistoryFile.create(path, self._describe())
+        if self.file is not None:
+            self._run_info = dict(self.file.run_info)
+        if run_info:
+            self.set_run_info(**run_info)
 
     # ---- construction --------------------------------------------------------------------------
 
     @classmethod
-    def for_model(cls, model, *, params: str | None = "int8", grads: str | None = "int8", **kw):
+    def for_model(cls, model, *, params: str | None = "int8", grads: str | None = "int8",
+                  extra: dict | None = None, **kw):
         """A store for a model's trainable parameters: 'params' (closed-loop deltas for int codecs)
-        and 'grads'. Pass None to leave a field out."""
+        and 'grads'. Pass None to leave a field out.
+
+        extra: more named fields, e.g. Mini-Unlearning's full-data gradient at anchors. Each value
+        is a codec (the field is shaped like the trainable parameters and stored plainly), a
+        (shapes or tensors, codec) pair, or a FieldSpec:
+
+            HistoryStore.for_model(model, extra={"full_grad": "fp32", "stats": ([(10,)], "fp16")})
+        """
         shapes = _trainable_shapes(model)
         fields = {}
         if params is not None:
             fields["params"] = FieldSpec(shapes, params, delta=params in hc.BITS)
         if grads is not None:
             fields["grads"] = FieldSpec(shapes, grads)
+        for name, how in (extra or {}).items():
+            if name in fields:
+                raise ValueError(f"extra field {name!r} clashes with a field for_model already makes "
+                                 "(pass params=None or grads=None to define it yourself)")
+            fields[name] = _extra_spec(name, how, shapes)
         return cls(fields, **kw)
 
     @classmethod
@@ -140,7 +168,7 @@ class HistoryStore:
                     block_size=head["block_size"], _file=hf)
         for e in hf.index:
             h = e.header
-            store._entries.append(_Entry(h["step"], h["lr"], h["stats"], file_entry=e))
+            store._entries.append(_Entry(h["step"], h["lr"], h["stats"], h.get("lrs"), file_entry=e))
             store._steps.append(h["step"])
             for name in h["fields"]:
                 if store.fields[name].delta:
@@ -150,7 +178,8 @@ class HistoryStore:
         for name, spec in store.fields.items():  # rebuild the encoder's reconstruction for appends
             if writable and spec.delta and name in store._since_key:
                 last = max(i for i in range(len(store._entries)) if store._field_kind(i, name) is not None)
-                store._recon[name] = [t.clone() for t in store._decode_field(name, last)]
+                store._recon[name] = store._decode_field(name, last)  # a copy the store owns
+        store.bytes_read = 0  # opening is not a read of the history
         return store
 
     @property
@@ -161,11 +190,32 @@ class HistoryStore:
         return {"fields": {k: v.describe() for k, v in self.fields.items()},
                 "keyframe_every": self.keyframe_every, "block_size": self.block_size}
 
+    # ---- run metadata --------------------------------------------------------------------------
+
+    @property
+    def run_info(self) -> dict:
+        """Run metadata (a copy): what HistoryRecorder records (optimizer, param_groups, lrs,
+        weight_decay, momentum, ..., steps_per_epoch, batch_seed, n) plus what set_run_info added."""
+        return json.loads(json.dumps(self._run_info))  # a deep copy: nested lists stay the store's
+
+    def set_run_info(self, **info) -> None:
+        """Adds or updates run metadata (JSON values: numbers, strings, booleans, None, lists and
+        dicts of them). On disk it is appended as its own record, so it can be set at any time;
+        later values of a key replace earlier ones."""
+        _check_json(info)
+        if self.file is not None:
+            if not self.file.writable:
+                raise RuntimeError(f"{self.file.path} was opened read-only (writable=False): it cannot record")
+            self.file.append_run(info)
+        self._run_info.update(json.loads(json.dumps(info)))  # stored as it reads back from disk
+
     # ---- recording -----------------------------------------------------------------------------
 
-    def record(self, step: int, tensors: dict, *, lr: float | None = None, batch_ids=None) -> dict | None:
-        """Records the given fields of one step. Returns the step's stats, or None when the step
-        was skipped for non-finite values (nonfinite='skip')."""
+    def record(self, step: int, tensors: dict, *, lr: float | None = None, lrs=None,
+               batch_ids=None) -> dict | None:
+        """Records the given fields of one step; lrs: every param group's lr (lr defaults to
+        lrs[0]). Returns the step's stats, or None when the step was skipped for non-finite values
+        (nonfinite='skip')."""
         step = int(step)
         if self._broken:
             raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
@@ -178,7 +228,10 @@ class HistoryStore:
             if not self._check_field(name, ts, step):
                 self.skipped_steps.append(step)
                 return None
-        entry = _Entry(step, None if lr is None else float(lr), {})
+        lrs = None if lrs is None else [float(x) for x in lrs]
+        if lr is None and lrs:
+            lr = lrs[0]
+        entry = _Entry(step, None if lr is None else float(lr), {}, lrs)
         if batch_ids is not None:
             entry.batch_ids = as_ids(batch_ids, "batch_ids").to("cpu", copy=True)
         try:
@@ -274,6 +327,8 @@ class HistoryStore:
         header = {"step": entry.step, "lr": entry.lr, "stats": entry.stats,
                   "fields": {k: enc.kind for k, enc in entry.fields.items()},
                   "batch_ids": entry.batch_ids is not None}
+        if entry.lrs is not None:  # absent otherwise, as in files of format version 1
+            header["lrs"] = entry.lrs
         entry.file_entry = self.file.append(header, sections, sync=sync)
         entry.fields, entry.batch_ids = {}, None  # the disk tier keeps only the index in memory
 
@@ -308,13 +363,19 @@ class HistoryStore:
         only the named fields (all when None) and the batch ids if asked."""
         e = self._entries[i]
         if e.file_entry is None:
-            return e.fields, e.batch_ids
-        h = e.file_entry.header
-        want = None if names is None else set(names) | ({IDS} if ids else set())
-        sections = self.file.read_sections(e.file_entry, want)
-        fields = {name: hc.Encoded(self.fields[name].codec, kind, sections[name])
-                  for name, kind in h["fields"].items() if name in sections}
-        return fields, (sections[IDS][0] if IDS in sections else None)
+            fields = e.fields if names is None else {n: e.fields[n] for n in names if n in e.fields}
+            batch_ids = e.batch_ids if ids or names is None else None
+        else:
+            h = e.file_entry.header
+            want = None if names is None else set(names) | ({IDS} if ids else set())
+            sections = self.file.read_sections(e.file_entry, want)
+            fields = {name: hc.Encoded(self.fields[name].codec, kind, sections[name])
+                      for name, kind in h["fields"].items() if name in sections}
+            batch_ids = sections[IDS][0] if IDS in sections else None
+        self.bytes_read += sum(enc.nbytes for enc in fields.values())
+        if batch_ids is not None:
+            self.bytes_read += batch_ids.numel() * batch_ids.element_size()
+        return fields, batch_ids
 
     def _field_kind(self, i: int, name: str):
         e = self._entries[i]
@@ -333,12 +394,15 @@ class HistoryStore:
             hc.decode_into(self._load(i, [name])[0][name], out, self.block_size)
             return out
         # Delta chain: from the cached position when it lies between the keyframe and i, else from
-        # the last keyframe at or before i. Never more than keyframe_every - 1 deltas.
+        # the last keyframe at or before i. Never more than keyframe_every - 1 deltas. The cache
+        # owns its tensors and advances in place; the caller gets one copy (iter() reading steps
+        # in order thus costs one delta and one copy per step). The cache is taken out while it
+        # advances, so a failed read (a corrupt record) cannot leave it at a wrong position.
         keys = self._keyframes[name]
         key = keys[bisect.bisect_right(keys, i) - 1]
-        cached = self._cache.get(name)
+        cached = self._cache.pop(name, None)
         if cached is not None and key <= cached[0] <= i and cached[1][0].device == dev:
-            start, recon = cached[0], [t.clone() for t in cached[1]]
+            start, recon = cached
         else:
             start = key
             recon = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
@@ -346,8 +410,8 @@ class HistoryStore:
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
                 hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
-        self._cache[name] = (i, [t.clone() for t in recon])
-        return recon
+        self._cache[name] = (i, recon)
+        return [t.clone() for t in recon]
 
     def read(self, step: int, names=None, *, device=None) -> StoredStep:
         """One step's fields (decoded to fp32), lr, batch ids and stats; reads only what it needs."""
@@ -355,14 +419,40 @@ class HistoryStore:
         e = self._entries[i]
         names = [n for n in (names or self.fields) if self._field_kind(i, n) is not None]
         tensors = {n: self._decode_field(n, i, device) for n in names}
-        ids = self._load(i, [], ids=True)[1] if (e.file_entry is None or e.file_entry.header["batch_ids"]) else None
-        return StoredStep(e.step, e.lr, ids, tensors, e.stats)
+        ids = None
+        if e.file_entry is None or e.file_entry.header["batch_ids"]:
+            ids = self._load(i, [], ids=True)[1]
+            if ids is not None and e.file_entry is None:
+                ids = ids.clone()  # memory tiers: the caller must not hold the store's own tensor
+        return StoredStep(e.step, e.lr, ids, tensors, e.stats, None if e.lrs is None else list(e.lrs))
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
-        """StoredSteps of the recorded steps in [start, stop), in order (deltas applied incrementally)."""
-        for s in list(self._steps):
-            if (start is None or s >= start) and (stop is None or s < stop):
-                yield self.read(s, names, device=device)
+        """StoredSteps of the recorded steps in [start, stop), in order (deltas applied
+        incrementally). Each step's tensors are its own: changing them changes no later read."""
+        lo = 0 if start is None else bisect.bisect_left(self._steps, start)
+        hi = len(self._steps) if stop is None else bisect.bisect_left(self._steps, stop)
+        for s in self._steps[lo:hi]:
+            yield self.read(s, names, device=device)
+
+    def encoded(self, step: int, name: str) -> hc.EncodedField:
+        """One plain field of one step in its stored form (EncodedField: dot, axpy_, decode,
+        nbytes), for products on the codes without an fp32 copy of the field, e.g. DeltaGrad's
+        L-BFGS two-loop recursion over the stored gradients.
+
+        Delta-encoded fields (parameters with int codecs) are refused: their codes hold
+        w_t - recon_{t-1}, not w_t, and their values exist only after replaying the chain from
+        a keyframe, which read() does."""
+        if name not in self.fields:
+            raise KeyError(f"unknown field {name!r}; this store records {sorted(self.fields)}")
+        spec = self.fields[name]
+        if spec.delta:
+            raise ValueError(f"field {name!r} is delta-encoded (closed-loop deltas between fp32 keyframes): "
+                             "its codes are differences from the previous record, not values; use "
+                             f"store.read(step, [{name!r}]) for its fp32 values")
+        i = self._index_of(step)
+        if self._field_kind(i, name) is None:
+            raise KeyError(f"step {step} did not record field {name!r}")
+        return hc.EncodedField(self._load(i, [name])[0][name], spec.shapes, self.block_size)
 
     # ---- accounting ----------------------------------------------------------------------------
 
@@ -387,6 +477,28 @@ class HistoryStore:
 
 def _trainable_shapes(model) -> list:
     return [tuple(p.shape) for p in trainable(model).values()]
+
+
+def _extra_spec(name: str, how, param_shapes) -> FieldSpec:
+    """The FieldSpec of one for_model extra field: a FieldSpec, a codec (shaped like the trainable
+    parameters) or a (shapes or tensors, codec) pair."""
+    if isinstance(how, FieldSpec):
+        return how
+    if isinstance(how, str):
+        return FieldSpec(param_shapes, how)
+    if isinstance(how, (tuple, list)) and len(how) == 2 and isinstance(how[1], str):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in how[0]]
+        return FieldSpec(shapes, how[1])
+    raise TypeError(f"extra field {name!r}: expected a codec, a (shapes or tensors, codec) pair or a "
+                    f"FieldSpec, got {type(how).__name__}")
+
+
+def _check_json(info: dict) -> None:
+    """Run metadata must survive a JSON round trip (the file stores JSON; nothing is pickled)."""
+    for key, value in info.items():
+        if not jsonable(value):
+            raise TypeError(f"run metadata {key!r} is not JSON-serializable (a {type(value).__name__}); "
+                            "store finite numbers, strings, booleans, None, or lists and dicts of them")
 
 
 def _check_compatible(path, have: dict, want: dict) -> None:
