@@ -72,6 +72,12 @@ class AprioriCertificate:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), default=float)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "AprioriCertificate":
+        """Inverse of to_dict (the derived entries it adds are recomputed, not read)."""
+        derived = ("budget_m_star", "unit_C_over_b", "remaining_budget")
+        return cls(**{k: v for k, v in data.items() if k not in derived})
+
     def __str__(self) -> str:
         prob = " (each radius holds with probability 1 - alpha)" if self.mode == "mc" else ""
         cov = ", ".join(f"m={m}: {c:.4f}" for m, c in enumerate(self.coverage[:6]))
