@@ -24,7 +24,14 @@ def philox_bernoulli(element_index, draws, p, seed, offset):
     return impl("philox_bernoulli")(element_index, draws, p, seed, offset)
 
 
+# An op whose tensor arguments are all empty lists has no tensor to dispatch on (the dispatcher
+# refuses the call), so these wrappers answer that case themselves, as the kernels would: with
+# the kernels' checks of the other arguments (shared with the fakes), then the empty result.
+
 def quantize_analytic(grads, beta, count_below):
+    if not grads:  # empty codes and radii, min_radius inf, counts 0 (as quantize_mc's kernel)
+        fakes.check_beta(beta)
+        return reference.quantize_analytic([], beta, count_below)
     return impl("quantize_analytic")(grads, beta, count_below)
 
 
@@ -33,6 +40,9 @@ def quantize_mc(grads, tau, sigma, n0, n, radius_table, seed, offset, count_belo
 
 
 def quantized_step_analytic_(params, grads, beta, step_size, count_below, check_finite):
+    if not params and not grads:  # refused, as quantized_step_mc_'s kernel refuses it
+        fakes.check_beta(beta)
+        fakes.check_step(params, grads, step_size)
     return impl("quantized_step_analytic_")(params, grads, beta, step_size, count_below, check_finite)
 
 
@@ -43,6 +53,9 @@ def quantized_step_mc_(params, grads, tau, sigma, n0, n, radius_table, seed, off
 
 
 def vote_accumulate_(votes, grads, tau):
+    if not votes and not grads:  # nothing to count: 0 non-finite gradients (an int64 CPU scalar)
+        fakes.check_tau(tau)
+        return reference.vote_accumulate_([], [], tau)
     return impl("vote_accumulate_")(votes, grads, tau)
 
 
@@ -52,9 +65,11 @@ def vote_finalize(selection_votes, estimation_votes, n0, n, radius_table, sigma,
 
 
 def fragile_compact(values, radii, threshold):
-    if not values and not radii:  # no tensor to dispatch on: the answer is empty either way
+    if not values and not radii:  # nothing is fragile
         return reference.fragile_compact([], [], threshold)
     return impl("fragile_compact")(values, radii, threshold)
+
+
 # ---- history codecs (DESIGN section 5) -------------------------------------------------------------
 
 def blockwise_quantize(x, bits, block_size):

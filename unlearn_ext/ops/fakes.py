@@ -1,68 +1,140 @@
 """Fake (meta) implementations of every op: output shapes and dtypes only, so the ops trace under
-torch.compile and pass torch.library.opcheck. Registered only when the compiled ops exist."""
+torch.compile and pass torch.library.opcheck. Registered only when the compiled ops exist.
+
+Each fake checks its inputs the way the kernels do (the same conditions, messages that name the
+problem), so a bad call fails while tracing instead of at run time, and no fake is more permissive
+or stricter than its kernel. Empty lists get the kernels' answer:
+  * quantize_mc and the codecs accept them (empty outputs; the dot product is 0);
+  * quantize_analytic, vote_accumulate_ and fragile_compact have no tensor to dispatch on; their
+    wrappers (ops/__init__.py) answer with empty results on the CPU, and so do the fakes;
+  * the fused steps and vote_finalize refuse them (as the kernels do).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
-from ..reference.codecs import block_count, code_dtype, code_numel
+from ..reference.codecs import MAX_BLOCK, MIN_BLOCK, block_count, code_dtype, code_numel
 from .loader import _C
 
-# ---- fake implementations (shapes only), so the ops trace under torch.compile ----------------------
-
-def _stats_like(t: torch.Tensor):
-    return t.new_empty((), dtype=torch.float32), t.new_empty((3,), dtype=torch.int64)
-
-
-def _codes_radii_like(tensors):
-    return ([t.new_empty(t.shape, dtype=torch.int8) for t in tensors],
-            [t.new_empty(t.shape, dtype=torch.float32) for t in tensors])
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+VOTE_DTYPES = (torch.int16, torch.int32)
+# Doubles at or above this magnitude round to inf as float32 (halfway between FLT_MAX and 2^128).
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
-if _C is not None:
-    def _rng_fake(dtype):
-        def fake(element_index, draws, *args):
-            return element_index.new_empty((*element_index.shape, draws), dtype=dtype)
-        return fake
+# ---- input checks (mirror csrc/include/unlearn/tensor_list.h and codec_list.h) ------------------
 
-    torch.library.register_fake("unlearn_ext::philox_bits")(_rng_fake(torch.int32))
-    torch.library.register_fake("unlearn_ext::philox_uniform")(_rng_fake(torch.float64))
-    torch.library.register_fake("unlearn_ext::philox_bernoulli")(_rng_fake(torch.bool))
-
-    @torch.library.register_fake("unlearn_ext::quantize_analytic")
-    def _quantize_analytic_fake(grads, beta, count_below):
-        return (*_codes_radii_like(grads), *_stats_like(grads[0]))
-
-    @torch.library.register_fake("unlearn_ext::quantize_mc")
-    def _quantize_mc_fake(grads, tau, sigma, n0, n, radius_table, seed, offset, count_below):
-        return (*_codes_radii_like(grads), *_stats_like(radius_table))
-
-    @torch.library.register_fake("unlearn_ext::quantized_step_analytic_")
-    def _step_analytic_fake(params, grads, beta, step_size, count_below, check_finite):
-        return _stats_like(grads[0])
-
-    @torch.library.register_fake("unlearn_ext::quantized_step_mc_")
-    def _step_mc_fake(params, grads, tau, sigma, n0, n, radius_table, seed, offset, step_size,
-                      count_below, check_finite):
-        return _stats_like(radius_table)
-
-    @torch.library.register_fake("unlearn_ext::vote_accumulate_")
-    def _vote_accumulate_fake(votes, grads, tau):
-        return votes[0].new_empty((), dtype=torch.int64)
-
-    @torch.library.register_fake("unlearn_ext::vote_finalize")
-    def _vote_finalize_fake(selection_votes, estimation_votes, n0, n, radius_table, sigma, count_below):
-        shapes = [v[0] for v in selection_votes]
-        return (*_codes_radii_like(shapes), *_stats_like(radius_table))
-
-    @torch.library.register_fake("unlearn_ext::fragile_compact")
-    def _fragile_compact_fake(values, radii, threshold):
-        count = torch.library.get_ctx().new_dynamic_size()  # how many are fragile is data-dependent
-        like = values[0]
-        return (like.new_empty((count,), dtype=torch.int64), like.new_empty((count,), dtype=torch.float32),
-                like.new_empty((count,), dtype=torch.float32))
+def _check(cond, *msg) -> None:
+    torch._check(cond, lambda: "unlearn_ext: " + "".join(str(m) for m in msg))
 
 
-# ---- fakes of the history codecs: codes and scales are flat, sized from numel and block_size -------
+def _check_float_list(tensors, name: str) -> None:
+    """fp32/fp16/bf16, one dtype for the whole list."""
+    for i, t in enumerate(tensors):
+        _check(t.dtype in FLOAT_DTYPES, name, "[", i, "] has dtype ", t.dtype,
+               "; expected float32, float16 or bfloat16")
+        _check(t.dtype == tensors[0].dtype, "all tensors in ", name, " must share one dtype, but ", name,
+               "[0] is ", tensors[0].dtype, " and ", name, "[", i, "] is ", t.dtype)
+
+
+def check_paired(a, a_name: str, b, b_name: str) -> None:
+    """Same number of tensors, same shape pairwise."""
+    _check(len(a) == len(b), a_name, " has ", len(a), " tensors but ", b_name, " has ", len(b))
+    for i, (x, y) in enumerate(zip(a, b)):
+        _check(x.shape == y.shape, a_name, "[", i, "] has shape ", tuple(x.shape), " but ", b_name, "[", i,
+               "] has shape ", tuple(y.shape))
+
+
+def _check_not_empty(tensors, what: str) -> None:
+    _check(len(tensors) > 0, what)
+
+
+def check_tau(tau: float) -> None:
+    _check(tau >= 0 and math.isfinite(tau), "tau must be a finite number >= 0, got ", tau)
+
+
+def check_beta(beta: float) -> None:
+    _check(beta >= 0 and math.isfinite(beta), "beta must be finite and >= 0, got ", beta)
+
+
+def _check_mc(sigma: float, n0: int, n: int, radius_table: torch.Tensor) -> None:
+    _check(sigma > 0 and math.isfinite(sigma), "sigma must be a finite number > 0, got ", sigma)
+    _check(n0 >= 1, "n0 (selection draws) must be >= 1, got ", n0)
+    _check(n >= 1, "n (estimation draws) must be >= 1, got ", n)
+    _check(n0 + n <= 1 << 30, "n0 + n is too large (", n0 + n, ")")
+    _check(radius_table.dim() == 1 and radius_table.numel() == n + 1, "radius_table must be a 1-D tensor of ",
+           "n + 1 = ", n + 1, " entries (one per possible count), got shape ", tuple(radius_table.shape))
+    _check(radius_table.dtype == torch.float32, "radius_table must be float32, got ", radius_table.dtype)
+
+
+def check_step(params, grads, step_size: float) -> None:
+    _check_float_list(grads, "grads")
+    _check_not_empty(grads, "the step needs at least one tensor")
+    _check(math.isfinite(step_size), "step_size must be finite, got ", step_size)
+    check_paired(params, "params", grads, "grads")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        _check(p.dtype == g.dtype, "params[", i, "] has dtype ", p.dtype, " but grads[", i, "] has ", g.dtype,
+               "; they must match")
+
+
+def _check_votes(votes, shapes, name: str) -> None:
+    """int16/int32 counters of shape (2, *shapes[i]), contiguous, one dtype per list."""
+    _check(len(votes) == len(shapes), name, " has ", len(votes), " tensors but grads has ", len(shapes))
+    for i, (v, shape) in enumerate(zip(votes, shapes)):
+        _check(v.dtype in VOTE_DTYPES, name, "[", i, "] must be int16 or int32 counts, got ", v.dtype)
+        _check(v.dtype == votes[0].dtype, "all tensors in ", name, " must share one dtype")
+        _check(v.shape == (2, *shape), name, "[", i, "] must have shape (2, *grads[", i, "].shape) = ",
+               (2, *shape), " (counts of -1 and +1 votes), got ", tuple(v.shape))
+        _check(v.is_contiguous(), name, "[", i, "] must be contiguous")
+
+
+def _check_codec_args(bits: int, block_size: int) -> None:
+    _check(bits in (8, 4), "bits must be 8 (int8 codes) or 4 (int4 codes), got ", bits)
+    _check(MIN_BLOCK <= block_size <= MAX_BLOCK and block_size % 2 == 0, "block_size must be an even number in [",
+           MIN_BLOCK, ", ", MAX_BLOCK, "], got ", block_size)
+
+
+def _check_coded(codes, scales, like, like_name: str, bits: int, block_size: int) -> None:
+    """codes and scales sized for `like` (one pair per tensor, matching numel per block_size)."""
+    _check(len(codes) == len(like), "codes has ", len(codes), " tensors but ", like_name, " has ", len(like))
+    _check(len(scales) == len(like), "scales has ", len(scales), " tensors but ", like_name, " has ", len(like))
+    for i, (c, s, t) in enumerate(zip(codes, scales, like)):
+        _check(c.dtype == code_dtype(bits), "codes[", i, "] has dtype ", c.dtype, "; ", bits, "-bit codes are ",
+               code_dtype(bits))
+        _check(c.numel() == code_numel(t.numel(), bits), "codes[", i, "] has ", c.numel(), " entries but ",
+               like_name, "[", i, "] (", t.numel(), " elements) needs ", code_numel(t.numel(), bits), " for ",
+               bits, "-bit codes")
+        _check(s.dtype == torch.float32, "scales[", i, "] must be float32, got ", s.dtype)
+        _check(s.numel() == block_count(t.numel(), block_size), "scales[", i, "] has ", s.numel(),
+               " entries but ", like_name, "[", i, "] (", t.numel(), " elements) has ",
+               block_count(t.numel(), block_size), " blocks of ", block_size,
+               " (codes and scales must come from the same block_size)")
+
+
+def _codec_inputs(values, name, codes, scales, bits, block_size) -> None:
+    _check_codec_args(bits, block_size)
+    _check_float_list(values, name)
+    _check_coded(codes, scales, values, name, bits, block_size)
+
+
+# ---- output allocation ----------------------------------------------------------------------------
+
+def _stats_on(device):
+    """(min_radius: float32 scalar, counts: int64[3]) on a device."""
+    return (torch.empty((), dtype=torch.float32, device=device),
+            torch.empty((3,), dtype=torch.int64, device=device))
+
+
+def _codes_radii_like(shapes, device_of):
+    return ([torch.empty(s, dtype=torch.int8, device=d) for s, d in zip(shapes, device_of)],
+            [torch.empty(s, dtype=torch.float32, device=d) for s, d in zip(shapes, device_of)])
+
+
+def _quantize_outputs(grads, stats_device):
+    return (*_codes_radii_like([g.shape for g in grads], [g.device for g in grads]), *_stats_on(stats_device))
+
 
 def coded_like(tensors, bits, block_size):
     """(codes, scales) shaped as blockwise_quantize returns them; sizes from the reference (the one
@@ -72,23 +144,128 @@ def coded_like(tensors, bits, block_size):
     return codes, scales
 
 
+_CPU = torch.device("cpu")
+
+
+def _first_device(tensors, default=_CPU):
+    return tensors[0].device if tensors else default
+
+
+# ---- registration ---------------------------------------------------------------------------------
+
 if _C is not None:
+    def _rng_fake(dtype):
+        def fake(element_index, draws, *args):
+            _check(element_index.dtype == torch.int64, "element_index must be int64, got ", element_index.dtype)
+            _check(draws >= 0, "draws must be >= 0, got ", draws)
+            return element_index.new_empty((*element_index.shape, draws), dtype=dtype)
+        return fake
+
+    torch.library.register_fake("unlearn_ext::philox_bits")(_rng_fake(torch.int32))
+    torch.library.register_fake("unlearn_ext::philox_uniform")(_rng_fake(torch.float64))
+    _philox_draws_fake = _rng_fake(torch.bool)
+
+    @torch.library.register_fake("unlearn_ext::philox_bernoulli")
+    def _philox_bernoulli_fake(element_index, draws, p, seed, offset):
+        out = _philox_draws_fake(element_index, draws)
+        _check(0.0 <= p <= 1.0, "p must be in [0, 1], got ", p)
+        return out
+
+    @torch.library.register_fake("unlearn_ext::quantize_analytic")
+    def _quantize_analytic_fake(grads, beta, count_below):
+        check_beta(beta)
+        _check_float_list(grads, "grads")
+        return _quantize_outputs(grads, _first_device(grads))  # empty list: CPU statistics (the wrapper's)
+
+    @torch.library.register_fake("unlearn_ext::quantize_mc")
+    def _quantize_mc_fake(grads, tau, sigma, n0, n, radius_table, seed, offset, count_below):
+        _check_float_list(grads, "grads")
+        check_tau(tau)
+        _check_mc(sigma, n0, n, radius_table)
+        # Statistics live where the gradients are; the kernels put those of an empty list on
+        # radius_table's device (the CPU kernel on the CPU, which is where its table is).
+        return _quantize_outputs(grads, _first_device(grads, radius_table.device))
+
+    @torch.library.register_fake("unlearn_ext::quantized_step_analytic_")
+    def _step_analytic_fake(params, grads, beta, step_size, count_below, check_finite):
+        check_beta(beta)
+        check_step(params, grads, step_size)
+        return _stats_on(grads[0].device)
+
+    @torch.library.register_fake("unlearn_ext::quantized_step_mc_")
+    def _step_mc_fake(params, grads, tau, sigma, n0, n, radius_table, seed, offset, step_size,
+                      count_below, check_finite):
+        check_step(params, grads, step_size)
+        check_tau(tau)
+        _check_mc(sigma, n0, n, radius_table)
+        return _stats_on(grads[0].device)
+
+    @torch.library.register_fake("unlearn_ext::vote_accumulate_")
+    def _vote_accumulate_fake(votes, grads, tau):
+        check_tau(tau)
+        _check_float_list(grads, "grads")
+        _check_votes(votes, [g.shape for g in grads], "votes")
+        return torch.empty((), dtype=torch.int64, device=_first_device(votes))  # the nonfinite count
+
+    @torch.library.register_fake("unlearn_ext::vote_finalize")
+    def _vote_finalize_fake(selection_votes, estimation_votes, n0, n, radius_table, sigma, count_below):
+        _check(len(selection_votes) == len(estimation_votes), "selection_votes has ", len(selection_votes),
+               " tensors but estimation_votes has ", len(estimation_votes))
+        _check_not_empty(selection_votes, "vote_finalize needs at least one tensor")
+        for i, s in enumerate(selection_votes):
+            _check(s.dim() >= 1 and s.shape[0] == 2, "selection_votes[", i, "] must have shape (2, ...), got ",
+                   tuple(s.shape))
+        shapes = [s.shape[1:] for s in selection_votes]
+        _check_votes(selection_votes, shapes, "selection_votes")
+        _check_votes(estimation_votes, shapes, "estimation_votes")
+        _check_mc(sigma, n0, n, radius_table)
+        return (*_codes_radii_like(shapes, [s.device for s in selection_votes]),
+                *_stats_on(selection_votes[0].device))
+
+    @torch.library.register_fake("unlearn_ext::fragile_compact")
+    def _fragile_compact_fake(values, radii, threshold):
+        check_paired(values, "values", radii, "radii")
+        _check_float_list(values, "values")
+        for i, r in enumerate(radii):
+            _check(r.dtype == torch.float32, "radii[", i, "] must be float32, got ", r.dtype)
+        if not values:  # the wrapper's answer: nothing is fragile
+            count = 0
+        else:
+            count = torch.library.get_ctx().new_dynamic_size()  # how many are fragile is data-dependent
+        # The kernels return the compacted coordinates on the values' device.
+        device = _first_device(values)
+        return (torch.empty((count,), dtype=torch.int64, device=device),
+                torch.empty((count,), dtype=torch.float32, device=device),
+                torch.empty((count,), dtype=torch.float32, device=device))
+
+    # ---- history codecs: codes and scales are flat, sized from numel and block_size ---------------
+
     @torch.library.register_fake("unlearn_ext::blockwise_quantize")
     def _blockwise_quantize_fake(x, bits, block_size):
+        _check_codec_args(bits, block_size)
+        _check_float_list(x, "x")
         return coded_like(x, bits, block_size)
 
     @torch.library.register_fake("unlearn_ext::blockwise_dequantize_")
     def _blockwise_dequantize_fake(out, codes, scales, bits, block_size):
-        return None
+        _codec_inputs(out, "out", codes, scales, bits, block_size)
 
     @torch.library.register_fake("unlearn_ext::delta_encode_")
     def _delta_encode_fake(target, recon, codes, scales, bits, block_size):
-        return None
+        _codec_inputs(target, "target", codes, scales, bits, block_size)
+        check_paired(target, "target", recon, "recon")
+        for i, r in enumerate(recon):
+            _check(r.dtype == torch.float32, "recon[", i, "] must be float32 (the reconstruction is kept ",
+                   "exactly in fp32), got ", r.dtype)
 
     @torch.library.register_fake("unlearn_ext::dequantize_axpy_")
     def _dequantize_axpy_fake(y, alpha, codes, scales, bits, block_size):
-        return None
+        _check(math.isfinite(alpha) and abs(alpha) < FLOAT32_OVERFLOW, "alpha must be finite (as float32), got ",
+               alpha)
+        _codec_inputs(y, "y", codes, scales, bits, block_size)
 
     @torch.library.register_fake("unlearn_ext::dequantize_dot")
     def _dequantize_dot_fake(codes, scales, v, bits, block_size):
-        return (v[0] if v else codes[0]).new_empty((), dtype=torch.float64)
+        _codec_inputs(v, "v", codes, scales, bits, block_size)
+        # The CPU kernel (and the empty-list kernel) answer on the CPU, CUDA on the values' device.
+        return torch.empty((), dtype=torch.float64, device=_first_device(v))
