@@ -116,3 +116,36 @@ def test_retrain_unlearner_through_the_ledger_matches_retrain_and_restarts(tmp_p
     other = ue.SGDConfig(epochs=2, batch_size=16, lr=0.1, seed=4)
     with pytest.raises(ValueError, match="another model or configuration.*epochs"):
         ue.DeletionLedger(ue.RetrainUnlearner(mlp(), initial, data, other), str(tmp_path))
+
+
+def test_ids_beyond_int64_are_refused_not_wrapped():
+    import numpy as np
+    from unlearn_ext.data import as_ids
+    with pytest.raises(ValueError, match="2\\^63"):
+        as_ids(np.array([2**63 + 5], dtype=np.uint64))
+    with pytest.raises(ValueError, match="int64"):
+        as_ids([2**63 + 5])
+    assert as_ids(np.array([7], dtype=np.uint64)).tolist() == [7]
+
+
+def test_fingerprint_covers_values_and_row_order():
+    """Same shapes, other content: saved state of one must not be accepted for the other."""
+    data = small_data()
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))
+    shuffled = ue.TrainingData(data.inputs[perm], data.targets[perm], ids=data.ids)
+    relabeled = ue.TrainingData(data.inputs, (data.targets + 1) % 3, ids=data.ids)
+    same = ue.TrainingData(data.inputs.clone(), data.targets.clone(), ids=data.ids.clone())
+    assert data.fingerprint() == same.fingerprint()
+    assert data.fingerprint() != shuffled.fingerprint()
+    assert data.fingerprint() != relabeled.fingerprint()
+
+
+def test_ledger_refuses_state_of_shuffled_data(tmp_path):
+    data, initial = small_data(), mlp()
+    model = ue.train_sgd(mlp(), data, CONFIG)
+    with ue.DeletionLedger(ue.RetrainUnlearner(model, initial, data, CONFIG), str(tmp_path)) as ledger:
+        ledger.forget([1000])
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))
+    shuffled = ue.TrainingData(data.inputs[perm], data.targets[perm], ids=data.ids)
+    with pytest.raises(ValueError, match="data_sha256"):
+        ue.DeletionLedger(ue.RetrainUnlearner(mlp(), initial, shuffled, CONFIG), str(tmp_path))

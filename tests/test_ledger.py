@@ -215,3 +215,18 @@ def test_remaining_budget_accounts_for_certified_deletions(tmp_path):
     rest = list(range(10, 10 + cert.remaining_budget))
     assert deleter.forget(rest).how == "a-priori (m*)"
     assert trainer.certificate().remaining_budget == 0
+
+
+def test_check_request_refuses_empty_requests_and_ids_beyond_int64():
+    trainer = synthetic_trainer().train(steps=2)
+    with pytest.raises(ValueError, match="empty"):
+        trainer.check_request([])
+    with pytest.raises(ValueError, match="int64"):
+        trainer.check_request([2**64 - 1])
+
+
+def test_rounding_margin_is_part_of_the_fingerprint(tmp_path):
+    with PromptDeleter(synthetic_trainer().train(steps=2), str(tmp_path)) as first:
+        first.forget([3])
+    with pytest.raises(ValueError, match="rounding_margin"):
+        PromptDeleter(synthetic_trainer(rounding_margin=1e-3), str(tmp_path))

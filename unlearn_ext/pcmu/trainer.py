@@ -221,6 +221,8 @@ class PCMUTrainer:
         so their gradients are still inside the stored values of the steps that held them."""
         began = time.perf_counter()
         removed = as_ids(removed, "removed")
+        if removed.numel() == 0:
+            raise ValueError("empty request: give at least one id to check")
         unknown = self.unknown_ids(removed).unique()
         if unknown.numel():  # an id never trained on has no gradient to remove: answering would mislead
             raise UnknownIdsError(f"ids never trained on: {unknown.tolist()}")
