@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-DEV_DEPS := numpy scipy pytest hypothesis pytest-benchmark scikit-learn setuptools wheel ninja
+DEV_DEPS := numpy scipy pytest hypothesis pytest-benchmark scikit-learn rich matplotlib mnist1d setuptools wheel ninja
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 LOG ?= gpu-logs
 

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from .data import SGDConfig, TrainingData, retrain, retrain_cost
+from .data import SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
 from .per_sample import trainable
 from .unlearner import Unlearner, UnlearnReport
 
@@ -49,3 +49,39 @@ class RetrainUnlearner(Unlearner):
             for k, p in trainable(self.model).items():
                 p.copy_(state["params"][k])
         self._set_forgotten(state["forgotten"])
+
+
+class FinetuneUnlearner(Unlearner):
+    """The control every perturbation method must beat (DESIGN section 7): fine-tune all parameters
+    on the retained data only, `epochs` passes at `lr_factor` times the training learning rate.
+    On its own it forgets little: the forget samples' influence decays but is not removed."""
+
+    method = "finetune"
+
+    def __init__(self, model: torch.nn.Module, data: TrainingData, config: SGDConfig, *,
+                 epochs: int = 1, lr_factor: float = 0.4):
+        super().__init__(data)
+        if epochs < 1 or not lr_factor > 0:
+            raise ValueError(f"finetune needs epochs >= 1 and lr_factor > 0, got {epochs}, {lr_factor}")
+        self.model, self.config, self.epochs, self.lr_factor = model, config, int(epochs), float(lr_factor)
+
+    def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        union = torch.cat([self.forgotten, new]).unique()
+        peak = max(self.config.lr_at(t) for t in range(self.config.steps(len(self.data))))
+        tune = SGDConfig(epochs=self.epochs, batch_size=self.config.batch_size, lr=self.lr_factor * peak,
+                         weight_decay=self.config.weight_decay, seed=self.config.seed + 7919 * (1 + len(union)))
+        train_sgd(self.model, self.data, tune, exclude=union)
+        self._set_forgotten(union)
+        report.status, report.how, report.weights_changed = "unlearned", f"{self.epochs} epoch(s) on R", True
+        report.sample_gradients = retrain_cost(self.data, tune, union)
+        report.retrain_sample_gradients = retrain_cost(self.data, self.config, union)
+        report.reason = (f"fine-tuned on the retained data for {self.epochs} epoch(s) at {self.lr_factor:g}x the "
+                         "peak training learning rate (a control: no targeted forgetting)")
+
+    def fingerprint(self) -> dict:
+        return {"shapes": {k: list(v.shape) for k, v in trainable(self.model).items()}, "epochs": self.epochs,
+                "lr_factor": self.lr_factor, "batch_size": self.config.batch_size, "seed": self.config.seed,
+                **self.data.fingerprint()}
+
+    state_dict = RetrainUnlearner.state_dict
+    load_state_dict = RetrainUnlearner.load_state_dict

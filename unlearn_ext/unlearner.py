@@ -78,11 +78,13 @@ class UnlearnReport:
 
 
 class Unlearner(ABC):
-    """Base of every method family. Subclasses set `method` and `data` and implement `_forget`,
-    `fingerprint`, `state_dict` and `load_state_dict`; `forgotten` is kept by this base."""
+    """Base of every method family. Subclasses set `method`, `data` and `model` (the module whose
+    weights unlearning changes, in place) and implement `_forget`, `fingerprint`, `state_dict` and
+    `load_state_dict`; `forgotten` is kept by this base."""
 
     method: str = "unlearner"
     data: TrainingData
+    model: torch.nn.Module
 
     def __init__(self, data: TrainingData):
         self.data = data

@@ -22,7 +22,7 @@ class PCMUUnlearner(Unlearner):
 
     def __init__(self, trainer: PCMUTrainer):
         super().__init__(trainer.data)
-        self.trainer = trainer
+        self.trainer, self.model = trainer, trainer.model
 
     # The trainer's `forgotten` is the one source of truth: it decides which ids training skips.
     @property

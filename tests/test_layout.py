@@ -1,0 +1,114 @@
+"""The package layout a newcomer relies on (README "Where things are"): every op has its schema,
+CPU body, CUDA body, reference, wrapper and fake in the predictable place; the import graph has no
+cycles; the public names exist."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import unlearn_ext as ue
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "unlearn_ext"
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def internal_imports(path: pathlib.Path) -> set[str]:
+    """unlearn_ext modules imported at module level (imports inside functions are deferred on
+    purpose and cannot form an import-time cycle)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("unlearn_ext"):
+                for alias in node.names:  # `from . import ops` imports the submodule ops
+                    sub = f"{target}.{alias.name}"
+                    out.add(sub if (ROOT / (sub.replace(".", "/") + ".py")).exists()
+                            or (ROOT / sub.replace(".", "/")).is_dir() else target)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("unlearn_ext")}
+    return out - {name}
+
+
+def test_import_graph_has_no_cycles():
+    graph = {module_name(p): internal_imports(p) for p in PACKAGE.rglob("*.py")}
+
+    def parents(mod):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        bits = mod.split(".")
+        return {".".join(bits[:i]) for i in range(1, len(bits))}
+
+    state, stack = {}, []
+
+    def visit(mod):
+        state[mod] = "open"
+        stack.append(mod)
+        for dep in sorted(graph.get(mod, ())):
+            for d in sorted(parents(dep) | {dep}):
+                if d == mod or d in parents(mod) or d not in graph:
+                    continue
+                if state.get(d) == "open":
+                    cycle = stack[stack.index(d):] + [d]
+                    raise AssertionError("import cycle: " + " -> ".join(cycle))
+                if d not in state:
+                    visit(d)
+        stack.pop()
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod)
+
+
+def test_public_names_exist():
+    missing = [n for n in ue.__all__ if not hasattr(ue, n)]
+    assert not missing, missing
+    assert len(set(ue.__all__)) == len(ue.__all__)
+
+
+def registered_ops() -> list[str]:
+    return re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+
+
+def test_every_op_has_its_six_places():
+    """schema (csrc/ops.cpp), CPU body (csrc/cpu/<family>_cpu.cpp), CUDA body
+    (csrc/cuda/<family>_cuda.cu), reference (unlearn_ext/reference/<family>.py), wrapper
+    (unlearn_ext/ops/__init__.py) and fake (unlearn_ext/ops/fakes.py)."""
+    ops = registered_ops()
+    assert len(ops) >= 15  # the parser must find the registry, not an empty list
+    cpu = {p.name[:-len("_cpu.cpp")]: p.read_text() for p in (ROOT / "csrc" / "cpu").glob("*_cpu.cpp")}
+    wrappers = (PACKAGE / "ops" / "__init__.py").read_text()
+    fakes = (PACKAGE / "ops" / "fakes.py").read_text()
+    problems = []
+    for op in ops:
+        families = [f for f, text in cpu.items() if f'm.impl("{op}"' in text]
+        if len(families) != 1:
+            problems.append(f"{op}: CPU body in {families or 'no'} csrc/cpu/<family>_cpu.cpp")
+            continue
+        family = families[0]
+        cuda = ROOT / "csrc" / "cuda" / f"{family}_cuda.cu"
+        if not cuda.exists() or f'm.impl("{op}"' not in cuda.read_text():
+            problems.append(f"{op}: no CUDA body in {cuda.relative_to(ROOT)}")
+        reference = PACKAGE / "reference" / f"{family}.py"
+        if not reference.exists() or not re.search(rf"^def {op}\(", reference.read_text(), re.M):
+            problems.append(f"{op}: no reference in {reference.relative_to(ROOT)}")
+        if not re.search(rf"^def {op}\(", wrappers, re.M):
+            problems.append(f"{op}: no wrapper in unlearn_ext/ops/__init__.py")
+        if f'"unlearn_ext::{op}"' not in fakes:
+            problems.append(f"{op}: no fake in unlearn_ext/ops/fakes.py")
+        if not hasattr(ue.reference, op):
+            problems.append(f"{op}: not exported by unlearn_ext.reference")
+    assert not problems, "\n".join(problems)

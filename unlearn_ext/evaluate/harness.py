@@ -1,0 +1,199 @@
+"""The evaluation harness (DESIGN section 8): every method against retraining, per forget ratio
+and seed, with the do-nothing row beside them and the noise floor of retraining itself.
+
+    records = evaluate(load("digits"), model="mlp", methods=["pcmu", "finetune"],
+                       ratios=[0.01, 0.1], seeds=[0, 1], epochs=20)
+
+One record per (dataset, model, method, ratio, seed) with plain measure names (see RECORD_FIELDS);
+`summarize` gives means and spreads over seeds. Rows: `original` (no unlearning) and `retrain`
+always, then the methods. Per-run MIA gaps are |MIA - MIA of that run's reference retrain|.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import metrics, mia
+from ..data import SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
+from . import models
+from .datasets import Dataset
+from .methods import Method, Run, resolve
+
+RECORD_FIELDS = {
+    "dataset": "dataset name", "model": "model name", "method": "original | retrain | a method",
+    "reference": "what the row is compared with: retrain (plain SGD without F) or pcmu-coupled-retrain",
+    "ratio": "forget ratio |F| / n", "seed": "training seed", "forget_size": "|F|",
+    "status": "the method's report status (original/retrain rows: 'reference')",
+    "test_acc": "accuracy on the test set", "retain_acc": "accuracy on R = D \\ F",
+    "forget_acc": "accuracy on F", "mia_auc": "loss-threshold MIA AUC, F vs test",
+    "mia_gap": "|mia_auc - mia_auc of the reference retrain| (this run)",
+    "mia_efficacy": "fraction of F a retain-vs-test classifier calls members",
+    "d_d0": "||w - w_retrain|| / ||w_orig - w_retrain|| (primary for history methods; diagnostic otherwise)",
+    "fr": "forgetting rate, retrain-normalized (None where the orig-vs-retrain gap on F < 2 samples)",
+    "fr_raw": "raw forgetting rate (A_orig(F) - A_new(F)) / A_orig(F)", "fr_note": "why fr is None",
+    "mrr": "memory retention rate A_new(R) / A_orig(R)",
+    "seconds": "wall time of the unlearning call (retrain row: of retraining)",
+    "speedup": "reference retrain seconds / seconds", "cost_vs_retrain": "sample-gradient cost / retraining's",
+    "history_bytes": "history bytes the method read", "peak_memory_bytes": "peak device memory (CUDA only; else None)",
+    "retrain_spread_test_acc": "max - min test accuracy over retrains with other seeds (the noise floor)",
+    "retrain_spread_mia_auc": "max - min MIA AUC over retrains with other seeds",
+}
+
+
+def forget_ids(data: TrainingData, ratio: float, seed: int) -> torch.Tensor:
+    """A seeded uniformly random forget set of round(ratio * n) ids (at least one)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"forget ratios must be in (0, 1), got {ratio}")
+    k = max(1, int(round(ratio * len(data))))
+    rng = np.random.default_rng([seed, int(round(ratio * 1e6)), 17])
+    return data.ids[torch.from_numpy(rng.choice(len(data), k, replace=False))].sort().values
+
+
+def default_config(model: str, epochs: int | None, seed: int) -> SGDConfig:
+    """Plain-SGD settings per model (fixed before any evaluation; not tuned on reported seeds)."""
+    if model == "logreg":
+        return SGDConfig(epochs=epochs or 20, batch_size=64, lr=0.1, weight_decay=1e-3, seed=seed)
+    if model == "mlp":
+        return SGDConfig(epochs=epochs or 30, batch_size=64, lr=0.1, weight_decay=1e-4, seed=seed)
+    return SGDConfig(epochs=epochs or 150, batch_size=32, lr=0.05, weight_decay=0.0, seed=seed)  # memorizing
+
+
+def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, widths=None) -> Run:
+    data = TrainingData(ds.x, ds.y)
+    initial = models.make(model, ds.features, ds.classes, seed, widths)
+    config = default_config(model, epochs, seed)
+    began = time.perf_counter()
+    original = train_sgd(copy.deepcopy(initial), data, config)
+    return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began)
+
+
+def _measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
+    keep = data.without(forget)
+    xr, yr = data.batch(keep)
+    xf, yf = data.batch(forget)
+    return {"test_acc": metrics.accuracy(model, ds.x_test, ds.y_test),
+            "retain_acc": metrics.accuracy(model, xr, yr), "forget_acc": metrics.accuracy(model, xf, yf),
+            "mia_auc": mia.loss_auc(metrics.per_sample_losses(model, xf, yf),
+                                    metrics.per_sample_losses(model, ds.x_test, ds.y_test)),
+            "mia_efficacy": mia.efficacy(model, (xr, yr), (ds.x_test, ds.y_test), (xf, yf))}
+
+
+def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: dict, ref: dict,
+         orig: dict, w, w_orig, w_ref, **extra) -> dict:
+    fr, fr_raw, note = metrics.forgetting_rate(orig["forget_acc"], measured["forget_acc"], ref["forget_acc"],
+                                               int(forget.numel()))
+    row = {"dataset": run.dataset, "model": run.model_name, "method": method, "reference": reference,
+           "ratio": ratio, "seed": run.seed, "forget_size": int(forget.numel()), "status": "reference",
+           **measured, "mia_gap": abs(measured["mia_auc"] - ref["mia_auc"]),
+           "d_d0": metrics.distance_ratio(w, w_orig, w_ref), "fr": fr, "fr_raw": fr_raw, "fr_note": note,
+           "mrr": metrics.retention_rate(measured["retain_acc"], orig["retain_acc"]),
+           "seconds": None, "speedup": None, "cost_vs_retrain": None, "history_bytes": 0,
+           "peak_memory_bytes": None}
+    row.update(extra)
+    return row
+
+
+def evaluate(ds: Dataset, *, model: str = "mlp", methods=("pcmu", "finetune"), ratios=(0.01, 0.05, 0.1, 0.2, 0.3),
+             seeds=(0,), epochs: int | None = None, widths=None, noise_floor_seeds: int = 2,
+             progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Runs every method against retraining; returns one record per row (RECORD_FIELDS)."""
+    specs = resolve(methods)
+    tick = progress or (lambda what: None)
+    records = []
+    for seed in seeds:
+        run = train_run(ds, model, seed, epochs, widths)
+        tick(f"seed {seed}: trained the original ({run.train_seconds:.1f} s)")
+        prepared = {}
+        for spec in specs:
+            prepared[spec.name] = spec.prepare(run)
+            tick(f"seed {seed}: prepared {spec.name}")
+        for ratio in ratios:
+            records += _evaluate_ratio(ds, run, specs, prepared, ratio, noise_floor_seeds, tick)
+    return records
+
+
+def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: float, noise_floor_seeds: int,
+                    tick) -> list[dict]:
+    forget = forget_ids(run.data, ratio, run.seed)
+    began = time.perf_counter()
+    gold = retrain(run.initial, run.data, run.config, forget)
+    retrain_seconds = time.perf_counter() - began
+    orig_m, gold_m = (_measure(m, ds, run.data, forget) for m in (run.original, gold))
+    spread = _noise_floor(ds, run, forget, noise_floor_seeds)
+    common = dict(retrain_spread_test_acc=spread[0], retrain_spread_mia_auc=spread[1])
+    rows = [
+        _row(run, "original", "retrain", ratio, forget, orig_m, gold_m, orig_m, run.original, run.original, gold,
+             **common),
+        _row(run, "retrain", "retrain", ratio, forget, gold_m, gold_m, orig_m, gold, run.original, gold,
+             seconds=retrain_seconds, speedup=1.0, cost_vs_retrain=1.0, **common),
+    ]
+    tick(f"seed {run.seed}, ratio {ratio:g}: retrained ({retrain_seconds:.1f} s)")
+    for spec in specs:
+        rows.append(_run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
+                                retrain_seconds, common))
+        tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
+    return rows
+
+
+def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_seconds, common):
+    if spec.own_original is not None:  # its own training: its own original and coupled retrain
+        original = spec.own_original(run, prepared)
+        began = time.perf_counter()
+        reference = spec.own_retrain(run, prepared, forget)
+        reference_seconds = time.perf_counter() - began
+        orig_m, ref_m = (_measure(m, ds, run.data, forget) for m in (original, reference))
+    else:
+        original, reference, reference_seconds, ref_m = run.original, gold, retrain_seconds, gold_m
+    unlearner = spec.build(run, prepared)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    report = unlearner.unlearn(forget)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    measured = _measure(unlearner.model, ds, run.data, forget)
+    return _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
+                reference, status=report.status, seconds=report.seconds,
+                speedup=reference_seconds / report.seconds if report.seconds > 0 else math.inf,
+                cost_vs_retrain=report.cost_vs_retrain, history_bytes=report.history_bytes_read,
+                peak_memory_bytes=peak, **common)
+
+
+def _noise_floor(ds, run: Run, forget, count: int) -> tuple:
+    """Spread (max - min) of test accuracy and MIA AUC over retrains that differ only in the seed
+    of the batch order (the initial weights stay): how much retraining itself varies."""
+    if count < 1:
+        return None, None
+    accs, aucs = [], []
+    for j in range(count + 1):
+        config = run.config if j == 0 else SGDConfig(run.config.epochs, run.config.batch_size, run.config.lr,
+                                                     run.config.weight_decay, run.seed + 1000 * j)
+        m = _measure(retrain(run.initial, run.data, config, forget), ds, run.data, forget)
+        accs.append(m["test_acc"])
+        aucs.append(m["mia_auc"])
+    return max(accs) - min(accs), max(aucs) - min(aucs)
+
+
+MEASURES = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "mrr",
+            "seconds", "speedup", "cost_vs_retrain", "history_bytes", "retrain_spread_test_acc",
+            "retrain_spread_mia_auc")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean and spread (max - min) over seeds per (dataset, model, method, ratio)."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["model"], r["method"], r["ratio"]), []).append(r)
+    out = []
+    for (dataset, model, method, ratio), rows in groups.items():
+        s = {"dataset": dataset, "model": model, "method": method, "ratio": ratio, "seeds": len(rows),
+             "reference": rows[0]["reference"], "statuses": sorted({r["status"] for r in rows})}
+        for k in MEASURES:
+            vals = [r[k] for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+            s[k] = float(np.mean(vals)) if vals else None
+            s[k + "_spread"] = float(max(vals) - min(vals)) if len(vals) > 1 else None
+        out.append(s)
+    return out

@@ -1,0 +1,95 @@
+"""The methods the harness can run, by their command-line names. Each entry says how to prepare
+what the method records during training (once per seed) and how to build its `Unlearner` on a
+fresh copy of the trained model (once per forget ratio). Methods whose issue has not landed are
+listed in PLANNED so the command line can say so instead of "unknown".
+
+Two families of reference: plain-SGD methods are compared with `retrain` (plain SGD from the same
+initial weights, same seed and batch order, without F); PCMU trains with its own quantized steps,
+so its rows are compared with its own coupled retraining (PCMU training without F).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..baselines import FinetuneUnlearner
+from ..data import SGDConfig, TrainingData
+from ..pcmu import PCMUTrainer, PCMUUnlearner
+from ..unlearner import Unlearner
+
+
+@dataclass
+class Run:
+    """One seed's training: what every method starts from."""
+    dataset: str
+    model_name: str
+    seed: int
+    data: TrainingData
+    initial: torch.nn.Module
+    config: SGDConfig
+    original: torch.nn.Module      # plain SGD on all of D
+    train_seconds: float
+
+
+@dataclass
+class Method:
+    name: str
+    reference: str                                     # 'retrain' or 'pcmu-coupled-retrain'
+    build: Callable[[Run, object], Unlearner]          # (run, prepared) -> Unlearner on a copy
+    prepare: Callable[[Run], object] = lambda run: None
+    # For methods with their own training: (run, prepared) -> original model, and
+    # (run, prepared, forget ids) -> that training without F.
+    own_original: Callable | None = None
+    own_retrain: Callable | None = None
+
+
+# ---- PCMU ----------------------------------------------------------------------------------------
+
+# The digits example's setting (pcmu/examples.py, chosen on a held-out split with seed 1).
+PCMU_SETTINGS = dict(batch_size=350, clip_norm=1.0, lr=0.05, tau=0.006, sigma=0.01, max_request=3)
+PCMU_EPOCHS = 6
+
+
+def _pcmu_trainer(run: Run, exclude=None) -> PCMUTrainer:
+    return PCMUTrainer(copy.deepcopy(run.initial), None, run.data, seed=run.seed, exclude=exclude,
+                       **PCMU_SETTINGS)
+
+
+def _pcmu_prepare(run: Run) -> PCMUTrainer:
+    return _pcmu_trainer(run).train(epochs=PCMU_EPOCHS)
+
+
+PCMU = Method(
+    "pcmu", "pcmu-coupled-retrain",
+    build=lambda run, trainer: PCMUUnlearner(copy.deepcopy(trainer)),
+    prepare=_pcmu_prepare,
+    own_original=lambda run, trainer: trainer.model,
+    own_retrain=lambda run, trainer, forget: _pcmu_trainer(run, exclude=forget).train(epochs=PCMU_EPOCHS).model,
+)
+
+FINETUNE = Method(
+    "finetune", "retrain",
+    build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config, epochs=1),
+)
+
+AVAILABLE = {m.name: m for m in (PCMU, FINETUNE)}
+# name -> the issue that brings it
+PLANNED = {"mini": "Mini-Unlearning (issue 12)", "deltagrad": "DeltaGrad (issue 12)",
+           "topk": "Top-K perturbation (issue 13)", "randomk": "Random-k perturbation (issue 13)"}
+ALL = tuple(AVAILABLE) + tuple(PLANNED)
+
+
+def resolve(names) -> list[Method]:
+    out = []
+    for name in names:
+        if name in AVAILABLE:
+            out.append(AVAILABLE[name])
+        elif name in PLANNED:
+            raise ValueError(f"method {name!r} ({PLANNED[name]}) is not in this release yet; available: "
+                             f"{', '.join(AVAILABLE)}")
+        else:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL)}")
+    return out

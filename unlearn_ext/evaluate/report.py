@@ -1,0 +1,98 @@
+"""What a user reads: a terminal table, report.md and PNG plots from the harness's summary."""
+from __future__ import annotations
+
+import os
+
+COLUMNS = [  # (summary key, header, format)
+    ("method", "method", "{}"), ("ratio", "ratio", "{:.0%}"), ("test_acc", "test", "{:.3f}"),
+    ("retain_acc", "retain", "{:.3f}"), ("forget_acc", "forget", "{:.3f}"), ("mia_auc", "MIA", "{:.3f}"),
+    ("mia_gap", "|MIA gap|", "{:.3f}"), ("d_d0", "d/d0", "{:.2f}"), ("fr", "FR", "{:.2f}"),
+    ("mrr", "MRR", "{:.3f}"), ("seconds", "seconds", "{:.3f}"), ("cost_vs_retrain", "cost", "{:.3f}"),
+    ("retrain_spread_test_acc", "floor test", "{:.3f}"), ("retrain_spread_mia_auc", "floor MIA", "{:.3f}"),
+]
+
+
+def cell(value, fmt) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and value != value:
+        return "n/a"
+    return fmt.format(value)
+
+
+def rows_for(summary: list[dict]) -> list[list[str]]:
+    order = {"original": 0, "retrain": 1}
+    ranked = sorted(summary, key=lambda s: (s["dataset"], s["model"], s["ratio"], order.get(s["method"], 2), s["method"]))
+    return [[cell(s.get(k), f) for k, _, f in COLUMNS] for s in ranked]
+
+
+def print_table(summary: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right" if header != "method" else "left")
+    for row in rows_for(summary):
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def markdown(summary: list[dict], title: str, notes: list[str]) -> str:
+    lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + [""]
+    lines.append("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    lines += ["| " + " | ".join(r) + " |" for r in rows_for(summary)]
+    lines += ["", "Columns: means over seeds. test / retain / forget: accuracy; MIA: loss-threshold AUC "
+              "(forget vs test); |MIA gap|: per-run |MIA - MIA of the reference retrain|, averaged; d/d0: "
+              "distance to the retrained weights relative to the original's (0 perfect, 1 did nothing); FR: "
+              "forgetting rate normalized by retraining (n/a where original and retrain differ on < 2 forget "
+              "samples); MRR: retain accuracy / the original's; cost: sample-gradient evaluations relative to "
+              "retraining; floor test / floor MIA: spread of retrains with other batch-order seeds (a gap "
+              "within it is as good as retraining). FR, MRR and the MIA efficacy are our definitions "
+              "(DESIGN sections 7-8). PCMU rows are compared with PCMU's own coupled retraining.", ""]
+    return "\n".join(lines)
+
+
+def plots(summary: list[dict], out_dir: str) -> list[str]:
+    """accuracy.png (test accuracy and |MIA gap| against the forget ratio, per method, retrain as
+    the reference) and cost.png (seconds and sample-gradient cost per method)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({s["method"] for s in summary}, key=lambda m: ({"retrain": 0, "original": 1}.get(m, 2), m))
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m in methods:
+        rows = sorted((s for s in summary if s["method"] == m), key=lambda s: s["ratio"])
+        style = dict(linestyle="--", color="black") if m == "retrain" else {}
+        ratios = [100 * s["ratio"] for s in rows]
+        axes[0].plot(ratios, [s["test_acc"] for s in rows], marker="o", label=m, **style)
+        axes[1].plot(ratios, [s["mia_gap"] for s in rows], marker="o", label=m, **style)
+    axes[0].set(xlabel="forget ratio (%)", ylabel="test accuracy", title="Test accuracy")
+    axes[1].set(xlabel="forget ratio (%)", ylabel="|MIA AUC - retrain's|", title="Membership-inference gap")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "accuracy.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    cost_methods = [m for m in methods if m != "original"]
+    means = [_mean([s["cost_vs_retrain"] for s in summary if s["method"] == m]) for m in cost_methods]
+    ax.bar(cost_methods, means, color=["black" if m == "retrain" else "tab:blue" for m in cost_methods])
+    ax.set(ylabel="sample-gradient cost / retraining", title="Cost of unlearning (mean over ratios)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "cost.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else 0.0
