@@ -38,7 +38,7 @@ def test_eval_with_a_user_npz_writes_json_report_and_plots(tmp_path, capsys):
     payload = json.loads(js.read_text())
     assert set(payload["schema"]) == set(RECORD_FIELDS)
     methods = {r["method"] for r in payload["records"]}
-    assert methods == {"original", "retrain", "finetune", "pcmu"}
+    assert methods == {"original", "retrain", "finetune", "pcmu", "pcmu-original", "pcmu-retrain"}
     for r in payload["records"]:
         assert set(r) == set(RECORD_FIELDS), set(r) ^ set(RECORD_FIELDS)
         assert r["dataset"] == "mine.npz" and r["model"] == "logreg" and r["ratio"] == 0.05 and r["seed"] == 0

@@ -25,7 +25,8 @@ from .datasets import Dataset
 from .methods import Method, Run, resolve
 
 RECORD_FIELDS = {
-    "dataset": "dataset name", "model": "model name", "method": "original | retrain | a method",
+    "dataset": "dataset name", "model": "model name", "method": "original | retrain | a method (| <method>-original, <method>-retrain for methods with "
+              "their own training, e.g. pcmu)",
     "reference": "what the row is compared with: retrain (plain SGD without F) or pcmu-coupled-retrain",
     "ratio": "forget ratio |F| / n", "seed": "training seed", "forget_size": "|F|",
     "status": "the method's report status (original/retrain rows: 'reference')",
@@ -134,19 +135,28 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
     ]
     tick(f"seed {run.seed}, ratio {ratio:g}: retrained ({retrain_seconds:.1f} s)")
     for spec in specs:
-        rows.append(_run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
-                                retrain_seconds, common))
+        rows += _run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
+                            retrain_seconds, common)
         tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
     return rows
 
 
-def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_seconds, common):
-    if spec.own_original is not None:  # its own training: its own original and coupled retrain
+def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_seconds,
+                common) -> list[dict]:
+    """The method's row; for a method with its own training (PCMU) also that training's original
+    and coupled-retrain rows (<name>-original, <name>-retrain), its reference."""
+    rows = []
+    if spec.own_original is not None:
         original = spec.own_original(run, prepared)
         began = time.perf_counter()
         reference = spec.own_retrain(run, prepared, forget)
         reference_seconds = time.perf_counter() - began
         orig_m, ref_m = (_measure(m, ds, run.data, forget) for m in (original, reference))
+        rows.append(_row(run, f"{spec.name}-original", spec.reference, ratio, forget, orig_m, ref_m, orig_m,
+                         original, original, reference, **common))
+        rows.append(_row(run, f"{spec.name}-retrain", spec.reference, ratio, forget, ref_m, ref_m, orig_m,
+                         reference, original, reference, seconds=reference_seconds, speedup=1.0,
+                         cost_vs_retrain=1.0, **common))
     else:
         original, reference, reference_seconds, ref_m = run.original, gold, retrain_seconds, gold_m
     unlearner = spec.build(run, prepared)
@@ -155,11 +165,12 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
     report = unlearner.unlearn(forget)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     measured = _measure(unlearner.model, ds, run.data, forget)
-    return _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
+    row = _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
                 reference, status=report.status, seconds=report.seconds,
                 speedup=reference_seconds / report.seconds if report.seconds > 0 else math.inf,
                 cost_vs_retrain=report.cost_vs_retrain, history_bytes=report.history_bytes_read,
                 peak_memory_bytes=peak, **common)
+    return rows + [row]
 
 
 def _noise_floor(ds, run: Run, forget, count: int) -> tuple:

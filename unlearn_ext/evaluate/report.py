@@ -22,7 +22,8 @@ def cell(value, fmt) -> str:
 
 def rows_for(summary: list[dict]) -> list[list[str]]:
     order = {"original": 0, "retrain": 1}
-    ranked = sorted(summary, key=lambda s: (s["dataset"], s["model"], s["ratio"], order.get(s["method"], 2), s["method"]))
+    ranked = sorted(summary, key=lambda s: (s["dataset"], s["model"], s["ratio"], order.get(s["method"], 2),
+                                            s["method"].split("-")[0], s["method"]))
     return [[cell(s.get(k), f) for k, _, f in COLUMNS] for s in ranked]
 
 
@@ -64,9 +65,17 @@ def plots(summary: list[dict], out_dir: str) -> list[str]:
     methods = sorted({s["method"] for s in summary}, key=lambda m: ({"retrain": 0, "original": 1}.get(m, 2), m))
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {}
     for m in methods:
+        if m.endswith("-original"):
+            continue  # its own training's starting point: in the table, not the plot
         rows = sorted((s for s in summary if s["method"] == m), key=lambda s: s["ratio"])
-        style = dict(linestyle="--", color="black") if m == "retrain" else {}
+        if m == "retrain":
+            style = dict(linestyle="--", color="black")
+        elif m.endswith("-retrain"):  # a method's own coupled retraining: dotted, in the method's color
+            style = dict(linestyle=":", color=colors.setdefault(m[:-len("-retrain")], f"C{len(colors)}"))
+        else:
+            style = dict(color=colors.setdefault(m, f"C{len(colors)}"))
         ratios = [100 * s["ratio"] for s in rows]
         axes[0].plot(ratios, [s["test_acc"] for s in rows], marker="o", label=m, **style)
         axes[1].plot(ratios, [s["mia_gap"] for s in rows], marker="o", label=m, **style)
@@ -81,7 +90,7 @@ def plots(summary: list[dict], out_dir: str) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    cost_methods = [m for m in methods if m != "original"]
+    cost_methods = [m for m in methods if m != "original" and not m.endswith(("-original", "-retrain"))]
     means = [_mean([s["cost_vs_retrain"] for s in summary if s["method"] == m]) for m in cost_methods]
     ax.bar(cost_methods, means, color=["black" if m == "retrain" else "tab:blue" for m in cost_methods])
     ax.set(ylabel="sample-gradient cost / retraining", title="Cost of unlearning (mean over ratios)")
