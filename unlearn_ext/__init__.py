@@ -3,7 +3,7 @@
 Layout (README "Where things are"): shared pieces at the top — `ops` (raw op wrappers, fakes,
 backend choice), `rng` (the RNG contract), `data` (TrainingData, BatchSchedule, retrain),
 `unlearner` (the Unlearner interface and its report), `ledger` (deletion ledger for any
-Unlearner), `durable` (crash-safe writes); one subpackage per method family (`pcmu`, `history`);
+Unlearner), `durable` (crash-safe writes); one subpackage per method family (`pcmu`, `history`, `mini`);
 `reference` is the pure-PyTorch truth of every op.
 """
 from .ops import backend, compiled, cuda_built
@@ -38,6 +38,18 @@ from .history import (
     StoredStep,
     estimate_bytes,
 )
+from .mini import (
+    DeltaGradUnlearner,
+    MiniRecorder,
+    MiniUnlearner,
+    StepRecorder,
+    UnsupportedOptimizerError,
+    anchor_epochs,
+    mini_store,
+    step_store,
+    train_recording_anchors,
+    train_recording_steps,
+)
 
 __version__ = "0.1.0"
 
@@ -56,6 +68,9 @@ __all__ = [
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
     "HistoryCorruptError", "HistoryFormatError",
+    # history methods (DESIGN section 6)
+    "MiniUnlearner", "DeltaGradUnlearner", "MiniRecorder", "StepRecorder", "UnsupportedOptimizerError",
+    "anchor_epochs", "mini_store", "step_store", "train_recording_anchors", "train_recording_steps",
 ]
 
 

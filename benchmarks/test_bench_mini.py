@@ -1,0 +1,70 @@
+"""End-to-end: unlearning 10% of digits with the history methods vs retraining from scratch
+(DESIGN section 9: >= 5x faster at the quality of issue 12's table), same run.
+
+Workload: the logistic-regression setting of scripts/eval_history_methods.py (digits, 1400 train,
+weight decay 1e-3, 40 epochs, batch 128), seed 0, the forget set a seeded 10% of the ids. The quality
+reached (d/d0 against the same-seed retrain) is kept in last_run.json beside the times.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import unlearn_ext as ue
+from unlearn_ext.mini.vectors import FlatModel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import eval_history_methods as ev  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    s = ev.SETTINGS["logreg"]
+    data, _, _ = ev.dataset(s, 0)
+    init = ev.make_model(64, s["hidden"], 10, 0)
+    config = ue.SGDConfig(epochs=s["epochs"], batch_size=s["batch"], lr=s["lr"], weight_decay=s["wd"], seed=0)
+    mini_model, dg_model = copy.deepcopy(init), copy.deepcopy(init)
+    mini_store, dg_store = ue.mini_store(mini_model), ue.step_store(dg_model)
+    ue.train_recording_anchors(mini_model, data, config, mini_store)
+    ue.train_recording_steps(dg_model, data, config, dg_store)
+    forget = data.ids[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:140]]
+    retrained = FlatModel(ue.retrain(init, data, config, forget), data).flat()
+    return dict(s=s, data=data, init=init, config=config, forget=forget, retrained=retrained,
+                mini=(mini_model, mini_store), dg=(dg_model, dg_store))
+
+
+def _d_over_d0(model, original, setup):
+    data, wr = setup["data"], setup["retrained"]
+    return float((FlatModel(model, data).flat() - wr).norm() / (FlatModel(original, data).flat() - wr).norm())
+
+
+def test_retrain_from_scratch(benchmark, setup, record):
+    benchmark.pedantic(ue.retrain, args=(setup["init"], setup["data"], setup["config"], setup["forget"]),
+                       rounds=3, iterations=1)
+    record("unlearn10/retrain", benchmark, elements=1)
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_unlearn_10_percent(benchmark, setup, record, compare, note, method):
+    model, store = setup["mini" if method == "mini" else "dg"]
+    made = []
+
+    def run():
+        m = copy.deepcopy(model)
+        if method == "mini":
+            u = ue.MiniUnlearner(m, setup["data"], store, **setup["s"]["mini"])
+        else:
+            u = ue.DeltaGradUnlearner(m, setup["data"], store, **setup["s"]["dg"])
+        made.append((m, u.unlearn(setup["forget"])))
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    m, report = made[-1]
+    record(f"unlearn10/{method}", benchmark, elements=1)
+    compare(f"unlearn 10% digits: {method} vs retrain", f"unlearn10/{method}", "unlearn10/retrain")
+    note(f"unlearn10/{method}", {"d_over_d0": _d_over_d0(m, model, setup), "status": report.status,
+                                 "cost_vs_retrain": report.cost_vs_retrain,
+                                 "history_bytes_read": report.history_bytes_read})

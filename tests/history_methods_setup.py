@@ -1,0 +1,48 @@
+"""Small problems shared by tests/test_mini.py and tests/test_deltagrad.py: each comes with its
+SGD configuration, and `gap` measures d/d0 = ||w - w_retrain|| / ||w* - w_retrain|| (DESIGN 8)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import unlearn_ext as ue
+from unlearn_ext.mini.vectors import FlatModel
+
+
+def squared_error(out, t):
+    return 0.5 * (out.squeeze(-1) - t) ** 2
+
+
+def linear_regression(n=40, d=5, seed=0, scale=1.0):
+    """A quadratic objective: linear model, squared error (the linear response is exact here)."""
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, generator=g) + 0.3 * torch.randn(n, generator=g)
+    torch.manual_seed(seed)
+    return ue.TrainingData(x, y, loss=squared_error), torch.nn.Linear(d, 1)
+
+
+def classification(n=60, d=4, classes=3, seed=0):
+    """Logistic regression on separable-ish Gaussian blobs (a non-quadratic objective)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, d, generator=g) + 1.5 * torch.nn.functional.one_hot(y, d).float()[:, :d]
+    torch.manual_seed(seed)
+    return ue.TrainingData(x, y), torch.nn.Linear(d, classes)
+
+
+def flat(model, data):
+    return FlatModel(model, data).flat()
+
+
+def gap(model, original, retrained, data) -> float:
+    w, w0, wr = flat(model, data), flat(original, data), flat(retrained, data)
+    return float((w - wr).norm() / (w0 - wr).norm())
+
+
+def trained(data, init, config, record, store):
+    """A copy of init trained with `record` (train_recording_anchors / _steps) into store."""
+    model = copy.deepcopy(init)
+    record(model, data, config, store)
+    return model

@@ -1,0 +1,13 @@
+"""History-based unlearning (DESIGN section 6): Mini-Unlearning (our formulation: the linear
+response of SGD, from K anchors) and the DeltaGrad baseline (every step replayed).
+
+Modules: record (training side: anchors, per-step history, plain-SGD check), vectors (flat
+parameter vector, batched gradients), curvature (HVPs, Lanczos, Ritz pairs), propagate (spectral
+propagation per segment), resume (exact fallback), unlearner (MiniUnlearner), deltagrad
+(DeltaGradUnlearner)."""
+from .deltagrad import DeltaGradUnlearner, lbfgs_product  # noqa: F401
+from .record import (  # noqa: F401
+    FULL_GRAD, MiniRecorder, StepRecorder, UnsupportedOptimizerError, anchor_epochs, check_plain_sgd,
+    mini_store, step_store, train_recording_anchors, train_recording_steps,
+)
+from .unlearner import MiniUnlearner  # noqa: F401

@@ -1,0 +1,163 @@
+"""Training side of the history methods: what an ordinary SGD run records (DESIGN section 6).
+
+Mini-Unlearning needs K geometric anchors: at epochs a_k = round(E^(k/K)), k = 1..K (a_K = E), the
+weights w_{a_k} and the full-data gradient g_k = grad L_D(w_{a_k}) (including weight_decay * w);
+plus the learning-rate schedule, steps per epoch and the batch seed (store.run_info). We also
+record epoch 0 (the initial weights) — our choice: unlearning interpolates the drift
+delta(w) between the two anchors bounding a segment (mini/propagate.py), and epoch 0's weights
+are where the fallback resumes (exact retraining). Cost: (K + 1) * n sample-gradients; 2(K + 1)d
+stored values.
+
+DeltaGrad needs every step: the weights w_t before step t, the batch's mean loss gradient at w_t
+(without weight decay, as `p.grad` holds it in a torch.optim.SGD loop recorded by HistoryRecorder),
+the batch ids and the learning rate.
+
+    store = mini_store(model, codec="fp32")                        # or tier="disk", path=...
+    train_sgd(model, data, config, on_step=MiniRecorder(store, data, config))   # the added line
+    # (MiniRecorder records the final anchor itself when the last step has run: see finish())
+
+Both methods assume plain SGD with weight decay; `check_plain_sgd` refuses anything else with a
+message (momentum, Nesterov, Adam... change the linear response).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data import SGDConfig, TrainingData
+from ..history import HistoryStore
+from .vectors import FlatModel
+
+FULL_GRAD = "full_grad"   # Mini-Unlearning's anchor field: grad L_D(w) including weight decay
+
+
+class UnsupportedOptimizerError(ValueError):
+    """The recorded run did not use plain SGD (momentum, Nesterov, Adam, ...)."""
+
+
+def anchor_epochs(epochs: int, count: int = 5) -> list:
+    """[0] + the geometric anchors round(E^(k/K)), k = 1..K (duplicates merged; the last is E)."""
+    if epochs < 1 or count < 1:
+        raise ValueError(f"need epochs >= 1 and count >= 1, got epochs={epochs}, count={count}")
+    return sorted({0} | {round(epochs ** (k / count)) for k in range(1, count + 1)})
+
+
+def mini_store(model, codec: str = "fp32", **store_kw) -> HistoryStore:
+    """A store for Mini-Unlearning's anchors: 'params' (closed-loop deltas for int codecs) and
+    'full_grad', both in `codec`. store_kw: tier, path, keyframe_every, block_size."""
+    return HistoryStore.for_model(model, params=codec, grads=None, extra={FULL_GRAD: codec}, **store_kw)
+
+
+def step_store(model, params: str = "int8", grads: str = "int8", **store_kw) -> HistoryStore:
+    """A store for DeltaGrad's per-step history (grads stored plainly: products run on the codes)."""
+    return HistoryStore.for_model(model, params=params, grads=grads, **store_kw)
+
+
+def _run_info(data: TrainingData, config: SGDConfig, recorded_by: str, **extra) -> dict:
+    steps = config.steps(len(data))
+    return {"optimizer": "SGD", "momentum": 0.0, "nesterov": False, "dampening": 0.0,
+            "weight_decay": float(config.weight_decay), "steps_per_epoch": math.ceil(len(data) / config.batch_size),
+            "batch_seed": int(config.seed), "batch_size": int(config.batch_size), "epochs": int(config.epochs),
+            "n": len(data), "lr_schedule": [config.lr_at(t) for t in range(steps)], "recorded_by": recorded_by,
+            **extra}
+
+
+class MiniRecorder:
+    """train_sgd's on_step callback recording Mini-Unlearning's anchors into `store`.
+
+    anchors: K (geometric anchors, `anchor_epochs`) or an explicit list of epochs (0..E). An anchor
+    at epoch a is the weights after a epochs, i.e. before step a * steps_per_epoch. on_step runs
+    before a step, so the anchor at epoch E (after the last step) needs finish() after training;
+    `train_recording_anchors` does both."""
+
+    def __init__(self, store: HistoryStore, data: TrainingData, config: SGDConfig, anchors=5):
+        if FULL_GRAD not in store.fields or "params" not in store.fields:
+            raise ValueError(f"the store must record 'params' and {FULL_GRAD!r} (make it with mini_store)")
+        self.store, self.data, self.config = store, data, config
+        epochs = anchor_epochs(config.epochs, anchors) if isinstance(anchors, int) else sorted(set(anchors))
+        if epochs[0] < 0 or epochs[-1] > config.epochs:
+            raise ValueError(f"anchor epochs must lie in 0..{config.epochs}, got {epochs}")
+        self.spe = math.ceil(len(data) / config.batch_size)
+        self.anchor_steps = {a * self.spe: a for a in epochs}
+        self.sample_gradients = 0
+        store.set_run_info(**_run_info(data, config, "unlearn_ext.mini.MiniRecorder", anchor_epochs=epochs))
+
+    def __call__(self, t: int, ids, model) -> None:
+        if t in self.anchor_steps:
+            self.record_anchor(t, model)
+
+    def finish(self, model) -> None:
+        """Records the anchor after the last step (epoch E), if it is one."""
+        end = self.config.epochs * self.spe
+        if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
+            self.record_anchor(end, model)
+
+    def record_anchor(self, t: int, model) -> None:
+        flat = FlatModel(model, self.data)
+        w = flat.flat()
+        g = flat.mean_loss_grad(w, self.data.ids) + self.config.weight_decay * w
+        self.sample_gradients += len(self.data)
+        lr = self.config.lr_at(t) if t < self.config.steps(len(self.data)) else None
+        self.store.record(t, {"params": flat.split(w), FULL_GRAD: flat.split(g)}, lr=lr)
+
+
+def train_recording_anchors(model, data: TrainingData, config: SGDConfig, store: HistoryStore,
+                            anchors=5) -> MiniRecorder:
+    """train_sgd with Mini-Unlearning's anchors recorded into `store` (model trained in place)."""
+    from ..data import train_sgd
+    recorder = MiniRecorder(store, data, config, anchors)
+    train_sgd(model, data, config, on_step=recorder)
+    recorder.finish(model)
+    return recorder
+
+
+class StepRecorder:
+    """train_sgd's on_step callback recording DeltaGrad's per-step history: w_t, the batch's mean
+    loss gradient at w_t (no weight decay), batch ids and lr. Computing the gradient here doubles the
+    training step's cost; in a torch.optim.SGD loop HistoryRecorder records p.grad for free."""
+
+    def __init__(self, store: HistoryStore, data: TrainingData, config: SGDConfig):
+        if "params" not in store.fields or "grads" not in store.fields:
+            raise ValueError("the store must record 'params' and 'grads' (make it with step_store)")
+        self.store, self.data, self.config = store, data, config
+        store.set_run_info(**_run_info(data, config, "unlearn_ext.mini.StepRecorder"))
+
+    def __call__(self, t: int, ids, model) -> None:
+        flat = FlatModel(model, self.data)
+        w = flat.flat()
+        g = flat.mean_loss_grad(w, ids)
+        self.store.record(t, {"params": flat.split(w), "grads": flat.split(g)}, lr=self.config.lr_at(t),
+                          batch_ids=ids)
+
+
+def train_recording_steps(model, data: TrainingData, config: SGDConfig, store: HistoryStore) -> StepRecorder:
+    from ..data import train_sgd
+    recorder = StepRecorder(store, data, config)
+    train_sgd(model, data, config, on_step=recorder)
+    return recorder
+
+
+def check_plain_sgd(run_info: dict, method: str) -> float:
+    """The recorded run's weight decay, after refusing anything but plain SGD with one weight decay
+    for every parameter (the linear response and DeltaGrad's replay assume w <- w - lr (g + wd w))."""
+    name = run_info.get("optimizer")
+    if name is None:
+        raise UnsupportedOptimizerError(f"{method}: the history records no optimizer (store.run_info); record "
+                                        "with MiniRecorder/StepRecorder or HistoryRecorder")
+    if name != "SGD":
+        raise UnsupportedOptimizerError(f"{method} assumes plain SGD with weight decay; the recorded run used "
+                                        f"{name}, which it cannot replay")
+    groups = run_info.get("param_groups") or [run_info]
+    for g in groups:
+        if g.get("nesterov"):
+            raise UnsupportedOptimizerError(f"{method} assumes plain SGD; the recorded run used Nesterov momentum "
+                                            f"(momentum={g.get('momentum')})")
+        if g.get("momentum", 0) not in (0, 0.0, None):
+            raise UnsupportedOptimizerError(f"{method} assumes plain SGD without momentum; the recorded run used "
+                                            f"momentum={g.get('momentum')}")
+    decays = {float(g.get("weight_decay", 0.0) or 0.0) for g in groups}
+    if len(decays) > 1:
+        raise UnsupportedOptimizerError(f"{method}: parameter groups use different weight decays {sorted(decays)}; "
+                                        "one weight decay for every parameter is supported")
+    return decays.pop()

@@ -1,0 +1,177 @@
+"""Mini-Unlearning as an `Unlearner` (DESIGN section 6; our formulation: linear response of SGD).
+
+    store = mini_store(model)                                   # fp32 anchors (or codec="int8")
+    train_recording_anchors(model, data, config, store)         # K = 5 geometric anchors + epoch 0
+    mini = MiniUnlearner(model, data, store)
+    report = mini.unlearn(ids)          # model <- w* + e; report.details: Ritz values, Lambda, ||e||
+
+Unlearning F (every id forgotten so far: a later request recomputes from the original weights
+with the union, so sequential requests equal one combined request):
+  1. delta_k = r/(n-r) (g_k - grad L_F(w_{a_k})) at every anchor (cost: anchors * r);
+  2. curvature of the retained objective at w* from a uniform random subsample of m retained
+     samples, k Lanczos steps from delta_K (cost 2 m k); curvature='anchors' (our experiment on
+     the open problem of DESIGN section 6) takes it at each segment's end anchor instead, start
+     vector that anchor's delta (cost K times more); curvature='exact' builds the whole Hessian
+     (tests, small models);
+  3. spectral propagation segment by segment (propagate.py);
+  4. safety checks — eta_t * max theta < 2 at every step, ||e|| <= Lambda * max_k ||delta_k||,
+     e finite — else fallback: training resumes without F from the stored weights at step 0
+     (exactly retraining), status 'fallback' with the reason.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data import TrainingData
+from ..history import HistoryStore
+from ..unlearner import Unlearner, UnlearnReport
+from .curvature import exact_spectrum, lanczos_spectrum, subsample
+from .propagate import propagate_segment
+from .record import FULL_GRAD, check_plain_sgd
+from .resume import resume_from
+from .vectors import FlatModel
+
+CURVATURE = ("final", "anchors", "exact")
+
+
+class MiniUnlearner(Unlearner):
+    method = "mini"
+
+    def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
+                 curvature_samples: int = 1024, lanczos_steps: int = 10, curvature: str = "final",
+                 seed: int = 0, stability_limit: float = 2.0):
+        """model: the trained model (its weights are w*); store: what MiniRecorder recorded."""
+        super().__init__(data)
+        if curvature not in CURVATURE:
+            raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
+        info = store.run_info
+        self.weight_decay = check_plain_sgd(info, "Mini-Unlearning")
+        for key in ("lr_schedule", "steps_per_epoch", "n"):
+            if key not in info:
+                raise ValueError(f"the history lacks run metadata {key!r}: record it with MiniRecorder")
+        if info["n"] != len(data):
+            raise ValueError(f"the history was recorded on {info['n']} samples; this data set has {len(data)}")
+        self.anchor_steps = list(store.steps)  # a Mini store records anchors only (MiniRecorder)
+        if not self.anchor_steps:
+            raise ValueError("the history holds no anchors (record them with MiniRecorder)")
+        self.model, self.store, self.info = model, store, info
+        self.lrs = torch.tensor(info["lr_schedule"], dtype=torch.float64)
+        self.flat = FlatModel(model, data)
+        self.original = self.flat.flat()
+        self.curvature_samples, self.lanczos_steps = int(curvature_samples), int(lanczos_steps)
+        self.curvature, self.seed, self.stability_limit = curvature, int(seed), float(stability_limit)
+
+    # ---- unlearning -----------------------------------------------------------------------------
+
+    def _read_anchors(self):
+        out = []
+        for t in self.anchor_steps:
+            s = self.store.read(t, ["params", FULL_GRAD])
+            out.append((t, self.flat.join(s.tensors["params"]), self.flat.join(s.tensors[FULL_GRAD])))
+        return out
+
+    def _spectrum(self, w, start, retained):
+        ids = subsample(retained, self.curvature_samples, self.seed)
+        if self.curvature == "exact":
+            return exact_spectrum(self.flat, w, ids, self.weight_decay)
+        return lanczos_spectrum(self.flat, w, ids, self.weight_decay, start, self.lanczos_steps, self.seed)
+
+    def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        union = torch.cat([self.forgotten, new]).unique()
+        n, r = len(self.data), int(union.numel())
+        retained = self.data.without(union)
+        T = int(self.lrs.numel())
+        report.retrain_sample_gradients = int(self.info.get("epochs", T // max(self.info["steps_per_epoch"], 1))) * (n - r)
+        read_before = self.store.bytes_read
+        anchors = self._read_anchors()
+        # 1. delta_k = r/(n-r) (g_k - grad L_F(w_k)); both gradients carry weight_decay * w.
+        deltas = []
+        for _, w, g in anchors:
+            g_forget = self.flat.mean_loss_grad(w, union) + self.weight_decay * w
+            deltas.append((r / (n - r)) * (g.double() - g_forget.double()))
+        cost = len(anchors) * r
+        # 2. curvature (once at w*, or per segment at its end anchor).
+        spectra = {}
+        if self.curvature == "anchors":
+            for (t, w, _), d in zip(anchors, deltas):
+                spectra[t] = self._spectrum(w, d, retained)
+        else:
+            shared = self._spectrum(self.original, deltas[-1], retained)
+        # 3. propagate over the segments between consecutive boundaries (0, the anchors, T); a
+        # boundary without an anchor takes its neighbour's delta (constant drift there).
+        bounds = sorted({0, T} | {t for t, _, _ in anchors if t <= T})
+        delta_at = {t: d for (t, _, _), d in zip(anchors, deltas)}
+        steps_sorted = sorted(delta_at)
+
+        def delta_of(t):
+            if t in delta_at:
+                return delta_at[t]
+            return delta_at[min(steps_sorted, key=lambda a: abs(a - t))]
+
+        e = torch.zeros(self.flat.dim, dtype=torch.float64)
+        max_eta_theta, used = 0.0, []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            spec = shared if self.curvature != "anchors" else spectra[min((s for s in steps_sorted if s >= b),
+                                                                          default=steps_sorted[-1])]
+            if all(spec is not u for u in used):
+                used.append(spec)
+            etas = self.lrs[a:b]
+            top = max(float(spec.thetas.max()) if spec.thetas.numel() else 0.0, spec.h_perp)
+            max_eta_theta = max(max_eta_theta, float(etas.max()) * top)
+            e = propagate_segment(e, spec, etas, delta_of(a), delta_of(b))
+        cost += sum(s.sample_gradients for s in used)
+        Lambda = float(self.lrs.sum())
+        bound = Lambda * max(float(d.norm()) for d in deltas)
+        norm_e = float(e.norm())
+        report.history_bytes_read = self.store.bytes_read - read_before
+        report.details = {
+            "anchor_steps": [t for t, _, _ in anchors], "ritz_values": [s.ritz for s in used],
+            "h_perp": [s.h_perp for s in used], "Lambda": Lambda, "norm_e": norm_e, "bound": bound,
+            "max_eta_theta": max_eta_theta, "curvature": self.curvature,
+            "curvature_samples": min(self.curvature_samples, n - r), "lanczos_steps": self.lanczos_steps,
+            "delta_norms": [float(d.norm()) for d in deltas]}
+        # 4. safety checks.
+        reason = ""
+        if not torch.isfinite(e).all():
+            reason = "the propagated gap e is not finite"
+        elif max_eta_theta >= self.stability_limit:
+            reason = (f"eta_t * max theta = {max_eta_theta:.3g} >= {self.stability_limit:g}: the linear response "
+                      "is not a contraction (the step amplifies the gap)")
+        elif norm_e > bound * (1 + 1e-6):
+            reason = f"||e|| = {norm_e:.3g} exceeds Lambda * max ||delta_k|| = {bound:.3g}"
+        if reason:
+            cost += self._fallback(union)
+            report.status, report.how = "fallback", "resumed from step 0 (stored initial weights)"
+            report.reason = f"safety check fired: {reason}; training resumed without the ids, which equals retraining"
+        else:
+            self.flat.load_((self.original.double() + e).float())
+            report.status, report.how = "unlearned", f"linear response over {len(bounds) - 1} segments"
+            report.reason = (f"w* + e with ||e|| = {norm_e:.3g} (bound {bound:.3g}), max eta*theta = "
+                             f"{max_eta_theta:.3g}")
+        report.sample_gradients = cost
+        report.weights_changed = True
+        self._set_forgotten(union)
+
+    def _fallback(self, union: torch.Tensor) -> int:
+        if 0 not in self.anchor_steps:
+            raise RuntimeError("a safety check fired and the history holds no weights at step 0 to resume from "
+                               "(record an anchor at epoch 0)")
+        w0 = self.flat.join(self.store.read(0, ["params"]).tensors["params"])
+        return resume_from(self.model, self.data, self.info, 0, w0, self.flat, union)
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict:
+        return {"shapes": [list(s) for s in self.flat.shapes], "anchor_steps": self.anchor_steps,
+                "steps": int(self.lrs.numel()), "weight_decay": self.weight_decay,
+                "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
+                "curvature_samples": self.curvature_samples, "lanczos_steps": self.lanczos_steps,
+                "seed": self.seed, **self.data.fingerprint()}
+
+    def state_dict(self) -> dict:
+        return {"params": self.flat.flat(), "original": self.original.clone(), "forgotten": self.forgotten.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flat.load_(state["params"])
+        self.original = state["original"].clone()
+        self._set_forgotten(state["forgotten"])

@@ -1,0 +1,71 @@
+"""The model as a function of one flat parameter vector, and the gradients both history methods
+need (mean per-sample loss over a set of rows, batched by torch.func: no Python loop per sample).
+
+Mini-Unlearning and DeltaGrad work on flat vectors (d = number of trainable parameters): their
+linear algebra (Lanczos, spectral filters, L-BFGS) is on vectors, and `FlatModel` is the one place
+that converts between a flat vector and the model's named tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call, grad
+
+from ..data import TrainingData
+from ..per_sample import trainable
+
+# Rows per forward/backward pass when a gradient covers many samples (bounds activation memory).
+CHUNK = 4096
+
+
+class FlatModel:
+    def __init__(self, model: torch.nn.Module, data: TrainingData):
+        self.model, self.data = model, data
+        params = trainable(model)
+        self.names = list(params)
+        self.shapes = [tuple(p.shape) for p in params.values()]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.dim = sum(self.sizes)
+        self.buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    # ---- conversions --------------------------------------------------------------------------
+
+    def flat(self) -> torch.Tensor:
+        """The model's current trainable parameters as one float32 vector (a copy)."""
+        return torch.cat([p.detach().reshape(-1).float() for p in trainable(self.model).values()])
+
+    def split(self, w: torch.Tensor) -> list:
+        """A flat vector as tensors shaped like the parameters (views of w)."""
+        return [part.view(s) for part, s in zip(torch.split(w, self.sizes), self.shapes)]
+
+    def join(self, tensors) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+    def load_(self, w: torch.Tensor) -> None:
+        """Copies a flat vector into the model's parameters (the model keeps its identity)."""
+        with torch.no_grad():
+            for p, v in zip(trainable(self.model).values(), self.split(w)):
+                p.copy_(v.to(p.dtype))
+
+    # ---- losses and gradients -----------------------------------------------------------------
+
+    def _dtype(self):
+        return next(iter(trainable(self.model).values())).dtype
+
+    def loss_sum(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum of per-sample losses of rows (x, y) at flat weights w (differentiable in w)."""
+        params = dict(zip(self.names, self.split(w.to(self._dtype()))))
+        return self.data.loss(functional_call(self.model, (params, self.buffers), (x,)), y).sum()
+
+    def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay. Costs |ids|
+        sample-gradients. Empty ids give zeros."""
+        total = torch.zeros(self.dim, dtype=torch.float32)
+        if ids.numel() == 0:
+            return total
+        g = grad(self.loss_sum)
+        for lo in range(0, ids.numel(), CHUNK):
+            x, y = self.data.batch(ids[lo:lo + CHUNK])
+            total += g(w.detach(), x, y).float()
+        return total / ids.numel()
