@@ -17,6 +17,8 @@ import torch
 
 from ..baselines import FinetuneUnlearner
 from ..data import SGDConfig, TrainingData
+from ..mini import (DeltaGradUnlearner, MiniUnlearner, mini_store, step_store, train_recording_anchors,
+                    train_recording_steps)
 from ..pcmu import PCMUTrainer, PCMUUnlearner
 from ..unlearner import Unlearner
 
@@ -75,10 +77,34 @@ FINETUNE = Method(
     build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config, epochs=1),
 )
 
-AVAILABLE = {m.name: m for m in (PCMU, FINETUNE)}
+# ---- history methods: the same plain-SGD run, recorded (recording does not change the weights) ---
+
+def _mini_prepare(run: Run):
+    store = mini_store(run.original, codec="fp32")
+    train_recording_anchors(copy.deepcopy(run.initial), run.data, run.config, store)
+    return store
+
+
+def _deltagrad_prepare(run: Run):
+    store = step_store(run.original, params="int8", grads="int8")
+    train_recording_steps(copy.deepcopy(run.initial), run.data, run.config, store)
+    return store
+
+
+MINI = Method(
+    "mini", "retrain",
+    build=lambda run, store: MiniUnlearner(copy.deepcopy(run.original), run.data, store, seed=run.seed),
+    prepare=_mini_prepare,
+)
+DELTAGRAD = Method(
+    "deltagrad", "retrain",
+    build=lambda run, store: DeltaGradUnlearner(copy.deepcopy(run.original), run.data, store),
+    prepare=_deltagrad_prepare,
+)
+
+AVAILABLE = {m.name: m for m in (PCMU, MINI, DELTAGRAD, FINETUNE)}
 # name -> the issue that brings it
-PLANNED = {"mini": "Mini-Unlearning (issue 12)", "deltagrad": "DeltaGrad (issue 12)",
-           "topk": "Top-K perturbation (issue 13)", "randomk": "Random-k perturbation (issue 13)"}
+PLANNED = {"topk": "Top-K perturbation (issue 13)", "randomk": "Random-k perturbation (issue 13)"}
 ALL = tuple(AVAILABLE) + tuple(PLANNED)
 
 
