@@ -45,6 +45,10 @@ if _C is not None:
                       count_below, check_finite):
         return _stats_like(radius_table)
 
+    @torch.library.register_fake("unlearn_ext::apply_codes_")
+    def _apply_codes_fake(params, codes, step_size):
+        return None
+
     @torch.library.register_fake("unlearn_ext::vote_accumulate_")
     def _vote_accumulate_fake(votes, grads, tau):
         return votes[0].new_empty((), dtype=torch.int64)
