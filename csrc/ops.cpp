@@ -32,6 +32,10 @@ TORCH_LIBRARY(unlearn_ext, m) {
       "Tensor radius_table, int seed, int offset, float step_size, float count_below, "
       "bool check_finite) -> (Tensor min_radius, Tensor counts)");
 
+  // params <- params - step_size * code from stored int8 codes in {-1, 0, 1} shaped like params:
+  // the update of the fused steps above (fp32 math, one rounding), for replays.
+  m.def("apply_codes_(Tensor(a!)[] params, Tensor[] codes, float step_size) -> ()");
+
   // Data smoothing (framework D): per-coordinate vote counters of shape (2, *grad.shape).
   m.def("vote_accumulate_(Tensor(a!)[] votes, Tensor[] grads, float tau) -> Tensor nonfinite");
   m.def(

@@ -255,6 +255,45 @@ def _steps():
         step_case(kind, torch.float32, True, False, noncontig_param=False)
 
 
+@check("apply_codes_")
+def _apply_codes():
+    szs = sizes(1 << 14)
+    gen = torch.Generator().manual_seed(12)
+    codes = [torch.randint(-1, 2, (n,), generator=gen, dtype=torch.int8) for n in szs]
+    for dtype in DTYPES:
+        base = make_grads(szs, dtype, seed=13, specials=False)
+        pc = [b.clone() for b in base]
+        holder = torch.zeros(szs[3], 2, dtype=dtype, device="cuda")  # a non-contiguous parameter
+        holder[:, 0] = base[3].cuda()
+        pg = to_cuda(base)
+        pg[3] = holder[:, 0]
+        OPS.apply_codes_(pg, to_cuda(codes), 0.01)
+        OPS.apply_codes_(pc, codes, 0.01)
+        for i, (a, b) in enumerate(zip(pg, pc)):
+            assert_equal(a, b, f"apply_codes_ {dtype} params[{i}]")
+        assert_equal(holder[:, 0], pc[3], f"apply_codes_ {dtype} non-contiguous holder")
+        assert int((holder[:, 1] != 0).sum()) == 0, "apply_codes_ wrote outside the view"
+
+
+@check("long lists (hundreds of tensors, one launch)")
+def _long_lists():
+    szs = [(i * 37) % 300 for i in range(700)]  # many small and empty tensors
+    g = make_grads(szs, torch.float32, seed=14, specials=False)
+    compare_quantize(OPS.quantize_analytic(to_cuda(g), 0.1, 0.05), OPS.quantize_analytic(g, 0.1, 0.05),
+                     "analytic, 700 tensors")
+    for bits in (8, 4):
+        cg, sg = OPS.blockwise_quantize(to_cuda(g), bits, 64)
+        cc, sc = OPS.blockwise_quantize(g, bits, 64)
+        for i in range(len(g)):
+            assert_equal(cg[i], cc[i], f"int{bits} codes[{i}], 700 tensors")
+            assert_equal(sg[i], sc[i], f"int{bits} scales[{i}], 700 tensors")
+    r = [(x.abs() - 0.1).abs() for x in g]
+    fg = OPS.fragile_compact(to_cuda(g), to_cuda(r), 0.02)
+    fc = OPS.fragile_compact(g, r, 0.02)
+    for a, b, name in zip(fg, fc, ("index", "value", "radius")):
+        assert_equal(a, b, f"fragile {name}, 700 tensors")
+
+
 # ---- votes -----------------------------------------------------------------------------------------
 
 @check("vote_accumulate_ / vote_finalize")
@@ -421,6 +460,8 @@ def _errors():
         lambda d: OPS.blockwise_quantize([torch.zeros(3, device=d)], 8, 100 + 1),
         lambda d: OPS.blockwise_dequantize_([torch.zeros(300, device=d)], [torch.zeros(300, dtype=torch.int8, device=d)], [torch.zeros(1, device=d)], 8, 256),
         lambda d: OPS.fragile_compact([torch.zeros(3, device=d)], [torch.zeros(4, device=d)], 0.1),
+        lambda d: OPS.apply_codes_([torch.zeros(3, device=d)], [torch.zeros(3, device=d)], 0.1),
+        lambda d: OPS.apply_codes_([torch.zeros(3, device=d)], [torch.zeros(4, dtype=torch.int8, device=d)], 0.1),
     ]
     for i, case in enumerate(cases):
         msgs = []

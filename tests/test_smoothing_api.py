@@ -216,3 +216,16 @@ def test_skipped_step_still_advances():
     stats = q.step_(params, grads, step_size=1.0)
     assert not stats.applied and torch.equal(params[0], torch.zeros(2))
     assert q.offset == 3 and q.steps == 1
+
+
+@pytest.mark.parametrize("bad", [dict(sigma=0.0), dict(tau=-1.0), dict(mode="median"), dict(mode="mc", n0=0),
+                                 dict(mode="mc", n=0), dict(alpha=1.0), dict(alpha=0.0),
+                                 dict(mode="mc", n0=2**30, n=1)])
+def test_check_smoothing_config(bad):
+    """The configuration check the trainer and SmoothedQuantizer run when built (no kernel call)."""
+    from unlearn_ext.pcmu.smoothing import check_smoothing_config
+    good = dict(tau=0.1, sigma=0.2, mode="analytic", n0=4, n=8, alpha=1e-3)
+    check_smoothing_config(**good)
+    check_smoothing_config(**{**good, "mode": "mc"})
+    with pytest.raises(ValueError):
+        check_smoothing_config(**{**good, **bad})

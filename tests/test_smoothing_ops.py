@@ -10,7 +10,7 @@ import torch
 from unlearn_ext import ops as _ops, reference
 from unlearn_ext.pcmu.smoothing import analytic_threshold, radius_table
 from conftest import (DTYPES, make_params, LAYOUTS, assert_lists_equal, assert_quantize_equal, devices, make_list,
-                      make_tensor, mc_compare, signed64, to_cpu)
+                      make_tensor, mc_compare, requires_compiled, signed64, to_cpu)
 
 BIG = (1 << 20) + 3
 SIZES = [0, 1, 255, BIG]
@@ -276,3 +276,77 @@ def test_step_nonfinite_matches_reference(device, mode, check_finite):
         assert float(out[0]) == 0.0
         assert float(params[1][1]) == float(before[1][1])
         assert not all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+# ---- apply_codes_ ----------------------------------------------------------------------------------
+
+def make_codes(shapes, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(-1, 2, tuple(s), generator=gen, dtype=torch.int8).to(device) for s in shapes]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step_size", [0.1, 1e-3, 3.0])
+def test_apply_codes_matches_reference(device, dtype, step_size):
+    """Odd sizes, an empty tensor, and non-contiguous params (permuted, stride-3 views): bit for
+    bit against the reference, and nothing outside the views changes."""
+    sizes = [255, 0, 33, 1, 4096 + 7, 60, (1 << 15) + 5]
+    grads = make_list(sizes, LAYOUTS, dtype, device, seed=51)
+    params, holders, covered = make_params(grads, seed=52)
+    holders_before = [h.clone() for h in holders]
+    codes = make_codes([g.shape for g in grads], device, seed=53)
+    ref = [p.detach().cpu().clone() for p in params]
+    reference.apply_codes_(ref, to_cpu(codes), step_size)
+    _ops.apply_codes_(params, codes, step_size)
+    assert_lists_equal(params, ref, "params")
+    for h, hb, mask in zip(holders, holders_before, covered):
+        assert torch.equal(h[~mask], hb[~mask])
+    if device != "cpu":
+        cpu = [p.detach().cpu().clone() for p in make_params(to_cpu(grads), seed=52)[0]]
+        _ops.apply_codes_(cpu, to_cpu(codes), step_size)
+        assert_lists_equal(params, cpu, "params (cuda vs cpu kernel)")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_codes_equals_step_with_float_codes(device, dtype):
+    """The op replaces the old replay path, the analytic step fed codes as floats at beta = 0.5: the
+    same bits for every dtype."""
+    grads = make_list([1000, 7, 4096 * 3 + 1], ["contiguous"], dtype, device, seed=61)
+    codes = make_codes([g.shape for g in grads], device, seed=62)
+    a = make_params(grads, seed=63)[0]
+    b = [p.clone() for p in a]
+    _ops.apply_codes_(a, codes, 0.0625)
+    _ops.quantized_step_analytic_(b, [c.to(dtype) for c in codes], 0.5, 0.0625, 0.0, False)
+    assert_lists_equal(a, b, "params")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_apply_codes_empty_list(device):
+    _ops.apply_codes_([], [], 0.5)
+    reference.apply_codes_([], [], 0.5)
+
+
+@requires_compiled
+@pytest.mark.parametrize("device", devices())
+def test_apply_codes_opcheck(device):
+    from torch.library import opcheck
+    params = make_list([33, 1025], ("contiguous", "strided"), torch.float32, device, seed=71)
+    codes = make_codes([p.shape for p in params], device, seed=72)
+    opcheck(torch.ops.unlearn_ext.apply_codes_, (params, codes, 0.25))
+
+
+@requires_compiled
+def test_apply_codes_bad_input():
+    p = [torch.zeros(4)]
+    with pytest.raises(RuntimeError, match="int8"):
+        _ops.apply_codes_(p, [torch.zeros(4)], 0.1)
+    with pytest.raises(RuntimeError, match="shape"):
+        _ops.apply_codes_(p, [torch.zeros(5, dtype=torch.int8)], 0.1)
+    with pytest.raises(RuntimeError, match="codes has"):
+        _ops.apply_codes_(p, [], 0.1)
+    with pytest.raises(RuntimeError, match="finite"):
+        _ops.apply_codes_(p, [torch.zeros(4, dtype=torch.int8)], float("nan"))
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        _ops.apply_codes_([torch.zeros(4, dtype=torch.int32)], [torch.zeros(4, dtype=torch.int8)], 0.1)

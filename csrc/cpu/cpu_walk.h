@@ -1,6 +1,14 @@
-// How the CPU kernels walk a tensor list: fixed chunks of the global index range run in parallel
-// (at::parallel_for), each chunk keeps its own partial statistics, and the partials are combined in
-// chunk order afterwards so results do not depend on the thread count.
+// How the CPU kernels walk a tensor list (DESIGN section 2: one generic walker per backend).
+//
+// Element walks cut the global index range into fixed chunks of kChunk elements. Chunks run in
+// parallel (at::parallel_for), each chunk produces its own partial result, and the partials are
+// combined in chunk order afterwards, so results never depend on the thread count. The partial is
+// a template parameter: smoothing statistics, a fragile count, a histogram (radix selection), or
+// nothing at all for pure elementwise ops.
+//
+// Block walks visit the codec blocks of a list (block_size elements per tensor, a tensor's last
+// block may be short; see unlearn/codec_list.h), grouped into parallel tasks of about kChunk
+// elements.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -9,38 +17,19 @@
 
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
-#include "unlearn/tensor_list.h"
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define UE_CPU_UNROLL _Pragma("GCC unroll 16")
-#else
-#define UE_CPU_UNROLL _Pragma("unroll")
+#if defined(__AVX512F__)
+#include <immintrin.h>
 #endif
+
+#include "unlearn/codec_list.h"
+#include "unlearn/tensor_list.h"
 
 namespace unlearn {
 namespace cpu {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task
-
-// Partial statistics of one chunk. The minimum radius is kept as the bit pattern of a
-// non-negative float, whose integer order equals its float order and whose min-reduction
-// vectorizes without -ffast-math.
-struct Stats {
-  int32_t min_radius_bits = 0x7f800000;  // +inf
-  int64_t abstained = 0;
-  int64_t nonfinite = 0;
-  int64_t below = 0;
-
-  void merge(const Stats& o) {
-    min_radius_bits = std::min(min_radius_bits, o.min_radius_bits);
-    abstained += o.abstained;
-    nonfinite += o.nonfinite;
-    below += o.below;
-  }
-};
 
 inline int32_t float_bits(float f) {
   int32_t b;
@@ -61,34 +50,64 @@ inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
 template <typename T>
 inline T store_as(float v) { return static_cast<T>(v); }
 
-// Runs body(chunk_stats, tensor_index, local_begin, local_end, global_begin) over every span of the
-// list, in parallel chunks, and returns the combined statistics.
+inline int64_t chunk_count(const std::vector<int64_t>& offsets) { return (offsets.back() + kChunk - 1) / kChunk; }
+
+// Runs body(chunk, tensor_index, local_begin, local_end, global_begin) over every span of the
+// list, chunk by chunk in parallel. For passes that need no partial result (the write pass of a
+// compaction, a plain elementwise update).
 template <typename Body>
-inline Stats parallel_over_list(const std::vector<int64_t>& offsets, Body&& body) {
+inline void for_each_chunk(const std::vector<int64_t>& offsets, Body&& body) {
   const int64_t total = offsets.back();
-  const int64_t chunks = (total + kChunk - 1) / kChunk;
-  std::vector<Stats> partial(static_cast<size_t>(chunks));
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      Stats& s = partial[static_cast<size_t>(c)];
+  at::parallel_for(0, chunk_count(offsets), 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c)
       for_each_span(offsets, c * kChunk, std::min(total, (c + 1) * kChunk),
-                    [&](size_t t, int64_t lo, int64_t hi, int64_t g) { body(s, t, lo, hi, g); });
-    }
+                    [&](size_t t, int64_t lo, int64_t hi, int64_t g) { body(c, t, lo, hi, g); });
   });
-  Stats all;
-  for (const auto& s : partial) all.merge(s);
+}
+
+// One Partial per chunk (value-initialized, then filled by body(partial, tensor_index, local_begin,
+// local_end, global_begin) for each span of the chunk), returned in chunk order. Callers that need
+// the per-chunk values themselves (compaction offsets, per-chunk histograms) use this directly.
+template <typename Partial, typename Body>
+inline std::vector<Partial> chunk_partials(const std::vector<int64_t>& offsets, Body&& body) {
+  std::vector<Partial> partial(static_cast<size_t>(chunk_count(offsets)), Partial{});
+  for_each_chunk(offsets, [&](int64_t c, size_t t, int64_t lo, int64_t hi, int64_t g) {
+    body(partial[static_cast<size_t>(c)], t, lo, hi, g);
+  });
+  return partial;
+}
+
+// The partials of every chunk folded in chunk order with Partial::merge (a fixed order, so a
+// non-associative merge such as a float sum still gives the same bits on any thread count).
+template <typename Partial, typename Body>
+inline Partial parallel_over_list(const std::vector<int64_t>& offsets, Body&& body) {
+  Partial all{};
+  for (const Partial& p : chunk_partials<Partial>(offsets, std::forward<Body>(body))) all.merge(p);
   return all;
 }
 
-inline std::tuple<at::Tensor, at::Tensor> stats_tensors(const Stats& s, const at::TensorOptions& opts) {
-  at::Tensor min_radius = at::empty({}, opts.dtype(at::kFloat));
-  min_radius.fill_(bits_float(s.min_radius_bits));
-  at::Tensor counts = at::empty({3}, opts.dtype(at::kLong));
-  int64_t* c = counts.data_ptr<int64_t>();
-  c[0] = s.abstained;
-  c[1] = s.nonfinite;
-  c[2] = s.below;
-  return {min_radius, counts};
+// Runs body(tensor_index, block_in_tensor, global_block, elem_begin, elem_end) for every codec
+// block of a list whose tensors hold `numels` elements, in parallel tasks of about kChunk elements.
+template <typename Body>
+inline void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t block_size, Body&& body) {
+  const std::vector<int64_t> boff = block_offsets(numels, block_size);
+  const int64_t total = boff.back();
+  if (total == 0) return;
+  const int64_t grain = std::max<int64_t>(1, kChunk / block_size);
+  at::parallel_for(0, total, grain, [&](int64_t b_begin, int64_t b_end) {
+    for_each_span(boff, b_begin, b_end, [&](size_t t, int64_t lo, int64_t hi, int64_t g0) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t e0 = b * block_size;
+        body(t, b, g0 + (b - lo), e0, std::min(numels[t], e0 + block_size));
+      }
+    });
+#if defined(__AVX512F__)
+    // Bodies may use streaming stores (the int8 decode), which are weakly ordered: each worker
+    // fences its own once per task (a fence per block made the decode 1.65x slower), before the
+    // join hands the outputs over.
+    _mm_sfence();
+#endif
+  });
 }
 
 }  // namespace cpu

@@ -18,23 +18,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cpu(at::TensorLis
   const FlatList& values = inputs.first;  // named references: lambdas below capture them
   const FlatList& radii = inputs.second;
   const float thr = static_cast<float>(threshold);
-  const int64_t total = values.total();
-  const int64_t chunks = (total + kChunk - 1) / kChunk;
-  std::vector<int64_t> start(static_cast<size_t>(chunks) + 1, 0);
 
   // Pass 1: how many fragile entries each chunk holds.
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t count = 0;
-      for_each_span(values.offsets, c * kChunk, std::min(total, (c + 1) * kChunk),
-                    [&](size_t t, int64_t lo, int64_t hi, int64_t) {
-                      const float* r = radii.tensors[t].data_ptr<float>();
-                      for (int64_t i = lo; i < hi; ++i) count += is_fragile(r[i], thr);
-                    });
-      start[static_cast<size_t>(c) + 1] = count;
-    }
-  });
-  for (int64_t c = 0; c < chunks; ++c) start[c + 1] += start[c];
+  const std::vector<int64_t> counts =
+      chunk_partials<int64_t>(values.offsets, [&](int64_t& count, size_t t, int64_t lo, int64_t hi, int64_t) {
+        const float* r = radii.tensors[t].data_ptr<float>();
+        int64_t n = 0;
+        for (int64_t i = lo; i < hi; ++i) n += is_fragile(r[i], thr);
+        count += n;
+      });
+  // start[c]: where chunk c's entries go (exclusive prefix sum in chunk order).
+  std::vector<int64_t> start(counts.size() + 1, 0);
+  for (size_t c = 0; c < counts.size(); ++c) start[c + 1] = start[c] + counts[c];
 
   const auto opts = at::TensorOptions().device(at::kCPU);
   at::Tensor index = at::empty({start.back()}, opts.dtype(at::kLong));
@@ -45,24 +40,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cpu(at::TensorLis
   float* out_v = value.data_ptr<float>();
   float* out_r = radius.data_ptr<float>();
 
-  // Pass 2: each chunk writes its entries from its own start.
-  dispatch_float_type(values.tensors.empty() ? at::kFloat : values.tensors[0].scalar_type(), [&](auto tag) {
+  // Pass 2: each chunk writes its entries from its own start. A chunk's spans come in order, so
+  // its write position just advances (a chunk is handled by one worker).
+  std::vector<int64_t> pos(start.begin(), start.end() - 1);
+  dispatch_float_type(values.tensors[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        int64_t pos = start[static_cast<size_t>(c)];
-        for_each_span(values.offsets, c * kChunk, std::min(total, (c + 1) * kChunk),
-                      [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
-                        const T* v = values.tensors[t].data_ptr<T>();
-                        const float* r = radii.tensors[t].data_ptr<float>();
-                        for (int64_t i = lo; i < hi; ++i) {
-                          if (!is_fragile(r[i], thr)) continue;
-                          out_i[pos] = g + (i - lo);
-                          out_v[pos] = load_float(v[i]);
-                          out_r[pos] = r[i];
-                          ++pos;
-                        }
-                      });
+    for_each_chunk(values.offsets, [&](int64_t c, size_t t, int64_t lo, int64_t hi, int64_t g) {
+      const T* v = values.tensors[t].data_ptr<T>();
+      const float* r = radii.tensors[t].data_ptr<float>();
+      int64_t& p = pos[static_cast<size_t>(c)];
+      for (int64_t i = lo; i < hi; ++i) {
+        if (!is_fragile(r[i], thr)) continue;
+        out_i[p] = g + (i - lo);
+        out_v[p] = load_float(v[i]);
+        out_r[p] = r[i];
+        ++p;
       }
     });
   });

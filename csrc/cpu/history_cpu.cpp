@@ -1,6 +1,6 @@
 // CPU kernels of the history codecs: blockwise quantize / dequantize, closed-loop delta encode,
 // dequantize-axpy and dequantize-dot. Per-element math is in unlearn/codecs.h; this file walks
-// blocks (at::parallel_for over the global block numbers of the list) and keeps one block's
+// blocks (cpu_walk.h's block walk over the global block numbers of the list) and keeps one block's
 // values in a small stack buffer between its absmax pass and its quantize pass.
 //
 // Contraction of a*b+c into an FMA is disabled for this file: the reconstruction update and the
@@ -23,30 +23,6 @@
 namespace unlearn {
 namespace cpu {
 namespace {
-
-constexpr int64_t kBlockGrainElements = 1 << 15;  // elements per parallel task (rounded to blocks)
-
-// Runs body(tensor, block_begin_elem, block_end_elem) for every block of the list, in parallel.
-template <typename Body>
-void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t block_size, Body&& body) {
-  const std::vector<int64_t> boff = block_offsets(numels, block_size);
-  const int64_t total = boff.back();
-  if (total == 0) return;
-  const int64_t grain = std::max<int64_t>(1, kBlockGrainElements / block_size);
-  at::parallel_for(0, total, grain, [&](int64_t b_begin, int64_t b_end) {
-    for_each_span(boff, b_begin, b_end, [&](size_t t, int64_t lo, int64_t hi, int64_t) {
-      for (int64_t b = lo; b < hi; ++b) {
-        const int64_t e0 = b * block_size;
-        body(t, b, e0, std::min(numels[t], e0 + block_size));
-      }
-    });
-#if defined(__AVX512F__)
-    // Streaming stores (int8 decode) are weakly ordered: each worker fences its own, once per task
-    // (a fence per block made the decode 1.65x slower), before the join hands the outputs over.
-    _mm_sfence();
-#endif
-  });
-}
 
 // Integer max over bit patterns (see finite_abs_bits): vectorizes, equals the float absmax.
 inline float block_absmax(const float* x, int64_t n) {
@@ -73,7 +49,7 @@ inline const float* block_as_float(const T* src, int64_t n, float* buf) {
 // except for a tensor's last block.
 void write_codes(const float* v, int64_t n, float scale, int64_t bits, uint8_t* codes_at) {
   if (!(scale > 0.0f)) {  // zero block: hoisted, so the loops below have no per-element branch on it
-    std::memset(codes_at, 0, static_cast<size_t>(bits == 8 ? n : (n + 1) / 2));
+    std::memset(codes_at, 0, static_cast<size_t>(code_numel(n, bits)));
     return;
   }
   const float inv = inverse_scale(scale);
@@ -106,8 +82,9 @@ inline void read_codes(const void* codes_at, int64_t n, int64_t bits, F&& f) {
   }
 }
 
+// Where the codes of element `elem` (even: a block start, or 16 elements past one) begin.
 inline uint8_t* code_at(void* codes, int64_t elem, int64_t bits) {
-  return static_cast<uint8_t*>(codes) + (bits == 8 ? elem : elem / 2);
+  return static_cast<uint8_t*>(codes) + code_numel(elem, bits);
 }
 
 // Raw data pointers of a list, taken once: per-block Tensor accessors (and a dtype dispatch per
@@ -160,7 +137,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_
   const auto src = raw_ptrs(x.tensors), codes = raw_ptrs(out.codes), scales = raw_ptrs(out.scales);
   dispatch_list(x, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(x.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    parallel_over_blocks(numels_of(x.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
       float buf[kMaxBlock];
       const int64_t n = e1 - e0;
       const float* v = block_as_float(static_cast<const T*>(src[t]) + e0, n, buf);
@@ -200,7 +177,7 @@ void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at
   const auto dst_ptrs = raw_ptrs(out.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(out, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
       const float scale = static_cast<const float*>(scales[t])[b];
       T* dst = static_cast<T*>(dst_ptrs[t]) + e0;
       int64_t done = 0;
@@ -229,7 +206,7 @@ void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::Ten
              scales = raw_ptrs(out.scales);
   dispatch_list(target, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(target.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    parallel_over_blocks(numels_of(target.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
       float delta[kMaxBlock];
       const int64_t n = e1 - e0;
       float* r = static_cast<float*>(rec[t]) + e0;
@@ -257,7 +234,7 @@ void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes
   const auto y_ptrs = raw_ptrs(y.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(y, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(y.tensors), block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    parallel_over_blocks(numels_of(y.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
       const float scale = static_cast<const float*>(scales[t])[b];
       T* dst = static_cast<T*>(y_ptrs[t]) + e0;
       read_codes(code_at(codes[t], e0, bits), e1 - e0, bits, [&](int64_t i, int32_t c) {
@@ -277,16 +254,15 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
   const FlatList& v = in.values;
   const CodedList& q = in.coded;
   const std::vector<int64_t> numels = numels_of(v.tensors);
-  const std::vector<int64_t> boff = block_offsets(numels, block_size);
-  std::vector<double> partial(static_cast<size_t>(boff.back()), 0.0);
+  std::vector<double> partial(static_cast<size_t>(block_offsets(numels, block_size).back()), 0.0);
   const auto v_ptrs = raw_ptrs(v.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(v, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels, block_size, [&](size_t t, int64_t b, int64_t e0, int64_t e1) {
+    parallel_over_blocks(numels, block_size, [&](size_t t, int64_t b, int64_t g, int64_t e0, int64_t e1) {
       const float scale = static_cast<const float*>(scales[t])[b];
       const T* src = static_cast<const T*>(v_ptrs[t]) + e0;
       const float sum = block_dot(code_at(codes[t], e0, bits), bits, src, e1 - e0);
-      partial[static_cast<size_t>(boff[t] + b)] = static_cast<double>(sum) * static_cast<double>(scale);
+      partial[static_cast<size_t>(g)] = static_cast<double>(sum) * static_cast<double>(scale);
     });
   });
   double total = 0.0;

@@ -13,6 +13,35 @@ namespace {
 
 constexpr int kLanes = 16;  // elements processed side by side: one AVX-512 register of uint32
 
+// The partial result of one chunk of the list walk (cpu_walk.h). The minimum radius is kept as the
+// bit pattern of a non-negative float, whose integer order equals its float order and whose
+// min-reduction vectorizes without -ffast-math.
+struct Stats {
+  int32_t min_radius_bits = 0x7f800000;  // +inf
+  int64_t abstained = 0;
+  int64_t nonfinite = 0;
+  int64_t below = 0;
+
+  void merge(const Stats& o) {
+    min_radius_bits = std::min(min_radius_bits, o.min_radius_bits);
+    abstained += o.abstained;
+    nonfinite += o.nonfinite;
+    below += o.below;
+  }
+};
+
+// (min_radius: float32 scalar, counts: int64[3]) as the ops return them.
+std::tuple<at::Tensor, at::Tensor> stats_tensors(const Stats& s, const at::TensorOptions& opts) {
+  at::Tensor min_radius = at::empty({}, opts.dtype(at::kFloat));
+  min_radius.fill_(bits_float(s.min_radius_bits));
+  at::Tensor counts = at::empty({3}, opts.dtype(at::kLong));
+  int64_t* c = counts.data_ptr<int64_t>();
+  c[0] = s.abstained;
+  c[1] = s.nonfinite;
+  c[2] = s.below;
+  return {min_radius, counts};
+}
+
 // ---- analytic ----------------------------------------------------------------------------------
 
 // Visits every element of a span with its analytic decision; emit(i, decision) consumes it.
@@ -170,7 +199,7 @@ void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p
 
 // Counts non-finite gradient entries (the pre-scan that lets a step refuse to apply anything).
 int64_t count_nonfinite(const FlatList& grads) {
-  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {
+  Stats s = parallel_over_list<Stats>(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {
     dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const T* g = grads.tensors[t].data_ptr<T>() + lo;
@@ -188,7 +217,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     const FlatList& grads, SpanFn&& span) {
   std::vector<at::Tensor> codes = empty_like_list(grads, at::kChar);
   std::vector<at::Tensor> radii = empty_like_list(grads, at::kFloat);
-  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
+  Stats s = parallel_over_list<Stats>(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
     int8_t* code = codes[t].data_ptr<int8_t>() + lo;
     float* radius = radii[t].data_ptr<float>() + lo;
     dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
@@ -220,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
   // Non-contiguous parameters are updated through a contiguous copy that is written back.
   std::vector<at::Tensor> work = contiguous_work(params);
   const float step = static_cast<float>(step_size);
-  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
+  Stats s = parallel_over_list<Stats>(grads.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t g0) {
     dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* w = work[t].data_ptr<T>() + lo;
@@ -289,6 +318,37 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cpu(at::TensorList params, 
   });
 }
 
+// ---- replaying codes ----------------------------------------------------------------------------
+
+// params <- params - step_size * code: the update of the fused step (quantized_update), from stored
+// codes, so a replay rounds exactly like the step that produced them.
+void apply_codes_cpu(at::TensorList params, at::TensorList codes_in, double step_size) {
+  const std::vector<at::Tensor> codes = check_apply_codes(params, codes_in, step_size);
+  if (params.empty()) return;
+  std::vector<at::Tensor> work = contiguous_work(params);
+  std::vector<int64_t> offsets{0};
+  for (const auto& w : work) offsets.push_back(offsets.back() + w.numel());
+  const float step = static_cast<float>(step_size);
+  dispatch_float_type(params[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    for_each_chunk(offsets, [&](int64_t, size_t t, int64_t lo, int64_t hi, int64_t) {
+      T* w = work[t].data_ptr<T>();
+      const int8_t* c = codes[t].data_ptr<int8_t>();
+      for (int64_t i = lo; i < hi; ++i) w[i] = store_as<T>(quantized_update(load_float(w[i]), step, c[i]));
+    });
+  });
+  write_back(params, work);
+}
+
+// An empty list carries no tensor to pick a kernel by: the dispatcher falls back to this kernel
+// (nothing to do), which refuses tensors on devices without kernels.
+void apply_codes_empty(at::TensorList params, at::TensorList codes, double step_size) {
+  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  for (const auto& l : {params, codes})
+    TORCH_CHECK(l.empty(), "unlearn_ext: apply_codes_ has no kernel for device ", l[0].device(),
+                " (kernels exist for CPU, and for CUDA in CUDA builds)");
+}
+
 // ---- framework D: vote counters ----------------------------------------------------------------
 
 at::Tensor vote_accumulate_cpu(at::TensorList votes, at::TensorList grads_in, double tau) {
@@ -296,7 +356,7 @@ at::Tensor vote_accumulate_cpu(at::TensorList votes, at::TensorList grads_in, do
   const FlatList grads = flatten_float_list(grads_in, "grads");
   check_vote_list(votes, grads, "votes");
   const float t = static_cast<float>(tau);
-  Stats s = parallel_over_list(grads.offsets, [&](Stats& st, size_t ti, int64_t lo, int64_t hi, int64_t) {
+  Stats s = parallel_over_list<Stats>(grads.offsets, [&](Stats& st, size_t ti, int64_t lo, int64_t hi, int64_t) {
     const int64_t numel = grads.tensors[ti].numel();
     dispatch_float_type(grads.tensors[ti].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
@@ -333,7 +393,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   const float sig = static_cast<float>(sigma), thr = static_cast<float>(count_below);
   std::vector<at::Tensor> codes = empty_like_list(shapes, at::kChar);
   std::vector<at::Tensor> radii = empty_like_list(shapes, at::kFloat);
-  Stats s = parallel_over_list(shapes.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {
+  Stats s = parallel_over_list<Stats>(shapes.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {
     const int64_t numel = shapes.tensors[t].numel();
     int8_t* code = codes[t].data_ptr<int8_t>();
     float* radius = radii[t].data_ptr<float>();
@@ -367,7 +427,10 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
   m.impl("quantized_step_mc_", &quantized_step_mc_cpu);
   m.impl("vote_accumulate_", &vote_accumulate_cpu);
   m.impl("vote_finalize", &vote_finalize_cpu);
+  m.impl("apply_codes_", &apply_codes_cpu);
 }
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) { m.impl("apply_codes_", &apply_codes_empty); }
 
 }  // namespace cpu
 }  // namespace unlearn

@@ -1,7 +1,20 @@
-// How the CUDA kernels walk a tensor list: one launch per op. The host packs per-tensor pointers,
-// the running offsets (global element index = offsets[t] + local index) and a chunk table into one
-// int64 tensor; thread block c processes chunk c (kChunk elements of one tensor), reduces its
-// statistics in shared memory and adds them to the outputs with one atomic per block.
+// How the CUDA kernels walk a tensor list, and the one launch helper every CUDA op goes through
+// (DESIGN section 2: one generic walker + launch helper per backend).
+//
+// One description serves every op: any number of arrays of per-tensor pointers (values, codes,
+// scales, recon, ...), the running element offsets (global element index = offsets[t] + local
+// index, what the RNG contract needs), and a cut of each tensor into units of `unit` elements (a
+// tensor's last unit may be short). Units are numbered across the list, tensor after tensor.
+// Element walks give each thread block one unit of kChunk elements; block walks give each warp one
+// codec block (unit = block_size). A unit number maps back to its tensor by a binary search over
+// the per-tensor unit offsets, so the metadata is O(tensors) whatever the sizes, and one launch
+// covers the whole list.
+//
+// The metadata reaches the device without a synchronizing copy: it is written into pinned host
+// memory and copied with cudaMemcpyAsync on the current stream (copy_ with non_blocking). The
+// caching host allocator records that copy and does not hand the pinned block out again before it
+// has run; the device copy comes from the caching device allocator, whose blocks are reused only
+// by work ordered after ours on the same stream.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,8 +27,10 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "unlearn/codecs.h"  // block_count
 #include "unlearn/elementwise.h"
 #include "unlearn/tensor_list.h"
 
@@ -23,75 +38,76 @@ namespace unlearn {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 4096;
-constexpr int kPointerArrays = 4;
+constexpr int kWarps = kThreads / 32;  // block walks: one unit per warp
+constexpr int64_t kChunk = 4096;       // element walks: elements per thread block
 
-// Device view of the packed metadata.
+// The piece of the list one thread block (element walk) or one warp (block walk) owns.
+struct Unit {
+  int t;          // tensor
+  int64_t index;  // unit number inside tensor t (the codec block number in block walks)
+  int64_t begin;  // first local element
+  int64_t end;    // one past the last local element
+};
+
+// Device view of the packed metadata: [arrays * tensors pointers][tensors + 1 element offsets]
+// [tensors + 1 unit offsets].
 struct ListView {
   const int64_t* meta;
   int tensors;
-  int64_t chunks;
+  int arrays;
+  int64_t unit;   // elements per unit
+  int64_t units;  // units of the whole list
 
   __device__ __forceinline__ void* ptr(int array, int t) const {
     return reinterpret_cast<void*>(meta[array * tensors + t]);
   }
-  __device__ __forceinline__ int64_t offset(int t) const { return meta[kPointerArrays * tensors + t]; }
+  __device__ __forceinline__ int64_t offset(int t) const { return meta[arrays * tensors + t]; }
   __device__ __forceinline__ int64_t numel(int t) const { return offset(t + 1) - offset(t); }
-  __device__ __forceinline__ int chunk_tensor(int64_t c) const {
-    return static_cast<int>(meta[(kPointerArrays + 1) * tensors + 1 + c]);
+  __device__ __forceinline__ int64_t unit_offset(int t) const {
+    return meta[(arrays + 1) * tensors + 1 + t];
   }
-  __device__ __forceinline__ int64_t chunk_start(int64_t c) const {
-    return meta[(kPointerArrays + 1) * tensors + 1 + chunks + c];
+  // Unit g (< units) lives in the last tensor t with unit_offset(t) <= g: empty tensors own no
+  // units, share their offset with the next tensor and are passed over by the search.
+  __device__ __forceinline__ Unit unit_at(int64_t g) const {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (unit_offset(mid) <= g) lo = mid; else hi = mid - 1;
+    }
+    const int64_t index = g - unit_offset(lo);
+    const int64_t begin = index * unit;
+    return Unit{lo, index, begin, min(begin + unit, numel(lo))};
   }
 };
 
-// Packs up to kPointerArrays parallel lists of tensors and copies the metadata to the device.
-// The walk (offsets, chunks) is sized by the FIRST list, so it must hold one element per
-// coordinate. `keep` holds the device tensor alive for the launch. The copy from pageable memory
-// synchronizes the host with the stream (pinned staging would avoid that; not done yet).
-inline ListView pack_lists(const std::vector<std::vector<at::Tensor>>& arrays, const at::Device& device,
-                           at::Tensor& keep) {
-  const int tensors = static_cast<int>(arrays[0].size());
-  std::vector<int64_t> offsets{0};
-  std::vector<int64_t> chunk_tensor, chunk_start;
-  for (int t = 0; t < tensors; ++t) {
-    const int64_t n = arrays[0][t].numel();
-    offsets.push_back(offsets.back() + n);
-    for (int64_t s = 0; s < n; s += kChunk) {
-      chunk_tensor.push_back(t);
-      chunk_start.push_back(s);
-    }
-  }
-  const int64_t chunks = static_cast<int64_t>(chunk_tensor.size());
-  std::vector<int64_t> meta;
-  meta.reserve((kPointerArrays + 1) * tensors + 1 + 2 * chunks);
-  for (int a = 0; a < kPointerArrays; ++a)
-    for (int t = 0; t < tensors; ++t)
-      meta.push_back(a < static_cast<int>(arrays.size()) && arrays[a][t].defined()
-                         ? reinterpret_cast<int64_t>(arrays[a][t].data_ptr())
-                         : 0);
-  meta.insert(meta.end(), offsets.begin(), offsets.end());
-  meta.insert(meta.end(), chunk_tensor.begin(), chunk_tensor.end());
-  meta.insert(meta.end(), chunk_start.begin(), chunk_start.end());
-  keep = at::tensor(meta, at::TensorOptions().dtype(at::kLong)).to(device);
-  return ListView{keep.data_ptr<int64_t>(), tensors, chunks};
+// The unit of this thread block in an element walk (grid = units).
+__device__ __forceinline__ Unit block_unit(const ListView& v) { return v.unit_at(blockIdx.x); }
+
+// The unit of this warp in a block walk (grid = ceil(units / kWarps)); false past the last unit.
+__device__ __forceinline__ bool warp_unit(const ListView& v, Unit& u) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (g >= v.units) return false;
+  u = v.unit_at(g);
+  return true;
 }
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(c10::Half v) { return static_cast<float>(v); }
+__device__ __forceinline__ float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// ---- statistics of the smoothing ops -------------------------------------------------------------
 
 struct BlockStats {
   int32_t min_radius_bits;
   unsigned long long abstained, nonfinite, below;
 };
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(c10::Half v) { return static_cast<float>(v); }
-__device__ __forceinline__ float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-
 __device__ __forceinline__ int32_t radius_bits(float r) { return __float_as_int(r); }
 
 // Reduces per-thread statistics over the block and adds them to the outputs (one atomic each).
 __device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radius, int64_t* counts) {
-  __shared__ int32_t s_min[kThreads / 32];
-  __shared__ unsigned long long s_cnt[3][kThreads / 32];
+  __shared__ int32_t s_min[kWarps];
+  __shared__ unsigned long long s_cnt[3][kWarps];
   for (int delta = 16; delta > 0; delta >>= 1) {
     s.min_radius_bits = min(s.min_radius_bits, __shfl_down_sync(0xffffffffu, s.min_radius_bits, delta));
     s.abstained += __shfl_down_sync(0xffffffffu, s.abstained, delta);
@@ -109,7 +125,7 @@ __device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radi
   if (threadIdx.x == 0) {
     int32_t m = s_min[0];
     unsigned long long a = 0, b = 0, c = 0;
-    for (int w = 0; w < kThreads / 32; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       m = min(m, s_min[w]);
       a += s_cnt[0][w];
       b += s_cnt[1][w];
@@ -124,36 +140,122 @@ __device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radi
   }
 }
 
-// Runs op(view, tensor, local_index, global_index, stats) over every element, one block per chunk.
-// With skip_if_positive, the whole launch does nothing once that device counter is > 0 (the
-// non-finite pre-scan of a step), without a host synchronization.
+// Element walk: op(view, tensor, local_index, global_index, stats) for every element, one unit of
+// kChunk elements per thread block. Statistics are reduced into min_radius/counts unless
+// min_radius is null (pure elementwise ops). With skip_if_positive, the whole launch does nothing
+// once that device counter is > 0 (the non-finite pre-scan of a step), without a host sync.
 template <typename Op>
-__global__ void __launch_bounds__(kThreads) list_kernel(ListView view, Op op, float* min_radius,
-                                                        int64_t* counts, const int64_t* skip_if_positive) {
+__global__ void __launch_bounds__(kThreads) elements_kernel(ListView view, Op op, float* min_radius,
+                                                            int64_t* counts, const int64_t* skip_if_positive) {
   if (skip_if_positive != nullptr && *skip_if_positive > 0) return;
-  const int64_t c = blockIdx.x;
-  const int t = view.chunk_tensor(c);
-  const int64_t start = view.chunk_start(c);
-  const int64_t end = min(start + kChunk, view.numel(t));
+  const Unit u = block_unit(view);
+  const int64_t base = view.offset(u.t);
   BlockStats s{0x7f800000, 0, 0, 0};
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) op(view, t, i, view.offset(t) + i, s);
+  for (int64_t i = u.begin + threadIdx.x; i < u.end; i += kThreads) op(view, u.t, i, base + i, s);
   if (min_radius != nullptr) reduce_block_stats(s, min_radius, counts);
-}
-
-template <typename Op>
-inline void launch_list(const ListView& view, const Op& op, float* min_radius, int64_t* counts,
-                        const int64_t* skip_if_positive = nullptr) {
-  if (view.chunks == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  list_kernel<<<static_cast<unsigned>(view.chunks), kThreads, 0, stream>>>(view, op, min_radius, counts,
-                                                                          skip_if_positive);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 inline std::tuple<at::Tensor, at::Tensor> new_stats(const at::Device& device) {
   const auto opts = at::TensorOptions().device(device);
   return {at::full({}, std::numeric_limits<float>::infinity(), opts.dtype(at::kFloat)),
           at::zeros({3}, opts.dtype(at::kLong))};
+}
+
+// Launches kernel<<<grid, threads>>>(args...) on the current stream: every CUDA kernel of the
+// extension starts here, so none runs on the legacy default stream by mistake.
+template <typename Kernel, typename... Args>
+inline void launch_kernel(int64_t grid, int threads, Kernel kernel, Args... args) {
+  if (grid == 0) return;
+  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "unlearn_ext: too many thread blocks for one launch (",
+              grid, ")");
+  kernel<<<static_cast<unsigned>(grid), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- the launch helper -----------------------------------------------------------------------------
+// What every list op does around its kernels, in one place: the device guard (held for the op's
+// lifetime), in-place lists worked through contiguous copies and written back by finish(), the
+// metadata packed and sent to the device, dtype dispatch, and launches on the current stream.
+using Array = std::vector<at::Tensor>;  // one pointer array; empty = null pointers
+
+class ListLaunch {
+ public:
+  explicit ListLaunch(const at::Device& device) : guard_(device), device_(device) {}
+
+  const at::Device& device() const { return device_; }
+
+  // A list the op writes in place, as contiguous work tensors (the originals where they already
+  // are contiguous); finish() copies the results into the non-contiguous originals.
+  Array in_place(at::TensorList originals) { return in_place(originals, contiguous_work(originals)); }
+
+  // The same, with work tensors the caller already has (contiguous copies made by the checks).
+  Array in_place(at::TensorList originals, Array work) {
+    written_.emplace_back(originals, work);
+    return work;
+  }
+
+  // Describes a list whose tensors hold numels[t] elements (the walk is sized by numels, not by
+  // any array: votes hold 2 * numel counts, int4 codes numel / 2 bytes), cut into units of `unit`.
+  ListView pack(const std::vector<int64_t>& numels, const std::vector<Array>& arrays, int64_t unit) {
+    const int tensors = static_cast<int>(numels.size());
+    const int n_arrays = static_cast<int>(arrays.size());
+    const int64_t size = static_cast<int64_t>(n_arrays + 2) * tensors + 2;
+    at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* m = host.data_ptr<int64_t>();
+    for (int a = 0; a < n_arrays; ++a) {
+      TORCH_INTERNAL_ASSERT(arrays[a].empty() || static_cast<int>(arrays[a].size()) == tensors);
+      for (int t = 0; t < tensors; ++t)
+        *m++ = arrays[a].empty() ? 0 : reinterpret_cast<int64_t>(arrays[a][t].data_ptr());
+    }
+    int64_t* offsets = m;
+    int64_t* unit_offsets = m + tensors + 1;
+    offsets[0] = unit_offsets[0] = 0;
+    for (int t = 0; t < tensors; ++t) {
+      offsets[t + 1] = offsets[t] + numels[t];
+      unit_offsets[t + 1] = unit_offsets[t] + block_count(numels[t], unit);  // codec blocks when unit = block_size
+    }
+    at::Tensor meta = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device_));
+    meta.copy_(host, /*non_blocking=*/true);
+    keep_.push_back(meta);  // alive until the op returns: its launches are queued by then
+    return ListView{meta.data_ptr<int64_t>(), tensors, n_arrays, unit, unit_offsets[tensors]};
+  }
+
+  // Element walk with statistics (see elements_kernel); min_radius == nullptr: no statistics.
+  template <typename Op>
+  void elements(const ListView& v, const Op& op, float* min_radius = nullptr, int64_t* counts = nullptr,
+                const int64_t* skip_if_positive = nullptr) {
+    TORCH_INTERNAL_ASSERT(v.unit == kChunk);
+    launch_kernel(v.units, kThreads, elements_kernel<Op>, v, op, min_radius, counts, skip_if_positive);
+  }
+
+  // kernel(view, args...) with one thread block per unit (block_unit).
+  template <typename Kernel, typename... Args>
+  void per_block(const ListView& v, Kernel kernel, Args... args) {
+    launch_kernel(v.units, kThreads, kernel, v, args...);
+  }
+
+  // kernel(view, args...) with one warp per unit (warp_unit).
+  template <typename Kernel, typename... Args>
+  void per_warp(const ListView& v, Kernel kernel, Args... args) {
+    launch_kernel((v.units + kWarps - 1) / kWarps, kThreads, kernel, v, args...);
+  }
+
+  // Copies in-place results back into non-contiguous originals (queued on the current stream).
+  void finish() {
+    for (auto& w : written_) write_back(w.first, w.second);
+  }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+  at::Device device_;
+  std::vector<at::Tensor> keep_;
+  std::vector<std::pair<at::TensorList, Array>> written_;
+};
+
+// Calls f(tag) with a value of the kernel element type of a float list (fp32 / fp16 / bf16).
+template <typename F>
+inline void dispatch_list(const Array& list, F&& f) {
+  dispatch_float_type(list[0].scalar_type(), std::forward<F>(f));
 }
 
 }  // namespace cuda

@@ -1,17 +1,17 @@
 // CUDA kernel of fragile_compact (see csrc/cpu/fragile_cpu.cpp for the contract). Thread block c
-// owns chunk c of the list walk. Launch 1 counts each chunk's fragile entries; an exclusive prefix
-// sum over the chunk counts (on the device) gives each chunk its output start; launch 2 rescans the
-// chunk tile by tile and writes in order with a warp-ballot block scan, so the output is in global
-// index order, exactly like the CPU kernel and the reference.
+// owns chunk c: unit c of the element walk (cuda_walk.cuh: kChunk elements of one tensor). Launch
+// 1 counts each chunk's fragile entries; an exclusive prefix sum over the chunk counts (on the
+// device) gives each chunk its output start; launch 2 rescans the chunk tile by tile and writes in
+// order with a warp-ballot block scan, so the output is in global index order, exactly like the CPU
+// kernel and the reference.
 #include <torch/library.h>
 
 #include "cuda_walk.cuh"
+#include "unlearn/codec_list.h"  // numels_of
 
 namespace unlearn {
 namespace cuda {
 namespace {
-
-constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ bool fragile_at(const ListView& view, int t, int64_t i, int64_t end, float thr) {
   return i < end && is_fragile(static_cast<const float*>(view.ptr(1, t))[i], thr);
@@ -19,10 +19,11 @@ __device__ __forceinline__ bool fragile_at(const ListView& view, int t, int64_t 
 
 __global__ void __launch_bounds__(kThreads) count_fragile_kernel(ListView view, float thr, int64_t* counts) {
   const int64_t c = blockIdx.x;
-  const int t = view.chunk_tensor(c);
-  const int64_t start = view.chunk_start(c), end = min(start + kChunk, view.numel(t));
+  const Unit u = block_unit(view);
+  const int t = u.t;
+  const int64_t end = u.end;
   unsigned long long local = 0;
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) local += fragile_at(view, t, i, end, thr);
+  for (int64_t i = u.begin + threadIdx.x; i < end; i += kThreads) local += fragile_at(view, t, i, end, thr);
   for (int delta = 16; delta > 0; delta >>= 1) local += __shfl_down_sync(0xffffffffu, local, delta);
   __shared__ unsigned long long warp_sum[kWarps];
   if (threadIdx.x % 32 == 0) warp_sum[threadIdx.x / 32] = local;
@@ -39,8 +40,9 @@ __global__ void __launch_bounds__(kThreads) write_fragile_kernel(ListView view, 
                                                                  int64_t* out_index, float* out_value,
                                                                  float* out_radius) {
   const int64_t c = blockIdx.x;
-  const int t = view.chunk_tensor(c);
-  const int64_t start = view.chunk_start(c), end = min(start + kChunk, view.numel(t));
+  const Unit u = block_unit(view);
+  const int t = u.t;
+  const int64_t start = u.begin, end = u.end;
   const T* values = static_cast<const T*>(view.ptr(0, t));
   const float* radii = static_cast<const float*>(view.ptr(1, t));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -74,33 +76,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cuda(at::TensorLi
   const FlatList& values = inputs.first;  // named references, not a structured binding: lambdas capture them
   const FlatList& radii = inputs.second;
   TORCH_CHECK(!values.tensors.empty(), "unlearn_ext: fragile_compact on CUDA needs at least one tensor");
-  const at::Device device = values.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  const auto opts = at::TensorOptions().device(device);
-  at::Tensor keep;
-  const ListView view = pack_lists({values.tensors, radii.tensors}, device, keep);
+  ListLaunch launch(values.tensors[0].device());
+  const auto opts = at::TensorOptions().device(launch.device());
+  const ListView view = launch.pack(numels_of(values.tensors), {values.tensors, radii.tensors}, kChunk);
   const float thr = static_cast<float>(threshold);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (view.chunks == 0) {
+  if (view.units == 0) {
     return {at::empty({0}, opts.dtype(at::kLong)), at::empty({0}, opts.dtype(at::kFloat)),
             at::empty({0}, opts.dtype(at::kFloat))};
   }
-  at::Tensor counts = at::empty({view.chunks}, opts.dtype(at::kLong));
-  count_fragile_kernel<<<static_cast<unsigned>(view.chunks), kThreads, 0, stream>>>(view, thr,
-                                                                                    counts.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor counts = at::empty({view.units}, opts.dtype(at::kLong));
+  launch.per_block(view, count_fragile_kernel, thr, counts.data_ptr<int64_t>());
   const at::Tensor inclusive = counts.cumsum(0);
   const int64_t total = inclusive[-1].item<int64_t>();  // the output size: one host sync, unavoidable
   at::Tensor index = at::empty({total}, opts.dtype(at::kLong));
   at::Tensor value = at::empty({total}, opts.dtype(at::kFloat));
   at::Tensor radius = at::empty({total}, opts.dtype(at::kFloat));
   if (total == 0) return {index, value, radius};
-  dispatch_float_type(values.tensors[0].scalar_type(), [&](auto tag) {
+  dispatch_list(values.tensors, [&](auto tag) {
     using T = decltype(tag);
-    write_fragile_kernel<T><<<static_cast<unsigned>(view.chunks), kThreads, 0, stream>>>(
-        view, thr, inclusive.data_ptr<int64_t>(), index.data_ptr<int64_t>(), value.data_ptr<float>(),
-        radius.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch.per_block(view, write_fragile_kernel<T>, thr, static_cast<const int64_t*>(inclusive.data_ptr<int64_t>()),
+                     index.data_ptr<int64_t>(), value.data_ptr<float>(), radius.data_ptr<float>());
   });
   return {index, value, radius};
 }

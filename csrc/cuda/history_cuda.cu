@@ -5,14 +5,7 @@
 // the same byte (block sizes are even, so blocks own whole bytes).
 #include <torch/library.h>
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include "cuda_walk.cuh"  // to_float
+#include "cuda_walk.cuh"
 #include "unlearn/codec_list.h"
 #include "unlearn/codecs.h"
 
@@ -20,71 +13,25 @@ namespace unlearn {
 namespace cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-constexpr int kCodecThreads = 32 * kWarpsPerBlock;
-constexpr int kArrays = 3;  // values (x / out / target / y / v), codes, scales; recon is slot 3
-
-// Packed per-tensor metadata: pointers of each array, numels and block offsets.
-struct CodecView {
-  const int64_t* meta;
-  int tensors;
-  int64_t total_blocks;
-  int64_t block_size;
-  int bits;
-
-  __device__ __forceinline__ void* ptr(int array, int t) const {
-    return reinterpret_cast<void*>(meta[array * tensors + t]);
-  }
-  __device__ __forceinline__ int64_t numel(int t) const { return meta[(kArrays + 1) * tensors + t]; }
-  __device__ __forceinline__ int64_t block_offset(int t) const { return meta[(kArrays + 2) * tensors + t]; }
-  // Tensor holding global block g: the last t with block_offset(t) <= g (binary search; empty
-  // tensors have no blocks and are skipped by the search).
-  __device__ __forceinline__ int tensor_of(int64_t g) const {
-    int lo = 0, hi = tensors - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (block_offset(mid) <= g) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-  }
-};
-
-// Copies the metadata to the device (synchronous from pageable memory, like cuda_walk.cuh).
-CodecView pack(const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& codes,
-               const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& recon, int64_t block_size,
-               int64_t bits, const at::Device& device, at::Tensor& keep) {
-  const int tensors = static_cast<int>(values.size());
-  std::vector<int64_t> meta;
-  const std::vector<at::Tensor>* arrays[kArrays + 1] = {&values, &codes, &scales, &recon};
-  for (int a = 0; a < kArrays + 1; ++a)
-    for (int t = 0; t < tensors; ++t)
-      meta.push_back(arrays[a]->empty() ? 0 : reinterpret_cast<int64_t>((*arrays[a])[t].data_ptr()));
-  const std::vector<int64_t> numels = numels_of(values);
-  const std::vector<int64_t> boff = block_offsets(numels, block_size);
-  meta.insert(meta.end(), numels.begin(), numels.end());
-  meta.insert(meta.end(), boff.begin(), boff.end() - 1);
-  keep = at::tensor(meta, at::TensorOptions().dtype(at::kLong)).to(device);
-  return CodecView{keep.data_ptr<int64_t>(), tensors, boff.back(), block_size, static_cast<int>(bits)};
-}
+// Arrays of a codec list: values (x / out / target / y / v), codes, scales, and recon (delta_encode_).
+enum Slot { kValues = 0, kCodes = 1, kScales = 2, kRecon = 3 };
 
 __device__ __forceinline__ float warp_max(float m) {
   for (int d = 16; d > 0; d >>= 1) m = max_of(m, __shfl_xor_sync(0xffffffffu, m, d));
   return m;
 }
 
-// Where a warp's block lives.
-struct BlockPos {
+// The codec block of this warp (block walk: unit = block_size): tensor, block index inside it,
+// first element and element count.
+struct Block {
   int t;
-  int64_t b, e0, n;  // block index inside tensor t, first element, element count
+  int64_t b, e0, n;
 };
 
-__device__ __forceinline__ bool warp_block(const CodecView& v, BlockPos& pos) {
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (g >= v.total_blocks) return false;
-  pos.t = v.tensor_of(g);
-  pos.b = g - v.block_offset(pos.t);
-  pos.e0 = pos.b * v.block_size;
-  pos.n = min(v.block_size, v.numel(pos.t) - pos.e0);
+__device__ __forceinline__ bool warp_block(const ListView& v, Block& p) {
+  Unit u;
+  if (!warp_unit(v, u)) return false;
+  p = Block{u.t, u.index, u.begin, u.end - u.begin};
   return true;
 }
 
@@ -98,27 +45,27 @@ __device__ __forceinline__ int32_t read_code(const void* codes, int bits, int64_
 // Quantizes a block whose fp32 values come from value(i); lanes own elements (int8) or byte pairs
 // (int4). After(i, code, scale) sees every element's code, in the lane that read value(i).
 template <typename Value, typename After>
-__device__ __forceinline__ void quantize_block(const CodecView& v, const BlockPos& p, Value&& value,
+__device__ __forceinline__ void quantize_block(const ListView& v, const Block& p, int bits, Value&& value,
                                                 After&& after) {
   const int lane = threadIdx.x % 32;
-  const float qmax = codec_qmax(v.bits);
+  const float qmax = codec_qmax(bits);
   float m = 0.0f;
   for (int64_t i = lane; i < p.n; i += 32) m = max_of(m, finite_abs(value(i)));
   const float scale = block_scale(warp_max(m), qmax);
-  if (lane == 0) static_cast<float*>(v.ptr(2, p.t))[p.b] = scale;
+  if (lane == 0) static_cast<float*>(v.ptr(kScales, p.t))[p.b] = scale;
   // quantize_value's per-element form, with the block's inverse computed once.
   const bool nonzero = scale > 0.0f;
   const float inv = nonzero ? inverse_scale(scale) : 0.0f;
   auto quantize = [&](float x) { return nonzero ? quantize_in_block(x, inv, qmax) : 0; };
-  if (v.bits == 8) {
-    int8_t* c = static_cast<int8_t*>(v.ptr(1, p.t)) + p.e0;
+  if (bits == 8) {
+    int8_t* c = static_cast<int8_t*>(v.ptr(kCodes, p.t)) + p.e0;
     for (int64_t i = lane; i < p.n; i += 32) {
       const int32_t code = quantize(value(i));
       c[i] = static_cast<int8_t>(code);
       after(i, code, scale);
     }
   } else {
-    uint8_t* c = static_cast<uint8_t*>(v.ptr(1, p.t)) + p.e0 / 2;
+    uint8_t* c = static_cast<uint8_t*>(v.ptr(kCodes, p.t)) + code_numel(p.e0, 4);
     for (int64_t j = lane; 2 * j < p.n; j += 32) {
       const int32_t lo = quantize(value(2 * j));
       const bool has_hi = 2 * j + 1 < p.n;
@@ -131,73 +78,64 @@ __device__ __forceinline__ void quantize_block(const CodecView& v, const BlockPo
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCodecThreads) quantize_kernel(CodecView v) {
-  BlockPos p;
+__global__ void __launch_bounds__(kThreads) quantize_kernel(ListView v, int bits) {
+  Block p;
   if (!warp_block(v, p)) return;
-  const T* x = static_cast<const T*>(v.ptr(0, p.t)) + p.e0;
-  quantize_block(v, p, [&](int64_t i) { return to_float(x[i]); }, [](int64_t, int32_t, float) {});
+  const T* x = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
+  quantize_block(v, p, bits, [&](int64_t i) { return to_float(x[i]); }, [](int64_t, int32_t, float) {});
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCodecThreads) delta_encode_kernel(CodecView v) {
-  BlockPos p;
+__global__ void __launch_bounds__(kThreads) delta_encode_kernel(ListView v, int bits) {
+  Block p;
   if (!warp_block(v, p)) return;
-  const T* w = static_cast<const T*>(v.ptr(0, p.t)) + p.e0;
-  float* r = static_cast<float*>(v.ptr(3, p.t)) + p.e0;
+  const T* w = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
+  float* r = static_cast<float*>(v.ptr(kRecon, p.t)) + p.e0;
   // Fused: the lane that reads element i (value) is the one that updates r[i] (after), once the
   // warp's absmax is known; no other lane touches r[i], so the in-place update cannot race.
   quantize_block(
-      v, p, [&](int64_t i) { return sub_rn(to_float(w[i]), r[i]); },
+      v, p, bits, [&](int64_t i) { return sub_rn(to_float(w[i]), r[i]); },
       [&](int64_t i, int32_t code, float scale) { r[i] = recon_update(r[i], code, scale); });
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCodecThreads) dequantize_kernel(CodecView v) {
-  BlockPos p;
+__global__ void __launch_bounds__(kThreads) dequantize_kernel(ListView v, int bits) {
+  Block p;
   if (!warp_block(v, p)) return;
   const int lane = threadIdx.x % 32;
-  const float scale = static_cast<const float*>(v.ptr(2, p.t))[p.b];
-  const void* codes = v.ptr(1, p.t);
-  T* out = static_cast<T*>(v.ptr(0, p.t)) + p.e0;
+  const float scale = static_cast<const float*>(v.ptr(kScales, p.t))[p.b];
+  const void* codes = v.ptr(kCodes, p.t);
+  T* out = static_cast<T*>(v.ptr(kValues, p.t)) + p.e0;
   for (int64_t i = lane; i < p.n; i += 32)
-    out[i] = static_cast<T>(dequantize_value(read_code(codes, v.bits, p.e0, i), scale));
+    out[i] = static_cast<T>(dequantize_value(read_code(codes, bits, p.e0, i), scale));
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCodecThreads) axpy_kernel(CodecView v, float alpha) {
-  BlockPos p;
+__global__ void __launch_bounds__(kThreads) axpy_kernel(ListView v, int bits, float alpha) {
+  Block p;
   if (!warp_block(v, p)) return;
   const int lane = threadIdx.x % 32;
-  const float scale = static_cast<const float*>(v.ptr(2, p.t))[p.b];
-  const void* codes = v.ptr(1, p.t);
-  T* y = static_cast<T*>(v.ptr(0, p.t)) + p.e0;
+  const float scale = static_cast<const float*>(v.ptr(kScales, p.t))[p.b];
+  const void* codes = v.ptr(kCodes, p.t);
+  T* y = static_cast<T*>(v.ptr(kValues, p.t)) + p.e0;
   for (int64_t i = lane; i < p.n; i += 32)
-    y[i] = static_cast<T>(axpy_value(to_float(y[i]), alpha, read_code(codes, v.bits, p.e0, i), scale));
+    y[i] = static_cast<T>(axpy_value(to_float(y[i]), alpha, read_code(codes, bits, p.e0, i), scale));
 }
 
 // Per block: float sum of code * v over the lanes, times the scale, added to the double output.
 // The order of the atomic additions varies between runs (results agree to rounding, not bits).
 template <typename T>
-__global__ void __launch_bounds__(kCodecThreads) dot_kernel(CodecView v, double* out) {
-  BlockPos p;
+__global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int bits, double* out) {
+  Block p;
   if (!warp_block(v, p)) return;
   const int lane = threadIdx.x % 32;
-  const float scale = static_cast<const float*>(v.ptr(2, p.t))[p.b];
-  const void* codes = v.ptr(1, p.t);
-  const T* x = static_cast<const T*>(v.ptr(0, p.t)) + p.e0;
+  const float scale = static_cast<const float*>(v.ptr(kScales, p.t))[p.b];
+  const void* codes = v.ptr(kCodes, p.t);
+  const T* x = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
   float sum = 0.0f;
-  for (int64_t i = lane; i < p.n; i += 32) sum += static_cast<float>(read_code(codes, v.bits, p.e0, i)) * to_float(x[i]);
+  for (int64_t i = lane; i < p.n; i += 32) sum += static_cast<float>(read_code(codes, bits, p.e0, i)) * to_float(x[i]);
   for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
   if (lane == 0) atomicAdd(out, static_cast<double>(sum) * static_cast<double>(scale));
-}
-
-template <typename Kernel, typename... Args>
-void launch(const CodecView& v, Kernel kernel, Args... args) {
-  if (v.total_blocks == 0) return;
-  const int64_t grid = (v.total_blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK(grid < (int64_t(1) << 31), "unlearn_ext: too many blocks for one launch");
-  kernel<<<static_cast<unsigned>(grid), kCodecThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(v, args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- op implementations ------------------------------------------------------------------------
@@ -209,13 +147,11 @@ CodesScales blockwise_quantize_cuda(at::TensorList x_in, int64_t bits, int64_t b
   const FlatList x = flatten_float_list(x_in, "x");
   CodedList out = empty_coded_list(x, bits, block_size);
   if (x.tensors.empty()) return {out.codes, out.scales};
-  const at::Device device = x.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  at::Tensor keep;
-  const CodecView v = pack(x.tensors, out.codes, out.scales, {}, block_size, bits, device, keep);
-  dispatch_float_type(x.tensors[0].scalar_type(), [&](auto tag) {
+  ListLaunch launch(x.tensors[0].device());
+  const ListView v = launch.pack(numels_of(x.tensors), {x.tensors, out.codes, out.scales}, block_size);
+  dispatch_list(x.tensors, [&](auto tag) {
     using T = decltype(tag);
-    launch(v, quantize_kernel<T>);
+    launch.per_warp(v, quantize_kernel<T>, static_cast<int>(bits));
   });
   return {out.codes, out.scales};
 }
@@ -223,18 +159,17 @@ CodesScales blockwise_quantize_cuda(at::TensorList x_in, int64_t bits, int64_t b
 void blockwise_dequantize_cuda(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
                                int64_t bits, int64_t block_size) {
   const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size);
-  const FlatList& out = in.values;
   const CodedList& q = in.coded;
-  if (out.tensors.empty()) return;
-  const at::Device device = out.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  at::Tensor keep;
-  const CodecView v = pack(out.tensors, q.codes, q.scales, {}, block_size, bits, device, keep);
-  dispatch_float_type(out.tensors[0].scalar_type(), [&](auto tag) {
+  if (in.values.tensors.empty()) return;
+  ListLaunch launch(in.values.tensors[0].device());
+  // in.values holds contiguous copies where out_in's were not: those are the work tensors.
+  const Array out = launch.in_place(out_in, in.values.tensors);
+  const ListView v = launch.pack(numels_of(out), {out, q.codes, q.scales}, block_size);
+  dispatch_list(out, [&](auto tag) {
     using T = decltype(tag);
-    launch(v, dequantize_kernel<T>);
+    launch.per_warp(v, dequantize_kernel<T>, static_cast<int>(bits));
   });
-  write_back(out_in, out.tensors);
+  launch.finish();
 }
 
 void delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
@@ -242,38 +177,34 @@ void delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, at::Te
   check_codec_args(bits, block_size);
   const FlatList target = flatten_float_list(target_in, "target");
   check_recon_list(recon_in, target);
-  CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
+  const CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
   if (target.tensors.empty()) return;
-  std::vector<at::Tensor> recon = contiguous_work(recon_in);
-  const at::Device device = target.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  at::Tensor keep;
-  const CodecView v = pack(target.tensors, out.codes, out.scales, recon, block_size, bits, device, keep);
-  dispatch_float_type(target.tensors[0].scalar_type(), [&](auto tag) {
+  ListLaunch launch(target.tensors[0].device());
+  const Array recon = launch.in_place(recon_in);
+  const Array codes = launch.in_place(codes_in, out.codes);
+  const Array scales = launch.in_place(scales_in, out.scales);
+  const ListView v = launch.pack(numels_of(target.tensors), {target.tensors, codes, scales, recon}, block_size);
+  dispatch_list(target.tensors, [&](auto tag) {
     using T = decltype(tag);
-    launch(v, delta_encode_kernel<T>);
+    launch.per_warp(v, delta_encode_kernel<T>, static_cast<int>(bits));
   });
-  write_back(recon_in, recon);
-  write_back(codes_in, out.codes);
-  write_back(scales_in, out.scales);
+  launch.finish();
 }
 
 void dequantize_axpy_cuda(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
                           int64_t bits, int64_t block_size) {
   const float a = checked_alpha(alpha);
   const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size);
-  const FlatList& y = in.values;
   const CodedList& q = in.coded;
-  if (y.tensors.empty()) return;
-  const at::Device device = y.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  at::Tensor keep;
-  const CodecView v = pack(y.tensors, q.codes, q.scales, {}, block_size, bits, device, keep);
-  dispatch_float_type(y.tensors[0].scalar_type(), [&](auto tag) {
+  if (in.values.tensors.empty()) return;
+  ListLaunch launch(in.values.tensors[0].device());
+  const Array y = launch.in_place(y_in, in.values.tensors);
+  const ListView v = launch.pack(numels_of(y), {y, q.codes, q.scales}, block_size);
+  dispatch_list(y, [&](auto tag) {
     using T = decltype(tag);
-    launch(v, axpy_kernel<T>, a);
+    launch.per_warp(v, axpy_kernel<T>, static_cast<int>(bits), a);
   });
-  write_back(y_in, y.tensors);
+  launch.finish();
 }
 
 at::Tensor dequantize_dot_cuda(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in, int64_t bits,
@@ -282,14 +213,12 @@ at::Tensor dequantize_dot_cuda(at::TensorList codes_in, at::TensorList scales_in
   const FlatList& x = in.values;
   const CodedList& q = in.coded;
   TORCH_CHECK(!x.tensors.empty(), "unlearn_ext: dequantize_dot on CUDA needs at least one tensor");
-  const at::Device device = x.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  at::Tensor out = at::zeros({}, at::TensorOptions().device(device).dtype(at::kDouble));
-  at::Tensor keep;
-  const CodecView v = pack(x.tensors, q.codes, q.scales, {}, block_size, bits, device, keep);
-  dispatch_float_type(x.tensors[0].scalar_type(), [&](auto tag) {
+  ListLaunch launch(x.tensors[0].device());
+  at::Tensor out = at::zeros({}, at::TensorOptions().device(launch.device()).dtype(at::kDouble));
+  const ListView v = launch.pack(numels_of(x.tensors), {x.tensors, q.codes, q.scales}, block_size);
+  dispatch_list(x.tensors, [&](auto tag) {
     using T = decltype(tag);
-    launch(v, dot_kernel<T>, out.data_ptr<double>());
+    launch.per_warp(v, dot_kernel<T>, static_cast<int>(bits), out.data_ptr<double>());
   });
   return out;
 }

@@ -1,11 +1,9 @@
 // CUDA kernels exposing the RNG contract directly (words, uniforms, Bernoulli draws), one thread
-// per element index; the arithmetic is unlearn/philox.h, shared with the CPU kernels.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// per element index; the arithmetic is unlearn/philox.h, shared with the CPU kernels. The index is
+// one tensor, not a list, so only cuda_walk.cuh's launch_kernel (current stream) is used.
 #include <torch/library.h>
 
+#include "cuda_walk.cuh"
 #include "unlearn/philox.h"
 #include "unlearn/tensor_list.h"
 
@@ -45,12 +43,9 @@ at::Tensor run(const at::Tensor& index, int64_t draws, int64_t seed, int64_t off
   at::Tensor out = at::empty(shape, index.options().dtype(dtype));
   const int64_t count = idx.numel();
   if (count == 0 || draws == 0) return out;
-  const int threads = 256;
-  const auto blocks = static_cast<unsigned>((count + threads - 1) / threads);
-  philox_kernel<kind, OutT><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      idx.data_ptr<int64_t>(), count, draws, as_u64(seed), as_u64(offset), threshold,
-      reinterpret_cast<OutT*>(out.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel((count + kThreads - 1) / kThreads, kThreads, philox_kernel<kind, OutT>,
+                static_cast<const int64_t*>(idx.data_ptr<int64_t>()), count, draws, as_u64(seed), as_u64(offset),
+                threshold, reinterpret_cast<OutT*>(out.data_ptr()));
   return out;
 }
 

@@ -3,13 +3,15 @@
 #include <torch/library.h>
 
 #include "cuda_walk.cuh"
+#include "unlearn/codec_list.h"  // numels_of
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
 namespace cuda {
 namespace {
 
-enum Array { kIn = 0, kOutA = 1, kOutB = 2, kIn2 = 3 };
+// Arrays of the gradient walks: gradients, then codes + radii (quantize) or params (step).
+enum Slot { kIn = 0, kOutA = 1, kOutB = 2 };
 
 // Output sinks: write (code, radius) to two arrays, or apply the quantized step to parameters.
 template <typename T>
@@ -104,21 +106,20 @@ struct VoteOp {
   }
 };
 
+// Arrays: codes, radii, selection votes, estimation votes (rows -1 and +1: 2 * numel counts).
 template <typename S, typename E>
 struct FinalizeOp {
   int32_t n0, n;
   const float* table;
   float sigma, below;
   __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats& s) const {
-    // Slot kIn holds the codes (not the votes): pack_lists sizes the walk by its first list, and
-    // vote tensors hold 2 * numel entries (rows -1 and +1).
     const int64_t numel = v.numel(t);
-    const S* sel = static_cast<const S*>(v.ptr(kOutA, t));
-    const E* est = static_cast<const E*>(v.ptr(kIn2, t));
+    const S* sel = static_cast<const S*>(v.ptr(2, t));
+    const E* est = static_cast<const E*>(v.ptr(3, t));
     const Certified c = certify_from_counts(VoteCounts{sel[i], sel[numel + i]}, n0,
                                             VoteCounts{est[i], est[numel + i]}, n, table, sigma);
-    static_cast<int8_t*>(v.ptr(kIn, t))[i] = c.code;
-    static_cast<float*>(v.ptr(kOutB, t))[i] = c.radius;
+    static_cast<int8_t*>(v.ptr(0, t))[i] = c.code;
+    static_cast<float*>(v.ptr(1, t))[i] = c.radius;
     add_stats(s, 0.0f, Decision{c.code, c.radius}, c.abstained, below);
   }
 };
@@ -128,18 +129,16 @@ using QuantizeOut = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>,
 // Runs a quantize-style op: codes + radii outputs shaped like the gradients.
 template <template <typename, typename> class OpT, typename Configure>
 QuantizeOut quantize_list(const FlatList& grads, Configure&& configure) {
-  const at::Device device = grads.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  ListLaunch launch(grads.tensors[0].device());
   std::vector<at::Tensor> codes = empty_like_list(grads, at::kChar);
   std::vector<at::Tensor> radii = empty_like_list(grads, at::kFloat);
-  auto [min_radius, counts] = new_stats(device);
-  at::Tensor keep;
-  const ListView view = pack_lists({grads.tensors, codes, radii}, device, keep);
-  dispatch_float_type(grads.tensors[0].scalar_type(), [&](auto tag) {
+  auto [min_radius, counts] = new_stats(launch.device());
+  const ListView view = launch.pack(numels_of(grads.tensors), {grads.tensors, codes, radii}, kChunk);
+  dispatch_list(grads.tensors, [&](auto tag) {
     using T = decltype(tag);
     OpT<T, WriteCodes<T>> op{};
     configure(op);
-    launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+    launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
   });
   return {codes, radii, min_radius, counts};
 }
@@ -149,27 +148,25 @@ template <template <typename, typename> class OpT, typename Configure>
 std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatList& grads, double step_size,
                                             bool check_finite, Configure&& configure) {
   check_step_lists(params, grads, step_size);
-  const at::Device device = grads.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> work = contiguous_work(params);
-  auto [min_radius, counts] = new_stats(device);
-  at::Tensor keep;
-  const ListView view = pack_lists({grads.tensors, work}, device, keep);
-  dispatch_float_type(grads.tensors[0].scalar_type(), [&](auto tag) {
+  ListLaunch launch(grads.tensors[0].device());
+  const Array work = launch.in_place(params);
+  auto [min_radius, counts] = new_stats(launch.device());
+  const ListView view = launch.pack(numels_of(grads.tensors), {grads.tensors, work}, kChunk);
+  dispatch_list(grads.tensors, [&](auto tag) {
     using T = decltype(tag);
     const int64_t* skip = nullptr;
     if (check_finite) {
       // Counts non-finite entries into counts[1]; the step kernel then returns at once if any, so a
       // bad gradient changes nothing (and no host synchronization is needed).
-      launch_list(view, CountNonfinite<T>{}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      launch.elements(view, CountNonfinite<T>{}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
       skip = counts.data_ptr<int64_t>() + 1;
     }
     OpT<T, ApplyStep<T>> op{};
     op.sink.step = static_cast<float>(step_size);
     configure(op);
-    launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>(), skip);
+    launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>(), skip);
   });
-  write_back(params, work);
+  launch.finish();
   return {min_radius, counts};
 }
 
@@ -239,22 +236,45 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cuda(at::TensorList params,
   });
 }
 
+// params <- params - step_size * code from stored codes (the fused step's update, no statistics).
+template <typename T>
+struct ApplyCodeOp {
+  float step;
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats&) const {
+    T* w = static_cast<T*>(v.ptr(0, t));
+    const int8_t code = static_cast<const int8_t*>(v.ptr(1, t))[i];
+    w[i] = static_cast<T>(quantized_update(to_float(w[i]), step, code));
+  }
+};
+
+void apply_codes_cuda(at::TensorList params, at::TensorList codes_in, double step_size) {
+  const Array codes = check_apply_codes(params, codes_in, step_size);
+  if (params.empty()) return;
+  ListLaunch launch(params[0].device());
+  const Array work = launch.in_place(params);
+  const ListView view = launch.pack(numels_of(work), {work, codes}, kChunk);
+  dispatch_list(work, [&](auto tag) {
+    using T = decltype(tag);
+    launch.elements(view, ApplyCodeOp<T>{static_cast<float>(step_size)});
+  });
+  launch.finish();
+}
+
 at::Tensor vote_accumulate_cuda(at::TensorList votes, at::TensorList grads_in, double tau) {
   check_tau(tau);
   const FlatList grads = flatten_float_list(grads_in, "grads");
   check_vote_list(votes, grads, "votes");
   TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: vote_accumulate_ needs at least one tensor");
-  const at::Device device = grads.tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  auto [min_radius, counts] = new_stats(device);
-  at::Tensor keep;
-  const ListView view = pack_lists({grads.tensors, std::vector<at::Tensor>(votes.begin(), votes.end())}, device, keep);
-  dispatch_float_type(grads.tensors[0].scalar_type(), [&](auto tag) {
+  ListLaunch launch(grads.tensors[0].device());
+  auto [min_radius, counts] = new_stats(launch.device());
+  const ListView view = launch.pack(numels_of(grads.tensors), {grads.tensors, Array(votes.begin(), votes.end())}, kChunk);
+  dispatch_list(grads.tensors, [&](auto tag) {
     using T = decltype(tag);
+    const float t = static_cast<float>(tau);
     if (votes[0].scalar_type() == at::kShort)
-      launch_list(view, VoteOp<T, int16_t>{static_cast<float>(tau)}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      launch.elements(view, VoteOp<T, int16_t>{t}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
     else
-      launch_list(view, VoteOp<T, int32_t>{static_cast<float>(tau)}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      launch.elements(view, VoteOp<T, int32_t>{t}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
   });
   return counts[1].clone();
 }
@@ -263,22 +283,22 @@ QuantizeOut vote_finalize_cuda(at::TensorList selection, at::TensorList estimati
                                const at::Tensor& table, double sigma, double count_below) {
   const FlatList shapes = vote_finalize_shapes(selection, estimation);
   check_mc_arguments(sigma, n0, n, table, selection[0].device());
-  const at::Device device = selection[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  ListLaunch launch(selection[0].device());
   const at::Tensor table_c = table.contiguous();
   std::vector<at::Tensor> codes = empty_like_list(shapes, at::kChar);
   std::vector<at::Tensor> radii = empty_like_list(shapes, at::kFloat);
-  auto [min_radius, counts] = new_stats(device);
-  at::Tensor keep;
-  const ListView view = pack_lists({codes, std::vector<at::Tensor>(selection.begin(), selection.end()), radii,
-                                    std::vector<at::Tensor>(estimation.begin(), estimation.end())},
-                                   device, keep);
+  auto [min_radius, counts] = new_stats(launch.device());
+  // Sized by the coordinates (shapes), so the vote arrays (2 * numel counts) sit in any slot.
+  const ListView view = launch.pack(numels_of(shapes.tensors),
+                                    {codes, radii, Array(selection.begin(), selection.end()),
+                                     Array(estimation.begin(), estimation.end())},
+                                    kChunk);
   auto run = [&](auto sel_tag, auto est_tag) {
     using S = decltype(sel_tag);
     using E = decltype(est_tag);
     FinalizeOp<S, E> op{static_cast<int32_t>(n0), static_cast<int32_t>(n), table_c.data_ptr<float>(),
                         static_cast<float>(sigma), static_cast<float>(count_below)};
-    launch_list(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+    launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
   };
   const bool sel16 = selection[0].scalar_type() == at::kShort, est16 = estimation[0].scalar_type() == at::kShort;
   if (sel16 && est16) run(int16_t{}, int16_t{});
@@ -297,6 +317,7 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CUDA, m) {
   m.impl("quantized_step_mc_", &quantized_step_mc_cuda);
   m.impl("vote_accumulate_", &vote_accumulate_cuda);
   m.impl("vote_finalize", &vote_finalize_cuda);
+  m.impl("apply_codes_", &apply_codes_cuda);
 }
 
 }  // namespace cuda

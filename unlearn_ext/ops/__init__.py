@@ -52,6 +52,10 @@ def quantized_step_mc_(params, grads, tau, sigma, n0, n, radius_table, seed, off
                                        step_size, count_below, check_finite)
 
 
+def apply_codes_(params, codes, step_size):
+    return impl("apply_codes_")(params, codes, step_size)
+
+
 def vote_accumulate_(votes, grads, tau):
     if not votes and not grads:  # nothing to count: 0 non-finite gradients (an int64 CPU scalar)
         fakes.check_tau(tau)

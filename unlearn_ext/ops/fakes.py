@@ -192,6 +192,15 @@ if _C is not None:
         check_step(params, grads, step_size)
         return _stats_on(grads[0].device)
 
+    @torch.library.register_fake("unlearn_ext::apply_codes_")
+    def _apply_codes_fake(params, codes, step_size):
+        _check(math.isfinite(step_size), "step_size must be finite, got ", step_size)
+        _check_float_list(params, "params")
+        check_paired(params, "params", codes, "codes")
+        for i, c in enumerate(codes):
+            _check(c.dtype == torch.int8, "codes[", i, "] must be int8 ternary codes, got ", c.dtype)
+        return None
+
     @torch.library.register_fake("unlearn_ext::quantized_step_mc_")
     def _step_mc_fake(params, grads, tau, sigma, n0, n, radius_table, seed, offset, step_size,
                       count_below, check_finite):

@@ -10,6 +10,7 @@ from .smoothing import (  # noqa: F401
     StepStats,
     VoteCounter,
     analytic_threshold,
+    check_smoothing_config,
     radius_table,
     smooth_quantize,
     smooth_quantize_step_,

@@ -117,6 +117,22 @@ def _check_mode(mode: str, n0: int, n: int) -> None:
             raise ValueError(f"n (estimation draws) must be >= 1, got {n}")
 
 
+# The kernels count draws in int32 (and the C++ checks refuse more).
+MAX_DRAWS = 1 << 30
+
+
+def check_smoothing_config(tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
+                           alpha: float = 1e-3) -> None:
+    """Raises ValueError unless (tau, sigma, mode, n0, n, alpha) is a usable smoothing
+    configuration; what a trainer or SmoothedQuantizer checks when built, not at its first step."""
+    _check_tau_sigma(tau, sigma)
+    _check_mode(mode, n0, n)
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if mode == "mc" and int(n0) + int(n) > MAX_DRAWS:
+        raise ValueError(f"n0 + n must be at most {MAX_DRAWS}, got {int(n0) + int(n)}")
+
+
 def _check_policy(nonfinite: str) -> None:
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -264,11 +280,8 @@ class SmoothedQuantizer:
 
     def __init__(self, tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
                  alpha: float = 1e-3, seed: int = 0, nonfinite: str = "error"):
-        _check_tau_sigma(tau, sigma)
-        _check_mode(mode, n0, n)
+        check_smoothing_config(tau, sigma, mode, n0, n, alpha)
         _check_policy(nonfinite)
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         seed_args(seed, 0)
         self.tau, self.sigma, self.mode = float(tau), float(sigma), mode
         self.n0, self.n, self.alpha, self.seed = int(n0), int(n), float(alpha), int(seed)

@@ -31,7 +31,7 @@ from ..unlearner import UnknownIdsError
 from ..per_sample import clipped_sum64, trainable
 from .certificate import AprioriCertificate, RequestCheck
 from .records import PCMUStep, pack_codes, unpack_codes
-from .smoothing import analytic_threshold, blocks_per_element, smooth_quantize
+from .smoothing import analytic_threshold, blocks_per_element, check_smoothing_config, smooth_quantize
 
 # Our choice: |computed v - retrained v| is a few float32 roundings of magnitude <= C (the float64
 # sum is rounded once; per-sample gradients may differ by ulps between batch compositions). 2^-17*C
@@ -85,8 +85,7 @@ class PCMUTrainer:
         self.initial = [p.detach().clone() for p in self.params]
         self.records: list[PCMUStep] = []
         self.forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
-        smooth_quantize([torch.zeros(1)], tau=self.tau, sigma=self.sigma, mode=mode, n0=n0, n=n,
-                        alpha=alpha)  # validates the smoothing configuration now, not at step 1
+        check_smoothing_config(self.tau, self.sigma, mode, self.n0, self.n, self.alpha)
 
     # ---- basic facts --------------------------------------------------------------------------------
 
@@ -338,7 +337,8 @@ class PCMUTrainer:
 
 
 def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_size: float) -> None:
-    """params <- params - step_size * codes through the same fused kernel as training (a threshold
-    of 0.5 maps the codes, as floats, to themselves), so replays round exactly like the original."""
-    as_float = [c.to(device=p.device, dtype=p.dtype) for p, c in zip(params, codes)]
-    _ops.quantized_step_analytic_(params, as_float, 0.5, float(step_size), 0.0, False)
+    """params <- params - step_size * codes with the fused step's own update (the apply_codes_ op),
+    so replays round exactly like the original step."""
+    as_int8 = [c.to(device=p.device, dtype=torch.int8) for p, c in zip(params, codes)]
+    with torch.no_grad():
+        _ops.apply_codes_(list(params), as_int8, float(step_size))

@@ -3,6 +3,7 @@ the fallback when the compiled extension is missing."""
 from .fragile import fragile_compact  # noqa: F401
 from .rng import philox_bernoulli, philox_bits, philox_uniform, philox_words, philox4x32_10  # noqa: F401
 from .smoothing import (  # noqa: F401
+    apply_codes_,
     quantize_analytic,
     quantize_mc,
     quantized_step_analytic_,

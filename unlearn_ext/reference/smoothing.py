@@ -177,11 +177,16 @@ def quantize_mc(grads, tau, sigma, n0, n, radius_table, seed, offset, count_belo
 
 # ---- fused steps ---------------------------------------------------------------------------------
 
-def _apply_codes(params, codes, step_size):
-    for w, c in zip(params, codes):
-        md = _math_dtype(w)
-        new = w.to(md) - torch.tensor(step_size, dtype=md) * c.to(md)
-        w.copy_(new.to(w.dtype))
+def apply_codes_(params, codes, step_size):
+    """params <- params - step_size * code (int8 codes in {-1, 0, 1} shaped like params): the
+    update of the fused steps, in float32 math (float64 for float64 params), rounded once."""
+    if len(params) != len(codes):
+        raise ValueError(f"params has {len(params)} tensors but codes has {len(codes)}")
+    with torch.no_grad():
+        for w, c in zip(params, codes):
+            md = _math_dtype(w)
+            new = w.to(md) - torch.tensor(step_size, dtype=md) * c.to(device=w.device, dtype=md)
+            w.copy_(new.to(w.dtype))
 
 
 def _step(params, grads, step_size, count_below, check_finite, quantize):
@@ -193,7 +198,7 @@ def _step(params, grads, step_size, count_below, check_finite, quantize):
         return torch.tensor(float("inf"), device=device), torch.tensor([0, nonfinite, 0], device=device)
     codes, _, min_radius, counts = quantize(grads)
     with torch.no_grad():
-        _apply_codes(params, codes, step_size)
+        apply_codes_(params, codes, step_size)
     return min_radius, counts
 
 

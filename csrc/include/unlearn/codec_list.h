@@ -26,8 +26,7 @@ inline void check_codec_args(int64_t bits, int64_t block_size) {
               block_size);
 }
 
-inline int64_t code_numel(int64_t numel, int64_t bits) { return bits == 8 ? numel : (numel + 1) / 2; }
-inline int64_t block_count(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
+// Sizes: code_numel and block_count (unlearn/codecs.h).
 inline at::ScalarType code_dtype(int64_t bits) { return bits == 8 ? at::kChar : at::kByte; }
 
 // Running sums of the block counts of a list whose tensors hold `numels` elements.

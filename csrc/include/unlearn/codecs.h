@@ -34,6 +34,13 @@ constexpr int64_t kMaxBlock = 4096;
 
 UE_HOST_DEVICE float codec_qmax(int bits) { return bits == 8 ? 127.0f : 7.0f; }
 
+// The one C++ source of code and scale sizes (the Python one is unlearn_ext/reference/codecs.py):
+// codes (entries) of `numel` elements: int8 one per element, int4 two per byte. For an even
+// element index e it is also where element e's codes start, since blocks own whole bytes.
+UE_HOST_DEVICE int64_t code_numel(int64_t numel, int64_t bits) { return bits == 8 ? numel : (numel + 1) / 2; }
+// Blocks (= scales) of a tensor of `numel` elements.
+UE_HOST_DEVICE int64_t block_count(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
+
 // One float32 product and one sum, each rounded once (never fused into an FMA).
 UE_HOST_DEVICE float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)

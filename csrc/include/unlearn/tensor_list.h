@@ -143,6 +143,22 @@ inline void check_step_lists(at::TensorList params, const FlatList& grads, doubl
   }
 }
 
+// apply_codes_'s lists: params (fp32/fp16/bf16, one dtype and device) and one int8 code tensor per
+// parameter, shaped like it, on its device. Returns the codes, contiguous.
+inline std::vector<at::Tensor> check_apply_codes(at::TensorList params, at::TensorList codes, double step_size) {
+  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  flatten_float_list(params, "params");  // dtype and device checks only; params are updated in place
+  check_paired_lists(params, "params", codes, "codes");
+  std::vector<at::Tensor> out;
+  out.reserve(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) {
+    TORCH_CHECK(codes[i].scalar_type() == at::kChar, "unlearn_ext: codes[", i,
+                "] must be int8 ternary codes, got ", codes[i].scalar_type());
+    out.push_back(codes[i].contiguous());
+  }
+  return out;
+}
+
 // Vote counters of framework D: int16/int32, shape (2, *like[i].shape), contiguous, same device.
 inline void check_vote_list(at::TensorList votes, const FlatList& like, const char* name) {
   TORCH_CHECK(votes.size() == like.tensors.size(), "unlearn_ext: ", name, " has ", votes.size(),
