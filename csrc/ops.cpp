@@ -1,6 +1,6 @@
 // The one registry: every operator schema of unlearn_ext is declared here, once. CPU and CUDA files
 // only register implementations (TORCH_LIBRARY_IMPL); Python registers fake implementations
-// (unlearn_ext/_ops.py) so the ops trace under torch.compile.
+// (unlearn_ext/ops/fakes.py) so the ops trace under torch.compile.
 //
 // Conventions: lists of tensors are one long vector (global element index = offset of the tensor
 // in the list + index inside it); `seed` and `offset` are the RNG contract's key and block offset,

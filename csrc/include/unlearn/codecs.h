@@ -16,7 +16,7 @@
 // (element 2i in bits 0-3, element 2i+1 in bits 4-7, as two's-complement nibbles; the high
 // nibble of a tensor's odd last element is 0).
 //
-// Bit-exactness with the reference (unlearn_ext/reference/history.py) relies on every operation
+// Bit-exactness with the reference (unlearn_ext/reference/codecs.py) relies on every operation
 // being one IEEE float32 operation rounded to nearest, in the order written here: no contraction
 // of a*b+c into an FMA (the CPU file disables it with a pragma, the CUDA path uses __fmul_rn and
 // __fadd_rn), and the inverse scale computed exactly as written (one IEEE division).
