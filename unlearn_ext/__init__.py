@@ -31,8 +31,10 @@ from .ledger import DeletionLedger, LedgerInUseError
 from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
     FieldSpec,
+    HistoryConflictError,
     HistoryCorruptError,
     HistoryFormatError,
+    HistoryLockedError,
     HistoryRecorder,
     HistoryStore,
     StoredStep,
@@ -55,7 +57,7 @@ __all__ = [
     "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "DeletionLedger", "LedgerInUseError",
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
-    "HistoryCorruptError", "HistoryFormatError",
+    "HistoryCorruptError", "HistoryFormatError", "HistoryLockedError", "HistoryConflictError",
 ]
 
 
