@@ -410,3 +410,24 @@ def test_version_2_files_open_and_append(tmp_path, monkeypatch):
     store.close()
     store = HistoryStore.open(path)
     assert store.file.file_header["version"] == 2 and store.steps == list(range(8)) and store.run_info == {"n": 8}
+
+
+def test_version_2_middle_length_flip_is_corruption(tmp_path, monkeypatch):
+    """Version-2 frames carry no checksum of their own and a store without delta fields marks no
+    record as fsync'd; a damaged length with more whole records after it than a crash can damage
+    (keyframe_every) is still corruption, not a crash cut."""
+    path = str(tmp_path / "v2.uehist")
+    with monkeypatch.context() as m:
+        m.setattr(history_file, "FORMAT_VERSION", 2)
+        store = HistoryStore({"g": FieldSpec(SHAPES, "int8")}, tier="disk", path=path, keyframe_every=5)
+        for t in range(30):
+            store.record(t, {"g": tensors(t)})
+        store.close()
+    e = offsets(path)[10]
+    flip_bit(path, e.offset + 8 + 2, 4)  # payload_len
+    size = os.path.getsize(path)
+    with pytest.raises(ue.HistoryCorruptError, match="salvage=True"):
+        HistoryStore.open(path)
+    assert os.path.getsize(path) == size
+    with pytest.warns(RuntimeWarning):
+        assert HistoryStore.open(path, salvage=True).steps == list(range(10))

@@ -488,15 +488,19 @@ def _recover(f, layout: Layout, size: int, path: str, *, salvage: bool):
             break
         entries.append(e)
         pos = e.end
+    # The store fsyncs at least every keyframe_every records, so a crash damages no more than that
+    # many at the end; it is also the bound where sync marks are inferred (versions 1 and 2).
+    interval = int(entries[0].header.get("keyframe_every", 1)) if entries else 1
     later = _records_from(f, layout, pos, size) if pos < size else []
-    if any(synced(e.header) for e in later) and not salvage and entries:
-        raise HistoryCorruptError(f"{path}: {why}, and {len(later)} whole records "
-                                  "follow it, fsync'd ones among them, so this is damage, not a crash. Nothing "
+    if entries and not salvage and (any(synced(e.header) for e in later) or len(later) > interval):
+        raise HistoryCorruptError(f"{path}: {why}, and {len(later)} whole records follow it (fsync'd ones "
+                                  "or more than a crash can damage), so this is damage, not a crash. Nothing "
                                   "was truncated; HistoryStore.open(path, salvage=True) reads the records before it")
     lost = (1 + len(later)) if pos < size else 0
     # Payloads: of the unsynced tail (a crash may have lost any of its pages), or all (salvage).
-    first = 0 if salvage else max((i for i, e in enumerate(entries) if synced(e.header)), default=0) + 1
-    for i in range(max(first, 1), len(entries)):
+    last_sync = max((i for i, e in enumerate(entries) if synced(e.header)), default=0)
+    first = 1 if salvage else max(last_sync + 1, len(entries) - interval, 1)
+    for i in range(first, len(entries)):
         if not _payload_ok(f, entries[i]):
             lost += len(entries) - i
             why = f"the payload checksum of the record at offset {entries[i].offset} does not match"

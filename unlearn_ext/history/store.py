@@ -4,7 +4,9 @@ A store records, per step, named tensor lists ("fields", e.g. "params" and "grad
 own codec, plus the learning rate and the batch ids (exact int64). Fields declared with
 `delta=True` (parameters) are stored as exact fp32 keyframes every `keyframe_every` records of that
 field and as closed-loop int8/int4 deltas in between, so any step decodes from at most one
-keyframe plus keyframe_every - 1 deltas, and the error never accumulates. Steps can be recorded
+keyframe plus keyframe_every - 1 deltas, and the error never accumulates: per element it is at
+most the codec bound of that step's delta (scale / 2 + 2^-22 absmax, under one quantization step)
+plus half an ulp of the value (the fp32 add recon + deq). Steps can be recorded
 every step or only at chosen steps (anchors): a field simply appears in the steps that recorded it.
 
 Tiers: "device" (the recorded tensors' device, e.g. GPU memory), "host" (CPU memory, pinned when
