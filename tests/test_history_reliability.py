@@ -176,8 +176,10 @@ def test_replaced_file_is_detected_before_appending(tmp_path, monkeypatch):
     monkeypatch.setattr(history_file, "_lock", lambda f, path: None, raising=False)
     os.remove(path)
     write_store(path, steps=3)  # another run at the same path: same size, same records
-    with pytest.raises(ue.HistoryConflictError):
-        record(a, [3])
+    before = open(path, "rb").read()
+    with pytest.raises(ue.HistoryConflictError, match="another file"):
+        record(a, [3, 4, 5])  # checked before the next fsync'd record at the latest (keyframe 5)
+    assert open(path, "rb").read() == before  # the new file was never written to
 
 
 def test_open_refuses_steps_of_two_writers(tmp_path, monkeypatch):

@@ -261,7 +261,7 @@ class HistoryFile:
             header["sync"] = True
         head = json.dumps(header, separators=(",", ":")).encode()
         payload_len = sum(len(b) for b in blobs)
-        self._check_unchanged()
+        self._check_unchanged(path_too=sync)
         f, offset = self._f, self._end
         frame = self.layout.pack(len(head), payload_len, zlib.crc32(head), crc)
         f.seek(offset)
@@ -278,10 +278,13 @@ class HistoryFile:
             self.index.append(entry)
         return entry
 
-    def _check_unchanged(self) -> None:
+    def _check_unchanged(self, path_too: bool = True) -> None:
         """Refuses to append unless the file is exactly what this handle last wrote: another writer
         (lock not honoured, e.g. some network file systems, or the file replaced at its path) would
-        otherwise get records of two runs mixed, or deltas against records this handle never saw."""
+        otherwise get records of two runs mixed, or deltas against records this handle never saw.
+        The path lookup (a file replaced at its path) costs as much as the other checks together:
+        it runs before fsync'd records only (at least every keyframe_every records), where it is
+        dwarfed by the fsync; records meanwhile went to the replaced file, never into the new one."""
         fd = self._f.fileno()
         st = os.fstat(fd)
         why = ""
@@ -289,7 +292,7 @@ class HistoryFile:
             why = f"its size is {st.st_size} bytes, this handle last left it at {self._end}"
         elif os.pread(fd, len(self._last[1]), self._last[0]) != self._last[1]:
             why = f"the record at offset {self._last[0]} is not the one this handle wrote"
-        else:
+        elif path_too:
             try:
                 if _ident(os.stat(self._abspath)) != self._ident:
                     why = "the path now names another file"
