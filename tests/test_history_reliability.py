@@ -188,7 +188,7 @@ def test_open_refuses_steps_of_two_writers(tmp_path, monkeypatch):
     a = HistoryStore.open(path)
     monkeypatch.setattr(history_file, "_lock", lambda f, path: None, raising=False)
 
-    def append_at_the_end(self):  # what a handle without the checks did: append where the file ends
+    def append_at_the_end(self, path_too=True):  # what a handle without the checks did: append where the file ends
         self._end = os.path.getsize(path)
     monkeypatch.setattr(history_file.HistoryFile, "_check_unchanged", append_at_the_end, raising=False)
     b = HistoryStore.open(path)
