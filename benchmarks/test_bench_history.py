@@ -221,3 +221,24 @@ def test_compression_on_digits(benchmark, record, note):
         if codec == "int4":
             assert per["grads"]["ratio"] >= 7.5
     note("history/compression on digits MLP (300 steps, params keyframe every 50, block 256)", results)
+
+
+@pytest.mark.parametrize("codec", ["int8"])
+@pytest.mark.benchmark(group="history store")
+def test_store_record_disk(benchmark, record, tmp_path, codec):
+    """Disk-tier recording of the digits MLP's params and grads (keyframe every 50): the store's
+    per-append work (encode, frame, write, checks), timed over 300 steps into a fresh file."""
+    shapes, params, grads = digits_run(steps=300)
+    counter = iter(range(10**6))
+
+    def record_run():
+        path = str(tmp_path / f"h{next(counter)}.uehist")
+        store = HistoryStore({"params": FieldSpec(shapes, codec, delta=True), "grads": FieldSpec(shapes, codec)},
+                             tier="disk", path=path, keyframe_every=50, block_size=BLOCK)
+        for t, (p, g) in enumerate(zip(params, grads)):
+            store.record(t, {"params": p, "grads": g})
+        store.close()
+        os.remove(path)
+    benchmark.pedantic(record_run, rounds=5, iterations=1, warmup_rounds=1)
+    record(f"history/store record disk, digits MLP, {codec} x 300 steps x 2 fields", benchmark,
+           elements=300 * 2 * sum(torch.Size(s).numel() for s in shapes))

@@ -235,11 +235,11 @@ def test_version_1_files_open_and_append(tmp_path, monkeypatch):
 
 
 def test_unknown_versions_and_record_kinds_are_refused(tmp_path, monkeypatch):
-    path = str(tmp_path / "v3.uehist")
+    path = str(tmp_path / "v4.uehist")
     with monkeypatch.context() as m:
-        m.setattr(history_file, "FORMAT_VERSION", 3)
+        m.setattr(history_file, "FORMAT_VERSION", 4)
         HistoryStore({"g": FieldSpec(ODD, "int8")}, tier="disk", path=path).close()
-    with pytest.raises(HistoryFormatError, match="version 3; this build reads 'unlearn_ext.history' versions 1, 2"):
+    with pytest.raises(HistoryFormatError, match="version 4; this build reads 'unlearn_ext.history' versions 1, 2, 3"):
         HistoryStore.open(path)
     path = str(tmp_path / "kind.uehist")
     store = HistoryStore({"g": FieldSpec(ODD, "int8")}, tier="disk", path=path)

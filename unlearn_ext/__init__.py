@@ -31,8 +31,10 @@ from .ledger import DeletionLedger, LedgerInUseError
 from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
     FieldSpec,
+    HistoryConflictError,
     HistoryCorruptError,
     HistoryFormatError,
+    HistoryLockedError,
     HistoryRecorder,
     HistoryStore,
     StoredStep,
@@ -67,7 +69,7 @@ __all__ = [
     "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "DeletionLedger", "LedgerInUseError",
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
-    "HistoryCorruptError", "HistoryFormatError",
+    "HistoryCorruptError", "HistoryFormatError", "HistoryLockedError", "HistoryConflictError",
     # history methods (DESIGN section 6)
     "MiniUnlearner", "DeltaGradUnlearner", "MiniRecorder", "StepRecorder", "UnsupportedOptimizerError",
     "anchor_epochs", "mini_store", "step_store", "train_recording_anchors", "train_recording_steps",

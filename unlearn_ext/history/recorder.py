@@ -28,7 +28,7 @@ import torch
 
 from ..per_sample import trainable
 from . import codecs as hc
-from .file import FRAME, HistoryFormatError, jsonable
+from .file import FRAME, HistoryFormatError, jsonable  # FRAME: the frame this build writes
 
 
 class HistoryRecorder:

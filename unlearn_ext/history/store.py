@@ -4,12 +4,21 @@ A store records, per step, named tensor lists ("fields", e.g. "params" and "grad
 own codec, plus the learning rate and the batch ids (exact int64). Fields declared with
 `delta=True` (parameters) are stored as exact fp32 keyframes every `keyframe_every` records of that
 field and as closed-loop int8/int4 deltas in between, so any step decodes from at most one
-keyframe plus keyframe_every - 1 deltas, and the error never accumulates. Steps can be recorded
+keyframe plus keyframe_every - 1 deltas, and the error never accumulates: per element it is at
+most the codec bound of that step's delta (scale / 2 + 2^-22 absmax, under one quantization step)
+plus half an ulp of the value (the fp32 add recon + deq). Steps can be recorded
 every step or only at chosen steps (anchors): a field simply appears in the steps that recorded it.
 
 Tiers: "device" (the recorded tensors' device, e.g. GPU memory), "host" (CPU memory, pinned when
 CUDA is available, so copies to the GPU can overlap), "disk" (file.py: append-only,
 checksummed, fsync'd at keyframes; reading a step seeks to its records).
+
+Multi-process contract (details in file.py): one writer per file, enforced by an exclusive lock
+taken by creation and by HistoryStore.open (writable, the default); a second writer gets
+HistoryLockedError naming the path. Readers open with writable=False: no lock, nothing truncated,
+only whole records. A crash-cut tail is dropped on open and reported (store.recovery); damage
+before the last fsync'd record raises HistoryCorruptError, and open(path, salvage=True) then
+reads every record before it.
 
     store = ue.HistoryStore.for_model(model, params="int8", grads="int8", keyframe_every=50)
     recorder = ue.HistoryRecorder(store, model, optimizer)      # one line: records at every step
@@ -33,7 +42,7 @@ import torch
 from . import codecs as hc
 from ..data import as_ids
 from ..per_sample import trainable
-from .file import HistoryFile, HistoryFormatError, Recovery, jsonable
+from .file import HistoryCorruptError, HistoryFile, HistoryFormatError, Recovery, jsonable
 
 TIERS = ("device", "host", "disk")
 IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
@@ -81,7 +90,9 @@ class _Entry:
 class HistoryStore:
     def __init__(self, fields: dict, *, tier: str = "host", path: str | None = None,
                  keyframe_every: int = 50, block_size: int = hc.DEFAULT_BLOCK, nonfinite: str = "error",
-                 run_info: dict | None = None, _file: HistoryFile | None = None):
+                 run_info: dict | None = None, overwrite: bool = False, _file: HistoryFile | None = None):
+        """overwrite (disk tier): replace an existing file at path; without it an existing store is
+        refused (FileExistsError), except a file cut off while it was being created."""
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
         if tier == "disk" and path is None:
@@ -102,6 +113,9 @@ class HistoryStore:
         self._steps: list[int] = []      # the entries' steps (ascending), for bisect
         self._recon: dict = {}           # encoder state per delta field: fp32 reconstruction
         self._since_key: dict = {}       # records of a delta field since its last keyframe
+        # Records since the last fsync: also synced every keyframe_every records when no keyframe
+        # did, so the tail a crash can damage (and open() may drop) stays that short.
+        self._since_sync = 0
         self._cache: dict = {}           # decoder state per delta field: (entry index, tensors)
         self._keyframes: dict = {}       # delta field -> entry indices of its keyframes (ascending)
         self._run_info: dict = {}
@@ -111,7 +125,7 @@ class HistoryStore:
         self.bytes_read = 0
         self.file = _file
         if tier == "disk" and self.file is None:
-            self.file = HistoryFile.create(path, self._describe())
+            self.file = HistoryFile.create(path, self._describe(), overwrite=overwrite)
         if self.file is not None:
             self._run_info = dict(self.file.run_info)
         if run_info:
@@ -145,15 +159,25 @@ class HistoryStore:
         return cls(fields, **kw)
 
     @classmethod
-    def open(cls, path: str, *, expect=None, writable: bool = True) -> "HistoryStore":
+    def open(cls, path: str, *, expect=None, writable: bool = True, salvage: bool = False) -> "HistoryStore":
         """Reopens a disk store. `expect` (a model or a {name: FieldSpec} dict) makes a file written
-        for another model or codec fail with a message. A record cut off by a crash is dropped
-        (see `store.recovery`); the encoder state continues from the last keyframe and deltas."""
-        hf = HistoryFile.open(path, writable=writable)
-        if hf.recovery.dropped_bytes:
-            warnings.warn(f"{path}: dropped {hf.recovery.dropped_bytes} bytes ({hf.recovery.dropped_records} "
-                          f"record) at the end: {hf.recovery.reason}; the store continues after the last "
-                          "whole record", RuntimeWarning, stacklevel=2)
+        for another model or codec fail with a message.
+
+        writable (default): takes the file's writer lock (HistoryLockedError if another handle has
+        it); records damaged by a crash after the last fsync'd record (keyframe) are truncated and
+        reported (`store.recovery`, a warning); the encoder state continues from the last keyframe
+        and deltas. writable=False: no lock, nothing truncated (a torn tail is reported and left).
+        Damage before the last fsync'd record raises HistoryCorruptError; salvage=True (read-only)
+        then verifies every record and keeps every one before the first bad one."""
+        hf = HistoryFile.open(path, writable=writable, salvage=salvage)
+        writable = hf.writable
+        r = hf.recovery
+        if r.dropped_bytes:
+            done = ("truncated them; the store continues after the last whole record" if r.truncated
+                    else "left them in the file (opened read-only)")
+            warnings.warn(f"{path}: dropped {r.dropped_bytes} bytes ({r.dropped_records} record"
+                          f"{'' if r.dropped_records == 1 else 's'}) at the end, not whole: {r.reason}; "
+                          f"{done}", RuntimeWarning, stacklevel=2)
         head = hf.file_header
         fields = {k: FieldSpec(**v) for k, v in head["fields"].items()}
         if expect is not None:
@@ -175,12 +199,28 @@ class HistoryStore:
                     store._since_key[name] = 0 if h["fields"][name] == hc.KEYFRAME else store._since_key[name] + 1
                     if h["fields"][name] == hc.KEYFRAME:
                         store._keyframes.setdefault(name, []).append(len(store._entries) - 1)
-        for name, spec in store.fields.items():  # rebuild the encoder's reconstruction for appends
-            if writable and spec.delta and name in store._since_key:
-                last = max(i for i in range(len(store._entries)) if store._field_kind(i, name) is not None)
-                store._recon[name] = store._decode_field(name, last)  # a copy the store owns
+        if writable:
+            store._rebuild_encoder(path)
         store.bytes_read = 0  # opening is not a read of the history
         return store
+
+    def _rebuild_encoder(self, path) -> None:
+        """The delta encoders' reconstructions, for appends: each delta field decoded at its last
+        record. A damaged record there (before the last fsync'd one: later ones were verified and
+        cut at open) cannot be recorded after; the file is closed and the error says how to read
+        the good steps."""
+        try:
+            for name, spec in self.fields.items():
+                if spec.delta and name in self._since_key:
+                    last = max(i for i in range(len(self._entries)) if self._field_kind(i, name) is not None)
+                    self._recon[name] = self._decode_field(name, last)  # a copy the store owns
+        except HistoryCorruptError as exc:
+            self.close()
+            raise HistoryCorruptError(f"{exc}. It cannot be appended to: recording continues from the "
+                                      "last parameters, which this damaged record is part of. Nothing was "
+                                      "truncated; HistoryStore.open(path, writable=False) reads every step "
+                                      "except those that need this record, salvage=True every step before "
+                                      "it") from exc
 
     @property
     def recovery(self) -> Recovery:
@@ -235,7 +275,7 @@ class HistoryStore:
         if batch_ids is not None:
             entry.batch_ids = as_ids(batch_ids, "batch_ids").to("cpu", copy=True)
         try:
-            sync = False
+            sync = self._since_sync + 1 >= self.keyframe_every
             for name, ts in tensors.items():
                 enc, stats = self._encode(name, list(ts))
                 entry.fields[name] = enc
@@ -245,6 +285,7 @@ class HistoryStore:
                     self._keyframes.setdefault(name, []).append(len(self._entries))
             if self.tier == "disk":
                 self._write(entry, sync)
+                self._since_sync = 0 if sync else self._since_sync + 1
             else:
                 self._to_tier(entry)
         except BaseException as exc:
