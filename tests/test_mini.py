@@ -131,7 +131,7 @@ def test_restart_from_disk_record_equals_in_memory(logistic, tmp_path):
     data, init, config, model, store = logistic
     disk_model, disk = anchors_run(data, init, config, anchors=4, tier="disk", path=str(tmp_path / "anchors.uh"))
     disk.close()
-    reopened = ue.HistoryStore.open(str(tmp_path / "anchors.uh"), expect=disk_model)
+    reopened = ue.HistoryStore.open(str(tmp_path / "anchors.uh"), expect=disk_model, writable=False)
     from_disk, _ = unlearned(disk_model, data, reopened)
     in_memory, _ = unlearned(model, data, store)
     assert torch.equal(flat(from_disk, data), flat(in_memory, data))
@@ -140,7 +140,7 @@ def test_restart_from_disk_record_equals_in_memory(logistic, tmp_path):
     with ue.DeletionLedger(ue.MiniUnlearner(m1, data, reopened), str(tmp_path / "ledger")) as ledger:
         ledger.forget(FORGET)
     m2 = copy.deepcopy(disk_model)
-    restarted = ue.MiniUnlearner(m2, data, ue.HistoryStore.open(str(tmp_path / "anchors.uh")))
+    restarted = ue.MiniUnlearner(m2, data, ue.HistoryStore.open(str(tmp_path / "anchors.uh"), writable=False))
     with ue.DeletionLedger(restarted, str(tmp_path / "ledger")):
         assert torch.equal(flat(m2, data), flat(m1, data))
         assert restarted.forgotten.tolist() == FORGET
