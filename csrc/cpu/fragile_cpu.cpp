@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu_walk.h"
-#include "unlearn/elementwise.h"
+#include "unlearn/fragile.h"
 
 namespace unlearn {
 namespace cpu {

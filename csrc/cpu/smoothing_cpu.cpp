@@ -1,11 +1,11 @@
 // CPU kernels of the smoothing + quantization family: quantize_analytic, quantize_mc, their fused
 // SGD-step variants, and the vote counters of framework D. The per-element math is in
-// unlearn/elementwise.h; this file only walks elements and reduces.
+// unlearn/smoothing.h; this file only walks elements and reduces.
 #include <torch/library.h>
 
 #include "cpu_walk.h"
 #include "philox_avx512.h"
-#include "unlearn/elementwise.h"
+#include "unlearn/smoothing.h"
 
 namespace unlearn {
 namespace cpu {
@@ -101,7 +101,7 @@ void mc_thresholds_span(const T* g, int64_t count, const McParams& p, int32_t* n
   constexpr float kInvSqrt2 = 0.70710678118654752f;
   for (int64_t i = 0; i < count; ++i) {
     const float v = load_float(g[i]);
-    // normal_cdf(x) = erfc(-x / sqrt 2) / 2, exactly as in unlearn/elementwise.h.
+    // normal_cdf(x) = erfc(-x / sqrt 2) / 2, exactly as in unlearn/smoothing.h.
     arg_pos[i] = -((v - p.tau) * p.inv_sigma) * kInvSqrt2;
     arg_neg[i] = -((-p.tau - v) * p.inv_sigma) * kInvSqrt2;
     finite[i] = is_finite_float(v);

@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "unlearn/codecs.h"  // block_count
-#include "unlearn/elementwise.h"
+#include "unlearn/float_math.h"
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cuda_walk.cuh"
+#include "unlearn/fragile.h"
 #include "unlearn/codec_list.h"  // numels_of
 
 namespace unlearn {

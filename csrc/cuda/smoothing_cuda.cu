@@ -1,8 +1,9 @@
 // CUDA kernels of the smoothing + quantization family. Per-element math comes from
-// unlearn/elementwise.h (shared with the CPU kernels); this file only maps elements to threads.
+// unlearn/smoothing.h (shared with the CPU kernels); this file only maps elements to threads.
 #include <torch/library.h>
 
 #include "cuda_walk.cuh"
+#include "unlearn/smoothing.h"
 #include "unlearn/codec_list.h"  // numels_of
 #include "unlearn/tensor_list.h"
 

@@ -14,7 +14,7 @@ import torch
 from .rng import philox_words, uniform_from_words
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-RADIUS_SHRINK = 1.0 - 2.0**-22  # see round_radius_down in csrc/include/unlearn/elementwise.h
+RADIUS_SHRINK = 1.0 - 2.0**-22  # see round_radius_down in csrc/include/unlearn/smoothing.h
 CHUNK = 1 << 16  # elements per reference Monte-Carlo chunk (bounds memory of the word matrix)
 
 

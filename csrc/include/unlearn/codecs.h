@@ -24,7 +24,7 @@
 
 #include <cstdint>
 
-#include "unlearn/elementwise.h"
+#include "unlearn/float_math.h"
 #include "unlearn/macros.h"
 
 namespace unlearn {

@@ -1,4 +1,5 @@
-// Per-element math of the smoothing + quantization kernels, written once for CPU and CUDA
+// Per-element math of the smoothing family (smoothed ternary quantization, votes, the fused step and
+// apply_codes), written once for CPU and CUDA
 // (DESIGN section 2: "one kernel body, two backends"). The CPU and CUDA files differ only in how
 // they walk elements and reduce; every function here is what both of them compute per coordinate.
 #pragma once
@@ -7,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "unlearn/float_math.h"
 #include "unlearn/macros.h"
 #include "unlearn/philox.h"
 
@@ -17,12 +19,6 @@ struct Decision {
   int8_t code;
   float radius;  // certified distance (in gradient units) the input may move without changing code
 };
-
-UE_HOST_DEVICE bool is_finite_float(float v) {
-  uint32_t bits;
-  memcpy(&bits, &v, sizeof(bits));
-  return (bits & 0x7f800000u) != 0x7f800000u;
-}
 
 // A radius computed in float may round up past the exact distance by half an ulp. Scaling by
 // (1 - 2^-22) before the final rounding lowers any positive normal value by at least one ulp, so
@@ -120,11 +116,5 @@ UE_HOST_DEVICE VoteCounts ternary_vote(float v, float tau) {
 UE_HOST_DEVICE float quantized_update(float w, float step_size, int8_t code) {
   return w - step_size * static_cast<float>(code);
 }
-
-// ---- per-request certificates ---------------------------------------------------------------------
-// A coordinate is fragile at a step when its certified radius is below the threshold M*C/b (plus a
-// rounding margin): removing up to M samples could flip its code, so its exact value is recorded.
-// Written as !(r >= t) so that a NaN radius is fragile too: never silently certified.
-UE_HOST_DEVICE bool is_fragile(float radius, float threshold) { return !(radius >= threshold); }
 
 }  // namespace unlearn
