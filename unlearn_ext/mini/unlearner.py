@@ -7,13 +7,15 @@
 
 Unlearning F (every id forgotten so far: a later request recomputes from the original weights
 with the union, so sequential requests equal one combined request):
-  1. delta_k = r/(n-r) (g_k - grad L_F(w_{a_k})) at every anchor (cost: anchors * r);
+  1. delta_k = r/(n-r) (g_k - grad L_F(w_{a_k})) at every anchor closing a segment (K anchors,
+     not epoch 0; cost K * r);
   2. curvature of the retained objective at w* from a uniform random subsample of m retained
      samples, k Lanczos steps from delta_K (cost 2 m k); curvature='anchors' (our experiment on
      the open problem of DESIGN section 6) takes it at each segment's end anchor instead, start
      vector that anchor's delta (cost K times more); curvature='exact' builds the whole Hessian
      (tests, small models);
-  3. spectral propagation segment by segment (propagate.py);
+  3. spectral propagation segment by segment (propagate.py), segment k (epochs a_{k-1}+1..a_k)
+     driven by delta_k, constant (DESIGN; delta_rule="interp" is the experiment that lost);
   4. safety checks — eta_t * max theta < 2 at every step, ||e|| <= Lambda * max_k ||delta_k||,
      e finite — else fallback: training resumes without F from the stored weights at step 0
      (exactly retraining), status 'fallback' with the reason.
@@ -26,7 +28,7 @@ from ..data import TrainingData
 from ..history import HistoryStore
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import exact_spectrum, lanczos_spectrum, subsample
-from .propagate import propagate_segment
+from .propagate import DELTA_RULES, propagate_segment
 from .record import FULL_GRAD, check_plain_sgd
 from .resume import resume_from
 from .vectors import FlatModel
@@ -39,11 +41,16 @@ class MiniUnlearner(Unlearner):
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  curvature_samples: int = 1024, lanczos_steps: int = 10, curvature: str = "final",
-                 seed: int = 0, stability_limit: float = 2.0):
-        """model: the trained model (its weights are w*); store: what MiniRecorder recorded."""
+                 seed: int = 0, stability_limit: float = 2.0, delta_rule: str = "end"):
+        """model: the trained model (its weights are w*); store: what MiniRecorder recorded.
+        delta_rule: "end" (DESIGN: each segment uses the drift of the anchor closing it) or
+        "interp" (linear between the bounding anchors; see mini/propagate.py)."""
         super().__init__(data)
         if curvature not in CURVATURE:
             raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
+        if delta_rule not in DELTA_RULES:
+            raise ValueError(f"delta_rule must be one of {DELTA_RULES}, got {delta_rule!r}")
+        self.delta_rule = delta_rule
         info = store.run_info
         self.weight_decay = check_plain_sgd(info, "Mini-Unlearning")
         for key in ("lr_schedule", "steps_per_epoch", "n"):
@@ -64,8 +71,11 @@ class MiniUnlearner(Unlearner):
     # ---- unlearning -----------------------------------------------------------------------------
 
     def _read_anchors(self):
+        """(step, weights, full gradient) of the anchors whose drift the propagation uses: with
+        DESIGN's "end" rule the anchor at step 0 closes no segment (it is kept for the fallback)."""
         out = []
-        for t in self.anchor_steps:
+        steps = self.anchor_steps if self.delta_rule == "interp" else [t for t in self.anchor_steps if t > 0]
+        for t in steps or self.anchor_steps:
             s = self.store.read(t, ["params", FULL_GRAD])
             out.append((t, self.flat.join(s.tensors["params"]), self.flat.join(s.tensors[FULL_GRAD])))
         return out
@@ -118,14 +128,15 @@ class MiniUnlearner(Unlearner):
             etas = self.lrs[a:b]
             top = max(float(spec.thetas.max()) if spec.thetas.numel() else 0.0, spec.h_perp)
             max_eta_theta = max(max_eta_theta, float(etas.max()) * top)
-            e = propagate_segment(e, spec, etas, delta_of(a), delta_of(b))
+            e = propagate_segment(e, spec, etas, delta_of(a) if self.delta_rule == "interp" else None,
+                                  delta_of(b), self.delta_rule)
         cost += sum(s.sample_gradients for s in used)
         Lambda = float(self.lrs.sum())
         bound = Lambda * max(float(d.norm()) for d in deltas)
         norm_e = float(e.norm())
         report.history_bytes_read = self.store.bytes_read - read_before
         report.details = {
-            "anchor_steps": [t for t, _, _ in anchors], "ritz_values": [s.ritz for s in used],
+            "anchor_steps": self.anchor_steps, "delta_steps": [t for t, _, _ in anchors], "ritz_values": [s.ritz for s in used],
             "h_perp": [s.h_perp for s in used], "Lambda": Lambda, "norm_e": norm_e, "bound": bound,
             "max_eta_theta": max_eta_theta, "curvature": self.curvature,
             "curvature_samples": min(self.curvature_samples, n - r), "lanczos_steps": self.lanczos_steps,
@@ -165,7 +176,8 @@ class MiniUnlearner(Unlearner):
         return {"shapes": [list(s) for s in self.flat.shapes], "anchor_steps": self.anchor_steps,
                 "steps": int(self.lrs.numel()), "weight_decay": self.weight_decay,
                 "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
-                "curvature_samples": self.curvature_samples, "lanczos_steps": self.lanczos_steps,
+                "delta_rule": self.delta_rule, "curvature_samples": self.curvature_samples,
+                "lanczos_steps": self.lanczos_steps,
                 "seed": self.seed, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
