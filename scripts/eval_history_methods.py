@@ -74,8 +74,9 @@ def mia_auc(model, forget_x, forget_y, test_x, test_y):
     return float(roc_auc_score(labels, scores))
 
 
-def run_setting(name, seeds, ratios, log):
-    s = SETTINGS[name]
+def run_setting(name, seeds, ratios, log, mini_overrides=None, deltagrad=True, variants=()):
+    s = dict(SETTINGS[name])
+    s["mini"] = {**s["mini"], **(mini_overrides or {})}
     rows = defaultdict(lambda: defaultdict(list))  # (ratio, method) -> column -> values
     extra = defaultdict(list)
     for seed in seeds:
@@ -128,23 +129,31 @@ def run_setting(name, seeds, ratios, log):
                 m = copy.deepcopy(trained)
                 rep = ue.MiniUnlearner(m, data, store, seed=seed, **s["mini"]).unlearn(forget)
                 add(label, m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
-            m = copy.deepcopy(trained)
-            rep = ue.DeltaGradUnlearner(m, data, dg_store, **s["dg"]).unlearn(forget)
-            add("deltagrad", m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
+            for label, kw in variants:  # extra Mini rows (fp32 anchors), e.g. curvature="anchors"
+                m = copy.deepcopy(trained)
+                rep = ue.MiniUnlearner(m, data, stores["fp32"], seed=seed, **{**s["mini"], **kw}).unlearn(forget)
+                add(label, m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
+            if deltagrad:
+                m = copy.deepcopy(trained)
+                rep = ue.DeltaGradUnlearner(m, data, dg_store, **s["dg"]).unlearn(forget)
+                add("deltagrad", m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
             log(f"{name} seed {seed} ratio {ratio:.2f}: " + ", ".join(
-                f"{k} {rows[(ratio, k)]['d/d0'][-1]:.3f}" for k in ("mini fp32", "mini int8", "deltagrad")))
+                f"{k} {rows[(ratio, k)]['d/d0'][-1]:.3f}" for k in ("mini fp32", "mini int8", "deltagrad")
+                + tuple(label for label, _ in variants) if rows[(ratio, k)]["d/d0"]))
         extra["train_seconds"].append(train_seconds)
     return rows, extra
 
 
-def table(name, rows, ratios, seeds):
+def table(name, rows, ratios, seeds, extra_methods=()):
     cols = ["d/d0", "test", "retain", "forget", "MIA", "seconds", "cost", "bytes"]
     out = [f"\n#### {name} (mean over seeds {seeds}; d/d0 also min-max)\n",
            "| ratio | method | d/d0 | test | retain | forget | MIA AUC | wall s | cost vs retrain | history bytes | fallbacks |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio in ratios:
-        for method in ("original", "retrain", "mini fp32", "mini int8", "deltagrad"):
+        for method in ("original", "retrain", "mini fp32", "mini int8", "deltagrad", *extra_methods):
             row = rows[(ratio, method)]
+            if not row["d/d0"]:
+                continue
             cells = []
             for c in cols:
                 v = np.mean(row[c])
@@ -166,6 +175,12 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     ap.add_argument("--out", help="also write the markdown tables here")
+    ap.add_argument("--curvature-samples", type=int, help="override Mini's m (choosing it on held-out seeds)")
+    ap.add_argument("--lanczos-steps", type=int, help="override Mini's k")
+    ap.add_argument("--delta-rule", choices=["end", "interp"], help="override Mini's delta rule")
+    ap.add_argument("--anchor-curvature", action="store_true",
+                    help="add a row for Mini with curvature='anchors' (curvature at every anchor)")
+    ap.add_argument("--no-deltagrad", action="store_true", help="skip DeltaGrad (slow; for choosing Mini's settings)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,8 +188,12 @@ def main():
     text = [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{args.threads} thread(s); {time.strftime('%Y-%m-%d')}"]
     for name in args.settings:
-        rows, extra = run_setting(name, args.seeds, args.ratios, lambda msg: print(msg, flush=True))
-        text.append(table(name, rows, args.ratios, args.seeds))
+        overrides = {k: v for k, v in (("curvature_samples", args.curvature_samples),
+                                       ("lanczos_steps", args.lanczos_steps), ("delta_rule", args.delta_rule)) if v}
+        variants = [("mini anchors", dict(curvature="anchors"))] if args.anchor_curvature else []
+        rows, extra = run_setting(name, args.seeds, args.ratios, lambda msg: print(msg, flush=True), overrides,
+                                  not args.no_deltagrad, variants)
+        text.append(table(name, rows, args.ratios, args.seeds, [label for label, _ in variants]))
         print(text[-1], flush=True)
     text.append(f"\nTotal {time.perf_counter() - began:.0f} s")
     print(text[-1])
