@@ -101,7 +101,10 @@ def test_minibatch_logistic_regression_moves_toward_retraining(logistic):
     assert 0 < report.history_bytes_read < store.nbytes
     # K * r for the deltas + 2 m k for the HVPs (m = every retained sample here, k = 10)
     anchors = len(report.details["delta_steps"])
-    assert report.sample_gradients == anchors * len(FORGET) + 2 * (len(data) - len(FORGET)) * 10
+    # + m for the retained-loss check (two forward passes over the subsample)
+    m = len(data) - len(FORGET)
+    assert report.sample_gradients == anchors * len(FORGET) + 2 * m * 10 + m
+    assert report.details["retained_loss_rise"] < 0.25
     for key in ("ritz_values", "Lambda", "norm_e", "h_perp"):
         assert key in report.details
 
@@ -143,6 +146,35 @@ def test_unsafe_configuration_falls_back_to_retraining():
     assert "eta_t * max theta" in report.reason
     assert torch.allclose(flat(got, data), flat(ue.retrain(init, data, config, FORGET), data), rtol=1e-5, atol=1e-5)
     assert report.sample_gradients >= report.retrain_sample_gradients
+
+
+def test_retained_loss_check_fires_and_falls_back(logistic):
+    """A limit below any possible rise forces the retained-loss check: the fallback equals retraining."""
+    data, init, config, model, store = logistic
+    got, report = unlearned(model, data, store, loss_rise_limit=-1.0)
+    assert report.status == "fallback" and "retained loss" in report.reason
+    assert torch.allclose(flat(got, data), flat(ue.retrain(init, data, config, FORGET), data), atol=1e-5)
+
+
+def test_retained_loss_check_catches_harm_on_digits_mlp():
+    """The case that ended farther from retraining than doing nothing (d/d0 1.29: tanh MLP on
+    digits, seed 2, 20% forgotten, the colleague's interpolated drift with m = 512) passed DESIGN's
+    two checks; the retained-loss check fires there (+216%) and the fallback is retraining."""
+    from unlearn_ext.pcmu.examples import load
+    x, y, _, _ = load("digits")
+    data = ue.TrainingData(x[:1400], y[:1400])
+    torch.manual_seed(2)
+    init = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+    config = ue.SGDConfig(epochs=40, batch_size=128, lr=0.3, weight_decay=1e-3, seed=2)
+    model, store = anchors_run(data, init, config, anchors=5)
+    forget = data.ids[torch.randperm(1400, generator=torch.Generator().manual_seed(20_200))[:280]].sort().values
+    retrained = ue.retrain(init, data, config, forget)
+    kw = dict(ids=forget, curvature_samples=512, delta_rule="interp", seed=2)
+    unchecked, rep0 = unlearned(model, data, store, loss_rise_limit=float("inf"), **kw)
+    assert rep0.status == "unlearned" and gap(unchecked, model, retrained, data) > 1  # the harm is real
+    got, report = unlearned(model, data, store, **kw)
+    assert report.status == "fallback" and "retained loss" in report.reason
+    assert gap(got, model, retrained, data) < 1e-4
 
 
 def test_restart_from_disk_record_equals_in_memory(logistic, tmp_path):
