@@ -170,6 +170,19 @@ def table(name, rows, ratios, seeds, extra_methods=()):
     return "\n".join(out)
 
 
+def mia_summary(rows, ratios):
+    """DESIGN 8's precondition of the memorizing setting (original MIA AUC >= retraining's + 0.2)
+    and issue 12's target there (Mini's MIA AUC within 0.05 of retraining's), per ratio (means)."""
+    out = ["", "MIA AUC (mean over seeds): original - retrain (precondition >= 0.2) | |mini - retrain| (target <= 0.05)"
+           " | |deltagrad - retrain|"]
+    for ratio in ratios:
+        mia = {k: np.mean(rows[(ratio, k)]["MIA"]) for k in ("original", "retrain", "mini fp32", "deltagrad")
+               if rows[(ratio, k)]["MIA"]}
+        gaps = [f"{abs(mia[k] - mia['retrain']):.3f}" if k in mia else "-" for k in ("mini fp32", "deltagrad")]
+        out.append(f"  {ratio:.0%}: {mia['original'] - mia['retrain']:+.3f} | {gaps[0]} | {gaps[1]}")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -195,6 +208,7 @@ def main():
         rows, extra = run_setting(name, args.seeds, args.ratios, lambda msg: print(msg, flush=True), overrides,
                                   not args.no_deltagrad, variants)
         text.append(table(name, rows, args.ratios, args.seeds, [label for label, _ in variants]))
+        text.append(mia_summary(rows, args.ratios))
         print(text[-1], flush=True)
     text.append(f"\nTotal {time.perf_counter() - began:.0f} s")
     print(text[-1])
