@@ -28,13 +28,16 @@ from unlearn_ext.pcmu.examples import load
 RATIOS = (0.01, 0.05, 0.10, 0.20, 0.30)
 
 # Models and runs. logreg: weight decay 1e-3, SGD stopped before convergence; mlp: tanh 64-64-10;
-# overfit (DESIGN 8's memorizing setting): 300 samples, 10% label noise, wide MLP, no weight decay.
+# overfit (DESIGN 8's memorizing setting): 300 samples, label noise, wide MLP, no weight decay.
 SETTINGS = {
     "logreg": dict(hidden=None, n=1400, noise=0.0, epochs=40, batch=128, lr=0.5, wd=1e-3,
                    mini=dict(curvature_samples=1024, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
     "mlp": dict(hidden=[64], n=1400, noise=0.0, epochs=40, batch=128, lr=0.3, wd=1e-3,
                 mini=dict(curvature_samples=1024, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
-    "overfit": dict(hidden=[256], n=300, noise=0.1, epochs=150, batch=32, lr=0.1, wd=0.0,
+    # overfit: 20% label noise, lr 0.5, 300 epochs (train accuracy 1.0). DESIGN 8 says ~10% noise, but
+    # on digits 10% (n 100-300, up to 300 epochs) left original - retrain MIA AUC at 0.10-0.19, below
+    # the precondition 0.2; 20% gave 0.26-0.30 (chosen on seeds 100-101, 10% forgotten).
+    "overfit": dict(hidden=[256], n=300, noise=0.2, epochs=300, batch=32, lr=0.5, wd=0.0,
                     mini=dict(curvature_samples=1024, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
 }
 
