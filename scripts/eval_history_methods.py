@@ -6,7 +6,8 @@ Per setting and seed one model is trained (recording Mini-Unlearning's anchors i
 DeltaGrad's per-step int8 history); per forget ratio a random forget set (seeded) is unlearned by
 retraining, Mini-Unlearning (fp32 and int8 anchors) and DeltaGrad; rows are means over seeds.
 Hyperparameters (Mini: m, k; DeltaGrad: j0, T0, m) are fixed in SETTINGS below, chosen before
-these seeds were run (DESIGN / paper defaults scaled to the run length, checked on seed 100).
+these seeds were run (DESIGN / paper defaults scaled to the run length; Mini's m = 1024 over 512
+(and its drift rule) chosen on seeds 100-101, see benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ from unlearn_ext.pcmu.examples import load
 RATIOS = (0.01, 0.05, 0.10, 0.20, 0.30)
 
 # Models and runs. logreg: weight decay 1e-3, SGD stopped before convergence; mlp: tanh 64-64-10;
-# overfit (DESIGN 8's memorizing setting): 300 samples, 10% label noise, wide MLP, no weight decay.
+# overfit (DESIGN 8's memorizing setting): 300 samples, label noise, wide MLP, no weight decay.
 SETTINGS = {
     "logreg": dict(hidden=None, n=1400, noise=0.0, epochs=40, batch=128, lr=0.5, wd=1e-3,
-                   mini=dict(curvature_samples=512, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
+                   mini=dict(curvature_samples=1024, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
     "mlp": dict(hidden=[64], n=1400, noise=0.0, epochs=40, batch=128, lr=0.3, wd=1e-3,
-                mini=dict(curvature_samples=512, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
-    "overfit": dict(hidden=[256], n=300, noise=0.1, epochs=150, batch=32, lr=0.1, wd=0.0,
-                    mini=dict(curvature_samples=512, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
+                mini=dict(curvature_samples=1024, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
+    # overfit: 20% label noise, lr 0.5, 300 epochs (train accuracy 1.0). DESIGN 8 says ~10% noise, but
+    # on digits 10% (n 100-300, up to 300 epochs) left original - retrain MIA AUC at 0.10-0.19, below
+    # the precondition 0.2; 20% gave 0.26-0.30 (chosen on seeds 100-101, 10% forgotten).
+    "overfit": dict(hidden=[256], n=300, noise=0.2, epochs=300, batch=32, lr=0.5, wd=0.0,
+                    mini=dict(curvature_samples=1024, lanczos_steps=10), dg=dict(burn_in=10, period=5, memory=2)),
 }
 
 
@@ -74,8 +78,9 @@ def mia_auc(model, forget_x, forget_y, test_x, test_y):
     return float(roc_auc_score(labels, scores))
 
 
-def run_setting(name, seeds, ratios, log):
-    s = SETTINGS[name]
+def run_setting(name, seeds, ratios, log, mini_overrides=None, deltagrad=True, variants=()):
+    s = dict(SETTINGS[name])
+    s["mini"] = {**s["mini"], **(mini_overrides or {})}
     rows = defaultdict(lambda: defaultdict(list))  # (ratio, method) -> column -> values
     extra = defaultdict(list)
     for seed in seeds:
@@ -128,23 +133,31 @@ def run_setting(name, seeds, ratios, log):
                 m = copy.deepcopy(trained)
                 rep = ue.MiniUnlearner(m, data, store, seed=seed, **s["mini"]).unlearn(forget)
                 add(label, m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
-            m = copy.deepcopy(trained)
-            rep = ue.DeltaGradUnlearner(m, data, dg_store, **s["dg"]).unlearn(forget)
-            add("deltagrad", m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
+            for label, kw in variants:  # extra Mini rows (fp32 anchors), e.g. curvature="anchors"
+                m = copy.deepcopy(trained)
+                rep = ue.MiniUnlearner(m, data, stores["fp32"], seed=seed, **{**s["mini"], **kw}).unlearn(forget)
+                add(label, m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
+            if deltagrad:
+                m = copy.deepcopy(trained)
+                rep = ue.DeltaGradUnlearner(m, data, dg_store, **s["dg"]).unlearn(forget)
+                add("deltagrad", m, rep.seconds, rep.sample_gradients, rep.history_bytes_read, rep.status)
             log(f"{name} seed {seed} ratio {ratio:.2f}: " + ", ".join(
-                f"{k} {rows[(ratio, k)]['d/d0'][-1]:.3f}" for k in ("mini fp32", "mini int8", "deltagrad")))
+                f"{k} {rows[(ratio, k)]['d/d0'][-1]:.3f}" for k in ("mini fp32", "mini int8", "deltagrad")
+                + tuple(label for label, _ in variants) if rows[(ratio, k)]["d/d0"]))
         extra["train_seconds"].append(train_seconds)
     return rows, extra
 
 
-def table(name, rows, ratios, seeds):
+def table(name, rows, ratios, seeds, extra_methods=()):
     cols = ["d/d0", "test", "retain", "forget", "MIA", "seconds", "cost", "bytes"]
     out = [f"\n#### {name} (mean over seeds {seeds}; d/d0 also min-max)\n",
            "| ratio | method | d/d0 | test | retain | forget | MIA AUC | wall s | cost vs retrain | history bytes | fallbacks |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio in ratios:
-        for method in ("original", "retrain", "mini fp32", "mini int8", "deltagrad"):
+        for method in ("original", "retrain", "mini fp32", "mini int8", "deltagrad", *extra_methods):
             row = rows[(ratio, method)]
+            if not row["d/d0"]:
+                continue
             cells = []
             for c in cols:
                 v = np.mean(row[c])
@@ -160,12 +173,31 @@ def table(name, rows, ratios, seeds):
     return "\n".join(out)
 
 
+def mia_summary(rows, ratios):
+    """DESIGN 8's precondition of the memorizing setting (original MIA AUC >= retraining's + 0.2)
+    and issue 12's target there (Mini's MIA AUC within 0.05 of retraining's), per ratio (means)."""
+    out = ["", "MIA AUC (mean over seeds): original - retrain (precondition >= 0.2) | |mini - retrain| (target <= 0.05)"
+           " | |deltagrad - retrain|"]
+    for ratio in ratios:
+        mia = {k: np.mean(rows[(ratio, k)]["MIA"]) for k in ("original", "retrain", "mini fp32", "deltagrad")
+               if rows[(ratio, k)]["MIA"]}
+        gaps = [f"{abs(mia[k] - mia['retrain']):.3f}" if k in mia else "-" for k in ("mini fp32", "deltagrad")]
+        out.append(f"  {ratio:.0%}: {mia['original'] - mia['retrain']:+.3f} | {gaps[0]} | {gaps[1]}")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     ap.add_argument("--out", help="also write the markdown tables here")
+    ap.add_argument("--curvature-samples", type=int, help="override Mini's m (choosing it on held-out seeds)")
+    ap.add_argument("--lanczos-steps", type=int, help="override Mini's k")
+    ap.add_argument("--delta-rule", choices=["end", "interp"], help="override Mini's delta rule")
+    ap.add_argument("--anchor-curvature", action="store_true",
+                    help="add a row for Mini with curvature='anchors' (curvature at every anchor)")
+    ap.add_argument("--no-deltagrad", action="store_true", help="skip DeltaGrad (slow; for choosing Mini's settings)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,8 +205,13 @@ def main():
     text = [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{args.threads} thread(s); {time.strftime('%Y-%m-%d')}"]
     for name in args.settings:
-        rows, extra = run_setting(name, args.seeds, args.ratios, lambda msg: print(msg, flush=True))
-        text.append(table(name, rows, args.ratios, args.seeds))
+        overrides = {k: v for k, v in (("curvature_samples", args.curvature_samples),
+                                       ("lanczos_steps", args.lanczos_steps), ("delta_rule", args.delta_rule)) if v}
+        variants = [("mini anchors", dict(curvature="anchors"))] if args.anchor_curvature else []
+        rows, extra = run_setting(name, args.seeds, args.ratios, lambda msg: print(msg, flush=True), overrides,
+                                  not args.no_deltagrad, variants)
+        text.append(table(name, rows, args.ratios, args.seeds, [label for label, _ in variants]))
+        text.append(mia_summary(rows, args.ratios))
         print(text[-1], flush=True)
     text.append(f"\nTotal {time.perf_counter() - began:.0f} s")
     print(text[-1])

@@ -142,3 +142,6 @@ def test_lbfgs_compact_form_equals_bfgs_updates():
     v = torch.randn(d, generator=g, dtype=torch.float64)
     assert torch.allclose(lbfgs_product(S, Y, v), B @ v, atol=1e-9)
     assert torch.allclose(lbfgs_product(S, Y, S[:, -1]), Y[:, -1], atol=1e-9)  # secant equation
+    # the stability check's lambda_max (computed on span(S, Y) without a d x d matrix)
+    from unlearn_ext.mini.deltagrad import CompactLBFGS
+    assert CompactLBFGS(S, Y).largest_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(B).max()), rel=1e-9)

@@ -37,32 +37,46 @@ from .record import check_plain_sgd
 from .vectors import FlatModel
 
 
-def lbfgs_product(S: torch.Tensor, Y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """B v for the L-BFGS Hessian approximation of pairs S = [dw_i], Y = [dg_i] ([d, m], oldest
-    first), compact form: B = sigma I - [sigma S, Y] M^{-1} [sigma S^T; Y^T],
+class CompactLBFGS:
+    """The L-BFGS Hessian approximation of pairs S = [dw_i], Y = [dg_i] ([d, m], oldest first) in
+    compact form (Byrd, Nocedal & Schnabel 1994): B = sigma I - W M^{-1} W^T with W = [sigma S, Y],
     M = [[sigma S^T S, L], [L^T, -D]], L the strictly lower part of S^T Y, D its diagonal, and
-    sigma = dg.dw / dw.dw of the newest pair (as in DeltaGrad). float64."""
-    S, Y, v = S.double(), Y.double(), v.double()
-    s, y = S[:, -1], Y[:, -1]
-    sigma = float(torch.dot(y, s) / torch.dot(s, s))
-    SY = S.T @ Y
-    L = torch.tril(SY, -1)
-    D = torch.diag(torch.diagonal(SY))
-    M = torch.cat([torch.cat([sigma * (S.T @ S), L], 1), torch.cat([L.T, -D], 1)], 0)
-    rhs = torch.cat([sigma * (S.T @ v), Y.T @ v])
-    coef = torch.linalg.solve(M, rhs)
-    m = S.shape[1]
-    return sigma * v - sigma * (S @ coef[:m]) - Y @ coef[m:]
+    sigma = dg.dw / dw.dw of the newest pair (as in DeltaGrad). float64.
+
+    Built once per change of the pairs (every T0 steps) and reused by every quasi-Newton step in
+    between: a product is then two thin matrix-vector products, not a new 2m x 2m solve."""
+
+    def __init__(self, S: torch.Tensor, Y: torch.Tensor):
+        S, Y = S.double(), Y.double()
+        s, y = S[:, -1], Y[:, -1]
+        self.sigma = float(torch.dot(y, s) / torch.dot(s, s))
+        SY = S.T @ Y
+        L = torch.tril(SY, -1)
+        D = torch.diag(torch.diagonal(SY))
+        M = torch.cat([torch.cat([self.sigma * (S.T @ S), L], 1), torch.cat([L.T, -D], 1)], 0)
+        self.W = torch.cat([self.sigma * S, Y], 1)
+        self.M_inv = torch.linalg.inv(M)
+
+    def product(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        return self.sigma * v - self.W @ (self.M_inv @ (self.W.T @ v))
+
+    def largest_eigenvalue(self) -> float:
+        """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q for an
+        orthonormal basis Q of the span (no d x d matrix)."""
+        Q, _ = torch.linalg.qr(self.W)
+        QW = Q.T @ self.W
+        inside = self.sigma * torch.eye(Q.shape[1], dtype=torch.float64) - QW @ self.M_inv @ QW.T
+        return max(float(torch.linalg.eigvalsh((inside + inside.T) / 2).max()), self.sigma)
+
+
+def lbfgs_product(S: torch.Tensor, Y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """B v for the compact-form L-BFGS approximation of pairs (S, Y) (see CompactLBFGS)."""
+    return CompactLBFGS(S, Y).product(v)
 
 
 def lbfgs_largest_eigenvalue(S: torch.Tensor, Y: torch.Tensor) -> float:
-    """lambda_max of the compact-form B: sigma outside span(S, Y); inside, the eigenvalues of
-    Q^T B Q for an orthonormal basis Q of the span (2m products)."""
-    Q, _ = torch.linalg.qr(torch.cat([S, Y], 1).double())
-    BQ = torch.stack([lbfgs_product(S, Y, q) for q in Q.T], 1)
-    inside = torch.linalg.eigvalsh((Q.T @ BQ + BQ.T @ Q) / 2)
-    s, y = S[:, -1].double(), Y[:, -1].double()
-    return max(float(inside.max()), float(torch.dot(y, s) / torch.dot(s, s)))
+    return CompactLBFGS(S, Y).largest_eigenvalue()
 
 
 class DeltaGradUnlearner(Unlearner):
@@ -101,6 +115,7 @@ class DeltaGradUnlearner(Unlearner):
         pairs = deque(maxlen=self.memory)
         w, cost, exact_steps, worst, top_eta_lambda = None, 0, 0, 0.0, 0.0
         lambda_max = None  # of the current pairs' B (recomputed when a pair is added)
+        model = None       # CompactLBFGS of the current pairs (rebuilt when a pair is added)
 
         def stats():
             return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda}
@@ -130,8 +145,9 @@ class DeltaGradUnlearner(Unlearner):
                         dg += g_removed * removed.numel() / batch.numel()
                     g_rec.axpy_(flat.split(dg), -1.0)
                     if pairs and float(dg.norm()) > 0:
-                        S, Y = (torch.stack(p, 1) for p in zip(*pairs))
-                        err = float((lbfgs_product(S, Y, dw) - dg.double()).norm() / dg.double().norm())
+                        if model is None:
+                            model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                        err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
                         worst = max(worst, err)
                         if err > self.max_prediction_error:
                             return None, cost, stats(), (
@@ -139,20 +155,21 @@ class DeltaGradUnlearner(Unlearner):
                                 f"{err:.3g} (relative) > {self.max_prediction_error:g}")
                     if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
                         pairs.append((dw.clone(), dg.clone()))
-                        lambda_max = None
+                        lambda_max, model = None, None
                 # the same arithmetic as data.sgd_step: g + wd * w, then w - lr * g
                 step = g_kept + wd * w if wd else g_kept
                 w = w - lr * step
             else:
-                S, Y = (torch.stack(p, 1) for p in zip(*pairs))
+                if model is None:
+                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
                 if lambda_max is None:
-                    lambda_max = lbfgs_largest_eigenvalue(S, Y)
+                    lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
                 if lr * lambda_max >= self.stability_limit:
                     return None, cost, stats(), (
                         f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stability_limit:g} at step {t}: the "
                         "quasi-Newton replay amplifies the gap")
-                predicted = lbfgs_product(S, Y, dw).float()    # B (w^I_t - w_t)
+                predicted = model.product(dw).float()           # B (w^I_t - w_t)
                 scale = batch.numel() / kept.numel()
                 direction = scale * predicted
                 if g_removed is not None:
