@@ -208,7 +208,8 @@ def test_remaining_budget_accounts_for_certified_deletions(tmp_path):
     m_star = trainer.certificate().budget
     assert m_star >= 3 and trainer.certificate().remaining_budget == m_star
     deleter = PromptDeleter(trainer, str(tmp_path))
-    assert deleter.forget([1, 2]).how == "a-priori (m*)"
+    first = deleter.forget([1, 2])
+    assert first.how == "a-priori (m*)" and first.details["remaining_budget"] == m_star - 2
     cert = trainer.certificate()
     assert cert.budget == m_star and cert.remaining_budget == m_star - 2
     assert cert.to_dict()["remaining_budget"] == m_star - 2 and f"{m_star - 2} left" in str(cert)

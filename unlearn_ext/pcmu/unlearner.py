@@ -45,12 +45,14 @@ class PCMUUnlearner(Unlearner):
             report.status = "certified"
             report.how = "a-priori (m*)" if check.steps_checked_exactly == 0 else "per-request check"
             report.reason = check.reason
+            report.details["remaining_budget"] = trainer.certificate().remaining_budget
             return
         t0, end = check.first_divergent_step, trainer.steps_done
         trainer.resume_without(new, t0)  # also adds `new` to trainer.forgotten
         report.status, report.how, report.weights_changed = "retrained", f"resumed from step {t0}", True
         report.details["steps_retrained"] = end - t0
         report.sample_gradients += trainer.training_cost(union, start=t0)
+        report.details["remaining_budget"] = trainer.certificate().remaining_budget
         report.reason = (f"not certified at step {t0} ({check.status}: {check.reason}); training resumed "
                          f"without the ids from step {t0} of {end}, which equals retraining from scratch")
 
