@@ -130,8 +130,10 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
     for_each_tensor((*stack)[i], [&](const at::Tensor& t) {
       if (ag::isDifferentiableType(t.scalar_type())) ag::set_history(t, grad_fn);
     });
-  for (const auto& t : mutated)  // integer tensors (codes, votes) carry no gradient
-    if (ag::isDifferentiableType(t.scalar_type())) ag::rebase_history(t, grad_fn);
+  std::vector<at::Tensor> rebased;  // integer tensors (codes, votes) carry no gradient
+  for (const auto& t : mutated)
+    if (ag::isDifferentiableType(t.scalar_type())) rebased.push_back(t);
+  ag::rebase_history(rebased, grad_fn);  // the list overload: one grad_fn input per tensor
 }
 
 // ADInplaceOrView key: every tensor the op wrote gets a new version, as after torch's add_.
