@@ -82,9 +82,8 @@ def test_public_step_refuses_1e39():
 # ---- dequantize_dot: no float32 overflow, vote counters: no wrap ---------------------------------
 
 def test_dot_does_not_overflow_where_float64_is_finite():
-    x = [torch.full((64,), 3e38)]
-    codes, scales = OPS.blockwise_quantize(x, 8, 64)
-    v = [torch.ones(64)]
+    codes, scales = OPS.blockwise_quantize([torch.ones(64)], 8, 64)  # codes 127, scale 1/127
+    v = [torch.full((64,), 3e38)]  # 127 * 3e38 overflows a float sum; the total is 1.9e40
     got = float(OPS.dequantize_dot(codes, scales, v, 8, 64))
     want = float(reference.dequantize_dot(codes, scales, v, 8, 64))
     assert math.isfinite(want) and got == pytest.approx(want, rel=1e-6)
