@@ -6,68 +6,155 @@
 // in the list + index inside it); `seed` and `offset` are the RNG contract's key and block offset,
 // read as unsigned 64-bit; statistics come back as (min_radius: float32 scalar,
 // counts: int64[3] = [abstained, nonfinite, radius_below_count_below]).
+//
+// Autograd: no op has a derivative, and some mutate their inputs. Every op gets the two kernels
+// below, at the Autograd and ADInplaceOrView keys, driven by the schema's alias annotations, so
+// the ops behave like torch's own in-place ops: mutated tensors have their version counters bumped
+// (a backward through a saved, since-modified tensor raises), a leaf that requires grad is refused
+// in grad mode (torch.no_grad() updates, as PCMU does, still work), and a backward through a
+// mutated tensor or a float output raises instead of silently yielding a wrong gradient.
+// torch's autogradNotImplemented*Fallback() kernels do this only for mutated tensors an op
+// *returns* (add_ returns self); ours return () or statistics, so those fallbacks would leave the
+// mutated lists with stale versions and stale history. All registrations come from the one list
+// below, so a new op cannot miss them.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(unlearn_ext, m) {
+#include <string>
+#include <vector>
+
+namespace {
+
+// One schema per op; the op's name is the text before the first '('.
+constexpr const char* kSchemas[] = {
+
   // RNG contract (DESIGN section 3): draws `draws` words per element index.
-  m.def("philox_bits(Tensor element_index, int draws, int seed, int offset) -> Tensor");
-  m.def("philox_uniform(Tensor element_index, int draws, int seed, int offset) -> Tensor");
-  m.def("philox_bernoulli(Tensor element_index, int draws, float p, int seed, int offset) -> Tensor");
+  "philox_bits(Tensor element_index, int draws, int seed, int offset) -> Tensor",
+  "philox_uniform(Tensor element_index, int draws, int seed, int offset) -> Tensor",
+  "philox_bernoulli(Tensor element_index, int draws, float p, int seed, int offset) -> Tensor",
 
   // Smoothed ternary quantization (DESIGN section 4, framework G).
-  m.def(
-      "quantize_analytic(Tensor[] grads, float beta, float count_below) -> "
-      "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)");
-  m.def(
-      "quantize_mc(Tensor[] grads, float tau, float sigma, int n0, int n, Tensor radius_table, "
+  "quantize_analytic(Tensor[] grads, float beta, float count_below) -> "
+      "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)",
+  "quantize_mc(Tensor[] grads, float tau, float sigma, int n0, int n, Tensor radius_table, "
       "int seed, int offset, float count_below) -> "
-      "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)");
+      "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)",
   // Fused step: params <- params - step_size * code, statistics reduced in the same pass. With
   // check_finite, a gradient holding NaN/Inf leaves every parameter untouched and counts[1] > 0.
-  m.def(
-      "quantized_step_analytic_(Tensor(a!)[] params, Tensor[] grads, float beta, float step_size, "
-      "float count_below, bool check_finite) -> (Tensor min_radius, Tensor counts)");
-  m.def(
-      "quantized_step_mc_(Tensor(a!)[] params, Tensor[] grads, float tau, float sigma, int n0, int n, "
+  "quantized_step_analytic_(Tensor(a!)[] params, Tensor[] grads, float beta, float step_size, "
+      "float count_below, bool check_finite) -> (Tensor min_radius, Tensor counts)",
+  "quantized_step_mc_(Tensor(a!)[] params, Tensor[] grads, float tau, float sigma, int n0, int n, "
       "Tensor radius_table, int seed, int offset, float step_size, float count_below, "
-      "bool check_finite) -> (Tensor min_radius, Tensor counts)");
+      "bool check_finite) -> (Tensor min_radius, Tensor counts)",
 
   // params <- params - step_size * code from stored int8 codes in {-1, 0, 1} shaped like params:
   // the update of the fused steps above (fp32 math, one rounding), for replays.
-  m.def("apply_codes_(Tensor(a!)[] params, Tensor[] codes, float step_size) -> ()");
+  "apply_codes_(Tensor(a!)[] params, Tensor[] codes, float step_size) -> ()",
 
   // Data smoothing (framework D): per-coordinate vote counters of shape (2, *grad.shape).
-  m.def("vote_accumulate_(Tensor(a!)[] votes, Tensor[] grads, float tau) -> Tensor nonfinite");
-  m.def(
-      "vote_finalize(Tensor[] selection_votes, Tensor[] estimation_votes, int n0, int n, "
+  "vote_accumulate_(Tensor(a!)[] votes, Tensor[] grads, float tau) -> Tensor nonfinite",
+  "vote_finalize(Tensor[] selection_votes, Tensor[] estimation_votes, int n0, int n, "
       "Tensor radius_table, float sigma, float count_below) -> "
-      "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)");
+      "(Tensor[] codes, Tensor[] radii, Tensor min_radius, Tensor counts)",
 
   // Per-request certificates (DESIGN section 4): the fragile coordinates of one step, compacted in
   // global-index order: every element whose radius < threshold (a NaN radius counts as fragile),
   // with its value (as float32) and its radius. One pass to count per chunk, one to write.
-  m.def(
-      "fragile_compact(Tensor[] values, Tensor[] radii, float threshold) -> "
-      "(Tensor index, Tensor value, Tensor radius)");
+  "fragile_compact(Tensor[] values, Tensor[] radii, float threshold) -> "
+      "(Tensor index, Tensor value, Tensor radius)",
   // ---- Compressed history codecs (DESIGN section 5) ----------------------------------------------
   // Blockwise absmax quantization, blocks per tensor (a tensor's last block may be short), block
   // size even in [64, 4096]; math in unlearn/codecs.h. Per input tensor: codes are flat, int8
   // (bits = 8, numel entries) or uint8 with two int4 codes per byte (bits = 4, ceil(numel / 2)
   // entries, low nibble first); scales are flat float32, one per block (scale = absmax / 127 or / 7).
-  m.def("blockwise_quantize(Tensor[] x, int bits, int block_size) -> (Tensor[] codes, Tensor[] scales)");
+  "blockwise_quantize(Tensor[] x, int bits, int block_size) -> (Tensor[] codes, Tensor[] scales)",
   // out <- deq(codes, scales); out gives the shapes and the dtype (fp32/fp16/bf16).
-  m.def(
-      "blockwise_dequantize_(Tensor(a!)[] out, Tensor[] codes, Tensor[] scales, int bits, int block_size) -> ()");
+  "blockwise_dequantize_(Tensor(a!)[] out, Tensor[] codes, Tensor[] scales, int bits, int block_size) -> ()",
   // Closed-loop delta: codes, scales <- quantize(target - recon); recon (float32) += deq(codes, scales).
   // codes and scales are preallocated outputs (sized as blockwise_quantize returns them): a
   // mutable op returning fresh tensor lists cannot be functionalized (torch.compile, opcheck).
-  m.def(
-      "delta_encode_(Tensor[] target, Tensor(a!)[] recon, Tensor(b!)[] codes, Tensor(c!)[] scales, int bits, "
-      "int block_size) -> ()");
+  "delta_encode_(Tensor[] target, Tensor(a!)[] recon, Tensor(b!)[] codes, Tensor(c!)[] scales, int bits, "
+      "int block_size) -> ()",
   // y <- y + alpha * deq(codes, scales) (fp32 math, rounded like recon updates: bit-exact decode).
-  m.def(
-      "dequantize_axpy_(Tensor(a!)[] y, float alpha, Tensor[] codes, Tensor[] scales, int bits, "
-      "int block_size) -> ()");
+  "dequantize_axpy_(Tensor(a!)[] y, float alpha, Tensor[] codes, Tensor[] scales, int bits, "
+      "int block_size) -> ()",
   // <deq(codes, scales), v> over the whole list, as a float64 scalar.
-  m.def("dequantize_dot(Tensor[] codes, Tensor[] scales, Tensor[] v, int bits, int block_size) -> Tensor");
+  "dequantize_dot(Tensor[] codes, Tensor[] scales, Tensor[] v, int bits, int block_size) -> Tensor",
+};
+
+// Calls f(tensor) for each tensor an argument or a result holds (a Tensor or a Tensor[]).
+template <typename F>
+void for_each_tensor(const c10::IValue& v, F&& f) {
+  if (v.isTensor()) {
+    f(v.toTensor());
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorVector()) f(t);
+  }
+}
+
+// The tensors of the arguments the schema marks as written (Tensor(a!) / Tensor(a!)[]).
+std::vector<at::Tensor> mutated_arguments(const c10::FunctionSchema& schema, const torch::jit::Stack& stack) {
+  const size_t n = schema.arguments().size(), first = stack.size() - n;
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < n; ++i)
+    if (schema.is_mutable({c10::SchemaArgType::input, i}))
+      for_each_tensor(stack[first + i], [&](const at::Tensor& t) { out.push_back(t); });
+  return out;
+}
+
+// Autograd key: refuses what torch refuses for an in-place op without a derivative, runs the op
+// below autograd, then gives its float outputs and mutated float tensors a NotImplemented
+// gradient function when any input requires grad, so that backward() through them raises.
+void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  namespace ag = torch::autograd;
+  const auto& schema = op.schema();
+  const size_t n_args = schema.arguments().size(), n_returns = schema.returns().size();
+  std::vector<at::Tensor> needs_grad;
+  for (size_t i = stack->size() - n_args; i < stack->size(); ++i)
+    for_each_tensor((*stack)[i], [&](const at::Tensor& t) {
+      TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(), "unlearn_ext: ", schema.name(),
+                                  " has no forward-mode derivative");
+      if (ag::GradMode::is_enabled() && t.requires_grad()) needs_grad.push_back(t);
+    });
+  std::vector<at::Tensor> mutated = mutated_arguments(schema, *stack);
+  // "a leaf Variable that requires grad is being used in an in-place operation" (and its view).
+  for (const auto& t : mutated) ag::check_inplace(t, !needs_grad.empty());
+  {
+    at::AutoDispatchBelowAutograd guard;
+    op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  }
+  if (needs_grad.empty()) return;
+  auto grad_fn = c10::make_intrusive<ag::NotImplemented>(schema.name(), ag::collect_next_edges(needs_grad));
+  for (size_t i = stack->size() - n_returns; i < stack->size(); ++i)
+    for_each_tensor((*stack)[i], [&](const at::Tensor& t) {
+      if (ag::isDifferentiableType(t.scalar_type())) ag::set_history(t, grad_fn);
+    });
+  std::vector<at::Tensor> rebased;  // integer tensors (codes, votes) carry no gradient
+  for (const auto& t : mutated)
+    if (ag::isDifferentiableType(t.scalar_type())) rebased.push_back(t);
+  ag::rebase_history(rebased, grad_fn);  // the list overload: one grad_fn input per tensor
+}
+
+// ADInplaceOrView key: every tensor the op wrote gets a new version, as after torch's add_.
+void inplace_or_view_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  std::vector<at::Tensor> mutated = mutated_arguments(op.schema(), *stack);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : mutated) torch::autograd::increment_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(unlearn_ext, m) {
+  for (const char* schema : kSchemas) {
+    m.def(schema);
+    const std::string name(schema, std::string(schema).find('('));
+    m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::Autograd,
+                                         torch::CppFunction::makeFromBoxedFunction<&autograd_kernel>()));
+    m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::ADInplaceOrView,
+                                         torch::CppFunction::makeFromBoxedFunction<&inplace_or_view_kernel>()));
+  }
 }

@@ -3,6 +3,7 @@ friendly Python errors before a kernel sees bad input. Kernels check again (TORC
 name the argument the user wrote."""
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -46,3 +47,13 @@ def seed_args(seed: int, offset: int) -> tuple[int, int]:
             raise ValueError(f"{name} must be an integer in [0, 2^64), got {v!r}")
     to_signed = lambda v: int(v) - 2**64 if int(v) >= 2**63 else int(v)  # noqa: E731
     return to_signed(seed), to_signed(offset)
+
+
+def check_count(value, name: str) -> int:
+    """An integer argument (n0, n, draws, bits, block_size) as int; 1.5 is refused, not truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"unlearn_ext: {name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"unlearn_ext: {name} must be an integer, got {value!r}") from None

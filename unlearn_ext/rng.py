@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .checks import seed_args
+from .checks import check_count, seed_args
 
 
 def blocks_for_draws(draws: int) -> int:
@@ -29,13 +29,13 @@ def call_offset(call_index: int, blocks_per_call: int, start: int = 0) -> int:
 def philox_bits(element_index: torch.Tensor, draws: int, *, seed: int, offset: int = 0) -> torch.Tensor:
     """The contract's 32-bit words (as int32 bit patterns), shape (*element_index.shape, draws)."""
     s, o = seed_args(seed, offset)
-    return ops.philox_bits(element_index, int(draws), s, o)
+    return ops.philox_bits(element_index, check_count(draws, "draws"), s, o)
 
 
 def philox_uniform(element_index: torch.Tensor, draws: int, *, seed: int, offset: int = 0) -> torch.Tensor:
     """The contract's uniforms ((x >> 8) + 0.5) 2^-24, exact, as float64."""
     s, o = seed_args(seed, offset)
-    return ops.philox_uniform(element_index, int(draws), s, o)
+    return ops.philox_uniform(element_index, check_count(draws, "draws"), s, o)
 
 
 def philox_bernoulli(element_index: torch.Tensor, draws: int, p: float, *, seed: int,
@@ -44,4 +44,4 @@ def philox_bernoulli(element_index: torch.Tensor, draws: int, p: float, *, seed:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     s, o = seed_args(seed, offset)
-    return ops.philox_bernoulli(element_index, int(draws), float(p), s, o)
+    return ops.philox_bernoulli(element_index, check_count(draws, "draws"), float(p), s, o)

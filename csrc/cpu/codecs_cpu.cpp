@@ -8,6 +8,7 @@
 // encoder by an ulp per step. It is placed before every include so all inlined code agrees.
 #pragma GCC optimize("fp-contract=off")
 
+#include <cmath>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -102,11 +103,11 @@ inline void dispatch_list(const FlatList& list, F&& f) {
   if (!list.tensors.empty()) dispatch_float_type(list.tensors[0].scalar_type(), f);
 }
 
-// sum code_i * v_i over one block, in float, with 16 interleaved partial sums: a single running sum
-// is a serial dependency chain that GCC may not reorder (no -ffast-math), 16 independent ones
-// vectorize. The order is fixed, so results do not depend on threads.
-template <typename T>
-float block_dot(const uint8_t* codes_at, int64_t bits, const T* v, int64_t n) {
+// sum code_i * v_i over one block in Acc (float or double), with 16 interleaved partial sums: a
+// single running sum is a serial dependency chain that GCC may not reorder (no -ffast-math), 16
+// independent ones vectorize. The order is fixed, so results do not depend on threads.
+template <typename Acc, typename T>
+Acc block_dot(const uint8_t* codes_at, int64_t bits, const T* v, int64_t n) {
   int8_t unpacked[kMaxBlock];
   const int8_t* c = reinterpret_cast<const int8_t*>(codes_at);
   if (bits == 4) {
@@ -114,13 +115,13 @@ float block_dot(const uint8_t* codes_at, int64_t bits, const T* v, int64_t n) {
     c = unpacked;
   }
   constexpr int kLanes = 16;
-  float acc[kLanes] = {};
+  Acc acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<float>(c[i + l]) * load_float(v[i + l]);
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<Acc>(c[i + l]) * static_cast<Acc>(load_float(v[i + l]));
   }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<float>(c[i]) * load_float(v[i]);
-  float sum = 0.0f;
+  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<Acc>(c[i]) * static_cast<Acc>(load_float(v[i]));
+  Acc sum = 0;
   for (int l = 0; l < kLanes; ++l) sum += acc[l];
   return sum;
 }
@@ -261,8 +262,12 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
     parallel_over_blocks(numels, block_size, [&](size_t t, int64_t b, int64_t g, int64_t e0, int64_t e1) {
       const float scale = static_cast<const float*>(scales[t])[b];
       const T* src = static_cast<const T*>(v_ptrs[t]) + e0;
-      const float sum = block_dot(code_at(codes[t], e0, bits), bits, src, e1 - e0);
-      partial[static_cast<size_t>(g)] = static_cast<double>(sum) * static_cast<double>(scale);
+      const uint8_t* c = code_at(codes[t], e0, bits);
+      double sum = block_dot<float>(c, bits, src, e1 - e0);
+      // A float sum overflows to inf where the double one is finite: such blocks (and those holding
+      // NaN/Inf, rare) are summed again in double, which keeps the float speed everywhere else.
+      if (!std::isfinite(sum)) sum = block_dot<double>(c, bits, src, e1 - e0);
+      partial[static_cast<size_t>(g)] = sum * static_cast<double>(scale);
     });
   });
   double total = 0.0;

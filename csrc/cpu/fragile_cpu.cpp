@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cpu(at::TensorLis
   const std::pair<FlatList, FlatList> inputs = fragile_inputs(values_in, radii_in);
   const FlatList& values = inputs.first;  // named references: lambdas below capture them
   const FlatList& radii = inputs.second;
-  const float thr = static_cast<float>(threshold);
+  const float thr = float32_arg(threshold, "threshold", true);
 
   // Pass 1: how many fragile entries each chunk holds.
   const std::vector<int64_t> counts =

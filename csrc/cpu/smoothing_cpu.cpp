@@ -266,9 +266,9 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> quantize_analytic_cpu(
     at::TensorList grads_in, double beta, double count_below) {
-  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  check_beta(beta);
   const FlatList grads = flatten_float_list(grads_in, "grads");
-  const float b = static_cast<float>(beta), thr = static_cast<float>(count_below);
+  const float b = static_cast<float>(beta), thr = float32_arg(count_below, "count_below", true);
   return quantize_list(grads, [&](auto* g, int64_t n, int64_t, Stats& st, auto&& emit) {
     analytic_span(g, n, b, thr, st, emit);
   });
@@ -282,7 +282,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   check_mc_arguments(sigma, n0, n, table, grads.tensors.empty() ? table.device() : grads.tensors[0].device());
   const at::Tensor table_c = table.contiguous();
   const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset);
-  const float thr = static_cast<float>(count_below);
+  const float thr = float32_arg(count_below, "count_below", true);
   return quantize_list(grads, [&](auto* g, int64_t cnt, int64_t g0, Stats& st, auto&& emit) {
     mc_span(g, cnt, static_cast<uint64_t>(g0), p, thr, st, emit);
   });
@@ -292,10 +292,10 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_analytic_cpu(at::TensorList pa
                                                                at::TensorList grads_in, double beta,
                                                                double step_size, double count_below,
                                                                bool check_finite) {
-  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  check_beta(beta);
   const FlatList grads = flatten_float_list(grads_in, "grads");
   TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: the step needs at least one tensor");
-  const float b = static_cast<float>(beta), thr = static_cast<float>(count_below);
+  const float b = static_cast<float>(beta), thr = float32_arg(count_below, "count_below", true);
   return step_list(params, grads, step_size, check_finite, [&](auto* g, int64_t n, int64_t, Stats& st, auto&& emit) {
     analytic_span(g, n, b, thr, st, emit);
   });
@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cpu(at::TensorList params, 
   check_mc_arguments(sigma, n0, n, table, grads.tensors[0].device());
   const at::Tensor table_c = table.contiguous();
   const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset);
-  const float thr = static_cast<float>(count_below);
+  const float thr = float32_arg(count_below, "count_below", true);
   return step_list(params, grads, step_size, check_finite, [&](auto* g, int64_t cnt, int64_t g0, Stats& st, auto&& emit) {
     mc_span(g, cnt, static_cast<uint64_t>(g0), p, thr, st, emit);
   });
@@ -343,7 +343,7 @@ void apply_codes_cpu(at::TensorList params, at::TensorList codes_in, double step
 // An empty list carries no tensor to pick a kernel by: the dispatcher falls back to this kernel
 // (nothing to do), which refuses tensors on devices without kernels.
 void apply_codes_empty(at::TensorList params, at::TensorList codes, double step_size) {
-  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  float32_arg(step_size, "step_size");
   for (const auto& l : {params, codes})
     TORCH_CHECK(l.empty(), "unlearn_ext: apply_codes_ has no kernel for device ", l[0].device(),
                 " (kernels exist for CPU, and for CUDA in CUDA builds)");
@@ -355,6 +355,7 @@ at::Tensor vote_accumulate_cpu(at::TensorList votes, at::TensorList grads_in, do
   check_tau(tau);
   const FlatList grads = flatten_float_list(grads_in, "grads");
   check_vote_list(votes, grads, "votes");
+  check_vote_room(votes);
   const float t = static_cast<float>(tau);
   Stats s = parallel_over_list<Stats>(grads.offsets, [&](Stats& st, size_t ti, int64_t lo, int64_t hi, int64_t) {
     const int64_t numel = grads.tensors[ti].numel();
@@ -390,7 +391,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   check_mc_arguments(sigma, n0, n, table, selection[0].device());
   const at::Tensor table_c = table.contiguous();
   const float* tab = table_c.data_ptr<float>();
-  const float sig = static_cast<float>(sigma), thr = static_cast<float>(count_below);
+  const float sig = static_cast<float>(sigma), thr = float32_arg(count_below, "count_below", true);
   std::vector<at::Tensor> codes = empty_like_list(shapes, at::kChar);
   std::vector<at::Tensor> radii = empty_like_list(shapes, at::kFloat);
   Stats s = parallel_over_list<Stats>(shapes.offsets, [&](Stats& st, size_t t, int64_t lo, int64_t hi, int64_t) {

@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) axpy_kernel(ListView v, int bits, fl
     y[i] = static_cast<T>(axpy_value(to_float(y[i]), alpha, read_code(codes, bits, p.e0, i), scale));
 }
 
-// Per block: float sum of code * v over the lanes, times the scale, added to the double output.
+// Per block: double sum of code * v over the lanes (a float sum overflows where the result is finite), times the scale, added to the double output.
 // The order of the atomic additions varies between runs (results agree to rounding, not bits).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int bits, double* out) {
@@ -132,10 +132,11 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int bits, dou
   const float scale = static_cast<const float*>(v.ptr(kScales, p.t))[p.b];
   const void* codes = v.ptr(kCodes, p.t);
   const T* x = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
-  float sum = 0.0f;
-  for (int64_t i = lane; i < p.n; i += 32) sum += static_cast<float>(read_code(codes, bits, p.e0, i)) * to_float(x[i]);
+  double sum = 0.0;
+  for (int64_t i = lane; i < p.n; i += 32)
+    sum += static_cast<double>(read_code(codes, bits, p.e0, i)) * static_cast<double>(to_float(x[i]));
   for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
-  if (lane == 0) atomicAdd(out, static_cast<double>(sum) * static_cast<double>(scale));
+  if (lane == 0) atomicAdd(out, sum * static_cast<double>(scale));
 }
 
 // ---- op implementations ------------------------------------------------------------------------

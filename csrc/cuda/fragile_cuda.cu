@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fragile_compact_cuda(at::TensorLi
   ListLaunch launch(values.tensors[0].device());
   const auto opts = at::TensorOptions().device(launch.device());
   const ListView view = launch.pack(numels_of(values.tensors), {values.tensors, radii.tensors}, kChunk);
-  const float thr = static_cast<float>(threshold);
+  const float thr = float32_arg(threshold, "threshold", true);
   if (view.units == 0) {
     return {at::empty({0}, opts.dtype(at::kLong)), at::empty({0}, opts.dtype(at::kFloat)),
             at::empty({0}, opts.dtype(at::kFloat))};

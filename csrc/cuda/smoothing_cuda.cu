@@ -172,12 +172,12 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
 }
 
 QuantizeOut quantize_analytic_cuda(at::TensorList grads_in, double beta, double count_below) {
-  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  check_beta(beta);
   const FlatList grads = flatten_float_list(grads_in, "grads");
   TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: quantize_analytic needs at least one tensor");
   return quantize_list<AnalyticOp>(grads, [&](auto& op) {
     op.beta = static_cast<float>(beta);
-    op.below = static_cast<float>(count_below);
+    op.below = float32_arg(count_below, "count_below", true);
   });
 }
 
@@ -187,7 +187,7 @@ void configure_mc(Op& op, double tau, double sigma, int64_t n0, int64_t n, const
   op.tau = static_cast<float>(tau);
   op.sigma = static_cast<float>(sigma);
   op.inv_sigma = static_cast<float>(1.0 / sigma);
-  op.below = static_cast<float>(count_below);
+  op.below = float32_arg(count_below, "count_below", true);
   op.n0 = static_cast<int32_t>(n0);
   op.n = static_cast<int32_t>(n);
   op.table = table.data_ptr<float>();
@@ -213,12 +213,12 @@ QuantizeOut quantize_mc_cuda(at::TensorList grads_in, double tau, double sigma, 
 std::tuple<at::Tensor, at::Tensor> quantized_step_analytic_cuda(at::TensorList params, at::TensorList grads_in,
                                                                 double beta, double step_size,
                                                                 double count_below, bool check_finite) {
-  TORCH_CHECK(beta >= 0 && std::isfinite(beta), "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  check_beta(beta);
   const FlatList grads = flatten_float_list(grads_in, "grads");
   TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: the step needs at least one tensor");
   return step_list<AnalyticOp>(params, grads, step_size, check_finite, [&](auto& op) {
     op.beta = static_cast<float>(beta);
-    op.below = static_cast<float>(count_below);
+    op.below = float32_arg(count_below, "count_below", true);
   });
 }
 
@@ -265,6 +265,7 @@ at::Tensor vote_accumulate_cuda(at::TensorList votes, at::TensorList grads_in, d
   check_tau(tau);
   const FlatList grads = flatten_float_list(grads_in, "grads");
   check_vote_list(votes, grads, "votes");
+  check_vote_room(votes);
   TORCH_CHECK(!grads.tensors.empty(), "unlearn_ext: vote_accumulate_ needs at least one tensor");
   ListLaunch launch(grads.tensors[0].device());
   auto [min_radius, counts] = new_stats(launch.device());
@@ -298,7 +299,7 @@ QuantizeOut vote_finalize_cuda(at::TensorList selection, at::TensorList estimati
     using S = decltype(sel_tag);
     using E = decltype(est_tag);
     FinalizeOp<S, E> op{static_cast<int32_t>(n0), static_cast<int32_t>(n), table_c.data_ptr<float>(),
-                        static_cast<float>(sigma), static_cast<float>(count_below)};
+                        static_cast<float>(sigma), float32_arg(count_below, "count_below", true)};
     launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
   };
   const bool sel16 = selection[0].scalar_type() == at::kShort, est16 = estimation[0].scalar_type() == at::kShort;

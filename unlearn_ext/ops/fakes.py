@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..reference.codecs import MAX_BLOCK, MIN_BLOCK, block_count, code_dtype, code_numel
@@ -30,13 +31,29 @@ def _check(cond, *msg) -> None:
     torch._check(cond, lambda: "unlearn_ext: " + "".join(str(m) for m in msg))
 
 
+def check_float32(x: float, name: str, allow_inf: bool = False) -> None:
+    """The kernels use float arguments as float32: refuse NaN and finite values that round to inf."""
+    ok = not math.isnan(x) and (abs(x) < FLOAT32_OVERFLOW or (allow_inf and math.isinf(x)))
+    _check(ok, name, " must be a float32 number or +-inf" if allow_inf else
+           " must be finite as float32 (|x| <= 3.4028235e38)", ", got ", x)
+
+
+def _check_one_device(tensors, name: str) -> None:
+    """One device per list: a list mixing CPU and meta tensors would otherwise reach this fake (meta
+    wins the dispatch) and leave the CPU tensors untouched."""
+    for i, t in enumerate(tensors):
+        _check(t.device == tensors[0].device, "all tensors in ", name, " must be on one device, but ", name,
+               "[0] is on ", tensors[0].device, " and ", name, "[", i, "] is on ", t.device)
+
+
 def _check_float_list(tensors, name: str) -> None:
-    """fp32/fp16/bf16, one dtype for the whole list."""
+    """fp32/fp16/bf16, one dtype and one device for the whole list."""
     for i, t in enumerate(tensors):
         _check(t.dtype in FLOAT_DTYPES, name, "[", i, "] has dtype ", t.dtype,
                "; expected float32, float16 or bfloat16")
         _check(t.dtype == tensors[0].dtype, "all tensors in ", name, " must share one dtype, but ", name,
                "[0] is ", tensors[0].dtype, " and ", name, "[", i, "] is ", t.dtype)
+    _check_one_device(tensors, name)
 
 
 def check_paired(a, a_name: str, b, b_name: str) -> None:
@@ -45,6 +62,8 @@ def check_paired(a, a_name: str, b, b_name: str) -> None:
     for i, (x, y) in enumerate(zip(a, b)):
         _check(x.shape == y.shape, a_name, "[", i, "] has shape ", tuple(x.shape), " but ", b_name, "[", i,
                "] has shape ", tuple(y.shape))
+        _check(x.device == y.device, a_name, "[", i, "] is on ", x.device, " but ", b_name, "[", i, "] is on ",
+               y.device)
 
 
 def _check_not_empty(tensors, what: str) -> None:
@@ -52,34 +71,39 @@ def _check_not_empty(tensors, what: str) -> None:
 
 
 def check_tau(tau: float) -> None:
-    _check(tau >= 0 and math.isfinite(tau), "tau must be a finite number >= 0, got ", tau)
+    check_float32(tau, "tau")
+    _check(tau >= 0, "tau must be a finite number >= 0, got ", tau)
 
 
 def check_beta(beta: float) -> None:
-    _check(beta >= 0 and math.isfinite(beta), "beta must be finite and >= 0, got ", beta)
+    check_float32(beta, "beta")
+    _check(beta >= 0, "beta must be finite and >= 0, got ", beta)
 
 
-def _check_mc(sigma: float, n0: int, n: int, radius_table: torch.Tensor) -> None:
-    _check(sigma > 0 and math.isfinite(sigma), "sigma must be a finite number > 0, got ", sigma)
+def _check_mc(sigma: float, n0: int, n: int, radius_table: torch.Tensor, device) -> None:
+    check_float32(sigma, "sigma")
+    _check(float(np.float32(sigma)) > 0, "sigma must be a finite number > 0, got ", sigma)
     _check(n0 >= 1, "n0 (selection draws) must be >= 1, got ", n0)
     _check(n >= 1, "n (estimation draws) must be >= 1, got ", n)
     _check(n0 + n <= 1 << 30, "n0 + n is too large (", n0 + n, ")")
     _check(radius_table.dim() == 1 and radius_table.numel() == n + 1, "radius_table must be a 1-D tensor of ",
            "n + 1 = ", n + 1, " entries (one per possible count), got shape ", tuple(radius_table.shape))
     _check(radius_table.dtype == torch.float32, "radius_table must be float32, got ", radius_table.dtype)
+    _check(radius_table.device == device, "radius_table is on ", radius_table.device, " but the gradients are on ",
+           device)
 
 
 def check_step(params, grads, step_size: float) -> None:
     _check_float_list(grads, "grads")
     _check_not_empty(grads, "the step needs at least one tensor")
-    _check(math.isfinite(step_size), "step_size must be finite, got ", step_size)
+    check_float32(step_size, "step_size")
     check_paired(params, "params", grads, "grads")
     for i, (p, g) in enumerate(zip(params, grads)):
         _check(p.dtype == g.dtype, "params[", i, "] has dtype ", p.dtype, " but grads[", i, "] has ", g.dtype,
                "; they must match")
 
 
-def _check_votes(votes, shapes, name: str) -> None:
+def _check_votes(votes, shapes, devices, name: str) -> None:
     """int16/int32 counters of shape (2, *shapes[i]), contiguous, one dtype per list."""
     _check(len(votes) == len(shapes), name, " has ", len(votes), " tensors but grads has ", len(shapes))
     for i, (v, shape) in enumerate(zip(votes, shapes)):
@@ -88,6 +112,7 @@ def _check_votes(votes, shapes, name: str) -> None:
         _check(v.shape == (2, *shape), name, "[", i, "] must have shape (2, *grads[", i, "].shape) = ",
                (2, *shape), " (counts of -1 and +1 votes), got ", tuple(v.shape))
         _check(v.is_contiguous(), name, "[", i, "] must be contiguous")
+        _check(v.device == devices[i], name, "[", i, "] is on ", v.device, " but grads[", i, "] is on ", devices[i])
 
 
 def _check_codec_args(bits: int, block_size: int) -> None:
@@ -107,6 +132,8 @@ def _check_coded(codes, scales, like, like_name: str, bits: int, block_size: int
                like_name, "[", i, "] (", t.numel(), " elements) needs ", code_numel(t.numel(), bits), " for ",
                bits, "-bit codes")
         _check(s.dtype == torch.float32, "scales[", i, "] must be float32, got ", s.dtype)
+        _check(c.device == t.device and s.device == t.device, "codes[", i, "] and scales[", i, "] must be on ",
+               t.device, " like ", like_name, "[", i, "]")
         _check(s.numel() == block_count(t.numel(), block_size), "scales[", i, "] has ", s.numel(),
                " entries but ", like_name, "[", i, "] (", t.numel(), " elements) has ",
                block_count(t.numel(), block_size), " blocks of ", block_size,
@@ -175,13 +202,15 @@ if _C is not None:
     def _quantize_analytic_fake(grads, beta, count_below):
         check_beta(beta)
         _check_float_list(grads, "grads")
+        check_float32(count_below, "count_below", allow_inf=True)
         return _quantize_outputs(grads, _first_device(grads))  # empty list: CPU statistics (the wrapper's)
 
     @torch.library.register_fake("unlearn_ext::quantize_mc")
     def _quantize_mc_fake(grads, tau, sigma, n0, n, radius_table, seed, offset, count_below):
         _check_float_list(grads, "grads")
         check_tau(tau)
-        _check_mc(sigma, n0, n, radius_table)
+        _check_mc(sigma, n0, n, radius_table, _first_device(grads, radius_table.device))
+        check_float32(count_below, "count_below", allow_inf=True)
         # Statistics live where the gradients are; the kernels put those of an empty list on
         # radius_table's device (the CPU kernel on the CPU, which is where its table is).
         return _quantize_outputs(grads, _first_device(grads, radius_table.device))
@@ -190,11 +219,12 @@ if _C is not None:
     def _step_analytic_fake(params, grads, beta, step_size, count_below, check_finite):
         check_beta(beta)
         check_step(params, grads, step_size)
+        check_float32(count_below, "count_below", allow_inf=True)
         return _stats_on(grads[0].device)
 
     @torch.library.register_fake("unlearn_ext::apply_codes_")
     def _apply_codes_fake(params, codes, step_size):
-        _check(math.isfinite(step_size), "step_size must be finite, got ", step_size)
+        check_float32(step_size, "step_size")
         _check_float_list(params, "params")
         check_paired(params, "params", codes, "codes")
         for i, c in enumerate(codes):
@@ -206,14 +236,15 @@ if _C is not None:
                       count_below, check_finite):
         check_step(params, grads, step_size)
         check_tau(tau)
-        _check_mc(sigma, n0, n, radius_table)
+        _check_mc(sigma, n0, n, radius_table, grads[0].device)
+        check_float32(count_below, "count_below", allow_inf=True)
         return _stats_on(grads[0].device)
 
     @torch.library.register_fake("unlearn_ext::vote_accumulate_")
     def _vote_accumulate_fake(votes, grads, tau):
         check_tau(tau)
         _check_float_list(grads, "grads")
-        _check_votes(votes, [g.shape for g in grads], "votes")
+        _check_votes(votes, [g.shape for g in grads], [g.device for g in grads], "votes")
         return torch.empty((), dtype=torch.int64, device=_first_device(votes))  # the nonfinite count
 
     @torch.library.register_fake("unlearn_ext::vote_finalize")
@@ -225,9 +256,12 @@ if _C is not None:
             _check(s.dim() >= 1 and s.shape[0] == 2, "selection_votes[", i, "] must have shape (2, ...), got ",
                    tuple(s.shape))
         shapes = [s.shape[1:] for s in selection_votes]
-        _check_votes(selection_votes, shapes, "selection_votes")
-        _check_votes(estimation_votes, shapes, "estimation_votes")
-        _check_mc(sigma, n0, n, radius_table)
+        devices = [s.device for s in selection_votes]
+        _check_votes(selection_votes, shapes, devices, "selection_votes")
+        _check_votes(estimation_votes, shapes, devices, "estimation_votes")
+        _check_one_device(selection_votes, "selection_votes")
+        _check_mc(sigma, n0, n, radius_table, devices[0])
+        check_float32(count_below, "count_below", allow_inf=True)
         return (*_codes_radii_like(shapes, [s.device for s in selection_votes]),
                 *_stats_on(selection_votes[0].device))
 
@@ -237,6 +271,7 @@ if _C is not None:
         _check_float_list(values, "values")
         for i, r in enumerate(radii):
             _check(r.dtype == torch.float32, "radii[", i, "] must be float32, got ", r.dtype)
+        check_float32(threshold, "threshold", allow_inf=True)
         if not values:  # the wrapper's answer: nothing is fragile
             count = 0
         else:
@@ -269,8 +304,7 @@ if _C is not None:
 
     @torch.library.register_fake("unlearn_ext::dequantize_axpy_")
     def _dequantize_axpy_fake(y, alpha, codes, scales, bits, block_size):
-        _check(math.isfinite(alpha) and abs(alpha) < FLOAT32_OVERFLOW, "alpha must be finite (as float32), got ",
-               alpha)
+        check_float32(alpha, "alpha")
         _codec_inputs(y, "y", codes, scales, bits, block_size)
 
     @torch.library.register_fake("unlearn_ext::dequantize_dot")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import ops as _ops
-from ..checks import as_tensor_list, check_float_list, seed_args
+from ..checks import as_tensor_list, check_count, check_float_list, seed_args
 from ..rng import blocks_for_draws, call_offset
 
 MODES = ("analytic", "mc")
@@ -86,8 +86,11 @@ def radius_table(n: int, alpha: float = 1e-3, device="cpu") -> torch.Tensor:
 
     Entries <= 0 mean pA_low <= 1/2: the kernel abstains there.
     """
+    n = check_count(n, "n")
     if n < 1:
         raise ValueError(f"n (estimation draws) must be >= 1, got {n}")
+    if n > MAX_DRAWS:  # before numpy allocates (n + 1)-entry tables
+        raise ValueError(f"n must be at most {MAX_DRAWS}, got {n}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     return torch.from_numpy(_radius_table_np(int(n), float(alpha)).copy()).to(device)
@@ -111,10 +114,13 @@ def _check_mode(mode: str, n0: int, n: int) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "mc":
-        if int(n0) < 1:
+        n0, n = check_count(n0, "n0"), check_count(n, "n")
+        if n0 < 1:
             raise ValueError(f"n0 (selection draws) must be >= 1, got {n0}")
-        if int(n) < 1:
+        if n < 1:
             raise ValueError(f"n (estimation draws) must be >= 1, got {n}")
+        if n0 + n > MAX_DRAWS:  # checked before the radius table is built
+            raise ValueError(f"n0 + n must be at most {MAX_DRAWS}, got {n0 + n}")
 
 
 # The kernels count draws in int32 (and the C++ checks refuse more).
@@ -339,6 +345,9 @@ def vote_accumulate_(votes, grads, *, tau: float) -> int:
         raise ValueError(f"votes has {len(votes)} tensors but grads has {len(grads)}")
     if not grads:
         return 0
+    if grads[0].device.type == "meta":  # the count is data; call the op to trace without values
+        raise ValueError("unlearn_ext: vote_accumulate_ returns how many gradient entries are non-finite, "
+                         "which meta tensors do not hold; use torch.ops.unlearn_ext.vote_accumulate_ instead")
     return int(_ops.vote_accumulate_(votes, grads, float(tau)))
 
 
@@ -354,7 +363,7 @@ def vote_finalize(selection_votes, estimation_votes, *, n0: int, n: int, sigma: 
         return QuantizeResult(*_empty_stats())
     for name, votes, total in (("selection_votes", sel, n0), ("estimation_votes", est, n)):
         for i, v in enumerate(votes):
-            if v.numel() and (int(v.min()) < 0 or int(v.sum(0).max()) > total):
+            if v.numel() and v.device.type != "meta" and (int(v.min()) < 0 or int(v.sum(0).max()) > total):
                 raise ValueError(f"{name}[{i}] holds counts outside [0, {total}] per coordinate; "
                                  f"were exactly {total} samples accumulated into it?")
     _ops.check_device(sel[0].device)

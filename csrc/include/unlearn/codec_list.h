@@ -107,9 +107,7 @@ inline CodecInputs codec_inputs(at::TensorList values, const char* name, at::Ten
 
 // alpha as the kernels use it (float): finite as a float, not just as a double.
 inline float checked_alpha(double alpha) {
-  const float a = static_cast<float>(alpha);
-  TORCH_CHECK(std::isfinite(a), "unlearn_ext: alpha must be finite (as float32), got ", alpha);
-  return a;
+  return float32_arg(alpha, "alpha");
 }
 
 inline void check_recon_list(at::TensorList recon, const FlatList& target) {

@@ -88,11 +88,28 @@ inline std::pair<FlatList, FlatList> fragile_inputs(at::TensorList values, at::T
   return {std::move(v), std::move(r)};
 }
 
+// The kernels compute in float32: a float argument must keep its meaning when rounded to float32.
+// A finite double beyond FLT_MAX (1e39) rounds to inf and would write inf/NaN into parameters, so
+// it is refused like NaN; with allow_inf, +-inf itself is accepted (count_below = inf counts all).
+inline float float32_arg(double x, const char* name, bool allow_inf = false) {
+  const float f = static_cast<float>(x);
+  TORCH_CHECK(!std::isnan(x) && (std::isfinite(f) || (allow_inf && std::isinf(x))), "unlearn_ext: ", name,
+              allow_inf ? " must be a float32 number or +-inf" : " must be finite as float32 (|x| <= 3.4028235e38)",
+              ", got ", x);
+  return f;
+}
+
+inline float check_beta(double beta) {
+  const float b = float32_arg(beta, "beta");
+  TORCH_CHECK(beta >= 0, "unlearn_ext: beta must be finite and >= 0, got ", beta);
+  return b;
+}
+
 // Validates the scalar arguments of the Monte-Carlo certification.
 inline void check_mc_arguments(double sigma, int64_t n0, int64_t n, const at::Tensor& radius_table,
                                const at::Device& device) {
-  TORCH_CHECK(sigma > 0 && std::isfinite(sigma), "unlearn_ext: sigma must be a finite number > 0, got ",
-              sigma);
+  // > 0 as float32 too: a sigma that underflows to 0 would divide by zero.
+  TORCH_CHECK(float32_arg(sigma, "sigma") > 0, "unlearn_ext: sigma must be a finite number > 0, got ", sigma);
   TORCH_CHECK(n0 >= 1, "unlearn_ext: n0 (selection draws) must be >= 1, got ", n0);
   TORCH_CHECK(n >= 1, "unlearn_ext: n (estimation draws) must be >= 1, got ", n);
   TORCH_CHECK(n0 + n <= (int64_t(1) << 30), "unlearn_ext: n0 + n is too large (", n0 + n, ")");
@@ -106,8 +123,8 @@ inline void check_mc_arguments(double sigma, int64_t n0, int64_t n, const at::Te
 }
 
 inline void check_tau(double tau) {
-  TORCH_CHECK(tau >= 0 && std::isfinite(tau), "unlearn_ext: tau must be a finite number >= 0, got ",
-              tau);
+  float32_arg(tau, "tau");
+  TORCH_CHECK(tau >= 0, "unlearn_ext: tau must be a finite number >= 0, got ", tau);
 }
 
 // Calls f(tensor_index, local_begin, local_end, global_begin) for each piece of the global range
@@ -134,7 +151,7 @@ inline std::vector<at::Tensor> empty_like_list(const FlatList& flat, at::ScalarT
 
 // Checks the parameter list of a fused step against its gradients (count, shapes, devices, dtypes).
 inline void check_step_lists(at::TensorList params, const FlatList& grads, double step_size) {
-  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  float32_arg(step_size, "step_size");
   check_paired_lists(params, "params", grads.tensors, "grads");
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].scalar_type() == grads.tensors[i].scalar_type(), "unlearn_ext: params[", i,
@@ -146,7 +163,7 @@ inline void check_step_lists(at::TensorList params, const FlatList& grads, doubl
 // apply_codes_'s lists: params (fp32/fp16/bf16, one dtype and device) and one int8 code tensor per
 // parameter, shaped like it, on its device. Returns the codes, contiguous.
 inline std::vector<at::Tensor> check_apply_codes(at::TensorList params, at::TensorList codes, double step_size) {
-  TORCH_CHECK(std::isfinite(step_size), "unlearn_ext: step_size must be finite, got ", step_size);
+  float32_arg(step_size, "step_size");
   flatten_float_list(params, "params");  // dtype and device checks only; params are updated in place
   check_paired_lists(params, "params", codes, "codes");
   std::vector<at::Tensor> out;
@@ -177,6 +194,19 @@ inline void check_vote_list(at::TensorList votes, const FlatList& like, const ch
     TORCH_CHECK(v.is_contiguous(), "unlearn_ext: ", name, "[", i, "] must be contiguous");
     TORCH_CHECK(v.device() == like.tensors[i].device(), "unlearn_ext: ", name, "[", i, "] is on ",
                 v.device(), " but grads[", i, "] is on ", like.tensors[i].device());
+  }
+}
+
+// vote_accumulate_ adds at most one vote per coordinate: refused (before any counter changes) where
+// a counter already holds its dtype's maximum, since it would wrap silently. Costs one read of the
+// counters (and a device sync on CUDA); VoteCounter never gets here (it sizes counters for n0, n).
+inline void check_vote_room(at::TensorList votes) {
+  for (size_t i = 0; i < votes.size(); ++i) {
+    if (votes[i].numel() == 0) continue;
+    const int64_t limit = votes[i].scalar_type() == at::kShort ? INT16_MAX : INT32_MAX;
+    const int64_t most = votes[i].max().item<int64_t>();
+    TORCH_CHECK(most < limit, "unlearn_ext: votes[", i, "] holds a count of ", most, ", the most its dtype ",
+                votes[i].scalar_type(), " can hold; one more vote would overflow (use int32 counters)");
   }
 }
 

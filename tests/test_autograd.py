@@ -1,0 +1,130 @@
+"""In-place ops under autograd behave like torch's own in-place ops (issue 10, csrc/ops.cpp): the
+version counters of mutated tensors are bumped, a leaf that requires grad is refused in grad mode
+(and accepted under torch.no_grad(), which is how PCMU updates parameters), and a backward through
+a mutated tensor or a float output raises instead of returning a wrong gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unlearn_ext as ue
+
+from conftest import requires_compiled
+
+pytestmark = requires_compiled
+
+OPS = torch.ops.unlearn_ext
+
+
+def _floats(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, generator=gen), torch.randn(2, 3, generator=gen)]
+
+
+def _coded(bits=8):
+    return OPS.blockwise_quantize(_floats(1), bits, 64)
+
+
+def _in_place_calls():
+    """op name -> (build: () -> args, positions of the mutated lists; the first one is float)."""
+    table = ue.radius_table(8, 1e-3, "cpu")
+    ternary = [torch.tensor([1, 0, -1, 1, 0], dtype=torch.int8), torch.ones(2, 3, dtype=torch.int8)]
+    return {
+        "quantized_step_analytic_": (lambda: (_floats(2), _floats(3), 0.2, 0.01, 0.05, True), (0,)),
+        "quantized_step_mc_": (lambda: (_floats(2), _floats(3), 0.2, 0.3, 4, 8, table, 1, 0, 0.01, 0.05, True),
+                               (0,)),
+        "apply_codes_": (lambda: (_floats(2), ternary, 0.01), (0,)),
+        "blockwise_dequantize_": (lambda: (_floats(2), *_coded(), 8, 64), (0,)),
+        "dequantize_axpy_": (lambda: (_floats(2), 0.5, *_coded(4), 4, 64), (0,)),
+        "delta_encode_": (lambda: (_floats(3), _floats(2), *map(lambda p: [t.zero_() for t in p], _coded()), 8, 64),
+                          (1, 2, 3)),
+    }
+
+
+IN_PLACE = _in_place_calls()
+
+
+def test_every_mutating_op_is_covered():
+    mutating = {name for name in ue.ops.__dict__ if name.endswith("_") and not name.startswith("_")
+                and hasattr(OPS, name)}
+    assert mutating == set(IN_PLACE) | {"vote_accumulate_"}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_version_counters_are_bumped(name):
+    build, mutated = IN_PLACE[name]
+    args = build()
+    before = [[t._version for t in args[i]] for i in mutated]
+    getattr(OPS, name)(*args)
+    after = [[t._version for t in args[i]] for i in mutated]
+    assert all(a > b for bs, as_ in zip(before, after) for b, a in zip(bs, as_)), (before, after)
+
+
+def test_vote_accumulate_bumps_the_counters_version():
+    votes = [torch.zeros(2, 5, dtype=torch.int16), torch.zeros(2, 2, 3, dtype=torch.int16)]
+    OPS.vote_accumulate_(votes, _floats(), 0.1)
+    assert all(v._version > 0 for v in votes)
+
+
+def _with_leaves(args, position):
+    args = list(args)
+    args[position] = [t.detach().requires_grad_() for t in args[position]]
+    return args
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_leaf_requiring_grad_is_refused_in_grad_mode(name):
+    build, mutated = IN_PLACE[name]
+    args = _with_leaves(build(), mutated[0])
+    before = [t.detach().clone() for t in args[mutated[0]]]
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place"):
+        getattr(OPS, name)(*args)
+    assert all(torch.equal(a, b) for a, b in zip(args[mutated[0]], before)), "refused, yet written"
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_leaf_requiring_grad_is_updated_under_no_grad(name):
+    build, mutated = IN_PLACE[name]
+    plain = build()
+    getattr(OPS, name)(*plain)
+    leaves = _with_leaves(build(), mutated[0])
+    with torch.no_grad():
+        getattr(OPS, name)(*leaves)
+    for got, want in zip(leaves[mutated[0]], plain[mutated[0]]):
+        assert got.requires_grad and got.is_leaf
+        assert torch.equal(got.detach(), want)
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_backward_through_a_mutated_non_leaf_raises(name):
+    build, mutated = IN_PLACE[name]
+    args = list(build())
+    w = [t.detach().requires_grad_() for t in args[mutated[0]]]
+    args[mutated[0]] = [t * 2 for t in w]  # non-leaves: the old gradient 2 would be silently wrong
+    getattr(OPS, name)(*args)
+    with pytest.raises(RuntimeError, match=f"derivative for unlearn_ext::{name} is not implemented"):
+        sum(t.sum() for t in args[mutated[0]]).backward()
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_backward_through_a_saved_then_mutated_tensor_raises(name):
+    build, mutated = IN_PLACE[name]
+    args = list(build())
+    w = [t.detach().requires_grad_() for t in args[mutated[0]]]
+    args[mutated[0]] = [t.exp() for t in w]  # exp saves its result for the backward
+    saved_by = [t.exp() for t in args[mutated[0]]]
+    with torch.no_grad():  # even where no history is rebased, the version check catches it
+        getattr(OPS, name)(*args)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sum(t.sum() for t in saved_by).backward()
+
+
+def test_backward_through_float_outputs_raises():
+    codes, scales = _coded(4)
+    v = [t.requires_grad_() for t in _floats()]
+    dot = OPS.dequantize_dot(codes, scales, v, 4, 64)
+    with pytest.raises(RuntimeError, match="derivative for unlearn_ext::dequantize_dot is not implemented"):
+        dot.backward()
+    min_radius, _ = OPS.quantized_step_analytic_(_floats(2), v, 0.2, 0.01, 0.05, True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        min_radius.backward()
