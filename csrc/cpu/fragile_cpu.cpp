@@ -6,6 +6,7 @@
 
 #include "cpu_walk.h"
 #include "unlearn/fragile.h"
+#include "unlearn/fragile_checks.h"
 
 namespace unlearn {
 namespace cpu {

@@ -6,6 +6,7 @@
 #include "cpu_walk.h"
 #include "philox_avx512.h"
 #include "unlearn/smoothing.h"
+#include "unlearn/smoothing_checks.h"
 
 namespace unlearn {
 namespace cpu {

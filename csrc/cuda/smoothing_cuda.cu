@@ -4,6 +4,7 @@
 
 #include "cuda_walk.cuh"
 #include "unlearn/smoothing.h"
+#include "unlearn/smoothing_checks.h"
 #include "unlearn/codec_list.h"  // numels_of
 #include "unlearn/tensor_list.h"
 
