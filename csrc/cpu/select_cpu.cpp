@@ -1,0 +1,219 @@
+// CPU kernels of the selection family (schemas and contract in csrc/ops.cpp, per-element math in
+// unlearn/select.h). All passes read the list in place through the chunk walker: no concatenated
+// copy; the only extra memory is one histogram per worker.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "cpu_walk.h"
+#include "unlearn/select.h"
+#include "unlearn/select_checks.h"
+
+namespace unlearn {
+namespace cpu {
+namespace {
+
+// Calls f(key, nan, local_index) for the elements [lo, hi) of tensor t (global index g0 + i - lo).
+// The key source is chosen once per span, so the inner loops stay branch-light.
+template <typename T, typename F>
+inline void for_each_key(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo,
+                         int64_t hi, int64_t g0, F&& f) {
+  if (mode == kKeyRandom) {
+    for (int64_t i = lo; i < hi; ++i) f(random_key(seed, offset, static_cast<uint64_t>(g0 + (i - lo))), false, i);
+    return;
+  }
+  const T* v = scores.data_ptr<T>();
+  for (int64_t i = lo; i < hi; ++i) {
+    bool nan;
+    const uint32_t key = score_key(load_float(v[i]), mode, nan);
+    f(key, nan, i);
+  }
+}
+
+template <typename F>
+inline void dispatch_scores(const FlatList& s, F&& f) {
+  if (s.tensors.empty()) return f(float{});
+  dispatch_float_type(s.tensors[0].scalar_type(), std::forward<F>(f));
+}
+
+at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t seed, int64_t offset,
+                                int64_t base, int64_t prefix, int64_t prefix_bits, int64_t digit_bits) {
+  check_key_mode(mode);
+  check_base(base);
+  check_histogram_args(prefix, prefix_bits, digit_bits);
+  const FlatList s = flatten_float_list(scores_in, "scores");
+  const int64_t bins = int64_t(1) << digit_bits;
+  at::Tensor out = at::zeros({bins + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* hist = out.data_ptr<int64_t>();
+  const int prefix_shift = 32 - static_cast<int>(prefix_bits);  // 32 when there is no prefix
+  const int digit_shift = prefix_shift - static_cast<int>(digit_bits);
+  const uint64_t want = static_cast<uint64_t>(prefix), mask = static_cast<uint64_t>(bins - 1);
+  // One histogram per worker, merged under a lock: integer counts, so the merge order is irrelevant.
+  const int64_t chunks = chunk_count(s.offsets);
+  const int64_t grain = std::max<int64_t>(1, (chunks + at::get_num_threads() - 1) / at::get_num_threads());
+  std::mutex merge;
+  dispatch_scores(s, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      std::vector<int64_t> local(static_cast<size_t>(bins + 1), 0);
+      int64_t* h = local.data();
+      for_each_span(s.offsets, c0 * kChunk, std::min(s.total(), c1 * kChunk),
+                    [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+                      for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi,
+                                      base + g, [&](uint32_t key, bool nan, int64_t) {
+                                        const uint64_t k = key;
+                                        if (nan) ++h[bins];
+                                        else if ((k >> prefix_shift) == want) ++h[(k >> digit_shift) & mask];
+                                      });
+                    });
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t b = 0; b <= bins; ++b) hist[b] += h[b];
+    });
+  });
+  return out;
+}
+
+at::Tensor select_tie_boundary_cpu(at::TensorList scores_in, int64_t mode, int64_t seed, int64_t offset,
+                                   int64_t base, int64_t key, int64_t needed) {
+  check_key_mode(mode);
+  check_base(base);
+  TORCH_CHECK(needed >= 0, "unlearn_ext: needed must be >= 0, got ", needed);
+  const FlatList s = flatten_float_list(scores_in, "scores");
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kLong));
+  int64_t& boundary = *out.data_ptr<int64_t>();
+  boundary = base + s.total();  // fewer ties than needed: all of them
+  if (needed == 0) {
+    boundary = base;
+    return out;
+  }
+  const auto is_tie = [key](uint32_t k, bool nan) { return !nan && static_cast<int64_t>(k) == key; };
+  dispatch_scores(s, [&](auto tag) {
+    using T = decltype(tag);
+    // Pass 1: ties per chunk.
+    const std::vector<int64_t> counts =
+        chunk_partials<int64_t>(s.offsets, [&](int64_t& n, size_t t, int64_t lo, int64_t hi, int64_t g) {
+          for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi, base + g,
+                          [&](uint32_t k, bool nan, int64_t) { n += is_tie(k, nan); });
+        });
+    // The chunk holding the needed-th tie, then a serial scan of that chunk alone.
+    int64_t before = 0;
+    for (size_t c = 0; c < counts.size(); ++c) {
+      if (before + counts[c] < needed) {
+        before += counts[c];
+        continue;
+      }
+      const int64_t c0 = static_cast<int64_t>(c) * kChunk;
+      bool done = false;
+      for_each_span(s.offsets, c0, std::min(s.total(), c0 + kChunk), [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+        if (done) return;
+        for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi, base + g,
+                        [&](uint32_t k, bool nan, int64_t i) {
+                          if (done || !is_tie(k, nan)) return;
+                          if (++before == needed) {
+                            boundary = base + g + (i - lo) + 1;
+                            done = true;
+                          }
+                        });
+      });
+      break;
+    }
+  });
+  return out;
+}
+
+at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at::TensorList source_in,
+                            at::TensorList masks, int64_t mode, int64_t seed, int64_t offset, int64_t base,
+                            int64_t threshold, int64_t boundary, int64_t action, double alpha, int64_t noise_seed,
+                            int64_t noise_offset) {
+  check_key_mode(mode);
+  check_base(base);
+  check_selection(threshold, boundary);
+  check_action(action, alpha, source_in.size(), params.size());
+  const bool shapes_only = mode == kKeyRandom && scores_in.empty();
+  const FlatList s = check_apply_lists(params, shapes_only ? params : scores_in, source_in, masks);
+  std::vector<at::Tensor> work = contiguous_work(params);
+  std::vector<at::Tensor> source(source_in.begin(), source_in.end());
+  for (auto& x : source) x = x.contiguous();
+  const float a = static_cast<float>(alpha);
+  at::Tensor count = at::zeros({}, at::TensorOptions().dtype(at::kLong));
+  if (params.empty()) return count;
+  dispatch_float_type(params[0].scalar_type(), [&](auto ptag) {
+    using P = decltype(ptag);
+    dispatch_scores(s, [&](auto stag) {
+      using T = decltype(stag);
+      const std::vector<int64_t> counts =
+          chunk_partials<int64_t>(s.offsets, [&](int64_t& n, size_t t, int64_t lo, int64_t hi, int64_t g) {
+            P* w = work[t].data_ptr<P>();
+            const P* src = source.empty() ? nullptr : source[t].data_ptr<P>();
+            bool* m = masks.empty() ? nullptr : masks[t].data_ptr<bool>();
+            for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi, base + g,
+                            [&](uint32_t k, bool nan, int64_t i) {
+                              const int64_t gi = base + g + (i - lo);
+                              const bool sel = !nan && is_selected(k, gi, threshold, boundary);
+                              if (m) m[i] = sel;
+                              if (!sel) return;
+                              ++n;
+                              const float sv = src ? load_float(src[i]) : 0.0f;
+                              w[i] = store_as<P>(apply_action(static_cast<int>(action), load_float(w[i]), sv, a,
+                                                              as_u64(noise_seed), as_u64(noise_offset),
+                                                              static_cast<uint64_t>(gi)));
+                            });
+          });
+      int64_t total = 0;
+      for (int64_t n : counts) total += n;
+      *count.data_ptr<int64_t>() = total;
+    });
+  });
+  write_back(params, work);
+  return count;
+}
+
+struct SumSq {
+  double s = 0.0;
+  void merge(const SumSq& o) { s += o.s; }
+};
+
+at::Tensor select_mask_grad_cpu(at::TensorList grads, at::TensorList scores_in, int64_t mode, int64_t seed,
+                                int64_t offset, int64_t base, int64_t threshold, int64_t boundary) {
+  check_key_mode(mode);
+  check_base(base);
+  check_selection(threshold, boundary);
+  const FlatList s = check_apply_lists(grads, scores_in, {}, {});
+  std::vector<at::Tensor> work = contiguous_work(grads);
+  at::Tensor out = at::zeros({}, at::TensorOptions().dtype(at::kDouble));
+  if (grads.empty()) return out;
+  dispatch_float_type(grads[0].scalar_type(), [&](auto gtag) {
+    using G = decltype(gtag);
+    dispatch_scores(s, [&](auto stag) {
+      using T = decltype(stag);
+      const SumSq all = parallel_over_list<SumSq>(s.offsets, [&](SumSq& p, size_t t, int64_t lo, int64_t hi, int64_t g) {
+        G* x = work[t].data_ptr<G>();
+        for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi, base + g,
+                        [&](uint32_t k, bool nan, int64_t i) {
+                          if (!nan && is_selected(k, base + g + (i - lo), threshold, boundary)) {
+                            const double v = load_float(x[i]);
+                            p.s += v * v;
+                          } else {
+                            x[i] = store_as<G>(0.0f);
+                          }
+                        });
+      });
+      *out.data_ptr<double>() = all.s;
+    });
+  });
+  write_back(grads, work);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
+  m.impl("select_histogram", &select_histogram_cpu);
+  m.impl("select_tie_boundary", &select_tie_boundary_cpu);
+  m.impl("select_apply_", &select_apply_cpu);
+  m.impl("select_mask_grad_", &select_mask_grad_cpu);
+}
+
+}  // namespace cpu
+}  // namespace unlearn
