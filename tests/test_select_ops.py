@@ -268,6 +268,7 @@ def _mem_available_gib() -> float:
     return 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_mem_available_gib() < 12, reason="needs ~5 GiB for a list of more than 2^31 elements")
 def test_list_above_2_pow_31_elements():
     """Two bf16 tensors of 2^30 + 5 elements (total above 2^31; torch.topk on their concatenation

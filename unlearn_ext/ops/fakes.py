@@ -324,31 +324,31 @@ if _C is not None:
     # ---- selection (mirror csrc/include/unlearn/select_checks.h) ----------------------------------
 
     @torch.library.register_fake("unlearn_ext::select_histogram")
-    def _select_histogram_fake(scores, mode, seed, offset, base, prefix, prefix_bits, digit_bits):
-        check_select_common(mode, base)
+    def _select_histogram_fake(scores, key_mode, seed, offset, base, prefix, prefix_bits, digit_bits):
+        check_select_common(key_mode, base)
         check_histogram_args(prefix, prefix_bits, digit_bits)
         _check_float_list(scores, "scores")
         return torch.empty(((1 << digit_bits) + 1,), dtype=torch.int64, device=_first_device(scores))
 
     @torch.library.register_fake("unlearn_ext::select_tie_boundary")
-    def _select_tie_boundary_fake(scores, mode, seed, offset, base, key, needed):
-        check_select_common(mode, base)
+    def _select_tie_boundary_fake(scores, key_mode, seed, offset, base, key, needed):
+        check_select_common(key_mode, base)
         _check(needed >= 0, "needed must be >= 0, got ", needed)
         _check_float_list(scores, "scores")
         return torch.empty((), dtype=torch.int64, device=_first_device(scores))
 
     @torch.library.register_fake("unlearn_ext::select_apply_")
-    def _select_apply_fake(params, scores, source, masks, mode, seed, offset, base, threshold, boundary, action,
+    def _select_apply_fake(params, scores, source, masks, key_mode, seed, offset, base, threshold, boundary, action,
                            alpha, noise_seed, noise_offset):
-        check_select_common(mode, base)
+        check_select_common(key_mode, base)
         check_selection(threshold, boundary)
         check_action(action, alpha, len(source), len(params))
-        check_apply_lists(params, params if (mode == 2 and not scores) else scores, source, masks)
+        check_apply_lists(params, params if (key_mode == 2 and not scores) else scores, source, masks)
         return torch.empty((), dtype=torch.int64, device=_first_device(params))
 
     @torch.library.register_fake("unlearn_ext::select_mask_grad_")
-    def _select_mask_grad_fake(grads, scores, mode, seed, offset, base, threshold, boundary):
-        check_select_common(mode, base)
+    def _select_mask_grad_fake(grads, scores, key_mode, seed, offset, base, threshold, boundary):
+        check_select_common(key_mode, base)
         check_selection(threshold, boundary)
         check_apply_lists(grads, scores, [], [])
         return torch.empty((), dtype=torch.float64, device=_first_device(grads))
