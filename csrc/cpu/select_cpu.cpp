@@ -14,20 +14,33 @@ namespace unlearn {
 namespace cpu {
 namespace {
 
+constexpr int64_t kTile = 256;  // keys are computed a tile at a time (a vectorized loop), then consumed
+
+// Keys of elements [lo, lo + n) of tensor t into out (global index of element lo: g).
+template <typename T>
+inline void tile_keys(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo, int64_t n,
+                      int64_t g, uint32_t* out) {
+  if (mode == kKeyRandom) {
+    for (int64_t j = 0; j < n; ++j) out[j] = random_key(seed, offset, static_cast<uint64_t>(g + j));
+    return;
+  }
+  const T* v = scores.data_ptr<T>() + lo;
+  if (mode == kKeyAbs) {
+    for (int64_t j = 0; j < n; ++j) out[j] = order_key_abs(load_float(v[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = order_key(load_float(v[j]));
+  }
+}
+
 // Calls f(key, nan, local_index) for the elements [lo, hi) of tensor t (global index g0 + i - lo).
-// The key source is chosen once per span, so the inner loops stay branch-light.
 template <typename T, typename F>
 inline void for_each_key(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo,
                          int64_t hi, int64_t g0, F&& f) {
-  if (mode == kKeyRandom) {
-    for (int64_t i = lo; i < hi; ++i) f(random_key(seed, offset, static_cast<uint64_t>(g0 + (i - lo))), false, i);
-    return;
-  }
-  const T* v = scores.data_ptr<T>();
-  for (int64_t i = lo; i < hi; ++i) {
-    bool nan;
-    const uint32_t key = score_key(load_float(v[i]), mode, nan);
-    f(key, nan, i);
+  uint32_t keys[kTile];
+  for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+    const int64_t n = std::min(kTile, hi - j0);
+    tile_keys<T>(scores, mode, seed, offset, j0, n, g0 + (j0 - lo), keys);
+    for (int64_t j = 0; j < n; ++j) f(keys[j], mode != kKeyRandom && key_is_nan(keys[j]), j0 + j);
   }
 }
 

@@ -47,12 +47,20 @@ UE_HOST_DEVICE uint32_t float_as_u32(float f) {
 #endif
 }
 
-// Order-preserving map of a (non-NaN) float to uint32: a < b as floats  <=>  key(a) < key(b).
+// Order-preserving map of a float to uint32: a < b as floats  <=>  key(a) < key(b). Branch-free
+// (the CPU loops vectorize). NaNs land outside the keys of [-inf, +inf] (see key_is_nan).
 UE_HOST_DEVICE uint32_t order_key(float v) {
   uint32_t b = float_as_u32(v);
-  if (b == 0x80000000u) b = 0u;  // -0.0 ranks with +0.0
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  b = b == 0x80000000u ? 0u : b;  // -0.0 ranks with +0.0
+  const uint32_t neg = static_cast<uint32_t>(static_cast<int32_t>(b) >> 31);
+  return b ^ (neg | 0x80000000u);  // negative: all bits flipped; non-negative: sign bit set
 }
+
+// The key of |v| (the sign bit cleared, then set).
+UE_HOST_DEVICE uint32_t order_key_abs(float v) { return float_as_u32(v) | 0x80000000u; }
+
+// key(-inf) = 0x007fffff and key(+inf) = 0xff800000: every NaN maps outside that range.
+UE_HOST_DEVICE bool key_is_nan(uint32_t key) { return key > 0xff800000u || key < 0x007fffffu; }
 
 UE_HOST_DEVICE uint32_t random_key(uint64_t seed, uint64_t offset, uint64_t element) {
   return ~philox_block_for(seed, offset, 0, element).w[0];
@@ -60,8 +68,9 @@ UE_HOST_DEVICE uint32_t random_key(uint64_t seed, uint64_t offset, uint64_t elem
 
 // The key of a score under a (non-random) mode; `nan` tells the caller to keep it out of any order.
 UE_HOST_DEVICE uint32_t score_key(float v, int mode, bool& nan) {
-  nan = v != v;
-  return order_key(mode == kKeyAbs ? fabsf(v) : v);
+  const uint32_t key = mode == kKeyAbs ? order_key_abs(v) : order_key(v);
+  nan = key_is_nan(key);
+  return key;
 }
 
 UE_HOST_DEVICE bool is_selected(uint32_t key, int64_t global, int64_t threshold, int64_t boundary) {
