@@ -71,14 +71,27 @@ at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t 
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       std::vector<int64_t> local(static_cast<size_t>(bins + 1), 0);
       int64_t* h = local.data();
+      uint32_t keys[kTile];
       for_each_span(s.offsets, c0 * kChunk, std::min(s.total(), c1 * kChunk),
                     [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
-                      for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi,
-                                      base + g, [&](uint32_t key, bool nan, int64_t) {
-                                        const uint64_t k = key;
-                                        if (nan) ++h[bins];
-                                        else if ((k >> prefix_shift) == want) ++h[(k >> digit_shift) & mask];
-                                      });
+                      for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+                        const int64_t n = std::min(kTile, hi - j0);
+                        tile_keys<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, n,
+                                     base + g + (j0 - lo), keys);
+                        int64_t nans = 0;
+                        if (mode != kKeyRandom)
+                          for (int64_t j = 0; j < n; ++j) nans += key_is_nan(keys[j]);
+                        h[bins] += nans;
+                        if (nans == 0 && prefix_bits == 0) {  // the common first pass: no checks at all
+                          for (int64_t j = 0; j < n; ++j) ++h[keys[j] >> digit_shift];
+                          continue;
+                        }
+                        for (int64_t j = 0; j < n; ++j) {
+                          const uint64_t k = keys[j];
+                          if ((k >> prefix_shift) == want && (nans == 0 || !key_is_nan(keys[j])))
+                            ++h[(k >> digit_shift) & mask];
+                        }
+                      }
                     });
       std::lock_guard<std::mutex> lock(merge);
       for (int64_t b = 0; b <= bins; ++b) hist[b] += h[b];
@@ -160,18 +173,42 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
             P* w = work[t].data_ptr<P>();
             const P* src = source.empty() ? nullptr : source[t].data_ptr<P>();
             bool* m = masks.empty() ? nullptr : masks[t].data_ptr<bool>();
-            for_each_key<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), lo, hi, base + g,
-                            [&](uint32_t k, bool nan, int64_t i) {
-                              const int64_t gi = base + g + (i - lo);
-                              const bool sel = !nan && is_selected(k, gi, threshold, boundary);
-                              if (m) m[i] = sel;
-                              if (!sel) return;
-                              ++n;
-                              const float sv = src ? load_float(src[i]) : 0.0f;
-                              w[i] = store_as<P>(apply_action(static_cast<int>(action), load_float(w[i]), sv, a,
-                                                              as_u64(noise_seed), as_u64(noise_offset),
-                                                              static_cast<uint64_t>(gi)));
-                            });
+            uint32_t keys[kTile];
+            bool sel[kTile];
+            for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+              const int64_t len = std::min(kTile, hi - j0);
+              const int64_t g0 = base + g + (j0 - lo);
+              tile_keys<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, len, g0, keys);
+              // Branch-free flags in 32-bit lanes (a vectorized loop), then a loop that is nearly always
+              // skipped. threshold in [-1, 2^32] as a uint32 with the two ends decided per tile; the
+              // tie rule "global index < boundary" as "j < lim" with lim clamped to the tile.
+              const int64_t lim64 = std::min<int64_t>(len, std::max<int64_t>(0, boundary - g0));
+              const int32_t lim = static_cast<int32_t>(lim64);
+              // Keys outside [key(-inf), key(+inf)] are NaN scores (never selected); random keys use
+              // the full range.
+              const uint32_t key_lo = mode == kKeyRandom ? 0u : 0x007fffffu;
+              const uint32_t key_hi = mode == kKeyRandom ? 0xffffffffu : 0xff800000u;
+              const uint32_t thr = threshold < 0 ? 0u : static_cast<uint32_t>(std::min<int64_t>(threshold, 0xffffffffLL));
+              const bool all = threshold < 0, none = threshold > 0xffffffffLL;
+              bool any = false;
+              for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
+                const uint32_t k = keys[j];
+                const bool in = (all | (k > thr) | ((k == thr) & (j < lim))) & !none & (k >= key_lo) & (k <= key_hi);
+                sel[j] = in;
+                any |= in;
+              }
+              if (m) std::memcpy(m + j0, sel, static_cast<size_t>(len));
+              if (!any) continue;
+              for (int64_t j = 0; j < len; ++j) {
+                if (!sel[j]) continue;
+                ++n;
+                const int64_t i = j0 + j;
+                const float sv = src ? load_float(src[i]) : 0.0f;
+                w[i] = store_as<P>(apply_action(static_cast<int>(action), load_float(w[i]), sv, a,
+                                                as_u64(noise_seed), as_u64(noise_offset),
+                                                static_cast<uint64_t>(g0 + j)));
+              }
+            }
           });
       int64_t total = 0;
       for (int64_t n : counts) total += n;
