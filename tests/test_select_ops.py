@@ -287,3 +287,23 @@ def test_list_above_2_pow_31_elements():
     assert big.threshold == key0 and big.boundary == (1 << 31) + 2
     count, _ = sel.apply_([a, b], "dampen", 0.5)
     assert count == 3 and float(b[-1]) == 1.5 and float(b[n // 2]) == 1.0 and float(a[3]) == 0.5
+
+
+# ---- property test (DESIGN section 10): random lists, values with many ties, any K -----------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5), levels=st.integers(1, 40),
+       by=st.sampled_from(["abs", "value"]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+       frac=st.floats(0.0, 1.0))
+def test_topk_property(sizes, levels, by, dtype, seed, frac):
+    gen = torch.Generator().manual_seed(seed)
+    scores = [(torch.randint(-levels, levels + 1, (n,), generator=gen).float() / levels).to(dtype) for n in sizes]
+    n = sum(sizes)
+    k = S.resolve_k(frac, n)
+    sel = S.topk(scores, k, by=by)
+    got = selected_mask(sel, scores) if n else torch.zeros(0, dtype=torch.bool)
+    assert int(got.sum()) == k
+    assert torch.equal(got, reference_topk_mask(scores, k, S.KEY_MODES[by]))
