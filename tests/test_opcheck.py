@@ -567,3 +567,29 @@ def test_compile_codecs(device):
     assert_bitwise(got, want)
     compiled.check_traced(want)
     assert_bitwise(list(compiled_state), list(eager_state), "mutated lists")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_select(device):
+    def fn(scores, params, grads, masks):
+        hist = OPS.select_histogram(scores, 1, 0, 0, 0, 0, 0, 16)
+        ties = OPS.select_tie_boundary(scores, 1, 0, 0, 0, 0xBE000000, 3)
+        count = OPS.select_apply_(params, scores, [], masks, 1, 0, 0, 0, 0xBE000000, 100, 1, 0.1, 0, 0)  # mutates
+        sq = OPS.select_mask_grad_(grads, scores, 2, 5, 1, 7, 0xC0000000, 0)                             # mutates
+        return hist, ties, count, sq
+
+    sizes = [37, 1, 255, 6]
+    scores = make_list(sizes, LAYOUTS, torch.float16, device, seed=4)
+
+    def mutable():
+        params = make_list(sizes, LAYOUTS, torch.float32, device, seed=5)
+        return (params, make_list(sizes, LAYOUTS, torch.float32, device, seed=6),
+                [torch.zeros(p.shape, dtype=torch.bool, device=device) for p in params])
+
+    eager_state, compiled_state = mutable(), mutable()
+    want = fn(scores, *eager_state)
+    compiled = _compiled(fn)
+    got = compiled(scores, *compiled_state)
+    assert_bitwise(got, want)
+    compiled.check_traced(want)
+    assert_bitwise(list(compiled_state), list(eager_state), "mutated lists")
