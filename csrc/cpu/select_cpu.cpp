@@ -197,7 +197,8 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
                 sel[j] = in;
                 any |= in;
               }
-              if (m) std::memcpy(m + j0, sel, static_cast<size_t>(len));
+              if (m)
+                for (int64_t j = 0; j < len; ++j) m[j0 + j] = sel[j];
               if (!any) continue;
               for (int64_t j = 0; j < len; ++j) {
                 if (!sel[j]) continue;
