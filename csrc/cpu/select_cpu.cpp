@@ -174,7 +174,7 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
             const P* src = source.empty() ? nullptr : source[t].data_ptr<P>();
             bool* m = masks.empty() ? nullptr : masks[t].data_ptr<bool>();
             uint32_t keys[kTile];
-            bool sel[kTile];
+            uint8_t sel[kTile];
             for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
               const int64_t len = std::min(kTile, hi - j0);
               const int64_t g0 = base + g + (j0 - lo);
@@ -185,29 +185,50 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
               const int64_t lim64 = std::min<int64_t>(len, std::max<int64_t>(0, boundary - g0));
               const int32_t lim = static_cast<int32_t>(lim64);
               // Keys outside [key(-inf), key(+inf)] are NaN scores (never selected); random keys use
-              // the full range.
+              // the full range. Each flag loop is a plain 32-bit/8-bit lane loop (GCC vectorizes it).
               const uint32_t key_lo = mode == kKeyRandom ? 0u : 0x007fffffu;
               const uint32_t key_hi = mode == kKeyRandom ? 0xffffffffu : 0xff800000u;
-              const uint32_t thr = threshold < 0 ? 0u : static_cast<uint32_t>(std::min<int64_t>(threshold, 0xffffffffLL));
-              const bool all = threshold < 0, none = threshold > 0xffffffffLL;
-              bool any = false;
-              for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
-                const uint32_t k = keys[j];
-                const bool in = (all | (k > thr) | ((k == thr) & (j < lim))) & !none & (k >= key_lo) & (k <= key_hi);
-                sel[j] = in;
-                any |= in;
+              const int32_t ilen = static_cast<int32_t>(len);
+              if (threshold > 0xffffffffLL) {
+                for (int32_t j = 0; j < ilen; ++j) sel[j] = 0;
+              } else if (threshold < 0) {
+                for (int32_t j = 0; j < ilen; ++j) sel[j] = 1;
+              } else {
+                const uint32_t thr = static_cast<uint32_t>(threshold);
+                for (int32_t j = 0; j < ilen; ++j) {
+                  const uint32_t k = keys[j];
+                  sel[j] = static_cast<uint8_t>((k > thr) | ((k == thr) & (j < lim)));
+                }
               }
+              for (int32_t j = 0; j < ilen; ++j) {
+                const uint32_t k = keys[j];
+                sel[j] &= static_cast<uint8_t>((k >= key_lo) & (k <= key_hi));
+              }
+              uint32_t hits = 0;
+              for (int32_t j = 0; j < ilen; ++j) hits += sel[j];
+              const bool any = hits != 0;
               if (m)
-                for (int64_t j = 0; j < len; ++j) m[j0 + j] = sel[j];
+                for (int64_t j = 0; j < len; ++j) m[j0 + j] = sel[j] != 0;
               if (!any) continue;
-              for (int64_t j = 0; j < len; ++j) {
-                if (!sel[j]) continue;
-                ++n;
-                const int64_t i = j0 + j;
-                const float sv = src ? load_float(src[i]) : 0.0f;
-                w[i] = store_as<P>(apply_action(static_cast<int>(action), load_float(w[i]), sv, a,
-                                                as_u64(noise_seed), as_u64(noise_offset),
-                                                static_cast<uint64_t>(g0 + j)));
+              n += hits;
+              // Visit only the selected entries: 8 flags at a time, skipping all-zero groups (at K = 1%
+              // most groups are empty, and a branch per element would cost as much as the whole pass).
+              for (int64_t j8 = 0; j8 < len; j8 += 8) {
+                uint64_t group = 0;
+                std::memcpy(&group, sel + j8, static_cast<size_t>(std::min<int64_t>(8, len - j8)));
+                if (group == 0) continue;
+                for (int64_t j = j8; j < std::min<int64_t>(j8 + 8, len); ++j) {
+                  if (!sel[j]) continue;
+                  const int64_t i = j0 + j;
+                  const float sv = src ? load_float(src[i]) : 0.0f;
+                  // A reset never reads w: a load that misses the cache would stall the loop, a store
+                  // does not.
+                  w[i] = store_as<P>(action == kActSet
+                                         ? sv
+                                         : apply_action(static_cast<int>(action), load_float(w[i]), sv, a,
+                                                        as_u64(noise_seed), as_u64(noise_offset),
+                                                        static_cast<uint64_t>(g0 + j)));
+                }
               }
             }
           });
