@@ -81,6 +81,32 @@ constexpr const char* kSchemas[] = {
       "int block_size) -> ()",
   // <deq(codes, scales), v> over the whole list, as a float64 scalar.
   "dequantize_dot(Tensor[] codes, Tensor[] scales, Tensor[] v, int bits, int block_size) -> Tensor",
+
+  // ---- Selection: Top-K / Random-k (DESIGN section 7, our formulation; math in unlearn/select.h) ----
+  // key_mode: 0 the score as given, 1 |score|, 2 random (Philox word of the global index at (seed,
+  // offset); scores then only give shapes). `base` is the global index of the list's first element
+  // (0 for a whole list; a shard's start in distributed selection). An element is selected iff
+  // key > threshold or (key == threshold and global index < boundary).
+  // Histogram of one radix digit: keys whose top prefix_bits bits equal prefix, counted by their
+  // next digit_bits bits; int64[2^digit_bits + 1], the last entry counts NaN scores (any prefix).
+  // Shards' histograms add up to the whole list's (the distributed selection's all-reduce).
+  "select_histogram(Tensor[] scores, int key_mode, int seed, int offset, int base, int prefix, "
+  "int prefix_bits, int digit_bits) -> Tensor",
+  // The tie boundary: the global index b such that exactly `needed` elements with key == `key` lie
+  // below b (base if needed = 0; base + numel if fewer ties exist). int64 scalar.
+  "select_tie_boundary(Tensor[] scores, int key_mode, int seed, int offset, int base, int key, "
+  "int needed) -> Tensor",
+  // Fused apply: perturbs the selected coordinates of params in place (action 0 set to source / 0,
+  // 1 scale by alpha, 2 add alpha * N(0,1) from (noise_seed, noise_offset), 3 add alpha * source),
+  // writes masks when given (bool, shaped like params), returns how many were selected (int64).
+  // In random mode scores may be empty (params give the shapes).
+  "select_apply_(Tensor(a!)[] params, Tensor[] scores, Tensor[] source, Tensor(b!)[] masks, int key_mode, "
+  "int seed, int offset, int base, int threshold, int boundary, int action, float alpha, int noise_seed, "
+  "int noise_offset) -> Tensor",
+  // Masked gradient (masked repair, normalized ascent): zeroes the unselected coordinates of grads in
+  // place; returns the float64 sum of squares of the kept ones.
+  "select_mask_grad_(Tensor(a!)[] grads, Tensor[] scores, int key_mode, int seed, int offset, int base, "
+  "int threshold, int boundary) -> Tensor",
 };
 
 // Calls f(tensor) for each tensor an argument or a result holds (a Tensor or a Tensor[]).

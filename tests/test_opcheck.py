@@ -239,8 +239,43 @@ def _requires_grad_cases():
     ]
 
 
+def _select_cases():
+    """Selection ops: fp32/fp16/bf16 scores in non-contiguous lists, key modes value/abs/random,
+    every apply action, masks emitted or not, a list with an empty tensor."""
+    sizes = [37, 1, 255, 6]
+    key0 = 0x80000000  # the key of 0.0
+    cases = [OpCase("select_histogram", "empty_tensor", lambda d: (
+        [torch.zeros(0, device=d), torch.randn(9, device=d)], 1, 0, 0, 0, 0, 0, 8))]
+    for dtype, mode in ((torch.float32, 1), (torch.float16, 0), (torch.bfloat16, 2)):
+        tag = f"{str(dtype).removeprefix('torch.')}_mode{mode}"
+        sc = lambda d, t=dtype: make_list(sizes, LAYOUTS, t, d, seed=3)  # noqa: E731
+        cases += [
+            OpCase("select_histogram", tag, lambda d, sc=sc, m=mode: (sc(d), m, 5, 1, 0, 0, 0, 16)),
+            OpCase("select_histogram", tag + "_prefix", lambda d, sc=sc, m=mode: (sc(d), m, 5, 1, 7, 0x801, 12, 12)),
+            OpCase("select_tie_boundary", tag, lambda d, sc=sc, m=mode: (
+                [(x * 0).to(x.dtype) for x in sc(d)], m, 5, 1, 3, key0, 50)),
+        ]
+    for action, alpha, src in ((0, 0.0, False), (0, 0.0, True), (1, 0.1, False), (2, 0.05, False), (3, -0.2, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            tag = f"act{action}_{str(dtype).removeprefix('torch.')}{'_src' if src else ''}"
+            cases.append(OpCase("select_apply_", tag, lambda d, t=dtype, a=action, al=alpha, s=src: (
+                _params(g := _grads(t, d)), make_list(sizes, LAYOUTS, torch.float16, d, seed=4),
+                _params(_grads(t, d, seed=6)) if s else [],
+                [torch.zeros(x.shape, dtype=torch.bool, device=d) for x in g] if a != 1 else [],
+                1, 0, 0, 0, 0xBE000000, 100, a, al, 9, 2)))
+    cases += [
+        OpCase("select_apply_", "random_shapes_only", lambda d: (
+            _params(_grads(torch.float32, d)), [], [], [], 2, 3, 4, 0, 0xC0000000, 0, 1, 0.5, 0, 0)),
+        OpCase("select_mask_grad_", "float32", lambda d: (
+            _params(_grads(torch.float32, d)), _grads(torch.float32, d, seed=8), 1, 0, 0, 0, 0xBE000000, 100)),
+        OpCase("select_mask_grad_", "bf16_random", lambda d: (
+            _params(_grads(torch.bfloat16, d)), _grads(torch.bfloat16, d, seed=8), 2, 1, 2, 10, 0xE0000000, 0)),
+    ]
+    return cases
+
+
 OP_CASES = (_rng_cases() + _smoothing_cases() + _fragile_cases() + _codec_cases() + _apply_codes_cases()
-            + _requires_grad_cases())
+            + _requires_grad_cases() + _select_cases())
 
 
 def registered_ops() -> set[str]:
@@ -538,6 +573,32 @@ def test_compile_codecs(device):
     want = fn(x, *eager_state)
     compiled = _compiled(fn)
     got = compiled(x, *compiled_state)
+    assert_bitwise(got, want)
+    compiled.check_traced(want)
+    assert_bitwise(list(compiled_state), list(eager_state), "mutated lists")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_select(device):
+    def fn(scores, params, grads, masks):
+        hist = OPS.select_histogram(scores, 1, 0, 0, 0, 0, 0, 16)
+        ties = OPS.select_tie_boundary(scores, 1, 0, 0, 0, 0xBE000000, 3)
+        count = OPS.select_apply_(params, scores, [], masks, 1, 0, 0, 0, 0xBE000000, 100, 1, 0.1, 0, 0)  # mutates
+        sq = OPS.select_mask_grad_(grads, scores, 2, 5, 1, 7, 0xC0000000, 0)                             # mutates
+        return hist, ties, count, sq
+
+    sizes = [37, 1, 255, 6]
+    scores = make_list(sizes, LAYOUTS, torch.float16, device, seed=4)
+
+    def mutable():
+        params = make_list(sizes, LAYOUTS, torch.float32, device, seed=5)
+        return (params, make_list(sizes, LAYOUTS, torch.float32, device, seed=6),
+                [torch.zeros(p.shape, dtype=torch.bool, device=device) for p in params])
+
+    eager_state, compiled_state = mutable(), mutable()
+    want = fn(scores, *eager_state)
+    compiled = _compiled(fn)
+    got = compiled(scores, *compiled_state)
     assert_bitwise(got, want)
     compiled.check_traced(want)
     assert_bitwise(list(compiled_state), list(eager_state), "mutated lists")

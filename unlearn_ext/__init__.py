@@ -52,6 +52,8 @@ from .mini import (
     train_recording_anchors,
     train_recording_steps,
 )
+from .perturb import RandomKUnlearner, TopKUnlearner
+from .selection import Selection, bernoulli, random_k, topk, topk_per_tensor
 
 __version__ = "0.1.0"
 
@@ -73,6 +75,8 @@ __all__ = [
     # history methods (DESIGN section 6)
     "MiniUnlearner", "DeltaGradUnlearner", "MiniRecorder", "StepRecorder", "UnsupportedOptimizerError",
     "anchor_epochs", "mini_store", "step_store", "train_recording_anchors", "train_recording_steps",
+    # selection and perturbation methods (DESIGN section 7)
+    "Selection", "topk", "topk_per_tensor", "random_k", "bernoulli", "TopKUnlearner", "RandomKUnlearner",
 ]
 
 

@@ -101,3 +101,44 @@ def dequantize_dot(codes, scales, v, bits, block_size):
     return impl("dequantize_dot")(codes, scales, v, bits, block_size)
 
 
+
+
+# ---- selection (DESIGN section 7; the public API is unlearn_ext/selection.py) ---------------------
+# Empty lists have no tensor to dispatch on: the wrappers answer with the kernels' checks (the
+# fakes') and the reference's (trivial) result, as fragile_compact does.
+
+def select_histogram(scores, mode, seed, offset, base, prefix, prefix_bits, digit_bits):
+    if not scores:
+        fakes.check_select_common(mode, base)
+        fakes.check_histogram_args(prefix, prefix_bits, digit_bits)
+        return reference.select_histogram([], mode, seed, offset, base, prefix, prefix_bits, digit_bits)
+    return impl("select_histogram")(scores, mode, seed, offset, base, prefix, prefix_bits, digit_bits)
+
+
+def select_tie_boundary(scores, mode, seed, offset, base, key, needed):
+    if not scores:
+        fakes.check_select_common(mode, base)
+        return reference.select_tie_boundary([], mode, seed, offset, base, key, needed)
+    return impl("select_tie_boundary")(scores, mode, seed, offset, base, key, needed)
+
+
+def select_apply_(params, scores, source, masks, mode, seed, offset, base, threshold, boundary, action, alpha,
+                  noise_seed, noise_offset):
+    if not params:
+        fakes.check_select_common(mode, base)
+        fakes.check_selection(threshold, boundary)
+        fakes.check_action(action, alpha, len(source), 0)
+        fakes.check_apply_lists([], scores, source, masks)
+        return reference.select_apply_([], [], [], [], mode, seed, offset, base, threshold, boundary, action,
+                                       alpha, noise_seed, noise_offset)
+    return impl("select_apply_")(params, scores, source, masks, mode, seed, offset, base, threshold, boundary,
+                                 action, alpha, noise_seed, noise_offset)
+
+
+def select_mask_grad_(grads, scores, mode, seed, offset, base, threshold, boundary):
+    if not grads:
+        fakes.check_select_common(mode, base)
+        fakes.check_selection(threshold, boundary)
+        fakes.check_apply_lists([], scores, [], [])
+        return reference.select_mask_grad_([], [], mode, seed, offset, base, threshold, boundary)
+    return impl("select_mask_grad_")(grads, scores, mode, seed, offset, base, threshold, boundary)

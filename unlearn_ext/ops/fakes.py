@@ -178,6 +178,48 @@ def _first_device(tensors, default=_CPU):
     return tensors[0].device if tensors else default
 
 
+# ---- selection checks (mirror csrc/include/unlearn/select_checks.h) ------------------------------
+
+def check_select_common(mode: int, base: int) -> None:
+    _check(mode in (0, 1, 2), "key mode must be 0 (value), 1 (abs) or 2 (random), got ", mode)
+    _check(base >= 0, "base (the global index of the list's first element) must be >= 0, got ", base)
+
+
+def check_selection(threshold: int, boundary: int) -> None:
+    _check(-1 <= threshold <= 1 << 32, "threshold must be in [-1, 2^32], got ", threshold)
+    _check(boundary >= 0, "boundary must be >= 0, got ", boundary)
+
+
+def check_histogram_args(prefix: int, prefix_bits: int, digit_bits: int) -> None:
+    _check(1 <= digit_bits <= 16, "digit_bits must be in [1, 16], got ", digit_bits)
+    _check(prefix_bits >= 0 and prefix_bits + digit_bits <= 32,
+           "prefix_bits must be >= 0 with prefix_bits + digit_bits <= 32, got ", prefix_bits, " and ", digit_bits)
+    _check(0 <= prefix < (1 << prefix_bits), "prefix must be in [0, 2^prefix_bits), got ", prefix)
+
+
+def check_action(action: int, alpha: float, sources: int, params: int) -> None:
+    _check(action in (0, 1, 2, 3), "action must be 0 (set), 1 (scale), 2 (noise) or 3 (axpy), got ", action)
+    _check(math.isfinite(alpha), "alpha must be finite, got ", alpha)
+    _check(action != 3 or sources == params, "action axpy needs a source tensor per param")
+    _check(sources == 0 or sources == params, "source has ", sources, " tensors but params has ", params,
+           " (give one per param, or none)")
+
+
+def check_apply_lists(params, scores, source, masks) -> None:
+    _check_float_list(params, "params")
+    _check_float_list(scores, "scores")
+    check_paired(params, "params", scores, "scores")
+    if source:
+        check_paired(params, "params", source, "source")
+        for i, (s, p) in enumerate(zip(source, params)):
+            _check(s.dtype == p.dtype, "source[", i, "] has dtype ", s.dtype, " but params[", i, "] has ", p.dtype)
+    if masks:
+        check_paired(params, "params", masks, "masks")
+        for i, m in enumerate(masks):
+            _check(m.dtype == torch.bool, "masks[", i, "] must be bool, got ", m.dtype)
+            _check(m.is_contiguous(), "masks[", i, "] must be contiguous")
+
+
 # ---- registration ---------------------------------------------------------------------------------
 
 if _C is not None:
@@ -312,3 +354,35 @@ if _C is not None:
         _codec_inputs(v, "v", codes, scales, bits, block_size)
         # The CPU kernel (and the empty-list kernel) answer on the CPU, CUDA on the values' device.
         return torch.empty((), dtype=torch.float64, device=_first_device(v))
+
+    # ---- selection (mirror csrc/include/unlearn/select_checks.h) ----------------------------------
+
+    @torch.library.register_fake("unlearn_ext::select_histogram")
+    def _select_histogram_fake(scores, key_mode, seed, offset, base, prefix, prefix_bits, digit_bits):
+        check_select_common(key_mode, base)
+        check_histogram_args(prefix, prefix_bits, digit_bits)
+        _check_float_list(scores, "scores")
+        return torch.empty(((1 << digit_bits) + 1,), dtype=torch.int64, device=_first_device(scores))
+
+    @torch.library.register_fake("unlearn_ext::select_tie_boundary")
+    def _select_tie_boundary_fake(scores, key_mode, seed, offset, base, key, needed):
+        check_select_common(key_mode, base)
+        _check(needed >= 0, "needed must be >= 0, got ", needed)
+        _check_float_list(scores, "scores")
+        return torch.empty((), dtype=torch.int64, device=_first_device(scores))
+
+    @torch.library.register_fake("unlearn_ext::select_apply_")
+    def _select_apply_fake(params, scores, source, masks, key_mode, seed, offset, base, threshold, boundary, action,
+                           alpha, noise_seed, noise_offset):
+        check_select_common(key_mode, base)
+        check_selection(threshold, boundary)
+        check_action(action, alpha, len(source), len(params))
+        check_apply_lists(params, params if (key_mode == 2 and not scores) else scores, source, masks)
+        return torch.empty((), dtype=torch.int64, device=_first_device(params))
+
+    @torch.library.register_fake("unlearn_ext::select_mask_grad_")
+    def _select_mask_grad_fake(grads, scores, key_mode, seed, offset, base, threshold, boundary):
+        check_select_common(key_mode, base)
+        check_selection(threshold, boundary)
+        check_apply_lists(grads, scores, [], [])
+        return torch.empty((), dtype=torch.float64, device=_first_device(grads))

@@ -18,3 +18,9 @@ from .codecs import (  # noqa: F401
     dequantize_axpy_,
     dequantize_dot,
 )
+from .select import (  # noqa: F401
+    select_apply_,
+    select_histogram,
+    select_mask_grad_,
+    select_tie_boundary,
+)

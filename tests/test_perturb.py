@@ -1,0 +1,113 @@
+"""Top-K / Random-k perturbation unlearners (DESIGN section 7): each perturbation touches only the
+selected coordinates, the repair variants, persistence, refusals, and -- in the memorizing setting
+-- Top-K reset + repair moves the forget set toward retraining's answer more than fine-tuning does."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from unlearn_ext import selection as S
+from unlearn_ext.data import SGDConfig, TrainingData, train_sgd
+from unlearn_ext.per_sample import trainable
+from unlearn_ext.perturb import RandomKUnlearner, TopKUnlearner, forget_scores
+
+from conftest import requires_compiled
+
+pytestmark = requires_compiled
+
+
+@pytest.fixture(scope="module")
+def small():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    data = TrainingData(x, y)
+    torch.manual_seed(0)
+    initial = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    config = SGDConfig(epochs=5, batch_size=16, lr=0.1, seed=0)
+    original = train_sgd(copy.deepcopy(initial), data, config)
+    return data, initial, config, original
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in trainable(model).values()])
+
+
+@pytest.mark.parametrize("perturbation", ["reset", "dampen", "noise", "ascent"])
+@pytest.mark.parametrize("cls", [TopKUnlearner, RandomKUnlearner])
+def test_perturbation_touches_only_selected(small, perturbation, cls):
+    data, initial, config, original = small
+    model = copy.deepcopy(original)
+    holdout = (torch.randn(30, 6), torch.randint(0, 2, (30,)))
+    u = cls(model, data, config, k=0.1, perturbation=perturbation, repair_epochs=0, holdout=holdout, seed=3)
+    forget = torch.arange(10)
+    # The selection the unlearner will make, reproduced from the same inputs.
+    if cls is TopKUnlearner:
+        scores, _ = forget_scores(original, data, forget)
+        sel = S.topk(scores, 0.1)
+    else:
+        sel = S.random_k(list(trainable(original).values()), 0.1, seed=3, offset=1)
+    mask = torch.cat([m.reshape(-1) for m in sel.masks(trainable(original).values())])
+    report = u.unlearn(forget)
+    changed = _flat(model) != _flat(original)
+    assert not (changed & ~mask).any()
+    assert changed.any()
+    assert report.details["selected"] == sel.count == int(mask.sum())
+    if perturbation == "ascent":
+        assert report.details["ascent_steps"] >= 1
+
+
+def test_reset_to_initial_weights_and_masked_repair(small):
+    data, initial, config, original = small
+    model = copy.deepcopy(original)
+    u = TopKUnlearner(model, data, config, k=0.2, initial=initial, repair="masked", repair_epochs=1)
+    forget = torch.arange(5, 25)
+    scores, _ = forget_scores(original, data, forget)
+    mask = torch.cat([m.reshape(-1) for m in S.topk(scores, 0.2).masks(scores)])
+    report = u.unlearn(forget)
+    changed = _flat(model) != _flat(original)
+    assert not (changed & ~mask).any(), "masked repair moved an unselected coordinate"
+    assert report.sample_gradients == 20 + (len(data) - 20)  # scoring pass + one repair epoch
+    assert 0 < report.cost_vs_retrain < 1
+
+
+def test_repair_all_and_state_roundtrip(small):
+    data, initial, config, original = small
+    model = copy.deepcopy(original)
+    u = TopKUnlearner(model, data, config, k=30, score="fisher", repair_epochs=1)
+    u.unlearn([1, 2, 3])
+    state = u.state_dict()
+    other = TopKUnlearner(copy.deepcopy(original), data, config, k=30, score="fisher", repair_epochs=1)
+    other.load_state_dict(state)
+    assert torch.equal(_flat(other.model), _flat(model)) and other.forgotten.tolist() == [1, 2, 3]
+    assert u.unlearn([2]).status == "already-forgotten"
+    assert other.fingerprint() == u.fingerprint()
+
+
+def test_sensitivity_scores_and_refusals(small):
+    data, initial, config, original = small
+    scores, cost = forget_scores(original, data, torch.arange(7), "sensitivity")
+    assert cost == 7 and all((s >= 0).all() for s in scores)
+    with pytest.raises(ValueError, match="holdout"):
+        TopKUnlearner(original, data, config, perturbation="ascent")
+    with pytest.raises(ValueError, match="unknown score"):
+        TopKUnlearner(original, data, config, score="magic")
+    with pytest.raises(ValueError, match="fractional k"):
+        TopKUnlearner(original, data, config, k=1.5)
+
+
+@pytest.mark.slow
+def test_memorizing_topk_moves_toward_retraining_more_than_finetune():
+    """Memorizing setting (tests/perturb_setup.py), seed 0. Margins measured on seeds 10, 11, 12
+    (never on seed 0): forget-accuracy gap to retraining, Top-K 0.067-0.133 vs fine-tuning
+    0.233-0.333 (improvement >= 0.133); per-run |MIA - MIA_retrain|, Top-K 0.057-0.141 vs fine-tuning
+    0.103-0.187 (improvement >= 0.033); Random-k stayed at the original's forget accuracy. Asserted
+    with margins below those: 0.08 and 0.01."""
+    from perturb_setup import run_methods
+    r = run_methods(0, ("original", "retrain", "finetune", "topk"))
+    gap = lambda m, key: abs(r[m][key] - r["retrain"][key])  # noqa: E731
+    assert gap("topk", "forget_acc") <= gap("finetune", "forget_acc") - 0.08, r
+    assert gap("topk", "mia") <= gap("finetune", "mia") - 0.01, r
+    assert r["topk"]["test_acc"] >= r["retrain"]["test_acc"] - 0.06, r

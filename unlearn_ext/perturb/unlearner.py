@@ -1,0 +1,199 @@
+"""Top-K and Random-k perturbation unlearners (DESIGN section 7, our formulation).
+
+A request F: (1) select K coordinates -- the exact global top K of a score over F (Top-K) or K
+uniformly random ones (Random-k, the control for "does the score matter"); (2) perturb them in one
+fused pass: reset (to 0, or to the stored initial weights), dampen (w *= beta), noise
+(w += sigma * z) or normalized ascent (steps along grad L_F restricted to the selection, each of
+L2 length `ascent_step`, stopped once F's mean loss reaches the held-out non-members' mean loss);
+(3) repair on the retained data R -- mandatory: all coordinates by default, or only the selected
+ones (masked: the masked-gradient op zeroes the rest of every gradient). Fine-tuning alone, the
+control, is baselines.FinetuneUnlearner.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from .. import selection as sel_api
+from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, train_sgd
+from ..per_sample import trainable
+from ..unlearner import Unlearner, UnlearnReport
+from .scores import SCORES, forget_scores
+
+PERTURBATIONS = ("reset", "dampen", "noise", "ascent")
+REPAIRS = ("all", "masked")
+
+
+class PerturbUnlearner(Unlearner):
+    """Shared body of Top-K and Random-k; subclasses choose the selection."""
+
+    method = "perturb"
+
+    def __init__(self, model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, k=0.05,
+                 perturbation: str = "reset", score: str = "grad_abs", beta: float = 0.1, sigma: float = 0.01,
+                 initial: torch.nn.Module | None = None, repair_epochs: int = 3, repair_lr_factor: float = 0.4,
+                 repair: str = "all", per_tensor: bool = False, holdout: tuple | None = None,
+                 ascent_step: float = 0.1, ascent_max_steps: int = 50, seed: int = 0):
+        super().__init__(data)
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+        if repair not in REPAIRS:
+            raise ValueError(f"repair must be 'all' or 'masked', got {repair!r}")
+        if repair_epochs < 0 or not repair_lr_factor > 0:
+            raise ValueError("repair_epochs must be >= 0 and repair_lr_factor > 0")
+        if perturbation == "ascent" and holdout is None:
+            raise ValueError("normalized ascent stops at the held-out non-members' loss: give holdout=(x, y)")
+        if isinstance(k, float) and not 0.0 <= k <= 1.0:
+            raise ValueError(f"a fractional k must be in [0, 1], got {k}")
+        self.model, self.config = model, config
+        self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
+        self.initial = None if initial is None else [p.detach().clone() for p in trainable(initial).values()]
+        self.repair_epochs, self.repair_lr_factor, self.repair = int(repair_epochs), float(repair_lr_factor), repair
+        self.per_tensor, self.holdout, self.seed = per_tensor, holdout, int(seed)
+        self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
+        self.requests = 0
+
+    # ---- the request -------------------------------------------------------------------------------
+
+    def _params(self) -> list[torch.Tensor]:
+        return list(trainable(self.model).values())
+
+    def _select(self, new: torch.Tensor):
+        """(selection, sample gradients spent on scoring)."""
+        raise NotImplementedError
+
+    def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        union = torch.cat([self.forgotten, new]).unique()
+        self.requests += 1
+        selection, cost = self._select(new)
+        params = self._params()
+        details = {"selected": None, "perturbation": self.perturbation}
+        with torch.no_grad():
+            if self.perturbation == "reset":
+                count, _ = selection.apply_(params, "reset", source=self.initial)
+            elif self.perturbation == "dampen":
+                count, _ = selection.apply_(params, "dampen", self.beta)
+            elif self.perturbation == "noise":
+                count, _ = selection.apply_(params, "noise", self.sigma, noise_seed=self.seed,
+                                            noise_offset=self.requests)
+            else:
+                count = None
+        if self.perturbation == "ascent":
+            count, steps, loss, target = self._ascent(selection, new)
+            cost += steps * int(new.numel())
+            details.update(ascent_steps=steps, forget_loss=loss, holdout_loss=target)
+        details["selected"] = int(count)
+        repair_cost = self._repair(selection, union)
+        self._set_forgotten(union)
+        report.status, report.weights_changed = "unlearned", True
+        report.how = (f"{self.method} {self.perturbation} of {count} coordinates + {self.repair_epochs} "
+                      f"{self.repair} repair epoch(s)")
+        report.sample_gradients = cost + repair_cost
+        report.retrain_sample_gradients = retrain_cost(self.data, self.config, union)
+        report.reason = "perturbed the selected coordinates, then repaired on the retained data (approximate)"
+        details.update(scoring_sample_gradients=cost, repair_sample_gradients=repair_cost)
+        report.details = details
+
+    def _forget_loss(self, ids) -> float:
+        with torch.no_grad():
+            x, y = self.data.batch(ids)
+            return float(self.data.loss(self.model(x), y).mean())
+
+    def _ascent(self, selection, ids):
+        """Normalized ascent on the forget loss restricted to the selection (our formulation): each
+        step moves the selected coordinates by ascent_step * ||w_sel|| along grad L_F / ||grad L_F||,
+        until F's mean loss reaches the held-out mean loss (no per-ratio tuning)."""
+        hx, hy = self.holdout
+        with torch.no_grad():
+            target = float(self.data.loss(self.model(hx), hy).mean())
+        params = self._params()
+        probe = [p.detach().clone() for p in params]
+        w_norm = math.sqrt(selection.mask_grad_(probe))  # ||w|| over the selected coordinates
+        length = self.ascent_step * max(w_norm, 1e-12)
+        steps, loss = 0, self._forget_loss(ids)
+        count = selection.count
+        while loss < target and steps < self.ascent_max_steps:
+            x, y = self.data.batch(ids)
+            grads = list(torch.autograd.grad(self.data.loss(self.model(x), y).mean(), params))
+            sq = selection.mask_grad_(grads)
+            if not sq > 0:
+                break
+            with torch.no_grad():
+                count, _ = selection.apply_(params, "axpy", length / math.sqrt(sq), source=grads)
+            steps += 1
+            loss = self._forget_loss(ids)
+        return count, steps, loss, target
+
+    def _repair_config(self, union) -> SGDConfig:
+        peak = max(self.config.lr_at(t) for t in range(self.config.steps(len(self.data))))
+        return SGDConfig(epochs=self.repair_epochs, batch_size=self.config.batch_size,
+                         lr=self.repair_lr_factor * peak, weight_decay=self.config.weight_decay,
+                         seed=self.config.seed + 104729 * (1 + len(union)))
+
+    def _repair(self, selection, union) -> int:
+        if self.repair_epochs == 0:
+            return 0
+        tune = self._repair_config(union)
+        if self.repair == "all":
+            train_sgd(self.model, self.data, tune, exclude=union)
+        else:  # masked: plain SGD whose gradients keep only the selected coordinates
+            params = self._params()
+            schedule = BatchSchedule(self.data.ids, tune.batch_size, tune.seed)
+            for step in schedule.steps(0, tune.steps(len(self.data)), union):
+                if step.ids.numel() == 0:
+                    continue
+                x, y = self.data.batch(step.ids)
+                grads = list(torch.autograd.grad(self.data.loss(self.model(x), y).mean(), params))
+                if tune.weight_decay:
+                    grads = [g + tune.weight_decay * p.detach() for g, p in zip(grads, params)]
+                selection.mask_grad_(grads)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        p.sub_(tune.lr_at(step.step) * g)
+        return retrain_cost(self.data, tune, union)
+
+    # ---- persistence --------------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict:
+        return {"method": self.method, "shapes": {k: list(v.shape) for k, v in trainable(self.model).items()},
+                "k": self.k, "perturbation": self.perturbation, "score": self.score, "beta": self.beta,
+                "sigma": self.sigma, "repair": self.repair, "repair_epochs": self.repair_epochs,
+                "repair_lr_factor": self.repair_lr_factor, "per_tensor": self.per_tensor, "seed": self.seed,
+                "batch_size": self.config.batch_size, **self.data.fingerprint()}
+
+    def state_dict(self) -> dict:
+        return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
+                "requests": torch.tensor(self.requests), "forgotten": self.forgotten.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in trainable(self.model).items():
+                p.copy_(state["params"][k])
+        self.requests = int(state.get("requests", 0))
+        self._set_forgotten(state["forgotten"])
+
+
+class TopKUnlearner(PerturbUnlearner):
+    """Top-K: the exact global top K of a score over F (default grad_abs, K = 5%), or per tensor."""
+
+    method = "topk"
+
+    def _select(self, new):
+        with torch.enable_grad():
+            scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size)
+        if self.per_tensor:
+            return sel_api.topk_per_tensor(scores, self.k), cost
+        return sel_api.topk(scores, self.k), cost
+
+
+class RandomKUnlearner(PerturbUnlearner):
+    """Random-k: exactly K uniformly random coordinates (Philox keys at (seed, request number))."""
+
+    method = "randomk"
+
+    def _select(self, new):
+        return sel_api.random_k([p.detach() for p in self._params()], self.k, self.seed, self.requests), 0
