@@ -38,6 +38,9 @@ def _in_place_calls():
         "dequantize_axpy_": (lambda: (_floats(2), 0.5, *_coded(4), 4, 64), (0,)),
         "delta_encode_": (lambda: (_floats(3), _floats(2), *map(lambda p: [t.zero_() for t in p], _coded()), 8, 64),
                           (1, 2, 3)),
+        # select family: key |score|, threshold -1 selects every coordinate; action 1 scales by alpha
+        "select_apply_": (lambda: (_floats(2), _floats(4), [], [], 1, 0, 0, 0, -1, 0, 1, 0.5, 0, 0), (0,)),
+        "select_mask_grad_": (lambda: (_floats(2), _floats(4), 1, 0, 0, 0, -1, 0), (0,)),
     }
 
 
