@@ -18,23 +18,14 @@ import torch
 
 from unlearn_ext import ops as _ops
 from unlearn_ext.history import FieldSpec, HistoryStore
-from workloads import gradient_list
+from workloads import DEVICE, gradient_list, run_timed
 
-DEVICE = os.environ.get("UNLEARN_BENCH_DEVICE", "cpu")
 BLOCK = 256
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
 
 def _run(benchmark, fn, rounds):
-    def timed():
-        out = fn()
-        _sync()
-        return out
-    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
+    return run_timed(benchmark, fn, rounds, warmup_rounds=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,15 @@ shapes), DESIGN section 9. Baselines in the same run, each also perturbing the s
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from unlearn_ext import selection as S
-from workloads import gradient_list
+from workloads import DEVICE, gradient_list, run_timed
 
-DEVICE = os.environ.get("UNLEARN_BENCH_DEVICE", "cpu")
 FRACTION = 0.01
 
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +29,7 @@ def params():
 
 
 def _run(benchmark, fn, rounds):
-    def timed():
-        out = fn()
-        _sync()
-        return out
-    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    return run_timed(benchmark, fn, rounds, warmup_rounds=1)
 
 
 def kernel_select_reset(scores, params):

@@ -6,7 +6,6 @@ whose Python-level Philox is too slow for the full list).
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,16 +13,11 @@ import torch
 import unlearn_ext as ue
 from unlearn_ext import reference
 from unlearn_ext.pcmu.smoothing import analytic_threshold, radius_table
-from workloads import gradient_list
+from workloads import DEVICE, gradient_list, run_timed
 
-DEVICE = os.environ.get("UNLEARN_BENCH_DEVICE", "cpu")
 TAU, SIGMA, N0, N, ALPHA = 0.01, 0.01, 16, 64, 1e-3
 REFERENCE_MC_ELEMENTS = 1 << 16
 
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +31,7 @@ def numel(grads):
 
 
 def _run(benchmark, fn, rounds):
-    def timed():
-        out = fn()
-        _sync()
-        return out
-    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    return run_timed(benchmark, fn, rounds, warmup_rounds=1)
 
 
 # ---- mc, n = 64 -------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 """Benchmark workloads: parameter lists shaped like real models (DESIGN section 9)."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Which device the kernel benchmarks run on (UNLEARN_BENCH_DEVICE=cuda on a GPU machine).
+DEVICE = os.environ.get("UNLEARN_BENCH_DEVICE", "cpu")
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -24,3 +29,18 @@ def gradient_list(scale: float = 1e-2, seed: int = 0, dtype=torch.float32, devic
     """Gradient-like tensors (normal, std `scale`) with ResNet-18's shapes."""
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(s, generator=gen) * scale).to(dtype=dtype, device=device) for s in resnet18_shapes()]
+
+
+def sync() -> None:
+    """Waits for queued GPU work, so a timing covers the kernel and not just its launch."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_timed(benchmark, fn, rounds: int, warmup_rounds: int = 1):
+    """benchmark.pedantic over fn, synchronizing after each call; returns fn's result."""
+    def timed():
+        out = fn()
+        sync()
+        return out
+    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
