@@ -2,7 +2,6 @@
 plots, --json with its schema, a user's .npz, and a clear message and exit code 2 for every bad
 option or file."""
 import json
-import os
 
 import numpy as np
 import pytest

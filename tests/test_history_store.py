@@ -2,7 +2,6 @@
 open-loop deltas over thousands of steps, the disk format (crash recovery, corruption, foreign
 files, no pickle, reads that seek), tiers, the recorder hook and the byte estimate."""
 import io
-import math
 import os
 import pickle
 
@@ -13,7 +12,6 @@ import unlearn_ext as ue
 from unlearn_ext import ops as _ops
 from unlearn_ext.history import file as history_file
 from unlearn_ext.history import FieldSpec, HistoryStore
-from unlearn_ext.reference import codecs as ref_history
 
 SHAPES = [(33, 17), (17,), (5, 3, 4)]
 

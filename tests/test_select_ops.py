@@ -2,7 +2,6 @@
 apply and the masked gradient, against the reference (unlearn_ext/reference/select.py)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

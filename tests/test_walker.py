@@ -1,7 +1,6 @@
 """The CPU list walker (csrc/cpu/cpu_walk.h) combines per-chunk partials in chunk order, so results
 never depend on the thread count: the same bits with 1 thread and with several, including the
 order-sensitive float64 sum of dequantize_dot and the order of fragile_compact's output."""
-import pytest
 import torch
 
 from unlearn_ext import ops as _ops

@@ -208,7 +208,7 @@ class PerTensorSelection:
 
 
 def topk_per_tensor(scores: Sequence[torch.Tensor], k, by: str = "abs") -> PerTensorSelection:
-    parts, base = [], 0
+    parts = []
     for s in scores:
         sel = topk([s], k, by)
         parts.append(sel)

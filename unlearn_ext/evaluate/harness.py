@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import metrics, mia
-from ..data import SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
+from ..data import SGDConfig, TrainingData, retrain, train_sgd
 from . import models
 from .datasets import Dataset
 from .methods import Method, Run, resolve

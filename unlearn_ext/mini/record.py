@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from ..data import SGDConfig, TrainingData
 from ..history import HistoryStore

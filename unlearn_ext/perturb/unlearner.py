@@ -11,7 +11,6 @@ control, is baselines.FinetuneUnlearner.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
