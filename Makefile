@@ -37,7 +37,14 @@ test: build
 test-fast: build
 	$(PY) -m pytest tests -q -m "not slow"
 
-bench: build
+# The peers (opacus, bitsandbytes, torchao) install pinned to the venv's torch so pip cannot swap it.
+BENCH_DEPS := opacus bitsandbytes torchao
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt $(BENCH_DEPS)
+	touch $@
+
+bench: build $(VENV)/.bench-deps
 	$(PY) -m pytest benchmarks -q --benchmark-only
 
 # Compiles the CUDA sources with nvcc against a CUDA build of torch (no GPU needed).
