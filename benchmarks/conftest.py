@@ -97,8 +97,9 @@ def pytest_terminal_summary(terminalreporter):
             ratios[name] = r
     for name, r in ratios.items():
         tr.write_line(f"{name:60s} {r:8.2f}" + ("x" if " vs " in name else ""))
+    date = datetime.datetime.now().isoformat(timespec="seconds")
     out = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": date,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -109,8 +110,29 @@ def pytest_terminal_summary(terminalreporter):
         "notes": _NOTES,
     }
     path = os.environ.get("UNLEARN_BENCH_JSON", os.path.join(os.path.dirname(__file__), "last_run.json"))
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    _merge_into(path, out, date)
     for key, value in _NOTES.items():
         tr.write_line(f"{key}: {value}")
     tr.write_line(f"written to {path}")
+
+
+def _merge_into(path: str, out: dict, date: str) -> None:
+    """Update `path` with this run's entries, keeping those of benchmarks this run did not execute
+    (a run of one file must not erase the others' figures). Each entry carries the date of its run;
+    ratios are only ever taken within one run (the `ratios` of the newest run that computed them)."""
+    previous = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = {}  # unreadable or half-written: start over rather than fail the run
+    for section in ("results", "ratios", "notes"):
+        merged = dict(previous.get(section) or {})
+        for key, value in out[section].items():
+            merged[key] = {**value, "date": date} if isinstance(value, dict) else {"value": value, "date": date}
+        out[section] = merged
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, path)
