@@ -1,39 +1,32 @@
 """End-to-end: unlearning 10% of digits with the history methods vs retraining from scratch
 (DESIGN section 9: >= 5x faster at the quality of issue 12's table), same run.
 
-Workload: the logistic-regression setting of scripts/eval_history_methods.py (digits, 1400 train,
-weight decay 1e-3, 40 epochs, batch 128), seed 0, the forget set a seeded 10% of the ids. The quality
+Workload: the history-logreg setting of unlearn_ext/evaluate/settings.py (scripts/eval_history_methods.py:
+digits, standardized, weight decay 1e-3, 40 epochs, batch 128, lr 0.5), seed 0, the forget set a seeded 10% of the ids. The quality
 reached (d/d0 against the same-seed retrain) is kept in last_run.json beside the times.
 """
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 
 import unlearn_ext as ue
+from unlearn_ext.evaluate import settings
 from unlearn_ext.mini.vectors import FlatModel
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-import eval_history_methods as ev  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup():
-    s = ev.SETTINGS["logreg"]
-    data, _, _ = ev.dataset(s, 0)
-    init = ev.make_model(64, s["hidden"], 10, 0)
-    config = ue.SGDConfig(epochs=s["epochs"], batch_size=s["batch"], lr=s["lr"], weight_decay=s["wd"], seed=0)
+    data, init, config = settings.get("history-logreg").training(0)
     mini_model, dg_model = copy.deepcopy(init), copy.deepcopy(init)
     mini_store, dg_store = ue.mini_store(mini_model), ue.step_store(dg_model)
     ue.train_recording_anchors(mini_model, data, config, mini_store)
     ue.train_recording_steps(dg_model, data, config, dg_store)
-    forget = data.ids[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:140]]
+    forget = data.ids[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:len(data) // 10]]
     retrained = FlatModel(ue.retrain(init, data, config, forget), data).flat()
-    return dict(s=s, data=data, init=init, config=config, forget=forget, retrained=retrained,
+    return dict(data=data, init=init, config=config, forget=forget, retrained=retrained,
                 mini=(mini_model, mini_store), dg=(dg_model, dg_store))
 
 
@@ -56,9 +49,9 @@ def test_unlearn_10_percent(benchmark, setup, record, compare, note, method):
     def run():
         m = copy.deepcopy(model)
         if method == "mini":
-            u = ue.MiniUnlearner(m, setup["data"], store, **setup["s"]["mini"])
+            u = ue.MiniUnlearner(m, setup["data"], store, )  # Mini's defaults: m = 1024, k = 10
         else:
-            u = ue.DeltaGradUnlearner(m, setup["data"], store, **setup["s"]["dg"])
+            u = ue.DeltaGradUnlearner(m, setup["data"], store, )  # DeltaGrad's defaults: burn-in 10, period 5, memory 2
         made.append((m, u.unlearn(setup["forget"])))
 
     benchmark.pedantic(run, rounds=3, iterations=1)

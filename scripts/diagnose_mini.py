@@ -2,7 +2,7 @@
 wrong with the first version"). Our formulation (DESIGN section 6): e_{t+1} = (I - eta_t H) e_t -
 eta_t delta(w_t), delta(w) = r/(n-r) (grad L_D(w) - grad L_F(w)).
 
-    PYTHONPATH=. python scripts/diagnose_mini.py [--setting logreg] [--seed 100] [--ratio 0.1]
+    PYTHONPATH=. python scripts/diagnose_mini.py [--setting history-logreg] [--seed 100] [--ratio 0.1]
 
 Prints d/d0 (against the same-seed retrain) for the linear response with, in turn, everything
 exact per step, the exact retained Hessian at w* only, K = 5 anchors with DESIGN's constant
@@ -19,11 +19,10 @@ import torch
 from torch.func import hessian
 
 import unlearn_ext as ue
+from unlearn_ext.evaluate import settings
 from unlearn_ext.mini.curvature import HessianOperator
 from unlearn_ext.mini.record import anchor_epochs
 from unlearn_ext.mini.vectors import FlatModel
-
-from eval_history_methods import SETTINGS, dataset, make_model
 
 
 def trajectory(init, data, config):
@@ -48,17 +47,14 @@ def propagate(H, etas, drift_at_step):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setting", default="logreg", choices=list(SETTINGS))
+    ap.add_argument("--setting", default="history-logreg", choices=list(settings.SETTINGS))
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--ratio", type=float, default=0.10)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    s = SETTINGS[args.setting]
-    data, _, _ = dataset(s, args.seed)
-    init = make_model(64, s["hidden"], 10, args.seed)
-    config = ue.SGDConfig(epochs=s["epochs"], batch_size=s["batch"], lr=s["lr"], weight_decay=s["wd"], seed=args.seed)
+    data, init, config = settings.get(args.setting).training(args.seed)
     weights, flat = trajectory(init, data, config)
-    n, T, spe = len(data), len(weights) - 1, math.ceil(len(data) / s["batch"])
+    n, T, spe = len(data), len(weights) - 1, math.ceil(len(data) / config.batch_size)
     r = max(1, round(args.ratio * n))
     g = torch.Generator().manual_seed(10_000 * args.seed + int(args.ratio * 1000))  # as the eval script
     forget = data.ids[torch.randperm(n, generator=g)[:r]].sort().values
@@ -76,17 +72,17 @@ def main():
 
     x, y = data.batch(retained)
     H = hessian(lambda w: flat.loss_sum(w, x, y) / retained.numel())(w_star.float()).double()
-    H = (H + H.T) / 2 + s["wd"] * torch.eye(flat.dim, dtype=torch.float64)
+    H = (H + H.T) / 2 + config.weight_decay * torch.eye(flat.dim, dtype=torch.float64)
     drifts = [drift(w) for w in weights[:-1]]
     ops = {}
 
     def H_path(t, e):  # the retained Hessian at w_t (one HVP per step)
-        op = ops.setdefault(t, HessianOperator(flat, weights[t], retained, s["wd"]))
+        op = ops.setdefault(t, HessianOperator(flat, weights[t], retained, config.weight_decay))
         return op(e)
 
     report("exact per step: H(w_t), delta(w_t)", propagate(H_path, etas, lambda t: drifts[t]))
     report("H(w*) at every step, delta(w_t)", propagate(H, etas, lambda t: drifts[t]))
-    ends = [a * spe for a in anchor_epochs(s["epochs"], 5)]
+    ends = [a * spe for a in anchor_epochs(config.epochs, 5)]
     anchor_drift = {t: drift(weights[t]) for t in ends}
 
     def segment(t):  # (start, end) anchors of the segment holding step t

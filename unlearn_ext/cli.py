@@ -62,7 +62,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .evaluate import methods, models
+    from .evaluate import methods, models, settings
 
     parser = argparse.ArgumentParser(prog="unlearn-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive, default=None, help="keep only the first N training samples")
     ev.add_argument("--noise-floor", type=int, default=2, help="retrains with other seeds per ratio (default 2)")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ev.add_argument("--setting", default=None, choices=list(settings.SETTINGS),
+                    help="a named setting (data, model, SGD training) of the per-method scripts; "
+                         "replaces --data/--model/--widths/--label-noise/--limit (unlearn_ext/evaluate/settings.py)")
     for p in (demo, ev):
         p.add_argument("--out", default=None, help="folder for report.md and plots "
                        "(demo: ./unlearn-ext-demo; eval: none unless given)")
@@ -142,17 +145,24 @@ def _bench() -> int:
 def _evaluate(parser, args) -> int:
     import torch
 
-    from .evaluate import datasets, harness, methods, report
+    from .evaluate import datasets, harness, methods, report, settings
 
     demo = args.command == "demo"
     if demo:
         data_name, model, names, ratios, seeds = "digits", "mlp", list(methods.AVAILABLE), _floats(DEMO_RATIOS), [0]
         epochs, widths, noise, label_noise, limit, device = None, None, 2, 0.0, None, "cpu"
-        out = args.out or "unlearn-ext-demo"
+        out, setting = args.out or "unlearn-ext-demo", None
     else:
         data_name, model, names, ratios, seeds = args.data, args.model, args.methods, args.ratios, args.seeds
         epochs, widths, noise, label_noise = args.epochs, args.widths, args.noise_floor, args.label_noise
         limit, device, out = args.limit, args.device, args.out
+        setting = settings.get(args.setting) if args.setting else None
+        if setting is not None:
+            if (data_name, model, widths, label_noise, limit) != ("digits", "mlp", None, 0.0, None):
+                parser.error(f"--setting {setting.name} fixes --data, --model, --widths, --label-noise and "
+                             "--limit; give either the setting or those options")
+            data_name, model, widths = setting.data, setting.model, setting.widths
+            label_noise, limit = setting.label_noise, setting.limit
         if not 0 <= label_noise < 1:
             parser.error(f"--label-noise must be in [0, 1), got {label_noise}")
         if noise < 0:
@@ -170,7 +180,8 @@ def _evaluate(parser, args) -> int:
         parser.error(str(exc))
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
-    records = _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, args.quiet)
+    sgd = setting.sgd if setting is not None else None
+    records = _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, args.quiet, sgd)
     summary = harness.summarize(records)
     report.print_table(summary, title)
     notes = [f"backend: {backend()}; {time.perf_counter() - began:.0f} s on this machine",
@@ -184,16 +195,17 @@ def _evaluate(parser, args) -> int:
     if args.json_path:
         payload = {"schema": harness.RECORD_FIELDS, "records": records, "summary": summary,
                    "settings": {"data": ds.name, "model": model, "methods": names, "ratios": ratios,
-                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise}}
+                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise,
+                                "setting": setting.name if setting is not None else None}}
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)
         print(f"wrote {args.json_path}")
     return 0
 
 
-def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet):
+def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet, sgd=None):
     kwargs = dict(model=model, methods=names, ratios=ratios, seeds=seeds, epochs=epochs, widths=widths,
-                  noise_floor_seeds=noise)
+                  noise_floor_seeds=noise, sgd=sgd)
     if quiet:
         return harness.evaluate(ds, **kwargs)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

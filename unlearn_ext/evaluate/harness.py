@@ -22,6 +22,7 @@ from .. import metrics, mia
 from ..data import SGDConfig, TrainingData, retrain, train_sgd
 from . import models
 from .datasets import Dataset
+from .memory import PeakMemory
 from .methods import Method, Run, resolve
 
 RECORD_FIELDS = {
@@ -40,7 +41,13 @@ RECORD_FIELDS = {
     "mrr": "memory retention rate A_new(R) / A_orig(R)",
     "seconds": "wall time of the unlearning call (retrain row: of retraining)",
     "speedup": "reference retrain seconds / seconds", "cost_vs_retrain": "sample-gradient cost / retraining's",
-    "history_bytes": "history bytes the method read", "peak_memory_bytes": "peak device memory (CUDA only; else None)",
+    "history_bytes": "history bytes the method read",
+    "peak_memory_bytes": "peak memory growth of the unlearning call (method rows; else None), as peak_memory_kind "
+                         "says: cpu_rss_growth = peak resident set during the call minus the resident set at its "
+                         "start (Linux VmHWM, reset per call; a lower bound: memory the allocators already held "
+                         "and reused is not counted; None where not measurable), cuda_max_allocated = CUDA "
+                         "tensor memory (unlearn_ext/evaluate/memory.py)",
+    "peak_memory_kind": "cpu_rss_growth | cuda_max_allocated | None (rows without an unlearning call)",
     "retrain_spread_test_acc": "max - min test accuracy over retrains with other seeds (the noise floor)",
     "retrain_spread_mia_auc": "max - min MIA AUC over retrains with other seeds",
 }
@@ -64,13 +71,22 @@ def default_config(model: str, epochs: int | None, seed: int) -> SGDConfig:
     return SGDConfig(epochs=epochs or 150, batch_size=32, lr=0.05, weight_decay=0.0, seed=seed)  # memorizing
 
 
-def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, widths=None) -> Run:
+def sgd_config(model: str, epochs: int | None, seed: int, sgd: dict | None = None) -> SGDConfig:
+    """default_config, or a named setting's SGD fields (settings.py); epochs overrides either."""
+    if sgd is None:
+        return default_config(model, epochs, seed)
+    return SGDConfig(**{**sgd, **({"epochs": epochs} if epochs else {})}, seed=seed)
+
+
+def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, widths=None,
+              sgd: dict | None = None) -> Run:
     data = TrainingData(ds.x, ds.y)
     initial = models.make(model, ds.features, ds.classes, seed, widths)
-    config = default_config(model, epochs, seed)
+    config = sgd_config(model, epochs, seed, sgd)
     began = time.perf_counter()
     original = train_sgd(copy.deepcopy(initial), data, config)
-    return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began)
+    return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began,
+               holdout=(ds.x_test[::2], ds.y_test[::2]))
 
 
 def _measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
@@ -94,20 +110,21 @@ def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: 
            "d_d0": metrics.distance_ratio(w, w_orig, w_ref), "fr": fr, "fr_raw": fr_raw, "fr_note": note,
            "mrr": metrics.retention_rate(measured["retain_acc"], orig["retain_acc"]),
            "seconds": None, "speedup": None, "cost_vs_retrain": None, "history_bytes": 0,
-           "peak_memory_bytes": None}
+           "peak_memory_bytes": None, "peak_memory_kind": None}
     row.update(extra)
     return row
 
 
 def evaluate(ds: Dataset, *, model: str = "mlp", methods=("pcmu", "finetune"), ratios=(0.01, 0.05, 0.1, 0.2, 0.3),
              seeds=(0,), epochs: int | None = None, widths=None, noise_floor_seeds: int = 2,
-             progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Runs every method against retraining; returns one record per row (RECORD_FIELDS)."""
+             progress: Callable[[str], None] | None = None, sgd: dict | None = None) -> list[dict]:
+    """Runs every method against retraining; returns one record per row (RECORD_FIELDS).
+    sgd: the SGD fields of a named setting (settings.py) instead of default_config's."""
     specs = resolve(methods)
     tick = progress or (lambda what: None)
     records = []
     for seed in seeds:
-        run = train_run(ds, model, seed, epochs, widths)
+        run = train_run(ds, model, seed, epochs, widths, sgd)
         tick(f"seed {seed}: trained the original ({run.train_seconds:.1f} s)")
         prepared = {}
         for spec in specs:
@@ -160,17 +177,20 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
     else:
         original, reference, reference_seconds, ref_m = run.original, gold, retrain_seconds, gold_m
     unlearner = spec.build(run, prepared)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    report = unlearner.unlearn(forget)
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    with PeakMemory(cuda=_on_cuda(unlearner.model)) as peak:
+        report = unlearner.unlearn(forget)
     measured = _measure(unlearner.model, ds, run.data, forget)
     row = _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
                 reference, status=report.status, seconds=report.seconds,
                 speedup=reference_seconds / report.seconds if report.seconds > 0 else math.inf,
                 cost_vs_retrain=report.cost_vs_retrain, history_bytes=report.history_bytes_read,
-                peak_memory_bytes=peak, **common)
+                peak_memory_bytes=peak.bytes, peak_memory_kind=peak.kind if peak.bytes is not None else None,
+                **common)
     return rows + [row]
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    return any(p.is_cuda for p in model.parameters())
 
 
 def _noise_floor(ds, run: Run, forget, count: int) -> tuple:
@@ -189,7 +209,7 @@ def _noise_floor(ds, run: Run, forget, count: int) -> tuple:
 
 
 MEASURES = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "mrr",
-            "seconds", "speedup", "cost_vs_retrain", "history_bytes", "retrain_spread_test_acc",
+            "seconds", "speedup", "cost_vs_retrain", "history_bytes", "peak_memory_bytes", "retrain_spread_test_acc",
             "retrain_spread_mia_auc")
 
 

@@ -35,6 +35,7 @@ class Run:
     config: SGDConfig
     original: torch.nn.Module      # plain SGD on all of D
     train_seconds: float
+    holdout: tuple | None = None   # held-out (x, y) non-members: half the test split (Top-K ascent's stop)
 
 
 @dataclass
@@ -75,7 +76,9 @@ PCMU = Method(
 
 FINETUNE = Method(
     "finetune", "retrain",
-    build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config, epochs=1),
+    # The same repair budget as Top-K / Random-k get (perturb_repair_epochs: 1, or 3 on mlp-wide).
+    build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config,
+                                           epochs=perturb_repair_epochs(run)),
 )
 
 # ---- history methods: the same plain-SGD run, recorded (recording does not change the weights) ---
@@ -125,16 +128,46 @@ RANDOMK = Method(
 )
 
 AVAILABLE = {m.name: m for m in (PCMU, MINI, DELTAGRAD, FINETUNE, TOPK, RANDOMK)}
+
+# ---- variants: named options of the methods above, run when asked for by name (not by default) ----
+# The per-method scripts' extra rows (issues 12 and 13), so that their tables come from this harness.
+
+
+def _mini_int8_prepare(run: Run):
+    store = mini_store(run.original, codec="int8")
+    train_recording_anchors(copy.deepcopy(run.initial), run.data, run.config, store)
+    return store
+
+
+def _perturbation(cls, perturbation: str):
+    """A Top-K / Random-k variant: the perturbation reset (the default rows), dampen, or normalized
+    ascent (stopped at the held-out non-members' loss: Run.holdout, half the test split)."""
+    def build(run: Run, _):
+        extra = {"seed": run.seed} if cls is RandomKUnlearner else {}
+        return cls(copy.deepcopy(run.original), run.data, run.config, k=0.05, perturbation=perturbation,
+                   repair_epochs=perturb_repair_epochs(run), holdout=run.holdout, **extra)
+    return build
+
+
+VARIANTS = {m.name: m for m in (
+    Method("mini-int8", "retrain", prepare=_mini_int8_prepare,  # int8 anchors instead of fp32
+           build=lambda run, store: MiniUnlearner(copy.deepcopy(run.original), run.data, store, seed=run.seed)),
+    Method("mini-anchors", "retrain", prepare=_mini_prepare,    # curvature at every anchor, not only w*
+           build=lambda run, store: MiniUnlearner(copy.deepcopy(run.original), run.data, store, seed=run.seed,
+                                                  curvature="anchors")),
+    *(Method(f"{name}-{how}", "retrain", build=_perturbation(cls, how))
+      for name, cls in (("topk", TopKUnlearner), ("randomk", RandomKUnlearner)) for how in ("dampen", "ascent")),
+)}
 # name -> the issue that brings it
 PLANNED: dict[str, str] = {}
-ALL = tuple(AVAILABLE) + tuple(PLANNED)
+ALL = tuple(AVAILABLE) + tuple(VARIANTS) + tuple(PLANNED)
 
 
 def resolve(names) -> list[Method]:
     out = []
     for name in names:
-        if name in AVAILABLE:
-            out.append(AVAILABLE[name])
+        if name in AVAILABLE or name in VARIANTS:
+            out.append(AVAILABLE.get(name) or VARIANTS[name])
         elif name in PLANNED:
             raise ValueError(f"method {name!r} ({PLANNED[name]}) is not in this release yet; available: "
                              f"{', '.join(AVAILABLE)}")

@@ -17,5 +17,6 @@ from .smoothing import (  # noqa: F401
     vote_accumulate_,
     vote_finalize,
 )
+from .records import FragileSet, estimate_record_bytes  # noqa: F401
 from .trainer import PCMUTrainer  # noqa: F401
 from .unlearner import PCMUUnlearner  # noqa: F401

@@ -4,14 +4,30 @@ retraining (DESIGN section 4, per-request certificate):
 * the ids present in the batch and the step size, which with the initial weights and the codes
   replay every w_t bit for bit (codes packed 2 bits each);
 * the smallest certified radius (the a-priori certificate);
-* the fragile coordinates — radius < M*C/b + margin — with their exact pre-quantization values and
-  radii, compacted by the `fragile_compact` kernel.
+* the fragile coordinates — radius < M*C/b + margin — with their exact pre-quantization values
+  (`FragileSet`), in whichever of two layouts is smaller for that step:
+    sparse: the fragile coordinates' indices (int32 while d < 2^31) and values;
+    dense:  every coordinate's value, the fragile ones being those whose radius is below the
+            threshold (with M = 4 at b = 256 every coordinate was fragile at every step).
+  Radii are stored only in `mc` mode: there they come from random draws. In `analytic` mode the
+  radius is | |v| - beta |, recomputed from the value by the same kernel that computed it during
+  training (same per-element float32 math, so bit for bit the same), so no radius is stored.
+  Per fragile coordinate: sparse 8 bytes (analytic) / 12 (mc); dense 4 (analytic) / 8 (mc) per
+  coordinate of the model, whether fragile or not. Our choice: the layout with fewer bytes, per step.
+  `check_request` reads either layout through the same accessors (indices, values, radii).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
+
+from .. import ops as _ops
+
+SPARSE, DENSE = "sparse", "dense"
+LAYOUTS = ("auto", SPARSE, DENSE)
+_INT32_MAX = 2**31 - 1
 
 
 def pack_codes(codes: list[torch.Tensor]) -> torch.Tensor:
@@ -36,6 +52,140 @@ def unpack_codes(packed: torch.Tensor, shapes: list[torch.Size]) -> list[torch.T
     return out
 
 
+# ---- fragile coordinates ---------------------------------------------------------------------------
+
+def index_itemsize(coordinates: int) -> int:
+    """Bytes per stored index: int32 while every index (< d) fits, else int64."""
+    return 4 if coordinates - 1 <= _INT32_MAX else 8
+
+
+def fragile_bytes(layout: str, coordinates: int, fragile: int, stores_radius: bool) -> int:
+    """Bytes of one step's fragile set: `fragile` of `coordinates` coordinates in `layout`."""
+    per_value = 8 if stores_radius else 4  # float32 value (+ float32 radius in mc mode)
+    if layout == SPARSE:
+        return fragile * (index_itemsize(coordinates) + per_value)
+    if layout == DENSE:
+        return coordinates * per_value
+    raise ValueError(f"layout must be {SPARSE!r} or {DENSE!r}, got {layout!r}")
+
+
+def smaller_layout(coordinates: int, fragile: int, stores_radius: bool) -> str:
+    """The layout with fewer bytes (sparse on a tie)."""
+    sparse = fragile_bytes(SPARSE, coordinates, fragile, stores_radius)
+    return SPARSE if sparse <= fragile_bytes(DENSE, coordinates, fragile, stores_radius) else DENSE
+
+
+@dataclass
+class FragileSet:
+    """One step's fragile coordinates (radius < threshold) with their pre-quantization values.
+
+    Read it through indices() / values() / radii() (ascending global coordinate order, the same in
+    both layouts) and count_below(); `layout` and `nbytes` say how it is stored.
+    beta: analytic mode's decision threshold; radii are then recomputed from the values. None (mc
+    mode, or a record from before this format): radii are stored in `radius`.
+    """
+    layout: str                     # SPARSE or DENSE
+    coordinates: int                # d
+    threshold: float                # fragile: radius < threshold (compared in float32, as the kernel)
+    beta: float | None
+    count: int                      # number of fragile coordinates
+    value: torch.Tensor             # float32: fragile values (sparse) or every value (dense)
+    index: torch.Tensor | None = None   # sparse: int32/int64 ascending coordinate indices
+    radius: torch.Tensor | None = None  # stored radii (mc), aligned with `value`
+    _below: dict = field(default_factory=dict, repr=False, compare=False)  # count_below memo
+
+    @classmethod
+    def empty(cls, coordinates: int = 0, threshold: float = 0.0) -> "FragileSet":
+        return cls(SPARSE, coordinates, threshold, None, 0, torch.empty(0),
+                   torch.empty(0, dtype=torch.int32), torch.empty(0))
+
+    @classmethod
+    def record(cls, values: list[torch.Tensor], radii: list[torch.Tensor], threshold: float, *,
+               beta: float | None, layout: str = "auto") -> "FragileSet":
+        """The fragile set of one step from its values v and radii (lists shaped like the params).
+        beta: give analytic mode's threshold to store values only (radii recomputed on reading)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"fragile layout must be one of {LAYOUTS}, got {layout!r}")
+        d = sum(v.numel() for v in values)
+        stores_radius = beta is None
+        flat_r = torch.cat([r.reshape(-1) for r in radii]) if radii else torch.empty(0)
+        count = int(_fragile_mask(flat_r, threshold).sum())
+        if layout == "auto":
+            layout = smaller_layout(d, count, stores_radius)
+        if layout == SPARSE:
+            index, value, radius = _ops.fragile_compact(values, radii, threshold)
+            index = index.to(torch.int32 if index_itemsize(d) == 4 else torch.int64)
+            return cls(SPARSE, d, float(threshold), beta, count, value.cpu(), index.cpu(),
+                       radius.cpu() if stores_radius else None)
+        value = torch.cat([v.reshape(-1).to(torch.float32) for v in values]).cpu()
+        return cls(DENSE, d, float(threshold), beta, count, value, None, flat_r.cpu() if stores_radius else None)
+
+    # ---- reading (the same answers in both layouts) ----------------------------------------------
+
+    def _stored_radii(self) -> torch.Tensor:
+        """Radii aligned with `value`: stored (mc) or recomputed by the training kernel (analytic)."""
+        if self.radius is not None:
+            return self.radius
+        if self.value.numel() == 0:
+            return torch.empty(0)
+        return _ops.quantize_analytic([self.value], self.beta, 0.0)[1][0]
+
+    def _selection(self):
+        """(index int64, positions in `value`) of the fragile coordinates."""
+        if self.layout == SPARSE:
+            return self.index.to(torch.int64), None
+        keep = torch.nonzero(_fragile_mask(self._stored_radii(), self.threshold)).reshape(-1)
+        return keep, keep
+
+    def indices(self) -> torch.Tensor:
+        """int64 global coordinate indices of the fragile coordinates, ascending."""
+        return self._selection()[0]
+
+    def values(self) -> torch.Tensor:
+        """float32 pre-quantization values at indices()."""
+        pos = self._selection()[1]
+        return self.value if pos is None else self.value[pos]
+
+    def radii(self) -> torch.Tensor:
+        """float32 certified radii at indices()."""
+        pos = self._selection()[1]
+        radii = self._stored_radii()
+        return radii if pos is None else radii[pos]
+
+    def count_below(self, bounds) -> list[int]:
+        """For each bound: fragile coordinates with radius < bound (the certificate's counts)."""
+        key = tuple(float(b) for b in bounds)
+        if key not in self._below:
+            radii = self._stored_radii()
+            if self.layout == DENSE:
+                radii = radii[_fragile_mask(radii, self.threshold)]
+            self._below[key] = [int((radii < b).sum()) for b in key]
+        return list(self._below[key])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.value, self.index, self.radius) if t is not None)
+
+    # ---- persistence (torch.load(weights_only=True) safe: tensors and plain values) ----------------
+
+    def to_state(self) -> dict:
+        return {"layout": self.layout, "coordinates": self.coordinates, "threshold": self.threshold,
+                "beta": self.beta, "count": self.count, "value": self.value, "index": self.index,
+                "radius": self.radius}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "FragileSet":
+        return cls(**s)
+
+
+def _fragile_mask(radii: torch.Tensor, threshold: float) -> torch.Tensor:
+    """fragile_compact's test: radius < threshold in float32; a NaN radius counts as fragile."""
+    return ~(radii >= torch.tensor(threshold, dtype=torch.float32))
+
+
+# ---- one step ---------------------------------------------------------------------------------------
+
 @dataclass
 class PCMUStep:
     step: int
@@ -44,17 +194,83 @@ class PCMUStep:
     offset: int                    # RNG block offset used by this step (mc mode)
     applied: bool                  # False for an empty batch (no update)
     min_radius: float
-    fragile_index: torch.Tensor    # int64 global coordinate indices, ascending
-    fragile_value: torch.Tensor    # float32 pre-quantization values at those coordinates
-    fragile_radius: torch.Tensor   # float32 certified radii there
+    fragile: FragileSet            # the fragile coordinates (either layout)
     codes: torch.Tensor            # packed codes (uint8), empty when not applied
+
+    # The accessors check_request reads, whatever the layout.
+    @property
+    def fragile_index(self) -> torch.Tensor:
+        return self.fragile.indices()
+
+    @property
+    def fragile_value(self) -> torch.Tensor:
+        return self.fragile.values()
+
+    @property
+    def fragile_radius(self) -> torch.Tensor:
+        return self.fragile.radii()
+
+    def nbytes(self) -> dict:
+        """Bytes this record holds: batch ids, packed codes, fragile set (plus a few scalars, not
+        counted)."""
+        ids = self.ids.numel() * self.ids.element_size()
+        codes = self.codes.numel() * self.codes.element_size()
+        return {"ids": ids, "codes": codes, "fragile": self.fragile.nbytes,
+                "total": ids + codes + self.fragile.nbytes}
 
     def to_state(self) -> dict:
         return {"step": self.step, "ids": self.ids, "step_size": self.step_size, "offset": self.offset,
-                "applied": self.applied, "min_radius": self.min_radius, "fragile_index": self.fragile_index,
-                "fragile_value": self.fragile_value, "fragile_radius": self.fragile_radius,
+                "applied": self.applied, "min_radius": self.min_radius, "fragile": self.fragile.to_state(),
                 "codes": self.codes}
 
     @classmethod
-    def from_state(cls, s: dict) -> "PCMUStep":
+    def from_state(cls, s: dict, coordinates: int = 0, threshold: float = 0.0) -> "PCMUStep":
+        """From to_state's dict. Records saved before the layouts existed (keys fragile_index,
+        fragile_value, fragile_radius: int64 indices with stored radii) load as sparse sets with
+        stored radii, exactly as they were recorded; `coordinates` and `threshold` (the trainer's)
+        fill in what those records did not keep."""
+        s = dict(s)
+        if "fragile" in s:
+            s["fragile"] = FragileSet.from_state(s["fragile"])
+        else:
+            index, value, radius = s.pop("fragile_index"), s.pop("fragile_value"), s.pop("fragile_radius")
+            s["fragile"] = FragileSet(SPARSE, coordinates, threshold, None, index.numel(), value, index, radius)
         return cls(**s)
+
+
+# ---- bytes, recorded and expected --------------------------------------------------------------
+
+def record_bytes(records: list[PCMUStep]) -> dict:
+    """What a list of step records holds, in bytes: totals by part, per step, and layouts used."""
+    parts = [r.nbytes() for r in records]
+    out = {k: sum(p[k] for p in parts) for k in ("ids", "codes", "fragile", "total")}
+    out["steps"] = len(records)
+    out["per_step"] = [p["total"] for p in parts]
+    out["fragile_per_step"] = [p["fragile"] for p in parts]
+    out["mean_per_step"] = out["total"] / len(records) if records else 0.0
+    out["fragile_coordinates"] = sum(r.fragile.count for r in records)
+    out["layouts"] = {layout: sum(r.applied and r.fragile.layout == layout for r in records)
+                      for layout in (SPARSE, DENSE)}
+    return out
+
+
+def estimate_record_bytes(coordinates: int, steps: int, batch_size: int, *, mode: str = "analytic",
+                          fragile_fraction: float = 1.0) -> dict:
+    """Bytes the records of `steps` PCMU steps will need, before training: ids (8 per sample),
+    codes (d/4) and the fragile set of `fragile_fraction` of the d coordinates, in the smaller
+    layout. The fraction is unknown before training; 1.0 (the default) is the worst case, which a
+    large max_request at a small batch reaches (M = 4, b = 256 on a 64-256-256-10 MLP). A
+    trainer's estimate_record_bytes uses the fraction its own steps so far have shown."""
+    if not 0.0 <= fragile_fraction <= 1.0:
+        raise ValueError(f"fragile_fraction must be in [0, 1], got {fragile_fraction}")
+    if mode not in ("analytic", "mc"):
+        raise ValueError(f"mode must be 'analytic' or 'mc', got {mode!r}")
+    stores_radius = mode == "mc"
+    fragile = math.ceil(fragile_fraction * coordinates)
+    layout = smaller_layout(coordinates, fragile, stores_radius)
+    per_step = {"ids": 8 * batch_size, "codes": -(-coordinates // 4),
+                "fragile": fragile_bytes(layout, coordinates, fragile, stores_radius)}
+    out = {k: steps * v for k, v in per_step.items()}
+    out["total"] = sum(out.values())
+    out.update(steps=steps, per_step=sum(per_step.values()), layout=layout, fragile_fraction=fragile_fraction)
+    return out

@@ -30,7 +30,7 @@ from ..rng import call_offset
 from ..unlearner import UnknownIdsError
 from ..per_sample import clipped_sum64, trainable
 from .certificate import AprioriCertificate, RequestCheck
-from .records import PCMUStep, pack_codes, unpack_codes
+from .records import FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
 from .smoothing import analytic_threshold, blocks_per_element, check_smoothing_config, smooth_quantize
 
 # Our choice: |computed v - retrained v| is a few float32 roundings of magnitude <= C (the float64
@@ -47,8 +47,15 @@ class PCMUTrainer:
     loss_fn: loss of a one-sample batch, e.g. torch.nn.functional.cross_entropy.
     lr: the step size lr*scale of the quantized update, a float or a function of the step index.
     max_request: M, the largest number of removed ids per batch that the per-request check covers.
+        Each step records its fragile coordinates (radius < M*C/b + margin): the larger M, the more
+        bytes (record_bytes(), estimate_record_bytes(); README "PCMU", max_request).
     exclude: ids never trained on (the coupled-retraining baseline uses this).
     """
+
+    # How each step stores its fragile set (records.py): 'auto' (the smaller layout per step),
+    # 'sparse' or 'dense'. Every layout gives the same check results; the fixed ones are for tests
+    # and measurements.
+    fragile_layout: str = "auto"
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, data, *, batch_size: int, clip_norm: float,
                  lr, tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
@@ -173,27 +180,51 @@ class PCMUTrainer:
 
     def _compute_step(self, t: int, ids: torch.Tensor) -> PCMUStep:
         step_size = float(self._lr(t))
-        empty = torch.empty(0)
+        nothing = FragileSet.empty(self.coordinates, self.fragile_threshold)
         if ids.numel() == 0:  # an emptied batch makes no update (and consumes no data)
-            return PCMUStep(t, ids, step_size, self.offset_of(t), False, float("inf"),
-                              empty.long(), empty, empty, torch.empty(0, dtype=torch.uint8))
+            return PCMUStep(t, ids, step_size, self.offset_of(t), False, float("inf"), nothing,
+                            torch.empty(0, dtype=torch.uint8))
         with torch.no_grad():
             v, result = self._quantize(t, self.params, ids, self.fragile_threshold)
             apply_codes_(self.params, result.codes, step_size)
-            if self.framework == "G":
-                index, value, radius = _ops.fragile_compact(v, result.radii, self.fragile_threshold)
+            if self.framework == "G":  # analytic radii are | |v| - beta |: recomputed, not stored
+                fragile = FragileSet.record(v, result.radii, self.fragile_threshold, layout=self.fragile_layout,
+                                            beta=self.beta if self.mode == "analytic" else None)
             else:  # input-space radii: nothing to record for removal checks
-                index, value, radius = empty.long(), empty, empty
-        return PCMUStep(t, ids, step_size, self.offset_of(t), True, result.min_radius, index.cpu(),
-                          value.cpu(), radius.cpu(), pack_codes(result.codes))
+                fragile = nothing
+        return PCMUStep(t, ids, step_size, self.offset_of(t), True, result.min_radius, fragile,
+                        pack_codes(result.codes))
+
+    # ---- record bytes ------------------------------------------------------------------------------
+
+    def record_bytes(self) -> dict:
+        """Bytes the step records hold now (records.record_bytes): totals of ids, codes and fragile
+        sets, per step, and how many steps used each layout."""
+        return record_bytes(self.records)
+
+    def estimate_record_bytes(self, *, epochs: int | None = None, steps: int | None = None,
+                              fragile_fraction: float | None = None) -> dict:
+        """Bytes the records of `steps` (or `epochs`) steps will need. fragile_fraction: the share of
+        coordinates fragile per step; default: what the steps recorded so far showed, or 1.0 (the
+        worst case) before training."""
+        if (epochs is None) == (steps is None):
+            raise ValueError("give exactly one of epochs= or steps=")
+        count = steps if steps is not None else epochs * self.schedule.batches_per_epoch
+        if fragile_fraction is None:
+            applied = [r for r in self.records if r.applied]
+            fragile_fraction = (sum(r.fragile.count for r in applied) / (len(applied) * self.coordinates)
+                                if applied and self.coordinates else 1.0)
+        return estimate_record_bytes(self.coordinates, count, self.batch_size, mode=self.mode,
+                                     fragile_fraction=fragile_fraction)
 
     # ---- certificates ---------------------------------------------------------------------------------
 
     def certificate(self) -> AprioriCertificate:
         applied = [r for r in self.records if r.applied]
         d, unit, margin = self.coordinates, self.unit, self.rounding_margin
-        below = [sum(int((r.fragile_radius < m * unit + margin).sum()) for r in applied)
-                 for m in range(self.max_request + 1)]
+        bounds = [m * unit + margin for m in range(self.max_request + 1)]
+        per_step = [r.fragile.count_below(bounds) for r in applied]
+        below = [sum(c[m] for c in per_step) for m in range(self.max_request + 1)]
         pairs = max(len(applied) * d, 1)
         return AprioriCertificate(
             mode=self.mode if self.framework == "G" else "D", clip_norm=self.clip_norm,
@@ -333,7 +364,7 @@ class PCMUTrainer:
             for p, src in zip(self.params, state["params"]):
                 p.copy_(src)
         self.forgotten = state["forgotten"].clone()
-        self.records = [PCMUStep.from_state(s) for s in state["records"]]
+        self.records = [PCMUStep.from_state(s, self.coordinates, self.fragile_threshold) for s in state["records"]]
 
 
 def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_size: float) -> None:

@@ -1,0 +1,100 @@
+"""The per-method scripts are thin wrappers of the evaluation harness: on a tiny configuration a
+script's records and table equal the harness's and `unlearn-ext eval --setting`'s (wall times
+aside), and the peak-memory column measures what its schema says."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from unlearn_ext import cli
+from unlearn_ext.evaluate import report, settings, summarize
+from unlearn_ext.evaluate.memory import PeakMemory
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+TIMING = ("seconds", "speedup", "peak_memory_bytes", "peak_memory_kind")  # differ run to run
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in json.loads(json.dumps(records, default=float))]
+
+
+def _table_without_timing(records):
+    drop = [i for i, (key, _, _) in enumerate(report.COLUMNS) if key in TIMING]
+    return [[c for i, c in enumerate(row) if i not in drop] for row in report.rows_for(summarize(records))]
+
+
+def _cli_records(tmp_path, setting, methods):
+    path = tmp_path / "cli.json"
+    assert cli.main(["eval", "--setting", setting, "--methods", methods, "--ratios", "0.1", "--seeds", "0",
+                     "--epochs", "2", "--noise-floor", "0", "--quiet", "--json", str(path)]) == 0
+    return json.loads(path.read_text())["records"]
+
+
+def test_history_script_equals_the_harness_and_the_cli(tmp_path):
+    ev = _script("eval_history_methods")
+    path = tmp_path / "script.json"
+    assert ev.main(["--settings", "logreg", "--seeds", "0", "--ratios", "0.1", "--epochs", "2", "--json",
+                    str(path), "--out", str(tmp_path / "table.md")]) == 0
+    got = json.loads(path.read_text())["records"]
+    want = settings.evaluate_setting("history-logreg", methods=["mini", "mini-int8", "deltagrad"], ratios=[0.1],
+                                     seeds=[0], epochs=2, noise_floor_seeds=0)
+    assert {r["method"] for r in got} == {"original", "retrain", "mini", "mini-int8", "deltagrad"}
+    assert _without_timing(got) == _without_timing(want)
+    assert _table_without_timing(got) == _table_without_timing(want)
+    from_cli = _cli_records(tmp_path, "history-logreg", "mini,mini-int8,deltagrad")
+    assert _without_timing(from_cli) == _without_timing(want)
+    assert "| mini-int8 |" in (tmp_path / "table.md").read_text()
+
+
+def test_perturb_script_equals_the_harness_and_the_cli(tmp_path):
+    ev = _script("eval_perturb")
+    path = tmp_path / "script.json"
+    methods = "finetune,topk-ascent,randomk-dampen"
+    assert ev.main(["--settings", "memorizing", "--seeds", "0", "--ratios", "0.1", "--epochs", "2",
+                    "--noise-floor", "0", "--methods", methods, "--json", str(path)]) == 0
+    got = json.loads(path.read_text())["records"]
+    want = settings.evaluate_setting("memorizing", methods=methods.split(","), ratios=[0.1], seeds=[0], epochs=2,
+                                     noise_floor_seeds=0)
+    assert len(got) == 5 and _without_timing(got) == _without_timing(want)
+    assert _table_without_timing(got) == _table_without_timing(want)
+    assert _without_timing(_cli_records(tmp_path, "memorizing", methods)) == _without_timing(want)
+    ds = settings.get("memorizing").dataset()
+    assert len(ds.y) == 300  # the setting's data: 300 samples
+
+
+def test_cli_setting_refuses_options_it_fixes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--setting", "memorizing", "--model", "logreg", "--quiet"])
+    assert exc.value.code == 2
+    assert "--setting memorizing fixes" in capsys.readouterr().err
+
+
+def test_method_rows_carry_cpu_peak_memory():
+    records = settings.evaluate_setting("history-logreg", methods=["finetune"], ratios=[0.1], seeds=[0], epochs=1,
+                                        noise_floor_seeds=0)
+    row = next(r for r in records if r["method"] == "finetune")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak resident memory is measured on Linux only")
+    assert row["peak_memory_kind"] == "cpu_rss_growth" and row["peak_memory_bytes"] >= 0
+    assert all(r["peak_memory_bytes"] is None for r in records if r["method"] in ("original", "retrain"))
+
+
+def test_peak_memory_sees_torch_allocations():
+    """128 MiB of fresh torch memory, freed before the block ends, shows in the peak (tracemalloc
+    would see none of it)."""
+    with PeakMemory() as peak:
+        big = torch.ones(32 * 2**20)  # 128 MiB, above glibc's mmap threshold: fresh pages
+        del big
+    if peak.bytes is None:
+        pytest.skip("peak resident memory is measured on Linux only")
+    assert peak.bytes >= 120 * 2**20
+    assert peak.kind == "cpu_rss_growth"
