@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                     "optional x_test/y_test (default digits)")
     ev.add_argument("--model", default="mlp", choices=models.NAMES, help="default mlp (tanh, 64 hidden)")
     ev.add_argument("--widths", type=_ints, default=None, help="hidden widths of the MLP, e.g. 128,128")
-    ev.add_argument("--methods", type=_names, default=list(methods.AVAILABLE),
-                    help=f"comma-separated from {', '.join(methods.ALL)} (available now: {available})")
+    ev.add_argument("--methods", type=_names, default=list(methods.DEMO),
+                    help=f"comma-separated from {', '.join(methods.ALL)} (available now: {available}; default "
+                    f"{','.join(methods.DEMO)})")
     ev.add_argument("--ratios", type=_floats, default=_floats("0.05,0.2"), help="forget ratios, default 0.05,0.2")
     ev.add_argument("--seeds", type=_ints, default=[0], help="training seeds, default 0")
     ev.add_argument("--epochs", type=_positive, default=None, help="training epochs (default per model)")
@@ -84,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive, default=None, help="keep only the first N training samples")
     ev.add_argument("--noise-floor", type=int, default=2, help="retrains with other seeds per ratio (default 2)")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    for p, default in ((demo, False), (ev, True)):
+        p.add_argument("--ud", action=argparse.BooleanOptionalAction, default=default,
+                       help="SPD-GAN's unlearning degree column where |F| >= 30 (about doubles the run time; "
+                       f"default {'on' if default else 'off'})")
     for p in (demo, ev):
         p.add_argument("--out", default=None, help="folder for report.md and plots "
                        "(demo: ./unlearn-ext-demo; eval: none unless given)")
@@ -146,7 +151,7 @@ def _evaluate(parser, args) -> int:
 
     demo = args.command == "demo"
     if demo:
-        data_name, model, names, ratios, seeds = "digits", "mlp", list(methods.AVAILABLE), _floats(DEMO_RATIOS), [0]
+        data_name, model, names, ratios, seeds = "digits", "mlp", list(methods.DEMO), _floats(DEMO_RATIOS), [0]
         epochs, widths, noise, label_noise, limit, device = None, None, 2, 0.0, None, "cpu"
         out = args.out or "unlearn-ext-demo"
     else:
@@ -170,7 +175,8 @@ def _evaluate(parser, args) -> int:
         parser.error(str(exc))
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
-    records = _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, args.quiet)
+    records = _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, args.quiet,
+                                 args.ud)
     summary = harness.summarize(records)
     report.print_table(summary, title)
     notes = [f"backend: {backend()}; {time.perf_counter() - began:.0f} s on this machine",
@@ -184,21 +190,21 @@ def _evaluate(parser, args) -> int:
     if args.json_path:
         payload = {"schema": harness.RECORD_FIELDS, "records": records, "summary": summary,
                    "settings": {"data": ds.name, "model": model, "methods": names, "ratios": ratios,
-                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise}}
+                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise, "ud": args.ud}}
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)
         print(f"wrote {args.json_path}")
     return 0
 
 
-def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet):
+def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet, ud=False):
     kwargs = dict(model=model, methods=names, ratios=ratios, seeds=seeds, epochs=epochs, widths=widths,
-                  noise_floor_seeds=noise)
+                  noise_floor_seeds=noise, ud=ud)
     if quiet:
         return harness.evaluate(ds, **kwargs)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names)))
+    total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names) + int(ud)))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task("training", total=total)
