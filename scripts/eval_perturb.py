@@ -91,6 +91,71 @@ def table(payloads: list[dict]) -> str:
     return "\n".join(out)
 
 
+def targets(payloads: list[dict], min_ratio: float = 0.05) -> str:
+    """Issue 13's target measures, means over every (seed, ratio >= min_ratio) run: test-accuracy gap
+    to that run's retrain (retrain - method), per-run |MIA gap|, |forget - retrain forget|, MRR, cost,
+    UD; `retrain-other` is the noise floor."""
+    records = [r for p in payloads for r in p["records"] if r["ratio"] >= min_ratio]
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        rows = [r for r in records if r["setting"] == setting]
+        gold = {(r["seed"], r["ratio"]): r for r in rows if r["method"] == "retrain"}
+        out += [f"\n#### {setting}: means over seeds and ratios >= {min_ratio:g}\n",
+                "| method | test gap (retrain - method) | per-run MIA gap | abs forget gap | MRR | UD | cost |",
+                "|---|---|---|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            g = lambda r: gold[(r["seed"], r["ratio"])]  # noqa: E731
+            out.append(f"| {method} | {_fmt(_mean([g(r)['test_acc'] - r['test_acc'] for r in mine]), '+.3f')} | "
+                       f"{_fmt(_mean([r['mia_gap'] for r in mine]))} | "
+                       f"{_fmt(_mean([abs(r['forget_acc'] - g(r)['forget_acc']) for r in mine]))} | "
+                       f"{_fmt(_mean([r['mrr'] for r in mine]))} | {_fmt(_mean([r['ud'] for r in mine]), '.2f')} | "
+                       f"{_fmt(_mean([r['cost_vs_retrain'] for r in mine]))} |")
+        spread_t = _mean([r["retrain_spread_test_acc"] for r in gold.values()])
+        spread_m = _mean([r["retrain_spread_mia_auc"] for r in gold.values()])
+        out.append(f"\nRetrain with another batch order (same initial weights): test spread {_fmt(spread_t)}, "
+                   f"MIA spread {_fmt(spread_m)} (means over runs).")
+    return "\n".join(out)
+
+
+CALIBRATION_SEEDS = (100, 101, 102)  # never the table's seeds
+GRID = [dict(k=k, repair_epochs=e, repair=rep) for k in (0.05, 0.1, 0.2) for e in (3, 10, 30)
+        for rep in ("all", "distill")]
+
+
+def calibrate(setting: str, ratios=(0.1, 0.2)) -> list[dict]:
+    """Top-K reset on held-out seeds over GRID: per setting the per-run MIA gap, |forget - retrain|,
+    test gap, MRR and cost (means over seeds and ratios)."""
+    import copy
+
+    from unlearn_ext.data import retrain
+    from unlearn_ext.perturb import TopKUnlearner
+
+    load_kw, model, widths, epochs = SETTINGS[setting]
+    results = {i: [] for i in range(len(GRID))}
+    for seed in CALIBRATION_SEEDS:
+        ds = datasets.load("digits", noise_seed=seed, **load_kw)
+        run_ = harness.train_run(ds, model, seed, epochs, widths)
+        for ratio in ratios:
+            forget = harness.forget_ids(run_.data, ratio, seed)
+            orig = harness._measure(run_.original, ds, run_.data, forget)
+            gold = harness._measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
+            for i, kw in enumerate(GRID):
+                u = TopKUnlearner(copy.deepcopy(run_.original), run_.data, run_.config, perturbation="reset",
+                                  seed=seed, **kw)
+                rep = u.unlearn(forget)
+                m = harness._measure(u.model, ds, run_.data, forget)
+                results[i].append({"mia_gap": abs(m["mia_auc"] - gold["mia_auc"]),
+                                   "forget_gap": abs(m["forget_acc"] - gold["forget_acc"]),
+                                   "test_gap": gold["test_acc"] - m["test_acc"],
+                                   "mrr": m["retain_acc"] / orig["retain_acc"], "cost": rep.cost_vs_retrain})
+            print(f"[calibrate {setting}] seed {seed} ratio {ratio:g} done", flush=True)
+    out = []
+    for i, kw in enumerate(GRID):
+        out.append({**kw, **{k: statistics.mean(r[k] for r in results[i]) for k in results[i][0]}})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setting", choices=list(SETTINGS), default="digits")
@@ -100,14 +165,27 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ud", action="store_true", help="skip SPD-GAN's UD column")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None, help="write the records here")
+    ap.add_argument("--calibrate", action="store_true", help="Top-K settings on held-out seeds 100-102")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the markdown of these runs")
     args = ap.parse_args(argv)
+    if args.calibrate:
+        rows = calibrate(args.setting)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=1)
+        print("| k | repair epochs | repair | per-run MIA gap | abs forget gap | test gap | MRR | cost |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['k']:g} | {r['repair_epochs']} | {r['repair']} | {r['mia_gap']:.3f} | {r['forget_gap']:.3f} | "
+                  f"{r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} |")
+        return 0
     if args.table:
         payloads = []
         for path in args.table:
             with open(path, encoding="utf-8") as f:
                 payloads.append(json.load(f))
         print(table(payloads))
+        print(targets(payloads))
         return 0
     payload = run(args.setting, args.seed, [float(r) for r in args.ratios.split(",")], args.noise_floor,
                   not args.no_ud, args.methods.split(","))

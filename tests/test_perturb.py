@@ -163,3 +163,23 @@ def test_distill_repair_changes_the_model_only_through_its_steps(small):
         TopKUnlearner(original, data, config, repair="distill", distill_temperature=0.0)
     with pytest.raises(ValueError, match="repair must be one of"):
         TopKUnlearner(original, data, config, repair="teacher")
+
+
+def test_registry_variants_build_and_unlearn():
+    """Every perturbation variant of the harness registry (and retrain-other) runs through its entry;
+    each variant's unlearner carries the perturbation and repair its name says."""
+    pytest.importorskip("sklearn")
+    from unlearn_ext.evaluate import datasets, harness, methods
+    ds = datasets.load("digits", limit=120)
+    run = harness.train_run(ds, "logreg", 0, epochs=2)
+    forget = torch.arange(6)
+    for spec in methods.PERTURB_METHODS + [methods.RETRAIN_OTHER]:
+        u = spec.build(run, spec.prepare(run))
+        report = u.unlearn(forget)
+        assert report.status in ("unlearned", "retrained"), (spec.name, report)
+        if spec.name != "retrain-other":
+            suffix = spec.name.split("-", 1)[1] if "-" in spec.name else ""
+            perturbation, repair = methods.PERTURB_VARIANTS["-" + suffix if suffix else ""]
+            assert (u.perturbation, u.repair) == (perturbation, repair)
+    other = methods.RETRAIN_OTHER.build(run, None)
+    assert not torch.equal(_flat(other.initial), _flat(run.initial))  # other initial weights
