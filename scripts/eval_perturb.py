@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from unlearn_ext.evaluate import datasets, harness
+from unlearn_ext.evaluate import datasets, harness, methods
 
 SETTINGS = {  # name: (load kwargs, model, widths, epochs)
     "digits": (dict(), "mlp", [64], 30),
@@ -40,7 +40,8 @@ def run(setting: str, seed: int, ratios, noise_floor: int, ud: bool, methods=MET
                                progress=lambda what: print(f"[{setting}] {what}", flush=True))
     for r in records:
         r["setting"] = setting
-    return {"setting": setting, "seed": seed, "seconds": time.perf_counter() - began, "records": records}
+    profile = methods.PERTURB_SETTINGS["memorizing" if model == "mlp-wide" else "generalizing"]
+    return {"setting": setting, "seed": seed, "perturb_settings": dict(profile), "seconds": time.perf_counter() - began, "records": records}
 
 
 COLUMNS = ("test_acc", "retain_acc", "forget_acc", "fr", "mrr", "mia_auc", "mia_gap", "ud", "cost_vs_retrain")
@@ -101,13 +102,14 @@ def targets(payloads: list[dict], min_ratio: float = 0.05) -> str:
         rows = [r for r in records if r["setting"] == setting]
         gold = {(r["seed"], r["ratio"]): r for r in rows if r["method"] == "retrain"}
         out += [f"\n#### {setting}: means over seeds and ratios >= {min_ratio:g}\n",
-                "| method | test gap (retrain - method) | per-run MIA gap | abs forget gap | MRR | UD | cost |",
-                "|---|---|---|---|---|---|---|"]
+                "| method | test gap (retrain - method) | abs test gap | per-run MIA gap (mean; max) | abs forget gap | "
+                "MRR | UD | cost |", "|---|---|---|---|---|---|---|---|"]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
             g = lambda r: gold[(r["seed"], r["ratio"])]  # noqa: E731
             out.append(f"| {method} | {_fmt(_mean([g(r)['test_acc'] - r['test_acc'] for r in mine]), '+.3f')} | "
-                       f"{_fmt(_mean([r['mia_gap'] for r in mine]))} | "
+                       f"{_fmt(_mean([abs(g(r)['test_acc'] - r['test_acc']) for r in mine]))} | "
+                       f"{_fmt(_mean([r['mia_gap'] for r in mine]))}; {_fmt(max(r['mia_gap'] for r in mine))} | "
                        f"{_fmt(_mean([abs(r['forget_acc'] - g(r)['forget_acc']) for r in mine]))} | "
                        f"{_fmt(_mean([r['mrr'] for r in mine]))} | {_fmt(_mean([r['ud'] for r in mine]), '.2f')} | "
                        f"{_fmt(_mean([r['cost_vs_retrain'] for r in mine]))} |")
@@ -123,7 +125,7 @@ GRID = [dict(k=k, repair_epochs=e, repair=rep) for k in (0.05, 0.1, 0.2) for e i
         for rep in ("all", "distill")]
 
 
-def calibrate(setting: str, ratios=(0.1, 0.2)) -> list[dict]:
+def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID) -> list[dict]:
     """Top-K reset on held-out seeds over GRID: per setting the per-run MIA gap, |forget - retrain|,
     test gap, MRR and cost (means over seeds and ratios)."""
     import copy
@@ -132,7 +134,7 @@ def calibrate(setting: str, ratios=(0.1, 0.2)) -> list[dict]:
     from unlearn_ext.perturb import TopKUnlearner
 
     load_kw, model, widths, epochs = SETTINGS[setting]
-    results = {i: [] for i in range(len(GRID))}
+    results = {i: [] for i in range(len(grid))}
     for seed in CALIBRATION_SEEDS:
         ds = datasets.load("digits", noise_seed=seed, **load_kw)
         run_ = harness.train_run(ds, model, seed, epochs, widths)
@@ -140,7 +142,7 @@ def calibrate(setting: str, ratios=(0.1, 0.2)) -> list[dict]:
             forget = harness.forget_ids(run_.data, ratio, seed)
             orig = harness._measure(run_.original, ds, run_.data, forget)
             gold = harness._measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
-            for i, kw in enumerate(GRID):
+            for i, kw in enumerate(grid):
                 u = TopKUnlearner(copy.deepcopy(run_.original), run_.data, run_.config, perturbation="reset",
                                   seed=seed, **kw)
                 rep = u.unlearn(forget)
@@ -151,7 +153,7 @@ def calibrate(setting: str, ratios=(0.1, 0.2)) -> list[dict]:
                                    "mrr": m["retain_acc"] / orig["retain_acc"], "cost": rep.cost_vs_retrain})
             print(f"[calibrate {setting}] seed {seed} ratio {ratio:g} done", flush=True)
     out = []
-    for i, kw in enumerate(GRID):
+    for i, kw in enumerate(grid):
         out.append({**kw, **{k: statistics.mean(r[k] for r in results[i]) for k in results[i][0]}})
     return out
 
@@ -165,11 +167,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ud", action="store_true", help="skip SPD-GAN's UD column")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None, help="write the records here")
+    ap.add_argument("--k", type=float, default=None, help="override K of the perturbation methods (this setting)")
+    ap.add_argument("--repair-epochs", type=int, default=None, help="override their repair epochs")
     ap.add_argument("--calibrate", action="store_true", help="Top-K settings on held-out seeds 100-102")
+    ap.add_argument("--grid", default=None, help="calibration grid 'K,K;EPOCHS,EPOCHS;REPAIR,REPAIR' "
+                    "(default 0.05,0.1,0.2;3,10,30;all,distill)")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the markdown of these runs")
     args = ap.parse_args(argv)
     if args.calibrate:
-        rows = calibrate(args.setting)
+        grid = GRID
+        if args.grid:
+            ks, es, rs = args.grid.split(";")
+            grid = [dict(k=float(k), repair_epochs=int(e), repair=r) for k in ks.split(",") for e in es.split(",")
+                    for r in rs.split(",")]
+        rows = calibrate(args.setting, grid=grid)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(rows, f, indent=1)
@@ -187,6 +198,10 @@ def main(argv=None) -> int:
         print(table(payloads))
         print(targets(payloads))
         return 0
+    profile = methods.PERTURB_SETTINGS["memorizing" if SETTINGS[args.setting][1] == "mlp-wide" else "generalizing"]
+    for key, value in (("k", args.k), ("repair_epochs", args.repair_epochs)):
+        if value is not None:
+            profile[key] = value
     payload = run(args.setting, args.seed, [float(r) for r in args.ratios.split(",")], args.noise_floor,
                   not args.no_ud, args.methods.split(","))
     if args.json:
