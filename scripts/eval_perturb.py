@@ -11,7 +11,12 @@ so seeds can run in parallel processes; --table prints the markdown of finished 
 The memorizing setting was chosen on seeds 100-102 (never the table's): 300 digits samples, 20%
 label noise, a 512-wide tanh MLP, no weight decay, 300 epochs; its precondition (original MIA >=
 retrain MIA + 0.2) is checked on every reported run. The methods' settings are DESIGN section 7's
-defaults, fixed before any table seed ran (methods.PERTURB_SETTINGS).
+defaults, fixed before any table seed ran (methods.PERTURB_SETTINGS); --calibrate searches K, repair
+epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-102, and --k /
+--repair-epochs run the table with the chosen values:
+
+  PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --calibrate --grid "0.3,0.5;3,10;all,distill"
+  PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --seed 0 --k 0.3 --repair-epochs 3 --json m.json
 """
 from __future__ import annotations
 
@@ -31,11 +36,11 @@ METHODS = ["retrain-other", "finetune"] + [f"{family}{suffix}" for family in ("t
                                            for suffix in ("", "-dampen", "-ascent", "-masked", "-distill")]
 
 
-def run(setting: str, seed: int, ratios, noise_floor: int, ud: bool, methods=METHODS) -> dict:
+def run(setting: str, seed: int, ratios, noise_floor: int, ud: bool, names=METHODS) -> dict:
     load_kw, model, widths, epochs = SETTINGS[setting]
     ds = datasets.load("digits", noise_seed=seed, **load_kw)
     began = time.perf_counter()
-    records = harness.evaluate(ds, model=model, widths=widths, epochs=epochs, methods=methods, ratios=ratios,
+    records = harness.evaluate(ds, model=model, widths=widths, epochs=epochs, methods=names, ratios=ratios,
                                seeds=[seed], noise_floor_seeds=noise_floor, ud=ud,
                                progress=lambda what: print(f"[{setting}] {what}", flush=True))
     for r in records:
