@@ -1,6 +1,6 @@
 """unlearn-ext: compare machine-unlearning methods with retraining, on bundled or your own data.
 
-  unlearn-ext demo                      every available method on digits, forget ratios 1-30 %%:
+  unlearn-ext demo                      one method per family on digits, forget ratios 1-30 %%:
                                         a table, report.md and plots in ./unlearn-ext-demo
   unlearn-ext eval --data mnist1d --model logreg --methods pcmu,finetune --ratios 0.05,0.2 --seeds 0,1
                                         the same harness with your choices (--json FILE for every number)
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     available = ",".join(methods.AVAILABLE)
-    demo = sub.add_parser("demo", help="every available method on digits against retraining")
+    demo = sub.add_parser("demo", help="one method per family on digits against retraining")
     ev = sub.add_parser("eval", help="the evaluation harness with your data, model, methods, ratios, seeds")
     ev.add_argument("--data", default="digits", help="digits | mnist1d | PATH.npz with x (n x d), y (n), "
                     "optional x_test/y_test (default digits)")
