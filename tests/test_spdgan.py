@@ -2,7 +2,6 @@
 the held-out detector (chance on two samples of one distribution, high on clearly different ones),
 the generator making points hard for a model that never saw them, UD's formula and its n/a rules,
 and the harness's ud column."""
-import copy
 
 import pytest
 import torch
