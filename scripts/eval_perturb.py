@@ -1,85 +1,228 @@
-"""Issue 13's evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent)
-against retraining, fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing
-setting (DESIGN section 8: 300 samples, 10% label noise, wide MLP, no weight decay), with the noise
-floor of retrains on other batch-order seeds, through the evaluation harness.
+"""Issue 13's evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent,
+masked and distillation repair) against retraining, retraining from other seeds (the noise floor),
+fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (DESIGN
+section 8). A thin wrapper of unlearn_ext.evaluate.evaluate: the methods are registry entries
+(unlearn_ext/evaluate/methods.py), the UD column is evaluate/ud.py. One JSON per (setting, seed),
+so seeds can run in parallel processes; --table prints the markdown of finished JSON files.
 
-  PYTHONPATH=. python scripts/eval_perturb.py --settings digits,memorizing --ratios 0.01,0.05,0.1,0.2 \
-      --seeds 0,1,2 --out perturb_table.md [--methods ...] [--epochs N] [--json FILE]
+  PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --seed 0 --json out/mem-0.json
+  PYTHONPATH=. python scripts/eval_perturb.py --table out/*.json
 
-A thin wrapper of `unlearn_ext.evaluate`: setting digits / memorizing is the harness's named setting
-perturb-digits / memorizing (unlearn_ext/evaluate/settings.py); the rows are the harness's methods
-finetune, topk, topk-dampen, topk-ascent, randomk, randomk-dampen, randomk-ascent
-(unlearn_ext/evaluate/methods.py: K = 5%, grad_abs scores, 0.4x peak lr repair for 1 epoch, 3 on the
-wide MLP; the ascent stops at the loss of half the test split), so the same seeds give the same table as
+The memorizing setting was chosen on seeds 100-102 (never the table's): 300 digits samples, 20%
+label noise, a 512-wide tanh MLP, no weight decay, 300 epochs; its precondition (original MIA >=
+retrain MIA + 0.2) is checked on every reported run. The methods' settings are DESIGN section 7's
+defaults, fixed before any table seed ran (methods.PERTURB_SETTINGS); --calibrate searches K, repair
+epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-102, and --k /
+--repair-epochs run the table with the chosen values:
 
-  unlearn-ext eval --setting memorizing --methods finetune,topk,topk-dampen,topk-ascent,randomk,\
-randomk-dampen,randomk-ascent --ratios 0.1 --seeds 0
+  PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --calibrate --grid "0.3,0.5;3,10;all,distill"
+  PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --seed 0 --k 0.3 --repair-epochs 3 --json m.json
 
-(the wall-time columns aside). Metrics are our definitions (unlearn_ext/metrics.py, mia.py). After
-each table: the memorizing precondition (original MIA - retrain MIA >= 0.2) per seed.
+The settings are the harness's named ones (digits = perturb-digits, memorizing = memorizing in
+unlearn_ext/evaluate/settings.py; label flips drawn per training seed), so with the default K and
+repair epochs a seed's records equal
 
-Changed when the script became a wrapper (issue 11): forget sets and the noise floor are the
-harness's (its noise floor varies the batch order only, with the same initial weights); the label
-flips use one noise seed for every training seed; fine-tuning gets the same repair epochs as
-before; the table has the harness's columns. Tables in benchmarks/RESULTS.md dated before this
-change came from the earlier script.
+  unlearn-ext eval --setting memorizing --methods retrain-other,finetune,topk,... --seeds 0 --noise-floor 1
+
+(wall time and memory aside; tests/test_eval_scripts.py checks it on a tiny configuration).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
-from unlearn_ext.evaluate import report, settings, summarize
+from unlearn_ext.evaluate import harness, methods, settings
 
 SETTINGS = {"digits": "perturb-digits", "memorizing": "memorizing"}  # script name -> harness setting
-METHODS = ("finetune", "topk", "topk-dampen", "topk-ascent", "randomk", "randomk-dampen", "randomk-ascent")
+METHODS = ["retrain-other", "finetune"] + [f"{family}{suffix}" for family in ("topk", "randomk")
+                                           for suffix in ("", "-dampen", "-ascent", "-masked", "-distill")]
 
 
-def run_setting(name: str, ratios, seeds, names=METHODS, epochs=None, noise_floor: int = 2, log=None) -> list[dict]:
-    """The harness's records for one of this script's settings."""
-    return settings.evaluate_setting(SETTINGS[name], methods=list(names), ratios=list(ratios), seeds=list(seeds),
-                                     epochs=epochs, noise_floor_seeds=noise_floor, progress=log)
+def _profile(setting: str) -> dict:
+    """The perturbation methods' settings this script's setting uses (methods.PERTURB_SETTINGS)."""
+    wide = settings.get(SETTINGS[setting]).model == "mlp-wide"
+    return methods.PERTURB_SETTINGS["memorizing" if wide else "generalizing"]
 
 
-def table(name: str, records: list[dict], ratio: float) -> str:
-    rows = [r for r in records if r["ratio"] == ratio]
-    precondition = [o["mia_auc"] - g["mia_auc"] for o in rows if o["method"] == "original"
-                    for g in rows if g["method"] == "retrain" and g["seed"] == o["seed"]]
-    return (report.markdown(summarize(rows), f"{name} ({SETTINGS[name]}), forget ratio {ratio:g}", [])
-            + "\nPrecondition (memorizing: original MIA - retrain MIA >= 0.2): per seed "
-            + ", ".join(f"{g:.3f}" for g in precondition))
+def run(setting: str, seed: int, ratios, noise_floor: int, ud: bool, names=METHODS, epochs=None) -> dict:
+    began = time.perf_counter()
+    records = settings.evaluate_setting(SETTINGS[setting], methods=list(names), ratios=list(ratios), seeds=[seed],
+                                        epochs=epochs, noise_floor_seeds=noise_floor, ud=ud,
+                                        progress=lambda what: print(f"[{setting}] {what}", flush=True))
+    for r in records:
+        r["setting"] = setting
+    profile = _profile(setting)
+    return {"setting": setting, "seed": seed, "perturb_settings": dict(profile), "seconds": time.perf_counter() - began, "records": records}
+
+
+COLUMNS = ("test_acc", "retain_acc", "forget_acc", "fr", "mrr", "mia_auc", "mia_gap", "ud", "cost_vs_retrain")
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def _fmt(v, spec=".3f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(payloads: list[dict]) -> str:
+    """Markdown: per (setting, ratio) one row per method, means over seeds (max of the per-run MIA
+    gap beside its mean), the precondition per seed, and SPD-GAN's checks."""
+    records = [r for p in payloads for r in p["records"]]
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        for ratio in sorted({r["ratio"] for r in records if r["setting"] == setting}):
+            rows = [r for r in records if r["setting"] == setting and r["ratio"] == ratio]
+            seeds = sorted({r["seed"] for r in rows})
+            out += [f"\n#### {setting}, forget ratio {ratio:g} (|F| = {rows[0]['forget_size']}, seeds "
+                    f"{', '.join(map(str, seeds))})\n",
+                    "| method | test | retain | forget | FR | MRR | MIA | per-run MIA gap (mean; max) | UD | cost |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                mine = [r for r in rows if r["method"] == method]
+                m = {k: _mean([r[k] for r in mine]) for k in COLUMNS}
+                gaps = [r["mia_gap"] for r in mine]
+                out.append(f"| {method} | {_fmt(m['test_acc'])} | {_fmt(m['retain_acc'])} | "
+                           f"{_fmt(m['forget_acc'])} | {_fmt(m['fr'], '.2f')} | {_fmt(m['mrr'])} | "
+                           f"{_fmt(m['mia_auc'])} | {_fmt(m['mia_gap'])}; {_fmt(max(gaps))} | "
+                           f"{_fmt(m['ud'], '.2f')} | {_fmt(m['cost_vs_retrain'])} |")
+            by_seed = {s: {r["method"]: r for r in rows if r["seed"] == s} for s in seeds}
+            pre = [by_seed[s]["original"]["mia_auc"] - by_seed[s]["retrain"]["mia_auc"] for s in seeds]
+            out.append(f"\nOriginal MIA - retrain MIA per seed: {', '.join(f'{g:.3f}' for g in pre)}")
+            checks = [by_seed[s]["original"]["ud_checks"] for s in seeds if by_seed[s]["original"]["ud_checks"]]
+            if checks:
+                c = {k: _mean([x[k] for x in checks]) for k in checks[0]}
+                out.append(f"SPD-GAN (means over seeds): held-out detector accuracy {c['detector_acc']:.3f}; "
+                           f"accuracy on x~(F) before {c['before_acc']:.3f} vs retrain {c['retrain_acc']:.3f}; "
+                           f"perturbed-test control: before {c['control_before_acc']:.3f} vs retrain "
+                           f"{c['control_retrain_acc']:.3f} (retrain clean test {c['retrain_clean_test_acc']:.3f})")
+            else:
+                out.append(f"UD: {rows[0]['ud_note']}")
+    return "\n".join(out)
+
+
+def targets(payloads: list[dict], min_ratio: float = 0.05) -> str:
+    """Issue 13's target measures, means over every (seed, ratio >= min_ratio) run: test-accuracy gap
+    to that run's retrain (retrain - method), per-run |MIA gap|, |forget - retrain forget|, MRR, cost,
+    UD; `retrain-other` is the noise floor."""
+    records = [r for p in payloads for r in p["records"] if r["ratio"] >= min_ratio]
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        rows = [r for r in records if r["setting"] == setting]
+        gold = {(r["seed"], r["ratio"]): r for r in rows if r["method"] == "retrain"}
+        out += [f"\n#### {setting}: means over seeds and ratios >= {min_ratio:g}\n",
+                "| method | test gap (retrain - method) | abs test gap | per-run MIA gap (mean; max) | abs forget gap | "
+                "MRR | UD | cost |", "|---|---|---|---|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            g = lambda r: gold[(r["seed"], r["ratio"])]  # noqa: E731
+            out.append(f"| {method} | {_fmt(_mean([g(r)['test_acc'] - r['test_acc'] for r in mine]), '+.3f')} | "
+                       f"{_fmt(_mean([abs(g(r)['test_acc'] - r['test_acc']) for r in mine]))} | "
+                       f"{_fmt(_mean([r['mia_gap'] for r in mine]))}; {_fmt(max(r['mia_gap'] for r in mine))} | "
+                       f"{_fmt(_mean([abs(r['forget_acc'] - g(r)['forget_acc']) for r in mine]))} | "
+                       f"{_fmt(_mean([r['mrr'] for r in mine]))} | {_fmt(_mean([r['ud'] for r in mine]), '.2f')} | "
+                       f"{_fmt(_mean([r['cost_vs_retrain'] for r in mine]))} |")
+        spread_t = _mean([r["retrain_spread_test_acc"] for r in gold.values()])
+        spread_m = _mean([r["retrain_spread_mia_auc"] for r in gold.values()])
+        out.append(f"\nRetrain with another batch order (same initial weights): test spread {_fmt(spread_t)}, "
+                   f"MIA spread {_fmt(spread_m)} (means over runs).")
+    return "\n".join(out)
+
+
+CALIBRATION_SEEDS = (100, 101, 102)  # never the table's seeds
+GRID = [dict(k=k, repair_epochs=e, repair=rep) for k in (0.05, 0.1, 0.2) for e in (3, 10, 30)
+        for rep in ("all", "distill")]
+
+
+def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID) -> list[dict]:
+    """Top-K reset on held-out seeds over GRID: per setting the per-run MIA gap, |forget - retrain|,
+    test gap, MRR and cost (means over seeds and ratios)."""
+    import copy
+
+    from unlearn_ext.data import retrain
+    from unlearn_ext.perturb import TopKUnlearner
+
+    named = settings.get(SETTINGS[setting])
+    results = {i: [] for i in range(len(grid))}
+    for seed in CALIBRATION_SEEDS:
+        ds = named.dataset(seed)
+        run_ = harness.train_run(ds, named.model, seed, None, named.widths, named.sgd)
+        for ratio in ratios:
+            forget = harness.forget_ids(run_.data, ratio, seed)
+            orig = harness._measure(run_.original, ds, run_.data, forget)
+            gold = harness._measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
+            for i, kw in enumerate(grid):
+                u = TopKUnlearner(copy.deepcopy(run_.original), run_.data, run_.config, perturbation="reset",
+                                  seed=seed, **kw)
+                rep = u.unlearn(forget)
+                m = harness._measure(u.model, ds, run_.data, forget)
+                results[i].append({"mia_gap": abs(m["mia_auc"] - gold["mia_auc"]),
+                                   "forget_gap": abs(m["forget_acc"] - gold["forget_acc"]),
+                                   "test_gap": gold["test_acc"] - m["test_acc"],
+                                   "mrr": m["retain_acc"] / orig["retain_acc"], "cost": rep.cost_vs_retrain})
+            print(f"[calibrate {setting}] seed {seed} ratio {ratio:g} done", flush=True)
+    out = []
+    for i, kw in enumerate(grid):
+        out.append({**kw, **{k: statistics.mean(r[k] for r in results[i]) for k in results[i][0]}})
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default="digits,memorizing")
+    ap.add_argument("--setting", choices=list(SETTINGS), default="digits")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ratios", default="0.01,0.05,0.1,0.2")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--noise-floor", type=int, default=1, help="retrains with other batch orders per ratio")
+    ap.add_argument("--no-ud", action="store_true", help="skip SPD-GAN's UD column")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--json", default=None, help="write the records here")
     ap.add_argument("--epochs", type=int, default=None, help="override the setting's epochs (quick runs)")
-    ap.add_argument("--noise-floor", type=int, default=2, help="retrains with other seeds per ratio (default 2)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--json", dest="json_path", default=None, help="write every record (the harness's schema) here")
+    ap.add_argument("--k", type=float, default=None, help="override K of the perturbation methods (this setting)")
+    ap.add_argument("--repair-epochs", type=int, default=None, help="override their repair epochs")
+    ap.add_argument("--calibrate", action="store_true", help="Top-K settings on held-out seeds 100-102")
+    ap.add_argument("--grid", default=None, help="calibration grid 'K,K;EPOCHS,EPOCHS;REPAIR,REPAIR' "
+                    "(default 0.05,0.1,0.2;3,10,30;all,distill)")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the markdown of these runs")
     args = ap.parse_args(argv)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    text = ["## Issue 13: perturbation methods vs retraining (scripts/eval_perturb.py)"]
-    everything = []
-    for setting in args.settings.split(","):
-        if setting not in SETTINGS:
-            ap.error(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
-        records = run_setting(setting, ratios, seeds, args.methods.split(","), args.epochs, args.noise_floor)
-        everything += records
-        for ratio in ratios:
-            text.append(table(setting, records, ratio))
-            print(text[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(text) + "\n")
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"records": everything}, f, indent=1, default=float)
+    if args.calibrate:
+        grid = GRID
+        if args.grid:
+            ks, es, rs = args.grid.split(";")
+            grid = [dict(k=float(k), repair_epochs=int(e), repair=r) for k in ks.split(",") for e in es.split(",")
+                    for r in rs.split(",")]
+        rows = calibrate(args.setting, grid=grid)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=1)
+        print("| k | repair epochs | repair | per-run MIA gap | abs forget gap | test gap | MRR | cost |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['k']:g} | {r['repair_epochs']} | {r['repair']} | {r['mia_gap']:.3f} | {r['forget_gap']:.3f} | "
+                  f"{r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} |")
+        return 0
+    if args.table:
+        payloads = []
+        for path in args.table:
+            with open(path, encoding="utf-8") as f:
+                payloads.append(json.load(f))
+        print(table(payloads))
+        print(targets(payloads))
+        return 0
+    profile = _profile(args.setting)
+    for key, value in (("k", args.k), ("repair_epochs", args.repair_epochs)):
+        if value is not None:
+            profile[key] = value
+    payload = run(args.setting, args.seed, [float(r) for r in args.ratios.split(",")], args.noise_floor,
+                  not args.no_ud, args.methods.split(","), args.epochs)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1, default=float)
+    print(table([payload]))
     return 0
 
 

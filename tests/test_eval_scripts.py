@@ -32,10 +32,10 @@ def _table_without_timing(records):
     return [[c for i, c in enumerate(row) if i not in drop] for row in report.rows_for(summarize(records))]
 
 
-def _cli_records(tmp_path, setting, methods):
+def _cli_records(tmp_path, setting, methods, seed=0):
     path = tmp_path / "cli.json"
-    assert cli.main(["eval", "--setting", setting, "--methods", methods, "--ratios", "0.1", "--seeds", "0",
-                     "--epochs", "2", "--noise-floor", "0", "--quiet", "--json", str(path)]) == 0
+    assert cli.main(["eval", "--setting", setting, "--methods", methods, "--ratios", "0.1", "--seeds", str(seed),
+                     "--epochs", "2", "--noise-floor", "0", "--no-ud", "--quiet", "--json", str(path)]) == 0
     return json.loads(path.read_text())["records"]
 
 
@@ -59,16 +59,19 @@ def test_perturb_script_equals_the_harness_and_the_cli(tmp_path):
     ev = _script("eval_perturb")
     path = tmp_path / "script.json"
     methods = "finetune,topk-ascent,randomk-dampen"
-    assert ev.main(["--settings", "memorizing", "--seeds", "0", "--ratios", "0.1", "--epochs", "2",
-                    "--noise-floor", "0", "--methods", methods, "--json", str(path)]) == 0
+    assert ev.main(["--setting", "memorizing", "--seed", "1", "--ratios", "0.1", "--epochs", "2",
+                    "--noise-floor", "0", "--no-ud", "--methods", methods, "--json", str(path)]) == 0
     got = json.loads(path.read_text())["records"]
-    want = settings.evaluate_setting("memorizing", methods=methods.split(","), ratios=[0.1], seeds=[0], epochs=2,
+    assert {r.pop("setting") for r in got} == {"memorizing"}
+    want = settings.evaluate_setting("memorizing", methods=methods.split(","), ratios=[0.1], seeds=[1], epochs=2,
                                      noise_floor_seeds=0)
     assert len(got) == 5 and _without_timing(got) == _without_timing(want)
-    assert _table_without_timing(got) == _table_without_timing(want)
-    assert _without_timing(_cli_records(tmp_path, "memorizing", methods)) == _without_timing(want)
-    ds = settings.get("memorizing").dataset()
+    from_cli = _cli_records(tmp_path, "memorizing", methods, seed=1)
+    assert _without_timing(from_cli) == _without_timing(want)
+    ds = settings.get("memorizing").dataset(1)
     assert len(ds.y) == 300  # the setting's data: 300 samples
+    # label flips are drawn per training seed: seed 1's labels differ from seed 0's
+    assert not torch.equal(ds.y, settings.get("memorizing").dataset(0).y)
 
 
 def test_cli_setting_refuses_options_it_fixes(capsys):

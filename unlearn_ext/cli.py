@@ -1,6 +1,6 @@
 """unlearn-ext: compare machine-unlearning methods with retraining, on bundled or your own data.
 
-  unlearn-ext demo                      every available method on digits, forget ratios 1-30 %%:
+  unlearn-ext demo                      one method per family on digits, forget ratios 1-30 %%:
                                         a table, report.md and plots in ./unlearn-ext-demo
   unlearn-ext eval --data mnist1d --model logreg --methods pcmu,finetune --ratios 0.05,0.2 --seeds 0,1
                                         the same harness with your choices (--json FILE for every number)
@@ -68,25 +68,30 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     available = ",".join(methods.AVAILABLE)
-    demo = sub.add_parser("demo", help="every available method on digits against retraining")
+    demo = sub.add_parser("demo", help="one method per family on digits against retraining")
     ev = sub.add_parser("eval", help="the evaluation harness with your data, model, methods, ratios, seeds")
     ev.add_argument("--data", default="digits", help="digits | mnist1d | PATH.npz with x (n x d), y (n), "
                     "optional x_test/y_test (default digits)")
     ev.add_argument("--model", default="mlp", choices=models.NAMES, help="default mlp (tanh, 64 hidden)")
     ev.add_argument("--widths", type=_ints, default=None, help="hidden widths of the MLP, e.g. 128,128")
-    ev.add_argument("--methods", type=_names, default=list(methods.AVAILABLE),
-                    help=f"comma-separated from {', '.join(methods.ALL)} (available now: {available})")
+    ev.add_argument("--methods", type=_names, default=list(methods.DEMO),
+                    help=f"comma-separated from {', '.join(methods.ALL)} (available now: {available}; default "
+                    f"{','.join(methods.DEMO)})")
     ev.add_argument("--ratios", type=_floats, default=_floats("0.05,0.2"), help="forget ratios, default 0.05,0.2")
     ev.add_argument("--seeds", type=_ints, default=[0], help="training seeds, default 0")
     ev.add_argument("--epochs", type=_positive, default=None, help="training epochs (default per model)")
     ev.add_argument("--label-noise", type=float, default=0.0,
-                    help="flip this fraction of training labels (the memorizing setting uses 0.1)")
+                    help="flip this fraction of training labels (drawn per training seed; the memorizing setting uses 0.2)")
     ev.add_argument("--limit", type=_positive, default=None, help="keep only the first N training samples")
     ev.add_argument("--noise-floor", type=int, default=2, help="retrains with other seeds per ratio (default 2)")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ev.add_argument("--setting", default=None, choices=list(settings.SETTINGS),
                     help="a named setting (data, model, SGD training) of the per-method scripts; "
                          "replaces --data/--model/--widths/--label-noise/--limit (unlearn_ext/evaluate/settings.py)")
+    for p, default in ((demo, False), (ev, True)):
+        p.add_argument("--ud", action=argparse.BooleanOptionalAction, default=default,
+                       help="SPD-GAN's unlearning degree column where |F| >= 30 (about doubles the run time; "
+                       f"default {'on' if default else 'off'})")
     for p in (demo, ev):
         p.add_argument("--out", default=None, help="folder for report.md and plots "
                        "(demo: ./unlearn-ext-demo; eval: none unless given)")
@@ -149,7 +154,7 @@ def _evaluate(parser, args) -> int:
 
     demo = args.command == "demo"
     if demo:
-        data_name, model, names, ratios, seeds = "digits", "mlp", list(methods.AVAILABLE), _floats(DEMO_RATIOS), [0]
+        data_name, model, names, ratios, seeds = "digits", "mlp", list(methods.DEMO), _floats(DEMO_RATIOS), [0]
         epochs, widths, noise, label_noise, limit, device = None, None, 2, 0.0, None, "cpu"
         out, setting = args.out or "unlearn-ext-demo", None
     else:
@@ -175,13 +180,15 @@ def _evaluate(parser, args) -> int:
             parser.error("--device cuda: the harness runs its small models on the CPU in this release")
     try:
         methods.resolve(names)
-        ds = datasets.load(data_name, label_noise=label_noise, limit=limit)
+        ds = datasets.load(data_name, label_noise=label_noise, limit=limit)  # validated here, named in the title
+        data = datasets.per_seed(data_name, label_noise=label_noise, limit=limit) if label_noise > 0 else ds
     except (ValueError, datasets.DatasetError) as exc:
         parser.error(str(exc))
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
     sgd = setting.sgd if setting is not None else None
-    records = _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, args.quiet, sgd)
+    records = _run_with_progress(harness, data, model, names, ratios, seeds, epochs, widths, noise, args.quiet,
+                                 args.ud, sgd)
     summary = harness.summarize(records)
     report.print_table(summary, title)
     notes = [f"backend: {backend()}; {time.perf_counter() - began:.0f} s on this machine",
@@ -195,7 +202,7 @@ def _evaluate(parser, args) -> int:
     if args.json_path:
         payload = {"schema": harness.RECORD_FIELDS, "records": records, "summary": summary,
                    "settings": {"data": ds.name, "model": model, "methods": names, "ratios": ratios,
-                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise,
+                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise, "ud": args.ud,
                                 "setting": setting.name if setting is not None else None}}
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)
@@ -203,14 +210,14 @@ def _evaluate(parser, args) -> int:
     return 0
 
 
-def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet, sgd=None):
+def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet, ud=False, sgd=None):
     kwargs = dict(model=model, methods=names, ratios=ratios, seeds=seeds, epochs=epochs, widths=widths,
-                  noise_floor_seeds=noise, sgd=sgd)
+                  noise_floor_seeds=noise, ud=ud, sgd=sgd)
     if quiet:
         return harness.evaluate(ds, **kwargs)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names)))
+    total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names) + int(ud)))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task("training", total=total)

@@ -60,6 +60,15 @@ def load(name_or_path: str, *, split_seed: int = 0, test_fraction: float = 0.2,
     return Dataset(name, norm(x_tr), torch.from_numpy(y_tr), norm(x_te), torch.from_numpy(y_te))
 
 
+def per_seed(name_or_path: str, *, label_noise: float = 0.0, **kwargs):
+    """What the harness trains on for each training seed: with label noise, a function seed ->
+    Dataset whose flips are drawn with noise_seed = seed (so means over seeds also average over
+    which labels were flipped; our choice); without, the one Dataset."""
+    if label_noise > 0:
+        return lambda seed: load(name_or_path, label_noise=label_noise, noise_seed=seed, **kwargs)
+    return load(name_or_path, **kwargs)
+
+
 def _split(x, y, seed, test_fraction):
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))

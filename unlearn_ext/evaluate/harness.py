@@ -23,6 +23,7 @@ from ..data import SGDConfig, TrainingData, retrain, train_sgd
 from . import models
 from .datasets import Dataset
 from .memory import PeakMemory
+from . import ud as ud_column
 from .methods import Method, Run, resolve
 
 RECORD_FIELDS = {
@@ -50,6 +51,12 @@ RECORD_FIELDS = {
     "peak_memory_kind": "cpu_rss_growth | cuda_max_allocated | None (rows without an unlearning call)",
     "retrain_spread_test_acc": "max - min test accuracy over retrains with other seeds (the noise floor)",
     "retrain_spread_mia_auc": "max - min MIA AUC over retrains with other seeds",
+    "ud": "SPD-GAN unlearning degree (A_before(x~F) - A_after(x~F)) / (A_before(x~F) - A_retrain(x~F)), capped at "
+          "1, on a model trained on R + x~(F) (None where |F| < 30, the gap is < 2 points, or not computed; "
+          "read it beside the test accuracy: UD rewards damage)",
+    "ud_note": "why ud is None, or the size of its gap", "ud_checks": "SPD-GAN's checks for this (seed, ratio): "
+    "detector_acc (fresh held-out detector, F real vs x~(F); 0.5 = indistinguishable), max_shift, before/after/"
+    "retrain accuracy on x~(F), control_* (accuracy on the perturbed test points), after_test_acc; None with ud",
 }
 
 
@@ -85,6 +92,7 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
     config = sgd_config(model, epochs, seed, sgd)
     began = time.perf_counter()
     original = train_sgd(copy.deepcopy(initial), data, config)
+    # Held-out non-members for normalized ascent's stop: every other test sample.
     return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began,
                holdout=(ds.x_test[::2], ds.y_test[::2]))
 
@@ -110,33 +118,37 @@ def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: 
            "d_d0": metrics.distance_ratio(w, w_orig, w_ref), "fr": fr, "fr_raw": fr_raw, "fr_note": note,
            "mrr": metrics.retention_rate(measured["retain_acc"], orig["retain_acc"]),
            "seconds": None, "speedup": None, "cost_vs_retrain": None, "history_bytes": 0,
-           "peak_memory_bytes": None, "peak_memory_kind": None}
+           "peak_memory_bytes": None, "peak_memory_kind": None, "ud": None, "ud_note": None, "ud_checks": None}
     row.update(extra)
     return row
 
 
-def evaluate(ds: Dataset, *, model: str = "mlp", methods=("pcmu", "finetune"), ratios=(0.01, 0.05, 0.1, 0.2, 0.3),
+def evaluate(ds: Dataset | Callable[[int], Dataset], *, model: str = "mlp", methods=("pcmu", "finetune"), ratios=(0.01, 0.05, 0.1, 0.2, 0.3),
              seeds=(0,), epochs: int | None = None, widths=None, noise_floor_seeds: int = 2,
-             progress: Callable[[str], None] | None = None, sgd: dict | None = None) -> list[dict]:
-    """Runs every method against retraining; returns one record per row (RECORD_FIELDS).
-    sgd: the SGD fields of a named setting (settings.py) instead of default_config's."""
+             ud: bool = False, progress: Callable[[str], None] | None = None, sgd: dict | None = None) -> list[dict]:
+    """Runs every method against retraining; returns one record per row (RECORD_FIELDS). ud=True
+    adds SPD-GAN's unlearning degree (evaluate/ud.py: about doubles the cost where |F| >= 30).
+    sgd: the SGD fields of a named setting (settings.py) instead of default_config's.
+    ds: a Dataset, or a function seed -> Dataset when the data depend on the training seed (label
+    noise drawn per seed: datasets.for_seeds)."""
     specs = resolve(methods)
     tick = progress or (lambda what: None)
     records = []
     for seed in seeds:
-        run = train_run(ds, model, seed, epochs, widths, sgd)
+        seed_ds = ds(seed) if callable(ds) else ds
+        run = train_run(seed_ds, model, seed, epochs, widths, sgd)
         tick(f"seed {seed}: trained the original ({run.train_seconds:.1f} s)")
         prepared = {}
         for spec in specs:
             prepared[spec.name] = spec.prepare(run)
             tick(f"seed {seed}: prepared {spec.name}")
         for ratio in ratios:
-            records += _evaluate_ratio(ds, run, specs, prepared, ratio, noise_floor_seeds, tick)
+            records += _evaluate_ratio(seed_ds, run, specs, prepared, ratio, noise_floor_seeds, tick, ud)
     return records
 
 
 def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: float, noise_floor_seeds: int,
-                    tick) -> list[dict]:
+                    tick, ud: bool = False) -> list[dict]:
     forget = forget_ids(run.data, ratio, run.seed)
     began = time.perf_counter()
     gold = retrain(run.initial, run.data, run.config, forget)
@@ -155,6 +167,11 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
         rows += _run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
                             retrain_seconds, common)
         tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
+    if ud:
+        ud_column.attach(rows, ds, run, specs, lambda spec, r: spec.prepare(r), forget, gold)
+        tick(f"seed {run.seed}, ratio {ratio:g}: SPD-GAN unlearning degree")
+    else:
+        ud_column.not_computed(rows, "not computed (ud=False; `unlearn-ext eval` computes it, the demo with --ud)")
     return rows
 
 
@@ -208,7 +225,7 @@ def _noise_floor(ds, run: Run, forget, count: int) -> tuple:
     return max(accs) - min(accs), max(aucs) - min(aucs)
 
 
-MEASURES = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "mrr",
+MEASURES = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "mrr", "ud",
             "seconds", "speedup", "cost_vs_retrain", "history_bytes", "peak_memory_bytes", "retrain_spread_test_acc",
             "retrain_spread_mia_auc")
 

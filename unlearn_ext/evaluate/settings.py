@@ -14,16 +14,18 @@ Settings (where each came from):
                   20% was chosen on seeds 100-101)
   perturb-digits  digits, tanh MLP 64, 30 epochs, batch 64, lr 0.1, wd 1e-4 (the harness's mlp default);
                   issue 13's table
-  memorizing      DESIGN section 8's memorizing setting as issue 13 ran it: 300 samples, 10% label
-                  noise, the wide MLP (512), 100 epochs, batch 32, lr 0.05, no weight decay
-Data come from datasets.load (standardized with the training split's statistics; label noise with a
-fixed noise seed, the same flips for every training seed).
+  memorizing      DESIGN section 8's memorizing setting as issue 13's table ran it: 300 samples, 20%
+                  label noise, the wide MLP (512), 300 epochs, batch 32, lr 0.05, no weight decay
+                  (DESIGN's 10% noise left original - retrain MIA AUC at 0.11-0.18 < 0.2 on held-out
+                  seeds 100-102; of 7 candidates on those seeds this met the precondition)
+Data come from datasets.load (standardized with the training split's statistics); label noise is
+drawn per training seed (datasets.per_seed: noise_seed = seed).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .datasets import Dataset, load
+from .datasets import Dataset, load, per_seed
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,13 @@ class Setting:
     label_noise: float = 0.0
     limit: int | None = None
 
-    def dataset(self) -> Dataset:
-        return load(self.data, label_noise=self.label_noise, limit=self.limit)
+    def dataset(self, seed: int = 0) -> Dataset:
+        """The data of training seed `seed` (label flips drawn with noise_seed = seed)."""
+        return load(self.data, label_noise=self.label_noise, noise_seed=seed, limit=self.limit)
+
+    def per_seed(self):
+        """What harness.evaluate takes: the Dataset, or seed -> Dataset when labels are flipped."""
+        return per_seed(self.data, label_noise=self.label_noise, limit=self.limit)
 
     def training(self, seed: int, epochs: int | None = None):
         """(TrainingData, initial model, SGDConfig) of one training seed, as the harness builds them
@@ -46,7 +53,7 @@ class Setting:
         from . import models
         from .harness import sgd_config
 
-        ds = self.dataset()
+        ds = self.dataset(seed)
         return (TrainingData(ds.x, ds.y), models.make(self.model, ds.features, ds.classes, seed, self.widths),
                 sgd_config(self.model, epochs, seed, self.sgd))
 
@@ -61,8 +68,8 @@ SETTINGS = {s.name: s for s in (
     Setting("overfit", "mlp-wide", dict(epochs=300, batch_size=32, lr=0.5, weight_decay=0.0), widths=(256,),
             label_noise=0.2, limit=300),
     Setting("perturb-digits", "mlp", dict(epochs=30, batch_size=64, lr=0.1, weight_decay=1e-4)),
-    Setting("memorizing", "mlp-wide", dict(epochs=100, batch_size=32, lr=0.05, weight_decay=0.0),
-            label_noise=0.1, limit=300),
+    Setting("memorizing", "mlp-wide", dict(epochs=300, batch_size=32, lr=0.05, weight_decay=0.0), widths=(512,),
+            label_noise=0.2, limit=300),
 )}
 
 
@@ -78,4 +85,4 @@ def evaluate_setting(name: str, **kwargs) -> list[dict]:
     from .harness import evaluate
 
     setting = get(name)
-    return evaluate(setting.dataset(), **setting.harness_options(), **kwargs)
+    return evaluate(setting.per_seed(), **setting.harness_options(), **kwargs)

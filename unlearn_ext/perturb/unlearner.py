@@ -6,8 +6,11 @@ fused pass: reset (to 0, or to the stored initial weights), dampen (w *= beta), 
 (w += sigma * z) or normalized ascent (steps along grad L_F restricted to the selection, each of
 L2 length `ascent_step`, stopped once F's mean loss reaches the held-out non-members' mean loss);
 (3) repair on the retained data R -- mandatory: all coordinates by default, or only the selected
-ones (masked: the masked-gradient op zeroes the rest of every gradient). Fine-tuning alone, the
-control, is baselines.FinetuneUnlearner.
+ones (masked: the masked-gradient op zeroes the rest of every gradient); with the labels of R
+(cross-entropy) by default, or by distillation (`distill`, `masked-distill`) from the outputs the
+model gave on R before this request (softened by `distill_temperature`): on a memorizing model
+those outputs carry the memorized retained labels that a short repair on the labels does not
+relearn. Fine-tuning alone, the control, is baselines.FinetuneUnlearner.
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ import torch
 
 from .. import selection as sel_api
 from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, train_sgd
+from ..metrics import outputs
 from ..per_sample import trainable
 from ..unlearner import Unlearner, UnlearnReport
 from .scores import SCORES, forget_scores
 
 PERTURBATIONS = ("reset", "dampen", "noise", "ascent")
-REPAIRS = ("all", "masked")
+REPAIRS = ("all", "masked", "distill", "masked-distill")
 
 
 class PerturbUnlearner(Unlearner):
@@ -34,14 +38,18 @@ class PerturbUnlearner(Unlearner):
                  perturbation: str = "reset", score: str = "grad_abs", beta: float = 0.1, sigma: float = 0.01,
                  initial: torch.nn.Module | None = None, repair_epochs: int = 3, repair_lr_factor: float = 0.4,
                  repair: str = "all", per_tensor: bool = False, holdout: tuple | None = None,
-                 ascent_step: float = 0.1, ascent_max_steps: int = 50, seed: int = 0):
+                 ascent_step: float = 0.1, ascent_max_steps: int = 50, distill_temperature: float = 2.0,
+                 distill_alpha: float = 0.0, seed: int = 0):
         super().__init__(data)
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
         if repair not in REPAIRS:
-            raise ValueError(f"repair must be 'all' or 'masked', got {repair!r}")
+            raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {repair!r}")
+        if not distill_temperature > 0 or not 0.0 <= distill_alpha <= 1.0:
+            raise ValueError(f"distill_temperature must be > 0 and distill_alpha in [0, 1], got "
+                             f"{distill_temperature}, {distill_alpha}")
         if repair_epochs < 0 or not repair_lr_factor > 0:
             raise ValueError("repair_epochs must be >= 0 and repair_lr_factor > 0")
         if perturbation == "ascent" and holdout is None:
@@ -54,6 +62,7 @@ class PerturbUnlearner(Unlearner):
         self.repair_epochs, self.repair_lr_factor, self.repair = int(repair_epochs), float(repair_lr_factor), repair
         self.per_tensor, self.holdout, self.seed = per_tensor, holdout, int(seed)
         self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
+        self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
         self.requests = 0
 
     # ---- the request -------------------------------------------------------------------------------
@@ -68,6 +77,8 @@ class PerturbUnlearner(Unlearner):
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
         self.requests += 1
+        # The teacher of a distillation repair: this model's outputs before the request.
+        teacher = self._teacher_outputs() if self._distills() else None
         selection, cost = self._select(new)
         params = self._params()
         details = {"selected": None, "perturbation": self.perturbation}
@@ -86,7 +97,7 @@ class PerturbUnlearner(Unlearner):
             cost += steps * int(new.numel())
             details.update(ascent_steps=steps, forget_loss=loss, holdout_loss=target)
         details["selected"] = int(count)
-        repair_cost = self._repair(selection, union)
+        repair_cost = self._repair(selection, union, teacher)
         self._set_forgotten(union)
         report.status, report.weights_changed = "unlearned", True
         report.how = (f"{self.method} {self.perturbation} of {count} coordinates + {self.repair_epochs} "
@@ -133,27 +144,53 @@ class PerturbUnlearner(Unlearner):
                          lr=self.repair_lr_factor * peak, weight_decay=self.config.weight_decay,
                          seed=self.config.seed + 104729 * (1 + len(union)))
 
-    def _repair(self, selection, union) -> int:
+    def _distills(self) -> bool:
+        return self.repair in ("distill", "masked-distill") and self.repair_epochs > 0
+
+    def _teacher_outputs(self) -> torch.Tensor:
+        """Logits of the current model on every training row (row order), computed once."""
+        return outputs(self.model, self.data.inputs)
+
+    def _repair_loss(self, ids, teacher) -> torch.Tensor:
+        x, y = self.data.batch(ids)
+        logits = self.model(x)
+        if teacher is None:
+            return self.data.loss(logits, y).mean()
+        t = self.distill_temperature
+        soft = torch.softmax(teacher[self.data.rows(ids)] / t, 1)
+        # t^2 keeps the gradient scale of the softened term comparable across temperatures (Hinton et al.).
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits / t, 1), soft, reduction="batchmean") * t * t
+        if self.distill_alpha == 0.0:
+            return kl
+        return (1 - self.distill_alpha) * kl + self.distill_alpha * self.data.loss(logits, y).mean()
+
+    def _repair(self, selection, union, teacher=None) -> int:
         if self.repair_epochs == 0:
             return 0
         tune = self._repair_config(union)
         if self.repair == "all":
             train_sgd(self.model, self.data, tune, exclude=union)
-        else:  # masked: plain SGD whose gradients keep only the selected coordinates
-            params = self._params()
-            schedule = BatchSchedule(self.data.ids, tune.batch_size, tune.seed)
-            for step in schedule.steps(0, tune.steps(len(self.data)), union):
-                if step.ids.numel() == 0:
-                    continue
-                x, y = self.data.batch(step.ids)
-                grads = list(torch.autograd.grad(self.data.loss(self.model(x), y).mean(), params))
-                if tune.weight_decay:
-                    grads = [g + tune.weight_decay * p.detach() for g, p in zip(grads, params)]
+            return retrain_cost(self.data, tune, union)
+        # masked and/or distilled: plain SGD over the same schedule; masked keeps only the selected
+        # coordinates of every gradient.
+        masked = self.repair.startswith("masked")
+        params = self._params()
+        schedule = BatchSchedule(self.data.ids, tune.batch_size, tune.seed)
+        for step in schedule.steps(0, tune.steps(len(self.data)), union):
+            if step.ids.numel() == 0:
+                continue
+            grads = list(torch.autograd.grad(self._repair_loss(step.ids, teacher), params))
+            if tune.weight_decay:
+                grads = [g + tune.weight_decay * p.detach() for g, p in zip(grads, params)]
+            if masked:
                 selection.mask_grad_(grads)
-                with torch.no_grad():
-                    for p, g in zip(params, grads):
-                        p.sub_(tune.lr_at(step.step) * g)
-        return retrain_cost(self.data, tune, union)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(tune.lr_at(step.step) * g)
+        # The teacher's outputs on R: one forward pass per retained sample, counted (conservatively)
+        # as one sample gradient each.
+        teacher_cost = len(self.data) - len(union) if teacher is not None else 0
+        return retrain_cost(self.data, tune, union) + teacher_cost
 
     # ---- persistence --------------------------------------------------------------------------------
 
@@ -161,7 +198,8 @@ class PerturbUnlearner(Unlearner):
         return {"method": self.method, "shapes": {k: list(v.shape) for k, v in trainable(self.model).items()},
                 "k": self.k, "perturbation": self.perturbation, "score": self.score, "beta": self.beta,
                 "sigma": self.sigma, "repair": self.repair, "repair_epochs": self.repair_epochs,
-                "repair_lr_factor": self.repair_lr_factor, "per_tensor": self.per_tensor, "seed": self.seed,
+                "repair_lr_factor": self.repair_lr_factor, "distill_temperature": self.distill_temperature,
+                "distill_alpha": self.distill_alpha, "per_tensor": self.per_tensor, "seed": self.seed,
                 "batch_size": self.config.batch_size, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
