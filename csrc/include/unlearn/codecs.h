@@ -22,14 +22,16 @@
 // scale, how a scaled value y = x * inv picks its code (always the nearest level, ties to the
 // level of smaller index / magnitude), and level(code):
 //   kInt8, kInt4   linear: scale = absmax / 127 (/ 7), code = round_half_even(y), level = code
-//   kNormal4       16 levels at normal quantiles (kNormal4Levels), scale = the block's signed
+//   kNormal4       16 levels at normal quantiles (UE_NORMAL4_LEVELS), scale = the block's signed
 //                  absmax (the value of largest magnitude, positive if +absmax occurs), so that
 //                  value lands exactly on level +1; code = index 0..15 = the number of the 15
-//                  midpoints below y (15 compares, branch-free); stored as unsigned nibbles
+//                  midpoints below y (15 compares, branch-free); stored as unsigned nibbles.
+//                  |x - deq| <= 0.2 absmax (-absmax against level -0.8) + 2^-22 absmax
 //   kCompand8      quadratically companded: level(k) = sign(k) |k| (127 + 3 |k|) for k in
 //                  -127..127, i.e. (k / 127)(1/4 + 3/4 k / 127) * 64516; scale = absmax / 64516;
 //                  code = nearest level, found in closed form (a square root) and then corrected
-//                  against the exact integer midpoints, so it is the exact nearest level
+//                  against the exact integer midpoints, so it is the exact nearest level.
+//                  |x - deq| <= 443 scale (half the top gap) + 2^-22 absmax
 //
 // Bit-exactness with the reference (unlearn_ext/reference/codecs.py) relies on every operation
 // being one IEEE float32 operation rounded to nearest, in the order written here: no contraction
