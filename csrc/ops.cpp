@@ -68,19 +68,24 @@ constexpr const char* kSchemas[] = {
   // size even in [64, 4096]; math in unlearn/codecs.h. Per input tensor: codes are flat, int8
   // (bits = 8, numel entries) or uint8 with two int4 codes per byte (bits = 4, ceil(numel / 2)
   // entries, low nibble first); scales are flat float32, one per block (scale = absmax / 127 or / 7).
-  "blockwise_quantize(Tensor[] x, int bits, int block_size) -> (Tensor[] codes, Tensor[] scales)",
+  // levels picks the level set: "linear" (the above), "normal" (bits = 4: 16 normal-quantile levels,
+  // unsigned nibble indices, scale = the block's signed absmax) or "companded" (bits = 8: levels
+  // k (127 + 3 |k|), scale = absmax / 64516); each op of a codes/scales pair must get the same one.
+  "blockwise_quantize(Tensor[] x, int bits, int block_size, str levels=\"linear\") -> (Tensor[] codes, Tensor[] scales)",
   // out <- deq(codes, scales); out gives the shapes and the dtype (fp32/fp16/bf16).
-  "blockwise_dequantize_(Tensor(a!)[] out, Tensor[] codes, Tensor[] scales, int bits, int block_size) -> ()",
+  "blockwise_dequantize_(Tensor(a!)[] out, Tensor[] codes, Tensor[] scales, int bits, int block_size, "
+      "str levels=\"linear\") -> ()",
   // Closed-loop delta: codes, scales <- quantize(target - recon); recon (float32) += deq(codes, scales).
   // codes and scales are preallocated outputs (sized as blockwise_quantize returns them): a
   // mutable op returning fresh tensor lists cannot be functionalized (torch.compile, opcheck).
   "delta_encode_(Tensor[] target, Tensor(a!)[] recon, Tensor(b!)[] codes, Tensor(c!)[] scales, int bits, "
-      "int block_size) -> ()",
+      "int block_size, str levels=\"linear\") -> ()",
   // y <- y + alpha * deq(codes, scales) (fp32 math, rounded like recon updates: bit-exact decode).
   "dequantize_axpy_(Tensor(a!)[] y, float alpha, Tensor[] codes, Tensor[] scales, int bits, "
-      "int block_size) -> ()",
+      "int block_size, str levels=\"linear\") -> ()",
   // <deq(codes, scales), v> over the whole list, as a float64 scalar.
-  "dequantize_dot(Tensor[] codes, Tensor[] scales, Tensor[] v, int bits, int block_size) -> Tensor",
+  "dequantize_dot(Tensor[] codes, Tensor[] scales, Tensor[] v, int bits, int block_size, "
+      "str levels=\"linear\") -> Tensor",
 
   // ---- Selection: Top-K / Random-k (DESIGN section 7, our formulation; math in unlearn/select.h) ----
   // key_mode: 0 the score as given, 1 |score|, 2 random (Philox word of the global index at (seed,

@@ -368,16 +368,20 @@ def history_inputs(dtype, seed, noncontig=False):
     return g
 
 
+# (bits, levels): linear int8 / int4 and the nf4 ("normal") and compand8 ("companded") codebooks.
+CODEC_FORMATS = ((8, "linear"), (4, "linear"), (4, "normal"), (8, "companded"))
+
+
 @check("blockwise_quantize / blockwise_dequantize_ / dequantize_axpy_ / dequantize_dot")
 def _codecs():
-    for bits in (8, 4):
+    for bits, lv in CODEC_FORMATS:
         for block in (64, 256, 4096):
             for dtype in DTYPES:
                 for noncontig in (False, True):
-                    what = f"codecs bits={bits} block={block} {dtype} nc={noncontig}"
+                    what = f"codecs bits={bits} {lv} block={block} {dtype} nc={noncontig}"
                     x = history_inputs(dtype, seed=20 + bits, noncontig=noncontig)
-                    codes_g, scales_g = OPS.blockwise_quantize(to_cuda(x), bits, block)
-                    codes_c, scales_c = OPS.blockwise_quantize(x, bits, block)
+                    codes_g, scales_g = OPS.blockwise_quantize(to_cuda(x), bits, block, lv)
+                    codes_c, scales_c = OPS.blockwise_quantize(x, bits, block, lv)
                     assert_on_cuda(list(codes_g) + list(scales_g), what)
                     for i, (a, b) in enumerate(zip(codes_g, codes_c)):
                         assert_equal(a, b, f"{what} codes[{i}]")
@@ -385,28 +389,28 @@ def _codecs():
                         assert_equal(a, b, f"{what} scales[{i}]")
                     out_g = [torch.empty(t.shape, dtype=dtype, device="cuda") for t in x]
                     out_c = [torch.empty(t.shape, dtype=dtype) for t in x]
-                    OPS.blockwise_dequantize_(out_g, codes_g, scales_g, bits, block)
-                    OPS.blockwise_dequantize_(out_c, codes_c, scales_c, bits, block)
+                    OPS.blockwise_dequantize_(out_g, codes_g, scales_g, bits, block, lv)
+                    OPS.blockwise_dequantize_(out_c, codes_c, scales_c, bits, block, lv)
                     for i, (a, b) in enumerate(zip(out_g, out_c)):
                         assert_equal(a, b, f"{what} dequantized[{i}]")
                     y_c = make_grads(sizes(1 << 17), dtype, seed=30, specials=False)
                     y_g = to_cuda(y_c)
-                    OPS.dequantize_axpy_(y_g, -0.75, codes_g, scales_g, bits, block)
-                    OPS.dequantize_axpy_(y_c, -0.75, codes_c, scales_c, bits, block)
+                    OPS.dequantize_axpy_(y_g, -0.75, codes_g, scales_g, bits, block, lv)
+                    OPS.dequantize_axpy_(y_c, -0.75, codes_c, scales_c, bits, block, lv)
                     for i, (a, b) in enumerate(zip(y_g, y_c)):
                         assert_equal(a, b, f"{what} axpy[{i}]")
                     # Float64 sums in another order: equal to rounding, not bit for bit.
-                    dot_g = OPS.dequantize_dot(codes_g, scales_g, y_g, bits, block)
-                    dot_c = OPS.dequantize_dot(codes_c, scales_c, y_c, bits, block)
+                    dot_g = OPS.dequantize_dot(codes_g, scales_g, y_g, bits, block, lv)
+                    dot_c = OPS.dequantize_dot(codes_c, scales_c, y_c, bits, block, lv)
                     assert dot_g.device.type == "cuda" and dot_g.dtype == torch.float64, what
                     torch.testing.assert_close(dot_g.cpu(), dot_c, rtol=1e-6, atol=1e-9, msg=f"{what} dot")
 
 
 @check("delta_encode_ (closed loop over several steps)")
 def _delta():
-    for bits in (8, 4):
+    for bits, lv in CODEC_FORMATS:
         for dtype in DTYPES:
-            what = f"delta_encode_ bits={bits} {dtype}"
+            what = f"delta_encode_ bits={bits} {lv} {dtype}"
             w = history_inputs(torch.float32, seed=40)
             recon_c = [t.clone() for t in w]
             recon_g = to_cuda(recon_c)
@@ -416,8 +420,8 @@ def _delta():
                 target = [t.to(dtype) for t in w]
                 codes_c, scales_c = ue.ops.empty_codes(target, bits, 256)
                 codes_g, scales_g = ue.ops.empty_codes(to_cuda(target), bits, 256)
-                OPS.delta_encode_(target, recon_c, codes_c, scales_c, bits, 256)
-                OPS.delta_encode_(to_cuda(target), recon_g, codes_g, scales_g, bits, 256)
+                OPS.delta_encode_(target, recon_c, codes_c, scales_c, bits, 256, lv)
+                OPS.delta_encode_(to_cuda(target), recon_g, codes_g, scales_g, bits, 256, lv)
                 for name, gs, cs in (("codes", codes_g, codes_c), ("scales", scales_g, scales_c),
                                      ("recon", recon_g, recon_c)):
                     for i, (a, b) in enumerate(zip(gs, cs)):

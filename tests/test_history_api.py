@@ -12,7 +12,7 @@ from unlearn_ext.history import EncodedField, FieldSpec, HistoryFormatError, His
 from unlearn_ext.history import file as history_file
 
 ODD = [(33, 17), (17,), (5, 3, 4), (1,), (0,), (4099,)]  # short last blocks, a 1-element, an empty tensor
-CODECS = ["int8", "int4", "fp16", "bf16", "fp32"]
+CODECS = ["int8", "int4", "nf4", "compand8", "fp16", "bf16", "fp32"]
 
 
 def randn(shapes, seed, scale=1.0):
@@ -70,7 +70,7 @@ def test_encoded_dot_and_axpy_equal_decoded(tmp_path, codec, block, tier):
                      + 1e-45).all())
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "nf4", "compand8", "fp16"])
 def test_encoded_products_take_half_precision_vectors(codec):
     store = HistoryStore({"g": FieldSpec(ODD, codec)})
     store.record(0, {"g": randn(ODD, 1)})

@@ -10,7 +10,7 @@ import torch
 
 import unlearn_ext as ue
 from unlearn_ext import ops as _ops
-from unlearn_ext.history import file as history_file
+from unlearn_ext.history import codecs as hc, file as history_file
 from unlearn_ext.history import FieldSpec, HistoryStore
 
 SHAPES = [(33, 17), (17,), (5, 3, 4)]
@@ -21,9 +21,12 @@ def tensors(seed, scale=1.0, dtype=torch.float32):
     return [(torch.randn(s, generator=gen) * scale).to(dtype) for s in SHAPES]
 
 
-def blockwise_bound(x, bits, block):
-    """Per-element bound of the int codecs: scale / 2 + 2^-22 absmax, scale = absmax / qmax per block."""
-    q = 127.0 if bits == 8 else 7.0
+def blockwise_bound(x, codec, block):
+    """Per-element bound of the quantized codecs: fraction * absmax + 2^-22 absmax per block, where
+    the fraction is the codebook's covering radius (int8/int4: half a step, 0.5 / qmax; nf4: the
+    distance from -1 to its lowest level -0.8; compand8: half its largest gap), computed from the
+    levels by the reference."""
+    q = 1.0 / hc.max_error_fraction(codec) / 2
     out = []
     for t in x:
         flat = t.reshape(-1).float()
@@ -36,7 +39,7 @@ def blockwise_bound(x, bits, block):
 
 # ---- codecs round-trip within their stated bounds ------------------------------------------------
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int4", "nf4", "compand8"])
 @pytest.mark.parametrize("block", [64, 256])
 def test_codec_round_trip_within_bound(codec, block):
     store = HistoryStore({"g": FieldSpec(SHAPES, codec)}, block_size=block)
@@ -49,7 +52,7 @@ def test_codec_round_trip_within_bound(codec, block):
         rel = 2.0**-11 if codec == "fp16" else 2.0**-8  # half an ulp, relative
         bound = [t.abs() * rel for t in x]
     else:
-        bound = blockwise_bound(x, 8 if codec == "int8" else 4, block)
+        bound = blockwise_bound(x, codec, block)
     worst = 0.0
     for g, t, b in zip(got, x, bound):
         assert g.shape == t.shape and g.dtype == torch.float32
@@ -68,17 +71,17 @@ def test_codec_round_trip_within_bound(codec, block):
     elif block == 256:
         big = HistoryStore({"g": FieldSpec([(1024, 512)], codec)})
         big.record(0, {"g": [torch.randn(1024, 512)]})
-        assert big.compression_ratio() >= (3.9 if codec == "int8" else 7.5)
+        assert big.compression_ratio() >= (3.9 if hc.BITS[codec] == 8 else 7.5)
 
 
 # ---- closed-loop deltas stay bounded; open-loop ones drift -----------------------------------------
 
-@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "nf4", "compand8"])
 def test_closed_loop_bounded_open_loop_drifts(codec):
     """A random-walk trajectory over 3000 steps with one keyframe. Closed loop: every step's error
     is within one quantization step of that step's delta. Open loop (quantize w_t - w_{t-1} and
     sum the decoded deltas) accumulates rounding errors like a random walk."""
-    bits, steps, block = (8 if codec == "int8" else 4), 3000, 256
+    bits, levels, steps, block = hc.BITS[codec], hc.LEVELS[codec], 3000, 256
     shapes = [(4000,), (300,)]
     store = HistoryStore({"w": FieldSpec(shapes, codec, delta=True)}, keyframe_every=10**6, block_size=block)
     gen = torch.Generator().manual_seed(0)
@@ -94,12 +97,12 @@ def test_closed_loop_bounded_open_loop_drifts(codec):
             # Bound of this step: one quantization step of the delta the encoder saw, which is the
             # true step plus the previous reconstruction error (itself within the bound).
             step_delta = [a - b for a, b in zip(w, prev)]
-            bound = max(float(b.max()) for b in blockwise_bound(step_delta, bits, block)) * 2.5
+            bound = max(float(b.max()) for b in blockwise_bound(step_delta, codec, block)) * 2.5
             assert stats["max_err"] <= bound, (t, stats["max_err"], bound)
             closed_worst = max(closed_worst, stats["max_err"])
             # Open loop: encode the true delta, add its dequantized value.
-            codes, scales = _ops.blockwise_quantize(step_delta, bits, block)
-            _ops.dequantize_axpy_(open_recon, 1.0, codes, scales, bits, block)
+            codes, scales = _ops.blockwise_quantize(step_delta, bits, block, levels)
+            _ops.dequantize_axpy_(open_recon, 1.0, codes, scales, bits, block, levels)
             open_worst = max(open_worst, max(float((a - b).abs().max()) for a, b in zip(open_recon, w)))
         prev = [x.clone() for x in w]
     # What the decoder reads back is the encoder's reconstruction, bit for bit: the error reported
@@ -147,9 +150,10 @@ def same_record(a, b):
         assert all(torch.equal(x, y) for x, y in zip(a.tensors[name], b.tensors[name]))
 
 
-def test_disk_round_trip_and_reopen(tmp_path):
+@pytest.mark.parametrize("codec", ["int8", "nf4", "compand8"])
+def test_disk_round_trip_and_reopen(tmp_path, codec):
     path = str(tmp_path / "h.uehist")
-    truth = write_disk_store(path)
+    truth = write_disk_store(path, codec=codec)
     store = HistoryStore.open(path)
     assert store.recovery.dropped_bytes == 0 and store.steps == list(range(20))
     for t in (0, 7, 19, 3):
@@ -403,7 +407,7 @@ def test_recorder_hook(tmp_path):
         s = store.read(t)
         params, grads, lr = seen[t]
         assert s.lr == lr and s.batch_ids.tolist() == list(range(8 * t, 8 * t + 8))
-        for got, want, b in zip(s.tensors["grads"], grads, blockwise_bound(grads, 8, 256)):
+        for got, want, b in zip(s.tensors["grads"], grads, blockwise_bound(grads, "int8", 256)):
             assert bool(((got - want).abs() <= b).all())
         err = max(float((a - b).abs().max()) for a, b in zip(s.tensors["params"], params))
         assert err == s.stats["params"]["max_err"] and err < 1e-2
@@ -449,7 +453,7 @@ def test_bad_records_have_messages():
         store.record(3, {"w": tensors(0)})
     with pytest.raises(KeyError, match="step 4 was not recorded"):
         store.read(4)
-    with pytest.raises(ValueError, match="delta encoding needs an int8 or int4 codec"):
+    with pytest.raises(ValueError, match=r"delta encoding needs a quantized codec \(int8, int4, nf4, compand8\)"):
         FieldSpec(SHAPES, "fp16", delta=True)
     with pytest.raises(ValueError, match="unknown codec 'int2'"):
         FieldSpec(SHAPES, "int2")

@@ -76,8 +76,8 @@ def _radii_for(values):
     return [(v.float().abs() - 0.1).abs().contiguous() for v in values]
 
 
-def _coded(x, bits, block):
-    return OPS.blockwise_quantize(x, bits, block)
+def _coded(x, bits, block, levels="linear"):
+    return OPS.blockwise_quantize(x, bits, block, levels)
 
 
 def _ternary(params, seed=5):
@@ -160,21 +160,23 @@ def _fragile_cases():
 def _codec_cases():
     cases = []
     sizes = [300, 63, 6, 1]  # a full and a short block, tiny tensors; with LAYOUTS non-contiguous
-    for bits in (8, 4):
+    # (bits, levels): the linear codes, the normal-quantile 4-bit and the companded 8-bit codebooks.
+    for bits, lv in ((8, "linear"), (4, "linear"), (4, "normal"), (8, "companded")):
         for dtype, block in ((torch.float32, 64), (torch.bfloat16, 130), (torch.float16, 64)):
-            tag = f"int{bits}_{str(dtype).removeprefix('torch.')}_b{block}"
+            name = f"int{bits}" if lv == "linear" else f"{lv}{bits}"
+            tag = f"{name}_{str(dtype).removeprefix('torch.')}_b{block}"
             x = lambda d, t=dtype: make_list(sizes, LAYOUTS, t, d, seed=7)  # noqa: E731
             cases += [
-                OpCase("blockwise_quantize", tag, lambda d, x=x, b=bits, k=block: (x(d), b, k)),
-                OpCase("blockwise_dequantize_", tag, lambda d, x=x, b=bits, k=block: (
-                    [torch.zeros_like(t) for t in x(d)], *_coded(x(d), b, k), b, k)),
-                OpCase("delta_encode_", tag, lambda d, x=x, b=bits, k=block: (
+                OpCase("blockwise_quantize", tag, lambda d, x=x, b=bits, k=block, v=lv: (x(d), b, k, v)),
+                OpCase("blockwise_dequantize_", tag, lambda d, x=x, b=bits, k=block, v=lv: (
+                    [torch.zeros_like(t) for t in x(d)], *_coded(x(d), b, k, v), b, k, v)),
+                OpCase("delta_encode_", tag, lambda d, x=x, b=bits, k=block, v=lv: (
                     x(d), make_list(sizes, LAYOUTS, torch.float32, d, seed=8, scale=0.1),
-                    *[[torch.zeros_like(c) for c in part] for part in _ops.empty_codes(x(d), b, k)], b, k)),
-                OpCase("dequantize_axpy_", tag, lambda d, x=x, b=bits, k=block: (
-                    make_list(sizes, LAYOUTS, x(d)[0].dtype, d, seed=9), 0.5, *_coded(x(d), b, k), b, k)),
-                OpCase("dequantize_dot", tag, lambda d, x=x, b=bits, k=block: (
-                    *_coded(x(d), b, k), make_list(sizes, LAYOUTS, x(d)[0].dtype, d, seed=9), b, k)),
+                    *[[torch.zeros_like(c) for c in part] for part in _ops.empty_codes(x(d), b, k)], b, k, v)),
+                OpCase("dequantize_axpy_", tag, lambda d, x=x, b=bits, k=block, v=lv: (
+                    make_list(sizes, LAYOUTS, x(d)[0].dtype, d, seed=9), 0.5, *_coded(x(d), b, k, v), b, k, v)),
+                OpCase("dequantize_dot", tag, lambda d, x=x, b=bits, k=block, v=lv: (
+                    *_coded(x(d), b, k, v), make_list(sizes, LAYOUTS, x(d)[0].dtype, d, seed=9), b, k, v)),
             ]
     # Empty lists: no tensor to dispatch on, served by the CompositeExplicitAutograd kernels.
     cases += [
@@ -183,6 +185,8 @@ def _codec_cases():
         OpCase("delta_encode_", "empty", lambda d: ([], [], [], [], 8, 128)),
         OpCase("dequantize_axpy_", "empty", lambda d: ([], 0.5, [], [], 8, 64)),
         OpCase("dequantize_dot", "empty", lambda d: ([], [], [], 4, 64)),
+        OpCase("blockwise_quantize", "empty_normal4", lambda d: ([], 4, 64, "normal")),
+        OpCase("delta_encode_", "empty_companded8", lambda d: ([], [], [], [], 8, 128, "companded")),
     ]
     return cases
 

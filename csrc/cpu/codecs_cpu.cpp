@@ -1,7 +1,9 @@
 // CPU kernels of the history codecs: blockwise quantize / dequantize, closed-loop delta encode,
-// dequantize-axpy and dequantize-dot. Per-element math is in unlearn/codecs.h; this file walks
-// blocks (cpu_walk.h's block walk over the global block numbers of the list) and keeps one block's
-// values in a small stack buffer between its absmax pass and its quantize pass.
+// dequantize-axpy and dequantize-dot, for every code Format (linear int8 / int4, the normal-quantile
+// 4-bit and the companded 8-bit codebooks). Per-element math is in unlearn/codecs.h; this file
+// walks blocks (cpu_walk.h's block walk over the global block numbers of the list) and keeps one
+// block's values in a small stack buffer between its absmax pass and its quantize pass. Inner
+// loops are instantiated per format (with_format), so each is branch-free and vectorizes.
 //
 // Contraction of a*b+c into an FMA is disabled for this file: the reconstruction update and the
 // axpy must round exactly as the reference does (two roundings), or decoders would drift from the
@@ -35,6 +37,36 @@ inline float block_absmax(const float* x, int64_t n) {
   return bits_float(m);
 }
 
+// Whether +absmax occurs in the block (kNormal4's scale is the signed absmax): the largest finite
+// positive value's bit pattern equals the absmax's. An integer max again, so it vectorizes.
+inline bool absmax_is_positive(const float* x, int64_t n, float absmax) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t b;
+    std::memcpy(&b, &x[i], sizeof(b));
+    b = (b > 0 && b < 0x7f800000) ? b : 0;  // positive finite floats only (sign bit clear)
+    m = m > b ? m : b;
+  }
+  return bits_float(m) == absmax;
+}
+
+// Scale of a block of fp32 values.
+inline float block_scale_of(const float* v, int64_t n, int format) {
+  const float absmax = block_absmax(v, n);
+  return format_scale(absmax, format == kNormal4 && absmax_is_positive(v, n, absmax), format);
+}
+
+// Calls f(std::integral_constant<int, format>) so per-element loops see the format as a constant.
+template <typename F>
+inline void with_format(int format, F&& f) {
+  switch (format) {
+    case kInt8: f(std::integral_constant<int, kInt8>{}); break;
+    case kInt4: f(std::integral_constant<int, kInt4>{}); break;
+    case kNormal4: f(std::integral_constant<int, kNormal4>{}); break;
+    default: f(std::integral_constant<int, kCompand8>{}); break;
+  }
+}
+
 // The block's values as fp32: the input itself for float32, else converted into buf.
 template <typename T>
 inline const float* block_as_float(const T* src, int64_t n, float* buf) {
@@ -46,40 +78,44 @@ inline const float* block_as_float(const T* src, int64_t n, float* buf) {
   }
 }
 
-// Writes the codes of n values (already fp32) with the given scale. int4 packs pairs; n is even
-// except for a tensor's last block.
-void write_codes(const float* v, int64_t n, float scale, int64_t bits, uint8_t* codes_at) {
-  if (!(scale > 0.0f)) {  // zero block: hoisted, so the loops below have no per-element branch on it
-    std::memset(codes_at, 0, static_cast<size_t>(code_numel(n, bits)));
+// Writes the codes of n values (already fp32) with the given scale. 4-bit formats pack pairs; n is
+// even except for a tensor's last block (whose odd element's high nibble is 0).
+template <int F>
+void write_codes(const float* v, int64_t n, float scale, uint8_t* codes_at) {
+  constexpr int bits = format_bits(F);
+  if (!(scale != 0.0f)) {  // zero block: hoisted, so the loops below have no per-element branch on it
+    const int z = zero_code(F);
+    std::memset(codes_at, bits == 8 ? z : (z | (z << 4)), static_cast<size_t>(n / (bits == 8 ? 1 : 2)));
+    if (bits == 4 && n % 2) codes_at[n / 2] = pack_int4(z, 0);
     return;
   }
-  const float inv = inverse_scale(scale);
-  if (bits == 8) {
+  const float inv = block_inverse(scale);
+  if constexpr (bits == 8) {
     int8_t* c = reinterpret_cast<int8_t*>(codes_at);  // int8 codes in the same byte buffer
-    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(quantize_in_block(v[i], inv, 127.0f));
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<int8_t>(encode_in_block(v[i], inv, F));
   } else {
     uint8_t* c = codes_at;
     const int64_t pairs = n / 2;
     for (int64_t p = 0; p < pairs; ++p)
-      c[p] = pack_int4(quantize_in_block(v[2 * p], inv, 7.0f), quantize_in_block(v[2 * p + 1], inv, 7.0f));
-    if (n % 2) c[pairs] = pack_int4(quantize_in_block(v[n - 1], inv, 7.0f), 0);
+      c[p] = pack_int4(encode_in_block(v[2 * p], inv, F), encode_in_block(v[2 * p + 1], inv, F));
+    if (n % 2) c[pairs] = pack_int4(encode_in_block(v[n - 1], inv, F), 0);
   }
 }
 
 // Calls f(i, code) for the n codes of one block.
-template <typename F>
-inline void read_codes(const void* codes_at, int64_t n, int64_t bits, F&& f) {
-  if (bits == 8) {
+template <int F, typename Fn>
+inline void read_codes(const void* codes_at, int64_t n, Fn&& f) {
+  if constexpr (format_bits(F) == 8) {
     const int8_t* c = static_cast<const int8_t*>(codes_at);
     for (int64_t i = 0; i < n; ++i) f(i, static_cast<int32_t>(c[i]));
   } else {
     const uint8_t* c = static_cast<const uint8_t*>(codes_at);
     const int64_t pairs = n / 2;
     for (int64_t p = 0; p < pairs; ++p) {
-      f(2 * p, int4_low(c[p]));
-      f(2 * p + 1, int4_high(c[p]));
+      f(2 * p, nibble_low(c[p], F));
+      f(2 * p + 1, nibble_high(c[p], F));
     }
-    if (n % 2) f(n - 1, int4_low(c[pairs]));
+    if (n % 2) f(n - 1, nibble_low(c[pairs], F));
   }
 }
 
@@ -103,17 +139,12 @@ inline void dispatch_list(const FlatList& list, F&& f) {
   if (!list.tensors.empty()) dispatch_float_type(list.tensors[0].scalar_type(), f);
 }
 
-// sum code_i * v_i over one block in Acc (float or double), with 16 interleaved partial sums: a
+// sum level_i * v_i over one block in Acc (float or double), with 16 interleaved partial sums: a
 // single running sum is a serial dependency chain that GCC may not reorder (no -ffast-math), 16
-// independent ones vectorize. The order is fixed, so results do not depend on threads.
-template <typename Acc, typename T>
-Acc block_dot(const uint8_t* codes_at, int64_t bits, const T* v, int64_t n) {
-  int8_t unpacked[kMaxBlock];
-  const int8_t* c = reinterpret_cast<const int8_t*>(codes_at);
-  if (bits == 4) {
-    read_codes(codes_at, n, bits, [&](int64_t i, int32_t code) { unpacked[i] = static_cast<int8_t>(code); });
-    c = unpacked;
-  }
+// independent ones vectorize. The order is fixed, so results do not depend on threads. Linear
+// codes are their own levels (int8 multipliers); codebook codes are looked up into a float buffer.
+template <typename Acc, typename L, typename T>
+Acc dot_levels(const L* c, const T* v, int64_t n) {
   constexpr int kLanes = 16;
   Acc acc[kLanes] = {};
   int64_t i = 0;
@@ -126,25 +157,43 @@ Acc block_dot(const uint8_t* codes_at, int64_t bits, const T* v, int64_t n) {
   return sum;
 }
 
+template <int F, typename Acc, typename T>
+Acc block_dot(const uint8_t* codes_at, const T* v, int64_t n) {
+  if constexpr (F == kInt8) {
+    return dot_levels<Acc>(reinterpret_cast<const int8_t*>(codes_at), v, n);
+  } else if constexpr (F == kInt4) {
+    int8_t unpacked[kMaxBlock];
+    read_codes<F>(codes_at, n, [&](int64_t i, int32_t code) { unpacked[i] = static_cast<int8_t>(code); });
+    return dot_levels<Acc>(unpacked, v, n);
+  } else {
+    float levels[kMaxBlock];
+    read_codes<F>(codes_at, n, [&](int64_t i, int32_t code) { levels[i] = level_of(code, F); });
+    return dot_levels<Acc>(levels, v, n);
+  }
+}
+
 // ---- op implementations ------------------------------------------------------------------------
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_cpu(at::TensorList x_in,
                                                                                     int64_t bits,
-                                                                                    int64_t block_size) {
-  check_codec_args(bits, block_size);
+                                                                                    int64_t block_size,
+                                                                                    c10::string_view levels) {
+  const int format = check_codec_args(bits, block_size, levels);
   const FlatList x = flatten_float_list(x_in, "x");
   CodedList out = empty_coded_list(x, bits, block_size);
-  const float qmax = codec_qmax(static_cast<int>(bits));
   const auto src = raw_ptrs(x.tensors), codes = raw_ptrs(out.codes), scales = raw_ptrs(out.scales);
   dispatch_list(x, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(x.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
-      float buf[kMaxBlock];
-      const int64_t n = e1 - e0;
-      const float* v = block_as_float(static_cast<const T*>(src[t]) + e0, n, buf);
-      const float scale = block_scale(block_absmax(v, n), qmax);
-      static_cast<float*>(scales[t])[b] = scale;
-      write_codes(v, n, scale, bits, code_at(codes[t], e0, bits));
+    with_format(format, [&](auto fmt) {
+      constexpr int F = decltype(fmt)::value;
+      parallel_over_blocks(numels_of(x.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
+        float buf[kMaxBlock];
+        const int64_t n = e1 - e0;
+        const float* v = block_as_float(static_cast<const T*>(src[t]) + e0, n, buf);
+        const float scale = block_scale_of(v, n, F);
+        static_cast<float*>(scales[t])[b] = scale;
+        write_codes<F>(v, n, scale, code_at(codes[t], e0, bits));
+      });
     });
   });
   return {out.codes, out.scales};
@@ -171,54 +220,57 @@ inline int64_t dequantize_int8_stream(const int8_t* c, float scale, float* dst, 
 }
 
 void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
-                              int64_t bits, int64_t block_size) {
-  const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size);
+                              int64_t bits, int64_t block_size, c10::string_view levels) {
+  const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size, levels);
   const FlatList& out = in.values;
   const CodedList& q = in.coded;
   const auto dst_ptrs = raw_ptrs(out.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(out, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
-      const float scale = static_cast<const float*>(scales[t])[b];
-      T* dst = static_cast<T*>(dst_ptrs[t]) + e0;
-      int64_t done = 0;
-      if constexpr (std::is_same_v<T, float>) {
-        if (bits == 8)
+    with_format(in.format, [&](auto fmt) {
+      constexpr int F = decltype(fmt)::value;
+      parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
+        const float scale = static_cast<const float*>(scales[t])[b];
+        T* dst = static_cast<T*>(dst_ptrs[t]) + e0;
+        int64_t done = 0;
+        if constexpr (std::is_same_v<T, float> && F == kInt8)
           done = dequantize_int8_stream(reinterpret_cast<const int8_t*>(code_at(codes[t], e0, bits)), scale, dst,
                                         e1 - e0);
-      }
-      // done is a multiple of 16, so int4 byte pairs are never split (it is 0 for int4 anyway).
-      read_codes(code_at(codes[t], e0 + done, bits), e1 - e0 - done, bits,
-                 [&](int64_t i, int32_t c) { dst[done + i] = store_as<T>(dequantize_value(c, scale)); });
+        // done is a multiple of 16, so 4-bit byte pairs are never split (it is 0 for them anyway).
+        read_codes<F>(code_at(codes[t], e0 + done, bits), e1 - e0 - done,
+                      [&](int64_t i, int32_t c) { dst[done + i] = store_as<T>(dequantize_code(c, scale, F)); });
+      });
     });
   });
   write_back(out_in, out.tensors);
 }
 
 void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
-                      at::TensorList scales_in, int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
+                      at::TensorList scales_in, int64_t bits, int64_t block_size, c10::string_view levels) {
+  const int format = check_codec_args(bits, block_size, levels);
   const FlatList target = flatten_float_list(target_in, "target");
   check_recon_list(recon_in, target);
   std::vector<at::Tensor> recon = contiguous_work(recon_in);
   CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
-  const float qmax = codec_qmax(static_cast<int>(bits));
   const auto src = raw_ptrs(target.tensors), rec = raw_ptrs(recon), codes = raw_ptrs(out.codes),
              scales = raw_ptrs(out.scales);
   dispatch_list(target, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(target.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
-      float delta[kMaxBlock];
-      const int64_t n = e1 - e0;
-      float* r = static_cast<float*>(rec[t]) + e0;
-      const T* w = static_cast<const T*>(src[t]) + e0;
-      for (int64_t i = 0; i < n; ++i) delta[i] = sub_rn(load_float(w[i]), r[i]);
-      const float scale = block_scale(block_absmax(delta, n), qmax);
-      static_cast<float*>(scales[t])[b] = scale;
-      uint8_t* codes_at = code_at(codes[t], e0, bits);
-      write_codes(delta, n, scale, bits, codes_at);
-      // The reconstruction moves by what the decoder will add: the dequantized code, not the delta.
-      read_codes(codes_at, n, bits, [&](int64_t i, int32_t c) { r[i] = recon_update(r[i], c, scale); });
+    with_format(format, [&](auto fmt) {
+      constexpr int F = decltype(fmt)::value;
+      parallel_over_blocks(numels_of(target.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
+        float delta[kMaxBlock];
+        const int64_t n = e1 - e0;
+        float* r = static_cast<float*>(rec[t]) + e0;
+        const T* w = static_cast<const T*>(src[t]) + e0;
+        for (int64_t i = 0; i < n; ++i) delta[i] = sub_rn(load_float(w[i]), r[i]);
+        const float scale = block_scale_of(delta, n, F);
+        static_cast<float*>(scales[t])[b] = scale;
+        uint8_t* codes_at = code_at(codes[t], e0, bits);
+        write_codes<F>(delta, n, scale, codes_at);
+        // The reconstruction moves by what the decoder will add: the dequantized code, not the delta.
+        read_codes<F>(codes_at, n, [&](int64_t i, int32_t c) { r[i] = recon_update(r[i], c, scale, F); });
+      });
     });
   });
   write_back(recon_in, recon);
@@ -227,19 +279,22 @@ void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::Ten
 }
 
 void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
-                         int64_t bits, int64_t block_size) {
+                         int64_t bits, int64_t block_size, c10::string_view levels) {
   const float a = checked_alpha(alpha);
-  const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size);
+  const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size, levels);
   const FlatList& y = in.values;
   const CodedList& q = in.coded;
   const auto y_ptrs = raw_ptrs(y.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(y, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels_of(y.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
-      const float scale = static_cast<const float*>(scales[t])[b];
-      T* dst = static_cast<T*>(y_ptrs[t]) + e0;
-      read_codes(code_at(codes[t], e0, bits), e1 - e0, bits, [&](int64_t i, int32_t c) {
-        dst[i] = store_as<T>(axpy_value(load_float(dst[i]), a, c, scale));
+    with_format(in.format, [&](auto fmt) {
+      constexpr int F = decltype(fmt)::value;
+      parallel_over_blocks(numels_of(y.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
+        const float scale = static_cast<const float*>(scales[t])[b];
+        T* dst = static_cast<T*>(y_ptrs[t]) + e0;
+        read_codes<F>(code_at(codes[t], e0, bits), e1 - e0, [&](int64_t i, int32_t c) {
+          dst[i] = store_as<T>(axpy_value(load_float(dst[i]), a, c, scale, F));
+        });
       });
     });
   });
@@ -250,8 +305,8 @@ void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes
 // blocks are summed in double in a fixed order (per-block partials), so the result does not
 // depend on the thread count.
 at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in,
-                              int64_t bits, int64_t block_size) {
-  const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size);
+                              int64_t bits, int64_t block_size, c10::string_view levels) {
+  const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size, levels);
   const FlatList& v = in.values;
   const CodedList& q = in.coded;
   const std::vector<int64_t> numels = numels_of(v.tensors);
@@ -259,15 +314,18 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
   const auto v_ptrs = raw_ptrs(v.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(v, [&](auto tag) {
     using T = decltype(tag);
-    parallel_over_blocks(numels, block_size, [&](size_t t, int64_t b, int64_t g, int64_t e0, int64_t e1) {
-      const float scale = static_cast<const float*>(scales[t])[b];
-      const T* src = static_cast<const T*>(v_ptrs[t]) + e0;
-      const uint8_t* c = code_at(codes[t], e0, bits);
-      double sum = block_dot<float>(c, bits, src, e1 - e0);
-      // A float sum overflows to inf where the double one is finite: such blocks (and those holding
-      // NaN/Inf, rare) are summed again in double, which keeps the float speed everywhere else.
-      if (!std::isfinite(sum)) sum = block_dot<double>(c, bits, src, e1 - e0);
-      partial[static_cast<size_t>(g)] = sum * static_cast<double>(scale);
+    with_format(in.format, [&](auto fmt) {
+      constexpr int F = decltype(fmt)::value;
+      parallel_over_blocks(numels, block_size, [&](size_t t, int64_t b, int64_t g, int64_t e0, int64_t e1) {
+        const float scale = static_cast<const float*>(scales[t])[b];
+        const T* src = static_cast<const T*>(v_ptrs[t]) + e0;
+        const uint8_t* c = code_at(codes[t], e0, bits);
+        double sum = block_dot<F, float>(c, src, e1 - e0);
+        // A float sum overflows to inf where the double one is finite: such blocks (and those holding
+        // NaN/Inf, rare) are summed again in double, which keeps the float speed everywhere else.
+        if (!std::isfinite(sum)) sum = block_dot<F, double>(c, src, e1 - e0);
+        partial[static_cast<size_t>(g)] = sum * static_cast<double>(scale);
+      });
     });
   });
   double total = 0.0;
@@ -290,33 +348,34 @@ void require_empty(std::initializer_list<at::TensorList> lists, const char* op) 
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_empty(at::TensorList x, int64_t bits,
-                                                                                      int64_t block_size) {
-  check_codec_args(bits, block_size);
+                                                                                      int64_t block_size,
+                                                                                      c10::string_view levels) {
+  check_codec_args(bits, block_size, levels);
   require_empty({x}, "blockwise_quantize");
   return {};
 }
 
 void blockwise_dequantize_empty(at::TensorList out, at::TensorList codes, at::TensorList scales, int64_t bits,
-                                int64_t block_size) {
-  check_codec_args(bits, block_size);
+                                int64_t block_size, c10::string_view levels) {
+  check_codec_args(bits, block_size, levels);
   require_empty({out, codes, scales}, "blockwise_dequantize_");
 }
 
 void delta_encode_empty(at::TensorList target, at::TensorList recon, at::TensorList codes, at::TensorList scales,
-                        int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
+                        int64_t bits, int64_t block_size, c10::string_view levels) {
+  check_codec_args(bits, block_size, levels);
   require_empty({target, recon, codes, scales}, "delta_encode_");
 }
 
 void dequantize_axpy_empty(at::TensorList y, double, at::TensorList codes, at::TensorList scales, int64_t bits,
-                           int64_t block_size) {
-  check_codec_args(bits, block_size);
+                           int64_t block_size, c10::string_view levels) {
+  check_codec_args(bits, block_size, levels);
   require_empty({y, codes, scales}, "dequantize_axpy_");
 }
 
 at::Tensor dequantize_dot_empty(at::TensorList codes, at::TensorList scales, at::TensorList v, int64_t bits,
-                                int64_t block_size) {
-  check_codec_args(bits, block_size);
+                                int64_t block_size, c10::string_view levels) {
+  check_codec_args(bits, block_size, levels);
   require_empty({codes, scales, v}, "dequantize_dot");
   return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
 }

@@ -1,8 +1,10 @@
 // CUDA kernels of the history codecs. Per-element math comes from unlearn/codecs.h (shared with
 // the CPU kernels); this file maps work to threads: one warp per quantization block, any number of
 // blocks from any tensors of the list in one launch. A warp reduces its block's absmax with
-// shuffles (no shared memory), then quantizes; int4 lanes own byte pairs, so no two lanes write
-// the same byte (block sizes are even, so blocks own whole bytes).
+// shuffles (no shared memory), then quantizes; 4-bit lanes own byte pairs, so no two lanes write
+// the same byte (block sizes are even, so blocks own whole bytes). Kernels take the code Format
+// (linear int8 / int4, normal-quantile 4-bit, companded 8-bit) as an argument; every per-element
+// step is a Format-aware function of unlearn/codecs.h.
 #include <torch/library.h>
 
 #include "cuda_walk.cuh"
@@ -36,28 +38,36 @@ __device__ __forceinline__ bool warp_block(const ListView& v, Block& p) {
 }
 
 // Reads code i of a block whose codes start at element e0 (even).
-__device__ __forceinline__ int32_t read_code(const void* codes, int bits, int64_t e0, int64_t i) {
-  if (bits == 8) return static_cast<const int8_t*>(codes)[e0 + i];
+__device__ __forceinline__ int32_t read_code(const void* codes, int format, int64_t e0, int64_t i) {
+  if (format_bits(format) == 8) return static_cast<const int8_t*>(codes)[e0 + i];
   const uint8_t byte = static_cast<const uint8_t*>(codes)[(e0 + i) / 2];
-  return (i % 2) ? int4_high(byte) : int4_low(byte);
+  return (i % 2) ? nibble_high(byte, format) : nibble_low(byte, format);
 }
 
 // Quantizes a block whose fp32 values come from value(i); lanes own elements (int8) or byte pairs
 // (int4). After(i, code, scale) sees every element's code, in the lane that read value(i).
 template <typename Value, typename After>
-__device__ __forceinline__ void quantize_block(const ListView& v, const Block& p, int bits, Value&& value,
+__device__ __forceinline__ void quantize_block(const ListView& v, const Block& p, int format, Value&& value,
                                                 After&& after) {
   const int lane = threadIdx.x % 32;
-  const float qmax = codec_qmax(bits);
-  float m = 0.0f;
-  for (int64_t i = lane; i < p.n; i += 32) m = max_of(m, finite_abs(value(i)));
-  const float scale = block_scale(warp_max(m), qmax);
+  float m = 0.0f, pos = 0.0f;
+  for (int64_t i = lane; i < p.n; i += 32) {
+    const float x = value(i);
+    m = max_of(m, finite_abs(x));
+    pos = max_of(pos, is_finite_float(x) && x > 0.0f ? x : 0.0f);
+  }
+  const float absmax = warp_max(m);
+  // kNormal4's scale is the signed absmax: negative when the largest positive value falls short of
+  // the absmax (only -absmax occurs).
+  const bool positive = format == kNormal4 && warp_max(pos) == absmax;
+  const float scale = format_scale(absmax, positive, format);
   if (lane == 0) static_cast<float*>(v.ptr(kScales, p.t))[p.b] = scale;
-  // quantize_value's per-element form, with the block's inverse computed once.
-  const bool nonzero = scale > 0.0f;
-  const float inv = nonzero ? inverse_scale(scale) : 0.0f;
-  auto quantize = [&](float x) { return nonzero ? quantize_in_block(x, inv, qmax) : 0; };
-  if (bits == 8) {
+  // encode_in_block with the block's inverse computed once; a zero block gets the zero level's code.
+  const bool nonzero = scale != 0.0f;
+  const float inv = nonzero ? block_inverse(scale) : 0.0f;
+  const int32_t zero = zero_code(format);
+  auto quantize = [&](float x) { return nonzero ? encode_in_block(x, inv, format) : zero; };
+  if (format_bits(format) == 8) {
     int8_t* c = static_cast<int8_t*>(v.ptr(kCodes, p.t)) + p.e0;
     for (int64_t i = lane; i < p.n; i += 32) {
       const int32_t code = quantize(value(i));
@@ -78,15 +88,15 @@ __device__ __forceinline__ void quantize_block(const ListView& v, const Block& p
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) quantize_kernel(ListView v, int bits) {
+__global__ void __launch_bounds__(kThreads) quantize_kernel(ListView v, int format) {
   Block p;
   if (!warp_block(v, p)) return;
   const T* x = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
-  quantize_block(v, p, bits, [&](int64_t i) { return to_float(x[i]); }, [](int64_t, int32_t, float) {});
+  quantize_block(v, p, format, [&](int64_t i) { return to_float(x[i]); }, [](int64_t, int32_t, float) {});
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) delta_encode_kernel(ListView v, int bits) {
+__global__ void __launch_bounds__(kThreads) delta_encode_kernel(ListView v, int format) {
   Block p;
   if (!warp_block(v, p)) return;
   const T* w = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
@@ -94,12 +104,12 @@ __global__ void __launch_bounds__(kThreads) delta_encode_kernel(ListView v, int 
   // Fused: the lane that reads element i (value) is the one that updates r[i] (after), once the
   // warp's absmax is known; no other lane touches r[i], so the in-place update cannot race.
   quantize_block(
-      v, p, bits, [&](int64_t i) { return sub_rn(to_float(w[i]), r[i]); },
-      [&](int64_t i, int32_t code, float scale) { r[i] = recon_update(r[i], code, scale); });
+      v, p, format, [&](int64_t i) { return sub_rn(to_float(w[i]), r[i]); },
+      [&](int64_t i, int32_t code, float scale) { r[i] = recon_update(r[i], code, scale, format); });
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dequantize_kernel(ListView v, int bits) {
+__global__ void __launch_bounds__(kThreads) dequantize_kernel(ListView v, int format) {
   Block p;
   if (!warp_block(v, p)) return;
   const int lane = threadIdx.x % 32;
@@ -107,11 +117,11 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(ListView v, int bi
   const void* codes = v.ptr(kCodes, p.t);
   T* out = static_cast<T*>(v.ptr(kValues, p.t)) + p.e0;
   for (int64_t i = lane; i < p.n; i += 32)
-    out[i] = static_cast<T>(dequantize_value(read_code(codes, bits, p.e0, i), scale));
+    out[i] = static_cast<T>(dequantize_code(read_code(codes, format, p.e0, i), scale, format));
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) axpy_kernel(ListView v, int bits, float alpha) {
+__global__ void __launch_bounds__(kThreads) axpy_kernel(ListView v, int format, float alpha) {
   Block p;
   if (!warp_block(v, p)) return;
   const int lane = threadIdx.x % 32;
@@ -119,13 +129,13 @@ __global__ void __launch_bounds__(kThreads) axpy_kernel(ListView v, int bits, fl
   const void* codes = v.ptr(kCodes, p.t);
   T* y = static_cast<T*>(v.ptr(kValues, p.t)) + p.e0;
   for (int64_t i = lane; i < p.n; i += 32)
-    y[i] = static_cast<T>(axpy_value(to_float(y[i]), alpha, read_code(codes, bits, p.e0, i), scale));
+    y[i] = static_cast<T>(axpy_value(to_float(y[i]), alpha, read_code(codes, format, p.e0, i), scale, format));
 }
 
-// Per block: double sum of code * v over the lanes (a float sum overflows where the result is finite), times the scale, added to the double output.
+// Per block: double sum of level * v over the lanes (a float sum overflows where the result is finite), times the scale, added to the double output.
 // The order of the atomic additions varies between runs (results agree to rounding, not bits).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int bits, double* out) {
+__global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int format, double* out) {
   Block p;
   if (!warp_block(v, p)) return;
   const int lane = threadIdx.x % 32;
@@ -134,7 +144,8 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int bits, dou
   const T* x = static_cast<const T*>(v.ptr(kValues, p.t)) + p.e0;
   double sum = 0.0;
   for (int64_t i = lane; i < p.n; i += 32)
-    sum += static_cast<double>(read_code(codes, bits, p.e0, i)) * static_cast<double>(to_float(x[i]));
+    sum += static_cast<double>(level_of(read_code(codes, format, p.e0, i), format)) *
+           static_cast<double>(to_float(x[i]));
   for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
   if (lane == 0) atomicAdd(out, sum * static_cast<double>(scale));
 }
@@ -143,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(ListView v, int bits, dou
 
 using CodesScales = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-CodesScales blockwise_quantize_cuda(at::TensorList x_in, int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
+CodesScales blockwise_quantize_cuda(at::TensorList x_in, int64_t bits, int64_t block_size, c10::string_view levels) {
+  const int format = check_codec_args(bits, block_size, levels);
   const FlatList x = flatten_float_list(x_in, "x");
   CodedList out = empty_coded_list(x, bits, block_size);
   if (x.tensors.empty()) return {out.codes, out.scales};
@@ -152,14 +163,14 @@ CodesScales blockwise_quantize_cuda(at::TensorList x_in, int64_t bits, int64_t b
   const ListView v = launch.pack(numels_of(x.tensors), {x.tensors, out.codes, out.scales}, block_size);
   dispatch_list(x.tensors, [&](auto tag) {
     using T = decltype(tag);
-    launch.per_warp(v, quantize_kernel<T>, static_cast<int>(bits));
+    launch.per_warp(v, quantize_kernel<T>, format);
   });
   return {out.codes, out.scales};
 }
 
 void blockwise_dequantize_cuda(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
-                               int64_t bits, int64_t block_size) {
-  const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size);
+                               int64_t bits, int64_t block_size, c10::string_view levels) {
+  const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size, levels);
   const CodedList& q = in.coded;
   if (in.values.tensors.empty()) return;
   ListLaunch launch(in.values.tensors[0].device());
@@ -168,14 +179,14 @@ void blockwise_dequantize_cuda(at::TensorList out_in, at::TensorList codes_in, a
   const ListView v = launch.pack(numels_of(out), {out, q.codes, q.scales}, block_size);
   dispatch_list(out, [&](auto tag) {
     using T = decltype(tag);
-    launch.per_warp(v, dequantize_kernel<T>, static_cast<int>(bits));
+    launch.per_warp(v, dequantize_kernel<T>, in.format);
   });
   launch.finish();
 }
 
 void delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
-                       at::TensorList scales_in, int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
+                       at::TensorList scales_in, int64_t bits, int64_t block_size, c10::string_view levels) {
+  const int format = check_codec_args(bits, block_size, levels);
   const FlatList target = flatten_float_list(target_in, "target");
   check_recon_list(recon_in, target);
   const CodedList out = check_coded_list(codes_in, scales_in, target, "target", bits, block_size);
@@ -187,15 +198,15 @@ void delta_encode_cuda(at::TensorList target_in, at::TensorList recon_in, at::Te
   const ListView v = launch.pack(numels_of(target.tensors), {target.tensors, codes, scales, recon}, block_size);
   dispatch_list(target.tensors, [&](auto tag) {
     using T = decltype(tag);
-    launch.per_warp(v, delta_encode_kernel<T>, static_cast<int>(bits));
+    launch.per_warp(v, delta_encode_kernel<T>, format);
   });
   launch.finish();
 }
 
 void dequantize_axpy_cuda(at::TensorList y_in, double alpha, at::TensorList codes_in, at::TensorList scales_in,
-                          int64_t bits, int64_t block_size) {
+                          int64_t bits, int64_t block_size, c10::string_view levels) {
   const float a = checked_alpha(alpha);
-  const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size);
+  const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size, levels);
   const CodedList& q = in.coded;
   if (in.values.tensors.empty()) return;
   ListLaunch launch(in.values.tensors[0].device());
@@ -203,14 +214,14 @@ void dequantize_axpy_cuda(at::TensorList y_in, double alpha, at::TensorList code
   const ListView v = launch.pack(numels_of(y), {y, q.codes, q.scales}, block_size);
   dispatch_list(y, [&](auto tag) {
     using T = decltype(tag);
-    launch.per_warp(v, axpy_kernel<T>, static_cast<int>(bits), a);
+    launch.per_warp(v, axpy_kernel<T>, in.format, a);
   });
   launch.finish();
 }
 
 at::Tensor dequantize_dot_cuda(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in, int64_t bits,
-                               int64_t block_size) {
-  const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size);
+                               int64_t block_size, c10::string_view levels) {
+  const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size, levels);
   const FlatList& x = in.values;
   const CodedList& q = in.coded;
   TORCH_CHECK(!x.tensors.empty(), "unlearn_ext: dequantize_dot on CUDA needs at least one tensor");
@@ -219,7 +230,7 @@ at::Tensor dequantize_dot_cuda(at::TensorList codes_in, at::TensorList scales_in
   const ListView v = launch.pack(numels_of(x.tensors), {x.tensors, q.codes, q.scales}, block_size);
   dispatch_list(x.tensors, [&](auto tag) {
     using T = decltype(tag);
-    launch.per_warp(v, dot_kernel<T>, static_cast<int>(bits), out.data_ptr<double>());
+    launch.per_warp(v, dot_kernel<T>, in.format, out.data_ptr<double>());
   });
   return out;
 }

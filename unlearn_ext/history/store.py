@@ -3,10 +3,11 @@
 A store records, per step, named tensor lists ("fields", e.g. "params" and "grads") each with its
 own codec, plus the learning rate and the batch ids (exact int64). Fields declared with
 `delta=True` (parameters) are stored as exact fp32 keyframes every `keyframe_every` records of that
-field and as closed-loop int8/int4 deltas in between, so any step decodes from at most one
-keyframe plus keyframe_every - 1 deltas, and the error never accumulates: per element it is at
-most the codec bound of that step's delta (scale / 2 + 2^-22 absmax, under one quantization step)
-plus half an ulp of the value (the fp32 add recon + deq). Steps can be recorded
+field and as closed-loop quantized deltas (int8, int4, nf4, compand8) in between, so any step
+decodes from at most one keyframe plus keyframe_every - 1 deltas, and the error never accumulates:
+per element it is at most the codec bound of that step's delta (codecs.max_error_fraction times the
+delta block's absmax, e.g. scale / 2 for int8/int4, plus 2^-22 absmax) plus half an ulp of the
+value (the fp32 add recon + deq). Steps can be recorded
 every step or only at chosen steps (anchors): a field simply appears in the steps that recorded it.
 
 Tiers: "device" (the recorded tensors' device, e.g. GPU memory), "host" (CPU memory, pinned when
@@ -58,7 +59,7 @@ class FieldSpec:
         self.shapes = [tuple(int(d) for d in s) for s in self.shapes]
         hc.check_codec(self.codec)
         if self.delta and self.codec not in hc.BITS:
-            raise ValueError(f"delta encoding needs an int8 or int4 codec, got {self.codec!r} "
+            raise ValueError(f"delta encoding needs a quantized codec ({', '.join(hc.BITS)}), got {self.codec!r} "
                              "(fp codecs store every step directly)")
 
     def describe(self) -> dict:

@@ -76,16 +76,16 @@ def fragile_compact(values, radii, threshold):
 
 # ---- history codecs (DESIGN section 5) -------------------------------------------------------------
 
-def blockwise_quantize(x, bits, block_size):
-    return impl("blockwise_quantize")(x, bits, block_size)
+def blockwise_quantize(x, bits, block_size, levels="linear"):
+    return impl("blockwise_quantize")(x, bits, block_size, levels)
 
 
-def blockwise_dequantize_(out, codes, scales, bits, block_size):
-    return impl("blockwise_dequantize_")(out, codes, scales, bits, block_size)
+def blockwise_dequantize_(out, codes, scales, bits, block_size, levels="linear"):
+    return impl("blockwise_dequantize_")(out, codes, scales, bits, block_size, levels)
 
 
-def delta_encode_(target, recon, codes, scales, bits, block_size):
-    return impl("delta_encode_")(target, recon, codes, scales, bits, block_size)
+def delta_encode_(target, recon, codes, scales, bits, block_size, levels="linear"):
+    return impl("delta_encode_")(target, recon, codes, scales, bits, block_size, levels)
 
 
 def empty_codes(tensors, bits, block_size):
@@ -93,12 +93,12 @@ def empty_codes(tensors, bits, block_size):
     return fakes.coded_like(tensors, bits, block_size)
 
 
-def dequantize_axpy_(y, alpha, codes, scales, bits, block_size):
-    return impl("dequantize_axpy_")(y, alpha, codes, scales, bits, block_size)
+def dequantize_axpy_(y, alpha, codes, scales, bits, block_size, levels="linear"):
+    return impl("dequantize_axpy_")(y, alpha, codes, scales, bits, block_size, levels)
 
 
-def dequantize_dot(codes, scales, v, bits, block_size):
-    return impl("dequantize_dot")(codes, scales, v, bits, block_size)
+def dequantize_dot(codes, scales, v, bits, block_size, levels="linear"):
+    return impl("dequantize_dot")(codes, scales, v, bits, block_size, levels)
 
 
 

@@ -115,10 +115,14 @@ def _check_votes(votes, shapes, devices, name: str) -> None:
         _check(v.device == devices[i], name, "[", i, "] is on ", v.device, " but grads[", i, "] is on ", devices[i])
 
 
-def _check_codec_args(bits: int, block_size: int) -> None:
+def _check_codec_args(bits: int, block_size: int, levels: str = "linear") -> None:
     _check(bits in (8, 4), "bits must be 8 (int8 codes) or 4 (int4 codes), got ", bits)
     _check(MIN_BLOCK <= block_size <= MAX_BLOCK and block_size % 2 == 0, "block_size must be an even number in [",
            MIN_BLOCK, ", ", MAX_BLOCK, "], got ", block_size)
+    _check(levels in ("linear", "normal", "companded"),
+           "levels must be 'linear', 'normal' (4-bit) or 'companded' (8-bit), got '", levels, "'")
+    _check(levels != "normal" or bits == 4, "levels 'normal' is a 4-bit codebook, got bits ", bits)
+    _check(levels != "companded" or bits == 8, "levels 'companded' is an 8-bit codebook, got bits ", bits)
 
 
 def _check_coded(codes, scales, like, like_name: str, bits: int, block_size: int) -> None:
@@ -140,8 +144,8 @@ def _check_coded(codes, scales, like, like_name: str, bits: int, block_size: int
                " (codes and scales must come from the same block_size)")
 
 
-def _codec_inputs(values, name, codes, scales, bits, block_size) -> None:
-    _check_codec_args(bits, block_size)
+def _codec_inputs(values, name, codes, scales, bits, block_size, levels="linear") -> None:
+    _check_codec_args(bits, block_size, levels)
     _check_float_list(values, name)
     _check_coded(codes, scales, values, name, bits, block_size)
 
@@ -327,31 +331,31 @@ if _C is not None:
     # ---- history codecs: codes and scales are flat, sized from numel and block_size ---------------
 
     @torch.library.register_fake("unlearn_ext::blockwise_quantize")
-    def _blockwise_quantize_fake(x, bits, block_size):
-        _check_codec_args(bits, block_size)
+    def _blockwise_quantize_fake(x, bits, block_size, levels="linear"):
+        _check_codec_args(bits, block_size, levels)
         _check_float_list(x, "x")
         return coded_like(x, bits, block_size)
 
     @torch.library.register_fake("unlearn_ext::blockwise_dequantize_")
-    def _blockwise_dequantize_fake(out, codes, scales, bits, block_size):
-        _codec_inputs(out, "out", codes, scales, bits, block_size)
+    def _blockwise_dequantize_fake(out, codes, scales, bits, block_size, levels="linear"):
+        _codec_inputs(out, "out", codes, scales, bits, block_size, levels)
 
     @torch.library.register_fake("unlearn_ext::delta_encode_")
-    def _delta_encode_fake(target, recon, codes, scales, bits, block_size):
-        _codec_inputs(target, "target", codes, scales, bits, block_size)
+    def _delta_encode_fake(target, recon, codes, scales, bits, block_size, levels="linear"):
+        _codec_inputs(target, "target", codes, scales, bits, block_size, levels)
         check_paired(target, "target", recon, "recon")
         for i, r in enumerate(recon):
             _check(r.dtype == torch.float32, "recon[", i, "] must be float32 (the reconstruction is kept ",
                    "exactly in fp32), got ", r.dtype)
 
     @torch.library.register_fake("unlearn_ext::dequantize_axpy_")
-    def _dequantize_axpy_fake(y, alpha, codes, scales, bits, block_size):
+    def _dequantize_axpy_fake(y, alpha, codes, scales, bits, block_size, levels="linear"):
         check_float32(alpha, "alpha")
-        _codec_inputs(y, "y", codes, scales, bits, block_size)
+        _codec_inputs(y, "y", codes, scales, bits, block_size, levels)
 
     @torch.library.register_fake("unlearn_ext::dequantize_dot")
-    def _dequantize_dot_fake(codes, scales, v, bits, block_size):
-        _codec_inputs(v, "v", codes, scales, bits, block_size)
+    def _dequantize_dot_fake(codes, scales, v, bits, block_size, levels="linear"):
+        _codec_inputs(v, "v", codes, scales, bits, block_size, levels)
         # The CPU kernel (and the empty-list kernel) answer on the CPU, CUDA on the values' device.
         return torch.empty((), dtype=torch.float64, device=_first_device(v))
 

@@ -7,8 +7,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -24,6 +26,24 @@ inline void check_codec_args(int64_t bits, int64_t block_size) {
   TORCH_CHECK(block_size >= kMinBlock && block_size <= kMaxBlock && block_size % 2 == 0,
               "unlearn_ext: block_size must be an even number in [", kMinBlock, ", ", kMaxBlock, "], got ",
               block_size);
+}
+
+// The Format (unlearn/codecs.h) of (bits, levels): levels "linear" (int8 / int4 codes), "normal"
+// (4-bit normal-quantile codebook) or "companded" (8-bit quadratic companding).
+inline int check_codec_args(int64_t bits, int64_t block_size, c10::string_view levels) {
+  check_codec_args(bits, block_size);
+  if (levels == "linear") return bits == 8 ? kInt8 : kInt4;
+  if (levels == "normal") {
+    TORCH_CHECK(bits == 4, "unlearn_ext: levels 'normal' is a 4-bit codebook, got bits ", bits);
+    return kNormal4;
+  }
+  if (levels == "companded") {
+    TORCH_CHECK(bits == 8, "unlearn_ext: levels 'companded' is an 8-bit codebook, got bits ", bits);
+    return kCompand8;
+  }
+  TORCH_CHECK(false, "unlearn_ext: levels must be 'linear', 'normal' (4-bit) or 'companded' (8-bit), got '",
+              std::string(levels.data(), levels.size()), "'");
+  return kInt8;
 }
 
 // Sizes: code_numel and block_count (unlearn/codecs.h).
@@ -95,14 +115,15 @@ inline CodedList empty_coded_list(const FlatList& x, int64_t bits, int64_t block
 struct CodecInputs {
   FlatList values;
   CodedList coded;
+  int format;
 };
 
 inline CodecInputs codec_inputs(at::TensorList values, const char* name, at::TensorList codes,
-                                at::TensorList scales, int64_t bits, int64_t block_size) {
-  check_codec_args(bits, block_size);
+                                at::TensorList scales, int64_t bits, int64_t block_size, c10::string_view levels) {
+  const int format = check_codec_args(bits, block_size, levels);
   FlatList v = flatten_float_list(values, name);
   CodedList q = check_coded_list(codes, scales, v, name, bits, block_size);
-  return {std::move(v), std::move(q)};
+  return {std::move(v), std::move(q), format};
 }
 
 // alpha as the kernels use it (float): finite as a float, not just as a double.
