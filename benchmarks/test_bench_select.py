@@ -37,6 +37,19 @@ def kernel_select_reset(scores, params):
     return sel.apply_(params, "reset")[0]
 
 
+def kernel_histogram_route_reset(scores, params):
+    """The same select resolved by the histogram passes before the apply (the route a sharded
+    caller takes): the fused route's gain over it is the second pass it saves."""
+    sel = S.topk(scores, FRACTION)
+    sel.threshold  # resolves the pending selection: second histogram pass (+ tie pass)
+    return sel.apply_(params, "reset")[0]
+
+
+def kernel_random_k_reset(scores, params):
+    sel = S.random_k(params, FRACTION, seed=3)
+    return sel.apply_(params, "reset")[0]
+
+
 def topk_select_reset(scores, params):
     flat = torch.cat([s.reshape(-1).abs() for s in scores])
     k = S.resolve_k(FRACTION, flat.numel())
@@ -67,6 +80,22 @@ def test_select_reset_kernel(benchmark, record, scores, params):
     count = _run(benchmark, lambda: kernel_select_reset(scores, params), rounds=20)
     assert count == S.resolve_k(FRACTION, n)
     record("select_top1pct/kernel", benchmark, elements=n, bytes_moved=4 * n * 4)
+
+
+def test_select_reset_kernel_histogram_route(benchmark, record, compare, scores, params):
+    n = sum(s.numel() for s in scores)
+    count = _run(benchmark, lambda: kernel_histogram_route_reset(scores, params), rounds=20)
+    assert count == S.resolve_k(FRACTION, n)
+    record("select_top1pct/kernel_histogram_route", benchmark, elements=n)
+    compare("select_top1pct/fused vs histogram route", "select_top1pct/kernel",
+            "select_top1pct/kernel_histogram_route")
+
+
+def test_random_k_reset_kernel(benchmark, record, scores, params):
+    n = sum(s.numel() for s in scores)
+    count = _run(benchmark, lambda: kernel_random_k_reset(scores, params), rounds=20)
+    assert count == S.resolve_k(FRACTION, n)
+    record("select_top1pct/random_k_kernel", benchmark, elements=n)
 
 
 def test_select_reset_topk(benchmark, record, compare, scores, params):

@@ -108,6 +108,19 @@ constexpr const char* kSchemas[] = {
   "select_apply_(Tensor(a!)[] params, Tensor[] scores, Tensor[] source, Tensor(b!)[] masks, int key_mode, "
   "int seed, int offset, int base, int threshold, int boundary, int action, float alpha, int noise_seed, "
   "int noise_offset) -> Tensor",
+  // The first digit of a top-k in one pass: the histogram of the top 16 key bits, exact for the bins
+  // [lo_bin, hi_bin] of a bracket that holds the k-th largest key (placed by the kernel, e.g. from a
+  // sample; a bracket that misses it is the caller's to detect), with the counts above (below) the
+  // bracket lumped into bin hi_bin + 1 (lo_bin - 1), so counts from the top are exact at every bin
+  // boundary inside the bracket. int64[2^16 + 3]: bins, NaN count, lo_bin, hi_bin.
+  "select_histogram_near(Tensor[] scores, int key_mode, int seed, int offset, int base, int k) -> Tensor",
+  // The fused second pass of a top-k: applies `action` (as select_apply_) to every key whose top
+  // prefix_bits bits exceed prefix and to the `needed` largest keys whose top bits equal prefix (ties:
+  // lower global index first; all of them if fewer). Extra memory: the keys of that bin. Returns
+  // int64[3]: (count, threshold, boundary), the same selection in select_apply_'s terms.
+  "select_apply_bin_(Tensor(a!)[] params, Tensor[] scores, Tensor[] source, Tensor(b!)[] masks, int key_mode, "
+  "int seed, int offset, int base, int prefix, int prefix_bits, int needed, int action, float alpha, "
+  "int noise_seed, int noise_offset) -> Tensor",
   // Masked gradient (masked repair, normalized ascent): zeroes the unselected coordinates of grads in
   // place; returns the float64 sum of squares of the kept ones.
   "select_mask_grad_(Tensor(a!)[] grads, Tensor[] scores, int key_mode, int seed, int offset, int base, "

@@ -33,7 +33,9 @@ NOTES: list[str] = []
 CHECKS = []
 
 
-def check(name):
+def check(name, cpu_runnable=False):
+    """cpu_runnable: the check only moves tensors with to_dev, so --cpu-only can run it CPU against
+    CPU (exercises the script itself on a machine without a GPU)."""
     def deco(fn):
         def run():
             try:
@@ -44,6 +46,7 @@ def check(name):
                 print(f"FAIL {name}: {exc}", flush=True)
                 traceback.print_exc()
         run.__name__ = fn.__name__
+        run.cpu_runnable = cpu_runnable
         CHECKS.append(run)
         return fn
     return deco
@@ -84,6 +87,13 @@ def table_for(n, seed=0):
 
 def to_cuda(ts):
     return [t.cuda() for t in ts]
+
+
+DEV = "cuda"  # the device under test ("cpu" with --cpu-only)
+
+
+def to_dev(ts):
+    return [t.to(DEV) for t in ts]
 
 
 def assert_equal(a, b, what):
@@ -428,6 +438,101 @@ def _delta():
                         assert_equal(a, b, f"{what} step {step} {name}[{i}]")
 
 
+# ---- selection (Top-K / Random-k) -------------------------------------------------------------------
+
+def select_inputs(dtype, seed, n_big):
+    """Scores with heavy ties (few levels) in odd sizes, plus one continuous tensor of n_big."""
+    szs = [0, 1, 7, 255, 4097, 3]
+    gen = torch.Generator().manual_seed(seed)
+    out = [((torch.randn(s, generator=gen) * 4).round() / 4).to(dtype) for s in szs]
+    out.append(torch.randn(n_big, generator=gen).to(dtype))
+    return out
+
+
+def _select_sizes():
+    return 20000 if ARGS.small else 300000  # 300000: above the CPU's sampling size
+
+
+@check("select_histogram / select_tie_boundary / select_histogram_near", cpu_runnable=True)
+def _select_histograms():
+    for dtype in DTYPES:
+        s_c = select_inputs(dtype, 50, _select_sizes())
+        s_g = to_dev(s_c)
+        s_c[3][5] = float("nan")  # one NaN: counted apart
+        s_g[3][5] = float("nan")
+        for mode in (0, 1, 2):
+            what = f"{dtype} mode {mode}"
+            for prefix, prefix_bits, digit_bits in ((0, 0, 16), (0, 0, 11), (0x801, 12, 12), (0xBE, 8, 8)):
+                assert_equal(OPS.select_histogram(s_g, mode, 7, 3, 11, prefix, prefix_bits, digit_bits),
+                             OPS.select_histogram(s_c, mode, 7, 3, 11, prefix, prefix_bits, digit_bits),
+                             f"{what} histogram {prefix:#x}/{prefix_bits}/{digit_bits}")
+            key = int(ue.reference.select.order_key(torch.tensor([0.25]))[0])
+            for needed in (0, 1, 40, 10**7):
+                assert_equal(OPS.select_tie_boundary(s_g, mode, 7, 3, 11, key, needed),
+                             OPS.select_tie_boundary(s_c, mode, 7, 3, 11, key, needed), f"{what} ties {needed}")
+            # The bracket is the kernel's choice: both must be exact inside their own bracket.
+            full = OPS.select_histogram(s_c, mode, 7, 3, 11, 0, 0, 16)
+            for near in (OPS.select_histogram_near(s_g, mode, 7, 3, 11, 3000).cpu(),
+                         OPS.select_histogram_near(s_c, mode, 7, 3, 11, 3000)):
+                lo, hi = int(near[65537]), int(near[65538])
+                assert torch.equal(near[lo:hi + 1], full[lo:hi + 1]) and int(near[65536]) == int(full[65536]), what
+
+
+@check("select_apply_ / select_apply_bin_ / select_mask_grad_", cpu_runnable=True)
+def _select_apply():
+    for dtype in DTYPES:
+        s_c = select_inputs(torch.float32, 51, _select_sizes())
+        p_c = select_inputs(dtype, 52, _select_sizes())
+        src_c = select_inputs(dtype, 53, _select_sizes())
+        key = int(ue.reference.select.order_key(torch.tensor([0.5]))[0])
+        for action, alpha, with_src in ((0, 0.0, True), (0, 0.0, False), (1, 0.1, False), (2, 0.05, False),
+                                        (3, -0.3, True)):
+            for mode in (1, 2):
+                what = f"{dtype} action {action} mode {mode}"
+                src = src_c if with_src else []
+                outs = {}
+                for side in ("cpu", "device"):
+                    move = to_dev if side == "device" else (lambda ts: [t.clone() for t in ts])
+                    p = move([t.clone() for t in p_c])
+                    m = [torch.zeros(t.shape, dtype=torch.bool, device=p[0].device) for t in p]
+                    sc, sr = move(s_c), move(src)
+                    n1 = OPS.select_apply_(p, sc, sr, m, mode, 4, 1, 0, key, 300, action, alpha, 9, 2)
+                    r = OPS.select_apply_bin_(p, sc, sr, m, mode, 4, 1, 0, key >> 16, 16, 123, action, alpha, 9, 2)
+                    outs[side] = (p, m, n1, r)
+                (pg, mg, ng, rg), (pc, mc, nc, rc) = outs["device"], outs["cpu"]
+                assert_equal(ng, nc, f"{what} apply count")
+                assert_equal(rg, rc, f"{what} apply_bin (count, threshold, boundary)")
+                for i, (a, b) in enumerate(zip(mg, mc)):
+                    assert_equal(a, b, f"{what} masks[{i}]")
+                for i, (a, b) in enumerate(zip(pg, pc)):
+                    if action == 2:  # Box-Muller: backends may differ by an ulp (DESIGN section 3)
+                        torch.testing.assert_close(a.cpu().float(), b.float(), rtol=1e-5, atol=1e-6)
+                    else:
+                        assert_equal(a, b, f"{what} params[{i}]")
+        g_c = select_inputs(dtype, 54, _select_sizes())
+        g_g = to_dev(g_c)
+        sq_g = OPS.select_mask_grad_(g_g, to_dev(s_c), 1, 0, 0, 0, key, 1000)
+        sq_c = OPS.select_mask_grad_(g_c, s_c, 1, 0, 0, 0, key, 1000)
+        torch.testing.assert_close(sq_g.cpu(), sq_c, rtol=1e-12, atol=0)
+        for i, (a, b) in enumerate(zip(g_g, g_c)):
+            assert_equal(a, b, f"{dtype} mask_grad[{i}]")
+
+
+@check("selection.topk / random_k (driver on the device)", cpu_runnable=True)
+def _select_driver():
+    from unlearn_ext import selection as S
+    s_c = select_inputs(torch.float32, 55, _select_sizes())
+    s_g = to_dev(s_c)
+    for k in (0, 1, 1000, sum(t.numel() for t in s_c)):
+        for by in ("abs", "value"):
+            a, b = S.topk(s_g, k, by=by), S.topk(s_c, k, by=by)
+            for i, (x, y) in enumerate(zip(a.masks(s_g), b.masks(s_c))):
+                assert_equal(x, y, f"topk k={k} by={by} masks[{i}]")
+        a, b = S.random_k(s_g, k, seed=3, offset=1), S.random_k(s_c, k, seed=3, offset=1)
+        for i, (x, y) in enumerate(zip(a.masks(s_g), b.masks(s_c))):
+            assert_equal(x, y, f"random_k k={k} masks[{i}]")
+
+
 # ---- streams and errors ----------------------------------------------------------------------------
 
 @check("non-default stream")
@@ -487,12 +592,22 @@ def _errors():
 
 
 def main():
-    global OPS, ARGS
+    global OPS, ARGS, DEV
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="smaller inputs (for compute-sanitizer)")
     parser.add_argument("--strict", action="store_true", help="no mc Phi-rounding mismatches allowed")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="run the checks that can, CPU against CPU (tests this script without a GPU)")
     ARGS = parser.parse_args()
     print(f"torch {torch.__version__}, backend {ue.backend()}, build {ue.build_info()}")
+    if ARGS.cpu_only:
+        DEV = "cpu"
+        OPS = torch.ops.unlearn_ext
+        runnable = [run for run in CHECKS if run.cpu_runnable]
+        for run in runnable:
+            run()
+        print(f"cuda_smoke --cpu-only: {len(FAILURES)} of {len(runnable)} checks failed")
+        return 1 if FAILURES else 0
     if not torch.cuda.is_available():
         print("FAIL: no CUDA device")
         return 2

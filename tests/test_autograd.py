@@ -41,6 +41,8 @@ def _in_place_calls():
         # select family: key |score|, threshold -1 selects every coordinate; action 1 scales by alpha
         "select_apply_": (lambda: (_floats(2), _floats(4), [], [], 1, 0, 0, 0, -1, 0, 1, 0.5, 0, 0), (0,)),
         "select_mask_grad_": (lambda: (_floats(2), _floats(4), 1, 0, 0, 0, -1, 0), (0,)),
+        # every |score| key has its top bit set: all of them lie above the bin "top bit 0"
+        "select_apply_bin_": (lambda: (_floats(2), _floats(4), [], [], 1, 0, 0, 0, 0, 1, 0, 1, 0.5, 0, 0), (0,)),
     }
 
 

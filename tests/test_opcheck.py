@@ -273,7 +273,23 @@ def _select_cases():
             _params(_grads(torch.float32, d)), _grads(torch.float32, d, seed=8), 1, 0, 0, 0, 0xBE000000, 100)),
         OpCase("select_mask_grad_", "bf16_random", lambda d: (
             _params(_grads(torch.bfloat16, d)), _grads(torch.bfloat16, d, seed=8), 2, 1, 2, 10, 0xE0000000, 0)),
+        OpCase("select_histogram_near", "float32", lambda d: (
+            make_list(sizes, LAYOUTS, torch.float32, d, seed=3), 1, 0, 0, 0, 30)),
+        OpCase("select_histogram_near", "bf16_random", lambda d: (
+            make_list(sizes, LAYOUTS, torch.bfloat16, d, seed=3), 2, 5, 1, 7, 3)),
+        OpCase("select_histogram_near", "sampled", lambda d: (  # above the CPU's sampling size
+            [torch.randn(70000, device=d), torch.randn(300, 220, device=d).t()], 0, 0, 0, 0, 1300)),
+        OpCase("select_apply_bin_", "random_shapes_only", lambda d: (
+            _params(_grads(torch.float32, d)), [], [], [], 2, 3, 4, 0, 0xC, 4, 5, 1, 0.5, 0, 0)),
     ]
+    for action, alpha, src in ((0, 0.0, False), (1, 0.1, False), (2, 0.05, False), (3, -0.2, True)):
+        for dtype in (torch.float32, torch.float16):
+            tag = f"act{action}_{str(dtype).removeprefix('torch.')}{'_src' if src else ''}"
+            cases.append(OpCase("select_apply_bin_", tag, lambda d, t=dtype, a=action, al=alpha, s=src: (
+                _params(g := _grads(t, d)), make_list(sizes, LAYOUTS, torch.bfloat16, d, seed=4),
+                _params(_grads(t, d, seed=6)) if s else [],
+                [torch.zeros(x.shape, dtype=torch.bool, device=d) for x in g] if a != 1 else [],
+                1, 0, 0, 3, 0xBE, 8, 20, a, al, 9, 2)))
     return cases
 
 
@@ -588,7 +604,9 @@ def test_compile_select(device):
         ties = OPS.select_tie_boundary(scores, 1, 0, 0, 0, 0xBE000000, 3)
         count = OPS.select_apply_(params, scores, [], masks, 1, 0, 0, 0, 0xBE000000, 100, 1, 0.1, 0, 0)  # mutates
         sq = OPS.select_mask_grad_(grads, scores, 2, 5, 1, 7, 0xC0000000, 0)                             # mutates
-        return hist, ties, count, sq
+        near = OPS.select_histogram_near(scores, 1, 0, 0, 0, 20)
+        fused = OPS.select_apply_bin_(params, scores, [], masks, 1, 0, 0, 0, 0xBE, 8, 5, 1, 0.5, 0, 0)    # mutates
+        return hist, ties, count, sq, near, fused
 
     sizes = [37, 1, 255, 6]
     scores = make_list(sizes, LAYOUTS, torch.float16, device, seed=4)

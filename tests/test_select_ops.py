@@ -166,6 +166,135 @@ def test_mask_grad_equals_reference(device, dtype):
     assert int((flat(grads) != 0).sum()) <= 30
 
 
+# ---- the fused two-pass top-K (select_histogram_near + select_apply_bin_) -----------------------------
+
+BIG = (70000, 3, 65536, 1000)  # above the kernel's sampling size: the CPU samples a bracket
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("k", [0, 1, 1366, 68270, 136539])
+def test_histogram_near_is_exact_inside_its_bracket(device, dtype, mode, k):
+    scores = make_list(BIG, LAYOUTS, dtype, device, seed=21)
+    got = ops.select_histogram_near(scores, mode, 7, 2, 11, k).cpu()
+    want = RS.select_histogram([s.cpu() for s in scores], mode, 7, 2, 11, 0, 0, 16)
+    bins = 1 << 16
+    lo, hi = int(got[bins + 1]), int(got[bins + 2])
+    assert 0 <= lo <= hi < bins
+    assert torch.equal(got[lo:hi + 1], want[lo:hi + 1])
+    if hi + 1 < bins:
+        assert int(got[hi + 1]) == int(want[hi + 1:bins].sum())
+    if lo > 0:
+        assert int(got[lo - 1]) == int(want[:lo].sum())
+    outside = torch.ones(bins, dtype=torch.bool)
+    outside[max(lo - 1, 0):hi + 2] = False
+    assert not got[:bins][outside].any()
+    assert int(got[bins]) == int(want[bins])  # NaN count
+    # On these continuous scores the bracket holds the k-th largest key (what makes the path fast).
+    if 0 < k < sum(BIG):
+        b, _, _ = S.narrow(want[:bins], k, 16)
+        assert lo <= b <= hi
+
+
+def test_histogram_near_counts_nan_apart():
+    s = [torch.randn(200000), torch.tensor([float("nan")] * 3)]
+    s[0][5] = float("nan")
+    got = ops.select_histogram_near(s, 1, 0, 0, 0, 2000)
+    assert int(got[1 << 16]) == 4
+    with pytest.raises(ValueError, match="NaN"):
+        S.topk(s, 2000)
+
+
+def _bin_cases():
+    key_half = int(RS.order_key(torch.tensor([0.5]))[0])
+    return [(key_half >> 16, 16, n) for n in (0, 1, 7, 10**6)] + [(key_half >> 20, 12, 3), (key_half, 32, 2),
+                                                                   (key_half >> 31, 1, 40)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix,prefix_bits,needed", _bin_cases())
+@pytest.mark.parametrize("action,alpha,with_source", [("reset", 0.0, False), ("dampen", 0.1, False),
+                                                      ("axpy", -0.3, True)])
+def test_apply_bin_equals_reference(device, dtype, prefix, prefix_bits, needed, action, alpha, with_source):
+    scores = tied_list(dtype, device, levels=4, sizes=(37, 1, 255, 6, 0, 640))
+    params = make_list([37, 1, 255, 6, 0, 640], LAYOUTS, dtype, device, seed=9)
+    source = make_list([37, 1, 255, 6, 0, 640], LAYOUTS, dtype, device, seed=12) if with_source else []
+    ref_params = [p.cpu().clone() for p in params]
+    masks = [torch.zeros(p.shape, dtype=torch.bool, device=device) for p in params]
+    ref_masks = [torch.zeros(p.shape, dtype=torch.bool) for p in params]
+    args = (1, 0, 0, 5, prefix, prefix_bits, needed, S.ACTIONS[action], alpha, 0, 0)
+    got = ops.select_apply_bin_(params, scores, source, masks, *args)
+    want = RS.select_apply_bin_(ref_params, [s.cpu() for s in scores], [s.cpu() for s in source], ref_masks, *args)
+    assert got.tolist() == want.tolist()
+    assert torch.equal(flat(masks).cpu(), flat(ref_masks))
+    got_p, want_p = flat(params).cpu().float(), flat(ref_params).float()
+    if action == "axpy":  # fp32 math may contract into an FMA
+        torch.testing.assert_close(got_p, want_p, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got_p, want_p)
+    # (count, threshold, boundary) describe the same selection to select_apply_.
+    again = [torch.zeros(p.shape, dtype=torch.bool) for p in params]
+    probe = [torch.zeros(p.shape) for p in params]
+    n = RS.select_apply_(probe, [s.cpu() for s in scores], [], again, 1, 0, 0, 5, int(got[1]), int(got[2]), 1, 1.0,
+                         0, 0)
+    assert int(n) == int(got[0]) and torch.equal(flat(again), flat(ref_masks))
+
+
+@pytest.mark.parametrize("by", ["abs", "value"])
+@pytest.mark.parametrize("frac", [1e-4, 0.01, 0.3])
+def test_pending_topk_equals_eager_resolution(by, frac):
+    """The fused route (apply_ resolves the pending bin) and the histogram route (reading threshold
+    first) give the same (threshold, boundary), the same perturbation, and the reference's top-K."""
+    scores = make_list(BIG, LAYOUTS, torch.float32, "cpu", seed=22)
+    fused, eager = S.topk(scores, frac, by=by), S.topk(scores, frac, by=by)
+    assert fused.pending and eager.pending
+    t, b = eager.threshold, eager.boundary  # resolved by the histogram passes
+    assert not eager.pending
+    p1 = make_list(BIG, LAYOUTS, torch.float32, "cpu", seed=23)
+    p2 = [p.clone() for p in p1]
+    c1, m1 = fused.apply_(p1, "dampen", 0.5, masks=True)
+    c2, m2 = eager.apply_(p2, "dampen", 0.5, masks=True)
+    assert (fused.threshold, fused.boundary) == (t, b) and c1 == c2 == fused.count
+    assert torch.equal(flat(p1), flat(p2)) and torch.equal(flat(m1), flat(m2))
+    assert torch.equal(flat(m1), reference_topk_mask(scores, fused.count, S.KEY_MODES[by]))
+
+
+def test_pending_random_k_resolves_on_shapes():
+    like = make_list(BIG, ["contiguous"], torch.float32, "cpu", seed=1)
+    sel = S.random_k(like, 0.01, seed=5, offset=2)
+    assert sel.pending
+    got = selected_mask(sel, like)  # masks() resolves through the histogram passes on the shapes
+    assert int(got.sum()) == sel.count
+    assert torch.equal(got, reference_topk_mask(like, sel.count, 2, 5, 2))
+
+
+def test_bracket_miss_falls_back_exactly():
+    """Scores built against the evenly spaced sample (every sampled position small, the rest large):
+    the bracket misses the k-th largest key, the plain first pass answers, the result is exact."""
+    period, n = 20, 8192 * 20  # sample positions are i * period + period // 2
+    gen = torch.Generator().manual_seed(3)
+    v = torch.rand(n, generator=gen) + 1.0
+    v[period // 2::period] = torch.rand(n // period, generator=gen) * 1e-3
+    scores = [v[:50000].clone(), v[50000:].clone()]
+    k = 1000
+    assert S._first_digit_near(scores, 1, k, 0, 0, 0) is None
+    sel = S.topk(scores, k)
+    assert torch.equal(selected_mask(sel, scores), reference_topk_mask(scores, k))
+
+
+def test_heavy_ties_take_the_histogram_route():
+    """All-equal scores put every key in the threshold bin: more than CANDIDATE_CAP candidates, so
+    the selection resolves eagerly (O(histogram) memory) and stays exact."""
+    scores = [torch.full((S.CANDIDATE_CAP + 100,), 0.5), torch.full((7,), 0.5)]
+    sel = S.topk(scores, 1000)
+    assert not sel.pending and sel.boundary == 1000
+    p = [torch.ones_like(s) for s in scores]
+    count, _ = sel.apply_(p, "reset")
+    assert count == 1000 and int((flat(p) == 0).sum()) == 1000 and bool((flat(p)[:1000] == 0).all())
+
+
 # ---- Random-k and Bernoulli ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", devices())

@@ -10,6 +10,17 @@ than all of them are needed. The result is (T, boundary): selected iff key > T o
 index < boundary) -- exactly K elements, no concatenated copy, O(histogram) extra memory. The
 fused apply pass (`Selection.apply_`) re-derives each element's key and perturbs in place.
 
+The fast path on the CPU (`topk`, `random_k`) is the two-pass form of the same select: the first
+pass (`select_histogram_near`) counts the top 16 key bits one by one only inside a bracket of bins
+that a sample of the keys places around the K-th largest (everything else is counted in bulk, and
+a bracket that misses is detected here and answered by the plain first pass); the threshold bin
+is then known, and when it holds at most CANDIDATE_CAP keys the selection stays *pending* until
+`apply_`, whose single pass (`select_apply_bin_`) perturbs every key above that bin, keeps the
+bin's keys and resolves them exactly -- the second histogram pass and the tie pass folded into
+the apply. Reading `threshold` / `boundary` (or any other use) before an apply resolves a pending
+selection with the histogram passes; both routes give the same (T, boundary) bit for bit. A
+pending selection reads the scores when it is resolved: do not modify them in between.
+
 Distributed selection (DESIGN section 12): histograms of shards add up to the histogram of the
 whole list, so `resolve_threshold` takes any `histogram(prefix, prefix_bits, digit_bits)` callable;
 give it one that all-reduces the shard histograms (each shard calls the op with `base` = the
@@ -22,7 +33,6 @@ NaN scores are refused.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -33,6 +43,8 @@ KEY_MODES = {"value": 0, "abs": 1, "random": 2}
 ACTIONS = {"reset": 0, "dampen": 1, "noise": 2, "axpy": 3}
 NOTHING = 1 << 32           # threshold above every key: selects nothing
 ALL_TIES = (1 << 63) - 1    # boundary above every index: every tie at the threshold is selected
+FIRST_DIGIT_BITS = 16       # the CPU plan's first digit (select_histogram_near's bins)
+CANDIDATE_CAP = 1 << 16     # most keys a fused apply keeps from the threshold bin (16 bytes each)
 
 
 def resolve_k(k, total: int) -> int:
@@ -53,46 +65,99 @@ def digit_plan(device: torch.device) -> tuple[int, ...]:
     return (11, 11, 10) if device.type == "cuda" else (16, 16)
 
 
+def narrow(counts: torch.Tensor, need: int, bits: int) -> tuple[int, int, int]:
+    """One radix step: (bin b from the top that holds the need-th largest key, the need left inside
+    b, the count of b) from a digit histogram's bin counts (NaN entry excluded)."""
+    from_top = counts.flip(0).cumsum(0)  # elements in this bin or above
+    j = int(torch.searchsorted(from_top, torch.tensor([need]))[0])  # first bin (from the top) reaching need
+    b = (1 << bits) - 1 - j
+    return b, need - (int(from_top[j]) - int(counts[b])), int(counts[b])
+
+
+def _check_first_histogram(h: torch.Tensor, k: int) -> None:
+    if int(h[-1]) > 0:
+        raise ValueError(f"scores hold {int(h[-1])} NaN value(s); a selection needs an order")
+    if int(h[:-1].sum()) < k:
+        raise ValueError(f"k = {k} exceeds the number of elements ({int(h[:-1].sum())})")
+
+
 def resolve_threshold(histogram: Callable[[int, int, int], torch.Tensor], k: int,
-                      plan: Sequence[int] = (16, 16)) -> tuple[int, int, int]:
+                      plan: Sequence[int] = (16, 16), start: tuple[int, int, int] = (0, 0, 0)
+                      ) -> tuple[int, int, int]:
     """(threshold key T, ties needed r, ties present at T) for the top k, from digit histograms.
 
     histogram(prefix, prefix_bits, digit_bits) returns the int64 counts of select_histogram
-    (summed over shards when the list is sharded); the plan's digits must add up to 32 bits."""
+    (summed over shards when the list is sharded); the plan's digits must add up to 32 bits.
+    start = (prefix, prefix_bits, need) continues a select whose first digits are already known
+    (prefix_bits must be a sum of the plan's first digits)."""
     if sum(plan) != 32:
         raise ValueError(f"the digit plan must cover 32 bits, got {plan}")
     if k == 0:
         return NOTHING, 0, 0
-    prefix, prefix_bits, need, ties = 0, 0, k, 0
+    prefix, prefix_bits, need = start
+    need, ties = need or k, 0
+    known = prefix_bits  # bits of the plan that start already covers
     for bits in plan:
+        if known > 0:
+            known -= bits
+            continue
         h = histogram(prefix, prefix_bits, bits).to("cpu", torch.int64)
-        if prefix_bits == 0 and int(h[-1]) > 0:
-            raise ValueError(f"scores hold {int(h[-1])} NaN value(s); a selection needs an order")
-        counts = h[:-1]
-        from_top = counts.flip(0).cumsum(0)  # elements in this bin or above
-        if prefix_bits == 0 and int(from_top[-1]) < k:
-            raise ValueError(f"k = {k} exceeds the number of elements ({int(from_top[-1])})")
-        j = int(torch.searchsorted(from_top, torch.tensor([need]))[0])  # first bin (from the top) reaching need
-        b = (1 << bits) - 1 - j
-        need -= int(from_top[j]) - int(counts[b])  # taken wholesale: everything in the bins above b
-        ties = int(counts[b])
+        if prefix_bits == 0:
+            _check_first_histogram(h, k)
+        b, need, ties = narrow(h[:-1], need, bits)
         prefix, prefix_bits = (prefix << bits) | b, prefix_bits + bits
     return prefix, need, ties
 
 
-@dataclass
 class Selection:
     """The exact selection (threshold, boundary) over a list of `total` elements with keys of
-    `mode` (0 value, 1 abs, 2 random at (seed, offset)); `count` elements are selected."""
-    mode: int
-    threshold: int
-    boundary: int
-    count: int
-    total: int
-    seed: int = 0
-    offset: int = 0
-    base: int = 0
-    scores: list = field(default_factory=list, repr=False)  # the key source ([] for random keys)
+    `mode` (0 value, 1 abs, 2 random at (seed, offset)); `count` elements are selected.
+
+    A selection made by `topk` / `random_k` may be pending: its threshold bin is known and the
+    rest is resolved by the first `apply_` (in the same pass) or, for any other use, by the
+    remaining histogram passes (module docstring)."""
+
+    def __init__(self, mode: int, threshold: int | None, boundary: int | None, count: int, total: int,
+                 seed: int = 0, offset: int = 0, base: int = 0, scores=None, pending: tuple[int, int] | None = None,
+                 shapes=None):
+        self.mode, self.count, self.total = mode, count, total
+        self.seed, self.offset, self.base = seed, offset, base
+        self.scores = list(scores) if scores else []  # the key source ([] for random keys)
+        self._threshold, self._boundary = threshold, boundary
+        self._pending = pending  # (threshold bin of the first digit, keys still needed from it)
+        self._shapes = list(shapes) if shapes is not None else self.scores  # what a pending random select walks
+
+    def __repr__(self) -> str:
+        where = f"pending bin {self._pending[0]:#x}" if self._pending else \
+            f"threshold={self._threshold}, boundary={self._boundary}"
+        return f"Selection(mode={self.mode}, {where}, count={self.count}, total={self.total})"
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def threshold(self) -> int:
+        self._resolve()
+        return self._threshold
+
+    @property
+    def boundary(self) -> int:
+        self._resolve()
+        return self._boundary
+
+    def _resolve(self) -> None:
+        """A pending selection finished by the second histogram pass (and a tie pass if needed)."""
+        if self._pending is None:
+            return
+        prefix, need = self._pending
+        scores = self.scores if self.scores else self._shapes
+        threshold, need, ties = resolve_threshold(_histogram_of(scores, self.mode, self.seed, self.offset, self.base),
+                                                  self.count, (FIRST_DIGIT_BITS, 32 - FIRST_DIGIT_BITS),
+                                                  (prefix, FIRST_DIGIT_BITS, need))
+        self._threshold = threshold
+        self._boundary = _boundary(scores, self.mode, self.seed, self.offset, self.base, threshold, need, ties)
+        self._pending = None
 
     def _args(self):
         return (self.mode, self.seed, self.offset, self.base, self.threshold, self.boundary)
@@ -105,10 +170,19 @@ class Selection:
         Returns (count, masks) where masks is a list of bool tensors shaped like params, or None."""
         params = list(params)
         out = [torch.empty(p.shape, dtype=torch.bool, device=p.device) for p in params] if masks else []
-        count = ops.select_apply_(params, self.scores, list(source) if source is not None else [], out,
-                                  *self._args()[:4], self.threshold, self.boundary, ACTIONS[action], float(alpha),
-                                  noise_seed, noise_offset)
-        return int(count), (out if masks else None)
+        source = list(source) if source is not None else []
+        if self._pending is not None:
+            prefix, need = self._pending
+            got = ops.select_apply_bin_(params, self.scores, source, out, self.mode, self.seed, self.offset,
+                                        self.base, prefix, FIRST_DIGIT_BITS, need, ACTIONS[action], float(alpha),
+                                        noise_seed, noise_offset)
+            count, self._threshold, self._boundary = (int(x) for x in got.tolist())
+            self._pending = None
+        else:
+            count = int(ops.select_apply_(params, self.scores, source, out, self.mode, self.seed, self.offset,
+                                          self.base, self.threshold, self.boundary, ACTIONS[action], float(alpha),
+                                          noise_seed, noise_offset))
+        return count, (out if masks else None)
 
     def mask_grad_(self, grads) -> float:
         """Zeroes the unselected gradient coordinates in place; returns the kept squared norm."""
@@ -129,22 +203,52 @@ def _numel(tensors) -> int:
     return sum(t.numel() for t in tensors)
 
 
+def _histogram_of(scores, mode, seed, offset, base):
+    def histogram(prefix, prefix_bits, digit_bits):
+        return ops.select_histogram(scores, mode, seed, offset, base, prefix, prefix_bits, digit_bits)
+    return histogram
+
+
+def _boundary(scores, mode, seed, offset, base, threshold, need, ties) -> int:
+    if need == ties:
+        return ALL_TIES
+    return int(ops.select_tie_boundary(scores, mode, seed, offset, base, threshold, need))
+
+
+def _first_digit_near(scores, mode, k, seed, offset, base):
+    """(threshold bin, need inside it, its count) from select_histogram_near, or None when the
+    sampled bracket missed the K-th largest key (the caller then counts every bin)."""
+    h = ops.select_histogram_near(scores, mode, seed, offset, base, k).to("cpu", torch.int64)
+    bins = 1 << FIRST_DIGIT_BITS
+    _check_first_histogram(h[:bins + 1], k)
+    lo_bin, hi_bin = int(h[bins + 1]), int(h[bins + 2])
+    b, need, count = narrow(h[:bins], k, FIRST_DIGIT_BITS)
+    return (b, need, count) if lo_bin <= b <= hi_bin else None
+
+
 def _select(scores, mode: int, k, seed: int = 0, offset: int = 0, base: int = 0) -> Selection:
     scores = list(scores)
     total = _numel(scores)
     k = resolve_k(k, total)
     device = scores[0].device if scores else torch.device("cpu")
-
-    def histogram(prefix, prefix_bits, digit_bits):
-        return ops.select_histogram(scores, mode, seed, offset, base, prefix, prefix_bits, digit_bits)
-
-    threshold, need, ties = resolve_threshold(histogram, k, digit_plan(device))
-    if need == ties:
-        boundary = ALL_TIES
+    key_source = [] if mode == KEY_MODES["random"] else scores
+    plan = digit_plan(device)
+    histogram = _histogram_of(scores, mode, seed, offset, base)
+    if k > 0 and plan[0] == FIRST_DIGIT_BITS:
+        first = _first_digit_near(scores, mode, k, seed, offset, base)
+        if first is None:  # the bracket missed: the plain first pass
+            h = histogram(0, 0, FIRST_DIGIT_BITS).to("cpu", torch.int64)
+            _check_first_histogram(h, k)
+            first = narrow(h[:-1], k, FIRST_DIGIT_BITS)
+        b, need, count = first
+        if count <= CANDIDATE_CAP:  # the rest of the select rides on the apply pass
+            return Selection(mode, None, None, k, total, seed, offset, base, key_source, pending=(b, need),
+                             shapes=scores)
+        threshold, need, ties = resolve_threshold(histogram, k, plan, (b, FIRST_DIGIT_BITS, need))
     else:
-        boundary = int(ops.select_tie_boundary(scores, mode, seed, offset, base, threshold, need))
-    return Selection(mode, threshold, boundary, k, total, seed, offset, base,
-                     [] if mode == KEY_MODES["random"] else scores)
+        threshold, need, ties = resolve_threshold(histogram, k, plan)
+    boundary = _boundary(scores, mode, seed, offset, base, threshold, need, ties)
+    return Selection(mode, threshold, boundary, k, total, seed, offset, base, key_source)
 
 
 def topk(scores: Sequence[torch.Tensor], k, by: str = "abs") -> Selection:

@@ -100,6 +100,28 @@ static inline Avx512Counts mc_counts_avx512(const int32_t* neg_levels_in, const 
   return c;
 }
 
+// Word 0 of the Philox blocks (counter offset, subsequence element0 + j) for the 16 * I consecutive
+// elements j = 0 .. 16 I - 1, into out[0 .. 16 I): the random selection keys of unlearn/select.h
+// (random_key = ~word 0) 16 lanes at a time, I independent blocks interleaved as in mc_counts_avx512.
+template <int I>
+static inline void philox_word0_avx512(uint64_t seed, uint64_t offset, uint64_t element0, uint32_t* out) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i w[I][4];
+  for (int i = 0; i < I; ++i) {
+    const uint64_t e0 = element0 + 16 * static_cast<uint64_t>(i);
+    const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(e0)));
+    const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(e0 >> 32)));
+    const __m512i e_lo = _mm512_add_epi32(base_lo, lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(e_lo, base_lo);
+    w[i][0] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+    w[i][1] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+    w[i][2] = e_lo;
+    w[i][3] = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
+  }
+  philox_avx512_interleaved<I>(w, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int i = 0; i < I; ++i) _mm512_storeu_si512(out + 16 * i, w[i][0]);
+}
+
 }  // namespace cpu
 }  // namespace unlearn
 #endif  // __AVX512F__

@@ -4,9 +4,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
 #include <mutex>
 
 #include "cpu_walk.h"
+#include "select_keys.h"
 #include "unlearn/select.h"
 #include "unlearn/select_checks.h"
 
@@ -14,29 +19,13 @@ namespace unlearn {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 256;  // keys are computed a tile at a time (a vectorized loop), then consumed
-
-// Keys of elements [lo, lo + n) of tensor t into out (global index of element lo: g).
-template <typename T>
-inline void tile_keys(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo, int64_t n,
-                      int64_t g, uint32_t* out) {
-  if (mode == kKeyRandom) {
-    for (int64_t j = 0; j < n; ++j) out[j] = random_key(seed, offset, static_cast<uint64_t>(g + j));
-    return;
-  }
-  const T* v = scores.data_ptr<T>() + lo;
-  if (mode == kKeyAbs) {
-    for (int64_t j = 0; j < n; ++j) out[j] = order_key_abs(load_float(v[j]));
-  } else {
-    for (int64_t j = 0; j < n; ++j) out[j] = order_key(load_float(v[j]));
-  }
-}
+constexpr int64_t kTile = kKeyTile;
 
 // Calls f(key, nan, local_index) for the elements [lo, hi) of tensor t (global index g0 + i - lo).
 template <typename T, typename F>
 inline void for_each_key(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo,
                          int64_t hi, int64_t g0, F&& f) {
-  uint32_t keys[kTile];
+  alignas(64) uint32_t keys[kTile];
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t n = std::min(kTile, hi - j0);
     tile_keys<T>(scores, mode, seed, offset, j0, n, g0 + (j0 - lo), keys);
@@ -71,7 +60,7 @@ at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t 
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       std::vector<int64_t> local(static_cast<size_t>(bins + 1), 0);
       int64_t* h = local.data();
-      uint32_t keys[kTile];
+      alignas(64) uint32_t keys[kTile];
       for_each_span(s.offsets, c0 * kChunk, std::min(s.total(), c1 * kChunk),
                     [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
                       for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
@@ -148,6 +137,54 @@ at::Tensor select_tie_boundary_cpu(at::TensorList scores_in, int64_t mode, int64
   return out;
 }
 
+// Writes the action's new value into w[i] (global index `global`, for the noise stream). A reset
+// never reads w: a load that misses the cache would stall the loop, a store does not.
+template <typename P>
+struct ActionWriter {
+  int action;
+  float alpha;
+  uint64_t noise_seed, noise_offset;
+  inline void operator()(P* w, const P* src, int64_t i, int64_t global) const {
+    const float sv = src ? load_float(src[i]) : 0.0f;
+    w[i] = store_as<P>(action == kActSet ? sv
+                                         : apply_action(action, load_float(w[i]), sv, alpha, noise_seed, noise_offset,
+                                                        static_cast<uint64_t>(global)));
+  }
+};
+
+// Lanes of a 16-key block selected by (threshold, boundary): key > threshold, or key == threshold
+// for the first `tie_lanes` lanes (those whose global index lies below the boundary). `ordered`:
+// the lanes holding keys that take part in an order (NaN scores never do).
+inline uint32_t selected_lanes(const uint32_t* keys, int valid, int64_t threshold, int tie_lanes, uint32_t ordered) {
+  if (threshold > 0xffffffffLL) return 0;
+  if (threshold < 0) return ordered;
+  const uint32_t thr = static_cast<uint32_t>(threshold);
+  uint32_t sel = thr == 0xffffffffu ? 0u : lanes_in(keys, valid, thr + 1, 0xffffffffu);
+  if (tie_lanes > 0) sel |= lanes_in(keys, std::min(valid, tie_lanes), thr, thr);
+  return sel & ordered;
+}
+
+inline void write_mask_lanes(bool* m, uint32_t sel, int valid) {
+  for (int j = 0; j < valid; ++j) m[j] = (sel >> j) & 1u;
+}
+
+// The parameter lists of an apply as raw pointers per tensor (work: contiguous params).
+template <typename P>
+struct ApplyTargets {
+  std::vector<at::Tensor>& work;
+  const std::vector<at::Tensor>& source;
+  at::TensorList masks;
+  P* w(size_t t) const { return work[t].data_ptr<P>(); }
+  const P* src(size_t t) const { return source.empty() ? nullptr : source[t].data_ptr<P>(); }
+  bool* mask(size_t t) const { return masks.empty() ? nullptr : masks[t].data_ptr<bool>(); }
+};
+
+std::vector<at::Tensor> contiguous_sources(at::TensorList source_in) {
+  std::vector<at::Tensor> source(source_in.begin(), source_in.end());
+  for (auto& x : source) x = x.contiguous();
+  return source;
+}
+
 at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at::TensorList source_in,
                             at::TensorList masks, int64_t mode, int64_t seed, int64_t offset, int64_t base,
                             int64_t threshold, int64_t boundary, int64_t action, double alpha, int64_t noise_seed,
@@ -159,76 +196,37 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
   const bool shapes_only = mode == kKeyRandom && scores_in.empty();
   const FlatList s = check_apply_lists(params, shapes_only ? params : scores_in, source_in, masks);
   std::vector<at::Tensor> work = contiguous_work(params);
-  std::vector<at::Tensor> source(source_in.begin(), source_in.end());
-  for (auto& x : source) x = x.contiguous();
-  const float a = static_cast<float>(alpha);
+  const std::vector<at::Tensor> source = contiguous_sources(source_in);
   at::Tensor count = at::zeros({}, at::TensorOptions().dtype(at::kLong));
   if (params.empty()) return count;
+  const int key_mode = static_cast<int>(mode);
+  const uint32_t key_lo = ordered_key_min(key_mode), key_hi = ordered_key_max(key_mode);
   dispatch_float_type(params[0].scalar_type(), [&](auto ptag) {
     using P = decltype(ptag);
+    const ActionWriter<P> write{static_cast<int>(action), static_cast<float>(alpha), as_u64(noise_seed),
+                                as_u64(noise_offset)};
+    const ApplyTargets<P> out{work, source, masks};
     dispatch_scores(s, [&](auto stag) {
       using T = decltype(stag);
       const std::vector<int64_t> counts =
           chunk_partials<int64_t>(s.offsets, [&](int64_t& n, size_t t, int64_t lo, int64_t hi, int64_t g) {
-            P* w = work[t].data_ptr<P>();
-            const P* src = source.empty() ? nullptr : source[t].data_ptr<P>();
-            bool* m = masks.empty() ? nullptr : masks[t].data_ptr<bool>();
-            uint32_t keys[kTile];
-            uint8_t sel[kTile];
+            P* w = out.w(t);
+            const P* src = out.src(t);
+            bool* m = out.mask(t);
+            alignas(64) uint32_t keys[kTile];
             for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
               const int64_t len = std::min(kTile, hi - j0);
               const int64_t g0 = base + g + (j0 - lo);
-              tile_keys<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, len, g0, keys);
-              // Branch-free flags in 32-bit lanes (a vectorized loop), then a loop that is nearly always
-              // skipped. threshold in [-1, 2^32] as a uint32 with the two ends decided per tile; the
-              // tie rule "global index < boundary" as "j < lim" with lim clamped to the tile.
-              const int64_t lim64 = std::min<int64_t>(len, std::max<int64_t>(0, boundary - g0));
-              const int32_t lim = static_cast<int32_t>(lim64);
-              // Keys outside [key(-inf), key(+inf)] are NaN scores (never selected); random keys use
-              // the full range. Each flag loop is a plain 32-bit/8-bit lane loop (GCC vectorizes it).
-              const uint32_t key_lo = mode == kKeyRandom ? 0u : 0x007fffffu;
-              const uint32_t key_hi = mode == kKeyRandom ? 0xffffffffu : 0xff800000u;
-              const int32_t ilen = static_cast<int32_t>(len);
-              if (threshold > 0xffffffffLL) {
-                for (int32_t j = 0; j < ilen; ++j) sel[j] = 0;
-              } else if (threshold < 0) {
-                for (int32_t j = 0; j < ilen; ++j) sel[j] = 1;
-              } else {
-                const uint32_t thr = static_cast<uint32_t>(threshold);
-                for (int32_t j = 0; j < ilen; ++j) {
-                  const uint32_t k = keys[j];
-                  sel[j] = static_cast<uint8_t>((k > thr) | ((k == thr) & (j < lim)));
-                }
-              }
-              for (int32_t j = 0; j < ilen; ++j) {
-                const uint32_t k = keys[j];
-                sel[j] &= static_cast<uint8_t>((k >= key_lo) & (k <= key_hi));
-              }
-              uint32_t hits = 0;
-              for (int32_t j = 0; j < ilen; ++j) hits += sel[j];
-              const bool any = hits != 0;
-              if (m)
-                for (int64_t j = 0; j < len; ++j) m[j0 + j] = sel[j] != 0;
-              if (!any) continue;
-              n += hits;
-              // Visit only the selected entries: 8 flags at a time, skipping all-zero groups (at K = 1%
-              // most groups are empty, and a branch per element would cost as much as the whole pass).
-              for (int64_t j8 = 0; j8 < len; j8 += 8) {
-                uint64_t group = 0;
-                std::memcpy(&group, sel + j8, static_cast<size_t>(std::min<int64_t>(8, len - j8)));
-                if (group == 0) continue;
-                for (int64_t j = j8; j < std::min<int64_t>(j8 + 8, len); ++j) {
-                  if (!sel[j]) continue;
-                  const int64_t i = j0 + j;
-                  const float sv = src ? load_float(src[i]) : 0.0f;
-                  // A reset never reads w: a load that misses the cache would stall the loop, a store
-                  // does not.
-                  w[i] = store_as<P>(action == kActSet
-                                         ? sv
-                                         : apply_action(static_cast<int>(action), load_float(w[i]), sv, a,
-                                                        as_u64(noise_seed), as_u64(noise_offset),
-                                                        static_cast<uint64_t>(g0 + j)));
-                }
+              tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len, g0, keys);
+              for (int64_t b = 0; b < len; b += 16) {
+                const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
+                // The tie rule "global index < boundary" as "the first tie_lanes lanes".
+                const int tie_lanes = static_cast<int>(std::clamp<int64_t>(boundary - (g0 + b), 0, 16));
+                const uint32_t ordered = lanes_in(keys + b, valid, key_lo, key_hi);
+                const uint32_t sel = selected_lanes(keys + b, valid, threshold, tie_lanes, ordered);
+                if (m) write_mask_lanes(m + j0 + b, sel, valid);
+                n += lane_count(sel);
+                for_each_lane(sel, [&](int j) { write(w, src, j0 + b + j, g0 + b + j); });
               }
             }
           });
@@ -239,6 +237,243 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
   });
   write_back(params, work);
   return count;
+}
+
+// ---- the fused two-pass top-K (DESIGN section 9: one histogram pass, then one pass that applies ----
+// everything above the threshold bin and resolves that bin exactly)
+
+constexpr int kBins = 1 << 16;        // the first radix digit of select_histogram_near
+constexpr int64_t kSamples = 1 << 13;  // keys sampled to place the bracket
+constexpr int64_t kMinSampled = 1 << 17;  // below this many elements one exact pass is cheap anyway
+constexpr double kBracketSigmas = 6.0;    // half-width of the bracket in binomial standard deviations
+
+struct Bracket {
+  int64_t lo_bin = 0, hi_bin = kBins - 1;
+};
+
+// Bins [lo_bin, hi_bin] of the top 16 key bits that hold the k-th largest key unless a 6-sigma
+// event happened: the keys of kSamples evenly spaced elements, ranked, give the k-th largest's
+// rank among them +- 6 binomial standard deviations (plus 2). Evenly spaced samples are a
+// stratified sample of the list (per-tensor scales are sampled in proportion). The bracket only
+// decides which bins are counted one by one: a miss is detected by the caller (the k-th largest
+// lands in a lumped bin) and costs a full histogram pass, never a wrong answer.
+template <typename T>
+Bracket sample_bracket(const FlatList& s, int mode, uint64_t seed, uint64_t offset, int64_t base, int64_t k) {
+  const int64_t n = s.total();
+  Bracket b;
+  if (n < kMinSampled || k <= 0 || k >= n) return b;
+  std::vector<uint32_t> keys;
+  keys.reserve(static_cast<size_t>(kSamples));
+  const uint32_t key_lo = ordered_key_min(mode), key_hi = ordered_key_max(mode);
+  size_t t = 0;
+  for (int64_t i = 0; i < kSamples; ++i) {
+    const int64_t g = static_cast<int64_t>((static_cast<double>(i) + 0.5) * static_cast<double>(n) / kSamples);
+    while (s.offsets[t + 1] <= g) ++t;  // sample positions increase: walk the tensors once
+    const uint32_t key = element_key<T>(s.tensors[t], mode, seed, offset, g - s.offsets[t], base + g);
+    if (key >= key_lo && key <= key_hi) keys.push_back(key);
+  }
+  const int64_t m = static_cast<int64_t>(keys.size());
+  if (m < kSamples / 2) return b;  // mostly NaN: the caller refuses the scores anyway
+  const double q = static_cast<double>(k) / static_cast<double>(n);
+  const double rank = q * static_cast<double>(m);
+  const double margin = kBracketSigmas * std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 2.0;
+  const int64_t hi_rank = static_cast<int64_t>(std::floor(rank - margin));  // 0 = the largest sampled key
+  const int64_t lo_rank = static_cast<int64_t>(std::ceil(rank + margin));
+  if (hi_rank >= 0) {
+    std::nth_element(keys.begin(), keys.begin() + hi_rank, keys.end(), std::greater<uint32_t>());
+    b.hi_bin = keys[static_cast<size_t>(hi_rank)] >> 16;
+  }
+  if (lo_rank < m) {
+    std::nth_element(keys.begin(), keys.begin() + lo_rank, keys.end(), std::greater<uint32_t>());
+    b.lo_bin = keys[static_cast<size_t>(lo_rank)] >> 16;
+  }
+  return b;
+}
+
+// Per-worker counts of the near histogram (uint32 bins: a quarter of int64's cache footprint).
+struct NearCounts {
+  std::vector<uint32_t> bins = std::vector<uint32_t>(kBins, 0);
+  int64_t above = 0, nan = 0;
+};
+
+at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int64_t seed, int64_t offset,
+                                     int64_t base, int64_t k) {
+  check_key_mode(mode);
+  check_base(base);
+  TORCH_CHECK(k >= 0, "unlearn_ext: k must be >= 0, got ", k);
+  const FlatList s = flatten_float_list(scores_in, "scores");
+  at::Tensor out = at::zeros({kBins + 3}, at::TensorOptions().dtype(at::kLong));
+  int64_t* h = out.data_ptr<int64_t>();
+  const int key_mode = static_cast<int>(mode);
+  const uint32_t key_lo = ordered_key_min(key_mode), key_hi = ordered_key_max(key_mode);
+  Bracket br;
+  int64_t above = 0, nan = 0;
+  std::mutex merge;
+  dispatch_scores(s, [&](auto tag) {
+    using T = decltype(tag);
+    br = sample_bracket<T>(s, key_mode, as_u64(seed), as_u64(offset), base, k);
+    const uint32_t in_lo = static_cast<uint32_t>(br.lo_bin) << 16;
+    const uint32_t in_hi = (static_cast<uint32_t>(br.hi_bin) << 16) | 0xffffu;
+    const int64_t chunks = chunk_count(s.offsets);
+    const int64_t grain = std::max<int64_t>(1, (chunks + at::get_num_threads() - 1) / at::get_num_threads());
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      NearCounts local;
+      uint32_t* bins = local.bins.data();
+      int64_t since_flush = 0;
+      const auto flush = [&] {
+        std::lock_guard<std::mutex> lock(merge);
+        for (int b = 0; b < kBins; ++b) h[b] += bins[b];
+        above += local.above;
+        nan += local.nan;
+        std::fill(local.bins.begin(), local.bins.end(), 0u);
+        local.above = local.nan = 0;
+      };
+      alignas(64) uint32_t keys[kTile];
+      for (int64_t c = c0; c < c1; ++c) {
+        for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
+                      [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+                        for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+                          const int64_t len = std::min(kTile, hi - j0);
+                          tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len,
+                                       base + g + (j0 - lo), keys);
+                          for (int64_t b = 0; b < len; b += 16) {
+                            const uint32_t* kb = keys + b;
+                            const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
+                            const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
+                            local.nan += valid - lane_count(ordered);
+                            const uint32_t in = ordered & lanes_in(kb, valid, in_lo, in_hi);
+                            if (in_hi != 0xffffffffu)
+                              local.above += lane_count(ordered & lanes_in(kb, valid, in_hi + 1, 0xffffffffu));
+                            if (in == 0xffffu) {
+                              for (int j = 0; j < 16; ++j) ++bins[kb[j] >> 16];
+                            } else {
+                              for_each_lane(in, [&](int j) { ++bins[kb[j] >> 16]; });
+                            }
+                          }
+                        }
+                      });
+        // uint32 bins cannot overflow within 2^31 elements.
+        if ((since_flush += kChunk) >= (int64_t(1) << 31)) {
+          flush();
+          since_flush = 0;
+        }
+      }
+      flush();
+    });
+  });
+  // Counts outside the bracket, lumped into the bins just above and below it (so cumulative counts
+  // from the top stay exact at every bin boundary inside the bracket).
+  int64_t inside = 0;
+  for (int64_t b = br.lo_bin; b <= br.hi_bin; ++b) inside += h[b];
+  if (br.hi_bin < kBins - 1) h[br.hi_bin + 1] = above;
+  if (br.lo_bin > 0) h[br.lo_bin - 1] = s.total() - nan - above - inside;
+  h[kBins] = nan;
+  h[kBins + 1] = br.lo_bin;
+  h[kBins + 2] = br.hi_bin;
+  return out;
+}
+
+// A key of the boundary bin, remembered by the fused apply pass for the exact resolution.
+struct Candidate {
+  uint32_t key;
+  uint32_t tensor;
+  int64_t local;
+};
+
+struct ApplyPartial {
+  int64_t count = 0;
+  std::vector<Candidate> candidates;
+};
+
+at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in, at::TensorList source_in,
+                                at::TensorList masks, int64_t mode, int64_t seed, int64_t offset, int64_t base,
+                                int64_t prefix, int64_t prefix_bits, int64_t needed, int64_t action, double alpha,
+                                int64_t noise_seed, int64_t noise_offset) {
+  check_key_mode(mode);
+  check_base(base);
+  check_bin_args(prefix, prefix_bits, needed);
+  check_action(action, alpha, source_in.size(), params.size());
+  const bool shapes_only = mode == kKeyRandom && scores_in.empty();
+  const FlatList s = check_apply_lists(params, shapes_only ? params : scores_in, source_in, masks);
+  std::vector<at::Tensor> work = contiguous_work(params);
+  const std::vector<at::Tensor> source = contiguous_sources(source_in);
+  const int shift = 32 - static_cast<int>(prefix_bits);
+  const uint32_t bin_lo = static_cast<uint32_t>(static_cast<uint64_t>(prefix) << shift);
+  const uint32_t bin_hi = static_cast<uint32_t>(((static_cast<uint64_t>(prefix) + 1) << shift) - 1);
+  const int key_mode = static_cast<int>(mode);
+  const uint32_t key_lo = ordered_key_min(key_mode), key_hi = ordered_key_max(key_mode);
+  int64_t count = 0, threshold = bin_hi, boundary = 0;  // nothing taken from the bin: key > bin_hi
+  if (!params.empty()) {
+    dispatch_float_type(params[0].scalar_type(), [&](auto ptag) {
+      using P = decltype(ptag);
+      const ActionWriter<P> write{static_cast<int>(action), static_cast<float>(alpha), as_u64(noise_seed),
+                                  as_u64(noise_offset)};
+      const ApplyTargets<P> out{work, source, masks};
+      dispatch_scores(s, [&](auto stag) {
+        using T = decltype(stag);
+        // Pass: apply every key above the bin, remember the bin's keys (in global index order).
+        std::vector<ApplyPartial> parts = chunk_partials<ApplyPartial>(
+            s.offsets, [&](ApplyPartial& part, size_t t, int64_t lo, int64_t hi, int64_t g) {
+              P* w = out.w(t);
+              const P* src = out.src(t);
+              bool* m = out.mask(t);
+              alignas(64) uint32_t keys[kTile];
+              for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+                const int64_t len = std::min(kTile, hi - j0);
+                const int64_t g0 = base + g + (j0 - lo);
+                tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len, g0, keys);
+                for (int64_t b = 0; b < len; b += 16) {
+                  const uint32_t* kb = keys + b;
+                  const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
+                  const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
+                  const uint32_t sel = bin_hi == 0xffffffffu ? 0u : ordered & lanes_in(kb, valid, bin_hi + 1, 0xffffffffu);
+                  const uint32_t in_bin = ordered & lanes_in(kb, valid, bin_lo, bin_hi);
+                  if (m) write_mask_lanes(m + j0 + b, sel, valid);
+                  part.count += lane_count(sel);
+                  for_each_lane(sel, [&](int j) { write(w, src, j0 + b + j, g0 + b + j); });
+                  for_each_lane(in_bin, [&](int j) {
+                    part.candidates.push_back({kb[j], static_cast<uint32_t>(t), j0 + b + j});
+                  });
+                }
+              }
+            });
+        std::vector<Candidate> cand;
+        size_t total = 0;
+        for (const auto& p : parts) total += p.candidates.size();
+        cand.reserve(total);
+        for (auto& p : parts) {
+          count += p.count;
+          cand.insert(cand.end(), p.candidates.begin(), p.candidates.end());
+          std::vector<Candidate>().swap(p.candidates);
+        }
+        // Resolution: the `take` largest keys of the bin, ties by lower global index (the candidates
+        // are in index order, so a stable order by key alone breaks ties correctly).
+        const int64_t take = std::min<int64_t>(needed, static_cast<int64_t>(cand.size()));
+        if (take == 0) return;
+        const auto before = [](const Candidate& a, const Candidate& b) { return a.key > b.key; };
+        std::vector<Candidate> order(cand);
+        std::stable_sort(order.begin(), order.end(), before);
+        const Candidate last = order[static_cast<size_t>(take - 1)];
+        threshold = last.key;
+        int64_t ties = 0, ties_taken = 0;
+        for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i)
+          if (order[static_cast<size_t>(i)].key == last.key) {
+            ++ties;
+            ties_taken += i < take;
+          }
+        boundary = ties_taken == ties ? std::numeric_limits<int64_t>::max()
+                                      : base + s.offsets[last.tensor] + last.local + 1;
+        for (int64_t i = 0; i < take; ++i) {
+          const Candidate& c = order[static_cast<size_t>(i)];
+          write(out.w(c.tensor), out.src(c.tensor), c.local, base + s.offsets[c.tensor] + c.local);
+          if (bool* m = out.mask(c.tensor)) m[c.local] = true;
+        }
+        count += take;
+      });
+    });
+  }
+  write_back(params, work);
+  return at::tensor({count, threshold, boundary}, at::TensorOptions().dtype(at::kLong));
 }
 
 struct SumSq {
@@ -285,6 +520,8 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
   m.impl("select_tie_boundary", &select_tie_boundary_cpu);
   m.impl("select_apply_", &select_apply_cpu);
   m.impl("select_mask_grad_", &select_mask_grad_cpu);
+  m.impl("select_histogram_near", &select_histogram_near_cpu);
+  m.impl("select_apply_bin_", &select_apply_bin_cpu);
 }
 
 }  // namespace cpu

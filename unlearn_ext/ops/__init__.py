@@ -142,3 +142,24 @@ def select_mask_grad_(grads, scores, mode, seed, offset, base, threshold, bounda
         fakes.check_apply_lists([], scores, [], [])
         return reference.select_mask_grad_([], [], mode, seed, offset, base, threshold, boundary)
     return impl("select_mask_grad_")(grads, scores, mode, seed, offset, base, threshold, boundary)
+
+
+def select_histogram_near(scores, mode, seed, offset, base, k):
+    if not scores:
+        fakes.check_select_common(mode, base)
+        fakes._check(k >= 0, "k must be >= 0, got ", k)
+        return reference.select_histogram_near([], mode, seed, offset, base, k)
+    return impl("select_histogram_near")(scores, mode, seed, offset, base, k)
+
+
+def select_apply_bin_(params, scores, source, masks, mode, seed, offset, base, prefix, prefix_bits, needed, action,
+                      alpha, noise_seed, noise_offset):
+    if not params:
+        fakes.check_select_common(mode, base)
+        fakes.check_bin_args(prefix, prefix_bits, needed)
+        fakes.check_action(action, alpha, len(source), 0)
+        fakes.check_apply_lists([], scores, source, masks)
+        return reference.select_apply_bin_([], [], [], [], mode, seed, offset, base, prefix, prefix_bits, needed,
+                                           action, alpha, noise_seed, noise_offset)
+    return impl("select_apply_bin_")(params, scores, source, masks, mode, seed, offset, base, prefix, prefix_bits,
+                                     needed, action, alpha, noise_seed, noise_offset)

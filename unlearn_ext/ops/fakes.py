@@ -201,6 +201,12 @@ def check_histogram_args(prefix: int, prefix_bits: int, digit_bits: int) -> None
     _check(0 <= prefix < (1 << prefix_bits), "prefix must be in [0, 2^prefix_bits), got ", prefix)
 
 
+def check_bin_args(prefix: int, prefix_bits: int, needed: int) -> None:
+    _check(1 <= prefix_bits <= 32, "prefix_bits must be in [1, 32], got ", prefix_bits)
+    _check(0 <= prefix < (1 << prefix_bits), "prefix must be in [0, 2^prefix_bits), got ", prefix)
+    _check(needed >= 0, "needed must be >= 0, got ", needed)
+
+
 def check_action(action: int, alpha: float, sources: int, params: int) -> None:
     _check(action in (0, 1, 2, 3), "action must be 0 (set), 1 (scale), 2 (noise) or 3 (axpy), got ", action)
     _check(math.isfinite(alpha), "alpha must be finite, got ", alpha)
@@ -383,6 +389,22 @@ if _C is not None:
         check_action(action, alpha, len(source), len(params))
         check_apply_lists(params, params if (key_mode == 2 and not scores) else scores, source, masks)
         return torch.empty((), dtype=torch.int64, device=_first_device(params))
+
+    @torch.library.register_fake("unlearn_ext::select_histogram_near")
+    def _select_histogram_near_fake(scores, key_mode, seed, offset, base, k):
+        check_select_common(key_mode, base)
+        _check(k >= 0, "k must be >= 0, got ", k)
+        _check_float_list(scores, "scores")
+        return torch.empty(((1 << 16) + 3,), dtype=torch.int64, device=_first_device(scores))
+
+    @torch.library.register_fake("unlearn_ext::select_apply_bin_")
+    def _select_apply_bin_fake(params, scores, source, masks, key_mode, seed, offset, base, prefix, prefix_bits,
+                               needed, action, alpha, noise_seed, noise_offset):
+        check_select_common(key_mode, base)
+        check_bin_args(prefix, prefix_bits, needed)
+        check_action(action, alpha, len(source), len(params))
+        check_apply_lists(params, params if (key_mode == 2 and not scores) else scores, source, masks)
+        return torch.empty((3,), dtype=torch.int64, device=_first_device(params))
 
     @torch.library.register_fake("unlearn_ext::select_mask_grad_")
     def _select_mask_grad_fake(grads, scores, key_mode, seed, offset, base, threshold, boundary):

@@ -20,7 +20,9 @@ from .codecs import (  # noqa: F401
 )
 from .select import (  # noqa: F401
     select_apply_,
+    select_apply_bin_,
     select_histogram,
+    select_histogram_near,
     select_mask_grad_,
     select_tie_boundary,
 )

@@ -134,6 +134,41 @@ def select_apply_(params, scores, source, masks, mode, seed, offset, base, thres
     return torch.tensor(int(sel.sum()), dtype=torch.int64, device=sel.device)
 
 
+def select_histogram_near(scores, mode: int, seed: int, offset: int, base: int, k: int):
+    """The reference's bracket is every bin (lo_bin 0, hi_bin 2^16 - 1): the exact 16-bit histogram."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    h = select_histogram(scores, mode, seed, offset, base, 0, 0, 16)
+    return torch.cat([h, torch.tensor([0, (1 << 16) - 1], device=h.device)])
+
+
+def select_apply_bin_(params, scores, source, masks, mode, seed, offset, base, prefix, prefix_bits, needed, action,
+                      alpha, noise_seed, noise_offset):
+    """Everything above the bin `prefix` (top prefix_bits bits) and its `needed` largest keys (ties:
+    lower index first), as (count, threshold, boundary) of select_apply_."""
+    if not 1 <= prefix_bits <= 32:
+        raise ValueError(f"prefix_bits must be in [1, 32], got {prefix_bits}")
+    if not 0 <= prefix < (1 << prefix_bits):
+        raise ValueError(f"prefix must be in [0, 2^prefix_bits), got {prefix}")
+    if needed < 0:
+        raise ValueError(f"needed must be >= 0, got {needed}")
+    keys, nan = keys_of(scores if scores or mode != KEY_RANDOM else params, mode, seed, offset, base)
+    shift = 32 - prefix_bits
+    in_bin = torch.nonzero(~nan & ((keys >> shift) == prefix)).reshape(-1)
+    take = min(needed, in_bin.numel())
+    threshold, boundary = ((prefix + 1) << shift) - 1, 0
+    if take > 0:
+        order = torch.sort(keys[in_bin], descending=True, stable=True).indices  # ties: lower index first
+        chosen = in_bin[order[:take]]
+        threshold = int(keys[chosen[-1]])
+        ties = int((keys[in_bin] == threshold).sum())
+        taken = int((keys[chosen] == threshold).sum())
+        boundary = (1 << 63) - 1 if taken == ties else base + int(chosen[-1]) + 1
+    count = select_apply_(params, scores, source, masks, mode, seed, offset, base, threshold, boundary, action, alpha,
+                          noise_seed, noise_offset)
+    return torch.tensor([int(count), threshold, boundary], dtype=torch.int64, device=count.device)
+
+
 def select_mask_grad_(grads, scores, mode, seed, offset, base, threshold, boundary):
     sel = selection_mask(scores, mode, seed, offset, base, threshold, boundary)
     total = torch.zeros((), dtype=torch.float64)

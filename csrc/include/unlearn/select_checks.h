@@ -34,6 +34,14 @@ inline void check_histogram_args(int64_t prefix, int64_t prefix_bits, int64_t di
               "unlearn_ext: prefix must be in [0, 2^prefix_bits), got ", prefix);
 }
 
+// select_apply_bin_'s boundary bin: keys whose top prefix_bits bits equal prefix.
+inline void check_bin_args(int64_t prefix, int64_t prefix_bits, int64_t needed) {
+  TORCH_CHECK(prefix_bits >= 1 && prefix_bits <= 32, "unlearn_ext: prefix_bits must be in [1, 32], got ", prefix_bits);
+  TORCH_CHECK(prefix >= 0 && prefix < (int64_t(1) << prefix_bits),
+              "unlearn_ext: prefix must be in [0, 2^prefix_bits), got ", prefix);
+  TORCH_CHECK(needed >= 0, "unlearn_ext: needed must be >= 0, got ", needed);
+}
+
 inline void check_action(int64_t action, double alpha, size_t sources, size_t params) {
   TORCH_CHECK(action >= kActSet && action <= kActAxpy,
               "unlearn_ext: action must be 0 (set), 1 (scale), 2 (noise) or 3 (axpy), got ", action);

@@ -1,0 +1,84 @@
+// Selection keys on the CPU, a tile at a time, and 16-lane comparisons of a tile's keys.
+//
+// The per-element key math is unlearn/select.h's (shared with CUDA); this header only makes it
+// fast: score keys come from a plain loop GCC vectorizes, random keys from the AVX-512 Philox of
+// philox_avx512.h (the scalar Philox would cost more than the rest of a pass). Consumers then test
+// 16 keys per instruction (LaneMask) and visit only the lanes that matter, which at a top-1% is a
+// few lanes per thousand.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu_walk.h"
+#include "philox_avx512.h"
+#include "unlearn/select.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace unlearn {
+namespace cpu {
+
+constexpr int64_t kKeyTile = 256;  // keys are computed a tile at a time into a stack buffer, then consumed
+
+// Keys of elements [lo, lo + n) of a contiguous score tensor into out (global index of element lo: g).
+template <typename T>
+inline void tile_keys(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo, int64_t n,
+                      int64_t g, uint32_t* out) {
+  if (mode == kKeyRandom) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 64 <= n; j += 64) philox_word0_avx512<4>(seed, offset, static_cast<uint64_t>(g + j), out + j);
+    for (; j + 16 <= n; j += 16) philox_word0_avx512<1>(seed, offset, static_cast<uint64_t>(g + j), out + j);
+    for (int64_t i = 0; i < j; ++i) out[i] = ~out[i];
+#endif
+    for (; j < n; ++j) out[j] = random_key(seed, offset, static_cast<uint64_t>(g + j));
+    return;
+  }
+  const T* v = scores.data_ptr<T>() + lo;
+  if (mode == kKeyAbs) {
+    for (int64_t j = 0; j < n; ++j) out[j] = order_key_abs(load_float(v[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = order_key(load_float(v[j]));
+  }
+}
+
+// The key of one element (samples, serial scans).
+template <typename T>
+inline uint32_t element_key(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t i,
+                            int64_t global) {
+  if (mode == kKeyRandom) return random_key(seed, offset, static_cast<uint64_t>(global));
+  const float v = load_float(scores.data_ptr<T>()[i]);
+  return mode == kKeyAbs ? order_key_abs(v) : order_key(v);
+}
+
+// Keys that take part in an order: all random keys; score keys of non-NaN scores (select.h).
+inline uint32_t ordered_key_min(int mode) { return mode == kKeyRandom ? 0u : 0x007fffffu; }
+inline uint32_t ordered_key_max(int mode) { return mode == kKeyRandom ? 0xffffffffu : 0xff800000u; }
+
+// Bit j set for the lanes j of keys[0..16) (the first `valid` lanes only) with lo <= key <= hi.
+inline uint32_t lanes_in(const uint32_t* keys, int valid, uint32_t lo, uint32_t hi) {
+  const uint32_t live = valid >= 16 ? 0xffffu : (1u << valid) - 1u;
+#if defined(__AVX512F__)
+  const __m512i k = _mm512_loadu_si512(keys);
+  return live & _mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(lo))) &
+         _mm512_cmple_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(hi)));
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= static_cast<uint32_t>(keys[j] >= lo && keys[j] <= hi) << j;
+  return live & m;
+#endif
+}
+
+inline int lane_count(uint32_t mask) { return __builtin_popcount(mask); }
+
+// Calls f(j) for each set bit j of mask, lowest first.
+template <typename F>
+inline void for_each_lane(uint32_t mask, F&& f) {
+  for (; mask != 0; mask &= mask - 1) f(__builtin_ctz(mask));
+}
+
+}  // namespace cpu
+}  // namespace unlearn
