@@ -270,6 +270,24 @@ def test_pending_random_k_resolves_on_shapes():
     assert torch.equal(got, reference_topk_mask(like, sel.count, 2, 5, 2))
 
 
+@pytest.mark.parametrize("use", ["apply_", "threshold", "masks"])
+def test_scores_written_in_place_after_selecting_are_refused(use):
+    """Every use re-reads the scores, so writing to them between topk and use would select other
+    coordinates silently; the selection refuses instead (and works on untouched scores)."""
+    scores = [torch.randn(1000, generator=torch.Generator().manual_seed(4)), torch.randn(37)]
+    sel = S.topk(scores, 0.05)
+    scores[1].mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"score tensor\(s\) \[1\] were modified in place"):
+        if use == "apply_":
+            sel.apply_([torch.ones(1000), torch.ones(37)], "reset")
+        elif use == "threshold":
+            sel.threshold
+        else:
+            sel.masks(scores)
+    fresh = S.topk(scores, 0.05)
+    assert int(flat(fresh.masks(scores)).sum()) == fresh.count
+
+
 def test_bracket_miss_falls_back_exactly():
     """Scores built against the evenly spaced sample (every sampled position small, the rest large):
     the bracket misses the k-th largest key, the plain first pass answers, the result is exact."""

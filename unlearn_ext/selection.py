@@ -126,6 +126,10 @@ class Selection:
         self._threshold, self._boundary = threshold, boundary
         self._pending = pending  # (threshold bin of the first digit, keys still needed from it)
         self._shapes = list(shapes) if shapes is not None else self.scores  # what a pending random select walks
+        # Every later use re-reads the scores (a pending selection finishes on them; masks re-derive
+        # from them), so an in-place write between selecting and using would silently select other
+        # coordinates: remember the version counters and refuse instead.
+        self._versions = [_version_of(t) for t in self.scores]
 
     def __repr__(self) -> str:
         where = f"pending bin {self._pending[0]:#x}" if self._pending else \
@@ -146,10 +150,17 @@ class Selection:
         self._resolve()
         return self._boundary
 
+    def _check_scores_unchanged(self) -> None:
+        changed = [i for i, t in enumerate(self.scores) if _version_of(t) != self._versions[i]]
+        if changed:
+            raise RuntimeError(f"score tensor(s) {changed} were modified in place after the selection was made; "
+                               "the selection reads them when used: select again after changing the scores")
+
     def _resolve(self) -> None:
         """A pending selection finished by the second histogram pass (and a tie pass if needed)."""
         if self._pending is None:
             return
+        self._check_scores_unchanged()
         prefix, need = self._pending
         scores = self.scores if self.scores else self._shapes
         threshold, need, ties = resolve_threshold(_histogram_of(scores, self.mode, self.seed, self.offset, self.base),
@@ -171,6 +182,7 @@ class Selection:
         params = list(params)
         out = [torch.empty(p.shape, dtype=torch.bool, device=p.device) for p in params] if masks else []
         source = list(source) if source is not None else []
+        self._check_scores_unchanged()
         if self._pending is not None:
             prefix, need = self._pending
             got = ops.select_apply_bin_(params, self.scores, source, out, self.mode, self.seed, self.offset,
@@ -186,17 +198,27 @@ class Selection:
 
     def mask_grad_(self, grads) -> float:
         """Zeroes the unselected gradient coordinates in place; returns the kept squared norm."""
+        self._check_scores_unchanged()
         scores = self.scores if self.scores else list(grads)
         return float(ops.select_mask_grad_(list(grads), scores, *self._args()))
 
     def masks(self, like) -> list[torch.Tensor]:
         """Bool masks of the selection, shaped like `like` (nothing is modified)."""
+        self._check_scores_unchanged()
         like = list(like)
         probe = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in like]
         scores = self.scores if self.scores else probe
         out = [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in like]
         ops.select_apply_(probe, scores, [], out, *self._args(), ACTIONS["dampen"], 1.0, 0, 0)
         return out
+
+
+def _version_of(t: torch.Tensor):
+    """The tensor's in-place version counter (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _numel(tensors) -> int:
