@@ -224,3 +224,14 @@ def test_weighted_row_sum_is_the_whole_tensor_mv(shape):
     got = weighted_row_sum64(g, w)
     assert got.shape == shape[1:] and got.dtype == torch.float64
     assert torch.equal(got, want)
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, CLASSES))
+    x, y = torch.randn(8, 4), torch.randint(0, CLASSES, (8,))
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        clipped_sum64(model, LOSS, x, y, 1.0)
+    model.eval()  # eval mode: per-sample, the fallback handles its affine parameters
+    got = clipped_sum64(model, LOSS, x, y, 1.0)
+    want, _ = loop_reference(model, x, y, 1.0)
+    assert relative_error(got, want) <= 1e-5

@@ -113,6 +113,7 @@ class ClippedSums:
                            if (f"{prefix}.{rel}" if prefix else rel) in names}
                 form = FallbackForm(module, mine, subtree)
             self.forms.append(form)
+        self.batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         # Tied parameters: one gradient from several modules, whose norms do not add up per module.
         self.whole_model = any(count > 1 for count in owners.values())
 
@@ -127,6 +128,9 @@ class ClippedSums:
 
     def run(self, loss_fn, x, y, clip_norm: float, values: dict, sums: dict) -> None:
         """sums[name] += sum over the rows of (x, y) of clipped per-sample gradients at `values`."""
+        if any(m.training for m in self.batch_norms):
+            raise ValueError("BatchNorm in training mode mixes the samples of a batch, so per-sample gradients are "
+                             "not defined: use GroupNorm/LayerNorm, or put the BatchNorm layers in eval mode")
         calls: dict[int, list[Call]] = {id(f): [] for f in self.forms}
 
         def capture(form, module, args, kwargs, output):
