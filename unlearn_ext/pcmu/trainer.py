@@ -28,15 +28,11 @@ from .. import ops as _ops
 from ..data import BatchSchedule, TrainingData, as_ids
 from ..rng import call_offset
 from ..unlearner import UnknownIdsError
-from ..per_sample import clipped_sum64, trainable
+from ..per_sample import clipped_sum64, plan_for, trainable
 from .certificate import AprioriCertificate, RequestCheck
+from .margin import MAX_SUM_TERMS, rounding_margin as derived_margin
 from .records import FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
 from .smoothing import analytic_threshold, blocks_per_element, check_smoothing_config, smooth_quantize
-
-# Our choice: |computed v - retrained v| is a few float32 roundings of magnitude <= C (the float64
-# sum is rounded once; per-sample gradients may differ by ulps between batch compositions). 2^-17*C
-# covers that with a >= 100x safety factor while staying small next to C/b for b up to ~10^4.
-DEFAULT_MARGIN_FACTOR = 2.0**-17
 
 
 class PCMUTrainer:
@@ -83,13 +79,16 @@ class PCMUTrainer:
         self.n0, self.n, self.alpha, self.seed = int(n0), int(n), float(alpha), int(seed)
         self.max_request, self.chunk = int(max_request), int(chunk)
         self.framework, self.sigma_data = framework, sigma_data
-        self.rounding_margin = (DEFAULT_MARGIN_FACTOR * self.clip_norm if rounding_margin is None
-                                else float(rounding_margin))
         self.beta = analytic_threshold(self.tau, self.sigma)
+        # |v - delta - v'| bound, derived in margin.py (our derivation; its forward-pass term is a choice).
+        self.rounding_margin = (derived_margin(self.clip_norm, self.batch_size, self.beta, self.max_request)
+                                if rounding_margin is None else float(rounding_margin))
         self.names = list(trainable(model))
         self.params = [p for p in trainable(model).values()]
         self.shapes = [p.shape for p in self.params]
         self.initial = [p.detach().clone() for p in self.params]
+        self._sums = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device)  # reused every step
+                      for k, p in zip(self.names, self.params)}
         self.records: list[PCMUStep] = []
         self.forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
         check_smoothing_config(self.tau, self.sigma, mode, self.n0, self.n, self.alpha)
@@ -162,8 +161,13 @@ class PCMUTrainer:
     def _clipped_mean64(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
         """sum over `ids` of clipped per-sample gradients at `params`, / nominal b, in float64."""
         rows = self.rows(ids)
-        sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm,
-                             dict(zip(self.names, params)), self.chunk)
+        named = dict(zip(self.names, params))
+        sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm, named,
+                             self.chunk, out=self._sums)
+        terms = plan_for(self.model, named).longest_sum
+        if terms > MAX_SUM_TERMS:
+            raise ValueError(f"a float64 sum added {terms} terms, more than the {MAX_SUM_TERMS} the rounding margin "
+                             "assumes (pcmu/margin.py): use a smaller chunk or batch")
         return [sums[k] / self.batch_size for k in self.names]
 
     def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
@@ -299,7 +303,25 @@ class PCMUTrainer:
         out.steps_checked_exactly += 1
         out.sample_gradients += k
         verdict = (self._requantize_analytic if self.mode == "analytic" else self._radius_check_mc)(r, delta, out)
+        if verdict is not None and verdict[0] == "undecided" and self.mode == "analytic":
+            verdict = self._recompute_step(r, present, w, out)
         return verdict, (r.step, w)
+
+    def _recompute_step(self, r: PCMUStep, present: torch.Tensor, w, out: RequestCheck):
+        """Settles a near-tie exactly: computes step r as retraining would (w_t is the same, since every
+        earlier step keeps its codes; the batch is r's minus the removed ids, in order) and compares
+        its codes with the recorded ones. Costs one batch of gradients instead of a resume."""
+        rest = r.ids[~torch.isin(r.ids, present)]
+        if rest.numel() == 0:  # retraining makes no update here: not a code comparison
+            return "undecided", "the batch would be empty and a coordinate lands within the rounding margin"
+        _, result = self._quantize(r.step, w, rest, self.fragile_threshold)
+        out.sample_gradients += rest.numel()
+        recorded = unpack_codes(r.codes, self.shapes)
+        flipped = sum(int((c.cpu() != old).sum()) for c, old in zip(result.codes, recorded))
+        if flipped:
+            out.flipped_coordinates = flipped
+            return "diverges", f"{flipped} coordinates change their code (near-tie settled by recomputing the step)"
+        return None
 
     def _requantize_analytic(self, r: PCMUStep, delta: torch.Tensor, out: RequestCheck):
         beta = float(torch.tensor(self.beta, dtype=torch.float32))  # the kernel compares in float32

@@ -1,4 +1,7 @@
-"""Per-sample clipped gradients with torch.func (no Python loop over samples).
+"""Per-sample clipped gradients with torch.func (no Python loop over samples): the general path.
+
+The closed forms in layers.py replace it for the common layers (engine.py); this module remains the
+fallback for modules without a closed form, and the whole-model path where parameters are tied.
 
 PCMU's step needs sum_i clip_C(grad l_i(w)) / b. The sum is accumulated in float64 and rounded to
 float32 once, so summing adds only ~1e-16 relative error whatever the order or chunking. The
@@ -47,12 +50,11 @@ def _rows(g: torch.Tensor) -> torch.Tensor:
 
 
 def clip_scales(per_sample: dict[str, torch.Tensor], clip_norm: float) -> torch.Tensor:
-    """min(1, C / ||g_i||) per sample: the norm of the per-tensor row norms (one fused reduction per
-    tensor; pow(2) then sum was ~10x slower). Each row is reduced on its own; if the reduction order
-    ever depends on the batch, a scale moves by an ulp, which `rounding_margin` covers (pcmu/trainer.py)."""
-    rows = [torch.linalg.vector_norm(_rows(g).float(), dim=1) for g in per_sample.values()]
+    """min(1, C / ||g_i||) per sample in float64: float64 row norms of each tensor (a float32
+    vector_norm over long rows was off by ~3e-5 relative), then the norm of those."""
+    rows = [torch.linalg.vector_norm(_rows(g), dim=1, dtype=torch.float64) for g in per_sample.values()]
     norms = torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1)
-    return torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+    return torch.where(norms > clip_norm, clip_norm / norms, torch.ones_like(norms))
 
 
 # Columns of a per-sample gradient converted to float64 at a time: the [b, 2048] float64 block stays
@@ -71,8 +73,9 @@ def weighted_row_sum64(g: torch.Tensor, weights64: torch.Tensor) -> torch.Tensor
     return total.view(g.shape[1:])
 
 
-def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: int = 4096) -> dict[str, torch.Tensor]:
-    """sum_i clip(grad l_i) in float64, `chunk` samples at a time (bounds memory at chunk * d)."""
+def clipped_sum64_vmap(model, loss_fn, x, y, clip_norm: float, params=None, chunk: int = 4096) -> dict[str, torch.Tensor]:
+    """sum_i clip(grad l_i) in float64, `chunk` samples at a time (bounds memory at chunk * d), from the
+    whole model's per-sample gradients (the path before the closed forms; kept for tied parameters)."""
     params = params or trainable(model)
     total = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in params.items()}
     detached = {k: v.detach() for k, v in params.items()}
@@ -80,7 +83,7 @@ def clipped_sum64(model, loss_fn, x, y, clip_norm: float, params=None, chunk: in
     fn = _per_sample_fn(model, loss_fn)
     for s in range(0, x.shape[0], chunk):
         per_sample = fn(detached, buffers, x[s:s + chunk], y[s:s + chunk])
-        scale = clip_scales(per_sample, clip_norm).double()
+        scale = clip_scales(per_sample, clip_norm)
         for k, g in per_sample.items():
             total[k] += weighted_row_sum64(g, scale)
     return total
