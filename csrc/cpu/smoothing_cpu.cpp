@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_walk.h"
@@ -182,19 +183,42 @@ void mc_span_scalar_impl(const float* p_neg, const float* p_pos, int64_t count, 
   }
 }
 
-// Phi for the span, then the chosen path into scratch codes and radii, then emit(i, decision).
+// Where a quantize writes its decisions: straight into the output tensors (no per-element callback,
+// so the `mc` kernel can store 16 lanes at once).
+struct OutputSink {
+  int8_t* code;
+  float* radius;
+  void operator()(int64_t i, Decision d) const {
+    code[i] = d.code;
+    radius[i] = d.radius;
+  }
+};
+
+// Per-thread scratch reused across spans and calls: fresh 100+ KB buffers per span cost page faults.
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t count) {
+  if (buf.size() < static_cast<size_t>(count)) buf.resize(static_cast<size_t>(count));
+  return buf.data();
+}
+
+// Phi for the span, then the chosen path: into the outputs directly (OutputSink), or into scratch
+// codes and radii handed to emit(i, decision) (the fused step).
 template <typename T, typename Emit>
 void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p, Stats& s, Emit&& emit) {
-  std::vector<float> prob(2 * static_cast<size_t>(count));
-  float* p_neg = prob.data();
-  float* p_pos = prob.data() + count;
-  mc_probabilities_span(g, count, p, prob.data());
-  std::vector<int8_t> codes(static_cast<size_t>(count));
-  std::vector<float> radii(static_cast<size_t>(count));
+  thread_local std::vector<float> prob_buf, radii_buf;
+  thread_local std::vector<int8_t> codes_buf;
+  float* prob = scratch(prob_buf, 2 * count);
+  mc_probabilities_span(g, count, p, prob);
   McSpanStats ms;
   ms.min_radius_bits = s.min_radius_bits;
-  p.span_fn(p_neg, p_pos, count, global_begin, p.draws, codes.data(), radii.data(), ms);
-  for (int64_t i = 0; i < count; ++i) emit(i, Decision{codes[i], radii[i]});
+  if constexpr (std::is_same_v<std::decay_t<Emit>, OutputSink>) {
+    p.span_fn(prob, prob + count, count, global_begin, p.draws, emit.code, emit.radius, ms);
+  } else {
+    int8_t* codes = scratch(codes_buf, count);
+    float* radii = scratch(radii_buf, count);
+    p.span_fn(prob, prob + count, count, global_begin, p.draws, codes, radii, ms);
+    for (int64_t i = 0; i < count; ++i) emit(i, Decision{codes[i], radii[i]});
+  }
   s.min_radius_bits = ms.min_radius_bits;
   s.abstained += ms.abstained;
   s.nonfinite += ms.nonfinite;
@@ -237,10 +261,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     float* radius = radii[t].data_ptr<float>() + lo;
     dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      span(grads.tensors[t].data_ptr<T>() + lo, hi - lo, g0, st, [&](int64_t i, Decision d) {
-        code[i] = d.code;
-        radius[i] = d.radius;
-      });
+      span(grads.tensors[t].data_ptr<T>() + lo, hi - lo, g0, st, OutputSink{code, radius});
     });
   });
   auto [min_radius, counts] = stats_tensors(s, grads.tensors.empty() ? at::TensorOptions() : grads.tensors[0].options());
