@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "cpu/mc_kernel.h"
+
 namespace {
 
 bool built_with_cuda() {
@@ -41,4 +43,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in");
   m.def("cpu_flags", &cpu_flags, "Extra compiler flags the CPU kernels were built with");
   m.def("cpu_vector_isa", &cpu_vector_isa, "Widest x86 vector ISA the CPU kernels were compiled for");
+  m.def("mc_kernel_path", [] { return std::string(unlearn::cpu::mc_kernel_path()); },
+        "Path the CPU `mc` kernel takes now: avx512 (chosen at run time, whatever the build flags) or "
+        "scalar (no AVX-512, or UNLEARN_EXT_MC_KERNEL=scalar)");
 }

@@ -87,4 +87,6 @@ def build_info() -> dict:
     info = {"backend": backend(), "torch": __import__("torch").__version__}
     if _C is not None:
         info.update(cuda=_C.built_with_cuda(), cpu_isa=_C.cpu_vector_isa(), cpu_flags=_C.cpu_flags())
+        if hasattr(_C, "mc_kernel_path"):  # chosen at run time: AVX-512 where the CPU has it
+            info.update(mc_kernel=_C.mc_kernel_path())
     return info

@@ -3,8 +3,13 @@
 // unlearn/smoothing.h; this file only walks elements and reduces.
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
 #include "cpu_walk.h"
-#include "philox_avx512.h"
+#include "mc_kernel.h"
 #include "unlearn/smoothing.h"
 #include "unlearn/smoothing_checks.h"
 
@@ -65,20 +70,21 @@ void analytic_span(const T* g, int64_t count, float beta, float below_threshold,
 }
 
 // ---- Monte-Carlo -------------------------------------------------------------------------------
+// Phi is computed here for a whole span; the draws, counts and CERTIFY run in mc_span_scalar below
+// or in its AVX-512 twin (smoothing_mc_avx512.cpp), chosen at run time (mc_kernel.h).
 
 struct McParams {
-  float tau, sigma, inv_sigma;
-  int32_t n0, n;
-  int64_t blocks;  // Philox blocks per element: ceil((n0 + n) / 4)
-  const float* radius_table;
-  uint64_t seed, offset;
+  float tau, inv_sigma;
+  McDrawParams draws;
+  McSpanFn span_fn;  // the path chosen for this call
 };
 
 McParams make_mc_params(double tau, double sigma, int64_t n0, int64_t n, const at::Tensor& table,
-                        int64_t seed, int64_t offset) {
-  return McParams{static_cast<float>(tau), static_cast<float>(sigma), static_cast<float>(1.0 / sigma),
-                  static_cast<int32_t>(n0), static_cast<int32_t>(n), (n0 + n + 3) / 4,
-                  table.data_ptr<float>(), as_u64(seed), as_u64(offset)};
+                        int64_t seed, int64_t offset, float below_threshold) {
+  return McParams{static_cast<float>(tau), static_cast<float>(1.0 / sigma),
+                  McDrawParams{as_u64(seed), as_u64(offset), static_cast<int32_t>(n0), static_cast<int32_t>(n),
+                               static_cast<float>(sigma), below_threshold, table.data_ptr<float>()},
+                  mc_span_function()};
 }
 
 // Adds one draw per lane to the class counters (separate arrays, so the loop vectorizes).
@@ -92,64 +98,55 @@ inline void count_draws(const uint32_t* __restrict words, const int32_t* __restr
   }
 }
 
-// Integer draw thresholds of every element of a span. Phi comes from ATen's vectorized erfc
-// (the same function torch.special.erfc uses): glibc's scalar erfcf cost ~40 ns per call here,
-// more than all the draws of an element.
+// Class probabilities of every element of a span: p_neg = Phi((-tau - v) / sigma) and
+// p_pos = Phi((v - tau) / sigma) as in mc_thresholds (unlearn/smoothing.h), NaN for non-finite v
+// (the mark mc_kernel.h expects), into prob = [p_neg (count), p_pos (count)]. Phi comes from
+// ATen's vectorized erfc (the same function torch.special.erfc and so the reference use): glibc's
+// scalar erfcf cost ~40 ns per call here.
 template <typename T>
-void mc_thresholds_span(const T* g, int64_t count, const McParams& p, int32_t* neg_levels,
-                        int32_t* pos_start, int32_t* finite) {
-  std::vector<float> arg_pos(count), arg_neg(count);
+void mc_probabilities_span(const T* g, int64_t count, const McParams& p, float* prob) {
+  float* p_neg = prob;
+  float* p_pos = prob + count;
   constexpr float kInvSqrt2 = 0.70710678118654752f;
   for (int64_t i = 0; i < count; ++i) {
     const float v = load_float(g[i]);
     // normal_cdf(x) = erfc(-x / sqrt 2) / 2, exactly as in unlearn/smoothing.h.
-    arg_pos[i] = -((v - p.tau) * p.inv_sigma) * kInvSqrt2;
-    arg_neg[i] = -((-p.tau - v) * p.inv_sigma) * kInvSqrt2;
-    finite[i] = is_finite_float(v);
+    p_pos[i] = -((v - p.tau) * p.inv_sigma) * kInvSqrt2;
+    p_neg[i] = -((-p.tau - v) * p.inv_sigma) * kInvSqrt2;
   }
-  at::Tensor tp = at::from_blob(arg_pos.data(), {count}, at::kFloat);
-  at::Tensor tn = at::from_blob(arg_neg.data(), {count}, at::kFloat);
-  at::erfc_out(tp, tp);
-  at::erfc_out(tn, tn);
+  at::Tensor both = at::from_blob(prob, {2 * count}, at::kFloat);  // one erfc call for both
+  at::erfc_out(both, both);
   for (int64_t i = 0; i < count; ++i) {
-    const float p_pos = 0.5f * arg_pos[i], p_neg = 0.5f * arg_neg[i];
-    const DrawThresholds t = finite[i] ? DrawThresholds{static_cast<int32_t>(levels_below(p_neg)),
-                                                        static_cast<int32_t>(kUniformLevels - levels_below(p_pos))}
-                                       : DrawThresholds{0, static_cast<int32_t>(kUniformLevels)};
-    neg_levels[i] = t.neg_levels;
-    pos_start[i] = t.pos_start;
+    const bool finite = is_finite_float(load_float(g[i]));
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    p_neg[i] = finite ? 0.5f * p_neg[i] : nan;
+    p_pos[i] = finite ? 0.5f * p_pos[i] : nan;
   }
 }
 
-// Counts the n0 selection and n estimation draws of kLanes consecutive elements at once (each lane
-// is one element's own Philox stream, so lanes never interact).
-template <typename T, typename Emit>
-void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p, float below_threshold,
-             Stats& s, Emit&& emit) {
-  [[maybe_unused]] const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
-  const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
-  std::vector<int32_t> all_neg(padded, 0), all_pos(padded, int32_t(kUniformLevels)), all_finite(padded, 0);
-  mc_thresholds_span(g, count, p, all_neg.data(), all_pos.data(), all_finite.data());
+// Draws, counts and CERTIFY for every element of a span, kLanes elements side by side (each lane
+// is one element's own Philox stream, so lanes never interact). The portable twin of
+// mc_span_avx512; tests force each and compare them bit for bit.
+void mc_span_scalar_impl(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+                         const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& s) {
+  const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
+  const int64_t blocks = (int64_t(p.n0) + p.n + 3) / 4;
   for (int64_t base = 0; base < count; base += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - base));
-    const int32_t* neg_levels = all_neg.data() + base;
-    const int32_t* pos_start = all_pos.data() + base;
-    const int32_t* finite = all_finite.data() + base;
-    [[maybe_unused]] uint32_t elem_lo[kLanes], elem_hi[kLanes];
+    int32_t neg_levels[kLanes], pos_start[kLanes], finite[kLanes];
+    uint32_t elem_lo[kLanes], elem_hi[kLanes];
     for (int l = 0; l < kLanes; ++l) {
+      const bool in = l < lanes;
+      const float pn = in ? p_neg[base + l] : 0.0f, pp = in ? p_pos[base + l] : 0.0f;
+      finite[l] = !std::isnan(pn);  // levels_below(NaN) = 0 gives the non-finite thresholds {0, 2^24}
+      neg_levels[l] = static_cast<int32_t>(levels_below(pn));
+      pos_start[l] = static_cast<int32_t>(kUniformLevels - levels_below(pp));
       const uint64_t e = global_begin + static_cast<uint64_t>(base + l);
       elem_lo[l] = static_cast<uint32_t>(e);
       elem_hi[l] = static_cast<uint32_t>(e >> 32);
     }
     int32_t sel_neg[kLanes] = {}, sel_pos[kLanes] = {}, est_neg[kLanes] = {}, est_pos[kLanes] = {};
-#if defined(__AVX512F__)
-    const Avx512Counts vc = mc_counts_avx512(neg_levels, pos_start, global_begin + base, p.seed, p.offset, p.n0, p.n);
-    _mm512_storeu_si512(sel_neg, vc.sel_neg);
-    _mm512_storeu_si512(sel_pos, vc.sel_pos);
-    _mm512_storeu_si512(est_neg, vc.est_neg);
-    _mm512_storeu_si512(est_pos, vc.est_pos);
-#else
-    for (int64_t b = 0; b < p.blocks; ++b) {
+    for (int64_t b = 0; b < blocks; ++b) {
       const uint64_t ctr = p.offset + static_cast<uint64_t>(b);
       const uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
       uint32_t words[4][kLanes];
@@ -169,32 +166,73 @@ void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p
         }
       }
     }
-#endif
-    // Certify all lanes with selects and gathers (vectorizable), then emit the valid ones.
-    int8_t codes[kLanes];
-    float radii[kLanes];
-    int32_t abstained[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
+    int32_t min_bits = s.min_radius_bits;
+    for (int l = 0; l < lanes; ++l) {
       const Certified c = certify_from_counts(VoteCounts{sel_neg[l], sel_pos[l]}, p.n0,
                                               VoteCounts{est_neg[l], est_pos[l]}, p.n, p.radius_table, p.sigma);
-      codes[l] = finite[l] ? c.code : int8_t(0);
-      radii[l] = finite[l] ? c.radius : 0.0f;
-      abstained[l] = finite[l] ? c.abstained : 0;
+      const int8_t code = finite[l] ? c.code : int8_t(0);
+      const float radius = finite[l] ? c.radius : 0.0f;
+      codes[base + l] = code;
+      radii[base + l] = radius;
+      s.abstained += finite[l] ? c.abstained : 0;
+      s.nonfinite += !finite[l];
+      s.below += radius < p.below_threshold;
+      min_bits = std::min(min_bits, float_bits(radius));
     }
-    int32_t min_bits = s.min_radius_bits, n_abstained = 0, n_nonfinite = 0, n_below = 0;
-    for (int l = 0; l < lanes; ++l) {
-      emit(base + l, Decision{codes[l], radii[l]});
-      n_abstained += abstained[l];
-      n_nonfinite += !finite[l];
-      n_below += radii[l] < below_threshold;
-      min_bits = std::min(min_bits, float_bits(radii[l]));
-    }
-    s.abstained += n_abstained;
-    s.nonfinite += n_nonfinite;
-    s.below += n_below;
     s.min_radius_bits = min_bits;
   }
 }
+
+// Where a quantize writes its decisions: straight into the output tensors (no per-element callback,
+// so the `mc` kernel can store 16 lanes at once).
+struct OutputSink {
+  int8_t* code;
+  float* radius;
+  void operator()(int64_t i, Decision d) const {
+    code[i] = d.code;
+    radius[i] = d.radius;
+  }
+};
+
+// Per-thread scratch reused across spans and calls: fresh 100+ KB buffers per span cost page faults.
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t count) {
+  if (buf.size() < static_cast<size_t>(count)) buf.resize(static_cast<size_t>(count));
+  return buf.data();
+}
+
+// Phi for the span, then the chosen path: into the outputs directly (OutputSink), or into scratch
+// codes and radii handed to emit(i, decision) (the fused step).
+template <typename T, typename Emit>
+void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p, Stats& s, Emit&& emit) {
+  thread_local std::vector<float> prob_buf, radii_buf;
+  thread_local std::vector<int8_t> codes_buf;
+  float* prob = scratch(prob_buf, 2 * count);
+  mc_probabilities_span(g, count, p, prob);
+  McSpanStats ms;
+  ms.min_radius_bits = s.min_radius_bits;
+  if constexpr (std::is_same_v<std::decay_t<Emit>, OutputSink>) {
+    p.span_fn(prob, prob + count, count, global_begin, p.draws, emit.code, emit.radius, ms);
+  } else {
+    int8_t* codes = scratch(codes_buf, count);
+    float* radii = scratch(radii_buf, count);
+    p.span_fn(prob, prob + count, count, global_begin, p.draws, codes, radii, ms);
+    for (int64_t i = 0; i < count; ++i) emit(i, Decision{codes[i], radii[i]});
+  }
+  s.min_radius_bits = ms.min_radius_bits;
+  s.abstained += ms.abstained;
+  s.nonfinite += ms.nonfinite;
+  s.below += ms.below;
+}
+
+}  // namespace
+
+void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+                    const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats) {
+  mc_span_scalar_impl(p_neg, p_pos, count, global_begin, p, codes, radii, stats);
+}
+
+namespace {
 
 // ---- shared drivers ----------------------------------------------------------------------------
 
@@ -223,10 +261,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
     float* radius = radii[t].data_ptr<float>() + lo;
     dispatch_float_type(grads.tensors[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      span(grads.tensors[t].data_ptr<T>() + lo, hi - lo, g0, st, [&](int64_t i, Decision d) {
-        code[i] = d.code;
-        radius[i] = d.radius;
-      });
+      span(grads.tensors[t].data_ptr<T>() + lo, hi - lo, g0, st, OutputSink{code, radius});
     });
   });
   auto [min_radius, counts] = stats_tensors(s, grads.tensors.empty() ? at::TensorOptions() : grads.tensors[0].options());
@@ -282,10 +317,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   check_tau(tau);
   check_mc_arguments(sigma, n0, n, table, grads.tensors.empty() ? table.device() : grads.tensors[0].device());
   const at::Tensor table_c = table.contiguous();
-  const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset);
   const float thr = float32_arg(count_below, "count_below", true);
+  const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset, thr);
   return quantize_list(grads, [&](auto* g, int64_t cnt, int64_t g0, Stats& st, auto&& emit) {
-    mc_span(g, cnt, static_cast<uint64_t>(g0), p, thr, st, emit);
+    mc_span(g, cnt, static_cast<uint64_t>(g0), p, st, emit);
   });
 }
 
@@ -312,10 +347,10 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cpu(at::TensorList params, 
   check_tau(tau);
   check_mc_arguments(sigma, n0, n, table, grads.tensors[0].device());
   const at::Tensor table_c = table.contiguous();
-  const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset);
   const float thr = float32_arg(count_below, "count_below", true);
+  const McParams p = make_mc_params(tau, sigma, n0, n, table_c, seed, offset, thr);
   return step_list(params, grads, step_size, check_finite, [&](auto* g, int64_t cnt, int64_t g0, Stats& st, auto&& emit) {
-    mc_span(g, cnt, static_cast<uint64_t>(g0), p, thr, st, emit);
+    mc_span(g, cnt, static_cast<uint64_t>(g0), p, st, emit);
   });
 }
 
