@@ -122,3 +122,20 @@ def test_near_ties_settled_by_recomputing_agree_with_retraining():
         else:
             assert diff == check.first_divergent_step
     assert recomputed, "no request needed the recomputation: the test does not exercise it"
+
+
+def test_an_emptied_batch_near_tie_is_settled_against_retraining():
+    """Removing every id of a batch: retraining makes no update there. With a margin so wide that
+    every coordinate is 'near', the check must settle the step (identical iff all its recorded codes
+    are 0) and agree with a real retraining run."""
+    margin = 1.0  # every coordinate near: the recomputation path answers
+    trainer = digits_trainer(batch_size=2, max_request=2, rounding_margin=margin).train(steps=40)
+    for step in (3, 17):
+        forget = trainer.records[step].ids.clone()
+        check = trainer.check_request(forget)
+        assert check.status in ("exact", "diverges"), check
+        retrained = digits_trainer(batch_size=2, max_request=2, rounding_margin=margin, exclude=forget).train(steps=40)
+        if check.status == "exact":
+            assert params_equal(trainer, retrained)
+        else:
+            assert check.first_divergent_step == step and not params_equal(trainer, retrained)

@@ -97,7 +97,9 @@ class RequestCheck:
                            bit-identical parameters (analytic mode), or the same codes with
                            probability >= 1 - alpha per checked coordinate (mc mode, 'probable').
             'diverges'     a code provably flips at step `first_divergent_step`.
-            'undecided'    a coordinate lands within the rounding margin of the threshold there.
+            'undecided'    mc mode: a coordinate moves by more than its Monte-Carlo radius allows
+                           (analytic mode settles near-ties by recomputing the step as retraining
+                           would, so it answers 'exact' or 'diverges').
             'over_budget'  a step holds more removed ids than the recorded fragile sets cover.
             'uncertifiable' the mode cannot certify this step (framework D, mc with an emptied batch).
     Steps before `first_divergent_step` are certified identical, so resuming training without the

@@ -312,12 +312,14 @@ class PCMUTrainer:
         earlier step keeps its codes; the batch is r's minus the removed ids, in order) and compares
         its codes with the recorded ones. Costs one batch of gradients instead of a resume."""
         rest = r.ids[~torch.isin(r.ids, present)]
-        if rest.numel() == 0:  # retraining makes no update here: not a code comparison
-            return "undecided", "the batch would be empty and a coordinate lands within the rounding margin"
-        _, result = self._quantize(r.step, w, rest, self.fragile_threshold)
-        out.sample_gradients += rest.numel()
         recorded = unpack_codes(r.codes, self.shapes)
-        flipped = sum(int((c.cpu() != old).sum()) for c, old in zip(result.codes, recorded))
+        if rest.numel() == 0:
+            # Retraining makes no update at an emptied batch: the same weights iff every recorded code is 0.
+            flipped = sum(int((old != 0).sum()) for old in recorded)
+        else:
+            _, result = self._quantize(r.step, w, rest, self.fragile_threshold)
+            out.sample_gradients += rest.numel()
+            flipped = sum(int((c.cpu() != old).sum()) for c, old in zip(result.codes, recorded))
         if flipped:
             out.flipped_coordinates = flipped
             return "diverges", f"{flipped} coordinates change their code (near-tie settled by recomputing the step)"
