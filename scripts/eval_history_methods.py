@@ -18,12 +18,11 @@ setting (original MIA AUC >= retraining's + 0.2) and issue 12's target there (Mi
 0.05 of retraining's). Hyperparameters are Mini's and DeltaGrad's defaults (m = 1024, k = 10, delta
 rule 'end'; burn-in 10, period 5, memory 2), fixed before these seeds were run.
 
-Changed when the script became a wrapper (issue 11): the data are the harness's digits (standardized,
-seeded 80/20 split) instead of the first 1400 samples scaled by 1/16; forget sets, label noise and
-the noise floor are the harness's; the table has the harness's columns. --curvature-samples,
---lanczos-steps and --delta-rule are gone (to try other Mini settings construct MiniUnlearner
-directly, e.g. as scripts/diagnose_mini.py does). Tables in benchmarks/RESULTS.md dated before this
-change came from the earlier script.
+Changed when the script became a wrapper (issue 11): the data are the harness's `digits-pixels`
+(the same pixels / 16 and the same 1400 / 397 split as before); label flips of the overfit setting
+are the harness's (drawn per training seed); the noise floor is the harness's; the table has the
+harness's columns. --curvature-samples, --lanczos-steps and --delta-rule are gone (to try other
+Mini settings construct MiniUnlearner directly, e.g. as scripts/diagnose_mini.py does).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("rich")
@@ -147,3 +148,21 @@ def test_mnist1d_is_generated_locally_and_leaves_numpy_alone():
     assert np.array_equal(np.random.get_state()[1], before)  # make_dataset reseeds the global generator
     assert ds.x.shape == (4000, 40) and ds.x_test.shape == (1000, 40) and ds.classes == 10
     assert abs(float(ds.x.mean())) < 1e-3  # standardized with the training statistics
+
+
+def test_digits_pixels_are_the_unstandardized_calibration_data():
+    """digits-pixels: pixels / 16 in [0, 1], sklearn's first 1400 samples for training (the data the
+    history settings and PCMU's digits example were calibrated on), label noise drawn per seed."""
+    from sklearn.datasets import load_digits
+
+    from unlearn_ext.evaluate import datasets, settings
+    ds = datasets.load("digits-pixels")
+    raw = load_digits()
+    assert ds.x.shape == (1400, 64) and ds.x_test.shape == (397, 64)
+    assert torch.equal(ds.x, torch.tensor(raw.data[:1400], dtype=torch.float32) / 16.0)
+    assert torch.equal(ds.y_test, torch.tensor(raw.target[1400:]))
+    noisy = settings.get("overfit")
+    a, b = noisy.dataset(0), noisy.dataset(1)
+    assert a.x.shape[0] == 300 and float(a.x.min()) >= 0.0 and float(a.x.max()) <= 1.0
+    flipped = float((a.y != ds.y[:300]).float().mean())
+    assert 0.1 < flipped < 0.3 and not torch.equal(a.y, b.y)

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     available = ",".join(methods.AVAILABLE)
     demo = sub.add_parser("demo", help="one method per family on digits against retraining")
     ev = sub.add_parser("eval", help="the evaluation harness with your data, model, methods, ratios, seeds")
-    ev.add_argument("--data", default="digits", help="digits | mnist1d | PATH.npz with x (n x d), y (n), "
+    ev.add_argument("--data", default="digits", help="digits | digits-pixels | mnist1d | PATH.npz with x (n x d), y (n), "
                     "optional x_test/y_test (default digits)")
     ev.add_argument("--model", default="mlp", choices=models.NAMES, help="default mlp (tanh, 64 hidden)")
     ev.add_argument("--widths", type=_ints, default=None, help="hidden widths of the MLP, e.g. 128,128")
