@@ -219,30 +219,39 @@ inline int64_t dequantize_int8_stream(const int8_t* c, float scale, float* dst, 
 #endif
 }
 
+// The walk shared by the ops that read a coded list into a value list in place (dequantize, axpy):
+// one dtype and one format dispatch, then body(T tag, format tag, values, codes, scale, n) per block.
+template <typename Body>
+void for_each_coded_block(const CodecInputs& in, int64_t bits, int64_t block_size, Body body) {
+  const auto value_ptrs = raw_ptrs(in.values.tensors), codes = raw_ptrs(in.coded.codes),
+             scales = raw_ptrs(in.coded.scales);
+  dispatch_list(in.values, [&](auto tag) {
+    using T = decltype(tag);
+    with_format(in.format, [&](auto fmt) {
+      parallel_over_blocks(numels_of(in.values.tensors), block_size,
+                           [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
+                             body(tag, fmt, static_cast<T*>(value_ptrs[t]) + e0, code_at(codes[t], e0, bits),
+                                  static_cast<const float*>(scales[t])[b], e1 - e0);
+                           });
+    });
+  });
+}
+
 void blockwise_dequantize_cpu(at::TensorList out_in, at::TensorList codes_in, at::TensorList scales_in,
                               int64_t bits, int64_t block_size, c10::string_view levels) {
   const CodecInputs in = codec_inputs(out_in, "out", codes_in, scales_in, bits, block_size, levels);
-  const FlatList& out = in.values;
-  const CodedList& q = in.coded;
-  const auto dst_ptrs = raw_ptrs(out.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
-  dispatch_list(out, [&](auto tag) {
+  for_each_coded_block(in, bits, block_size, [&](auto tag, auto fmt, auto* dst, uint8_t* codes, float scale,
+                                                 int64_t n) {
     using T = decltype(tag);
-    with_format(in.format, [&](auto fmt) {
-      constexpr int F = decltype(fmt)::value;
-      parallel_over_blocks(numels_of(out.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
-        const float scale = static_cast<const float*>(scales[t])[b];
-        T* dst = static_cast<T*>(dst_ptrs[t]) + e0;
-        int64_t done = 0;
-        if constexpr (std::is_same_v<T, float> && F == kInt8)
-          done = dequantize_int8_stream(reinterpret_cast<const int8_t*>(code_at(codes[t], e0, bits)), scale, dst,
-                                        e1 - e0);
-        // done is a multiple of 16, so 4-bit byte pairs are never split (it is 0 for them anyway).
-        read_codes<F>(code_at(codes[t], e0 + done, bits), e1 - e0 - done,
-                      [&](int64_t i, int32_t c) { dst[done + i] = store_as<T>(dequantize_code(c, scale, F)); });
-      });
-    });
+    constexpr int F = decltype(fmt)::value;
+    int64_t done = 0;
+    if constexpr (std::is_same_v<T, float> && F == kInt8)
+      done = dequantize_int8_stream(reinterpret_cast<const int8_t*>(codes), scale, dst, n);
+    // done is a multiple of 16 and 0 for 4-bit codes, so byte pairs are never split.
+    read_codes<F>(codes + code_numel(done, bits), n - done,
+                  [&](int64_t i, int32_t c) { dst[done + i] = store_as<T>(dequantize_code(c, scale, F)); });
   });
-  write_back(out_in, out.tensors);
+  write_back(out_in, in.values.tensors);
 }
 
 void delta_encode_cpu(at::TensorList target_in, at::TensorList recon_in, at::TensorList codes_in,
@@ -282,28 +291,17 @@ void dequantize_axpy_cpu(at::TensorList y_in, double alpha, at::TensorList codes
                          int64_t bits, int64_t block_size, c10::string_view levels) {
   const float a = checked_alpha(alpha);
   const CodecInputs in = codec_inputs(y_in, "y", codes_in, scales_in, bits, block_size, levels);
-  const FlatList& y = in.values;
-  const CodedList& q = in.coded;
-  const auto y_ptrs = raw_ptrs(y.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
-  dispatch_list(y, [&](auto tag) {
+  for_each_coded_block(in, bits, block_size, [&](auto tag, auto fmt, auto* dst, uint8_t* codes, float scale,
+                                                 int64_t n) {
     using T = decltype(tag);
-    with_format(in.format, [&](auto fmt) {
-      constexpr int F = decltype(fmt)::value;
-      parallel_over_blocks(numels_of(y.tensors), block_size, [&](size_t t, int64_t b, int64_t, int64_t e0, int64_t e1) {
-        const float scale = static_cast<const float*>(scales[t])[b];
-        T* dst = static_cast<T*>(y_ptrs[t]) + e0;
-        read_codes<F>(code_at(codes[t], e0, bits), e1 - e0, [&](int64_t i, int32_t c) {
-          dst[i] = store_as<T>(axpy_value(load_float(dst[i]), a, c, scale, F));
-        });
-      });
+    constexpr int F = decltype(fmt)::value;
+    read_codes<F>(codes, n, [&](int64_t i, int32_t c) {
+      dst[i] = store_as<T>(axpy_value(load_float(dst[i]), a, c, scale, F));
     });
   });
-  write_back(y_in, y.tensors);
+  write_back(y_in, in.values.tensors);
 }
 
-// <deq(q), v>: per block, sum code * v in float (block_dot), times the block's scale, then
-// blocks are summed in double in a fixed order (per-block partials), so the result does not
-// depend on the thread count.
 at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in, at::TensorList v_in,
                               int64_t bits, int64_t block_size, c10::string_view levels) {
   const CodecInputs in = codec_inputs(v_in, "v", codes_in, scales_in, bits, block_size, levels);
