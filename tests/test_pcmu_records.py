@@ -195,3 +195,22 @@ def test_records_of_the_earlier_format_still_load():
         assert a.to_dict() == b.to_dict()
     assert isinstance(other.records[0], PCMUStep)
     assert other.record_bytes()["fragile"] == 16 * other.record_bytes()["fragile_coordinates"]
+
+
+def test_selected_equals_the_three_accessors():
+    """selected() (one radius computation, what the check reads) gives what indices(), values()
+    and radii() give, in both layouts and both modes."""
+    gen = torch.Generator().manual_seed(11)
+    values = [torch.randn(37, 5, generator=gen) * 0.01, torch.randn(13, generator=gen) * 0.01]
+    beta = 0.004
+    for mode_beta in (beta, None):
+        radii = [(v.abs() - beta).abs() if mode_beta is not None else torch.rand(v.shape, generator=gen) * 0.01
+                 for v in values]
+        if mode_beta is not None:  # analytic: the kernel's own radii
+            radii = list(_ops.quantize_analytic(values, beta, 0.0)[1])
+        for layout in ("sparse", "dense"):
+            fs = FragileSet.record(values, radii, 0.003, beta=mode_beta, layout=layout)
+            index, value, radius = fs.selected()
+            assert index.numel() == fs.count > 0
+            assert torch.equal(index, fs.indices()) and torch.equal(value, fs.values())
+            assert torch.equal(radius, fs.radii())

@@ -137,6 +137,15 @@ class FragileSet:
         keep = torch.nonzero(_fragile_mask(self._stored_radii(), self.threshold)).reshape(-1)
         return keep, keep
 
+    def selected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, values, radii) of the fragile coordinates, the radii computed once (what a
+        deletion check reads per step; the three accessors below each recompute them)."""
+        radii = self._stored_radii()
+        if self.layout == SPARSE:
+            return self.index.to(torch.int64), self.value, radii
+        keep = torch.nonzero(_fragile_mask(radii, self.threshold)).reshape(-1)
+        return keep, self.value[keep], radii[keep]
+
     def indices(self) -> torch.Tensor:
         """int64 global coordinate indices of the fragile coordinates, ascending."""
         return self._selection()[0]

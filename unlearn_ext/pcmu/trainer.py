@@ -299,10 +299,14 @@ class PCMUTrainer:
             return ("over_budget", f"{k} removed ids in one batch exceed the recorded fragile sets (M = "
                                    f"{self.max_request})"), None
         w = self.replay(r.step, (w_at, w) if w is not None else None)
-        delta = torch.cat([g.reshape(-1).cpu() for g in self._clipped_mean64(w, present)])[r.fragile_index]
+        index, value, radius = r.fragile.selected()
+        delta = torch.cat([g.reshape(-1).cpu() for g in self._clipped_mean64(w, present)])[index]
         out.steps_checked_exactly += 1
         out.sample_gradients += k
-        verdict = (self._requantize_analytic if self.mode == "analytic" else self._radius_check_mc)(r, delta, out)
+        if self.mode == "analytic":
+            verdict = self._requantize_analytic(value, delta, out)
+        else:
+            verdict = self._radius_check_mc(radius, delta)
         if verdict is not None and verdict[0] == "undecided" and self.mode == "analytic":
             verdict = self._recompute_step(r, present, w, out)
         return verdict, (r.step, w)
@@ -325,9 +329,9 @@ class PCMUTrainer:
             return "diverges", f"{flipped} coordinates change their code (near-tie settled by recomputing the step)"
         return None
 
-    def _requantize_analytic(self, r: PCMUStep, delta: torch.Tensor, out: RequestCheck):
+    def _requantize_analytic(self, v: torch.Tensor, delta: torch.Tensor, out: RequestCheck):
+        """v: the step's fragile values; delta: the removed samples' part of them."""
         beta = float(torch.tensor(self.beta, dtype=torch.float32))  # the kernel compares in float32
-        v = r.fragile_value
         old = (v > beta).to(torch.int8) - (v < -beta).to(torch.int8)
         v_new = v.double() - delta
         new = (v_new > beta).to(torch.int8) - (v_new < -beta).to(torch.int8)
@@ -340,8 +344,8 @@ class PCMUTrainer:
             return ("undecided", f"{int(near.sum())} coordinates land within the rounding margin of +-beta")
         return None
 
-    def _radius_check_mc(self, r: PCMUStep, delta: torch.Tensor, out: RequestCheck):
-        uncovered = ~(delta.abs() + self.rounding_margin < r.fragile_radius.double())
+    def _radius_check_mc(self, radius: torch.Tensor, delta: torch.Tensor):
+        uncovered = ~(delta.abs() + self.rounding_margin < radius.double())
         if bool(uncovered.any()):
             return ("undecided", f"{int(uncovered.sum())} coordinates move by more than their Monte-Carlo "
                                  "radius (abstaining coordinates have radius 0)")
