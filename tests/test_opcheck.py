@@ -396,6 +396,18 @@ def _bad_inputs():
         ("dequantize_axpy_", "alpha", (_g(), 1e39, *_q(), 8, 64), "alpha must be finite as float32"),
         ("dequantize_dot", "scales_dtype", (_q()[0], [s.double() for s in _q()[1]], _g(), 8, 64),
          r"scales\[0\] must be float32"),
+        ("select_histogram", "key_mode", (_g(), 5, 0, 0, 0, 0, 0, 16), "key mode must be 0"),
+        ("select_histogram", "digit_bits", (_g(), 1, 0, 0, 0, 0, 0, 17), r"digit_bits must be in \[1, 16\]"),
+        ("select_tie_boundary", "needed", (_g(), 1, 0, 0, 0, 5, -1), "needed must be >= 0"),
+        ("select_apply_", "action", (_g(), _g(), [], [], 1, 0, 0, 0, 3, 1, 7, 0.5, 0, 0), "action must be 0"),
+        ("select_apply_", "boundary", (_g(), _g(), [], [], 1, 0, 0, 0, 3, -1, 0, 0.5, 0, 0), "boundary must be >= 0"),
+        ("select_histogram_near", "k", (_g(), 1, 0, 0, 0, -1), "k must be >= 0"),
+        ("select_histogram_near", "base", (_g(), 1, 0, 0, -1, 5), r"base \(the global index"),
+        ("select_apply_bin_", "prefix_bits", (_g(), _g(), [], [], 1, 0, 0, 0, 0, 0, 1, 0, 0.5, 0, 0),
+         r"prefix_bits must be in \[1, 32\]"),
+        ("select_apply_bin_", "alpha", (_g(), _g(), [], [], 1, 0, 0, 0, 0, 8, 1, 1, float("inf"), 0, 0),
+         "alpha must be finite"),
+        ("select_mask_grad_", "threshold", (_g(), _g(), 1, 0, 0, 0, -2, 0), r"threshold must be in \[-1, 2\^32\]"),
     ]
 
 
