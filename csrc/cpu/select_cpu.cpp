@@ -185,6 +185,21 @@ std::vector<at::Tensor> contiguous_sources(at::TensorList source_in) {
   return source;
 }
 
+// The key walk both apply passes share: the keys of elements [lo, hi) of tensor t (global index of
+// lo: global_lo), built a tile at a time and handed over 16 at a time as
+// group(keys, valid lanes, local index of keys[0], global index of keys[0]).
+template <typename T, typename Group>
+inline void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi, int64_t global_lo, int key_mode,
+                               uint64_t seed, uint64_t offset, Group group) {
+  alignas(64) uint32_t keys[kTile];
+  for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+    const int64_t len = std::min(kTile, hi - j0);
+    const int64_t g0 = global_lo + (j0 - lo);
+    tile_keys<T>(s.tensors[t], key_mode, seed, offset, j0, len, g0, keys);
+    for (int64_t b = 0; b < len; b += 16) group(keys + b, static_cast<int>(std::min<int64_t>(16, len - b)), j0 + b, g0 + b);
+  }
+}
+
 at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at::TensorList source_in,
                             at::TensorList masks, int64_t mode, int64_t seed, int64_t offset, int64_t base,
                             int64_t threshold, int64_t boundary, int64_t action, double alpha, int64_t noise_seed,
@@ -213,22 +228,16 @@ at::Tensor select_apply_cpu(at::TensorList params, at::TensorList scores_in, at:
             P* w = out.w(t);
             const P* src = out.src(t);
             bool* m = out.mask(t);
-            alignas(64) uint32_t keys[kTile];
-            for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
-              const int64_t len = std::min(kTile, hi - j0);
-              const int64_t g0 = base + g + (j0 - lo);
-              tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len, g0, keys);
-              for (int64_t b = 0; b < len; b += 16) {
-                const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
-                // The tie rule "global index < boundary" as "the first tie_lanes lanes".
-                const int tie_lanes = static_cast<int>(std::clamp<int64_t>(boundary - (g0 + b), 0, 16));
-                const uint32_t ordered = lanes_in(keys + b, valid, key_lo, key_hi);
-                const uint32_t sel = selected_lanes(keys + b, valid, threshold, tie_lanes, ordered);
-                if (m) write_mask_lanes(m + j0 + b, sel, valid);
-                n += lane_count(sel);
-                for_each_lane(sel, [&](int j) { write(w, src, j0 + b + j, g0 + b + j); });
-              }
-            }
+            for_each_key_group<T>(s, t, lo, hi, base + g, key_mode, as_u64(seed), as_u64(offset),
+                                  [&](const uint32_t* kb, int valid, int64_t j, int64_t gj) {
+              // The tie rule "global index < boundary" as "the first tie_lanes lanes".
+              const int tie_lanes = static_cast<int>(std::clamp<int64_t>(boundary - gj, 0, 16));
+              const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
+              const uint32_t sel = selected_lanes(kb, valid, threshold, tie_lanes, ordered);
+              if (m) write_mask_lanes(m + j, sel, valid);
+              n += lane_count(sel);
+              for_each_lane(sel, [&](int l) { write(w, src, j + l, gj + l); });
+            });
           });
       int64_t total = 0;
       for (int64_t n : counts) total += n;
@@ -417,25 +426,16 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
               P* w = out.w(t);
               const P* src = out.src(t);
               bool* m = out.mask(t);
-              alignas(64) uint32_t keys[kTile];
-              for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
-                const int64_t len = std::min(kTile, hi - j0);
-                const int64_t g0 = base + g + (j0 - lo);
-                tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len, g0, keys);
-                for (int64_t b = 0; b < len; b += 16) {
-                  const uint32_t* kb = keys + b;
-                  const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
-                  const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
-                  const uint32_t sel = bin_hi == 0xffffffffu ? 0u : ordered & lanes_in(kb, valid, bin_hi + 1, 0xffffffffu);
-                  const uint32_t in_bin = ordered & lanes_in(kb, valid, bin_lo, bin_hi);
-                  if (m) write_mask_lanes(m + j0 + b, sel, valid);
-                  part.count += lane_count(sel);
-                  for_each_lane(sel, [&](int j) { write(w, src, j0 + b + j, g0 + b + j); });
-                  for_each_lane(in_bin, [&](int j) {
-                    part.candidates.push_back({kb[j], static_cast<uint32_t>(t), j0 + b + j});
-                  });
-                }
-              }
+              for_each_key_group<T>(s, t, lo, hi, base + g, key_mode, as_u64(seed), as_u64(offset),
+                                    [&](const uint32_t* kb, int valid, int64_t j, int64_t gj) {
+                const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
+                const uint32_t sel = bin_hi == 0xffffffffu ? 0u : ordered & lanes_in(kb, valid, bin_hi + 1, 0xffffffffu);
+                const uint32_t in_bin = ordered & lanes_in(kb, valid, bin_lo, bin_hi);
+                if (m) write_mask_lanes(m + j, sel, valid);
+                part.count += lane_count(sel);
+                for_each_lane(sel, [&](int l) { write(w, src, j + l, gj + l); });
+                for_each_lane(in_bin, [&](int l) { part.candidates.push_back({kb[l], static_cast<uint32_t>(t), j + l}); });
+              });
             });
         std::vector<Candidate> cand;
         size_t total = 0;
