@@ -38,7 +38,8 @@ from unlearn_ext.evaluate import harness, methods, settings
 
 SETTINGS = {"digits": "perturb-digits", "memorizing": "memorizing"}  # script name -> harness setting
 METHODS = ["retrain-other", "finetune"] + [f"{family}{suffix}" for family in ("topk", "randomk")
-                                           for suffix in ("", "-dampen", "-ascent", "-masked", "-distill")]
+                                           for suffix in ("", "-dampen", "-ascent", "-masked", "-distill", "-adaptive")]
+NOISE_FLOOR = 5  # retrains from other seeds per (seed, ratio): DESIGN section 8 asks for >= 5
 
 
 def _profile(setting: str) -> dict:
@@ -70,30 +71,70 @@ def _fmt(v, spec=".3f"):
     return "n/a" if v is None else format(v, spec)
 
 
+def _test_gap(r: dict, gold: dict) -> float:
+    """|test accuracy - that run's reference retrain's|."""
+    return abs(gold["test_acc"] - r["test_acc"])
+
+
+def _within(rows: list[dict], gold_of, field: str, gap) -> str:
+    """'a/n': in how many runs the method's gap is at or below that run's noise floor (the largest gap
+    of a retrain from another seed to the reference retrain); n/a without floor retrains."""
+    runs = [r for r in rows if gold_of(r).get(field) is not None]
+    if not runs:
+        return "n/a"
+    return f"{sum(gap(r) <= gold_of(r)[field] + 1e-12 for r in runs)}/{len(runs)}"
+
+
+def _floor_line(golds: list[dict]) -> str:
+    """The noise floor of these runs: per run the largest |gap| of a retrain from another seed to the
+    reference retrain (test accuracy, MIA AUC); mean and max over runs, and the mean gap."""
+    runs = [g for g in golds if g.get("retrain_floor_test_gaps")]
+    if not runs:
+        spread = [g["retrain_spread_test_acc"] for g in golds if g.get("retrain_spread_test_acc") is not None]
+        return ("Noise floor: not measured in these runs" if not spread else
+                f"Noise floor (older runs: spread only): test {_fmt(_mean(spread))}")
+    count = len(runs[0]["retrain_floor_test_gaps"])
+    return (f"Noise floor ({count} retrains from other seeds vs the reference retrain, per run the largest gap; "
+            f"mean; max over {len(runs)} runs): |test gap| {_fmt(_mean([g['retrain_floor_test_gap'] for g in runs]))}; "
+            f"{_fmt(max(g['retrain_floor_test_gap'] for g in runs))}, MIA gap "
+            f"{_fmt(_mean([g['retrain_floor_mia_gap'] for g in runs]))}; "
+            f"{_fmt(max(g['retrain_floor_mia_gap'] for g in runs))} (mean over all retrains: |test gap| "
+            f"{_fmt(_mean([x for g in runs for x in g['retrain_floor_test_gaps']]))}, MIA gap "
+            f"{_fmt(_mean([x for g in runs for x in g['retrain_floor_mia_gaps']]))})")
+
+
 def table(payloads: list[dict]) -> str:
     """Markdown: per (setting, ratio) one row per method, means over seeds (max of the per-run MIA
-    gap beside its mean), the precondition per seed, and SPD-GAN's checks."""
+    gap beside its mean), the noise floor and in how many runs each method's gaps are within it, the
+    precondition per seed, and SPD-GAN's checks."""
     records = [r for p in payloads for r in p["records"]]
     out = []
     for setting in dict.fromkeys(r["setting"] for r in records):
         for ratio in sorted({r["ratio"] for r in records if r["setting"] == setting}):
             rows = [r for r in records if r["setting"] == setting and r["ratio"] == ratio]
             seeds = sorted({r["seed"] for r in rows})
+            gold = {r["seed"]: r for r in rows if r["method"] == "retrain"}
+            gold_of = lambda r: gold[r["seed"]]  # noqa: E731
             out += [f"\n#### {setting}, forget ratio {ratio:g} (|F| = {rows[0]['forget_size']}, seeds "
                     f"{', '.join(map(str, seeds))})\n",
-                    "| method | test | retain | forget | FR | MRR | MIA | per-run MIA gap (mean; max) | UD | cost |",
-                    "|---|---|---|---|---|---|---|---|---|---|"]
+                    "| method | test | retain | forget | FR | MRR | MIA | per-run MIA gap (mean; max) | abs test gap | "
+                    "runs within floor (test; MIA) | UD | cost |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for method in dict.fromkeys(r["method"] for r in rows):
                 mine = [r for r in rows if r["method"] == method]
                 m = {k: _mean([r[k] for r in mine]) for k in COLUMNS}
                 gaps = [r["mia_gap"] for r in mine]
+                within = (f"{_within(mine, gold_of, 'retrain_floor_test_gap', lambda r: _test_gap(r, gold_of(r)))}; "
+                          f"{_within(mine, gold_of, 'retrain_floor_mia_gap', lambda r: r['mia_gap'])}")
                 out.append(f"| {method} | {_fmt(m['test_acc'])} | {_fmt(m['retain_acc'])} | "
                            f"{_fmt(m['forget_acc'])} | {_fmt(m['fr'], '.2f')} | {_fmt(m['mrr'])} | "
                            f"{_fmt(m['mia_auc'])} | {_fmt(m['mia_gap'])}; {_fmt(max(gaps))} | "
+                           f"{_fmt(_mean([_test_gap(r, gold_of(r)) for r in mine]))} | {within} | "
                            f"{_fmt(m['ud'], '.2f')} | {_fmt(m['cost_vs_retrain'])} |")
+            out.append("\n" + _floor_line(list(gold.values())))
             by_seed = {s: {r["method"]: r for r in rows if r["seed"] == s} for s in seeds}
             pre = [by_seed[s]["original"]["mia_auc"] - by_seed[s]["retrain"]["mia_auc"] for s in seeds]
-            out.append(f"\nOriginal MIA - retrain MIA per seed: {', '.join(f'{g:.3f}' for g in pre)}")
+            out.append(f"Original MIA - retrain MIA per seed: {', '.join(f'{g:.3f}' for g in pre)}")
             checks = [by_seed[s]["original"]["ud_checks"] for s in seeds if by_seed[s]["original"]["ud_checks"]]
             if checks:
                 c = {k: _mean([x[k] for x in checks]) for k in checks[0]}
@@ -109,28 +150,27 @@ def table(payloads: list[dict]) -> str:
 def targets(payloads: list[dict], min_ratio: float = 0.05) -> str:
     """Issue 13's target measures, means over every (seed, ratio >= min_ratio) run: test-accuracy gap
     to that run's retrain (retrain - method), per-run |MIA gap|, |forget - retrain forget|, MRR, cost,
-    UD; `retrain-other` is the noise floor."""
+    UD, and in how many runs the test and MIA gaps are within that run's noise floor."""
     records = [r for p in payloads for r in p["records"] if r["ratio"] >= min_ratio]
     out = []
     for setting in dict.fromkeys(r["setting"] for r in records):
         rows = [r for r in records if r["setting"] == setting]
         gold = {(r["seed"], r["ratio"]): r for r in rows if r["method"] == "retrain"}
+        g = lambda r: gold[(r["seed"], r["ratio"])]  # noqa: E731
         out += [f"\n#### {setting}: means over seeds and ratios >= {min_ratio:g}\n",
                 "| method | test gap (retrain - method) | abs test gap | per-run MIA gap (mean; max) | abs forget gap | "
-                "MRR | UD | cost |", "|---|---|---|---|---|---|---|---|"]
+                "MRR | runs within floor (test; MIA) | UD | cost |", "|---|---|---|---|---|---|---|---|---|"]
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
-            g = lambda r: gold[(r["seed"], r["ratio"])]  # noqa: E731
+            within = (f"{_within(mine, g, 'retrain_floor_test_gap', lambda r: _test_gap(r, g(r)))}; "
+                      f"{_within(mine, g, 'retrain_floor_mia_gap', lambda r: r['mia_gap'])}")
             out.append(f"| {method} | {_fmt(_mean([g(r)['test_acc'] - r['test_acc'] for r in mine]), '+.3f')} | "
-                       f"{_fmt(_mean([abs(g(r)['test_acc'] - r['test_acc']) for r in mine]))} | "
+                       f"{_fmt(_mean([_test_gap(r, g(r)) for r in mine]))} | "
                        f"{_fmt(_mean([r['mia_gap'] for r in mine]))}; {_fmt(max(r['mia_gap'] for r in mine))} | "
                        f"{_fmt(_mean([abs(r['forget_acc'] - g(r)['forget_acc']) for r in mine]))} | "
-                       f"{_fmt(_mean([r['mrr'] for r in mine]))} | {_fmt(_mean([r['ud'] for r in mine]), '.2f')} | "
-                       f"{_fmt(_mean([r['cost_vs_retrain'] for r in mine]))} |")
-        spread_t = _mean([r["retrain_spread_test_acc"] for r in gold.values()])
-        spread_m = _mean([r["retrain_spread_mia_auc"] for r in gold.values()])
-        out.append(f"\nRetrain with another batch order (same initial weights): test spread {_fmt(spread_t)}, "
-                   f"MIA spread {_fmt(spread_m)} (means over runs).")
+                       f"{_fmt(_mean([r['mrr'] for r in mine]))} | {within} | "
+                       f"{_fmt(_mean([r['ud'] for r in mine]), '.2f')} | {_fmt(_mean([r['cost_vs_retrain'] for r in mine]))} |")
+        out.append("\n" + _floor_line(list(gold.values())))
     return "\n".join(out)
 
 
@@ -139,13 +179,14 @@ GRID = [dict(k=k, repair_epochs=e, repair=rep) for k in (0.05, 0.1, 0.2) for e i
         for rep in ("all", "distill")]
 
 
-def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID) -> list[dict]:
+def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False) -> list[dict]:
     """Top-K reset on held-out seeds over GRID: per setting the per-run MIA gap, |forget - retrain|,
-    test gap, MRR and cost (means over seeds and ratios)."""
+    test gap, MRR and cost (means over seeds and ratios). adaptive: Top-K with the adaptive K
+    (perturb/adaptive.py; the grid's k is the ladder's cap) instead of a fixed K."""
     import copy
 
     from unlearn_ext.data import retrain
-    from unlearn_ext.perturb import TopKUnlearner
+    from unlearn_ext.perturb import AdaptiveTopKUnlearner, TopKUnlearner
 
     named = settings.get(SETTINGS[setting])
     results = {i: [] for i in range(len(grid))}
@@ -157,14 +198,16 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID) -> list[dict]:
             orig = harness._measure(run_.original, ds, run_.data, forget)
             gold = harness._measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
             for i, kw in enumerate(grid):
-                u = TopKUnlearner(copy.deepcopy(run_.original), run_.data, run_.config, perturbation="reset",
-                                  seed=seed, **kw)
+                cls = AdaptiveTopKUnlearner if adaptive else TopKUnlearner
+                u = cls(copy.deepcopy(run_.original), run_.data, run_.config, perturbation="reset",
+                        holdout=run_.holdout, seed=seed, **kw)
                 rep = u.unlearn(forget)
                 m = harness._measure(u.model, ds, run_.data, forget)
                 results[i].append({"mia_gap": abs(m["mia_auc"] - gold["mia_auc"]),
                                    "forget_gap": abs(m["forget_acc"] - gold["forget_acc"]),
                                    "test_gap": gold["test_acc"] - m["test_acc"],
-                                   "mrr": m["retain_acc"] / orig["retain_acc"], "cost": rep.cost_vs_retrain})
+                                   "mrr": m["retain_acc"] / orig["retain_acc"], "cost": rep.cost_vs_retrain,
+                                   "k_chosen": rep.details.get("k_chosen", kw["k"])})
             print(f"[calibrate {setting}] seed {seed} ratio {ratio:g} done", flush=True)
     out = []
     for i, kw in enumerate(grid):
@@ -177,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--setting", choices=list(SETTINGS), default="digits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ratios", default="0.01,0.05,0.1,0.2")
-    ap.add_argument("--noise-floor", type=int, default=1, help="retrains with other batch orders per ratio")
+    ap.add_argument("--noise-floor", type=int, default=NOISE_FLOOR,
+                    help=f"retrains from other seeds per ratio (default {NOISE_FLOOR})")
     ap.add_argument("--no-ud", action="store_true", help="skip SPD-GAN's UD column")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None, help="write the records here")
@@ -185,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=float, default=None, help="override K of the perturbation methods (this setting)")
     ap.add_argument("--repair-epochs", type=int, default=None, help="override their repair epochs")
     ap.add_argument("--calibrate", action="store_true", help="Top-K settings on held-out seeds 100-102")
+    ap.add_argument("--adaptive", action="store_true", help="with --calibrate: Top-K with the adaptive K "
+                    "(the grid's K is the ladder's cap)")
     ap.add_argument("--grid", default=None, help="calibration grid 'K,K;EPOCHS,EPOCHS;REPAIR,REPAIR' "
                     "(default 0.05,0.1,0.2;3,10,30;all,distill)")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the markdown of these runs")
@@ -195,15 +241,15 @@ def main(argv=None) -> int:
             ks, es, rs = args.grid.split(";")
             grid = [dict(k=float(k), repair_epochs=int(e), repair=r) for k in ks.split(",") for e in es.split(",")
                     for r in rs.split(",")]
-        rows = calibrate(args.setting, grid=grid)
+        rows = calibrate(args.setting, grid=grid, adaptive=args.adaptive)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(rows, f, indent=1)
-        print("| k | repair epochs | repair | per-run MIA gap | abs forget gap | test gap | MRR | cost |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| k | repair epochs | repair | per-run MIA gap | abs forget gap | test gap | MRR | cost | K used (mean) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['k']:g} | {r['repair_epochs']} | {r['repair']} | {r['mia_gap']:.3f} | {r['forget_gap']:.3f} | "
-                  f"{r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} |")
+                  f"{r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} | {r['k_chosen']:.3f} |")
         return 0
     if args.table:
         payloads = []

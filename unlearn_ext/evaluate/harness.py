@@ -24,7 +24,7 @@ from . import models
 from .datasets import Dataset
 from .memory import PeakMemory
 from . import ud as ud_column
-from .methods import Method, Run, resolve
+from .methods import OTHER_SEED_OFFSET, Method, Run, other_seed_config, reinitialized, resolve
 
 RECORD_FIELDS = {
     "dataset": "dataset name", "model": "model name", "method": "original | retrain | a method (| <method>-original, <method>-retrain for methods with "
@@ -49,8 +49,14 @@ RECORD_FIELDS = {
                          "and reused is not counted; None where not measurable), cuda_max_allocated = CUDA "
                          "tensor memory (unlearn_ext/evaluate/memory.py)",
     "peak_memory_kind": "cpu_rss_growth | cuda_max_allocated | None (rows without an unlearning call)",
-    "retrain_spread_test_acc": "max - min test accuracy over retrains with other seeds (the noise floor)",
-    "retrain_spread_mia_auc": "max - min MIA AUC over retrains with other seeds",
+    "retrain_spread_test_acc": "max - min test accuracy over the reference retrain and the retrains with other seeds",
+    "retrain_spread_mia_auc": "max - min MIA AUC over the reference retrain and the retrains with other seeds",
+    "retrain_floor_test_gaps": "the noise floor: |test accuracy - the reference retrain's| of each retrain with another "
+                               "seed (other initial weights and batch order; noise_floor_seeds of them; [] if 0)",
+    "retrain_floor_mia_gaps": "the noise floor: |MIA AUC - the reference retrain's| of each retrain with another seed",
+    "retrain_floor_test_gap": "max of retrain_floor_test_gaps (None without retrains): a method's |test gap| at or "
+                              "below it is within retraining's own variation in this run",
+    "retrain_floor_mia_gap": "max of retrain_floor_mia_gaps (None without retrains), the same for the per-run MIA gap",
     "ud": "SPD-GAN unlearning degree (A_before(x~F) - A_after(x~F)) / (A_before(x~F) - A_retrain(x~F)), capped at "
           "1, on a model trained on R + x~(F) (None where |F| < 30, the gap is < 2 points, or not computed; "
           "read it beside the test accuracy: UD rewards damage)",
@@ -154,8 +160,7 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
     gold = retrain(run.initial, run.data, run.config, forget)
     retrain_seconds = time.perf_counter() - began
     orig_m, gold_m = (_measure(m, ds, run.data, forget) for m in (run.original, gold))
-    spread = _noise_floor(ds, run, forget, noise_floor_seeds)
-    common = dict(retrain_spread_test_acc=spread[0], retrain_spread_mia_auc=spread[1])
+    common = _noise_floor(ds, run, forget, noise_floor_seeds, gold_m)
     rows = [
         _row(run, "original", "retrain", ratio, forget, orig_m, gold_m, orig_m, run.original, run.original, gold,
              **common),
@@ -210,24 +215,33 @@ def _on_cuda(model: torch.nn.Module) -> bool:
     return any(p.is_cuda for p in model.parameters())
 
 
-def _noise_floor(ds, run: Run, forget, count: int) -> tuple:
-    """Spread (max - min) of test accuracy and MIA AUC over retrains that differ only in the seed
-    of the batch order (the initial weights stay): how much retraining itself varies."""
+def _noise_floor(ds, run: Run, forget, count: int, gold_m: dict) -> dict:
+    """Retraining's own variation (DESIGN section 8): `count` retrains without F from other seeds --
+    other initial weights and another batch order, seed + OTHER_SEED_OFFSET * j for j = 1..count, as the
+    `retrain-other` row draws them (j = 1 is that row's retrain) -- each compared with the reference
+    retrain (`gold_m`, already measured). Returns the record fields retrain_spread_* (max - min over
+    the reference and the others), retrain_floor_*_gaps (each other retrain's |gap| to the
+    reference) and retrain_floor_*_gap (their max)."""
     if count < 1:
-        return None, None
-    accs, aucs = [], []
-    for j in range(count + 1):
-        config = run.config if j == 0 else SGDConfig(run.config.epochs, run.config.batch_size, run.config.lr,
-                                                     run.config.weight_decay, run.seed + 1000 * j)
-        m = _measure(retrain(run.initial, run.data, config, forget), ds, run.data, forget)
+        return dict(retrain_spread_test_acc=None, retrain_spread_mia_auc=None, retrain_floor_test_gaps=[],
+                    retrain_floor_mia_gaps=[], retrain_floor_test_gap=None, retrain_floor_mia_gap=None)
+    accs, aucs = [gold_m["test_acc"]], [gold_m["mia_auc"]]
+    for j in range(1, count + 1):
+        seed = run.seed + OTHER_SEED_OFFSET * j
+        m = _measure(retrain(reinitialized(run.initial, seed), run.data, other_seed_config(run.config, seed), forget),
+                     ds, run.data, forget)
         accs.append(m["test_acc"])
         aucs.append(m["mia_auc"])
-    return max(accs) - min(accs), max(aucs) - min(aucs)
+    test_gaps = [abs(a - accs[0]) for a in accs[1:]]
+    mia_gaps = [abs(a - aucs[0]) for a in aucs[1:]]
+    return dict(retrain_spread_test_acc=max(accs) - min(accs), retrain_spread_mia_auc=max(aucs) - min(aucs),
+                retrain_floor_test_gaps=test_gaps, retrain_floor_mia_gaps=mia_gaps,
+                retrain_floor_test_gap=max(test_gaps), retrain_floor_mia_gap=max(mia_gaps))
 
 
 MEASURES = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "mrr", "ud",
             "seconds", "speedup", "cost_vs_retrain", "history_bytes", "peak_memory_bytes", "retrain_spread_test_acc",
-            "retrain_spread_mia_auc")
+            "retrain_spread_mia_auc", "retrain_floor_test_gap", "retrain_floor_mia_gap")
 
 
 def summarize(records: list[dict]) -> list[dict]:

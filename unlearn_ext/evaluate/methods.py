@@ -20,7 +20,7 @@ from ..data import SGDConfig, TrainingData
 from ..mini import (DeltaGradUnlearner, MiniUnlearner, mini_store, step_store, train_recording_anchors,
                     train_recording_steps)
 from ..pcmu import PCMUTrainer, PCMUUnlearner
-from ..perturb import RandomKUnlearner, TopKUnlearner
+from ..perturb import AdaptiveRandomKUnlearner, AdaptiveTopKUnlearner, RandomKUnlearner, TopKUnlearner
 from ..unlearner import Unlearner
 
 
@@ -148,6 +148,24 @@ PERTURB_METHODS = [_perturb_method(family + suffix, cls, *how)
                    for suffix, how in PERTURB_VARIANTS.items()]
 TOPK, RANDOMK = PERTURB_METHODS[0], PERTURB_METHODS[len(PERTURB_VARIANTS)]
 
+# -adaptive: reset + repair with K chosen per request by the stop rule of perturb/adaptive.py (grow K
+# on a ladder up to ADAPTIVE_K_CAP until F's mean loss after the reset reaches the held-out
+# non-members'); no K to tune. Repair as PERTURB_SETTINGS says for the model family.
+ADAPTIVE_K_CAP = 0.5
+
+
+def _adaptive_method(name: str, cls) -> Method:
+    def build(run: Run, _):
+        if run.holdout is None:
+            raise ValueError(f"{name}: the adaptive K stops at held-out non-members' loss (Run.holdout)")
+        return cls(copy.deepcopy(run.original), run.data, run.config, perturbation="reset", repair="all",
+                   holdout=run.holdout, seed=run.seed, **{**perturb_settings(run), "k": ADAPTIVE_K_CAP})
+    return Method(name, "retrain", build=build)
+
+
+ADAPTIVE_METHODS = [_adaptive_method("topk-adaptive", AdaptiveTopKUnlearner),
+                    _adaptive_method("randomk-adaptive", AdaptiveRandomKUnlearner)]
+
 
 # ---- the noise floor as a row: retraining from other initial weights and another batch order ------
 
@@ -177,7 +195,8 @@ RETRAIN_OTHER = Method(
                                           other_seed_config(run.config, run.seed + OTHER_SEED_OFFSET)),
 )
 
-AVAILABLE = {m.name: m for m in (PCMU, MINI, DELTAGRAD, FINETUNE, *PERTURB_METHODS, RETRAIN_OTHER)}
+AVAILABLE = {m.name: m for m in (PCMU, MINI, DELTAGRAD, FINETUNE, *PERTURB_METHODS, *ADAPTIVE_METHODS,
+                                  RETRAIN_OTHER)}
 # What `unlearn-ext demo` runs (one of each family; the variants are for `eval`).
 DEMO = ("pcmu", "mini", "deltagrad", "finetune", "topk", "randomk")
 

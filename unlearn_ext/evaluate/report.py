@@ -49,8 +49,9 @@ def markdown(summary: list[dict], title: str, notes: list[str]) -> str:
               "distance to the retrained weights relative to the original's (0 perfect, 1 did nothing); FR: "
               "forgetting rate normalized by retraining (n/a where original and retrain differ on < 2 forget "
               "samples); MRR: retain accuracy / the original's; cost: sample-gradient evaluations relative to "
-              "retraining; floor test / floor MIA: spread of retrains with other batch-order seeds (a gap "
-              "within it is as good as retraining). FR, MRR and the MIA efficacy are our definitions "
+              "retraining; floor test / floor MIA: spread of the reference retrain and retrains "
+              "from other seeds (other initial weights and batch order; a gap within it is as good as "
+              "retraining). FR, MRR and the MIA efficacy are our definitions "
               "(DESIGN sections 7-8). PCMU rows are compared with PCMU's own coupled retraining.", ""]
     return "\n".join(lines)
 

@@ -1,0 +1,126 @@
+"""K chosen per request by a stopping rule (our formulation, after normalized ascent's stop).
+
+A fixed K (DESIGN section 7: 5%) suits a model that generalizes but is far too small for one that
+memorized F: resetting 5% and repairing leaves F's loss far below a non-member's, so a
+loss-threshold membership attack still tells F apart. Instead of tuning K per model and ratio,
+grow it: for K on a fixed ladder of fractions, smallest first, run the whole request (select,
+perturb, repair) from the weights before the request, then compare F's mean loss with the held-out
+non-members' mean loss *on the repaired model*; stop at the first K where F's loss is at least the
+held-out loss (F then looks like data the model never saw, the condition the attack tests) and keep
+that repaired model. The check is after the repair because the repair gives back part of what the
+perturbation took from F (on held-out seeds of the memorizing setting, a K whose reset alone lifted
+F's loss to the held-out loss fell back to a third of it after 3 repair epochs). If no rung reaches
+the target, the largest rung's result is kept and the report says so (`k_stop_reached` False).
+
+Cost: every rung tried pays its repair (plus one forward pass over F and the held-out set, counted
+as one sample gradient per sample); Top-K's scores are computed once per request.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import selection as sel_api
+from .scores import forget_scores
+from .unlearner import PerturbUnlearner
+
+# Fractions of all trainable coordinates, smallest first, about x2 per rung up to half the model:
+# coarse on purpose, since each rung tried costs one repair.
+K_LADDER = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+class AdaptivePerturbUnlearner(PerturbUnlearner):
+    """Shared body: `k` caps the ladder (default 0.5); subclasses say how a rung selects."""
+
+    method = "perturb-adaptive"
+
+    def __init__(self, model, data, config, *, k=0.5, ladder=K_LADDER, **kwargs):
+        perturbation = kwargs.get("perturbation", "reset")
+        if perturbation not in ("reset", "dampen"):
+            raise ValueError(f"the adaptive K is chosen for reset or dampen, got perturbation={perturbation!r} "
+                             "(normalized ascent has its own stop)")
+        if kwargs.get("holdout") is None:
+            raise ValueError("the adaptive K stops at the held-out non-members' loss: give holdout=(x, y)")
+        if not isinstance(k, float) or not 0.0 < k <= 1.0:
+            raise ValueError(f"k (the ladder's cap) must be a fraction in (0, 1], got {k!r}")
+        rungs = tuple(float(r) for r in ladder if r <= k)
+        if not rungs or rungs[0] <= 0.0 or any(b <= a for a, b in zip(rungs, rungs[1:])):
+            raise ValueError(f"ladder must be increasing positive fractions with at least one <= k={k}, got {ladder}")
+        super().__init__(model, data, config, k=k, **kwargs)
+        self.ladder = rungs
+        self._rung_k: float | None = None   # the rung being tried
+        self._context = None                # per-request selection inputs shared by the rungs (Top-K's scores)
+
+    # ---- what a subclass provides ------------------------------------------------------------------
+
+    def _prepare(self, new: torch.Tensor):
+        """(context shared by every rung of this request, sample gradients spent)."""
+        return None, 0
+
+    def _rung(self, k: float, context):
+        """The selection of fraction k."""
+        raise NotImplementedError
+
+    # ---- the request -------------------------------------------------------------------------------
+
+    def _select(self, new):
+        return self._rung(self._rung_k, self._context), 0
+
+    def _holdout_loss(self) -> float:
+        hx, hy = self.holdout
+        with torch.no_grad():
+            return float(self.data.loss(self.model(hx), hy).mean())
+
+    def _forget(self, new: torch.Tensor, report) -> None:
+        params = self._params()
+        before = [p.detach().clone() for p in params]
+        requests, forgotten = self.requests, self.forgotten.clone()
+        self._context, spent = self._prepare(new)
+        scoring = spent
+        probe = int(new.numel()) + int(self.holdout[1].numel())  # one forward pass over F and the held-out set
+        tried = []
+        for i, k in enumerate(self.ladder):
+            if i:  # every rung starts from the weights before the request
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b)
+                self.requests = requests
+                self._set_forgotten(forgotten)
+            self._rung_k = k
+            super()._forget(new, report)
+            spent += report.sample_gradients + probe
+            forget_loss, holdout_loss = self._forget_loss(new), self._holdout_loss()
+            tried.append([k, forget_loss, holdout_loss])
+            if forget_loss >= holdout_loss:
+                break
+        self._context = None
+        reached = tried[-1][1] >= tried[-1][2]
+        report.sample_gradients = spent
+        report.details.update(k_chosen=tried[-1][0], k_stop_reached=reached, k_trials=tried,
+                              scoring_sample_gradients=scoring + probe * len(tried))
+        report.how = (f"{self.method}: K = {tried[-1][0]:g} after {len(tried)} rung(s) "
+                      f"({'stop rule met' if reached else 'ladder exhausted'}); " + report.how)
+
+
+class AdaptiveTopKUnlearner(AdaptivePerturbUnlearner):
+    """Top-K (grad_abs scores over F by default) with K grown until the stop rule holds."""
+
+    method = "topk-adaptive"
+
+    def _prepare(self, new):
+        with torch.enable_grad():
+            return forget_scores(self.model, self.data, new, self.score, self.config.batch_size)
+
+    def _rung(self, k, scores):
+        if self.per_tensor:
+            return sel_api.topk_per_tensor(scores, k)
+        return sel_api.topk(scores, k)
+
+
+class AdaptiveRandomKUnlearner(AdaptivePerturbUnlearner):
+    """Random-k with the same ladder and stop rule: the control for "does the score matter"."""
+
+    method = "randomk-adaptive"
+
+    def _rung(self, k, _):
+        # Same (seed, request) keys on every rung, so a larger K selects a superset of a smaller one.
+        return sel_api.random_k([p.detach() for p in self._params()], k, self.seed, self.requests)
