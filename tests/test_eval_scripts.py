@@ -101,3 +101,35 @@ def test_peak_memory_sees_torch_allocations():
         pytest.skip("peak resident memory is measured on Linux only")
     assert peak.bytes >= 120 * 2**20
     assert peak.kind == "cpu_rss_growth"
+
+
+def test_noise_floor_is_retraining_from_other_seeds_against_the_reference():
+    """Each floor gap is |test / MIA of a retrain from seed + 1000 j (other initial weights and batch
+    order) - the reference retrain's|, recomputed here outside the harness; the first of them is the
+    `retrain-other` row's retrain; the max fields are the max of the gaps."""
+    from unlearn_ext.data import retrain
+    from unlearn_ext.evaluate import harness, methods
+
+    named = settings.get("perturb-digits")
+    records = settings.evaluate_setting("perturb-digits", methods=["retrain-other"], ratios=[0.05], seeds=[0],
+                                        epochs=2, noise_floor_seeds=2)
+    gold = next(r for r in records if r["method"] == "retrain")
+    other = next(r for r in records if r["method"] == "retrain-other")
+    ds = named.dataset(0)
+    data, initial, config = named.training(0, epochs=2)
+    forget = harness.forget_ids(data, 0.05, 0)
+    want_test, want_mia = [], []
+    for j in (1, 2):
+        seed = 1000 * j
+        m = harness._measure(retrain(methods.reinitialized(initial, seed), data,
+                                     methods.other_seed_config(config, seed), forget), ds, data, forget)
+        want_test.append(abs(m["test_acc"] - gold["test_acc"]))
+        want_mia.append(abs(m["mia_auc"] - gold["mia_auc"]))
+    assert gold["retrain_floor_test_gaps"] == pytest.approx(want_test)
+    assert gold["retrain_floor_mia_gaps"] == pytest.approx(want_mia)
+    assert gold["retrain_floor_mia_gap"] == max(gold["retrain_floor_mia_gaps"])
+    assert gold["retrain_floor_test_gap"] == max(gold["retrain_floor_test_gaps"])
+    assert other["mia_gap"] == pytest.approx(want_mia[0])
+    none = settings.evaluate_setting("perturb-digits", methods=["finetune"], ratios=[0.05], seeds=[0], epochs=2,
+                                     noise_floor_seeds=0)
+    assert all(r["retrain_floor_test_gaps"] == [] and r["retrain_floor_mia_gap"] is None for r in none)

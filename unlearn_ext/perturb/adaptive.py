@@ -26,6 +26,8 @@ from .unlearner import PerturbUnlearner
 # Fractions of all trainable coordinates, smallest first, about x2 per rung up to half the model:
 # coarse on purpose, since each rung tried costs one repair.
 K_LADDER = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+# How F's and the held-out losses are summarized for the comparison.
+STOP_STATISTICS = {"mean": torch.mean, "median": torch.median}
 
 
 class AdaptivePerturbUnlearner(PerturbUnlearner):
@@ -33,7 +35,7 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
 
     method = "perturb-adaptive"
 
-    def __init__(self, model, data, config, *, k=0.5, ladder=K_LADDER, **kwargs):
+    def __init__(self, model, data, config, *, k=0.5, ladder=K_LADDER, stop_statistic: str = "mean", **kwargs):
         perturbation = kwargs.get("perturbation", "reset")
         if perturbation not in ("reset", "dampen"):
             raise ValueError(f"the adaptive K is chosen for reset or dampen, got perturbation={perturbation!r} "
@@ -45,10 +47,15 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
         rungs = tuple(float(r) for r in ladder if r <= k)
         if not rungs or rungs[0] <= 0.0 or any(b <= a for a, b in zip(rungs, rungs[1:])):
             raise ValueError(f"ladder must be increasing positive fractions with at least one <= k={k}, got {ladder}")
+        if stop_statistic not in STOP_STATISTICS:
+            raise ValueError(f"stop_statistic must be one of {', '.join(STOP_STATISTICS)}, got {stop_statistic!r}")
         super().__init__(model, data, config, k=k, **kwargs)
-        self.ladder = rungs
+        self.ladder, self.stop_statistic = rungs, stop_statistic
         self._rung_k: float | None = None   # the rung being tried
         self._context = None                # per-request selection inputs shared by the rungs (Top-K's scores)
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "ladder": list(self.ladder), "stop_statistic": self.stop_statistic}
 
     # ---- what a subclass provides ------------------------------------------------------------------
 
@@ -65,10 +72,9 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
     def _select(self, new):
         return self._rung(self._rung_k, self._context), 0
 
-    def _holdout_loss(self) -> float:
-        hx, hy = self.holdout
+    def _summary_loss(self, x, y) -> float:
         with torch.no_grad():
-            return float(self.data.loss(self.model(hx), hy).mean())
+            return float(STOP_STATISTICS[self.stop_statistic](self.data.loss(self.model(x), y)))
 
     def _forget(self, new: torch.Tensor, report) -> None:
         params = self._params()
@@ -88,7 +94,8 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
             self._rung_k = k
             super()._forget(new, report)
             spent += report.sample_gradients + probe
-            forget_loss, holdout_loss = self._forget_loss(new), self._holdout_loss()
+            forget_loss = self._summary_loss(*self.data.batch(new))
+            holdout_loss = self._summary_loss(*self.holdout)
             tried.append([k, forget_loss, holdout_loss])
             if forget_loss >= holdout_loss:
                 break
