@@ -1,6 +1,6 @@
 """Issue 13's evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent,
-masked and distillation repair) against retraining, retraining from other seeds (the noise floor),
-fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (DESIGN
+masked and distillation repair, the adaptive K) against retraining, retraining from other seeds
+(the noise floor), fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (DESIGN
 section 8). A thin wrapper of unlearn_ext.evaluate.evaluate: the methods are registry entries
 (unlearn_ext/evaluate/methods.py), the UD column is evaluate/ud.py. One JSON per (setting, seed),
 so seeds can run in parallel processes; --table prints the markdown of finished JSON files.
@@ -18,11 +18,19 @@ epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-
   PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --calibrate --grid "0.3,0.5;3,10;all,distill"
   PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --seed 0 --k 0.3 --repair-epochs 3 --json m.json
 
+(--k does not reach the -adaptive rows: their K is chosen per request, methods.ADAPTIVE_K_CAP caps it;
+`--calibrate --adaptive` runs the grid on them, the grid's K being the cap.)
+
+The noise floor: every (seed, ratio) retrains from NOISE_FLOOR = 5 other seeds (other initial
+weights and batch order; harness._noise_floor) and each table puts, beside every method's gaps, in
+how many runs its |test gap| and per-run MIA gap are at or below that run's floor (the largest gap
+of those retrains to the reference retrain), with the floor itself per ratio.
+
 The settings are the harness's named ones (digits = perturb-digits, memorizing = memorizing in
 unlearn_ext/evaluate/settings.py; label flips drawn per training seed), so with the default K and
 repair epochs a seed's records equal
 
-  unlearn-ext eval --setting memorizing --methods retrain-other,finetune,topk,... --seeds 0 --noise-floor 1
+  unlearn-ext eval --setting memorizing --methods retrain-other,finetune,topk,... --seeds 0 --noise-floor 5
 
 (wall time and memory aside; tests/test_eval_scripts.py checks it on a tiny configuration).
 """
