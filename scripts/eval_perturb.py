@@ -240,24 +240,39 @@ def main(argv=None) -> int:
     ap.add_argument("--adaptive", action="store_true", help="with --calibrate: Top-K with the adaptive K "
                     "(the grid's K is the ladder's cap)")
     ap.add_argument("--grid", default=None, help="calibration grid 'K,K;EPOCHS,EPOCHS;REPAIR,REPAIR' "
-                    "(default 0.05,0.1,0.2;3,10,30;all,distill)")
+                    "(default 0.05,0.1,0.2;3,10,30;all,distill); with --adaptive optionally "
+                    "';DISTILL_ALPHA,..;STOP_STATISTIC,..' (mean, median) appended")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the markdown of these runs")
     args = ap.parse_args(argv)
     if args.calibrate:
         grid = GRID
         if args.grid:
-            ks, es, rs = args.grid.split(";")
+            parts = args.grid.split(";")
+            if len(parts) not in (3, 5):
+                ap.error("--grid is 'K,..;EPOCHS,..;REPAIR,..' or, with --adaptive, "
+                         "'K,..;EPOCHS,..;REPAIR,..;DISTILL_ALPHA,..;STOP_STATISTIC,..'")
+            if len(parts) == 5 and not args.adaptive:
+                ap.error("the distill_alpha and stop_statistic fields of --grid need --adaptive")
+            ks, es, rs = parts[:3]
             grid = [dict(k=float(k), repair_epochs=int(e), repair=r) for k in ks.split(",") for e in es.split(",")
                     for r in rs.split(",")]
+            if len(parts) == 5:
+                # distill_alpha only changes a distillation repair: label repairs keep alpha 0 once
+                grid = [{**g, "distill_alpha": float(a), "stop_statistic": st} for g in grid
+                        for a in parts[3].split(",") for st in parts[4].split(",")
+                        if "distill" in g["repair"] or float(a) == 0.0]
         rows = calibrate(args.setting, grid=grid, adaptive=args.adaptive)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(rows, f, indent=1)
-        print("| k | repair epochs | repair | per-run MIA gap | abs forget gap | test gap | MRR | cost | K used (mean) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| k | repair epochs | repair | distill alpha | stop statistic | per-run MIA gap | abs forget gap | "
+              "test gap | MRR | cost | K used (mean) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['k']:g} | {r['repair_epochs']} | {r['repair']} | {r['mia_gap']:.3f} | {r['forget_gap']:.3f} | "
-                  f"{r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} | {r['k_chosen']:.3f} |")
+            print(f"| {r['k']:g} | {r['repair_epochs']} | {r['repair']} | {r.get('distill_alpha', 0.0):g} | "
+                  f"{r.get('stop_statistic', 'mean') if args.adaptive else '-'} | {r['mia_gap']:.3f} | "
+                  f"{r['forget_gap']:.3f} | {r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} | "
+                  f"{r['k_chosen']:.3f} |")
         return 0
     if args.table:
         payloads = []

@@ -133,3 +133,13 @@ def test_noise_floor_is_retraining_from_other_seeds_against_the_reference():
     none = settings.evaluate_setting("perturb-digits", methods=["finetune"], ratios=[0.05], seeds=[0], epochs=2,
                                      noise_floor_seeds=0)
     assert all(r["retrain_floor_test_gaps"] == [] and r["retrain_floor_mia_gap"] is None for r in none)
+
+
+def test_perturb_calibration_grid_refuses_adaptive_fields_without_adaptive(capsys):
+    ev = _script("eval_perturb")
+    with pytest.raises(SystemExit):
+        ev.main(["--calibrate", "--grid", "0.5;3;all;0;mean"])
+    assert "need --adaptive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--calibrate", "--adaptive", "--grid", "0.5;3"])
+    assert "--grid is" in capsys.readouterr().err
