@@ -2,8 +2,10 @@
 (DESIGN section 9: >= 5x faster at the quality of issue 12's table), same run.
 
 Workload: the history-logreg setting of unlearn_ext/evaluate/settings.py (scripts/eval_history_methods.py:
-digits, standardized, weight decay 1e-3, 40 epochs, batch 128, lr 0.5), seed 0, the forget set a seeded 10% of the ids. The quality
-reached (d/d0 against the same-seed retrain) is kept in last_run.json beside the times.
+digits-pixels, weight decay 1e-3, 40 epochs, batch 128, lr 0.5), seed 0, the forget set a seeded 10% of the ids. The quality
+reached (d/d0 against the same-seed retrain) and the sample-gradient cost are kept in last_run.json beside the times.
+Mini runs with its defaults: since issue 12's cost target, m and k are what a budget of 0.30 of retraining's
+sample-gradients affords (mini/budget.py: k = 8, m = 848 here), not DESIGN's fixed 1024 and 10.
 """
 from __future__ import annotations
 
