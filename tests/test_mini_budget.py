@@ -33,6 +33,13 @@ def test_floor_binds_when_retraining_is_tiny():
     assert curvature_plan(100, anchor_cost=10) == (MIN_SAMPLES, 8)
 
 
+def test_design_steps_kept_when_all_retained_samples_fit_the_budget():
+    # the overfit setting at 20%: 240 retained samples x 300 epochs. Costed at a nominal m = 1024,
+    # k = 10 would not fit; on the 240 samples a request really draws it does.
+    assert curvature_plan(300 * 240, 5 * 60)[1] == 8
+    assert curvature_plan(300 * 240, 5 * 60, retained=240)[1] == 10
+
+
 def test_explicit_values_are_kept():
     assert curvature_plan(100, 10, samples=40, steps=3) == (40, 3)
     m, k = curvature_plan(40 * 1260, 700, steps=12)  # k given: m from the budget at that k

@@ -39,16 +39,18 @@ def request_cost(anchor_cost: int, samples: int, steps: int, spectra: int = 1) -
 
 def curvature_plan(retrain_sample_gradients: int, anchor_cost: int, spectra: int = 1,
                    budget: float = DEFAULT_BUDGET, samples: int | None = None,
-                   steps: int | None = None) -> tuple[int, int]:
-    """(m, k) for one request under the rule above; a `samples` or `steps` the user gave is kept."""
+                   steps: int | None = None, retained: int | None = None) -> tuple[int, int]:
+    """(m, k) for one request under the rule above; a `samples` or `steps` the user gave is kept.
+    `retained` (|R|, when known) caps the subsample: a request never draws more than all retained
+    samples, so DESIGN's k = 10 is afforded on what it will really cost."""
     if not budget > 0:
         raise ValueError(f"curvature budget must be a positive fraction of retraining's cost, got {budget}")
     if spectra < 1:
         raise ValueError(f"need spectra >= 1, got {spectra}")
     allowed = budget * retrain_sample_gradients
     if steps is None:
-        steps = DESIGN_STEPS if request_cost(anchor_cost, samples or DESIGN_SAMPLES, DESIGN_STEPS, spectra) <= allowed \
-            else BUDGET_STEPS
+        drawn = min(samples or DESIGN_SAMPLES, retained or DESIGN_SAMPLES)
+        steps = DESIGN_STEPS if request_cost(anchor_cost, drawn, DESIGN_STEPS, spectra) <= allowed else BUDGET_STEPS
     if samples is None:
         spare = (allowed - anchor_cost) // (spectra * 2 * steps + 1)
         samples = int(min(max(spare, MIN_SAMPLES), DESIGN_SAMPLES))

@@ -97,13 +97,15 @@ class MiniUnlearner(Unlearner):
             out.append((t, self.flat.join(s.tensors["params"]), self.flat.join(s.tensors[FULL_GRAD])))
         return out
 
-    def _curvature_plan(self, retrain_sample_gradients: int, anchor_cost: int, spectra: int) -> tuple[int, int]:
+    def _curvature_plan(self, retrain_sample_gradients: int, anchor_cost: int, spectra: int,
+                        retained: int) -> tuple[int, int]:
         """(m, k) for this request: the user's, else the budget rule's (mini/budget.py)."""
         given_m = None if self.curvature_samples == "auto" else self.curvature_samples
         given_k = None if self.lanczos_steps == "auto" else self.lanczos_steps
         if self.curvature == "exact":  # d HVPs, a test / diagnostic mode: no budget applies (k unused)
             return given_m or DESIGN_SAMPLES, given_k or 0
-        return curvature_plan(retrain_sample_gradients, anchor_cost, spectra, self.curvature_budget, given_m, given_k)
+        return curvature_plan(retrain_sample_gradients, anchor_cost, spectra, self.curvature_budget, given_m, given_k,
+                              retained)
 
     def _spectrum(self, w, start, retained, m, k):
         ids = subsample(retained, m, self.seed)
@@ -127,7 +129,7 @@ class MiniUnlearner(Unlearner):
         cost = len(anchors) * r
         # 2. curvature (once at w*, or per segment at its end anchor) on m retained samples.
         m, k = self._curvature_plan(report.retrain_sample_gradients, cost,
-                                    len(anchors) if self.curvature == "anchors" else 1)
+                                    len(anchors) if self.curvature == "anchors" else 1, n - r)
         spectra = {}
         if self.curvature == "anchors":
             for (t, w, _), d in zip(anchors, deltas):
