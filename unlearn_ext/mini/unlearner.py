@@ -169,7 +169,7 @@ class MiniUnlearner(Unlearner):
             "ritz_values": [s.ritz for s in used],
             "h_perp": [s.h_perp for s in used], "Lambda": Lambda, "norm_e": norm_e, "bound": bound,
             "max_eta_theta": max_eta_theta, "curvature": self.curvature,
-            "curvature_samples": min(m, n - r), "lanczos_steps": k,
+            "curvature_samples": min(m, n - r), "lanczos_steps": k, "curvature_budget": self.curvature_budget,
             "delta_norms": [float(d.norm()) for d in deltas]}
         # 4. safety checks.
         reason = ""
