@@ -15,8 +15,10 @@ table as
 
 (the wall-time columns aside). After the table: DESIGN section 8's precondition of the memorizing
 setting (original MIA AUC >= retraining's + 0.2) and issue 12's target there (Mini's MIA AUC within
-0.05 of retraining's). Hyperparameters are Mini's and DeltaGrad's defaults (m = 1024, k = 10, delta
-rule 'end'; burn-in 10, period 5, memory 2), fixed before these seeds were run.
+0.05 of retraining's). Hyperparameters are Mini's and DeltaGrad's defaults (Mini: m and k from a
+budget of 0.30 of retraining's sample-gradients, mini/budget.py — on digits k = 8 and m = 568-974 —
+delta rule 'end'; DeltaGrad: burn-in 10, period 5, memory 2), fixed on held-out seeds before these
+seeds were run (scripts/sweep_mini_budget.py, seeds 100-102).
 
 Changed when the script became a wrapper (issue 11): the data are the harness's `digits-pixels`
 (the same pixels / 16 and the same 1400 / 397 split as before); label flips of the overfit setting

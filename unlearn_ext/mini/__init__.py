@@ -2,7 +2,8 @@
 response of SGD, from K anchors) and the DeltaGrad baseline (every step replayed).
 
 Modules: record (training side: anchors, per-step history, plain-SGD check), vectors (flat
-parameter vector, batched gradients), curvature (HVPs, Lanczos, Ritz pairs), propagate (spectral
+parameter vector, batched gradients), curvature (HVPs, Lanczos, Ritz pairs), budget (how many samples
+and Lanczos steps a request may spend), propagate (spectral
 propagation per segment), resume (exact fallback), unlearner (MiniUnlearner), deltagrad
 (DeltaGradUnlearner)."""
 from .deltagrad import DeltaGradUnlearner, lbfgs_product  # noqa: F401

@@ -10,7 +10,8 @@ with the union, so sequential requests equal one combined request):
   1. delta_k = r/(n-r) (g_k - grad L_F(w_{a_k})) at every anchor closing a segment (K anchors,
      not epoch 0; cost K * r);
   2. curvature of the retained objective at w* from a uniform random subsample of m retained
-     samples, k Lanczos steps from delta_K (cost 2 m k); curvature='anchors' (our experiment on
+     samples, k Lanczos steps from delta_K (cost 2 m k; m and k by default from a budget of 0.30
+     of retraining's cost, our rule: mini/budget.py); curvature='anchors' (our experiment on
      the open problem of DESIGN section 6) takes it at each segment's end anchor instead, start
      vector that anchor's delta (cost K times more); curvature='exact' builds the whole Hessian
      (tests, small models);
@@ -23,11 +24,14 @@ with the union, so sequential requests equal one combined request):
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..data import TrainingData
 from ..history import HistoryStore
 from ..unlearner import Unlearner, UnlearnReport
+from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import exact_spectrum, lanczos_spectrum, subsample
 from .propagate import DELTA_RULES, propagate_segment
 from .record import FULL_GRAD, check_plain_sgd
@@ -41,10 +45,14 @@ class MiniUnlearner(Unlearner):
     method = "mini"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
-                 curvature_samples: int = 1024, lanczos_steps: int = 10, curvature: str = "final",
+                 curvature_samples: int | str = "auto", lanczos_steps: int | str = "auto", curvature: str = "final",
                  seed: int = 0, stability_limit: float = 2.0, delta_rule: str = "end",
-                 loss_rise_limit: float = 0.25):
+                 loss_rise_limit: float = 0.25, curvature_budget: float = DEFAULT_BUDGET):
         """model: the trained model (its weights are w*); store: what MiniRecorder recorded.
+        curvature_samples (m), lanczos_steps (k): "auto" (default) keeps a request within
+        `curvature_budget` (a fraction of retraining's sample-gradients): DESIGN's m = 1024, k = 10
+        where the budget affords them, else k = 8 and the m in [256, 1024] it affords (our rule,
+        mini/budget.py; curvature="exact" takes m = 1024). Values given explicitly are used as given.
         delta_rule: "end" (DESIGN: each segment uses the drift of the anchor closing it) or
         "interp" (linear between the bounding anchors; see mini/propagate.py).
         loss_rise_limit: the retained-loss check (ours) fires when the retained objective on the
@@ -69,7 +77,11 @@ class MiniUnlearner(Unlearner):
         self.lrs = torch.tensor(info["lr_schedule"], dtype=torch.float64)
         self.flat = FlatModel(model, data)
         self.original = self.flat.flat()
-        self.curvature_samples, self.lanczos_steps = int(curvature_samples), int(lanczos_steps)
+        self.curvature_samples = _auto_or_positive("curvature_samples", curvature_samples)
+        self.lanczos_steps = _auto_or_positive("lanczos_steps", lanczos_steps)
+        self.curvature_budget = float(curvature_budget)
+        if not self.curvature_budget > 0:
+            raise ValueError(f"curvature_budget must be a positive fraction of retraining's cost, got {curvature_budget}")
         self.curvature, self.seed, self.stability_limit = curvature, int(seed), float(stability_limit)
         self.loss_rise_limit = float(loss_rise_limit)
 
@@ -85,11 +97,21 @@ class MiniUnlearner(Unlearner):
             out.append((t, self.flat.join(s.tensors["params"]), self.flat.join(s.tensors[FULL_GRAD])))
         return out
 
-    def _spectrum(self, w, start, retained):
-        ids = subsample(retained, self.curvature_samples, self.seed)
+    def _curvature_plan(self, retrain_sample_gradients: int, anchor_cost: int, spectra: int,
+                        retained: int) -> tuple[int, int]:
+        """(m, k) for this request: the user's, else the budget rule's (mini/budget.py)."""
+        given_m = None if self.curvature_samples == "auto" else self.curvature_samples
+        given_k = None if self.lanczos_steps == "auto" else self.lanczos_steps
+        if self.curvature == "exact":  # d HVPs, a test / diagnostic mode: no budget applies (k unused)
+            return given_m or DESIGN_SAMPLES, given_k or 0
+        return curvature_plan(retrain_sample_gradients, anchor_cost, spectra, self.curvature_budget, given_m, given_k,
+                              retained)
+
+    def _spectrum(self, w, start, retained, m, k):
+        ids = subsample(retained, m, self.seed)
         if self.curvature == "exact":
             return exact_spectrum(self.flat, w, ids, self.weight_decay)
-        return lanczos_spectrum(self.flat, w, ids, self.weight_decay, start, self.lanczos_steps, self.seed)
+        return lanczos_spectrum(self.flat, w, ids, self.weight_decay, start, k, self.seed)
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
@@ -105,13 +127,15 @@ class MiniUnlearner(Unlearner):
             g_forget = self.flat.mean_loss_grad(w, union) + self.weight_decay * w
             deltas.append((r / (n - r)) * (g.double() - g_forget.double()))
         cost = len(anchors) * r
-        # 2. curvature (once at w*, or per segment at its end anchor).
+        # 2. curvature (once at w*, or per segment at its end anchor) on m retained samples.
+        m, k = self._curvature_plan(report.retrain_sample_gradients, cost,
+                                    len(anchors) if self.curvature == "anchors" else 1, n - r)
         spectra = {}
         if self.curvature == "anchors":
             for (t, w, _), d in zip(anchors, deltas):
-                spectra[t] = self._spectrum(w, d, retained)
+                spectra[t] = self._spectrum(w, d, retained, m, k)
         else:
-            shared = self._spectrum(self.original, deltas[-1], retained)
+            shared = self._spectrum(self.original, deltas[-1], retained, m, k)
         # 3. propagate over the segments between consecutive boundaries (0, the anchors, T); a
         # boundary without an anchor takes its neighbour's delta (constant drift there).
         bounds = sorted({0, T} | {t for t, _, _ in anchors if t <= T})
@@ -145,7 +169,7 @@ class MiniUnlearner(Unlearner):
             "ritz_values": [s.ritz for s in used],
             "h_perp": [s.h_perp for s in used], "Lambda": Lambda, "norm_e": norm_e, "bound": bound,
             "max_eta_theta": max_eta_theta, "curvature": self.curvature,
-            "curvature_samples": min(self.curvature_samples, n - r), "lanczos_steps": self.lanczos_steps,
+            "curvature_samples": min(m, n - r), "lanczos_steps": k, "curvature_budget": self.curvature_budget,
             "delta_norms": [float(d.norm()) for d in deltas]}
         # 4. safety checks.
         reason = ""
@@ -157,7 +181,7 @@ class MiniUnlearner(Unlearner):
         elif norm_e > bound * (1 + 1e-6):
             reason = f"||e|| = {norm_e:.3g} exceeds Lambda * max ||delta_k|| = {bound:.3g}"
         else:
-            rise, check_cost = self._retained_loss_rise(e, retained)
+            rise, check_cost = self._retained_loss_rise(e, retained, m)
             cost += check_cost
             report.details["retained_loss_rise"] = rise
             if rise > self.loss_rise_limit:
@@ -177,7 +201,7 @@ class MiniUnlearner(Unlearner):
         report.weights_changed = True
         self._set_forgotten(union)
 
-    def _retained_loss_rise(self, e: torch.Tensor, retained: torch.Tensor) -> tuple[float, int]:
+    def _retained_loss_rise(self, e: torch.Tensor, retained: torch.Tensor, m: int) -> tuple[float, int]:
         """(L_S(w* + e) - L_S(w*)) / L_S(w*) for the retained objective (mean loss + wd/2 ||w||^2) on
         the curvature subsample S, and its cost (two forward passes, counted as |S| sample-gradients).
 
@@ -187,7 +211,7 @@ class MiniUnlearner(Unlearner):
         e went uphill on the objective retraining minimizes: on the tanh MLP the requests that ended
         farther from retraining than w* (d/d0 0.98 and 1.29) rose by 72% and 216%, while every
         held-out request with d/d0 < 0.65 (seeds 100-102, 1-30%) stayed below +12%; hence 25%."""
-        ids = subsample(retained, self.curvature_samples, self.seed)
+        ids = subsample(retained, m, self.seed)
         x, y = self.data.batch(ids)
         w0 = self.original.double()
 
@@ -213,7 +237,7 @@ class MiniUnlearner(Unlearner):
                 "steps": int(self.lrs.numel()), "weight_decay": self.weight_decay,
                 "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
                 "delta_rule": self.delta_rule, "curvature_samples": self.curvature_samples,
-                "lanczos_steps": self.lanczos_steps,
+                "lanczos_steps": self.lanczos_steps, "curvature_budget": self.curvature_budget,
                 "seed": self.seed, "loss_rise_limit": self.loss_rise_limit, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
@@ -223,3 +247,12 @@ class MiniUnlearner(Unlearner):
         self.flat.load_(state["params"])
         self.original = state["original"].clone()
         self._set_forgotten(state["forgotten"])
+
+
+def _auto_or_positive(name: str, value) -> int | str:
+    """'auto', or the value as a positive int (a clear error otherwise)."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int or 'auto', got {value!r}")
+    return int(value)
