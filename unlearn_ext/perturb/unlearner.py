@@ -74,6 +74,10 @@ class PerturbUnlearner(Unlearner):
         """(selection, sample gradients spent on scoring)."""
         raise NotImplementedError
 
+    def _retained(self, new: torch.Tensor) -> torch.Tensor:
+        """The retained set R of this request: every sample neither forgotten before nor in `new`."""
+        return self.data.without(torch.cat([self.forgotten, new]))
+
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
         self.requests += 1
@@ -221,7 +225,8 @@ class TopKUnlearner(PerturbUnlearner):
 
     def _select(self, new):
         with torch.enable_grad():
-            scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size)
+            scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size,
+                                         retained=self._retained(new))
         if self.per_tensor:
             return sel_api.topk_per_tensor(scores, self.k), cost
         return sel_api.topk(scores, self.k), cost
