@@ -187,11 +187,13 @@ GRID = [dict(k=k, repair_epochs=e, repair=rep) for k in (0.05, 0.1, 0.2) for e i
         for rep in ("all", "distill")]
 
 
-def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False, score: str = "grad_abs") -> list[dict]:
+def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False, score: str = "grad_abs",
+              ratio_floor: float | None = None) -> list[dict]:
     """Top-K on held-out seeds over GRID (reset unless a grid entry names its `perturbation`): per
     setting the per-run MIA gap, |forget - retrain|, test gap, MRR and cost (means over seeds and
     ratios). adaptive: Top-K with the adaptive K (perturb/adaptive.py; the grid's k is the ladder's
-    cap) instead of a fixed K. score: the Top-K score (perturb/scores.py)."""
+    cap) instead of a fixed K. score: the Top-K score (perturb/scores.py); ratio_floor: fisher_ratio's
+    floor (default perturb.scores.RATIO_FLOOR)."""
     import copy
 
     from unlearn_ext.data import retrain
@@ -209,7 +211,8 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False
             for i, kw in enumerate(grid):
                 cls = AdaptiveTopKUnlearner if adaptive else TopKUnlearner
                 u = cls(copy.deepcopy(run_.original), run_.data, run_.config, holdout=run_.holdout, seed=seed,
-                        score=score, **{"perturbation": "reset", **kw})
+                        score=score, **({} if ratio_floor is None else {"ratio_floor": ratio_floor}),
+                        **{"perturbation": "reset", **kw})
                 rep = u.unlearn(forget)
                 m = harness._measure(u.model, ds, run_.data, forget)
                 results[i].append({"mia_gap": abs(m["mia_auc"] - gold["mia_auc"]),
@@ -220,7 +223,8 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False
             print(f"[calibrate {setting}] seed {seed} ratio {ratio:g} done", flush=True)
     out = []
     for i, kw in enumerate(grid):
-        out.append({"score": score, "perturbation": "reset", **kw,
+        out.append({"score": score, **({} if ratio_floor is None else {"ratio_floor": ratio_floor}),
+                    "perturbation": "reset", **kw,
                     **{k: statistics.mean(r[k] for r in results[i]) for k in results[i][0]},
                     "abs_test_gap": statistics.mean(abs(r["test_gap"]) for r in results[i])})
     return out
@@ -247,6 +251,8 @@ def main(argv=None) -> int:
                     "';DISTILL_ALPHA,..;STOP_STATISTIC,..' (mean, median) appended")
     ap.add_argument("--score", default="grad_abs", help="with --calibrate: Top-K's score (grad_abs, fisher, "
                     "sensitivity, fisher_ratio)")
+    ap.add_argument("--ratio-floor", type=float, default=None, help="with --calibrate --score fisher_ratio: "
+                    "the floor under R's Fisher as a fraction of its mean (default perturb.scores.RATIO_FLOOR)")
     ap.add_argument("--perturbations", default="reset", help="with --calibrate: comma list of perturbations "
                     "the grid crosses (reset, dampen)")
     ap.add_argument("--calibrate-ratios", default="0.1,0.2", help="with --calibrate: forget ratios (default 0.1,0.2)")
@@ -271,7 +277,7 @@ def main(argv=None) -> int:
                         if "distill" in g["repair"] or float(a) == 0.0]
         grid = [{**g, "perturbation": p} for g in grid for p in args.perturbations.split(",")]
         rows = calibrate(args.setting, ratios=[float(r) for r in args.calibrate_ratios.split(",")], grid=grid,
-                         adaptive=args.adaptive, score=args.score)
+                         adaptive=args.adaptive, score=args.score, ratio_floor=args.ratio_floor)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(rows, f, indent=1)

@@ -44,12 +44,17 @@ def _by_hand(model, data, ids):
     return (torch.einsum("nc,nj->ncj", residual, x) ** 2).mean(0)
 
 
-def test_fisher_ratio_equals_the_hand_computed_formula():
+@pytest.mark.parametrize("floor", [None, 0.0, 3.0])
+def test_fisher_ratio_equals_the_hand_computed_formula(floor):
     data, model = _constructed()
     retained = data.without(FORGET)
-    scores, cost = forget_scores(model, data, FORGET, "fisher_ratio", batch_size=5, retained=retained)
+    extra = {} if floor is None else {"ratio_floor": floor}
+    scores, cost = forget_scores(model, data, FORGET, "fisher_ratio", batch_size=5, retained=retained, **extra)
     f_fisher, r_fisher = _by_hand(model, data, FORGET), _by_hand(model, data, retained)
-    expected = f_fisher / (r_fisher + RATIO_FLOOR * r_fisher.mean())
+    fraction = RATIO_FLOOR if floor is None else floor
+    denominator = r_fisher + fraction * r_fisher.mean()
+    # with no floor, coordinates R never moves score 0 instead of x / 0
+    expected = torch.where(denominator > 0, f_fisher / denominator, torch.zeros_like(f_fisher))
     assert torch.allclose(scores[0], expected, rtol=1e-5, atol=1e-7)
     assert cost == 16  # |F| + |R| sample gradients
 
@@ -118,3 +123,9 @@ def test_fisher_ratio_refuses_bad_input():
         forget_scores(model, data, torch.empty(0, dtype=torch.int64), "fisher_ratio", retained=retained)
     with pytest.raises(ValueError, match="unknown score"):
         forget_scores(model, data, FORGET, "fisher_ratios", retained=retained)
+    for floor in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="ratio_floor"):
+            forget_scores(model, data, FORGET, "fisher_ratio", retained=retained, ratio_floor=floor)
+        with pytest.raises(ValueError, match="ratio_floor"):
+            TopKUnlearner(model, data, SGDConfig(epochs=1, batch_size=4, lr=0.1), score="fisher_ratio",
+                          ratio_floor=floor)

@@ -9,6 +9,8 @@ Each returns one score tensor per trainable parameter (detached, float32) and th
 sample-gradient evaluations it cost (the scoring pass counted in every report's cost)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.func import functional_call, grad, vmap
 
@@ -85,15 +87,15 @@ def _mean_sq_sample_grads(model, data, ids, batch_size):
 RATIO_FLOOR = 0.1
 
 
-def fisher_ratio(model, data, ids, batch_size=256, *, retained):
-    """Our formulation: F_F / (F_R + RATIO_FLOOR * mean(F_R)) per coordinate, F_S being the mean over
+def fisher_ratio(model, data, ids, batch_size=256, *, retained, floor_fraction=RATIO_FLOOR):
+    """Our formulation: F_F / (F_R + floor_fraction * mean(F_R)) per coordinate, F_S being the mean over
     S of squared per-sample gradients (the diagonal empirical Fisher of S). Large where F relies on a
     coordinate that R does not: resetting those forgets F while sparing what R needs (selective
     synaptic dampening weighs the same two Fishers against each other; this ranks by their ratio)."""
     forget_f = _mean_sq_sample_grads(model, data, ids, batch_size)
     retain_f = _mean_sq_sample_grads(model, data, retained, batch_size)
     count = sum(t.numel() for t in retain_f)
-    floor = RATIO_FLOOR * float(sum(t.double().sum() for t in retain_f)) / max(1, count)
+    floor = floor_fraction * float(sum(t.double().sum() for t in retain_f)) / max(1, count)
     return [f / (r + floor) if floor > 0 else torch.where(r > 0, f / r, torch.zeros_like(f))
             for f, r in zip(forget_f, retain_f)]
 
@@ -104,13 +106,17 @@ RETAINED_SCORES = frozenset({"fisher_ratio"})
 
 
 def forget_scores(model, data: TrainingData, ids: torch.Tensor, score: str = "grad_abs",
-                  batch_size: int = 256, retained: torch.Tensor | None = None) -> tuple[list[torch.Tensor], int]:
+                  batch_size: int = 256, retained: torch.Tensor | None = None,
+                  ratio_floor: float = RATIO_FLOOR) -> tuple[list[torch.Tensor], int]:
     """(one score tensor per trainable parameter, sample gradients spent). `retained` (ids of R) is
-    required by the scores in RETAINED_SCORES and ignored by the others."""
+    required by the scores in RETAINED_SCORES and ignored by the others; `ratio_floor` is
+    fisher_ratio's floor as a fraction of R's mean Fisher."""
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
     if ids.numel() == 0:
         raise ValueError("scores over the forget set need at least one forget id")
+    if not (math.isfinite(ratio_floor) and ratio_floor >= 0):
+        raise ValueError(f"ratio_floor must be a finite number >= 0, got {ratio_floor!r}")
     if score not in RETAINED_SCORES:
         return SCORES[score](model, data, ids, batch_size), int(ids.numel())
     if retained is None or retained.numel() == 0:
@@ -121,5 +127,5 @@ def forget_scores(model, data: TrainingData, ids: torch.Tensor, score: str = "gr
     unknown = data.unknown_ids(torch.cat([ids, retained]))
     if unknown.numel():
         raise ValueError(f"score {score!r}: ids not in the training data: {unknown[:5].tolist()}")
-    return (SCORES[score](model, data, ids, batch_size, retained=retained),
+    return (SCORES[score](model, data, ids, batch_size, retained=retained, floor_fraction=ratio_floor),
             int(ids.numel()) + int(retained.numel()))
