@@ -1,4 +1,5 @@
-"""The fisher_ratio score (perturb/scores.py, our formulation): F's per-sample Fisher over R's.
+"""The ratio scores (perturb/scores.py, our formulation): fisher_ratio (F's per-sample Fisher over
+R's) and grad_ratio (F's |summed gradient| over R's, scaled to |F|).
 
 On a linear softmax model the per-sample gradient of weight (c, j) is (p_c - y_c) x_j, so the score
 can be written down by hand; a constructed data set where one input feature only F uses, one only R
@@ -59,9 +60,27 @@ def test_fisher_ratio_equals_the_hand_computed_formula(floor):
     assert cost == 16  # |F| + |R| sample gradients
 
 
-def test_fisher_ratio_ranks_what_only_F_uses_first_and_what_only_R_uses_last():
+def test_grad_ratio_equals_the_hand_computed_formula():
     data, model = _constructed()
-    ratio, _ = forget_scores(model, data, FORGET, "fisher_ratio", retained=data.without(FORGET))
+    retained = data.without(FORGET)
+    scores, cost = forget_scores(model, data, FORGET, "grad_ratio", batch_size=5, retained=retained)
+
+    def summed(ids):  # |sum over ids of (p - onehot(y)) x^T|
+        x, y = data.batch(ids)
+        with torch.no_grad():
+            residual = torch.softmax(x @ model.weight.T, 1) - torch.nn.functional.one_hot(y, 2).float()
+        return (residual.T @ x).abs()
+
+    r_term = summed(retained) * len(FORGET) / len(retained)
+    expected = summed(FORGET) / (r_term + RATIO_FLOOR * r_term.mean())
+    assert torch.allclose(scores[0], expected, rtol=1e-5, atol=1e-7)
+    assert cost == 16
+
+
+@pytest.mark.parametrize("score", ["fisher_ratio", "grad_ratio"])
+def test_ratio_scores_rank_what_only_F_uses_first_and_what_only_R_uses_last(score):
+    data, model = _constructed()
+    ratio, _ = forget_scores(model, data, FORGET, score, retained=data.without(FORGET))
     plain, _ = forget_scores(model, data, FORGET, "grad_abs")
     w_ratio, w_plain = ratio[0], plain[0]
     for c in range(2):
@@ -108,24 +127,25 @@ def test_topk_fisher_ratio_touches_only_selected_and_counts_the_retained_pass():
     assert second.details["scoring_sample_gradients"] == 4 + (60 - 10)
 
 
-def test_fisher_ratio_refuses_bad_input():
+@pytest.mark.parametrize("score", ["fisher_ratio", "grad_ratio"])
+def test_ratio_scores_refuse_bad_input(score):
     data, model = _constructed()
     retained = data.without(FORGET)
     with pytest.raises(ValueError, match="retained"):
-        forget_scores(model, data, FORGET, "fisher_ratio")
+        forget_scores(model, data, FORGET, score)
     with pytest.raises(ValueError, match="retained"):
-        forget_scores(model, data, FORGET, "fisher_ratio", retained=torch.empty(0, dtype=torch.int64))
+        forget_scores(model, data, FORGET, score, retained=torch.empty(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="overlap"):
-        forget_scores(model, data, FORGET, "fisher_ratio", retained=torch.arange(2, 16))
+        forget_scores(model, data, FORGET, score, retained=torch.arange(2, 16))
     with pytest.raises(ValueError, match="not in the training data"):
-        forget_scores(model, data, FORGET, "fisher_ratio", retained=torch.tensor([5, 99]))
+        forget_scores(model, data, FORGET, score, retained=torch.tensor([5, 99]))
     with pytest.raises(ValueError, match="at least one forget id"):
-        forget_scores(model, data, torch.empty(0, dtype=torch.int64), "fisher_ratio", retained=retained)
+        forget_scores(model, data, torch.empty(0, dtype=torch.int64), score, retained=retained)
     with pytest.raises(ValueError, match="unknown score"):
         forget_scores(model, data, FORGET, "fisher_ratios", retained=retained)
     for floor in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="ratio_floor"):
-            forget_scores(model, data, FORGET, "fisher_ratio", retained=retained, ratio_floor=floor)
+            forget_scores(model, data, FORGET, score, retained=retained, ratio_floor=floor)
         with pytest.raises(ValueError, match="ratio_floor"):
-            TopKUnlearner(model, data, SGDConfig(epochs=1, batch_size=4, lr=0.1), score="fisher_ratio",
+            TopKUnlearner(model, data, SGDConfig(epochs=1, batch_size=4, lr=0.1), score=score,
                           ratio_floor=floor)

@@ -4,7 +4,9 @@
               gradients; ranks like grad_abs whenever F fits in one batch);
 * sensitivity mean over F of |d ||f(x)||^2 / d w| per sample (output sensitivity, no labels);
 * fisher_ratio  F's per-sample Fisher over R's (our formulation, below): how much more a coordinate
-              matters to F than to the retained data R. Needs R and costs |F| + |R| sample gradients.
+              matters to F than to the retained data R. Needs R and costs |F| + |R| sample gradients;
+* grad_ratio  grad_abs over F against R's |summed gradient| scaled to |F| (our formulation, below);
+              needs R, same cost.
 Each returns one score tensor per trainable parameter (detached, float32) and the number of
 sample-gradient evaluations it cost (the scoring pass counted in every report's cost)."""
 from __future__ import annotations
@@ -80,7 +82,7 @@ def _mean_sq_sample_grads(model, data, ids, batch_size):
     return [t / ids.numel() for t in total.values()]
 
 
-# fisher_ratio's floor under R's Fisher, as a fraction of R's mean Fisher over all coordinates. Why a
+# The ratio scores' floor under R's term, as a fraction of its mean over all coordinates. Why a
 # floor: coordinates that no sample moves (weights of always-zero input pixels) have 0 / 0; with the
 # floor they score 0, and a coordinate R barely uses cannot win on a tiny F gradient alone. The value
 # is our choice, fixed before the held-out grid (the earlier trial tried 0.001-1x: similar outcomes).
@@ -94,15 +96,33 @@ def fisher_ratio(model, data, ids, batch_size=256, *, retained, floor_fraction=R
     synaptic dampening weighs the same two Fishers against each other; this ranks by their ratio)."""
     forget_f = _mean_sq_sample_grads(model, data, ids, batch_size)
     retain_f = _mean_sq_sample_grads(model, data, retained, batch_size)
-    count = sum(t.numel() for t in retain_f)
-    floor = floor_fraction * float(sum(t.double().sum() for t in retain_f)) / max(1, count)
+    return _floored_ratio(forget_f, retain_f, floor_fraction)
+
+
+def grad_ratio(model, data, ids, batch_size=256, *, retained, floor_fraction=RATIO_FLOOR):
+    """Our formulation: |sum_F g| / (|F| / |R| * |sum_R g| + floor) per coordinate -- grad_abs over F
+    against R's summed gradient scaled to |F| samples. Unlike fisher_ratio the sums let gradients of
+    opposite sign cancel: at a minimum of the training loss R's sum is small everywhere, so this
+    ranks closer to grad_abs (sample gradients: |F| + |R|, no per-sample pass)."""
+    forget_g = grad_abs(model, data, ids, batch_size)
+    scale = ids.numel() / retained.numel()
+    retain_g = [scale * t for t in grad_abs(model, data, retained, batch_size)]
+    return _floored_ratio(forget_g, retain_g, floor_fraction)
+
+
+def _floored_ratio(forget_terms, retain_terms, floor_fraction):
+    """forget / (retain + floor_fraction * mean(retain)) per coordinate; with a zero floor, coordinates
+    R never moves score 0 rather than x / 0."""
+    count = sum(t.numel() for t in retain_terms)
+    floor = floor_fraction * float(sum(t.double().sum() for t in retain_terms)) / max(1, count)
     return [f / (r + floor) if floor > 0 else torch.where(r > 0, f / r, torch.zeros_like(f))
-            for f, r in zip(forget_f, retain_f)]
+            for f, r in zip(forget_terms, retain_terms)]
 
 
-SCORES = {"grad_abs": grad_abs, "fisher": fisher, "sensitivity": sensitivity, "fisher_ratio": fisher_ratio}
+SCORES = {"grad_abs": grad_abs, "fisher": fisher, "sensitivity": sensitivity, "fisher_ratio": fisher_ratio,
+          "grad_ratio": grad_ratio}
 # Scores that weigh F against the retained data R: they need R's ids and pay |R| more sample gradients.
-RETAINED_SCORES = frozenset({"fisher_ratio"})
+RETAINED_SCORES = frozenset({"fisher_ratio", "grad_ratio"})
 
 
 def forget_scores(model, data: TrainingData, ids: torch.Tensor, score: str = "grad_abs",
