@@ -19,7 +19,8 @@ epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-
   PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --seed 0 --k 0.3 --repair-epochs 3 --json m.json
 
 (--k does not reach the -adaptive rows: their K is chosen per request, methods.ADAPTIVE_K_CAP caps it;
-`--calibrate --adaptive` runs the grid on them, the grid's K being the cap.)
+`--calibrate --adaptive` runs the grid on them, the grid's K being the cap. Nor the -ratio rows:
+methods.RATIO_SETTINGS, chosen with `--calibrate --score grad_ratio --perturbations reset,dampen`.)
 
 The noise floor: every (seed, ratio) retrains from NOISE_FLOOR = 5 other seeds (other initial
 weights and batch order; harness._noise_floor) and each table puts, beside every method's gaps, in
@@ -47,6 +48,8 @@ from unlearn_ext.evaluate import harness, methods, settings
 SETTINGS = {"digits": "perturb-digits", "memorizing": "memorizing"}  # script name -> harness setting
 METHODS = ["retrain-other", "finetune"] + [f"{family}{suffix}" for family in ("topk", "randomk")
                                            for suffix in ("", "-dampen", "-ascent", "-masked", "-distill", "-adaptive")]
+# grad_ratio Top-K (dampen, K and repair chosen on held-out seeds) with its Random-k and fine-tuning controls
+METHODS += ["topk-ratio", "randomk-ratio", "finetune-ratio"]
 NOISE_FLOOR = 5  # retrains from other seeds per (seed, ratio): DESIGN section 8 asks for >= 5
 
 
@@ -192,7 +195,7 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False
     """Top-K on held-out seeds over GRID (reset unless a grid entry names its `perturbation`): per
     setting the per-run MIA gap, |forget - retrain|, test gap, MRR and cost (means over seeds and
     ratios). adaptive: Top-K with the adaptive K (perturb/adaptive.py; the grid's k is the ladder's
-    cap) instead of a fixed K. score: the Top-K score (perturb/scores.py); ratio_floor: fisher_ratio's
+    cap) instead of a fixed K. score: the Top-K score (perturb/scores.py); ratio_floor: the ratio scores'
     floor (default perturb.scores.RATIO_FLOOR)."""
     import copy
 
@@ -250,9 +253,9 @@ def main(argv=None) -> int:
                     "(default 0.05,0.1,0.2;3,10,30;all,distill); with --adaptive optionally "
                     "';DISTILL_ALPHA,..;STOP_STATISTIC,..' (mean, median) appended")
     ap.add_argument("--score", default="grad_abs", help="with --calibrate: Top-K's score (grad_abs, fisher, "
-                    "sensitivity, fisher_ratio)")
-    ap.add_argument("--ratio-floor", type=float, default=None, help="with --calibrate --score fisher_ratio: "
-                    "the floor under R's Fisher as a fraction of its mean (default perturb.scores.RATIO_FLOOR)")
+                    "sensitivity, fisher_ratio, grad_ratio)")
+    ap.add_argument("--ratio-floor", type=float, default=None, help="with --calibrate --score fisher_ratio / grad_ratio: "
+                    "the floor under R's term as a fraction of its mean (default perturb.scores.RATIO_FLOOR)")
     ap.add_argument("--perturbations", default="reset", help="with --calibrate: comma list of perturbations "
                     "the grid crosses (reset, dampen)")
     ap.add_argument("--calibrate-ratios", default="0.1,0.2", help="with --calibrate: forget ratios (default 0.1,0.2)")

@@ -149,3 +149,33 @@ def test_ratio_scores_refuse_bad_input(score):
         with pytest.raises(ValueError, match="ratio_floor"):
             TopKUnlearner(model, data, SGDConfig(epochs=1, batch_size=4, lr=0.1), score=score,
                           ratio_floor=floor)
+
+
+def test_registry_ratio_entries_carry_their_settings():
+    """topk-ratio and its controls build from the registry with RATIO_SETTINGS (the memorizing
+    profile on the wide MLP, the generalizing one otherwise), unaffected by edits of PERTURB_SETTINGS
+    (eval_perturb.py's --k), and unlearn."""
+    pytest.importorskip("sklearn")
+    from unlearn_ext.baselines import FinetuneUnlearner
+    from unlearn_ext.evaluate import datasets, harness, methods
+    ds = datasets.load("digits", limit=120)
+    forget = torch.arange(6)
+    for model_name, family in (("logreg", "generalizing"), ("mlp-wide", "memorizing")):
+        run = harness.train_run(ds, model_name, 0, epochs=2)
+        want = methods.RATIO_SETTINGS[family]
+        saved = dict(methods.PERTURB_SETTINGS[family])
+        methods.PERTURB_SETTINGS[family]["k"] = 0.9  # what --k does; must not reach the -ratio rows
+        try:
+            topk, randomk, finetune = (m.build(run, None) for m in
+                                       methods.resolve(["topk-ratio", "randomk-ratio", "finetune-ratio"]))
+        finally:
+            methods.PERTURB_SETTINGS[family].clear()
+            methods.PERTURB_SETTINGS[family].update(saved)
+        assert (topk.score, topk.k, topk.perturbation, topk.repair, topk.repair_epochs) == \
+            ("grad_ratio", want["k"], want["perturbation"], want["repair"], want["repair_epochs"])
+        assert (randomk.k, randomk.perturbation, randomk.repair_epochs) == \
+            (want["k"], want["perturbation"], want["repair_epochs"])
+        assert isinstance(finetune, FinetuneUnlearner) and finetune.epochs == want["repair_epochs"]
+        report = topk.unlearn(forget)
+        assert report.status == "unlearned"
+        assert report.details["scoring_sample_gradients"] == len(run.data)  # |F| + |R|

@@ -51,7 +51,7 @@ class PerturbUnlearner(Unlearner):
             raise ValueError(f"distill_temperature must be > 0 and distill_alpha in [0, 1], got "
                              f"{distill_temperature}, {distill_alpha}")
         if not (math.isfinite(ratio_floor) and ratio_floor >= 0):
-            raise ValueError(f"ratio_floor (fisher_ratio's floor, a fraction of R's mean Fisher) must be a "
+            raise ValueError(f"ratio_floor (the ratio scores' floor, a fraction of R's mean term) must be a "
                              f"finite number >= 0, got {ratio_floor!r}")
         if repair_epochs < 0 or not repair_lr_factor > 0:
             raise ValueError("repair_epochs must be >= 0 and repair_lr_factor > 0")
