@@ -1,5 +1,5 @@
 """Issue 13's evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent,
-masked and distillation repair, the adaptive K) against retraining, retraining from other seeds
+masked and distillation repair, the adaptive K, the grad_ratio score) against retraining, retraining from other seeds
 (the noise floor), fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (DESIGN
 section 8). A thin wrapper of unlearn_ext.evaluate.evaluate: the methods are registry entries
 (unlearn_ext/evaluate/methods.py), the UD column is evaluate/ud.py. One JSON per (setting, seed),
