@@ -1,5 +1,5 @@
 """Issue 13's evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent,
-masked and distillation repair, the adaptive K) against retraining, retraining from other seeds
+masked and distillation repair, the adaptive K, the grad_ratio score) against retraining, retraining from other seeds
 (the noise floor), fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (DESIGN
 section 8). A thin wrapper of unlearn_ext.evaluate.evaluate: the methods are registry entries
 (unlearn_ext/evaluate/methods.py), the UD column is evaluate/ud.py. One JSON per (setting, seed),
@@ -19,7 +19,8 @@ epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-
   PYTHONPATH=. python scripts/eval_perturb.py --setting memorizing --seed 0 --k 0.3 --repair-epochs 3 --json m.json
 
 (--k does not reach the -adaptive rows: their K is chosen per request, methods.ADAPTIVE_K_CAP caps it;
-`--calibrate --adaptive` runs the grid on them, the grid's K being the cap.)
+`--calibrate --adaptive` runs the grid on them, the grid's K being the cap. Nor the -ratio rows:
+methods.RATIO_SETTINGS, chosen with `--calibrate --score grad_ratio --perturbations reset,dampen`.)
 
 The noise floor: every (seed, ratio) retrains from NOISE_FLOOR = 5 other seeds (other initial
 weights and batch order; harness._noise_floor) and each table puts, beside every method's gaps, in
@@ -47,6 +48,8 @@ from unlearn_ext.evaluate import harness, methods, settings
 SETTINGS = {"digits": "perturb-digits", "memorizing": "memorizing"}  # script name -> harness setting
 METHODS = ["retrain-other", "finetune"] + [f"{family}{suffix}" for family in ("topk", "randomk")
                                            for suffix in ("", "-dampen", "-ascent", "-masked", "-distill", "-adaptive")]
+# grad_ratio Top-K (dampen, K and repair chosen on held-out seeds) with its Random-k and fine-tuning controls
+METHODS += ["topk-ratio", "randomk-ratio", "finetune-ratio"]
 NOISE_FLOOR = 5  # retrains from other seeds per (seed, ratio): DESIGN section 8 asks for >= 5
 
 
@@ -187,10 +190,13 @@ GRID = [dict(k=k, repair_epochs=e, repair=rep) for k in (0.05, 0.1, 0.2) for e i
         for rep in ("all", "distill")]
 
 
-def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False) -> list[dict]:
-    """Top-K reset on held-out seeds over GRID: per setting the per-run MIA gap, |forget - retrain|,
-    test gap, MRR and cost (means over seeds and ratios). adaptive: Top-K with the adaptive K
-    (perturb/adaptive.py; the grid's k is the ladder's cap) instead of a fixed K."""
+def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False, score: str = "grad_abs",
+              ratio_floor: float | None = None) -> list[dict]:
+    """Top-K on held-out seeds over GRID (reset unless a grid entry names its `perturbation`): per
+    setting the per-run MIA gap, |forget - retrain|, test gap, MRR and cost (means over seeds and
+    ratios). adaptive: Top-K with the adaptive K (perturb/adaptive.py; the grid's k is the ladder's
+    cap) instead of a fixed K. score: the Top-K score (perturb/scores.py); ratio_floor: the ratio scores'
+    floor (default perturb.scores.RATIO_FLOOR)."""
     import copy
 
     from unlearn_ext.data import retrain
@@ -207,8 +213,9 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False
             gold = harness._measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
             for i, kw in enumerate(grid):
                 cls = AdaptiveTopKUnlearner if adaptive else TopKUnlearner
-                u = cls(copy.deepcopy(run_.original), run_.data, run_.config, perturbation="reset",
-                        holdout=run_.holdout, seed=seed, **kw)
+                u = cls(copy.deepcopy(run_.original), run_.data, run_.config, holdout=run_.holdout, seed=seed,
+                        score=score, **({} if ratio_floor is None else {"ratio_floor": ratio_floor}),
+                        **{"perturbation": "reset", **kw})
                 rep = u.unlearn(forget)
                 m = harness._measure(u.model, ds, run_.data, forget)
                 results[i].append({"mia_gap": abs(m["mia_auc"] - gold["mia_auc"]),
@@ -219,7 +226,10 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False
             print(f"[calibrate {setting}] seed {seed} ratio {ratio:g} done", flush=True)
     out = []
     for i, kw in enumerate(grid):
-        out.append({**kw, **{k: statistics.mean(r[k] for r in results[i]) for k in results[i][0]}})
+        out.append({"score": score, **({} if ratio_floor is None else {"ratio_floor": ratio_floor}),
+                    "perturbation": "reset", **kw,
+                    **{k: statistics.mean(r[k] for r in results[i]) for k in results[i][0]},
+                    "abs_test_gap": statistics.mean(abs(r["test_gap"]) for r in results[i])})
     return out
 
 
@@ -242,6 +252,13 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", default=None, help="calibration grid 'K,K;EPOCHS,EPOCHS;REPAIR,REPAIR' "
                     "(default 0.05,0.1,0.2;3,10,30;all,distill); with --adaptive optionally "
                     "';DISTILL_ALPHA,..;STOP_STATISTIC,..' (mean, median) appended")
+    ap.add_argument("--score", default="grad_abs", help="with --calibrate: Top-K's score (grad_abs, fisher, "
+                    "sensitivity, fisher_ratio, grad_ratio)")
+    ap.add_argument("--ratio-floor", type=float, default=None, help="with --calibrate --score fisher_ratio / grad_ratio: "
+                    "the floor under R's term as a fraction of its mean (default perturb.scores.RATIO_FLOOR)")
+    ap.add_argument("--perturbations", default="reset", help="with --calibrate: comma list of perturbations "
+                    "the grid crosses (reset, dampen)")
+    ap.add_argument("--calibrate-ratios", default="0.1,0.2", help="with --calibrate: forget ratios (default 0.1,0.2)")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the markdown of these runs")
     args = ap.parse_args(argv)
     if args.calibrate:
@@ -261,17 +278,20 @@ def main(argv=None) -> int:
                 grid = [{**g, "distill_alpha": float(a), "stop_statistic": st} for g in grid
                         for a in parts[3].split(",") for st in parts[4].split(",")
                         if "distill" in g["repair"] or float(a) == 0.0]
-        rows = calibrate(args.setting, grid=grid, adaptive=args.adaptive)
+        grid = [{**g, "perturbation": p} for g in grid for p in args.perturbations.split(",")]
+        rows = calibrate(args.setting, ratios=[float(r) for r in args.calibrate_ratios.split(",")], grid=grid,
+                         adaptive=args.adaptive, score=args.score, ratio_floor=args.ratio_floor)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(rows, f, indent=1)
-        print("| k | repair epochs | repair | distill alpha | stop statistic | per-run MIA gap | abs forget gap | "
-              "test gap | MRR | cost | K used (mean) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| score | perturbation | k | repair epochs | repair | distill alpha | stop statistic | per-run MIA gap | "
+              "abs forget gap | test gap (abs) | MRR | cost | K used (mean) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['k']:g} | {r['repair_epochs']} | {r['repair']} | {r.get('distill_alpha', 0.0):g} | "
+            print(f"| {r['score']} | {r['perturbation']} | {r['k']:g} | {r['repair_epochs']} | {r['repair']} | "
+                  f"{r.get('distill_alpha', 0.0):g} | "
                   f"{r.get('stop_statistic', 'mean') if args.adaptive else '-'} | {r['mia_gap']:.3f} | "
-                  f"{r['forget_gap']:.3f} | {r['test_gap']:+.3f} | {r['mrr']:.3f} | {r['cost']:.3f} | "
+                  f"{r['forget_gap']:.3f} | {r['test_gap']:+.3f} ({r['abs_test_gap']:.3f}) | {r['mrr']:.3f} | {r['cost']:.3f} | "
                   f"{r['k_chosen']:.3f} |")
         return 0
     if args.table:

@@ -122,7 +122,8 @@ class AdaptiveTopKUnlearner(AdaptivePerturbUnlearner):
 
     def _prepare(self, new):
         with torch.enable_grad():
-            return forget_scores(self.model, self.data, new, self.score, self.config.batch_size)
+            return forget_scores(self.model, self.data, new, self.score, self.config.batch_size,
+                                 retained=self._retained(new), ratio_floor=self.ratio_floor)
 
     def _rung(self, k, scores):
         if self.per_tensor:

@@ -23,7 +23,7 @@ from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, train_s
 from ..metrics import outputs
 from ..per_sample import trainable
 from ..unlearner import Unlearner, UnlearnReport
-from .scores import SCORES, forget_scores
+from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores
 
 PERTURBATIONS = ("reset", "dampen", "noise", "ascent")
 REPAIRS = ("all", "masked", "distill", "masked-distill")
@@ -39,7 +39,7 @@ class PerturbUnlearner(Unlearner):
                  initial: torch.nn.Module | None = None, repair_epochs: int = 3, repair_lr_factor: float = 0.4,
                  repair: str = "all", per_tensor: bool = False, holdout: tuple | None = None,
                  ascent_step: float = 0.1, ascent_max_steps: int = 50, distill_temperature: float = 2.0,
-                 distill_alpha: float = 0.0, seed: int = 0):
+                 distill_alpha: float = 0.0, ratio_floor: float = RATIO_FLOOR, seed: int = 0):
         super().__init__(data)
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
@@ -50,6 +50,9 @@ class PerturbUnlearner(Unlearner):
         if not distill_temperature > 0 or not 0.0 <= distill_alpha <= 1.0:
             raise ValueError(f"distill_temperature must be > 0 and distill_alpha in [0, 1], got "
                              f"{distill_temperature}, {distill_alpha}")
+        if not (math.isfinite(ratio_floor) and ratio_floor >= 0):
+            raise ValueError(f"ratio_floor (the ratio scores' floor, a fraction of R's mean term) must be a "
+                             f"finite number >= 0, got {ratio_floor!r}")
         if repair_epochs < 0 or not repair_lr_factor > 0:
             raise ValueError("repair_epochs must be >= 0 and repair_lr_factor > 0")
         if perturbation == "ascent" and holdout is None:
@@ -63,6 +66,7 @@ class PerturbUnlearner(Unlearner):
         self.per_tensor, self.holdout, self.seed = per_tensor, holdout, int(seed)
         self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
         self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
+        self.ratio_floor = float(ratio_floor)
         self.requests = 0
 
     # ---- the request -------------------------------------------------------------------------------
@@ -73,6 +77,10 @@ class PerturbUnlearner(Unlearner):
     def _select(self, new: torch.Tensor):
         """(selection, sample gradients spent on scoring)."""
         raise NotImplementedError
+
+    def _retained(self, new: torch.Tensor) -> torch.Tensor:
+        """The retained set R of this request: every sample neither forgotten before nor in `new`."""
+        return self.data.without(torch.cat([self.forgotten, new]))
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
@@ -200,7 +208,9 @@ class PerturbUnlearner(Unlearner):
                 "sigma": self.sigma, "repair": self.repair, "repair_epochs": self.repair_epochs,
                 "repair_lr_factor": self.repair_lr_factor, "distill_temperature": self.distill_temperature,
                 "distill_alpha": self.distill_alpha, "per_tensor": self.per_tensor, "seed": self.seed,
-                "batch_size": self.config.batch_size, **self.data.fingerprint()}
+                "batch_size": self.config.batch_size, **self.data.fingerprint(),
+                # only where it matters, so saved states of the other scores keep their fingerprint
+                **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {})}
 
     def state_dict(self) -> dict:
         return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
@@ -221,7 +231,8 @@ class TopKUnlearner(PerturbUnlearner):
 
     def _select(self, new):
         with torch.enable_grad():
-            scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size)
+            scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size,
+                                         retained=self._retained(new), ratio_floor=self.ratio_floor)
         if self.per_tensor:
             return sel_api.topk_per_tensor(scores, self.k), cost
         return sel_api.topk(scores, self.k), cost
