@@ -124,6 +124,7 @@ def test_restart_mid_sequence_gives_what_continuing_in_memory_gives(build, tmp_p
     ("topk-grad_ratio", dict(ratio_floor=0.1), dict(ratio_floor=0.5), "ratio_floor"),
     ("topk-adaptive", {}, dict(ladder=(0.02, 0.1, 0.3)), "ladder"),
     ("topk-adaptive", {}, dict(stop_statistic="median"), "stop_statistic"),
+    ("topk-adaptive", {}, dict(holdout="other"), "holdout_sha256"),
     ("topk-adaptive", dict(score="grad_ratio", ratio_floor=0.1), dict(score="grad_ratio", ratio_floor=0.0),
      "ratio_floor"),
 ])
@@ -131,9 +132,13 @@ def test_state_of_another_configuration_is_refused_naming_the_field(memorized, t
                                                                      reopened, field):
     data, config, original, holdout = memorized
     make = BUILDERS[variant]
+    reopened = dict(reopened)
+    reopen_holdout = holdout
+    if reopened.pop("holdout", None) == "other":  # other held-out points: the same set less its first point
+        reopen_holdout = (holdout[0][1:], holdout[1][1:])
     with DeletionLedger(make(copy.deepcopy(original), data, config, holdout, **saved), str(tmp_path)) as ledger:
         ledger.forget(FIRST)
-    other = make(copy.deepcopy(original), data, config, holdout, **reopened)
+    other = make(copy.deepcopy(original), data, config, reopen_holdout, **reopened)
     with pytest.raises(ValueError, match=rf"another model or configuration \(differs in: .*{field}"):
         DeletionLedger(other, str(tmp_path))
     # refused before anything was loaded
