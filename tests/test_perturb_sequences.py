@@ -3,7 +3,8 @@ the adaptive K (AdaptiveTopKUnlearner) and Top-K with the grad_ratio score: sequ
 (forgotten ids accumulate, repeated ids are idempotent, unknown ids are refused naming them,
 nothing changed), the second request never reading what the first forgot, a restart through the
 deletion ledger in the middle of a sequence giving what continuing in memory gives, and saved state
-of another ratio_floor / ladder / stop statistic refused naming the field (the fingerprint)."""
+of another ratio_floor / ladder / stop statistic / held-out set refused naming the field (the
+fingerprint)."""
 from __future__ import annotations
 
 import copy
