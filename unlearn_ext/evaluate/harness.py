@@ -128,7 +128,8 @@ def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: 
            "d_d0": metrics.distance_ratio(w, w_orig, w_ref), "fr": fr, "fr_raw": fr_raw, "fr_note": note,
            "mrr": metrics.retention_rate(measured["retain_acc"], orig["retain_acc"]),
            "seconds": None, "speedup": None, "cost_vs_retrain": None, "history_bytes": 0,
-           "peak_memory_bytes": None, "peak_memory_kind": None, "details": {}, "ud": None, "ud_note": None, "ud_checks": None}
+           "peak_memory_bytes": None, "peak_memory_kind": None, "details": {}, "ud": None, "ud_note": None,
+           "ud_checks": None}
     row.update(extra)
     return row
 
