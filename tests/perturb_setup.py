@@ -16,6 +16,7 @@ from unlearn_ext.perturb import AdaptiveTopKUnlearner, RandomKUnlearner, TopKUnl
 
 RATIO = 0.1
 PROFILE = registry.PERTURB_SETTINGS["memorizing"]  # K = 5%, 3 repair epochs at 0.4x the peak lr
+RATIO_PROFILE = registry.RATIO_SETTINGS["memorizing"]  # topk-ratio: grad_ratio, dampen, K = 10%, 5 repair epochs
 
 
 def setting(seed: int):
@@ -41,7 +42,9 @@ def run_methods(seed: int, methods=("original", "retrain", "finetune", "topk", "
     out = {}
     for name in methods:
         model = copy.deepcopy(original)
-        if name == "retrain":
+        if name == "original":
+            pass
+        elif name == "retrain":
             model = retrain(initial, data, config, forget)
         elif name == "finetune":
             FinetuneUnlearner(model, data, config, epochs=PROFILE["repair_epochs"]).unlearn(forget)
@@ -51,5 +54,13 @@ def run_methods(seed: int, methods=("original", "retrain", "finetune", "topk", "
             RandomKUnlearner(model, data, config, k=PROFILE["k"], seed=seed, **repair).unlearn(forget)
         elif name == "topk-adaptive":
             AdaptiveTopKUnlearner(model, data, config, k=registry.ADAPTIVE_K_CAP, holdout=holdout, **repair).unlearn(forget)
+        elif name == "topk-ratio":
+            TopKUnlearner(model, data, config, score="grad_ratio", seed=seed, **RATIO_PROFILE).unlearn(forget)
+        elif name == "randomk-ratio":
+            RandomKUnlearner(model, data, config, seed=seed, **RATIO_PROFILE).unlearn(forget)
+        elif name == "finetune-ratio":  # the same repair budget as topk-ratio
+            FinetuneUnlearner(model, data, config, epochs=RATIO_PROFILE["repair_epochs"]).unlearn(forget)
+        else:
+            raise ValueError(f"unknown method {name!r}")
         out[name] = measure(model, ds, data, forget)
     return out

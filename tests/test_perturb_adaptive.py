@@ -149,3 +149,37 @@ def test_memorizing_adaptive_moves_toward_retraining():
     assert gap("topk-adaptive", "mia") <= gap("original", "mia") - 0.05, r
     assert gap("topk-adaptive", "forget_acc") <= gap("original", "forget_acc") - 0.15, r
     assert gap("topk-adaptive", "mia") <= gap("topk", "mia") + 1e-9, r
+
+
+def test_harness_records_keep_the_chosen_k():
+    """The harness's records carry the report's plain details (RECORD_FIELDS "details"): the adaptive
+    K's k_chosen equals what the same registry entry reports when run outside the harness on the same
+    run and forget set; every record serializes to strict JSON."""
+    import json
+
+    pytest.importorskip("sklearn")
+    from unlearn_ext.evaluate import datasets, harness, methods
+    ds = datasets.load("digits", limit=120)
+    records = harness.evaluate(ds, model="logreg", methods=["topk-adaptive", "topk"], ratios=[0.1], seeds=[0],
+                               epochs=2, noise_floor_seeds=0)
+    json.dumps(records, allow_nan=False)
+    by = {r["method"]: r for r in records}
+    assert by["original"]["details"] == {} and by["retrain"]["details"] == {}
+    run = harness.train_run(ds, "logreg", 0, epochs=2)
+    (spec,) = methods.resolve(["topk-adaptive"])
+    alone = spec.build(run, None).unlearn(harness.forget_ids(run.data, 0.1, 0))
+    recorded = by["topk-adaptive"]["details"]
+    assert recorded["k_chosen"] == alone.details["k_chosen"] and recorded["k_chosen"] in K_LADDER
+    assert recorded["k_stop_reached"] == alone.details["k_stop_reached"]
+    assert recorded["k_trials"] == alone.details["k_trials"]
+    assert by["topk"]["details"]["selected"] > 0 and "k_chosen" not in by["topk"]["details"]
+
+
+def test_plain_details_leave_out_what_is_not_plain_json():
+    from unlearn_ext.evaluate.harness import plain_details
+    details = {"k": 0.1, "ok": True, "note": None, "trials": [[0.01, 1.5, 2.0]], "nested": {"a": [1, "b"]},
+               "tensor": torch.ones(3), "mixed": [1, torch.zeros(1)], 7: "non-string key"}
+    kept = plain_details(details)
+    assert kept == {"k": 0.1, "ok": True, "note": None, "trials": [[0.01, 1.5, 2.0]], "nested": {"a": [1, "b"]}}
+    kept["trials"][0][0] = 9.0
+    assert details["trials"][0][0] == 0.01  # a copy: a record never aliases the report

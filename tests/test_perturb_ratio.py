@@ -179,3 +179,32 @@ def test_registry_ratio_entries_carry_their_settings():
         report = topk.unlearn(forget)
         assert report.status == "unlearned"
         assert report.details["scoring_sample_gradients"] == len(run.data)  # |F| + |R|
+
+
+@pytest.mark.slow
+@requires_compiled
+def test_memorizing_topk_ratio_moves_toward_retraining_more_than_its_controls():
+    """Memorizing setting (tests/perturb_setup.py: the harness's `memorizing` setting, 10% forget set),
+    seed 0, topk-ratio at its registry settings (RATIO_SETTINGS["memorizing"]: grad_ratio, dampen,
+    K = 10%, 5 repair epochs) against its controls with the same budget (finetune-ratio: 5 epochs;
+    randomk-ratio: same K and perturbation). Measured once on seeds 10-14 (never on seed 0; the
+    registry settings were chosen on seeds 100-102):
+      |forget acc - retrain's|: topk-ratio 0.000 / 0.100 / 0.133 / 0.067 / 0.067; finetune-ratio and
+        randomk-ratio 0.367 / 0.500 / 0.367 / 0.433 / 0.467 (both left F at accuracy 1.0, the
+        original's) -> smallest improvement 0.233;
+      per-run |MIA - MIA_retrain|: topk-ratio 0.048 / 0.068 / 0.083 / 0.061 / 0.097; finetune-ratio
+        0.269 / 0.273 / 0.253 / 0.286 / 0.288; randomk-ratio 0.234 / 0.264 / 0.240 / 0.262 / 0.282;
+        the original 0.276 / 0.281 / 0.256 / 0.295 / 0.292 -> smallest improvement 0.157 (over
+        randomk-ratio, seed 12);
+      test accuracy - retrain's: topk-ratio -0.022 / -0.039 / -0.017 / -0.008 / -0.086 (seed 14
+        misses issue 13's 2-point target by far).
+    Asserted with margins about half the smallest improvements (0.10 forget accuracy, 0.08 MIA gap),
+    and test accuracy no more than 0.12 below retraining's: a guard against collapse, not the
+    2-point target, which these seeds show is not met on every seed."""
+    from perturb_setup import run_methods
+    r = run_methods(0, ("original", "retrain", "finetune-ratio", "randomk-ratio", "topk-ratio"))
+    gap = lambda m, key: abs(r[m][key] - r["retrain"][key])  # noqa: E731
+    for control in ("original", "finetune-ratio", "randomk-ratio"):
+        assert gap("topk-ratio", "forget_acc") <= gap(control, "forget_acc") - 0.10, (control, r)
+        assert gap("topk-ratio", "mia") <= gap(control, "mia") - 0.08, (control, r)
+    assert r["topk-ratio"]["test_acc"] >= r["retrain"]["test_acc"] - 0.12, r

@@ -60,6 +60,10 @@ RECORD_FIELDS = {
     "ud": "SPD-GAN unlearning degree (A_before(x~F) - A_after(x~F)) / (A_before(x~F) - A_retrain(x~F)), capped at "
           "1, on a model trained on R + x~(F) (None where |F| < 30, the gap is < 2 points, or not computed; "
           "read it beside the test accuracy: UD rewards damage)",
+    "details": "the method's evidence for this request (UnlearnReport.details), its plain JSON values only "
+               "(numbers, strings, booleans, None, and lists / dicts of them; tensors and other objects left out), "
+               "e.g. Top-K's selected, the adaptive K's k_chosen / k_stop_reached / k_trials; {} on rows without an "
+               "unlearning call",
     "ud_note": "why ud is None, or the size of its gap", "ud_checks": "SPD-GAN's checks for this (seed, ratio): "
     "detector_acc (fresh held-out detector, F real vs x~(F); 0.5 = indistinguishable), max_shift, before/after/"
     "retrain accuracy on x~(F), control_* (accuracy on the perturbed test points), after_test_acc; None with ud",
@@ -124,7 +128,8 @@ def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: 
            "d_d0": metrics.distance_ratio(w, w_orig, w_ref), "fr": fr, "fr_raw": fr_raw, "fr_note": note,
            "mrr": metrics.retention_rate(measured["retain_acc"], orig["retain_acc"]),
            "seconds": None, "speedup": None, "cost_vs_retrain": None, "history_bytes": 0,
-           "peak_memory_bytes": None, "peak_memory_kind": None, "ud": None, "ud_note": None, "ud_checks": None}
+           "peak_memory_bytes": None, "peak_memory_kind": None, "details": {}, "ud": None, "ud_note": None,
+           "ud_checks": None}
     row.update(extra)
     return row
 
@@ -207,8 +212,27 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
                 speedup=reference_seconds / report.seconds if report.seconds > 0 else math.inf,
                 cost_vs_retrain=report.cost_vs_retrain, history_bytes=report.history_bytes_read,
                 peak_memory_bytes=peak.bytes, peak_memory_kind=peak.kind if peak.bytes is not None else None,
-                **common)
+                details=plain_details(report.details), **common)
     return rows + [row]
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def plain_details(details: dict) -> dict:
+    """The entries of a report's details that are plain JSON values (recursively through lists,
+    tuples and string-keyed dicts), so every record stays JSON-serializable and small whatever a
+    method puts in its report; anything else (a tensor, a dataclass) is left out rather than
+    converted, since its meaning is the method's to state."""
+    def plain(value) -> bool:
+        if isinstance(value, _PLAIN):
+            return True
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return False
+    return {k: copy.deepcopy(v) for k, v in details.items() if isinstance(k, str) and plain(v)}
 
 
 def _on_cuda(model: torch.nn.Module) -> bool:
