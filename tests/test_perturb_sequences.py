@@ -8,6 +8,7 @@ fingerprint)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -146,4 +147,43 @@ def test_state_of_another_configuration_is_refused_naming_the_field(memorized, t
     assert torch.equal(_flat(other.model), _flat(original)) and other.forgotten.numel() == 0
     # the same configuration opens it
     with DeletionLedger(make(copy.deepcopy(original), data, config, holdout, **saved), str(tmp_path)) as same:
+        assert same.forgotten == FIRST.tolist()
+
+
+def _reinitialized(model, seed):
+    other = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0.0, 0.1)
+    return other
+
+
+@pytest.mark.parametrize("saved, reopened, field", [
+    ({}, dict(config_lr_factor=2.0), "repair_lr"),                                   # another training schedule
+    (dict(perturbation="ascent"), dict(perturbation="ascent", ascent_step=0.05), "ascent_step"),
+    (dict(perturbation="ascent"), dict(perturbation="ascent", ascent_max_steps=7), "ascent_max_steps"),
+    (dict(initial=0), dict(initial=1), "initial_sha256"),                             # other stored initial weights
+])
+def test_topk_state_of_another_repair_ascent_or_initial_is_refused(memorized, tmp_path, saved, reopened,  # noqa: F811
+                                                                  field):
+    """The fields that decide what the next request does beyond the selection: the repair's learning
+    rate (from the training schedule), normalized ascent's step and cap, and the initial weights that
+    reset-to-initial writes back."""
+    data, config, original, holdout = memorized
+
+    def make(kw):
+        kw = dict(kw)
+        cfg = config
+        if "config_lr_factor" in kw:
+            cfg = dataclasses.replace(config, lr=config.lr * kw.pop("config_lr_factor"))
+        if "initial" in kw:
+            kw["initial"] = _reinitialized(original, kw["initial"])
+        return TopKUnlearner(copy.deepcopy(original), data, cfg, holdout=holdout, k=0.05, repair_epochs=1, **kw)
+
+    with DeletionLedger(make(saved), str(tmp_path)) as ledger:
+        ledger.forget(FIRST)
+    with pytest.raises(ValueError, match=rf"another model or configuration \(differs in: .*{field}"):
+        DeletionLedger(make(reopened), str(tmp_path))
+    with DeletionLedger(make(saved), str(tmp_path)) as same:
         assert same.forgotten == FIRST.tolist()

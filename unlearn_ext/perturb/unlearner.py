@@ -14,6 +14,7 @@ relearn. Fine-tuning alone, the control, is baselines.FinetuneUnlearner.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -209,8 +210,15 @@ class PerturbUnlearner(Unlearner):
                 "repair_lr_factor": self.repair_lr_factor, "distill_temperature": self.distill_temperature,
                 "distill_alpha": self.distill_alpha, "per_tensor": self.per_tensor, "seed": self.seed,
                 "batch_size": self.config.batch_size, **self.data.fingerprint(),
-                # only where it matters, so saved states of the other scores keep their fingerprint
-                **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {})}
+                # the repair's step: its learning rate (factor x the schedule's peak), decay and seed
+                "repair_lr": self._repair_config(self.forgotten).lr, "weight_decay": self.config.weight_decay,
+                "train_seed": self.config.seed,
+                # only where they matter, so a state saved without them keeps its fingerprint
+                **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {}),
+                **({"ascent_step": self.ascent_step, "ascent_max_steps": self.ascent_max_steps}
+                   if self.perturbation == "ascent" else {}),
+                **({"holdout_sha256": TrainingData(*self.holdout).digest()} if self.holdout is not None else {}),
+                **({"initial_sha256": _tensors_digest(self.initial)} if self.initial is not None else {})}
 
     def state_dict(self) -> dict:
         return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
@@ -245,3 +253,13 @@ class RandomKUnlearner(PerturbUnlearner):
 
     def _select(self, new):
         return sel_api.random_k([p.detach() for p in self._params()], self.k, self.seed, self.requests), 0
+
+
+def _tensors_digest(tensors: list[torch.Tensor]) -> str:
+    """sha256 of a list of tensors' dtypes, shapes and values (the stored initial weights that
+    reset-to-initial writes back: another set would answer the next request differently)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
