@@ -338,6 +338,7 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
         local.above = local.nan = 0;
       };
       alignas(64) uint32_t keys[kTile];
+      alignas(64) uint32_t inside[kTile + 16];  // the tile's keys inside the bracket (compress_keys)
       for (int64_t c = c0; c < c1; ++c) {
         for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                       [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
@@ -345,20 +346,17 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
                           const int64_t len = std::min(kTile, hi - j0);
                           tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len,
                                        base + g + (j0 - lo), keys);
+                          int n_inside = 0;
                           for (int64_t b = 0; b < len; b += 16) {
                             const uint32_t* kb = keys + b;
                             const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
                             const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
                             local.nan += valid - lane_count(ordered);
-                            const uint32_t in = ordered & lanes_in(kb, valid, in_lo, in_hi);
                             if (in_hi != 0xffffffffu)
                               local.above += lane_count(ordered & lanes_in(kb, valid, in_hi + 1, 0xffffffffu));
-                            if (in == 0xffffu) {
-                              for (int j = 0; j < 16; ++j) ++bins[kb[j] >> 16];
-                            } else {
-                              for_each_lane(in, [&](int j) { ++bins[kb[j] >> 16]; });
-                            }
+                            n_inside += compress_keys(kb, ordered & lanes_in(kb, valid, in_lo, in_hi), inside + n_inside);
                           }
+                          for (int j = 0; j < n_inside; ++j) ++bins[inside[j] >> 16];
                         }
                       });
         // uint32 bins cannot overflow within 2^31 elements.
@@ -426,16 +424,23 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
               P* w = out.w(t);
               const P* src = out.src(t);
               bool* m = out.mask(t);
+              // The span's selected elements (offsets from lo; a span is at most one chunk), written
+              // after its scan: see compress_keys for why not inside it.
+              thread_local std::vector<int32_t> picks(static_cast<size_t>(kChunk + 16));
+              int32_t* pick = picks.data();
+              int64_t n_picks = 0;
               for_each_key_group<T>(s, t, lo, hi, base + g, key_mode, as_u64(seed), as_u64(offset),
-                                    [&](const uint32_t* kb, int valid, int64_t j, int64_t gj) {
+                                    [&](const uint32_t* kb, int valid, int64_t j, int64_t) {
                 const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
                 const uint32_t sel = bin_hi == 0xffffffffu ? 0u : ordered & lanes_in(kb, valid, bin_hi + 1, 0xffffffffu);
                 const uint32_t in_bin = ordered & lanes_in(kb, valid, bin_lo, bin_hi);
                 if (m) write_mask_lanes(m + j, sel, valid);
-                part.count += lane_count(sel);
-                for_each_lane(sel, [&](int l) { write(w, src, j + l, gj + l); });
+                n_picks += compress_lane_indices(static_cast<int32_t>(j - lo), sel, pick + n_picks);
                 for_each_lane(in_bin, [&](int l) { part.candidates.push_back({kb[l], static_cast<uint32_t>(t), j + l}); });
               });
+              part.count += n_picks;
+              const int64_t g_lo = base + g;
+              for (int64_t q = 0; q < n_picks; ++q) write(w, src, lo + pick[q], g_lo + pick[q]);
             });
         std::vector<Candidate> cand;
         size_t total = 0;

@@ -80,5 +80,39 @@ inline void for_each_lane(uint32_t mask, F&& f) {
   for (; mask != 0; mask &= mask - 1) f(__builtin_ctz(mask));
 }
 
+// Branch-free gathering of the few lanes that matter. A pass that visits its selected lanes inside
+// the scan pays a mispredicted branch per 16-key block that holds one (at a top-1% that is ~1 block
+// in 4), and a store into the parameter list that misses the cache stalls the scan behind it; so
+// passes append the lanes to a small buffer here (no branch) and visit the buffer afterwards.
+// Both helpers write a whole 16-lane register: `out` needs room for 16 entries past the returned
+// count's start, and only the first `count` written entries are meaningful.
+
+// Appends keys[j] for each lane j set in mask (lowest first) to out; returns the count.
+inline int compress_keys(const uint32_t* keys, uint32_t mask, uint32_t* out) {
+#if defined(__AVX512F__)
+  // Compress into a register, then a plain store (a compressing store to memory is microcoded on Zen 4).
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(static_cast<__mmask16>(mask), _mm512_loadu_si512(keys)));
+  return lane_count(mask);
+#else
+  int n = 0;
+  for_each_lane(mask, [&](int j) { out[n++] = keys[j]; });
+  return n;
+#endif
+}
+
+// Appends first + j for each lane j set in mask (lowest first) to out; returns the count.
+inline int compress_lane_indices(int32_t first, uint32_t mask, int32_t* out) {
+#if defined(__AVX512F__)
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(first), lanes);
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(static_cast<__mmask16>(mask), idx));
+  return lane_count(mask);
+#else
+  int n = 0;
+  for_each_lane(mask, [&](int j) { out[n++] = first + j; });
+  return n;
+#endif
+}
+
 }  // namespace cpu
 }  // namespace unlearn
