@@ -350,11 +350,10 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
                           for (int64_t b = 0; b < len; b += 16) {
                             const uint32_t* kb = keys + b;
                             const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
-                            const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
-                            local.nan += valid - lane_count(ordered);
-                            if (in_hi != 0xffffffffu)
-                              local.above += lane_count(ordered & lanes_in(kb, valid, in_hi + 1, 0xffffffffu));
-                            n_inside += compress_keys(kb, ordered & lanes_in(kb, valid, in_lo, in_hi), inside + n_inside);
+                            const BlockLanes lanes = classify_block(kb, valid, key_lo, key_hi, in_lo, in_hi);
+                            local.nan += valid - lane_count(lanes.ordered);
+                            local.above += lane_count(lanes.above);
+                            n_inside += compress_keys(kb, lanes.inside, inside + n_inside);
                           }
                           for (int j = 0; j < n_inside; ++j) ++bins[inside[j] >> 16];
                         }
@@ -431,9 +430,8 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
               int64_t n_picks = 0;
               for_each_key_group<T>(s, t, lo, hi, base + g, key_mode, as_u64(seed), as_u64(offset),
                                     [&](const uint32_t* kb, int valid, int64_t j, int64_t) {
-                const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
-                const uint32_t sel = bin_hi == 0xffffffffu ? 0u : ordered & lanes_in(kb, valid, bin_hi + 1, 0xffffffffu);
-                const uint32_t in_bin = ordered & lanes_in(kb, valid, bin_lo, bin_hi);
+                const BlockLanes lanes = classify_block(kb, valid, key_lo, key_hi, bin_lo, bin_hi);
+                const uint32_t sel = lanes.above, in_bin = lanes.inside;
                 if (m) write_mask_lanes(m + j, sel, valid);
                 n_picks += compress_lane_indices(static_cast<int32_t>(j - lo), sel, pick + n_picks);
                 for_each_lane(in_bin, [&](int l) { part.candidates.push_back({kb[l], static_cast<uint32_t>(t), j + l}); });

@@ -74,6 +74,32 @@ inline uint32_t lanes_in(const uint32_t* keys, int valid, uint32_t lo, uint32_t 
 
 inline int lane_count(uint32_t mask) { return __builtin_popcount(mask); }
 
+// A 16-key block against a key range [lo, hi]: the lanes that take part in an order (ordered:
+// key_lo <= key <= key_hi), and of those the lanes above the range and inside it. Both passes of
+// the fused top-K classify every block this way (the near histogram's bracket, the apply's
+// threshold bin); one load and five compares, where three separate lanes_in calls cost six
+// compares, three loads and their live masks (the first pass ran ~1.2x faster single-threaded).
+struct BlockLanes {
+  uint32_t ordered, above, inside;
+};
+
+inline BlockLanes classify_block(const uint32_t* keys, int valid, uint32_t key_lo, uint32_t key_hi, uint32_t lo,
+                                 uint32_t hi) {
+#if defined(__AVX512F__)
+  const uint32_t live = valid >= 16 ? 0xffffu : (1u << valid) - 1u;
+  const __m512i k = _mm512_loadu_si512(keys);
+  const uint32_t ordered = live & _mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(key_lo))) &
+                           _mm512_cmple_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(key_hi)));
+  const uint32_t above = ordered & _mm512_cmpgt_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(hi)));
+  const uint32_t inside = ordered & ~above & _mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(lo)));
+  return {ordered, above, inside};
+#else
+  const uint32_t ordered = lanes_in(keys, valid, key_lo, key_hi);
+  const uint32_t above = hi == 0xffffffffu ? 0u : ordered & lanes_in(keys, valid, hi + 1, 0xffffffffu);
+  return {ordered, above, ordered & lanes_in(keys, valid, lo, hi)};
+#endif
+}
+
 // Calls f(j) for each set bit j of mask, lowest first.
 template <typename F>
 inline void for_each_lane(uint32_t mask, F&& f) {
