@@ -344,6 +344,9 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
       for (int64_t c; (c = queue.take()) >= 0;) {
         for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                       [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+                        // Counted in locals, not in `local`: the vector stores of compress_keys may
+                        // alias anything, so members would be reloaded and stored every block.
+                        int64_t n_nan = 0, n_above = 0;
                         for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
                           const int64_t len = std::min(kTile, hi - j0);
                           tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len,
@@ -353,12 +356,14 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
                             const uint32_t* kb = keys + b;
                             const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
                             const BlockLanes lanes = classify_block(kb, valid, key_lo, key_hi, in_lo, in_hi);
-                            local.nan += valid - lane_count(lanes.ordered);
-                            local.above += lane_count(lanes.above);
+                            n_nan += valid - lane_count(lanes.ordered);
+                            n_above += lane_count(lanes.above);
                             n_inside += compress_keys(kb, lanes.inside, inside + n_inside);
                           }
                           for (int j = 0; j < n_inside; ++j) ++bins[(inside[j] >> 16) - first_bin];
                         }
+                        local.nan += n_nan;
+                        local.above += n_above;
                       });
         // uint32 bins cannot overflow within 2^31 elements.
         if ((since_flush += kChunk) >= (int64_t(1) << 31)) {
