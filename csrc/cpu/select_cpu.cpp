@@ -26,9 +26,10 @@ template <typename T, typename F>
 inline void for_each_key(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo,
                          int64_t hi, int64_t g0, F&& f) {
   alignas(64) uint32_t keys[kTile];
+  const T* data = key_source<T>(scores, mode);
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t n = std::min(kTile, hi - j0);
-    tile_keys<T>(scores, mode, seed, offset, j0, n, g0 + (j0 - lo), keys);
+    tile_keys<T>(data, mode, seed, offset, j0, n, g0 + (j0 - lo), keys);
     for (int64_t j = 0; j < n; ++j) f(keys[j], mode != kKeyRandom && key_is_nan(keys[j]), j0 + j);
   }
 }
@@ -62,9 +63,10 @@ at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t 
       for (int64_t c; (c = queue.take()) >= 0;) {
       for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                     [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+                      const T* data = key_source<T>(s.tensors[t], static_cast<int>(mode));
                       for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
                         const int64_t n = std::min(kTile, hi - j0);
-                        tile_keys<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, n,
+                        tile_keys<T>(data, static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, n,
                                      base + g + (j0 - lo), keys);
                         int64_t nans = 0;
                         if (mode != kKeyRandom)
@@ -144,7 +146,7 @@ struct ActionWriter {
   int action;
   float alpha;
   uint64_t noise_seed, noise_offset;
-  inline void operator()(P* w, const P* src, int64_t i, int64_t global) const {
+  inline __attribute__((always_inline)) void operator()(P* w, const P* src, int64_t i, int64_t global) const {
     const float sv = src ? load_float(src[i]) : 0.0f;
     w[i] = store_as<P>(action == kActSet ? sv
                                          : apply_action(action, load_float(w[i]), sv, alpha, noise_seed, noise_offset,
@@ -187,15 +189,18 @@ std::vector<at::Tensor> contiguous_sources(at::TensorList source_in) {
 
 // The key walk both apply passes share: the keys of elements [lo, hi) of tensor t (global index of
 // lo: global_lo), built a tile at a time and handed over 16 at a time as
-// group(keys, valid lanes, local index of keys[0], global index of keys[0]).
+// group(keys, valid lanes, local index of keys[0], global index of keys[0]). Always inlined into
+// the caller's span body: otherwise the group's by-reference captures are reloaded (and its
+// counters stored) after every vector store, which may alias them.
 template <typename T, typename Group>
-inline void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi, int64_t global_lo, int key_mode,
+inline __attribute__((always_inline)) void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi, int64_t global_lo, int key_mode,
                                uint64_t seed, uint64_t offset, Group group) {
   alignas(64) uint32_t keys[kTile];
+  const T* data = key_source<T>(s.tensors[t], key_mode);
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t len = std::min(kTile, hi - j0);
     const int64_t g0 = global_lo + (j0 - lo);
-    tile_keys<T>(s.tensors[t], key_mode, seed, offset, j0, len, g0, keys);
+    tile_keys<T>(data, key_mode, seed, offset, j0, len, g0, keys);
     for (int64_t b = 0; b < len; b += 16) group(keys + b, static_cast<int>(std::min<int64_t>(16, len - b)), j0 + b, g0 + b);
   }
 }
@@ -274,11 +279,13 @@ Bracket sample_bracket(const FlatList& s, int mode, uint64_t seed, uint64_t offs
   std::vector<uint32_t> keys;
   keys.reserve(static_cast<size_t>(kSamples));
   const uint32_t key_lo = ordered_key_min(mode), key_hi = ordered_key_max(mode);
+  std::vector<const T*> data;
+  for (const at::Tensor& x : s.tensors) data.push_back(key_source<T>(x, mode));
   size_t t = 0;
   for (int64_t i = 0; i < kSamples; ++i) {
     const int64_t g = static_cast<int64_t>((static_cast<double>(i) + 0.5) * static_cast<double>(n) / kSamples);
     while (s.offsets[t + 1] <= g) ++t;  // sample positions increase: walk the tensors once
-    const uint32_t key = element_key<T>(s.tensors[t], mode, seed, offset, g - s.offsets[t], base + g);
+    const uint32_t key = element_key<T>(data[t], mode, seed, offset, g - s.offsets[t], base + g);
     if (key >= key_lo && key <= key_hi) keys.push_back(key);
   }
   const int64_t m = static_cast<int64_t>(keys.size());
@@ -339,28 +346,33 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
         std::fill(local.bins.begin(), local.bins.end(), 0u);
         local.above = local.nan = 0;
       };
-      alignas(64) uint32_t keys[kTile];
-      alignas(64) uint32_t inside[kTile + 16];  // the tile's keys inside the bracket (compress_keys)
       for (int64_t c; (c = queue.take()) >= 0;) {
         for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                       [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
-                        // Counted in locals, not in `local`: the vector stores of compress_keys may
-                        // alias anything, so members would be reloaded and stored every block.
+                        // Everything the block loop reads or counts lives in this body's locals: the
+                        // vector stores of compress_keys may alias anything reached through a
+                        // capture, so captured bounds would be reloaded and re-broadcast, and
+                        // captured counters stored, on every 16-key block.
+                        const uint32_t o_lo = key_lo, o_hi = key_hi, b_lo = in_lo, b_hi = in_hi, b0 = first_bin;
+                        uint32_t* const counts = bins;
+                        alignas(64) uint32_t keys[kTile];
+                        alignas(64) uint32_t inside[kTile + 16];  // the tile's keys inside the bracket
                         int64_t n_nan = 0, n_above = 0;
+                        const T* data = key_source<T>(s.tensors[t], key_mode);
                         for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
                           const int64_t len = std::min(kTile, hi - j0);
-                          tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len,
+                          tile_keys<T>(data, key_mode, as_u64(seed), as_u64(offset), j0, len,
                                        base + g + (j0 - lo), keys);
                           int n_inside = 0;
                           for (int64_t b = 0; b < len; b += 16) {
                             const uint32_t* kb = keys + b;
                             const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
-                            const BlockLanes lanes = classify_block(kb, valid, key_lo, key_hi, in_lo, in_hi);
+                            const BlockLanes lanes = classify_block(kb, valid, o_lo, o_hi, b_lo, b_hi);
                             n_nan += valid - lane_count(lanes.ordered);
                             n_above += lane_count(lanes.above);
                             n_inside += compress_keys(kb, lanes.inside, inside + n_inside);
                           }
-                          for (int j = 0; j < n_inside; ++j) ++bins[(inside[j] >> 16) - first_bin];
+                          for (int j = 0; j < n_inside; ++j) ++counts[(inside[j] >> 16) - b0];
                         }
                         local.nan += n_nan;
                         local.above += n_above;
@@ -433,11 +445,14 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
               // The span's selected elements (offsets from lo; a span is at most one chunk), written
               // after its scan: see compress_keys for why not inside it.
               thread_local std::vector<int32_t> picks(static_cast<size_t>(kChunk + 16));
-              int32_t* pick = picks.data();
+              int32_t* const pick = picks.data();
               int64_t n_picks = 0;
+              // Bounds as locals: read through captures they would be reloaded after every vector
+              // store (which may alias them).
+              const uint32_t o_lo = key_lo, o_hi = key_hi, b_lo = bin_lo, b_hi = bin_hi;
               for_each_key_group<T>(s, t, lo, hi, base + g, key_mode, as_u64(seed), as_u64(offset),
                                     [&](const uint32_t* kb, int valid, int64_t j, int64_t) {
-                const BlockLanes lanes = classify_block(kb, valid, key_lo, key_hi, bin_lo, bin_hi);
+                const BlockLanes lanes = classify_block(kb, valid, o_lo, o_hi, b_lo, b_hi);
                 const uint32_t sel = lanes.above, in_bin = lanes.inside;
                 if (m) write_mask_lanes(m + j, sel, valid);
                 n_picks += compress_lane_indices(static_cast<int32_t>(j - lo), sel, pick + n_picks);
