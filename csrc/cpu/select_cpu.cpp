@@ -60,7 +60,7 @@ at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t 
       std::vector<int64_t> local(static_cast<size_t>(bins + 1), 0);
       int64_t* h = local.data();
       alignas(64) uint32_t keys[kTile];
-      for (int64_t c; (c = queue.take()) >= 0;) {
+      for (int64_t c; (c = queue.take()) >= 0;) {  // (body not re-indented, to keep the diff small)
       for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                     [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
                       const T* data = key_source<T>(s.tensors[t], static_cast<int>(mode));
@@ -193,8 +193,9 @@ std::vector<at::Tensor> contiguous_sources(at::TensorList source_in) {
 // the caller's span body: otherwise the group's by-reference captures are reloaded (and its
 // counters stored) after every vector store, which may alias them.
 template <typename T, typename Group>
-inline __attribute__((always_inline)) void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi, int64_t global_lo, int key_mode,
-                               uint64_t seed, uint64_t offset, Group group) {
+inline __attribute__((always_inline)) void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi,
+                                                              int64_t global_lo, int key_mode, uint64_t seed,
+                                                              uint64_t offset, Group group) {
   alignas(64) uint32_t keys[kTile];
   const T* data = key_source<T>(s.tensors[t], key_mode);
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
@@ -472,9 +473,9 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
           std::vector<Candidate>().swap(p.candidates);
         }
         // Resolution: the `take` largest keys of the bin, ties by lower global index. In linear time
-        // (a sort of the ~1e4 candidates of a top-1% cost ~0.2 ms, serial): the take-th largest key
-        // T by nth_element on a copy of the keys, then one walk of the candidates, which are in
-        // global index order, taking every key above T and the first `take - above` keys equal to T.
+        // (this part runs serially, and a stable sort of the candidates is O(n log n)): the take-th
+        // largest key T by nth_element on a copy of the keys, then one walk of the candidates, which
+        // are in global index order, taking every key above T and the first `take - above` equal to T.
         const int64_t take = std::min<int64_t>(needed, static_cast<int64_t>(cand.size()));
         if (take == 0) return;
         std::vector<uint32_t> keys(cand.size());

@@ -91,7 +91,8 @@ inline int lane_count(uint32_t mask) { return __builtin_popcount(mask); }
 // key_lo <= key <= key_hi), and of those the lanes above the range and inside it. Both passes of
 // the fused top-K classify every block this way (the near histogram's bracket, the apply's
 // threshold bin); one load and five compares, where three separate lanes_in calls cost six
-// compares, three loads and their live masks (the first pass ran ~1.2x faster single-threaded).
+// compares, three loads and their live masks (~1.1x faster single-threaded in a stand-alone
+// microbenchmark of the first pass).
 struct BlockLanes {
   uint32_t ordered, above, inside;
 };
