@@ -357,14 +357,16 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
                         const uint32_t o_lo = key_lo, o_hi = key_hi, b_lo = in_lo, b_hi = in_hi, b0 = first_bin;
                         uint32_t* const counts = bins;
                         alignas(64) uint32_t keys[kTile];
-                        alignas(64) uint32_t inside[kTile + 16];  // the tile's keys inside the bracket
-                        int64_t n_nan = 0, n_above = 0;
+                        // The span's keys inside the bracket (a span is at most one chunk), counted
+                        // after its scan: one loop over them per span, not one per tile.
+                        thread_local std::vector<uint32_t> inside_keys(static_cast<size_t>(kChunk + 16));
+                        uint32_t* const inside = inside_keys.data();
+                        int64_t n_nan = 0, n_above = 0, n_inside = 0;
                         const T* data = key_source<T>(s.tensors[t], key_mode);
                         for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
                           const int64_t len = std::min(kTile, hi - j0);
                           tile_keys<T>(data, key_mode, as_u64(seed), as_u64(offset), j0, len,
                                        base + g + (j0 - lo), keys);
-                          int n_inside = 0;
                           for (int64_t b = 0; b < len; b += 16) {
                             const uint32_t* kb = keys + b;
                             const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
@@ -373,8 +375,8 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
                             n_above += lane_count(lanes.above);
                             n_inside += compress_keys(kb, lanes.inside, inside + n_inside);
                           }
-                          for (int j = 0; j < n_inside; ++j) ++counts[(inside[j] >> 16) - b0];
                         }
+                        for (int64_t j = 0; j < n_inside; ++j) ++counts[(inside[j] >> 16) - b0];
                         local.nan += n_nan;
                         local.above += n_above;
                       });
