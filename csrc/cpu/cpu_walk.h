@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -52,14 +53,43 @@ inline T store_as(float v) { return static_cast<T>(v); }
 
 inline int64_t chunk_count(const std::vector<int64_t>& offsets) { return (offsets.back() + kChunk - 1) / kChunk; }
 
+// Chunks handed out one at a time from a shared counter. A static split into one range per thread
+// waits for its slowest range: when another process takes one of the cores for a moment, the
+// whole pass waits for it, while with a queue the other thread takes over the remaining chunks.
+// The partials stay per chunk, so results still do not depend on who ran which chunk.
+class ChunkQueue {
+ public:
+  explicit ChunkQueue(int64_t chunks) : chunks_(chunks) {}
+  // The next chunk to run, or -1 when all are taken.
+  int64_t take() {
+    const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
+    return c < chunks_ ? c : -1;
+  }
+  // Runs worker(queue) on up to one thread per chunk; each worker takes chunks until none are left
+  // (a worker may keep its own state across its chunks, e.g. a private histogram).
+  template <typename Worker>
+  static void run(int64_t chunks, Worker&& worker) {
+    if (chunks <= 0) return;
+    ChunkQueue queue(chunks);
+    const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) worker(queue);
+    });
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t chunks_;
+};
+
 // Runs body(chunk, tensor_index, local_begin, local_end, global_begin) over every span of the
 // list, chunk by chunk in parallel. For passes that need no partial result (the write pass of a
 // compaction, a plain elementwise update).
 template <typename Body>
 inline void for_each_chunk(const std::vector<int64_t>& offsets, Body&& body) {
   const int64_t total = offsets.back();
-  at::parallel_for(0, chunk_count(offsets), 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c)
+  ChunkQueue::run(chunk_count(offsets), [&](ChunkQueue& queue) {
+    for (int64_t c; (c = queue.take()) >= 0;)
       for_each_span(offsets, c * kChunk, std::min(total, (c + 1) * kChunk),
                     [&](size_t t, int64_t lo, int64_t hi, int64_t g) { body(c, t, lo, hi, g); });
   });

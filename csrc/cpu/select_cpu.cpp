@@ -26,9 +26,10 @@ template <typename T, typename F>
 inline void for_each_key(const at::Tensor& scores, int mode, uint64_t seed, uint64_t offset, int64_t lo,
                          int64_t hi, int64_t g0, F&& f) {
   alignas(64) uint32_t keys[kTile];
+  const T* data = key_source<T>(scores, mode);
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t n = std::min(kTile, hi - j0);
-    tile_keys<T>(scores, mode, seed, offset, j0, n, g0 + (j0 - lo), keys);
+    tile_keys<T>(data, mode, seed, offset, j0, n, g0 + (j0 - lo), keys);
     for (int64_t j = 0; j < n; ++j) f(keys[j], mode != kKeyRandom && key_is_nan(keys[j]), j0 + j);
   }
 }
@@ -52,20 +53,20 @@ at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t 
   const int digit_shift = prefix_shift - static_cast<int>(digit_bits);
   const uint64_t want = static_cast<uint64_t>(prefix), mask = static_cast<uint64_t>(bins - 1);
   // One histogram per worker, merged under a lock: integer counts, so the merge order is irrelevant.
-  const int64_t chunks = chunk_count(s.offsets);
-  const int64_t grain = std::max<int64_t>(1, (chunks + at::get_num_threads() - 1) / at::get_num_threads());
   std::mutex merge;
   dispatch_scores(s, [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    ChunkQueue::run(chunk_count(s.offsets), [&](ChunkQueue& queue) {
       std::vector<int64_t> local(static_cast<size_t>(bins + 1), 0);
       int64_t* h = local.data();
       alignas(64) uint32_t keys[kTile];
-      for_each_span(s.offsets, c0 * kChunk, std::min(s.total(), c1 * kChunk),
+      for (int64_t c; (c = queue.take()) >= 0;) {  // (body not re-indented, to keep the diff small)
+      for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                     [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+                      const T* data = key_source<T>(s.tensors[t], static_cast<int>(mode));
                       for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
                         const int64_t n = std::min(kTile, hi - j0);
-                        tile_keys<T>(s.tensors[t], static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, n,
+                        tile_keys<T>(data, static_cast<int>(mode), as_u64(seed), as_u64(offset), j0, n,
                                      base + g + (j0 - lo), keys);
                         int64_t nans = 0;
                         if (mode != kKeyRandom)
@@ -82,6 +83,7 @@ at::Tensor select_histogram_cpu(at::TensorList scores_in, int64_t mode, int64_t 
                         }
                       }
                     });
+      }
       std::lock_guard<std::mutex> lock(merge);
       for (int64_t b = 0; b <= bins; ++b) hist[b] += h[b];
     });
@@ -144,7 +146,7 @@ struct ActionWriter {
   int action;
   float alpha;
   uint64_t noise_seed, noise_offset;
-  inline void operator()(P* w, const P* src, int64_t i, int64_t global) const {
+  inline __attribute__((always_inline)) void operator()(P* w, const P* src, int64_t i, int64_t global) const {
     const float sv = src ? load_float(src[i]) : 0.0f;
     w[i] = store_as<P>(action == kActSet ? sv
                                          : apply_action(action, load_float(w[i]), sv, alpha, noise_seed, noise_offset,
@@ -187,15 +189,19 @@ std::vector<at::Tensor> contiguous_sources(at::TensorList source_in) {
 
 // The key walk both apply passes share: the keys of elements [lo, hi) of tensor t (global index of
 // lo: global_lo), built a tile at a time and handed over 16 at a time as
-// group(keys, valid lanes, local index of keys[0], global index of keys[0]).
+// group(keys, valid lanes, local index of keys[0], global index of keys[0]). Always inlined into
+// the caller's span body: otherwise the group's by-reference captures are reloaded (and its
+// counters stored) after every vector store, which may alias them.
 template <typename T, typename Group>
-inline void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi, int64_t global_lo, int key_mode,
-                               uint64_t seed, uint64_t offset, Group group) {
+inline __attribute__((always_inline)) void for_each_key_group(const FlatList& s, size_t t, int64_t lo, int64_t hi,
+                                                              int64_t global_lo, int key_mode, uint64_t seed,
+                                                              uint64_t offset, Group group) {
   alignas(64) uint32_t keys[kTile];
+  const T* data = key_source<T>(s.tensors[t], key_mode);
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t len = std::min(kTile, hi - j0);
     const int64_t g0 = global_lo + (j0 - lo);
-    tile_keys<T>(s.tensors[t], key_mode, seed, offset, j0, len, g0, keys);
+    tile_keys<T>(data, key_mode, seed, offset, j0, len, g0, keys);
     for (int64_t b = 0; b < len; b += 16) group(keys + b, static_cast<int>(std::min<int64_t>(16, len - b)), j0 + b, g0 + b);
   }
 }
@@ -274,11 +280,13 @@ Bracket sample_bracket(const FlatList& s, int mode, uint64_t seed, uint64_t offs
   std::vector<uint32_t> keys;
   keys.reserve(static_cast<size_t>(kSamples));
   const uint32_t key_lo = ordered_key_min(mode), key_hi = ordered_key_max(mode);
+  std::vector<const T*> data;
+  for (const at::Tensor& x : s.tensors) data.push_back(key_source<T>(x, mode));
   size_t t = 0;
   for (int64_t i = 0; i < kSamples; ++i) {
     const int64_t g = static_cast<int64_t>((static_cast<double>(i) + 0.5) * static_cast<double>(n) / kSamples);
     while (s.offsets[t + 1] <= g) ++t;  // sample positions increase: walk the tensors once
-    const uint32_t key = element_key<T>(s.tensors[t], mode, seed, offset, g - s.offsets[t], base + g);
+    const uint32_t key = element_key<T>(data[t], mode, seed, offset, g - s.offsets[t], base + g);
     if (key >= key_lo && key <= key_hi) keys.push_back(key);
   }
   const int64_t m = static_cast<int64_t>(keys.size());
@@ -299,9 +307,12 @@ Bracket sample_bracket(const FlatList& s, int mode, uint64_t seed, uint64_t offs
   return b;
 }
 
-// Per-worker counts of the near histogram (uint32 bins: a quarter of int64's cache footprint).
+// Per-worker counts of the near histogram: only the bracket's bins (index: bin - lo_bin), since no
+// other bin is ever counted one by one; a typical bracket spans tens of bins, so a worker neither
+// allocates, zeroes nor merges 2^16 of them (uint32: a quarter of int64's cache footprint).
 struct NearCounts {
-  std::vector<uint32_t> bins = std::vector<uint32_t>(kBins, 0);
+  explicit NearCounts(const Bracket& b) : bins(static_cast<size_t>(b.hi_bin - b.lo_bin + 1), 0u) {}
+  std::vector<uint32_t> bins;
   int64_t above = 0, nan = 0;
 };
 
@@ -323,43 +334,51 @@ at::Tensor select_histogram_near_cpu(at::TensorList scores_in, int64_t mode, int
     br = sample_bracket<T>(s, key_mode, as_u64(seed), as_u64(offset), base, k);
     const uint32_t in_lo = static_cast<uint32_t>(br.lo_bin) << 16;
     const uint32_t in_hi = (static_cast<uint32_t>(br.hi_bin) << 16) | 0xffffu;
-    const int64_t chunks = chunk_count(s.offsets);
-    const int64_t grain = std::max<int64_t>(1, (chunks + at::get_num_threads() - 1) / at::get_num_threads());
-    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-      NearCounts local;
+    ChunkQueue::run(chunk_count(s.offsets), [&](ChunkQueue& queue) {
+      NearCounts local(br);
       uint32_t* bins = local.bins.data();
+      const uint32_t first_bin = static_cast<uint32_t>(br.lo_bin);
       int64_t since_flush = 0;
       const auto flush = [&] {
         std::lock_guard<std::mutex> lock(merge);
-        for (int b = 0; b < kBins; ++b) h[b] += bins[b];
+        for (size_t b = 0; b < local.bins.size(); ++b) h[br.lo_bin + static_cast<int64_t>(b)] += bins[b];
         above += local.above;
         nan += local.nan;
         std::fill(local.bins.begin(), local.bins.end(), 0u);
         local.above = local.nan = 0;
       };
-      alignas(64) uint32_t keys[kTile];
-      for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t c; (c = queue.take()) >= 0;) {
         for_each_span(s.offsets, c * kChunk, std::min(s.total(), (c + 1) * kChunk),
                       [&](size_t t, int64_t lo, int64_t hi, int64_t g) {
+                        // Everything the block loop reads or counts lives in this body's locals: the
+                        // vector stores of compress_keys may alias anything reached through a
+                        // capture, so captured bounds would be reloaded and re-broadcast, and
+                        // captured counters stored, on every 16-key block.
+                        const uint32_t o_lo = key_lo, o_hi = key_hi, b_lo = in_lo, b_hi = in_hi, b0 = first_bin;
+                        uint32_t* const counts = bins;
+                        alignas(64) uint32_t keys[kTile];
+                        // The span's keys inside the bracket (a span is at most one chunk), counted
+                        // after its scan: one loop over them per span, not one per tile.
+                        thread_local std::vector<uint32_t> inside_keys(static_cast<size_t>(kChunk + 16));
+                        uint32_t* const inside = inside_keys.data();
+                        int64_t n_nan = 0, n_above = 0, n_inside = 0;
+                        const T* data = key_source<T>(s.tensors[t], key_mode);
                         for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
                           const int64_t len = std::min(kTile, hi - j0);
-                          tile_keys<T>(s.tensors[t], key_mode, as_u64(seed), as_u64(offset), j0, len,
+                          tile_keys<T>(data, key_mode, as_u64(seed), as_u64(offset), j0, len,
                                        base + g + (j0 - lo), keys);
                           for (int64_t b = 0; b < len; b += 16) {
                             const uint32_t* kb = keys + b;
                             const int valid = static_cast<int>(std::min<int64_t>(16, len - b));
-                            const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
-                            local.nan += valid - lane_count(ordered);
-                            const uint32_t in = ordered & lanes_in(kb, valid, in_lo, in_hi);
-                            if (in_hi != 0xffffffffu)
-                              local.above += lane_count(ordered & lanes_in(kb, valid, in_hi + 1, 0xffffffffu));
-                            if (in == 0xffffu) {
-                              for (int j = 0; j < 16; ++j) ++bins[kb[j] >> 16];
-                            } else {
-                              for_each_lane(in, [&](int j) { ++bins[kb[j] >> 16]; });
-                            }
+                            const BlockLanes lanes = classify_block(kb, valid, o_lo, o_hi, b_lo, b_hi);
+                            n_nan += valid - lane_count(lanes.ordered);
+                            n_above += lane_count(lanes.above);
+                            n_inside += compress_keys(kb, lanes.inside, inside + n_inside);
                           }
                         }
+                        for (int64_t j = 0; j < n_inside; ++j) ++counts[(inside[j] >> 16) - b0];
+                        local.nan += n_nan;
+                        local.above += n_above;
                       });
         // uint32 bins cannot overflow within 2^31 elements.
         if ((since_flush += kChunk) >= (int64_t(1) << 31)) {
@@ -426,16 +445,25 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
               P* w = out.w(t);
               const P* src = out.src(t);
               bool* m = out.mask(t);
+              // The span's selected elements (offsets from lo; a span is at most one chunk), written
+              // after its scan: see compress_keys for why not inside it.
+              thread_local std::vector<int32_t> picks(static_cast<size_t>(kChunk + 16));
+              int32_t* const pick = picks.data();
+              int64_t n_picks = 0;
+              // Bounds as locals: read through captures they would be reloaded after every vector
+              // store (which may alias them).
+              const uint32_t o_lo = key_lo, o_hi = key_hi, b_lo = bin_lo, b_hi = bin_hi;
               for_each_key_group<T>(s, t, lo, hi, base + g, key_mode, as_u64(seed), as_u64(offset),
-                                    [&](const uint32_t* kb, int valid, int64_t j, int64_t gj) {
-                const uint32_t ordered = lanes_in(kb, valid, key_lo, key_hi);
-                const uint32_t sel = bin_hi == 0xffffffffu ? 0u : ordered & lanes_in(kb, valid, bin_hi + 1, 0xffffffffu);
-                const uint32_t in_bin = ordered & lanes_in(kb, valid, bin_lo, bin_hi);
+                                    [&](const uint32_t* kb, int valid, int64_t j, int64_t) {
+                const BlockLanes lanes = classify_block(kb, valid, o_lo, o_hi, b_lo, b_hi);
+                const uint32_t sel = lanes.above, in_bin = lanes.inside;
                 if (m) write_mask_lanes(m + j, sel, valid);
-                part.count += lane_count(sel);
-                for_each_lane(sel, [&](int l) { write(w, src, j + l, gj + l); });
+                n_picks += compress_lane_indices(static_cast<int32_t>(j - lo), sel, pick + n_picks);
                 for_each_lane(in_bin, [&](int l) { part.candidates.push_back({kb[l], static_cast<uint32_t>(t), j + l}); });
               });
+              part.count += n_picks;
+              const int64_t g_lo = base + g;
+              for (int64_t q = 0; q < n_picks; ++q) write(w, src, lo + pick[q], g_lo + pick[q]);
             });
         std::vector<Candidate> cand;
         size_t total = 0;
@@ -446,28 +474,32 @@ at::Tensor select_apply_bin_cpu(at::TensorList params, at::TensorList scores_in,
           cand.insert(cand.end(), p.candidates.begin(), p.candidates.end());
           std::vector<Candidate>().swap(p.candidates);
         }
-        // Resolution: the `take` largest keys of the bin, ties by lower global index (the candidates
-        // are in index order, so a stable order by key alone breaks ties correctly).
+        // Resolution: the `take` largest keys of the bin, ties by lower global index. In linear time
+        // (this part runs serially, and a stable sort of the candidates is O(n log n)): the take-th
+        // largest key T by nth_element on a copy of the keys, then one walk of the candidates, which
+        // are in global index order, taking every key above T and the first `take - above` equal to T.
         const int64_t take = std::min<int64_t>(needed, static_cast<int64_t>(cand.size()));
         if (take == 0) return;
-        const auto before = [](const Candidate& a, const Candidate& b) { return a.key > b.key; };
-        std::vector<Candidate> order(cand);
-        std::stable_sort(order.begin(), order.end(), before);
-        const Candidate last = order[static_cast<size_t>(take - 1)];
-        threshold = last.key;
-        int64_t ties = 0, ties_taken = 0;
-        for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i)
-          if (order[static_cast<size_t>(i)].key == last.key) {
-            ++ties;
-            ties_taken += i < take;
-          }
-        boundary = ties_taken == ties ? std::numeric_limits<int64_t>::max()
-                                      : base + s.offsets[last.tensor] + last.local + 1;
-        for (int64_t i = 0; i < take; ++i) {
-          const Candidate& c = order[static_cast<size_t>(i)];
+        std::vector<uint32_t> keys(cand.size());
+        for (size_t i = 0; i < cand.size(); ++i) keys[i] = cand[i].key;
+        std::nth_element(keys.begin(), keys.begin() + (take - 1), keys.end(), std::greater<uint32_t>());
+        const uint32_t t_key = keys[static_cast<size_t>(take - 1)];
+        int64_t above = 0, ties = 0;
+        for (const Candidate& c : cand) {
+          above += c.key > t_key;
+          ties += c.key == t_key;
+        }
+        const int64_t ties_needed = take - above;  // >= 1: T itself is among the take largest
+        threshold = t_key;
+        int64_t ties_taken = 0;
+        for (const Candidate& c : cand) {
+          if (c.key < t_key || (c.key == t_key && ties_taken == ties_needed)) continue;
+          if (c.key == t_key && ++ties_taken == ties_needed && ties_needed < ties)
+            boundary = base + s.offsets[c.tensor] + c.local + 1;  // the last tie taken
           write(out.w(c.tensor), out.src(c.tensor), c.local, base + s.offsets[c.tensor] + c.local);
           if (bool* m = out.mask(c.tensor)) m[c.local] = true;
         }
+        if (ties_needed == ties) boundary = std::numeric_limits<int64_t>::max();
         count += take;
       });
     });
