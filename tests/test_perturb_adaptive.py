@@ -183,3 +183,19 @@ def test_plain_details_leave_out_what_is_not_plain_json():
     assert kept == {"k": 0.1, "ok": True, "note": None, "trials": [[0.01, 1.5, 2.0]], "nested": {"a": [1, "b"]}}
     kept["trials"][0][0] = 9.0
     assert details["trials"][0][0] == 0.01  # a copy: a record never aliases the report
+
+
+def test_plain_details_are_strict_json_numpy_scalars_kept_non_finite_as_none():
+    """A fallback's ||e|| or bound can be inf / NaN and a method may report numpy scalars: records must
+    still serialize with allow_nan=False, and numbers must not silently vanish."""
+    import json
+
+    import numpy as np
+
+    from unlearn_ext.evaluate.harness import plain_details
+    details = {"norm_e": float("inf"), "rise": float("nan"), "rungs": [1.0, float("-inf")],
+               "count": np.int64(3), "ratio": np.float32(0.5), "scalar": torch.tensor(2.5)}
+    kept = plain_details(details)
+    assert kept == {"norm_e": None, "rise": None, "rungs": [1.0, None], "count": 3, "ratio": 0.5, "scalar": 2.5}
+    assert type(kept["count"]) is int and type(kept["ratio"]) is float
+    json.dumps(kept, allow_nan=False)

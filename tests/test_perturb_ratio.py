@@ -208,3 +208,16 @@ def test_memorizing_topk_ratio_moves_toward_retraining_more_than_its_controls():
         assert gap("topk-ratio", "forget_acc") <= gap(control, "forget_acc") - 0.10, (control, r)
         assert gap("topk-ratio", "mia") <= gap(control, "mia") - 0.08, (control, r)
     assert r["topk-ratio"]["test_acc"] >= r["retrain"]["test_acc"] - 0.12, r
+
+
+@pytest.mark.parametrize("score", ["fisher_ratio", "grad_ratio"])
+def test_ratio_scores_refuse_a_retained_set_that_moves_nothing(score):
+    """R's rows all zero on a bias-free linear model: R's gradient is 0 on every coordinate, every
+    ratio would be 0 and Top-K would silently take the lowest indices; refused, naming the cause."""
+    data, model = _constructed()
+    x, y = data.batch(torch.arange(16))
+    x = x.clone()
+    x[4:] = 0.0
+    zero_r = TrainingData(x, y)
+    with pytest.raises(ValueError, match="zero on every coordinate"):
+        forget_scores(model, zero_r, FORGET, score, retained=zero_r.without(FORGET))

@@ -187,3 +187,32 @@ def test_topk_state_of_another_repair_ascent_or_initial_is_refused(memorized, tm
         DeletionLedger(make(reopened), str(tmp_path))
     with DeletionLedger(make(saved), str(tmp_path)) as same:
         assert same.forgotten == FIRST.tolist()
+
+
+def test_adaptive_rungs_restart_from_the_whole_state_buffers_included(memorized):  # noqa: F811
+    """Each rung of the adaptive K starts from the model before the request, buffers included: a
+    buffer a rung's repair changes (BatchNorm-like running statistics, emulated by a module that
+    counts its forward passes in training mode) is restored before the next rung, so the kept
+    model equals a fixed-K run at the chosen K, buffer and weights alike."""
+    data, config, original, holdout = memorized
+
+    class CountingNet(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.register_buffer("train_calls", torch.zeros(()))
+
+        def forward(self, x):
+            if self.training:
+                self.train_calls += 1
+            return self.inner(x)
+
+    base = CountingNet(copy.deepcopy(original))
+    adaptive = AdaptiveTopKUnlearner(copy.deepcopy(base), data, config, holdout=holdout, repair_epochs=1)
+    report = adaptive.unlearn(FIRST)
+    chosen = report.details["k_chosen"]
+    assert len(report.details["k_trials"]) >= 2, "the fixture should need more than one rung"
+    fixed = TopKUnlearner(copy.deepcopy(base), data, config, holdout=holdout, k=chosen, repair_epochs=1)
+    fixed.unlearn(FIRST)
+    assert torch.equal(adaptive.model.train_calls, fixed.model.train_calls)
+    assert torch.equal(_flat(adaptive.model), _flat(fixed.model))

@@ -217,22 +217,33 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
 
 
 _PLAIN = (bool, int, float, str, type(None))
+_DROP = object()  # marks a value plain_details leaves out
 
 
 def plain_details(details: dict) -> dict:
-    """The entries of a report's details that are plain JSON values (recursively through lists,
-    tuples and string-keyed dicts), so every record stays JSON-serializable and small whatever a
-    method puts in its report; anything else (a tensor, a dataclass) is left out rather than
-    converted, since its meaning is the method's to state."""
-    def plain(value) -> bool:
+    """The entries of a report's details as strict JSON values (recursively through lists, tuples and
+    string-keyed dicts), so every record serializes with allow_nan=False whatever a method puts in
+    its report: numpy scalars and 0-d tensors become Python numbers, non-finite floats become None
+    (a fallback's ||e|| can be inf or NaN); anything else (a tensor with elements, a dataclass) is
+    left out rather than converted, since its meaning is the method's to state."""
+    def plain(value):
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar, 0-d tensor
+            value = value.item()
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
         if isinstance(value, _PLAIN):
-            return True
+            return value
         if isinstance(value, (list, tuple)):
-            return all(plain(v) for v in value)
+            items = [plain(v) for v in value]
+            return _DROP if any(v is _DROP for v in items) else items
         if isinstance(value, dict):
-            return all(isinstance(k, str) and plain(v) for k, v in value.items())
-        return False
-    return {k: copy.deepcopy(v) for k, v in details.items() if isinstance(k, str) and plain(v)}
+            if not all(isinstance(k, str) for k in value):
+                return _DROP
+            items = {k: plain(v) for k, v in value.items()}
+            return _DROP if any(v is _DROP for v in items.values()) else items
+        return _DROP
+    out = {k: plain(v) for k, v in details.items() if isinstance(k, str)}
+    return {k: v for k, v in out.items() if v is not _DROP}
 
 
 def _on_cuda(model: torch.nn.Module) -> bool:

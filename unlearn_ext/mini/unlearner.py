@@ -49,10 +49,12 @@ class MiniUnlearner(Unlearner):
                  seed: int = 0, stability_limit: float = 2.0, delta_rule: str = "end",
                  loss_rise_limit: float = 0.25, curvature_budget: float = DEFAULT_BUDGET):
         """model: the trained model (its weights are w*); store: what MiniRecorder recorded.
-        curvature_samples (m), lanczos_steps (k): "auto" (default) keeps a request within
+        curvature_samples (m), lanczos_steps (k): "auto" (default) aims a request at
         `curvature_budget` (a fraction of retraining's sample-gradients): DESIGN's m = 1024, k = 10
         where the budget affords them, else k = 8 and the m in [256, 1024] it affords (our rule,
-        mini/budget.py; curvature="exact" takes m = 1024). Values given explicitly are used as given.
+        mini/budget.py; curvature="exact" takes m = 1024). Not a ceiling: where even m = 256 (or all
+        retained samples) at k = 8 costs more, as on tiny data, and on a fallback the request spends
+        more; report.sample_gradients says what it spent. Values given explicitly are used as given.
         delta_rule: "end" (DESIGN: each segment uses the drift of the anchor closing it) or
         "interp" (linear between the bounding anchors; see mini/propagate.py).
         loss_rise_limit: the retained-loss check (ours) fires when the retained objective on the

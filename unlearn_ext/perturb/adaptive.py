@@ -24,6 +24,8 @@ as one sample gradient per sample); Top-K's scores are computed once per request
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .. import selection as sel_api
@@ -81,22 +83,29 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
         return self._rung(self._rung_k, self._context), 0
 
     def _summary_loss(self, x, y) -> float:
-        with torch.no_grad():
-            return float(STOP_STATISTICS[self.stop_statistic](self.data.loss(self.model(x), y)))
+        # In eval mode: the probe measures the model, it must not move its buffers (BatchNorm's
+        # running statistics) the way a training-mode forward pass would.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return float(STOP_STATISTICS[self.stop_statistic](self.data.loss(self.model(x), y)))
+        finally:
+            self.model.train(was_training)
 
     def _forget(self, new: torch.Tensor, report) -> None:
-        params = self._params()
-        before = [p.detach().clone() for p in params]
         requests, forgotten = self.requests, self.forgotten.clone()
         self._context, spent = self._prepare(new)
+        # The whole module state after scoring (what a fixed-K request selects on), buffers and frozen
+        # parameters included (a repair in train mode moves BatchNorm's running statistics), so every
+        # rung starts where a fixed-K request at that K would.
+        before = copy.deepcopy(self.model.state_dict())
         scoring = spent
         probe = int(new.numel()) + int(self.holdout[1].numel())  # one forward pass over F and the held-out set
         tried = []
         for i, k in enumerate(self.ladder):
             if i:  # every rung starts from the weights before the request
-                with torch.no_grad():
-                    for p, b in zip(params, before):
-                        p.copy_(b)
+                self.model.load_state_dict(before)
                 self.requests = requests
                 self._set_forgotten(forgotten)
             self._rung_k = k

@@ -114,7 +114,11 @@ def _floored_ratio(forget_terms, retain_terms, floor_fraction):
     """forget / (retain + floor_fraction * mean(retain)) per coordinate; with a zero floor, coordinates
     R never moves score 0 rather than x / 0."""
     count = sum(t.numel() for t in retain_terms)
-    floor = floor_fraction * float(sum(t.double().sum() for t in retain_terms)) / max(1, count)
+    mean = float(sum(t.double().sum() for t in retain_terms)) / max(1, count)
+    if not mean > 0:  # every score would be 0 and Top-K would pick the lowest indices: refuse instead
+        raise ValueError("ratio score: the retained data's gradient is zero on every coordinate, so F cannot "
+                         "be weighed against it (use score='grad_abs')")
+    floor = floor_fraction * mean
     return [f / (r + floor) if floor > 0 else torch.where(r > 0, f / r, torch.zeros_like(f))
             for f, r in zip(forget_terms, retain_terms)]
 
@@ -130,7 +134,7 @@ def forget_scores(model, data: TrainingData, ids: torch.Tensor, score: str = "gr
                   ratio_floor: float = RATIO_FLOOR) -> tuple[list[torch.Tensor], int]:
     """(one score tensor per trainable parameter, sample gradients spent). `retained` (ids of R) is
     required by the scores in RETAINED_SCORES and ignored by the others; `ratio_floor` is
-    fisher_ratio's floor as a fraction of R's mean Fisher."""
+    the ratio scores' floor (fisher_ratio and grad_ratio) as a fraction of R's mean term."""
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
     if ids.numel() == 0:

@@ -213,7 +213,8 @@ class PerturbUnlearner(Unlearner):
                 # the repair's step: its learning rate (factor x the schedule's peak), decay and seed
                 "repair_lr": self._repair_config(self.forgotten).lr, "weight_decay": self.config.weight_decay,
                 "train_seed": self.config.seed,
-                # only where they matter, so a state saved without them keeps its fingerprint
+                # only where they matter (ledgers saved before the fields above were added are refused,
+                # naming them: their repair settings were not recorded)
                 **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {}),
                 **({"ascent_step": self.ascent_step, "ascent_max_steps": self.ascent_max_steps}
                    if self.perturbation == "ascent" else {}),
