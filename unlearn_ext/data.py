@@ -95,6 +95,16 @@ def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> to
     return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
+def tensors_sha256(tensors) -> str:
+    """sha256 of a sequence of tensors' dtypes, shapes and values (in order, as stored): what a
+    fingerprint records for data or weights whose content decides a result."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class TrainingData:
     """A training set with stable ids: row r of `inputs`/`targets` is sample `ids[r]`.
 
@@ -140,11 +150,7 @@ class TrainingData:
         shapes but other values or another row order differ. Computed once (hashing runs at
         memory speed, ~0.5 s per GB)."""
         if getattr(self, "_digest", None) is None:
-            h = hashlib.sha256()
-            for t in (self.ids, self.inputs, self.targets):
-                h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._digest = h.hexdigest()
+            self._digest = tensors_sha256((self.ids, self.inputs, self.targets))
         return self._digest
 
     def fingerprint(self) -> dict:

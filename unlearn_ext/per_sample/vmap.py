@@ -27,7 +27,8 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.named_parameters() if v.requires_grad}
 
 
-def _per_sample_fn(model, loss_fn):
+def per_sample_grad_fn(model, loss_fn):
+    """vmap of the one-sample loss gradient: f(params, buffers, x, y) -> {name: per-sample gradients}."""
     def sample_loss(params, buffers, xi, yi):
         out = functional_call(model, (params, buffers), (xi.unsqueeze(0),))
         # .sum(): a one-sample batch's loss is a scalar whether loss_fn reduces (mean) or not.
@@ -39,7 +40,7 @@ def clipped_per_sample(model, loss_fn, x, y, clip_norm: float, params=None) -> d
     """Per-sample gradients (leading dim = batch), each clipped to L2 norm `clip_norm`."""
     params = {k: v.detach() for k, v in (params or trainable(model)).items()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    per_sample = _per_sample_fn(model, loss_fn)(params, buffers, x, y)
+    per_sample = per_sample_grad_fn(model, loss_fn)(params, buffers, x, y)
     scale = clip_scales(per_sample, clip_norm)
     return {k: g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for k, g in per_sample.items()}
 
@@ -80,7 +81,7 @@ def clipped_sum64_vmap(model, loss_fn, x, y, clip_norm: float, params=None, chun
     total = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in params.items()}
     detached = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    fn = _per_sample_fn(model, loss_fn)
+    fn = per_sample_grad_fn(model, loss_fn)
     for s in range(0, x.shape[0], chunk):
         per_sample = fn(detached, buffers, x[s:s + chunk], y[s:s + chunk])
         scale = clip_scales(per_sample, clip_norm)

@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ..data import TrainingData
-from ..per_sample import trainable
+from ..per_sample import per_sample_grad_fn, trainable
 
 
 def _batches(ids: torch.Tensor, batch_size: int):
@@ -48,38 +48,32 @@ def fisher(model, data, ids, batch_size=256):
     return total
 
 
-def sensitivity(model, data, ids, batch_size=256):
+def _per_sample_total(model, data, ids, batch_size, per_sample, transform):
+    """Sum over ids of transform(per-sample gradient), per trainable parameter (float32);
+    per_sample(params, buffers, x, y) -> {name: per-sample gradients} (vmap over the batch)."""
     params = {k: v.detach() for k, v in trainable(model).items()}
     buffers = dict(model.named_buffers())
-
-    def out_norm(p, xi):
-        return (functional_call(model, (p, buffers), (xi.unsqueeze(0),)) ** 2).sum()
-
-    per_sample = vmap(grad(out_norm), in_dims=(None, 0))
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
     for b in _batches(ids, batch_size):
-        x, _ = data.batch(b)
-        for k, g in per_sample(params, x).items():
-            total[k] += g.abs().float().sum(0)
-    return [t / max(1, ids.numel()) for t in total.values()]
+        x, y = data.batch(b)
+        for k, g in per_sample(params, buffers, x, y).items():
+            total[k] += transform(g.float()).sum(0)
+    return list(total.values())
+
+
+def sensitivity(model, data, ids, batch_size=256):
+    def out_norm(p, buffers, xi, _yi):
+        return (functional_call(model, (p, buffers), (xi.unsqueeze(0),)) ** 2).sum()
+
+    per_sample = vmap(grad(out_norm), in_dims=(None, None, 0, 0))
+    return [t / max(1, ids.numel())
+            for t in _per_sample_total(model, data, ids, batch_size, per_sample, torch.abs)]
 
 
 def _mean_sq_sample_grads(model, data, ids, batch_size):
     """Mean over `ids` of the squared per-sample loss gradient, per trainable parameter (float32)."""
-    params = {k: v.detach() for k, v in trainable(model).items()}
-    buffers = dict(model.named_buffers())
-
-    def sample_loss(p, xi, yi):
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return data.loss(out, yi.unsqueeze(0)).sum()
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
-    for b in _batches(ids, batch_size):
-        x, y = data.batch(b)
-        for k, g in per_sample(params, x, y).items():
-            total[k] += (g.float() ** 2).sum(0)
-    return [t / ids.numel() for t in total.values()]
+    per_sample = per_sample_grad_fn(model, data.loss)
+    return [t / ids.numel() for t in _per_sample_total(model, data, ids, batch_size, per_sample, torch.square)]
 
 
 # The ratio scores' floor under R's term, as a fraction of its mean over all coordinates. Why a

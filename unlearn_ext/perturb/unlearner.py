@@ -14,13 +14,12 @@ relearn. Fine-tuning alone, the control, is baselines.FinetuneUnlearner.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
 from .. import selection as sel_api
-from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, train_sgd
+from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256, train_sgd
 from ..metrics import outputs
 from ..per_sample import trainable
 from ..unlearner import Unlearner, UnlearnReport
@@ -79,8 +78,11 @@ class PerturbUnlearner(Unlearner):
         """(selection, sample gradients spent on scoring)."""
         raise NotImplementedError
 
-    def _retained(self, new: torch.Tensor) -> torch.Tensor:
-        """The retained set R of this request: every sample neither forgotten before nor in `new`."""
+    def _retained(self, new: torch.Tensor) -> torch.Tensor | None:
+        """The retained set R of this request (every sample neither forgotten before nor in `new`)
+        for the scores that weigh F against it; None for the others (they never read it)."""
+        if self.score not in RETAINED_SCORES:
+            return None
         return self.data.without(torch.cat([self.forgotten, new]))
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
@@ -147,10 +149,13 @@ class PerturbUnlearner(Unlearner):
             loss = self._forget_loss(ids)
         return count, steps, loss, target
 
+    def _repair_lr(self) -> float:
+        """repair_lr_factor x the training schedule's peak learning rate."""
+        return self.repair_lr_factor * max(self.config.lr_at(t) for t in range(self.config.steps(len(self.data))))
+
     def _repair_config(self, union) -> SGDConfig:
-        peak = max(self.config.lr_at(t) for t in range(self.config.steps(len(self.data))))
         return SGDConfig(epochs=self.repair_epochs, batch_size=self.config.batch_size,
-                         lr=self.repair_lr_factor * peak, weight_decay=self.config.weight_decay,
+                         lr=self._repair_lr(), weight_decay=self.config.weight_decay,
                          seed=self.config.seed + 104729 * (1 + len(union)))
 
     def _distills(self) -> bool:
@@ -211,15 +216,15 @@ class PerturbUnlearner(Unlearner):
                 "distill_alpha": self.distill_alpha, "per_tensor": self.per_tensor, "seed": self.seed,
                 "batch_size": self.config.batch_size, **self.data.fingerprint(),
                 # the repair's step: its learning rate (factor x the schedule's peak), decay and seed
-                "repair_lr": self._repair_config(self.forgotten).lr, "weight_decay": self.config.weight_decay,
+                "repair_lr": self._repair_lr(), "weight_decay": self.config.weight_decay,
                 "train_seed": self.config.seed,
                 # only where they matter (ledgers saved before the fields above were added are refused,
                 # naming them: their repair settings were not recorded)
                 **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {}),
                 **({"ascent_step": self.ascent_step, "ascent_max_steps": self.ascent_max_steps}
                    if self.perturbation == "ascent" else {}),
-                **({"holdout_sha256": TrainingData(*self.holdout).digest()} if self.holdout is not None else {}),
-                **({"initial_sha256": _tensors_digest(self.initial)} if self.initial is not None else {})}
+                **({"holdout_sha256": tensors_sha256(self.holdout)} if self.holdout is not None else {}),
+                **({"initial_sha256": tensors_sha256(self.initial)} if self.initial is not None else {})}
 
     def state_dict(self) -> dict:
         return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
@@ -254,13 +259,3 @@ class RandomKUnlearner(PerturbUnlearner):
 
     def _select(self, new):
         return sel_api.random_k([p.detach() for p in self._params()], self.k, self.seed, self.requests), 0
-
-
-def _tensors_digest(tensors: list[torch.Tensor]) -> str:
-    """sha256 of a list of tensors' dtypes, shapes and values (the stored initial weights that
-    reset-to-initial writes back: another set would answer the next request differently)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
