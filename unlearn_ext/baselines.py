@@ -40,12 +40,15 @@ class RetrainUnlearner(Unlearner):
 
     def state_dict(self) -> dict:
         return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
+                "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
                 "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for k, p in trainable(self.model).items():
                 p.copy_(state["params"][k])
+            for k, b in self.model.named_buffers():
+                b.copy_(state["buffers"][k])
         self._set_forgotten(state["forgotten"])
 
 

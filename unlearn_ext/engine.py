@@ -77,11 +77,10 @@ class UnlearningEngine:
                              "quantized step: use PCMUTrainer)")
         data, batch_size, options = _training_data(data, batch_size, ids, augmentation_seed)
         loss_fn = torch.nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-        probe_x, probe_y = data.batch(data.ids[:min(len(data), 4)])
+        reduction = "mean"
         if len(data) >= 2:
-            reduction = loss_reduction(loss_fn, model, probe_x, probe_y)
-        else:
-            reduction = "mean"
+            with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
+                reduction = loss_reduction(loss_fn, model, *data.batch(data.ids[:4]))
         data.loss = per_sample_loss_of(loss_fn)
         if method in HISTORY_METHODS:
             _check_history_method(method, model, optimizer, reduction)
