@@ -335,3 +335,14 @@ def test_hessian_products_fall_back_to_reverse_over_reverse_where_forward_mode_i
         products.append(op(v))
         assert op._forward_mode is (not custom)
     torch.testing.assert_close(products[0], products[1], rtol=1e-5, atol=1e-6)
+
+
+def test_progress_goes_to_logging_not_stdout(caplog, capsys):
+    import logging
+    with caplog.at_level(logging.INFO, logger="unlearn_ext"):
+        engine, _ = wrap_and_train("retrain", lambda: cnn("group"), "adam+cosine")
+        engine.unlearner().unlearn(FORGET)
+    messages = [r.getMessage() for r in caplog.records if r.name == "unlearn_ext"]
+    assert any("trained epoch 3 of 3" in m for m in messages)
+    assert any("retrain: forgetting 5 id(s)" in m for m in messages)
+    assert capsys.readouterr().out == ""

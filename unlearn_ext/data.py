@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -281,6 +282,8 @@ def train_sgd(model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, 
         if on_step is not None:
             on_step(step.step, step.ids, model)
         sgd_step(model, data, step.ids, config.lr_at(step.step), config.weight_decay)
+        if step.position == schedule.batches_per_epoch - 1:
+            logging.getLogger("unlearn_ext").debug("trained epoch %d of %d (plain SGD)", step.epoch + 1, config.epochs)
     return model
 
 

@@ -104,11 +104,25 @@ class UnlearningEngine:
     def recipe(self) -> OptimizerRecipe:
         return self._require_run().recipe
 
+    @property
+    def initial(self) -> torch.nn.Module:
+        """A copy of the model as it was wrapped (what retraining starts from)."""
+        return self._require_run().initial
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """A copy of the model after training, before any request (to judge a result: doing nothing)."""
+        run = self._require_run()
+        if run.trained is None:
+            raise RuntimeError("the trained model is taken when the unlearner is first asked for: call unlearner()")
+        return run.trained
+
     def unlearner(self) -> Unlearner:
         """The method's Unlearner for the trained model (built once, after training; later calls
         return the same one)."""
         run = self._require_run()
         if run.unlearner is None:
+            run.trained = copy.deepcopy(run.model)
             run.unlearner = run.build()
         return run.unlearner
 
@@ -124,6 +138,7 @@ class _Run:
         self.recipe, self.schedule, self.initial, self.options = recipe, schedule, initial, options
         self.recorder = None
         self.unlearner = None
+        self.trained = None
 
     def build(self) -> Unlearner:
         m, o = self.method, self.options

@@ -18,6 +18,7 @@ training (the optimizer must not have stepped yet).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from typing import Callable
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 from .data import BatchSchedule, TrainingData, as_ids
 
 SCHEDULER_STEPS = ("epoch", "step")
+log = logging.getLogger("unlearn_ext")
 
 # DataLoader settings a recipe repeats (the sampler and dataset are the schedule's and the data's).
 LOADER_OPTIONS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
@@ -182,6 +184,7 @@ class OptimizerRecipe:
                         scheduler.step()
                 if scheduler is not None and self.scheduler_step == "epoch":
                     scheduler.step()
+                log.info("trained epoch %d of %d (%s)", epoch + 1, self.epochs, self.description.get("optimizer"))
         return model
 
     def tuned(self, lr_factor: float, epochs: int, seed: int, n: int) -> "OptimizerRecipe":

@@ -18,6 +18,7 @@ parts, so the ledger can write only the parts a request changed; `load_state_dic
 """
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .data import TrainingData, as_ids
+
+
+log = logging.getLogger("unlearn_ext")
 
 
 class UnknownIdsError(ValueError):
@@ -129,10 +133,12 @@ class Unlearner(ABC):
         if not new:
             report.status, report.reason = "already-forgotten", "every id in the request was forgotten before"
         else:
+            log.info("%s: forgetting %d id(s) (%d forgotten before)", self.method, len(new), self.forgotten.numel())
             self._forget(torch.tensor(new, dtype=torch.int64), report)
             if report.status not in STATUSES:
                 raise RuntimeError(f"{type(self).__name__} reported unknown status {report.status!r}")
         report.seconds = time.perf_counter() - began
+        log.info("%s (%.3f s)", report, report.seconds)
         return report
 
     @abstractmethod
