@@ -27,7 +27,7 @@ from .pcmu import (
 )
 from .data import BatchSchedule, SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
 from .baselines import RetrainUnlearner
-from .ledger import DeletionLedger, LedgerInUseError
+from .ledger import DeletionLedger, LedgerCorruptError, LedgerInUseError
 from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
     FieldSpec,
@@ -69,6 +69,7 @@ __all__ = [
     # shared: training data, retraining, the Unlearner interface, the ledger
     "TrainingData", "BatchSchedule", "SGDConfig", "train_sgd", "retrain", "retrain_cost",
     "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "DeletionLedger", "LedgerInUseError",
+    "LedgerCorruptError",
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
     "HistoryCorruptError", "HistoryFormatError", "HistoryLockedError", "HistoryConflictError",

@@ -32,6 +32,7 @@ import torch
 
 from ..data import TrainingData
 from ..history import HistoryStore
+from ..model_state import load_model_state_, model_state
 from ..unlearner import Unlearner, UnlearnReport
 from .record import check_plain_sgd
 from .vectors import FlatModel
@@ -219,8 +220,8 @@ class DeltaGradUnlearner(Unlearner):
                 "burn_in": self.burn_in, "period": self.period, "memory": self.memory, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
-        return {"params": self.flat.flat(), "forgotten": self.forgotten.clone()}
+        return {**model_state(self.model), "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.flat.load_(state["params"])
+        load_model_state_(self.model, state)
         self._set_forgotten(state["forgotten"])

@@ -30,6 +30,7 @@ import torch
 
 from ..data import TrainingData
 from ..history import HistoryStore
+from ..model_state import load_model_state_, model_state
 from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import exact_spectrum, lanczos_spectrum, subsample
@@ -243,10 +244,10 @@ class MiniUnlearner(Unlearner):
                 "seed": self.seed, "loss_rise_limit": self.loss_rise_limit, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
-        return {"params": self.flat.flat(), "original": self.original.clone(), "forgotten": self.forgotten.clone()}
+        return {**model_state(self.model), "original": self.original.clone(), "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.flat.load_(state["params"])
+        load_model_state_(self.model, state)
         self.original = state["original"].clone()
         self._set_forgotten(state["forgotten"])
 
