@@ -27,6 +27,18 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.named_parameters() if v.requires_grad}
 
 
+def refuse_training_batch_norm(modules, who: str) -> None:
+    """Refuses BatchNorm layers in training mode among `modules` (e.g. model.modules()): they mix
+    the samples of a batch, so a per-sample loss, its gradients and any replay of them are not
+    defined (and the forward pass moves the running statistics)."""
+    names = sorted({type(m).__name__ for m in modules
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training})
+    if names:
+        raise ValueError(f"{who}: BatchNorm in training mode ({', '.join(names)}) mixes the samples of a batch, so per-sample "
+                         "gradients are not defined: use GroupNorm/LayerNorm, put the BatchNorm layers in eval mode "
+                         "(model.eval() or layer.eval()), or convert them (e.g. to GroupNorm) before training")
+
+
 def per_sample_grad_fn(model, loss_fn):
     """vmap of the one-sample loss gradient: f(params, buffers, x, y) -> {name: per-sample gradients}."""
     def sample_loss(params, buffers, xi, yi):
