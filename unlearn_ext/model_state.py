@@ -39,7 +39,8 @@ def load_model_state_(model: torch.nn.Module, state: dict) -> None:
             value = given[name]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(tensor.shape):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"the saved model state's {kind[:-1]} {name!r} has shape {shape}; the model's "
+                what = "parameter" if kind == "params" else "buffer"
+                raise ValueError(f"the saved model state's {what} {name!r} has shape {shape}; the model's "
                                  f"is {tuple(tensor.shape)}")
     with torch.no_grad():
         for kind, have in targets.items():
