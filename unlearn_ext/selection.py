@@ -346,8 +346,11 @@ class PerTensorSelection:
 
 
 def topk_per_tensor(scores: Sequence[torch.Tensor], k, by: str = "abs") -> PerTensorSelection:
+    """The exact top-k of each score tensor on its own (k a count for every tensor, or a fraction)."""
     parts = []
-    for s in scores:
-        sel = topk([s], k, by)
-        parts.append(sel)
+    for i, s in enumerate(scores):
+        try:
+            parts.append(topk([s], k, by))
+        except ValueError as exc:  # name the tensor: k fits some tensors of the list and not others
+            raise ValueError(f"scores[{i}] (shape {list(s.shape)}): {exc}") from None
     return PerTensorSelection(parts)
