@@ -12,5 +12,5 @@ def test_topk_per_tensor_names_the_tensor_k_does_not_fit():
 
 
 def test_smooth_quantize_refuses_meta_tensors():
-    with pytest.raises(ValueError, match=r"grads\[0\] is a meta tensor"):
+    with pytest.raises(ValueError, match="smooth_quantize returns the smallest radius.*meta tensors do not hold"):
         ue.smooth_quantize([torch.empty(4, device="meta")], tau=0.1, sigma=0.05)

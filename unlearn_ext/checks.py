@@ -28,8 +28,6 @@ def as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
 def check_float_list(tensors: Sequence[torch.Tensor], name: str) -> None:
     """One floating dtype (fp32/fp16/bf16) and one device for the whole list, with kernels for it."""
     for i, t in enumerate(tensors):
-        if t.is_meta:
-            raise ValueError(f"{name}[{i}] is a meta tensor: it holds no values to compute on")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected float32, float16 or bfloat16")
         if t.dtype != tensors[0].dtype:
