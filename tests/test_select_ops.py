@@ -319,10 +319,11 @@ def test_heavy_ties_take_the_histogram_route():
 @pytest.mark.parametrize("k", [0, 1, 17, 299, 300])
 def test_random_k_exact_and_equals_reference(device, k):
     like = make_list([37, 1, 255, 6, 1], LAYOUTS, torch.float32, device, seed=1)
-    sel = S.random_k(like, k, seed=-(1 << 40) - 3, offset=5)
+    seed = 2**64 - (1 << 40) - 3  # high bit set (int64 -(2^40) - 3 in the op schema); seeds are unsigned
+    sel = S.random_k(like, k, seed=seed, offset=5)
     got = selected_mask(sel, like)
     assert int(got.sum()) == k
-    assert torch.equal(got, reference_topk_mask([t.cpu() for t in like], k, 2, -(1 << 40) - 3, 5))
+    assert torch.equal(got, reference_topk_mask([t.cpu() for t in like], k, 2, seed, 5))
 
 
 def test_random_k_is_uniform():

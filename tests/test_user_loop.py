@@ -267,7 +267,7 @@ def test_batchnorm_models_work_and_keep_buffers_consistent(method):
     assert report.status in ("unlearned", "retrained")
     assert not torch.equal(model[1].running_mean, running)  # its own repair / retraining updated them
     state = engine.unlearner().state_dict()
-    assert any(torch.equal(v, model[1].running_mean) for v in _tensors(state)) or method in ("topk", "randomk")
+    assert torch.equal(state["buffers"]["1.running_mean"], model[1].running_mean)
 
 
 def _tensors(value):

@@ -36,7 +36,7 @@ from .metrics import accuracy, distance_ratio
 from .mia import loss_auc
 from .policy import UnsupportedModelError
 from .recipe import OptimizerRecipe
-from .ledger import DeletionLedger, LedgerInUseError
+from .ledger import DeletionLedger, LedgerCorruptError, LedgerInUseError
 from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
     FieldSpec,
@@ -78,7 +78,7 @@ __all__ = [
     # shared: training data, retraining, the Unlearner interface, the ledger
     "TrainingData", "BatchSchedule", "SGDConfig", "train_sgd", "retrain", "retrain_cost",
     "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "FinetuneUnlearner", "DeletionLedger",
-    "LedgerInUseError",
+    "LedgerInUseError", "LedgerCorruptError",
     # the user's own loop: wrap model, optimizer and data; the recipe retraining repeats
     "UnlearningEngine", "OptimizerRecipe", "SeededDataset", "UnsupportedModelError",
     # judging a result

@@ -9,6 +9,7 @@ import copy
 import torch
 
 from .data import TrainingData, retrain, retrain_cost
+from .model_state import load_model_state_, model_state
 from .per_sample import trainable
 from .unlearner import Unlearner, UnlearnReport
 
@@ -27,7 +28,7 @@ class RetrainUnlearner(Unlearner):
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
         retrained = retrain(self.initial, self.data, self.config, union)
-        self.model.load_state_dict(retrained.state_dict())  # copies in place: parameters and buffers
+        load_model_state_(self.model, model_state(retrained))  # in place: parameters and buffers
         self._set_forgotten(union)
         cost = retrain_cost(self.data, self.config, union)
         report.status, report.how, report.weights_changed = "retrained", "from scratch", True
@@ -39,16 +40,10 @@ class RetrainUnlearner(Unlearner):
         return {"shapes": shapes, **self.config.fingerprint(), **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
-        return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
-                "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
-                "forgotten": self.forgotten.clone()}
+        return {**model_state(self.model), "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for k, p in trainable(self.model).items():
-                p.copy_(state["params"][k])
-            for k, b in self.model.named_buffers():
-                b.copy_(state["buffers"][k])
+        load_model_state_(self.model, state)
         self._set_forgotten(state["forgotten"])
 
 

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,21 +34,61 @@ class ScheduledStep:
 
 
 def as_ids(values, what: str = "ids") -> torch.Tensor:
-    """Sample ids as a flat int64 tensor. Float or bool input is refused: casting would silently
-    turn 1.5 into id 1 (and forget the wrong sample); so are unsigned ids >= 2^63, which int64
-    would turn negative (another id)."""
-    if isinstance(values, np.ndarray) and values.dtype == np.uint64 and values.size and values.max() >= 2**63:
-        raise ValueError(f"{what} must be below 2^63 (int64), got {int(values.max())}")
-    try:
-        t = torch.as_tensor(values)
-    except (OverflowError, RuntimeError, ValueError) as exc:  # Python ints beyond int64
-        raise ValueError(f"{what} must be integers in the int64 range: {exc}") from None
-    if t.numel() == 0:
-        return torch.empty(0, dtype=torch.int64)
+    """Sample ids as a flat int64 tensor. Anything but integers is refused with a TypeError saying
+    "<what> must be integers": floats (casting would silently turn 1.5 into id 1 and forget the wrong
+    sample), bools (True would become id 1, also inside a list such as [5, True]), strings, None,
+    and meta tensors (no values). Integers outside int64 (e.g. unsigned ids >= 2^63, which int64
+    would turn negative: another id) are a ValueError naming the int64 range."""
+    if isinstance(values, torch.Tensor):
+        if values.is_meta:
+            raise TypeError(f"{what} must be integers with values; got a meta tensor (it holds none)")
+        return _int64_ids(values, what)
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return _int64_ids(_numpy_ids(values, what), what)
+    if isinstance(values, np.ndarray):  # an object array: its elements, one by one
+        values = values.reshape(-1).tolist()
+    if isinstance(values, (bool, np.bool_)) or not isinstance(values, (list, tuple, numbers.Integral)):
+        raise TypeError(f"{what} must be integers (a sequence of ints, an integer array or tensor), got "
+                        f"{type(values).__name__} {values!r}"[:300])
+    items = values if isinstance(values, (list, tuple)) else [values]
+    flat = _check_integer_items(items, what)
+    big = [v for v in flat if not -2**63 <= v < 2**63]
+    if big:
+        raise ValueError(f"{what} must be integers in the int64 range; got {big[0]}")
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def _check_integer_items(items, what: str) -> list:
+    """The Python ints of a (nested) sequence, after refusing every element that is not an integer.
+    Element by element: torch.as_tensor would read [5, True] as [5, 1]."""
+    out = []
+    for v in items:
+        if isinstance(v, (list, tuple)):
+            out.extend(_check_integer_items(v, what))
+        elif isinstance(v, (torch.Tensor, np.ndarray)):
+            out.extend(as_ids(v, what).tolist())
+        elif isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} must be integers, got {type(v).__name__} {v!r}"[:300])
+        else:
+            out.append(int(v))
+    return out
+
+
+def _numpy_ids(values: np.ndarray, what: str) -> torch.Tensor:
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got a numpy array of {values.dtype}")
+    if values.dtype == np.uint64 and values.size and values.max() >= 2**63:
+        raise ValueError(f"{what} must be integers in the int64 range (below 2^63), got {int(values.max())}")
+    return torch.from_numpy(values.astype(np.int64, copy=False).reshape(-1).copy())
+
+
+def _int64_ids(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{what} must be integers, got {t.dtype}")
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
     if t.dtype == torch.uint64 and any(int(v) >= 2**63 for v in t.reshape(-1).tolist()):
-        raise ValueError(f"{what} must be below 2^63 (int64)")
+        raise ValueError(f"{what} must be integers in the int64 range (below 2^63)")
     return t.reshape(-1).to(torch.int64)
 
 

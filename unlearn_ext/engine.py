@@ -37,7 +37,7 @@ from .mini.vectors import FlatModel
 from .per_sample import trainable
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import (UnsupportedModelError, eval_mode, loss_reduction, per_sample_loss_of,
-                     refuse_batchnorm_in_training)
+                     refuse_training_batch_norm)
 from .recipe import OptimizerRecipe, loader_options
 from .unlearner import Unlearner
 
@@ -186,7 +186,7 @@ def _training_data(data, batch_size, ids, augmentation_seed):
 def _check_history_method(method: str, model, optimizer, reduction: str) -> None:
     """What the history methods' linear response and replay assume, refused before training."""
     name = "Mini-Unlearning" if method == "mini" else "DeltaGrad"
-    refuse_batchnorm_in_training(model, name, "the gradients of single samples and of subsets replayed")
+    refuse_training_batch_norm(model, name, "the gradients of single samples and of subsets it replays")
     if reduction != "mean":
         raise UnsupportedModelError(f"{name} replays mean batch gradients; the loss sums over the batch. Use "
                                     "reduction='mean' (the learning rate then means what the replay assumes)")
@@ -270,7 +270,7 @@ class _AnchorRecorder(_StepCounter):
 
     def on_step(self, t: int) -> None:
         if t in self.anchor_steps:
-            refuse_batchnorm_in_training(self.run.model, "Mini-Unlearning", "replayed gradients")
+            refuse_training_batch_norm(self.run.model, "Mini-Unlearning", "the gradients it replays")
             flat, _, g = self.full_gradient()
             self.recorder.attach(**{FULL_GRAD: flat.split(g)})
 

@@ -13,13 +13,21 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
     replaces `ledger.json` atomically (write, fsync, rename, fsync the directory) pointing at the
     new files, then removes files no longer referenced. A crash at any point leaves the previous
     ledger and every file it names intact.
-  * No half-applied requests: if the commit fails (full disk, read-only directory), the unlearner
-    is restored to its state before the request and the error is raised, so a retry starts from the
-    same place. A directory that cannot be written is refused before any work is done.
+  * No half-applied requests: if anything fails — the method itself partway (an exception in the
+    loss during a repair, a refused non-finite result) or the commit (full disk, read-only
+    directory) — the unlearner (weights, buffers, counters, forgotten ids) is restored to its state
+    before the request and the error is raised, so a retry starts from the same place and gives
+    what an uninterrupted request gives. A directory that cannot be written is refused before any
+    work is done.
   * Restart: opening a directory that holds a ledger restores the unlearner to the ledger's state
     (build the same unlearner — model, data, configuration — and pass it). State of another method
     or configuration is refused, naming the fields that differ. Files load with
     torch.load(weights_only=True): loading never runs code.
+  * Integrity: `ledger.json` carries a sha256 of its own content and one per part file; reopening
+    checks every one before anything is loaded, so a damaged ledger (a flipped bit, a truncated
+    file, a missing part) is refused with one `LedgerCorruptError` naming `ledger.json`, and an
+    intact one gives exactly the committed state. Part files no ledger names (left by a crash
+    between replacing `ledger.json` and removing the files it replaced) are removed on reopening.
   * One writer: the directory is locked (fcntl) while a ledger is open; a second process gets a
     clear error instead of interleaving commits.
 """
@@ -30,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import re
 
 import torch
 
@@ -38,17 +47,31 @@ from .unlearner import Unlearner, UnlearnReport
 
 LEDGER = "ledger.json"
 LOCK = "ledger.lock"
-FORMAT = "unlearn_ext.ledger/2"
+FORMAT = "unlearn_ext.ledger/3"
+CHECKSUM = "ledger_sha256"  # the ledger's own digest: sha256 of its canonical JSON without this key
+# The files a ledger writes: '<part>-<version>.pt' (and their '.tmp' while being written).
+_PART_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*-\d{6}\.pt(\.tmp)?$")
 
 
 class LedgerInUseError(RuntimeError):
     """Another open ledger (in this or another process) holds the directory."""
 
 
+class LedgerCorruptError(ValueError):
+    """The ledger on disk is damaged (a checksum does not match, a file is missing, cut off or
+    unreadable): nothing was loaded."""
+
+
 def _serialize(value) -> bytes:
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
+
+
+def _canonical(ledger: dict) -> bytes:
+    """The bytes the ledger's own checksum covers: its JSON, keys sorted, without the checksum."""
+    body = {k: v for k, v in ledger.items() if k != CHECKSUM}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=float).encode()
 
 
 class DeletionLedger:
@@ -60,6 +83,7 @@ class DeletionLedger:
         try:
             if os.path.exists(path):
                 self._restore(path)
+                self._remove_unreferenced()
             else:
                 self.ledger = {"format": FORMAT, "method": unlearner.method,
                                "fingerprint": unlearner.fingerprint(), "requests": [], "parts": {},
@@ -83,12 +107,39 @@ class DeletionLedger:
                                    "another DeletionLedger); close it first") from None
         return f
 
-    def _restore(self, path: str) -> None:
-        with open(path, encoding="utf-8") as f:
-            ledger = json.load(f)
+    def _read_verified(self, path: str) -> tuple[dict, dict]:
+        """(the ledger, its parts' saved values), after checking every checksum; any damage raises
+        LedgerCorruptError naming `path`, before anything is loaded into the unlearner."""
+        def damaged(what: str) -> LedgerCorruptError:
+            return LedgerCorruptError(f"the deletion ledger {path} is damaged: {what}; nothing was loaded "
+                                      "(restore the directory from a backup)")
+        try:
+            with open(path, "rb") as f:
+                ledger = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise damaged(f"it is not valid JSON ({exc})") from None
+        if not isinstance(ledger, dict):
+            raise damaged("it does not hold a JSON object")
         if ledger.get("format") != FORMAT:
             raise ValueError(f"{path} is not a deletion ledger of this version (format "
                              f"{ledger.get('format')!r}, expected {FORMAT!r})")
+        if ledger.get(CHECKSUM) != hashlib.sha256(_canonical(ledger)).hexdigest():
+            raise damaged("its content does not match its own sha256 (a changed or cut-off record)")
+        state = {}
+        for part, name in ledger["parts"].items():
+            try:
+                with open(os.path.join(self.directory, name), "rb") as f:
+                    blob = f.read()
+            except OSError as exc:
+                raise damaged(f"part {part!r} ({name}) cannot be read: {exc.strerror or exc}") from None
+            if hashlib.sha256(blob).hexdigest() != ledger["digests"].get(part):
+                raise damaged(f"part {part!r} ({name}) does not match the sha256 the ledger recorded for it")
+            # The bytes are the ones committed, so this load cannot meet damage.
+            state[part] = torch.load(io.BytesIO(blob), weights_only=True)
+        return ledger, state
+
+    def _restore(self, path: str) -> None:
+        ledger, state = self._read_verified(path)
         want = {"method": self.unlearner.method, **self.unlearner.fingerprint()}
         have = {"method": ledger.get("method"), **ledger.get("fingerprint", {})}
         # JSON turns tuples into lists: compare through one JSON round trip.
@@ -97,10 +148,22 @@ class DeletionLedger:
         if differs:
             raise ValueError(f"the ledger in {self.directory} belongs to another model or configuration "
                              f"(differs in: {', '.join(differs)})")
-        state = {part: torch.load(os.path.join(self.directory, name), weights_only=True)
-                 for part, name in ledger["parts"].items()}
-        self.unlearner.load_state_dict(state)
+        before = self.unlearner.state_dict()
+        try:
+            self.unlearner.load_state_dict(state)
+        except BaseException:
+            self.unlearner.load_state_dict(before)  # a refused state leaves the unlearner as it was
+            raise
         self.ledger = ledger
+
+    def _remove_unreferenced(self) -> None:
+        """Drops part files (and temporaries) that the ledger does not name: a crash after
+        `ledger.json` was replaced but before the files it replaced were removed leaves them."""
+        keep = set(self.ledger["parts"].values())
+        for name in os.listdir(self.directory):
+            if _PART_FILE.match(name) and name not in keep:
+                _remove(os.path.join(self.directory, name))
+        _remove(os.path.join(self.directory, LEDGER + ".tmp"))
 
     def _check_writable(self) -> None:
         if not os.access(self.directory, os.W_OK):
@@ -122,12 +185,14 @@ class DeletionLedger:
         self._check_open()
         self._check_writable()
         before = self.unlearner.state_dict()
-        report = self.unlearner.unlearn(ids)  # unknown / empty / malformed requests raise here
-        entry = {"request": len(self.requests), **report.to_dict()}
         try:
+            report = self.unlearner.unlearn(ids)  # unknown / empty / malformed requests raise here
+            entry = {"request": len(self.requests), **report.to_dict()}
             self._commit(self.unlearner.state_dict(), entry)
         except BaseException:
-            self.unlearner.load_state_dict(before)  # the request did not happen
+            # The request did not happen: whatever the method changed before failing (weights half
+            # repaired, a counter advanced) goes back to the snapshot.
+            self.unlearner.load_state_dict(before)
             raise
         return report
 
@@ -152,7 +217,11 @@ class DeletionLedger:
                 parts[part], digests[part] = name, digest
             ledger = dict(self.ledger, parts=parts, digests=digests, version=version,
                           requests=self.requests + ([entry] if entry is not None else []))
-            text = json.dumps(ledger, indent=1, default=float).encode()
+            ledger.pop(CHECKSUM, None)
+            # Through one JSON round trip, so the checksum covers exactly what a reader parses.
+            ledger = json.loads(json.dumps(ledger, default=float))
+            ledger[CHECKSUM] = hashlib.sha256(_canonical(ledger)).hexdigest()
+            text = json.dumps(ledger, indent=1).encode()
             atomic_write(os.path.join(self.directory, LEDGER), lambda f: f.write(text))
         except BaseException:
             for name in written:  # not referenced by any ledger: safe to drop

@@ -16,8 +16,6 @@ import contextlib
 
 import torch
 
-from .per_sample.engine import per_sample_losses
-
 BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
@@ -26,24 +24,23 @@ class UnsupportedModelError(ValueError):
     """A model, optimizer or loss that a method cannot serve (refused before any training)."""
 
 
-def batchnorm_in_training(model: torch.nn.Module) -> list[str]:
-    """Names of BatchNorm layers that use batch statistics (training mode, or no running stats)."""
-    return [name or type(m).__name__ for name, m in model.named_modules()
-            if isinstance(m, BATCHNORM) and (m.training or not m.track_running_stats)]
-
-
 def stochastic_layers(model: torch.nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, STOCHASTIC) and m.p > 0]
 
 
-def refuse_batchnorm_in_training(model: torch.nn.Module, method: str, needs: str) -> None:
-    names = batchnorm_in_training(model)
+def refuse_training_batch_norm(model, who: str, needs: str = "per-sample gradients") -> None:
+    """Refuses BatchNorm layers that use batch statistics in `model` (a module, or an iterable of
+    modules): they mix the samples of a batch, so `needs` are not defined (and every forward pass
+    moves the running statistics). The message names the layers and the fixes."""
+    named = model.named_modules() if isinstance(model, torch.nn.Module) else ((type(m).__name__, m) for m in model)
+    names = [name or type(m).__name__ for name, m in named
+             if isinstance(m, BATCHNORM) and (m.training or not m.track_running_stats)]
     if names:
         raise UnsupportedModelError(
-            f"{method} needs {needs}, which BatchNorm in training mode makes depend on the whole batch "
-            f"(layers: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}). Use GroupNorm or LayerNorm, put the "
-            "BatchNorm layers in eval mode (frozen statistics), or convert the model (e.g. opacus' "
-            "ModuleValidator.fix replaces BatchNorm with GroupNorm); Top-K, Random-k, fine-tuning and retraining "
+            f"{who}: BatchNorm in training mode (layers: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
+            f"mixes the samples of a batch, so {needs} are not defined: use GroupNorm or LayerNorm, put the "
+            "BatchNorm layers in eval mode (frozen statistics), or convert them before training (e.g. opacus' "
+            "ModuleValidator.fix replaces BatchNorm with GroupNorm). Top-K, Random-k, fine-tuning and retraining "
             "accept BatchNorm as it is")
 
 
@@ -63,6 +60,7 @@ def eval_mode(model: torch.nn.Module):
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     """'mean' or 'sum': how `loss_fn` reduces per-sample losses, found on the batch (x, y) (two or
     more samples) in eval mode without gradients. Anything else raises UnsupportedModelError."""
+    from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
     with torch.no_grad(), eval_mode(model):
         out = model(x)
         batch = loss_fn(out, y)
@@ -86,6 +84,8 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
 def per_sample_loss_of(loss_fn):
     """The per-sample form (shape [b]) of a batch loss (reduction='none', summed over any extra
     dimensions, e.g. tokens)."""
+    from .per_sample.engine import per_sample_losses
+
     def per_sample(outputs, targets):
         return per_sample_losses(loss_fn, outputs, targets)
     per_sample.__name__ = f"per_sample({getattr(loss_fn, '__name__', type(loss_fn).__name__)})"

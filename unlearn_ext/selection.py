@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops
+from .checks import seed_args
 
 KEY_MODES = {"value": 0, "abs": 1, "random": 2}
 ACTIONS = {"reset": 0, "dampen": 1, "noise": 2, "axpy": 3}
@@ -180,6 +181,7 @@ class Selection:
         (w += alpha * z, z from the RNG contract at (noise_seed, noise_offset)), axpy (w += alpha * source).
         Returns (count, masks) where masks is a list of bool tensors shaped like params, or None."""
         params = list(params)
+        noise_seed, noise_offset = seed_args(noise_seed, noise_offset)
         out = [torch.empty(p.shape, dtype=torch.bool, device=p.device) for p in params] if masks else []
         source = list(source) if source is not None else []
         self._check_scores_unchanged()
@@ -289,15 +291,17 @@ def topk(scores: Sequence[torch.Tensor], k, by: str = "abs") -> Selection:
 
 
 def random_k(like: Sequence[torch.Tensor], k, seed: int, offset: int = 0) -> Selection:
-    """Exactly k uniformly random coordinates of the list (Philox keys of the RNG contract)."""
-    sel = _select([t.detach() for t in like], KEY_MODES["random"], k, seed, offset)
-    return sel
+    """Exactly k uniformly random coordinates of the list (Philox keys of the RNG contract; seed and
+    offset are unsigned 64-bit)."""
+    seed, offset = seed_args(seed, offset)
+    return _select([t.detach() for t in like], KEY_MODES["random"], k, seed, offset)
 
 
 def bernoulli(like: Sequence[torch.Tensor], p: float, seed: int, offset: int = 0) -> Selection:
     """Each coordinate independently with probability p: draw 0 of philox_bernoulli at (seed, offset)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
+    seed, offset = seed_args(seed, offset)
     from .reference.rng import UNIFORM_LEVELS
     levels = _levels_below(p, UNIFORM_LEVELS)
     total = _numel(like)
@@ -342,8 +346,11 @@ class PerTensorSelection:
 
 
 def topk_per_tensor(scores: Sequence[torch.Tensor], k, by: str = "abs") -> PerTensorSelection:
+    """The exact top-k of each score tensor on its own (k a count for every tensor, or a fraction)."""
     parts = []
-    for s in scores:
-        sel = topk([s], k, by)
-        parts.append(sel)
+    for i, s in enumerate(scores):
+        try:
+            parts.append(topk([s], k, by))
+        except ValueError as exc:  # name the tensor: k fits some tensors of the list and not others
+            raise ValueError(f"scores[{i}] (shape {list(s.shape)}): {exc}") from None
     return PerTensorSelection(parts)

@@ -476,6 +476,14 @@ class HistoryStore:
         for s in self._steps[lo:hi]:
             yield self.read(s, names, device=device)
 
+    def schedule(self):
+        """(step, lr, lrs, batch ids) of every recorded step, in order, without reading any field."""
+        for i, e in enumerate(self._entries):
+            ids = None
+            if e.file_entry is None or e.file_entry.header["batch_ids"]:
+                ids = self._load(i, [], ids=True)[1]
+            yield e.step, e.lr, None if e.lrs is None else list(e.lrs), ids
+
     def encoded(self, step: int, name: str) -> hc.EncodedField:
         """One plain field of one step in its stored form (EncodedField: dot, axpy_, decode,
         nbytes), for products on the codes without an fp32 copy of the field, e.g. DeltaGrad's

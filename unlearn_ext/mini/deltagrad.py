@@ -32,8 +32,14 @@ import torch
 
 from ..data import TrainingData
 from ..history import HistoryStore
+from ..model_state import load_model_state_, model_state
+from ..per_sample import trainable
+from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
+from .curvature import subsample
+from .history_digest import history_sha256
 from .record import check_plain_sgd
+from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .vectors import FlatModel
 
 
@@ -84,14 +90,20 @@ class DeltaGradUnlearner(Unlearner):
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  burn_in: int = 10, period: int = 5, memory: int = 2, max_prediction_error: float = 10.0,
-                 stability_limit: float = 2.0):
+                 stability_limit: float = 2.0, loss_rise_limit: float = DEFAULT_LOSS_RISE_LIMIT,
+                 check_samples: int = 1024):
         """store: every step's 'params', 'grads' (the batch's mean loss gradient, without weight
-        decay), lr and batch ids (StepRecorder, or HistoryRecorder with recorder.batch(ids))."""
+        decay), lr and batch ids (StepRecorder, or HistoryRecorder with recorder.batch(ids)).
+        loss_rise_limit, check_samples: the check against an answer worse than doing nothing
+        (mini/safety.py) on a seeded subsample of that many retained samples."""
         super().__init__(data)
         if burn_in < 0 or period < 1 or memory < 1:
             raise ValueError(f"need burn_in >= 0, period >= 1, memory >= 1; got {burn_in}, {period}, {memory}")
+        if not loss_rise_limit > 0 or check_samples < 1:
+            raise ValueError(f"need loss_rise_limit > 0 and check_samples >= 1; got {loss_rise_limit}, {check_samples}")
         info = store.run_info
-        self.weight_decay = check_plain_sgd(info, "DeltaGrad")
+        refuse_training_batch_norm(model, "DeltaGrad")
+        self.weight_decay = check_plain_sgd(info, "DeltaGrad", len(trainable(model)))
         if "params" not in store.fields or "grads" not in store.fields:
             raise ValueError("DeltaGrad needs every step's 'params' and 'grads' in the history")
         if store.fields["grads"].delta:
@@ -105,6 +117,9 @@ class DeltaGradUnlearner(Unlearner):
         self.burn_in, self.period, self.memory = int(burn_in), int(period), int(memory)
         self.max_prediction_error = float(max_prediction_error)
         self.stability_limit = float(stability_limit)
+        self.loss_rise_limit, self.check_samples = float(loss_rise_limit), int(check_samples)
+        # Binds saved state to this history (mini/history_digest.py): the schedule and both ends.
+        self.history_sha256 = history_sha256(store, sorted({steps[0], steps[-1]}), ["params", "grads"], "DeltaGrad")
 
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0
@@ -184,12 +199,21 @@ class DeltaGradUnlearner(Unlearner):
         return w, cost, stats(), ""
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        refuse_training_batch_norm(self.model, "DeltaGrad")
         union = torch.cat([self.forgotten, new]).unique()
         T = len(self.store.steps)
         report.retrain_sample_gradients = int(self.info.get("epochs", 1)) * (len(self.data) - int(union.numel())) \
             if "epochs" in self.info else self._retained_seen(union)
         before = self.store.bytes_read
         w, cost, stats, reason = self._replay(union, all_exact=False)
+        if not reason:
+            rise, check_cost = self._retained_loss_rise(w, union)
+            cost += check_cost
+            stats["retained_loss_rise"] = rise
+            if rise > self.loss_rise_limit:
+                reason = (f"the retained loss on {check_cost} retained samples rises by {rise:.1%} at the replayed "
+                          f"weights relative to the weights before the request (limit {self.loss_rise_limit:.0%}): "
+                          "retraining lowers it, so the answer is likely farther from retraining than doing nothing")
         if reason:
             w, extra, _, _ = self._replay(union, all_exact=True)
             cost += extra
@@ -208,6 +232,16 @@ class DeltaGradUnlearner(Unlearner):
         report.weights_changed = True
         self._set_forgotten(union)
 
+    def _retained_loss_rise(self, w: torch.Tensor, union: torch.Tensor) -> tuple[float, int]:
+        """mini/safety.py's check of the replayed weights against the weights before the request
+        (doing nothing), and its cost; (0, 0) when nothing is retained."""
+        retained = self.data.without(union)
+        if retained.numel() == 0:
+            return 0.0, 0
+        ids = subsample(retained, self.check_samples, 0)
+        rise = retained_loss_rise(self.flat, ids, self.flat.flat().double(), w.double(), self.weight_decay)
+        return rise, int(ids.numel())
+
     def _retained_seen(self, union) -> int:
         return sum(int((~torch.isin(s.batch_ids, union)).sum()) for s in self.store.iter(names=[]))
 
@@ -216,11 +250,13 @@ class DeltaGradUnlearner(Unlearner):
     def fingerprint(self) -> dict:
         return {"shapes": [list(s) for s in self.flat.shapes], "steps": len(self.store.steps),
                 "weight_decay": self.weight_decay, "codecs": {k: v.codec for k, v in self.store.fields.items()},
-                "burn_in": self.burn_in, "period": self.period, "memory": self.memory, **self.data.fingerprint()}
+                "burn_in": self.burn_in, "period": self.period, "memory": self.memory,
+                "loss_rise_limit": self.loss_rise_limit, "check_samples": self.check_samples,
+                "history_sha256": self.history_sha256, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
-        return {"params": self.flat.flat(), "forgotten": self.forgotten.clone()}
+        return {**model_state(self.model), "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.flat.load_(state["params"])
+        load_model_state_(self.model, state)
         self._set_forgotten(state["forgotten"])

@@ -137,9 +137,17 @@ def train_recording_steps(model, data: TrainingData, config: SGDConfig, store: H
     return recorder
 
 
-def check_plain_sgd(run_info: dict, method: str) -> float:
-    """The recorded run's weight decay, after refusing anything but plain SGD with one weight decay
-    for every parameter (the linear response and DeltaGrad's replay assume w <- w - lr (g + wd w))."""
+# Hyperparameters every param group must share: the replay (and the linear response) uses one
+# learning rate, one weight decay and plain descent for every parameter.
+SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "dampening", "maximize")
+
+
+def check_plain_sgd(run_info: dict, method: str, parameters: int | None = None) -> float:
+    """The recorded run's weight decay, after refusing anything but plain SGD (descent, no
+    momentum) with one set of hyperparameters over every trainable parameter (the linear response
+    and DeltaGrad's replay assume w <- w - lr (g + wd w) for all of w). `parameters`: how many
+    trainable tensors the model has; an optimizer that updated only some of them is refused (a
+    replay would move parameters training never moved)."""
     name = run_info.get("optimizer")
     if name is None:
         raise UnsupportedOptimizerError(f"{method}: the history records no optimizer (store.run_info); record "
@@ -155,8 +163,25 @@ def check_plain_sgd(run_info: dict, method: str) -> float:
         if g.get("momentum", 0) not in (0, 0.0, None):
             raise UnsupportedOptimizerError(f"{method} assumes plain SGD without momentum; the recorded run used "
                                             f"momentum={g.get('momentum')}")
+        if g.get("maximize"):
+            raise UnsupportedOptimizerError(f"{method} replays gradient descent; the recorded run used SGD with "
+                                            "maximize=True (gradient ascent), which it cannot replay")
     decays = {float(g.get("weight_decay", 0.0) or 0.0) for g in groups}
     if len(decays) > 1:
         raise UnsupportedOptimizerError(f"{method}: parameter groups use different weight decays {sorted(decays)}; "
                                         "one weight decay for every parameter is supported")
+    for key in SHARED_HYPERPARAMETERS:
+        values = [g.get(key) for g in groups]
+        if any(v != values[0] for v in values):
+            raise UnsupportedOptimizerError(f"{method}: parameter groups use different {key} ({values}); one value "
+                                            "for every parameter is supported (one param group)")
+    if parameters is not None and "param_groups" in run_info:
+        covered = {i for g in groups for i in g.get("param_indices", ())}
+        missing = sorted(set(range(parameters)) - covered)
+        if missing:
+            raise UnsupportedOptimizerError(
+                f"{method}: the recorded optimizer updated only some of the model's trainable parameters (not "
+                f"the trainable parameters at positions {missing}); a replay would move parameters training "
+                "never moved: give the optimizer every trainable parameter, or freeze the others "
+                "(requires_grad=False) before recording")
     return decays.pop()

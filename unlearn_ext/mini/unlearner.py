@@ -30,12 +30,17 @@ import torch
 
 from ..data import TrainingData
 from ..history import HistoryStore
+from ..model_state import load_model_state_, model_state
+from ..per_sample import trainable
+from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import exact_spectrum, lanczos_spectrum, subsample
+from .history_digest import history_sha256
 from .propagate import DELTA_RULES, propagate_segment
 from .record import FULL_GRAD, check_plain_sgd
 from .resume import resume_from
+from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .vectors import FlatModel
 
 CURVATURE = ("final", "anchors", "exact")
@@ -47,7 +52,7 @@ class MiniUnlearner(Unlearner):
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  curvature_samples: int | str = "auto", lanczos_steps: int | str = "auto", curvature: str = "final",
                  seed: int = 0, stability_limit: float = 2.0, delta_rule: str = "end",
-                 loss_rise_limit: float = 0.25, curvature_budget: float = DEFAULT_BUDGET):
+                 loss_rise_limit: float = DEFAULT_LOSS_RISE_LIMIT, curvature_budget: float = DEFAULT_BUDGET):
         """model: the trained model (its weights are w*); store: what MiniRecorder recorded.
         curvature_samples (m), lanczos_steps (k): "auto" (default) aims a request at
         `curvature_budget` (a fraction of retraining's sample-gradients): DESIGN's m = 1024, k = 10
@@ -66,7 +71,8 @@ class MiniUnlearner(Unlearner):
             raise ValueError(f"delta_rule must be one of {DELTA_RULES}, got {delta_rule!r}")
         self.delta_rule = delta_rule
         info = store.run_info
-        self.weight_decay = check_plain_sgd(info, "Mini-Unlearning")
+        refuse_training_batch_norm(model, "Mini-Unlearning")
+        self.weight_decay = check_plain_sgd(info, "Mini-Unlearning", len(trainable(model)))
         for key in ("lr_schedule", "steps_per_epoch", "n"):
             if key not in info:
                 raise ValueError(f"the history lacks run metadata {key!r}: record it with MiniRecorder")
@@ -86,6 +92,8 @@ class MiniUnlearner(Unlearner):
             raise ValueError(f"curvature_budget must be a positive fraction of retraining's cost, got {curvature_budget}")
         self.curvature, self.seed, self.stability_limit = curvature, int(seed), float(stability_limit)
         self.loss_rise_limit = float(loss_rise_limit)
+        # Binds saved state to this history (mini/history_digest.py): every anchor's weights and gradient.
+        self.history_sha256 = history_sha256(store, self.anchor_steps, ["params", FULL_GRAD], "Mini-Unlearning")
 
     # ---- unlearning -----------------------------------------------------------------------------
 
@@ -116,8 +124,17 @@ class MiniUnlearner(Unlearner):
         return lanczos_spectrum(self.flat, w, ids, self.weight_decay, start, k, self.seed)
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        refuse_training_batch_norm(self.model, "Mini-Unlearning")
         union = torch.cat([self.forgotten, new]).unique()
         n, r = len(self.data), int(union.numel())
+        if r == n:
+            # Nothing is retained: retraining makes no update and returns the initial weights (the
+            # drift r/(n-r) of the linear response is undefined).
+            report.sample_gradients = self._fallback(union)
+            report.status, report.how, report.weights_changed = "retrained", "every sample forgotten", True
+            report.reason = "every training sample is forgotten: retraining returns the stored initial weights"
+            self._set_forgotten(union)
+            return
         retained = self.data.without(union)
         T = int(self.lrs.numel())
         report.retrain_sample_gradients = int(self.info.get("epochs", T // max(self.info["steps_per_epoch"], 1))) * (n - r)
@@ -204,26 +221,12 @@ class MiniUnlearner(Unlearner):
         self._set_forgotten(union)
 
     def _retained_loss_rise(self, e: torch.Tensor, retained: torch.Tensor, m: int) -> tuple[float, int]:
-        """(L_S(w* + e) - L_S(w*)) / L_S(w*) for the retained objective (mean loss + wd/2 ||w||^2) on
-        the curvature subsample S, and its cost (two forward passes, counted as |S| sample-gradients).
-
-        Our check, beyond DESIGN's two: retraining trains on R alone, so it lowers the retained
-        objective from w* (on digits L_S(w_retrain) sits 0-5% below L_S(w*)); the linear response
-        only moves w* toward it while e stays where the first-order model holds. A clear rise means
-        e went uphill on the objective retraining minimizes: on the tanh MLP the requests that ended
-        farther from retraining than w* (d/d0 0.98 and 1.29) rose by 72% and 216%, while every
-        held-out request with d/d0 < 0.65 (seeds 100-102, 1-30%) stayed below +12%; hence 25%."""
+        """The rise of the retained objective on the curvature subsample S at w* + e relative to w*
+        (mini/safety.py: our check, with its calibration), and its cost (two forward passes,
+        counted as |S| sample-gradients)."""
         ids = subsample(retained, m, self.seed)
-        x, y = self.data.batch(ids)
         w0 = self.original.double()
-
-        def objective(w):
-            with torch.no_grad():
-                loss = float(self.flat.loss_sum(w.float(), x, y)) / ids.numel()
-            return loss + 0.5 * self.weight_decay * float(w.norm() ** 2)
-
-        before = objective(w0)
-        return (objective(w0 + e) - before) / max(abs(before), 1e-12), int(ids.numel())
+        return retained_loss_rise(self.flat, ids, w0, w0 + e, self.weight_decay), int(ids.numel())
 
     def _fallback(self, union: torch.Tensor) -> int:
         if 0 not in self.anchor_steps:
@@ -240,13 +243,14 @@ class MiniUnlearner(Unlearner):
                 "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
                 "delta_rule": self.delta_rule, "curvature_samples": self.curvature_samples,
                 "lanczos_steps": self.lanczos_steps, "curvature_budget": self.curvature_budget,
-                "seed": self.seed, "loss_rise_limit": self.loss_rise_limit, **self.data.fingerprint()}
+                "seed": self.seed, "loss_rise_limit": self.loss_rise_limit, "history_sha256": self.history_sha256,
+                **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
-        return {"params": self.flat.flat(), "original": self.original.clone(), "forgotten": self.forgotten.clone()}
+        return {**model_state(self.model), "original": self.original.clone(), "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.flat.load_(state["params"])
+        load_model_state_(self.model, state)
         self.original = state["original"].clone()
         self._set_forgotten(state["forgotten"])
 

@@ -222,6 +222,10 @@ def smooth_quantize(grads, *, tau: float, sigma: float, mode: str = "analytic", 
     s_seed, s_offset = seed_args(seed, offset)
     if not grads:
         return QuantizeResult(*_empty_stats())
+    if grads[0].device.type == "meta":  # the radii and counts are data; call the op to trace without values
+        raise ValueError("unlearn_ext: smooth_quantize returns the smallest radius and the abstained and "
+                         "non-finite counts, which meta tensors do not hold; use "
+                         "torch.ops.unlearn_ext.quantize_analytic / quantize_mc instead")
     if mode == "analytic":
         out = _ops.quantize_analytic(grads, analytic_threshold(float(tau), float(sigma)), float(count_below))
     else:

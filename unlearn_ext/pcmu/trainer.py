@@ -387,6 +387,12 @@ class PCMUTrainer:
             mismatch = sorted(k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k])
             raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
                              f"{', '.join(mismatch)})")
+        # The learning rate is a function of the step, so it is checked on the recorded steps: a
+        # resumed or replayed step with another lr would not be the coupled retraining.
+        for r in state["records"]:
+            if float(r["step_size"]) != float(self._lr(r["step"])):
+                raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
+                                 f"{r['step']} used {r['step_size']!r}, this trainer's lr gives {self._lr(r['step'])!r})")
         self.initial = [t.clone() for t in state["initial"]]
         with torch.no_grad():
             for p, src in zip(self.params, state["params"]):

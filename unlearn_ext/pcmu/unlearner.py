@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model_state import load_model_state_, model_state
 from ..unlearner import Unlearner, UnlearnReport
 from .trainer import PCMUTrainer
 
@@ -62,7 +63,12 @@ class PCMUUnlearner(Unlearner):
     def state_dict(self) -> dict:
         state = self.trainer.state_dict()
         del state["fingerprint"]  # the ledger keeps and checks it once
-        return state
+        # The trainer keeps the parameters; the buffers are the model's (PCMU refuses BatchNorm in
+        # training mode, so nothing moves them, but they are part of the state all the same).
+        return {**state, "buffers": model_state(self.model)["buffers"]}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        buffers = state.pop("buffers")
+        load_model_state_(self.model, {"params": dict(zip(self.trainer.names, state["params"])), "buffers": buffers})
         self.trainer.load_state_dict({"fingerprint": self.trainer.fingerprint(), **state})

@@ -6,9 +6,10 @@ without a closed form fall back to torch.func per module. vmap.py keeps the whol
 path (`clipped_per_sample`, `clipped_sum64_vmap`), used for tied parameters and as a reference.
 bounds.py bounds the float64 rounding error of the sums (PCMU's rounding margin).
 """
+from ..policy import refuse_training_batch_norm
 from .engine import clipped_sum64, per_sample_losses, plan_for
 from .vmap import (SUM_COLUMNS, clip_scales, clipped_per_sample, clipped_sum64_vmap, per_sample_grad_fn,
                    trainable, weighted_row_sum64)
 
 __all__ = ["per_sample_grad_fn", "clipped_sum64", "clipped_sum64_vmap", "clipped_per_sample", "clip_scales", "per_sample_losses",
-           "plan_for", "trainable", "weighted_row_sum64", "SUM_COLUMNS"]
+           "plan_for", "refuse_training_batch_norm", "trainable", "weighted_row_sum64", "SUM_COLUMNS"]

@@ -21,6 +21,7 @@ import torch
 from torch.func import functional_call, vjp, vmap
 
 from .layers import Call, LayerForm, closed_form
+from ..policy import refuse_training_batch_norm
 from .vmap import clipped_sum64_vmap, trainable, weighted_row_sum64
 
 
@@ -128,9 +129,7 @@ class ClippedSums:
 
     def run(self, loss_fn, x, y, clip_norm: float, values: dict, sums: dict) -> None:
         """sums[name] += sum over the rows of (x, y) of clipped per-sample gradients at `values`."""
-        if any(m.training for m in self.batch_norms):
-            raise ValueError("BatchNorm in training mode mixes the samples of a batch, so per-sample gradients are "
-                             "not defined: use GroupNorm/LayerNorm, or put the BatchNorm layers in eval mode")
+        refuse_training_batch_norm(self.batch_norms, "per-sample gradients")
         calls: dict[int, list[Call]] = {id(f): [] for f in self.forms}
 
         def capture(form, module, args, kwargs, output):

@@ -30,7 +30,7 @@ import torch
 
 from .. import selection as sel_api
 from .scores import forget_scores
-from .unlearner import PerturbUnlearner
+from .unlearner import PerturbUnlearner, check_finite
 
 # Fractions of all trainable coordinates, smallest first, about x2 per rung up to half the model:
 # coarse on purpose, since each rung tried costs one repair.
@@ -132,8 +132,10 @@ class AdaptiveTopKUnlearner(AdaptivePerturbUnlearner):
 
     def _prepare(self, new):
         with torch.enable_grad():
-            return forget_scores(self.model, self.data, new, self.score, self.config.batch_size,
-                                 retained=self._retained(new), ratio_floor=self.ratio_floor)
+            scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size,
+                                         retained=self._retained(new), ratio_floor=self.ratio_floor)
+        check_finite(scores, f"{self.method}: the scores over the forget set (non-finite gradients?)")
+        return scores, cost
 
     def _rung(self, k, scores):
         if self.per_tensor:
@@ -148,4 +150,4 @@ class AdaptiveRandomKUnlearner(AdaptivePerturbUnlearner):
 
     def _rung(self, k, _):
         # Same (seed, request) keys on every rung, so a larger K selects a superset of a smaller one.
-        return sel_api.random_k([p.detach() for p in self._params()], k, self.seed, self.requests)
+        return sel_api.random_k([p.detach() for p in self._params()], k, self.seed, self._in_flight)

@@ -21,6 +21,7 @@ import torch
 from .. import selection as sel_api
 from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256
 from ..metrics import outputs
+from ..model_state import load_model_state_, model_state
 from ..per_sample import trainable
 from ..unlearner import Unlearner, UnlearnReport
 from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores
@@ -70,7 +71,8 @@ class PerturbUnlearner(Unlearner):
         self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
         self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
         self.ratio_floor = float(ratio_floor)
-        self.requests = 0
+        self.requests = 0        # requests answered (they key the noise and Random-k draws)
+        self._in_flight = None   # the number of the request being answered (requests + 1)
 
     # ---- the request -------------------------------------------------------------------------------
 
@@ -89,8 +91,25 @@ class PerturbUnlearner(Unlearner):
         return self.data.without(torch.cat([self.forgotten, new]))
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
-        union = torch.cat([self.forgotten, new]).unique()
+        """One request; on any failure the model (parameters and buffers) is put back and the
+        request counter is not advanced, so a retry draws what an uninterrupted request draws."""
+        before, forgotten = model_state(self.model), self.forgotten
+        try:
+            check_finite(self._params(), f"{self.method}: the model's parameters before the request")
+            self._in_flight = self.requests + 1
+            self._perturb_and_repair(new, report)
+            check_finite(self._params(), f"{self.method}: the parameters after perturbation and repair "
+                                          "(non-finite losses or gradients on the retained data?)")
+        except BaseException:
+            load_model_state_(self.model, before)
+            self._set_forgotten(forgotten)
+            raise
+        finally:
+            self._in_flight = None
         self.requests += 1
+
+    def _perturb_and_repair(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        union = torch.cat([self.forgotten, new]).unique()
         # The teacher of a distillation repair: this model's outputs before the request.
         teacher = self._teacher_outputs() if self._distills() else None
         selection, cost = self._select(new)
@@ -103,7 +122,7 @@ class PerturbUnlearner(Unlearner):
                 count, _ = selection.apply_(params, "dampen", self.beta)
             elif self.perturbation == "noise":
                 count, _ = selection.apply_(params, "noise", self.sigma, noise_seed=self.seed,
-                                            noise_offset=self.requests)
+                                            noise_offset=self._in_flight)
             else:
                 count = None
         if self.perturbation == "ascent":
@@ -231,14 +250,13 @@ class PerturbUnlearner(Unlearner):
                 **({"initial_sha256": tensors_sha256(self.initial)} if self.initial is not None else {})}
 
     def state_dict(self) -> dict:
-        return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
-                "requests": torch.tensor(self.requests), "forgotten": self.forgotten.clone()}
+        # buffers included: a repair in training mode moves BatchNorm's running statistics
+        return {**model_state(self.model), "requests": torch.tensor(self.requests),
+                "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for k, p in trainable(self.model).items():
-                p.copy_(state["params"][k])
-        self.requests = int(state.get("requests", 0))
+        load_model_state_(self.model, state)
+        self.requests = int(state["requests"])
         self._set_forgotten(state["forgotten"])
 
 
@@ -251,6 +269,7 @@ class TopKUnlearner(PerturbUnlearner):
         with torch.enable_grad():
             scores, cost = forget_scores(self.model, self.data, new, self.score, self.config.batch_size,
                                          retained=self._retained(new), ratio_floor=self.ratio_floor)
+        check_finite(scores, f"{self.method}: the scores over the forget set (non-finite gradients?)")
         if self.per_tensor:
             return sel_api.topk_per_tensor(scores, self.k), cost
         return sel_api.topk(scores, self.k), cost
@@ -262,4 +281,12 @@ class RandomKUnlearner(PerturbUnlearner):
     method = "randomk"
 
     def _select(self, new):
-        return sel_api.random_k([p.detach() for p in self._params()], self.k, self.seed, self.requests), 0
+        return sel_api.random_k([p.detach() for p in self._params()], self.k, self.seed, self._in_flight), 0
+
+
+def check_finite(tensors, what: str) -> None:
+    """Refuses NaN/inf before it is selected on or answered as 'unlearned'."""
+    bad = [i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(f"{what}: tensor(s) {bad} hold non-finite values; the request was refused "
+                                 "and the model left as it was")

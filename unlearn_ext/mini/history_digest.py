@@ -1,0 +1,39 @@
+"""What binds a history method's saved state to the history it was computed from.
+
+A ledger of Mini-Unlearning or DeltaGrad holds weights computed from one training history; the
+same model shapes and data with another history (other initial weights, another learning rate or
+batch order) would answer the next request from that other run on top of these weights. The
+fingerprint therefore carries `history_sha256`: a digest of the run metadata, every step's learning
+rates and batch ids, and the weights (and gradients) of the steps a method names — for
+Mini-Unlearning every anchor, for DeltaGrad the first and last step (the whole history would cost
+a full decode of T steps; the schedule and both ends pin the run).
+
+It also refuses a schedule the replay cannot follow: param groups whose learning rates differ at
+some step (a scheduler that moved one group), since both methods use one learning rate for every
+parameter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..data import tensors_sha256
+from .record import UnsupportedOptimizerError
+
+
+def history_sha256(store, tensor_steps, names, method: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(store.run_info, sort_keys=True).encode())
+    h.update(json.dumps({name: spec.describe() for name, spec in store.fields.items()}, sort_keys=True).encode())
+    for step, lr, lrs, ids in store.schedule():
+        if lrs is not None and any(v != lrs[0] for v in lrs):
+            raise UnsupportedOptimizerError(f"{method}: at step {step} the param groups' learning rates differ "
+                                            f"({lrs}); one learning rate for every parameter is supported")
+        h.update(f"{step};{lr!r};{lrs!r};".encode())
+        if ids is not None:
+            h.update(tensors_sha256([ids]).encode())
+    for t in tensor_steps:
+        stored = store.read(t, names)
+        h.update(f"{t}:".encode())
+        h.update(tensors_sha256([x for name in names if name in stored.tensors for x in stored.tensors[name]]).encode())
+    return h.hexdigest()
