@@ -37,12 +37,17 @@ def record(store, steps):
         store.record(t, {"params": tensors(t), "grads": tensors(1000 + t)}, lr=0.1, batch_ids=[t])
 
 
-def write_store(path, steps=20, keyframe_every=5):
-    """A closed store of `steps` steps and what each step reads back as."""
+def write_store(path, steps=20, keyframe_every=5, crashed=False):
+    """A closed store of `steps` steps and what each step reads back as. crashed: the file as a
+    process that died after its last record leaves it (no close, so no sync mark at the end)."""
     store = new_store(path, keyframe_every)
     record(store, range(steps))
     truth = {t: store.read(t) for t in range(steps)}
+    image = open(path, "rb").read()
     store.close()
+    if crashed:
+        with open(path, "wb") as f:
+            f.write(image)
     return truth
 
 
@@ -211,7 +216,7 @@ def test_open_refuses_steps_of_two_writers(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("flip") / "h.uehist")
-    return path, write_store(path, steps=20, keyframe_every=5), offsets(path)
+    return path, write_store(path, steps=20, keyframe_every=5, crashed=True), offsets(path)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -272,7 +277,7 @@ def test_damaged_params_record_since_the_last_keyframe(tmp_path):
     parameter delta there is inside the unsynced tail, so the store is cut back to the last good
     record (crash recovery) and keeps every good step before it, and recording continues."""
     path = str(tmp_path / "h.uehist")
-    truth = write_store(path, steps=13, keyframe_every=5)  # keyframe at 10, deltas 11, 12
+    truth = write_store(path, steps=13, keyframe_every=5, crashed=True)  # keyframe at 10, deltas 11, 12
     e = offsets(path)[11]
     flip_bit(path, e.payload_offset + 5, 3)  # inside its params section
     with pytest.warns(RuntimeWarning, match=r"\(2 records\)"):
@@ -288,7 +293,7 @@ def test_damaged_keyframe_tells_how_to_salvage(tmp_path):
     """A damaged fsync'd keyframe is not a crash: nothing is truncated, the writable open fails
     saying how to read the good steps, and those reads work."""
     path = str(tmp_path / "h.uehist")
-    truth = write_store(path, steps=13, keyframe_every=5)
+    truth = write_store(path, steps=13, keyframe_every=5, crashed=True)
     e = offsets(path)[10]
     flip_bit(path, e.payload_offset + 5, 3)
     size = os.path.getsize(path)
@@ -433,3 +438,30 @@ def test_version_2_middle_length_flip_is_corruption(tmp_path, monkeypatch):
     assert os.path.getsize(path) == size
     with pytest.warns(RuntimeWarning):
         assert HistoryStore.open(path, salvage=True).steps == list(range(10))
+
+
+def test_a_cleanly_closed_store_has_no_unsynced_tail(tmp_path):
+    """close() ends the file with an fsync'd mark: damage to the records after the last keyframe
+    of a closed store is damage, refused (nothing truncated), not a crash silently cut back to the
+    keyframe with a warning."""
+    path = str(tmp_path / "h.uehist")
+    truth = write_store(path, steps=13, keyframe_every=5)  # keyframe at 10, then 11, 12 and the mark
+    e = offsets(path)[11]
+    flip_bit(path, e.payload_offset + 5, 3)
+    before = open(path, "rb").read()
+    with pytest.raises(ue.HistoryCorruptError, match="salvage=True"):
+        HistoryStore.open(path)
+    assert open(path, "rb").read() == before
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        salvaged = HistoryStore.open(path, salvage=True)
+    assert salvaged.steps == list(range(11))
+    check_reads(salvaged, truth)
+
+
+def test_closing_twice_or_after_a_keyframe_adds_no_second_mark(tmp_path):
+    path = str(tmp_path / "h.uehist")
+    write_store(path, steps=11, keyframe_every=5)  # step 10 is a keyframe: already fsync'd
+    size = os.path.getsize(path)
+    store = HistoryStore.open(path)
+    store.close()
+    assert os.path.getsize(path) == size

@@ -132,7 +132,8 @@ def test_keyframes_are_exact_and_reads_are_bounded():
 
 # ---- the disk tier --------------------------------------------------------------------------------
 
-def write_disk_store(path, steps=20, keyframe_every=5, codec="int8"):
+def write_disk_store(path, steps=20, keyframe_every=5, codec="int8", crashed=False):
+    """crashed: the file as a process that died after its last record leaves it (never closed)."""
     store = HistoryStore({"params": FieldSpec(SHAPES, codec, delta=True), "grads": FieldSpec(SHAPES, codec)},
                          tier="disk", path=path, keyframe_every=keyframe_every)
     truth = {}
@@ -140,7 +141,11 @@ def write_disk_store(path, steps=20, keyframe_every=5, codec="int8"):
         p, g = tensors(t), tensors(1000 + t, scale=1e-2)
         store.record(t, {"params": p, "grads": g}, lr=0.1 / (t + 1), batch_ids=torch.arange(t, t + 8))
         truth[t] = store.read(t)
+    image = open(path, "rb").read()
     store.close()
+    if crashed:
+        with open(path, "wb") as f:
+            f.write(image)
     return truth
 
 
@@ -172,7 +177,7 @@ def test_disk_round_trip_and_reopen(tmp_path, codec):
 @pytest.mark.parametrize("cut", [1, 10, 30, 200])
 def test_truncated_file_reopens_at_last_whole_record(tmp_path, cut):
     path = str(tmp_path / "h.uehist")
-    truth = write_disk_store(path)
+    truth = write_disk_store(path, crashed=True)
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - cut)  # a crash in the middle of writing the last record

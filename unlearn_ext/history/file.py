@@ -190,6 +190,8 @@ class HistoryFile:
     _end: int = 0                # file size as this handle last wrote or verified it
     _last: tuple = (0, b"")      # (offset, frame bytes) of the last record
     _last_step: int | None = None
+    _tail_synced: bool = True    # whether the last record was fsync'd (a close then adds no mark)
+    _appended: bool = False      # whether this handle wrote records (only then may close add one)
     _ident: tuple = ()           # (st_dev, st_ino): the path must still name this file
     _abspath: str = ""           # for that check, whatever the working directory becomes
 
@@ -273,7 +275,8 @@ class HistoryFile:
         if sync:  # keyframes: a crash after this point loses nothing up to here
             os.fsync(f.fileno())
         entry = IndexEntry(offset, header, offset + len(frame) + len(head), payload_len, crc)
-        self._end, self._last = entry.end, (offset, frame)
+        self._end, self._last, self._tail_synced = entry.end, (offset, frame), synced(header)
+        self._appended = True
         if index:
             self.index.append(entry)
         return entry
@@ -306,10 +309,25 @@ class HistoryFile:
     def close(self) -> None:
         if self._f is not None:
             if self.writable:
+                self._mark_synced()
                 self._f.flush()
                 os.fsync(self._f.fileno())
             self._f.close()  # releases the lock
             self._f = None
+
+    def _mark_synced(self) -> None:
+        """A cleanly closed file ends with an fsync'd record: without it, the records after the last
+        keyframe would read as an unsynced tail, and damage there (a flipped bit long after the run)
+        would be taken for a crash and truncated with a warning instead of refused. The mark is an
+        empty run-metadata record (readers of this format merge it as nothing); version-1 files,
+        which have no such records, are only fsync'd. A handle that wrote nothing adds nothing (a
+        failed or read-only open must leave the file as it found it)."""
+        if not self._appended or self._tail_synced or self.file_header.get("version") == 1:
+            return
+        try:
+            self._append({"kind": "run", "run": {}}, [], sync=True, index=False)
+        except HistoryConflictError:
+            pass  # another writer replaced the file: nothing of ours to mark
 
     # ---- reading ---------------------------------------------------------------------------------
 
@@ -346,6 +364,7 @@ class HistoryFile:
             hf.recovery = recovery
             last = entries[kept]
             hf._end, hf._last = end, (last.offset, _frame_at(f, layout, last.offset))
+            hf._tail_synced = synced(last.header)
             if end < size and writable:
                 f.truncate(end)
                 f.flush()
