@@ -4,9 +4,9 @@ Conventions used across the files:
 * `devices()` parametrizes a test over 'cpu' and, where this build has CUDA kernels and a GPU is
   present, 'cuda' (marked `cuda`). On 'cuda' a test compares the CUDA result with the CPU kernel
   and with the pure-PyTorch reference; on 'cpu' with the reference.
-* Kernel results are compared with `unlearn_ext.reference`, the truth (DESIGN section 2).
+* Kernel results are compared with `unlearn_ext.reference`, the truth (docs/design.md §2).
 * Monte-Carlo results may differ from the reference where a Phi threshold rounds differently
-  (DESIGN section 3). `mc_compare` measures that rate, bounds it, and records it; the session
+  (docs/design.md §3). `mc_compare` measures that rate, bounds it, and records it; the session
   summary prints the rates observed (`pytest -rA` or the default `-ra` shows the summary).
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def assert_quantize_equal(out, ref_out, *, shapes=None):
         assert all(c.dtype == torch.int8 for c in codes)
 
 
-# ---- Monte-Carlo mismatch accounting (DESIGN section 3) ------------------------------------------
+# ---- Monte-Carlo mismatch accounting (docs/design.md §3) ------------------------------------------
 
 MC_STATS: dict = defaultdict(lambda: [0, 0, 0])  # key -> [calls, elements, mismatched elements]
 
@@ -209,7 +209,7 @@ def pytest_terminal_summary(terminalreporter):
     if not MC_STATS:
         return
     tr = terminalreporter
-    tr.section("Monte-Carlo codes: kernel vs reference mismatch rates (DESIGN section 3)")
+    tr.section("Monte-Carlo codes: kernel vs reference mismatch rates (docs/design.md §3)")
     total_e = total_m = 0
     for key in sorted(MC_STATS):
         calls, elements, mismatched = MC_STATS[key]

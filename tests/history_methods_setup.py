@@ -1,5 +1,5 @@
 """Small problems shared by tests/test_mini.py and tests/test_deltagrad.py: each comes with its
-SGD configuration, and `gap` measures d/d0 = ||w - w_retrain|| / ||w* - w_retrain|| (DESIGN 8)."""
+SGD configuration, and `gap` measures d/d0 = ||w - w_retrain|| / ||w* - w_retrain|| (docs/design.md §8)."""
 from __future__ import annotations
 
 import copy

@@ -10,7 +10,7 @@ _CACHE: dict = {}
 
 
 def synthetic_data():
-    """DESIGN section 4's setting where m* >= 1 (make_classification, 20k train, standardized)."""
+    """docs/design.md §4's setting where m* >= 1 (make_classification, 20k train, standardized)."""
     if "synthetic" not in _CACHE:
         _CACHE["synthetic"] = load("synthetic")
     return _CACHE["synthetic"]

@@ -1,7 +1,7 @@
-"""The memorizing setting of DESIGN section 8 at test size, shared by tests/test_perturb.py and
+"""The memorizing setting of docs/design.md §8 at test size, shared by tests/test_perturb.py and
 tests/test_perturb_adaptive.py: the harness's named `memorizing` setting (unlearn_ext/evaluate/
 settings.py: 300 digits samples, 20% label noise drawn per seed, a 512-wide tanh MLP, no weight
-decay, 300 epochs -- the setting of issue 13's table), a 10% forget set drawn as the harness draws
+decay, 300 epochs -- the setting of the perturbation table), a 10% forget set drawn as the harness draws
 it, and the methods at the registry's memorizing settings (evaluate/methods.py PERTURB_SETTINGS)."""
 from __future__ import annotations
 

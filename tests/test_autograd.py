@@ -1,4 +1,4 @@
-"""In-place ops under autograd behave like torch's own in-place ops (issue 10, csrc/ops.cpp): the
+"""In-place ops under autograd behave like torch's own in-place ops (csrc/ops.cpp): the
 version counters of mutated tensors are bumped, a leaf that requires grad is refused in grad mode
 (and accepted under torch.no_grad(), which is how PCMU updates parameters), and a backward through
 a mutated tensor or a float output raises instead of returning a wrong gradient."""

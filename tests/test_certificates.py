@@ -1,4 +1,4 @@
-"""Radii and probabilities against independent scipy computations (DESIGN section 4)."""
+"""Radii and probabilities against independent scipy computations (docs/design.md §4)."""
 import numpy as np
 import pytest
 import torch

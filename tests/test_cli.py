@@ -65,7 +65,7 @@ def test_same_seeds_give_the_same_table(tmp_path):
 
 
 def test_eval_runs_topk_and_randomk(tmp_path, capsys):
-    """The perturbation methods of issue 13 are reachable from the command line."""
+    """The perturbation variants are reachable from the command line."""
     js = tmp_path / "perturb.json"
     assert main(["eval", "--data", "digits", "--methods", "topk,randomk", "--json", str(js)] + TINY) == 0
     methods = {r["method"] for r in json.loads(js.read_text())["records"]}

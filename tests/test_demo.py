@@ -15,7 +15,7 @@ def test_pcmu_examples_run_and_certify(capsys, example):
     r = json.loads(capsys.readouterr().out)["examples"][0]
     if example == "synthetic":
         assert r["pcmu_test_accuracy"] > 0.95 and r["plain_sgd_test_accuracy"] > 0.95
-        assert r["certificate"]["budget_m_star"] >= 1  # DESIGN section 4: this setting has m* >= 1
+        assert r["certificate"]["budget_m_star"] >= 1  # docs/design.md §4: this setting has m* >= 1
     else:
         assert r["certificate"]["budget_m_star"] == 0  # and digits has m* = 0
         assert r["pcmu_test_accuracy"] > 0.7

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the problem (DESIGN section 10)."""
+"""Bad input gets a clear error naming the problem (docs/design.md §10)."""
 import os
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Odd inputs thrown at the ops (issue 10): each call either raises a clear error (naming
+"""Odd inputs thrown at the ops (docs/design.md §10): each call either raises a clear error (naming
 unlearn_ext or the argument) or returns what the reference returns; never a crash, never silently
 wrong. Targeted cases first (each failed before the fix), then a bounded hypothesis fuzz."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The history codec kernels (blockwise_quantize, blockwise_dequantize_, delta_encode_,
-dequantize_axpy_, dequantize_dot) against the pure-PyTorch reference (DESIGN sections 2 and 5):
+dequantize_axpy_, dequantize_dot) against the pure-PyTorch reference (docs/design.md §2 and §5):
 codes, scales and every in-place result bit for bit; the dot product to a stated tolerance. Odd
 sizes, three block sizes, three dtypes, non-contiguous inputs, empty lists, opcheck, bad input.
 On 'cuda' the CUDA kernels are also compared with the CPU kernels."""

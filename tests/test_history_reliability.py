@@ -1,4 +1,4 @@
-"""The history file under hostile conditions (DESIGN section 10, issue 10 "no silent wrong data"):
+"""The history file under hostile conditions (docs/design.md §10, "no silent wrong data"):
 two writers, a reader during recording, a stale handle, bit flips in frame lengths, cuts at every
 byte, a file cut during creation, a damaged record since the last keyframe, the salvage open.
 Each test either reads correct data or gets an error naming the problem; never wrong data."""

@@ -1,4 +1,4 @@
-"""The compressed history store (DESIGN section 5 and 10): codec error bounds, closed-loop versus
+"""The compressed history store (docs/design.md §5 and 10): codec error bounds, closed-loop versus
 open-loop deltas over thousands of steps, the disk format (crash recovery, corruption, foreign
 files, no pickle, reads that seek), tiers, the recorder hook and the byte estimate."""
 import io
@@ -64,7 +64,7 @@ def test_codec_round_trip_within_bound(codec, block):
     assert stats["raw_bytes"] == raw
     if codec == "fp32":
         assert stats["max_err"] == 0.0
-    # Compression ratio versus fp32 (DESIGN 5: int8 >= 3.9x, int4 >= 7.5x for block 256).
+    # Compression ratio versus fp32 (docs/design.md §5: int8 >= 3.9x, int4 >= 7.5x for block 256).
     want = {"fp32": 1.0, "fp16": 2.0, "bf16": 2.0}.get(codec)
     if want is not None:
         assert raw / stats["bytes"] == want

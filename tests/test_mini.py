@@ -1,4 +1,4 @@
-"""Mini-Unlearning (DESIGN section 6), judged against retraining, never against itself."""
+"""Mini-Unlearning (docs/design.md §6), judged against retraining, never against itself."""
 from __future__ import annotations
 
 import copy
@@ -53,7 +53,7 @@ def test_every_step_anchor_on_quadratic_matches_retraining(quadratic, curvature)
 
 
 def test_every_step_anchor_with_design_rule_error_is_stated_and_bounded(quadratic):
-    """DESIGN's rule drives each segment with the drift of the anchor closing it: with one step per
+    """The default rule drives each segment with the drift of the anchor closing it: with one step per
     segment that is delta(w_{t+1}) instead of delta(w_t), one step late. Measured d/d0 = 0.023."""
     data, init, config, model, store, retrained = quadratic
     got, report = unlearned(model, data, store, curvature="exact")
@@ -63,7 +63,7 @@ def test_every_step_anchor_with_design_rule_error_is_stated_and_bounded(quadrati
 
 @pytest.mark.parametrize("rule", ["end", "interp"])
 def test_fewer_anchors_error_is_stated_and_bounded(quadratic, rule):
-    """K = 5 geometric anchors (epochs 0, 2, 4, 8, 15, 30): delta is taken constant (DESIGN) or
+    """K = 5 geometric anchors (epochs 0, 2, 4, 8, 15, 30): delta is taken constant (the default) or
     interpolated over a segment, which is not exact while w_t moves; measured d/d0 = 0.089 (end)
     and 0.028 (interp) here with the exact-rank curvature, asserted <= 0.15. (With the truncated
     curvature of real models "end" wins: mini/propagate.py.)"""
@@ -97,7 +97,7 @@ def test_minibatch_logistic_regression_moves_toward_retraining(logistic):
     data, init, config, model, store = logistic
     got, report = unlearned(model, data, store)
     assert gap(got, model, ue.retrain(init, data, config, FORGET), data) < 0.5
-    # every anchor closing a segment read once (DESIGN's rule needs no drift at epoch 0)
+    # every anchor closing a segment read once (the default rule needs no drift at epoch 0)
     assert 0 < report.history_bytes_read < store.nbytes
     # K * r for the deltas + 2 m k for the HVPs + m for the retained-loss check (two forward passes
     # over the subsample). Retraining here is so cheap (12 epochs of 56 samples) that the budget
@@ -160,8 +160,8 @@ def test_retained_loss_check_fires_and_falls_back(logistic):
 
 def test_retained_loss_check_catches_harm_on_digits_mlp():
     """The case that ended farther from retraining than doing nothing (d/d0 1.29: tanh MLP on
-    digits, seed 2, 20% forgotten, the colleague's interpolated drift with m = 512) passed DESIGN's
-    two checks; the retained-loss check fires there (+216%) and the fallback is retraining."""
+    digits, seed 2, 20% forgotten, the interpolated drift with m = 512) passed the two checks of
+    docs/design.md §6; the retained-loss check fires there (+216%) and the fallback is retraining."""
     from unlearn_ext.pcmu.examples import load
     x, y, _, _ = load("digits")
     data = ue.TrainingData(x[:1400], y[:1400])

@@ -1,5 +1,5 @@
 """Mini-Unlearning's curvature budget (mini/budget.py, our rule): a request's sample-gradient cost
-stays within 0.30 of retraining's where the data allow it, DESIGN's m = 1024, k = 10 stay where
+stays within 0.30 of retraining's where the data allow it, the default m = 1024, k = 10 stay where
 retraining is expensive, explicit values are honoured, and on held-out digits (seed 100, never a
 reported seed) the budgeted result is still close to retraining."""
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_bad_budget_arguments_are_named(kw, match):
 
 @pytest.fixture(scope="module", params=["history-logreg", "history-mlp"])
 def digits_run(request):
-    """Held-out seed 100 of issue 12's settings, 10% forgotten, with its retrain."""
+    """Held-out seed 100 of the history methods' settings, 10% forgotten, with its retrain."""
     data, init, config = settings.get(request.param).training(100)
     model = copy.deepcopy(init)
     store = ue.mini_store(model)
@@ -75,7 +75,7 @@ def digits_run(request):
 
 # Measured at seed 100, 10%: d/d0 0.29 (logreg) and 0.58 (MLP) with the default budget, against
 # 0.47 / 0.71 when the curvature is starved (m = 128, k = 5) and 1 for doing nothing; the bounds
-# are issue 12's MLP target and a logreg bound between the budgeted and the starved result.
+# are the MLP target and a logreg bound between the budgeted and the starved result.
 BOUND = {"history-logreg": 0.40, "history-mlp": 0.65}
 
 

@@ -1,4 +1,4 @@
-"""Every registered op passes torch.library.opcheck and traces under torch.compile (DESIGN section 2).
+"""Every registered op passes torch.library.opcheck and traces under torch.compile (docs/design.md §2).
 
 * OP_CASES: one table, a row per (op, inputs) with small odd-sized lists, fp32 and fp16/bf16,
   non-contiguous tensors and empty lists where the op takes them; each row runs opcheck on every

@@ -1,4 +1,4 @@
-"""Top-K / Random-k perturbation unlearners (DESIGN section 7): each perturbation touches only the
+"""Top-K / Random-k perturbation unlearners (docs/design.md §7): each perturbation touches only the
 selected coordinates, the repair variants, persistence, refusals, and -- in the memorizing setting
 -- Top-K reset + repair moves the forget set toward retraining's answer more than fine-tuning does."""
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_memorizing_topk_moves_toward_retraining_more_than_finetune():
     0.006-0.042 below retraining's; Random-k stayed at the original's forget accuracy. Asserted with
     margins below those: 0.05, 0.01 and 0.06 (the MIA margin is the one this test had before it moved
     to this setting; a first try with 0.03 failed on seed 0, whose improvement is 0.028: fixed K = 5%
-    moves the MIA only a little in this setting, as issue 13's table shows)."""
+    moves the MIA only a little in this setting, as the perturbation table shows)."""
     from perturb_setup import run_methods
     r = run_methods(0, ("original", "retrain", "finetune", "topk"))
     gap = lambda m, key: abs(r[m][key] - r["retrain"][key])  # noqa: E731

@@ -197,7 +197,7 @@ def test_memorizing_topk_ratio_moves_toward_retraining_more_than_its_controls():
         the original 0.276 / 0.281 / 0.256 / 0.295 / 0.292 -> smallest improvement 0.157 (over
         randomk-ratio, seed 12);
       test accuracy - retrain's: topk-ratio -0.022 / -0.039 / -0.017 / -0.008 / -0.086 (seed 14
-        misses issue 13's 2-point target by far).
+        misses the 2-point target by far).
     Asserted with margins about half the smallest improvements (0.10 forget accuracy, 0.08 MIA gap),
     and test accuracy no more than 0.12 below retraining's: a guard against collapse, not the
     2-point target, which these seeds show is not met on every seed."""

@@ -32,4 +32,4 @@ def test_mc_property(sizes, tau, sigma, seed, offset, n0, n):
     res = ue.smooth_quantize(grads, tau=tau, sigma=sigma, mode="mc", n0=n0, n=n, seed=seed, offset=offset)
     codes, _, _, counts = reference.quantize_mc(grads, tau, sigma, n0, n, radius_table(n), seed, offset, 0.0)
     mismatched = sum(int((a != b).sum()) for a, b in zip(res.codes, codes))
-    assert mismatched <= 1  # DESIGN 3: a Phi threshold may round differently, rarely
+    assert mismatched <= 1  # docs/design.md §3: a Phi threshold may round differently, rarely

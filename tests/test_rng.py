@@ -1,4 +1,4 @@
-"""The RNG contract (DESIGN section 3): Philox4x32-10 known answers, the kernels' words, uniforms and
+"""The RNG contract (docs/design.md §3): Philox4x32-10 known answers, the kernels' words, uniforms and
 Bernoulli draws bit for bit against the pure-PyTorch reference, and statistical sanity."""
 import math
 
@@ -13,7 +13,7 @@ from conftest import devices, signed64
 
 MASK32 = 0xFFFFFFFF
 
-# The published Random123 known-answer vectors of Philox4x32-10, as listed in DESIGN section 3:
+# The published Random123 known-answer vectors of Philox4x32-10, as listed in docs/design.md §3:
 # (counter words; key words) -> output words.
 KNOWN_ANSWERS = [
     ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),

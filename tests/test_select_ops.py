@@ -1,4 +1,4 @@
-"""Selection kernels (DESIGN section 7): exact top-K, Random-k and Bernoulli selections, the fused
+"""Selection kernels (docs/design.md §7): exact top-K, Random-k and Bernoulli selections, the fused
 apply and the masked gradient, against the reference (unlearn_ext/reference/select.py)."""
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def test_apply_touches_only_selected(device, dtype, action, alpha, with_source, 
     got, want = flat(params).cpu().float(), flat(ref_params).float()
     if action in ("reset", "dampen"):
         assert torch.equal(got, want)
-    else:  # fp32 math may contract into an FMA; normals may differ by an ulp (DESIGN section 3)
+    else:  # fp32 math may contract into an FMA; normals may differ by an ulp (docs/design.md §3)
         torch.testing.assert_close(got, want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
     if action == "reset" and not with_source:
         assert (got[m] == 0).all()
@@ -436,7 +436,7 @@ def test_list_above_2_pow_31_elements():
     assert count == 3 and float(b[-1]) == 1.5 and float(b[n // 2]) == 1.0 and float(a[3]) == 0.5
 
 
-# ---- property test (DESIGN section 10): random lists, values with many ties, any K -----------------
+# ---- property test (docs/design.md §10): random lists, values with many ties, any K -----------------
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The public smoothing API (unlearn_ext.smoothing): the fused step against quantize-then-update,
-non-finite policies, statistics, and SmoothedQuantizer's RNG bookkeeping (DESIGN sections 3, 4)."""
+non-finite policies, statistics, and SmoothedQuantizer's RNG bookkeeping (docs/design.md §3, §4)."""
 import math
 
 import pytest
@@ -14,7 +14,7 @@ KW = dict(tau=0.2, sigma=0.3, n0=8, n=64, count_below=0.1)
 
 
 def expected_update(w, code, step_size):
-    """w - step_size * code in float32 math, rounded once to w's dtype (DESIGN section 4)."""
+    """w - step_size * code in float32 math, rounded once to w's dtype (docs/design.md §4)."""
     return (w.float() - torch.tensor(step_size, dtype=torch.float32) * code.float()).to(w.dtype)
 
 

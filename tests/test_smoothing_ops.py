@@ -1,5 +1,5 @@
 """The smoothing + quantization kernels (quantize_analytic, quantize_mc, quantized_step_analytic_,
-quantized_step_mc_) against the pure-PyTorch reference (DESIGN sections 2-4): odd sizes, three
+quantized_step_mc_) against the pure-PyTorch reference (docs/design.md §2-4): odd sizes, three
 dtypes, non-contiguous inputs and parameters, mixed-size lists. On 'cuda' the CUDA kernel is also
 compared with the CPU kernel."""
 import math
@@ -237,7 +237,7 @@ def test_step_mc_matches_reference(device, dtype, n0, n):
     grads = make_list(sizes, LAYOUTS, dtype, device, seed=31)
     made = make_params(grads, seed=32)
     table = radius_table(n) if n >= 64 else synthetic_table(n)
-    # Parameters are compared bit for bit: a threshold rounding difference (DESIGN section 3) would
+    # Parameters are compared bit for bit: a threshold rounding difference (docs/design.md §3) would
     # fail this test; for these 4.5k elements its probability is below 1e-4 even if every Phi
     # differed by one level (mc_mismatch_bound), and 0 in practice on CPU.
     check_step(device, "quantized_step_mc_",

@@ -1,4 +1,4 @@
-"""SPD-GAN and the unlearning degree (DESIGN section 7, our formulation): the generator's bounds,
+"""SPD-GAN and the unlearning degree (docs/design.md §7, our formulation): the generator's bounds,
 the held-out detector (chance on two samples of one distribution, high on clearly different ones),
 the generator making points hard for a model that never saw them, UD's formula and its n/a rules,
 and the harness's ud column."""

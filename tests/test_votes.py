@@ -1,4 +1,4 @@
-"""Framework D's vote counters (DESIGN section 4): vote_accumulate_ and vote_finalize against the
+"""Framework D's vote counters (docs/design.md §4): vote_accumulate_ and vote_finalize against the
 reference, their consistency with quantize_mc's certification, and the VoteCounter helper."""
 import math
 

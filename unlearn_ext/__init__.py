@@ -86,10 +86,10 @@ __all__ = [
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
     "HistoryCorruptError", "HistoryFormatError", "HistoryLockedError", "HistoryConflictError",
-    # history methods (DESIGN section 6)
+    # history methods (docs/design.md §6)
     "MiniUnlearner", "DeltaGradUnlearner", "MiniRecorder", "StepRecorder", "UnsupportedOptimizerError",
     "anchor_epochs", "mini_store", "step_store", "train_recording_anchors", "train_recording_steps",
-    # selection and perturbation methods (DESIGN section 7)
+    # selection and perturbation methods (docs/design.md §7)
     "Selection", "topk", "topk_per_tensor", "random_k", "bernoulli", "TopKUnlearner", "RandomKUnlearner",
 ]
 

@@ -1,5 +1,5 @@
 """Retraining from scratch as an `Unlearner`: the exact but expensive answer every method is judged
-against (DESIGN section 1), usable through the same ledger and harness as the methods; and
+against (docs/design.md §1), usable through the same ledger and harness as the methods; and
 fine-tuning on the retained data, the control. Both train with the run's recipe: `SGDConfig` (the
 library's plain SGD) or the user's `OptimizerRecipe` (their optimizer, schedule and loss)."""
 from __future__ import annotations
@@ -48,7 +48,7 @@ class RetrainUnlearner(Unlearner):
 
 
 class FinetuneUnlearner(Unlearner):
-    """The control every perturbation method must beat (DESIGN section 7): fine-tune all parameters
+    """The control every perturbation method must beat (docs/design.md §7): fine-tune all parameters
     on the retained data only, `epochs` passes at `lr_factor` times the training learning rate.
     On its own it forgets little: the forget samples' influence decays but is not removed."""
 

@@ -1,7 +1,7 @@
 """Training data, the batch schedule and retraining: what every method and test shares.
 
 `TrainingData` holds the tensors, one stable integer id per row and the per-sample loss.
-`BatchSchedule` (DESIGN section 4): each epoch is a seeded permutation of the *original* sample ids cut into fixed batches of the
+`BatchSchedule` (docs/design.md §4): each epoch is a seeded permutation of the *original* sample ids cut into fixed batches of the
 nominal size b (the last batch of an epoch may be shorter). Training "without F" uses the same
 permutations and cuts with F's ids deleted inside their batches — never re-chunked — so step t of
 the retrained run sees batch t minus F. A batch left empty makes no update.
@@ -315,7 +315,7 @@ def train_sgd(model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, 
     """Trains `model` in place with plain SGD over the schedule of `config` minus `exclude`.
 
     on_step(t, ids, model) runs before step t's update (e.g. to record history). Plain gradient
-    steps (no momentum) are what the history methods' linear response assumes (DESIGN section 6).
+    steps (no momentum) are what the history methods' linear response assumes (docs/design.md §6).
     """
     schedule = BatchSchedule(data.ids, config.batch_size, config.seed)
     excluded = as_ids([] if exclude is None else exclude)

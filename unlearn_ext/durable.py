@@ -1,4 +1,4 @@
-"""Durable file writes: what survives a crash or power loss (DESIGN section 10).
+"""Durable file writes: what survives a crash or power loss (docs/design.md §10).
 
 A rename or a new file is durable only once its directory is fsync'd; file contents only once the
 file is. Used by the ledger (atomic replace of its state) and the history file (creation).

@@ -1,5 +1,5 @@
-"""The deletion ledger: every request to any `Unlearner`, durably, with its answer (DESIGN sections
-2 and 10).
+"""The deletion ledger: every request to any `Unlearner`, durably, with its answer (docs/design.md
+§2 and §10).
 
     ledger = ue.DeletionLedger(unlearner, "deletions/")   # opens or creates; restores after a restart
     report = ledger.forget([17, 42])                      # an UnlearnReport, committed before return

@@ -1,4 +1,4 @@
-"""How well a model forgot, measured against retraining (DESIGN sections 7 and 8).
+"""How well a model forgot, measured against retraining (docs/design.md §7 and §8).
 
 The definitions of the forgetting rate and the memory retention rate are **our** formulations
 (the perturbation paper's abstract names the measures without formulas):

@@ -1,4 +1,4 @@
-"""Membership inference against an unlearned model (DESIGN section 8). The ideal after unlearning
+"""Membership inference against an unlearned model (docs/design.md §8). The ideal after unlearning
 is the retrained model's value, not 0.5 or 1: report the gap to retraining per run.
 
 * `loss_auc`: the loss-threshold attack's ROC AUC for telling forget samples (members of the

@@ -1,4 +1,4 @@
-"""One policy for layers and losses, the same for every method (DESIGN section 13).
+"""One policy for layers and losses, the same for every method (docs/design.md §13).
 
   * BatchNorm in training mode mixes the samples of a batch: a sample's gradient depends on the
     others, so per-sample quantities (PCMU's clipped sums) and replays of single samples' gradients

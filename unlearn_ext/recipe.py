@@ -1,5 +1,5 @@
 """The user's training recipe, so that retraining, fine-tuning and every repair train the way the
-user trained (DESIGN section 13).
+user trained (docs/design.md §13).
 
 A recipe is anything with `epochs`, `batch_size`, `seed`, `steps(n)`, `train(model, data, exclude=,
 on_step=)`, `tuned(lr_factor, epochs, seed, n)` and `fingerprint()`. Two kinds exist:

@@ -1,4 +1,4 @@
-"""The RNG contract (DESIGN section 3), exposed: Philox4x32-10 words, uniforms and Bernoulli draws
+"""The RNG contract (docs/design.md §3), exposed: Philox4x32-10 words, uniforms and Bernoulli draws
 keyed by (seed, offset, global element index), bit-identical on the CPU kernel, the CUDA kernel
 and the reference — and the one rule for advancing the offset between calls.
 

@@ -1,4 +1,4 @@
-"""Exact Top-K and Random-k selection over a tensor list read as one vector (DESIGN section 7, our
+"""Exact Top-K and Random-k selection over a tensor list read as one vector (docs/design.md §7, our
 formulation), on the `select_*` ops.
 
 How a top-K is found (radix select on order-preserving 32-bit keys, see csrc/include/unlearn/select.h):
@@ -21,7 +21,7 @@ the apply. Reading `threshold` / `boundary` (or any other use) before an apply r
 selection with the histogram passes; both routes give the same (T, boundary) bit for bit. A
 pending selection reads the scores when it is resolved: do not modify them in between.
 
-Distributed selection (DESIGN section 12): histograms of shards add up to the histogram of the
+Distributed selection (docs/design.md §12): histograms of shards add up to the histogram of the
 whole list, so `resolve_threshold` takes any `histogram(prefix, prefix_bits, digit_bits)` callable;
 give it one that all-reduces the shard histograms (each shard calls the op with `base` = the
 global index of its first element) and every rank gets the same (T, boundary).
@@ -320,7 +320,7 @@ def _levels_below(p: float, levels: int) -> int:
 
 
 class PerTensorSelection:
-    """Per-tensor top-k (the option of DESIGN section 7): k (a fraction, or a count per tensor) of
+    """Per-tensor top-k (the option of docs/design.md §7): k (a fraction, or a count per tensor) of
     each tensor separately; the same apply_/mask_grad_/masks interface, one op call per tensor."""
 
     def __init__(self, parts: list[Selection]):

@@ -1,4 +1,4 @@
-"""SPD-GAN, the slightly perturbed distribution GAN, and the unlearning degree UD (DESIGN section 7,
+"""SPD-GAN, the slightly perturbed distribution GAN, and the unlearning degree UD (docs/design.md §7,
 our formulation).
 
 Why: on a model that generalizes, a forget sample is classified the same way with or without it in
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MIN_FORGET = 30          # DESIGN section 7: "use only where |F| >= ~30"
+MIN_FORGET = 30          # docs/design.md §7: "use only where |F| >= ~30"
 MIN_GAP_SAMPLES = 2      # the same n/a rule as the forgetting rate
 
 

@@ -1,4 +1,4 @@
-"""The one interface every unlearning method implements (DESIGN section 2), and its report.
+"""The one interface every unlearning method implements (docs/design.md §2), and its report.
 
 An `Unlearner` is built from a model, its `TrainingData` and whatever the method recorded during
 training; `unlearn(ids)` makes the model forget those samples and returns an `UnlearnReport`. The

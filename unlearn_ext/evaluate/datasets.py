@@ -37,7 +37,7 @@ def load(name_or_path: str, *, split_seed: int = 0, test_fraction: float = 0.2,
          label_noise: float = 0.0, noise_seed: int = 0, limit: int | None = None) -> Dataset:
     """digits | digits-pixels | mnist1d | a path to an .npz with x (n x d float), y (n ints) and optionally
     x_test / y_test (else a seeded split). label_noise flips that fraction of the training labels
-    to another class (the memorizing setting of DESIGN section 8); limit keeps the first training rows."""
+    to another class (the memorizing setting of docs/design.md §8); limit keeps the first training rows."""
     standardize = True
     if name_or_path == "digits":
         from sklearn.datasets import load_digits
@@ -45,7 +45,7 @@ def load(name_or_path: str, *, split_seed: int = 0, test_fraction: float = 0.2,
         x, y = d.data.astype(np.float32), d.target.astype(np.int64)
         x_tr, y_tr, x_te, y_te = _split(x, y, split_seed, test_fraction)
     elif name_or_path == "digits-pixels":
-        # The data issue 12's settings and PCMU's digits example were calibrated on: pixel intensities
+        # The data the history methods' settings and PCMU's digits example were calibrated on: pixel intensities
         # / 16 in [0, 1], not standardized, sklearn's order (first 1400 train, the other 397 test).
         from sklearn.datasets import load_digits
         d = load_digits()

@@ -1,4 +1,4 @@
-"""The evaluation harness (DESIGN section 8): every method against retraining, per forget ratio
+"""The evaluation harness (docs/design.md §8): every method against retraining, per forget ratio
 and seed, with the do-nothing row beside them and the noise floor of retraining itself.
 
     records = evaluate(load("digits"), model="mlp", methods=["pcmu", "finetune"],
@@ -251,7 +251,7 @@ def _on_cuda(model: torch.nn.Module) -> bool:
 
 
 def _noise_floor(ds, run: Run, forget, count: int, gold_m: dict) -> dict:
-    """Retraining's own variation (DESIGN section 8): `count` retrains without F from other seeds --
+    """Retraining's own variation (docs/design.md §8): `count` retrains without F from other seeds --
     other initial weights and another batch order, seed + OTHER_SEED_OFFSET * j for j = 1..count, as the
     `retrain-other` row draws them (j = 1 is that row's retrain) -- each compared with the reference
     retrain (`gold_m`, already measured). Returns the record fields retrain_spread_* (max - min over

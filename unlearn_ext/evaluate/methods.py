@@ -1,6 +1,6 @@
 """The methods the harness can run, by their command-line names. Each entry says how to prepare
 what the method records during training (once per seed) and how to build its `Unlearner` on a
-fresh copy of the trained model (once per forget ratio). Methods whose issue has not landed are
+fresh copy of the trained model (once per forget ratio). Methods announced but not yet built are
 listed in PLANNED so the command line can say so instead of "unknown".
 
 Two families of reference: plain-SGD methods are compared with `retrain` (plain SGD from the same
@@ -106,15 +106,15 @@ DELTAGRAD = Method(
     prepare=_deltagrad_prepare,
 )
 
-# ---- fine-grained perturbation (DESIGN section 7): grad_abs scores, K = 5%, repair on R -------------
+# ---- fine-grained perturbation (docs/design.md §7): grad_abs scores, K = 5%, repair on R -------------
 # `topk` / `randomk` = reset + repair of all coordinates on R's labels; the variants change one thing:
 # -dampen (w *= 0.1), -ascent (normalized ascent stopped at the held-out loss), -masked (repair of
 # the selected coordinates only), -distill (repair by distillation from the model's outputs on R
-# before the request). Settings per model family in PERTURB_SETTINGS: DESIGN section 7's defaults
+# before the request). Settings per model family in PERTURB_SETTINGS: docs/design.md §7's defaults
 # (K = 5%; 3 repair epochs for the memorizing setting's wide MLP, 1 for models that generalize).
 # On scripts/eval_perturb.py's memorizing setting (20% label noise, 300 epochs) the calibration on
 # held-out seeds 100-102 (`--calibrate`) prefers K = 30% with 3 repair epochs (benchmarks/RESULTS.md,
-# "Issue 13: the evaluation table"); the script's --k / --repair-epochs override these.
+# "Perturbation: the evaluation table"); the script's --k / --repair-epochs override these.
 
 PERTURB_VARIANTS = {  # name suffix: (perturbation, repair)
     "": ("reset", "all"), "-dampen": ("dampen", "all"), "-ascent": ("ascent", "all"),
@@ -152,7 +152,7 @@ TOPK, RANDOMK = PERTURB_METHODS[0], PERTURB_METHODS[len(PERTURB_VARIANTS)]
 # on a ladder up to ADAPTIVE_K_CAP until F's mean loss after reset + repair reaches the held-out
 # non-members'); no K to tune. Repair as PERTURB_SETTINGS says for the model family: on held-out
 # seeds 100-102 of the memorizing setting 3 label-repair epochs and the mean won over 5-10 epochs,
-# distillation (also mixed with labels) and the median (benchmarks/RESULTS.md, "Issue 13 rerun").
+# distillation (also mixed with labels) and the median (benchmarks/RESULTS.md, "Perturbation rerun").
 ADAPTIVE_K_CAP = 0.5
 
 
@@ -171,9 +171,9 @@ ADAPTIVE_METHODS = [_adaptive_method("topk-adaptive", AdaptiveTopKUnlearner),
 
 # -ratio: Top-K with score grad_ratio (|sum_F g| over R's |sum_R g| scaled to |F|, perturb/scores.py,
 # our formulation) and dampen, chosen on held-out seeds 100-102 of the memorizing setting by a rule
-# written before the grid ran (benchmarks/issue13/ratio-rule.md; RESULTS.md, "Issue 13: the ratio
-# scores"): K = 10%, 5 label-repair epochs. On models that generalize nothing was calibrated: DESIGN
-# section 7's K = 5% and 1 repair epoch. randomk-ratio and finetune-ratio are its controls with the
+# written before the grid ran (benchmarks/issue13/ratio-rule.md; RESULTS.md, "Perturbation: the ratio
+# scores"): K = 10%, 5 label-repair epochs. On models that generalize nothing was calibrated: the
+# default K = 5% (docs/design.md §7) and 1 repair epoch. randomk-ratio and finetune-ratio are its controls with the
 # same K, perturbation and repair budget. Own settings, so eval_perturb.py's --k / --repair-epochs
 # (which edit PERTURB_SETTINGS) do not reach them.
 RATIO_SETTINGS = {
@@ -232,7 +232,7 @@ AVAILABLE = {m.name: m for m in (PCMU, MINI, DELTAGRAD, FINETUNE, *PERTURB_METHO
 # What `unlearn-ext demo` runs (one of each family; the variants are for `eval`).
 DEMO = ("pcmu", "mini", "deltagrad", "finetune", "topk", "randomk")
 
-# ---- Mini-Unlearning variants: rows of scripts/eval_history_methods.py (issue 12), run by name ----
+# ---- Mini-Unlearning variants: rows of scripts/eval_history_methods.py, run by name ----------
 
 
 def _mini_int8_prepare(run: Run):
@@ -244,13 +244,13 @@ def _mini_int8_prepare(run: Run):
 VARIANTS = {m.name: m for m in (
     Method("mini-int8", "retrain", prepare=_mini_int8_prepare,  # int8 anchors instead of fp32
            build=lambda run, store: MiniUnlearner(copy.deepcopy(run.original), run.data, store, seed=run.seed)),
-    # curvature at every anchor, not only w*, at DESIGN's m = 1024, k = 10 per anchor (K times
-    # Mini's cost: the experiment on DESIGN 6's open problem, outside the budget rule on purpose)
+    # curvature at every anchor, not only w*, at the default m = 1024, k = 10 per anchor (K times
+    # Mini's cost: the experiment on docs/design.md §6's open problem, outside the budget rule on purpose)
     Method("mini-anchors", "retrain", prepare=_mini_prepare,
            build=lambda run, store: MiniUnlearner(copy.deepcopy(run.original), run.data, store, seed=run.seed,
                                                   curvature="anchors", curvature_samples=1024, lanczos_steps=10)),
 )}
-# name -> the issue that brings it
+# name -> what it will be (not built yet)
 PLANNED: dict[str, str] = {}
 ALL = tuple(AVAILABLE) + tuple(VARIANTS) + tuple(PLANNED)
 

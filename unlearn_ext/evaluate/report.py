@@ -52,7 +52,7 @@ def markdown(summary: list[dict], title: str, notes: list[str]) -> str:
               "retraining; floor test / floor MIA: spread of the reference retrain and retrains "
               "from other seeds (other initial weights and batch order; a gap within it is as good as "
               "retraining). FR, MRR and the MIA efficacy are our definitions "
-              "(DESIGN sections 7-8). PCMU rows are compared with PCMU's own coupled retraining.", ""]
+              "(docs/design.md §7-8). PCMU rows are compared with PCMU's own coupled retraining.", ""]
     return "\n".join(lines)
 
 

@@ -6,17 +6,17 @@ are these settings run through the harness, so the same seeds give the same tabl
 
 Settings (where each came from):
   history-logreg  digits, logistic regression, SGD 40 epochs, batch 128, lr 0.5, wd 1e-3 (stopped
-                  before convergence); issue 12's table
-  history-mlp     digits, tanh MLP 64, 40 epochs, batch 128, lr 0.3, wd 1e-3; issue 12's table
-  overfit         DESIGN section 8's memorizing setting as issue 12 ran it: 300 samples, 20% label
+                  before convergence); the history methods' table
+  history-mlp     digits, tanh MLP 64, 40 epochs, batch 128, lr 0.3, wd 1e-3; the history methods' table
+  overfit         docs/design.md §8's memorizing setting as the history methods' table ran it: 300 samples, 20% label
                   noise, tanh MLP 256, 300 epochs, batch 32, lr 0.5, no weight decay (train accuracy
                   1.0; 10% noise left original - retrain MIA AUC below the 0.2 precondition on digits,
                   20% was chosen on seeds 100-101)
   perturb-digits  digits, tanh MLP 64, 30 epochs, batch 64, lr 0.1, wd 1e-4 (the harness's mlp default);
-                  issue 13's table
-  memorizing      DESIGN section 8's memorizing setting as issue 13's table ran it: 300 samples, 20%
+                  the perturbation table
+  memorizing      docs/design.md §8's memorizing setting as the perturbation table ran it: 300 samples, 20%
                   label noise, the wide MLP (512), 300 epochs, batch 32, lr 0.05, no weight decay
-                  (DESIGN's 10% noise left original - retrain MIA AUC at 0.11-0.18 < 0.2 on held-out
+                  (10% noise left original - retrain MIA AUC at 0.11-0.18 < 0.2 on held-out
                   seeds 100-102; of 7 candidates on those seeds this met the precondition)
 Data come from datasets.load: `digits` standardized with the training split's statistics; the
 history settings use `digits-pixels` (pixels / 16, sklearn's first 1400 samples for training), the

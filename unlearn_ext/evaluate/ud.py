@@ -1,5 +1,5 @@
 """The harness's `ud` column: SPD-GAN's unlearning degree for every row of one (seed, ratio)
-(DESIGN section 7; the measure itself is unlearn_ext/spdgan.py).
+(docs/design.md §7; the measure itself is unlearn_ext/spdgan.py).
 
 Per (seed, ratio) with |F| >= spdgan.MIN_FORGET: a reference model trained without F from other
 initial weights and another batch order (independent of the retrain used for scoring) guides the

@@ -1,4 +1,4 @@
-"""Codecs of the history store (DESIGN section 5): how one named tensor list becomes flat arrays.
+"""Codecs of the history store (docs/design.md §5): how one named tensor list becomes flat arrays.
 
   fp32            exact
   fp16 / bf16     a cast; relative error <= 2^-11 (fp16, inside its range) or 2^-8 (bf16)

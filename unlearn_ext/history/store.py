@@ -1,4 +1,4 @@
-"""Compressed training-history store (DESIGN section 5).
+"""Compressed training-history store (docs/design.md §5).
 
 A store records, per step, named tensor lists ("fields", e.g. "params" and "grads") each with its
 own codec, plus the learning rate and the batch ids (exact int64). Fields declared with

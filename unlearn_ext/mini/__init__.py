@@ -1,4 +1,4 @@
-"""History-based unlearning (DESIGN section 6): Mini-Unlearning (our formulation: the linear
+"""History-based unlearning (docs/design.md §6): Mini-Unlearning (our formulation: the linear
 response of SGD, from K anchors) and the DeltaGrad baseline (every step replayed).
 
 Modules: record (training side: anchors, per-step history, plain-SGD check), vectors (flat

@@ -1,4 +1,4 @@
-"""Curvature of the retained objective at given weights (DESIGN section 6, step 2).
+"""Curvature of the retained objective at given weights (docs/design.md §6, step 2).
 
 H v ~ (1/|S|) sum_{i in S} hess l_i(w) v + weight_decay * v, S drawn uniformly at random (seeded)
 from the retained samples (all of them when |R| <= m): an unbiased sample of the retained Hessian.
@@ -122,7 +122,7 @@ def lanczos(op, start: torch.Tensor, steps: int, seed: int = 0) -> tuple[torch.T
 
 def ritz_spectrum(Q: torch.Tensor, T: torch.Tensor, sample_gradients: int = 0) -> Spectrum:
     """Ritz pairs of (Q, T); thetas clipped at 0; h_perp the smallest positive Ritz value (clipping
-    it to 0 would leave the complement without contraction: DESIGN section 6)."""
+    it to 0 would leave the complement without contraction: docs/design.md §6)."""
     evals, evecs = torch.linalg.eigh(T)
     positive = evals[evals > 0]
     h_perp = float(positive.min()) if positive.numel() else 0.0

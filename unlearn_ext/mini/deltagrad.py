@@ -1,4 +1,4 @@
-"""DeltaGrad (Wu, Dobriban & Davidson, ICML 2020) as an `Unlearner`: the baseline of DESIGN section 6.
+"""DeltaGrad (Wu, Dobriban & Davidson, ICML 2020) as an `Unlearner`: the baseline of docs/design.md §6.
 
 It replays all T recorded SGD steps from the stored initial weights, computing the retained run
 w^I_t directly:

@@ -1,4 +1,4 @@
-"""Segment-by-segment spectral propagation of the trajectory gap (DESIGN section 6, step 3; our
+"""Segment-by-segment spectral propagation of the trajectory gap (docs/design.md §6, step 3; our
 formulation: linear response of SGD).
 
 The gap e_t = w'_t - w_t between the retrained and the original run follows, to first order,
@@ -9,7 +9,7 @@ the steps t of one segment this sums to
 with P(h) = prod_t (1 - eta_t h) and Phi(h) = sum_t eta_t prod_{t' > t}(1 - eta_t' h) = (1 - P(h))/h.
 
 Which drift delta a segment uses (`DELTA_RULES`):
-  "end"    (DESIGN, the default): delta_k of the anchor closing the segment, constant over it.
+  "end"    (the default): delta_k of the anchor closing the segment, constant over it.
   "interp" (an experiment): delta_t interpolated linearly in t between the anchors at the
            segment's start (weight 1 - alpha_t) and end (alpha_t = (t - start) / length). With one
            step per segment this is delta(w_t) at the step's own weights, so full-batch GD on a

@@ -1,11 +1,11 @@
-"""Training side of the history methods: what an ordinary SGD run records (DESIGN section 6).
+"""Training side of the history methods: what an ordinary SGD run records (docs/design.md §6).
 
 Mini-Unlearning needs K geometric anchors: at epochs a_k = round(E^(k/K)), k = 1..K (a_K = E), the
 weights w_{a_k} and the full-data gradient g_k = grad L_D(w_{a_k}) (including weight_decay * w);
 plus the learning-rate schedule, steps per epoch and the batch seed (store.run_info). We also
 record epoch 0 (the initial weights) — our choice: epoch 0's weights are where the fallback
 resumes (exact retraining), and the optional delta_rule="interp" (mini/propagate.py) uses its
-drift; DESIGN's default rule does not read it. Cost: (K + 1) * n sample-gradients; 2(K + 1)d
+drift; the default rule does not read it. Cost: (K + 1) * n sample-gradients; 2(K + 1)d
 stored values.
 
 DeltaGrad needs every step: the weights w_t before step t, the batch's mean loss gradient at w_t

@@ -1,4 +1,4 @@
-"""Mini-Unlearning as an `Unlearner` (DESIGN section 6; our formulation: linear response of SGD).
+"""Mini-Unlearning as an `Unlearner` (docs/design.md §6; our formulation: linear response of SGD).
 
     store = mini_store(model)                                   # fp32 anchors (or codec="int8")
     train_recording_anchors(model, data, config, store)         # K = 5 geometric anchors + epoch 0
@@ -12,11 +12,11 @@ with the union, so sequential requests equal one combined request):
   2. curvature of the retained objective at w* from a uniform random subsample of m retained
      samples, k Lanczos steps from delta_K (cost 2 m k; m and k by default from a budget of 0.30
      of retraining's cost, our rule: mini/budget.py); curvature='anchors' (our experiment on
-     the open problem of DESIGN section 6) takes it at each segment's end anchor instead, start
+     the open problem of docs/design.md §6) takes it at each segment's end anchor instead, start
      vector that anchor's delta (cost K times more); curvature='exact' builds the whole Hessian
      (tests, small models);
   3. spectral propagation segment by segment (propagate.py), segment k (epochs a_{k-1}+1..a_k)
-     driven by delta_k, constant (DESIGN; delta_rule="interp" is the experiment that lost);
+     driven by delta_k, constant (the default; delta_rule="interp" is the experiment that lost);
   4. safety checks — eta_t * max theta < 2 at every step, ||e|| <= Lambda * max_k ||delta_k||,
      e finite, and (ours) the retained objective on the curvature subsample rises by at most 25%
      at w* + e — else fallback: training resumes without F from the stored weights at step 0
@@ -55,12 +55,12 @@ class MiniUnlearner(Unlearner):
                  loss_rise_limit: float = DEFAULT_LOSS_RISE_LIMIT, curvature_budget: float = DEFAULT_BUDGET):
         """model: the trained model (its weights are w*); store: what MiniRecorder recorded.
         curvature_samples (m), lanczos_steps (k): "auto" (default) aims a request at
-        `curvature_budget` (a fraction of retraining's sample-gradients): DESIGN's m = 1024, k = 10
+        `curvature_budget` (a fraction of retraining's sample-gradients): the default m = 1024, k = 10
         where the budget affords them, else k = 8 and the m in [256, 1024] it affords (our rule,
         mini/budget.py; curvature="exact" takes m = 1024). Not a ceiling: where even m = 256 (or all
         retained samples) at k = 8 costs more, as on tiny data, and on a fallback the request spends
         more; report.sample_gradients says what it spent. Values given explicitly are used as given.
-        delta_rule: "end" (DESIGN: each segment uses the drift of the anchor closing it) or
+        delta_rule: "end" (the default: each segment uses the drift of the anchor closing it) or
         "interp" (linear between the bounding anchors; see mini/propagate.py).
         loss_rise_limit: the retained-loss check (ours) fires when the retained objective on the
         curvature subsample rises by more than this fraction at w* + e (see _retained_loss_rise)."""
@@ -99,7 +99,7 @@ class MiniUnlearner(Unlearner):
 
     def _read_anchors(self):
         """(step, weights, full gradient) of the anchors whose drift the propagation uses: with
-        DESIGN's "end" rule the anchor at step 0 closes no segment (it is kept for the fallback)."""
+        the "end" rule the anchor at step 0 closes no segment (it is kept for the fallback)."""
         out = []
         steps = self.anchor_steps if self.delta_rule == "interp" else [t for t in self.anchor_steps if t > 0]
         for t in steps or self.anchor_steps:

@@ -74,7 +74,7 @@ def fragile_compact(values, radii, threshold):
     return impl("fragile_compact")(values, radii, threshold)
 
 
-# ---- history codecs (DESIGN section 5) -------------------------------------------------------------
+# ---- history codecs (docs/design.md §5) -------------------------------------------------------------
 
 def blockwise_quantize(x, bits, block_size, levels="linear"):
     return impl("blockwise_quantize")(x, bits, block_size, levels)
@@ -103,7 +103,7 @@ def dequantize_dot(codes, scales, v, bits, block_size, levels="linear"):
 
 
 
-# ---- selection (DESIGN section 7; the public API is unlearn_ext/selection.py) ---------------------
+# ---- selection (docs/design.md §7; the public API is unlearn_ext/selection.py) ---------------------
 # Empty lists have no tensor to dispatch on: the wrappers answer with the kernels' checks (the
 # fakes') and the reference's (trivial) result, as fragile_compact does.
 

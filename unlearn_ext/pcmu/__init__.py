@@ -1,4 +1,4 @@
-"""PCMU, prompt certified machine unlearning (DESIGN section 4, our formulation): smoothed ternary
+"""PCMU, prompt certified machine unlearning (docs/design.md §4, our formulation): smoothed ternary
 quantization (smoothing.py), the certified trainer and its per-request check (trainer.py), step
 records (records.py), certificates (certificate.py), framework D (framework_d.py), and the
 `Unlearner` that answers deletion requests (unlearner.py)."""

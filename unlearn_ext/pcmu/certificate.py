@@ -1,7 +1,7 @@
 """What PCMU certifies, as plain data: the a-priori certificate of a training run and the answer
 to one deletion request. Both are JSON-serializable (`to_dict`) and print a short summary (`str`).
 
-The a-priori certificate (DESIGN section 4): removing k samples from a batch moves the clipped,
+The a-priori certificate (docs/design.md §4): removing k samples from a batch moves the clipped,
 nominal-b-normalized gradient sum by at most k*C/b in every coordinate. A step whose smallest
 certified radius exceeds k*C/b (plus a rounding margin) therefore produces the same codes without
 those samples. The strict budget m* is the largest m for which that holds at every step: any

@@ -1,4 +1,4 @@
-"""The two PCMU examples of DESIGN section 4, used by `unlearn-ext demo` and `unlearn-ext pcmu`.
+"""The two PCMU examples of docs/design.md §4, used by `unlearn-ext demo` and `unlearn-ext pcmu`.
 
 * synthetic: make_classification (20k train, 5 features, 3 classes), logistic regression, full batch,
   C = 1, tau = 0.1, sigma = 0.005, lr*scale = 0.1, T = 20 — the regime where m* >= 1;

@@ -1,4 +1,4 @@
-"""Framework D of PCMU (DESIGN section 4): data smoothing with vote accumulation.
+"""Framework D of PCMU (docs/design.md §4): data smoothing with vote accumulation.
 
 Per step, n0 + n noisy copies of the batch inputs (x + sigma_data * eps), one clipped,
 nominal-b-normalized gradient each, each quantized at +-tau and counted by the `vote_accumulate_`

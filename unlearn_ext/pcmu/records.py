@@ -1,5 +1,5 @@
 """What PCMU training records per step, so that deletion requests can be answered later without
-retraining (DESIGN section 4, per-request certificate):
+retraining (docs/design.md §4, per-request certificate):
 
 * the ids present in the batch and the step size, which with the initial weights and the codes
   replay every w_t bit for bit (codes packed 2 bits each);

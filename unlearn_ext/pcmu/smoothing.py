@@ -1,4 +1,4 @@
-"""Smoothed ternary quantization of gradients (DESIGN section 4) — the public API over the ops.
+"""Smoothed ternary quantization of gradients (docs/design.md §4) — the public API over the ops.
 
 Our formulation (the paper's abstract gives no formulas): each coordinate v is quantized by
 q_tau(v + sigma * Z) with Z standard normal. Two modes:
@@ -12,7 +12,7 @@ q_tau(v + sigma * Z) with Z standard normal. Two modes:
   exceeds 1/2 the code is c_A with radius sigma * PhiInv(pA_low); else the coordinate abstains
   (code 0, radius 0). Radii hold with probability 1 - alpha per coordinate.
 
-Randomness follows the RNG contract (DESIGN section 3): explicit seed and offset; an ``mc`` call
+Randomness follows the RNG contract (docs/design.md §3): explicit seed and offset; an ``mc`` call
 consumes ceil((n0 + n) / 4) Philox blocks per element, and `SmoothedQuantizer` advances its offset
 by that much per call so every step draws fresh numbers and a run replays from (seed, step).
 """

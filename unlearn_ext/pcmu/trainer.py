@@ -1,5 +1,5 @@
 """PCMU: certified training with smoothed, quantized gradients, and deletion checks against the
-recorded trajectory (DESIGN section 4 — our formulation; the paper's abstract gives no formulas).
+recorded trajectory (docs/design.md §4 — our formulation; the paper's abstract gives no formulas).
 
 Training step t (framework G):
   1. batch = the fixed batch t of the schedule minus the excluded ids (data.py); empty -> no update;
@@ -153,7 +153,7 @@ class PCMUTrainer:
         expected = self.schedule.step(t, self.forgotten).ids
         if not torch.equal(as_ids(ids), expected):
             raise ValueError(f"step {t} must use the scheduled batch (fixed per-epoch cuts minus forgotten ids, "
-                             "DESIGN section 4); iterate trainer.batches() to get it")
+                             "docs/design.md §4); iterate trainer.batches() to get it")
         record = self._compute_step(t, expected)
         self.records.append(record)
         return record

@@ -1,4 +1,4 @@
-"""PCMU as an `Unlearner`: prompt deletion from what certified training recorded (DESIGN section 4).
+"""PCMU as an `Unlearner`: prompt deletion from what certified training recorded (docs/design.md §4).
 
 A request is answered, in order, by:
   1. the a-priori budget: every affected step's smallest radius beats k*C/b (k = ids removed from

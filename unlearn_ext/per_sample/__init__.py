@@ -1,4 +1,4 @@
-"""Per-sample clipped gradient sums (PCMU's step, DESIGN section 4).
+"""Per-sample clipped gradient sums (PCMU's step, docs/design.md §4).
 
 `clipped_sum64` (engine.py) is the one to use: per-sample norms and the clipped sum per layer in
 closed form (layers.py), float64 throughout, without the [b, d] per-sample gradients; modules

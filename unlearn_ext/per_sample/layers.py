@@ -41,7 +41,7 @@ class Call:
 
 class Workspace:
     """float64 buffers reused from call to call (a fresh multi-megabyte allocation page-faults on
-    every step; DESIGN section 9). `get(key, shape)` returns a view of a buffer kept for `key`."""
+    every step; docs/design.md §9). `get(key, shape)` returns a view of a buffer kept for `key`."""
 
     def __init__(self):
         self._buffers: dict = {}

@@ -1,4 +1,4 @@
-"""Fine-grained perturbation unlearning (DESIGN section 7, our formulation): score the parameters on
+"""Fine-grained perturbation unlearning (docs/design.md §7, our formulation): score the parameters on
 the forget set, select the top K (or K at random), perturb the selection in one fused pass, then
 repair on the retained data. Methods compose the selection ops (unlearn_ext/selection.py) and
 never touch raw pointers."""

@@ -1,6 +1,6 @@
 """K chosen per request by a stopping rule (our formulation, after normalized ascent's stop).
 
-A fixed K (DESIGN section 7: 5%) suits a model that generalizes but is far too small for one that
+A fixed K (docs/design.md §7: 5%) suits a model that generalizes but is far too small for one that
 memorized F: resetting 5% and repairing leaves F's loss far below a non-member's, so a
 loss-threshold membership attack still tells F apart. Instead of tuning K per model and ratio,
 grow it: for K on a fixed ladder of fractions, smallest first, run the whole request (select,
@@ -12,12 +12,12 @@ perturbation took from F (held-out seed 100 of the memorizing setting: the K who
 F's mean loss past the held-out loss, 1.41 vs 1.18, fell back to 0.71 vs 1.17 after 3 repair epochs).
 `stop_statistic="median"` compares medians instead of means (less swayed by a few mislabeled points
 with huge loss; on the held-out seeds it forgot more but cost test accuracy, so mean is the default:
-benchmarks/RESULTS.md, "Issue 13 rerun"). If no rung reaches the target, the largest rung's result
+benchmarks/RESULTS.md, "Perturbation rerun"). If no rung reaches the target, the largest rung's result
 is kept and the report says so (`k_stop_reached` False).
 
 Meant for models that memorize. On one that generalizes, members' mean loss sits below held-out
 loss even when there is little to forget, so the rule grows K and costs accuracy (digits: 4.3 test
-points at ratios >= 5%); there DESIGN's fixed K = 5% stays the default.
+points at ratios >= 5%); there the fixed K = 5% stays the default.
 
 Cost: every rung tried pays its repair (plus one forward pass over F and the held-out set, counted
 as one sample gradient per sample); Top-K's scores are computed once per request.

@@ -1,4 +1,4 @@
-"""Parameter scores over the forget set F (DESIGN section 7, our formulation):
+"""Parameter scores over the forget set F (docs/design.md §7, our formulation):
 * grad_abs    |sum over F of grad loss|, the saliency of F (the default);
 * fisher      sum over batches of F of (batch gradient)^2 (diagonal empirical Fisher on batch
               gradients; ranks like grad_abs whenever F fits in one batch);

@@ -1,4 +1,4 @@
-"""Top-K and Random-k perturbation unlearners (DESIGN section 7, our formulation).
+"""Top-K and Random-k perturbation unlearners (docs/design.md §7, our formulation).
 
 A request F: (1) select K coordinates -- the exact global top K of a score over F (Top-K) or K
 uniformly random ones (Random-k, the control for "does the score matter"); (2) perturb them in one

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the history codec ops (DESIGN section 5).
+"""Pure-PyTorch reference of the history codec ops (docs/design.md §5).
 
 Same signatures and results as torch.ops.unlearn_ext.*: codes and scales bit for bit, and the
 in-place outputs (dequantize, delta_encode's reconstruction, axpy) bit for bit too, because each

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of fragile_compact (DESIGN section 4, per-request certificates).
+"""Pure-PyTorch reference of fragile_compact (docs/design.md §4, per-request certificates).
 
 The fragile coordinates of one step are those whose certified radius is below a threshold; they
 come back in global-index order (the index of the list read as one long vector) with their values

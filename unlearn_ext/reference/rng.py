@@ -1,4 +1,4 @@
-"""Pure-PyTorch Philox4x32-10 (DESIGN section 3), bit-compatible with csrc/include/unlearn/philox.h.
+"""Pure-PyTorch Philox4x32-10 (docs/design.md §3), bit-compatible with csrc/include/unlearn/philox.h.
 
 32-bit words live in int64 tensors holding values in [0, 2^32). Products of two 32-bit words do not
 fit a signed 64-bit integer, so mul_hi/lo splits one factor into 16-bit halves.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the selection family (DESIGN section 7, our formulation; the contract
+"""Pure-PyTorch reference of the selection family (docs/design.md §7, our formulation; the contract
 is in csrc/ops.cpp and csrc/include/unlearn/select.h).
 
 Keys are uint32 values held in int64 tensors. The reference may concatenate (it is the truth, not

@@ -1,8 +1,8 @@
-"""Pure-PyTorch reference of the smoothing + quantization ops (DESIGN section 4, framework G and D).
+"""Pure-PyTorch reference of the smoothing + quantization ops (docs/design.md §4, framework G and D).
 
 Same signatures and results as torch.ops.unlearn_ext.*: codes and Random bits bit for bit; radii
 within float rounding; vote counts identical except where a Phi threshold rounds differently
-between libm's erfcf and torch's erfc (DESIGN section 3 bounds how often).
+between libm's erfcf and torch's erfc (docs/design.md §3 bounds how often).
 Inputs may be fp32, fp16, bf16 (math in fp32, like the kernels) or fp64 (math in fp64).
 """
 from __future__ import annotations
