@@ -10,15 +10,15 @@ w^I_t directly:
     compact-form Hessian approximation (Byrd, Nocedal & Schnabel 1994) of the kept pairs, and the
     forgotten samples' exact gradients are taken out:
         w^I_{t+1} = w^I_t - eta_t [(|B| (g_t + B dw) - sum_{i in B & F} grad l_i(w^I_t)) / |B \\ F| + wd w^I_t].
-Weight decay is linear, so it is applied exactly rather than through the pairs.
+Weight decay is linear, so it is applied exactly rather than through the pairs. The recorded g_t
+enter through the encoded history (`store.encoded(t, 'grads').axpy_`, dequantize-axpy on the int8
+codes), never as decoded copies. A batch left empty makes no update (as retraining).
 
 Momentum (heavy ball or Nesterov, dampening 0): the replay carries the retained run's buffer b as
 torch does: b <- mu b + g (b = g at the replay's first update), w <- w - eta b (heavy ball) or
 w <- w - eta (g + mu b) (Nesterov), where g is the exact or quasi-Newton retained gradient above
 (with weight decay). The pairs still model the loss gradient alone, which momentum does not change.
-An emptied batch makes no update and leaves b alone, as an optimizer that is not stepped. The recorded g_t
-enter through the encoded history (`store.encoded(t, 'grads').axpy_`, dequantize-axpy on the int8
-codes), never as decoded copies. A batch left empty makes no update (as retraining).
+An emptied batch leaves b alone too, as an optimizer that is not stepped.
 
 Safety checks (ours), any of which stops the replay and falls back to the exact replay from the
 stored initial weights (= retraining), status 'fallback' with the reason:
