@@ -112,12 +112,11 @@ def test_history_from_torch_optimizer_and_history_recorder(run):
     assert report.retrain_sample_gradients == config.epochs * (len(data) - len(FORGET))
 
 
+# Momentum (heavy ball, Nesterov) is replayed: tests/test_history_momentum.py, with what stays refused.
 @pytest.mark.parametrize("opt, match", [
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5), "momentum=0.5"),
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, nesterov=True), "Nesterov"),
     (lambda p: torch.optim.AdamW(p, lr=0.1), "AdamW"),
 ])
-def test_momentum_nesterov_adam_refused(opt, match):
+def test_adam_refused(opt, match):
     data, model = classification()
     store = ue.step_store(model)
     ue.HistoryRecorder(store, model, opt(model.parameters()))

@@ -208,12 +208,11 @@ def test_int8_anchors_cost_little(logistic):
     assert store8.nbytes < store.nbytes
 
 
+# Momentum (heavy ball, Nesterov) is replayed: tests/test_history_momentum.py, with what stays refused.
 @pytest.mark.parametrize("opt, match", [
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum=0.9"),
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "Nesterov"),
     (lambda p: torch.optim.Adam(p, lr=0.1), "Adam"),
 ])
-def test_momentum_nesterov_adam_refused(opt, match):
+def test_adam_refused(opt, match):
     data, model = classification()
     store = ue.mini_store(model)
     ue.HistoryRecorder(store, model, opt(model.parameters()), steps=[0])

@@ -260,12 +260,22 @@ class TrainingData:
 
 @dataclass(frozen=True)
 class SGDConfig:
-    """An ordinary SGD run over the fixed batch schedule. lr: a float or a function of the step."""
+    """An ordinary SGD run over the fixed batch schedule. lr: a float or a function of the step.
+    momentum / nesterov: torch.optim.SGD's heavy-ball or Nesterov momentum (dampening 0); the
+    default 0 is plain SGD."""
     epochs: int
     batch_size: int
     lr: float | Callable[[int], float]
     weight_decay: float = 0.0
     seed: int = 0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and not self.momentum > 0:
+            raise ValueError("nesterov=True needs momentum > 0 (as torch.optim.SGD)")
 
     def lr_at(self, t: int) -> float:
         return float(self.lr(t)) if callable(self.lr) else float(self.lr)
@@ -286,23 +296,47 @@ class SGDConfig:
         """The short run fine-tuning and repairs use: `epochs` passes at lr_factor x the schedule's
         peak learning rate (constant), the same batch size and weight decay, another batch order."""
         return SGDConfig(epochs=epochs, batch_size=self.batch_size, lr=lr_factor * self.peak_lr(n),
-                         weight_decay=self.weight_decay, seed=seed)
+                         weight_decay=self.weight_decay, seed=seed, momentum=self.momentum, nesterov=self.nesterov)
 
     def fingerprint(self) -> dict:
+        momentum = {"momentum": self.momentum, "nesterov": self.nesterov} if self.momentum else {}
         return {"optimizer": "plain SGD", "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, **momentum}
+
+
+def momentum_optimizer(model: torch.nn.Module, momentum: float, nesterov: bool,
+                       weight_decay: float) -> torch.optim.SGD | None:
+    """torch.optim.SGD over the model's trainable parameters for a momentum run (its buffer is the
+    state such a run carries from step to step; sgd_step sets its lr per step), or None for plain
+    SGD (sgd_step's own arithmetic). The loops that must agree with a user's momentum run
+    (train_sgd, the history methods' exact fallback) all step through torch's optimizer."""
+    if not momentum:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def sgd_step(model: torch.nn.Module, data: TrainingData, ids: torch.Tensor, lr: float,
-             weight_decay: float) -> None:
+             weight_decay: float, optimizer: torch.optim.SGD | None = None) -> None:
     """One step of w <- w - lr * (mean per-sample loss gradient over the present ids + wd * w).
     The mean is over the samples present (a batch with forgotten ids removed averages the rest),
-    which is what retraining on the retained set does; an empty batch makes no update."""
+    which is what retraining on the retained set does; an empty batch makes no update.
+    optimizer: a momentum run's torch.optim.SGD (momentum_optimizer; its weight decay applies),
+    stepped with this gradient at learning rate lr; an empty batch leaves its buffer alone."""
     if ids.numel() == 0:
         return
     x, y = data.batch(ids)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(data.loss(model(x), y).mean(), params)
+    if optimizer is not None:
+        for p, g in zip(params, grads):
+            p.grad = g
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        for p in params:
+            p.grad = None
+        return
     with torch.no_grad():
         for p, g in zip(params, grads):
             if weight_decay:
@@ -314,17 +348,18 @@ def train_sgd(model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, 
               on_step: Callable | None = None) -> torch.nn.Module:
     """Trains `model` in place with plain SGD over the schedule of `config` minus `exclude`.
 
-    on_step(t, ids, model) runs before step t's update (e.g. to record history). Plain gradient
-    steps (no momentum) are what the history methods' linear response assumes (docs/design.md §6).
+    on_step(t, ids, model) runs before step t's update (e.g. to record history). With
+    config.momentum the steps are torch.optim.SGD's heavy-ball or Nesterov steps (momentum_optimizer).
     """
     schedule = BatchSchedule(data.ids, config.batch_size, config.seed)
     excluded = as_ids([] if exclude is None else exclude)
+    optimizer = momentum_optimizer(model, config.momentum, config.nesterov, config.weight_decay)
     for step in schedule.steps(0, config.steps(len(data)), excluded):
         if on_step is not None:
             on_step(step.step, step.ids, model)
-        sgd_step(model, data, step.ids, config.lr_at(step.step), config.weight_decay)
+        sgd_step(model, data, step.ids, config.lr_at(step.step), config.weight_decay, optimizer)
         if step.position == schedule.batches_per_epoch - 1:
-            logging.getLogger("unlearn_ext").debug("trained epoch %d of %d (plain SGD)", step.epoch + 1, config.epochs)
+            logging.getLogger("unlearn_ext").debug("trained epoch %d of %d (SGD)", step.epoch + 1, config.epochs)
     return model
 
 

@@ -17,7 +17,9 @@ What wrapping does:
     RNG state) is captured now: retraining, fine-tuning and repairs train with it;
   * per method, what it records during training: Mini-Unlearning its anchors and DeltaGrad every
     step, through optimizer step hooks (the batch ids come from the schedule, every param group's
-    lr from the optimizer); Top-K, Random-k, fine-tuning and retraining record nothing.
+    lr from the optimizer, the momentum settings from the optimizer's groups); Top-K, Random-k,
+    fine-tuning and retraining record nothing. The history methods need torch.optim.SGD, plain or
+    with heavy-ball / Nesterov momentum (dampening 0).
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
 """
@@ -191,19 +193,28 @@ def _check_history_method(method: str, model, optimizer, reduction: str) -> None
         raise UnsupportedModelError(f"{name} replays mean batch gradients; the loss sums over the batch. Use "
                                     "reduction='mean' (the learning rate then means what the replay assumes)")
     if type(optimizer) is not torch.optim.SGD:
-        raise UnsupportedModelError(f"{name} assumes torch.optim.SGD (plain, with weight decay); got "
-                                    f"{type(optimizer).__name__}, whose update it cannot replay. Top-K, Random-k, "
-                                    "fine-tuning and retraining accept any optimizer")
+        why = (": Adam-type optimizers scale each coordinate by running averages of past gradients, so a "
+               "retrained run's steps depend nonlinearly on its whole gradient history"
+               if "Adam" in type(optimizer).__name__ else "")
+        raise UnsupportedModelError(f"{name} replays torch.optim.SGD (plain, heavy-ball or Nesterov momentum, with "
+                                    f"weight decay); got {type(optimizer).__name__}, whose update it cannot replay"
+                                    f"{why}. Top-K, Random-k, fine-tuning and retraining accept any optimizer")
     groups = optimizer.param_groups
-    for key, bad in (("momentum", lambda v: v != 0), ("nesterov", bool), ("maximize", bool), ("dampening", lambda v: v != 0)):
-        values = [g.get(key, 0) for g in groups]
-        if any(bad(v) for v in values):
-            raise UnsupportedModelError(f"{name} assumes plain SGD; the optimizer has {key}={values[0]!r}")
-    for key in ("lr", "weight_decay"):
-        values = {float(g.get(key, 0.0)) for g in groups}
-        if len(values) > 1:
+    for key in ("lr", "weight_decay", "momentum", "nesterov", "dampening", "maximize"):
+        values = [g.get(key) for g in groups]
+        if any(v != values[0] for v in values):
             raise UnsupportedModelError(f"{name} replays one {key} for every parameter; the optimizer's groups "
-                                        f"use {sorted(values)}")
+                                        f"use {values}")
+    group = groups[0]
+    if group.get("maximize"):
+        raise UnsupportedModelError(f"{name} replays gradient descent; the optimizer has maximize=True")
+    momentum = float(group.get("momentum", 0.0))
+    if not 0.0 <= momentum < 1.0:
+        raise UnsupportedModelError(f"{name} needs momentum in [0, 1) (the trajectory gap must contract); the "
+                                    f"optimizer has momentum={momentum}")
+    if momentum and group.get("dampening", 0):
+        raise UnsupportedModelError(f"{name} replays momentum with dampening 0; the optimizer has "
+                                    f"dampening={group['dampening']!r}")
     covered = {id(p) for g in groups for p in g["params"]}
     missing = [n for n, p in trainable(model).items() if id(p) not in covered]
     if missing:

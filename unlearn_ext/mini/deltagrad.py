@@ -14,10 +14,18 @@ Weight decay is linear, so it is applied exactly rather than through the pairs. 
 enter through the encoded history (`store.encoded(t, 'grads').axpy_`, dequantize-axpy on the int8
 codes), never as decoded copies. A batch left empty makes no update (as retraining).
 
+Momentum (heavy ball or Nesterov, dampening 0): the replay carries the retained run's buffer b as
+torch does: b <- mu b + g (b = g at the replay's first update), w <- w - eta b (heavy ball) or
+w <- w - eta (g + mu b) (Nesterov), where g is the exact or quasi-Newton retained gradient above
+(with weight decay). The pairs still model the loss gradient alone, which momentum does not change.
+An emptied batch leaves b alone too, as an optimizer that is not stepped.
+
 Safety checks (ours), any of which stops the replay and falls back to the exact replay from the
 stored initial weights (= retraining), status 'fallback' with the reason:
   * stability: at a quasi-Newton step the gap evolves as dw <- (I - eta_t B) dw + ..., so
-    eta_t * lambda_max(B) must stay below 2 (lambda_max on span(S, Y) and sigma outside it);
+    eta_t * lambda_max(B) must stay below 2 (lambda_max on span(S, Y) and sigma outside it); with
+    momentum below the momentum recursion's bound (mini/propagate.py: 2 (1 + mu) for heavy ball,
+    2 (1 + mu) / (1 + 2 mu) for Nesterov);
   * prediction: at each exact step the quasi-Newton prediction B dw of dg is compared with the exact
     dg; a relative error above `max_prediction_error` (default 10) means the model is far off.
     (With SGD the pairs come from different batches, so errors ~1-2 are normal: measured on the
@@ -38,8 +46,9 @@ from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
 from .history_digest import history_sha256
-from .record import check_plain_sgd
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
+from .propagate import stability_bound
+from .record import check_replayable_sgd
 from .vectors import FlatModel
 
 
@@ -85,6 +94,18 @@ def lbfgs_largest_eigenvalue(S: torch.Tensor, Y: torch.Tensor) -> float:
     return CompactLBFGS(S, Y).largest_eigenvalue()
 
 
+class _MomentumReplay:
+    """The replayed run's momentum buffer, updated as torch.optim.SGD does (dampening 0)."""
+
+    def __init__(self, momentum: float, nesterov: bool):
+        self.mu, self.nesterov, self.buffer = float(momentum), bool(nesterov), None
+
+    def step(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
+        """w after one step with gradient g (weight decay included) at learning rate lr."""
+        self.buffer = g.clone() if self.buffer is None else self.mu * self.buffer + g
+        return w - lr * (g + self.mu * self.buffer if self.nesterov else self.buffer)
+
+
 class DeltaGradUnlearner(Unlearner):
     method = "deltagrad"
 
@@ -103,7 +124,8 @@ class DeltaGradUnlearner(Unlearner):
             raise ValueError(f"need loss_rise_limit > 0 and check_samples >= 1; got {loss_rise_limit}, {check_samples}")
         info = store.run_info
         refuse_training_batch_norm(model, "DeltaGrad")
-        self.weight_decay = check_plain_sgd(info, "DeltaGrad", len(trainable(model)))
+        self.sgd = check_replayable_sgd(info, "DeltaGrad", len(trainable(model)))
+        self.weight_decay = self.sgd.weight_decay
         if "params" not in store.fields or "grads" not in store.fields:
             raise ValueError("DeltaGrad needs every step's 'params' and 'grads' in the history")
         if store.fields["grads"].delta:
@@ -120,6 +142,7 @@ class DeltaGradUnlearner(Unlearner):
         self.loss_rise_limit, self.check_samples = float(loss_rise_limit), int(check_samples)
         # Binds saved state to this history (mini/history_digest.py): the schedule and both ends.
         self.history_sha256 = history_sha256(store, sorted({steps[0], steps[-1]}), ["params", "grads"], "DeltaGrad")
+        self.stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
 
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0
@@ -127,6 +150,7 @@ class DeltaGradUnlearner(Unlearner):
     def _replay(self, union: torch.Tensor, all_exact: bool):
         """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '')."""
         flat, wd = self.flat, self.weight_decay
+        momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov) if self.sgd.momentum else None
         pairs = deque(maxlen=self.memory)
         w, cost, exact_steps, worst, top_eta_lambda = None, 0, 0, 0.0, 0.0
         lambda_max = None  # of the current pairs' B (recomputed when a pair is added)
@@ -173,16 +197,16 @@ class DeltaGradUnlearner(Unlearner):
                         lambda_max, model = None, None
                 # the same arithmetic as data.sgd_step: g + wd * w, then w - lr * g
                 step = g_kept + wd * w if wd else g_kept
-                w = w - lr * step
+                w = w - lr * step if momentum is None else momentum.step(w, step, lr)
             else:
                 if model is None:
                     model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
                 if lambda_max is None:
                     lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
-                if lr * lambda_max >= self.stability_limit:
+                if lr * lambda_max >= self.stable_below:
                     return None, cost, stats(), (
-                        f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stability_limit:g} at step {t}: the "
+                        f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
                         "quasi-Newton replay amplifies the gap")
                 predicted = model.product(dw).float()           # B (w^I_t - w_t)
                 scale = batch.numel() / kept.numel()
@@ -191,8 +215,12 @@ class DeltaGradUnlearner(Unlearner):
                     direction -= (removed.numel() / kept.numel()) * g_removed
                 if wd:
                     direction += wd * w
-                w = w - lr * direction
-                g_rec.axpy_(flat.split(w), -lr * scale)        # - lr |B|/|B\F| g_t, on the codes
+                if momentum is None:
+                    w = w - lr * direction
+                    g_rec.axpy_(flat.split(w), -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
+                else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t, on the codes
+                    g_rec.axpy_(flat.split(direction), scale)
+                    w = momentum.step(w, direction, lr)
             if not torch.isfinite(w).all():
                 return None, cost, stats(), (
                     f"the replayed weights became non-finite at step {t}")
@@ -226,7 +254,8 @@ class DeltaGradUnlearner(Unlearner):
                              f"quasi-Newton prediction error {stats['worst_prediction_error']:.3g}, max eta*lambda(B) "
                              f"{stats['max_eta_lambda']:.3g}")
         self.flat.load_(w)
-        report.details = {**stats, "steps": T, "burn_in": self.burn_in, "period": self.period, "memory": self.memory}
+        report.details = {**stats, "steps": T, "burn_in": self.burn_in, "period": self.period, "memory": self.memory,
+                          "stability_bound": self.stable_below, **self.sgd.describe()}
         report.sample_gradients = cost
         report.history_bytes_read = self.store.bytes_read - before
         report.weights_changed = True
@@ -250,7 +279,7 @@ class DeltaGradUnlearner(Unlearner):
     def fingerprint(self) -> dict:
         return {"shapes": [list(s) for s in self.flat.shapes], "steps": len(self.store.steps),
                 "weight_decay": self.weight_decay, "codecs": {k: v.codec for k, v in self.store.fields.items()},
-                "burn_in": self.burn_in, "period": self.period, "memory": self.memory,
+                "burn_in": self.burn_in, "period": self.period, "memory": self.memory, **self.sgd.describe(),
                 "loss_rise_limit": self.loss_rise_limit, "check_samples": self.check_samples,
                 "history_sha256": self.history_sha256, **self.data.fingerprint()}
 

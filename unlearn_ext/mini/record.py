@@ -16,13 +16,15 @@ the batch ids and the learning rate.
     train_sgd(model, data, config, on_step=MiniRecorder(store, data, config))   # the added line
     # (MiniRecorder records the final anchor itself when the last step has run: see finish())
 
-Both methods assume plain SGD with weight decay; `check_plain_sgd` refuses anything else with a
-message (momentum, Nesterov, Adam... change the linear response).
+Both methods replay torch.optim.SGD with weight decay, plain or with heavy-ball / Nesterov momentum
+(dampening 0); `check_replayable_sgd` refuses anything else with a message (Adam, dampening,
+maximize, hyperparameters that differ between param groups) and returns the settings the replay
+needs (`SGDSettings`).
 """
 from __future__ import annotations
 
 import math
-
+from dataclasses import dataclass
 
 from ..data import SGDConfig, TrainingData
 from ..history import HistoryStore
@@ -55,7 +57,7 @@ def step_store(model, params: str = "int8", grads: str = "int8", **store_kw) -> 
 
 def _run_info(data: TrainingData, config: SGDConfig, recorded_by: str, **extra) -> dict:
     steps = config.steps(len(data))
-    return {"optimizer": "SGD", "momentum": 0.0, "nesterov": False, "dampening": 0.0,
+    return {"optimizer": "SGD", "momentum": float(config.momentum), "nesterov": bool(config.nesterov), "dampening": 0.0,
             "weight_decay": float(config.weight_decay), "steps_per_epoch": math.ceil(len(data) / config.batch_size),
             "batch_seed": int(config.seed), "batch_size": int(config.batch_size), "epochs": int(config.epochs),
             "n": len(data), "lr_schedule": [config.lr_at(t) for t in range(steps)], "recorded_by": recorded_by,
@@ -137,44 +139,65 @@ def train_recording_steps(model, data: TrainingData, config: SGDConfig, store: H
     return recorder
 
 
-# Hyperparameters every param group must share: the replay (and the linear response) uses one
-# learning rate, one weight decay and plain descent for every parameter.
-SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "dampening", "maximize")
+@dataclass(frozen=True)
+class SGDSettings:
+    """What the history methods replay of a recorded torch.optim.SGD run: one weight decay and one
+    momentum for every parameter, heavy ball or Nesterov (dampening 0); momentum 0 is plain SGD."""
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def describe(self) -> dict:
+        """The momentum settings for reports and fingerprints (empty for plain SGD, whose records
+        stay as they were)."""
+        return {"momentum": self.momentum, "nesterov": self.nesterov} if self.momentum else {}
 
 
-def check_plain_sgd(run_info: dict, method: str, parameters: int | None = None) -> float:
-    """The recorded run's weight decay, after refusing anything but plain SGD (descent, no
-    momentum) with one set of hyperparameters over every trainable parameter (the linear response
-    and DeltaGrad's replay assume w <- w - lr (g + wd w) for all of w). `parameters`: how many
-    trainable tensors the model has; an optimizer that updated only some of them is refused (a
-    replay would move parameters training never moved)."""
+def check_replayable_sgd(run_info: dict, method: str, parameters: int | None = None) -> SGDSettings:
+    """The recorded run's SGD settings, after refusing what the linear response and DeltaGrad's
+    replay cannot reproduce: any optimizer but SGD, dampening, maximize, momentum outside [0, 1),
+    and weight decay, momentum or Nesterov that differ between param groups. The replayed update is
+    g = grad + wd w; b = mu b + g (b = g at the first step); w -= lr b (heavy ball) or
+    w -= lr (g + mu b) (Nesterov); mu = 0 is w -= lr g. One learning rate for every group too (the
+    replay steps every parameter with it). `parameters`: how many trainable tensors the model has;
+    an optimizer that updated only some of them is refused (a replay would move parameters
+    training never moved)."""
     name = run_info.get("optimizer")
     if name is None:
         raise UnsupportedOptimizerError(f"{method}: the history records no optimizer (store.run_info); record "
                                         "with MiniRecorder/StepRecorder or HistoryRecorder")
     if name != "SGD":
-        raise UnsupportedOptimizerError(f"{method} assumes plain SGD with weight decay; the recorded run used "
-                                        f"{name}, which it cannot replay")
+        raise UnsupportedOptimizerError(
+            f"{method} replays torch.optim.SGD (plain, heavy-ball or Nesterov momentum, with weight decay); the "
+            f"recorded run used {name}, which it cannot replay" + (
+                ": Adam-type optimizers scale each coordinate by a running average of past squared gradients, "
+                "so the retrained run's steps depend nonlinearly on the whole gradient history" if "Adam" in name
+                else ""))
     groups = run_info.get("param_groups") or [run_info]
-    for g in groups:
-        if g.get("nesterov"):
-            raise UnsupportedOptimizerError(f"{method} assumes plain SGD; the recorded run used Nesterov momentum "
-                                            f"(momentum={g.get('momentum')})")
-        if g.get("momentum", 0) not in (0, 0.0, None):
-            raise UnsupportedOptimizerError(f"{method} assumes plain SGD without momentum; the recorded run used "
-                                            f"momentum={g.get('momentum')}")
-        if g.get("maximize"):
-            raise UnsupportedOptimizerError(f"{method} replays gradient descent; the recorded run used SGD with "
-                                            "maximize=True (gradient ascent), which it cannot replay")
-    decays = {float(g.get("weight_decay", 0.0) or 0.0) for g in groups}
-    if len(decays) > 1:
-        raise UnsupportedOptimizerError(f"{method}: parameter groups use different weight decays {sorted(decays)}; "
-                                        "one weight decay for every parameter is supported")
-    for key in SHARED_HYPERPARAMETERS:
-        values = [g.get(key) for g in groups]
+
+    def shared(key, default):
+        values = [g.get(key, default) for g in groups]
+        values = [default if v is None else v for v in values]
         if any(v != values[0] for v in values):
             raise UnsupportedOptimizerError(f"{method}: parameter groups use different {key} ({values}); one value "
-                                            "for every parameter is supported (one param group)")
+                                            "for every parameter is supported")
+        return values[0]
+
+    weight_decay = float(shared("weight_decay", 0.0))
+    momentum = float(shared("momentum", 0.0))
+    nesterov = bool(shared("nesterov", False))
+    dampening = float(shared("dampening", 0.0))
+    if shared("maximize", False):
+        raise UnsupportedOptimizerError(f"{method} replays gradient descent; the recorded run used maximize=True")
+    if not 0.0 <= momentum < 1.0:
+        raise UnsupportedOptimizerError(f"{method}: momentum={momentum} is outside [0, 1): the momentum buffer "
+                                        "never forgets, so the trajectory gap does not contract")
+    if momentum and dampening:
+        raise UnsupportedOptimizerError(f"{method} replays momentum with dampening 0; the recorded run used "
+                                        f"momentum={momentum} with dampening={dampening}")
+    if nesterov and not momentum:
+        raise UnsupportedOptimizerError(f"{method}: the recorded run has nesterov=True without momentum")
+    shared("lr", None)
     if parameters is not None and "param_groups" in run_info:
         covered = {i for g in groups for i in g.get("param_indices", ())}
         missing = sorted(set(range(parameters)) - covered)
@@ -184,4 +207,4 @@ def check_plain_sgd(run_info: dict, method: str, parameters: int | None = None) 
                 f"the trainable parameters at positions {missing}); a replay would move parameters training "
                 "never moved: give the optimizer every trainable parameter, or freeze the others "
                 "(requires_grad=False) before recording")
-    return decays.pop()
+    return SGDSettings(weight_decay, momentum, nesterov)

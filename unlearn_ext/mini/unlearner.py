@@ -17,8 +17,11 @@ with the union, so sequential requests equal one combined request):
      (tests, small models);
   3. spectral propagation segment by segment (propagate.py), segment k (epochs a_{k-1}+1..a_k)
      driven by delta_k, constant (the default; delta_rule="interp" is the experiment that lost);
-  4. safety checks — eta_t * max theta < 2 at every step, ||e|| <= Lambda * max_k ||delta_k||,
-     e finite, and (ours) the retained objective on the curvature subsample rises by at most 25%
+     With momentum (heavy ball / Nesterov) the gaps of the weights and of the momentum buffer are
+     propagated together (our derivation, mini/propagate.py);
+  4. safety checks — eta_t * max theta < 2 at every step (with momentum mu: 2 (1 + mu) for heavy
+     ball, 2 (1 + mu) / (1 + 2 mu) for Nesterov), ||e|| <= Lambda * max_k ||delta_k|| (with momentum
+     Lambda / (1 - mu), ours), e finite, and (ours) the retained objective on the curvature subsample rises by at most 25%
      at w* + e — else fallback: training resumes without F from the stored weights at step 0
      (exactly retraining), status 'fallback' with the reason.
 """
@@ -37,8 +40,9 @@ from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import exact_spectrum, lanczos_spectrum, subsample
 from .history_digest import history_sha256
-from .propagate import DELTA_RULES, propagate_segment
-from .record import FULL_GRAD, check_plain_sgd
+from .propagate import (DELTA_RULES, gap_bound_factor, propagate_segment, propagate_segment_momentum,
+                        stability_bound)
+from .record import FULL_GRAD, check_replayable_sgd
 from .resume import resume_from
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .vectors import FlatModel
@@ -72,7 +76,8 @@ class MiniUnlearner(Unlearner):
         self.delta_rule = delta_rule
         info = store.run_info
         refuse_training_batch_norm(model, "Mini-Unlearning")
-        self.weight_decay = check_plain_sgd(info, "Mini-Unlearning", len(trainable(model)))
+        self.sgd = check_replayable_sgd(info, "Mini-Unlearning", len(trainable(model)))
+        self.weight_decay = self.sgd.weight_decay
         for key in ("lr_schedule", "steps_per_epoch", "n"):
             if key not in info:
                 raise ValueError(f"the history lacks run metadata {key!r}: record it with MiniRecorder")
@@ -167,6 +172,8 @@ class MiniUnlearner(Unlearner):
             return delta_at[min(steps_sorted, key=lambda a: abs(a - t))]
 
         e = torch.zeros(self.flat.dim, dtype=torch.float64)
+        f = torch.zeros_like(e)  # the momentum buffer's gap (read only with momentum)
+        mu, nesterov = self.sgd.momentum, self.sgd.nesterov
         max_eta_theta, used = 0.0, []
         for a, b in zip(bounds[:-1], bounds[1:]):
             spec = shared if self.curvature != "anchors" else spectra[min((s for s in steps_sorted if s >= b),
@@ -176,11 +183,16 @@ class MiniUnlearner(Unlearner):
             etas = self.lrs[a:b]
             top = max(float(spec.thetas.max()) if spec.thetas.numel() else 0.0, spec.h_perp)
             max_eta_theta = max(max_eta_theta, float(etas.max()) * top)
-            e = propagate_segment(e, spec, etas, delta_of(a) if self.delta_rule == "interp" else None,
-                                  delta_of(b), self.delta_rule)
+            delta_start = delta_of(a) if self.delta_rule == "interp" else None
+            if mu:
+                e, f = propagate_segment_momentum(e, f, spec, etas, delta_start, delta_of(b), mu, nesterov,
+                                                  self.delta_rule)
+            else:
+                e = propagate_segment(e, spec, etas, delta_start, delta_of(b), self.delta_rule)
         cost += sum(s.sample_gradients for s in used)
         Lambda = float(self.lrs.sum())
-        bound = Lambda * max(float(d.norm()) for d in deltas)
+        bound = Lambda * gap_bound_factor(mu) * max(float(d.norm()) for d in deltas)
+        stable_below = stability_bound(mu, nesterov, self.stability_limit)
         norm_e = float(e.norm())
         report.history_bytes_read = self.store.bytes_read - read_before
         report.details = {
@@ -189,16 +201,18 @@ class MiniUnlearner(Unlearner):
             "h_perp": [s.h_perp for s in used], "Lambda": Lambda, "norm_e": norm_e, "bound": bound,
             "max_eta_theta": max_eta_theta, "curvature": self.curvature,
             "curvature_samples": min(m, n - r), "lanczos_steps": k, "curvature_budget": self.curvature_budget,
-            "delta_norms": [float(d.norm()) for d in deltas]}
+            "delta_norms": [float(d.norm()) for d in deltas], "stability_bound": stable_below,
+            **self.sgd.describe()}
         # 4. safety checks.
         reason = ""
         if not torch.isfinite(e).all():
             reason = "the propagated gap e is not finite"
-        elif max_eta_theta >= self.stability_limit:
-            reason = (f"eta_t * max theta = {max_eta_theta:.3g} >= {self.stability_limit:g}: the linear response "
+        elif max_eta_theta >= stable_below:
+            reason = (f"eta_t * max theta = {max_eta_theta:.3g} >= {stable_below:g}: the linear response "
                       "is not a contraction (the step amplifies the gap)")
         elif norm_e > bound * (1 + 1e-6):
-            reason = f"||e|| = {norm_e:.3g} exceeds Lambda * max ||delta_k|| = {bound:.3g}"
+            lam = "Lambda" if not mu else f"Lambda / (1 - {mu:g})"
+            reason = f"||e|| = {norm_e:.3g} exceeds {lam} * max ||delta_k|| = {bound:.3g}"
         else:
             rise, check_cost = self._retained_loss_rise(e, retained, m)
             cost += check_cost
@@ -233,13 +247,13 @@ class MiniUnlearner(Unlearner):
             raise RuntimeError("a safety check fired and the history holds no weights at step 0 to resume from "
                                "(record an anchor at epoch 0)")
         w0 = self.flat.join(self.store.read(0, ["params"]).tensors["params"])
-        return resume_from(self.model, self.data, self.info, 0, w0, self.flat, union)
+        return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union)
 
     # ---- persistence ----------------------------------------------------------------------------
 
     def fingerprint(self) -> dict:
         return {"shapes": [list(s) for s in self.flat.shapes], "anchor_steps": self.anchor_steps,
-                "steps": int(self.lrs.numel()), "weight_decay": self.weight_decay,
+                "steps": int(self.lrs.numel()), "weight_decay": self.weight_decay, **self.sgd.describe(),
                 "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
                 "delta_rule": self.delta_rule, "curvature_samples": self.curvature_samples,
                 "lanczos_steps": self.lanczos_steps, "curvature_budget": self.curvature_budget,
