@@ -134,6 +134,34 @@ def test_sum_reduced_loss_takes_every_step_from_the_backward():
     assert_same_run(optimizer.trainer, reference(initial, 64))
 
 
+def test_class_weighted_mean_is_never_undone():
+    """A class-weighted mean divides by the batch's total weight, not by n, so the sums are always
+    recomputed. (The wrap-time probe refuses such a loss unless its probe samples share one class of
+    weight 1, as here: the first four items are all of class 0.)"""
+    first = torch.nonzero(Y[:N_TRAIN] == 0).flatten()[:4]
+    order = torch.cat([first, torch.tensor([i for i in range(N_TRAIN) if i not in set(first.tolist())])])
+
+    class Reordered(DigitImages):
+        def __init__(self):
+            self.x, self.y = X[order], Y[order]
+
+    initial = small_cnn()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 0.5, 1.5, 0.7, 1.3, 0.9, 1.1, 0.6, 1.4, 0.8]))
+    model = copy.deepcopy(initial)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loader = torch.utils.data.DataLoader(Reordered(), batch_size=64)
+    model, optimizer, loader = ue.UnlearningEngine().make_unlearnable(model, optimizer, loader, method="pcmu",
+                                                                      epochs=1, loss_fn=weighted, **PCMU)
+    for x, y in loader:
+        optimizer.zero_grad()
+        weighted(model(x), y).backward()
+        optimizer.step()
+    assert optimizer.sources == {"backward": 0, "recomputed": 16}
+    ref = PCMUTrainer(copy.deepcopy(initial), ue.policy.per_sample_loss_of(weighted), ue.TrainingData(Reordered()),
+                      batch_size=64, seed=0, lr=LR, **PCMU).train(epochs=1)
+    assert_same_run(optimizer.trainer, ref)
+
+
 def test_forgetting_5_percent_equals_pcmus_coupled_retraining(tmp_path):
     """The issue's user story: a small GroupNorm CNN, the user's DataLoader over a map-style dataset,
     the user's loop; it trains; forgetting 5% through the ledger gives PCMU's coupled retraining

@@ -98,7 +98,8 @@ class UnlearningEngine:
         pcmu = None
         if method == "pcmu":  # before the run is set: its options may still be refused
             pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed,
-                                 steps=recipe.steps(len(data)), loss_reduction=reduction, **method_options)
+                                 steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
+                                 **method_options)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)

@@ -18,7 +18,8 @@ Where the per-sample sums come from:
     output gradients; the closed forms give norms and sums) when that gives the same bits as
     recomputing: every trainable layer has a closed form (Linear, Conv1d/2d, Embedding,
     LayerNorm, GroupNorm), no dropout is active, the user's loss is the sum of the per-sample
-    losses or their mean over a power-of-two number of samples (undoing the mean is then exact),
+    losses or their mean over a power-of-two number of samples (undoing the mean is then exact; a
+    class-weighted mean is never undone),
     the batch fits one chunk, and the last forward with gradients was on the step's batch (its size
     is checked; the loop must use the returned loader);
   * otherwise recomputed from the batch (`data.batch(ids)`, one more forward and backward), in eval
@@ -73,14 +74,17 @@ class PCMUOptimizer:
     """The user's SGD optimizer, stepping with PCMU (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, data: TrainingData, *, batch_size: int,
-                 seed: int, steps: int, loss_reduction: str, **pcmu_options):
+                 seed: int, steps: int, loss_fn, loss_reduction: str, **pcmu_options):
         check_pcmu_wrap(model, optimizer)
         for key in ("lr", "ids", "exclude", "data"):
             if key in pcmu_options:
                 raise ValueError(f"{key}= is not a PCMU option here: the step size is the optimizer's lr, the data "
                                  "and ids those given to make_unlearnable")
         self.optimizer, self.model, self.steps = optimizer, model, int(steps)
-        self.loss_reduction = loss_reduction
+        # A class-weighted CrossEntropyLoss/NLLLoss divides its mean by the batch's total weight, not
+        # by n: its scale is unknown here, so those losses always recompute.
+        self.loss_reduction = "weighted" if getattr(loss_fn, "weight", None) is not None and hasattr(
+            loss_fn, "ignore_index") else loss_reduction
         self.trainer = PCMUTrainer(model, None, data, batch_size=batch_size, seed=seed, lr=_lr_from_optimizer,
                                    **pcmu_options)
         self.capture = BackwardCapture(model, self.trainer.names) if self.trainer.framework == "G" else None
