@@ -229,3 +229,39 @@ def test_request_retrain(benchmark, record, data):
     benchmark.pedantic(lambda: _digits_example_trainer(data, torch.tensor([3])).train(epochs=epochs), rounds=3,
                        iterations=1, warmup_rounds=1)
     record("request/retrain", benchmark, elements=1)
+
+
+@pytest.mark.parametrize("route", ["backward", "recomputed"])
+def test_user_loop_step(benchmark, record, compare, data, route):
+    """One step of the user's own loop with make_unlearnable(method="pcmu") (zero_grad, forward,
+    mean loss, backward, PCMUOptimizer.step) on the benchmark MLP, b = 256: per-sample sums taken
+    from the user's backward pass vs recomputed from the batch (the route for loops it cannot use).
+    The data are cut to whole batches of 256, so every step can take the backward route."""
+    from unlearn_ext import TrainingData, UnlearningEngine
+    x, y = data
+    n = (x.shape[0] // B) * B
+    model = _mlp()
+    rounds, warmup = 15, 2
+    steps_per_epoch = n // B
+    epochs = -(-(rounds + warmup) // steps_per_epoch)
+    model, opt, loader = UnlearningEngine().make_unlearnable(
+        model, torch.optim.SGD(model.parameters(), lr=0.01), TrainingData(x[:n], y[:n]), batch_size=B,
+        method="pcmu", epochs=epochs, loss_fn=torch.nn.CrossEntropyLoss(), clip_norm=C, tau=TAU, sigma=SIGMA,
+        max_request=2)
+    if route == "recomputed":
+        opt.capture.close()  # no hooks: every step recomputes
+    batches = (batch for _ in range(epochs) for batch in loader)
+
+    def step():
+        bx, by = next(batches)
+        opt.zero_grad()
+        LOSS(model(bx), by).backward()
+        opt.step()
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    assert opt.sources[route] == rounds + warmup
+    record(f"pcmu_user_loop/{route}", benchmark, elements=_elements(_trainer(data)))
+    if route == "recomputed":
+        compare("pcmu_user_loop/backward vs pcmu_user_loop/recomputed (rate)", "pcmu_user_loop/backward",
+                "pcmu_user_loop/recomputed")
+        compare("pcmu_user_loop/backward vs pcmu_step/plain_sgd (rate)", "pcmu_user_loop/backward",
+                "pcmu_step/plain_sgd")

@@ -17,9 +17,10 @@ What wrapping does:
     RNG state) is captured now: retraining, fine-tuning and repairs train with it;
   * per method, what it records during training: Mini-Unlearning its anchors and DeltaGrad every
     step, through optimizer step hooks (the batch ids come from the schedule, every param group's
-    lr from the optimizer, the momentum settings from the optimizer's groups); Top-K, Random-k,
-    fine-tuning and retraining record nothing. The history methods need torch.optim.SGD, plain or
-    with heavy-ball / Nesterov momentum (dampening 0).
+    lr from the optimizer, the momentum settings from the optimizer's groups); PCMU replaces the
+    optimizer's step by its own (the returned optimizer is a PCMUOptimizer over the user's SGD,
+    pcmu/optimizer.py); Top-K, Random-k, fine-tuning and retraining record nothing. The history
+    methods need torch.optim.SGD, plain or with heavy-ball / Nesterov momentum (dampening 0).
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
 """
@@ -37,13 +38,14 @@ from .loading import SeededDataset
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.vectors import FlatModel
 from .per_sample import trainable
+from .pcmu.optimizer import PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import (UnsupportedModelError, eval_mode, loss_reduction, per_sample_loss_of,
                      refuse_training_batch_norm)
 from .recipe import OptimizerRecipe, loader_options
 from .unlearner import Unlearner
 
-METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad")
+METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad", "pcmu")
 HISTORY_METHODS = ("mini", "deltagrad")
 
 
@@ -70,13 +72,13 @@ class UnlearningEngine:
             (seed, epoch, id) and retraining sees the same augmentations.
         history: a HistoryStore for the history methods (default: in memory; mini_store / step_store
             make one on disk). anchors: Mini-Unlearning's anchor count.
-        method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K).
+        method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
+            trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
         """
         if self.run is not None:
             raise RuntimeError("this engine already wraps a training run; make one engine per run")
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (PCMU trains with its own "
-                             "quantized step: use PCMUTrainer)")
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         data, batch_size, options = _training_data(data, batch_size, ids, augmentation_seed)
         loss_fn = torch.nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         reduction = "mean"
@@ -86,16 +88,25 @@ class UnlearningEngine:
         data.loss = per_sample_loss_of(loss_fn)
         if method in HISTORY_METHODS:
             _check_history_method(method, model, optimizer, reduction)
+        if method == "pcmu":
+            check_pcmu_wrap(model, optimizer)
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step)
         recipe.loader_options = options
         schedule = BatchSchedule(data.ids, batch_size, seed)
         loader = DataLoader(data.items, batch_sampler=data.sampler(schedule), **options)
+        pcmu = None
+        if method == "pcmu":  # before the run is set: its options may still be refused
+            pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed,
+                                 steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
+                                 **method_options)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
             self.run.recorder = _StepHistory(self.run, history)
+        elif method == "pcmu":
+            self.run.recorder = optimizer = pcmu
         return model, optimizer, loader
 
     @property
@@ -151,6 +162,8 @@ class _Run:
         if m in ("topk", "randomk"):
             cls = TopKUnlearner if m == "topk" else RandomKUnlearner
             return cls(self.model, self.data, self.recipe, **{"initial": self.initial, **o})
+        if m == "pcmu":  # its options went to its trainer when wrapping
+            return self.recorder.unlearner()
         return self.recorder.unlearner(**o)
 
 

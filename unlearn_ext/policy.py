@@ -4,8 +4,8 @@
     others, so per-sample quantities (PCMU's clipped sums) and replays of single samples' gradients
     (Mini-Unlearning, DeltaGrad) are undefined. Methods that need them refuse such a model when it
     is wrapped, naming the layers and the fix.
-  * Stochastic layers (dropout): curvature and gradient replays run with the model in eval mode,
-    and the report says so.
+  * Stochastic layers (dropout): curvature and gradient replays, and PCMU's per-sample clipped
+    sums, run with the model in eval mode, and the report says so (`eval_mode_note`).
   * The loss: the user's batch loss must be the mean (or the sum) of per-sample losses; which one is
     found on a probe batch when the model is wrapped, and the per-sample form is derived from it
     (reduction='none'). Anything else is refused: a loss that is neither is never summed silently.
@@ -26,6 +26,22 @@ class UnsupportedModelError(ValueError):
 
 def stochastic_layers(model: torch.nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, STOCHASTIC) and m.p > 0]
+
+
+def active_stochastic_layers(model: torch.nn.Module) -> list[str]:
+    """The stochastic layers that draw random numbers now (in training mode)."""
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, STOCHASTIC) and m.p > 0 and m.training]
+
+
+def eval_mode_note(model: torch.nn.Module, what: str) -> str | None:
+    """What a report says when `what` ran the model's stochastic layers in eval mode (None if it
+    has none)."""
+    names = stochastic_layers(model)
+    if not names:
+        return None
+    return (f"{what} ran with the stochastic layers ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) in "
+            "eval mode (off): a sample's gradient must not depend on random draws")
 
 
 def refuse_training_batch_norm(model, who: str, needs: str = "per-sample gradients") -> None:

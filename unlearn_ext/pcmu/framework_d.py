@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..per_sample import clipped_sum64
+from ..policy import eval_mode
 from .smoothing import VoteCounter
 
 
@@ -24,8 +25,7 @@ def noise_generator(seed: int, step: int, device) -> torch.Generator:
 
 def data_smoothed_quantize(trainer, params, ids: torch.Tensor, step: int, count_below: float):
     """(mean gradient over the noisy copies, QuantizeResult of the votes) for one step."""
-    rows = trainer.rows(ids)
-    x, y = trainer.x[rows], trainer.y[rows]
+    x, y = trainer.batch(ids)
     gen = noise_generator(trainer.seed, step, x.device)
     named = dict(zip(trainer.names, params))
     counter = VoteCounter([p.detach().float() for p in params], tau=trainer.tau, sigma_data=trainer.sigma_data,
@@ -34,7 +34,8 @@ def data_smoothed_quantize(trainer, params, ids: torch.Tensor, step: int, count_
     copies = trainer.n0 + trainer.n
     for _ in range(copies):
         noisy = x + trainer.sigma_data * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        sums = clipped_sum64(trainer.model, trainer.loss_fn, noisy, y, trainer.clip_norm, named, trainer.chunk)
+        with eval_mode(trainer.model):  # as framework G's sums (trainer.py)
+            sums = clipped_sum64(trainer.model, trainer.loss_fn, noisy, y, trainer.clip_norm, named, trainer.chunk)
         v = [(sums[k] / trainer.batch_size).to(torch.float32) for k in trainer.names]
         counter.add(v)
         for acc, g in zip(mean, v):

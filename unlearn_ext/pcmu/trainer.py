@@ -14,6 +14,12 @@ decide, without retraining, whether training without a set of ids would produce 
 every step — then the parameters are bit-identical — or names the first step where a code flips;
 `resume_without` retrains from that step, which reproduces retraining from scratch exactly.
 
+Data: a `TrainingData` in memory or over the user's map-style dataset; batches are loaded with
+`data.batch(ids)` (in memory: one index of the tensors, as fast as slicing them directly).
+Per-sample sums run with the model in eval mode (dropout off: a sample's gradient must be a function
+of the weights and the sample, or no check or retraining could reproduce it); BatchNorm in training
+mode is refused (policy.py).
+
 Framework D (data smoothing) is available as framework='D' (framework_d.py); its radii are in input
 space and do not bound sample removal, so every request on such a model goes to the fallback.
 """
@@ -29,6 +35,8 @@ from ..data import BatchSchedule, TrainingData, as_ids
 from ..rng import call_offset
 from ..unlearner import UnknownIdsError
 from ..per_sample import clipped_sum64, plan_for, trainable
+from ..policy import eval_mode, refuse_training_batch_norm
+from ..recipe import _to
 from .certificate import AprioriCertificate, RequestCheck
 from .margin import MAX_SUM_TERMS, rounding_margin as derived_margin
 from .records import FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
@@ -70,8 +78,9 @@ class PCMUTrainer:
             data = TrainingData(*data, ids=ids)
         elif ids is not None:
             raise ValueError("give ids through the TrainingData, not as a separate argument")
+        refuse_training_batch_norm(model, "PCMU", PER_SAMPLE_NEED)
         self.data = data
-        self.model, self.loss_fn, self.x, self.y = model, loss_fn or data.loss, data.inputs, data.targets
+        self.model, self.loss_fn = model, loss_fn or data.loss
         self.schedule = BatchSchedule(data.ids, batch_size, seed)
         self.batch_size, self.clip_norm = int(batch_size), float(clip_norm)
         self._lr = lr if callable(lr) else (lambda t, v=float(lr): v)
@@ -147,49 +156,67 @@ class PCMUTrainer:
                                              self.forgotten):
             yield scheduled.ids
 
-    def step(self, ids: torch.Tensor) -> PCMUStep:
-        """One PCMU step on the batch `ids` (the schedule's next batch); returns its record."""
+    def step(self, ids: torch.Tensor, *, step_size: float | None = None,
+             clipped_sums: dict | None = None) -> PCMUStep:
+        """One PCMU step on the batch `ids` (the schedule's next batch); returns its record.
+
+        step_size: this step's lr*scale (default: the trainer's lr at this step). clipped_sums: the
+        batch's float64 sums of clipped per-sample gradients at the current weights (name -> tensor),
+        when the caller already has them bit for bit as `clipped_sum64` computes them (PCMUOptimizer
+        takes them from the user's backward pass); default: computed here."""
         t = self.steps_done
         expected = self.schedule.step(t, self.forgotten).ids
         if not torch.equal(as_ids(ids), expected):
             raise ValueError(f"step {t} must use the scheduled batch (fixed per-epoch cuts minus forgotten ids, "
                              "docs/design.md §4); iterate trainer.batches() to get it")
-        record = self._compute_step(t, expected)
+        record = self._compute_step(t, expected, step_size, clipped_sums)
         self.records.append(record)
         return record
 
-    def _clipped_mean64(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
-        """sum over `ids` of clipped per-sample gradients at `params`, / nominal b, in float64."""
-        rows = self.rows(ids)
+    def batch(self, ids: torch.Tensor) -> tuple:
+        """(inputs, targets) of the samples `ids`, on the parameters' device."""
+        x, y = self.data.batch(ids)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        return _to(x, device), _to(y, device)
+
+    def _clipped_mean64(self, params: list[torch.Tensor], ids: torch.Tensor,
+                        sums: dict | None = None) -> list[torch.Tensor]:
+        """sum over `ids` of clipped per-sample gradients at `params`, / nominal b, in float64
+        (`sums`: that sum, already computed at `params`)."""
         named = dict(zip(self.names, params))
-        sums = clipped_sum64(self.model, self.loss_fn, self.x[rows], self.y[rows], self.clip_norm, named,
-                             self.chunk, out=self._sums)
+        if sums is None:
+            x, y = self.batch(ids)
+            refuse_training_batch_norm(self.model, "PCMU", PER_SAMPLE_NEED)  # also after a later model.train()
+            with eval_mode(self.model):
+                sums = clipped_sum64(self.model, self.loss_fn, x, y, self.clip_norm, named, self.chunk,
+                                     out=self._sums)
         terms = plan_for(self.model, named).longest_sum
         if terms > MAX_SUM_TERMS:
             raise ValueError(f"a float64 sum added {terms} terms, more than the {MAX_SUM_TERMS} the rounding margin "
                              "assumes (pcmu/margin.py): use a smaller chunk or batch")
         return [sums[k] / self.batch_size for k in self.names]
 
-    def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
-        return [g.to(torch.float32) for g in self._clipped_mean64(params, ids)]
+    def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor, sums: dict | None = None):
+        return [g.to(torch.float32) for g in self._clipped_mean64(params, ids, sums)]
 
-    def _quantize(self, t: int, params, ids, count_below: float):
+    def _quantize(self, t: int, params, ids, count_below: float, sums: dict | None = None):
         if self.framework == "D":
             from .framework_d import data_smoothed_quantize
             return data_smoothed_quantize(self, params, ids, t, count_below)
-        v = self._gradient_mean(params, ids)
+        v = self._gradient_mean(params, ids, sums)
         return v, smooth_quantize(v, tau=self.tau, sigma=self.sigma, mode=self.mode, n0=self.n0, n=self.n,
                                   alpha=self.alpha, seed=self.seed, offset=self.offset_of(t),
                                   count_below=count_below)
 
-    def _compute_step(self, t: int, ids: torch.Tensor) -> PCMUStep:
-        step_size = float(self._lr(t))
+    def _compute_step(self, t: int, ids: torch.Tensor, step_size: float | None = None,
+                      sums: dict | None = None) -> PCMUStep:
+        step_size = float(self._lr(t) if step_size is None else step_size)
         nothing = FragileSet.empty(self.coordinates, self.fragile_threshold)
         if ids.numel() == 0:  # an emptied batch makes no update (and consumes no data)
             return PCMUStep(t, ids, step_size, self.offset_of(t), False, float("inf"), nothing,
                             torch.empty(0, dtype=torch.uint8))
         with torch.no_grad():
-            v, result = self._quantize(t, self.params, ids, self.fragile_threshold)
+            v, result = self._quantize(t, self.params, ids, self.fragile_threshold, sums)
             apply_codes_(self.params, result.codes, step_size)
             if self.framework == "G":  # analytic radii are | |v| - beta |: recomputed, not stored
                 fragile = FragileSet.record(v, result.radii, self.fragile_threshold, layout=self.fragile_layout,
@@ -355,7 +382,9 @@ class PCMUTrainer:
 
     def resume_without(self, removed, t0: int) -> None:
         """Retrains steps t0.. without `removed` from the replayed w_t0 (exactly what retraining from
-        scratch without them gives when steps < t0 are certified), replacing their records."""
+        scratch without them gives when steps < t0 are certified), replacing their records. Each
+        step keeps its recorded step size (the lr schedule does not depend on the data; a run whose
+        lr came from the user's optimizer has no other record of it)."""
         removed = as_ids(removed, "removed").unique()
         end = self.steps_done
         w = self.replay(t0)
@@ -363,9 +392,10 @@ class PCMUTrainer:
             for p, src in zip(self.params, w):
                 p.copy_(src)
         self.forgotten = torch.cat([self.forgotten, removed]).unique()
+        step_sizes = [r.step_size for r in self.records[t0:end]]
         del self.records[t0:]
-        for scheduled in self.schedule.steps(t0, end, self.forgotten):
-            self.records.append(self._compute_step(scheduled.step, scheduled.ids))
+        for scheduled, step_size in zip(self.schedule.steps(t0, end, self.forgotten), step_sizes):
+            self.records.append(self._compute_step(scheduled.step, scheduled.ids, step_size))
 
     # ---- persistence ----------------------------------------------------------------------------
 
@@ -399,6 +429,10 @@ class PCMUTrainer:
                 p.copy_(src)
         self.forgotten = state["forgotten"].clone()
         self.records = [PCMUStep.from_state(s, self.coordinates, self.fragile_threshold) for s in state["records"]]
+
+
+# What PCMU's refusal of BatchNorm in training mode says it needs.
+PER_SAMPLE_NEED = "per-sample clipped gradients"
 
 
 def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_size: float) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..model_state import load_model_state_, model_state
+from ..policy import eval_mode_note
 from ..unlearner import Unlearner, UnlearnReport
 from .trainer import PCMUTrainer
 
@@ -39,6 +40,9 @@ class PCMUUnlearner(Unlearner):
         check = trainer.check_request(new)  # the ids forgotten so far are included by the check
         report.details = {"check": check.to_dict(), "first_divergent_step": check.first_divergent_step,
                           "steps_retrained": 0}
+        note = eval_mode_note(self.model, "PCMU's per-sample clipped gradients (training, checks, resume)")
+        if note:
+            report.details["stochastic_layers"] = note
         report.sample_gradients = check.sample_gradients
         report.retrain_sample_gradients = trainer.training_cost(union)
         if check.certified:

@@ -152,8 +152,14 @@ class ClippedSums:
             grads = torch.autograd.grad(losses.sum(), [c.output for c in recorded], allow_unused=True)
         for c, g in zip(recorded, grads):
             c.grad_output = torch.zeros_like(c.output) if g is None else g
+        self.reduce(calls, x.shape[0], clip_norm, values, sums)
+
+    def reduce(self, calls: dict, n: int, clip_norm: float, values: dict, sums: dict) -> None:
+        """Steps 3-4 from recorded calls (form id -> its module's calls, each with the output
+        gradient of sum_i l_i over the n samples): sums[name] += the clipped sum."""
         used = [f for f in self.forms if calls[id(f)]]
-        norms2 = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        device = next(iter(sums.values())).device if sums else torch.device("cpu")
+        norms2 = torch.zeros(n, dtype=torch.float64, device=device)
         for f in used:
             if isinstance(f, FallbackForm):
                 f.values = values
