@@ -117,7 +117,8 @@ class _ArraysOnly(pickle.Unpickler):
     function; CIFAR's batches need none but numpy's array reconstruction)."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at pickle protocol 2 (a str -> bytes call)
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
