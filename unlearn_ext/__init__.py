@@ -2,6 +2,9 @@
 
 Layout (README "Where things are"): shared pieces at the top — `ops` (raw op wrappers, fakes,
 backend choice), `rng` (the RNG contract), `data` (TrainingData, BatchSchedule, retrain),
+`loading` (the user's Dataset, the schedule's batch sampler, seeded augmentation), `recipe` (the
+user's optimizer, schedule and loss, which retraining repeats), `engine` (wrapping the user's model,
+optimizer and data), `policy` (layers and losses every method accepts),
 `unlearner` (the Unlearner interface and its report), `ledger` (deletion ledger for any
 Unlearner), `durable` (crash-safe writes); one subpackage per method family (`pcmu`, `history`, `mini`);
 `reference` is the pure-PyTorch truth of every op.
@@ -26,7 +29,13 @@ from .pcmu import (
     vote_finalize,
 )
 from .data import BatchSchedule, SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
-from .baselines import RetrainUnlearner
+from .baselines import FinetuneUnlearner, RetrainUnlearner
+from .engine import UnlearningEngine
+from .loading import SeededDataset
+from .metrics import accuracy, distance_ratio
+from .mia import loss_auc
+from .policy import UnsupportedModelError
+from .recipe import OptimizerRecipe
 from .ledger import DeletionLedger, LedgerInUseError
 from .unlearner import Unlearner, UnknownIdsError, UnlearnReport
 from .history import (
@@ -68,7 +77,12 @@ __all__ = [
     "smooth_quantize", "smooth_quantize_step_", "vote_accumulate_", "vote_finalize",
     # shared: training data, retraining, the Unlearner interface, the ledger
     "TrainingData", "BatchSchedule", "SGDConfig", "train_sgd", "retrain", "retrain_cost",
-    "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "DeletionLedger", "LedgerInUseError",
+    "Unlearner", "UnlearnReport", "UnknownIdsError", "RetrainUnlearner", "FinetuneUnlearner", "DeletionLedger",
+    "LedgerInUseError",
+    # the user's own loop: wrap model, optimizer and data; the recipe retraining repeats
+    "UnlearningEngine", "OptimizerRecipe", "SeededDataset", "UnsupportedModelError",
+    # judging a result
+    "accuracy", "distance_ratio", "loss_auc",
     # history store
     "FieldSpec", "HistoryStore", "StoredStep", "HistoryRecorder", "estimate_bytes",
     "HistoryCorruptError", "HistoryFormatError", "HistoryLockedError", "HistoryConflictError",

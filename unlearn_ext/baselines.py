@@ -1,33 +1,33 @@
 """Retraining from scratch as an `Unlearner`: the exact but expensive answer every method is judged
-against (DESIGN section 1), usable through the same ledger and harness as the methods."""
+against (DESIGN section 1), usable through the same ledger and harness as the methods; and
+fine-tuning on the retained data, the control. Both train with the run's recipe: `SGDConfig` (the
+library's plain SGD) or the user's `OptimizerRecipe` (their optimizer, schedule and loss)."""
 from __future__ import annotations
 
 import copy
 
 import torch
 
-from .data import SGDConfig, TrainingData, retrain, retrain_cost, train_sgd
+from .data import TrainingData, retrain, retrain_cost
 from .per_sample import trainable
 from .unlearner import Unlearner, UnlearnReport
 
 
 class RetrainUnlearner(Unlearner):
-    """Forgets by retraining `initial` with plain SGD (`config`) without every id forgotten so far,
-    then loads the result into `model` (the model users hold keeps its identity)."""
+    """Forgets by retraining `initial` with the run's recipe (`config`) without every id forgotten so
+    far, then loads the result -- parameters and buffers (e.g. BatchNorm's running statistics) --
+    into `model` (the model users hold keeps its identity)."""
 
     method = "retrain"
 
-    def __init__(self, model: torch.nn.Module, initial: torch.nn.Module, data: TrainingData,
-                 config: SGDConfig):
+    def __init__(self, model: torch.nn.Module, initial: torch.nn.Module, data: TrainingData, config):
         super().__init__(data)
         self.model, self.initial, self.config = model, copy.deepcopy(initial), config
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
         retrained = retrain(self.initial, self.data, self.config, union)
-        with torch.no_grad():
-            for p, q in zip(trainable(self.model).values(), trainable(retrained).values()):
-                p.copy_(q)
+        self.model.load_state_dict(retrained.state_dict())  # copies in place: parameters and buffers
         self._set_forgotten(union)
         cost = retrain_cost(self.data, self.config, union)
         report.status, report.how, report.weights_changed = "retrained", "from scratch", True
@@ -36,18 +36,19 @@ class RetrainUnlearner(Unlearner):
 
     def fingerprint(self) -> dict:
         shapes = {k: list(v.shape) for k, v in trainable(self.model).items()}
-        c = self.config
-        return {"shapes": shapes, "epochs": c.epochs, "batch_size": c.batch_size, "seed": c.seed,
-                "weight_decay": c.weight_decay, **self.data.fingerprint()}
+        return {"shapes": shapes, **self.config.fingerprint(), **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
         return {"params": {k: v.detach().clone() for k, v in trainable(self.model).items()},
+                "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
                 "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for k, p in trainable(self.model).items():
                 p.copy_(state["params"][k])
+            for k, b in self.model.named_buffers():
+                b.copy_(state["buffers"][k])
         self._set_forgotten(state["forgotten"])
 
 
@@ -58,7 +59,7 @@ class FinetuneUnlearner(Unlearner):
 
     method = "finetune"
 
-    def __init__(self, model: torch.nn.Module, data: TrainingData, config: SGDConfig, *,
+    def __init__(self, model: torch.nn.Module, data: TrainingData, config, *,
                  epochs: int = 1, lr_factor: float = 0.4):
         super().__init__(data)
         if epochs < 1 or not lr_factor > 0:
@@ -67,20 +68,18 @@ class FinetuneUnlearner(Unlearner):
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()
-        peak = max(self.config.lr_at(t) for t in range(self.config.steps(len(self.data))))
-        tune = SGDConfig(epochs=self.epochs, batch_size=self.config.batch_size, lr=self.lr_factor * peak,
-                         weight_decay=self.config.weight_decay, seed=self.config.seed + 7919 * (1 + len(union)))
-        train_sgd(self.model, self.data, tune, exclude=union)
+        tune = self.config.tuned(self.lr_factor, self.epochs, self.config.seed + 7919 * (1 + len(union)), len(self.data))
+        tune.train(self.model, self.data, exclude=union)
         self._set_forgotten(union)
         report.status, report.how, report.weights_changed = "unlearned", f"{self.epochs} epoch(s) on R", True
         report.sample_gradients = retrain_cost(self.data, tune, union)
         report.retrain_sample_gradients = retrain_cost(self.data, self.config, union)
-        report.reason = (f"fine-tuned on the retained data for {self.epochs} epoch(s) at {self.lr_factor:g}x the "
-                         "peak training learning rate (a control: no targeted forgetting)")
+        report.reason = (f"fine-tuned on the retained data for {self.epochs} epoch(s) with the training recipe's "
+                         f"optimizer at {self.lr_factor:g}x its peak learning rate (a control: no targeted forgetting)")
 
     def fingerprint(self) -> dict:
-        return {"shapes": {k: list(v.shape) for k, v in trainable(self.model).items()}, "epochs": self.epochs,
-                "lr_factor": self.lr_factor, "batch_size": self.config.batch_size, "seed": self.config.seed,
+        return {"shapes": {k: list(v.shape) for k, v in trainable(self.model).items()},
+                "recipe": self.config.fingerprint(), "epochs": self.epochs, "lr_factor": self.lr_factor,
                 **self.data.fingerprint()}
 
     state_dict = RetrainUnlearner.state_dict

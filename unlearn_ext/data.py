@@ -18,6 +18,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
+
+from .loading import ScheduleSampler, TensorItems, check_map_style, collate_pairs
 
 
 @dataclass(frozen=True)
@@ -106,30 +109,55 @@ def tensors_sha256(tensors) -> str:
 
 
 class TrainingData:
-    """A training set with stable ids: row r of `inputs`/`targets` is sample `ids[r]`.
+    """A training set with stable ids: item r is sample `ids[r]`.
+
+    Two forms, the same interface:
+      * in memory (the fast path): `TrainingData(inputs, targets)`, row r of the tensors is item r;
+      * the user's map-style dataset: `TrainingData(dataset)`, items (input, target) pairs loaded in
+        batches (`collate`, default torch's default_collate), never all at once.
 
     loss(outputs, targets) must return one loss per row (shape [b]); batch losses are the mean (or
-    sum) of those, so every method uses the same per-sample loss. Ids default to 0..n-1 and must be
-    unique integers; they are what deletion requests name.
+    sum) of those, so every method uses the same per-sample loss. Ids default to 0..n-1 (the item's
+    index) or are given (e.g. database keys) and must be unique integers; they are what deletion
+    requests name.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, ids=None,
-                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_sample_cross_entropy):
-        if inputs.shape[0] != targets.shape[0]:
-            raise ValueError(f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}")
-        self.inputs, self.targets, self.loss = inputs, targets, loss
-        self.ids = torch.arange(inputs.shape[0]) if ids is None else as_ids(ids)
-        if self.ids.numel() != inputs.shape[0]:
-            raise ValueError(f"ids has {self.ids.numel()} entries for {inputs.shape[0]} samples")
+    def __init__(self, inputs, targets: torch.Tensor | None = None, ids=None,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_sample_cross_entropy,
+                 collate: Callable = default_collate):
+        if targets is None:
+            if isinstance(inputs, torch.Tensor):
+                raise TypeError("in-memory data needs both inputs and targets: TrainingData(inputs, targets)")
+            check_map_style(inputs)
+            self.inputs = self.targets = None
+            self.items, n = inputs, len(inputs)
+        else:
+            if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+                raise TypeError("TrainingData(inputs, targets) takes two tensors; a dataset is passed alone: "
+                                "TrainingData(dataset)")
+            if inputs.shape[0] != targets.shape[0]:
+                raise ValueError(f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}")
+            self.inputs, self.targets = inputs, targets
+            self.items, n = TensorItems(inputs, targets), int(inputs.shape[0])
+        if n == 0:
+            raise ValueError("the training set is empty")
+        self.loss, self.collate = loss, collate
+        self.ids = torch.arange(n) if ids is None else as_ids(ids)
+        if self.ids.numel() != n:
+            raise ValueError(f"ids has {self.ids.numel()} entries for {n} samples")
         if torch.unique(self.ids).numel() != self.ids.numel():
             raise ValueError("sample ids must be unique")
         self._sorted_ids, self._rows = self.ids.sort()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.inputs is not None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Row numbers of known sample ids (check unknown_ids first)."""
+        """Row numbers (dataset indices) of known sample ids (check unknown_ids first)."""
         return self._rows[torch.searchsorted(self._sorted_ids, as_ids(ids))]
 
     def unknown_ids(self, ids) -> torch.Tensor:
@@ -138,24 +166,52 @@ class TrainingData:
         return ids[~torch.isin(ids, self.ids)]
 
     def batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the samples `ids`, in that order."""
         rows = self.rows(ids)
-        return self.inputs[rows], self.targets[rows]
+        if self.in_memory:
+            return self.inputs[rows], self.targets[rows]
+        return collate_pairs([self.items[r] for r in rows.tolist()], self.collate)
+
+    def chunks(self, ids=None, size: int = 1024):
+        """(ids, inputs, targets) of `ids` (default: every sample, in row order) in batches of at most
+        `size`: what passes over the whole set use, so memory stays bounded by one batch."""
+        ids = self.ids if ids is None else as_ids(ids)
+        for lo in range(0, ids.numel(), size):
+            part = ids[lo:lo + size]
+            yield (part, *self.batch(part))
 
     def without(self, ids) -> torch.Tensor:
         """The ids of every sample not in `ids`, in row order."""
         return self.ids[~torch.isin(self.ids, as_ids(ids))]
 
+    def sampler(self, schedule: BatchSchedule, exclude=None, first_epoch: int = 0) -> ScheduleSampler:
+        """A batch sampler for a DataLoader over `self.items` yielding `schedule`'s batches."""
+        excluded = None if exclude is None else as_ids(exclude)
+        return ScheduleSampler(schedule, self.rows, excluded, first_epoch)
+
     def digest(self) -> str:
-        """sha256 of the ids, inputs and targets (row by row, as stored): two sets with the same
-        shapes but other values or another row order differ. Computed once (hashing runs at
-        memory speed, ~0.5 s per GB)."""
+        """sha256 of the ids, inputs and targets (item by item, as stored): two sets with the same
+        shapes but other values or another order differ. Computed once (in memory ~0.5 s per GB; a
+        dataset is read once, in batches)."""
         if getattr(self, "_digest", None) is None:
-            self._digest = tensors_sha256((self.ids, self.inputs, self.targets))
+            if self.in_memory:
+                self._digest = tensors_sha256((self.ids, self.inputs, self.targets))
+            else:
+                h = hashlib.sha256(tensors_sha256([self.ids]).encode())
+                for _, x, y in self.chunks():
+                    h.update(tensors_sha256((x, y)).encode())
+                self._digest = h.hexdigest()
         return self._digest
+
+    def input_shape(self) -> list:
+        if self.in_memory:
+            return list(self.inputs.shape[1:])
+        x, _ = self.batch(self.ids[:1])
+        return list(x.shape[1:])
 
     def fingerprint(self) -> dict:
         """What identifies this set for saved state: size, feature shape and a content digest."""
-        return {"samples": len(self), "input_shape": list(self.inputs.shape[1:]), "data_sha256": self.digest()}
+        return {"samples": len(self), "input_shape": self.input_shape(), "data_sha256": self.digest()}
 
 
 # ---- plain SGD training and retraining ------------------------------------------------------------
@@ -174,6 +230,25 @@ class SGDConfig:
 
     def steps(self, n: int) -> int:
         return self.epochs * math.ceil(n / self.batch_size)
+
+    # ---- the recipe interface (recipe.py): every method trains, retrains and repairs through it --
+
+    def train(self, model: torch.nn.Module, data: "TrainingData", *, exclude=None,
+              on_step: Callable | None = None) -> torch.nn.Module:
+        return train_sgd(model, data, self, exclude=exclude, on_step=on_step)
+
+    def peak_lr(self, n: int) -> float:
+        return max(self.lr_at(t) for t in range(self.steps(n)))
+
+    def tuned(self, lr_factor: float, epochs: int, seed: int, n: int) -> "SGDConfig":
+        """The short run fine-tuning and repairs use: `epochs` passes at lr_factor x the schedule's
+        peak learning rate (constant), the same batch size and weight decay, another batch order."""
+        return SGDConfig(epochs=epochs, batch_size=self.batch_size, lr=lr_factor * self.peak_lr(n),
+                         weight_decay=self.weight_decay, seed=seed)
+
+    def fingerprint(self) -> dict:
+        return {"optimizer": "plain SGD", "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
+                "weight_decay": self.weight_decay}
 
 
 def sgd_step(model: torch.nn.Module, data: TrainingData, ids: torch.Tensor, lr: float,
@@ -209,10 +284,11 @@ def train_sgd(model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, 
     return model
 
 
-def retrain(initial: torch.nn.Module, data: TrainingData, config: SGDConfig, forgotten) -> torch.nn.Module:
-    """The gold standard: a copy of the initial model trained from scratch with the same seed and
-    batch order, the forgotten ids deleted inside their batches. `initial` is not changed."""
-    return train_sgd(copy.deepcopy(initial), data, config, exclude=forgotten)
+def retrain(initial: torch.nn.Module, data: TrainingData, recipe, forgotten) -> torch.nn.Module:
+    """The gold standard: a copy of the initial model trained from scratch with the same recipe
+    (SGDConfig or the user's OptimizerRecipe), seed and batch order, the forgotten ids deleted
+    inside their batches. `initial` is not changed."""
+    return recipe.train(copy.deepcopy(initial), data, exclude=forgotten)
 
 
 def retrain_cost(data: TrainingData, config: SGDConfig, forgotten) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import grad, jvp
 
 from .vectors import FlatModel
@@ -51,10 +52,28 @@ class HessianOperator:
         self.count = int(ids.numel())
         self.products = 0
         self._grad = grad(lambda p: flat.loss_sum(p, self.x, self.y) / self.count)
+        self._forward_mode = True  # forward-over-reverse while every kernel supports it
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1
-        hv = jvp(self._grad, (self.w,), (v.float(),))[1]
+        # Fused attention kernels (flash, memory-efficient) have neither forward-mode nor double
+        # derivatives; the math kernel computes the same attention and has both.
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self._product(v)
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        if self._forward_mode:
+            try:
+                hv = jvp(self._grad, (self.w,), (v.float(),))[1]
+                return hv.double() + self.wd * v.double()
+            except (RuntimeError, NotImplementedError):
+                # An operation without a forward-mode derivative (or one torch.func cannot
+                # transform, e.g. an old-style autograd.Function): from here on, reverse-over-reverse
+                # (double backward) gives the same product; a genuine error raises there again.
+                self._forward_mode = False
+        leaf = self.w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self.flat.loss_sum(leaf, self.x, self.y) / self.count, leaf, create_graph=True)
+        (hv,) = torch.autograd.grad(g @ v.float(), leaf)
         return hv.double() + self.wd * v.double()
 
     @property

@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from ..data import TrainingData
 from ..per_sample import trainable
+from ..policy import eval_mode
 
 # Rows per forward/backward pass when a gradient covers many samples (bounds activation memory).
 CHUNK = 4096
@@ -56,7 +57,9 @@ class FlatModel:
     def loss_sum(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Sum of per-sample losses of rows (x, y) at flat weights w (differentiable in w)."""
         params = dict(zip(self.names, self.split(w.to(self._dtype()))))
-        return self.data.loss(functional_call(self.model, (params, self.buffers), (x,)), y).sum()
+        # Replays run in eval mode (policy.py): dropout off, and no BatchNorm statistics updated.
+        with eval_mode(self.model):
+            return self.data.loss(functional_call(self.model, (params, self.buffers), (x,)), y).sum()
 
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay. Costs |ids|

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .. import selection as sel_api
-from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256, train_sgd
+from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256
 from ..metrics import outputs
 from ..per_sample import trainable
 from ..unlearner import Unlearner, UnlearnReport
@@ -34,7 +34,7 @@ class PerturbUnlearner(Unlearner):
 
     method = "perturb"
 
-    def __init__(self, model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, k=0.05,
+    def __init__(self, model: torch.nn.Module, data: TrainingData, config, *, k=0.05,
                  perturbation: str = "reset", score: str = "grad_abs", beta: float = 0.1, sigma: float = 0.01,
                  initial: torch.nn.Module | None = None, repair_epochs: int = 3, repair_lr_factor: float = 0.4,
                  repair: str = "all", per_tensor: bool = False, holdout: tuple | None = None,
@@ -55,6 +55,9 @@ class PerturbUnlearner(Unlearner):
                              f"finite number >= 0, got {ratio_floor!r}")
         if repair_epochs < 0 or not repair_lr_factor > 0:
             raise ValueError("repair_epochs must be >= 0 and repair_lr_factor > 0")
+        if repair != "all" and repair_epochs > 0 and not isinstance(config, SGDConfig):
+            raise ValueError(f"repair={repair!r} runs its own plain-SGD steps (masked gradients or a distillation "
+                             "loss); with your optimizer's recipe use repair='all'")
         if perturbation == "ascent" and holdout is None:
             raise ValueError("normalized ascent stops at the held-out non-members' loss: give holdout=(x, y)")
         if isinstance(k, float) and not 0.0 <= k <= 1.0:
@@ -150,20 +153,22 @@ class PerturbUnlearner(Unlearner):
         return count, steps, loss, target
 
     def _repair_lr(self) -> float:
-        """repair_lr_factor x the training schedule's peak learning rate."""
-        return self.repair_lr_factor * max(self.config.lr_at(t) for t in range(self.config.steps(len(self.data))))
+        """repair_lr_factor x the training recipe's peak learning rate."""
+        return self.repair_lr_factor * self.config.peak_lr(len(self.data))
 
-    def _repair_config(self, union) -> SGDConfig:
-        return SGDConfig(epochs=self.repair_epochs, batch_size=self.config.batch_size,
-                         lr=self._repair_lr(), weight_decay=self.config.weight_decay,
-                         seed=self.config.seed + 104729 * (1 + len(union)))
+    def _repair_config(self, union):
+        """The repair's recipe: the training recipe's optimizer at repair_lr_factor x its peak lr."""
+        return self.config.tuned(self.repair_lr_factor, self.repair_epochs, self.config.seed + 104729 * (1 + len(union)),
+                                 len(self.data))
 
     def _distills(self) -> bool:
         return self.repair in ("distill", "masked-distill") and self.repair_epochs > 0
 
     def _teacher_outputs(self) -> torch.Tensor:
         """Logits of the current model on every training row (row order), computed once."""
-        return outputs(self.model, self.data.inputs)
+        if self.data.in_memory:
+            return outputs(self.model, self.data.inputs)
+        return torch.cat([outputs(self.model, x) for _, x, _ in self.data.chunks()])
 
     def _repair_loss(self, ids, teacher) -> torch.Tensor:
         x, y = self.data.batch(ids)
@@ -183,7 +188,7 @@ class PerturbUnlearner(Unlearner):
             return 0
         tune = self._repair_config(union)
         if self.repair == "all":
-            train_sgd(self.model, self.data, tune, exclude=union)
+            tune.train(self.model, self.data, exclude=union)
             return retrain_cost(self.data, tune, union)
         # masked and/or distilled: plain SGD over the same schedule; masked keeps only the selected
         # coordinates of every gradient.
@@ -216,8 +221,7 @@ class PerturbUnlearner(Unlearner):
                 "distill_alpha": self.distill_alpha, "per_tensor": self.per_tensor, "seed": self.seed,
                 "batch_size": self.config.batch_size, **self.data.fingerprint(),
                 # the repair's step: its learning rate (factor x the schedule's peak), decay and seed
-                "repair_lr": self._repair_lr(), "weight_decay": self.config.weight_decay,
-                "train_seed": self.config.seed,
+                "repair_lr": self._repair_lr(), "recipe": self.config.fingerprint(),
                 # only where they matter (ledgers saved before the fields above were added are refused,
                 # naming them: their repair settings were not recorded)
                 **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {}),

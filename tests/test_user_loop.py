@@ -1,0 +1,337 @@
+"""The user's data, model and loop: a map-style Dataset, their DataLoader, their optimizer and
+schedule, their loss with mean reduction, their loop -- wrapped by UnlearningEngine.
+
+What is checked against what:
+  * the library's retrain (no ids forgotten) against the user's own loop: bit for bit;
+  * RetrainUnlearner against the user's own loop over the schedule without F (an independent
+    loop the test writes, not the library's): bit for bit, buffers included;
+  * every other method against the library's retrain of the same recipe.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_ext as ue
+from unlearn_ext.data import BatchSchedule, retrain
+from user_models import (Augmented, LazyImages, LazyTokens, TinyTransformer, cnn, distance_ratio, same_state,
+                         user_loop)
+
+N, BATCH, EPOCHS = 96, 16, 3
+FORGET = list(range(0, N, 20))  # 5 of 96 ids: ~5%
+
+
+def recipes():
+    """(name, optimizer factory, scheduler factory, scheduler per step?)"""
+    return {
+        "sgd": (lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=1e-3), None, False),
+        "momentum+step": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                          lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.7), True),
+        "adam+cosine": (lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-4),
+                        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=EPOCHS), False),
+    }
+
+
+def wrap_and_train(method, make_model, recipe="sgd", dataset=None, loss_fn=None, workers=0, collate=None,
+                   augmentation_seed=None, **options):
+    torch.manual_seed(0)
+    model = make_model()
+    make_opt, make_sched, per_step = recipes()[recipe]
+    optimizer = make_opt(model.parameters())
+    scheduler = None if make_sched is None else make_sched(optimizer)
+    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+    dataset = LazyImages(N) if dataset is None else dataset
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
+                                         **({"collate_fn": collate} if collate else {}))
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, optimizer, loader, method=method, epochs=EPOCHS, loss_fn=loss_fn, scheduler=scheduler,
+        scheduler_step="step" if per_step else "epoch", augmentation_seed=augmentation_seed, **options)
+    user_loop(model, optimizer, loader, loss_fn, EPOCHS, scheduler, per_step)
+    return engine, model
+
+
+# ---- the recipe: retraining repeats the user's loop --------------------------------------------------
+
+@pytest.mark.parametrize("recipe", list(recipes()))
+@pytest.mark.parametrize("norm, dropout", [("group", 0.2), ("batch", 0.0)])
+def test_library_retrain_reproduces_the_users_loop_bit_for_bit(recipe, norm, dropout):
+    engine, model = wrap_and_train("retrain", lambda: cnn(norm, dropout), recipe)
+    again = retrain(engine.run.initial, engine.data, engine.recipe, [])
+    assert same_state(again, model)
+
+
+def test_workers_collate_and_seeded_augmentation_are_reproduced():
+    """Two worker processes, the user's collate_fn and random augmentation from the global RNG:
+    seeded per (seed, epoch, id), retraining sees the same augmented items."""
+    def collate(items):
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    engine, model = wrap_and_train("retrain", lambda: cnn("group", 0.1), "adam+cosine", dataset=Augmented(LazyImages(N)),
+                                   workers=2, collate=collate, augmentation_seed=5)
+    assert engine.recipe.loader_options["num_workers"] == 2
+    assert same_state(retrain(engine.run.initial, engine.data, engine.recipe, []), model)
+
+
+class Logged(torch.utils.data.Dataset):
+    """Records every item it hands out, with the epoch the loader asked for."""
+
+    def __init__(self, base):
+        self.base, self.log = base, {}
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        x, y = self.base[index]
+        self.log[(getattr(index, "epoch", None), int(index))] = x
+        return x, y
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_retraining_sees_the_same_augmentation_of_every_retained_item_only_when_seeded(seeded):
+    """Without F, every retained item must get the augmentation it got in training. Seeded per
+    (seed, epoch, id) it does; an unseeded transform (global RNG) shifts once F's draws are gone
+    -- the documented loss of exactness."""
+    base = Augmented(LazyImages(N))
+    items = ue.SeededDataset(base, seed=3) if seeded else base
+    logged = Logged(items)
+    engine, _ = wrap_and_train("retrain", lambda: cnn("group"), "sgd", dataset=logged)
+    trained = {k: v for k, v in logged.log.items() if k[0] is not None}  # not the loss probe's items
+    logged.log = {}
+    retrain(engine.run.initial, engine.data, engine.recipe, FORGET)
+    retained = {k: v for k, v in trained.items() if k[1] not in FORGET}
+    assert retained.keys() == logged.log.keys()
+    same = all(torch.equal(retained[k], logged.log[k]) for k in retained)
+    assert same == seeded
+
+
+@pytest.mark.parametrize("recipe", ["sgd", "adam+cosine"])
+def test_retrain_unlearner_equals_the_users_loop_without_the_ids(recipe):
+    """The gold standard against a loop the test writes: the user's loop over the schedule's
+    batches with F removed, from the same initial weights and RNG state. BatchNorm's running
+    statistics included (buffers are part of the model)."""
+    engine, model = wrap_and_train("retrain", lambda: cnn("batch"), recipe)
+    report = engine.unlearner().unlearn(FORGET)
+    assert report.status == "retrained"
+
+    torch.manual_seed(0)
+    mine = cnn("batch")
+    make_opt, make_sched, per_step = recipes()[recipe]
+    optimizer = make_opt(mine.parameters())
+    scheduler = None if make_sched is None else make_sched(optimizer)
+    torch.set_rng_state(engine.recipe.rng_state)
+    schedule = BatchSchedule(engine.data.ids, BATCH, 0)
+    loader = torch.utils.data.DataLoader(engine.data.items,
+                                         batch_sampler=engine.data.sampler(schedule, torch.tensor(FORGET)))
+    user_loop(mine, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS, scheduler, per_step)
+    assert same_state(model, mine)
+
+
+def test_the_recipe_is_refused_after_the_optimizer_has_stepped():
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    nn.CrossEntropyLoss()(model(torch.randn(2, 1, 8, 8)), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="already taken steps"):
+        ue.UnlearningEngine().make_unlearnable(model, optimizer, LazyImages(N), method="retrain", epochs=1,
+                                               batch_size=8)
+
+
+def test_plateau_schedules_and_streams_are_refused_with_a_sentence():
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    with pytest.raises(ValueError, match="validation metric"):
+        ue.UnlearningEngine().make_unlearnable(model, optimizer, LazyImages(N), method="retrain", epochs=1,
+                                               batch_size=8, scheduler=plateau)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(1, 8, 8), 0
+    with pytest.raises(TypeError, match="map-style"):
+        ue.UnlearningEngine().make_unlearnable(model, optimizer, torch.utils.data.DataLoader(Stream(), batch_size=2),
+                                               method="retrain", epochs=1)
+    with pytest.raises(TypeError, match="pair"):
+        ue.TrainingData(TensorsAsDicts()).batch(torch.tensor([0]))
+
+
+class TensorsAsDicts(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"x": torch.zeros(2), "y": 0}
+
+
+# ---- every method from the user's loop, against the library's retrain of the same recipe ------------
+
+@pytest.mark.parametrize("method, recipe", [("mini", "sgd"), ("deltagrad", "sgd"), ("topk", "adam+cosine"),
+                                            ("randomk", "adam+cosine"), ("finetune", "adam+cosine"),
+                                            ("retrain", "adam+cosine"), ("topk", "momentum+step")])
+def test_each_method_forgets_5_percent_from_the_users_loop(method, recipe):
+    engine, model = wrap_and_train(method, lambda: cnn("group"), recipe)
+    original = copy.deepcopy(model)
+    report = engine.unlearner().unlearn(FORGET)
+    retrained = retrain(engine.run.initial, engine.data, engine.recipe, FORGET)
+    assert report.ids == FORGET and report.weights_changed
+    ratio = distance_ratio(model, original, retrained)
+    if method == "retrain":
+        assert same_state(model, retrained)
+    elif method in ("mini", "deltagrad"):
+        assert report.status == "unlearned", report.reason
+        assert ratio < 1.0, f"{method}: d/d0 = {ratio}"  # closer to retraining than doing nothing
+    else:  # approximate methods with the user's optimizer in the repair / fine-tuning
+        assert report.status == "unlearned"
+        assert torch.isfinite(torch.cat([p.reshape(-1) for p in model.parameters()])).all()
+        x, y = engine.data.batch(engine.data.without(FORGET))
+        with torch.no_grad():
+            mine = (model(x).argmax(1) == y).float().mean()
+            gold = (retrained(x).argmax(1) == y).float().mean()
+        assert abs(float(mine - gold)) < 0.3, (method, float(mine), float(gold))
+
+
+def test_repairs_use_the_users_optimizer():
+    """Fine-tuning with an Adam recipe runs Adam: equal to Adam steps over the schedule that the
+    test writes itself (lr scaled, no scheduler), not to plain SGD."""
+    engine, model = wrap_and_train("finetune", lambda: cnn("group"), "adam+cosine")
+    before = copy.deepcopy(model)
+    engine.unlearner().unlearn(FORGET)
+    mine = copy.deepcopy(before)
+    optimizer = torch.optim.Adam(mine.parameters(), lr=0.4 * 1e-2, weight_decay=1e-4)
+    schedule = BatchSchedule(engine.data.ids, BATCH, 0 + 7919 * (1 + len(FORGET)))
+    loader = torch.utils.data.DataLoader(engine.data.items,
+                                         batch_sampler=engine.data.sampler(schedule, torch.tensor(FORGET)))
+    state = torch.get_rng_state()
+    user_loop(mine, optimizer, loader, nn.CrossEntropyLoss(), 1)
+    torch.set_rng_state(state)
+    assert same_state(model, mine)
+
+
+# ---- the loss: mean reduction converted, anything else refused -----------------------------------------
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_mean_reduced_loss_gives_the_same_answer_as_a_per_sample_loss(method):
+    """nn.CrossEntropyLoss() (mean) and a per-sample function with the mean taken in the loop give
+    the same unlearned weights; both closer to retraining than doing nothing."""
+    answers = []
+    for loss_fn in (nn.CrossEntropyLoss(), lambda out, y, reduction="mean": nn.functional.cross_entropy(
+            out, y, reduction=reduction)):
+        engine, model = wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=loss_fn)
+        original = copy.deepcopy(model)
+        engine.unlearner().unlearn(FORGET)
+        retrained = retrain(engine.run.initial, engine.data, engine.recipe, FORGET)
+        assert distance_ratio(model, original, retrained) < 1.0
+        answers.append(model)
+    assert same_state(*answers)
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_history_methods_refuse_a_summed_loss(method):
+    with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):
+        wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+
+
+@pytest.mark.parametrize("method", ["retrain", "mini", "topk"])
+def test_a_loss_that_is_not_a_mean_of_per_sample_losses_is_refused(method):
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0]))  # weighted mean: not a plain mean
+    with pytest.raises(ue.UnsupportedModelError, match="neither the mean nor the sum"):
+        wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=weighted)
+
+
+# ---- one policy for layers: method x {BatchNorm, dropout + attention} ----------------------------------
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_batchnorm_in_training_mode_is_refused_when_wrapping_naming_layer_and_fix(method):
+    with pytest.raises(ue.UnsupportedModelError) as info:
+        wrap_and_train(method, lambda: cnn("batch"), "sgd")
+    message = str(info.value)
+    assert "BatchNorm" in message and "1" in message and "GroupNorm" in message and "eval mode" in message
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_history_methods_refuse_other_optimizers_when_wrapping(method):
+    with pytest.raises(ue.UnsupportedModelError, match="Adam"):
+        wrap_and_train(method, lambda: cnn("group"), "adam+cosine")
+
+
+@pytest.mark.parametrize("method", ["topk", "randomk", "finetune", "retrain"])
+def test_batchnorm_models_work_and_keep_buffers_consistent(method):
+    """Methods that do not replay single samples accept BatchNorm; the buffers they leave are those
+    their own training steps produced (a restart through the ledger restores them too)."""
+    engine, model = wrap_and_train(method, lambda: cnn("batch"), "momentum+step")
+    running = model[1].running_mean.clone()
+    report = engine.unlearner().unlearn(FORGET)
+    assert report.status in ("unlearned", "retrained")
+    assert not torch.equal(model[1].running_mean, running)  # its own repair / retraining updated them
+    state = engine.unlearner().state_dict()
+    assert any(torch.equal(v, model[1].running_mean) for v in _tensors(state)) or method in ("topk", "randomk")
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad", "topk", "retrain"])
+def test_transformer_with_dropout_and_attention(method):
+    """Attention has no forward-mode derivative on CPU: Mini's Hessian-vector products fall back to
+    reverse-over-reverse; replays run with dropout off."""
+    engine, model = wrap_and_train(method, lambda: TinyTransformer(), "sgd" if method in ("mini", "deltagrad") else
+                                   "adam+cosine", dataset=LazyTokens(N))
+    original = copy.deepcopy(model)
+    report = engine.unlearner().unlearn(FORGET)
+    retrained = retrain(engine.run.initial, engine.data, engine.recipe, FORGET)
+    assert report.status in ("unlearned", "retrained", "fallback"), report.reason
+    if method == "retrain":
+        assert same_state(model, retrained)
+    elif method in ("mini", "deltagrad") and report.status == "unlearned":
+        assert distance_ratio(model, original, retrained) < 1.0
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward only: forward-mode AD (and torch.func) cannot go through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+class _CubeNet(nn.Module):
+    def __init__(self, custom: bool):
+        super().__init__()
+        self.custom, self.linear = custom, nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return _Cube.apply(h) if self.custom else h ** 3
+
+
+def test_hessian_products_fall_back_to_reverse_over_reverse_where_forward_mode_is_missing():
+    """The same Hessian-vector product from a layer forward mode cannot differentiate (custom
+    Function, reverse-over-reverse) and from the plain layer (forward-over-reverse)."""
+    from unlearn_ext.mini.curvature import HessianOperator
+    from unlearn_ext.mini.vectors import FlatModel
+    torch.manual_seed(0)
+    data = ue.TrainingData(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    products = []
+    for custom in (False, True):
+        torch.manual_seed(1)
+        model = _CubeNet(custom)
+        flat = FlatModel(model, data)
+        op = HessianOperator(flat, flat.flat(), data.ids, weight_decay=0.01)
+        v = torch.randn(flat.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        products.append(op(v))
+        assert op._forward_mode is (not custom)
+    torch.testing.assert_close(products[0], products[1], rtol=1e-5, atol=1e-6)

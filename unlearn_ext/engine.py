@@ -1,0 +1,290 @@
+"""Keep the user's loop (the opacus convention): wrap the model, optimizer and data the user
+already has, train with their own loop, answer deletion requests later.
+
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, train_loader, method="mini",
+                                                       epochs=5, loss_fn=loss_fn)
+    for epoch in range(5):                          # the user's loop, unchanged
+        for x, y in loader:
+            optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+    report = engine.unlearner().unlearn([17, 42])
+
+What wrapping does:
+  * the data: the dataset becomes a `TrainingData` (ids: the index, or `ids=` e.g. database keys);
+    the returned DataLoader keeps the user's settings (workers, collate_fn, pin_memory) and yields
+    the batch schedule's batches (`batch_size`, `seed`), so retraining can repeat them without F;
+  * the recipe (optimizer class and per-group hyperparameters, scheduler, epochs, loss, the global
+    RNG state) is captured now: retraining, fine-tuning and repairs train with it;
+  * per method, what it records during training: Mini-Unlearning its anchors and DeltaGrad every
+    step, through optimizer step hooks (the batch ids come from the schedule, every param group's
+    lr from the optimizer); Top-K, Random-k, fine-tuning and retraining record nothing.
+Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
+the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .baselines import FinetuneUnlearner, RetrainUnlearner
+from .data import BatchSchedule, TrainingData
+from .history import HistoryRecorder
+from .loading import SeededDataset
+from .mini.record import FULL_GRAD, mini_store, step_store
+from .mini.vectors import FlatModel
+from .per_sample import trainable
+from .perturb import RandomKUnlearner, TopKUnlearner
+from .policy import (UnsupportedModelError, eval_mode, loss_reduction, per_sample_loss_of,
+                     refuse_batchnorm_in_training)
+from .recipe import OptimizerRecipe, loader_options
+from .unlearner import Unlearner
+
+METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad")
+HISTORY_METHODS = ("mini", "deltagrad")
+
+
+class UnlearningEngine:
+    """Makes one training run unlearnable (one engine per run)."""
+
+    def __init__(self):
+        self.run: _Run | None = None
+
+    def make_unlearnable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, *, method: str,
+                         epochs: int, loss_fn=None, scheduler=None, scheduler_step: str = "epoch",
+                         batch_size: int | None = None, seed: int = 0, ids=None, augmentation_seed: int | None = None,
+                         history=None, anchors: int = 5, **method_options):
+        """Returns (model, optimizer, loader) for the user's loop: the same model and optimizer
+        objects (with step hooks where the method records) and a DataLoader over the schedule.
+
+        data: the user's DataLoader (its dataset, batch size and settings are taken), a map-style
+            Dataset (give batch_size) or a TrainingData.
+        loss_fn: the batch loss the loop uses (default: mean cross-entropy); it must reduce by mean
+            (sum is accepted by the methods that do not replay gradients).
+        scheduler: the user's LR scheduler, stepped once per epoch (scheduler_step="epoch") or per
+            step ("step") in the loop; retraining repeats it.
+        augmentation_seed: wrap the dataset in a SeededDataset so random augmentation is a function of
+            (seed, epoch, id) and retraining sees the same augmentations.
+        history: a HistoryStore for the history methods (default: in memory; mini_store / step_store
+            make one on disk). anchors: Mini-Unlearning's anchor count.
+        method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K).
+        """
+        if self.run is not None:
+            raise RuntimeError("this engine already wraps a training run; make one engine per run")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (PCMU trains with its own "
+                             "quantized step: use PCMUTrainer)")
+        data, batch_size, options = _training_data(data, batch_size, ids, augmentation_seed)
+        loss_fn = torch.nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+        reduction = "mean"
+        if len(data) >= 2:
+            with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
+                reduction = loss_reduction(loss_fn, model, *data.batch(data.ids[:4]))
+        data.loss = per_sample_loss_of(loss_fn)
+        if method in HISTORY_METHODS:
+            _check_history_method(method, model, optimizer, reduction)
+        recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+                                         loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step)
+        recipe.loader_options = options
+        schedule = BatchSchedule(data.ids, batch_size, seed)
+        loader = DataLoader(data.items, batch_sampler=data.sampler(schedule), **options)
+        self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
+        if method == "mini":
+            self.run.recorder = _AnchorRecorder(self.run, history, anchors)
+        elif method == "deltagrad":
+            self.run.recorder = _StepHistory(self.run, history)
+        return model, optimizer, loader
+
+    @property
+    def data(self) -> TrainingData:
+        return self._require_run().data
+
+    @property
+    def recipe(self) -> OptimizerRecipe:
+        return self._require_run().recipe
+
+    def unlearner(self) -> Unlearner:
+        """The method's Unlearner for the trained model (built once, after training; later calls
+        return the same one)."""
+        run = self._require_run()
+        if run.unlearner is None:
+            run.unlearner = run.build()
+        return run.unlearner
+
+    def _require_run(self) -> "_Run":
+        if self.run is None:
+            raise RuntimeError("nothing is wrapped yet: call make_unlearnable first")
+        return self.run
+
+
+class _Run:
+    def __init__(self, method, model, optimizer, data, recipe, schedule, initial, options):
+        self.method, self.model, self.optimizer, self.data = method, model, optimizer, data
+        self.recipe, self.schedule, self.initial, self.options = recipe, schedule, initial, options
+        self.recorder = None
+        self.unlearner = None
+
+    def build(self) -> Unlearner:
+        m, o = self.method, self.options
+        if m == "retrain":
+            return RetrainUnlearner(self.model, self.initial, self.data, self.recipe)
+        if m == "finetune":
+            return FinetuneUnlearner(self.model, self.data, self.recipe, **o)
+        if m in ("topk", "randomk"):
+            cls = TopKUnlearner if m == "topk" else RandomKUnlearner
+            return cls(self.model, self.data, self.recipe, **{"initial": self.initial, **o})
+        return self.recorder.unlearner(**o)
+
+
+def _training_data(data, batch_size, ids, augmentation_seed):
+    """(TrainingData, batch size, DataLoader options) from what the user gave."""
+    options = {}
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, torch.utils.data.IterableDataset):
+            raise TypeError("the DataLoader streams an IterableDataset: deletion requests name items by index or "
+                            "id, so wrap a map-style dataset (with __len__ and __getitem__)")
+        batch_size = batch_size or data.batch_size
+        if batch_size is None:
+            raise ValueError("the DataLoader has a custom batch_sampler: give batch_size= (the schedule makes the "
+                             "batches)")
+        options = loader_options(data)
+        data = data.dataset
+    if isinstance(data, TrainingData):
+        if ids is not None:
+            raise ValueError("the TrainingData has its ids already; do not pass ids=")
+        if augmentation_seed is not None:
+            raise ValueError("augmentation_seed wraps a dataset: wrap it before making the TrainingData")
+        training = data
+    elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        items = data if augmentation_seed is None else SeededDataset(data, augmentation_seed)
+        training = TrainingData(items, ids=ids)
+    else:
+        raise TypeError(f"data must be a DataLoader, a map-style Dataset or a TrainingData, got {type(data).__name__}")
+    if batch_size is None:
+        raise ValueError("give batch_size= (or pass the DataLoader the loop uses)")
+    if "collate_fn" in options:
+        training.collate = options["collate_fn"]
+    return training, int(batch_size), options
+
+
+def _check_history_method(method: str, model, optimizer, reduction: str) -> None:
+    """What the history methods' linear response and replay assume, refused before training."""
+    name = "Mini-Unlearning" if method == "mini" else "DeltaGrad"
+    refuse_batchnorm_in_training(model, name, "the gradients of single samples and of subsets replayed")
+    if reduction != "mean":
+        raise UnsupportedModelError(f"{name} replays mean batch gradients; the loss sums over the batch. Use "
+                                    "reduction='mean' (the learning rate then means what the replay assumes)")
+    if type(optimizer) is not torch.optim.SGD:
+        raise UnsupportedModelError(f"{name} assumes torch.optim.SGD (plain, with weight decay); got "
+                                    f"{type(optimizer).__name__}, whose update it cannot replay. Top-K, Random-k, "
+                                    "fine-tuning and retraining accept any optimizer")
+    groups = optimizer.param_groups
+    for key, bad in (("momentum", lambda v: v != 0), ("nesterov", bool), ("maximize", bool), ("dampening", lambda v: v != 0)):
+        values = [g.get(key, 0) for g in groups]
+        if any(bad(v) for v in values):
+            raise UnsupportedModelError(f"{name} assumes plain SGD; the optimizer has {key}={values[0]!r}")
+    for key in ("lr", "weight_decay"):
+        values = {float(g.get(key, 0.0)) for g in groups}
+        if len(values) > 1:
+            raise UnsupportedModelError(f"{name} replays one {key} for every parameter; the optimizer's groups "
+                                        f"use {sorted(values)}")
+    covered = {id(p) for g in groups for p in g["params"]}
+    missing = [n for n, p in trainable(model).items() if id(p) not in covered]
+    if missing:
+        raise UnsupportedModelError(f"{name}: the optimizer does not train every trainable parameter (missing: "
+                                    f"{', '.join(missing[:5])}); freeze them (requires_grad=False) or add them")
+
+
+class _StepCounter:
+    """An optimizer step pre-hook that knows the schedule's step t and checks the loop keeps to it."""
+
+    def __init__(self, run: _Run):
+        self.run, self.step = run, 0
+        self.lrs: list[float] = []
+        run.optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs):
+        t = self.step
+        total = self.run.recipe.steps(len(self.run.data))
+        if t >= total:
+            raise RuntimeError(f"the loop takes more optimizer steps than the recipe's {self.run.recipe.epochs} "
+                               f"epochs x {self.run.schedule.batches_per_epoch} batches = {total}: the history would "
+                               "not match the schedule")
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+        self.on_step(t)
+        self.step += 1
+
+    def on_step(self, t: int) -> None:
+        raise NotImplementedError
+
+    def check_finished(self) -> None:
+        total = self.run.recipe.steps(len(self.run.data))
+        if self.step != total:
+            raise RuntimeError(f"training took {self.step} optimizer steps; the recipe ({self.run.recipe.epochs} "
+                               f"epochs of {self.run.schedule.batches_per_epoch} batches) has {total}: finish "
+                               "the epochs given to make_unlearnable before asking for the unlearner")
+
+    def run_info(self, **extra) -> dict:
+        r, n = self.run.recipe, len(self.run.data)
+        return {"steps_per_epoch": self.run.schedule.batches_per_epoch, "batch_seed": r.seed, "batch_size": r.batch_size,
+                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **extra}
+
+
+class _AnchorRecorder(_StepCounter):
+    """Mini-Unlearning's anchors from the user's loop: at each anchor step the weights and the
+    full-data gradient (eval mode, plus weight decay), recorded before the update."""
+
+    def __init__(self, run: _Run, store, anchors: int):
+        from .mini.record import anchor_epochs
+        self.store = store if store is not None else mini_store(run.model)
+        self.spe = run.schedule.batches_per_epoch
+        self.anchor_epochs = anchor_epochs(run.recipe.epochs, anchors)
+        self.anchor_steps = {a * self.spe for a in self.anchor_epochs}
+        self.weight_decay = float(run.optimizer.param_groups[0].get("weight_decay", 0.0))
+        # Hooks run in registration order: ours (attaching the anchor's gradient) before the recorder's.
+        super().__init__(run)
+        self.recorder = HistoryRecorder(self.store, run.model, run.optimizer, steps=self.anchor_steps)
+
+    def full_gradient(self):
+        flat = FlatModel(self.run.model, self.run.data)
+        w = flat.flat()
+        with eval_mode(self.run.model):
+            g = flat.mean_loss_grad(w, self.run.data.ids) + self.weight_decay * w
+        return flat, w, g
+
+    def on_step(self, t: int) -> None:
+        if t in self.anchor_steps:
+            refuse_batchnorm_in_training(self.run.model, "Mini-Unlearning", "replayed gradients")
+            flat, _, g = self.full_gradient()
+            self.recorder.attach(**{FULL_GRAD: flat.split(g)})
+
+    def unlearner(self, **options):
+        from .mini import MiniUnlearner
+        self.check_finished()
+        end = self.run.recipe.steps(len(self.run.data))
+        if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
+            flat, w, g = self.full_gradient()
+            self.store.record(end, {"params": flat.split(w), FULL_GRAD: flat.split(g)}, lr=None)
+        self.store.set_run_info(**self.run_info(anchor_epochs=self.anchor_epochs,
+                                                recorded_by="unlearn_ext.UnlearningEngine"))
+        return MiniUnlearner(self.run.model, self.run.data, self.store, **options)
+
+
+class _StepHistory(_StepCounter):
+    """DeltaGrad's per-step history from the user's loop: w_t, the batch's mean gradient (p.grad
+    after the user's backward), every group's lr and the schedule's batch ids."""
+
+    def __init__(self, run: _Run, store):
+        self.store = store if store is not None else step_store(run.model)
+        super().__init__(run)  # first: the batch ids must be set before the recorder's hook runs
+        self.recorder = HistoryRecorder(self.store, run.model, run.optimizer)
+
+    def on_step(self, t: int) -> None:
+        self.recorder.batch(self.run.schedule.step(t).ids)
+
+    def unlearner(self, **options):
+        from .mini import DeltaGradUnlearner
+        self.check_finished()
+        self.store.set_run_info(**self.run_info(recorded_by="unlearn_ext.UnlearningEngine"))
+        return DeltaGradUnlearner(self.run.model, self.run.data, self.store, **options)

@@ -1,0 +1,214 @@
+"""The user's training recipe, so that retraining, fine-tuning and every repair train the way the
+user trained (DESIGN section 13).
+
+A recipe is anything with `epochs`, `batch_size`, `seed`, `steps(n)`, `train(model, data, exclude=,
+on_step=)`, `tuned(lr_factor, epochs, seed, n)` and `fingerprint()`. Two kinds exist:
+
+  * `SGDConfig` (data.py): the library's own plain-SGD loop (the history methods' setting);
+  * `OptimizerRecipe` (here): any torch optimizer, its per-group hyperparameters, an LR scheduler
+    stepped per epoch or per step, the user's batch loss and DataLoader options. Its loop is the
+    ordinary one -- for each epoch, for each batch: zero_grad, loss(model(x), y).backward(), step --
+    run over the batch schedule through a DataLoader, from the global RNG state captured when the
+    recipe was taken, so retraining without forgotten ids reproduces the user's own loop bit for
+    bit on a deterministic CPU.
+
+`OptimizerRecipe.capture(model, optimizer, ...)` takes the recipe from the user's objects before
+training (the optimizer must not have stepped yet).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import BatchSchedule, TrainingData, as_ids
+
+SCHEDULER_STEPS = ("epoch", "step")
+
+# DataLoader settings a recipe repeats (the sampler and dataset are the schedule's and the data's).
+LOADER_OPTIONS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+                  "multiprocessing_context", "prefetch_factor", "persistent_workers", "in_order")
+
+
+class _OptimizerSlot:
+    """Stands for the optimizer inside a scheduler snapshot (swapped for the new one on rebuild)."""
+
+
+def loader_options(loader: DataLoader) -> dict:
+    """The settings of a user's DataLoader a recipe repeats."""
+    opts = {k: getattr(loader, k) for k in LOADER_OPTIONS if hasattr(loader, k)}
+    if opts.get("num_workers", 0) == 0:  # only valid with workers
+        opts.pop("prefetch_factor", None)
+        opts.pop("persistent_workers", None)
+    return opts
+
+
+def _json_value(v):
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v)
+    if isinstance(v, (tuple, list)):
+        return [_json_value(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return repr(v)
+
+
+class OptimizerRecipe:
+    """optimizer_factory(params) -> optimizer over the model's trainable parameters;
+    scheduler_factory(optimizer) -> an LR scheduler or None, stepped once per epoch or per step
+    (`scheduler_step`); loss(outputs, targets) -> the batch loss (default: the mean of the data's
+    per-sample loss); rng_state: torch's global RNG state to train from (dropout draws)."""
+
+    def __init__(self, optimizer_factory: Callable, *, epochs: int, batch_size: int, seed: int = 0,
+                 loss: Callable | None = None, scheduler_factory: Callable | None = None,
+                 scheduler_step: str = "epoch", loader_options: dict | None = None,
+                 rng_state: torch.Tensor | None = None, description: dict | None = None):
+        if int(epochs) < 1 or int(batch_size) < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        if scheduler_step not in SCHEDULER_STEPS:
+            raise ValueError(f"scheduler_step must be one of {SCHEDULER_STEPS}, got {scheduler_step!r}")
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.epochs, self.batch_size, self.seed = int(epochs), int(batch_size), int(seed)
+        self.loss, self.scheduler_step = loss, scheduler_step
+        self.loader_options = dict(loader_options or {})
+        self.rng_state = None if rng_state is None else rng_state.clone()
+        self.description = description or {"optimizer": getattr(optimizer_factory, "__name__", "factory")}
+
+    # ---- taking the recipe from the user's objects -----------------------------------------------
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int, batch_size: int,
+                seed: int = 0, loss: Callable | None = None, scheduler=None, scheduler_step: str = "epoch",
+                loader: DataLoader | None = None) -> "OptimizerRecipe":
+        """The recipe of `optimizer` (class, defaults, every group's hyperparameters, its parameters
+        by name in `model`) and `scheduler` as they are now -- before the first step."""
+        if any(optimizer.state.values()):
+            raise ValueError("the optimizer has already taken steps (its state is not empty): wrap it before "
+                             "training, so that retraining can start from the same place")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError("ReduceLROnPlateau steps on a validation metric that retraining cannot repeat; use a "
+                             "schedule that depends on the step or epoch only")
+        if scheduler is not None and getattr(scheduler, "optimizer", None) is not optimizer:
+            raise ValueError("the scheduler drives another optimizer than the one given")
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = []
+        for i, group in enumerate(optimizer.param_groups):
+            missing = [p for p in group["params"] if id(p) not in names]
+            if missing:
+                raise ValueError(f"optimizer group {i} holds {len(missing)} tensor(s) that are not parameters of the "
+                                 "model: the recipe rebuilds the optimizer over the model's parameters by name")
+            groups.append(({k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
+                           [names[id(p)] for p in group["params"]]))
+        opt_class, defaults = type(optimizer), copy.deepcopy(optimizer.defaults)
+
+        def make_optimizer(model_now: torch.nn.Module):
+            params = dict(model_now.named_parameters())
+            return opt_class([{**hp, "params": [params[n] for n in group_names]} for hp, group_names in groups],
+                             **defaults)
+
+        make_optimizer.takes_model = True
+        scheduler_factory = None
+        if scheduler is not None:
+            slot = _OptimizerSlot()
+            snapshot = copy.deepcopy(scheduler, memo={id(optimizer): slot})
+
+            def scheduler_factory(opt):
+                return copy.deepcopy(snapshot, memo={id(slot): opt})
+
+        description = {"optimizer": opt_class.__name__,
+                       "param_groups": [{k: _json_value(v) for k, v in hp.items()} for hp, _ in groups],
+                       "scheduler": None if scheduler is None else type(scheduler).__name__,
+                       "scheduler_step": scheduler_step,
+                       "loss": None if loss is None else getattr(loss, "__name__", type(loss).__name__)}
+        options = {} if loader is None else loader_options(loader)
+        return cls(make_optimizer, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,
+                   scheduler_factory=scheduler_factory, scheduler_step=scheduler_step, loader_options=options,
+                   rng_state=torch.get_rng_state(), description=description)
+
+    # ---- the recipe interface -----------------------------------------------------------------------
+
+    def steps(self, n: int) -> int:
+        return self.epochs * math.ceil(n / self.batch_size)
+
+    def peak_lr(self, n: int) -> float:
+        """The largest learning rate of any group before scheduling (a scheduler's initial_lr)."""
+        groups = self.description.get("param_groups")
+        if groups is None:  # a factory's recipe: ask it for an optimizer over a stand-in parameter
+            groups = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups
+        return max(float(g.get("initial_lr", g["lr"])) for g in groups)
+
+    def make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if getattr(self.optimizer_factory, "takes_model", False):
+            return self.optimizer_factory(model)
+        return self.optimizer_factory([p for p in model.parameters() if p.requires_grad])
+
+    def batch_loss(self, data: TrainingData, outputs: torch.Tensor, targets) -> torch.Tensor:
+        return data.loss(outputs, targets).mean() if self.loss is None else self.loss(outputs, targets)
+
+    def train(self, model: torch.nn.Module, data: TrainingData, *, exclude=None,
+              on_step: Callable | None = None) -> torch.nn.Module:
+        """Trains `model` in place over the batch schedule minus `exclude`. on_step(t, ids, model)
+        runs before step t's forward pass. A batch left empty by `exclude` makes no update (the
+        scheduler still counts it when stepped per step)."""
+        excluded = as_ids([] if exclude is None else exclude)
+        schedule = BatchSchedule(data.ids, self.batch_size, self.seed)
+        optimizer = self.make_optimizer(model)
+        scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        loader = DataLoader(data.items, batch_sampler=data.sampler(schedule, excluded), **self.loader_options)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        spe = schedule.batches_per_epoch
+        model.train()
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # a rebuilt scheduler's optimizer was not patched by the scheduler's constructor: torch
+            # warns that step() "has been overridden", which here it has not.
+            warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
+            if self.rng_state is not None:
+                torch.set_rng_state(self.rng_state)
+            for epoch in range(self.epochs):
+                batches = iter(loader)
+                for step in schedule.steps(epoch * spe, (epoch + 1) * spe, excluded):
+                    if step.ids.numel():
+                        x, y = next(batches)
+                        if on_step is not None:
+                            on_step(step.step, step.ids, model)
+                        optimizer.zero_grad()
+                        self.batch_loss(data, model(_to(x, device)), _to(y, device)).backward()
+                        optimizer.step()
+                    if scheduler is not None and self.scheduler_step == "step":
+                        scheduler.step()
+                if scheduler is not None and self.scheduler_step == "epoch":
+                    scheduler.step()
+        return model
+
+    def tuned(self, lr_factor: float, epochs: int, seed: int, n: int) -> "OptimizerRecipe":
+        """The short run fine-tuning and repairs use: the user's optimizer and hyperparameters with
+        every group's learning rate scaled by lr_factor and held constant (no scheduler: a repair
+        of a few epochs does not replay a schedule made for the whole run), another batch order."""
+        base = self
+
+        def make_tuned(model):
+            optimizer = base.make_optimizer(model)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_factor * float(group.get("initial_lr", group["lr"]))
+            return optimizer
+
+        make_tuned.takes_model = True
+        return OptimizerRecipe(make_tuned, epochs=epochs, batch_size=self.batch_size, seed=seed, loss=self.loss,
+                               loader_options=self.loader_options,
+                               description={**self.description, "scheduler": None, "param_groups": [
+                                   {**g, "lr": lr_factor * float(g.get("initial_lr", g["lr"])), "initial_lr": None}
+                                   for g in self.description.get("param_groups") or []] or None})
+
+    def fingerprint(self) -> dict:
+        return {**{k: v for k, v in self.description.items()}, "epochs": self.epochs,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    return value
