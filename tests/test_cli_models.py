@@ -54,6 +54,26 @@ def test_cnn_on_digits_images_records_recipe_and_command(tmp_path):
     assert "wall/rt" in text and "cpu/rt" in text
 
 
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_momentum_and_adam_recipes_train_retrain_and_repair(tmp_path, optimizer):
+    """The methods that take any recipe run with it; the history methods, plain SGD only, are
+    recorded as refused with their message."""
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    assert main(["eval", "--data", "digits", "--model", "logreg", "--limit", "150", "--optimizer", optimizer,
+                 "--schedule", "step", "--epochs", "2", "--ratios", "0.1", "--seeds", "0", "--noise-floor", "1",
+                 "--quiet", "--no-ud", "--methods", "finetune,topk,mini", "--out", str(out), "--json", str(js)]) == 0
+    payload = json.loads(js.read_text())
+    by = {r["method"]: r for r in payload["records"]}
+    assert by["finetune"]["status"] == "unlearned" and by["topk"]["status"] == "unlearned"
+    assert by["mini"]["status"] in ("refused", "unlearned", "fallback")
+    if by["mini"]["status"] == "refused":
+        assert by["mini"]["reason"]
+    recipe = payload["settings"]["recipe"]
+    assert recipe["optimizer"] == optimizer and recipe["schedule"] == "step"
+    assert (recipe["momentum"] == 0.9) == (optimizer == "momentum")
+    assert f"optimizer {optimizer}" in (out / "report.md").read_text()
+
+
 def test_resnet_with_batchnorm(tmp_path):
     payload, _ = _run(tmp_path, "--data", "digits", "--model", "resnet", "--norm", "batch", "--limit", "100")
     _ran_every_row(payload, "resnet")
@@ -154,7 +174,7 @@ def _cases(tmp_path):
         (["--model", "bad_factory:wrong"], "outputs must be (batch, 10) logits"),
         (["--model", "cnn", "--norm", "batch"], "--norm applies to --model resnet"),
         (["--model", "transformer", "--data", "tokens", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (["--optimizer", "adam"], "--optimizer adam"),
+        (["--optimizer", "adamw"], "--optimizer must be one of"),
         (["--optimizer", "sgd", "--momentum", "0.9"], "--momentum applies to --optimizer momentum"),
         (["--schedule", "linear"], "--schedule must be one of"),
         (["--lr", "-1"], "--lr must be a positive finite number"),

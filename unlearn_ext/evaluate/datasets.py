@@ -243,9 +243,10 @@ def _check_tokens(name, x_tr, x_te):
 
 def _standardize(name, kind, x_tr, x_te):
     axes = (0,) if kind == "table" else (0, *range(2, x_tr.ndim))  # per feature, or per channel
-    mean, std = x_tr.mean(axes, keepdims=True), x_tr.std(axes, keepdims=True)
-    std[std == 0] = 1.0  # constant features stay constant (zero after centering)
-    out = (x_tr - mean) / std, (x_te - mean) / std
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below, with the reason
+        mean, std = x_tr.mean(axes, keepdims=True), x_tr.std(axes, keepdims=True)
+        std[std == 0] = 1.0  # constant features stay constant (zero after centering)
+        out = (x_tr - mean) / std, (x_te - mean) / std
     if not all(np.all(np.isfinite(a)) for a in out):
         raise DatasetError(f"{name}: standardizing the inputs overflowed float32 (values up to "
                            f"{float(np.abs(x_tr).max()):.3g}); rescale them")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import metrics, mia
-from ..data import TrainingData, retrain, train_sgd
+from ..data import TrainingData, retrain
 from . import models
 from .datasets import Dataset
 from .training import RecipeOptions
@@ -116,7 +116,7 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
         options = dataclasses.replace(options, epochs=epochs)
     config = options.build(model, seed, len(data), base=sgd)
     began = time.perf_counter()
-    original = train_sgd(copy.deepcopy(initial), data, config)
+    original = config.train(copy.deepcopy(initial), data)
     # Held-out non-members for normalized ascent's stop: every other test sample.
     return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began,
                holdout=(ds.x_test[::2], ds.y_test[::2]))

@@ -10,6 +10,7 @@ so its rows are compared with its own coupled retraining (PCMU training without 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +33,7 @@ class Run:
     seed: int
     data: TrainingData
     initial: torch.nn.Module
-    config: SGDConfig
+    config: object                 # the run's recipe: SGDConfig (plain SGD) or OptimizerRecipe
     original: torch.nn.Module      # plain SGD on all of D
     train_seconds: float
     holdout: tuple | None = None   # held-out (x, y) non-members: half the test split (Top-K ascent's stop)
@@ -235,8 +236,13 @@ def reinitialized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 OTHER_SEED_OFFSET = 1000
 
 
-def other_seed_config(config: SGDConfig, seed: int) -> SGDConfig:
-    return SGDConfig(config.epochs, config.batch_size, config.lr, config.weight_decay, seed)
+def other_seed_config(config, seed: int):
+    """The same recipe (SGDConfig or OptimizerRecipe) with another batch order."""
+    if isinstance(config, SGDConfig):
+        return dataclasses.replace(config, seed=seed)
+    other = copy.copy(config)
+    other.seed = int(seed)
+    return other
 
 
 RETRAIN_OTHER = Method(

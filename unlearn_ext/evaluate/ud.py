@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from .. import metrics, spdgan
-from ..data import TrainingData, train_sgd
+from ..data import TrainingData
 from .methods import OTHER_SEED_OFFSET, Method, Run, other_seed_config, reinitialized
 
 REFERENCE_SEED_OFFSET = 7 * OTHER_SEED_OFFSET + 7  # not the retrain-other row's seed
@@ -41,15 +41,14 @@ def attach(rows: list[dict], ds, run: Run, specs: list[Method], prepared_for, fo
     xf, yf = data.batch(forget)
     xr, _ = data.batch(data.without(forget))
     seed = run.seed + REFERENCE_SEED_OFFSET
-    reference = train_sgd(reinitialized(run.initial, seed), data, other_seed_config(run.config, seed),
-                          exclude=forget)
+    reference = other_seed_config(run.config, seed).train(reinitialized(run.initial, seed), data, exclude=forget)
     low, high = data.inputs.min(0).values, data.inputs.max(0).values
     spd = spdgan.perturb_forget_set(xf, yf, xr, ds.x_test, reference, low, high, steps=steps, seed=seed)
 
     inputs = data.inputs.clone()
     inputs[data.rows(forget)] = spd.x_forget
     perturbed = TrainingData(inputs, data.targets, data.ids, loss=data.loss)
-    before_model = train_sgd(copy.deepcopy(run.initial), perturbed, run.config)
+    before_model = run.config.train(copy.deepcopy(run.initial), perturbed)
     spd_run = dataclasses.replace(run, data=perturbed, original=before_model)
 
     acc = lambda m, x=spd.x_forget: metrics.accuracy(m, x, yf)  # noqa: E731
