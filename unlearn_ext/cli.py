@@ -16,12 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
 from . import backend, build_info
 
 DEMO_RATIOS = "0.01,0.05,0.1,0.2,0.3"
+MAX_SEED = 2**31 - 1  # seeds are offset (other-seed retrains) and passed to torch and numpy
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with every refusal on one line (`unlearn-ext eval: error: ...`, exit code 2): the
+    usage block is in --help, not in front of the reason."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
 
 
 def _floats(text: str) -> list[float]:
@@ -41,6 +51,18 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"seeds must be integers >= 0, got {text!r}")
+    if any(v > MAX_SEED for v in values):
+        raise argparse.ArgumentTypeError(f"seeds must be integers in 0..{MAX_SEED}, got {text!r}")
+    return values
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"hidden widths must be integers >= 1, e.g. 128,128; got {text!r}")
     return values
 
 
@@ -49,6 +71,23 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError("give at least one method name")
     return names
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -64,27 +103,39 @@ def _positive(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .evaluate import methods, models, settings
 
-    parser = argparse.ArgumentParser(prog="unlearn-ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .evaluate import training
+
+    parser = _Parser(prog="unlearn-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     available = ",".join(methods.AVAILABLE)
     demo = sub.add_parser("demo", help="one method per family on digits against retraining")
     ev = sub.add_parser("eval", help="the evaluation harness with your data, model, methods, ratios, seeds")
-    ev.add_argument("--data", default="digits", help="digits | digits-pixels | mnist1d | PATH.npz with x (n x d), y (n), "
-                    "optional x_test/y_test (default digits)")
-    ev.add_argument("--model", default="mlp", choices=models.NAMES, help="default mlp (tanh, 64 hidden)")
-    ev.add_argument("--widths", type=_ints, default=None, help="hidden widths of the MLP, e.g. 128,128")
+    ev.add_argument("--data", default="digits", help="digits | digits-pixels | mnist1d | tokens | cifar10:DIR | "
+                    "cifar100:DIR | an image folder (one subfolder per class) | PATH.npz with x (n x d table, n x T "
+                    "integer tokens, n x C x L signals or n x C x H x W images), y (n), optional x_test/y_test "
+                    "(default digits)")
+    ev.add_argument("--model", default="mlp", help=f"{' | '.join(models.NAMES)} | package.module:factory (your "
+                    "factory(input_shape, classes) returning a torch.nn.Module); default mlp (tanh, 64 hidden)")
+    ev.add_argument("--widths", type=_widths, default=None, help="hidden widths of the MLP, e.g. 128,128")
+    ev.add_argument("--norm", choices=("group", "batch"), default=None, help="resnet's normalization (default group)")
+    ev.add_argument("--dropout", type=_number, default=None, help="transformer's dropout rate (default 0)")
     ev.add_argument("--methods", type=_names, default=list(methods.DEMO),
                     help=f"comma-separated from {', '.join(methods.ALL)} (available now: {available}; default "
                     f"{','.join(methods.DEMO)})")
     ev.add_argument("--ratios", type=_floats, default=_floats("0.05,0.2"), help="forget ratios, default 0.05,0.2")
     ev.add_argument("--seeds", type=_ints, default=[0], help="training seeds, default 0")
+    ev.add_argument("--optimizer", default="sgd", help=f"{' | '.join(training.OPTIMIZERS)} (default sgd)")
+    ev.add_argument("--lr", type=_number, default=None, help="learning rate (default per model)")
+    ev.add_argument("--momentum", type=_number, default=None, help="momentum of --optimizer momentum")
+    ev.add_argument("--weight-decay", type=_number, default=None, help="weight decay (default per model)")
+    ev.add_argument("--schedule", default="constant", help=f"learning-rate schedule: {' | '.join(training.SCHEDULES)}")
     ev.add_argument("--epochs", type=_positive, default=None, help="training epochs (default per model)")
+    ev.add_argument("--batch-size", type=_positive, default=None, help="batch size (default per model)")
     ev.add_argument("--label-noise", type=float, default=0.0,
                     help="flip this fraction of training labels (drawn per training seed; the memorizing setting uses 0.2)")
     ev.add_argument("--limit", type=_positive, default=None, help="keep only the first N training samples")
-    ev.add_argument("--noise-floor", type=int, default=2, help="retrains with other seeds per ratio (default 2)")
-    ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ev.add_argument("--noise-floor", type=_count, default=2, help="retrains with other seeds per ratio (default 2)")
+    ev.add_argument("--device", default="cpu", help="cpu (default) or cuda (where a CUDA device is available)")
     ev.add_argument("--setting", default=None, choices=list(settings.SETTINGS),
                     help="a named setting (data, model, SGD training) of the per-method scripts; "
                          "replaces --data/--model/--widths/--label-noise/--limit (unlearn_ext/evaluate/settings.py)")
@@ -111,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["unlearn-ext", *argv])
     if args.command == "info":
         print(json.dumps(build_info(), indent=2))
         return 0
@@ -147,19 +200,43 @@ def _bench() -> int:
                             "-p", "no:cacheprovider"])
 
 
+def _check_output_paths(parser, out: str | None, json_path: str | None) -> None:
+    """Refuses, before any work, output paths the results could not be written to (a run must not
+    end by losing its results)."""
+    if out:
+        if os.path.exists(out) and not os.path.isdir(out):
+            parser.error(f"--out {out}: exists and is not a folder")
+        ancestor = os.path.abspath(out)
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+            parser.error(f"--out {out}: cannot create or write it ({ancestor} is not a writable folder)")
+    if json_path:
+        if os.path.isdir(json_path):
+            parser.error(f"--json {json_path}: is a folder; give a file name")
+        folder = os.path.dirname(os.path.abspath(json_path))
+        inside_out = out is not None and folder == os.path.abspath(out)  # created before the JSON is written
+        if not os.path.isdir(folder) and not inside_out:
+            parser.error(f"--json {json_path}: folder {folder} does not exist")
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"--json {json_path}: folder {folder} is not writable")
+
+
 def _evaluate(parser, args) -> int:
     import torch
 
-    from .evaluate import datasets, harness, methods, report, settings
+    from .evaluate import datasets, harness, methods, models, report, settings, training
 
     demo = args.command == "demo"
+    _check_output_paths(parser, args.out or ("unlearn-ext-demo" if demo else None), args.json_path)
+    model_options, recipe = {}, training.RecipeOptions()
     if demo:
         data_name, model, names, ratios, seeds = "digits", "mlp", list(methods.DEMO), _floats(DEMO_RATIOS), [0]
-        epochs, widths, noise, label_noise, limit, device = None, None, 2, 0.0, None, "cpu"
+        widths, noise, label_noise, limit, device = None, 2, 0.0, None, "cpu"
         out, setting = args.out or "unlearn-ext-demo", None
     else:
         data_name, model, names, ratios, seeds = args.data, args.model, args.methods, args.ratios, args.seeds
-        epochs, widths, noise, label_noise = args.epochs, args.widths, args.noise_floor, args.label_noise
+        widths, noise, label_noise = args.widths, args.noise_floor, args.label_noise
         limit, device, out = args.limit, args.device, args.out
         setting = settings.get(args.setting) if args.setting else None
         if setting is not None:
@@ -170,29 +247,47 @@ def _evaluate(parser, args) -> int:
             label_noise, limit = setting.label_noise, setting.limit
         if not 0 <= label_noise < 1:
             parser.error(f"--label-noise must be in [0, 1), got {label_noise}")
-        if noise < 0:
-            parser.error(f"--noise-floor must be >= 0, got {noise}")
         if device not in ("cpu", "cuda"):
             parser.error(f"--device must be cpu or cuda, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available here")
-        if device == "cuda":
-            parser.error("--device cuda: the harness runs its small models on the CPU in this release")
-    try:
+            parser.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+        if args.norm is not None and model != "resnet":
+            parser.error(f"--norm applies to --model resnet, not {model}")
+        if args.dropout is not None and model != "transformer":
+            parser.error(f"--dropout applies to --model transformer, not {model}")
+        if args.dropout is not None and not 0 <= args.dropout < 1:
+            parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+        if widths is not None and model not in ("mlp", "mlp-wide"):
+            parser.error(f"--widths applies to --model mlp or mlp-wide, not {model}")
+        model_options = {k: v for k, v in (("norm", args.norm), ("dropout", args.dropout)) if v is not None}
+        recipe = training.RecipeOptions(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay, schedule=args.schedule, epochs=args.epochs,
+                                        batch_size=args.batch_size)
+    sgd = setting.sgd if setting is not None else None
+    try:  # everything the run needs, checked before it starts
         methods.resolve(names)
-        ds = datasets.load(data_name, label_noise=label_noise, limit=limit)  # validated here, named in the title
-        data = datasets.per_seed(data_name, label_noise=label_noise, limit=limit) if label_noise > 0 else ds
-    except (ValueError, datasets.DatasetError) as exc:
+        recipe.check()
+        form = models.reads(model)
+        ds = datasets.load(data_name, form=form, label_noise=label_noise, limit=limit)  # named in the title
+        data = datasets.per_seed(data_name, form=form, label_noise=label_noise, limit=limit) if label_noise > 0 else ds
+        harness.check_forget_sizes(len(ds.y), ratios)
+        harness.build_model(ds, model, seeds[0], widths, model_options)
+    except ValueError as exc:  # DatasetError, ModelError, RecipeError and the checks' refusals
         parser.error(str(exc))
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
-    sgd = setting.sgd if setting is not None else None
-    records = _run_with_progress(harness, data, model, names, ratios, seeds, epochs, widths, noise, args.quiet,
-                                 args.ud, sgd)
+    records = _run_with_progress(harness, data, args.quiet, model=model, methods=names, ratios=ratios, seeds=seeds,
+                                 widths=widths, noise_floor_seeds=noise, ud=args.ud, sgd=sgd, recipe=recipe,
+                                 model_options=model_options, device=device)
     summary = harness.summarize(records)
     report.print_table(summary, title)
-    notes = [f"backend: {backend()}; {time.perf_counter() - began:.0f} s on this machine",
-             f"n = {len(ds.y)} training samples, {len(ds.y_test)} test samples; methods: {', '.join(names)}"]
+    trained = recipe.resolved(model, sgd)
+    notes = [f"command: `{args.command_line}`",
+             f"backend: {backend()}; device: {device}; {time.perf_counter() - began:.0f} s on this machine",
+             f"n = {len(ds.y)} training samples, {len(ds.y_test)} test samples ({ds.kind}, one sample "
+             f"{'x'.join(map(str, ds.input_shape))}); methods: {', '.join(names)}",
+             "training recipe: " + ", ".join(f"{k} {v}" for k, v in trained.items() if v is not None)
+             + (f"; model options: {model_options}" if model_options else "")]
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
@@ -201,8 +296,10 @@ def _evaluate(parser, args) -> int:
         print(f"wrote {os.path.join(out, 'report.md')} and {', '.join(pngs)}")
     if args.json_path:
         payload = {"schema": harness.RECORD_FIELDS, "records": records, "summary": summary,
-                   "settings": {"data": ds.name, "model": model, "methods": names, "ratios": ratios,
-                                "seeds": seeds, "epochs": epochs, "label_noise": label_noise, "ud": args.ud,
+                   "settings": {"command": args.command_line, "data": ds.name, "data_kind": ds.kind,
+                                "input_shape": list(ds.input_shape), "model": model, "model_options": model_options,
+                                "methods": names, "ratios": ratios, "seeds": seeds, "epochs": trained["epochs"],
+                                "recipe": trained, "label_noise": label_noise, "ud": args.ud, "device": device,
                                 "setting": setting.name if setting is not None else None}}
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)
@@ -210,14 +307,13 @@ def _evaluate(parser, args) -> int:
     return 0
 
 
-def _run_with_progress(harness, ds, model, names, ratios, seeds, epochs, widths, noise, quiet, ud=False, sgd=None):
-    kwargs = dict(model=model, methods=names, ratios=ratios, seeds=seeds, epochs=epochs, widths=widths,
-                  noise_floor_seeds=noise, ud=ud, sgd=sgd)
+def _run_with_progress(harness, ds, quiet, **kwargs):
     if quiet:
         return harness.evaluate(ds, **kwargs)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names) + int(ud)))
+    seeds, names, ratios = kwargs["seeds"], kwargs["methods"], kwargs["ratios"]
+    total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names) + int(kwargs["ud"])))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task("training", total=total)

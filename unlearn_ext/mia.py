@@ -18,8 +18,8 @@ from .metrics import outputs
 
 def loss_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) -> float:
     """AUC of the rule 'lower loss = member' (Mann-Whitney U with ties counted half)."""
-    m = member_losses.double().reshape(-1)
-    t = nonmember_losses.double().reshape(-1)
+    m = member_losses.detach().cpu().double().reshape(-1)  # numpy ranks them: on the CPU
+    t = nonmember_losses.detach().cpu().double().reshape(-1)
     if m.numel() == 0 or t.numel() == 0:
         return float("nan")
     both = torch.cat([m, t])
@@ -45,7 +45,7 @@ def features(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.nda
     loss = -logp.gather(1, y.reshape(-1, 1)).squeeze(1)
     conf = logp.exp().gather(1, y.reshape(-1, 1)).squeeze(1)
     entropy = -(logp.exp() * logp).sum(1)
-    return torch.stack([loss, conf, entropy], 1).numpy()
+    return torch.stack([loss, conf, entropy], 1).cpu().numpy()
 
 
 def efficacy(model, retain: tuple, test: tuple, forget: tuple, max_per_class: int = 2000, seed: int = 0) -> float:

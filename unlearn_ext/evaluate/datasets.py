@@ -1,6 +1,15 @@
-"""Datasets of the evaluation harness: the bundled digits (sklearn), MNIST-1D (generated locally
-by the `mnist1d` package's make_dataset; never its downloading get_dataset), and a user's `.npz`.
-Nothing downloads. Every dataset comes back standardized with the training split's statistics."""
+"""Datasets of the evaluation harness. Bundled: the handwritten digits (sklearn; 1x8x8 images, or
+the 64-feature table for table models), `digits-pixels` (the same pixels / 16, unstandardized:
+the calibration data of the history settings), MNIST-1D (1x40 signals generated locally by the
+`mnist1d` package's make_dataset; never its downloading get_dataset), `tokens` (a synthetic
+token-sequence task, evaluate/tokens.py). The user's: an `.npz`, an image folder, or the CIFAR-10 /
+CIFAR-100 python batches (`cifar10:PATH`, `cifar100:PATH`), read by data_files.py. Nothing downloads.
+
+The model decides the form (`form`): 'table' flattens images and signals to n x d and standardizes
+each feature; 'grid' keeps images (C x H x W) and signals (C x L) and standardizes each channel;
+'tokens' keeps integer token ids; None (a user's model factory) takes the data as they come.
+Statistics are the training split's. Labels must be 0..C-1 with every class in the training set,
+test labels among them; anything the harness could not evaluate is refused with the reason."""
 from __future__ import annotations
 
 import os
@@ -9,66 +18,67 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NAMES = ("digits", "digits-pixels", "mnist1d")
+from . import data_files, tokens
+from .data_files import DataFileError
+
+NAMES = ("digits", "digits-pixels", "mnist1d", "tokens")
+FORMS = ("table", "grid", "tokens")
+MAX_TOKEN_IDS = 1 << 20  # the embedding table grows with the largest id
 
 
 @dataclass
 class Dataset:
     name: str
-    x: torch.Tensor        # training inputs (float32, standardized)
+    x: torch.Tensor        # training inputs: float32 (standardized) or int64 token ids
     y: torch.Tensor        # int64 labels 0..classes-1
     x_test: torch.Tensor
     y_test: torch.Tensor
+    kind: str = "table"    # table | image | signal | tokens
+    vocab: int | None = None  # tokens: largest id + 1
 
     @property
     def classes(self) -> int:
         return int(max(int(self.y.max()), int(self.y_test.max()) if self.y_test.numel() else 0)) + 1
 
     @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x.shape[1:])
+
+    @property
     def features(self) -> int:
-        return int(self.x.shape[1])
+        return int(np.prod(self.input_shape))
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be used, with what is wrong in the message."""
 
 
-def load(name_or_path: str, *, split_seed: int = 0, test_fraction: float = 0.2,
+def load(name_or_path: str, *, form: str | None = "table", split_seed: int = 0, test_fraction: float = 0.2,
          label_noise: float = 0.0, noise_seed: int = 0, limit: int | None = None) -> Dataset:
-    """digits | digits-pixels | mnist1d | a path to an .npz with x (n x d float), y (n ints) and optionally
-    x_test / y_test (else a seeded split). label_noise flips that fraction of the training labels
-    to another class (the memorizing setting of docs/design.md §8); limit keeps the first training rows."""
-    standardize = True
-    if name_or_path == "digits":
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x, y = d.data.astype(np.float32), d.target.astype(np.int64)
-        x_tr, y_tr, x_te, y_te = _split(x, y, split_seed, test_fraction)
-    elif name_or_path == "digits-pixels":
-        # The data the history methods' settings and PCMU's digits example were calibrated on: pixel intensities
-        # / 16 in [0, 1], not standardized, sklearn's order (first 1400 train, the other 397 test).
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
-        x_tr, y_tr, x_te, y_te = x[:1400], y[:1400], x[1400:], y[1400:]
-        standardize = False
-    elif name_or_path == "mnist1d":
-        x_tr, y_tr, x_te, y_te = _mnist1d(split_seed)
-    elif name_or_path.endswith(".npz") or os.path.exists(name_or_path):
-        x_tr, y_tr, x_te, y_te = _npz(name_or_path, split_seed, test_fraction)
-    else:
-        raise DatasetError(f"unknown dataset {name_or_path!r}: use digits, mnist1d or a path to an .npz file")
+    """A bundled name, `cifar10:PATH` / `cifar100:PATH`, a folder of class subfolders of images, or
+    a path to an .npz with x and y (optionally x_test / y_test, else a seeded 80/20 split).
+    label_noise flips that fraction of the training labels to another class (the memorizing setting
+    of docs/design.md §8); limit keeps the first training rows."""
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
+    try:
+        x_tr, y_tr, x_te, y_te, kind, standardize, name = _read(name_or_path, split_seed, test_fraction)
+    except DataFileError as exc:
+        raise DatasetError(str(exc)) from None
     if limit is not None:
         x_tr, y_tr = x_tr[:limit], y_tr[:limit]
+    y_tr, y_te = _check_labels(name, y_tr, y_te)
     if label_noise > 0:
         y_tr = _flip_labels(y_tr, label_noise, noise_seed, int(max(y_tr.max(), y_te.max())) + 1)
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std[std == 0] = 1.0  # constant features stay constant (zero after centering)
-    if not standardize:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    norm = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
-    name = os.path.basename(name_or_path) if name_or_path not in NAMES else name_or_path
-    return Dataset(name, norm(x_tr), torch.from_numpy(y_tr), norm(x_te), torch.from_numpy(y_te))
+    kind, x_tr, x_te = _shape_for(form, name, kind, x_tr, x_te)
+    vocab = None
+    if kind == "tokens":
+        vocab = _check_tokens(name, x_tr, x_te)
+    elif standardize:
+        x_tr, x_te = _standardize(name, kind, x_tr, x_te)
+    as_tensor = (lambda a: torch.from_numpy(a.astype(np.int64))) if kind == "tokens" else \
+        (lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+    return Dataset(name, as_tensor(x_tr), torch.from_numpy(y_tr), as_tensor(x_te), torch.from_numpy(y_te), kind, vocab)
 
 
 def per_seed(name_or_path: str, *, label_noise: float = 0.0, **kwargs):
@@ -78,6 +88,46 @@ def per_seed(name_or_path: str, *, label_noise: float = 0.0, **kwargs):
     if label_noise > 0:
         return lambda seed: load(name_or_path, label_noise=label_noise, noise_seed=seed, **kwargs)
     return load(name_or_path, **kwargs)
+
+
+# ---- sources: raw arrays, their natural kind, whether to standardize, a display name ----------------
+
+def _read(source: str, split_seed: int, test_fraction: float):
+    if source in ("digits", "digits-pixels"):
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x, y = d.data.astype(np.float32).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
+        if source == "digits":
+            return (*_split(x, y, split_seed, test_fraction), "image", True, source)
+        # The data the history methods' settings and PCMU's digits example were calibrated on: pixel intensities
+        # / 16 in [0, 1], not standardized, sklearn's order (first 1400 train, the other 397 test).
+        x = x / 16.0
+        return x[:1400], y[:1400], x[1400:], y[1400:], "image", False, source
+    if source == "mnist1d":
+        x, y, x_te, y_te = _mnist1d(split_seed)
+        return x[:, None], y, x_te[:, None], y_te, "signal", True, source
+    if source == "tokens":
+        return (*tokens.load(split_seed), "tokens", False, source)
+    which, sep, path = source.partition(":")
+    if sep and which in data_files.CIFAR_FILES:
+        (x, y, x_te, y_te, kind), name = data_files.read_cifar(which, path), which
+    elif os.path.isdir(source):
+        (x, y, x_te, y_te, kind), name = data_files.read_image_folder(source), os.path.basename(os.path.normpath(source))
+    elif source.endswith(".npz") or os.path.exists(source):
+        (x, y, x_te, y_te, kind), name = data_files.read_npz(source), os.path.basename(source)
+    else:
+        raise DatasetError(f"unknown dataset {source!r}: use {', '.join(NAMES)}, cifar10:PATH, cifar100:PATH, "
+                           "an image folder or a path to an .npz file")
+    x = _check_inputs(name, x, "x", min_rows=10)
+    y = _label_vector(name, y, "y", "x", len(x))
+    if x_te is None:
+        return (*_split(x, y, split_seed, test_fraction), kind, True, name)
+    x_te = _check_inputs(name, x_te, "x_test", min_rows=1)
+    if x_te.shape[1:] != x.shape[1:]:
+        what = f"{x.shape[1]} features but x_test has {x_te.shape[1]}" if x.ndim == 2 else \
+            f"samples of shape {x.shape[1:]} but x_test has {x_te.shape[1:]}"
+        raise DatasetError(f"{name}: x has {what}")
+    return x, y, x_te, _label_vector(name, y_te, "y_test", "x_test", len(x_te)), kind, True, name
 
 
 def _split(x, y, seed, test_fraction):
@@ -104,51 +154,103 @@ def _mnist1d(seed):
             d["y_test"].astype(np.int64))
 
 
-def _npz(path, seed, test_fraction):
-    if not os.path.exists(path):
-        raise DatasetError(f"{path}: no such file")
-    try:
-        # allow_pickle=False: an .npz must never run code when loaded.
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as exc:  # zipfile / format errors come in many types
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DatasetError(f"{path}: missing array {key!r} (found {sorted(arrays)}); expected x (n x d float) "
-                               "and y (n integer labels), optionally x_test and y_test")
-    if ("x_test" in arrays) != ("y_test" in arrays):
-        raise DatasetError(f"{path}: give both x_test and y_test, or neither")
-    x, y = _check_xy(path, arrays["x"], arrays["y"], "x", "y", min_rows=10)
-    if "x_test" in arrays:
-        x_te, y_te = _check_xy(path, arrays["x_test"], arrays["y_test"], "x_test", "y_test", min_rows=1)
-        if x_te.shape[1] != x.shape[1]:
-            raise DatasetError(f"{path}: x has {x.shape[1]} features but x_test has {x_te.shape[1]}")
-        return x, y, x_te, y_te
-    return _split(x, y, seed, test_fraction)
+# ---- checks ---------------------------------------------------------------------------------------
 
-
-def _check_xy(path, x, y, xn, yn, min_rows):
-    if x.ndim != 2:
-        raise DatasetError(f"{path}: {xn} must be a 2-D array (n x d), got shape {x.shape}")
+def _check_inputs(name, x, xn, min_rows):
+    """Real numbers (or integer token ids), no empty sample dimension, enough rows, finite in float32."""
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise DatasetError(f"{path}: {xn} must hold real numbers, got {x.dtype}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise DatasetError(f"{path}: {yn} must be 1-D with one label per row of {xn} ({len(x)}), got shape {y.shape}")
+        raise DatasetError(f"{name}: {xn} must hold real numbers, got {x.dtype}")
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise DatasetError(f"{name}: {xn} has samples of shape {x.shape[1:]}: every sample needs at least one value")
+    if len(x) < min_rows:
+        raise DatasetError(f"{name}: {xn} has {len(x)} rows; need at least {min_rows}")
+    if np.issubdtype(x.dtype, np.integer):
+        return x
+    if not np.all(np.isfinite(x)):
+        raise DatasetError(f"{name}: {xn} holds NaN or infinite values")
+    if np.abs(x).max() > np.finfo(np.float32).max:
+        raise DatasetError(f"{name}: {xn} holds values beyond float32's range (up to {np.abs(x).max():.3g})")
+    return x.astype(np.float32)
+
+
+def _label_vector(name, y, yn, xn, rows):
+    if y.ndim != 1 or len(y) != rows:
+        raise DatasetError(f"{name}: {yn} must be 1-D with one label per row of {xn} ({rows}), got shape {y.shape}")
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DatasetError(f"{path}: {yn} must hold integer class labels")
-        y = y.astype(np.int64)
+            raise DatasetError(f"{name}: {yn} must hold integer class labels")
     elif not np.issubdtype(y.dtype, np.integer):
-        raise DatasetError(f"{path}: {yn} must hold integer class labels, got {y.dtype}")
+        raise DatasetError(f"{name}: {yn} must hold integer class labels, got {y.dtype}")
     if len(y) and y.min() < 0:
-        raise DatasetError(f"{path}: {yn} has negative labels; use 0..classes-1")
-    if len(x) < min_rows:
-        raise DatasetError(f"{path}: {xn} has {len(x)} rows; need at least {min_rows}")
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise DatasetError(f"{path}: {xn} holds NaN or infinite values")
-    return x, y.astype(np.int64)
+        raise DatasetError(f"{name}: {yn} has negative labels; use 0..classes-1")
+    return y
+
+
+def _check_labels(name, y_tr, y_te):
+    """Labels 0..C-1, every class in the training set (a class never trained on cannot be judged,
+    and a label like 1e9 would size the output layer), test labels among the training classes.
+    Checked on the raw values (uint64 >= 2^63 would turn negative as int64)."""
+    seen = np.unique(y_tr)
+    if len(seen) < 2:
+        raise DatasetError(f"{name}: the training labels hold {len(seen)} class(es) ({_few(seen)}); "
+                           "unlearning is judged on a classifier of at least 2 classes")
+    unseen_test = np.setdiff1d(np.unique(y_te), seen)
+    if len(unseen_test):
+        raise DatasetError(f"{name}: test labels never in the training labels: {_few(unseen_test)}")
+    if seen[-1] != len(seen) - 1:  # sorted, unique, >= 0: 0..C-1 exactly when the largest is C-1
+        raise DatasetError(f"{name}: labels must be 0..C-1 with every class in the training set; the training "
+                           f"labels are {_few(seen)} ({len(seen)} classes, largest {int(seen[-1])}): renumber them "
+                           f"0..{len(seen) - 1}")
+    return y_tr.astype(np.int64), y_te.astype(np.int64)
+
+
+def _few(values, at_most: int = 8) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:at_most])
+    return "{" + shown + (f", ... {len(values) - at_most} more" if len(values) > at_most else "") + "}"
+
+
+def _shape_for(form, name, kind, x_tr, x_te):
+    """The arrays in the form the model reads, or a refusal naming both. An integer table is token
+    ids for a model that reads tokens (and for a user's factory), features for a table model."""
+    integers = kind == "table" and np.issubdtype(x_tr.dtype, np.integer)
+    if form is None:
+        return ("tokens" if integers else kind), x_tr, x_te
+    if form == "grid" and kind in ("image", "signal"):
+        return kind, x_tr, x_te
+    if form == "table" and kind != "tokens":
+        flat = lambda a: a.reshape(len(a), -1).astype(np.float32)  # noqa: E731
+        return "table", flat(x_tr), flat(x_te)
+    if form == "tokens" and (kind == "tokens" or integers):
+        return "tokens", x_tr, x_te
+    wants = {"table": "a table (n x d) or images", "grid": "images (n x C x H x W) or signals (n x C x L)",
+             "tokens": "integer token sequences (n x T)"}[form]
+    has = {"table": f"a table of shape {x_tr.shape}", "image": f"images of shape {x_tr.shape[1:]}",
+           "signal": f"signals of shape {x_tr.shape[1:]}", "tokens": f"token sequences of shape {x_tr.shape}"}[kind]
+    if kind == "table" and form == "tokens":
+        has = f"a table of {x_tr.dtype} values (token ids must be stored as integers)"
+    raise DatasetError(f"{name}: the model reads {wants}, but the data are {has}")
+
+
+def _check_tokens(name, x_tr, x_te):
+    both = [x_tr, x_te]
+    low, high = min(int(a.min()) for a in both), max(int(a.max()) for a in both)
+    if low < 0:
+        raise DatasetError(f"{name}: token ids must be >= 0, got {low}")
+    if high >= MAX_TOKEN_IDS:
+        raise DatasetError(f"{name}: token ids up to {high}; at most {MAX_TOKEN_IDS} ids (renumber them 0..V-1)")
+    return high + 1
+
+
+def _standardize(name, kind, x_tr, x_te):
+    axes = (0,) if kind == "table" else (0, *range(2, x_tr.ndim))  # per feature, or per channel
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below, with the reason
+        mean, std = x_tr.mean(axes, keepdims=True), x_tr.std(axes, keepdims=True)
+        std[std == 0] = 1.0  # constant features stay constant (zero after centering)
+        out = (x_tr - mean) / std, (x_te - mean) / std
+    if not all(np.all(np.isfinite(a)) for a in out):
+        raise DatasetError(f"{name}: standardizing the inputs overflowed float32 (values up to "
+                           f"{float(np.abs(x_tr).max()):.3g}); rescale them")
+    return out
 
 
 def _flip_labels(y, fraction, seed, classes):

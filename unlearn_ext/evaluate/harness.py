@@ -7,10 +7,17 @@ and seed, with the do-nothing row beside them and the noise floor of retraining 
 One record per (dataset, model, method, ratio, seed) with plain measure names (see RECORD_FIELDS);
 `summarize` gives means and spreads over seeds. Rows: `original` (no unlearning) and `retrain`
 always, then the methods. Per-run MIA gaps are |MIA - MIA of that run's reference retrain|.
+
+A method that cannot serve the run (e.g. one needing per-sample quantities on a BatchNorm model)
+is recorded, not raised: its rows carry status 'refused' and the method's message in `reason`,
+and the other methods go on. Cost is reported three ways against that ratio's retraining: wall
+time, CPU time of the process (all threads) and sample-gradient evaluations. One-off warm-ups are
+paid while the unlearner is built (build_seconds), outside the timed request.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Callable
@@ -19,9 +26,10 @@ import numpy as np
 import torch
 
 from .. import metrics, mia
-from ..data import SGDConfig, TrainingData, retrain, train_sgd
+from ..data import TrainingData, retrain
 from . import models
 from .datasets import Dataset
+from .training import RecipeOptions
 from .memory import PeakMemory
 from . import ud as ud_column
 from .methods import OTHER_SEED_OFFSET, Method, Run, other_seed_config, reinitialized, resolve
@@ -31,7 +39,9 @@ RECORD_FIELDS = {
               "their own training, e.g. pcmu)",
     "reference": "what the row is compared with: retrain (plain SGD without F) or pcmu-coupled-retrain",
     "ratio": "forget ratio |F| / n", "seed": "training seed", "forget_size": "|F|",
-    "status": "the method's report status (original/retrain rows: 'reference')",
+    "status": "the method's report status (original/retrain rows: 'reference'; 'refused': the method cannot serve "
+              "this model or data, its message in reason, measures None)",
+    "reason": "the method's report reason (e.g. which safety check made it fall back) or, when refused, its message",
     "test_acc": "accuracy on the test set", "retain_acc": "accuracy on R = D \\ F",
     "forget_acc": "accuracy on F", "mia_auc": "loss-threshold MIA AUC, F vs test",
     "mia_gap": "|mia_auc - mia_auc of the reference retrain| (this run)",
@@ -41,7 +51,12 @@ RECORD_FIELDS = {
     "fr_raw": "raw forgetting rate (A_orig(F) - A_new(F)) / A_orig(F)", "fr_note": "why fr is None",
     "mrr": "memory retention rate A_new(R) / A_orig(R)",
     "seconds": "wall time of the unlearning call (retrain row: of retraining)",
+    "cpu_seconds": "CPU time of the process (all threads) during the unlearning call (retrain row: of retraining)",
+    "build_seconds": "wall time of building the unlearner: one-off warm-ups (the first forward-over-reverse "
+                     "product in a process) are paid here, not inside the request (None on reference rows)",
     "speedup": "reference retrain seconds / seconds", "cost_vs_retrain": "sample-gradient cost / retraining's",
+    "wall_vs_retrain": "seconds / the reference retrain's seconds (this ratio)",
+    "cpu_vs_retrain": "cpu_seconds / the reference retrain's cpu_seconds (this ratio)",
     "history_bytes": "history bytes the method read",
     "peak_memory_bytes": "peak memory growth of the unlearning call (method rows; else None), as peak_memory_kind "
                          "says: cpu_rss_growth = peak resident set during the call minus the resident set at its "
@@ -79,32 +94,39 @@ def forget_ids(data: TrainingData, ratio: float, seed: int) -> torch.Tensor:
     return data.ids[torch.from_numpy(rng.choice(len(data), k, replace=False))].sort().values
 
 
-def default_config(model: str, epochs: int | None, seed: int) -> SGDConfig:
-    """Plain-SGD settings per model (fixed before any evaluation; not tuned on reported seeds)."""
-    if model == "logreg":
-        return SGDConfig(epochs=epochs or 20, batch_size=64, lr=0.1, weight_decay=1e-3, seed=seed)
-    if model == "mlp":
-        return SGDConfig(epochs=epochs or 30, batch_size=64, lr=0.1, weight_decay=1e-4, seed=seed)
-    return SGDConfig(epochs=epochs or 150, batch_size=32, lr=0.05, weight_decay=0.0, seed=seed)  # memorizing
-
-
-def sgd_config(model: str, epochs: int | None, seed: int, sgd: dict | None = None) -> SGDConfig:
-    """default_config, or a named setting's SGD fields (settings.py); epochs overrides either."""
-    if sgd is None:
-        return default_config(model, epochs, seed)
-    return SGDConfig(**{**sgd, **({"epochs": epochs} if epochs else {})}, seed=seed)
+def check_forget_sizes(n: int, ratios) -> None:
+    """Refuses ratios whose forget set would be the whole training set (nothing left to retrain on)."""
+    for ratio in ratios:
+        k = max(1, int(round(ratio * n)))
+        if k >= n:
+            raise ValueError(f"forget ratio {ratio:g} of n = {n} training samples forgets {k}, all of them: "
+                             "use more samples or a smaller ratio")
 
 
 def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, widths=None,
-              sgd: dict | None = None) -> Run:
+              sgd: dict | None = None, *, recipe: RecipeOptions | None = None, model_options: dict | None = None,
+              device: str = "cpu") -> Run:
+    """Trains one seed's original. recipe: the run's training options (training.RecipeOptions) over
+    `sgd` (a named setting's SGD fields) or the model's defaults; epochs overrides both.
+    model_options: norm / dropout of the models that take them."""
     data = TrainingData(ds.x, ds.y)
-    initial = models.make(model, ds.features, ds.classes, seed, widths)
-    config = sgd_config(model, epochs, seed, sgd)
+    initial = build_model(ds, model, seed, widths, model_options).to(device)
+    options = recipe or RecipeOptions()
+    if epochs:
+        options = dataclasses.replace(options, epochs=epochs)
+    config = options.build(model, seed, len(data), base=sgd)
     began = time.perf_counter()
-    original = train_sgd(copy.deepcopy(initial), data, config)
+    original = config.train(copy.deepcopy(initial), data)
     # Held-out non-members for normalized ascent's stop: every other test sample.
     return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began,
                holdout=(ds.x_test[::2], ds.y_test[::2]))
+
+
+def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: dict | None = None):
+    """The initial model of seed `seed` for these data, checked to give (batch, classes) outputs."""
+    net = models.make(model, ds.input_shape, ds.classes, seed, widths, vocab=ds.vocab, **(model_options or {}))
+    models.check_outputs(net, ds.x, ds.classes, model)
+    return net
 
 
 def _measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
@@ -127,7 +149,8 @@ def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: 
            **measured, "mia_gap": abs(measured["mia_auc"] - ref["mia_auc"]),
            "d_d0": metrics.distance_ratio(w, w_orig, w_ref), "fr": fr, "fr_raw": fr_raw, "fr_note": note,
            "mrr": metrics.retention_rate(measured["retain_acc"], orig["retain_acc"]),
-           "seconds": None, "speedup": None, "cost_vs_retrain": None, "history_bytes": 0,
+           "reason": "", "seconds": None, "cpu_seconds": None, "build_seconds": None, "speedup": None,
+           "cost_vs_retrain": None, "wall_vs_retrain": None, "cpu_vs_retrain": None, "history_bytes": 0,
            "peak_memory_bytes": None, "peak_memory_kind": None, "details": {}, "ud": None, "ud_note": None,
            "ud_checks": None}
     row.update(extra)
@@ -136,84 +159,166 @@ def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: 
 
 def evaluate(ds: Dataset | Callable[[int], Dataset], *, model: str = "mlp", methods=("pcmu", "finetune"), ratios=(0.01, 0.05, 0.1, 0.2, 0.3),
              seeds=(0,), epochs: int | None = None, widths=None, noise_floor_seeds: int = 2,
-             ud: bool = False, progress: Callable[[str], None] | None = None, sgd: dict | None = None) -> list[dict]:
+             ud: bool = False, progress: Callable[[str], None] | None = None, sgd: dict | None = None,
+             recipe: RecipeOptions | None = None, model_options: dict | None = None,
+             device: str = "cpu") -> list[dict]:
     """Runs every method against retraining; returns one record per row (RECORD_FIELDS). ud=True
     adds SPD-GAN's unlearning degree (evaluate/ud.py: about doubles the cost where |F| >= 30).
-    sgd: the SGD fields of a named setting (settings.py) instead of default_config's.
+    sgd: the SGD fields of a named setting (settings.py) instead of the model's defaults; recipe:
+    the command line's training options over either (training.py); model_options: norm / dropout.
     ds: a Dataset, or a function seed -> Dataset when the data depend on the training seed (label
-    noise drawn per seed: datasets.for_seeds)."""
+    noise drawn per seed: datasets.per_seed)."""
     specs = resolve(methods)
     tick = progress or (lambda what: None)
     records = []
     for seed in seeds:
-        seed_ds = ds(seed) if callable(ds) else ds
-        run = train_run(seed_ds, model, seed, epochs, widths, sgd)
+        seed_ds = _on_device(ds(seed) if callable(ds) else ds, device)
+        run = train_run(seed_ds, model, seed, epochs, widths, sgd, recipe=recipe, model_options=model_options,
+                        device=device)
         tick(f"seed {seed}: trained the original ({run.train_seconds:.1f} s)")
         prepared = {}
         for spec in specs:
-            prepared[spec.name] = spec.prepare(run)
+            prepared[spec.name] = _attempt(lambda: spec.prepare(run))
             tick(f"seed {seed}: prepared {spec.name}")
         for ratio in ratios:
             records += _evaluate_ratio(seed_ds, run, specs, prepared, ratio, noise_floor_seeds, tick, ud)
     return records
 
 
+@dataclasses.dataclass
+class Refusal:
+    """What a method raised instead of serving the run: recorded as its rows' reason."""
+    message: str
+
+
+def _attempt(work: Callable):
+    """work(), or a Refusal with its error in one line: one method that cannot serve a model must
+    not end the whole evaluation with a traceback."""
+    try:
+        return work()
+    except Exception as exc:  # any method's refusal or failure is recorded on its rows
+        return Refusal(" ".join(f"{type(exc).__name__}: {exc}".split()))
+
+
+def _on_device(ds: Dataset, device: str) -> Dataset:
+    if device == "cpu":
+        return ds
+    return dataclasses.replace(ds, x=ds.x.to(device), y=ds.y.to(device), x_test=ds.x_test.to(device),
+                               y_test=ds.y_test.to(device))
+
+
 def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: float, noise_floor_seeds: int,
                     tick, ud: bool = False) -> list[dict]:
     forget = forget_ids(run.data, ratio, run.seed)
-    began = time.perf_counter()
+    clock = _Clock()
     gold = retrain(run.initial, run.data, run.config, forget)
-    retrain_seconds = time.perf_counter() - began
+    retrain_cost = clock.stop()
     orig_m, gold_m = (_measure(m, ds, run.data, forget) for m in (run.original, gold))
     common = _noise_floor(ds, run, forget, noise_floor_seeds, gold_m)
     rows = [
         _row(run, "original", "retrain", ratio, forget, orig_m, gold_m, orig_m, run.original, run.original, gold,
              **common),
         _row(run, "retrain", "retrain", ratio, forget, gold_m, gold_m, orig_m, gold, run.original, gold,
-             seconds=retrain_seconds, speedup=1.0, cost_vs_retrain=1.0, **common),
+             seconds=retrain_cost.wall, cpu_seconds=retrain_cost.cpu, speedup=1.0, cost_vs_retrain=1.0,
+             wall_vs_retrain=1.0, cpu_vs_retrain=1.0, **common),
     ]
-    tick(f"seed {run.seed}, ratio {ratio:g}: retrained ({retrain_seconds:.1f} s)")
+    tick(f"seed {run.seed}, ratio {ratio:g}: retrained ({retrain_cost.wall:.1f} s)")
     for spec in specs:
         rows += _run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
-                            retrain_seconds, common)
+                            retrain_cost, common)
         tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
-    if ud:
-        ud_column.attach(rows, ds, run, specs, lambda spec, r: spec.prepare(r), forget, gold)
+    if ud and ds.kind == "tokens":
+        ud_column.not_computed(rows, "n/a: SPD-GAN perturbs continuous inputs; token ids are discrete")
+    elif ud:
+        done = _attempt(lambda: ud_column.attach(rows, ds, run, specs, lambda spec, r: spec.prepare(r), forget, gold))
+        if isinstance(done, Refusal):
+            ud_column.not_computed(rows, f"n/a: SPD-GAN failed on these data ({done.message})")
         tick(f"seed {run.seed}, ratio {ratio:g}: SPD-GAN unlearning degree")
     else:
         ud_column.not_computed(rows, "not computed (ud=False; `unlearn-ext eval` computes it, the demo with --ud)")
     return rows
 
 
-def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_seconds,
+@dataclasses.dataclass
+class Cost:
+    wall: float
+    cpu: float
+
+
+class _Clock:
+    """Wall time and the process's CPU time (every thread's) from construction to stop()."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> Cost:
+        return Cost(time.perf_counter() - self.wall, time.process_time() - self.cpu)
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference > 0 else None
+
+
+def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_cost: Cost,
                 common) -> list[dict]:
     """The method's row; for a method with its own training (PCMU) also that training's original
-    and coupled-retrain rows (<name>-original, <name>-retrain), its reference."""
+    and coupled-retrain rows (<name>-original, <name>-retrain), its reference. A method that
+    raises gives one row with status 'refused' and its message."""
+    if isinstance(prepared, Refusal):
+        return [_refused_row(run, spec, ratio, forget, prepared.message, common)]
     rows = []
     if spec.own_original is not None:
         original = spec.own_original(run, prepared)
-        began = time.perf_counter()
-        reference = spec.own_retrain(run, prepared, forget)
-        reference_seconds = time.perf_counter() - began
+        clock = _Clock()
+        reference = _attempt(lambda: spec.own_retrain(run, prepared, forget))
+        if isinstance(reference, Refusal):
+            return [_refused_row(run, spec, ratio, forget, reference.message, common)]
+        reference_cost = clock.stop()
         orig_m, ref_m = (_measure(m, ds, run.data, forget) for m in (original, reference))
         rows.append(_row(run, f"{spec.name}-original", spec.reference, ratio, forget, orig_m, ref_m, orig_m,
                          original, original, reference, **common))
         rows.append(_row(run, f"{spec.name}-retrain", spec.reference, ratio, forget, ref_m, ref_m, orig_m,
-                         reference, original, reference, seconds=reference_seconds, speedup=1.0,
-                         cost_vs_retrain=1.0, **common))
+                         reference, original, reference, seconds=reference_cost.wall,
+                         cpu_seconds=reference_cost.cpu, speedup=1.0, cost_vs_retrain=1.0, wall_vs_retrain=1.0,
+                         cpu_vs_retrain=1.0, **common))
     else:
-        original, reference, reference_seconds, ref_m = run.original, gold, retrain_seconds, gold_m
-    unlearner = spec.build(run, prepared)
+        original, reference, reference_cost, ref_m = run.original, gold, retrain_cost, gold_m
+    clock = _Clock()
+    unlearner = _attempt(lambda: spec.build(run, prepared))
+    build = clock.stop()
+    if isinstance(unlearner, Refusal):
+        return rows + [_refused_row(run, spec, ratio, forget, unlearner.message, common)]
     with PeakMemory(cuda=_on_cuda(unlearner.model)) as peak:
-        report = unlearner.unlearn(forget)
+        clock = _Clock()
+        report = _attempt(lambda: unlearner.unlearn(forget))
+        cost = clock.stop()
+    if isinstance(report, Refusal):
+        return rows + [_refused_row(run, spec, ratio, forget, report.message, common)]
     measured = _measure(unlearner.model, ds, run.data, forget)
     row = _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
-                reference, status=report.status, seconds=report.seconds,
-                speedup=reference_seconds / report.seconds if report.seconds > 0 else math.inf,
-                cost_vs_retrain=report.cost_vs_retrain, history_bytes=report.history_bytes_read,
-                peak_memory_bytes=peak.bytes, peak_memory_kind=peak.kind if peak.bytes is not None else None,
-                details=plain_details(report.details), **common)
+               reference, status=report.status, reason=report.reason, seconds=report.seconds,
+               cpu_seconds=cost.cpu, build_seconds=build.wall,
+               speedup=reference_cost.wall / report.seconds if report.seconds > 0 else math.inf,
+               cost_vs_retrain=report.cost_vs_retrain, wall_vs_retrain=_ratio(report.seconds, reference_cost.wall),
+               cpu_vs_retrain=_ratio(cost.cpu, reference_cost.cpu), history_bytes=report.history_bytes_read,
+               peak_memory_bytes=peak.bytes, peak_memory_kind=peak.kind if peak.bytes is not None else None,
+               details=plain_details(report.details), **common)
     return rows + [row]
+
+
+_UNMEASURED = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "fr_raw",
+               "mrr", "history_bytes")
+
+
+def _refused_row(run, spec: Method, ratio, forget, message: str, common) -> dict:
+    row = {"dataset": run.dataset, "model": run.model_name, "method": spec.name, "reference": spec.reference,
+           "ratio": ratio, "seed": run.seed, "forget_size": int(forget.numel()), "status": "refused",
+           "reason": message, **{k: None for k in _UNMEASURED}, "fr_note": "the method refused",
+           "seconds": None, "cpu_seconds": None, "build_seconds": None, "speedup": None, "cost_vs_retrain": None,
+           "wall_vs_retrain": None, "cpu_vs_retrain": None, "peak_memory_bytes": None, "peak_memory_kind": None,
+           "details": {}, "ud": None, "ud_note": None, "ud_checks": None}
+    row.update(common)
+    return row
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -275,12 +380,20 @@ def _noise_floor(ds, run: Run, forget, count: int, gold_m: dict) -> dict:
 
 
 MEASURES = ("test_acc", "retain_acc", "forget_acc", "mia_auc", "mia_gap", "mia_efficacy", "d_d0", "fr", "mrr", "ud",
-            "seconds", "speedup", "cost_vs_retrain", "history_bytes", "peak_memory_bytes", "retrain_spread_test_acc",
+            "seconds", "cpu_seconds", "build_seconds", "speedup", "wall_vs_retrain", "cpu_vs_retrain",
+            "cost_vs_retrain", "history_bytes", "peak_memory_bytes", "retrain_spread_test_acc",
             "retrain_spread_mia_auc", "retrain_floor_test_gap", "retrain_floor_mia_gap")
+# Fields measured on this machine rather than computed: they differ from run to run.
+TIMING_FIELDS = ("seconds", "cpu_seconds", "build_seconds", "speedup", "wall_vs_retrain", "cpu_vs_retrain",
+                 "peak_memory_bytes", "peak_memory_kind")
+# Where a record says why a measure is None.
+_NOTES = {"ud": "ud_note", "fr": "fr_note"}
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean and spread (max - min) over seeds per (dataset, model, method, ratio)."""
+    """Mean and spread (max - min) over seeds per (dataset, model, method, ratio). A measure no
+    seed could give keeps its place as None, with why in `<measure>_note` (the records' notes, or
+    the method's refusal)."""
     groups: dict = {}
     for r in records:
         groups.setdefault((r["dataset"], r["model"], r["method"], r["ratio"]), []).append(r)
@@ -288,9 +401,15 @@ def summarize(records: list[dict]) -> list[dict]:
     for (dataset, model, method, ratio), rows in groups.items():
         s = {"dataset": dataset, "model": model, "method": method, "ratio": ratio, "seeds": len(rows),
              "reference": rows[0]["reference"], "statuses": sorted({r["status"] for r in rows})}
+        refusals = sorted({r["reason"] for r in rows if r["status"] == "refused"})
+        if refusals:
+            s["refused"] = refusals
         for k in MEASURES:
             vals = [r[k] for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
             s[k] = float(np.mean(vals)) if vals else None
             s[k + "_spread"] = float(max(vals) - min(vals)) if len(vals) > 1 else None
+            if not vals:
+                notes = sorted({r.get(_NOTES[k]) or "" for r in rows} - {""}) if k in _NOTES else []
+                s[k + "_note"] = "; ".join(notes or [f"refused: {m}" for m in refusals]) or None
         out.append(s)
     return out

@@ -53,12 +53,12 @@ class Setting:
         """(TrainingData, initial model, SGDConfig) of one training seed, as the harness builds them
         (for benchmarks and diagnostics that train outside the harness)."""
         from ..data import TrainingData
-        from . import models
-        from .harness import sgd_config
+        from .harness import build_model
+        from .training import RecipeOptions
 
         ds = self.dataset(seed)
-        return (TrainingData(ds.x, ds.y), models.make(self.model, ds.features, ds.classes, seed, self.widths),
-                sgd_config(self.model, epochs, seed, self.sgd))
+        return (TrainingData(ds.x, ds.y), build_model(ds, self.model, seed, self.widths),
+                RecipeOptions(epochs=epochs).build(self.model, seed, len(ds.y), base=self.sgd))
 
     def harness_options(self) -> dict:
         """The keyword arguments of harness.evaluate that this setting fixes."""
