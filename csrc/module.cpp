@@ -1,10 +1,15 @@
-// The `_C` Python module: build and CPU-feature information only. Tensor ops go through the
+// The `_C` Python module: build and CPU-feature information, and the registration of the ops'
+// autograd kernels (ops.cpp). Tensor ops go through the
 // dispatcher registry (ops.cpp), never through pybind11, so torch.compile and opcheck see them.
 #include <torch/extension.h>
 
 #include <string>
 
 #include "cpu/mc_kernel.h"
+
+namespace unlearn {
+int64_t register_autograd_kernels();  // ops.cpp
+}
 
 namespace {
 
@@ -40,6 +45,8 @@ std::string cpu_vector_isa() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unlearn_ext compiled kernels (ops are registered under torch.ops.unlearn_ext)";
+  m.def("register_autograd_kernels", &unlearn::register_autograd_kernels,
+        "Registers the Autograd and ADInplaceOrView kernels of every defined unlearn_ext op (once)");
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in");
   m.def("cpu_flags", &cpu_flags, "Extra compiler flags the CPU kernels were built with");
   m.def("cpu_vector_isa", &cpu_vector_isa, "Widest x86 vector ISA the CPU kernels were compiled for");

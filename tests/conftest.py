@@ -5,13 +5,17 @@ Conventions used across the files:
   present, 'cuda' (marked `cuda`). On 'cuda' a test compares the CUDA result with the CPU kernel
   and with the pure-PyTorch reference; on 'cpu' with the reference.
 * Kernel results are compared with `unlearn_ext.reference`, the truth (docs/design.md §2).
+* `BACKENDS` / `served_by(backend)` run a test of the raw ops on the compiled kernels or on the
+  reference kernels as the dispatcher serves them (the ops' default kernel).
 * Monte-Carlo results may differ from the reference where a Phi threshold rounds differently
   (docs/design.md §3). `mc_compare` measures that rate, bounds it, and records it; the session
   summary prints the rates observed (`pytest -rA` or the default `-ra` shows the summary).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -28,6 +32,33 @@ requires_compiled = pytest.mark.skipif(not ue.compiled(), reason="compiled exten
                                        "(backend is the reference)")
 
 CUDA_OK = torch.cuda.is_available() and ue.cuda_built()
+
+
+BACKENDS = ["compiled", "reference"]
+
+
+@contextlib.contextmanager
+def served_by(backend: str):
+    """The raw ops served by `backend` for the duration. 'compiled' needs the extension (the test
+    skips without it). 'reference' runs the reference kernels through the dispatcher: natively where
+    the extension is not loaded (they are every op's default kernel), else registered for the CPU
+    and CUDA keys over the compiled kernels, which come back when the block ends."""
+    if backend == "compiled":
+        if not ue.compiled():
+            pytest.skip("compiled extension not loaded (backend is the reference)")
+        yield
+        return
+    if not ue.compiled():
+        yield
+        return
+    from unlearn_ext.ops import registry
+    with torch.library._scoped_library("unlearn_ext", "IMPL") as lib:
+        with warnings.catch_warnings():  # "overriding a previously registered kernel" is the point
+            warnings.simplefilter("ignore")
+            for name in registry.NAMES:
+                for key in ("CPU", "CUDA"):
+                    lib.impl(name, registry.reference_kernel(name), key)
+        yield
 
 
 def devices():

@@ -110,3 +110,14 @@ def test_reference_fallback_in_subprocess():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("mode", ["analytic", "mc"])
+def test_step_refuses_params_whose_elements_share_memory(mode):
+    """A parameter view whose elements are one memory location (as_strided with stride 0) would be
+    written several times: refused before any work, as torch's in-place ops refuse it."""
+    base = torch.arange(3.0)
+    params = [base.as_strided((10,), (0,)), torch.zeros(3, 2)]
+    with pytest.raises(RuntimeError, match="quantized_step_" + mode + "_ writes a tensor whose elements share memory"):
+        ue.smooth_quantize_step_(params, G, step_size=0.1, tau=0.1, sigma=0.2, mode=mode)
+    assert torch.equal(base, torch.arange(3.0)) and torch.equal(params[1], torch.zeros(3, 2))

@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from unlearn_ext import ops as _ops, reference
 from unlearn_ext.reference import codecs as ref_history
-from conftest import DTYPES, LAYOUTS, assert_lists_equal, devices, make_list, make_tensor, requires_compiled, to_cpu
+from conftest import (BACKENDS, DTYPES, LAYOUTS, assert_lists_equal, devices, make_list, make_tensor, requires_compiled,
+                      served_by, to_cpu)
 
 SIZES = [0, 1, 255, 1000003]
 BLOCKS = [64, 256, 4096]
@@ -162,8 +163,9 @@ def test_axpy_matches_reference(device, bits, block, dtype):
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dot_matches_reference(device, bits, block, dtype):
-    """<deq(q), v> to float32 accumulation accuracy: each block sums <= block products in float32,
-    so the error is below block * 2^-24 * sum |deq * v| (plus the float64 sum over blocks)."""
+    """<deq(q), v> to float64 accumulation accuracy: each block sums <= block products in float64
+    and the blocks' terms are summed in float64, so kernel and reference, which add in different
+    orders, differ by less than 2 (block + blocks) * 2^-53 * sum |deq * v|."""
     x = make_list([1, 255, 100003, 0], LAYOUTS, torch.float32, device, seed=6)
     codes, scales = _ops.blockwise_quantize(x, bits, block)
     v = make_list([1, 255, 100003, 0], LAYOUTS, dtype, device, seed=9)
@@ -172,7 +174,24 @@ def test_dot_matches_reference(device, bits, block, dtype):
     assert got.dtype == torch.float64 and got.shape == ()
     mag = sum(float((ref_history.dequantize_values(c.cpu(), s.cpu(), bits, block, t.numel()).double()
                      * t.cpu().reshape(-1).double()).abs().sum()) for c, s, t in zip(codes, scales, v))
-    assert abs(float(got) - float(want)) <= block * 2**-24 * mag + 1e-300
+    blocks = sum(ref_history.block_count(t.numel(), block) for t in v)
+    assert abs(float(got) - float(want)) <= 2 * (block + blocks) * 2**-53 * mag + 1e-300
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dot_sums_each_block_in_float64(device, backend):
+    """One block of codes 127 against v = 2^25, 1, -2^25 on positions 0, 16, 32: the block's sum of
+    code * v is 127, which a float32 sum loses (2^25 * 127 + 127 rounds back to 2^25 * 127); in
+    float64 every step is exact, so the result is exactly 127 * scale."""
+    codes, scales = _ops.blockwise_quantize([torch.ones(64, device=device)], 8, 64)
+    assert torch.all(codes[0] == 127)
+    v = torch.zeros(64, device=device)
+    v[0], v[16], v[32] = 2.0**25, 1.0, -(2.0**25)
+    with served_by(backend):
+        got = _ops.dequantize_dot(codes, scales, [v], 8, 64)
+    assert got.dtype == torch.float64
+    assert got.item() == 127.0 * float(scales[0][0])
 
 
 @pytest.mark.parametrize("device", devices())

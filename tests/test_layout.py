@@ -80,18 +80,19 @@ def test_public_names_exist():
 
 
 def registered_ops() -> list[str]:
-    return re.findall(r'^\s*"([a-z_0-9]+)\(', (ROOT / "csrc" / "ops.cpp").read_text(), re.M)
+    return re.findall(r'^\s*"([a-z_0-9]+)\(', (PACKAGE / "ops" / "schemas.py").read_text(), re.M)
 
 
 def test_every_op_has_its_six_places():
-    """schema (csrc/ops.cpp), CPU body (csrc/cpu/<family>_cpu.cpp), CUDA body
+    """schema (unlearn_ext/ops/schemas.py), CPU body (csrc/cpu/<family>_cpu.cpp), CUDA body
     (csrc/cuda/<family>_cuda.cu), reference (unlearn_ext/reference/<family>.py), wrapper
-    (unlearn_ext/ops/__init__.py) and fake (unlearn_ext/ops/fakes.py)."""
+    (unlearn_ext/ops/__init__.py) and fake (unlearn_ext/ops/fakes.py, FAKES) with its argument check
+    (unlearn_ext/ops/op_checks.py, CHECKS)."""
     ops = registered_ops()
     assert len(ops) >= 16  # the parser must find the registry, not an empty list
     cpu = {p.name[:-len("_cpu.cpp")]: p.read_text() for p in (ROOT / "csrc" / "cpu").glob("*_cpu.cpp")}
     wrappers = (PACKAGE / "ops" / "__init__.py").read_text()
-    fakes = (PACKAGE / "ops" / "fakes.py").read_text()
+    from unlearn_ext.ops import fakes, op_checks
     problems = []
     for op in ops:
         families = [f for f, text in cpu.items() if f'm.impl("{op}"' in text]
@@ -107,8 +108,10 @@ def test_every_op_has_its_six_places():
             problems.append(f"{op}: no reference in {reference.relative_to(ROOT)}")
         if not re.search(rf"^def {op}\(", wrappers, re.M):
             problems.append(f"{op}: no wrapper in unlearn_ext/ops/__init__.py")
-        if f'"unlearn_ext::{op}"' not in fakes:
+        if op not in fakes.FAKES:
             problems.append(f"{op}: no fake in unlearn_ext/ops/fakes.py")
+        if op not in op_checks.CHECKS:
+            problems.append(f"{op}: no argument check in unlearn_ext/ops/op_checks.py")
         if not hasattr(ue.reference, op):
             problems.append(f"{op}: not exported by unlearn_ext.reference")
     assert not problems, "\n".join(problems)

@@ -1,13 +1,14 @@
-"""Every registered op passes torch.library.opcheck and traces under torch.compile (docs/design.md §2).
+"""Every registered op passes torch.library.opcheck and traces under torch.compile (docs/design.md §2),
+served by the compiled kernels and by the reference kernels alike (`backend`: conftest.served_by).
 
 * OP_CASES: one table, a row per (op, inputs) with small odd-sized lists, fp32 and fp16/bf16,
-  non-contiguous tensors and empty lists where the op takes them; each row runs opcheck on every
-  device (schema, autograd registration, fake tensor, aot_dispatch).
+  non-contiguous tensors and empty lists; each row runs opcheck on every device and backend
+  (schema, autograd registration, fake tensor, aot_dispatch).
 * test_every_registered_op_has_a_row enumerates the dispatcher's registry, so a new op without a
   row (or a row left behind by a removed op) fails.
-* Fakes check their inputs like the kernels (BAD_INPUTS: same message from both) and agree with the
-  wrappers on empty lists.
-* One torch.compile(fullgraph=True) test per op family, bit for bit against eager.
+* One bad-input table: every backend and the fakes refuse each row with a RuntimeError and the same
+  message, before any work; the ops and the fakes agree on empty lists.
+* One torch.compile(fullgraph=True) test per op family and backend, bit for bit against eager.
 """
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ from torch.utils._pytree import tree_map_only
 import unlearn_ext as ue
 from unlearn_ext import ops as _ops
 
-from conftest import LAYOUTS, devices, make_list, make_params, requires_compiled
-
-pytestmark = requires_compiled
+from conftest import BACKENDS, LAYOUTS, devices, make_list, make_params, served_by
 
 OPS = torch.ops.unlearn_ext
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -312,9 +311,16 @@ def _op(name: str):
 
 # ---- opcheck ----------------------------------------------------------------------------------------
 
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Which kernels serve the ops in the test: the compiled ones or the reference (conftest)."""
+    with served_by(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", OP_CASES, ids=lambda c: f"{c.op}-{c.id}")
-def test_opcheck(case, device):
+def test_opcheck(case, device, backend):
     op = _op(case.op)
     torch.library.opcheck(op, case.args(device), test_utils=case.test_utils)
 
@@ -347,12 +353,55 @@ def _q(bits=8, block=64):
     return OPS.blockwise_quantize(_g(), bits, block)
 
 
+OVERLAP = "writes a tensor whose elements share memory"
+
+
+def _overlap():
+    """Like _g(), but the first tensor's 5 elements are one (an as_strided view with stride 0)."""
+    return [torch.zeros(3).as_strided((5,), (0,)), torch.zeros(2, 3)]
+
+
+def tree_leaves_tensors(args):
+    return [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+
+
 def _bad_inputs():
-    """(op, id, arguments, message both the kernel and the fake must give). Built at collection
-    only where the compiled ops exist (some arguments come from the ops)."""
+    """(op, id, arguments, message every backend and the fake must give, as a RuntimeError)."""
+    ints = lambda *shapes, dtype=torch.int8: [torch.zeros(s, dtype=dtype) for s in shapes]  # noqa: E731
     return [
         ("philox_bits", "index_dtype", (torch.arange(4, dtype=torch.int32), 2, 0, 0), "element_index must be int64"),
-        ("philox_uniform", "draws", (torch.arange(4), -1, 0, 0), "draws must be >= 0"),
+        ("philox_uniform", "draws", (torch.arange(4), -1, 0, 0), r"draws must be in \[0, 65536\]"),
+        # A huge draws is refused before the (tens of GB) output is allocated.
+        ("philox_bits", "draws_huge", (torch.arange(4), 2**31, 0, 0), r"draws must be in \[0, 65536\]"),
+        ("philox_uniform", "draws_huge", (torch.arange(4), 2**31, 0, 0), r"draws must be in \[0, 65536\]"),
+        ("philox_bernoulli", "draws_huge", (torch.arange(4), 2**31, 0.5, 0, 0), r"draws must be in \[0, 65536\]"),
+        # Empty lists reach the op's checks like any other list.
+        ("quantize_analytic", "empty_beta", ([], -1.0, 0.0), "beta must be finite and >= 0"),
+        ("vote_accumulate_", "empty_tau", ([], [], float("nan")), "tau must be"),
+        ("quantized_step_analytic_", "empty", ([], [], 0.1, 0.1, 0.0, True), "the step needs at least one tensor"),
+        ("dequantize_dot", "empty_bits", ([], [], [], 3, 64), "bits must be 8"),
+        ("select_histogram", "empty_mode", ([], 5, 0, 0, 0, 0, 0, 16), "key mode must be 0"),
+        ("select_apply_", "empty_action", ([], [], [], [], 1, 0, 0, 0, 3, 1, 7, 0.5, 0, 0), "action must be 0"),
+        # Written tensors whose elements share memory (stride 0) are refused by every in-place op.
+        ("quantized_step_analytic_", "overlap", (_overlap(), _g(), 0.1, 0.1, 0.0, True), OVERLAP),
+        ("quantized_step_mc_", "overlap", (_overlap(), _g(), 0.1, 0.3, 4, 8, torch.zeros(9), 0, 0, 0.1, 0.0, True),
+         OVERLAP),
+        ("apply_codes_", "overlap", (_overlap(), ints(5, (2, 3)), 0.1), OVERLAP),
+        ("vote_accumulate_", "overlap", ([torch.zeros(1, dtype=torch.int16).expand(2, 5), *ints((2, 2, 3),
+                                          dtype=torch.int16)], _g(), 0.1), OVERLAP),
+        ("blockwise_dequantize_", "overlap", (_overlap(), *_q(), 8, 64), OVERLAP),
+        ("delta_encode_", "overlap_recon", (_g(), _overlap(), *[[torch.zeros_like(c) for c in part] for part in _q()],
+                                            8, 64), OVERLAP),
+        ("delta_encode_", "overlap_codes", (_g(), [torch.zeros(5), torch.zeros(2, 3)],
+                                            [torch.zeros(1, dtype=torch.int8).expand(5), *ints(6)], _q()[1], 8, 64),
+         OVERLAP),
+        ("dequantize_axpy_", "overlap", (_overlap(), 0.5, *_q(), 8, 64), OVERLAP),
+        ("select_apply_", "overlap", (_overlap(), _g(), [], [], 1, 0, 0, 0, 3, 1, 1, 0.5, 0, 0), OVERLAP),
+        ("select_apply_", "overlap_masks", (_g(), _g(), [], [torch.zeros(1, dtype=torch.bool).expand(5),
+                                                              *ints((2, 3), dtype=torch.bool)],
+                                            1, 0, 0, 0, 3, 1, 0, 0.0, 0, 0), OVERLAP),
+        ("select_apply_bin_", "overlap", (_overlap(), _g(), [], [], 1, 0, 0, 0, 0, 8, 1, 1, 0.5, 0, 0), OVERLAP),
+        ("select_mask_grad_", "overlap", (_overlap(), _g(), 1, 0, 0, 0, 3, 1), OVERLAP),
         ("philox_bernoulli", "p", (torch.arange(4), 2, 1.5, 0, 0), r"p must be in \[0, 1\]"),
         ("quantize_analytic", "int_grads", ([torch.arange(4)], 0.1, 0.0), "expected float32, float16 or bfloat16"),
         ("quantize_analytic", "mixed_dtypes", ([torch.randn(4), torch.randn(4).half()], 0.1, 0.0), "share one dtype"),
@@ -412,13 +461,17 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("name, args, message", [pytest.param(n, a, m, id=f"{n}-{i}")
-                                                 for n, i, a, m in (_bad_inputs() if ue.compiled() else [])])
-def test_kernel_and_fake_refuse_bad_inputs_alike(name, args, message):
+                                                 for n, i, a, m in _bad_inputs()])
+def test_every_backend_and_the_fake_refuse_bad_inputs_alike(name, args, message, backend):
     op = getattr(OPS, name)
-    with pytest.raises(RuntimeError, match=message):
+    before = tree_map_only(torch.Tensor, torch.clone, args)
+    with pytest.raises(RuntimeError, match=message) as refused:
         op(*args)
-    with pytest.raises(RuntimeError, match=message):
+    assert refused.type is RuntimeError
+    assert_bitwise(list(tree_leaves_tensors(args)), list(tree_leaves_tensors(before)), "arguments after the refusal")
+    with pytest.raises(RuntimeError, match=message) as refused:
         _on_fakes(op, args)
+    assert refused.type is RuntimeError
 
 
 def _meta(x):
@@ -430,39 +483,48 @@ def _meta(x):
     return x
 
 
-# Ops whose lists carry the only tensors: the wrapper answers an empty call (no dispatch key).
-EMPTY_WRAPPED = [
+# Calls whose lists are all empty carry no tensor, hence no device key: the ops' default kernel (the
+# reference) answers them on every backend, with the op's checks (the refusals are rows of the
+# bad-input table), never with the dispatcher's "no tensor arguments" error.
+EMPTY_CALLS = [
     ("quantize_analytic", ([], 0.2, 0.05)),
+    ("apply_codes_", ([], [], 0.1)),
     ("vote_accumulate_", ([], [], 0.2)),
     ("fragile_compact", ([], [], 0.05)),
+    ("blockwise_quantize", ([], 4, 64, "normal")),
+    ("blockwise_dequantize_", ([], [], [], 8, 64)),
+    ("delta_encode_", ([], [], [], [], 8, 128, "companded")),
+    ("dequantize_axpy_", ([], 0.5, [], [], 8, 64)),
+    ("dequantize_dot", ([], [], [], 4, 64)),
+    ("select_histogram", ([], 1, 0, 0, 0, 0, 0, 8)),
+    ("select_tie_boundary", ([], 1, 0, 0, 7, 5, 0)),
+    ("select_apply_", ([], [], [], [], 1, 0, 0, 0, 3, 1, 1, 0.5, 0, 0)),
+    ("select_histogram_near", ([], 1, 0, 0, 0, 3)),
+    ("select_apply_bin_", ([], [], [], [], 1, 0, 0, 0, 0, 8, 1, 1, 0.5, 0, 0)),
+    ("select_mask_grad_", ([], [], 1, 0, 0, 0, 3, 1)),
 ]
 
 
-@pytest.mark.parametrize("name, args", EMPTY_WRAPPED, ids=[n for n, _ in EMPTY_WRAPPED])
-def test_empty_lists_wrapper_and_fake_agree(name, args):
-    got = getattr(_ops, name)(*args)
+def test_every_op_taking_only_lists_has_an_empty_call():
+    """Every op without a lone Tensor argument (those always carry a device) has a row above."""
+    lists_only = {name for name in registered_ops()
+                  if not any(str(a.type) == "Tensor" for a in getattr(OPS, name).default._schema.arguments)}
+    assert lists_only == {n for n, _ in EMPTY_CALLS} | {"quantized_step_analytic_"}  # the step refuses
+
+
+@pytest.mark.parametrize("name, args", EMPTY_CALLS, ids=[n for n, _ in EMPTY_CALLS])
+def test_empty_lists_op_fake_and_reference_agree(name, args, backend):
+    got = getattr(OPS, name)(*args)
     assert _meta(got) == _meta(_on_fakes(getattr(OPS, name), args))
-    # ... and the wrapper gives what the kernels give for an empty list (see quantize_mc's row).
-    if name == "quantize_analytic":
-        want = OPS.quantize_mc([], 0.2, 0.3, 4, 8, _table(8, "cpu"), 0, 0, 0.05)
-        assert _meta(got) == _meta(want)
-        assert got[2].item() == float("inf") and got[3].tolist() == [0, 0, 0]
-    elif name == "vote_accumulate_":
-        assert got.item() == 0
+    want = getattr(ue.reference, name)(*args)  # the pure function, called directly
+    if got is None:
+        assert want is None
     else:
-        assert all(t.numel() == 0 for t in got)
-
-
-def test_empty_lists_wrapper_checks_arguments():
-    with pytest.raises(RuntimeError, match="beta must be finite"):
-        _ops.quantize_analytic([], -1.0, 0.0)
-    with pytest.raises(RuntimeError, match="tau must be"):
-        _ops.vote_accumulate_([], [], float("nan"))
-    # The fused steps refuse an empty list, the analytic one like the mc one (whose kernel says so).
-    with pytest.raises(RuntimeError, match="the step needs at least one tensor"):
-        _ops.quantized_step_analytic_([], [], 0.1, 0.1, 0.0, True)
-    with pytest.raises(RuntimeError, match="the step needs at least one tensor"):
-        _on_fakes(OPS.quantized_step_analytic_, ([], [], 0.1, 0.1, 0.0, True))
+        assert_bitwise(list(tree_leaves_tensors(got)), list(tree_leaves_tensors(want)))
+    # ... and for the analytic quantizer what the kernels give for an empty list (quantize_mc's row).
+    if name == "quantize_analytic":
+        assert _meta(got) == _meta(OPS.quantize_mc([], 0.2, 0.3, 4, 8, _table(8, "cpu"), 0, 0, 0.05))
+        assert got[2].item() == float("inf") and got[3].tolist() == [0, 0, 0]
 
 
 # ---- torch.compile, one test per family -------------------------------------------------------------
@@ -526,7 +588,7 @@ def assert_bitwise(a, b, what="result"):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_compile_rng(device):
+def test_compile_rng(device, backend):
     def fn(index):
         return (OPS.philox_bits(index, 7, -3, 11), OPS.philox_uniform(index, 5, 1 << 40, 0),
                 OPS.philox_bernoulli(index, 6, 0.25, 42, 3))
@@ -537,7 +599,7 @@ def test_compile_rng(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_compile_smoothing(device):
+def test_compile_smoothing(device, backend):
     def fn(params, grads, votes, sel, est, table):
         q = OPS.quantize_analytic(grads, 0.2, 0.05)
         m = OPS.quantize_mc(grads, 0.2, 0.3, 4, 8, table, 99, 3, 0.05)
@@ -563,7 +625,7 @@ def test_compile_smoothing(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_compile_fragile(device):
+def test_compile_fragile(device, backend):
     # fragile_compact's output size depends on the radii: the fake returns an unbacked size, which
     # dynamo keeps symbolic inside the graph (a custom op with a registered fake needs no
     # capture_dynamic_output_shape_ops, which only concerns aten ops like nonzero). The later ops
@@ -582,7 +644,7 @@ def test_compile_fragile(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_compile_codecs(device):
+def test_compile_codecs(device, backend):
     def fn(x, recon, codes_out, scales_out, y, out):
         codes, scales = OPS.blockwise_quantize(x, 4, 64)
         OPS.blockwise_dequantize_(out, codes, scales, 4, 64)                  # mutates out
@@ -610,7 +672,7 @@ def test_compile_codecs(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_compile_select(device):
+def test_compile_select(device, backend):
     def fn(scores, params, grads, masks):
         hist = OPS.select_histogram(scores, 1, 0, 0, 0, 0, 0, 16)
         ties = OPS.select_tie_boundary(scores, 1, 0, 0, 0, 0xBE000000, 3)

@@ -318,11 +318,9 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
         const float scale = static_cast<const float*>(scales[t])[b];
         const T* src = static_cast<const T*>(v_ptrs[t]) + e0;
         const uint8_t* c = code_at(codes[t], e0, bits);
-        double sum = block_dot<F, float>(c, src, e1 - e0);
-        // A float sum overflows to inf where the double one is finite: such blocks (and those holding
-        // NaN/Inf, rare) are summed again in double, which keeps the float speed everywhere else.
-        if (!std::isfinite(sum)) sum = block_dot<F, double>(c, src, e1 - e0);
-        partial[static_cast<size_t>(g)] = sum * static_cast<double>(scale);
+        // The block's sum in float64 (a level times a value is exact there), then the scale: the
+        // result the README promises, with no float32 cancellation inside a block.
+        partial[static_cast<size_t>(g)] = block_dot<F, double>(c, src, e1 - e0) * static_cast<double>(scale);
       });
     });
   });
@@ -333,60 +331,7 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
   return out;
 }
 
-// ---- empty lists ---------------------------------------------------------------------------------
-// A call whose lists are all empty carries no tensor, so the dispatcher has no device key to pick
-// a kernel by and falls back to CompositeExplicitAutograd. These kernels answer exactly that case
-// (empty results; the dot product is 0) and refuse tensors of any device without kernels.
-
-void require_empty(std::initializer_list<at::TensorList> lists, const char* op) {
-  for (const auto& l : lists) {
-    TORCH_CHECK(l.empty(), "unlearn_ext: ", op, " has no kernel for device ", l[0].device(),
-                " (kernels exist for CPU, and for CUDA in CUDA builds)");
-  }
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_empty(at::TensorList x, int64_t bits,
-                                                                                      int64_t block_size,
-                                                                                      c10::string_view levels) {
-  check_codec_args(bits, block_size, levels);
-  require_empty({x}, "blockwise_quantize");
-  return {};
-}
-
-void blockwise_dequantize_empty(at::TensorList out, at::TensorList codes, at::TensorList scales, int64_t bits,
-                                int64_t block_size, c10::string_view levels) {
-  check_codec_args(bits, block_size, levels);
-  require_empty({out, codes, scales}, "blockwise_dequantize_");
-}
-
-void delta_encode_empty(at::TensorList target, at::TensorList recon, at::TensorList codes, at::TensorList scales,
-                        int64_t bits, int64_t block_size, c10::string_view levels) {
-  check_codec_args(bits, block_size, levels);
-  require_empty({target, recon, codes, scales}, "delta_encode_");
-}
-
-void dequantize_axpy_empty(at::TensorList y, double, at::TensorList codes, at::TensorList scales, int64_t bits,
-                           int64_t block_size, c10::string_view levels) {
-  check_codec_args(bits, block_size, levels);
-  require_empty({y, codes, scales}, "dequantize_axpy_");
-}
-
-at::Tensor dequantize_dot_empty(at::TensorList codes, at::TensorList scales, at::TensorList v, int64_t bits,
-                                int64_t block_size, c10::string_view levels) {
-  check_codec_args(bits, block_size, levels);
-  require_empty({codes, scales, v}, "dequantize_dot");
-  return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
-}
-
 }  // namespace
-
-TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) {
-  m.impl("blockwise_quantize", &blockwise_quantize_empty);
-  m.impl("blockwise_dequantize_", &blockwise_dequantize_empty);
-  m.impl("delta_encode_", &delta_encode_empty);
-  m.impl("dequantize_axpy_", &dequantize_axpy_empty);
-  m.impl("dequantize_dot", &dequantize_dot_empty);
-}
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
   m.impl("blockwise_quantize", &blockwise_quantize_cpu);

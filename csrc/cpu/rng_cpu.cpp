@@ -5,17 +5,12 @@
 #include <torch/library.h>
 
 #include "unlearn/philox.h"
+#include "unlearn/rng_checks.h"
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
 namespace cpu {
 namespace {
-
-void check_rng_arguments(const at::Tensor& element_index, int64_t draws) {
-  TORCH_CHECK(element_index.scalar_type() == at::kLong, "unlearn_ext: element_index must be int64, got ",
-              element_index.scalar_type());
-  TORCH_CHECK(draws >= 0, "unlearn_ext: draws must be >= 0, got ", draws);
-}
 
 // Calls f(row, draw, word) for every (element, draw) pair, in parallel over elements.
 template <typename F>
@@ -59,7 +54,7 @@ at::Tensor philox_uniform_cpu(const at::Tensor& index, int64_t draws, int64_t se
 at::Tensor philox_bernoulli_cpu(const at::Tensor& index, int64_t draws, double p, int64_t seed,
                                 int64_t offset) {
   check_rng_arguments(index, draws);
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "unlearn_ext: p must be in [0, 1], got ", p);
+  check_probability(p);
   const uint32_t threshold = levels_below(p);
   at::Tensor out = at::empty(output_shape(index, draws), index.options().dtype(at::kBool));
   bool* o = out.data_ptr<bool>();

@@ -376,15 +376,6 @@ void apply_codes_cpu(at::TensorList params, at::TensorList codes_in, double step
   write_back(params, work);
 }
 
-// An empty list carries no tensor to pick a kernel by: the dispatcher falls back to this kernel
-// (nothing to do), which refuses tensors on devices without kernels.
-void apply_codes_empty(at::TensorList params, at::TensorList codes, double step_size) {
-  float32_arg(step_size, "step_size");
-  for (const auto& l : {params, codes})
-    TORCH_CHECK(l.empty(), "unlearn_ext: apply_codes_ has no kernel for device ", l[0].device(),
-                " (kernels exist for CPU, and for CUDA in CUDA builds)");
-}
-
 // ---- framework D: vote counters ----------------------------------------------------------------
 
 at::Tensor vote_accumulate_cpu(at::TensorList votes, at::TensorList grads_in, double tau) {
@@ -466,8 +457,6 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
   m.impl("vote_finalize", &vote_finalize_cpu);
   m.impl("apply_codes_", &apply_codes_cpu);
 }
-
-TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) { m.impl("apply_codes_", &apply_codes_empty); }
 
 }  // namespace cpu
 }  // namespace unlearn

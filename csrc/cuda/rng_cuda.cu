@@ -5,6 +5,7 @@
 
 #include "cuda_walk.cuh"
 #include "unlearn/philox.h"
+#include "unlearn/rng_checks.h"
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
@@ -33,9 +34,7 @@ __global__ void philox_kernel(const int64_t* index, int64_t count, int64_t draws
 template <Output kind, typename OutT>
 at::Tensor run(const at::Tensor& index, int64_t draws, int64_t seed, int64_t offset, at::ScalarType dtype,
                uint32_t threshold = 0) {
-  TORCH_CHECK(index.scalar_type() == at::kLong, "unlearn_ext: element_index must be int64, got ",
-              index.scalar_type());
-  TORCH_CHECK(draws >= 0, "unlearn_ext: draws must be >= 0, got ", draws);
+  check_rng_arguments(index, draws);
   c10::cuda::CUDAGuard guard(index.device());
   const at::Tensor idx = index.contiguous();
   std::vector<int64_t> shape(index.sizes().begin(), index.sizes().end());

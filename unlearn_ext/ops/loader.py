@@ -1,14 +1,13 @@
-"""Which implementation serves the ops: the compiled extension (`unlearn_ext._C`, which registers
-the operators with the dispatcher on import) when it is importable, else the pure-PyTorch reference
-(one warning). UNLEARN_EXT_BACKEND=reference forces the reference."""
+"""Whether the compiled extension serves the ops: `unlearn_ext._C`, which registers its CPU (and CUDA)
+kernels with the dispatcher on import, when it is importable; else the pure-PyTorch reference, the
+ops' default kernel (registry.py), serves every call (one warning). UNLEARN_EXT_BACKEND=reference
+forces the reference."""
 from __future__ import annotations
 
 import os
 import warnings
 
 import torch
-
-from .. import reference
 
 _C = None
 _LOAD_ERROR: Exception | None = None
@@ -52,15 +51,12 @@ def check_device(device: torch.device) -> None:
 
 
 def impl(name: str):
-    """The op itself when compiled, else the reference function of the same name (one warning)."""
+    """The op torch.ops.unlearn_ext.<name>; the first call without the compiled extension warns once
+    that the (slow) reference serves it."""
     global _warned
-    if _C is not None:
-        return getattr(torch.ops.unlearn_ext, name)
-    if not _warned:
+    if _C is None and not _warned:
         _warned = True
         why = f" ({_LOAD_ERROR})" if _LOAD_ERROR is not None else " (UNLEARN_EXT_BACKEND=reference)"
         warnings.warn(f"unlearn_ext: compiled extension not loaded{why}; using the pure-PyTorch "
                       "reference, which is correct but slow.", RuntimeWarning, stacklevel=3)
-    return getattr(reference, name)
-
-
+    return getattr(torch.ops.unlearn_ext, name)

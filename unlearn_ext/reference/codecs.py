@@ -12,7 +12,8 @@ step below is one float32 operation in the same order as csrc/include/unlearn/co
 Blocks are per tensor: tensor t is cut into ceil(numel / block_size) blocks in row-major order
 and its last block may be short. int8 codes are a flat int8 tensor; int4 codes a flat uint8
 tensor of ceil(numel / 2) bytes, element 2i in the low nibble and 2i + 1 in the high nibble
-(two's-complement nibbles). Only dequantize_dot is compared with a tolerance (summation order).
+(two's-complement nibbles). Only dequantize_dot is compared with a tolerance (the order of its
+float64 sums).
 
 Codebooks (the `levels` argument; "linear" is the above). Both are our own choices, tuned on
 Gaussian and Student-t(3) data at blocks 64 and 256 (see benchmarks/RESULTS.md for the figures):
@@ -261,8 +262,15 @@ def dequantize_dot(codes, scales, v, bits: int, block_size: int, levels: str = "
     check_codec_args(bits, block_size, levels)
     _check_floats(v, "v")
     _check_coded(codes, scales, v, "v", bits, block_size)
+    # As the kernels: per block, the float64 sum of level * value (each product exact in float64),
+    # times the block's scale; the blocks' terms summed in float64.
     total = torch.zeros((), dtype=torch.float64)
     for c, s, t in zip(codes, scales, v):
-        d = dequantize_values(c, s, bits, block_size, t.numel(), levels).to(torch.float64)
-        total += (d * t.reshape(-1).to(torch.float64)).sum().cpu()
+        n = t.numel()
+        products = level_values(unpack_codes(c, bits, n, levels), levels).to(torch.float64) * \
+            t.reshape(-1).to(torch.float64)
+        block_of = torch.arange(n, device=products.device) // block_size
+        sums = torch.zeros(block_count(n, block_size), dtype=torch.float64, device=products.device)
+        sums.index_add_(0, block_of, products)
+        total += (sums * s.reshape(-1).to(torch.float64)).sum().cpu()
     return total.to(v[0].device if v else "cpu")
