@@ -1,5 +1,5 @@
 """Pure-PyTorch reference of the selection family (docs/design.md §7, our formulation; the contract
-is in csrc/ops.cpp and csrc/include/unlearn/select.h).
+is in unlearn_ext/ops/schemas.py and csrc/include/unlearn/select.h).
 
 Keys are uint32 values held in int64 tensors. The reference may concatenate (it is the truth, not
 the fast path); the kernels never do.
