@@ -234,11 +234,21 @@ def test_history_methods_refuse_a_summed_loss(method):
         wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=nn.CrossEntropyLoss(reduction="sum"))
 
 
-@pytest.mark.parametrize("method", ["retrain", "mini", "topk"])
-def test_a_loss_that_is_not_a_mean_of_per_sample_losses_is_refused(method):
-    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0]))  # weighted mean: not a plain mean
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 5.0], [1.0, 1.0, 1.0]])
+def test_history_methods_refuse_a_loss_that_is_not_a_plain_mean(method, weights):
+    """A class-weighted mean divides by the batch's total weight; refused even with weights of 1,
+    where a probe alone could not tell it from a mean."""
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor(weights))
     with pytest.raises(ue.UnsupportedModelError, match="neither the mean nor the sum"):
         wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=weighted)
+
+
+def test_retraining_takes_any_batch_loss_as_the_user_wrote_it():
+    """Retraining repeats the user's own loss (here a class-weighted mean) exactly."""
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0]))
+    engine, model = wrap_and_train("retrain", lambda: cnn("group"), "adam+cosine", loss_fn=weighted)
+    assert same_state(retrain(engine.run.initial, engine.data, engine.recipe, []), model)
 
 
 # ---- one policy for layers: method x {BatchNorm, dropout + attention} ----------------------------------
