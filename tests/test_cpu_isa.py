@@ -8,7 +8,7 @@ import torch
 
 from unlearn_ext import ops, reference, selection as S
 from unlearn_ext.reference import select as RS
-from unlearn_ext.smoothing import radius_table
+from unlearn_ext.pcmu.smoothing import radius_table
 from conftest import DTYPES, LAYOUTS, assert_lists_equal, assert_quantize_equal, make_list, requires_compiled, signed64
 
 pytestmark = requires_compiled
@@ -207,9 +207,10 @@ def test_select_and_apply_identical(monkeypatch, path, by, action, alpha, with_s
     for (c_fast, m_fast), (c_scalar, m_scalar), k in zip(sel_fast, sel_scalar, (0, 1, 17, n // 100, n // 3)):
         assert c_fast == c_scalar == k
         assert_lists_equal(m_fast, m_scalar, "masks")
-    mode = {"abs": 1, "value": 0, "random": 2}[by]
-    like = scores if by != "random" else make_list(SIZES, LAYOUTS, torch.float32, "cpu", seed=9)
-    keys, _ = RS.keys_of(like, mode, -(1 << 40) - 3 if by == "random" else 0, 5 if by == "random" else 0, 0)
+    if by == "random":
+        keys, _ = RS.keys_of(make_list(SIZES, LAYOUTS, torch.float32, "cpu", seed=9), 2, -(1 << 40) - 3, 5, 0)
+    else:
+        keys, _ = RS.keys_of(scores, S.KEY_MODES[by], 0, 0, 0)
     order = torch.sort(keys, descending=True, stable=True).indices
     want = torch.zeros(n, dtype=torch.bool)
     want[order[: n // 3]] = True
@@ -236,7 +237,7 @@ def test_tie_boundary_and_mask_grad_identical(monkeypatch, path):
 
 # ---- codecs -------------------------------------------------------------------------------------------
 
-CODECS = [(8, "linear"), (4, "linear"), (4, "nf4"), (8, "compand8")]
+CODECS = [(8, "linear"), (4, "linear"), (4, "normal"), (8, "companded")]
 
 
 @pytest.mark.parametrize("path", _vector_paths())
@@ -245,13 +246,13 @@ CODECS = [(8, "linear"), (4, "linear"), (4, "nf4"), (8, "compand8")]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_codecs_identical_to_scalar(monkeypatch, path, bits, levels, block, dtype):
     x = make_list([37, 1, 255, 6, 0, 70001], LAYOUTS, dtype, "cpu", seed=31)
-    target = make_list([37, 1, 255, 6, 0, 70001], LAYOUTS, dtype, "cpu", seed=32)
+    target = make_list([37, 1, 255, 6, 0, 70001], LAYOUTS, torch.float32, "cpu", seed=32)  # the codecs' fp32 side
 
     def run():
         codes, scales = ops.blockwise_quantize(x, bits, block, levels)
         out = [torch.empty(t.shape, dtype=dtype) for t in x]
         ops.blockwise_dequantize_(out, codes, scales, bits, block, levels)
-        recon = [t.clone() for t in x]
+        recon = [t.to(torch.float32, copy=True) for t in x]
         dcodes, dscales = ops.empty_codes(target, bits, block)
         ops.delta_encode_(target, recon, dcodes, dscales, bits, block, levels)
         y = [t.clone() for t in target]
