@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-// The x86 copies exist where GCC's per-function targets do (GCC and Clang on x86-64); elsewhere
-// (aarch64, whose baseline already has NEON) only the scalar copy is built.
+// The x86 copies are built with GCC on x86-64 (its #pragma GCC target; Clang builds and other CPUs
+// such as aarch64, whose baseline already has NEON, get the scalar copy only).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define UNLEARN_X86_VARIANTS 1
 #else
