@@ -1,0 +1,18 @@
+"""The library on torch.distributed (docs/design.md §12): every collective runs on the caller's own
+process group (`torch.distributed`, any backend: gloo on CPU, nccl on GPU); nothing here starts
+processes or opens connections of its own.
+
+* group.py      the group a call runs on, and `agree`: every rank checks its arguments and learns
+                whether every other rank accepted its own, before any work (one small all_gather),
+                so a rank's bad input raises on every rank instead of leaving the others waiting.
+* selection.py  exact Top-K and Random-k over parameters sharded across ranks: the radix
+                histograms are all-reduced, never the scores; the result equals the single-process
+                selection over the ranks' shards concatenated in rank order, bit for bit.
+
+A rank that dies is noticed by the others through the process group's own timeout (the `timeout=`
+of `torch.distributed.init_process_group`): their pending collective raises then.
+"""
+from .group import DistributedRefusal, agree
+from .selection import histogram_bytes_per_pass, random_k, topk
+
+__all__ = ["DistributedRefusal", "agree", "histogram_bytes_per_pass", "random_k", "topk"]
