@@ -8,11 +8,14 @@ processes or opens connections of its own.
 * selection.py  exact Top-K and Random-k over parameters sharded across ranks: the radix
                 histograms are all-reduced, never the scores; the result equals the single-process
                 selection over the ranks' shards concatenated in rank order, bit for bit.
+* pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
+                across the ranks (a fixed slice each) and summed in rank order.
 
 A rank that dies is noticed by the others through the process group's own timeout (the `timeout=`
 of `torch.distributed.init_process_group`): their pending collective raises then.
 """
 from .group import DistributedRefusal, agree
+from .pcmu import DistributedPCMUTrainer, rank_slice
 from .selection import histogram_bytes_per_pass, random_k, topk
 
-__all__ = ["DistributedRefusal", "agree", "histogram_bytes_per_pass", "random_k", "topk"]
+__all__ = ["DistributedPCMUTrainer", "DistributedRefusal", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
