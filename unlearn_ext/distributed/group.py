@@ -60,7 +60,7 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
             raise RuntimeError(f"internal: the check returned {len(values)} values for {width} names")
         row[1:] = torch.tensor([_as_int64(v) for v in values], dtype=torch.int64)
         row[0] = 1
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # reported to every rank below, then raised everywhere
         error = exc
     rows = _all_gather_rows(row, group)
     refused = [r for r in range(rows.shape[0]) if int(rows[r, 0]) == 0]
