@@ -49,7 +49,8 @@ def _refusals(rank, x, y) -> list[str]:
     """Set-ups that would train different models on different ranks are refused on every rank."""
     messages = []
     for model, options in ((_model(), {**OPTIONS, "batch_size": 350 + rank}),
-                           (torch.nn.Linear(64, 10) if rank else _model(), OPTIONS)):
+                           (torch.nn.Linear(64, 10) if rank else _model(), OPTIONS),
+                           (_model(), {**OPTIONS, "clip_norm": 0.0 if rank == 1 else 1.0})):
         try:
             DistributedPCMUTrainer(model, torch.nn.functional.cross_entropy, (x, y), **options)
             messages.append("accepted")
@@ -76,6 +77,8 @@ def _compare(world: int):
     for rank, (outcome, refusals) in enumerate(got):
         assert "disagree on batch_size" in refusals[0], refusals
         assert "initial parameters differ" in refusals[1], refusals
+        assert "rank(s) [1] refused" in refusals[2], refusals
+        assert rank != 1 or "clip_norm must be > 0" in refusals[2], refusals
         for key in want:
             assert _same(outcome[key], want[key]), (rank, key)
     retrained = PCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), exclude=FORGOTTEN, **OPTIONS)

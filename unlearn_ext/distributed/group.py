@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-INT64_MIN, UINT64_RANGE = -(1 << 63), 1 << 64
+UINT64_RANGE = 1 << 64
 
 
 class DistributedRefusal(ValueError):

@@ -45,15 +45,17 @@ class DistributedPCMUTrainer(PCMUTrainer):
 
     def __init__(self, model: torch.nn.Module, loss_fn, data, *, group=None, **options):
         self.group = require_group(group)
-        if options.get("framework", "G") != "G":
-            raise ValueError("distributed PCMU supports framework 'G' (gradient smoothing) only")
-        super().__init__(model, loss_fn, data, **options)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        agree(lambda: (self.batch_size, self.seed, self.coordinates, len(self.data.ids), self.max_request,
-                       *(int(torch.tensor(x, dtype=torch.float64).view(torch.int64)) for x in
-                         (self.clip_norm, self.tau, self.sigma))),
-              shared=("batch_size", "seed", "coordinates", "data size", "max_request", "clip_norm", "tau", "sigma"),
-              group=self.group)
+
+        def build():  # inside the agreement: a rank refusing its options makes every rank refuse
+            if options.get("framework", "G") != "G":
+                raise ValueError("distributed PCMU supports framework 'G' (gradient smoothing) only")
+            PCMUTrainer.__init__(self, model, loss_fn, data, **options)
+            floats = (self.clip_norm, self.tau, self.sigma)
+            return (self.batch_size, self.seed, self.coordinates, len(self.data.ids), self.max_request,
+                    *(int(torch.tensor(v, dtype=torch.float64).view(torch.int64)) for v in floats))
+        agree(build, shared=("batch_size", "seed", "coordinates", "data size", "max_request", "clip_norm", "tau",
+                             "sigma"), group=self.group)
         self._check_same_start()
 
     def _check_same_start(self) -> None:
