@@ -96,3 +96,19 @@ def test_adaptive_k_refuses_the_guard(small):
     data, _, config, original = small
     with pytest.raises(ValueError, match="own stop rule"):
         AdaptiveTopKUnlearner(copy.deepcopy(original), data, config, guard=0.02, holdout=data.batch(FORGET))
+
+
+def test_registry_network_profile_resets_to_initial_weights_with_the_guard():
+    """cnn / resnet / transformer rows use the 'network' profile: reset to the run's initial weights,
+    the guard on; tabular models keep theirs (no guard, reset to 0)."""
+    pytest.importorskip("sklearn")
+    from unlearn_ext.evaluate import datasets, harness, methods
+    ds = datasets.load("digits", form="grid", limit=120)
+    run = harness.train_run(ds, "cnn", 0, epochs=1)
+    topk = methods.TOPK.build(run, None)
+    assert topk.guard == methods.NETWORK_GUARD and topk.k == methods.NETWORK_K
+    assert all(torch.equal(a, b) for a, b in zip(topk.initial, trainable(run.initial).values()))
+    assert methods.ADAPTIVE_METHODS[0].build(run, None).guard is None
+    table = harness.train_run(datasets.load("digits", limit=120), "mlp", 0, epochs=1)
+    plain = methods.TOPK.build(table, None)
+    assert plain.guard is None and plain.initial is None
