@@ -136,8 +136,9 @@ DELTAGRAD = Method(
 # held-out seeds 100-102 (`--calibrate`) prefers K = 30% with 3 repair epochs (benchmarks/RESULTS.md,
 # "Perturbation: the evaluation table"); the script's --k / --repair-epochs override these.
 
-# The "network" profile's values (benchmarks/perturb-defaults-rule.md chose them).
-NETWORK_K, NETWORK_REPAIR_EPOCHS, NETWORK_GUARD = 0.05, 3, 0.05
+# The "network" profile's values, chosen by benchmarks/perturb-defaults-rule.md (no configuration met all four
+# limits there; this one had the smallest worst miss; the guard tied and lost on cost: it stays an option).
+NETWORK_K, NETWORK_REPAIR_EPOCHS, NETWORK_GUARD = 0.3, 5, None
 
 PERTURB_VARIANTS = {  # name suffix: (perturbation, repair)
     "": ("reset", "all"), "-dampen": ("dampen", "all"), "-ascent": ("ascent", "all"),
