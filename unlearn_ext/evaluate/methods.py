@@ -131,7 +131,8 @@ DELTAGRAD = Method(
 # -dampen (w *= 0.1), -ascent (normalized ascent stopped at the held-out loss), -masked (repair of
 # the selected coordinates only), -distill (repair by distillation from the model's outputs on R
 # before the request). Settings per model family in PERTURB_SETTINGS: docs/design.md §7's defaults
-# (K = 5%; 3 repair epochs for the memorizing setting's wide MLP, 1 for models that generalize).
+# for the tabular models (K = 5%; 3 repair epochs for the memorizing setting's wide MLP, 1 for models
+# that generalize); the "network" profile for cnn / resnet / transformer / user factories.
 # On scripts/eval_perturb.py's memorizing setting (20% label noise, 300 epochs) the calibration on
 # held-out seeds 100-102 (`--calibrate`) prefers K = 30% with 3 repair epochs (benchmarks/RESULTS.md,
 # "Perturbation: the evaluation table"); the script's --k / --repair-epochs override these.
