@@ -112,3 +112,29 @@ def test_registry_network_profile_resets_to_initial_weights_with_the_guard():
     table = harness.train_run(datasets.load("digits", limit=120), "mlp", 0, epochs=1)
     plain = methods.TOPK.build(table, None)
     assert plain.guard is None and plain.initial is None
+
+
+def test_a_failure_between_guarded_answers_leaves_the_model_as_before(small, monkeypatch):
+    """A fault after the first answer (in the guard's probe) puts the pre-request weights back, and
+    the retry then equals an uninterrupted guarded request."""
+    from unlearn_ext.perturb import guard as guard_module
+    data, _, config, original = small
+    u = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2, **HARSH)
+    calls = {"n": 0}
+    real = guard_module.slice_accuracy
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the probe after the first answer
+            raise RuntimeError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(guard_module, "slice_accuracy", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        u.unlearn(FORGET)
+    assert torch.equal(_flat(u.model), _flat(original)) and u.requests == 0 and u.forgotten.numel() == 0
+    monkeypatch.setattr(guard_module, "slice_accuracy", real)
+    u.unlearn(FORGET)
+    clean = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2, **HARSH)
+    clean.unlearn(FORGET)
+    assert torch.equal(_flat(u.model), _flat(clean.model))

@@ -125,6 +125,11 @@ class PerturbUnlearner(Unlearner):
                 if accuracy_before - accuracy <= self.guard:
                     break
                 k = retained_guard.halved(k)
+        except BaseException:  # as for one answer: the request leaves no trace when anything fails
+            load_model_state_(self.model, before)
+            self._set_forgotten(forgotten)
+            self.requests = requests
+            raise
         finally:
             self._k_now = self.k
         met = accuracy_before - tried[-1][1] <= self.guard
