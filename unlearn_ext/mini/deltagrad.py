@@ -104,8 +104,10 @@ class CompactLBFGS:
         _, values, _ = self._span_eigen()
         return max(float(values.max()), self.sigma)
 
-    def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
-        """B v with every eigenvalue >= `above` replaced by `cap` (module docstring, "damp")."""
+    def capped_product(self, v: torch.Tensor, above: float, cap: float, rule: str = "unit") -> torch.Tensor:
+        """B v with every in-span eigenvalue >= `above` replaced by `cap`, and sigma (outside the span),
+        where it is >= `above`, by `cap` (rule "unit") or by the smallest positive in-span
+        eigenvalue, at most `cap` (rule "smallest") (module docstring, "damp")."""
         v = v.double()
         out = self.product(v)
         Q, values, vectors = self._span_eigen()
@@ -114,7 +116,9 @@ class CompactLBFGS:
         if bool((excess != 0).any()):
             out = out - Q @ (vectors @ (excess * (vectors.T @ coords)))
         if self.sigma >= above:  # outside the span
-            out = out - (self.sigma - cap) * (v - Q @ coords)
+            positive = values[values > 0]
+            new = cap if rule == "unit" or not positive.numel() else min(float(positive.min()), cap)
+            out = out - (self.sigma - new) * (v - Q @ coords)
         return out
 
 
@@ -141,6 +145,7 @@ class _MomentumReplay:
 
 class DeltaGradUnlearner(Unlearner):
     method = "deltagrad"
+    complement_rule = "unit"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  burn_in: int = 10, period: int = 5, memory: int = 2, max_prediction_error: float = 10.0,
@@ -252,7 +257,8 @@ class DeltaGradUnlearner(Unlearner):
                             f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
                             "quasi-Newton replay amplifies the gap")
                     damped += 1
-                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
+                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr,
+                                                     self.complement_rule).float()
                 else:
                     predicted = model.product(dw).float()           # B (w^I_t - w_t)
                 scale = batch.numel() / kept.numel()
