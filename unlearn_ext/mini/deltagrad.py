@@ -104,7 +104,8 @@ class CompactLBFGS:
         _, values, _ = self._span_eigen()
         return max(float(values.max()), self.sigma)
 
-    def capped_product(self, v: torch.Tensor, above: float, cap: float, rule: str = "unit") -> torch.Tensor:
+    def capped_product(self, v: torch.Tensor, above: float, cap: float, rule: str = "unit",
+                       sigma_limit: float | None = None) -> torch.Tensor:
         """B v with every in-span eigenvalue >= `above` replaced by `cap`, and sigma (outside the span),
         where it is >= `above`, by `cap` (rule "unit") or by the smallest positive in-span
         eigenvalue, at most `cap` (rule "smallest") (module docstring, "damp")."""
@@ -117,7 +118,8 @@ class CompactLBFGS:
             out = out - Q @ (vectors @ (excess * (vectors.T @ coords)))
         if self.sigma >= above:  # outside the span
             positive = values[values > 0]
-            new = cap if rule == "unit" or not positive.numel() else min(float(positive.min()), cap)
+            limit = sigma_limit if sigma_limit is not None else cap
+            new = limit if rule == "unit" or not positive.numel() else min(float(positive.min()), limit)
             out = out - (self.sigma - new) * (v - Q @ coords)
         return out
 
@@ -146,6 +148,7 @@ class _MomentumReplay:
 class DeltaGradUnlearner(Unlearner):
     method = "deltagrad"
     complement_rule = "unit"
+    edge_curvature = "unit"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  burn_in: int = 10, period: int = 5, memory: int = 2, max_prediction_error: float = 10.0,
@@ -257,8 +260,9 @@ class DeltaGradUnlearner(Unlearner):
                             f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
                             "quasi-Newton replay amplifies the gap")
                     damped += 1
-                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr,
-                                                     self.complement_rule).float()
+                    predicted = model.capped_product(dw, self.stable_below / lr,
+                                                     1.0 / lr if self.edge_curvature == "unit" else 0.0,
+                                                     self.complement_rule, 1.0 / lr).float()
                 else:
                     predicted = model.product(dw).float()           # B (w^I_t - w_t)
                 scale = batch.numel() / kept.numel()
