@@ -207,22 +207,25 @@ class DeltaGradUnlearner(Unlearner):
         def stats():
             return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda,
                     **({"damped_steps": damped} if self.unstable == "damp" else {})}
-        for s in self.store.iter(names=["params"]):
+        if all_exact:  # retraining needs the stored weights of step 0 only: no other step is decoded
+            w = flat.join(self.store.read(self.store.steps[0], ["params"]).tensors["params"])
+        for s in self.store.iter(names=[] if all_exact else ["params"]):
             t, lr, batch = s.step, float(s.lr), s.batch_ids
             if batch is None:
                 raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
-            w_t = flat.join(s.tensors["params"])
-            if w is None:
-                w = w_t.clone()  # the stored initial weights
+            if not all_exact:
+                w_t = flat.join(s.tensors["params"])
+                if w is None:
+                    w = w_t.clone()  # the stored initial weights
             gone = torch.isin(batch, union)
             kept, removed = batch[~gone], batch[gone]
             if kept.numel() == 0:
                 continue  # retraining makes no update on an emptied batch
-            g_rec = self.store.encoded(t, "grads")
+            g_rec = None if all_exact else self.store.encoded(t, "grads")
             # The exact replay (retraining) never needs the removed samples' gradients.
             g_removed = flat.mean_loss_grad(w, removed) if removed.numel() and not all_exact else None
             cost += int(removed.numel()) if g_removed is not None else 0
-            dw = w - w_t
+            dw = None if all_exact else w - w_t
             if all_exact or self._exact_step(t) or not pairs:
                 exact_steps += 1
                 g_kept = flat.mean_loss_grad(w, kept)
