@@ -40,8 +40,14 @@ the default); it then computes only the retained samples' gradients, as retraini
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
 critically damped value: (I - eta_t B) then removes the modelled gap along those directions in one
-step instead of amplifying it, and the next exact step measures the true gradient there again. The
-cap follows from the recursion, not from a grid; stable directions are replayed as before.
+step instead of amplifying it, and the next exact step measures the true gradient there again.
+What makes the plain replay unstable there is mostly sigma, the newest pair's curvature applied to
+every direction outside span(S, Y): at the edge it is about lambda_max; a sigma at the edge is
+replaced by the smallest positive in-span eigenvalue of B (as Mini's h_perp), at most 1 / eta_t.
+Both follow from the recursion, not from a grid (benchmarks/edge_of_stability_rule.md records the
+one choice made on held-out seeds, between this complement rule and sigma -> 1 / eta_t, a near tie).
+Measured on the harness's CNN it answers requests but ends at the original weights (d/d0 ~ 1:
+dw lies in span(S), whose capped directions remove it): an option, not the default.
 """
 from __future__ import annotations
 
@@ -104,11 +110,10 @@ class CompactLBFGS:
         _, values, _ = self._span_eigen()
         return max(float(values.max()), self.sigma)
 
-    def capped_product(self, v: torch.Tensor, above: float, cap: float, rule: str = "unit",
-                       sigma_limit: float | None = None) -> torch.Tensor:
+    def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
         """B v with every in-span eigenvalue >= `above` replaced by `cap`, and sigma (outside the span),
-        where it is >= `above`, by `cap` (rule "unit") or by the smallest positive in-span
-        eigenvalue, at most `cap` (rule "smallest") (module docstring, "damp")."""
+        where it is >= `above`, by the smallest positive in-span eigenvalue, at most `cap` (module
+        docstring, "damp")."""
         v = v.double()
         out = self.product(v)
         Q, values, vectors = self._span_eigen()
@@ -118,8 +123,7 @@ class CompactLBFGS:
             out = out - Q @ (vectors @ (excess * (vectors.T @ coords)))
         if self.sigma >= above:  # outside the span
             positive = values[values > 0]
-            limit = sigma_limit if sigma_limit is not None else cap
-            new = limit if rule == "unit" or not positive.numel() else min(float(positive.min()), limit)
+            new = min(float(positive.min()), cap) if positive.numel() else cap
             out = out - (self.sigma - new) * (v - Q @ coords)
         return out
 
@@ -147,8 +151,6 @@ class _MomentumReplay:
 
 class DeltaGradUnlearner(Unlearner):
     method = "deltagrad"
-    complement_rule = "unit"
-    edge_curvature = "unit"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  burn_in: int = 10, period: int = 5, memory: int = 2, max_prediction_error: float = 10.0,
@@ -263,9 +265,7 @@ class DeltaGradUnlearner(Unlearner):
                             f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
                             "quasi-Newton replay amplifies the gap")
                     damped += 1
-                    predicted = model.capped_product(dw, self.stable_below / lr,
-                                                     1.0 / lr if self.edge_curvature == "unit" else 0.0,
-                                                     self.complement_rule, 1.0 / lr).float()
+                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
                 else:
                     predicted = model.product(dw).float()           # B (w^I_t - w_t)
                 scale = batch.numel() / kept.numel()
