@@ -143,8 +143,13 @@ def test_per_step_arrays_answer_as_the_step_by_step_check(make, monkeypatch):
 
 # ---- PCMU behind the ledger: chunks written from the first changed step, exact rollback ------------
 
-def _written(ledger, before_parts):
-    return sorted(p for p, name in ledger.ledger["parts"].items() if before_parts.get(p) != name)
+def _stored(ledger):
+    """part -> its file, or its bytes when small enough to live inside ledger.json"""
+    return {**ledger.ledger["parts"], **ledger.ledger["inline"]}
+
+
+def _written(ledger, before):
+    return sorted(p for p, where in _stored(ledger).items() if before.get(p) != where)
 
 
 def test_certified_request_writes_only_the_forgotten_ids(tmp_path, monkeypatch):
@@ -152,10 +157,10 @@ def test_certified_request_writes_only_the_forgotten_ids(tmp_path, monkeypatch):
     trainer = synthetic_trainer().train(steps=10)
     with DeletionLedger(PCMUUnlearner(trainer), str(tmp_path)) as ledger:
         assert ledger.ledger["logs"]["records"] == {"length": 10, "chunk": 4, "chunks": 3}
-        parts = dict(ledger.ledger["parts"])
+        parts = _stored(ledger)
         assert ledger.forget([5]).how == "a-priori (m*)"
         assert _written(ledger, parts) == ["forgotten"]
-        parts = dict(ledger.ledger["parts"])
+        parts = _stored(ledger)
         trainer.train(steps=3)  # training outside the ledger: committed with the next request
         ledger.forget([6])
         assert _written(ledger, parts) == ["forgotten", "params", "records__000002", "records__000003"]
@@ -186,7 +191,7 @@ def test_resumed_request_rewrites_from_its_step_and_a_failed_commit_restores_the
     monkeypatch.setattr(ledger_module, "atomic_write", real_write)
     assert same(ledger.unlearner.state_dict(), state) and sorted(os.listdir(tmp_path)) == files
     assert _answer(trainer.check_request([17, 300])) == _answer(check)  # the records are the committed ones
-    parts = dict(ledger.ledger["parts"])
+    parts = _stored(ledger)
     answer = ledger.forget([17, 300])
     assert answer.status == "retrained"
     first_chunk = check.first_divergent_step // 8

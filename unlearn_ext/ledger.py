@@ -18,7 +18,8 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
     counts as changed), so unchanged parts are neither serialized nor hashed. A method's history
     (PCMU's step records) is a `StepLog` (`Unlearner.logs()`): stored in files of LOG_CHUNK entries,
     and a commit rewrites only the chunks from the log's first changed entry on; its rollback undoes
-    only what the request changed.
+    only what the request changed. Parts of at most INLINE_BYTES serialized live inside
+    `ledger.json` itself ("inline", base64), so a certified deletion is one atomic write.
   * No half-applied requests: if anything fails — the method itself partway (an exception in the
     loss during a repair, a refused non-finite result) or the commit (full disk, read-only
     directory) — the unlearner (weights, buffers, counters, forgotten ids) is restored to its state
@@ -39,6 +40,7 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import io
@@ -59,6 +61,9 @@ FORMAT = "unlearn_ext.ledger/4"
 # Entries per file of a log part: a commit rewrites the chunks from the first changed entry on, so
 # an appended or untouched history costs at most one chunk per request.
 LOG_CHUNK = 1024
+# Parts this small (serialized) live inside ledger.json, covered by its own checksum: a request that
+# changes only them (a certified deletion's forgotten ids) is one atomic write, two fsyncs.
+INLINE_BYTES = 4096
 CHECKSUM = "ledger_sha256"  # the ledger's own digest: sha256 of its canonical JSON without this key
 # The files a ledger writes: '<part>-<version>.pt' (and their '.tmp' while being written).
 _PART_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*-\d{6}\.pt(\.tmp)?$")
@@ -147,7 +152,7 @@ class DeletionLedger:
             else:
                 self.ledger = {"format": FORMAT, "method": unlearner.method,
                                "fingerprint": unlearner.fingerprint(), "requests": [], "parts": {},
-                               "digests": {}, "logs": {}, "version": 0}
+                               "digests": {}, "inline": {}, "logs": {}, "version": 0}
                 self._committed = {}
                 self._check_writable()
                 self._commit(unlearner.state_dict_without_logs())
@@ -197,6 +202,8 @@ class DeletionLedger:
                 raise damaged(f"part {part!r} ({name}) does not match the sha256 the ledger recorded for it")
             # The bytes are the ones committed, so this load cannot meet damage.
             state[part] = torch.load(io.BytesIO(blob), weights_only=True)
+        for part, text in ledger["inline"].items():
+            state[part] = torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
         for part, meta in ledger.get("logs", {}).items():  # a log part: its chunks, in order
             entries = []
             for c in range(meta["chunks"]):
@@ -289,11 +296,16 @@ class DeletionLedger:
         the ledger pointing at them, then drop replaced files."""
         version = self.ledger["version"] + 1
         parts, digests = dict(self.ledger["parts"]), dict(self.ledger["digests"])
-        log_meta, committed = dict(self.ledger["logs"]), dict(self._committed)
+        inline, log_meta, committed = dict(self.ledger["inline"]), dict(self.ledger["logs"]), dict(self._committed)
         written = []
 
         def write(part: str, value) -> None:
             blob = _serialize(value)
+            if len(blob) <= INLINE_BYTES:
+                inline[part] = base64.b64encode(blob).decode("ascii")
+                parts.pop(part, None), digests.pop(part, None)
+                return
+            inline.pop(part, None)
             digest = hashlib.sha256(blob).hexdigest()
             if digests.get(part) == digest and part in parts:
                 return  # unchanged: the file the ledger names already holds it
@@ -305,13 +317,13 @@ class DeletionLedger:
         logs = self.unlearner.logs()
         try:
             for part, value in state.items():
-                if part in parts and part in committed and _same_content(committed[part], value):
+                if (part in parts or part in inline) and part in committed and _same_content(committed[part], value):
                     continue  # bit for bit what the ledger's file holds
                 write(part, value)
                 committed[part] = _containers_copied(value)
             for part, log in logs.items():
-                self._stage_log(part, log, log_meta, parts, digests, write)
-            ledger = dict(self.ledger, parts=parts, digests=digests, logs=log_meta, version=version,
+                self._stage_log(part, log, log_meta, parts, digests, inline, write)
+            ledger = dict(self.ledger, parts=parts, digests=digests, inline=inline, logs=log_meta, version=version,
                           requests=self.requests + ([entry] if entry is not None else []))
             ledger.pop(CHECKSUM, None)
             # Through one JSON round trip, so the checksum covers exactly what a reader parses.
@@ -331,7 +343,8 @@ class DeletionLedger:
             _remove(os.path.join(self.directory, name))
 
     @staticmethod
-    def _stage_log(part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, write) -> None:
+    def _stage_log(part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, inline: dict,
+                   write) -> None:
         """Writes the chunks of `log` from its first changed entry on; drops chunks past its end."""
         meta = log_meta.get(part)
         if meta is not None and not log.dirty:
@@ -343,8 +356,8 @@ class DeletionLedger:
         for c in range(first, chunks):
             write(_chunk_part(part, c), [e.to_state() for e in log[c * size:(c + 1) * size]])
         for c in range(chunks, old_chunks):
-            parts.pop(_chunk_part(part, c), None)
-            digests.pop(_chunk_part(part, c), None)
+            for where in (parts, digests, inline):
+                where.pop(_chunk_part(part, c), None)
         log_meta[part] = {"length": len(log), "chunk": size, "chunks": chunks}
 
     # ---- closing --------------------------------------------------------------------------------

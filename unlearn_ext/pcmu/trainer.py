@@ -510,7 +510,7 @@ class PCMUTrainer:
     def state_dict(self, *, records: bool = True) -> dict:
         """A snapshot; records=False leaves out the records and the fingerprint (the ledger tracks
         the records through their StepLog and checks the fingerprint once)."""
-        state = {"initial": self.initial, "params": [p.detach().clone() for p in self.params],
+        state = {"initial": [w.clone() for w in self.initial], "params": [p.detach().clone() for p in self.params],
                  "forgotten": self.forgotten}
         if records:
             state.update(fingerprint=self.fingerprint(), records=[r.to_state() for r in self.records])
