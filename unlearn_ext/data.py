@@ -157,10 +157,12 @@ class BatchSchedule:
         steps = steps[(steps >= begin) & (steps < end)]
         return torch.bincount(steps - begin, minlength=end - begin)
 
-    def batch_sizes(self, begin: int, end: int) -> torch.Tensor:
-        """int64 [end - begin]: the scheduled batch sizes of steps begin..end-1 (before exclusions)."""
-        position = torch.arange(begin, max(end, begin)) % self.batches_per_epoch
-        return (self.ids.numel() - position * self.batch_size).clamp_(max=self.batch_size)
+    def samples_in_steps(self, begin: int, end: int) -> int:
+        """How many samples the scheduled batches of steps begin..end-1 hold (before exclusions)."""
+        def before(t: int) -> int:  # samples in steps 0..t-1: whole epochs, then t's epoch's first batches
+            epochs, position = divmod(t, self.batches_per_epoch)
+            return epochs * self.ids.numel() + min(self.ids.numel(), position * self.batch_size)
+        return before(end) - before(begin) if end > begin else 0
 
     def step(self, t: int, exclude: torch.Tensor | None = None) -> ScheduledStep:
         epoch, position = divmod(int(t), self.batches_per_epoch)

@@ -194,10 +194,9 @@ class PCMUTrainer:
         (the unit of reports: coupled retraining from scratch costs training_cost(F))."""
         exclude = as_ids([] if without is None else without).unique()
         rows = self.rows(exclude[~torch.isin(exclude, self.unknown_ids(exclude))])
-        total = 0
+        total = self.schedule.samples_in_steps(start, self.steps_done)
         for begin in range(start, self.steps_done, _WINDOW):
-            end = min(begin + _WINDOW, self.steps_done)
-            total += int(self.schedule.batch_sizes(begin, end).sum() - self.schedule.count_in_steps(rows, begin, end).sum())
+            total -= int(self.schedule.count_in_steps(rows, begin, min(begin + _WINDOW, self.steps_done)).sum())
         return total
 
     # ---- training -----------------------------------------------------------------------------------
@@ -406,10 +405,11 @@ class PCMUTrainer:
     def remaining_budget(self) -> int:
         """certificate().remaining_budget from the per-step arrays (what a request reports)."""
         applied = self._applied[:self._steps]
-        radii = self._min_radius[:self._steps][applied]
-        budget = budget_m_star([float(radii.min())] if radii.numel() else [], self.unit, self.rounding_margin)
-        used = int(self._forgotten_count[:self._steps][applied].max()) if radii.numel() else 0
-        return max(budget - used, 0)
+        if not bool(applied.any()):
+            return 0
+        radius = float(torch.where(applied, self._min_radius[:self._steps], float("inf")).min())
+        used = int(torch.where(applied, self._forgotten_count[:self._steps], 0).max())
+        return max(budget_m_star([radius], self.unit, self.rounding_margin) - used, 0)
 
     def _check_step(self, r: PCMUStep, present: torch.Tensor, w_at: int, w, out: RequestCheck):
         """(verdict, rebuilt): verdict None if step r keeps its codes without `present`, else
