@@ -234,11 +234,21 @@ def test_history_methods_refuse_a_summed_loss(method):
         wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=nn.CrossEntropyLoss(reduction="sum"))
 
 
-@pytest.mark.parametrize("method", ["retrain", "mini", "topk"])
-def test_a_loss_that_is_not_a_mean_of_per_sample_losses_is_refused(method):
-    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0]))  # weighted mean: not a plain mean
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 5.0], [1.0, 1.0, 1.0]])
+def test_history_methods_refuse_a_loss_that_is_not_a_plain_mean(method, weights):
+    """A class-weighted mean divides by the batch's total weight; refused even with weights of 1,
+    where a probe alone could not tell it from a mean."""
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor(weights))
     with pytest.raises(ue.UnsupportedModelError, match="neither the mean nor the sum"):
         wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=weighted)
+
+
+def test_retraining_takes_any_batch_loss_as_the_user_wrote_it():
+    """Retraining repeats the user's own loss (here a class-weighted mean) exactly."""
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0]))
+    engine, model = wrap_and_train("retrain", lambda: cnn("group"), "adam+cosine", loss_fn=weighted)
+    assert same_state(retrain(engine.run.initial, engine.data, engine.recipe, []), model)
 
 
 # ---- one policy for layers: method x {BatchNorm, dropout + attention} ----------------------------------
@@ -346,3 +356,70 @@ def test_progress_goes_to_logging_not_stdout(caplog, capsys):
     assert any("trained epoch 3 of 3" in m for m in messages)
     assert any("retrain: forgetting 5 id(s)" in m for m in messages)
     assert capsys.readouterr().out == ""
+
+
+# ---- the whole matrix: every method x {BatchNorm CNN, dropout + attention transformer} ----------------
+
+PCMU_OPTIONS = {"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01}
+LAYER_CASES = {"batchnorm-cnn": (lambda: cnn("batch"), lambda: LazyImages(N)),
+               "dropout-attention": (lambda: TinyTransformer(dropout=0.2), lambda: LazyTokens(N))}
+PER_SAMPLE_METHODS = ("mini", "deltagrad", "pcmu")
+
+
+def _wrap_plain(method, make_model, dataset):
+    """The user's loop with plain SGD (what every method accepts), PCMU's options where needed."""
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    options = PCMU_OPTIONS if method == "pcmu" else {}
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS,
+                                                       loss_fn=loss_fn, **options)
+    user_loop(model, optimizer, loader, loss_fn, EPOCHS)
+    return engine, model
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+@pytest.mark.parametrize("method", ue.engine.METHODS)
+def test_layer_matrix_every_method_works_or_refuses_naming_layer_and_fix(method, case):
+    make_model, make_data = LAYER_CASES[case]
+    if case == "batchnorm-cnn" and method in PER_SAMPLE_METHODS:
+        with pytest.raises(ue.UnsupportedModelError) as info:
+            _wrap_plain(method, make_model, make_data())
+        assert "BatchNorm in training mode" in str(info.value) and "layers: 1" in str(info.value)
+        assert "GroupNorm" in str(info.value) and "eval mode" in str(info.value)
+        return
+    engine, model = _wrap_plain(method, make_model, make_data())
+    report = engine.unlearner().unlearn(FORGET)
+    assert report.status in ("unlearned", "retrained", "fallback", "certified"), report.reason
+    assert torch.isfinite(torch.cat([p.detach().reshape(-1) for p in model.parameters()])).all()
+    if method == "retrain":
+        assert same_state(model, retrain(engine.initial, engine.data, engine.recipe, FORGET))
+
+
+@pytest.mark.parametrize("method", PER_SAMPLE_METHODS)
+def test_frozen_batchnorm_is_accepted_and_its_buffers_are_left_alone(method):
+    """BatchNorm in eval mode (frozen statistics) is what the refusal suggests: the methods that
+    replay per-sample gradients accept it and never move its buffers."""
+    torch.manual_seed(0)
+    model = cnn("batch")
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.1, 0.1)
+    model[1].eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method=method, epochs=EPOCHS,
+        loss_fn=loss_fn, **(PCMU_OPTIONS if method == "pcmu" else {}))
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    for _ in range(EPOCHS):  # the user's loop, keeping BatchNorm frozen (no model.train())
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    report = engine.unlearner().unlearn(FORGET)
+    assert report.status in ("unlearned", "retrained", "fallback", "certified"), report.reason
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())

@@ -84,7 +84,7 @@ class UnlearningEngine:
         reduction = "mean"
         if len(data) >= 2:
             with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
-                reduction = loss_reduction(loss_fn, model, *data.batch(data.ids[:4]))
+                reduction = loss_reduction(loss_fn, model, *data.batch(data.ids[:32]))
         data.loss = per_sample_loss_of(loss_fn)
         if method in HISTORY_METHODS:
             _check_history_method(method, model, optimizer, reduction)
@@ -203,8 +203,10 @@ def _check_history_method(method: str, model, optimizer, reduction: str) -> None
     name = "Mini-Unlearning" if method == "mini" else "DeltaGrad"
     refuse_training_batch_norm(model, name, "the gradients of single samples and of subsets it replays")
     if reduction != "mean":
-        raise UnsupportedModelError(f"{name} replays mean batch gradients; the loss sums over the batch. Use "
-                                    "reduction='mean' (the learning rate then means what the replay assumes)")
+        what = "sums over the batch" if reduction == "sum" else \
+            "is neither the mean nor the sum of its per-sample losses (e.g. a class-weighted mean)"
+        raise UnsupportedModelError(f"{name} replays mean batch gradients; the loss {what}. Use a loss with "
+                                    "reduction='mean' over unweighted per-sample losses")
     if type(optimizer) is not torch.optim.SGD:
         why = (": Adam-type optimizers scale each coordinate by running averages of past gradients, so a "
                "retrained run's steps depend nonlinearly on its whole gradient history"

@@ -74,8 +74,11 @@ def eval_mode(model: torch.nn.Module):
 
 
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
-    """'mean' or 'sum': how `loss_fn` reduces per-sample losses, found on the batch (x, y) (two or
-    more samples) in eval mode without gradients. Anything else raises UnsupportedModelError."""
+    """How `loss_fn` reduces its per-sample losses: 'mean', 'sum' or 'other' (e.g. a class-weighted
+    mean, which divides by the batch's total weight), found on the batch (x, y) (two or more
+    samples) in eval mode without gradients. Each method decides what it accepts (the history
+    methods replay mean gradients: 'mean' only). A loss without a per-sample form
+    (reduction='none') raises UnsupportedModelError."""
     from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
     with torch.no_grad(), eval_mode(model):
         out = model(x)
@@ -87,14 +90,15 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     if not isinstance(batch, torch.Tensor) or batch.numel() != 1:
         raise UnsupportedModelError(f"the loss must return one number for a batch (mean or sum of per-sample "
                                     f"losses); it returned shape {tuple(getattr(batch, 'shape', ()))}")
+    if getattr(loss_fn, "weight", None) is not None and getattr(loss_fn, "reduction", None) == "mean":
+        # A class-weighted mean: on a probe whose samples share one class of weight 1 it would pass
+        # for a plain mean, so it is classified by what it is.
+        return "other"
     batch, per = batch.double(), per.double()
     for name, value in (("mean", per.mean()), ("sum", per.sum())):
         if torch.isclose(batch, value, rtol=1e-5, atol=1e-7):
             return name
-    raise UnsupportedModelError(
-        f"the loss is neither the mean nor the sum of its per-sample losses (batch {batch.item():.6g}, mean "
-        f"{per.mean().item():.6g}, sum {per.sum().item():.6g}): give a loss with reduction='mean' whose "
-        "reduction='none' form is per sample")
+    return "other"
 
 
 def per_sample_loss_of(loss_fn):

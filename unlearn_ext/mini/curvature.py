@@ -43,6 +43,10 @@ def subsample(retained: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return retained[pick].sort().values
 
 
+# What torch says when forward-mode AD (or torch.func) cannot go through an operation.
+FORWARD_MODE_MISSING = ("forward AD", "forward-mode", "forward mode", "jvp", "functorch", "setup_context")
+
+
 class HessianOperator:
     """v -> H v of the mean loss over `ids` plus weight_decay * v, at flat weights w (float64 in/out)."""
 
@@ -66,10 +70,13 @@ class HessianOperator:
             try:
                 hv = jvp(self._grad, (self.w,), (v.float(),))[1]
                 return hv.double() + self.wd * v.double()
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as exc:
                 # An operation without a forward-mode derivative (or one torch.func cannot
                 # transform, e.g. an old-style autograd.Function): from here on, reverse-over-reverse
-                # (double backward) gives the same product; a genuine error raises there again.
+                # (double backward) gives the same product. Any other error is the model's or the
+                # loss's own and propagates.
+                if not any(s in str(exc) for s in FORWARD_MODE_MISSING):
+                    raise
                 self._forward_mode = False
         leaf = self.w.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(self.flat.loss_sum(leaf, self.x, self.y) / self.count, leaf, create_graph=True)
