@@ -205,3 +205,23 @@ def test_resumed_request_rewrites_from_its_step_and_a_failed_commit_restores_the
     assert same(reopened.state_dict(), state)
     retrained = digits_trainer(exclude=torch.tensor([17, 300])).train(epochs=6)
     assert all(torch.equal(a, b) for a, b in zip(reopened.trainer.params, retrained.params))
+
+
+def test_two_ledgers_over_one_unlearner_each_keep_every_change(tmp_path, monkeypatch):
+    """The log's change marks belong to the ledger that committed last: the other one, finding them
+    not its own, writes the whole log instead of trusting them."""
+    monkeypatch.setattr(ledger_module, "LOG_CHUNK", 4)
+    trainer = synthetic_trainer().train(steps=6)
+    unlearner = PCMUUnlearner(trainer)
+    a = DeletionLedger(unlearner, str(tmp_path / "a"))
+    b = DeletionLedger(unlearner, str(tmp_path / "b"))
+    trainer.train(steps=3)
+    a.forget([1])  # commits the 3 new steps and marks the log as a's
+    b.forget([2])  # must still write them to b
+    state = unlearner.state_dict()
+    a.close(), b.close()
+    for directory in ("a", "b"):
+        reopened = PCMUUnlearner(synthetic_trainer())
+        DeletionLedger(reopened, str(tmp_path / directory)).close()
+        assert reopened.trainer.steps_done == 9
+        assert same(reopened.state_dict()["records"], state["records"])

@@ -238,7 +238,7 @@ class DeletionLedger:
         self._committed = {p: v for p, v in state.items() if p not in logs}
         for part, log in logs.items():
             if part in ledger.get("logs", {}):
-                log.mark_clean()
+                log.mark_clean(self)
 
     def _remove_unreferenced(self) -> None:
         """Drops part files (and temporaries) that the ledger does not name: a crash after
@@ -270,7 +270,7 @@ class DeletionLedger:
         self._check_writable()
         logs = self.unlearner.logs()
         before = self.unlearner.state_dict_without_logs()  # a log's snapshot is its clean mark
-        if any(log.dirty for log in logs.values()):
+        if any(log.dirty or log.marked_by is not self for log in logs.values()):
             # Changed outside the ledger since its last commit (e.g. more training): committed
             # first, so that a rollback returns exactly to the request's starting point.
             self._commit(before)
@@ -338,19 +338,20 @@ class DeletionLedger:
         replaced = set(self.ledger["parts"].values()) - set(parts.values())
         self.ledger, self._committed = ledger, committed
         for log in logs.values():
-            log.mark_clean()
+            log.mark_clean(self)
         for name in replaced:
             _remove(os.path.join(self.directory, name))
 
-    @staticmethod
-    def _stage_log(part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, inline: dict,
+    def _stage_log(self, part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, inline: dict,
                    write) -> None:
-        """Writes the chunks of `log` from its first changed entry on; drops chunks past its end."""
+        """Writes the chunks of `log` from its first changed entry on (all of them when its marks are
+        another committer's); drops chunks past its end."""
         meta = log_meta.get(part)
-        if meta is not None and not log.dirty:
+        ours = meta is not None and log.marked_by is self
+        if ours and not log.dirty:
             return
         size = meta["chunk"] if meta is not None else LOG_CHUNK
-        first = 0 if meta is None else log.dirty_from // size
+        first = log.dirty_from // size if ours else 0
         old_chunks = 0 if meta is None else meta["chunks"]
         chunks = -(-len(log) // size)
         for c in range(first, chunks):

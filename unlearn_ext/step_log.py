@@ -8,8 +8,11 @@ request cost O(steps recorded). A `StepLog` is the one way such a history is cha
 the committed log) down as needed, so no change can go unnoticed:
 
     log.dirty_from      # entries before it are the committed ones, unchanged
-    log.mark_clean()    # the ledger committed the log as it is now
-    log.restore_clean() # undo every change since then (the ledger's rollback)
+    log.mark_clean(ledger)  # `ledger` committed the log as it is now
+    log.restore_clean()     # undo every change since then (the ledger's rollback)
+
+The marks belong to the last committer (`marked_by`): another ledger over the same unlearner finds
+the marks not its own and writes the whole log, so two ledgers cannot hide changes from each other.
 
 Entries are treated as immutable values (the log never looks inside them; PCMU's records are frozen
 dataclasses). Undo keeps the displaced entries only: a rollback costs what the request changed.
@@ -23,6 +26,7 @@ class StepLog:
         self._clean_len = 0          # length at the last mark_clean
         self._dirty_from = 0         # lowest index changed since then
         self._displaced: dict = {}   # committed entries (index < _clean_len) a truncation removed
+        self.marked_by = None        # who called mark_clean last
 
     # ---- reading ------------------------------------------------------------------------------------
 
@@ -65,9 +69,10 @@ class StepLog:
     def dirty(self) -> bool:
         return self.dirty_from < self._clean_len or len(self._entries) != self._clean_len
 
-    def mark_clean(self) -> None:
+    def mark_clean(self, by=None) -> None:
         self._clean_len = self._dirty_from = len(self._entries)
         self._displaced = {}
+        self.marked_by = by
 
     def restore_clean(self) -> None:
         """Back to the entries of the last mark_clean."""
@@ -76,4 +81,4 @@ class StepLog:
         committed = [self._displaced[i] for i in range(start, self._clean_len)]
         del self._entries[start:]
         self._entries.extend(committed)
-        self.mark_clean()
+        self.mark_clean(self.marked_by)
