@@ -50,10 +50,10 @@ class ToyUnlearner(Unlearner):
     and optionally a tensor handed out without copying (shared with the live state)."""
     method = "toy"
 
-    def __init__(self, alias: bool = False):
+    def __init__(self, alias: bool = False, keeps_loaded: bool = False):
         super().__init__(TrainingData(torch.zeros(8, 2), torch.zeros(8, dtype=torch.int64)))
         self.model = torch.nn.Linear(1, 1)
-        self.w, self.tags, self.alias = torch.zeros(4), [1.0, 2.0], alias
+        self.w, self.tags, self.alias, self.keeps_loaded = torch.zeros(4), [1.0, 2.0], alias, keeps_loaded
 
     def _forget(self, new, report):
         i = int(new[0]) % 4
@@ -71,7 +71,8 @@ class ToyUnlearner(Unlearner):
                 "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state):
-        self.w, self.tags = state["w"].clone(), list(state["tags"])
+        # keeps_loaded: holds (and later changes in place) the very tensor it was given
+        self.w, self.tags = (state["w"] if self.keeps_loaded else state["w"].clone()), list(state["tags"])
         self._set_forgotten(state["forgotten"])
 
 
@@ -225,3 +226,15 @@ def test_two_ledgers_over_one_unlearner_each_keep_every_change(tmp_path, monkeyp
         DeletionLedger(reopened, str(tmp_path / directory)).close()
         assert reopened.trainer.steps_done == 9
         assert same(reopened.state_dict()["records"], state["records"])
+
+
+def test_a_part_changed_in_the_tensor_the_ledger_loaded_is_written(tmp_path):
+    with DeletionLedger(ToyUnlearner(keeps_loaded=True), str(tmp_path)) as ledger:
+        ledger.forget([1])
+    toy = ToyUnlearner(keeps_loaded=True)
+    with DeletionLedger(toy, str(tmp_path)) as ledger:  # toy.w is now the tensor the ledger loaded
+        ledger.forget([2])                               # and changes in place
+        w = _bits(toy.w)
+    reopened = ToyUnlearner()
+    DeletionLedger(reopened, str(tmp_path)).close()
+    assert _bits(reopened.w) == w and w != _bits(torch.zeros(4))

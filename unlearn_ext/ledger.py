@@ -113,14 +113,15 @@ def _same_content(a, b) -> bool:
     return False
 
 
-def _containers_copied(value):
-    """`value` with its lists, tuples and dicts copied (tensors shared: _same_content treats a
-    tensor that shares memory with the live state as changed), so changing a container the
-    unlearner handed out cannot change what the ledger believes it committed."""
+def _own_copy(value):
+    """A copy of `value` (containers and tensors) that nothing the unlearner holds can change: what
+    the ledger keeps as committed. Taken only of parts it writes, which it serializes anyway."""
     if isinstance(value, dict):
-        return {k: _containers_copied(v) for k, v in value.items()}
+        return {k: _own_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_containers_copied(v) for v in value)
+        return type(value)(_own_copy(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
     return value
 
 
@@ -234,8 +235,9 @@ class DeletionLedger:
             raise
         self.ledger = ledger
         logs = self.unlearner.logs()
-        # What the files hold (the ledger's own loaded objects): later commits compare against it.
-        self._committed = {p: v for p, v in state.items() if p not in logs}
+        # What the files hold: later commits compare against it (a copy: the unlearner may keep
+        # and change the loaded tensors themselves).
+        self._committed = {p: _own_copy(v) for p, v in state.items() if p not in logs}
         for part, log in logs.items():
             if part in ledger.get("logs", {}):
                 log.mark_clean(self)
@@ -320,7 +322,7 @@ class DeletionLedger:
                 if (part in parts or part in inline) and part in committed and _same_content(committed[part], value):
                     continue  # bit for bit what the ledger's file holds
                 write(part, value)
-                committed[part] = _containers_copied(value)
+                committed[part] = _own_copy(value)
             for part, log in logs.items():
                 self._stage_log(part, log, log_meta, parts, digests, inline, write)
             ledger = dict(self.ledger, parts=parts, digests=digests, inline=inline, logs=log_meta, version=version,
