@@ -8,7 +8,7 @@ DEV_DEPS := numpy scipy pytest hypothesis pytest-benchmark scikit-learn rich mat
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 LOG ?= gpu-logs
 
-.PHONY: demo test test-fast bench build build-cpu cuda-build-check gpu-check clean
+.PHONY: demo test test-fast bench build build-cpu cuda-build-check aarch64-build-check gpu-check clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: build $(VENV)/.bench-deps
 # Compiles the CUDA sources with nvcc against a CUDA build of torch (no GPU needed).
 cuda-build-check:
 	bash scripts/check_cuda_build.sh
+
+# Compiles the CPU sources for aarch64 with a cross compiler (installed with apt-get when missing).
+aarch64-build-check: $(VENV)/.deps
+	bash scripts/check_aarch64_build.sh $(PY)
 
 # On a GPU machine with its own torch: build, CUDA tests, compute-sanitizer, GPU benchmarks.
 gpu-check:

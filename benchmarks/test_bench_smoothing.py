@@ -55,8 +55,8 @@ def eager_mc(grads, tau, sigma, n0, n, table):
 
 @pytest.mark.benchmark(group="mc n=64")
 def test_mc_kernel(benchmark, record, grads, numel):
-    # which CPU path ran (chosen at run time: avx512 where the CPU has it, or scalar), kept in the JSON
-    benchmark.extra_info["mc_kernel"] = ue.build_info().get("mc_kernel", "n/a")
+    # which CPU path ran (chosen at run time: the widest the CPU has), kept in the JSON
+    benchmark.extra_info["cpu_isa"] = ue.build_info().get("cpu_isa", "n/a")
     _run(benchmark, lambda: ue.smooth_quantize(grads, tau=TAU, sigma=SIGMA, mode="mc", n0=N0, n=N), 5)
     record("mc/kernel", benchmark, elements=numel, draws=numel * (N0 + N))
 

@@ -3,8 +3,9 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
-#include "cpu/mc_kernel.h"
+#include "cpu/isa.h"
 
 namespace {
 
@@ -24,16 +25,10 @@ std::string cpu_flags() {
 #endif
 }
 
-std::string cpu_vector_isa() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#elif defined(__SSE2__)
-  return "sse2";
-#else
-  return "scalar";
-#endif
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (unlearn::cpu::CpuIsa isa : unlearn::cpu::supported_isas()) names.emplace_back(unlearn::cpu::isa_name(isa));
+  return names;
 }
 
 }  // namespace
@@ -42,8 +37,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "unlearn_ext compiled kernels (ops are registered under torch.ops.unlearn_ext)";
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in");
   m.def("cpu_flags", &cpu_flags, "Extra compiler flags the CPU kernels were built with");
-  m.def("cpu_vector_isa", &cpu_vector_isa, "Widest x86 vector ISA the CPU kernels were compiled for");
-  m.def("mc_kernel_path", [] { return std::string(unlearn::cpu::mc_kernel_path()); },
-        "Path the CPU `mc` kernel takes now: avx512 (chosen at run time, whatever the build flags) or "
-        "scalar (no AVX-512, or UNLEARN_EXT_MC_KERNEL=scalar)");
+  m.def("cpu_isas", &cpu_isas, "Vector paths of the CPU kernels that this CPU and build can run, narrowest first");
+  m.def("cpu_isa", [] { return std::string(unlearn::cpu::isa_name(unlearn::cpu::chosen_isa())); },
+        "Path the CPU kernels take now: the widest of cpu_isas(), or the one UNLEARN_EXT_CPU_ISA names");
 }

@@ -352,49 +352,10 @@ def test_apply_codes_bad_input():
         _ops.apply_codes_([torch.zeros(4, dtype=torch.int32)], [torch.zeros(4, dtype=torch.int8)], 0.1)
 
 
-# ---- the CPU `mc` kernel's two paths (csrc/cpu/mc_kernel.h) ---------------------------------------
-# The AVX-512 path is chosen at run time, whatever the build flags; UNLEARN_EXT_MC_KERNEL=scalar forces
-# the portable one. Both must give the same codes, radii and statistics bit for bit.
-
-def _cpu_has_avx512() -> bool:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
-
-
-def _c():
-    from unlearn_ext.ops.loader import _C
-    return _C
-
-
-requires_avx512_path = pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU has no AVX-512: only the "
-                                          "scalar path exists, so there is nothing to compare it with")
-
-
-@requires_compiled
-def test_mc_kernel_path_is_chosen_at_run_time(monkeypatch):
-    """A build without -march=native (UNLEARN_EXT_PORTABLE=1) must still take the AVX-512 path on a CPU
-    that has it: the choice depends on the CPU, never on the build's flags."""
-    import unlearn_ext as ue
-    monkeypatch.delenv("UNLEARN_EXT_MC_KERNEL", raising=False)
-    expected = "avx512" if _cpu_has_avx512() else "scalar"
-    assert _c().mc_kernel_path() == expected, ue.build_info()
-    assert ue.build_info()["mc_kernel"] == expected
-    monkeypatch.setenv("UNLEARN_EXT_MC_KERNEL", "scalar")
-    assert _c().mc_kernel_path() == "scalar"
-    assert ue.build_info()["mc_kernel"] == "scalar"
-
-
-def _both_paths(monkeypatch, run):
-    monkeypatch.delenv("UNLEARN_EXT_MC_KERNEL", raising=False)
-    assert _c().mc_kernel_path() == "avx512"
-    fast = run()
-    monkeypatch.setenv("UNLEARN_EXT_MC_KERNEL", "scalar")
-    assert _c().mc_kernel_path() == "scalar"
-    return fast, run()
-
+# ---- the CPU `mc` kernel's paths (csrc/cpu/mc_kernel.h) ------------------------------------------
+# The widest path the CPU has is chosen at run time; tests/test_cpu_isa.py forces each one and compares
+# it with the scalar path bit for bit. Here: the scalar path alone against the reference (on a CPU
+# with AVX2 or AVX-512 every other mc test runs the wider path).
 
 # Values on both sides of +-tau at several scales, where thresholds hit 0 and 2^24 (every draw
 # -1 or +1), non-finite values, and a ragged tail (sizes not multiples of 16).
@@ -407,53 +368,10 @@ def _path_inputs():
 
 
 @requires_compiled
-@requires_avx512_path
-@pytest.mark.parametrize("n0,n", [(16, 64), (5, 7), (3, 2), (1, 1), (9, 31)])
-@pytest.mark.parametrize("seed,offset", [(0, 0), (2**63 + 2**40 + 9, 2**32 - 3), (2**64 - 1, 2**64 - 2)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_mc_avx512_and_scalar_paths_identical(monkeypatch, n0, n, seed, offset, dtype):
-    grads = [t.to(dtype) for t in _path_inputs()]
-    table = synthetic_table(n) if n < 64 else radius_table(n)
-    run = lambda: _ops.quantize_mc(grads, TAU, SIGMA, n0, n, table, signed64(seed), signed64(offset), 0.1)  # noqa: E731
-    fast, scalar = _both_paths(monkeypatch, run)
-    assert_quantize_equal(fast, scalar)
-    for r, rs in zip(fast[1], scalar[1]):  # radii bit for bit too, not only within an ulp
-        assert torch.equal(r, rs)
-    assert torch.equal(fast[2], scalar[2])
-
-
-@requires_compiled
-@requires_avx512_path
-@pytest.mark.parametrize("tau,sigma", [(TAU, SIGMA), (0.0, 1.0), (TAU, 1e-30), (TAU, 1e30), (1e30, 1.0)])
-def test_mc_paths_identical_at_extreme_scales(monkeypatch, tau, sigma):
-    grads = _path_inputs()
-    run = lambda: _ops.quantize_mc(grads, tau, sigma, 16, 64, radius_table(64), 3, 7, 0.1)  # noqa: E731
-    fast, scalar = _both_paths(monkeypatch, run)
-    assert_quantize_equal(fast, scalar)
-
-
-@requires_compiled
-@requires_avx512_path
-def test_mc_step_paths_identical(monkeypatch):
-    grads = _path_inputs()[:1] + [torch.randn(257)]
-
-    def run():
-        params = [torch.zeros_like(g) for g in grads]
-        stats = _ops.quantized_step_mc_(params, grads, TAU, SIGMA, 16, 64, radius_table(64), 11, 2**33, 0.5,
-                                        0.05, False)
-        return params, stats
-    (p_fast, s_fast), (p_scalar, s_scalar) = _both_paths(monkeypatch, run)
-    assert_lists_equal(p_fast, p_scalar, "params")
-    assert torch.equal(s_fast[0], s_scalar[0]) and torch.equal(s_fast[1], s_scalar[1])
-    assert any(p.any() for p in p_fast)  # something moved, so the comparison says something
-
-
-@requires_compiled
 @pytest.mark.parametrize("n0,n", [(16, 64), (5, 7)])
 def test_mc_scalar_path_matches_reference(monkeypatch, n0, n):
-    """The portable path alone against the reference (on CPUs without AVX-512 every other mc test
-    already runs it)."""
-    monkeypatch.setenv("UNLEARN_EXT_MC_KERNEL", "scalar")
+    """The portable path alone against the reference."""
+    monkeypatch.setenv("UNLEARN_EXT_CPU_ISA", "scalar")
     grads = _path_inputs()
     kind = "clopper-pearson" if n >= 64 else "synthetic"
     check_mc("cpu", grads, TAU, SIGMA, n0, n, mc_table(n, kind), 2**63 + 5, 2**32 - 1, 0.1,

@@ -95,12 +95,14 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What was compiled: backend, CUDA, CPU vector ISA and flags."""
+    """What was compiled: backend, CUDA, the CPU kernels' vector paths and flags.
+
+    `cpu_isa` is the path CPU kernels take now (the widest in `cpu_isas`, or the one the environment
+    variable UNLEARN_EXT_CPU_ISA names); `cpu_isas` the paths this CPU and build can run."""
     from .ops.loader import _C
 
     info = {"backend": backend(), "torch": __import__("torch").__version__}
     if _C is not None:
-        info.update(cuda=_C.built_with_cuda(), cpu_isa=_C.cpu_vector_isa(), cpu_flags=_C.cpu_flags())
-        if hasattr(_C, "mc_kernel_path"):  # chosen at run time: AVX-512 where the CPU has it
-            info.update(mc_kernel=_C.mc_kernel_path())
+        info.update(cuda=_C.built_with_cuda(), cpu_isa=_C.cpu_isa(), cpu_isas=list(_C.cpu_isas()),
+                    cpu_flags=_C.cpu_flags())
     return info

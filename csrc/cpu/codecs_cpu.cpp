@@ -15,16 +15,16 @@
 
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "cpu_walk.h"
+#include "per_isa_ops.h"
 #include "unlearn/codec_list.h"
 #include "unlearn/codecs.h"
 
+#include "isa_target.h"  // from here on: this copy's ISA (isa.h)
+
 namespace unlearn {
 namespace cpu {
+namespace UNLEARN_ISA {
 namespace {
 
 // Integer max over bit patterns (see finite_abs_bits): vectorizes, equals the float absmax.
@@ -204,7 +204,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> blockwise_quantize_
 // (~9 bytes of traffic per element become ~5). The product is the same single IEEE multiply as
 // dequantize_value. Returns the number of elements done (the rest go through the scalar path).
 inline int64_t dequantize_int8_stream(const int8_t* c, float scale, float* dst, int64_t n) {
-#if defined(__AVX512F__)
+#if defined(UNLEARN_ISA_AVX2)
+  if (reinterpret_cast<uintptr_t>(dst) % 32 != 0) return 0;
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
+    _mm256_stream_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), s));
+  }
+  return i;  // the worker fences its streaming stores once per task (parallel_over_blocks)
+#elif defined(UNLEARN_ISA_AVX512)
   if (reinterpret_cast<uintptr_t>(dst) % 64 != 0) return 0;
   const __m512 s = _mm512_set1_ps(scale);
   int64_t i = 0;
@@ -338,6 +347,31 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
 // a kernel by and falls back to CompositeExplicitAutograd. These kernels answer exactly that case
 // (empty results; the dot product is 0) and refuse tensors of any device without kernels.
 
+}  // namespace
+
+#define UNLEARN_CODEC_OPS(X)                           \
+  X("blockwise_quantize", blockwise_quantize_cpu)      \
+  X("blockwise_dequantize_", blockwise_dequantize_cpu) \
+  X("delta_encode_", delta_encode_cpu)                 \
+  X("dequantize_axpy_", dequantize_axpy_cpu)           \
+  X("dequantize_dot", dequantize_dot_cpu)
+
+UNLEARN_EXPORT_OPS(UNLEARN_CODEC_OPS)
+
+}  // namespace UNLEARN_ISA
+}  // namespace cpu
+}  // namespace unlearn
+
+#include "isa_target_end.h"
+
+#if !defined(UNLEARN_ISA_AVX2) && !defined(UNLEARN_ISA_AVX512)  // the scalar copy registers the ops once
+namespace unlearn {
+namespace cpu {
+
+UNLEARN_REGISTER_OPS(UNLEARN_CODEC_OPS)
+
+namespace {
+
 void require_empty(std::initializer_list<at::TensorList> lists, const char* op) {
   for (const auto& l : lists) {
     TORCH_CHECK(l.empty(), "unlearn_ext: ", op, " has no kernel for device ", l[0].device(),
@@ -388,13 +422,6 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) {
   m.impl("dequantize_dot", &dequantize_dot_empty);
 }
 
-TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
-  m.impl("blockwise_quantize", &blockwise_quantize_cpu);
-  m.impl("blockwise_dequantize_", &blockwise_dequantize_cpu);
-  m.impl("delta_encode_", &delta_encode_cpu);
-  m.impl("dequantize_axpy_", &dequantize_axpy_cpu);
-  m.impl("dequantize_dot", &dequantize_dot_cpu);
-}
-
 }  // namespace cpu
 }  // namespace unlearn
+#endif

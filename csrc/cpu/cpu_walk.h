@@ -20,8 +20,8 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>  // _mm_sfence (SSE: in every x86-64)
 #endif
 
 #include "unlearn/codec_list.h"
@@ -131,10 +131,10 @@ inline void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t blo
         body(t, b, g0 + (b - lo), e0, std::min(numels[t], e0 + block_size));
       }
     });
-#if defined(__AVX512F__)
-    // Bodies may use streaming stores (the int8 decode), which are weakly ordered: each worker
-    // fences its own once per task (a fence per block made the decode 1.65x slower), before the
-    // join hands the outputs over.
+#if defined(__x86_64__)
+    // Bodies may use streaming stores (the int8 decode of the AVX2 and AVX-512 copies), which are
+    // weakly ordered: each worker fences its own once per task (a fence per block made the decode
+    // 1.65x slower), before the join hands the outputs over.
     _mm_sfence();
 #endif
   });

@@ -1,11 +1,12 @@
-// The draw-count-certify part of the CPU `mc` kernel (DESIGN section 4, `mc` mode), in two
-// implementations with one interface: an AVX-512 one (smoothing_mc_avx512.cpp, compiled for
-// AVX-512 whatever the build flags) and a portable scalar one (smoothing_cpu.cpp, written with the
-// shared per-element math of unlearn/smoothing.h). Which one runs is decided per call at run time
-// (mc_kernel_path), so a portable build still takes the AVX-512 path on a CPU that has it.
+// The draw-count-certify part of the CPU `mc` kernel (DESIGN section 4, `mc` mode), in three
+// implementations with one interface: hand-written AVX-512 and AVX2 ones (smoothing_mc_avx512.cpp,
+// smoothing_mc_avx2.cpp, each compiled for its ISA whatever the build flags) and a portable one
+// (mc_span_scalar in smoothing_cpu.cpp, written with the shared per-element math of
+// unlearn/smoothing.h). Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path is chosen
+// per call at run time, so a portable build still takes the widest path the CPU has).
 //
-// Both take the class probabilities of each element (Phi computed by the caller) and produce codes,
-// radii and statistics that are identical bit for bit (tests/test_smoothing_ops.py forces each path).
+// All take the class probabilities of each element (Phi computed by the caller) and produce codes,
+// radii and statistics that are identical bit for bit (tests/test_cpu_isa.py forces each path).
 #pragma once
 
 #include <cstdint>
@@ -35,23 +36,12 @@ struct McSpanStats {
 using McSpanFn = void (*)(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                           const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
 
-void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
-                    const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
-
-// Defined only on x86-64 (smoothing_mc_avx512.cpp); call only when mc_cpu_has_avx512().
+// Defined only where the x86 copies are built (UNLEARN_X86_VARIANTS, isa.h); called only by the
+// copy of smoothing_cpu.cpp for the same ISA, which runs only on CPUs that have it.
 void mc_span_avx512(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                     const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
-
-// True when the AVX-512 path is compiled in and this CPU (and OS) supports it.
-bool mc_cpu_has_avx512();
-
-// "avx512" or "scalar": the path the next `mc` call takes. The environment variable
-// UNLEARN_EXT_MC_KERNEL=scalar forces the scalar path (read at every call; for tests and for
-// comparing the two); any other value, or none, picks AVX-512 where available.
-const char* mc_kernel_path();
-
-// The function behind mc_kernel_path().
-McSpanFn mc_span_function();
+void mc_span_avx2(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+                  const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
 
 }  // namespace cpu
 }  // namespace unlearn

@@ -4,12 +4,10 @@
 // GCC vectorizes the scalar form with 64-bit multiplies (vpmullq) and spills the counters, which
 // measured ~6x slower than the even/odd vpmuludq form below.
 //
-// Usable from a -march=native build (__AVX512F__) and from a translation unit that enables AVX-512
-// for its own functions only (#pragma GCC target, defining UNLEARN_AVX512_TARGET before the include;
-// GCC does not define __AVX512F__ there), which a portable build dispatches to at run time.
+// Include it only where AVX-512 is enabled for the code that follows (#pragma GCC target: the
+// AVX-512 copy of a kernel file, isa_target.h, or smoothing_mc_avx512.cpp).
 #pragma once
 
-#if defined(__AVX512F__) || defined(UNLEARN_AVX512_TARGET)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -187,4 +185,3 @@ static inline __m512i pack_low_halves64(__m512i a, __m512i b) {
 
 }  // namespace cpu
 }  // namespace unlearn
-#endif  // __AVX512F__ || UNLEARN_AVX512_TARGET

@@ -11,12 +11,16 @@
 #include <mutex>
 
 #include "cpu_walk.h"
-#include "select_keys.h"
+#include "per_isa_ops.h"
 #include "unlearn/select.h"
 #include "unlearn/select_checks.h"
 
+#include "isa_target.h"  // from here on: this copy's ISA (isa.h)
+#include "select_keys.h"
+
 namespace unlearn {
 namespace cpu {
+namespace UNLEARN_ISA {
 namespace {
 
 constexpr int64_t kTile = kKeyTile;
@@ -547,14 +551,26 @@ at::Tensor select_mask_grad_cpu(at::TensorList grads, at::TensorList scores_in, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
-  m.impl("select_histogram", &select_histogram_cpu);
-  m.impl("select_tie_boundary", &select_tie_boundary_cpu);
-  m.impl("select_apply_", &select_apply_cpu);
-  m.impl("select_mask_grad_", &select_mask_grad_cpu);
-  m.impl("select_histogram_near", &select_histogram_near_cpu);
-  m.impl("select_apply_bin_", &select_apply_bin_cpu);
-}
+#define UNLEARN_SELECT_OPS(X)                               \
+  X("select_histogram", select_histogram_cpu)               \
+  X("select_tie_boundary", select_tie_boundary_cpu)         \
+  X("select_apply_", select_apply_cpu)                      \
+  X("select_mask_grad_", select_mask_grad_cpu)              \
+  X("select_histogram_near", select_histogram_near_cpu)     \
+  X("select_apply_bin_", select_apply_bin_cpu)
 
+UNLEARN_EXPORT_OPS(UNLEARN_SELECT_OPS)
+
+}  // namespace UNLEARN_ISA
 }  // namespace cpu
 }  // namespace unlearn
+
+#include "isa_target_end.h"
+
+#if !defined(UNLEARN_ISA_AVX2) && !defined(UNLEARN_ISA_AVX512)  // the scalar copy registers the ops once
+namespace unlearn {
+namespace cpu {
+UNLEARN_REGISTER_OPS(UNLEARN_SELECT_OPS)
+}  // namespace cpu
+}  // namespace unlearn
+#endif

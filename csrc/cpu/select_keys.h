@@ -1,25 +1,30 @@
 // Selection keys on the CPU, a tile at a time, and 16-lane comparisons of a tile's keys.
 //
 // The per-element key math is unlearn/select.h's (shared with CUDA); this header only makes it
-// fast: score keys come from a plain loop GCC vectorizes, random keys from the AVX-512 Philox of
-// philox_avx512.h (the scalar Philox would cost more than the rest of a pass). Consumers then test
-// 16 keys per instruction (LaneMask) and visit only the lanes that matter, which at a top-1% is a
-// few lanes per thousand.
+// fast: score keys come from a plain loop GCC vectorizes, random keys from the vector Philox of
+// philox_avx512.h / philox_avx2.h (the scalar Philox would cost more than the rest of a pass).
+// Consumers then test 16 keys at a time (lane masks) and visit only the lanes that matter, which at
+// a top-1% is a few lanes per thousand.
+//
+// Compiled once per ISA copy of select_cpu.cpp: include it after isa_target.h; its functions live in
+// the copy's namespace (isa.h).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
 #include "cpu_walk.h"
-#include "philox_avx512.h"
 #include "unlearn/select.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(UNLEARN_ISA_AVX512)
+#include "philox_avx512.h"
+#elif defined(UNLEARN_ISA_AVX2)
+#include "philox_avx2.h"
 #endif
 
 namespace unlearn {
 namespace cpu {
+namespace UNLEARN_ISA {
 
 constexpr int64_t kKeyTile = 256;  // keys are computed a tile at a time into a stack buffer, then consumed
 
@@ -36,10 +41,15 @@ inline const T* key_source(const at::Tensor& scores, int mode) {
 __attribute__((noinline)) inline void random_tile_keys(uint64_t seed, uint64_t offset, int64_t n, int64_t g,
                                                        uint32_t* out) {
   int64_t j = 0;
-#if defined(__AVX512F__)
+#if defined(UNLEARN_ISA_AVX512)
   for (; j + 64 <= n; j += 64) philox_word0_avx512<4>(seed, offset, static_cast<uint64_t>(g + j), out + j);
   for (; j + 16 <= n; j += 16) philox_word0_avx512<1>(seed, offset, static_cast<uint64_t>(g + j), out + j);
   for (int64_t i = 0; i < j; ++i) out[i] = ~out[i];
+#elif defined(UNLEARN_ISA_AVX2)
+  for (; j + 8 <= n; j += 8) {
+    const __m256i word0 = philox_word0_avx2(seed, offset, static_cast<uint64_t>(g + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_xor_si256(word0, _mm256_set1_epi32(-1)));
+  }
 #endif
   for (; j < n; ++j) out[j] = random_key(seed, offset, static_cast<uint64_t>(g + j));
 }
@@ -71,10 +81,31 @@ inline uint32_t element_key(const T* scores, int mode, uint64_t seed, uint64_t o
 inline uint32_t ordered_key_min(int mode) { return mode == kKeyRandom ? 0u : 0x007fffffu; }
 inline uint32_t ordered_key_max(int mode) { return mode == kKeyRandom ? 0xffffffffu : 0xff800000u; }
 
+#if defined(UNLEARN_ISA_AVX2)
+// AVX2 has no unsigned compares: keys and bounds are compared as signed after flipping the top bit.
+inline __m256i biased_keys8(const uint32_t* keys) {
+  return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys)),
+                          _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+}
+inline __m256i biased(uint32_t bound) { return _mm256_set1_epi32(static_cast<int>(bound ^ 0x80000000u)); }
+// Bit j set for the lanes j of 8 biased keys with lo <= key <= hi (bounds biased too).
+inline uint32_t lanes_in8(__m256i k, __m256i lo, __m256i hi) {
+  const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(lo, k), _mm256_cmpgt_epi32(k, hi));
+  return static_cast<uint32_t>(~_mm256_movemask_ps(_mm256_castsi256_ps(out))) & 0xffu;
+}
+// Bit j set for the lanes j of 8 biased keys above `hi` (biased).
+inline uint32_t lanes_above8(__m256i k, __m256i hi) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, hi))));
+}
+#endif
+
 // Bit j set for the lanes j of keys[0..16) (the first `valid` lanes only) with lo <= key <= hi.
 inline uint32_t lanes_in(const uint32_t* keys, int valid, uint32_t lo, uint32_t hi) {
   const uint32_t live = valid >= 16 ? 0xffffu : (1u << valid) - 1u;
-#if defined(__AVX512F__)
+#if defined(UNLEARN_ISA_AVX2)
+  const __m256i l = biased(lo), h = biased(hi);
+  return live & (lanes_in8(biased_keys8(keys), l, h) | lanes_in8(biased_keys8(keys + 8), l, h) << 8);
+#elif defined(UNLEARN_ISA_AVX512)
   const __m512i k = _mm512_loadu_si512(keys);
   return live & _mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(lo))) &
          _mm512_cmple_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(hi)));
@@ -99,7 +130,16 @@ struct BlockLanes {
 
 inline BlockLanes classify_block(const uint32_t* keys, int valid, uint32_t key_lo, uint32_t key_hi, uint32_t lo,
                                  uint32_t hi) {
-#if defined(__AVX512F__)
+#if defined(UNLEARN_ISA_AVX2)
+  const uint32_t live = valid >= 16 ? 0xffffu : (1u << valid) - 1u;
+  const __m256i k0 = biased_keys8(keys), k1 = biased_keys8(keys + 8);
+  const __m256i klo = biased(key_lo), khi = biased(key_hi), h = biased(hi), l = biased(lo);
+  const uint32_t ordered = live & (lanes_in8(k0, klo, khi) | lanes_in8(k1, klo, khi) << 8);
+  const uint32_t above = ordered & (lanes_above8(k0, h) | lanes_above8(k1, h) << 8);
+  // inside: ordered, not above, and >= lo, i.e. not below lo
+  const uint32_t below = lanes_above8(l, k0) | lanes_above8(l, k1) << 8;  // lo > key
+  return {ordered, above, ordered & ~above & ~below & 0xffffu};
+#elif defined(UNLEARN_ISA_AVX512)
   const uint32_t live = valid >= 16 ? 0xffffu : (1u << valid) - 1u;
   const __m512i k = _mm512_loadu_si512(keys);
   const uint32_t ordered = live & _mm512_cmpge_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(key_lo))) &
@@ -127,9 +167,36 @@ inline void for_each_lane(uint32_t mask, F&& f) {
 // Both helpers write a whole 16-lane register: `out` needs room for 16 entries past the returned
 // count's start, and only the first `count` written entries are meaningful.
 
+#if defined(UNLEARN_ISA_AVX2)
+// AVX2 has no compress: a table gives, per 8-bit lane mask, the set lanes' indices (lowest first) as
+// 4-bit fields of one word, which become a vpermd index vector.
+struct CompressTable8 {
+  uint32_t fields[256];
+  constexpr CompressTable8() : fields{} {
+    for (unsigned mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      for (unsigned j = 0; j < 8; ++j)
+        if ((mask >> j) & 1u) fields[mask] |= j << (4 * n++);
+    }
+  }
+};
+inline constexpr CompressTable8 kCompressTable8{};
+
+// Writes the lanes of v set in mask8 (lowest first) to out[0..8); returns their count.
+inline int compress8(__m256i v, uint32_t mask8, uint32_t* out) {
+  const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kCompressTable8.fields[mask8])),
+                                        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(v, idx));
+  return __builtin_popcount(mask8);
+}
+#endif
+
 // Appends keys[j] for each lane j set in mask (lowest first) to out; returns the count.
 inline int compress_keys(const uint32_t* keys, uint32_t mask, uint32_t* out) {
-#if defined(__AVX512F__)
+#if defined(UNLEARN_ISA_AVX2)
+  const int n = compress8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys)), mask & 0xffu, out);
+  return n + compress8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + 8)), mask >> 8, out + n);
+#elif defined(UNLEARN_ISA_AVX512)
   // Compress into a register, then a plain store (a compressing store to memory is microcoded on Zen 4).
   _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(static_cast<__mmask16>(mask), _mm512_loadu_si512(keys)));
   return lane_count(mask);
@@ -142,7 +209,12 @@ inline int compress_keys(const uint32_t* keys, uint32_t mask, uint32_t* out) {
 
 // Appends first + j for each lane j set in mask (lowest first) to out; returns the count.
 inline int compress_lane_indices(int32_t first, uint32_t mask, int32_t* out) {
-#if defined(__AVX512F__)
+#if defined(UNLEARN_ISA_AVX2)
+  const __m256i lanes = _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  const int n = compress8(lanes, mask & 0xffu, o);
+  return n + compress8(_mm256_add_epi32(lanes, _mm256_set1_epi32(8)), mask >> 8, o + n);
+#elif defined(UNLEARN_ISA_AVX512)
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(first), lanes);
   _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(static_cast<__mmask16>(mask), idx));
@@ -154,5 +226,6 @@ inline int compress_lane_indices(int32_t first, uint32_t mask, int32_t* out) {
 #endif
 }
 
+}  // namespace UNLEARN_ISA
 }  // namespace cpu
 }  // namespace unlearn

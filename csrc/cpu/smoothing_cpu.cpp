@@ -10,11 +10,15 @@
 
 #include "cpu_walk.h"
 #include "mc_kernel.h"
+#include "per_isa_ops.h"
 #include "unlearn/smoothing.h"
 #include "unlearn/smoothing_checks.h"
 
+#include "isa_target.h"  // from here on: this copy's ISA (isa.h)
+
 namespace unlearn {
 namespace cpu {
+namespace UNLEARN_ISA {
 namespace {
 
 constexpr int kLanes = 16;  // elements processed side by side: one AVX-512 register of uint32
@@ -71,7 +75,20 @@ void analytic_span(const T* g, int64_t count, float beta, float below_threshold,
 
 // ---- Monte-Carlo -------------------------------------------------------------------------------
 // Phi is computed here for a whole span; the draws, counts and CERTIFY run in mc_span_scalar below
-// or in its AVX-512 twin (smoothing_mc_avx512.cpp), chosen at run time (mc_kernel.h).
+// or in its hand-written twins (smoothing_mc_avx2.cpp, smoothing_mc_avx512.cpp): each copy of this
+// file takes the one of its ISA (kMcSpan).
+
+void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+                    const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& s);
+
+// This copy's draw-count-certify path.
+#if defined(UNLEARN_ISA_AVX512)
+constexpr McSpanFn kMcSpan = &mc_span_avx512;
+#elif defined(UNLEARN_ISA_AVX2)
+constexpr McSpanFn kMcSpan = &mc_span_avx2;
+#else
+constexpr McSpanFn kMcSpan = &mc_span_scalar;
+#endif
 
 struct McParams {
   float tau, inv_sigma;
@@ -84,7 +101,7 @@ McParams make_mc_params(double tau, double sigma, int64_t n0, int64_t n, const a
   return McParams{static_cast<float>(tau), static_cast<float>(1.0 / sigma),
                   McDrawParams{as_u64(seed), as_u64(offset), static_cast<int32_t>(n0), static_cast<int32_t>(n),
                                static_cast<float>(sigma), below_threshold, table.data_ptr<float>()},
-                  mc_span_function()};
+                  kMcSpan};
 }
 
 // Adds one draw per lane to the class counters (separate arrays, so the loop vectorizes).
@@ -126,8 +143,8 @@ void mc_probabilities_span(const T* g, int64_t count, const McParams& p, float* 
 
 // Draws, counts and CERTIFY for every element of a span, kLanes elements side by side (each lane
 // is one element's own Philox stream, so lanes never interact). The portable twin of
-// mc_span_avx512; tests force each and compare them bit for bit.
-void mc_span_scalar_impl(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+// mc_span_avx2 / mc_span_avx512; tests force each and compare them bit for bit.
+void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                          const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& s) {
   const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
   const int64_t blocks = (int64_t(p.n0) + p.n + 3) / 4;
@@ -224,15 +241,6 @@ void mc_span(const T* g, int64_t count, uint64_t global_begin, const McParams& p
   s.nonfinite += ms.nonfinite;
   s.below += ms.below;
 }
-
-}  // namespace
-
-void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
-                    const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats) {
-  mc_span_scalar_impl(p_neg, p_pos, count, global_begin, p, codes, radii, stats);
-}
-
-namespace {
 
 // ---- shared drivers ----------------------------------------------------------------------------
 
@@ -376,15 +384,6 @@ void apply_codes_cpu(at::TensorList params, at::TensorList codes_in, double step
   write_back(params, work);
 }
 
-// An empty list carries no tensor to pick a kernel by: the dispatcher falls back to this kernel
-// (nothing to do), which refuses tensors on devices without kernels.
-void apply_codes_empty(at::TensorList params, at::TensorList codes, double step_size) {
-  float32_arg(step_size, "step_size");
-  for (const auto& l : {params, codes})
-    TORCH_CHECK(l.empty(), "unlearn_ext: apply_codes_ has no kernel for device ", l[0].device(),
-                " (kernels exist for CPU, and for CUDA in CUDA builds)");
-}
-
 // ---- framework D: vote counters ----------------------------------------------------------------
 
 at::Tensor vote_accumulate_cpu(at::TensorList votes, at::TensorList grads_in, double tau) {
@@ -457,17 +456,44 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
-  m.impl("quantize_analytic", &quantize_analytic_cpu);
-  m.impl("quantize_mc", &quantize_mc_cpu);
-  m.impl("quantized_step_analytic_", &quantized_step_analytic_cpu);
-  m.impl("quantized_step_mc_", &quantized_step_mc_cpu);
-  m.impl("vote_accumulate_", &vote_accumulate_cpu);
-  m.impl("vote_finalize", &vote_finalize_cpu);
-  m.impl("apply_codes_", &apply_codes_cpu);
+#define UNLEARN_SMOOTHING_OPS(X)                            \
+  X("quantize_analytic", quantize_analytic_cpu)             \
+  X("quantize_mc", quantize_mc_cpu)                         \
+  X("quantized_step_analytic_", quantized_step_analytic_cpu) \
+  X("quantized_step_mc_", quantized_step_mc_cpu)            \
+  X("vote_accumulate_", vote_accumulate_cpu)                \
+  X("vote_finalize", vote_finalize_cpu)                     \
+  X("apply_codes_", apply_codes_cpu)
+
+UNLEARN_EXPORT_OPS(UNLEARN_SMOOTHING_OPS)
+
+}  // namespace UNLEARN_ISA
+}  // namespace cpu
+}  // namespace unlearn
+
+#include "isa_target_end.h"
+
+#if !defined(UNLEARN_ISA_AVX2) && !defined(UNLEARN_ISA_AVX512)  // the scalar copy registers the ops once
+namespace unlearn {
+namespace cpu {
+
+UNLEARN_REGISTER_OPS(UNLEARN_SMOOTHING_OPS)
+
+namespace {
+
+// An empty list carries no tensor to pick a kernel by: the dispatcher falls back to this kernel
+// (nothing to do), which refuses tensors on devices without kernels.
+void apply_codes_empty(at::TensorList params, at::TensorList codes, double step_size) {
+  float32_arg(step_size, "step_size");
+  for (const auto& l : {params, codes})
+    TORCH_CHECK(l.empty(), "unlearn_ext: apply_codes_ has no kernel for device ", l[0].device(),
+                " (kernels exist for CPU, and for CUDA in CUDA builds)");
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CompositeExplicitAutograd, m) { m.impl("apply_codes_", &apply_codes_empty); }
 
 }  // namespace cpu
 }  // namespace unlearn
+#endif

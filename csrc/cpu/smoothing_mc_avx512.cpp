@@ -3,35 +3,22 @@
 // the n0 + n Philox draws and their class counts, CERTIFY, the stores and the statistics.
 //
 // This file enables AVX-512 for its own functions only (#pragma GCC target), so a portable build
-// (no -march=native) still contains this path and mc_kernel_path() picks it at run time on CPUs
-// that have it. Everything included before the pragma keeps the build's default target: inline
-// functions of shared headers must not be emitted here with AVX-512 instructions, or the linker
-// could hand those copies to code that runs on CPUs without it.
+// (no -march=native) still contains this path, and the AVX-512 copy of smoothing_cpu.cpp calls it
+// where the CPU has AVX-512 (isa.h). Everything included before the pragma keeps the build's
+// default target: inline functions of shared headers must not be emitted here with AVX-512
+// instructions, or the linker could hand those copies to code that runs on CPUs without it.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 #include "mc_kernel.h"
 #include "unlearn/philox.h"
+#include "isa.h"
 
-namespace unlearn {
-namespace cpu {
-
-#if defined(__x86_64__) && defined(__GNUC__)
-
-bool mc_cpu_has_avx512() {
-  // __builtin_cpu_supports also checks that the OS saves the AVX-512 state (XCR0).
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
-
-}  // namespace cpu
-}  // namespace unlearn
+#if UNLEARN_X86_VARIANTS
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
-#define UNLEARN_AVX512_TARGET 1
 #include <immintrin.h>
 
 #include "philox_avx512.h"
@@ -179,32 +166,4 @@ void mc_span_avx512(const float* p_neg, const float* p_pos, int64_t count, uint6
 
 #pragma GCC pop_options
 
-#else  // not x86-64 GCC/Clang: the scalar path only
-
-bool mc_cpu_has_avx512() { return false; }
-
-void mc_span_avx512(const float*, const float*, int64_t, uint64_t, const McDrawParams&, int8_t*, float*,
-                    McSpanStats&) {
-  std::abort();  // unreachable: mc_span_function() never returns it without AVX-512
-}
-
-}  // namespace cpu
-}  // namespace unlearn
-
-#endif
-
-namespace unlearn {
-namespace cpu {
-
-const char* mc_kernel_path() {
-  const char* forced = std::getenv("UNLEARN_EXT_MC_KERNEL");
-  if (forced != nullptr && std::strcmp(forced, "scalar") == 0) return "scalar";
-  return mc_cpu_has_avx512() ? "avx512" : "scalar";
-}
-
-McSpanFn mc_span_function() {
-  return std::strcmp(mc_kernel_path(), "avx512") == 0 ? &mc_span_avx512 : &mc_span_scalar;
-}
-
-}  // namespace cpu
-}  // namespace unlearn
+#endif  // UNLEARN_X86_VARIANTS
