@@ -60,7 +60,7 @@ def _ratio(a: str, b: str, field="elements_per_s"):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _RESULTS:
+    if not _RESULTS and not _NOTES:  # a run of only untimed figures still reports them
         return
     tr = terminalreporter
     tr.section("unlearn_ext: throughput and ratios (same run)")

@@ -196,7 +196,7 @@ def test_select_and_apply_identical(monkeypatch, path, by, action, alpha, with_s
         out = []
         for k in (0, 1, 17, n // 100, n // 3):
             if by == "random":
-                sel = S.random_k(params, k, seed=-(1 << 40) - 3, offset=5)
+                sel = S.random_k(params, k, seed=(-(1 << 40) - 3) & (2**64 - 1), offset=5)
             else:
                 sel = S.topk(scores, k, by=by)
             count, masks = sel.apply_(params, action, alpha, source, masks=True, noise_seed=21, noise_offset=3)
@@ -208,7 +208,7 @@ def test_select_and_apply_identical(monkeypatch, path, by, action, alpha, with_s
         assert c_fast == c_scalar == k
         assert_lists_equal(m_fast, m_scalar, "masks")
     if by == "random":
-        keys, _ = RS.keys_of(make_list(SIZES, LAYOUTS, torch.float32, "cpu", seed=9), 2, -(1 << 40) - 3, 5, 0)
+        keys, _ = RS.keys_of(make_list(SIZES, LAYOUTS, torch.float32, "cpu", seed=9), 2, (-(1 << 40) - 3) & (2**64 - 1), 5, 0)
     else:
         keys, _ = RS.keys_of(scores, S.KEY_MODES[by], 0, 0, 0)
     order = torch.sort(keys, descending=True, stable=True).indices

@@ -225,7 +225,7 @@ def _check_output_paths(parser, out: str | None, json_path: str | None) -> None:
 def _evaluate(parser, args) -> int:
     import torch
 
-    from .evaluate import datasets, harness, methods, models, report, settings, training
+    from .evaluate import datasets, harness, methods, models, precondition, report, settings, training
 
     demo = args.command == "demo"
     _check_output_paths(parser, args.out or ("unlearn-ext-demo" if demo else None), args.json_path)
@@ -281,13 +281,17 @@ def _evaluate(parser, args) -> int:
                                  model_options=model_options, device=device)
     summary = harness.summarize(records)
     report.print_table(summary, title)
+    memorization = precondition.check(records)
+    memorization_lines = precondition.lines(memorization, memorizing_asked=label_noise > 0)
+    for line in memorization_lines:
+        print(line)
     trained = recipe.resolved(model, sgd)
     notes = [f"command: `{args.command_line}`",
              f"backend: {backend()}; device: {device}; {time.perf_counter() - began:.0f} s on this machine",
              f"n = {len(ds.y)} training samples, {len(ds.y_test)} test samples ({ds.kind}, one sample "
              f"{'x'.join(map(str, ds.input_shape))}); methods: {', '.join(names)}",
              "training recipe: " + ", ".join(f"{k} {v}" for k, v in trained.items() if v is not None)
-             + (f"; model options: {model_options}" if model_options else "")]
+             + (f"; model options: {model_options}" if model_options else "")] + memorization_lines
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
@@ -300,7 +304,8 @@ def _evaluate(parser, args) -> int:
                                 "input_shape": list(ds.input_shape), "model": model, "model_options": model_options,
                                 "methods": names, "ratios": ratios, "seeds": seeds, "epochs": trained["epochs"],
                                 "recipe": trained, "label_noise": label_noise, "ud": args.ud, "device": device,
-                                "setting": setting.name if setting is not None else None}}
+                                "setting": setting.name if setting is not None else None,
+                                "memorization": memorization}}
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)
         print(f"wrote {args.json_path}")

@@ -247,16 +247,20 @@ class PCMUTrainer:
         (`sums`: that sum, already computed at `params`)."""
         named = dict(zip(self.names, params))
         if sums is None:
-            x, y = self.batch(ids)
-            refuse_training_batch_norm(self.model, "PCMU", PER_SAMPLE_NEED)  # also after a later model.train()
-            with eval_mode(self.model):
-                sums = clipped_sum64(self.model, self.loss_fn, x, y, self.clip_norm, named, self.chunk,
-                                     out=self._sums)
+            sums = self._batch_sums64(named, ids)
         terms = plan_for(self.model, named).longest_sum
         if terms > MAX_SUM_TERMS:
             raise ValueError(f"a float64 sum added {terms} terms, more than the {MAX_SUM_TERMS} the rounding margin "
                              "assumes (pcmu/margin.py): use a smaller chunk or batch")
         return [sums[k] / self.batch_size for k in self.names]
+
+    def _batch_sums64(self, named: dict, ids: torch.Tensor) -> dict:
+        """sum over `ids` of clipped per-sample gradients at `named` (name -> tensor), float64 (the
+        one place a step's sums are computed; distributed PCMU splits it across ranks)."""
+        x, y = self.batch(ids)
+        refuse_training_batch_norm(self.model, "PCMU", PER_SAMPLE_NEED)  # also after a later model.train()
+        with eval_mode(self.model):
+            return clipped_sum64(self.model, self.loss_fn, x, y, self.clip_norm, named, self.chunk, out=self._sums)
 
     def _gradient_mean(self, params: list[torch.Tensor], ids: torch.Tensor, sums: dict | None = None):
         return [g.to(torch.float32) for g in self._clipped_mean64(params, ids, sums)]

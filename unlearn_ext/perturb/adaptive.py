@@ -49,6 +49,9 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
         if perturbation not in ("reset", "dampen"):
             raise ValueError(f"the adaptive K is chosen for reset or dampen, got perturbation={perturbation!r} "
                              "(normalized ascent has its own stop)")
+        if kwargs.get("guard") is not None:
+            raise ValueError("the adaptive K has its own stop rule; the retained-accuracy guard (guard=) serves a "
+                             "fixed K")
         if kwargs.get("holdout") is None:
             raise ValueError("the adaptive K stops at the held-out non-members' loss: give holdout=(x, y)")
         if not isinstance(k, float) or not 0.0 < k <= 1.0:
@@ -109,7 +112,7 @@ class AdaptivePerturbUnlearner(PerturbUnlearner):
                 self.requests = requests
                 self._set_forgotten(forgotten)
             self._rung_k = k
-            super()._forget(new, report)
+            self._answer(new, report)
             spent += report.sample_gradients + probe
             forget_loss = self._summary_loss(*self.data.batch(new))
             holdout_loss = self._summary_loss(*self.holdout)

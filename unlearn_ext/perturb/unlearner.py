@@ -10,7 +10,8 @@ ones (masked: the masked-gradient op zeroes the rest of every gradient); with th
 (cross-entropy) by default, or by distillation (`distill`, `masked-distill`) from the outputs the
 model gave on R before this request (softened by `distill_temperature`): on a memorizing model
 those outputs carry the memorized retained labels that a short repair on the labels does not
-relearn. Fine-tuning alone, the control, is baselines.FinetuneUnlearner.
+relearn. Fine-tuning alone, the control, is baselines.FinetuneUnlearner. With `guard=` set, every
+answer is checked by the retained-accuracy guard (perturb/guard.py) and K halved until it holds.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..metrics import outputs
 from ..model_state import load_model_state_, model_state
 from ..per_sample import trainable
 from ..unlearner import Unlearner, UnlearnReport
+from . import guard as retained_guard
 from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores
 
 PERTURBATIONS = ("reset", "dampen", "noise", "ascent")
@@ -40,7 +42,8 @@ class PerturbUnlearner(Unlearner):
                  initial: torch.nn.Module | None = None, repair_epochs: int = 3, repair_lr_factor: float = 0.4,
                  repair: str = "all", per_tensor: bool = False, holdout: tuple | None = None,
                  ascent_step: float = 0.1, ascent_max_steps: int = 50, distill_temperature: float = 2.0,
-                 distill_alpha: float = 0.0, ratio_floor: float = RATIO_FLOOR, seed: int = 0):
+                 distill_alpha: float = 0.0, ratio_floor: float = RATIO_FLOOR, guard: float | None = None,
+                 guard_size: int = 256, guard_halvings: int = 3, seed: int = 0):
         super().__init__(data)
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
@@ -63,6 +66,7 @@ class PerturbUnlearner(Unlearner):
             raise ValueError("normalized ascent stops at the held-out non-members' loss: give holdout=(x, y)")
         if isinstance(k, float) and not 0.0 <= k <= 1.0:
             raise ValueError(f"a fractional k must be in [0, 1], got {k}")
+        retained_guard.check_options(guard, guard_size, guard_halvings)
         self.model, self.config = model, config
         self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
         self.initial = None if initial is None else [p.detach().clone() for p in trainable(initial).values()]
@@ -71,6 +75,8 @@ class PerturbUnlearner(Unlearner):
         self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
         self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
         self.ratio_floor = float(ratio_floor)
+        self.guard, self.guard_size, self.guard_halvings = guard, guard_size, guard_halvings
+        self._k_now = k          # the K of the answer being computed (the guard halves it)
         self.requests = 0        # requests answered (they key the noise and Random-k draws)
         self._in_flight = None   # the number of the request being answered (requests + 1)
 
@@ -91,7 +97,50 @@ class PerturbUnlearner(Unlearner):
         return self.data.without(torch.cat([self.forgotten, new]))
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
-        """One request; on any failure the model (parameters and buffers) is put back and the
+        if self.guard is None:
+            self._answer(new, report)
+        else:
+            self._guarded(new, report)
+
+    def _guarded(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        """Answers at K, then at K/2, K/4, ... from the weights before the request until the retained-
+        accuracy guard holds (perturb/guard.py); keeps the last answer."""
+        before, forgotten, requests = model_state(self.model), self.forgotten, self.requests
+        retained = self.data.without(torch.cat([self.forgotten, new]))
+        probe_ids = retained_guard.guard_slice(retained, self.guard_size, self.seed, self.requests + 1)
+        accuracy_before = retained_guard.slice_accuracy(self.model, self.data, probe_ids)
+        probe = int(probe_ids.numel())
+        spent, tried, k = probe, [], self.k
+        try:
+            for attempt in range(self.guard_halvings + 1):
+                if attempt:  # every answer starts from the weights before the request
+                    load_model_state_(self.model, before)
+                    self._set_forgotten(forgotten)
+                    self.requests = requests
+                self._k_now = k
+                self._answer(new, report)
+                accuracy = retained_guard.slice_accuracy(self.model, self.data, probe_ids)
+                spent += report.sample_gradients + probe
+                tried.append([k, accuracy])
+                if accuracy_before - accuracy <= self.guard:
+                    break
+                k = retained_guard.halved(k)
+        except BaseException:  # as for one answer: the request leaves no trace when anything fails
+            load_model_state_(self.model, before)
+            self._set_forgotten(forgotten)
+            self.requests = requests
+            raise
+        finally:
+            self._k_now = self.k
+        met = accuracy_before - tried[-1][1] <= self.guard
+        report.sample_gradients = spent
+        report.details.update(k_chosen=tried[-1][0], guard_met=met, guard_accuracy_before=accuracy_before,
+                              guard_trials=tried, guard_sample_gradients=probe * (1 + len(tried)))
+        report.how = (f"{self.method}: K = {tried[-1][0]:g} after {len(tried)} answer(s) (retained-accuracy guard "
+                      f"{'met' if met else 'not met at the smallest K tried'}); " + report.how)
+
+    def _answer(self, new: torch.Tensor, report: UnlearnReport) -> None:
+        """One answer to the request; on any failure the model (parameters and buffers) is put back and the
         request counter is not advanced, so a retry draws what an uninterrupted request draws."""
         before, forgotten = model_state(self.model), self.forgotten
         try:
@@ -244,6 +293,8 @@ class PerturbUnlearner(Unlearner):
                 # only where they matter (ledgers saved before the fields above were added are refused,
                 # naming them: their repair settings were not recorded)
                 **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {}),
+                **({"guard": self.guard, "guard_size": self.guard_size, "guard_halvings": self.guard_halvings}
+                   if self.guard is not None else {}),
                 **({"ascent_step": self.ascent_step, "ascent_max_steps": self.ascent_max_steps}
                    if self.perturbation == "ascent" else {}),
                 **({"holdout_sha256": tensors_sha256(self.holdout)} if self.holdout is not None else {}),
@@ -271,8 +322,8 @@ class TopKUnlearner(PerturbUnlearner):
                                          retained=self._retained(new), ratio_floor=self.ratio_floor)
         check_finite(scores, f"{self.method}: the scores over the forget set (non-finite gradients?)")
         if self.per_tensor:
-            return sel_api.topk_per_tensor(scores, self.k), cost
-        return sel_api.topk(scores, self.k), cost
+            return sel_api.topk_per_tensor(scores, self._k_now), cost
+        return sel_api.topk(scores, self._k_now), cost
 
 
 class RandomKUnlearner(PerturbUnlearner):
@@ -281,7 +332,8 @@ class RandomKUnlearner(PerturbUnlearner):
     method = "randomk"
 
     def _select(self, new):
-        return sel_api.random_k([p.detach() for p in self._params()], self.k, self.seed, self._in_flight), 0
+        # Same (seed, request) keys for every K the guard tries: a smaller K selects a subset.
+        return sel_api.random_k([p.detach() for p in self._params()], self._k_now, self.seed, self._in_flight), 0
 
 
 def check_finite(tensors, what: str) -> None:

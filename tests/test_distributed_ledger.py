@@ -1,0 +1,103 @@
+"""One ledger per job (unlearn_ext.distributed.ledger) with 2 gloo ranks running distributed PCMU:
+a request is applied on every rank and committed once by rank 0, with the single-process ledger's
+outcome; a refused request, a failure on one rank after its work, and a rank that dies mid-request
+leave every surviving rank's state and the ledger on disk as they were, and the survivors raise
+within the group's timeout instead of hanging."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from unlearn_ext import DeletionLedger
+from unlearn_ext.distributed import DistributedLedger, DistributedPCMUTrainer
+from unlearn_ext.distributed.ledger import state_digest
+from unlearn_ext.pcmu import PCMUTrainer, PCMUUnlearner
+from distributed_setup import GROUP_TIMEOUT_S, launch
+from pcmu_settings import digits_data
+
+TIMEOUT_S = 90
+OPTIONS = dict(batch_size=350, clip_norm=1.0, lr=0.05, tau=0.006, sigma=0.01, max_request=3, seed=0)
+FIRST = list(range(0, 1400, 70))     # 20 ids, 5 per batch: more than M = 3, so a resume
+SECOND = [3, 4, 5]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(64, 10)
+
+
+def _ledger_bytes(directory):
+    with open(os.path.join(directory, "ledger.json"), "rb") as f:
+        return f.read()
+
+
+def _attempt(call) -> tuple[str, float]:
+    began = time.monotonic()
+    try:
+        call()
+        return "no error", time.monotonic() - began
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - began
+
+
+def ledger_worker(rank, world, x, y, directory):
+    trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    trainer.train(epochs=1)
+    unlearner = PCMUUnlearner(trainer)
+    ledger = DistributedLedger(unlearner, directory)
+    report = ledger.forget(FIRST if rank == 0 else None)  # rank 0 decides the request
+    out = {"report": (report.status, report.how), "params": [p.detach().clone() for p in trainer.params]}
+    after_first = state_digest(unlearner.state_dict())
+    on_disk = _ledger_bytes(directory) if rank == 0 else None
+
+    out["unknown"] = _attempt(lambda: ledger.forget([10**6]))
+    real = unlearner.unlearn
+    if rank == 1:  # this rank fails after doing its work: nobody may keep the request
+        def failing(ids):
+            real(ids)
+            raise RuntimeError("injected failure after the work")
+        unlearner.unlearn = failing
+    out["one_rank_failed"] = _attempt(lambda: ledger.forget(SECOND))
+    unlearner.unlearn = real
+    out["rolled_back"] = state_digest(unlearner.state_dict()) == after_first
+    out["ledger_unchanged"] = rank != 0 or _ledger_bytes(directory) == on_disk
+
+    if rank == 1:  # dies in the middle of the next request's work
+        def die(named, ids):
+            os._exit(3)
+        trainer._batch_sums64 = die
+    out["dead_rank"] = _attempt(lambda: ledger.forget(SECOND))
+    out["rolled_back_after_death"] = state_digest(unlearner.state_dict()) == after_first
+    out["ledger_unchanged_after_death"] = rank != 0 or _ledger_bytes(directory) == on_disk
+    out["requests"] = [(r["status"], r["how"], r["ids"]) for r in ledger.requests]
+    ledger.close()
+    return out
+
+
+def test_two_ranks_one_ledger_same_result_or_none():
+    x, y, _, _ = digits_data()
+    trainer = PCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    trainer.train(epochs=1)
+    with tempfile.TemporaryDirectory() as single_dir, tempfile.TemporaryDirectory() as job_dir:
+        with DeletionLedger(PCMUUnlearner(trainer), single_dir) as single:
+            want = single.forget(FIRST)
+            want_requests = [(r["status"], r["how"], r["ids"]) for r in single.requests]
+        got = launch(ledger_worker, 2, TIMEOUT_S, x, y, job_dir, may_die=(1,))
+        with open(os.path.join(job_dir, "ledger.json")) as f:
+            committed = json.load(f)["requests"]
+    rank0 = got[0]
+    assert got[1] is None  # rank 1 died on purpose
+    assert rank0["report"] == (want.status, want.how) and want.status == "retrained"
+    assert all(torch.equal(p, q) for p, q in zip(rank0["params"], trainer.params))
+    assert rank0["requests"] == want_requests
+    assert [(r["status"], r["how"], r["ids"]) for r in committed] == want_requests
+    assert "never trained on" in rank0["unknown"][0] and "10" in rank0["unknown"][0]
+    assert "rank(s) [1] refused" in rank0["one_rank_failed"][0]
+    assert rank0["rolled_back"] and rank0["ledger_unchanged"]
+    message, seconds = rank0["dead_rank"]
+    assert message != "no error" and seconds <= GROUP_TIMEOUT_S + 5, rank0["dead_rank"]
+    assert rank0["rolled_back_after_death"] and rank0["ledger_unchanged_after_death"]

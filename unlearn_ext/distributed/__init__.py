@@ -1,0 +1,24 @@
+"""The library on torch.distributed (docs/design.md §12): every collective runs on the caller's own
+process group (`torch.distributed`, any backend: gloo on CPU, nccl on GPU); nothing here starts
+processes or opens connections of its own.
+
+* group.py      the group a call runs on, and `agree`: every rank checks its arguments and learns
+                whether every other rank accepted its own, before any work (one small all_gather),
+                so a rank's bad input raises on every rank instead of leaving the others waiting.
+* selection.py  exact Top-K and Random-k over parameters sharded across ranks: the radix
+                histograms are all-reduced, never the scores; the result equals the single-process
+                selection over the ranks' shards concatenated in rank order, bit for bit.
+* ledger.py     one DeletionLedger per job: rank 0 writes, a request is decided once (rank 0's ids,
+                broadcast), every rank applies the same result or none.
+* pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
+                across the ranks (a fixed slice each) and summed in rank order.
+
+A rank that dies is noticed by the others through the process group's own timeout (the `timeout=`
+of `torch.distributed.init_process_group`): their pending collective raises then.
+"""
+from .group import DistributedRefusal, agree
+from .ledger import DistributedLedger
+from .pcmu import DistributedPCMUTrainer, rank_slice
+from .selection import histogram_bytes_per_pass, random_k, topk
+
+__all__ = ["DistributedLedger", "DistributedPCMUTrainer", "DistributedRefusal", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]

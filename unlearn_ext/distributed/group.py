@@ -1,0 +1,83 @@
+"""The process group a distributed call runs on, and the agreement step that precedes its work.
+
+Why `agree`: a collective waits for every rank. If one rank raised on its own (bad input, a NaN,
+k out of range) the others would wait for it until the group's timeout. So every distributed entry
+point first checks its input locally, then exchanges one small int64 vector per rank: whether the
+rank accepted its input, and the values that must be equal everywhere (k, the key mode, seeds).
+Every rank then raises the same error, or none does.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+UINT64_RANGE = 1 << 64
+
+
+class DistributedRefusal(ValueError):
+    """A distributed call refused on every rank, because one rank's input was bad or the ranks'
+    arguments differ; the message names the rank(s) and the problem."""
+
+
+def require_group(group=None):
+    """The group to run on (default: torch.distributed's default group); refuses when
+    torch.distributed is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
+                           "(backend 'gloo' on CPU, 'nccl' on GPU) on every rank first")
+    return group if group is not None else dist.group.WORLD
+
+
+def exchange_device(group) -> torch.device:
+    """Where this group's collectives take their tensors: nccl needs CUDA tensors, gloo takes CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _as_int64(value: int) -> int:
+    """Unsigned 64-bit values (seeds) stored in an int64 slot, two's complement."""
+    return value - UINT64_RANGE if value >= (1 << 63) else value
+
+
+def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequence[str] = (),
+          group=None) -> torch.Tensor:
+    """Runs `check` on this rank: it validates the local input and returns len(shared) integers
+    that every rank must hold equally (k, a key mode, seeds), then len(local) per-rank integers (an
+    element count). Gathers every rank's answer; returns the values, one row per rank, in the
+    group's rank order.
+
+    Raises DistributedRefusal on every rank when a rank's check raised (naming that rank; on that
+    rank, also its error) or when the shared values differ between ranks."""
+    group = require_group(group)
+    width = len(shared) + len(local)
+    error, row = None, torch.zeros(1 + width, dtype=torch.int64)
+    try:
+        values = [int(v) for v in check()]
+        if len(values) != width:
+            raise RuntimeError(f"internal: the check returned {len(values)} values for {width} names")
+        row[1:] = torch.tensor([_as_int64(v) for v in values], dtype=torch.int64)
+        row[0] = 1
+    except Exception as exc:  # reported to every rank below, then raised everywhere
+        error = exc
+    rows = _all_gather_rows(row, group)
+    refused = [r for r in range(rows.shape[0]) if int(rows[r, 0]) == 0]
+    if refused:
+        reason = f": {error}" if error is not None else " (the error on those ranks names the problem)"
+        raise DistributedRefusal(f"rank(s) {refused} refused the call{reason}") from error
+    for j, name in enumerate(shared):
+        column = rows[:, 1 + j]
+        if not bool((column == column[0]).all()):
+            raise DistributedRefusal(f"the ranks disagree on {name}: {column.tolist()} (rank order); every rank "
+                                     "must pass the same value")
+    return rows[:, 1:]
+
+
+def _all_gather_rows(row: torch.Tensor, group) -> torch.Tensor:
+    device = exchange_device(group)
+    row = row.to(device)
+    out = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, row, group=group)
+    return torch.stack(out).cpu()

@@ -1,0 +1,144 @@
+"""One deletion ledger for a job whose unlearner runs on every rank of a process group
+(docs/design.md §12; the ledger itself is ledger.py's `DeletionLedger`).
+
+Every rank builds the same unlearner (a collective one, such as `PCMUUnlearner` over a
+`DistributedPCMUTrainer`, or any unlearner whose state is replicated) and a `DistributedLedger`
+over it; only rank 0 opens the directory and writes. A request goes:
+  1. rank 0's ids are broadcast: the request is decided once, whatever the other ranks passed;
+  2. every rank runs the unlearner on them;
+  3. the ranks agree (one all_gather): every rank succeeded and holds the same state (a sha256 of
+     its state dict) -- or the request failed;
+  4. rank 0 commits, and broadcasts whether the commit succeeded.
+A failure at 2, 3 or 4 on any rank makes every rank restore its state from before the request and
+raise, and the ledger on disk stays at the previous request. A rank that dies makes the others'
+pending collective raise within the process group's timeout (`init_process_group(timeout=...)`;
+gloo usually notices a closed connection at once); they roll back the same way.
+
+Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from ..ledger import DeletionLedger
+from ..unlearner import UnlearnReport
+from .group import agree, require_group
+
+
+def state_digest(state) -> int:
+    """A 63-bit digest of a state dict's content (tensors by dtype, shape and bytes), equal on two
+    ranks iff (up to hash collisions) their states are."""
+    h = hashlib.sha256()
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            h.update(b"D")
+            for k in sorted(value, key=repr):
+                h.update(repr(k).encode())
+                walk(value[k])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"L{len(value)}".encode())
+            for v in value:
+                walk(v)
+        else:
+            h.update(repr(value).encode())
+    walk(state)
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+class _AgreedUnlearner:
+    """Rank 0's unlearner as DeletionLedger sees it: its unlearn() returns only after every rank
+    agreed on the outcome (so the ledger commits nothing that another rank failed)."""
+
+    def __init__(self, inner, group):
+        self.inner, self.group, self.agreed = inner, group, False
+
+    def __getattr__(self, name):  # method, fingerprint, state_dict, load_state_dict, forgotten ...
+        return getattr(self.inner, name)
+
+    def unlearn(self, ids) -> UnlearnReport:
+        self.agreed = False
+        report = _unlearn_and_agree(self.inner, ids, self.group)
+        self.agreed = True
+        return report
+
+
+def _unlearn_and_agree(unlearner, ids, group) -> UnlearnReport:
+    """Runs the request on this rank, then agrees with the others: all succeeded and hold the same
+    state, or every rank raises (DistributedRefusal names the ranks that failed or differ)."""
+    reports = []
+
+    def run():
+        reports.append(unlearner.unlearn(ids))
+        return (state_digest(unlearner.state_dict()),)
+    agree(run, shared=("the unlearner's state after the request",), group=group)
+    return reports[0]
+
+
+class DistributedLedger:
+    """DeletionLedger semantics for a job of several ranks (module docstring): construct and call
+    forget() on every rank, in the same order."""
+
+    def __init__(self, unlearner, directory: str, group=None):
+        self.group = require_group(group)
+        self.rank = dist.get_rank(self.group)
+        self.unlearner, self.directory = unlearner, directory
+        self._src = dist.get_global_rank(self.group, 0)
+        self._ledger = None
+        self._agreed = _AgreedUnlearner(unlearner, self.group) if self.rank == 0 else None
+
+        def open_on_rank0():
+            if self.rank == 0:
+                self._ledger = DeletionLedger(self._agreed, directory)
+            return ()
+        agree(open_on_rank0, shared=(), group=self.group)  # a refused directory is refused on every rank
+        state = [unlearner.state_dict() if self.rank == 0 else None]
+        dist.broadcast_object_list(state, src=self._src, group=self.group)
+        if self.rank != 0:
+            unlearner.load_state_dict(state[0])
+
+    @property
+    def requests(self) -> list:
+        """The committed requests (rank 0 reads its ledger; the others hold none and get [])."""
+        return self._ledger.requests if self._ledger is not None else []
+
+    def forget(self, ids=None) -> UnlearnReport:
+        """One deletion request, decided by rank 0's `ids` (the other ranks may pass None)."""
+        box = [ids if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=self._src, group=self.group)
+        ids = box[0]
+        if self.rank == 0:
+            return self._forget_on_rank0(ids)
+        before = self.unlearner.state_dict()
+        try:
+            report = _unlearn_and_agree(self.unlearner, ids, self.group)
+            committed = torch.zeros(1, dtype=torch.int64)
+            dist.broadcast(committed, src=self._src, group=self.group)
+            if not int(committed[0]):
+                raise RuntimeError("rank 0 could not commit the request to the ledger; rolled back on every rank")
+        except BaseException:
+            self.unlearner.load_state_dict(before)
+            raise
+        return report
+
+    def _forget_on_rank0(self, ids) -> UnlearnReport:
+        try:
+            report = self._ledger.forget(ids)  # restores rank 0's state itself on any failure
+        except BaseException:
+            if self._agreed.agreed:  # every rank applied it, the commit failed: tell them
+                dist.broadcast(torch.zeros(1, dtype=torch.int64), src=self._src, group=self.group)
+            raise
+        dist.broadcast(torch.ones(1, dtype=torch.int64), src=self._src, group=self.group)
+        return report
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
