@@ -373,10 +373,7 @@ class PCMUTrainer:
                 out.status, out.first_divergent_step, out.reason = verdict[0], r.step, verdict[1]
                 break
         if out.first_divergent_step is None:
-            out.reason = ("no code changes at any step: retraining without these ids gives bit-identical "
-                          "parameters" if out.status == "exact" else
-                          "every affected coordinate's change is inside its Monte-Carlo radius: the same codes "
-                          "with probability >= 1 - alpha per coordinate")
+            out.reason = _certified_reason(out.status)
         out.seconds = time.perf_counter() - began
         return out
 
@@ -399,10 +396,7 @@ class PCMUTrainer:
             touched += int(held.sum())
         out = RequestCheck("exact" if self.mode == "analytic" else "probable", None, "",
                            steps_with_removed_ids=touched, steps_checked_a_priori=touched)
-        out.reason = ("no code changes at any step: retraining without these ids gives bit-identical "
-                      "parameters" if out.status == "exact" else
-                      "every affected coordinate's change is inside its Monte-Carlo radius: the same codes "
-                      "with probability >= 1 - alpha per coordinate")
+        out.reason = _certified_reason(out.status)
         out.seconds = time.perf_counter() - began
         return out
 
@@ -557,3 +551,11 @@ def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_siz
     as_int8 = [c.to(device=p.device, dtype=torch.int8) for p, c in zip(params, codes)]
     with torch.no_grad():
         _ops.apply_codes_(list(params), as_int8, float(step_size))
+
+
+def _certified_reason(status: str) -> str:
+    """What a request that changes no step's codes is told ('exact': analytic mode; 'probable': mc)."""
+    if status == "exact":
+        return "no code changes at any step: retraining without these ids gives bit-identical parameters"
+    return ("every affected coordinate's change is inside its Monte-Carlo radius: the same codes with "
+            "probability >= 1 - alpha per coordinate")
