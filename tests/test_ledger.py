@@ -165,12 +165,14 @@ def test_certified_request_writes_only_the_forgotten_ids(tmp_path):
     """A request that changes no weights must not rewrite the weights or the training record."""
     trainer = synthetic_trainer().train(steps=20)
     deleter = PromptDeleter(trainer, str(tmp_path))
-    before = dict(deleter.ledger["parts"])
+    def stored():  # part -> its file, or its bytes when small enough to live inside ledger.json
+        return {**deleter.ledger["parts"], **deleter.ledger["inline"]}
+    before = stored()
     assert deleter.forget([5]).status == "certified"
-    after = deleter.ledger["parts"]
-    changed = sorted(k for k in after if after[k] != before[k])
+    after = stored()
+    changed = sorted(k for k in after if after[k] != before.get(k))
     assert changed == ["forgotten"]
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == sorted(after.values())
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == sorted(deleter.ledger["parts"].values())
 
 
 def test_second_writer_is_refused(tmp_path):

@@ -108,16 +108,61 @@ class BatchSchedule:
         self.seed = int(seed)
         self.batches_per_epoch = math.ceil(ids.numel() / self.batch_size)
         self._cached = None  # (epoch, its permutation)
+        self._batch_of = None  # [epochs, n]: batch (within its epoch) of each row; see batch_of_rows
+        self._batch_of_epochs = 0
+
+    def _row_order(self, epoch: int) -> np.ndarray:
+        # numpy's SeedSequence mixes (seed, epoch) into independent streams; the permutation depends
+        # only on these two numbers, never on the excluded ids.
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.ids.numel())
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        # numpy's SeedSequence mixes (seed, epoch) into independent streams; the permutation depends
-        # only on these two numbers, never on the excluded ids. The last epoch's permutation is kept:
-        # a training loop asks for every step of an epoch in turn.
+        # The last epoch's permutation is kept: a training loop asks for every step of an epoch in turn.
         epoch = int(epoch)
         if self._cached is None or self._cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._cached = (epoch, self.ids[torch.from_numpy(rng.permutation(self.ids.numel()))])
+            self._cached = (epoch, self.ids[torch.from_numpy(self._row_order(epoch))])
         return self._cached[1]
+
+    def batch_of_rows(self, epochs: int) -> torch.Tensor:
+        """[epochs, n] int16/int32: the batch of its epoch that holds each row (of `ids`), for epochs
+        0..epochs-1. Built once per epoch and kept (2 bytes per sample and epoch while an epoch has
+        fewer than 32768 batches), so finding the steps that hold some ids costs a gather instead
+        of regenerating every epoch's permutation."""
+        n, bpe = self.ids.numel(), self.batches_per_epoch
+        dtype = torch.int16 if bpe <= 2**15 else torch.int32
+        if self._batch_of is None or self._batch_of.shape[0] < epochs:
+            grown = torch.empty(max(epochs, 2 * self._batch_of_epochs, 8), n, dtype=dtype)
+            if self._batch_of is not None:
+                grown[:self._batch_of_epochs] = self._batch_of[:self._batch_of_epochs]
+            self._batch_of = grown
+        for e in range(self._batch_of_epochs, epochs):
+            position = np.empty(n, dtype=np.int64)
+            position[self._row_order(e)] = np.arange(n)
+            self._batch_of[e] = torch.from_numpy(position // self.batch_size)
+        self._batch_of_epochs = max(self._batch_of_epochs, epochs)
+        return self._batch_of[:epochs]
+
+    def count_in_steps(self, rows: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        """int64 [end - begin]: how many of the samples at `rows` each scheduled batch begin..end-1
+        holds (before exclusions)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if end <= begin:
+            return torch.zeros(0, dtype=torch.int64)
+        bpe = self.batches_per_epoch
+        if bpe == 1:  # every step is a whole epoch: it holds every sample
+            return torch.full((end - begin,), rows.numel(), dtype=torch.int64)
+        first, last = begin // bpe, (end - 1) // bpe + 1
+        batch = self.batch_of_rows(last)[first:last][:, rows].to(torch.int64)
+        steps = (batch + torch.arange(first, last).mul_(bpe).unsqueeze(1)).reshape(-1)
+        steps = steps[(steps >= begin) & (steps < end)]
+        return torch.bincount(steps - begin, minlength=end - begin)
+
+    def samples_in_steps(self, begin: int, end: int) -> int:
+        """How many samples the scheduled batches of steps begin..end-1 hold (before exclusions)."""
+        def before(t: int) -> int:  # samples in steps 0..t-1: whole epochs, then t's epoch's first batches
+            epochs, position = divmod(t, self.batches_per_epoch)
+            return epochs * self.ids.numel() + min(self.ids.numel(), position * self.batch_size)
+        return before(end) - before(begin) if end > begin else 0
 
     def step(self, t: int, exclude: torch.Tensor | None = None) -> ScheduledStep:
         epoch, position = divmod(int(t), self.batches_per_epoch)

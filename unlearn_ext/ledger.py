@@ -13,6 +13,13 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
     replaces `ledger.json` atomically (write, fsync, rename, fsync the directory) pointing at the
     new files, then removes files no longer referenced. A crash at any point leaves the previous
     ledger and every file it names intact.
+  * Cost of a request: what it changed, not the history's length. A part is compared bit for bit
+    with the value the ledger last committed (kept in memory; a part that shares memory with it
+    counts as changed), so unchanged parts are neither serialized nor hashed. A method's history
+    (PCMU's step records) is a `StepLog` (`Unlearner.logs()`): stored in files of LOG_CHUNK entries,
+    and a commit rewrites only the chunks from the log's first changed entry on; its rollback undoes
+    only what the request changed. Parts of at most INLINE_BYTES serialized live inside
+    `ledger.json` itself ("inline", base64), so a certified deletion is one atomic write.
   * No half-applied requests: if anything fails — the method itself partway (an exception in the
     loss during a repair, a refused non-finite result) or the commit (full disk, read-only
     directory) — the unlearner (weights, buffers, counters, forgotten ids) is restored to its state
@@ -33,21 +40,30 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import io
 import json
 import os
 import re
+import struct
 
 import torch
 
 from .durable import atomic_write
+from .step_log import StepLog
 from .unlearner import Unlearner, UnlearnReport
 
 LEDGER = "ledger.json"
 LOCK = "ledger.lock"
-FORMAT = "unlearn_ext.ledger/3"
+FORMAT = "unlearn_ext.ledger/4"
+# Entries per file of a log part: a commit rewrites the chunks from the first changed entry on, so
+# an appended or untouched history costs at most one chunk per request.
+LOG_CHUNK = 1024
+# Parts this small (serialized) live inside ledger.json, covered by its own checksum: a request that
+# changes only them (a certified deletion's forgotten ids) is one atomic write, two fsyncs.
+INLINE_BYTES = 4096
 CHECKSUM = "ledger_sha256"  # the ledger's own digest: sha256 of its canonical JSON without this key
 # The files a ledger writes: '<part>-<version>.pt' (and their '.tmp' while being written).
 _PART_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*-\d{6}\.pt(\.tmp)?$")
@@ -66,6 +82,56 @@ def _serialize(value) -> bytes:
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
+
+
+def _same_content(a, b) -> bool:
+    """True only when `a` and `b` certainly hold the same values bit for bit (dtype, shape and
+    bytes; 0.0 and -0.0 differ). Anything it cannot be sure of is 'different' (written again):
+    tensors sharing memory (a change to one is a change to both, so no comparison can see it),
+    unknown types, NaN scalars."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if (a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.layout != torch.strided
+                or b.layout != torch.strided):
+            return False
+        if a.numel() == 0:
+            return True
+        if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+            return False
+        return torch.equal(_bytes_of(a), _bytes_of(b))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and list(a) == list(b)
+                and all(_same_content(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same_content(x, y) for x, y in zip(a, b)))
+    if isinstance(a, float):
+        return type(b) is float and struct.pack("<d", a) == struct.pack("<d", b)
+    if a is None or isinstance(a, (bool, int, str)):
+        return type(a) is type(b) and a == b
+    return False
+
+
+def _own_copy(value):
+    """A copy of `value` (containers and tensors) that nothing the unlearner holds can change: what
+    the ledger keeps as committed. Taken only of parts it writes, which it serializes anyway."""
+    if isinstance(value, dict):
+        return {k: _own_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copy(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _chunk_part(part: str, c: int) -> str:
+    """The ledger part holding chunk c of the log part `part`."""
+    return f"{part}__{c:06d}"
 
 
 def _canonical(ledger: dict) -> bytes:
@@ -87,9 +153,10 @@ class DeletionLedger:
             else:
                 self.ledger = {"format": FORMAT, "method": unlearner.method,
                                "fingerprint": unlearner.fingerprint(), "requests": [], "parts": {},
-                               "digests": {}, "version": 0}
+                               "digests": {}, "inline": {}, "logs": {}, "version": 0}
+                self._committed = {}
                 self._check_writable()
-                self._commit(unlearner.state_dict())
+                self._commit(unlearner.state_dict_without_logs())
         except BaseException:
             self.close()
             raise
@@ -136,6 +203,18 @@ class DeletionLedger:
                 raise damaged(f"part {part!r} ({name}) does not match the sha256 the ledger recorded for it")
             # The bytes are the ones committed, so this load cannot meet damage.
             state[part] = torch.load(io.BytesIO(blob), weights_only=True)
+        for part, text in ledger["inline"].items():
+            state[part] = torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
+        for part, meta in ledger.get("logs", {}).items():  # a log part: its chunks, in order
+            entries = []
+            for c in range(meta["chunks"]):
+                chunk = state.pop(_chunk_part(part, c), None)
+                if not isinstance(chunk, list):
+                    raise damaged(f"log {part!r} lacks its chunk {c}")
+                entries += chunk
+            if len(entries) != meta["length"]:
+                raise damaged(f"log {part!r} holds {len(entries)} entries, the ledger recorded {meta['length']}")
+            state[part] = entries
         return ledger, state
 
     def _restore(self, path: str) -> None:
@@ -155,6 +234,13 @@ class DeletionLedger:
             self.unlearner.load_state_dict(before)  # a refused state leaves the unlearner as it was
             raise
         self.ledger = ledger
+        logs = self.unlearner.logs()
+        # What the files hold: later commits compare against it (a copy: the unlearner may keep
+        # and change the loaded tensors themselves).
+        self._committed = {p: _own_copy(v) for p, v in state.items() if p not in logs}
+        for part, log in logs.items():
+            if part in ledger.get("logs", {}):
+                log.mark_clean(self)
 
     def _remove_unreferenced(self) -> None:
         """Drops part files (and temporaries) that the ledger does not name: a crash after
@@ -184,14 +270,21 @@ class DeletionLedger:
         """Answers one deletion request through the unlearner and commits it before returning."""
         self._check_open()
         self._check_writable()
-        before = self.unlearner.state_dict()
+        logs = self.unlearner.logs()
+        before = self.unlearner.state_dict_without_logs()  # a log's snapshot is its clean mark
+        if any(log.dirty or log.marked_by is not self for log in logs.values()):
+            # Changed outside the ledger since its last commit (e.g. more training): committed
+            # first, so that a rollback returns exactly to the request's starting point.
+            self._commit(before)
         try:
             report = self.unlearner.unlearn(ids)  # unknown / empty / malformed requests raise here
             entry = {"request": len(self.requests), **report.to_dict()}
-            self._commit(self.unlearner.state_dict(), entry)
+            self._commit(self.unlearner.state_dict_without_logs(), entry)
         except BaseException:
             # The request did not happen: whatever the method changed before failing (weights half
-            # repaired, a counter advanced) goes back to the snapshot.
+            # repaired, a counter advanced, records replaced) goes back to the snapshot.
+            for log in logs.values():
+                log.restore_clean()
             self.unlearner.load_state_dict(before)
             raise
         return report
@@ -201,21 +294,38 @@ class DeletionLedger:
             raise RuntimeError("this DeletionLedger was closed")
 
     def _commit(self, state: dict, entry: dict | None = None) -> None:
-        """Changed parts to new files, then the ledger pointing at them, then drop replaced files."""
+        """Changed parts (of `state`, without logs, and of the unlearner's logs) to new files, then
+        the ledger pointing at them, then drop replaced files."""
         version = self.ledger["version"] + 1
         parts, digests = dict(self.ledger["parts"]), dict(self.ledger["digests"])
+        inline, log_meta, committed = dict(self.ledger["inline"]), dict(self.ledger["logs"]), dict(self._committed)
         written = []
+
+        def write(part: str, value) -> None:
+            blob = _serialize(value)
+            if len(blob) <= INLINE_BYTES:
+                inline[part] = base64.b64encode(blob).decode("ascii")
+                parts.pop(part, None), digests.pop(part, None)
+                return
+            inline.pop(part, None)
+            digest = hashlib.sha256(blob).hexdigest()
+            if digests.get(part) == digest and part in parts:
+                return  # unchanged: the file the ledger names already holds it
+            name = f"{part}-{version:06d}.pt"
+            atomic_write(os.path.join(self.directory, name), lambda f: f.write(blob))
+            written.append(name)
+            parts[part], digests[part] = name, digest
+
+        logs = self.unlearner.logs()
         try:
             for part, value in state.items():
-                blob = _serialize(value)
-                digest = hashlib.sha256(blob).hexdigest()
-                if digests.get(part) == digest and part in parts:
-                    continue  # unchanged: the file the ledger names already holds it
-                name = f"{part}-{version:06d}.pt"
-                atomic_write(os.path.join(self.directory, name), lambda f, b=blob: f.write(b))
-                written.append(name)
-                parts[part], digests[part] = name, digest
-            ledger = dict(self.ledger, parts=parts, digests=digests, version=version,
+                if (part in parts or part in inline) and part in committed and _same_content(committed[part], value):
+                    continue  # bit for bit what the ledger's file holds
+                write(part, value)
+                committed[part] = _own_copy(value)
+            for part, log in logs.items():
+                self._stage_log(part, log, log_meta, parts, digests, inline, write)
+            ledger = dict(self.ledger, parts=parts, digests=digests, inline=inline, logs=log_meta, version=version,
                           requests=self.requests + ([entry] if entry is not None else []))
             ledger.pop(CHECKSUM, None)
             # Through one JSON round trip, so the checksum covers exactly what a reader parses.
@@ -228,9 +338,30 @@ class DeletionLedger:
                 _remove(os.path.join(self.directory, name))
             raise
         replaced = set(self.ledger["parts"].values()) - set(parts.values())
-        self.ledger = ledger
+        self.ledger, self._committed = ledger, committed
+        for log in logs.values():
+            log.mark_clean(self)
         for name in replaced:
             _remove(os.path.join(self.directory, name))
+
+    def _stage_log(self, part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, inline: dict,
+                   write) -> None:
+        """Writes the chunks of `log` from its first changed entry on (all of them when its marks are
+        another committer's); drops chunks past its end."""
+        meta = log_meta.get(part)
+        ours = meta is not None and log.marked_by is self
+        if ours and not log.dirty:
+            return
+        size = meta["chunk"] if meta is not None else LOG_CHUNK
+        first = log.dirty_from // size if ours else 0
+        old_chunks = 0 if meta is None else meta["chunks"]
+        chunks = -(-len(log) // size)
+        for c in range(first, chunks):
+            write(_chunk_part(part, c), [e.to_state() for e in log[c * size:(c + 1) * size]])
+        for c in range(chunks, old_chunks):
+            for where in (parts, digests, inline):
+                where.pop(_chunk_part(part, c), None)
+        log_meta[part] = {"length": len(log), "chunk": size, "chunks": chunks}
 
     # ---- closing --------------------------------------------------------------------------------
 

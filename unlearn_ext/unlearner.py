@@ -14,7 +14,9 @@ sequence), so a method only writes `_forget(new_ids, report)`:
 
 Persistence: `state_dict()` returns a snapshot (later requests must not change it) split into named
 parts, so the ledger can write only the parts a request changed; `load_state_dict()` restores one;
-`fingerprint()` says what must match for saved state to belong to this unlearner.
+`fingerprint()` says what must match for saved state to belong to this unlearner. A part that grows
+with training (PCMU's step records) can be a `StepLog` named by `logs()`: the ledger then tracks it
+through the log's own change marks instead of a snapshot, so a request costs what it changed.
 """
 from __future__ import annotations
 
@@ -158,4 +160,17 @@ class Unlearner(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None:
-        """Restores a snapshot taken by state_dict (all parts)."""
+        """Restores a snapshot taken by state_dict (all parts; a part that logs() names may be absent:
+        that log is then kept as it is). A log part arrives as the list of its entries' to_state()."""
+
+    def logs(self) -> dict:
+        """{part name: StepLog}: the parts of state_dict() that are live logs (none by default)."""
+        return {}
+
+    def state_dict_without_logs(self) -> dict:
+        """state_dict() without the parts logs() names: what the ledger snapshots per request.
+        Methods with logs override it so that it costs nothing per recorded step."""
+        state = self.state_dict()
+        for part in self.logs():
+            state.pop(part, None)
+        return state

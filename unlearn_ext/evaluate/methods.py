@@ -295,6 +295,12 @@ VARIANTS = {m.name: m for m in (
     # Mini's cost: the experiment on docs/design.md §6's open problem, outside the budget rule on purpose)
     Method("mini-anchors", "retrain", prepare=_mini_prepare,
            build=_mini_build(curvature="anchors", curvature_samples=1024, lanczos_steps=10)),
+    # the edge-of-stability treatments (ours): directions with eta * theta >= 2 take the fixed point
+    # -delta / theta (Mini); B's eigenvalues there are capped at 1 / eta (DeltaGrad)
+    Method("mini-edge", "retrain", prepare=_mini_prepare, build=_mini_build(unstable="equilibrium")),
+    Method("deltagrad-edge", "retrain", prepare=_deltagrad_prepare,
+           build=lambda run, store: DeltaGradUnlearner(copy.deepcopy(run.original), run.data, store,
+                                                       unstable="damp")),
 )}
 # name -> what it will be (not built yet)
 PLANNED: dict[str, str] = {}

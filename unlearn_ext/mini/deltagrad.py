@@ -31,6 +31,23 @@ stored initial weights (= retraining), status 'fallback' with the reason:
     (With SGD the pairs come from different batches, so errors ~1-2 are normal: measured on the
     tests' logistic regression, where the result is still within d/d0 ~0.1 of retraining.)
   * a non-finite iterate.
+
+Deciding before spending (ours): where the recorded run's eta * lambda_max estimate
+(mini/sharpness.py) is already at the stability bound, the quasi-Newton replay would be refused
+at its first unstable step, so the request goes straight to the exact replay (`unstable="refuse"`,
+the default); it then computes only the retained samples' gradients, as retraining does.
+
+Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
+span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
+critically damped value: (I - eta_t B) then removes the modelled gap along those directions in one
+step instead of amplifying it, and the next exact step measures the true gradient there again.
+What makes the plain replay unstable there is mostly sigma, the newest pair's curvature applied to
+every direction outside span(S, Y): at the edge it is about lambda_max; a sigma at the edge is
+replaced by the smallest positive in-span eigenvalue of B (as Mini's h_perp), at most 1 / eta_t.
+Both follow from the recursion, not from a grid (benchmarks/edge_of_stability_rule.md records the
+one choice made on held-out seeds, between this complement rule and sigma -> 1 / eta_t, a near tie).
+Measured on the harness's CNN it answers requests but ends at the original weights (d/d0 ~ 1:
+dw lies in span(S), whose capped directions remove it): an option, not the default.
 """
 from __future__ import annotations
 
@@ -47,6 +64,7 @@ from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
 from .history_digest import history_sha256
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
+from .sharpness import recorded_edge
 from .propagate import stability_bound
 from .record import check_replayable_sgd
 from .vectors import FlatModel
@@ -76,13 +94,38 @@ class CompactLBFGS:
         v = v.double()
         return self.sigma * v - self.W @ (self.M_inv @ (self.W.T @ v))
 
+    def _span_eigen(self):
+        """(Q orthonormal basis of span(W), eigenvalues and eigenvectors of Q^T B Q), cached."""
+        if not hasattr(self, "_eigen"):
+            Q, _ = torch.linalg.qr(self.W)
+            QW = Q.T @ self.W
+            inside = self.sigma * torch.eye(Q.shape[1], dtype=torch.float64) - QW @ self.M_inv @ QW.T
+            values, vectors = torch.linalg.eigh((inside + inside.T) / 2)
+            self._eigen = (Q, values, vectors)
+        return self._eigen
+
     def largest_eigenvalue(self) -> float:
         """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q for an
         orthonormal basis Q of the span (no d x d matrix)."""
-        Q, _ = torch.linalg.qr(self.W)
-        QW = Q.T @ self.W
-        inside = self.sigma * torch.eye(Q.shape[1], dtype=torch.float64) - QW @ self.M_inv @ QW.T
-        return max(float(torch.linalg.eigvalsh((inside + inside.T) / 2).max()), self.sigma)
+        _, values, _ = self._span_eigen()
+        return max(float(values.max()), self.sigma)
+
+    def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
+        """B v with every in-span eigenvalue >= `above` replaced by `cap`, and sigma (outside the span),
+        where it is >= `above`, by the smallest positive in-span eigenvalue, at most `cap` (module
+        docstring, "damp")."""
+        v = v.double()
+        out = self.product(v)
+        Q, values, vectors = self._span_eigen()
+        excess = torch.where(values >= above, values - cap, torch.zeros_like(values))
+        coords = Q.T @ v
+        if bool((excess != 0).any()):
+            out = out - Q @ (vectors @ (excess * (vectors.T @ coords)))
+        if self.sigma >= above:  # outside the span
+            positive = values[values > 0]
+            new = min(float(positive.min()), cap) if positive.numel() else cap
+            out = out - (self.sigma - new) * (v - Q @ coords)
+        return out
 
 
 def lbfgs_product(S: torch.Tensor, Y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -112,12 +155,19 @@ class DeltaGradUnlearner(Unlearner):
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  burn_in: int = 10, period: int = 5, memory: int = 2, max_prediction_error: float = 10.0,
                  stability_limit: float = 2.0, loss_rise_limit: float = DEFAULT_LOSS_RISE_LIMIT,
-                 check_samples: int = 1024):
+                 check_samples: int = 1024, unstable: str = "refuse"):
         """store: every step's 'params', 'grads' (the batch's mean loss gradient, without weight
         decay), lr and batch ids (StepRecorder, or HistoryRecorder with recorder.batch(ids)).
         loss_rise_limit, check_samples: the check against an answer worse than doing nothing
-        (mini/safety.py) on a seeded subsample of that many retained samples."""
+        (mini/safety.py) on a seeded subsample of that many retained samples.
+        unstable: "refuse" (the default: a quasi-Newton step with eta_t * lambda_max(B) at the
+        stability bound falls back, decided before any work where the recorded run's estimate is
+        already there) or "damp" (ours: those eigenvalues of B are capped at 1 / eta_t; module
+        docstring)."""
         super().__init__(data)
+        if unstable not in ("refuse", "damp"):
+            raise ValueError(f"unstable must be 'refuse' or 'damp', got {unstable!r}")
+        self.unstable = unstable
         if burn_in < 0 or period < 1 or memory < 1:
             raise ValueError(f"need burn_in >= 0, period >= 1, memory >= 1; got {burn_in}, {period}, {memory}")
         if not loss_rise_limit > 0 or check_samples < 1:
@@ -152,27 +202,32 @@ class DeltaGradUnlearner(Unlearner):
         flat, wd = self.flat, self.weight_decay
         momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov) if self.sgd.momentum else None
         pairs = deque(maxlen=self.memory)
-        w, cost, exact_steps, worst, top_eta_lambda = None, 0, 0, 0.0, 0.0
+        w, cost, exact_steps, worst, top_eta_lambda, damped = None, 0, 0, 0.0, 0.0, 0
         lambda_max = None  # of the current pairs' B (recomputed when a pair is added)
         model = None       # CompactLBFGS of the current pairs (rebuilt when a pair is added)
 
         def stats():
-            return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda}
-        for s in self.store.iter(names=["params"]):
+            return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda,
+                    **({"damped_steps": damped} if self.unstable == "damp" else {})}
+        if all_exact:  # retraining needs the stored weights of step 0 only: no other step is decoded
+            w = flat.join(self.store.read(self.store.steps[0], ["params"]).tensors["params"])
+        for s in self.store.iter(names=[] if all_exact else ["params"]):
             t, lr, batch = s.step, float(s.lr), s.batch_ids
             if batch is None:
                 raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
-            w_t = flat.join(s.tensors["params"])
-            if w is None:
-                w = w_t.clone()  # the stored initial weights
+            if not all_exact:
+                w_t = flat.join(s.tensors["params"])
+                if w is None:
+                    w = w_t.clone()  # the stored initial weights
             gone = torch.isin(batch, union)
             kept, removed = batch[~gone], batch[gone]
             if kept.numel() == 0:
                 continue  # retraining makes no update on an emptied batch
-            g_rec = self.store.encoded(t, "grads")
-            g_removed = flat.mean_loss_grad(w, removed) if removed.numel() else None
-            cost += int(removed.numel())
-            dw = w - w_t
+            g_rec = None if all_exact else self.store.encoded(t, "grads")
+            # The exact replay (retraining) never needs the removed samples' gradients.
+            g_removed = flat.mean_loss_grad(w, removed) if removed.numel() and not all_exact else None
+            cost += int(removed.numel()) if g_removed is not None else 0
+            dw = None if all_exact else w - w_t
             if all_exact or self._exact_step(t) or not pairs:
                 exact_steps += 1
                 g_kept = flat.mean_loss_grad(w, kept)
@@ -205,10 +260,14 @@ class DeltaGradUnlearner(Unlearner):
                     lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
                 if lr * lambda_max >= self.stable_below:
-                    return None, cost, stats(), (
-                        f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
-                        "quasi-Newton replay amplifies the gap")
-                predicted = model.product(dw).float()           # B (w^I_t - w_t)
+                    if self.unstable == "refuse":
+                        return None, cost, stats(), (
+                            f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
+                            "quasi-Newton replay amplifies the gap")
+                    damped += 1
+                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
+                else:
+                    predicted = model.product(dw).float()           # B (w^I_t - w_t)
                 scale = batch.numel() / kept.numel()
                 direction = scale * predicted
                 if g_removed is not None:
@@ -233,6 +292,18 @@ class DeltaGradUnlearner(Unlearner):
         report.retrain_sample_gradients = int(self.info.get("epochs", 1)) * (len(self.data) - int(union.numel())) \
             if "epochs" in self.info else self._retained_seen(union)
         before = self.store.bytes_read
+        edge = recorded_edge(self.info)
+        if self.unstable == "refuse" and edge is not None and edge[0] >= self.stable_below:
+            # Decided before any work: the exact replay alone, which costs what retraining costs.
+            w, cost, stats, _ = self._replay(union, all_exact=True)
+            stats = {"recorded_eta_lambda_max": edge[0]}
+            reason = (f"the run recorded eta_t * lambda_max = {edge[0]:.3g} >= {self.stable_below:g} at step {edge[1]} "
+                      "during training, so the quasi-Newton replay would amplify the gap; decided before any other "
+                      "work")
+            report.status, report.how = "fallback", "exact replay from the stored initial weights"
+            report.reason = f"safety check fired: {reason}; replayed every step exactly, which equals retraining"
+            self._finish(report, w, cost, stats, before, union, T)
+            return
         w, cost, stats, reason = self._replay(union, all_exact=False)
         if not reason:
             rise, check_cost = self._retained_loss_rise(w, union)
@@ -253,11 +324,16 @@ class DeltaGradUnlearner(Unlearner):
             report.reason = (f"replayed {T} steps (j0={self.burn_in}, T0={self.period}, m={self.memory}); worst "
                              f"quasi-Newton prediction error {stats['worst_prediction_error']:.3g}, max eta*lambda(B) "
                              f"{stats['max_eta_lambda']:.3g}")
+        self._finish(report, w, cost, stats, before, union, T)
+
+    def _finish(self, report: UnlearnReport, w, cost: int, stats: dict, bytes_before: int, union, T: int) -> None:
         self.flat.load_(w)
         report.details = {**stats, "steps": T, "burn_in": self.burn_in, "period": self.period, "memory": self.memory,
                           "stability_bound": self.stable_below, **self.sgd.describe()}
+        if self.unstable != "refuse":
+            report.details["unstable"] = self.unstable
         report.sample_gradients = cost
-        report.history_bytes_read = self.store.bytes_read - before
+        report.history_bytes_read = self.store.bytes_read - bytes_before
         report.weights_changed = True
         self._set_forgotten(union)
 
@@ -280,7 +356,7 @@ class DeltaGradUnlearner(Unlearner):
         return {"shapes": [list(s) for s in self.flat.shapes], "steps": len(self.store.steps),
                 "weight_decay": self.weight_decay, "codecs": {k: v.codec for k, v in self.store.fields.items()},
                 "burn_in": self.burn_in, "period": self.period, "memory": self.memory, **self.sgd.describe(),
-                "loss_rise_limit": self.loss_rise_limit, "check_samples": self.check_samples,
+                "loss_rise_limit": self.loss_rise_limit, "check_samples": self.check_samples, "unstable": self.unstable,
                 "history_sha256": self.history_sha256, **self.data.fingerprint()}
 
     def state_dict(self) -> dict:

@@ -37,6 +37,15 @@ z^2 - (1 + mu - eta h) z + mu (heavy ball) or z^2 - (1 + mu)(1 - eta h) z + mu (
 (Nesterov); by the Jury conditions both roots lie inside the unit circle for 0 <= mu < 1 exactly
 while 0 < eta h < 2 (1 + mu) (heavy ball) or 0 < eta h < 2 (1 + mu) / (1 + 2 mu) (Nesterov):
 `stability_bound`.
+
+Edge of stability (`unstable="equilibrium"` of MiniUnlearner, plain SGD; our formula): a Ritz
+direction with eta_t * theta >= 2 at some step of a segment has |1 - eta_t theta| >= 1 there, so
+the linear recursion does not contract and P(theta) grows without bound. Well-tuned SGD on real
+networks trains at that edge (eta * lambda_max ~ 2), where the nonlinear dynamics keep the top
+directions bounded instead. In such a direction we take the recursion's fixed point
+e = -delta / theta (what the response of every stable direction tends to over a long segment:
+P -> 0, Phi -> 1 / theta) in place of the diverging sum: P = 0, Phi = 1 / theta on the segment's
+end drift. Stable directions and the complement are propagated as before, bit for bit.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ import torch
 from .curvature import Spectrum
 
 DELTA_RULES = ("end", "interp")
+UNSTABLE = ("refuse", "equilibrium")
 
 
 def segment_filters(etas: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,8 +73,10 @@ def segment_filters(etas: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def propagate_segment(e: torch.Tensor, spectrum: Spectrum, etas: torch.Tensor, delta_start: torch.Tensor | None,
-                      delta_end: torch.Tensor, rule: str = "end") -> torch.Tensor:
-    """The gap after one segment (float64 vectors). rule "end" ignores delta_start."""
+                      delta_end: torch.Tensor, rule: str = "end", edge: float | None = None) -> torch.Tensor:
+    """The gap after one segment (float64 vectors). rule "end" ignores delta_start. edge: with a
+    value (2 for plain SGD), the Ritz directions with max eta_t * theta >= edge take the fixed point
+    -delta / theta (`edge_directions`; module docstring); None propagates every direction."""
     if rule not in DELTA_RULES:
         raise ValueError(f"delta rule must be one of {DELTA_RULES}, got {rule!r}")
     U = spectrum.basis
@@ -73,15 +85,29 @@ def propagate_segment(e: torch.Tensor, spectrum: Spectrum, etas: torch.Tensor, d
     if rule == "end":  # the whole Phi on delta_end
         Ps, Pe = torch.zeros_like(Ps), Ps + Pe
         delta_start = torch.zeros_like(delta_end)
+    k = spectrum.thetas.numel()
+    if edge is not None:
+        at_edge = edge_directions(spectrum, etas, edge)
+        if at_edge.any():
+            P, Ps, Pe = P.clone(), Ps.clone(), Pe.clone()
+            inside = torch.zeros_like(P, dtype=torch.bool)
+            inside[:k] = at_edge
+            P[inside], Ps[inside], Pe[inside] = 0.0, 0.0, 1.0 / h[inside]
 
     def split(v):
         c = U.T @ v
         return c, v - U @ c
 
     (ce, pe), (cs, ps), (cd, pd) = split(e), split(delta_start), split(delta_end)
-    k = spectrum.thetas.numel()
     inside = U @ (P[:k] * ce - Ps[:k] * cs - Pe[:k] * cd)
     return inside + P[k] * pe - Ps[k] * ps - Pe[k] * pd
+
+
+def edge_directions(spectrum: Spectrum, etas: torch.Tensor, edge: float) -> torch.Tensor:
+    """Which Ritz directions reach eta_t * theta >= edge at some step of `etas` (bool [k])."""
+    if etas.numel() == 0:
+        return torch.zeros(spectrum.thetas.numel(), dtype=torch.bool)
+    return float(etas.double().max()) * spectrum.thetas >= edge
 
 
 # ---- momentum (heavy ball / Nesterov, dampening 0): the pair (e, f) -----------------------------------

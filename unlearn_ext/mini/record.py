@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..data import SGDConfig, TrainingData
 from ..history import HistoryStore
+from .sharpness import SHARPNESS_KEY, estimate_eta_lambda
 from .vectors import FlatModel
 
 FULL_GRAD = "full_grad"   # Mini-Unlearning's anchor field: grad L_D(w) including weight decay
@@ -82,6 +83,7 @@ class MiniRecorder:
         self.spe = math.ceil(len(data) / config.batch_size)
         self.anchor_steps = {a * self.spe: a for a in epochs}
         self.sample_gradients = 0
+        self.sharpness = []  # [step, eta * lambda_max] at the anchors after epoch 0 (mini/sharpness.py)
         store.set_run_info(**_run_info(data, config, "unlearn_ext.mini.MiniRecorder", anchor_epochs=epochs))
 
     def __call__(self, t: int, ids, model) -> None:
@@ -99,8 +101,21 @@ class MiniRecorder:
         w = flat.flat()
         g = flat.mean_loss_grad(w, self.data.ids) + self.config.weight_decay * w
         self.sample_gradients += len(self.data)
-        lr = self.config.lr_at(t) if t < self.config.steps(len(self.data)) else None
+        last = self.config.steps(len(self.data)) - 1
+        lr = self.config.lr_at(t) if t <= last else None
         self.store.record(t, {"params": flat.split(w), FULL_GRAD: flat.split(g)}, lr=lr)
+        if t > 0:
+            self.sample_gradients += record_sharpness(self.store, self.sharpness, flat, w, t,
+                                                      self.config.lr_at(min(t, last)), self.config.weight_decay)
+
+
+def record_sharpness(store: HistoryStore, values: list, flat, w, step: int, lr: float, weight_decay: float) -> int:
+    """Appends [step, eta * lambda_max] (mini/sharpness.py) to `values`, writes the list to the
+    store's run_info and returns the estimate's sample-gradient cost."""
+    value, cost = estimate_eta_lambda(flat, w, lr, weight_decay, seed=step)
+    values.append([int(step), value])
+    store.set_run_info(**{SHARPNESS_KEY: values})
+    return cost
 
 
 def train_recording_anchors(model, data: TrainingData, config: SGDConfig, store: HistoryStore,
@@ -122,6 +137,11 @@ class StepRecorder:
         if "params" not in store.fields or "grads" not in store.fields:
             raise ValueError("the store must record 'params' and 'grads' (make it with step_store)")
         self.store, self.data, self.config = store, data, config
+        spe = math.ceil(len(data) / config.batch_size)
+        # The edge-of-stability estimate at the steps of Mini's geometric anchors and the last step.
+        self.sharpness_steps = {a * spe for a in anchor_epochs(config.epochs) if a > 0} & set(
+            range(config.steps(len(data)))) | {config.steps(len(data)) - 1}
+        self.sharpness, self.sample_gradients = [], 0
         store.set_run_info(**_run_info(data, config, "unlearn_ext.mini.StepRecorder"))
 
     def __call__(self, t: int, ids, model) -> None:
@@ -130,6 +150,9 @@ class StepRecorder:
         g = flat.mean_loss_grad(w, ids)
         self.store.record(t, {"params": flat.split(w), "grads": flat.split(g)}, lr=self.config.lr_at(t),
                           batch_ids=ids)
+        if t in self.sharpness_steps:
+            self.sample_gradients += record_sharpness(self.store, self.sharpness, flat, w, t, self.config.lr_at(t),
+                                                      self.config.weight_decay)
 
 
 def train_recording_steps(model, data: TrainingData, config: SGDConfig, store: HistoryStore) -> StepRecorder:

@@ -40,11 +40,12 @@ from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import exact_spectrum, lanczos_spectrum, subsample
 from .history_digest import history_sha256
-from .propagate import (DELTA_RULES, gap_bound_factor, propagate_segment, propagate_segment_momentum,
-                        stability_bound)
+from .propagate import (DELTA_RULES, UNSTABLE, edge_directions, gap_bound_factor, propagate_segment,
+                        propagate_segment_momentum, stability_bound)
 from .record import FULL_GRAD, check_replayable_sgd
 from .resume import resume_from
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
+from .sharpness import recorded_edge
 from .vectors import FlatModel
 
 CURVATURE = ("final", "anchors", "exact")
@@ -56,7 +57,8 @@ class MiniUnlearner(Unlearner):
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  curvature_samples: int | str = "auto", lanczos_steps: int | str = "auto", curvature: str = "final",
                  seed: int = 0, stability_limit: float = 2.0, delta_rule: str = "end",
-                 loss_rise_limit: float = DEFAULT_LOSS_RISE_LIMIT, curvature_budget: float = DEFAULT_BUDGET):
+                 loss_rise_limit: float = DEFAULT_LOSS_RISE_LIMIT, curvature_budget: float = DEFAULT_BUDGET,
+                 unstable: str = "refuse"):
         """model: the trained model (its weights are w*); store: what MiniRecorder recorded.
         curvature_samples (m), lanczos_steps (k): "auto" (default) aims a request at
         `curvature_budget` (a fraction of retraining's sample-gradients): the default m = 1024, k = 10
@@ -67,8 +69,16 @@ class MiniUnlearner(Unlearner):
         delta_rule: "end" (the default: each segment uses the drift of the anchor closing it) or
         "interp" (linear between the bounding anchors; see mini/propagate.py).
         loss_rise_limit: the retained-loss check (ours) fires when the retained objective on the
-        curvature subsample rises by more than this fraction at w* + e (see _retained_loss_rise)."""
+        curvature subsample rises by more than this fraction at w* + e (see _retained_loss_rise).
+        unstable: what a curvature direction at the edge of stability (eta_t * theta >= 2) does.
+        "refuse" (the default): the request falls back to retraining, decided before any work
+        when the recorded run's eta * lambda_max estimate (mini/sharpness.py) is already there, so
+        such a fallback costs what retraining costs. "equilibrium" (ours, plain SGD only): those
+        directions take the linear recursion's fixed point -delta / theta (mini/propagate.py); the
+        request falls back only when the complement's curvature h_perp is at the edge too."""
         super().__init__(data)
+        if unstable not in UNSTABLE:
+            raise ValueError(f"unstable must be one of {UNSTABLE}, got {unstable!r}")
         if curvature not in CURVATURE:
             raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
         if delta_rule not in DELTA_RULES:
@@ -78,6 +88,10 @@ class MiniUnlearner(Unlearner):
         refuse_training_batch_norm(model, "Mini-Unlearning")
         self.sgd = check_replayable_sgd(info, "Mini-Unlearning", len(trainable(model)))
         self.weight_decay = self.sgd.weight_decay
+        if unstable == "equilibrium" and self.sgd.momentum:
+            raise ValueError("unstable='equilibrium' is derived for plain SGD; the recorded run used momentum "
+                             f"{self.sgd.momentum:g}: use unstable='refuse'")
+        self.unstable = unstable
         for key in ("lr_schedule", "steps_per_epoch", "n"):
             if key not in info:
                 raise ValueError(f"the history lacks run metadata {key!r}: record it with MiniRecorder")
@@ -143,6 +157,20 @@ class MiniUnlearner(Unlearner):
         retained = self.data.without(union)
         T = int(self.lrs.numel())
         report.retrain_sample_gradients = int(self.info.get("epochs", T // max(self.info["steps_per_epoch"], 1))) * (n - r)
+        stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
+        edge = recorded_edge(self.info)
+        if self.unstable == "refuse" and edge is not None and edge[0] >= stable_below:
+            # Decided before any work: the fallback then costs exactly what retraining costs.
+            report.sample_gradients = self._fallback(union)
+            report.status, report.how = "fallback", "resumed from step 0 (stored initial weights)"
+            report.reason = (f"the run recorded eta_t * lambda_max = {edge[0]:.3g} >= {stable_below:g} at step "
+                             f"{edge[1]} during training: the linear response would not contract, so training "
+                             "resumed without the ids before any other work, which equals retraining")
+            report.details = {"recorded_eta_lambda_max": edge[0], "stability_bound": stable_below,
+                              "unstable": self.unstable, **self.sgd.describe()}
+            report.weights_changed = True
+            self._set_forgotten(union)
+            return
         read_before = self.store.bytes_read
         anchors = self._read_anchors()
         # 1. delta_k = r/(n-r) (g_k - grad L_F(w_k)); both gradients carry weight_decay * w.
@@ -174,25 +202,31 @@ class MiniUnlearner(Unlearner):
         e = torch.zeros(self.flat.dim, dtype=torch.float64)
         f = torch.zeros_like(e)  # the momentum buffer's gap (read only with momentum)
         mu, nesterov = self.sgd.momentum, self.sgd.nesterov
-        max_eta_theta, used = 0.0, []
+        max_eta_theta, used, at_edge = 0.0, [], 0
+        edge_limit = self.stability_limit if self.unstable == "equilibrium" else None
         for a, b in zip(bounds[:-1], bounds[1:]):
             spec = shared if self.curvature != "anchors" else spectra[min((s for s in steps_sorted if s >= b),
                                                                           default=steps_sorted[-1])]
             if all(spec is not u for u in used):
                 used.append(spec)
             etas = self.lrs[a:b]
-            top = max(float(spec.thetas.max()) if spec.thetas.numel() else 0.0, spec.h_perp)
-            max_eta_theta = max(max_eta_theta, float(etas.max()) * top)
+            thetas = spec.thetas
+            if edge_limit is not None and etas.numel():  # the directions at the edge take the fixed point
+                on_edge = edge_directions(spec, etas, edge_limit)
+                at_edge = max(at_edge, int(on_edge.sum()))
+                thetas = thetas[~on_edge]
+            top = max(float(thetas.max()) if thetas.numel() else 0.0, spec.h_perp)
+            if etas.numel():
+                max_eta_theta = max(max_eta_theta, float(etas.max()) * top)
             delta_start = delta_of(a) if self.delta_rule == "interp" else None
             if mu:
                 e, f = propagate_segment_momentum(e, f, spec, etas, delta_start, delta_of(b), mu, nesterov,
                                                   self.delta_rule)
             else:
-                e = propagate_segment(e, spec, etas, delta_start, delta_of(b), self.delta_rule)
+                e = propagate_segment(e, spec, etas, delta_start, delta_of(b), self.delta_rule, edge_limit)
         cost += sum(s.sample_gradients for s in used)
         Lambda = float(self.lrs.sum())
         bound = Lambda * gap_bound_factor(mu) * max(float(d.norm()) for d in deltas)
-        stable_below = stability_bound(mu, nesterov, self.stability_limit)
         norm_e = float(e.norm())
         report.history_bytes_read = self.store.bytes_read - read_before
         report.details = {
@@ -202,6 +236,8 @@ class MiniUnlearner(Unlearner):
             "max_eta_theta": max_eta_theta, "curvature": self.curvature,
             "curvature_samples": min(m, n - r), "lanczos_steps": k, "curvature_budget": self.curvature_budget,
             "delta_norms": [float(d.norm()) for d in deltas], "stability_bound": stable_below,
+            "unstable": self.unstable, "edge_directions": at_edge,
+            "recorded_eta_lambda_max": None if edge is None else edge[0],
             **self.sgd.describe()}
         # 4. safety checks.
         reason = ""
@@ -257,7 +293,7 @@ class MiniUnlearner(Unlearner):
                 "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
                 "delta_rule": self.delta_rule, "curvature_samples": self.curvature_samples,
                 "lanczos_steps": self.lanczos_steps, "curvature_budget": self.curvature_budget,
-                "seed": self.seed, "loss_rise_limit": self.loss_rise_limit, "history_sha256": self.history_sha256,
+                "seed": self.seed, "loss_rise_limit": self.loss_rise_limit, "unstable": self.unstable, "history_sha256": self.history_sha256,
                 **self.data.fingerprint()}
 
     def state_dict(self) -> dict:

@@ -42,15 +42,7 @@ class AprioriCertificate:
     @property
     def budget(self) -> int:
         """m*: the largest m with m*C/b + margin < every step's smallest radius (0 if none)."""
-        if not self.min_radius_per_step:
-            return 0
-        r = min(self.min_radius_per_step)
-        if not math.isfinite(r):
-            return 2**31 - 1 if r > 0 else 0
-        m = max(int(math.floor((r - self.rounding_margin) / self.unit)), 0)
-        while m > 0 and m * self.unit + self.rounding_margin >= r:  # strict inequality
-            m -= 1
-        return m
+        return budget_m_star(self.min_radius_per_step, self.unit, self.rounding_margin)
 
     @property
     def remaining_budget(self) -> int:
@@ -87,6 +79,19 @@ class AprioriCertificate:
                 f" -> any {self.budget} ids can be forgotten with no work (m* = {self.budget}, over all "
                 f"requests; {self.remaining_budget} left){prob}. "
                 f"Coverage (pairs that would keep their code): {cov}.")
+
+
+def budget_m_star(min_radius_per_step, unit: float, margin: float) -> int:
+    """m*: the largest m with m*unit + margin < every given radius (0 if none)."""
+    if len(min_radius_per_step) == 0:
+        return 0
+    r = min(min_radius_per_step)
+    if not math.isfinite(r):
+        return 2**31 - 1 if r > 0 else 0
+    m = max(int(math.floor((r - margin) / unit)), 0)
+    while m > 0 and m * unit + margin >= r:  # strict inequality
+        m -= 1
+    return m
 
 
 @dataclass

@@ -195,7 +195,7 @@ def _fragile_mask(radii: torch.Tensor, threshold: float) -> torch.Tensor:
 
 # ---- one step ---------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class PCMUStep:
     step: int
     ids: torch.Tensor              # int64 ids present in the batch

@@ -33,11 +33,12 @@ import torch
 from .. import ops as _ops
 from ..data import BatchSchedule, TrainingData, as_ids
 from ..rng import call_offset
+from ..step_log import StepLog
 from ..unlearner import UnknownIdsError
 from ..per_sample import clipped_sum64, plan_for, trainable
 from ..policy import eval_mode, refuse_training_batch_norm
 from ..recipe import _to
-from .certificate import AprioriCertificate, RequestCheck
+from .certificate import AprioriCertificate, RequestCheck, budget_m_star
 from .margin import MAX_SUM_TERMS, rounding_margin as derived_margin
 from .records import FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
 from .smoothing import analytic_threshold, blocks_per_element, check_smoothing_config, smooth_quantize
@@ -98,8 +99,14 @@ class PCMUTrainer:
         self.initial = [p.detach().clone() for p in self.params]
         self._sums = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device)  # reused every step
                       for k, p in zip(self.names, self.params)}
-        self.records: list[PCMUStep] = []
-        self.forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
+        # The records, and per step what a request's a-priori answer reads (kept in
+        # step with the records by _add_record / _drop_records_from / load_state_dict).
+        self.records = StepLog()
+        self._min_radius = torch.empty(0, dtype=torch.float64)
+        self._applied = torch.empty(0, dtype=torch.bool)
+        self._forgotten_count = torch.empty(0, dtype=torch.int64)  # forgotten ids in each step's batch
+        self._steps = 0
+        self._forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
         check_smoothing_config(self.tau, self.sigma, mode, self.n0, self.n, self.alpha)
 
     # ---- basic facts --------------------------------------------------------------------------------
@@ -116,6 +123,57 @@ class PCMUTrainer:
     @property
     def steps_done(self) -> int:
         return len(self.records)
+
+    # ---- the records and their per-step index ----------------------------------------------------------
+
+    @property
+    def forgotten(self) -> torch.Tensor:
+        """Ids never to train on again (sorted int64): excluded from every step computed from now on."""
+        return self._forgotten
+
+    @forgotten.setter
+    def forgotten(self, ids) -> None:
+        ids = as_ids(ids).unique()
+        added = ids[~torch.isin(ids, self._forgotten)]
+        added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
+        if bool(torch.isin(self._forgotten, ids).all()):
+            # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
+            for begin in range(0, self._steps, _WINDOW):
+                end = min(begin + _WINDOW, self._steps)
+                self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
+            self._forgotten = ids
+        else:
+            self._forgotten = ids
+            self._recount_forgotten()
+
+    def _recount_forgotten(self) -> None:
+        self._forgotten_count[:self._steps] = torch.tensor(
+            [int(torch.isin(r.ids, self._forgotten).sum()) for r in self.records], dtype=torch.int64)
+
+    def _add_record(self, r: PCMUStep) -> None:
+        t = self._steps
+        if t == self._min_radius.numel():  # grow the per-step arrays by doubling
+            cap = max(2 * t, 64)
+            self._min_radius = torch.cat([self._min_radius, torch.empty(cap - t, dtype=torch.float64)])
+            self._applied = torch.cat([self._applied, torch.zeros(cap - t, dtype=torch.bool)])
+            self._forgotten_count = torch.cat([self._forgotten_count, torch.zeros(cap - t, dtype=torch.int64)])
+        self._min_radius[t], self._applied[t] = r.min_radius, r.applied
+        self._forgotten_count[t] = int(torch.isin(r.ids, self._forgotten).sum())
+        self._steps = t + 1
+        self.records.append(r)
+
+    def _drop_records_from(self, t0: int) -> None:
+        self.records.truncate(t0)
+        self._steps = len(self.records)
+
+    def _reindex(self) -> None:
+        """Rebuilds the per-step arrays from the records (after they were replaced or rolled back)."""
+        n = len(self.records)
+        self._min_radius = torch.tensor([r.min_radius for r in self.records], dtype=torch.float64)
+        self._applied = torch.tensor([r.applied for r in self.records], dtype=torch.bool)
+        self._forgotten_count = torch.zeros(n, dtype=torch.int64)
+        self._steps = n
+        self._recount_forgotten()
 
     @property
     def coordinates(self) -> int:
@@ -134,8 +192,12 @@ class PCMUTrainer:
     def training_cost(self, without=None, start: int = 0) -> int:
         """Per-sample gradients that steps start.. of the trained run cost without the ids `without`
         (the unit of reports: coupled retraining from scratch costs training_cost(F))."""
-        exclude = as_ids([] if without is None else without)
-        return sum(s.ids.numel() for s in self.schedule.steps(start, self.steps_done, exclude))
+        exclude = as_ids([] if without is None else without).unique()
+        rows = self.rows(exclude[~torch.isin(exclude, self.unknown_ids(exclude))])
+        total = self.schedule.samples_in_steps(start, self.steps_done)
+        for begin in range(start, self.steps_done, _WINDOW):
+            total -= int(self.schedule.count_in_steps(rows, begin, min(begin + _WINDOW, self.steps_done)).sum())
+        return total
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -146,7 +208,7 @@ class PCMUTrainer:
         count = steps if steps is not None else epochs * self.schedule.batches_per_epoch
         start = self.steps_done
         for scheduled in self.schedule.steps(start, start + count, self.forgotten):
-            self.records.append(self._compute_step(scheduled.step, scheduled.ids))
+            self._add_record(self._compute_step(scheduled.step, scheduled.ids))
         return self
 
     def batches(self, epochs: int):
@@ -170,7 +232,7 @@ class PCMUTrainer:
             raise ValueError(f"step {t} must use the scheduled batch (fixed per-epoch cuts minus forgotten ids, "
                              "docs/design.md §4); iterate trainer.batches() to get it")
         record = self._compute_step(t, expected, step_size, clipped_sums)
-        self.records.append(record)
+        self._add_record(record)
         return record
 
     def batch(self, ids: torch.Tensor) -> tuple:
@@ -291,6 +353,9 @@ class PCMUTrainer:
         unknown = self.unknown_ids(removed).unique()
         if unknown.numel():  # an id never trained on has no gradient to remove: answering would mislead
             raise UnknownIdsError(f"ids never trained on: {unknown.tolist()}")
+        fast = self._a_priori_answer(removed[~torch.isin(removed, self.forgotten)].unique(), began)
+        if fast is not None:
+            return fast
         removed = torch.cat([self.forgotten, removed]).unique()
         out = RequestCheck("exact" if self.mode == "analytic" or self.framework == "D" else "probable",
                            None, "")
@@ -308,12 +373,41 @@ class PCMUTrainer:
                 out.status, out.first_divergent_step, out.reason = verdict[0], r.step, verdict[1]
                 break
         if out.first_divergent_step is None:
-            out.reason = ("no code changes at any step: retraining without these ids gives bit-identical "
-                          "parameters" if out.status == "exact" else
-                          "every affected coordinate's change is inside its Monte-Carlo radius: the same codes "
-                          "with probability >= 1 - alpha per coordinate")
+            out.reason = _certified_reason(out.status)
         out.seconds = time.perf_counter() - began
         return out
+
+    def _a_priori_answer(self, new: torch.Tensor, began: float) -> RequestCheck | None:
+        """check_request's answer when every step holding a removed or forgotten id passes the a-priori
+        test (k*C/b + margin < the step's smallest radius), read from the per-step arrays in windows:
+        no per-step Python and memory bounded by the window, so a request certified a priori costs
+        the same at any history length. None when some step needs more (the loop then decides)."""
+        if self.framework == "D":
+            return None
+        rows, touched = self.rows(new), 0
+        for begin in range(0, self._steps, _WINDOW):
+            end = min(begin + _WINDOW, self._steps)
+            k = self._forgotten_count[begin:end] + self.schedule.count_in_steps(rows, begin, end)
+            held = (k > 0) & self._applied[begin:end]
+            # The same float64 arithmetic as _check_step's test, per element.
+            passes = k.to(torch.float64) * self.unit + self.rounding_margin < self._min_radius[begin:end]
+            if not bool((passes | ~held).all()):
+                return None
+            touched += int(held.sum())
+        out = RequestCheck("exact" if self.mode == "analytic" else "probable", None, "",
+                           steps_with_removed_ids=touched, steps_checked_a_priori=touched)
+        out.reason = _certified_reason(out.status)
+        out.seconds = time.perf_counter() - began
+        return out
+
+    def remaining_budget(self) -> int:
+        """certificate().remaining_budget from the per-step arrays (what a request reports)."""
+        applied = self._applied[:self._steps]
+        if not bool(applied.any()):
+            return 0
+        radius = float(torch.where(applied, self._min_radius[:self._steps], float("inf")).min())
+        used = int(torch.where(applied, self._forgotten_count[:self._steps], 0).max())
+        return max(budget_m_star([radius], self.unit, self.rounding_margin) - used, 0)
 
     def _check_step(self, r: PCMUStep, present: torch.Tensor, w_at: int, w, out: RequestCheck):
         """(verdict, rebuilt): verdict None if step r keeps its codes without `present`, else
@@ -397,9 +491,9 @@ class PCMUTrainer:
                 p.copy_(src)
         self.forgotten = torch.cat([self.forgotten, removed]).unique()
         step_sizes = [r.step_size for r in self.records[t0:end]]
-        del self.records[t0:]
+        self._drop_records_from(t0)
         for scheduled, step_size in zip(self.schedule.steps(t0, end, self.forgotten), step_sizes):
-            self.records.append(self._compute_step(scheduled.step, scheduled.ids, step_size))
+            self._add_record(self._compute_step(scheduled.step, scheduled.ids, step_size))
 
     # ---- persistence ----------------------------------------------------------------------------
 
@@ -411,19 +505,25 @@ class PCMUTrainer:
                 "seed": self.seed, "max_request": self.max_request, "rounding_margin": self.rounding_margin,
                 **self.data.fingerprint()}
 
-    def state_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint(), "initial": self.initial,
-                "params": [p.detach().clone() for p in self.params], "forgotten": self.forgotten,
-                "records": [r.to_state() for r in self.records]}
+    def state_dict(self, *, records: bool = True) -> dict:
+        """A snapshot; records=False leaves out the records and the fingerprint (the ledger tracks
+        the records through their StepLog and checks the fingerprint once)."""
+        state = {"initial": [w.clone() for w in self.initial], "params": [p.detach().clone() for p in self.params],
+                 "forgotten": self.forgotten}
+        if records:
+            state.update(fingerprint=self.fingerprint(), records=[r.to_state() for r in self.records])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state["fingerprint"] != self.fingerprint():
+        """Restores state_dict()'s snapshot. Without 'records' (a rollback, whose StepLog was
+        restored in place) the records stay as they are and the per-step index is rebuilt."""
+        if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
             mismatch = sorted(k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k])
             raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
                              f"{', '.join(mismatch)})")
         # The learning rate is a function of the step, so it is checked on the recorded steps: a
         # resumed or replayed step with another lr would not be the coupled retraining.
-        for r in state["records"]:
+        for r in state.get("records", []):
             if float(r["step_size"]) != float(self._lr(r["step"])):
                 raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
                                  f"{r['step']} used {r['step_size']!r}, this trainer's lr gives {self._lr(r['step'])!r})")
@@ -431,9 +531,15 @@ class PCMUTrainer:
         with torch.no_grad():
             for p, src in zip(self.params, state["params"]):
                 p.copy_(src)
-        self.forgotten = state["forgotten"].clone()
-        self.records = [PCMUStep.from_state(s, self.coordinates, self.fragile_threshold) for s in state["records"]]
+        if "records" in state:
+            self.records.replace(PCMUStep.from_state(s, self.coordinates, self.fragile_threshold)
+                                 for s in state["records"])
+        self._forgotten = as_ids(state["forgotten"]).unique()
+        self._reindex()
 
+
+# Steps per window of the vectorized per-step reads: bounds a request's working memory.
+_WINDOW = 1 << 16
 
 # What PCMU's refusal of BatchNorm in training mode says it needs.
 PER_SAMPLE_NEED = "per-sample clipped gradients"
@@ -445,3 +551,11 @@ def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_siz
     as_int8 = [c.to(device=p.device, dtype=torch.int8) for p, c in zip(params, codes)]
     with torch.no_grad():
         _ops.apply_codes_(list(params), as_int8, float(step_size))
+
+
+def _certified_reason(status: str) -> str:
+    """What a request that changes no step's codes is told ('exact': analytic mode; 'probable': mc)."""
+    if status == "exact":
+        return "no code changes at any step: retraining without these ids gives bit-identical parameters"
+    return ("every affected coordinate's change is inside its Monte-Carlo radius: the same codes with "
+            "probability >= 1 - alpha per coordinate")

@@ -50,14 +50,14 @@ class PCMUUnlearner(Unlearner):
             report.status = "certified"
             report.how = "a-priori (m*)" if check.steps_checked_exactly == 0 else "per-request check"
             report.reason = check.reason
-            report.details["remaining_budget"] = trainer.certificate().remaining_budget
+            report.details["remaining_budget"] = trainer.remaining_budget()
             return
         t0, end = check.first_divergent_step, trainer.steps_done
         trainer.resume_without(new, t0)  # also adds `new` to trainer.forgotten
         report.status, report.how, report.weights_changed = "retrained", f"resumed from step {t0}", True
         report.details["steps_retrained"] = end - t0
         report.sample_gradients += trainer.training_cost(union, start=t0)
-        report.details["remaining_budget"] = trainer.certificate().remaining_budget
+        report.details["remaining_budget"] = trainer.remaining_budget()
         report.reason = (f"not certified at step {t0} ({check.status}: {check.reason}); training resumed "
                          f"without the ids from step {t0} of {end}, which equals retraining from scratch")
 
@@ -71,8 +71,14 @@ class PCMUUnlearner(Unlearner):
         # training mode, so nothing moves them, but they are part of the state all the same).
         return {**state, "buffers": model_state(self.model)["buffers"]}
 
+    def logs(self) -> dict:
+        return {"records": self.trainer.records}
+
+    def state_dict_without_logs(self) -> dict:
+        return {**self.trainer.state_dict(records=False), "buffers": model_state(self.model)["buffers"]}
+
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         buffers = state.pop("buffers")
         load_model_state_(self.model, {"params": dict(zip(self.trainer.names, state["params"])), "buffers": buffers})
-        self.trainer.load_state_dict({"fingerprint": self.trainer.fingerprint(), **state})
+        self.trainer.load_state_dict(state)

@@ -1,0 +1,119 @@
+"""Latency and peak memory of a deletion request that PCMU certifies a priori, behind the ledger,
+against the length of the recorded history (T steps). Run as a script:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_ledger_request.py --steps 1000 10000 100000
+
+Workload: the benchmark MLP 64-256-256-10 (85k parameters), 4,000 synthetic samples, full batch
+(b = 4,000), PCMU analytic with tau/sigma large enough that every request of one id is certified a
+priori. Training 100k full-batch steps is out of reach here, so TRAINED steps are trained and their
+records repeated (renumbered, tensors shared) up to T: the request path reads only the per-step
+radii and the record count, never a record's values, and storage is shared, so the figures for the
+code that serializes every record understate its cost. Each request forgets one new id; the
+figure is the median over --requests requests after one warm-up. A committed request costs at
+least the fsyncs durability needs (two when only ledger.json changes): --dir /dev/shm (tmpfs, where
+fsync is free) shows the rest. Peak memory: the rise of the
+process's peak RSS (VmHWM, reset before each request) above its RSS before the request.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from unlearn_ext.ledger import DeletionLedger
+from unlearn_ext.pcmu import PCMUTrainer, PCMUUnlearner
+
+TRAINED = 4
+N, B = 4000, 4000
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                               torch.nn.Linear(256, 10))
+
+
+def _trainer():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 64, generator=g), torch.randint(0, 10, (N,), generator=g)
+    return PCMUTrainer(_mlp(), torch.nn.functional.cross_entropy, (x, y), batch_size=B, clip_norm=1.0, lr=0.01,
+                       tau=0.5, sigma=0.2, max_request=1)
+
+
+def _with_history(steps: int) -> PCMUTrainer:
+    trainer = _trainer().train(steps=TRAINED)
+    state = trainer.state_dict()
+    base = list(trainer.records)
+    records = [dataclasses.replace(base[t % TRAINED], step=t, offset=trainer.offset_of(t)).to_state()
+               for t in range(steps)]
+    fresh = _trainer()
+    fresh.load_state_dict({**state, "records": records})
+    return fresh
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(steps: int, requests: int, where: str | None) -> dict:
+    trainer = _with_history(steps)
+    with tempfile.TemporaryDirectory(dir=where) as directory:
+        ledger = DeletionLedger(PCMUUnlearner(trainer), directory)
+        seconds, peaks = [], []
+        for i in range(requests + 1):
+            can_reset = _reset_peak()
+            rss = _rss_kib("VmRSS")
+            began = time.perf_counter()
+            report = ledger.forget([i])
+            elapsed = time.perf_counter() - began
+            if report.how != "a-priori (m*)":
+                raise RuntimeError(f"request {i} was not certified a priori: {report}")
+            if i:  # the first request is the warm-up
+                seconds.append(elapsed)
+                if can_reset:
+                    peaks.append(_rss_kib("VmHWM") - rss)
+        ledger.close()
+    return {"steps": steps, "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
+            "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--dir", default=None, help="where the ledger lives (default: the system's temp "
+                        "directory); a tmpfs such as /dev/shm shows the cost without the disk's fsync")
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    for steps in args.steps:
+        row = measure(steps, args.requests, args.dir)
+        row.update(label=args.label, dir=args.dir or tempfile.gettempdir(), cpu=cpu, threads=torch.get_num_threads(),
+                   avx2="avx2" in open("/proc/cpuinfo").read(), avx512="avx512f" in open("/proc/cpuinfo").read(),
+                   code=os.path.dirname(os.path.abspath(__import__("unlearn_ext").__file__)))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
