@@ -1,6 +1,6 @@
 """unlearn-ext: compare machine-unlearning methods with retraining, on bundled or your own data.
 
-  unlearn-ext demo                      one method per family on digits, forget ratios 1-30 %%:
+  unlearn-ext demo                      one method per family on digits, forget ratios 1-30 %:
                                         a table, report.md and plots in ./unlearn-ext-demo
   unlearn-ext eval --data mnist1d --model logreg --methods pcmu,finetune --ratios 0.05,0.2 --seeds 0,1
                                         the same harness with your choices (--json FILE for every number)
@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 
-from . import backend, build_info
+from . import __version__, backend, build_info
 
 DEMO_RATIOS = "0.01,0.05,0.1,0.2,0.3"
 MAX_SEED = 2**31 - 1  # seeds are offset (other-seed retrains) and passed to torch and numpy
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     from .evaluate import training
 
     parser = _Parser(prog="unlearn-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unlearn-ext {__version__} ({backend()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     available = ",".join(methods.AVAILABLE)
     demo = sub.add_parser("demo", help="one method per family on digits against retraining")

@@ -4,18 +4,25 @@ ops' default kernel (registry.py), serves every call (one warning). UNLEARN_EXT_
 forces the reference."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
 import torch
 
 _C = None
-_LOAD_ERROR: Exception | None = None
+_LOAD_ERROR: str | None = None  # why the extension is not loaded, in words for the warning
 if os.environ.get("UNLEARN_EXT_BACKEND", "").lower() != "reference":
-    try:
-        from .. import _C  # noqa: F811  (registers the ops with the dispatcher on import)
-    except ImportError as exc:  # not built: the reference serves every op
-        _LOAD_ERROR = exc
+    # Asked first, so that a missing build is reported as such: importing a submodule that does not
+    # exist from a package still initializing raises an ImportError that blames a circular import.
+    if importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}._C") is None:
+        _LOAD_ERROR = ("not built: no unlearn_ext/_C extension module; build it with `pip install "
+                       "--no-build-isolation -e .` or `make`")
+    else:
+        try:
+            from .. import _C  # noqa: F811  (registers the ops with the dispatcher on import)
+        except ImportError as exc:  # built, but it does not load (e.g. built against another torch)
+            _LOAD_ERROR = f"built but failed to load ({exc}); rebuild it against this torch"
 
 _warned = False
 
@@ -56,7 +63,7 @@ def impl(name: str):
     global _warned
     if _C is None and not _warned:
         _warned = True
-        why = f" ({_LOAD_ERROR})" if _LOAD_ERROR is not None else " (UNLEARN_EXT_BACKEND=reference)"
-        warnings.warn(f"unlearn_ext: compiled extension not loaded{why}; using the pure-PyTorch "
-                      "reference, which is correct but slow.", RuntimeWarning, stacklevel=3)
+        why = _LOAD_ERROR if _LOAD_ERROR is not None else "not loaded (UNLEARN_EXT_BACKEND=reference)"
+        warnings.warn(f"unlearn_ext: compiled extension {why}; using the pure-PyTorch reference, which is "
+                      "correct but slow.", RuntimeWarning, stacklevel=3)
     return getattr(torch.ops.unlearn_ext, name)
