@@ -5,7 +5,7 @@ Words, uniforms, Bernoulli draws, codes, counts, updated parameters, fragile set
 codecs' codes, scales, reconstructions and decoded values must be equal; radii within float
 rounding (they are computed by the same header functions, so in practice they are equal too);
 dequantize_dot within float64 rounding (its sums run in another order).
-The one documented exception (DESIGN section 3): the Monte-Carlo mode's Phi comes from CUDA's erfcf
+The one documented exception (docs/design.md §3): the Monte-Carlo mode's Phi comes from CUDA's erfcf
 on the GPU and from ATen's vectorized erfc on the CPU, so a draw threshold may round differently in
 rare cases; mc codes may then differ in at most max(1, 1e-5 * N) elements (use --strict to demand
 none). Needs no scipy (a synthetic radius table is used). Small enough to run under
@@ -505,7 +505,7 @@ def _select_apply():
                 for i, (a, b) in enumerate(zip(mg, mc)):
                     assert_equal(a, b, f"{what} masks[{i}]")
                 for i, (a, b) in enumerate(zip(pg, pc)):
-                    if action == 2:  # Box-Muller: backends may differ by an ulp (DESIGN section 3)
+                    if action == 2:  # Box-Muller: backends may differ by an ulp (docs/design.md §3)
                         torch.testing.assert_close(a.cpu().float(), b.float(), rtol=1e-5, atol=1e-6)
                     else:
                         assert_equal(a, b, f"{what} params[{i}]")

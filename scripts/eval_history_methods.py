@@ -1,4 +1,4 @@
-"""Evaluation of the history methods on digits (DESIGN section 8; issue 12's table), through the
+"""Evaluation of the history methods on digits (docs/design.md §8; the history methods. table), through the
 evaluation harness.
 
     PYTHONPATH=. python scripts/eval_history_methods.py --seeds 0 1 2 [--settings logreg mlp overfit]
@@ -13,18 +13,16 @@ table as
     unlearn-ext eval --setting history-logreg --methods mini,mini-int8,deltagrad --ratios 0.01,0.1 \
         --seeds 0,1,2 --noise-floor 0
 
-(the wall-time columns aside). After the table: DESIGN section 8's precondition of the memorizing
-setting (original MIA AUC >= retraining's + 0.2) and issue 12's target there (Mini's MIA AUC within
+(the wall-time columns aside). After the table: docs/design.md §8's precondition of the memorizing
+setting (original MIA AUC >= retraining's + 0.2) and the target there (Mini's MIA AUC within
 0.05 of retraining's). Hyperparameters are Mini's and DeltaGrad's defaults (Mini: m and k from a
 budget of 0.30 of retraining's sample-gradients, mini/budget.py — on digits k = 8 and m = 568-974 —
 delta rule 'end'; DeltaGrad: burn-in 10, period 5, memory 2), fixed on held-out seeds before these
-seeds were run (scripts/sweep_mini_budget.py, seeds 100-102).
+seeds were run (seeds 100-102; benchmarks/RESULTS.md).
 
-Changed when the script became a wrapper (issue 11): the data are the harness's `digits-pixels`
-(the same pixels / 16 and the same 1400 / 397 split as before); label flips of the overfit setting
-are the harness's (drawn per training seed); the noise floor is the harness's; the table has the
-harness's columns. --curvature-samples, --lanczos-steps and --delta-rule are gone (to try other
-Mini settings construct MiniUnlearner directly, e.g. as scripts/diagnose_mini.py does).
+The data are the harness's `digits-pixels` (pixels / 16, a 1400 / 397 split); label flips of the
+overfit setting, the noise floor and the table's columns are the harness's (to try other Mini
+settings, construct MiniUnlearner directly).
 """
 from __future__ import annotations
 
@@ -53,7 +51,7 @@ def run_setting(name: str, seeds, ratios, names, epochs=None, noise_floor: int =
 
 def mia_summary(summary: list[dict], ratios) -> str:
     """Original - retrain MIA AUC (the memorizing precondition, >= 0.2) and |method - retrain|
-    (issue 12's target for Mini, <= 0.05), means over seeds, per ratio."""
+    (the target for Mini, <= 0.05), means over seeds, per ratio."""
     out = ["", "MIA AUC (mean over seeds): original - retrain (precondition >= 0.2) | |mini - retrain| (target <= 0.05)"
            " | |deltagrad - retrain|"]
     for ratio in ratios:

@@ -1,6 +1,6 @@
-"""Issue 13's evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent,
+"""The perturbation evaluation table: Top-K / Random-k perturbation (reset, dampen, normalized ascent,
 masked and distillation repair, the adaptive K, the grad_ratio score) against retraining, retraining from other seeds
-(the noise floor), fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (DESIGN
+(the noise floor), fine-tuning and the do-nothing row, on digits (tanh MLP 64) and the memorizing setting (docs/design.md
 section 8). A thin wrapper of unlearn_ext.evaluate.evaluate: the methods are registry entries
 (unlearn_ext/evaluate/methods.py), the UD column is evaluate/ud.py. One JSON per (setting, seed),
 so seeds can run in parallel processes; --table prints the markdown of finished JSON files.
@@ -10,7 +10,7 @@ so seeds can run in parallel processes; --table prints the markdown of finished 
 
 The memorizing setting was chosen on seeds 100-102 (never the table's): 300 digits samples, 20%
 label noise, a 512-wide tanh MLP, no weight decay, 300 epochs; its precondition (original MIA >=
-retrain MIA + 0.2) is checked on every reported run. The methods' settings are DESIGN section 7's
+retrain MIA + 0.2) is checked on every reported run. The methods' settings are docs/design.md §7's
 defaults, fixed before any table seed ran (methods.PERTURB_SETTINGS); --calibrate searches K, repair
 epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-102, and --k /
 --repair-epochs run the table with the chosen values:
@@ -23,7 +23,7 @@ epochs and repair (labels / distillation) for Top-K reset on held-out seeds 100-
 methods.RATIO_SETTINGS, chosen with `--calibrate --score grad_ratio --perturbations reset,dampen`.)
 
 The noise floor: every (seed, ratio) retrains from NOISE_FLOOR = 5 other seeds (other initial
-weights and batch order; harness._noise_floor) and each table puts, beside every method's gaps, in
+weights and batch order; the harness's noise floor) and each table puts, beside every method's gaps, in
 how many runs its |test gap| and per-run MIA gap are at or below that run's floor (the largest gap
 of those retrains to the reference retrain), with the floor itself per ratio.
 
@@ -50,24 +50,29 @@ METHODS = ["retrain-other", "finetune"] + [f"{family}{suffix}" for family in ("t
                                            for suffix in ("", "-dampen", "-ascent", "-masked", "-distill", "-adaptive")]
 # grad_ratio Top-K (dampen, K and repair chosen on held-out seeds) with its Random-k and fine-tuning controls
 METHODS += ["topk-ratio", "randomk-ratio", "finetune-ratio"]
-NOISE_FLOOR = 5  # retrains from other seeds per (seed, ratio): DESIGN section 8 asks for >= 5
+NOISE_FLOOR = 5  # retrains from other seeds per (seed, ratio): docs/design.md §8 asks for >= 5
 
 
-def _profile(setting: str) -> dict:
-    """The perturbation methods' settings this script's setting uses (methods.PERTURB_SETTINGS)."""
+def _profile(setting: str, overrides: dict) -> dict:
+    """The perturbation methods' settings this script's setting uses (methods.PERTURB_SETTINGS),
+    with the command line's overrides."""
     wide = settings.get(SETTINGS[setting]).model == "mlp-wide"
-    return methods.PERTURB_SETTINGS["memorizing" if wide else "generalizing"]
+    return {**methods.PERTURB_SETTINGS["memorizing" if wide else "generalizing"], **overrides}
 
 
-def run(setting: str, seed: int, ratios, noise_floor: int, ud: bool, names=METHODS, epochs=None) -> dict:
+def run(setting: str, seed: int, ratios, noise_floor: int, ud: bool, names=METHODS, epochs=None,
+        overrides: dict | None = None) -> dict:
+    """overrides: k= / repair_epochs= for the perturbation family (methods.perturb_family)."""
     began = time.perf_counter()
-    records = settings.evaluate_setting(SETTINGS[setting], methods=list(names), ratios=list(ratios), seeds=[seed],
+    family = methods.perturb_family(**(overrides or {}))
+    chosen = [family.get(n, n) if overrides else n for n in names]
+    records = settings.evaluate_setting(SETTINGS[setting], methods=chosen, ratios=list(ratios), seeds=[seed],
                                         epochs=epochs, noise_floor_seeds=noise_floor, ud=ud,
                                         progress=lambda what: print(f"[{setting}] {what}", flush=True))
     for r in records:
         r["setting"] = setting
-    profile = _profile(setting)
-    return {"setting": setting, "seed": seed, "perturb_settings": dict(profile), "seconds": time.perf_counter() - began, "records": records}
+    profile = _profile(setting, overrides or {})
+    return {"setting": setting, "seed": seed, "perturb_settings": profile, "seconds": time.perf_counter() - began, "records": records}
 
 
 COLUMNS = ("test_acc", "retain_acc", "forget_acc", "fr", "mrr", "mia_auc", "mia_gap", "ud", "cost_vs_retrain")
@@ -209,15 +214,15 @@ def calibrate(setting: str, ratios=(0.1, 0.2), grid=GRID, adaptive: bool = False
         run_ = harness.train_run(ds, named.model, seed, None, named.widths, named.sgd)
         for ratio in ratios:
             forget = harness.forget_ids(run_.data, ratio, seed)
-            orig = harness._measure(run_.original, ds, run_.data, forget)
-            gold = harness._measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
+            orig = harness.measure(run_.original, ds, run_.data, forget)
+            gold = harness.measure(retrain(run_.initial, run_.data, run_.config, forget), ds, run_.data, forget)
             for i, kw in enumerate(grid):
                 cls = AdaptiveTopKUnlearner if adaptive else TopKUnlearner
                 u = cls(copy.deepcopy(run_.original), run_.data, run_.config, holdout=run_.holdout, seed=seed,
                         score=score, **({} if ratio_floor is None else {"ratio_floor": ratio_floor}),
                         **{"perturbation": "reset", **kw})
                 rep = u.unlearn(forget)
-                m = harness._measure(u.model, ds, run_.data, forget)
+                m = harness.measure(u.model, ds, run_.data, forget)
                 results[i].append({"mia_gap": abs(m["mia_auc"] - gold["mia_auc"]),
                                    "forget_gap": abs(m["forget_acc"] - gold["forget_acc"]),
                                    "test_gap": gold["test_acc"] - m["test_acc"],
@@ -302,12 +307,10 @@ def main(argv=None) -> int:
         print(table(payloads))
         print(targets(payloads))
         return 0
-    profile = _profile(args.setting)
-    for key, value in (("k", args.k), ("repair_epochs", args.repair_epochs)):
-        if value is not None:
-            profile[key] = value
+    overrides = {key: value for key, value in (("k", args.k), ("repair_epochs", args.repair_epochs))
+                 if value is not None}
     payload = run(args.setting, args.seed, [float(r) for r in args.ratios.split(",")], args.noise_floor,
-                  not args.no_ud, args.methods.split(","), args.epochs)
+                  not args.no_ud, args.methods.split(","), args.epochs, overrides)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)

@@ -5,8 +5,8 @@ per M in --max-requests and prints, per step: the share of coordinates recorded 
 layouts used, the fragile set's bytes (as stored now, and as the earlier all-sparse format stored
 it: int64 index + float32 value + float32 radius = 16 bytes per fragile coordinate), the whole
 record (ids + codes + fragile set) and the estimate made before training (worst case: every
-coordinate fragile). --model mlp uses a 64-256-256-10 MLP at b = 256 instead (the setting of
-issue 14). Bytes only: nothing here is timed.
+coordinate fragile). --model mlp uses a 64-256-256-10 MLP at b = 256 instead.
+Bytes only: nothing here is timed.
 
     PYTHONPATH=. python scripts/pcmu_record_bytes.py [--model logreg|mlp] [--max-requests 1,2,4,8] [--mode analytic|mc]
 """

@@ -1,6 +1,7 @@
 """The per-method scripts are thin wrappers of the evaluation harness: on a tiny configuration a
 script's records and table equal the harness's and `unlearn-ext eval --setting`'s (wall times
 aside), and the peak-memory column measures what its schema says."""
+import copy
 import importlib.util
 import json
 import os
@@ -122,7 +123,7 @@ def test_noise_floor_is_retraining_from_other_seeds_against_the_reference():
     want_test, want_mia = [], []
     for j in (1, 2):
         seed = 1000 * j
-        m = harness._measure(retrain(methods.reinitialized(initial, seed), data,
+        m = harness.measure(retrain(methods.reinitialized(initial, seed), data,
                                      methods.other_seed_config(config, seed), forget), ds, data, forget)
         want_test.append(abs(m["test_acc"] - gold["test_acc"]))
         want_mia.append(abs(m["mia_auc"] - gold["mia_auc"]))
@@ -144,3 +145,20 @@ def test_perturb_calibration_grid_refuses_adaptive_fields_without_adaptive(capsy
     with pytest.raises(SystemExit):
         ev.main(["--calibrate", "--adaptive", "--grid", "0.5;3"])
     assert "--grid is" in capsys.readouterr().err
+
+
+def test_perturb_script_overrides_build_new_entries_and_leave_the_registry_as_it_was():
+    """--k / --repair-epochs reach the perturbation family through new entries (methods.perturb_family);
+    the registry's settings, which every other caller in the process reads, stay as they were."""
+    from unlearn_ext.evaluate import methods
+
+    registry = copy.deepcopy(methods.PERTURB_SETTINGS)
+    ev = _script("eval_perturb")
+    payload = ev.run("memorizing", 1, [0.1], 0, False, ["topk"], 2, {"k": 0.3, "repair_epochs": 1})
+    assert payload["perturb_settings"]["k"] == 0.3 and payload["perturb_settings"]["repair_epochs"] == 1
+    assert methods.PERTURB_SETTINGS == registry
+    run = methods.Run("d", "mlp-wide", 0, None, None, None, None, 0.0)
+    assert methods.perturb_settings(run, {"k": 0.3})["k"] == 0.3 and methods.perturb_settings(run)["k"] == registry[
+        "memorizing"]["k"]
+    topk = [r for r in payload["records"] if r["method"] == "topk"]
+    assert topk and all(r["cost_vs_retrain"] is not None for r in topk)

@@ -129,7 +129,9 @@ def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: 
     return net
 
 
-def _measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
+def measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
+    """Accuracy on the test split, the retained and the forgotten samples, and membership inference
+    (loss AUC and efficacy) of `model` after forgetting `forget`: the measured columns of a row."""
     keep = data.without(forget)
     xr, yr = data.batch(keep)
     xf, yf = data.batch(forget)
@@ -213,7 +215,7 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
     clock = _Clock()
     gold = retrain(run.initial, run.data, run.config, forget)
     retrain_cost = clock.stop()
-    orig_m, gold_m = (_measure(m, ds, run.data, forget) for m in (run.original, gold))
+    orig_m, gold_m = (measure(m, ds, run.data, forget) for m in (run.original, gold))
     common = _noise_floor(ds, run, forget, noise_floor_seeds, gold_m)
     rows = [
         _row(run, "original", "retrain", ratio, forget, orig_m, gold_m, orig_m, run.original, run.original, gold,
@@ -274,7 +276,7 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
         if isinstance(reference, Refusal):
             return [_refused_row(run, spec, ratio, forget, reference.message, common)]
         reference_cost = clock.stop()
-        orig_m, ref_m = (_measure(m, ds, run.data, forget) for m in (original, reference))
+        orig_m, ref_m = (measure(m, ds, run.data, forget) for m in (original, reference))
         rows.append(_row(run, f"{spec.name}-original", spec.reference, ratio, forget, orig_m, ref_m, orig_m,
                          original, original, reference, **common))
         rows.append(_row(run, f"{spec.name}-retrain", spec.reference, ratio, forget, ref_m, ref_m, orig_m,
@@ -294,7 +296,7 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
         cost = clock.stop()
     if isinstance(report, Refusal):
         return rows + [_refused_row(run, spec, ratio, forget, report.message, common)]
-    measured = _measure(unlearner.model, ds, run.data, forget)
+    measured = measure(unlearner.model, ds, run.data, forget)
     row = _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
                reference, status=report.status, reason=report.reason, seconds=report.seconds,
                cpu_seconds=cost.cpu, build_seconds=build.wall,
@@ -368,7 +370,7 @@ def _noise_floor(ds, run: Run, forget, count: int, gold_m: dict) -> dict:
     accs, aucs = [gold_m["test_acc"]], [gold_m["mia_auc"]]
     for j in range(1, count + 1):
         seed = run.seed + OTHER_SEED_OFFSET * j
-        m = _measure(retrain(reinitialized(run.initial, seed), run.data, other_seed_config(run.config, seed), forget),
+        m = measure(retrain(reinitialized(run.initial, seed), run.data, other_seed_config(run.config, seed), forget),
                      ds, run.data, forget)
         accs.append(m["test_acc"])
         aucs.append(m["mia_auc"])

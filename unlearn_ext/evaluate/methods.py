@@ -75,12 +75,14 @@ PCMU = Method(
     own_retrain=lambda run, trainer, forget: _pcmu_trainer(run, exclude=forget).train(epochs=PCMU_EPOCHS).model,
 )
 
-FINETUNE = Method(
-    "finetune", "retrain",
+def _finetune_method(overrides: dict | None = None) -> Method:
     # The same repair budget as Top-K / Random-k get (perturb_repair_epochs: 1, or 3 on mlp-wide).
-    build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config,
-                                           epochs=perturb_repair_epochs(run)),
-)
+    return Method("finetune", "retrain",
+                  build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config,
+                                                         epochs=perturb_settings(run, overrides)["repair_epochs"]))
+
+
+FINETUNE = _finetune_method()
 
 # ---- history methods: the same plain-SGD run, recorded (recording does not change the weights) ---
 
@@ -135,7 +137,8 @@ DELTAGRAD = Method(
 # that generalize); the "network" profile for cnn / resnet / transformer / user factories.
 # On scripts/eval_perturb.py's memorizing setting (20% label noise, 300 epochs) the calibration on
 # held-out seeds 100-102 (`--calibrate`) prefers K = 30% with 3 repair epochs (benchmarks/RESULTS.md,
-# "Perturbation: the evaluation table"); the script's --k / --repair-epochs override these.
+# "Perturbation: the evaluation table"); the script's --k / --repair-epochs override these through
+# perturb_family (new entries; the registry is never edited).
 
 # The "network" profile's values, chosen by benchmarks/perturb-defaults-rule.md (no configuration met all four
 # limits there; this one had the smallest worst miss; the guard tied and lost on cost: it stays an option).
@@ -164,29 +167,34 @@ def perturb_profile(run: Run) -> str:
     return "memorizing" if run.model_name == "mlp-wide" else "generalizing"
 
 
-def perturb_settings(run: Run) -> dict:
+def perturb_settings(run: Run, overrides: dict | None = None) -> dict:
+    """The perturbation methods' keyword arguments for this run's model family, `overrides` on top."""
     settings = dict(PERTURB_SETTINGS[perturb_profile(run)])
     if perturb_profile(run) == "network":
         settings["initial"] = run.initial
-    return settings
+    return {**settings, **(overrides or {})}
 
 
 def perturb_repair_epochs(run: Run) -> int:
     return perturb_settings(run)["repair_epochs"]
 
 
-def _perturb_method(name: str, cls, perturbation: str, repair: str) -> Method:
+def _perturb_method(name: str, cls, perturbation: str, repair: str, overrides: dict | None = None) -> Method:
     def build(run: Run, _):
         if perturbation == "ascent" and run.holdout is None:
             raise ValueError(f"{name}: normalized ascent needs held-out non-members (Run.holdout)")
         return cls(copy.deepcopy(run.original), run.data, run.config, perturbation=perturbation, repair=repair,
-                   holdout=run.holdout, seed=run.seed, **perturb_settings(run))
+                   holdout=run.holdout, seed=run.seed, **perturb_settings(run, overrides))
     return Method(name, "retrain", build=build)
 
 
-PERTURB_METHODS = [_perturb_method(family + suffix, cls, *how)
-                   for family, cls in (("topk", TopKUnlearner), ("randomk", RandomKUnlearner))
-                   for suffix, how in PERTURB_VARIANTS.items()]
+def _perturb_methods(overrides: dict | None = None) -> list[Method]:
+    return [_perturb_method(family + suffix, cls, *how, overrides=overrides)
+            for family, cls in (("topk", TopKUnlearner), ("randomk", RandomKUnlearner))
+            for suffix, how in PERTURB_VARIANTS.items()]
+
+
+PERTURB_METHODS = _perturb_methods()
 TOPK, RANDOMK = PERTURB_METHODS[0], PERTURB_METHODS[len(PERTURB_VARIANTS)]
 
 # -adaptive: reset + repair with K chosen per request by the stop rule of perturb/adaptive.py (grow K
@@ -197,28 +205,40 @@ TOPK, RANDOMK = PERTURB_METHODS[0], PERTURB_METHODS[len(PERTURB_VARIANTS)]
 ADAPTIVE_K_CAP = 0.5
 
 
-def _adaptive_method(name: str, cls) -> Method:
+def _adaptive_method(name: str, cls, overrides: dict | None = None) -> Method:
     def build(run: Run, _):
         if run.holdout is None:
             raise ValueError(f"{name}: the adaptive K stops at held-out non-members' loss (Run.holdout)")
         return cls(copy.deepcopy(run.original), run.data, run.config, perturbation="reset", repair="all",
                    holdout=run.holdout, seed=run.seed,
                    # its own stop rule replaces the guard
-                   **{**perturb_settings(run), "k": ADAPTIVE_K_CAP, "guard": None})
+                   **{**perturb_settings(run, overrides), "k": ADAPTIVE_K_CAP, "guard": None})
     return Method(name, "retrain", build=build)
 
 
-ADAPTIVE_METHODS = [_adaptive_method("topk-adaptive", AdaptiveTopKUnlearner),
-                    _adaptive_method("randomk-adaptive", AdaptiveRandomKUnlearner)]
+def _adaptive_methods(overrides: dict | None = None) -> list[Method]:
+    return [_adaptive_method("topk-adaptive", AdaptiveTopKUnlearner, overrides),
+            _adaptive_method("randomk-adaptive", AdaptiveRandomKUnlearner, overrides)]
+
+
+ADAPTIVE_METHODS = _adaptive_methods()
+
+
+def perturb_family(**overrides) -> dict[str, "Method"]:
+    """finetune, every Top-K / Random-k variant and the adaptive K, built with `overrides` (e.g. k=,
+    repair_epochs=) over PERTURB_SETTINGS -- new entries, the registry itself unchanged. Pass them
+    to evaluate() in place of their names."""
+    return {m.name: m for m in (_finetune_method(overrides), *_perturb_methods(overrides),
+                                *_adaptive_methods(overrides))}
 
 
 # -ratio: Top-K with score grad_ratio (|sum_F g| over R's |sum_R g| scaled to |F|, perturb/scores.py,
 # our formulation) and dampen, chosen on held-out seeds 100-102 of the memorizing setting by a rule
-# written before the grid ran (benchmarks/issue13/ratio-rule.md; RESULTS.md, "Perturbation: the ratio
+# written before the grid ran (benchmarks/RESULTS.md, "Appendix: the ratio-score selection rule" and "Perturbation: the ratio
 # scores"): K = 10%, 5 label-repair epochs. On models that generalize nothing was calibrated: the
 # default K = 5% (docs/design.md §7) and 1 repair epoch. randomk-ratio and finetune-ratio are its controls with the
 # same K, perturbation and repair budget. Own settings, so eval_perturb.py's --k / --repair-epochs
-# (which edit PERTURB_SETTINGS) do not reach them.
+# (perturb_family) do not reach them.
 RATIO_SETTINGS = {
     "memorizing": dict(k=0.1, perturbation="dampen", repair="all", repair_epochs=5, repair_lr_factor=0.4),
     "generalizing": dict(k=0.05, perturbation="dampen", repair="all", repair_epochs=1, repair_lr_factor=0.4),
@@ -308,9 +328,12 @@ ALL = tuple(AVAILABLE) + tuple(VARIANTS) + tuple(PLANNED)
 
 
 def resolve(names) -> list[Method]:
+    """Methods by name (or already-built Method entries, e.g. from perturb_family)."""
     out = []
     for name in names:
-        if name in AVAILABLE or name in VARIANTS:
+        if isinstance(name, Method):
+            out.append(name)
+        elif name in AVAILABLE or name in VARIANTS:
             out.append(AVAILABLE.get(name) or VARIANTS[name])
         elif name in PLANNED:
             raise ValueError(f"method {name!r} ({PLANNED[name]}) is not in this release yet; available: "

@@ -60,10 +60,6 @@ class Encoded:
         return sum(a.numel() * a.element_size() for a in self.arrays)
 
 
-def array_count(codec: str, kind: str, tensors: int) -> int:
-    return 2 * tensors if (codec in BITS and kind != KEYFRAME) else tensors
-
-
 def array_specs(codec: str, kind: str, shapes, block_size: int):
     """(dtype, numel) of each array of an encoded field, in storage order."""
     numels = [math.prod(s) for s in shapes]

@@ -133,10 +133,6 @@ def lbfgs_product(S: torch.Tensor, Y: torch.Tensor, v: torch.Tensor) -> torch.Te
     return CompactLBFGS(S, Y).product(v)
 
 
-def lbfgs_largest_eigenvalue(S: torch.Tensor, Y: torch.Tensor) -> float:
-    return CompactLBFGS(S, Y).largest_eigenvalue()
-
-
 class _MomentumReplay:
     """The replayed run's momentum buffer, updated as torch.optim.SGD does (dampening 0)."""
 

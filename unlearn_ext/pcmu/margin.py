@@ -24,7 +24,7 @@ and retraining outputs code(fl32(v')) with the same float32 comparison. Three er
    output gradients of one sample depend on the batch's shape (a float32 matrix product's row for
    1, 2, 3, 5 or 9 rows differs from the same row inside 350 rows: measured on this machine's
    oneDNN/MKL), so S(batch - F) is not S(batch) - S(F) exactly even in exact summation. Measured
-   on the digits models (tests/test_pcmu_margin.py; scripts/pcmu_undecided.py): <= 2e-10 C for a
+   on the digits models (tests/test_pcmu_margin.py; benchmarks/RESULTS.md): <= 2e-10 C for a
    logistic regression and a 64-64-10 MLP. We allow 2^-20 C ~ 9.5e-7 C, ~5000x that, and 8x
    below the fixed 2^-17 C used before.
 """
