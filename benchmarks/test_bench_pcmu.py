@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from unlearn_ext.pcmu import PCMUTrainer
-from unlearn_ext.pcmu.examples import SETTINGS, load, _trainer as _example_trainer
+from unlearn_ext.evaluate.pcmu_examples import SETTINGS, load, _trainer as _example_trainer
 from unlearn_ext.per_sample import clipped_per_sample, clipped_sum64
 from unlearn_ext.pcmu.smoothing import analytic_threshold
 
@@ -208,7 +208,7 @@ def test_vmap_clipping_alone(benchmark, record, data):
 # ---- per-request check vs retraining (the digits example's setting) ----------------------------------
 
 def _digits_example_trainer(data, exclude=None):
-    """The digits example's trainer (pcmu.examples), on data loaded once by the fixture."""
+    """The digits example's trainer (evaluate.pcmu_examples), on data loaded once by the fixture."""
     return _example_trainer("digits", data[0], data[1], seed=0, mode="analytic", exclude=exclude)
 
 

@@ -1,6 +1,6 @@
 """Bytes of PCMU's step records against max_request (README "PCMU", choosing max_request).
 
-Trains the digits example (pcmu/examples.py: logistic regression d = 650, b = 350, 6 epochs) once
+Trains the digits example (evaluate/pcmu_examples.py: logistic regression d = 650, b = 350, 6 epochs) once
 per M in --max-requests and prints, per step: the share of coordinates recorded as fragile, the
 layouts used, the fragile set's bytes (as stored now, and as the earlier all-sparse format stored
 it: int64 index + float32 value + float32 radius = 16 bytes per fragile coordinate), the whole
@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from unlearn_ext.pcmu import PCMUTrainer
-from unlearn_ext.pcmu.examples import SETTINGS, load
+from unlearn_ext.evaluate.pcmu_examples import SETTINGS, load
 
 
 def make_trainer(model_name: str, max_request: int, mode: str) -> tuple[PCMUTrainer, int]:

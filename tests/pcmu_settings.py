@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from unlearn_ext.pcmu import PCMUTrainer
-from unlearn_ext.pcmu.examples import load
+from unlearn_ext.evaluate.pcmu_examples import load
 
 _CACHE: dict = {}
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 import unlearn_ext as ue
 from unlearn_ext.data import retrain
 from unlearn_ext.mini.vectors import FlatModel
-from unlearn_ext.pcmu.examples import load
+from unlearn_ext.evaluate.pcmu_examples import load
 from unlearn_ext.policy import UnsupportedModelError
 
 EPOCHS = 6

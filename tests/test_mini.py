@@ -164,7 +164,7 @@ def test_retained_loss_check_catches_harm_on_digits_mlp():
     """The case that ended farther from retraining than doing nothing (d/d0 1.29: tanh MLP on
     digits, seed 2, 20% forgotten, the interpolated drift with m = 512) passed the two checks of
     docs/design.md §6; the retained-loss check fires there (+216%) and the fallback is retraining."""
-    from unlearn_ext.pcmu.examples import load
+    from unlearn_ext.evaluate.pcmu_examples import load
     x, y, _, _ = load("digits")
     data = ue.TrainingData(x[:1400], y[:1400])
     torch.manual_seed(2)

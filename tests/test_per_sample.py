@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from unlearn_ext import per_sample
-from unlearn_ext.per_sample import (clip_scales, clipped_per_sample, clipped_sum64, plan_for, trainable,
-                                    weighted_row_sum64)
+from unlearn_ext.parameters import trainable
+from unlearn_ext.per_sample import clip_scales, clipped_per_sample, clipped_sum64, plan_for, weighted_row_sum64
 
 LOSS = torch.nn.functional.cross_entropy
 CLASSES = 5

@@ -10,7 +10,7 @@ import torch
 
 from unlearn_ext import selection as S
 from unlearn_ext.data import SGDConfig, TrainingData, train_sgd
-from unlearn_ext.per_sample import trainable
+from unlearn_ext.parameters import trainable
 from unlearn_ext.perturb import RandomKUnlearner, TopKUnlearner, forget_scores
 
 from conftest import requires_compiled

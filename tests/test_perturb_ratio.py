@@ -15,7 +15,7 @@ import torch
 
 from unlearn_ext import selection as S
 from unlearn_ext.data import SGDConfig, TrainingData
-from unlearn_ext.per_sample import trainable
+from unlearn_ext.parameters import trainable
 from unlearn_ext.perturb import TopKUnlearner, forget_scores
 from unlearn_ext.perturb.scores import RATIO_FLOOR
 

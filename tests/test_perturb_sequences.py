@@ -15,7 +15,7 @@ import torch
 
 from unlearn_ext.data import TrainingData, retrain_cost
 from unlearn_ext.ledger import DeletionLedger
-from unlearn_ext.per_sample import trainable
+from unlearn_ext.parameters import trainable
 from unlearn_ext.perturb import AdaptiveTopKUnlearner, TopKUnlearner
 from unlearn_ext.unlearner import UnknownIdsError
 

@@ -10,7 +10,7 @@ import torch
 
 from .data import TrainingData, retrain, retrain_cost
 from .model_state import load_model_state_, model_state
-from .per_sample import trainable
+from .parameters import trainable
 from .unlearner import Unlearner, UnlearnReport
 
 

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 
 
 def _pcmu(args) -> int:
-    from .pcmu.examples import report, run
+    from .evaluate.pcmu_examples import report, run
 
     result = run(args.example, seed=args.seed, requests=args.requests, mode=args.mode)
     if args.json:

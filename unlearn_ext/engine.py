@@ -37,7 +37,7 @@ from .history import HistoryRecorder
 from .loading import SeededDataset
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.vectors import FlatModel
-from .per_sample import trainable
+from .parameters import trainable
 from .pcmu.optimizer import PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import (UnsupportedModelError, eval_mode, loss_reduction, per_sample_loss_of,

@@ -19,19 +19,10 @@ import math
 
 import torch
 
-from .per_sample import trainable
+from .forward import outputs
+from .parameters import trainable
 
 MIN_FR_GAP = 2  # samples
-
-
-@torch.no_grad()
-def outputs(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) if x.shape[0] else \
-        model(x)
-    model.train(was_training)
-    return out
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

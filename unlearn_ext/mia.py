@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import outputs
+from .forward import outputs
 
 
 def loss_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) -> float:

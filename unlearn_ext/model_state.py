@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .per_sample import trainable
+from .parameters import trainable
 
 
 def model_state(model: torch.nn.Module) -> dict:

@@ -39,6 +39,7 @@ import torch
 
 from . import ops
 from .checks import seed_args
+from .rng_format import UNIFORM_LEVELS
 
 KEY_MODES = {"value": 0, "abs": 1, "random": 2}
 ACTIONS = {"reset": 0, "dampen": 1, "noise": 2, "axpy": 3}
@@ -302,7 +303,6 @@ def bernoulli(like: Sequence[torch.Tensor], p: float, seed: int, offset: int = 0
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     seed, offset = seed_args(seed, offset)
-    from .reference.rng import UNIFORM_LEVELS
     levels = _levels_below(p, UNIFORM_LEVELS)
     total = _numel(like)
     sel = Selection(KEY_MODES["random"], (1 << 32) - 256 * levels - 1, 0, -1, total, seed, offset)

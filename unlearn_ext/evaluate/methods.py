@@ -23,6 +23,7 @@ from ..mini import (DeltaGradUnlearner, MiniUnlearner, mini_store, step_store, t
 from ..pcmu import PCMUTrainer, PCMUUnlearner
 from ..perturb import AdaptiveRandomKUnlearner, AdaptiveTopKUnlearner, RandomKUnlearner, TopKUnlearner
 from ..unlearner import Unlearner
+from .pcmu_examples import SETTINGS as EXAMPLE_SETTINGS
 
 
 @dataclass
@@ -53,9 +54,9 @@ class Method:
 
 # ---- PCMU ----------------------------------------------------------------------------------------
 
-# The digits example's setting (pcmu/examples.py, chosen on a held-out split with seed 1).
-PCMU_SETTINGS = dict(batch_size=350, clip_norm=1.0, lr=0.05, tau=0.006, sigma=0.01, max_request=3)
-PCMU_EPOCHS = 6
+# The digits example's setting (pcmu_examples.py, chosen on a held-out split with seed 1).
+PCMU_SETTINGS = {k: v for k, v in EXAMPLE_SETTINGS["digits"].items() if k not in ("epochs", "plain_lr")}
+PCMU_EPOCHS = EXAMPLE_SETTINGS["digits"]["epochs"]
 
 
 def _pcmu_trainer(run: Run, exclude=None) -> PCMUTrainer:

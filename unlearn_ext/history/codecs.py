@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops as _ops
-from ..reference.codecs import block_count, code_dtype, code_numel, max_codebook_error
+from ..codec_format import block_count, code_dtype, code_numel, max_codebook_error
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "nf4", "compand8")
 FP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

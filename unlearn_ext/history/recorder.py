@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from ..per_sample import trainable
+from ..parameters import trainable
 from . import codecs as hc
 from .file import FRAME, HistoryFormatError, jsonable  # FRAME: the frame this build writes
 

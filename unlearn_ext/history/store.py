@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import codecs as hc
+from ..codec_format import check_codec_args
 from ..data import as_ids
-from ..per_sample import trainable
+from ..parameters import trainable
 from .file import HistoryCorruptError, HistoryFile, HistoryFormatError, Recovery, jsonable
 
 TIERS = ("device", "host", "disk")
@@ -102,7 +103,6 @@ class HistoryStore:
             raise ValueError(f"keyframe_every must be >= 1, got {keyframe_every}")
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
-        from ..reference.codecs import check_codec_args
         check_codec_args(8, block_size)
         if any(str(k).startswith("#") for k in fields):
             raise ValueError("field names may not start with '#' (reserved for the file format)")

@@ -34,7 +34,7 @@ import torch
 from ..data import TrainingData
 from ..history import HistoryStore
 from ..model_state import load_model_state_, model_state
-from ..per_sample import trainable
+from ..parameters import trainable
 from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan

@@ -13,7 +13,7 @@ import torch
 from torch.func import functional_call
 
 from ..data import TrainingData
-from ..per_sample import trainable
+from ..parameters import trainable
 from ..policy import eval_mode
 
 # Rows per forward/backward pass when a gradient covers many samples (bounds activation memory).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.codecs import block_count, code_dtype, code_numel
+from ..codec_format import block_count, code_dtype, code_numel
 
 
 # ---- output allocation ----------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from ..data import BatchSchedule, TrainingData, as_ids
 from ..rng import call_offset
 from ..step_log import StepLog
 from ..unlearner import UnknownIdsError
-from ..per_sample import clipped_sum64, plan_for, trainable
+from ..parameters import trainable
+from ..per_sample import clipped_sum64, plan_for
 from ..policy import eval_mode, refuse_training_batch_norm
 from ..recipe import _to
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star

@@ -22,7 +22,8 @@ from torch.func import functional_call, vjp, vmap
 
 from .layers import Call, LayerForm, closed_form
 from ..policy import refuse_training_batch_norm
-from .vmap import clipped_sum64_vmap, trainable, weighted_row_sum64
+from ..parameters import trainable
+from .vmap import clipped_sum64_vmap, weighted_row_sum64
 
 
 class _NeedsWholeModel(Exception):

@@ -22,9 +22,7 @@ import math
 import torch
 from torch.func import functional_call, grad, vmap
 
-
-def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.named_parameters() if v.requires_grad}
+from ..parameters import trainable
 
 
 def per_sample_grad_fn(model, loss_fn):

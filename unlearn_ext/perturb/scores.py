@@ -17,7 +17,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ..data import TrainingData
-from ..per_sample import per_sample_grad_fn, trainable
+from ..parameters import trainable
+from ..per_sample import per_sample_grad_fn
 
 
 def _batches(ids: torch.Tensor, batch_size: int):

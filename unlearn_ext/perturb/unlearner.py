@@ -21,9 +21,9 @@ import torch
 
 from .. import selection as sel_api
 from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256
-from ..metrics import outputs
+from ..forward import outputs
 from ..model_state import load_model_state_, model_state
-from ..per_sample import trainable
+from ..parameters import trainable
 from ..unlearner import Unlearner, UnlearnReport
 from . import guard as retained_guard
 from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores

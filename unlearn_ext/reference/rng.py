@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+from ..rng_format import MASK32, UNIFORM_LEVELS  # noqa: F401
+
 M0, M1 = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
-UNIFORM_LEVELS = 1 << 24
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

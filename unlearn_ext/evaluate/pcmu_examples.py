@@ -1,4 +1,5 @@
-"""The two PCMU examples of docs/design.md §4, used by `unlearn-ext demo` and `unlearn-ext pcmu`.
+"""The two PCMU examples of docs/design.md §4, run by `unlearn-ext pcmu` (demo code: it sits with the
+evaluation, above the library, and the digits setting is the one the harness runs PCMU with).
 
 * synthetic: make_classification (20k train, 5 features, 3 classes), logistic regression, full batch,
   C = 1, tau = 0.1, sigma = 0.005, lr*scale = 0.1, T = 20 — the regime where m* >= 1;
@@ -18,8 +19,7 @@ import time
 import torch
 
 from ..ledger import DeletionLedger
-from .trainer import PCMUTrainer
-from .unlearner import PCMUUnlearner
+from ..pcmu import PCMUTrainer, PCMUUnlearner
 
 SETTINGS = {
     "synthetic": dict(batch_size=20000, clip_norm=1.0, lr=0.1, tau=0.1, sigma=0.005, max_request=8, epochs=20,
