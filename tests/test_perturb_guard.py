@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unlearn_ext.data import SGDConfig, TrainingData, train_sgd
-from unlearn_ext.per_sample import trainable
+from unlearn_ext.parameters import trainable
 from unlearn_ext.perturb import AdaptiveTopKUnlearner, RandomKUnlearner, TopKUnlearner
 from unlearn_ext.perturb.guard import guard_slice, slice_accuracy
 

@@ -423,3 +423,23 @@ def test_frozen_batchnorm_is_accepted_and_its_buffers_are_left_alone(method):
     report = engine.unlearner().unlearn(FORGET)
     assert report.status in ("unlearned", "retrained", "fallback", "certified"), report.reason
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+
+
+@pytest.mark.parametrize("method", ["topk", "randomk"])
+def test_a_one_id_request_on_a_batchnorm_model_and_scoring_leaves_buffers_alone(method, monkeypatch):
+    """Scores are taken in eval mode: one id through a BatchNorm layer works, and the scoring pass
+    itself moves no running statistic (only the repair, a documented training step, does)."""
+    engine, model = wrap_and_train(method, lambda: cnn("batch"), "momentum+step")
+    unlearner = engine.unlearner()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    seen = {}
+    original_select = type(unlearner)._select
+
+    def select_then_look(self, new):
+        out = original_select(self, new)
+        seen.update({k: torch.equal(v, buffers[k]) for k, v in model.named_buffers()})
+        return out
+    monkeypatch.setattr(type(unlearner), "_select", select_then_look)
+    report = unlearner.unlearn([7])
+    assert report.status == "unlearned" and report.ids == [7]
+    assert seen and all(seen.values())

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, vmap
 from ..data import TrainingData
 from ..parameters import trainable
 from ..per_sample import per_sample_grad_fn
+from ..policy import eval_mode
 
 
 def _batches(ids: torch.Tensor, batch_size: int):
@@ -129,7 +130,15 @@ def forget_scores(model, data: TrainingData, ids: torch.Tensor, score: str = "gr
                   ratio_floor: float = RATIO_FLOOR) -> tuple[list[torch.Tensor], int]:
     """(one score tensor per trainable parameter, sample gradients spent). `retained` (ids of R) is
     required by the scores in RETAINED_SCORES and ignored by the others; `ratio_floor` is
-    the ratio scores' floor (fisher_ratio and grad_ratio) as a fraction of R's mean term."""
+    the ratio scores' floor (fisher_ratio and grad_ratio) as a fraction of R's mean term.
+
+    Scores are gradients taken with the model in eval mode (policy.py): dropout off, and BatchNorm
+    on its running statistics -- so a request of one id works, and scoring never moves a buffer."""
+    with eval_mode(model):
+        return _forget_scores(model, data, ids, score, batch_size, retained, ratio_floor)
+
+
+def _forget_scores(model, data, ids, score, batch_size, retained, ratio_floor):
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
     if ids.numel() == 0:
