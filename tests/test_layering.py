@@ -21,11 +21,12 @@ LAYERS = [
     ("ops", ["unlearn_ext.ops", "unlearn_ext.checks", "unlearn_ext.rng", "unlearn_ext.selection",
              "unlearn_ext._C"]),
     ("foundation", ["unlearn_ext.data", "unlearn_ext.loading", "unlearn_ext.recipe", "unlearn_ext.policy",
-                    "unlearn_ext.per_sample", "unlearn_ext.model_state", "unlearn_ext.unlearner",
+                    "unlearn_ext.per_sample", "unlearn_ext.model_state", "unlearn_ext.step_log", "unlearn_ext.unlearner",
                     "unlearn_ext.ledger", "unlearn_ext.history", "unlearn_ext.metrics", "unlearn_ext.mia",
                     "unlearn_ext.spdgan"]),
     ("families", ["unlearn_ext.baselines", "unlearn_ext.pcmu", "unlearn_ext.mini", "unlearn_ext.perturb"]),
-    ("top", ["unlearn_ext.engine", "unlearn_ext.evaluate", "unlearn_ext.cli", "unlearn_ext.__main__",
+    # distributed: the families across ranks (it drives PCMU, the ledger and the selection)
+    ("top", ["unlearn_ext.engine", "unlearn_ext.distributed", "unlearn_ext.evaluate", "unlearn_ext.cli", "unlearn_ext.__main__",
              "unlearn_ext"]),
 ]
 FAMILIES = dict(LAYERS)["families"]
