@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-from test_layout import PACKAGE, ROOT, module_name
+from test_layout import PACKAGE, ROOT, internal_imports, module_name
 
 # Bottom to top. A module belongs to the first entry that is its name or a package above it.
 LAYERS = [
@@ -50,25 +50,7 @@ def layer_of(module: str) -> int | None:
 
 def all_imports(path: pathlib.Path) -> set[str]:
     """unlearn_ext modules imported anywhere in the file (module level or inside functions)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.startswith("unlearn_ext"):
-                for alias in node.names:  # `from . import ops` imports the submodule ops
-                    sub = f"{target}.{alias.name}"
-                    out.add(sub if (ROOT / (sub.replace(".", "/") + ".py")).exists()
-                            or (ROOT / sub.replace(".", "/")).is_dir() or sub == "unlearn_ext._C" else target)
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("unlearn_ext")}
-    return out - {name}
+    return internal_imports(path, deferred=True)
 
 
 def edges() -> list[tuple[str, str]]:

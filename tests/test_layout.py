@@ -20,13 +20,14 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-def internal_imports(path: pathlib.Path) -> set[str]:
+def internal_imports(path: pathlib.Path, deferred: bool = False) -> set[str]:
     """unlearn_ext modules imported at module level (imports inside functions are deferred on
-    purpose and cannot form an import-time cycle)."""
+    purpose and cannot form an import-time cycle); deferred=True: anywhere in the file."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
     out = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in (ast.walk(tree) if deferred else tree.body):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -38,7 +39,7 @@ def internal_imports(path: pathlib.Path) -> set[str]:
                 for alias in node.names:  # `from . import ops` imports the submodule ops
                     sub = f"{target}.{alias.name}"
                     out.add(sub if (ROOT / (sub.replace(".", "/") + ".py")).exists()
-                            or (ROOT / sub.replace(".", "/")).is_dir() else target)
+                            or (ROOT / sub.replace(".", "/")).is_dir() or sub == "unlearn_ext._C" else target)
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("unlearn_ext")}
     return out - {name}
