@@ -66,6 +66,9 @@ class ToyUnlearner(Unlearner):
     def fingerprint(self):
         return {"toy": 1}
 
+    def training_epochs(self):
+        return 1
+
     def state_dict(self):
         return {"w": self.w if self.alias else self.w.clone(), "tags": self.tags if self.alias else list(self.tags),
                 "forgotten": self.forgotten.clone()}

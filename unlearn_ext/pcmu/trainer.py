@@ -25,6 +25,7 @@ space and do not bound sample removal, so every request on such a model goes to 
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable
 
@@ -33,9 +34,10 @@ import torch
 from .. import ops as _ops
 from ..data import BatchSchedule, TrainingData, as_ids
 from ..rng import call_offset
+from ..model_state import load_model_state_, model_state
 from ..step_log import StepLog
-from ..unlearner import UnknownIdsError
-from ..parameters import trainable
+from ..unlearner import checked_request
+from ..parameters import parameter_shapes, trainable
 from ..per_sample import clipped_sum64, plan_for
 from ..policy import eval_mode, refuse_training_batch_norm
 from ..recipe import _to
@@ -51,7 +53,9 @@ class PCMUTrainer:
     data: a TrainingData (tensors, ids, per-sample loss; loss_fn may then be None), or an
         (inputs, targets) pair whose row i belongs to sample id ids[i] (default 0..n-1).
     loss_fn: loss of a one-sample batch, e.g. torch.nn.functional.cross_entropy.
-    lr: the step size lr*scale of the quantized update, a float or a function of the step index.
+    lr: the step size lr*scale of the quantized update, a float or a function of the step index;
+        None: given at each step (`step(step_size=...)`, as PCMUOptimizer does from the user's
+        optimizer), so `train()` is refused and the records are the only record of it.
     max_request: M, the largest number of removed ids per batch that the per-request check covers.
         Each step records its fragile coordinates (radius < M*C/b + margin): the larger M, the more
         bytes (record_bytes(), estimate_record_bytes(); README "PCMU", max_request).
@@ -85,7 +89,8 @@ class PCMUTrainer:
         self.model, self.loss_fn = model, loss_fn or data.loss
         self.schedule = BatchSchedule(data.ids, batch_size, seed)
         self.batch_size, self.clip_norm = int(batch_size), float(clip_norm)
-        self._lr = lr if callable(lr) else (lambda t, v=float(lr): v)
+        self.lr_given_per_step = lr is None
+        self._lr = _step_size_given_per_step if lr is None else lr if callable(lr) else (lambda t, v=float(lr): v)
         self.tau, self.sigma, self.mode = float(tau), float(sigma), mode
         self.n0, self.n, self.alpha, self.seed = int(n0), int(n), float(alpha), int(seed)
         self.max_request, self.chunk = int(max_request), int(chunk)
@@ -348,12 +353,8 @@ class PCMUTrainer:
         ids forgotten so far are always included: a certified deletion leaves the record as it was,
         so their gradients are still inside the stored values of the steps that held them."""
         began = time.perf_counter()
-        removed = as_ids(removed, "removed")
-        if removed.numel() == 0:
-            raise ValueError("empty request: give at least one id to check")
-        unknown = self.unknown_ids(removed).unique()
-        if unknown.numel():  # an id never trained on has no gradient to remove: answering would mislead
-            raise UnknownIdsError(f"ids never trained on: {unknown.tolist()}")
+        # An id never trained on has no gradient to remove: answering would mislead.
+        removed = checked_request(self.data, removed, "removed")
         fast = self._a_priori_answer(removed[~torch.isin(removed, self.forgotten)].unique(), began)
         if fast is not None:
             return fast
@@ -500,43 +501,51 @@ class PCMUTrainer:
 
     def fingerprint(self) -> dict:
         """What must match for saved state to belong to this trainer."""
-        return {"names": self.names, "shapes": [list(s) for s in self.shapes], "mode": self.mode,
+        return {"shapes": parameter_shapes(self.model), "mode": self.mode,
                 "framework": self.framework, "batch_size": self.batch_size, "clip_norm": self.clip_norm,
                 "tau": self.tau, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
                 "seed": self.seed, "max_request": self.max_request, "rounding_margin": self.rounding_margin,
                 **self.data.fingerprint()}
 
     def state_dict(self, *, records: bool = True) -> dict:
-        """A snapshot; records=False leaves out the records and the fingerprint (the ledger tracks
-        the records through their StepLog and checks the fingerprint once)."""
-        state = {"initial": [w.clone() for w in self.initial], "params": [p.detach().clone() for p in self.params],
-                 "forgotten": self.forgotten}
+        """The model's state by name (`model_state`: "params", "buffers"), the initial weights by
+        name, the forgotten ids, the fingerprint the state was saved under (checked again on load,
+        so a trainer's state refuses another configuration on its own) and the step records;
+        records=False leaves the records out (the ledger tracks them through their StepLog)."""
+        state = {"fingerprint": self.fingerprint(), "initial": dict(zip(self.names, self.initial)),
+                 **model_state(self.model), "forgotten": self.forgotten.clone()}
         if records:
-            state.update(fingerprint=self.fingerprint(), records=[r.to_state() for r in self.records])
+            state["records"] = [r.to_state() for r in self.records]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restores state_dict()'s snapshot. Without 'records' (a rollback, whose StepLog was
         restored in place) the records stay as they are and the per-step index is rebuilt."""
-        if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
-            mismatch = sorted(k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k])
+        saved = json.loads(json.dumps(state["fingerprint"], default=float))  # as a ledger stores it
+        mine = json.loads(json.dumps(self.fingerprint(), default=float))
+        if saved != mine:
+            mismatch = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
             raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
                              f"{', '.join(mismatch)})")
         # The learning rate is a function of the step, so it is checked on the recorded steps: a
-        # resumed or replayed step with another lr would not be the coupled retraining.
-        for r in state.get("records", []):
+        # resumed or replayed step with another lr would not be the coupled retraining. (A step size
+        # given per step has no function to check against: the records are its only record.)
+        for r in [] if self.lr_given_per_step else state.get("records", []):
             if float(r["step_size"]) != float(self._lr(r["step"])):
                 raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
                                  f"{r['step']} used {r['step_size']!r}, this trainer's lr gives {self._lr(r['step'])!r})")
-        self.initial = [t.clone() for t in state["initial"]]
-        with torch.no_grad():
-            for p, src in zip(self.params, state["params"]):
-                p.copy_(src)
+        load_model_state_(self.model, state)  # refuses other names or shapes before copying
+        self.initial = [state["initial"][k].clone() for k in self.names]
         if "records" in state:
             self.records.replace(PCMUStep.from_state(s, self.coordinates, self.fragile_threshold)
                                  for s in state["records"])
         self._forgotten = as_ids(state["forgotten"]).unique()
         self._reindex()
+
+
+def _step_size_given_per_step(t: int) -> float:
+    raise RuntimeError("this PCMU run takes its step size from the wrapped optimizer's lr at each step: train "
+                       "through PCMUOptimizer.step(), not PCMUTrainer.train()")
 
 
 # Steps per window of the vectorized per-step reads: bounds a request's working memory.
