@@ -36,7 +36,7 @@ from ..step_log import StepLog
 from ..parameters import trainable
 from ..per_sample import clipped_sum64, plan_for
 from ..policy import eval_mode, refuse_training_batch_norm
-from ..recipe import _to
+from ..recipe import to_device
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star
 from .fallback import resume_without
 from .persistence import fingerprint, load_state_dict, state_dict
@@ -244,7 +244,7 @@ class PCMUTrainer:
         """(inputs, targets) of the samples `ids`, on the parameters' device."""
         x, y = self.data.batch(ids)
         device = self.params[0].device if self.params else torch.device("cpu")
-        return _to(x, device), _to(y, device)
+        return to_device(x, device), to_device(y, device)
 
     def _clipped_mean64(self, params: list[torch.Tensor], ids: torch.Tensor,
                         sums: dict | None = None) -> list[torch.Tensor]:
