@@ -192,3 +192,18 @@ def test_a_replaced_file_that_cannot_be_removed_after_the_commit_keeps_the_reque
     with DeletionLedger(s.unlearner(), str(tmp_path / "stuck")) as reopened:
         assert same(reopened.unlearner.state_dict(), expected)
     assert not set(refused) & set(os.listdir(tmp_path / "stuck"))  # removed on reopen
+
+
+def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path):
+    """State layouts change between formats (e.g. weights by name): an older ledger is refused with
+    its format and the expected one, never loaded into the new layout."""
+    s = setting("topk")
+    with DeletionLedger(s.unlearner(), str(tmp_path)) as ledger:
+        ledger.forget(FIRST)
+    path = tmp_path / LEDGER
+    text = path.read_text()
+    assert ledger_module.FORMAT in text
+    path.write_text(text.replace(ledger_module.FORMAT, "unlearn_ext.ledger/4"))
+    with pytest.raises(ValueError, match=r"not a deletion ledger of this version \(format 'unlearn_ext.ledger/4', "
+                                         r"expected 'unlearn_ext.ledger/5'\)"):
+        DeletionLedger(s.unlearner(), str(tmp_path))

@@ -61,7 +61,9 @@ logger = logging.getLogger("unlearn_ext")
 
 LEDGER = "ledger.json"
 LOCK = "ledger.lock"
-FORMAT = "unlearn_ext.ledger/4"
+# 5: every method's state by parameter name and one fingerprint shape (the Unlearner contract);
+# a ledger of an earlier format is refused with that reason rather than loaded as other state.
+FORMAT = "unlearn_ext.ledger/5"
 # Entries per file of a log part: a commit rewrites the chunks from the first changed entry on, so
 # an appended or untouched history costs at most one chunk per request.
 LOG_CHUNK = 1024
