@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .. import metrics, mia
-from ..data import TrainingData, retrain
-from . import models
+from ..data import retrain
+from . import language, models
 from .datasets import Dataset
 from .training import RecipeOptions
 from .memory import PeakMemory
@@ -85,8 +85,9 @@ RECORD_FIELDS = {
 }
 
 
-def forget_ids(data: TrainingData, ratio: float, seed: int) -> torch.Tensor:
-    """A seeded uniformly random forget set of round(ratio * n) ids (at least one)."""
+def forget_ids(data, ratio: float, seed: int) -> torch.Tensor:
+    """A seeded uniformly random forget set of round(ratio * n) ids (at least one) of the training
+    items (data: a TrainingData; on documents each id is a whole document)."""
     if not 0 < ratio < 1:
         raise ValueError(f"forget ratios must be in (0, 1), got {ratio}")
     k = max(1, int(round(ratio * len(data))))
@@ -109,7 +110,7 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
     """Trains one seed's original. recipe: the run's training options (training.RecipeOptions) over
     `sgd` (a named setting's SGD fields) or the model's defaults; epochs overrides both.
     model_options: norm / dropout of the models that take them."""
-    data = TrainingData(ds.x, ds.y)
+    data = ds.training_data()
     initial = build_model(ds, model, seed, widths, model_options).to(device)
     options = recipe or RecipeOptions()
     if epochs:
@@ -125,21 +126,23 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
 def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: dict | None = None):
     """The initial model of seed `seed` for these data, checked to give (batch, classes) outputs."""
     net = models.make(model, ds.input_shape, ds.classes, seed, widths, vocab=ds.vocab, **(model_options or {}))
-    models.check_outputs(net, ds.x, ds.classes, model)
+    models.check_outputs(net, ds.x, ds.classes, model, per_position=ds.kind == "documents")
     return net
 
 
-def measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
+def measure(model, ds: Dataset, data, forget: torch.Tensor) -> dict:
     """Accuracy on the test split, the retained and the forgotten samples, and membership inference
-    (loss AUC and efficacy) of `model` after forgetting `forget`: the measured columns of a row."""
+    (loss AUC and efficacy) of `model` after forgetting `forget`: the measured columns of a row.
+    On documents: next-token accuracy, and the MIA on each document's mean loss (language.py)."""
+    accuracy, losses, features = (language.token_accuracy, language.sequence_losses, language.sequence_features) \
+        if ds.kind == "documents" else (metrics.accuracy, metrics.per_sample_losses, mia.features)
     keep = data.without(forget)
     xr, yr = data.batch(keep)
     xf, yf = data.batch(forget)
-    return {"test_acc": metrics.accuracy(model, ds.x_test, ds.y_test),
-            "retain_acc": metrics.accuracy(model, xr, yr), "forget_acc": metrics.accuracy(model, xf, yf),
-            "mia_auc": mia.loss_auc(metrics.per_sample_losses(model, xf, yf),
-                                    metrics.per_sample_losses(model, ds.x_test, ds.y_test)),
-            "mia_efficacy": mia.efficacy(model, (xr, yr), (ds.x_test, ds.y_test), (xf, yf))}
+    return {"test_acc": accuracy(model, ds.x_test, ds.y_test),
+            "retain_acc": accuracy(model, xr, yr), "forget_acc": accuracy(model, xf, yf),
+            "mia_auc": mia.loss_auc(losses(model, xf, yf), losses(model, ds.x_test, ds.y_test)),
+            "mia_efficacy": mia.efficacy(model, (xr, yr), (ds.x_test, ds.y_test), (xf, yf), features=features)}
 
 
 def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: dict, ref: dict,
@@ -229,7 +232,7 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
         rows += _run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
                             retrain_cost, common)
         tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
-    if ud and ds.kind == "tokens":
+    if ud and ds.kind in ("tokens", "documents"):
         ud_column.not_computed(rows, "n/a: SPD-GAN perturbs continuous inputs; token ids are discrete")
     elif ud:
         done = _attempt(lambda: ud_column.attach(rows, ds, run, specs, lambda spec, r: spec.prepare(r), forget, gold))
