@@ -18,7 +18,7 @@ import numpy as np
 PAD, BOS = 0, 1          # token ids never predicted as targets
 FIRST_WORD = 2           # words are FIRST_WORD..VOCAB-1
 IGNORE = -100            # target of a padded position (torch's cross_entropy ignore_index default)
-VOCAB, LENGTH, MIN_WORDS, TOPICS, SUCCESSORS, FOLLOW = 32, 16, 6, 4, 3, 0.8
+VOCAB, LENGTH, MIN_WORDS, TOPICS, SUCCESSORS, FOLLOW = 32, 16, 6, 2, 2, 0.9
 
 
 def generate(n: int, seed: int, *, vocab: int = VOCAB, length: int = LENGTH, min_words: int = MIN_WORDS,
