@@ -5,6 +5,7 @@ nothing written."""
 import json
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -26,10 +27,15 @@ FAST = ["--epochs", "1", "--ratios", "0.1", "--seeds", "0", "--noise-floor", "0"
 def _run(tmp_path, *argv):
     out, js = tmp_path / "out", tmp_path / "r.json"
     assert main(["eval", *argv, *FAST, "--out", str(out), "--json", str(js)]) == 0
-    for name in ("report.md", "accuracy.png", "cost.png"):
-        assert (out / name).stat().st_size > 0
+    _wrote_report_and_plots(out)
     payload = json.loads(js.read_text())
     return payload, (out / "report.md").read_text()
+
+
+def _wrote_report_and_plots(out):
+    assert "| method |" in (out / "report.md").read_text()
+    for name in ("accuracy.png", "cost.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def _ran_every_row(payload, model):
@@ -105,6 +111,23 @@ def test_a_users_model_factory(tmp_path, monkeypatch):
     payload, _ = _run(tmp_path, "--data", "digits", "--model", "my_pkg.models:make_net", "--limit", "150")
     _ran_every_row(payload, "my_pkg.models:make_net")
     assert sys.modules["my_pkg.models"].SEEN[0] == ((1, 8, 8), 10)  # digits reach a user's model as images
+
+
+def test_the_installed_command_runs_a_groupnorm_resnet(tmp_path):
+    """`unlearn-ext eval --data digits --model resnet` as a user types it (a new process through the
+    package's entry point, the default GroupNorm ResNet)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "unlearn_ext", "eval", "--data", "digits", "--model", "resnet",
+                           "--limit", "60", *FAST, "--out", str(out), "--json", str(js)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _wrote_report_and_plots(out)
+    payload = json.loads(js.read_text())
+    _ran_every_row(payload, "resnet")
+    assert payload["settings"]["model_options"] == {} and payload["settings"]["input_shape"] == [1, 8, 8]
+    assert payload["settings"]["command"].startswith("unlearn-ext eval --data digits --model resnet")
 
 
 def test_cifar10_files(tmp_path):
