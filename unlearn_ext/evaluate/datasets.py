@@ -9,7 +9,7 @@ CIFAR-100 python batches (`cifar10:PATH`, `cifar100:PATH`), read by data_files.p
 
 The model decides the form (`form`): 'table' flattens images and signals to n x d and standardizes
 each feature; 'grid' keeps images (C x H x W) and signals (C x L) and standardizes each channel;
-tokens' keeps integer token ids; 'documents' is the corpus only; None (a user's model factory) takes
+'tokens' keeps integer token ids; 'documents' is the corpus only; None (a user's model factory) takes
 the data as they come. Statistics are the training split's. Labels must be 0..C-1 with every class
 in the training set, test labels among them; anything the harness could not evaluate is refused
 with the reason."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import metrics, mia
-from ..data import retrain
+from ..data import TrainingData, retrain
 from . import language, models
 from .datasets import Dataset
 from .training import RecipeOptions
@@ -85,9 +85,9 @@ RECORD_FIELDS = {
 }
 
 
-def forget_ids(data, ratio: float, seed: int) -> torch.Tensor:
+def forget_ids(data: TrainingData, ratio: float, seed: int) -> torch.Tensor:
     """A seeded uniformly random forget set of round(ratio * n) ids (at least one) of the training
-    items (data: a TrainingData; on documents each id is a whole document)."""
+    items (on documents each id is a whole document)."""
     if not 0 < ratio < 1:
         raise ValueError(f"forget ratios must be in (0, 1), got {ratio}")
     k = max(1, int(round(ratio * len(data))))
@@ -130,7 +130,7 @@ def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: 
     return net
 
 
-def measure(model, ds: Dataset, data, forget: torch.Tensor) -> dict:
+def measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
     """Accuracy on the test split, the retained and the forgotten samples, and membership inference
     (loss AUC and efficacy) of `model` after forgetting `forget`: the measured columns of a row.
     On documents: next-token accuracy, and the MIA on each document's mean loss (language.py)."""
