@@ -124,7 +124,8 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
 
 
 def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: dict | None = None):
-    """The initial model of seed `seed` for these data, checked to give (batch, classes) outputs."""
+    """The initial model of seed `seed` for these data, checked to give (batch, classes) outputs
+    ((batch, T, vocab) next-token logits on documents)."""
     net = models.make(model, ds.input_shape, ds.classes, seed, widths, vocab=ds.vocab, **(model_options or {}))
     models.check_outputs(net, ds.x, ds.classes, model, per_position=ds.kind == "documents")
     return net
