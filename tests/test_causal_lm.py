@@ -101,6 +101,27 @@ def test_forget_sets_are_whole_documents_and_the_mia_reads_their_mean_losses(ds)
     assert not math.isnan(measured["mia_efficacy"])
 
 
+def test_pcmus_clipped_sums_are_per_document(ds):
+    """PCMU clips each document's gradient of its per-sequence loss: the closed-form sums on the
+    decoder equal a loop over documents (one backward each, clipped, added in float64)."""
+    from unlearn_ext.parameters import trainable
+    from unlearn_ext.per_sample import clipped_sum64
+
+    model = models.make("causal-lm", ds.input_shape, ds.classes, 0, vocab=ds.vocab).double()
+    x, y, clip = ds.x[:6], ds.y[:6], 0.5
+    params = trainable(model)
+    want = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(len(x)):
+        loss = loop_sequence_loss(model(x[i:i + 1]), y[i:i + 1])[0]
+        grads = torch.autograd.grad(loss, list(params.values()))
+        norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))
+        for (k, _), g in zip(params.items(), grads):
+            want[k] += g * min(1.0, clip / norm)
+    got = clipped_sum64(model, language.per_sequence_cross_entropy, x, y, clip)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+
+
 def test_distillation_repair_is_refused_on_per_position_logits(ds):
     rows = harness.evaluate(datasets.load("corpus", form="documents", limit=40), model="causal-lm",
                             methods=["topk-distill"], ratios=[0.1], epochs=1, noise_floor_seeds=0)
