@@ -93,6 +93,8 @@ def test_forget_sets_are_whole_documents_and_the_mia_reads_their_mean_losses(ds)
     xf, yf = run.data.batch(forget)
     x_all, y_all = corpus.generate(len(ds.x) + len(ds.x_test), 0)
     assert np.array_equal(xf.numpy(), x_all[forget.numpy()]) and np.array_equal(yf.numpy(), y_all[forget.numpy()])
+    lengths = [sum(int(t) != corpus.IGNORE for t in doc) for doc in yf]
+    assert harness.accuracy_units(ds, run.data, forget) == (sum(lengths), "tokens")
     measured = harness.measure(run.original, ds, run.data, forget)
     with torch.no_grad():
         members = loop_sequence_loss(run.original.eval()(xf), yf)
@@ -147,6 +149,8 @@ def test_unlearn_ext_eval_on_the_corpus_end_to_end(tmp_path):
         if by[m]["status"] == "fallback":
             assert by[m]["d_d0"] == 0.0 and by[m]["cost_vs_retrain"] <= 1.05
     assert all(r["forget_size"] == 6 for r in payload["records"])
+    note = by["original"]["fr_note"]  # FR's n/a rule counts what the accuracy counts: tokens
+    assert note.endswith(" tokens") or " forget tokens (< " in note, note
     assert by["original"]["ud"] is None and "discrete" in by["original"]["ud_note"]
     s = payload["settings"]
     assert s["data"] == "corpus" and s["data_kind"] == "documents" and s["input_shape"] == [corpus.LENGTH]

@@ -146,10 +146,16 @@ def measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dic
             "mia_efficacy": mia.efficacy(model, (xr, yr), (ds.x_test, ds.y_test), (xf, yf), features=features)}
 
 
+def accuracy_units(ds: Dataset, data: TrainingData, forget) -> tuple[int, str]:
+    """What forget accuracy counts: F's samples, or on documents F's (unpadded) target tokens."""
+    if ds.kind == "documents":
+        return int((data.batch(forget)[1] != language.IGNORE).sum()), "tokens"
+    return int(forget.numel()), "samples"
+
+
 def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: dict, ref: dict,
-         orig: dict, w, w_orig, w_ref, **extra) -> dict:
-    fr, fr_raw, note = metrics.forgetting_rate(orig["forget_acc"], measured["forget_acc"], ref["forget_acc"],
-                                               int(forget.numel()))
+         orig: dict, w, w_orig, w_ref, units: tuple[int, str], **extra) -> dict:
+    fr, fr_raw, note = metrics.forgetting_rate(orig["forget_acc"], measured["forget_acc"], ref["forget_acc"], *units)
     row = {"dataset": run.dataset, "model": run.model_name, "method": method, "reference": reference,
            "ratio": ratio, "seed": run.seed, "forget_size": int(forget.numel()), "status": "reference",
            **measured, "mia_gap": abs(measured["mia_auc"] - ref["mia_auc"]),
@@ -221,17 +227,18 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
     retrain_cost = clock.stop()
     orig_m, gold_m = (measure(m, ds, run.data, forget) for m in (run.original, gold))
     common = _noise_floor(ds, run, forget, noise_floor_seeds, gold_m)
+    units = accuracy_units(ds, run.data, forget)
     rows = [
         _row(run, "original", "retrain", ratio, forget, orig_m, gold_m, orig_m, run.original, run.original, gold,
-             **common),
-        _row(run, "retrain", "retrain", ratio, forget, gold_m, gold_m, orig_m, gold, run.original, gold,
+             units, **common),
+        _row(run, "retrain", "retrain", ratio, forget, gold_m, gold_m, orig_m, gold, run.original, gold, units,
              seconds=retrain_cost.wall, cpu_seconds=retrain_cost.cpu, speedup=1.0, cost_vs_retrain=1.0,
              wall_vs_retrain=1.0, cpu_vs_retrain=1.0, **common),
     ]
     tick(f"seed {run.seed}, ratio {ratio:g}: retrained ({retrain_cost.wall:.1f} s)")
     for spec in specs:
         rows += _run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
-                            retrain_cost, common)
+                            retrain_cost, common, units)
         tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
     if ud and ds.kind in ("tokens", "documents"):
         ud_column.not_computed(rows, "n/a: SPD-GAN perturbs continuous inputs; token ids are discrete")
@@ -266,7 +273,7 @@ def _ratio(value: float, reference: float) -> float | None:
 
 
 def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_cost: Cost,
-                common) -> list[dict]:
+                common, units: tuple[int, str]) -> list[dict]:
     """The method's row; for a method with its own training (PCMU) also that training's original
     and coupled-retrain rows (<name>-original, <name>-retrain), its reference. A method that
     raises gives one row with status 'refused' and its message."""
@@ -282,9 +289,9 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
         reference_cost = clock.stop()
         orig_m, ref_m = (measure(m, ds, run.data, forget) for m in (original, reference))
         rows.append(_row(run, f"{spec.name}-original", spec.reference, ratio, forget, orig_m, ref_m, orig_m,
-                         original, original, reference, **common))
+                         original, original, reference, units, **common))
         rows.append(_row(run, f"{spec.name}-retrain", spec.reference, ratio, forget, ref_m, ref_m, orig_m,
-                         reference, original, reference, seconds=reference_cost.wall,
+                         reference, original, reference, units, seconds=reference_cost.wall,
                          cpu_seconds=reference_cost.cpu, speedup=1.0, cost_vs_retrain=1.0, wall_vs_retrain=1.0,
                          cpu_vs_retrain=1.0, **common))
     else:
@@ -302,7 +309,7 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
         return rows + [_refused_row(run, spec, ratio, forget, report.message, common)]
     measured = measure(unlearner.model, ds, run.data, forget)
     row = _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
-               reference, status=report.status, reason=report.reason, seconds=report.seconds,
+               reference, units, status=report.status, reason=report.reason, seconds=report.seconds,
                cpu_seconds=cost.cpu, build_seconds=build.wall,
                speedup=reference_cost.wall / report.seconds if report.seconds > 0 else math.inf,
                cost_vs_retrain=report.cost_vs_retrain, wall_vs_retrain=_ratio(report.seconds, reference_cost.wall),
