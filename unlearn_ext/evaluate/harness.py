@@ -47,7 +47,8 @@ RECORD_FIELDS = {
     "mia_gap": "|mia_auc - mia_auc of the reference retrain| (this run)",
     "mia_efficacy": "fraction of F a retain-vs-test classifier calls members",
     "d_d0": "||w - w_retrain|| / ||w_orig - w_retrain|| (primary for history methods; diagnostic otherwise)",
-    "fr": "forgetting rate, retrain-normalized (None where the orig-vs-retrain gap on F < 2 samples)",
+    "fr": "forgetting rate, retrain-normalized (None where the orig-vs-retrain gap on F < 2 samples; on documents "
+          "< 2 tokens, the unit of their accuracy)",
     "fr_raw": "raw forgetting rate (A_orig(F) - A_new(F)) / A_orig(F)", "fr_note": "why fr is None",
     "mrr": "memory retention rate A_new(R) / A_orig(R)",
     "seconds": "wall time of the unlearning call (retrain row: of retraining)",
