@@ -5,6 +5,7 @@ nothing written."""
 import json
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -26,10 +27,15 @@ FAST = ["--epochs", "1", "--ratios", "0.1", "--seeds", "0", "--noise-floor", "0"
 def _run(tmp_path, *argv):
     out, js = tmp_path / "out", tmp_path / "r.json"
     assert main(["eval", *argv, *FAST, "--out", str(out), "--json", str(js)]) == 0
-    for name in ("report.md", "accuracy.png", "cost.png"):
-        assert (out / name).stat().st_size > 0
+    _wrote_report_and_plots(out)
     payload = json.loads(js.read_text())
     return payload, (out / "report.md").read_text()
+
+
+def _wrote_report_and_plots(out):
+    assert "| method |" in (out / "report.md").read_text()
+    for name in ("accuracy.png", "cost.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def _ran_every_row(payload, model):
@@ -107,6 +113,23 @@ def test_a_users_model_factory(tmp_path, monkeypatch):
     assert sys.modules["my_pkg.models"].SEEN[0] == ((1, 8, 8), 10)  # digits reach a user's model as images
 
 
+def test_the_installed_command_runs_a_groupnorm_resnet(tmp_path):
+    """`unlearn-ext eval --data digits --model resnet` as a user types it (a new process through the
+    package's entry point, the default GroupNorm ResNet)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "unlearn_ext", "eval", "--data", "digits", "--model", "resnet",
+                           "--limit", "60", *FAST, "--out", str(out), "--json", str(js)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _wrote_report_and_plots(out)
+    payload = json.loads(js.read_text())
+    _ran_every_row(payload, "resnet")
+    assert payload["settings"]["model_options"] == {} and payload["settings"]["input_shape"] == [1, 8, 8]
+    assert payload["settings"]["command"].startswith("unlearn-ext eval --data digits --model resnet")
+
+
 def test_cifar10_files(tmp_path):
     write_cifar(tmp_path / "cifar")
     payload, _ = _run(tmp_path, "--data", f"cifar10:{tmp_path / 'cifar'}", "--model", "cnn")
@@ -174,6 +197,12 @@ def _cases(tmp_path):
         (["--model", "bad_factory:wrong"], "outputs must be (batch, 10) logits"),
         (["--model", "cnn", "--norm", "batch"], "--norm applies to --model resnet"),
         (["--model", "transformer", "--data", "tokens", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--model", "cnn", "--dropout", "0.1"], "--dropout applies to --model transformer or causal-lm, not cnn"),
+        (["--data", "corpus", "--model", "transformer"], "the data are documents for a causal language model"),
+        (["--data", "corpus", "--model", "mlp"], "the data are documents for a causal language model"),
+        (["--data", "digits", "--model", "causal-lm"], "next-token targets; use --data corpus"),
+        (["--data", "corpus", "--model", "causal-lm", "--label-noise", "0.1"], "documents have next-token targets"),
+        (["--data", "corpus", "--model", "bad_factory:wrong"], "outputs must be (batch, 16, 32) next-token logits"),
         (["--optimizer", "adamw"], "--optimizer must be one of"),
         (["--optimizer", "sgd", "--momentum", "0.9"], "--momentum applies to --optimizer momentum"),
         (["--schedule", "linear"], "--schedule must be one of"),

@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     available = ",".join(methods.AVAILABLE)
     demo = sub.add_parser("demo", help="one method per family on digits against retraining")
     ev = sub.add_parser("eval", help="the evaluation harness with your data, model, methods, ratios, seeds")
-    ev.add_argument("--data", default="digits", help="digits | digits-pixels | mnist1d | tokens | cifar10:DIR | "
+    ev.add_argument("--data", default="digits", help="digits | digits-pixels | mnist1d | tokens | corpus (documents "
+                    "for --model causal-lm) | cifar10:DIR | "
                     "cifar100:DIR | an image folder (one subfolder per class) | PATH.npz with x (n x d table, n x T "
                     "integer tokens, n x C x L signals or n x C x H x W images), y (n), optional x_test/y_test "
                     "(default digits)")
@@ -119,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                     "factory(input_shape, classes) returning a torch.nn.Module); default mlp (tanh, 64 hidden)")
     ev.add_argument("--widths", type=_widths, default=None, help="hidden widths of the MLP, e.g. 128,128")
     ev.add_argument("--norm", choices=("group", "batch"), default=None, help="resnet's normalization (default group)")
-    ev.add_argument("--dropout", type=_number, default=None, help="transformer's dropout rate (default 0)")
+    ev.add_argument("--dropout", type=_number, default=None, help="dropout rate of transformer and causal-lm "
+                    "(default 0)")
     ev.add_argument("--methods", type=_names, default=list(methods.DEMO),
                     help=f"comma-separated from {', '.join(methods.ALL)} (available now: {available}; default "
                     f"{','.join(methods.DEMO)})")
@@ -254,8 +256,8 @@ def _evaluate(parser, args) -> int:
             parser.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
         if args.norm is not None and model != "resnet":
             parser.error(f"--norm applies to --model resnet, not {model}")
-        if args.dropout is not None and model != "transformer":
-            parser.error(f"--dropout applies to --model transformer, not {model}")
+        if args.dropout is not None and model not in ("transformer", "causal-lm"):
+            parser.error(f"--dropout applies to --model transformer or causal-lm, not {model}")
         if args.dropout is not None and not 0 <= args.dropout < 1:
             parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
         if widths is not None and model not in ("mlp", "mlp-wide"):
@@ -292,7 +294,7 @@ def _evaluate(parser, args) -> int:
              f"n = {len(ds.y)} training samples, {len(ds.y_test)} test samples ({ds.kind}, one sample "
              f"{'x'.join(map(str, ds.input_shape))}); methods: {', '.join(names)}",
              "training recipe: " + ", ".join(f"{k} {v}" for k, v in trained.items() if v is not None)
-             + (f"; model options: {model_options}" if model_options else "")] + memorization_lines
+             + (f"; model options: {model_options}" if model_options else "")] + _data_notes(ds) + memorization_lines
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
@@ -311,6 +313,15 @@ def _evaluate(parser, args) -> int:
             json.dump(payload, f, indent=1, default=float)
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _data_notes(ds) -> list[str]:
+    """What the columns mean where they differ from a classifier's."""
+    if ds.kind != "documents":
+        return []
+    return ["documents: each training item is one document (forget sets are whole documents, named by their "
+            "corpus ids); test / retain / forget are next-token accuracies over the documents' tokens; the MIA "
+            "reads each document's mean next-token loss"]
 
 
 def _run_with_progress(harness, ds, quiet, **kwargs):

@@ -44,15 +44,16 @@ def distance_ratio(model: torch.nn.Module, original: torch.nn.Module, retrained:
 
 
 def forgetting_rate(acc_orig_f: float, acc_new_f: float, acc_retrain_f: float,
-                    forget_size: int) -> tuple[float | None, float | None, str]:
+                    forget_size: int, unit: str = "samples") -> tuple[float | None, float | None, str]:
     """(FR, raw FR, note). FR is None when the original-vs-retrain gap on F is under MIN_FR_GAP
-    samples; raw FR is None when the original model gets no forget sample right."""
+    of the units the accuracy counts (forget_size of them: samples, or a language model's tokens);
+    raw FR is None when the original model gets nothing of F right."""
     raw = (acc_orig_f - acc_new_f) / acc_orig_f if acc_orig_f > 0 else None
     gap_samples = (acc_orig_f - acc_retrain_f) * forget_size
     if gap_samples < MIN_FR_GAP - 1e-9:
         return None, raw, (f"n/a: original and retrained models differ on {gap_samples:.1f} of {forget_size} "
-                           f"forget samples (< {MIN_FR_GAP})")
-    return (acc_orig_f - acc_new_f) / (acc_orig_f - acc_retrain_f), raw, f"gap of {gap_samples:.0f} samples"
+                           f"forget {unit} (< {MIN_FR_GAP})")
+    return (acc_orig_f - acc_new_f) / (acc_orig_f - acc_retrain_f), raw, f"gap of {gap_samples:.0f} {unit}"
 
 
 def retention_rate(acc_new_r: float, acc_orig_r: float) -> float:

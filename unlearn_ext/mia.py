@@ -48,8 +48,10 @@ def features(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.nda
     return torch.stack([loss, conf, entropy], 1).cpu().numpy()
 
 
-def efficacy(model, retain: tuple, test: tuple, forget: tuple, max_per_class: int = 2000, seed: int = 0) -> float:
-    """Fraction of the forget set a retain-vs-test membership classifier calls members."""
+def efficacy(model, retain: tuple, test: tuple, forget: tuple, max_per_class: int = 2000, seed: int = 0,
+             features=features) -> float:
+    """Fraction of the forget set a retain-vs-test membership classifier calls members.
+    features(model, x, y) -> one row of features per sample (default: `features` above)."""
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(seed)

@@ -2,14 +2,17 @@
 the 64-feature table for table models), `digits-pixels` (the same pixels / 16, unstandardized:
 the calibration data of the history settings), MNIST-1D (1x40 signals generated locally by the
 `mnist1d` package's make_dataset; never its downloading get_dataset), `tokens` (a synthetic
-token-sequence task, evaluate/tokens.py). The user's: an `.npz`, an image folder, or the CIFAR-10 /
+token-sequence task, evaluate/tokens.py), `corpus` (synthetic documents for a causal language
+model, evaluate/corpus.py: targets are the next tokens, each document one item with its corpus
+id). The user's: an `.npz`, an image folder, or the CIFAR-10 /
 CIFAR-100 python batches (`cifar10:PATH`, `cifar100:PATH`), read by data_files.py. Nothing downloads.
 
 The model decides the form (`form`): 'table' flattens images and signals to n x d and standardizes
 each feature; 'grid' keeps images (C x H x W) and signals (C x L) and standardizes each channel;
-'tokens' keeps integer token ids; None (a user's model factory) takes the data as they come.
-Statistics are the training split's. Labels must be 0..C-1 with every class in the training set,
-test labels among them; anything the harness could not evaluate is refused with the reason."""
+'tokens' keeps integer token ids; 'documents' is the corpus only; None (a user's model factory) takes
+the data as they come. Statistics are the training split's. Labels must be 0..C-1 with every class
+in the training set, test labels among them; anything the harness could not evaluate is refused
+with the reason."""
 from __future__ import annotations
 
 import os
@@ -18,11 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import data_files, tokens
+from ..data import TrainingData
+from . import corpus, data_files, language, tokens
 from .data_files import DataFileError
 
-NAMES = ("digits", "digits-pixels", "mnist1d", "tokens")
-FORMS = ("table", "grid", "tokens")
+NAMES = ("digits", "digits-pixels", "mnist1d", "tokens", "corpus")
+FORMS = ("table", "grid", "tokens", "documents")
 MAX_TOKEN_IDS = 1 << 20  # the embedding table grows with the largest id
 
 
@@ -30,15 +34,26 @@ MAX_TOKEN_IDS = 1 << 20  # the embedding table grows with the largest id
 class Dataset:
     name: str
     x: torch.Tensor        # training inputs: float32 (standardized) or int64 token ids
-    y: torch.Tensor        # int64 labels 0..classes-1
+    y: torch.Tensor        # int64 labels 0..classes-1 (documents: next-token ids, corpus.IGNORE where padded)
     x_test: torch.Tensor
     y_test: torch.Tensor
-    kind: str = "table"    # table | image | signal | tokens
-    vocab: int | None = None  # tokens: largest id + 1
+    kind: str = "table"    # table | image | signal | tokens | documents
+    vocab: int | None = None  # tokens, documents: the token count
+    ids: torch.Tensor | None = None  # the training items' ids (documents: corpus ids); None: 0..n-1
 
     @property
     def classes(self) -> int:
+        """The model's outputs: the classes, or for documents the vocabulary (one logit per token id)."""
+        if self.kind == "documents":
+            return int(self.vocab)
         return int(max(int(self.y.max()), int(self.y_test.max()) if self.y_test.numel() else 0)) + 1
+
+    def training_data(self) -> TrainingData:
+        """What every method trains, retrains and forgets on: one item per row with its id, and the
+        per-item loss (documents: language.per_sequence_cross_entropy)."""
+        if self.kind == "documents":
+            return TrainingData(self.x, self.y, ids=self.ids, loss=language.per_sequence_cross_entropy)
+        return TrainingData(self.x, self.y, ids=self.ids)
 
     @property
     def input_shape(self) -> tuple:
@@ -61,6 +76,10 @@ def load(name_or_path: str, *, form: str | None = "table", split_seed: int = 0, 
     of docs/design.md §8); limit keeps the first training rows."""
     if form is not None and form not in FORMS:
         raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
+    if name_or_path == "corpus":
+        return _corpus(form, split_seed, label_noise, limit)
+    if form == "documents":
+        raise DatasetError(f"{name_or_path}: the model reads documents with next-token targets; use --data corpus")
     try:
         x_tr, y_tr, x_te, y_te, kind, standardize, name = _read(name_or_path, split_seed, test_fraction)
     except DataFileError as exc:
@@ -88,6 +107,21 @@ def per_seed(name_or_path: str, *, label_noise: float = 0.0, **kwargs):
     if label_noise > 0:
         return lambda seed: load(name_or_path, label_noise=label_noise, noise_seed=seed, **kwargs)
     return load(name_or_path, **kwargs)
+
+
+def _corpus(form, split_seed: int, label_noise: float, limit: int | None) -> Dataset:
+    if form not in ("documents", None):
+        wants = {"table": "a table (n x d) or images", "grid": "images (n x C x H x W) or signals (n x C x L)",
+                 "tokens": "integer token sequences (n x T) with one class label each"}[form]
+        raise DatasetError(f"corpus: the model reads {wants}, but the data are documents for a causal language "
+                           "model (use --model causal-lm or your own factory)")
+    if label_noise > 0:
+        raise DatasetError("corpus: label noise flips class labels; documents have next-token targets, not labels")
+    x, y, ids, x_te, y_te = corpus.load(split_seed)
+    if limit is not None:
+        x, y, ids = x[:limit], y[:limit], ids[:limit]
+    t = torch.from_numpy
+    return Dataset("corpus", t(x), t(y), t(x_te), t(y_te), "documents", corpus.VOCAB, t(ids))
 
 
 # ---- sources: raw arrays, their natural kind, whether to standardize, a display name ----------------

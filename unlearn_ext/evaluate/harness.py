@@ -27,7 +27,7 @@ import torch
 
 from .. import metrics, mia
 from ..data import TrainingData, retrain
-from . import models
+from . import language, models
 from .datasets import Dataset
 from .training import RecipeOptions
 from .memory import PeakMemory
@@ -47,7 +47,8 @@ RECORD_FIELDS = {
     "mia_gap": "|mia_auc - mia_auc of the reference retrain| (this run)",
     "mia_efficacy": "fraction of F a retain-vs-test classifier calls members",
     "d_d0": "||w - w_retrain|| / ||w_orig - w_retrain|| (primary for history methods; diagnostic otherwise)",
-    "fr": "forgetting rate, retrain-normalized (None where the orig-vs-retrain gap on F < 2 samples)",
+    "fr": "forgetting rate, retrain-normalized (None where the orig-vs-retrain gap on F < 2 samples; on documents "
+          "< 2 tokens, the unit of their accuracy)",
     "fr_raw": "raw forgetting rate (A_orig(F) - A_new(F)) / A_orig(F)", "fr_note": "why fr is None",
     "mrr": "memory retention rate A_new(R) / A_orig(R)",
     "seconds": "wall time of the unlearning call (retrain row: of retraining)",
@@ -86,7 +87,8 @@ RECORD_FIELDS = {
 
 
 def forget_ids(data: TrainingData, ratio: float, seed: int) -> torch.Tensor:
-    """A seeded uniformly random forget set of round(ratio * n) ids (at least one)."""
+    """A seeded uniformly random forget set of round(ratio * n) ids (at least one) of the training
+    items (on documents each id is a whole document)."""
     if not 0 < ratio < 1:
         raise ValueError(f"forget ratios must be in (0, 1), got {ratio}")
     k = max(1, int(round(ratio * len(data))))
@@ -109,7 +111,7 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
     """Trains one seed's original. recipe: the run's training options (training.RecipeOptions) over
     `sgd` (a named setting's SGD fields) or the model's defaults; epochs overrides both.
     model_options: norm / dropout of the models that take them."""
-    data = TrainingData(ds.x, ds.y)
+    data = ds.training_data()
     initial = build_model(ds, model, seed, widths, model_options).to(device)
     options = recipe or RecipeOptions()
     if epochs:
@@ -123,29 +125,38 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
 
 
 def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: dict | None = None):
-    """The initial model of seed `seed` for these data, checked to give (batch, classes) outputs."""
+    """The initial model of seed `seed` for these data, checked to give (batch, classes) outputs
+    ((batch, T, vocab) next-token logits on documents)."""
     net = models.make(model, ds.input_shape, ds.classes, seed, widths, vocab=ds.vocab, **(model_options or {}))
-    models.check_outputs(net, ds.x, ds.classes, model)
+    models.check_outputs(net, ds.x, ds.classes, model, per_position=ds.kind == "documents")
     return net
 
 
 def measure(model, ds: Dataset, data: TrainingData, forget: torch.Tensor) -> dict:
     """Accuracy on the test split, the retained and the forgotten samples, and membership inference
-    (loss AUC and efficacy) of `model` after forgetting `forget`: the measured columns of a row."""
+    (loss AUC and efficacy) of `model` after forgetting `forget`: the measured columns of a row.
+    On documents: next-token accuracy, and the MIA on each document's mean loss (language.py)."""
+    accuracy, losses, features = (language.token_accuracy, language.sequence_losses, language.sequence_features) \
+        if ds.kind == "documents" else (metrics.accuracy, metrics.per_sample_losses, mia.features)
     keep = data.without(forget)
     xr, yr = data.batch(keep)
     xf, yf = data.batch(forget)
-    return {"test_acc": metrics.accuracy(model, ds.x_test, ds.y_test),
-            "retain_acc": metrics.accuracy(model, xr, yr), "forget_acc": metrics.accuracy(model, xf, yf),
-            "mia_auc": mia.loss_auc(metrics.per_sample_losses(model, xf, yf),
-                                    metrics.per_sample_losses(model, ds.x_test, ds.y_test)),
-            "mia_efficacy": mia.efficacy(model, (xr, yr), (ds.x_test, ds.y_test), (xf, yf))}
+    return {"test_acc": accuracy(model, ds.x_test, ds.y_test),
+            "retain_acc": accuracy(model, xr, yr), "forget_acc": accuracy(model, xf, yf),
+            "mia_auc": mia.loss_auc(losses(model, xf, yf), losses(model, ds.x_test, ds.y_test)),
+            "mia_efficacy": mia.efficacy(model, (xr, yr), (ds.x_test, ds.y_test), (xf, yf), features=features)}
+
+
+def accuracy_units(ds: Dataset, data: TrainingData, forget) -> tuple[int, str]:
+    """What forget accuracy counts: F's samples, or on documents F's (unpadded) target tokens."""
+    if ds.kind == "documents":
+        return int((data.batch(forget)[1] != language.IGNORE).sum()), "tokens"
+    return int(forget.numel()), "samples"
 
 
 def _row(run: Run, method: str, reference: str, ratio: float, forget, measured: dict, ref: dict,
-         orig: dict, w, w_orig, w_ref, **extra) -> dict:
-    fr, fr_raw, note = metrics.forgetting_rate(orig["forget_acc"], measured["forget_acc"], ref["forget_acc"],
-                                               int(forget.numel()))
+         orig: dict, w, w_orig, w_ref, units: tuple[int, str], **extra) -> dict:
+    fr, fr_raw, note = metrics.forgetting_rate(orig["forget_acc"], measured["forget_acc"], ref["forget_acc"], *units)
     row = {"dataset": run.dataset, "model": run.model_name, "method": method, "reference": reference,
            "ratio": ratio, "seed": run.seed, "forget_size": int(forget.numel()), "status": "reference",
            **measured, "mia_gap": abs(measured["mia_auc"] - ref["mia_auc"]),
@@ -217,19 +228,20 @@ def _evaluate_ratio(ds, run: Run, specs: list[Method], prepared: dict, ratio: fl
     retrain_cost = clock.stop()
     orig_m, gold_m = (measure(m, ds, run.data, forget) for m in (run.original, gold))
     common = _noise_floor(ds, run, forget, noise_floor_seeds, gold_m)
+    units = accuracy_units(ds, run.data, forget)
     rows = [
         _row(run, "original", "retrain", ratio, forget, orig_m, gold_m, orig_m, run.original, run.original, gold,
-             **common),
-        _row(run, "retrain", "retrain", ratio, forget, gold_m, gold_m, orig_m, gold, run.original, gold,
+             units, **common),
+        _row(run, "retrain", "retrain", ratio, forget, gold_m, gold_m, orig_m, gold, run.original, gold, units,
              seconds=retrain_cost.wall, cpu_seconds=retrain_cost.cpu, speedup=1.0, cost_vs_retrain=1.0,
              wall_vs_retrain=1.0, cpu_vs_retrain=1.0, **common),
     ]
     tick(f"seed {run.seed}, ratio {ratio:g}: retrained ({retrain_cost.wall:.1f} s)")
     for spec in specs:
         rows += _run_method(ds, run, spec, prepared[spec.name], forget, ratio, orig_m, gold_m, gold,
-                            retrain_cost, common)
+                            retrain_cost, common, units)
         tick(f"seed {run.seed}, ratio {ratio:g}: {spec.name} ({rows[-1]['status']})")
-    if ud and ds.kind == "tokens":
+    if ud and ds.kind in ("tokens", "documents"):
         ud_column.not_computed(rows, "n/a: SPD-GAN perturbs continuous inputs; token ids are discrete")
     elif ud:
         done = _attempt(lambda: ud_column.attach(rows, ds, run, specs, lambda spec, r: spec.prepare(r), forget, gold))
@@ -262,7 +274,7 @@ def _ratio(value: float, reference: float) -> float | None:
 
 
 def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, gold, retrain_cost: Cost,
-                common) -> list[dict]:
+                common, units: tuple[int, str]) -> list[dict]:
     """The method's row; for a method with its own training (PCMU) also that training's original
     and coupled-retrain rows (<name>-original, <name>-retrain), its reference. A method that
     raises gives one row with status 'refused' and its message."""
@@ -278,9 +290,9 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
         reference_cost = clock.stop()
         orig_m, ref_m = (measure(m, ds, run.data, forget) for m in (original, reference))
         rows.append(_row(run, f"{spec.name}-original", spec.reference, ratio, forget, orig_m, ref_m, orig_m,
-                         original, original, reference, **common))
+                         original, original, reference, units, **common))
         rows.append(_row(run, f"{spec.name}-retrain", spec.reference, ratio, forget, ref_m, ref_m, orig_m,
-                         reference, original, reference, seconds=reference_cost.wall,
+                         reference, original, reference, units, seconds=reference_cost.wall,
                          cpu_seconds=reference_cost.cpu, speedup=1.0, cost_vs_retrain=1.0, wall_vs_retrain=1.0,
                          cpu_vs_retrain=1.0, **common))
     else:
@@ -298,7 +310,7 @@ def _run_method(ds, run, spec: Method, prepared, forget, ratio, orig_m, gold_m, 
         return rows + [_refused_row(run, spec, ratio, forget, report.message, common)]
     measured = measure(unlearner.model, ds, run.data, forget)
     row = _row(run, spec.name, spec.reference, ratio, forget, measured, ref_m, orig_m, unlearner.model, original,
-               reference, status=report.status, reason=report.reason, seconds=report.seconds,
+               reference, units, status=report.status, reason=report.reason, seconds=report.seconds,
                cpu_seconds=cost.cpu, build_seconds=build.wall,
                speedup=reference_cost.wall / report.seconds if report.seconds > 0 else math.inf,
                cost_vs_retrain=report.cost_vs_retrain, wall_vs_retrain=_ratio(report.seconds, reference_cost.wall),

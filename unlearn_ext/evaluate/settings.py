@@ -52,12 +52,11 @@ class Setting:
     def training(self, seed: int, epochs: int | None = None):
         """(TrainingData, initial model, SGDConfig) of one training seed, as the harness builds them
         (for benchmarks and diagnostics that train outside the harness)."""
-        from ..data import TrainingData
         from .harness import build_model
         from .training import RecipeOptions
 
         ds = self.dataset(seed)
-        return (TrainingData(ds.x, ds.y), build_model(ds, self.model, seed, self.widths),
+        return (ds.training_data(), build_model(ds, self.model, seed, self.widths),
                 RecipeOptions(epochs=epochs).build(self.model, seed, len(ds.y), base=self.sgd))
 
     def harness_options(self) -> dict:

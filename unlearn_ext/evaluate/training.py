@@ -34,6 +34,7 @@ DEFAULTS = {  # model: SGD fields (epochs, batch_size, lr, weight_decay)
     "cnn": dict(epochs=20, batch_size=64, lr=0.1, weight_decay=1e-4),
     "resnet": dict(epochs=15, batch_size=64, lr=0.05, weight_decay=1e-4),
     "transformer": dict(epochs=20, batch_size=32, lr=0.1, weight_decay=0.0),
+    "causal-lm": dict(epochs=30, batch_size=16, lr=0.3, weight_decay=0.0),
 }
 USER_MODEL_DEFAULTS = dict(epochs=20, batch_size=64, lr=0.05, weight_decay=0.0)  # package.module:factory
 DEFAULT_MOMENTUM = 0.9

@@ -79,6 +79,18 @@ class PerturbUnlearner(Unlearner):
         self._k_now = k          # the K of the answer being computed (the guard halves it)
         self.requests = 0        # requests answered (they key the noise and Random-k draws)
         self._in_flight = None   # the number of the request being answered (requests + 1)
+        if self._distills():
+            self._check_distillable()
+
+    def _check_distillable(self) -> None:
+        """Distillation reads (batch, classes) logits (softmax over the classes); a model with other
+        outputs (a language model's per-position logits) is refused before any work."""
+        x, _ = self.data.batch(self.data.ids[:1])
+        shape = tuple(outputs(self.model, x).shape)
+        if len(shape) != 2:
+            raise ValueError(f"repair={self.repair!r} distills (batch, classes) logits, but the model's outputs have "
+                             f"shape {shape} (e.g. per-position logits of a sequence model); use repair='all' or "
+                             "'masked'")
 
     # ---- the request -------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
   logreg, mlp (tanh, hidden 64), mlp-wide (hidden 512)   tables (n x d)         tabular.py
   cnn, resnet (norm 'group' | 'batch')                    images / signals       vision.py
   transformer (dropout option)                            integer token sequences sequence.py
+  causal-lm (dropout option; a decoder)                    documents (the corpus)  sequence.py
   package.module:factory                                  whatever the data are: factory(input_shape, classes)
                                                           must return a torch.nn.Module
 
@@ -19,9 +20,10 @@ import torch
 from . import sequence, tabular, vision
 
 # What each named model reads: 'table' (n x d floats), 'grid' (images C x H x W or signals C x L),
-# 'tokens' (n x T integers). A user's factory takes the data in their natural form.
+# 'tokens' (n x T integers), 'documents' (n x T token ids with next-token targets). A user's factory
+# takes the data in their natural form.
 READS = {"logreg": "table", "mlp": "table", "mlp-wide": "table", "cnn": "grid", "resnet": "grid",
-         "transformer": "tokens"}
+         "transformer": "tokens", "causal-lm": "documents"}
 NAMES = tuple(READS)
 
 
@@ -70,7 +72,8 @@ def load_factory(spec: str):
 def make(name: str, input_shape, classes: int, seed: int, widths=None, *, norm: str = "group",
          dropout: float = 0.0, vocab: int | None = None) -> torch.nn.Module:
     """A fresh model for inputs of `input_shape` (one sample's shape; an int means (features,)) and
-    `classes` outputs. vocab: the token count, for models that read tokens."""
+    `classes` outputs (for documents: the vocabulary, predicted at every position). vocab: the token
+    count, for models that read tokens."""
     shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(s) for s in input_shape)
     torch.manual_seed(seed)
     if is_user_factory(name):
@@ -96,11 +99,15 @@ def make(name: str, input_shape, classes: int, seed: int, widths=None, *, norm: 
         return vision.cnn(shape, classes) if name == "cnn" else vision.resnet(shape, classes, norm)
     if len(shape) != 1 or vocab is None:
         raise ModelError(f"--model {name} reads integer token sequences (n x T), got samples of shape {shape}")
+    if kind == "documents":
+        return sequence.CausalLM(vocab, shape[0], dropout=dropout, seed=seed)
     return sequence.TokenClassifier(vocab, shape[0], classes, dropout=dropout, seed=seed)
 
 
-def check_outputs(model: torch.nn.Module, sample: torch.Tensor, classes: int, name: str) -> None:
-    """Refuses a model whose outputs on two samples are not (2, classes) logits, before any training."""
+def check_outputs(model: torch.nn.Module, sample: torch.Tensor, classes: int, name: str,
+                  per_position: bool = False) -> None:
+    """Refuses a model whose outputs on two samples are not (2, classes) logits -- (2, T, classes)
+    with per_position (a language model's next-token logits) -- before any training."""
     was_training = model.training
     model.eval()
     try:
@@ -111,6 +118,10 @@ def check_outputs(model: torch.nn.Module, sample: torch.Tensor, classes: int, na
                          f"({type(exc).__name__}: {exc})") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (min(2, len(sample)), classes):
+    batch = min(2, len(sample))
+    expected = (batch, sample.shape[1], classes) if per_position else (batch, classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"--model {name}: outputs must be (batch, {classes}) logits, got {got}")
+        what = f"(batch, {sample.shape[1]}, {classes}) next-token logits" if per_position else \
+            f"(batch, {classes}) logits"
+        raise ModelError(f"--model {name}: outputs must be {what}, got {got}")
