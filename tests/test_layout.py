@@ -84,11 +84,18 @@ def registered_ops() -> list[str]:
     return re.findall(r'^\s*"([a-z_0-9]+)\(', (PACKAGE / "ops" / "schemas.py").read_text(), re.M)
 
 
+# Ops whose CUDA calls the default kernel (the reference) serves, and why they need no CUDA body.
+REFERENCE_ON_CUDA = {
+    "select_apply_bin_": "the CUDA select never leaves a selection pending (digit plan 11 + 11 + 10), "
+                         "so only a direct call on CUDA tensors reaches it",
+}
+
+
 def test_every_op_has_its_six_places():
     """schema (unlearn_ext/ops/schemas.py), CPU body (csrc/cpu/<family>_cpu.cpp), CUDA body
-    (csrc/cuda/<family>_cuda.cu), reference (unlearn_ext/reference/<family>.py), wrapper
-    (unlearn_ext/ops/__init__.py) and fake (unlearn_ext/ops/fakes.py, FAKES) with its argument check
-    (unlearn_ext/ops/op_checks.py, CHECKS)."""
+    (csrc/cuda/<family>_cuda.cu; none for the ops of REFERENCE_ON_CUDA), reference
+    (unlearn_ext/reference/<family>.py), wrapper (unlearn_ext/ops/__init__.py) and fake
+    (unlearn_ext/ops/fakes.py, FAKES) with its argument check (unlearn_ext/ops/op_checks.py, CHECKS)."""
     ops = registered_ops()
     assert len(ops) >= 16  # the parser must find the registry, not an empty list
     cpu = {p.name[:-len("_cpu.cpp")]: p.read_text() for p in (ROOT / "csrc" / "cpu").glob("*_cpu.cpp")}
@@ -103,7 +110,10 @@ def test_every_op_has_its_six_places():
             continue
         family = families[0]
         cuda = ROOT / "csrc" / "cuda" / f"{family}_cuda.cu"
-        if not cuda.exists() or f'm.impl("{op}"' not in cuda.read_text():
+        has_cuda = cuda.exists() and f'm.impl("{op}"' in cuda.read_text()
+        if op in REFERENCE_ON_CUDA and has_cuda:
+            problems.append(f"{op}: has a CUDA body in {cuda.relative_to(ROOT)}; remove it from REFERENCE_ON_CUDA")
+        elif op not in REFERENCE_ON_CUDA and not has_cuda:
             problems.append(f"{op}: no CUDA body in {cuda.relative_to(ROOT)}")
         reference = PACKAGE / "reference" / f"{family}.py"
         if not reference.exists() or not re.search(rf"^def {op}\(", reference.read_text(), re.M):
@@ -116,4 +126,43 @@ def test_every_op_has_its_six_places():
             problems.append(f"{op}: no argument check in unlearn_ext/ops/op_checks.py")
         if not hasattr(ue.reference, op):
             problems.append(f"{op}: not exported by unlearn_ext.reference")
+    assert not problems, "\n".join(problems)
+    assert set(REFERENCE_ON_CUDA) <= set(ops)
+
+
+# The generic multi-tensor walkers (DESIGN section 2; like apex's multi_tensor_apply, they hold no op's
+# code) and the only project headers they may include, directly or through one another: multi-tensor
+# addressing, float helpers, host/device qualifiers. A family's own header (its math, checks, codec
+# geometry or statistics) belongs to the family's files, which include the walker, not the reverse.
+WALKER_HEADERS = ["csrc/cpu/cpu_walk.h", "csrc/cuda/cuda_walk.cuh"]
+GENERIC_HEADERS = {"csrc/include/unlearn/tensor_list.h", "csrc/include/unlearn/float_math.h",
+                   "csrc/include/unlearn/macros.h"}
+
+
+def project_includes(path: pathlib.Path) -> set[str]:
+    """The project headers `path` includes with #include "...", as paths relative to ROOT (looked up
+    next to the file, then in csrc/include, as the build does)."""
+    out = set()
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', path.read_text(), re.M):
+        found = [p for p in (path.parent / name, ROOT / "csrc" / "include" / name) if p.exists()]
+        assert found, f"{path.relative_to(ROOT)} includes {name}, which is not in the tree"
+        out.add(found[0].resolve().relative_to(ROOT).as_posix())
+    return out
+
+
+def included_closure(header: str) -> set[str]:
+    seen, todo = set(), [header]
+    while todo:
+        for inc in project_includes(ROOT / todo.pop()) - seen:
+            seen.add(inc)
+            todo.append(inc)
+    return seen
+
+
+def test_walker_headers_include_no_family_header():
+    problems = []
+    for walker in WALKER_HEADERS:
+        included = included_closure(walker)
+        assert "csrc/include/unlearn/tensor_list.h" in included  # the parser must see the includes
+        problems += [f"{walker} includes {inc}, which is not a generic header" for inc in sorted(included - GENERIC_HEADERS)]
     assert not problems, "\n".join(problems)

@@ -242,6 +242,28 @@ def test_apply_bin_equals_reference(device, dtype, prefix, prefix_bits, needed, 
     assert int(n) == int(got[0]) and torch.equal(flat(again), flat(ref_masks))
 
 
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("prefix_shift,prefix_bits,needed", [(16, 16, 0), (16, 16, 1), (16, 16, 7), (16, 16, 10**6),
+                                                             (20, 12, 3), (0, 32, 2), (31, 1, 40)])
+def test_apply_bin_reference_is_the_sorted_truth(mode, prefix_shift, prefix_bits, needed):
+    """The reference narrows the bin by histogram passes (unlearn_ext/radix.py); the truth it must equal:
+    every key above the bin, then the bin's keys by a stable descending sort (lower index first)."""
+    scores = tied_list(torch.float32, "cpu", levels=4, sizes=(37, 1, 255, 6, 0, 640))
+    keys, _ = RS.keys_of(scores, mode, 3, 1, 5)
+    bin_key = int(torch.sort(keys, descending=True).values[300])  # a bin inside the list, with ties
+    prefix = bin_key >> prefix_shift
+    in_bin = torch.nonzero((keys >> (32 - prefix_bits)) == prefix).reshape(-1)
+    truth = (keys >> (32 - prefix_bits)) > prefix
+    order = torch.sort(keys[in_bin], descending=True, stable=True).indices
+    truth[in_bin[order[:needed]]] = True
+    masks = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+    params = [torch.zeros(s.shape) for s in scores]
+    got = RS.select_apply_bin_(params, scores if mode != 2 else [], [], masks, mode, 3, 1, 5, prefix, prefix_bits,
+                               needed, 1, 0.5, 0, 0)
+    assert torch.equal(flat(masks), truth)
+    assert int(got[0]) == int(truth.sum())
+
+
 @pytest.mark.parametrize("by", ["abs", "value"])
 @pytest.mark.parametrize("frac", [1e-4, 0.01, 0.3])
 def test_pending_topk_equals_eager_resolution(by, frac):

@@ -21,8 +21,9 @@ the apply. Reading `threshold` / `boundary` (or any other use) before an apply r
 selection with the histogram passes; both routes give the same (T, boundary) bit for bit. A
 pending selection reads the scores when it is resolved: do not modify them in between.
 
-Distributed selection (docs/design.md §12): histograms of shards add up to the histogram of the
-whole list, so `resolve_threshold` takes any `histogram(prefix, prefix_bits, digit_bits)` callable;
+The narrowing itself (`resolve_threshold`, `narrow`) is unlearn_ext/radix.py, shared with the
+reference. Distributed selection (docs/design.md §12): histograms of shards add up to the histogram of
+the whole list, so `resolve_threshold` takes any `histogram(prefix, prefix_bits, digit_bits)` callable;
 give it one that all-reduces the shard histograms (each shard calls the op with `base` = the
 global index of its first element) and every rank gets the same (T, boundary).
 
@@ -33,18 +34,17 @@ NaN scores are refused.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from . import ops
 from .checks import seed_args
+from .radix import ALL_TIES, NOTHING, check_first_histogram, narrow, resolve_threshold  # noqa: F401 (API)
 from .rng_format import UNIFORM_LEVELS
 
 KEY_MODES = {"value": 0, "abs": 1, "random": 2}
 ACTIONS = {"reset": 0, "dampen": 1, "noise": 2, "axpy": 3}
-NOTHING = 1 << 32           # threshold above every key: selects nothing
-ALL_TIES = (1 << 63) - 1    # boundary above every index: every tie at the threshold is selected
 FIRST_DIGIT_BITS = 16       # the CPU plan's first digit (select_histogram_near's bins)
 CANDIDATE_CAP = 1 << 16     # most keys a fused apply keeps from the threshold bin (16 bytes each)
 
@@ -65,50 +65,6 @@ def resolve_k(k, total: int) -> int:
 
 def digit_plan(device: torch.device) -> tuple[int, ...]:
     return (11, 11, 10) if device.type == "cuda" else (16, 16)
-
-
-def narrow(counts: torch.Tensor, need: int, bits: int) -> tuple[int, int, int]:
-    """One radix step: (bin b from the top that holds the need-th largest key, the need left inside
-    b, the count of b) from a digit histogram's bin counts (NaN entry excluded)."""
-    from_top = counts.flip(0).cumsum(0)  # elements in this bin or above
-    j = int(torch.searchsorted(from_top, torch.tensor([need]))[0])  # first bin (from the top) reaching need
-    b = (1 << bits) - 1 - j
-    return b, need - (int(from_top[j]) - int(counts[b])), int(counts[b])
-
-
-def _check_first_histogram(h: torch.Tensor, k: int) -> None:
-    if int(h[-1]) > 0:
-        raise ValueError(f"scores hold {int(h[-1])} NaN value(s); a selection needs an order")
-    if int(h[:-1].sum()) < k:
-        raise ValueError(f"k = {k} exceeds the number of elements ({int(h[:-1].sum())})")
-
-
-def resolve_threshold(histogram: Callable[[int, int, int], torch.Tensor], k: int,
-                      plan: Sequence[int] = (16, 16), start: tuple[int, int, int] = (0, 0, 0)
-                      ) -> tuple[int, int, int]:
-    """(threshold key T, ties needed r, ties present at T) for the top k, from digit histograms.
-
-    histogram(prefix, prefix_bits, digit_bits) returns the int64 counts of select_histogram
-    (summed over shards when the list is sharded); the plan's digits must add up to 32 bits.
-    start = (prefix, prefix_bits, need) continues a select whose first digits are already known
-    (prefix_bits must be a sum of the plan's first digits)."""
-    if sum(plan) != 32:
-        raise ValueError(f"the digit plan must cover 32 bits, got {plan}")
-    if k == 0:
-        return NOTHING, 0, 0
-    prefix, prefix_bits, need = start
-    need, ties = need or k, 0
-    known = prefix_bits  # bits of the plan that start already covers
-    for bits in plan:
-        if known > 0:
-            known -= bits
-            continue
-        h = histogram(prefix, prefix_bits, bits).to("cpu", torch.int64)
-        if prefix_bits == 0:
-            _check_first_histogram(h, k)
-        b, need, ties = narrow(h[:-1], need, bits)
-        prefix, prefix_bits = (prefix << bits) | b, prefix_bits + bits
-    return prefix, need, ties
 
 
 class Selection:
@@ -245,7 +201,7 @@ def _first_digit_near(scores, mode, k, seed, offset, base):
     sampled bracket missed the K-th largest key (the caller then counts every bin)."""
     h = ops.select_histogram_near(scores, mode, seed, offset, base, k).to("cpu", torch.int64)
     bins = 1 << FIRST_DIGIT_BITS
-    _check_first_histogram(h[:bins + 1], k)
+    check_first_histogram(h[:bins + 1], k)
     lo_bin, hi_bin = int(h[bins + 1]), int(h[bins + 2])
     # Only the bracket and the two lumped bins next to it can be non-zero, so the radix step runs on
     # that slice (tens of bins instead of 2^16; the same bin, since the zeros around it change no
@@ -271,7 +227,7 @@ def _select(scores, mode: int, k, seed: int = 0, offset: int = 0, base: int = 0)
         first = _first_digit_near(scores, mode, k, seed, offset, base)
         if first is None:  # the bracket missed: the plain first pass
             h = histogram(0, 0, FIRST_DIGIT_BITS).to("cpu", torch.int64)
-            _check_first_histogram(h, k)
+            check_first_histogram(h, k)
             first = narrow(h[:-1], k, FIRST_DIGIT_BITS)
         b, need, count = first
         if count <= CANDIDATE_CAP:  # the rest of the select rides on the apply pass

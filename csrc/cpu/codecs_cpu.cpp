@@ -317,7 +317,7 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
   const FlatList& v = in.values;
   const CodedList& q = in.coded;
   const std::vector<int64_t> numels = numels_of(v.tensors);
-  std::vector<double> partial(static_cast<size_t>(block_offsets(numels, block_size).back()), 0.0);
+  std::vector<double> partial(static_cast<size_t>(unit_offsets(numels, block_size).back()), 0.0);
   const auto v_ptrs = raw_ptrs(v.tensors), codes = raw_ptrs(q.codes), scales = raw_ptrs(q.scales);
   dispatch_list(v, [&](auto tag) {
     using T = decltype(tag);
@@ -349,20 +349,11 @@ at::Tensor dequantize_dot_cpu(at::TensorList codes_in, at::TensorList scales_in,
   X("dequantize_axpy_", dequantize_axpy_cpu)           \
   X("dequantize_dot", dequantize_dot_cpu)
 
-UNLEARN_EXPORT_OPS(UNLEARN_CODEC_OPS)
-
 }  // namespace UNLEARN_ISA
 }  // namespace cpu
 }  // namespace unlearn
 
 #include "isa_target_end.h"
 
-#if !defined(UNLEARN_ISA_AVX2) && !defined(UNLEARN_ISA_AVX512)  // the scalar copy registers the ops once
-namespace unlearn {
-namespace cpu {
-
-UNLEARN_REGISTER_OPS(UNLEARN_CODEC_OPS)
-
-}  // namespace cpu
-}  // namespace unlearn
-#endif
+// Exported by every copy, registered once by the scalar copy (per_isa_ops.h).
+UNLEARN_PER_ISA_OPS(UNLEARN_CODEC_OPS)

@@ -3,12 +3,12 @@
 // Element walks cut the global index range into fixed chunks of kChunk elements. Chunks run in
 // parallel (at::parallel_for), each chunk produces its own partial result, and the partials are
 // combined in chunk order afterwards, so results never depend on the thread count. The partial is
-// a template parameter: smoothing statistics, a fragile count, a histogram (radix selection), or
-// nothing at all for pure elementwise ops.
+// a template parameter of the caller's choosing (a sum, a count, a histogram, or nothing at all for
+// pure elementwise ops); the walker knows no op.
 //
-// Block walks visit the codec blocks of a list (block_size elements per tensor, a tensor's last
-// block may be short; see unlearn/codec_list.h), grouped into parallel tasks of about kChunk
-// elements.
+// Block walks visit every tensor cut into blocks of block_size elements (a tensor's last block may
+// be short; numbered across the list by unit_offsets, unlearn/tensor_list.h), grouped into parallel
+// tasks of about kChunk elements.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -24,7 +24,6 @@
 #include <xmmintrin.h>  // _mm_sfence (SSE: in every x86-64)
 #endif
 
-#include "unlearn/codec_list.h"
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
@@ -116,11 +115,12 @@ inline Partial parallel_over_list(const std::vector<int64_t>& offsets, Body&& bo
   return all;
 }
 
-// Runs body(tensor_index, block_in_tensor, global_block, elem_begin, elem_end) for every codec
-// block of a list whose tensors hold `numels` elements, in parallel tasks of about kChunk elements.
+// Runs body(tensor_index, block_in_tensor, global_block, elem_begin, elem_end) for every block of
+// block_size elements of a list whose tensors hold `numels` elements, in parallel tasks of about
+// kChunk elements.
 template <typename Body>
 inline void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t block_size, Body&& body) {
-  const std::vector<int64_t> boff = block_offsets(numels, block_size);
+  const std::vector<int64_t> boff = unit_offsets(numels, block_size);
   const int64_t total = boff.back();
   if (total == 0) return;
   const int64_t grain = std::max<int64_t>(1, kChunk / block_size);
@@ -132,9 +132,9 @@ inline void parallel_over_blocks(const std::vector<int64_t>& numels, int64_t blo
       }
     });
 #if defined(__x86_64__)
-    // Bodies may use streaming stores (the int8 decode of the AVX2 and AVX-512 copies), which are
-    // weakly ordered: each worker fences its own once per task (a fence per block made the decode
-    // 1.65x slower), before the join hands the outputs over.
+    // Bodies may use streaming stores (the codecs' int8 decode does), which are weakly ordered: each
+    // worker fences its own once per task (a fence per block made that decode 1.65x slower), before
+    // the join hands the outputs over.
     _mm_sfence();
 #endif
   });

@@ -5,7 +5,7 @@
 // `scalar` copy (the build's baseline ISA: x86-64 or aarch64, no -march=native), and isa/*.cpp
 // include it again with UNLEARN_ISA_AVX2 or UNLEARN_ISA_AVX512 defined, which switches the code after
 // isa_target.h to that ISA (#pragma GCC target) and into a namespace of its own. Each copy exports a
-// table of its ops (kernel_tables.h); the scalar copy registers the ops once and every call looks up
+// table of its ops (per_isa_ops.h); the scalar copy registers the ops once and every call looks up
 // the table of the path chosen now.
 //
 // What is compiled for the wider ISA is only our own code after isa_target.h: torch's headers and the

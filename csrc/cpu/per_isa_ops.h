@@ -2,11 +2,11 @@
 //
 // A kernel file lists its ops once, as X(op_name, function), in a macro, e.g.
 //   #define UNLEARN_SMOOTHING_OPS(X) X("quantize_mc", quantize_mc_cpu) ...
-// Inside its copy's namespace (unlearn::cpu::UNLEARN_ISA) it writes UNLEARN_EXPORT_OPS(list): each
-// function's address in a constant with external linkage, fn_of_isa. The scalar copy then writes
-// UNLEARN_REGISTER_OPS(list) once at namespace unlearn::cpu scope: it declares the other copies'
-// constants (their types from its own functions) and registers, per op, a kernel that calls the
-// copy chosen_isa() names.
+// and ends, at global scope after isa_target_end.h, with the one line UNLEARN_PER_ISA_OPS(list).
+// In every copy that exports each function's address as a constant with external linkage,
+// unlearn::cpu::<isa>::fn_of_isa. In the scalar copy (the file compiled as itself) it also
+// registers the ops, once: it declares the other copies' constants (their types from its own
+// functions) and registers, per op, a kernel that calls the copy chosen_isa() names.
 #pragma once
 
 #include <torch/library.h>
@@ -44,7 +44,11 @@ struct PerIsa<R (*)(A...)> {
 
 #define UNLEARN_IMPORT_OP(name, fn) extern const decltype(&::unlearn::cpu::scalar::fn) fn##_of_isa;
 
-#if UNLEARN_X86_VARIANTS
+// Registration of a list, by the scalar copy only (the AVX2 / AVX-512 copies define the ISA macros
+// before they include the kernel file, hence before this header).
+#if defined(UNLEARN_ISA_AVX2) || defined(UNLEARN_ISA_AVX512)
+#define UNLEARN_REGISTER_OPS(list)
+#elif UNLEARN_X86_VARIANTS
 #define UNLEARN_REGISTER_OP(name, fn)                                                        \
   m.impl(name, &PerIsa<decltype(&scalar::fn)>::call<&scalar::fn##_of_isa, &avx2::fn##_of_isa, \
                                                     &avx512::fn##_of_isa>);
@@ -58,3 +62,14 @@ struct PerIsa<R (*)(A...)> {
 #define UNLEARN_REGISTER_OPS(list) \
   TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) { list(UNLEARN_REGISTER_OP) }
 #endif
+
+// Everything a kernel file does with its op list: export this copy's functions, and register the
+// ops once (scalar copy). The functions live in the file's unlearn::cpu::UNLEARN_ISA namespace (its
+// anonymous namespace inside it is visible when the namespace is reopened here).
+#define UNLEARN_PER_ISA_OPS(list)                     \
+  namespace unlearn {                                 \
+  namespace cpu {                                     \
+  namespace UNLEARN_ISA { UNLEARN_EXPORT_OPS(list) }  \
+  UNLEARN_REGISTER_OPS(list)                          \
+  }                                                   \
+  }

@@ -559,18 +559,11 @@ at::Tensor select_mask_grad_cpu(at::TensorList grads, at::TensorList scores_in, 
   X("select_histogram_near", select_histogram_near_cpu)     \
   X("select_apply_bin_", select_apply_bin_cpu)
 
-UNLEARN_EXPORT_OPS(UNLEARN_SELECT_OPS)
-
 }  // namespace UNLEARN_ISA
 }  // namespace cpu
 }  // namespace unlearn
 
 #include "isa_target_end.h"
 
-#if !defined(UNLEARN_ISA_AVX2) && !defined(UNLEARN_ISA_AVX512)  // the scalar copy registers the ops once
-namespace unlearn {
-namespace cpu {
-UNLEARN_REGISTER_OPS(UNLEARN_SELECT_OPS)
-}  // namespace cpu
-}  // namespace unlearn
-#endif
+// Exported by every copy, registered once by the scalar copy (per_isa_ops.h).
+UNLEARN_PER_ISA_OPS(UNLEARN_SELECT_OPS)

@@ -465,20 +465,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   X("vote_finalize", vote_finalize_cpu)                     \
   X("apply_codes_", apply_codes_cpu)
 
-UNLEARN_EXPORT_OPS(UNLEARN_SMOOTHING_OPS)
-
 }  // namespace UNLEARN_ISA
 }  // namespace cpu
 }  // namespace unlearn
 
 #include "isa_target_end.h"
 
-#if !defined(UNLEARN_ISA_AVX2) && !defined(UNLEARN_ISA_AVX512)  // the scalar copy registers the ops once
-namespace unlearn {
-namespace cpu {
-
-UNLEARN_REGISTER_OPS(UNLEARN_SMOOTHING_OPS)
-
-}  // namespace cpu
-}  // namespace unlearn
-#endif
+// Exported by every copy, registered once by the scalar copy (per_isa_ops.h).
+UNLEARN_PER_ISA_OPS(UNLEARN_SMOOTHING_OPS)

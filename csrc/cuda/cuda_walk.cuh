@@ -6,9 +6,9 @@
 // index, what the RNG contract needs), and a cut of each tensor into units of `unit` elements (a
 // tensor's last unit may be short). Units are numbered across the list, tensor after tensor.
 // Element walks give each thread block one unit of kChunk elements; block walks give each warp one
-// codec block (unit = block_size). A unit number maps back to its tensor by a binary search over
-// the per-tensor unit offsets, so the metadata is O(tensors) whatever the sizes, and one launch
-// covers the whole list.
+// block of `unit` elements (e.g. a codec block). A unit number maps back to its tensor by a binary
+// search over the per-tensor unit offsets, so the metadata is O(tensors) whatever the sizes, and
+// one launch covers the whole list.
 //
 // The metadata reaches the device without a synchronizing copy: it is written into pinned host
 // memory and copied with cudaMemcpyAsync on the current stream (copy_ with non_blocking). The
@@ -26,12 +26,9 @@
 
 #include <cstdint>
 #include <limits>
-#include <tuple>
 #include <utility>
 #include <vector>
 
-#include "unlearn/codecs.h"  // block_count
-#include "unlearn/float_math.h"
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
@@ -44,7 +41,7 @@ constexpr int64_t kChunk = 4096;       // element walks: elements per thread blo
 // The piece of the list one thread block (element walk) or one warp (block walk) owns.
 struct Unit {
   int t;          // tensor
-  int64_t index;  // unit number inside tensor t (the codec block number in block walks)
+  int64_t index;  // unit number inside tensor t (the block number in block walks)
   int64_t begin;  // first local element
   int64_t end;    // one past the last local element
 };
@@ -95,70 +92,14 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(c10::Half v) { return static_cast<float>(v); }
 __device__ __forceinline__ float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
-// ---- statistics of the smoothing ops -------------------------------------------------------------
-
-struct BlockStats {
-  int32_t min_radius_bits;
-  unsigned long long abstained, nonfinite, below;
-};
-
-__device__ __forceinline__ int32_t radius_bits(float r) { return __float_as_int(r); }
-
-// Reduces per-thread statistics over the block and adds them to the outputs (one atomic each).
-__device__ __forceinline__ void reduce_block_stats(BlockStats s, float* min_radius, int64_t* counts) {
-  __shared__ int32_t s_min[kWarps];
-  __shared__ unsigned long long s_cnt[3][kWarps];
-  for (int delta = 16; delta > 0; delta >>= 1) {
-    s.min_radius_bits = min(s.min_radius_bits, __shfl_down_sync(0xffffffffu, s.min_radius_bits, delta));
-    s.abstained += __shfl_down_sync(0xffffffffu, s.abstained, delta);
-    s.nonfinite += __shfl_down_sync(0xffffffffu, s.nonfinite, delta);
-    s.below += __shfl_down_sync(0xffffffffu, s.below, delta);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    s_min[warp] = s.min_radius_bits;
-    s_cnt[0][warp] = s.abstained;
-    s_cnt[1][warp] = s.nonfinite;
-    s_cnt[2][warp] = s.below;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t m = s_min[0];
-    unsigned long long a = 0, b = 0, c = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      m = min(m, s_min[w]);
-      a += s_cnt[0][w];
-      b += s_cnt[1][w];
-      c += s_cnt[2][w];
-    }
-    // Radii are >= 0, so the integer order of their bit patterns is their float order.
-    atomicMin(reinterpret_cast<int*>(min_radius), m);
-    auto* cnt = reinterpret_cast<unsigned long long*>(counts);
-    if (a) atomicAdd(cnt + 0, a);
-    if (b) atomicAdd(cnt + 1, b);
-    if (c) atomicAdd(cnt + 2, c);
-  }
-}
-
-// Element walk: op(view, tensor, local_index, global_index, stats) for every element, one unit of
-// kChunk elements per thread block. Statistics are reduced into min_radius/counts unless
-// min_radius is null (pure elementwise ops). With skip_if_positive, the whole launch does nothing
-// once that device counter is > 0 (the non-finite pre-scan of a step), without a host sync.
+// Element walk: op(view, tensor, local_index, global_index) for every element, one unit of kChunk
+// elements per thread block. The op is a functor holding all of an op's math (as in apex's
+// multi_tensor_apply): walks that also reduce per block write their own kernel on block_unit.
 template <typename Op>
-__global__ void __launch_bounds__(kThreads) elements_kernel(ListView view, Op op, float* min_radius,
-                                                            int64_t* counts, const int64_t* skip_if_positive) {
-  if (skip_if_positive != nullptr && *skip_if_positive > 0) return;
+__global__ void __launch_bounds__(kThreads) elements_kernel(ListView view, Op op) {
   const Unit u = block_unit(view);
   const int64_t base = view.offset(u.t);
-  BlockStats s{0x7f800000, 0, 0, 0};
-  for (int64_t i = u.begin + threadIdx.x; i < u.end; i += kThreads) op(view, u.t, i, base + i, s);
-  if (min_radius != nullptr) reduce_block_stats(s, min_radius, counts);
-}
-
-inline std::tuple<at::Tensor, at::Tensor> new_stats(const at::Device& device) {
-  const auto opts = at::TensorOptions().device(device);
-  return {at::full({}, std::numeric_limits<float>::infinity(), opts.dtype(at::kFloat)),
-          at::zeros({3}, opts.dtype(at::kLong))};
+  for (int64_t i = u.begin + threadIdx.x; i < u.end; i += kThreads) op(view, u.t, i, base + i);
 }
 
 // Launches kernel<<<grid, threads>>>(args...) on the current stream: every CUDA kernel of the
@@ -212,7 +153,7 @@ class ListLaunch {
     offsets[0] = unit_offsets[0] = 0;
     for (int t = 0; t < tensors; ++t) {
       offsets[t + 1] = offsets[t] + numels[t];
-      unit_offsets[t + 1] = unit_offsets[t] + block_count(numels[t], unit);  // codec blocks when unit = block_size
+      unit_offsets[t + 1] = unit_offsets[t] + unit_count(numels[t], unit);
     }
     at::Tensor meta = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device_));
     meta.copy_(host, /*non_blocking=*/true);
@@ -220,12 +161,11 @@ class ListLaunch {
     return ListView{meta.data_ptr<int64_t>(), tensors, n_arrays, unit, unit_offsets[tensors]};
   }
 
-  // Element walk with statistics (see elements_kernel); min_radius == nullptr: no statistics.
+  // Element walk (see elements_kernel).
   template <typename Op>
-  void elements(const ListView& v, const Op& op, float* min_radius = nullptr, int64_t* counts = nullptr,
-                const int64_t* skip_if_positive = nullptr) {
+  void elements(const ListView& v, const Op& op) {
     TORCH_INTERNAL_ASSERT(v.unit == kChunk);
-    launch_kernel(v.units, kThreads, elements_kernel<Op>, v, op, min_radius, counts, skip_if_positive);
+    launch_kernel(v.units, kThreads, elements_kernel<Op>, v, op);
   }
 
   // kernel(view, args...) with one thread block per unit (block_unit).

@@ -9,7 +9,6 @@
 #include "cuda_walk.cuh"
 #include "unlearn/fragile.h"
 #include "unlearn/fragile_checks.h"
-#include "unlearn/codec_list.h"  // numels_of
 
 namespace unlearn {
 namespace cuda {

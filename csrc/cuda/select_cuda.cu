@@ -1,16 +1,15 @@
-// CUDA kernels of the selection family (contract in csrc/ops.cpp, math in unlearn/select.h; the CPU
-// twin is csrc/cpu/select_cpu.cpp). One thread block per unit of kChunk elements (cuda_walk.cuh).
+// CUDA kernels of the selection family (contract in unlearn_ext/ops/schemas.py, math in
+// unlearn/select.h; the CPU twin is csrc/cpu/select_cpu.cpp). One thread block per unit of kChunk elements (cuda_walk.cuh).
 // Histograms of up to 12 digit bits are counted in shared memory and added to the output with one
 // atomic per non-empty bin; wider digits go straight to global atomics (integer counts: the result
 // does not depend on the order). Reductions that are floating point (the masked gradient's squared
 // norm) go through per-block partials summed by ATen, so they are deterministic.
+// select_apply_bin_ has no CUDA kernel: the CUDA select never leaves a selection pending (its digit
+// plan starts with 11 bits, not the CPU's 16), so the library never calls it on CUDA, and the op's default kernel
+// (the reference, unlearn_ext/ops/registry.py) serves a direct call on CUDA tensors.
 #include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
-
 #include "cuda_walk.cuh"
-#include "unlearn/codec_list.h"  // numels_of
 #include "unlearn/select.h"
 #include "unlearn/select_checks.h"
 
@@ -272,59 +271,6 @@ at::Tensor select_histogram_near_cuda(at::TensorList scores_in, int64_t mode, in
   return at::cat({h, at::tensor({int64_t(0), int64_t((1 << 16) - 1)}, h.options().device(at::kCPU)).to(h.device())});
 }
 
-// The boundary bin resolved with the histogram passes (digits of at most kSharedDigitBits, counts
-// read back per digit), the tie pass when needed, then one select_apply_ pass: the same selection
-// and the same (threshold, boundary) as the CPU's single fused pass.
-at::Tensor select_apply_bin_cuda(at::TensorList params, at::TensorList scores_in, at::TensorList source_in,
-                                 at::TensorList masks, int64_t mode, int64_t seed, int64_t offset, int64_t base,
-                                 int64_t prefix, int64_t prefix_bits, int64_t needed, int64_t action, double alpha,
-                                 int64_t noise_seed, int64_t noise_offset) {
-  key_args(mode, seed, offset, base);
-  check_bin_args(prefix, prefix_bits, needed);
-  check_action(action, alpha, source_in.size(), params.size());
-  const bool shapes_only = mode == kKeyRandom && scores_in.empty();
-  check_apply_lists(params, shapes_only ? params : scores_in, source_in, masks);
-  const at::TensorList keys = shapes_only ? params : scores_in;
-  const int shift = 32 - static_cast<int>(prefix_bits);
-  int64_t threshold = static_cast<int64_t>(((static_cast<uint64_t>(prefix) + 1) << shift) - 1), boundary = 0;
-  int64_t need = needed, bits = prefix_bits, key = prefix, ties = 0;
-  bool first = true;
-  if (bits == 32 && need > 0) {  // a one-key bin: its count from the 1-bit digit that ends in it
-    const at::Tensor h = select_histogram_cuda(keys, mode, seed, offset, base, key >> 1, 31, 1).cpu();
-    ties = h.data_ptr<int64_t>()[key & 1];
-    need = std::min(need, ties);
-  }
-  while (need > 0 && bits < 32) {
-    const int64_t d = std::min<int64_t>(kSharedDigitBits, 32 - bits);
-    const at::Tensor h = select_histogram_cuda(keys, mode, seed, offset, base, key, bits, d).cpu();
-    const int64_t* c = h.data_ptr<int64_t>();
-    const int64_t bins = int64_t(1) << d;
-    if (first) {  // fewer keys in the bin than needed: all of them
-      int64_t in_bin = 0;
-      for (int64_t b = 0; b < bins; ++b) in_bin += c[b];
-      need = std::min(need, in_bin);
-      first = false;
-      if (need == 0) break;
-    }
-    int64_t above = 0, b = bins - 1;
-    for (; b > 0 && above + c[b] < need; --b) above += c[b];
-    need -= above;
-    ties = c[b];
-    key = (key << d) | b;
-    bits += d;
-  }
-  if (bits == 32 && need > 0) {
-    threshold = key;
-    boundary = need == ties ? std::numeric_limits<int64_t>::max()
-                            : select_tie_boundary_cuda(keys, mode, seed, offset, base, key, need).item<int64_t>();
-  }
-  const int64_t count = select_apply_cuda(params, scores_in, source_in, masks, mode, seed, offset, base, threshold,
-                                          boundary, action, alpha, noise_seed, noise_offset)
-                            .item<int64_t>();
-  const at::Device device = params.empty() ? at::Device(at::kCPU) : params[0].device();
-  return at::tensor({count, threshold, boundary}, at::TensorOptions().dtype(at::kLong)).to(device);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CUDA, m) {
@@ -333,7 +279,6 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CUDA, m) {
   m.impl("select_apply_", &select_apply_cuda);
   m.impl("select_mask_grad_", &select_mask_grad_cuda);
   m.impl("select_histogram_near", &select_histogram_near_cuda);
-  m.impl("select_apply_bin_", &select_apply_bin_cuda);
 }
 
 }  // namespace cuda

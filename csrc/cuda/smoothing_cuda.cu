@@ -3,9 +3,9 @@
 #include <torch/library.h>
 
 #include "cuda_walk.cuh"
+#include "smoothing_stats.cuh"
 #include "unlearn/smoothing.h"
 #include "unlearn/smoothing_checks.h"
-#include "unlearn/codec_list.h"  // numels_of
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
@@ -140,7 +140,7 @@ QuantizeOut quantize_list(const FlatList& grads, Configure&& configure) {
     using T = decltype(tag);
     OpT<T, WriteCodes<T>> op{};
     configure(op);
-    launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+    elements_with_stats(launch, view, op, min_radius, counts);
   });
   return {codes, radii, min_radius, counts};
 }
@@ -160,13 +160,13 @@ std::tuple<at::Tensor, at::Tensor> step_list(at::TensorList params, const FlatLi
     if (check_finite) {
       // Counts non-finite entries into counts[1]; the step kernel then returns at once if any, so a
       // bad gradient changes nothing (and no host synchronization is needed).
-      launch.elements(view, CountNonfinite<T>{}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      elements_with_stats(launch, view, CountNonfinite<T>{}, min_radius, counts);
       skip = counts.data_ptr<int64_t>() + 1;
     }
     OpT<T, ApplyStep<T>> op{};
     op.sink.step = static_cast<float>(step_size);
     configure(op);
-    launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>(), skip);
+    elements_with_stats(launch, view, op, min_radius, counts, skip);
   });
   launch.finish();
   return {min_radius, counts};
@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> quantized_step_mc_cuda(at::TensorList params,
 template <typename T>
 struct ApplyCodeOp {
   float step;
-  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t, BlockStats&) const {
+  __device__ __forceinline__ void operator()(const ListView& v, int t, int64_t i, int64_t) const {
     T* w = static_cast<T*>(v.ptr(0, t));
     const int8_t code = static_cast<const int8_t*>(v.ptr(1, t))[i];
     w[i] = static_cast<T>(quantized_update(to_float(w[i]), step, code));
@@ -275,9 +275,9 @@ at::Tensor vote_accumulate_cuda(at::TensorList votes, at::TensorList grads_in, d
     using T = decltype(tag);
     const float t = static_cast<float>(tau);
     if (votes[0].scalar_type() == at::kShort)
-      launch.elements(view, VoteOp<T, int16_t>{t}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      elements_with_stats(launch, view, VoteOp<T, int16_t>{t}, min_radius, counts);
     else
-      launch.elements(view, VoteOp<T, int32_t>{t}, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+      elements_with_stats(launch, view, VoteOp<T, int32_t>{t}, min_radius, counts);
   });
   return counts[1].clone();
 }
@@ -301,7 +301,7 @@ QuantizeOut vote_finalize_cuda(at::TensorList selection, at::TensorList estimati
     using E = decltype(est_tag);
     FinalizeOp<S, E> op{static_cast<int32_t>(n0), static_cast<int32_t>(n), table_c.data_ptr<float>(),
                         static_cast<float>(sigma), float32_arg(count_below, "count_below", true)};
-    launch.elements(view, op, min_radius.data_ptr<float>(), counts.data_ptr<int64_t>());
+    elements_with_stats(launch, view, op, min_radius, counts);
   };
   const bool sel16 = selection[0].scalar_type() == at::kShort, est16 = estimation[0].scalar_type() == at::kShort;
   if (sel16 && est16) run(int16_t{}, int16_t{});

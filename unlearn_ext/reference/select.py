@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..radix import bin_selection
 from .rng import MASK32, philox_words
 from .smoothing import FLOAT_DTYPES
 
@@ -145,25 +146,26 @@ def select_histogram_near(scores, mode: int, seed: int, offset: int, base: int, 
 def select_apply_bin_(params, scores, source, masks, mode, seed, offset, base, prefix, prefix_bits, needed, action,
                       alpha, noise_seed, noise_offset):
     """Everything above the bin `prefix` (top prefix_bits bits) and its `needed` largest keys (ties:
-    lower index first), as (count, threshold, boundary) of select_apply_."""
+    lower index first), as (count, threshold, boundary) of select_apply_: the bin narrowed by the
+    reference's histogram and tie passes (unlearn_ext/radix.py, the narrowing every backend uses),
+    then one select_apply_."""
     if not 1 <= prefix_bits <= 32:
         raise ValueError(f"prefix_bits must be in [1, 32], got {prefix_bits}")
     if not 0 <= prefix < (1 << prefix_bits):
         raise ValueError(f"prefix must be in [0, 2^prefix_bits), got {prefix}")
     if needed < 0:
         raise ValueError(f"needed must be >= 0, got {needed}")
-    keys, nan = keys_of(scores if scores or mode != KEY_RANDOM else params, mode, seed, offset, base)
-    shift = 32 - prefix_bits
-    in_bin = torch.nonzero(~nan & ((keys >> shift) == prefix)).reshape(-1)
-    take = min(needed, in_bin.numel())
-    threshold, boundary = ((prefix + 1) << shift) - 1, 0
-    if take > 0:
-        order = torch.sort(keys[in_bin], descending=True, stable=True).indices  # ties: lower index first
-        chosen = in_bin[order[:take]]
-        threshold = int(keys[chosen[-1]])
-        ties = int((keys[in_bin] == threshold).sum())
-        taken = int((keys[chosen] == threshold).sum())
-        boundary = (1 << 63) - 1 if taken == ties else base + int(chosen[-1]) + 1
+    keyed = scores if scores or mode != KEY_RANDOM else params  # shapes-only random mode: keys need no scores
+    _check_mode(mode)
+    _check_list(keyed, "scores")
+
+    def histogram(prefix, prefix_bits, digit_bits):
+        return select_histogram(keyed, mode, seed, offset, base, prefix, prefix_bits, digit_bits)
+
+    def tie_boundary(key, need):
+        return int(select_tie_boundary(keyed, mode, seed, offset, base, key, need))
+
+    threshold, boundary = bin_selection(histogram, tie_boundary, prefix, prefix_bits, needed)
     count = select_apply_(params, scores, source, masks, mode, seed, offset, base, threshold, boundary, action, alpha,
                           noise_seed, noise_offset)
     return torch.tensor([int(count), threshold, boundary], dtype=torch.int64, device=count.device)

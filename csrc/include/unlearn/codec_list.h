@@ -2,8 +2,9 @@
 //
 // A codec list is a tensor list cut into blocks per tensor (see unlearn/codecs.h). Tensor t holds
 // nblocks(t) = ceil(numel / block_size) blocks; the blocks of all tensors are numbered one after
-// the other (block_offsets = running sums), which is how both backends spread work: CPU tasks and
-// CUDA warps take global block numbers and map them back to (tensor, block).
+// the other (unit_offsets in unlearn/tensor_list.h, with unit = block_size), which is how both
+// backends spread work: CPU tasks and CUDA warps take global block numbers and map them back to
+// (tensor, block).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,21 +49,6 @@ inline int check_codec_args(int64_t bits, int64_t block_size, c10::string_view l
 
 // Sizes: code_numel and block_count (unlearn/codecs.h).
 inline at::ScalarType code_dtype(int64_t bits) { return bits == 8 ? at::kChar : at::kByte; }
-
-// Running sums of the block counts of a list whose tensors hold `numels` elements.
-inline std::vector<int64_t> block_offsets(const std::vector<int64_t>& numels, int64_t block_size) {
-  std::vector<int64_t> off{0};
-  off.reserve(numels.size() + 1);
-  for (int64_t n : numels) off.push_back(off.back() + block_count(n, block_size));
-  return off;
-}
-
-inline std::vector<int64_t> numels_of(const std::vector<at::Tensor>& list) {
-  std::vector<int64_t> n;
-  n.reserve(list.size());
-  for (const auto& t : list) n.push_back(t.numel());
-  return n;
-}
 
 // Codes and scales describing tensors of the given element counts: counts, dtypes, sizes and
 // devices are checked; contiguous versions are returned (copies where the caller's were not).

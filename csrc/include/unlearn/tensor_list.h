@@ -101,6 +101,25 @@ inline void for_each_span(const std::vector<int64_t>& offsets, int64_t begin, in
   }
 }
 
+inline std::vector<int64_t> numels_of(const std::vector<at::Tensor>& list) {
+  std::vector<int64_t> n;
+  n.reserve(list.size());
+  for (const auto& t : list) n.push_back(t.numel());
+  return n;
+}
+
+// Walks that cut every tensor into units of `unit` elements (a tensor's last unit may be short, and
+// units never span two tensors; e.g. codec blocks, or CUDA chunks) number the units across the list,
+// tensor after tensor: tensor t owns the units [offsets[t], offsets[t + 1]) of unit_offsets.
+inline int64_t unit_count(int64_t numel, int64_t unit) { return (numel + unit - 1) / unit; }
+
+inline std::vector<int64_t> unit_offsets(const std::vector<int64_t>& numels, int64_t unit) {
+  std::vector<int64_t> off{0};
+  off.reserve(numels.size() + 1);
+  for (int64_t n : numels) off.push_back(off.back() + unit_count(n, unit));
+  return off;
+}
+
 // Outputs shaped like each input, contiguous, of the given dtype.
 inline std::vector<at::Tensor> empty_like_list(const FlatList& flat, at::ScalarType dtype) {
   std::vector<at::Tensor> out;
