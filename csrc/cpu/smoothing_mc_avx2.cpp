@@ -10,6 +10,7 @@
 // Like the AVX-512 file, this one enables AVX2 for its own functions only (#pragma GCC target, after
 // every shared include), so a portable build contains it and the AVX2 copy of smoothing_cpu.cpp
 // calls it where the CPU has AVX2 (isa.h).
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -30,10 +31,93 @@ namespace cpu {
 namespace {
 
 constexpr int kLanes = 8;
-// Philox blocks computed side by side for one group of 8 elements: each block is two registers (4
-// elements each) whose rounds are serial multiply chains; 2 blocks = 4 chains, the most the 16
-// ymm registers hold without spilling.
-constexpr int kBlocksInFlight = 2;
+
+// The per-round key words of Philox, broadcast once per span so that the unrolled rounds read them
+// as memory operands instead of rebuilding them from scalars every block. The last round's key words
+// also carry the sign flip of the signed compares below (x ^ k ^ 2^31), which then costs nothing for
+// words 0 and 2.
+struct RoundKeys {
+  __m256i key0[10], key1[10];
+};
+
+inline void fill_round_keys(uint64_t seed, RoundKeys& keys) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t flip = round == 9 ? 0x80000000u : 0u;
+    keys.key0[round] = _mm256_set1_epi32(static_cast<int>(k0 ^ flip));
+    keys.key1[round] = _mm256_set1_epi32(static_cast<int>(k1 ^ flip));
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// The 8 elements of a group as two 4-stream registers in the 64-bit lane layout of philox_avx2.h:
+// `even` holds elements 0, 2, 4, 6 and `odd` elements 1, 3, 5, 7, so that one shift and one blend
+// (interleave_words) put a word of all 8 back in element order without crossing 128-bit lanes.
+struct GroupStreams {
+  PhiloxFirstRound4 even, odd;
+};
+
+inline GroupStreams group_streams(uint64_t element0, uint32_t k0, uint32_t k1) {
+  const __m256i e = _mm256_set1_epi64x(static_cast<long long>(element0));
+  return GroupStreams{philox_first_round_avx2(_mm256_add_epi64(e, _mm256_setr_epi64x(0, 2, 4, 6)), k0, k1),
+                      philox_first_round_avx2(_mm256_add_epi64(e, _mm256_setr_epi64x(1, 3, 5, 7)), k0, k1)};
+}
+
+// Rounds 2..10 of one register set (same arithmetic as philox_rounds_2_to_10_avx2, the keys read
+// from the table; unrolled so that no round rebuilds its keys or branches).
+inline void philox_rounds_2_to_10(__m256i (&w)[4], const RoundKeys& keys) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+#pragma GCC unroll 9
+  for (int round = 1; round < 10; ++round) {
+    const __m256i p0 = _mm256_mul_epu32(w[0], m0);
+    const __m256i p1 = _mm256_mul_epu32(w[2], m1);
+    // The key joins the old word first, off the multiply-shift chain that bounds a block's latency.
+    w[0] = _mm256_xor_si256(_mm256_srli_epi64(p1, 32), _mm256_xor_si256(w[1], keys.key0[round]));
+    w[2] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), _mm256_xor_si256(w[3], keys.key1[round]));
+    w[1] = p1;
+    w[3] = p0;
+  }
+}
+
+// Word q of 8 elements in element order, as a signed-comparable value (top bit flipped): words 0
+// and 2 come flipped from the last round's key; words 1 and 3 (low halves of products) are flipped
+// here.
+inline __m256i interleave_words(__m256i even, __m256i odd, int q) {
+  const __m256i word = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  return (q & 1) ? _mm256_xor_si256(word, _mm256_set1_epi32(static_cast<int>(0x80000000u))) : word;
+}
+
+// Counters of draws below the two thresholds; a compare yields -1 per lane, so they count down.
+struct BelowCounts {
+  __m256i neg, below_pos;
+};
+
+inline void count_word(__m256i word, __m256i neg_words, __m256i pos_words, BelowCounts& c) {
+  c.neg = _mm256_sub_epi32(c.neg, _mm256_cmpgt_epi32(neg_words, word));
+  c.below_pos = _mm256_sub_epi32(c.below_pos, _mm256_cmpgt_epi32(pos_words, word));
+}
+
+// The 4 words of block `block` for the group, after all 10 rounds.
+inline void group_block(const GroupStreams& s, uint64_t ctr, const RoundKeys& keys, __m256i (&even)[4],
+                        __m256i (&odd)[4]) {
+  philox_after_first_round_avx2(s.even, ctr, even);
+  philox_after_first_round_avx2(s.odd, ctr, odd);
+  philox_rounds_2_to_10(even, keys);
+  philox_rounds_2_to_10(odd, keys);
+}
+
+// Blocks [first, last) whose 4 draws all belong to one phase: counted into `c` without per-word
+// checks.
+inline void count_whole_blocks(const GroupStreams& s, uint64_t first, uint64_t last, uint64_t offset,
+                               const RoundKeys& keys, __m256i neg_words, __m256i pos_words, BelowCounts& c) {
+  for (uint64_t b = first; b < last; ++b) {
+    __m256i even[4], odd[4];
+    group_block(s, offset + b, keys, even, odd);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) count_word(interleave_words(even[q], odd[q], q), neg_words, pos_words, c);
+  }
+}
 
 // levels_below (unlearn/philox.h) for 4 float probabilities: ceil((p 2^25 - 1) / 2) in float64,
 // clamped to [0, 2^24]; 0 for p <= 0 or NaN, 2^24 for p >= 1. Every step is exact, as in the scalar
@@ -63,42 +147,35 @@ struct Counts8 {
 
 // Class counts of the n0 selection and n estimation draws of 8 consecutive elements (element0 is the
 // first one's global index). For a level count L < 2^24, (word >> 8) < L <=> word < L * 256
-// (unsigned); L = 2^24 (every draw below) wraps to 0 and is fixed after the loop.
-inline Counts8 count_draws8(__m256i neg_levels, __m256i pos_from, uint64_t element0, const McDrawParams& p) {
+// (unsigned); L = 2^24 (every draw below) wraps to 0 and is fixed after the loop. Blocks that lie in
+// one phase take the check-free loop; at most two blocks (the one holding draw n0 and a partial last
+// one) go word by word.
+inline Counts8 count_draws8(__m256i neg_levels, __m256i pos_from, uint64_t element0, const McDrawParams& p,
+                            const RoundKeys& keys) {
   const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i neg_words = _mm256_xor_si256(_mm256_slli_epi32(neg_levels, 8), top);  // -1 iff word <  these
   const __m256i pos_words = _mm256_xor_si256(_mm256_slli_epi32(pos_from, 8), top);    // +1 iff word >= these
-  const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
-  __m256i first, second;
-  element_indices_avx2(element0, first, second);
-  const PhiloxFirstRound4 f[2] = {philox_first_round_avx2(first, k0, k1), philox_first_round_avx2(second, k0, k1)};
-  // Counters of draws below each threshold; a compare yields -1 per lane, so they count down.
-  __m256i sel_neg = _mm256_setzero_si256(), sel_below_pos = _mm256_setzero_si256();
-  __m256i est_neg = _mm256_setzero_si256(), est_below_pos = _mm256_setzero_si256();
-  const int64_t n0 = p.n0, draws = int64_t(p.n0) + p.n;
-  for (int64_t b0 = 0; 4 * b0 < draws; b0 += kBlocksInFlight) {
-    __m256i w[2 * kBlocksInFlight][4];
-    for (int i = 0; i < kBlocksInFlight; ++i) {
-      const uint64_t ctr = p.offset + static_cast<uint64_t>(b0 + i);
-      philox_after_first_round_avx2(f[0], ctr, w[2 * i]);
-      philox_after_first_round_avx2(f[1], ctr, w[2 * i + 1]);
-    }
-    philox_rounds_2_to_10_avx2<2 * kBlocksInFlight>(w, k0, k1);
-    for (int i = 0; i < kBlocksInFlight; ++i) {
-      for (int q = 0; q < 4; ++q) {
-        const int64_t j = 4 * (b0 + i) + q;  // draw index of this word
-        if (j >= draws) break;
-        const __m256i word = _mm256_xor_si256(pack_low_halves_avx2(w[2 * i][q], w[2 * i + 1][q]), top);
-        const __m256i neg = _mm256_cmpgt_epi32(neg_words, word);
-        const __m256i below_pos = _mm256_cmpgt_epi32(pos_words, word);
-        if (j < n0) {
-          sel_neg = _mm256_sub_epi32(sel_neg, neg);
-          sel_below_pos = _mm256_sub_epi32(sel_below_pos, below_pos);
-        } else {
-          est_neg = _mm256_sub_epi32(est_neg, neg);
-          est_below_pos = _mm256_sub_epi32(est_below_pos, below_pos);
-        }
-      }
+  const GroupStreams s = group_streams(element0, static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
+  const uint64_t n0 = static_cast<uint64_t>(p.n0), draws = n0 + static_cast<uint64_t>(p.n);
+  const uint64_t sel_blocks = n0 / 4;                  // blocks of selection draws only
+  const uint64_t est_first = (n0 + 3) / 4;             // first block of estimation draws only
+  const uint64_t est_last = std::max(draws / 4, est_first);  // end of the whole estimation blocks
+  BelowCounts sel{_mm256_setzero_si256(), _mm256_setzero_si256()}, est = sel;
+  count_whole_blocks(s, 0, sel_blocks, p.offset, keys, neg_words, pos_words, sel);
+  count_whole_blocks(s, est_first, est_last, p.offset, keys, neg_words, pos_words, est);
+  // The blocks split by a phase boundary, word by word: the one holding draws on both sides of n0,
+  // and the partial last one (the same block when both lie inside it).
+  uint64_t ragged[2];
+  int ragged_count = 0;
+  if (n0 % 4 != 0) ragged[ragged_count++] = n0 / 4;
+  if (draws % 4 != 0 && !(n0 % 4 != 0 && draws / 4 == n0 / 4)) ragged[ragged_count++] = draws / 4;
+  for (int r = 0; r < ragged_count; ++r) {
+    __m256i even[4], odd[4];
+    group_block(s, p.offset + ragged[r], keys, even, odd);
+    for (int q = 0; q < 4; ++q) {
+      const uint64_t j = 4 * ragged[r] + static_cast<uint64_t>(q);  // draw index of this word
+      if (j >= draws) break;
+      count_word(interleave_words(even[q], odd[q], q), neg_words, pos_words, j < n0 ? sel : est);
     }
   }
   const __m256i all = _mm256_set1_epi32(static_cast<int>(kUniformLevels));
@@ -106,10 +183,10 @@ inline Counts8 count_draws8(__m256i neg_levels, __m256i pos_from, uint64_t eleme
   const __m256i no_pos = _mm256_cmpeq_epi32(pos_from, all);      // pos_words wrapped to 0
   const __m256i n0v = _mm256_set1_epi32(p.n0), nv = _mm256_set1_epi32(p.n);
   Counts8 c;
-  c.sel_neg = _mm256_blendv_epi8(sel_neg, n0v, every_neg);
-  c.est_neg = _mm256_blendv_epi8(est_neg, nv, every_neg);
-  c.sel_pos = _mm256_andnot_si256(no_pos, _mm256_sub_epi32(n0v, sel_below_pos));
-  c.est_pos = _mm256_andnot_si256(no_pos, _mm256_sub_epi32(nv, est_below_pos));
+  c.sel_neg = _mm256_blendv_epi8(sel.neg, n0v, every_neg);
+  c.est_neg = _mm256_blendv_epi8(est.neg, nv, every_neg);
+  c.sel_pos = _mm256_andnot_si256(no_pos, _mm256_sub_epi32(n0v, sel.below_pos));
+  c.est_pos = _mm256_andnot_si256(no_pos, _mm256_sub_epi32(nv, est.below_pos));
   return c;
 }
 
@@ -118,7 +195,7 @@ inline int lane_bits(__m256i mask) { return _mm256_movemask_ps(_mm256_castsi256_
 // One group of 8 elements, read from and written to full 8-lane arrays; `valid` marks the lanes
 // that are real elements (the rest read p = 0 and are left out of the statistics).
 inline void mc_group8(const float* p_neg, const float* p_pos, uint64_t element0, int valid, const McDrawParams& p,
-                      int8_t* codes, float* radii, __m256i& min_bits, int64_t& abstained, int64_t& nonfinite,
+                      const RoundKeys& keys, int8_t* codes, float* radii, __m256i& min_bits, int64_t& abstained, int64_t& nonfinite,
                       int64_t& below) {
   const __m256i zero = _mm256_setzero_si256();
   const __m256i n0v = _mm256_set1_epi32(p.n0), nv = _mm256_set1_epi32(p.n);
@@ -128,7 +205,7 @@ inline void mc_group8(const float* p_neg, const float* p_pos, uint64_t element0,
   const __m256i pos_start = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(kUniformLevels)), levels_below8(pp));
   // +1 needs k >= pos_start and "not -1" (k >= neg_levels): one threshold, the larger.
   const __m256i pos_from = _mm256_max_epi32(pos_start, neg_levels);
-  const Counts8 c = count_draws8(neg_levels, pos_from, element0, p);
+  const Counts8 c = count_draws8(neg_levels, pos_from, element0, p, keys);
 
   // CERTIFY (certify_from_counts): c_A from selection counts (ties: 0, then +1, then -1), k_A from
   // the estimation counts, the table entry at k_A, abstention where it is not positive.
@@ -170,9 +247,11 @@ void mc_span_avx2(const float* p_neg, const float* p_pos, int64_t count, uint64_
                   const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats) {
   __m256i min_bits = _mm256_set1_epi32(stats.min_radius_bits);
   int64_t abstained = 0, nonfinite = 0, below = 0;
+  RoundKeys keys;
+  fill_round_keys(p.seed, keys);
   int64_t base = 0;
   for (; base + kLanes <= count; base += kLanes)
-    mc_group8(p_neg + base, p_pos + base, global_begin + static_cast<uint64_t>(base), 0xff, p, codes + base,
+    mc_group8(p_neg + base, p_pos + base, global_begin + static_cast<uint64_t>(base), 0xff, p, keys, codes + base,
               radii + base, min_bits, abstained, nonfinite, below);
   if (base < count) {  // the ragged tail through padded copies
     const int rest = static_cast<int>(count - base);
@@ -180,7 +259,7 @@ void mc_span_avx2(const float* p_neg, const float* p_pos, int64_t count, uint64_
     alignas(8) int8_t c[kLanes];
     std::memcpy(pn, p_neg + base, sizeof(float) * rest);
     std::memcpy(pp, p_pos + base, sizeof(float) * rest);
-    mc_group8(pn, pp, global_begin + static_cast<uint64_t>(base), (1 << rest) - 1, p, c, r, min_bits, abstained,
+    mc_group8(pn, pp, global_begin + static_cast<uint64_t>(base), (1 << rest) - 1, p, keys, c, r, min_bits, abstained,
               nonfinite, below);
     std::memcpy(codes + base, c, rest);
     std::memcpy(radii + base, r, sizeof(float) * rest);
