@@ -7,10 +7,17 @@
 // lanes (-1) are subtracted from the counters. +1 is counted as "not below pos_words", i.e. the draws
 // of a phase minus those below it.
 //
+// Where the time goes: the Philox rounds, ~5 vector operations per draw (AVX2 has no three-way xor).
+// So the draw loop keeps the operation count at that floor and the pipes fed: rounds 1-3 of every
+// block share their element terms (StreamSet, once per group), the round keys are broadcast once per
+// span (RoundKeys), two blocks of a group advance round by round side by side (4 register sets, 8
+// independent multiply chains), the high halves move down by dword shuffles (a shuffle pipe) rather
+// than 64-bit shifts (which compete with vpmuludq on Zen 3), one vshufps gathers a word of 8
+// elements, and blocks inside one phase are counted without per-word checks.
+//
 // Like the AVX-512 file, this one enables AVX2 for its own functions only (#pragma GCC target, after
 // every shared include), so a portable build contains it and the AVX2 copy of smoothing_cpu.cpp
 // calls it where the CPU has AVX2 (isa.h).
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -28,17 +35,14 @@
 #pragma GCC optimize("schedule-insns", "sched-pressure")
 #include <immintrin.h>
 
-#include "philox_avx2.h"
-
 namespace unlearn {
 namespace cpu {
 namespace {
 
 constexpr int kLanes = 8;
-#ifndef MC_BPS
-#define MC_BPS 2
-#endif
-constexpr int kBlocksPerStepMc = MC_BPS;
+// Philox blocks of one group computed side by side in the draw loop: 2 blocks = 4 register sets = 8
+// multiply chains, enough to keep Zen 3's two vpmuludq pipes busy; 3 or more spill (measured slower).
+constexpr int kBlocksPerStep = 2;
 
 // The per-round key words of Philox, broadcast once per span so that the unrolled rounds read them
 // as memory operands instead of rebuilding them from scalars every block. The last round's key words
@@ -189,9 +193,9 @@ inline Group make_group(uint64_t element0, const McDrawParams& p, const RoundKey
 }
 
 // Blocks [first, last) of one segment (counters offset + block share their high word): the words
-// of each block, handed to use(set0, set1). kBlocksPerStep blocks are computed side by side, so
+// of each block, handed to use(block, set0, set1). kBlocks blocks are computed side by side, so
 // that the out-of-order core has independent multiply chains to overlap.
-template <int kBlocksPerStep, typename Use>
+template <int kBlocks, typename Use>
 inline void segment_blocks(const Group& g, uint64_t first, uint64_t last, uint64_t offset, Use&& use) {
   const uint32_t ctr_hi = static_cast<uint32_t>((offset + first) >> 32);
   StreamSet wrapped[2];  // only where the counters passed a multiple of 2^32 after the first block
@@ -201,20 +205,20 @@ inline void segment_blocks(const Group& g, uint64_t first, uint64_t last, uint64
     sets = wrapped;
   }
   uint64_t b = first;
-  for (; b + kBlocksPerStep <= last; b += kBlocksPerStep) {
-    BlockWords bw[kBlocksPerStep];
-    const StreamSet* set_of[2 * kBlocksPerStep];
-    const BlockWords* words_of[2 * kBlocksPerStep];
-    for (int i = 0; i < kBlocksPerStep; ++i) {
+  for (; b + kBlocks <= last; b += kBlocks) {
+    BlockWords bw[kBlocks];
+    const StreamSet* set_of[2 * kBlocks];
+    const BlockWords* words_of[2 * kBlocks];
+    for (int i = 0; i < kBlocks; ++i) {
       bw[i] = block_words(offset + b + i, g.k1_round2);
       set_of[2 * i] = &sets[0];
       set_of[2 * i + 1] = &sets[1];
       words_of[2 * i] = words_of[2 * i + 1] = &bw[i];
     }
-    __m256i w[2 * kBlocksPerStep][4];
-    philox_blocks<2 * kBlocksPerStep>(set_of, words_of, *g.keys, w);
+    __m256i w[2 * kBlocks][4];
+    philox_blocks<2 * kBlocks>(set_of, words_of, *g.keys, w);
 #pragma GCC unroll 2
-    for (int i = 0; i < kBlocksPerStep; ++i) use(b + i, w[2 * i], w[2 * i + 1]);
+    for (int i = 0; i < kBlocks; ++i) use(b + i, w[2 * i], w[2 * i + 1]);
   }
   for (; b < last; ++b) {
     const BlockWords bw = block_words(offset + b, g.k1_round2);
@@ -228,20 +232,20 @@ inline void segment_blocks(const Group& g, uint64_t first, uint64_t last, uint64
 
 // Blocks [first, last), split where the counter's high word changes (at most once, since a span has
 // far fewer than 2^32 blocks).
-template <int kBlocksPerStep, typename Use>
+template <int kBlocks, typename Use>
 inline void blocks(const Group& g, uint64_t first, uint64_t last, uint64_t offset, Use&& use) {
   while (first < last) {
     const uint64_t ctr = offset + first;
     const uint64_t to_next_high = (uint64_t(1) << 32) - static_cast<uint32_t>(ctr);  // blocks until ctr_hi changes
     const uint64_t end = last - first > to_next_high ? first + to_next_high : last;
-    segment_blocks<kBlocksPerStep>(g, first, end, offset, use);
+    segment_blocks<kBlocks>(g, first, end, offset, use);
     first = end;
   }
 }
 
 // Blocks [first, last) whose 4 draws all belong to one phase, counted into `c` without per-word checks.
 inline void count_whole_blocks(const Group& g, uint64_t first, uint64_t last, uint64_t offset, BelowCounts& c) {
-  blocks<kBlocksPerStepMc>(g, first, last, offset, [&](uint64_t, const __m256i (&s0)[4], const __m256i (&s1)[4]) {
+  blocks<kBlocksPerStep>(g, first, last, offset, [&](uint64_t, const __m256i (&s0)[4], const __m256i (&s1)[4]) {
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) count_word(draw_word(s0, s1, q), g.neg_words, g.pos_words, c);
   });
@@ -286,7 +290,7 @@ inline Counts8 count_draws8(__m256i neg_levels, __m256i pos_from, uint64_t eleme
   const uint64_t n0 = static_cast<uint64_t>(p.n0), draws = n0 + static_cast<uint64_t>(p.n);
   const uint64_t sel_blocks = n0 / 4;                        // blocks of selection draws only
   const uint64_t est_first = (n0 + 3) / 4;                   // first block of estimation draws only
-  const uint64_t est_last = std::max(draws / 4, est_first);  // end of the whole estimation blocks
+  const uint64_t est_last = draws / 4 > est_first ? draws / 4 : est_first;  // end of the whole estimation blocks
   BelowCounts sel{_mm256_setzero_si256(), _mm256_setzero_si256()}, est = sel;
   count_whole_blocks(g, 0, sel_blocks, p.offset, sel);
   count_whole_blocks(g, est_first, est_last, p.offset, est);
