@@ -252,19 +252,17 @@ inline void count_whole_blocks(const Group& g, uint64_t first, uint64_t last, ui
 }
 
 // levels_below (unlearn/philox.h) for 4 float probabilities: ceil((p 2^25 - 1) / 2) in float64,
-// clamped to [0, 2^24]; 0 for p <= 0 or NaN, 2^24 for p >= 1. Every step is exact, as in the scalar
-// form.
+// clamped to [0, 2^24]. Every step is exact, as in the scalar form, and the clamp alone gives the
+// scalar form's special cases: p <= 0 rounds to <= 0 and p >= 1 to >= 2^24, and vmaxpd returns its
+// second operand (0) when the first is NaN.
 inline __m128i levels_below4(__m128 p_f) {
   const __m256d p = _mm256_cvtps_pd(p_f);
   const __m256d scaled = _mm256_mul_pd(_mm256_sub_pd(_mm256_mul_pd(p, _mm256_set1_pd(0x1p25)), _mm256_set1_pd(1.0)),
                                        _mm256_set1_pd(0.5));
-  __m256d t = _mm256_round_pd(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-  t = _mm256_min_pd(_mm256_max_pd(t, _mm256_setzero_pd()), _mm256_set1_pd(static_cast<double>(kUniformLevels)));
-  const __m256d positive = _mm256_cmp_pd(p, _mm256_setzero_pd(), _CMP_GT_OQ);  // false for NaN
-  const __m256d one = _mm256_cmp_pd(p, _mm256_set1_pd(1.0), _CMP_GE_OQ);
-  t = _mm256_and_pd(t, positive);
-  t = _mm256_blendv_pd(t, _mm256_set1_pd(static_cast<double>(kUniformLevels)), one);
-  return _mm256_cvttpd_epi32(t);
+  const __m256d t = _mm256_round_pd(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  const __m256d clamped =
+      _mm256_min_pd(_mm256_max_pd(t, _mm256_setzero_pd()), _mm256_set1_pd(static_cast<double>(kUniformLevels)));
+  return _mm256_cvttpd_epi32(clamped);
 }
 
 inline __m256i levels_below8(__m256 p) {
