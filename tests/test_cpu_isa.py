@@ -120,6 +120,30 @@ def test_mc_identical_to_scalar_and_reference(monkeypatch, path, n0, n, seed, of
 
 
 @pytest.mark.parametrize("path", _vector_paths())
+@pytest.mark.parametrize("n0,n,offset", [
+    (4, 4, 0),              # whole blocks only, one per phase
+    (12, 4, 2**32 - 2),     # odd block counts per phase; the counter's high word changes in selection
+    (8, 5, 7),              # a partial last block
+    (2, 3, 2**32 - 1),      # a block split at n0, then a partial one
+    (1, 2, 2**64 - 1),      # one block both split at n0 and partial; the counter wraps
+    (16, 64, 2**32 - 10),   # the high word changes in the middle of the estimation blocks
+])
+def test_mc_identical_across_block_layouts(monkeypatch, path, n0, n, offset):
+    """Vector paths count draws in whole blocks, in blocks split by a phase boundary and across a
+    change of the Philox counter's high word; each layout against the scalar path and the reference."""
+    grads = _grads()
+    table = _synthetic_table(n)
+    run = lambda: ops.quantize_mc(grads, TAU, SIGMA, n0, n, table, 5, signed64(offset), 0.1)  # noqa: E731
+    fast, scalar = _both(monkeypatch, path, run)
+    assert_quantize_equal(fast, scalar)
+    for r, rs in zip(fast[1], scalar[1]):
+        assert torch.equal(r, rs)
+    ref = reference.quantize_mc(grads, TAU, SIGMA, n0, n, table, 5, offset, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(fast[0], ref[0])), "codes differ from the reference"
+    assert torch.equal(fast[3], ref[3])
+
+
+@pytest.mark.parametrize("path", _vector_paths())
 @pytest.mark.parametrize("tau,sigma", [(TAU, SIGMA), (0.0, 1.0), (TAU, 1e-30), (TAU, 1e30), (1e30, 1.0)])
 def test_mc_identical_at_extreme_scales(monkeypatch, path, tau, sigma):
     grads = _grads()
