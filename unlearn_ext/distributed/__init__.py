@@ -10,6 +10,9 @@ processes or opens connections of its own.
                 selection over the ranks' shards concatenated in rank order, bit for bit.
 * ledger.py     one DeletionLedger per job: rank 0 writes, a request is decided once (rank 0's ids,
                 broadcast), every rank applies the same result or none.
+* history_methods.py  Mini-Unlearning and DeltaGrad with their gradients, Hessian-vector products and
+                losses over sets of ids split across the ranks and summed in rank order; every rank
+                ends with the same weights, the single-process answer up to float rounding.
 * pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
                 across the ranks (a fixed slice each) and summed in rank order.
 
@@ -17,8 +20,9 @@ A rank that dies is noticed by the others through the process group's own timeou
 of `torch.distributed.init_process_group`): their pending collective raises then.
 """
 from .group import DistributedRefusal, agree
+from .history_methods import DistributedDeltaGradUnlearner, DistributedMiniUnlearner
 from .ledger import DistributedLedger
 from .pcmu import DistributedPCMUTrainer, rank_slice
 from .selection import histogram_bytes_per_pass, random_k, topk
 
-__all__ = ["DistributedLedger", "DistributedPCMUTrainer", "DistributedRefusal", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
+__all__ = ["DistributedDeltaGradUnlearner", "DistributedLedger", "DistributedMiniUnlearner", "DistributedPCMUTrainer", "DistributedRefusal", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
