@@ -28,9 +28,10 @@ from ..pcmu.trainer import PCMUTrainer
 from .group import agree, exchange_device, require_group, sum_in_rank_order
 
 
-def rank_slice(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank `rank`'s share of a batch: ids[rank*n//world : (rank+1)*n//world] (in batch order)."""
-    n = ids.numel()
+def rank_slice(ids, rank: int, world: int):
+    """Rank `rank`'s share of a batch (a 1-D tensor or a list): ids[rank*n//world : (rank+1)*n//world],
+    in batch order."""
+    n = len(ids)
     return ids[rank * n // world:(rank + 1) * n // world]
 
 
