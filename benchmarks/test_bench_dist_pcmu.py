@@ -8,6 +8,9 @@ ranks' float64 clipped sums, gathered so that every rank adds them in rank order
 Timing: wall clock around `step` on rank 0 after a barrier (so a round waits for the slower rank),
 the median of the steps after WARMUP; every configuration takes the same scheduled batches. On a
 machine whose cores are shared with other work the 2-rank figure is the most sensitive to it.
+
+Run (it uses the `note` fixture, so not with --benchmark-only):
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_dist_pcmu.py
 """
 from __future__ import annotations
 
