@@ -8,6 +8,7 @@ request equals the single-process answer. Set-ups DDP cannot serve are refused o
 before training."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -123,9 +124,11 @@ def _compare(world: int):
         assert "not for method='topk'" in unsupported, unsupported
 
 
+@pytest.mark.slow
 def test_two_ranks_record_as_one_process():
     _compare(2)
 
 
+@pytest.mark.slow
 def test_three_ranks_record_as_one_process():
     _compare(3)

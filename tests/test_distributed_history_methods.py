@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import unlearn_ext as ue
@@ -110,9 +111,11 @@ def _compare(world: int):
         assert not torch.equal(want["weights"], FlatModel(*_problem(method)[:2]).flat())
 
 
+@pytest.mark.slow
 def test_two_ranks_unlearn_as_one_process():
     _compare(2)
 
 
+@pytest.mark.slow
 def test_three_ranks_uneven_split_unlearn_as_one_process():
     _compare(3)

@@ -13,6 +13,8 @@ processes or opens connections of its own.
 * history_methods.py  Mini-Unlearning and DeltaGrad with their gradients, Hessian-vector products and
                 losses over sets of ids split across the ranks and summed in rank order; every rank
                 ends with the same weights, the single-process answer up to float rounding.
+* sharded_history.py  each rank records its shard of the parameters into its own store; a manifest
+                (ranks, shard offsets, step range, codecs) ties them; reading a step reassembles it.
 * pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
                 across the ranks (a fixed slice each) and summed in rank order.
 
@@ -24,5 +26,6 @@ from .history_methods import DistributedDeltaGradUnlearner, DistributedMiniUnlea
 from .ledger import DistributedLedger
 from .pcmu import DistributedPCMUTrainer, rank_slice
 from .selection import histogram_bytes_per_pass, random_k, topk
+from .sharded_history import ShardedHistory, ShardedRecorder
 
-__all__ = ["DistributedDeltaGradUnlearner", "DistributedLedger", "DistributedMiniUnlearner", "DistributedPCMUTrainer", "DistributedRefusal", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
+__all__ = ["DistributedDeltaGradUnlearner", "DistributedLedger", "DistributedMiniUnlearner", "DistributedPCMUTrainer", "DistributedRefusal", "ShardedHistory", "ShardedRecorder", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
