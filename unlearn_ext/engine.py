@@ -21,6 +21,9 @@ What wrapping does:
     optimizer's step by its own (the returned optimizer is a PCMUOptimizer over the user's SGD,
     pcmu/optimizer.py); Top-K, Random-k, fine-tuning and retraining record nothing. The history
     methods need torch.optim.SGD, plain or with heavy-ball / Nesterov momentum (dampening 0).
+A DistributedDataParallel model (history methods only; distributed/ddp.py): the checks, the recipe
+and the recording use its replicated module; each rank's loader yields its equal share of every
+batch; rank 0 records and answers requests, the other ranks record nothing.
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
 """

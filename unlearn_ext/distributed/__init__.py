@@ -13,6 +13,8 @@ processes or opens connections of its own.
 * history_methods.py  Mini-Unlearning and DeltaGrad with their gradients, Hessian-vector products and
                 losses over sets of ids split across the ranks and summed in rank order; every rank
                 ends with the same weights, the single-process answer up to float rounding.
+* ddp.py        what UnlearningEngine.make_unlearnable needs for a DistributedDataParallel model in
+                the user's loop: each rank's equal share of every batch, and which rank records.
 * sharded_history.py  each rank records its shard of the parameters into its own store; a manifest
                 (ranks, shard offsets, step range, codecs) ties them; reading a step reassembles it.
 * pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
