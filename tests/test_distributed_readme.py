@@ -1,5 +1,5 @@
-"""The README's distributed example runs as written on 2 gloo ranks (the launcher creates the group,
-so the example's own init and destroy lines are the only ones left out), in a temporary directory."""
+"""The README's distributed examples run as written on 2 gloo ranks (the launcher creates the group,
+so the examples' own init and destroy lines are the only ones left out), in a temporary directory."""
 from __future__ import annotations
 
 import json
@@ -36,3 +36,20 @@ def test_distributed_example_runs_on_two_ranks():
     assert [r["ids"] for r in requests] == [[3, 17, 42]]
     assert got[0]["k"] == got[1]["k"] == sum(g["reset"] for g in got) > 0
     assert got[0]["picked"] == 10
+
+
+def ddp_readme_worker(rank, world, code):
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    report = namespace.get("report")
+    return {"status": None if report is None else report.status, "ids": None if report is None else report.ids}
+
+
+@pytest.mark.slow
+def test_ddp_loop_example_runs_on_two_ranks():
+    code = example("distributed-ddp")
+    assert INIT in code and "dist.destroy_process_group()" in code
+    code = code.replace(INIT, "").replace("dist.destroy_process_group()", "")
+    got = launch(ddp_readme_worker, 2, TIMEOUT_S, code)
+    assert got[0]["ids"] == [3, 17, 42] and got[0]["status"] in ("unlearned", "fallback")
+    assert got[1] == {"status": None, "ids": None}  # rank 1 recorded nothing and answered nothing

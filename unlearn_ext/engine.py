@@ -21,6 +21,9 @@ What wrapping does:
     optimizer's step by its own (the returned optimizer is a PCMUOptimizer over the user's SGD,
     pcmu/optimizer.py); Top-K, Random-k, fine-tuning and retraining record nothing. The history
     methods need torch.optim.SGD, plain or with heavy-ball / Nesterov momentum (dampening 0).
+A DistributedDataParallel model (history methods only; distributed/ddp.py): the checks, the recipe
+and the recording use its replicated module; each rank's loader yields its equal share of every
+batch; rank 0 records and answers requests, the other ranks record nothing.
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
 """
@@ -33,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .baselines import FinetuneUnlearner, RetrainUnlearner
 from .data import BatchSchedule, TrainingData
+from .distributed.ddp import RankShareSampler, check_even_shares, ddp_placement
 from .history import HistoryRecorder
 from .loading import SeededDataset
 from .mini.record import FULL_GRAD, mini_store, step_store
@@ -80,6 +84,10 @@ class UnlearningEngine:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         data, batch_size, options = _training_data(data, batch_size, ids, augmentation_seed)
+        user_model, ddp = model, ddp_placement(model)
+        if ddp is not None:  # everything below works on the replicated module; the user keeps the DDP wrapper
+            _check_ddp(method, len(data), batch_size, ddp)
+            model = ddp.module
         loss_fn = torch.nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         reduction = "mean"
         if len(data) >= 2:
@@ -94,20 +102,24 @@ class UnlearningEngine:
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step)
         recipe.loader_options = options
         schedule = BatchSchedule(data.ids, batch_size, seed)
-        loader = DataLoader(data.items, batch_sampler=data.sampler(schedule), **options)
+        batches = data.sampler(schedule)
+        if ddp is not None:  # each rank loads its share of every batch
+            batches = RankShareSampler(batches, ddp.rank, ddp.world)
+        loader = DataLoader(data.items, batch_sampler=batches, **options)
         pcmu = None
         if method == "pcmu":  # before the run is set: its options may still be refused
             pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed,
                                  steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
                                  **method_options)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
+        self.run.records = ddp is None or ddp.records
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
             self.run.recorder = _StepHistory(self.run, history)
         elif method == "pcmu":
             self.run.recorder = optimizer = pcmu
-        return model, optimizer, loader
+        return user_model, optimizer, loader
 
     @property
     def data(self) -> TrainingData:
@@ -152,6 +164,7 @@ class _Run:
         self.recorder = None
         self.unlearner = None
         self.trained = None
+        self.records = True  # False on a DDP job's ranks other than 0: one rank writes the history
 
     def build(self) -> Unlearner:
         m, o = self.method, self.options
@@ -196,6 +209,16 @@ def _training_data(data, batch_size, ids, augmentation_seed):
     if "collate_fn" in options:
         training.collate = options["collate_fn"]
     return training, int(batch_size), options
+
+
+def _check_ddp(method: str, n: int, batch_size: int, ddp) -> None:
+    """What a DistributedDataParallel model in the user's loop supports (distributed/ddp.py)."""
+    if method not in HISTORY_METHODS:
+        hint = (" (PCMU computes its own update across ranks: unlearn_ext.distributed.DistributedPCMUTrainer)"
+                if method == "pcmu" else "")
+        raise UnsupportedModelError(f"a DistributedDataParallel model is supported for the history methods "
+                                    f"({', '.join(HISTORY_METHODS)}), not for method={method!r}{hint}")
+    check_even_shares(n, batch_size, ddp.world)
 
 
 def _check_history_method(method: str, model, optimizer, reduction: str) -> None:
@@ -291,13 +314,14 @@ class _AnchorRecorder(_StepCounter):
 
     def __init__(self, run: _Run, store, anchors: int):
         from .mini.record import anchor_epochs
-        self.store = store if store is not None else mini_store(run.model)
+        self.store = _store_of(run, store, mini_store)
         self.spe = run.schedule.batches_per_epoch
         self.anchor_epochs = anchor_epochs(run.recipe.epochs, anchors)
         self.anchor_steps = {a * self.spe for a in self.anchor_epochs}
         # Hooks run in registration order: ours (attaching the anchor's gradient) before the recorder's.
         super().__init__(run)
-        self.recorder = HistoryRecorder(self.store, run.model, run.optimizer, steps=self.anchor_steps)
+        if run.records:
+            self.recorder = HistoryRecorder(self.store, run.model, run.optimizer, steps=self.anchor_steps)
 
     def full_gradient(self):
         flat = FlatModel(self.run.model, self.run.data)
@@ -307,7 +331,9 @@ class _AnchorRecorder(_StepCounter):
         return flat, w, g
 
     def on_step(self, t: int) -> None:
-        if t in self.anchor_steps:
+        # Under DDP rank 0 alone takes the full-data gradient (K * n sample-gradients in all); the
+        # other ranks wait for it in DDP's next gradient all-reduce.
+        if t in self.anchor_steps and self.run.records:
             refuse_training_batch_norm(self.run.model, "Mini-Unlearning", "the gradients it replays")
             flat, w, g = self.full_gradient()
             self.recorder.attach(**{FULL_GRAD: flat.split(g)})
@@ -317,6 +343,7 @@ class _AnchorRecorder(_StepCounter):
     def unlearner(self, **options):
         from .mini import MiniUnlearner
         self.check_finished()
+        _require_recording_rank(self.run)
         end = self.run.recipe.steps(len(self.run.data))
         if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
             flat, w, g = self.full_gradient()
@@ -334,16 +361,19 @@ class _StepHistory(_StepCounter):
 
     def __init__(self, run: _Run, store):
         from .mini.record import anchor_epochs
-        self.store = store if store is not None else step_store(run.model)
+        self.store = _store_of(run, store, step_store)
         super().__init__(run)  # first: the batch ids must be set before the recorder's hook runs
-        self.recorder = HistoryRecorder(self.store, run.model, run.optimizer)
+        if run.records:
+            self.recorder = HistoryRecorder(self.store, run.model, run.optimizer)
         # The edge-of-stability estimate where the library's StepRecorder takes it: at Mini's
         # geometric anchor epochs and at the last step.
         spe, total = run.schedule.batches_per_epoch, run.recipe.steps(len(run.data))
         self.sharpness_steps = {a * spe for a in anchor_epochs(run.recipe.epochs) if 0 < a * spe < total} | {total - 1}
 
     def on_step(self, t: int) -> None:
-        self.recorder.batch(self.run.schedule.step(t).ids)
+        if not self.run.records:  # a DDP rank other than 0 records nothing
+            return
+        self.recorder.batch(self.run.schedule.step(t).ids)  # the whole batch (under DDP this rank loaded a share)
         if t in self.sharpness_steps:
             flat = FlatModel(self.run.model, self.run.data)
             self.record_sharpness(flat, flat.flat(), t)
@@ -351,5 +381,20 @@ class _StepHistory(_StepCounter):
     def unlearner(self, **options):
         from .mini import DeltaGradUnlearner
         self.check_finished()
+        _require_recording_rank(self.run)
         self.store.set_run_info(**self.run_info(recorded_by="unlearn_ext.UnlearningEngine"))
         return DeltaGradUnlearner(self.run.model, self.run.data, self.store, **options)
+
+
+def _store_of(run: _Run, store, make):
+    """The history store this rank records into: the user's, a new in-memory one, or none on a
+    DDP rank other than 0."""
+    if not run.records:
+        return None
+    return store if store is not None else make(run.model)
+
+
+def _require_recording_rank(run: _Run) -> None:
+    if not run.records:
+        raise RuntimeError("under DistributedDataParallel rank 0 records the history and answers deletion "
+                           "requests: call engine.unlearner() on rank 0 (this rank recorded nothing)")

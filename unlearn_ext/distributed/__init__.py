@@ -10,6 +10,13 @@ processes or opens connections of its own.
                 selection over the ranks' shards concatenated in rank order, bit for bit.
 * ledger.py     one DeletionLedger per job: rank 0 writes, a request is decided once (rank 0's ids,
                 broadcast), every rank applies the same result or none.
+* history_methods.py  Mini-Unlearning and DeltaGrad with their gradients, Hessian-vector products and
+                losses over sets of ids split across the ranks and summed in rank order; every rank
+                ends with the same weights, the single-process answer up to float rounding.
+* ddp.py        what UnlearningEngine.make_unlearnable needs for a DistributedDataParallel model in
+                the user's loop: each rank's equal share of every batch, and which rank records.
+* sharded_history.py  each rank records its shard of the parameters into its own store; a manifest
+                (ranks, shard offsets, step range, codecs) ties them; reading a step reassembles it.
 * pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
                 across the ranks (a fixed slice each) and summed in rank order.
 
@@ -17,8 +24,10 @@ A rank that dies is noticed by the others through the process group's own timeou
 of `torch.distributed.init_process_group`): their pending collective raises then.
 """
 from .group import DistributedRefusal, agree
+from .history_methods import DistributedDeltaGradUnlearner, DistributedMiniUnlearner
 from .ledger import DistributedLedger
 from .pcmu import DistributedPCMUTrainer, rank_slice
 from .selection import histogram_bytes_per_pass, random_k, topk
+from .sharded_history import ShardedHistory, ShardedRecorder
 
-__all__ = ["DistributedLedger", "DistributedPCMUTrainer", "DistributedRefusal", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
+__all__ = ["DistributedDeltaGradUnlearner", "DistributedLedger", "DistributedMiniUnlearner", "DistributedPCMUTrainer", "DistributedRefusal", "ShardedHistory", "ShardedRecorder", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]

@@ -81,3 +81,16 @@ def _all_gather_rows(row: torch.Tensor, group) -> torch.Tensor:
     out = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, row, group=group)
     return torch.stack(out).cpu()
+
+
+def sum_in_rank_order(flat: torch.Tensor, group) -> torch.Tensor:
+    """sum over ranks r = 0, 1, ... of each rank's vector, added in that order, on every rank. An
+    all-reduce adds in the backend's own order; gathering first and adding in rank order makes every
+    rank's result the same bits (so replicated computations that follow stay identical)."""
+    device = exchange_device(group)
+    parts = [torch.empty_like(flat, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, flat.to(device), group=group)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total.to(flat.device)

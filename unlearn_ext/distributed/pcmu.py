@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 
 from ..pcmu.trainer import PCMUTrainer
-from .group import agree, exchange_device, require_group
+from .group import agree, exchange_device, require_group, sum_in_rank_order
 
 
-def rank_slice(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank `rank`'s share of a batch: ids[rank*n//world : (rank+1)*n//world] (in batch order)."""
-    n = ids.numel()
+def rank_slice(ids, rank: int, world: int):
+    """Rank `rank`'s share of a batch (a 1-D tensor or a list): ids[rank*n//world : (rank+1)*n//world],
+    in batch order."""
+    n = len(ids)
     return ids[rank * n // world:(rank + 1) * n // world]
 
 
@@ -76,24 +77,13 @@ class DistributedPCMUTrainer(PCMUTrainer):
             local = super()._batch_sums64(named, mine)
         else:  # a rank whose slice is empty still joins the gather
             local = {k: self._sums[k].zero_() for k in self.names}
-        total = self._sum_in_rank_order(torch.cat([local[k].reshape(-1) for k in self.names]))
+        total = sum_in_rank_order(torch.cat([local[k].reshape(-1) for k in self.names]), self.group)
         out, start = {}, 0
         for k in self.names:
             n = local[k].numel()
             out[k] = total[start:start + n].view(local[k].shape).to(local[k].device)
             start += n
         return out
-
-    def _sum_in_rank_order(self, flat: torch.Tensor) -> torch.Tensor:
-        """sum over ranks r = 0, 1, ... of each rank's vector, added in that order (an all-reduce's
-        order is the backend's; gathering first makes every rank's float64 result the same)."""
-        device = exchange_device(self.group)
-        parts = [torch.empty_like(flat, device=device) for _ in range(self.world)]
-        dist.all_gather(parts, flat.to(device), group=self.group)
-        total = parts[0].clone()
-        for part in parts[1:]:
-            total += part
-        return total.cpu() if flat.device.type == "cpu" else total.to(flat.device)
 
     def step(self, ids: torch.Tensor, *, step_size: float | None = None, clipped_sums: dict | None = None):
         if clipped_sums is not None:

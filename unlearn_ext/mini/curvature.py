@@ -137,15 +137,17 @@ def ritz_spectrum(Q: torch.Tensor, T: torch.Tensor, sample_gradients: int = 0) -
 
 
 def lanczos_spectrum(flat: FlatModel, w: torch.Tensor, ids: torch.Tensor, weight_decay: float,
-                     start: torch.Tensor, steps: int, seed: int = 0) -> Spectrum:
-    op = HessianOperator(flat, w, ids, weight_decay)
+                     start: torch.Tensor, steps: int, seed: int = 0, hessian=HessianOperator) -> Spectrum:
+    """hessian: the operator class (HessianOperator; across ranks, one summing the ranks' products)."""
+    op = hessian(flat, w, ids, weight_decay)
     Q, T = lanczos(op, start, steps, seed)
     return ritz_spectrum(Q, T, op.sample_gradients)
 
 
-def exact_spectrum(flat: FlatModel, w: torch.Tensor, ids: torch.Tensor, weight_decay: float) -> Spectrum:
+def exact_spectrum(flat: FlatModel, w: torch.Tensor, ids: torch.Tensor, weight_decay: float,
+                   hessian=HessianOperator) -> Spectrum:
     """The whole Hessian (d HVPs), eigendecomposed: every direction is in the basis (small d only)."""
-    op = HessianOperator(flat, w, ids, weight_decay)
+    op = hessian(flat, w, ids, weight_decay)
     H = torch.stack([op(e) for e in torch.eye(flat.dim, dtype=torch.float64)], dim=1)
     H = (H + H.T) / 2
     return ritz_spectrum(torch.eye(flat.dim, dtype=torch.float64), H, op.sample_gradients)

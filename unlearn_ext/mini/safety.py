@@ -20,12 +20,8 @@ DEFAULT_LOSS_RISE_LIMIT = 0.25
 def retained_loss_rise(flat, ids: torch.Tensor, w_before: torch.Tensor, w_after: torch.Tensor,
                        weight_decay: float) -> float:
     """(L_S(w_after) - L_S(w_before)) / L_S(w_before) for the retained objective on rows `ids`."""
-    x, y = flat.data.batch(ids)
-
     def objective(w):
-        with torch.no_grad():
-            loss = float(flat.loss_sum(w.float(), x, y)) / ids.numel()
-        return loss + 0.5 * weight_decay * float(w.double().norm() ** 2)
+        return flat.mean_loss(w, ids) + 0.5 * weight_decay * float(w.double().norm() ** 2)
 
     before = objective(w_before)
     return (objective(w_after) - before) / max(abs(before), 1e-12)

@@ -38,7 +38,7 @@ from ..parameters import parameter_shapes, trainable
 from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
-from .curvature import exact_spectrum, lanczos_spectrum, subsample
+from .curvature import HessianOperator, exact_spectrum, lanczos_spectrum, subsample
 from .history_digest import history_sha256
 from .propagate import (DELTA_RULES, UNSTABLE, edge_directions, gap_bound_factor, propagate_segment,
                         propagate_segment_momentum, stability_bound)
@@ -53,6 +53,7 @@ CURVATURE = ("final", "anchors", "exact")
 
 class MiniUnlearner(Unlearner):
     method = "mini"
+    hessian = HessianOperator  # the curvature's operator (distributed/history_methods.py sums it across ranks)
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, store: HistoryStore, *,
                  curvature_samples: int | str = "auto", lanczos_steps: int | str = "auto", curvature: str = "final",
@@ -139,8 +140,8 @@ class MiniUnlearner(Unlearner):
     def _spectrum(self, w, start, retained, m, k):
         ids = subsample(retained, m, self.seed)
         if self.curvature == "exact":
-            return exact_spectrum(self.flat, w, ids, self.weight_decay)
-        return lanczos_spectrum(self.flat, w, ids, self.weight_decay, start, k, self.seed)
+            return exact_spectrum(self.flat, w, ids, self.weight_decay, self.hessian)
+        return lanczos_spectrum(self.flat, w, ids, self.weight_decay, start, k, self.seed, self.hessian)
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         refuse_training_batch_norm(self.model, "Mini-Unlearning")

@@ -61,6 +61,12 @@ class FlatModel:
         with eval_mode(self.model):
             return self.data.loss(functional_call(self.model, (params, self.buffers), (x,)), y).sum()
 
+    def mean_loss(self, w: torch.Tensor, ids: torch.Tensor) -> float:
+        """(1/|ids|) sum_{i in ids} l_i(w) as a Python float, without weight decay (no gradient)."""
+        x, y = self.data.batch(ids)
+        with torch.no_grad():
+            return float(self.loss_sum(w.float(), x, y)) / ids.numel()
+
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay. Costs |ids|
         sample-gradients. Empty ids give zeros.

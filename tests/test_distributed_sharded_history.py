@@ -1,0 +1,119 @@
+"""Sharded history (unlearn_ext.distributed.sharded_history), 2 and 3 gloo ranks: each rank records
+its shard into its own store, rank 0 writes the manifest, and every step read back from the shards
+equals the same step of one store holding all the parameters, bit for bit: with int8 parameters
+(closed-loop deltas) and int8 gradients when each rank holds whole tensors, with fp32 for a flat
+vector split anywhere (FSDP's layout). Ranks that disagree on the codecs or on the recorded steps
+are refused on every rank."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+from unlearn_ext.distributed import ShardedHistory, ShardedRecorder, rank_slice
+from unlearn_ext.history import HistoryStore
+from unlearn_ext.history.store import FieldSpec
+
+from distributed_setup import launch
+
+TIMEOUT_S = 90
+SHAPES = [(24, 16), (24,), (16, 24), (16,), (10, 16), (10,)]
+STEPS = 7
+CODECS = {"tensors": "int8", "flat": "fp32"}  # the codec each split is tested with
+
+
+def _step(t: int, name: str) -> list[torch.Tensor]:
+    """Step t's tensors of a field: parameters drift smoothly (what delta encoding sees), gradients not."""
+    g = torch.Generator().manual_seed(1000 * (name == "grads") + (t if name == "grads" else 0))
+    base = [torch.randn(s, generator=g) for s in SHAPES]
+    if name == "grads":
+        return base
+    drift = torch.Generator().manual_seed(500 + t)
+    return [b + 0.01 * t * torch.randn(b.shape, generator=drift) for b in base]
+
+
+def _shard(tensors: list, split: str, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's part: a run of whole tensors (about 1/world of the elements each), or its
+    rank_slice of the flat vector."""
+    if split == "flat":
+        return [rank_slice(torch.cat([t.reshape(-1) for t in tensors]), rank, world).clone()]
+    total, seen, out = sum(t.numel() for t in tensors), 0, []
+    for t in tensors:
+        if rank * total // world <= seen < (rank + 1) * total // world:
+            out.append(t)
+        seen += t.numel()
+    return out
+
+
+def _record(recorder, split, rank, world, steps=range(STEPS)):
+    for t in steps:
+        recorder.record(t, {n: _shard(_step(t, n), split, rank, world) for n in ("params", "grads")},
+                        lr=0.1 * (t + 1), batch_ids=torch.arange(t, t + 4))
+
+
+def sharded_worker(rank, world, directory, split):
+    codec = CODECS[split]
+    recorder = ShardedRecorder(os.path.join(directory, "run"), _shard(_step(0, "params"), split, rank, world),
+                               params=codec, grads=codec, keyframe_every=3)
+    _record(recorder, split, rank, world)
+    manifest = recorder.finish()
+    refusals = []
+    try:  # rank 1 asks for another codec
+        ShardedRecorder(os.path.join(directory, "codecs"), _shard(_step(0, "params"), split, rank, world),
+                        params="fp16" if rank == 1 else codec, grads=codec)
+        refusals.append("accepted")
+    except ValueError as exc:
+        refusals.append(str(exc))
+    other = ShardedRecorder(os.path.join(directory, "steps"), _shard(_step(0, "params"), split, rank, world),
+                            params=codec, grads=codec)
+    _record(other, split, rank, world, range(STEPS - 1 if rank == 1 else STEPS))  # rank 1 missed a step
+    try:
+        other.finish()
+        refusals.append("accepted")
+    except ValueError as exc:
+        refusals.append(str(exc))
+    return manifest, refusals
+
+
+def _unsharded(split: str) -> HistoryStore:
+    codec = CODECS[split]
+    shapes = SHAPES if split == "tensors" else [(sum(torch.Size(s).numel() for s in SHAPES),)]
+    store = HistoryStore({"params": FieldSpec(shapes, codec, delta=codec == "int8"), "grads": FieldSpec(shapes, codec)},
+                         keyframe_every=3)
+    for t in range(STEPS):
+        fields = {n: _step(t, n) if split == "tensors" else [torch.cat([x.reshape(-1) for x in _step(t, n)])]
+                  for n in ("params", "grads")}
+        store.record(t, fields, lr=0.1 * (t + 1), batch_ids=torch.arange(t, t + 4))
+    return store
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("split", ["tensors", "flat"])
+def test_sharded_reads_equal_one_store(world, split):
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(sharded_worker, world, TIMEOUT_S, directory, split)
+        history = ShardedHistory.open(os.path.join(directory, "run"))
+        with open(os.path.join(directory, "run", "manifest.json")) as f:
+            on_disk = json.load(f)
+        want = _unsharded(split)
+        assert history.steps == want.steps == list(range(STEPS))
+        for t in range(STEPS):
+            read = history.read(t)
+            whole = want.read(t)
+            for name in ("params", "grads"):
+                assert torch.equal(read[name], torch.cat([x.reshape(-1) for x in whole.tensors[name]])), (t, name)
+        history.close()
+    ranks = on_disk["ranks"]
+    assert on_disk == got[0][0] and on_disk["world"] == world and len(ranks) == world
+    assert [r["offset"] for r in ranks] == [sum(q["elements"] for q in ranks[:i]) for i in range(world)]
+    assert sum(r["elements"] for r in ranks) == sum(torch.Size(s).numel() for s in SHAPES)
+    assert on_disk["steps"] == {"first": 0, "last": STEPS - 1, "count": STEPS}
+    assert on_disk["codecs"] == {"params": CODECS[split], "grads": CODECS[split]}
+    for rank in range(world):
+        codecs, steps = got[rank][1]
+        assert "disagree on codecs" in codecs, codecs
+        assert "disagree on the recorded steps" in steps, steps

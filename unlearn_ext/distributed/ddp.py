@@ -1,0 +1,69 @@
+"""A DistributedDataParallel model in the user's own loop (docs/design.md §12 and §13): what
+`UnlearningEngine.make_unlearnable` needs to serve it.
+
+Under DDP every rank holds the same (replicated) parameters and, after backward, the same
+gradient: the mean of the ranks' mean gradients. The engine's loader gives each rank a fixed share
+of every scheduled batch (`RankShareSampler`: rank_slice of the batch), so that mean is the whole
+batch's mean gradient -- when the shares are equal in size. DDP averages per-rank means with equal
+weights, so unequal shares would weight some samples more than others and the recorded gradients
+would not be the batch gradients that the history methods replay; `check_even_shares` refuses
+such a schedule before training. Recording then needs one writer: rank 0 records (its parameters
+and reduced gradients are every rank's), the other ranks record nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .pcmu import rank_slice
+
+
+@dataclass
+class DDPPlacement:
+    """Where this process sits in a DDP job: the wrapped module, its group, rank and world size."""
+    module: torch.nn.Module
+    group: object
+    rank: int
+    world: int
+
+    @property
+    def records(self) -> bool:
+        """Whether this rank writes the history (rank 0 of the model's group)."""
+        return self.rank == 0
+
+
+def ddp_placement(model: torch.nn.Module) -> DDPPlacement | None:
+    """The placement of a DistributedDataParallel model; None for any other module."""
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    group = model.process_group
+    return DDPPlacement(model.module, group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def check_even_shares(n: int, batch_size: int, world: int) -> None:
+    """Refuses a schedule whose batches do not split into `world` equal shares (module docstring)."""
+    sizes = {batch_size} | ({n % batch_size} if n % batch_size else set())
+    uneven = sorted(s for s in sizes if s % world)
+    if uneven:
+        raise ValueError(f"under DistributedDataParallel each of the {world} ranks takes an equal share of every "
+                         f"batch (DDP averages the ranks' mean gradients with equal weights); batches of "
+                         f"{', '.join(map(str, uneven))} samples do not split into {world} equal shares "
+                         f"({n} samples, batch_size {batch_size}): choose a batch_size (and data size) whose "
+                         f"batches are multiples of {world}")
+
+
+class RankShareSampler(torch.utils.data.Sampler):
+    """A batch sampler yielding this rank's share (rank_slice) of each batch of `batches`."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, int(rank), int(world)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield rank_slice(batch, self.rank, self.world)
+
+    def __len__(self) -> int:
+        return len(self.batches)

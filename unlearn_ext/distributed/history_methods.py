@@ -1,0 +1,145 @@
+"""Mini-Unlearning and DeltaGrad with their data passes split across the ranks of a process group
+(docs/design.md §12 and §6).
+
+Every rank holds the same model, data and history (each rank recorded the same run, or loaded the
+same store). What costs sample-gradients is split: a gradient or loss over a set of ids (the
+forgotten set F, a retained batch, the curvature subsample, the loss check's subsample) is
+computed by each rank on its slice of those ids (`rank_slice`: contiguous, fixed by the set's size
+and the world size) and the ranks' sums are added in rank order; a Hessian-vector product likewise
+over the curvature subsample. Every rank then holds the same float64 bits, so the Lanczos
+recurrence, the spectral propagation, DeltaGrad's replay and every safety check run identically on
+every rank: the weights every rank ends with are equal bit for bit, and equal the single-process
+answer up to float rounding (the sums are grouped per rank).
+
+Not split: Mini-Unlearning's fallback (resuming training without F from the stored weights at step
+0), which every rank runs in full (the same arithmetic as one process, so the same weights);
+DeltaGrad's fallback, the exact replay, is split like its other steps.
+
+Every call that computes (construction, unlearn) is collective: call it on every rank, in the same
+order. Construction checks that the ranks agree on the data size, the history (its digest), the
+model's weights and the method's options; a request, that every rank names the same ids.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from ..mini.curvature import HessianOperator
+from ..mini.deltagrad import DeltaGradUnlearner
+from ..mini.unlearner import MiniUnlearner
+from ..mini.vectors import FlatModel
+from .group import agree, require_group, sum_in_rank_order
+from .ledger import state_digest
+from .pcmu import rank_slice
+
+
+class RankSplitFlatModel(FlatModel):
+    """FlatModel whose mean losses and gradients over a set of ids are computed by the ranks of
+    `group` together: each rank its slice of the ids, summed in rank order (float64)."""
+
+    def __init__(self, model: torch.nn.Module, data, group):
+        super().__init__(model, data)
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    def my_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return rank_slice(ids, self.rank, self.world)
+
+    def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() == 0:  # the same decision on every rank: no collective
+            return torch.zeros(self.dim, dtype=torch.float32)
+        mine = self.my_ids(ids)
+        local = super().mean_loss_grad(w, mine).double() * mine.numel()  # this rank's sum
+        return (sum_in_rank_order(local, self.group) / ids.numel()).float()
+
+    def mean_loss(self, w: torch.Tensor, ids: torch.Tensor) -> float:
+        mine = self.my_ids(ids)
+        local = super().mean_loss(w, mine) * mine.numel() if mine.numel() else 0.0
+        total = sum_in_rank_order(torch.tensor([local], dtype=torch.float64), self.group)
+        return float(total[0]) / ids.numel()
+
+
+class RankSummedHessian:
+    """v -> H v over `ids` plus weight_decay * v (HessianOperator's contract), each rank taking the
+    products of its slice of ids: H v = sum_r (|ids_r| / |ids|) H_r v, added in rank order."""
+
+    def __init__(self, flat: RankSplitFlatModel, w: torch.Tensor, ids: torch.Tensor, weight_decay: float):
+        mine = flat.my_ids(ids)
+        self.flat, self.wd, self.count = flat, float(weight_decay), int(ids.numel())
+        self.weight = mine.numel() / self.count
+        # A rank with an empty slice contributes zeros (and still joins every sum).
+        self.local = HessianOperator(flat, w, mine, 0.0) if mine.numel() else None
+        self.products = 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        local = self.local(v) * self.weight if self.local is not None else torch.zeros(v.numel(), dtype=torch.float64)
+        return sum_in_rank_order(local, self.flat.group) + self.wd * v.double()
+
+    @property
+    def sample_gradients(self) -> int:
+        """The job's cost (every rank's share), as one process would count it."""
+        return 2 * self.count * self.products
+
+
+def _digest64(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def _setup_values(unlearner, options: dict) -> tuple:
+    """What every rank must hold equally: data size, history, weights, options (in agree's order)."""
+    return (len(unlearner.data), _digest64(unlearner.history_sha256), state_digest(unlearner.flat.flat()),
+            state_digest(sorted(options.items())))
+
+
+SETUP_NAMES = ("data size", "history (its sha256)", "model weights", "options")
+
+
+def agree_on_request(unlearner, ids, group) -> None:
+    """Every rank checks the request itself (empty, unknown ids) and that it names the same ids as
+    every other rank; any refusal raises on every rank before work starts."""
+    def check():
+        unlearner.split_request(ids)
+        return (state_digest(torch.as_tensor(ids).reshape(-1).tolist()),)
+    agree(check, shared=("the request's ids",), group=group)
+
+
+class DistributedMiniUnlearner(MiniUnlearner):
+    """MiniUnlearner across the ranks of `group` (module docstring). Same arguments as
+    MiniUnlearner, on every rank (the same model weights, data and history)."""
+
+    hessian = RankSummedHessian
+
+    def __init__(self, model, data, store, *, group=None, **options):
+        self.group = require_group(group)
+
+        def build():  # inside the agreement: one rank's refusal is every rank's
+            MiniUnlearner.__init__(self, model, data, store, **options)
+            self.flat = RankSplitFlatModel(model, data, self.group)
+            return _setup_values(self, options)
+        agree(build, shared=SETUP_NAMES, group=self.group)
+
+    def unlearn(self, ids):
+        agree_on_request(self, ids, self.group)
+        return super().unlearn(ids)
+
+
+class DistributedDeltaGradUnlearner(DeltaGradUnlearner):
+    """DeltaGradUnlearner across the ranks of `group` (module docstring): each replayed step's
+    retained and forgotten gradients are split across the ranks. Same arguments as
+    DeltaGradUnlearner, on every rank."""
+
+    def __init__(self, model, data, store, *, group=None, **options):
+        self.group = require_group(group)
+
+        def build():
+            DeltaGradUnlearner.__init__(self, model, data, store, **options)
+            self.flat = RankSplitFlatModel(model, data, self.group)
+            return _setup_values(self, options)
+        agree(build, shared=SETUP_NAMES, group=self.group)
+
+    def unlearn(self, ids):
+        agree_on_request(self, ids, self.group)
+        return super().unlearn(ids)
