@@ -1,5 +1,5 @@
 """The summary table of benchmarks/RESULTS.md, "Real models: every method on cnn, resnet, transformer",
-and issue targets read off it, from the JSON files that run.sh's `unlearn-ext eval` commands write.
+and the targets read off it, from the JSON files that run.sh's `unlearn-ext eval` commands write.
 
 Usage: python benchmarks/real_models/summarize.py benchmarks/real_models/*.json
 
@@ -75,7 +75,7 @@ def table(payload):
 
 
 def targets(payloads):
-    """Issue targets, each marked met or missed from the records (our reading of each target below)."""
+    """The targets, each marked met or missed from the records (our reading of each target below)."""
     out = ["### Targets", ""]
     cnn = [p for p in payloads if p["settings"]["model"] == "cnn"]
     for p in cnn:
@@ -115,7 +115,7 @@ def targets(payloads):
         walls = [r["wall_vs_retrain"] for _, r in fallbacks]
         cpus = [r["cpu_vs_retrain"] for _, r in fallbacks]
         out.append(f"* a fallback costs <= 1.05x retraining (wall time): **{'met' if not over else 'missed'}** "
-                   f"({len(fallbacks) - len(over)} of {len(fallbacks)} fallback rows within (wall/rt {_range(walls)}, "
+                   f"({len(fallbacks) - len(over)} of {len(fallbacks)} fallback rows within; wall/rt {_range(walls)}, "
                    f"cpu/rt {_range(cpus)}, sample-gradients {_range([r['cost_vs_retrain'] for _, r in fallbacks], '.3f')})")
         for method in sorted({r["method"] for _, r in fallbacks}):
             mine = [r for _, r in fallbacks if r["method"] == method]
