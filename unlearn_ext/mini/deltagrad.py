@@ -66,6 +66,7 @@ from .history_digest import history_sha256
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
 from .propagate import stability_bound
+from .replay_model import ReplayModel
 from .record import check_replayable_sgd
 from .vectors import FlatModel
 
@@ -193,9 +194,27 @@ class DeltaGradUnlearner(Unlearner):
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0
 
+    def _plan(self, union: torch.Tensor) -> list:
+        """Every recorded step as (t, lr, kept ids, removed ids, batch size), read from the store's
+        schedule (no field decoded) with one membership test for the whole history."""
+        steps = list(self.store.schedule())
+        for t, _, _, ids in steps:
+            if ids is None:
+                raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
+        gone = torch.isin(torch.cat([ids for *_, ids in steps]), union).split([int(ids.numel()) for *_, ids in steps])
+        return [(t, float(lr), ids[~g], ids[g], int(ids.numel())) for (t, lr, _, ids), g in zip(steps, gone)]
+
     def _replay(self, union: torch.Tensor, all_exact: bool):
-        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '')."""
+        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '').
+
+        The per-step work is only what depends on the previous step: the schedule and the
+        membership test are done once for the whole history, and the gradients come from one
+        working copy of the model (mini/replay_model.py) instead of rebuilding the model from the
+        flat vector at every call; an exact step takes its retained and removed gradients from one
+        forward pass. tests/deltagrad_reference.py states the same replay step by step."""
         flat, wd = self.flat, self.weight_decay
+        plan = self._plan(union)
+        grads = ReplayModel(flat)
         momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov) if self.sgd.momentum else None
         pairs = deque(maxlen=self.memory)
         w, cost, exact_steps, worst, top_eta_lambda, damped = None, 0, 0, 0.0, 0.0, 0
@@ -207,32 +226,30 @@ class DeltaGradUnlearner(Unlearner):
                     **({"damped_steps": damped} if self.unstable == "damp" else {})}
         if all_exact:  # retraining needs the stored weights of step 0 only: no other step is decoded
             w = flat.join(self.store.read(self.store.steps[0], ["params"]).tensors["params"])
-        for s in self.store.iter(names=[] if all_exact else ["params"]):
-            t, lr, batch = s.step, float(s.lr), s.batch_ids
-            if batch is None:
-                raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
-            if not all_exact:
-                w_t = flat.join(s.tensors["params"])
+            stored = None
+        else:
+            stored = self.store.iter(names=["params"])
+        for t, lr, kept, removed, size in plan:
+            if stored is not None:
+                w_t = flat.join(next(stored).tensors["params"])
                 if w is None:
                     w = w_t.clone()  # the stored initial weights
-            gone = torch.isin(batch, union)
-            kept, removed = batch[~gone], batch[gone]
             if kept.numel() == 0:
                 continue  # retraining makes no update on an emptied batch
             g_rec = None if all_exact else self.store.encoded(t, "grads")
-            # The exact replay (retraining) never needs the removed samples' gradients.
-            g_removed = flat.mean_loss_grad(w, removed) if removed.numel() and not all_exact else None
-            cost += int(removed.numel()) if g_removed is not None else 0
             dw = None if all_exact else w - w_t
             if all_exact or self._exact_step(t) or not pairs:
                 exact_steps += 1
-                g_kept = flat.mean_loss_grad(w, kept)
-                cost += int(kept.numel())
+                if all_exact:  # the exact replay (retraining) never needs the removed samples' gradients
+                    g_kept, g_removed = grads.mean_loss_grad(w, kept), None
+                else:
+                    g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
+                cost += int(kept.numel()) + (int(removed.numel()) if g_removed is not None else 0)
                 if not all_exact:
                     # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
-                    dg = g_kept * kept.numel() / batch.numel()
+                    dg = g_kept * kept.numel() / size
                     if g_removed is not None:
-                        dg += g_removed * removed.numel() / batch.numel()
+                        dg += g_removed * removed.numel() / size
                     g_rec.axpy_(flat.split(dg), -1.0)
                     if pairs and float(dg.norm()) > 0:
                         if model is None:
@@ -250,6 +267,8 @@ class DeltaGradUnlearner(Unlearner):
                 step = g_kept + wd * w if wd else g_kept
                 w = w - lr * step if momentum is None else momentum.step(w, step, lr)
             else:
+                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+                cost += int(removed.numel())
                 if model is None:
                     model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
                 if lambda_max is None:
@@ -264,7 +283,7 @@ class DeltaGradUnlearner(Unlearner):
                     predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
                 else:
                     predicted = model.product(dw).float()           # B (w^I_t - w_t)
-                scale = batch.numel() / kept.numel()
+                scale = size / kept.numel()
                 direction = scale * predicted
                 if g_removed is not None:
                     direction -= (removed.numel() / kept.numel()) * g_removed
