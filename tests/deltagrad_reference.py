@@ -3,7 +3,7 @@ through FlatModel.mean_loss_grad (functional_call on the flat vector), each step
 read on their own. The fast replay of unlearn_ext/mini/deltagrad.py batches and fuses that work; this
 is the plain statement of the same arithmetic that tests/test_deltagrad_fast.py compares it with.
 
-straightforward_replay(unlearner, union, all_exact) returns what DeltaGradUnlearner._replay returns:
+straightforward_replay(unlearner, union) returns what DeltaGradUnlearner._replay returns:
 (w^I_T or None, sample-gradients, stats, reason the replay stopped or '').
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from unlearn_ext.mini.deltagrad import CompactLBFGS, _MomentumReplay
 
 
-def straightforward_replay(self, union: torch.Tensor, all_exact: bool):
+def straightforward_replay(self, union: torch.Tensor):
     """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '')."""
     flat, wd = self.flat, self.weight_decay
     momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov) if self.sgd.momentum else None
@@ -27,47 +27,42 @@ def straightforward_replay(self, union: torch.Tensor, all_exact: bool):
     def stats():
         return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda,
                 **({"damped_steps": damped} if self.unstable == "damp" else {})}
-    if all_exact:  # retraining needs the stored weights of step 0 only: no other step is decoded
-        w = flat.join(self.store.read(self.store.steps[0], ["params"]).tensors["params"])
-    for s in self.store.iter(names=[] if all_exact else ["params"]):
+    for s in self.store.iter(names=["params"]):
         t, lr, batch = s.step, float(s.lr), s.batch_ids
         if batch is None:
             raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
-        if not all_exact:
-            w_t = flat.join(s.tensors["params"])
-            if w is None:
-                w = w_t.clone()  # the stored initial weights
+        w_t = flat.join(s.tensors["params"])
+        if w is None:
+            w = w_t.clone()  # the stored initial weights
         gone = torch.isin(batch, union)
         kept, removed = batch[~gone], batch[gone]
         if kept.numel() == 0:
             continue  # retraining makes no update on an emptied batch
-        g_rec = None if all_exact else self.store.encoded(t, "grads")
-        # The exact replay (retraining) never needs the removed samples' gradients.
-        g_removed = flat.mean_loss_grad(w, removed) if removed.numel() and not all_exact else None
-        cost += int(removed.numel()) if g_removed is not None else 0
-        dw = None if all_exact else w - w_t
-        if all_exact or self._exact_step(t) or not pairs:
+        g_rec = self.store.encoded(t, "grads")
+        g_removed = flat.mean_loss_grad(w, removed) if removed.numel() else None
+        cost += int(removed.numel())
+        dw = w - w_t
+        if self._exact_step(t) or not pairs:
             exact_steps += 1
             g_kept = flat.mean_loss_grad(w, kept)
             cost += int(kept.numel())
-            if not all_exact:
-                # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
-                dg = g_kept * kept.numel() / batch.numel()
-                if g_removed is not None:
-                    dg += g_removed * removed.numel() / batch.numel()
-                g_rec.axpy_(flat.split(dg), -1.0)
-                if pairs and float(dg.norm()) > 0:
-                    if model is None:
-                        model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
-                    err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
-                    worst = max(worst, err)
-                    if err > self.max_prediction_error:
-                        return None, cost, stats(), (
-                            f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
-                            f"{err:.3g} (relative) > {self.max_prediction_error:g}")
-                if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
-                    pairs.append((dw.clone(), dg.clone()))
-                    lambda_max, model = None, None
+            # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
+            dg = g_kept * kept.numel() / batch.numel()
+            if g_removed is not None:
+                dg += g_removed * removed.numel() / batch.numel()
+            g_rec.axpy_(flat.split(dg), -1.0)
+            if pairs and float(dg.norm()) > 0:
+                if model is None:
+                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
+                worst = max(worst, err)
+                if err > self.max_prediction_error:
+                    return None, cost, stats(), (
+                        f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
+                        f"{err:.3g} (relative) > {self.max_prediction_error:g}")
+            if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
+                pairs.append((dw.clone(), dg.clone()))
+                lambda_max, model = None, None
             # the same arithmetic as data.sgd_step: g + wd * w, then w - lr * g
             step = g_kept + wd * w if wd else g_kept
             w = w - lr * step if momentum is None else momentum.step(w, step, lr)

@@ -50,10 +50,12 @@ class ReplayModel:
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay (as
         FlatModel.mean_loss_grad). Empty ids give zeros."""
-        total = torch.zeros(self.dim, dtype=torch.float32)
         if ids.numel() == 0:
-            return total
+            return torch.zeros(self.dim, dtype=torch.float32)
         self._set(w)
+        if ids.numel() <= CHUNK:  # one chunk: 0 + g would add nothing but a pass over d values
+            return self._grad_of(self._loss_sum(*self.data.batch(ids))) / ids.numel()
+        total = torch.zeros(self.dim, dtype=torch.float32)
         for lo in range(0, ids.numel(), CHUNK):
             x, y = self.data.batch(ids[lo:lo + CHUNK])
             total += self._grad_of(self._loss_sum(x, y))
