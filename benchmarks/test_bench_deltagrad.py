@@ -11,7 +11,9 @@ DeltaGrad runs with its defaults (burn-in 10, period 5, memory 2). Besides the t
 keeps the request's status, d/d0 against the same-seed retraining and its sample-gradient cost.
 
 Before/after on one machine: the file uses only the public API, so the same file times another
-checkout of the package (`PYTHONPATH=/path/to/other/checkout`).
+checkout of the package: copy it with benchmarks/conftest.py into a folder outside the repository
+(pytest puts the repository's root first on sys.path when run inside it) and run it there with
+PYTHONPATH=/path/to/checkout.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def test_deltagrad_vs_retrain(benchmark, setup, note):
     ratios = sorted(a / b for a, b in zip(times["deltagrad"][1:], times["retrain"][1:]))
     note(f"deltagrad10/{name}", {"retrain_median_s": medians["retrain"], "deltagrad_median_s": medians["deltagrad"],
                                  "ratio_median": ratios[len(ratios) // 2], "ratio_per_round": ratios,
-                                 "status": report.status, "d_over_d0": d,
+                                 "status": report.status, "reason": report.reason, "d_over_d0": d,
                                  "cost_vs_retrain": report.cost_vs_retrain})
     print(f"\n{name}: deltagrad {medians['deltagrad']:.3f} s, retrain {medians['retrain']:.3f} s, ratio (median of "
           f"per-round ratios) {ratios[len(ratios) // 2]:.2f}; status {report.status}, d/d0 {d:.3f}, "
