@@ -87,10 +87,12 @@ def test_fast_replay_with_eval_mode_batch_norm():
     ids = data.ids[:23]
     assert torch.allclose(ReplayModel(fm).mean_loss_grad(w + 0.01, ids), fm.mean_loss_grad(w + 0.01, ids),
                           atol=1e-7, rtol=1e-6)
-    fast, ref = fast_and_reference(model, data, store, burn_in=4, period=3)
-    assert_same_replay(fast, ref)
+    # the working copy above was built on `model` itself: its weights, modes and .grad are untouched
+    assert torch.equal(fm.flat(), w)
     assert model.training and not model[1].training
     assert all(p.grad is None for p in model.parameters())
+    fast, ref = fast_and_reference(model, data, store, burn_in=4, period=3)
+    assert_same_replay(fast, ref)
 
 
 def relu_cnn(seed=0):
