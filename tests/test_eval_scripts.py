@@ -162,3 +162,20 @@ def test_perturb_script_overrides_build_new_entries_and_leave_the_registry_as_it
         "memorizing"]["k"]
     topk = [r for r in payload["records"] if r["method"] == "topk"]
     assert topk and all(r["cost_vs_retrain"] is not None for r in topk)
+
+
+def test_record_bytes_script_prints_the_trainers_own_byte_counts(capsys):
+    """scripts/pcmu_record_bytes.py is a wrapper of PCMUTrainer.record_bytes / estimate_record_bytes:
+    its row equals what an independently trained trainer of the same setting holds, and the
+    estimate made before training (every coordinate fragile) bounds what the records hold."""
+    script = _script("pcmu_record_bytes")
+    script.main(["--max-requests", "1"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    trainer, epochs = script.make_trainer("logreg", 1, "analytic")
+    estimate = trainer.estimate_record_bytes(epochs=epochs)["per_step"]
+    got = trainer.train(epochs=epochs).record_bytes()
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "1"
+    assert cells[5] == f"{got['mean_per_step']:,.0f}" and cells[6] == f"{estimate:,}"
+    assert got["mean_per_step"] <= estimate
+    assert cells[2] == f"{got['layouts']['sparse']}/{got['layouts']['dense']}"

@@ -173,3 +173,70 @@ def test_equilibrium_serves_a_request_refuse_sends_to_retraining():
     assert report.status == "unlearned", report.reason
     assert report.details["edge_directions"] >= 1
     assert ue.distance_ratio(got, model, retrained) < 1
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def users_quadratic_loop(method: str, edge: float):
+    """The user's own loop (torch.optim.SGD, MSELoss with mean reduction, a full-batch DataLoader) on
+    linear regression at lr = edge / lambda_max, wrapped by the engine; the global RNG is seeded
+    first and read after training, to show what the loop's own randomness would see."""
+    g = torch.Generator().manual_seed(0)
+    x = 0.5 * torch.randn(30, 3, generator=g)
+    y = (x @ torch.randn(3, 1, generator=g) + 0.3 * torch.randn(30, 1, generator=g))
+    x1 = torch.cat([x, torch.ones(30, 1)], 1).double()
+    lam = float(torch.linalg.eigvalsh(2 / 30 * x1.T @ x1).max())  # the mean squared error's Hessian
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=edge / lam)
+    loader = torch.utils.data.DataLoader(_Pairs(x, y), batch_size=30)
+    loss_fn = torch.nn.MSELoss()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method=method, epochs=6,
+                                                       loss_fn=loss_fn)
+    torch.manual_seed(1)
+    for _ in range(6):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            optimizer.step()
+    after = torch.rand(3)
+    return engine, model, after
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_users_loop_records_the_estimate_and_falls_back_before_any_work(method):
+    """The engine records eta_t * lambda_max in the user's loop as the library's recorders do: at
+    2.3 the request falls back before any other work (cost = retraining's), and the answer is the
+    recipe's retraining. The estimate draws from seeded generators of its own: the loop's global
+    RNG sees the same numbers as a loop the engine records nothing in."""
+    engine, model, after = users_quadratic_loop(method, 2.3)
+    _, _, after_plain = users_quadratic_loop("retrain", 2.3)
+    assert torch.equal(after, after_plain)
+    unlearner = engine.unlearner()
+    edge = recorded_edge(unlearner.store.run_info)
+    assert edge is not None and edge[0] == pytest.approx(2.3, rel=1e-3)
+    report = unlearner.unlearn(FORGET)
+    assert report.status == "fallback" and f"recorded eta_t * lambda_max = {edge[0]:.3g} >= 2" in report.reason
+    assert report.sample_gradients <= 1.05 * report.retrain_sample_gradients
+    retrained = ue.retrain(engine.run.initial, engine.data, engine.recipe, FORGET)
+    assert torch.allclose(flat(model, engine.data), flat(retrained, engine.data), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_users_stable_loop_is_served(method):
+    """Below the edge the recorded estimate lets the request through to the method."""
+    engine, _, _ = users_quadratic_loop(method, 1.0)
+    unlearner = engine.unlearner()
+    assert recorded_edge(unlearner.store.run_info)[0] == pytest.approx(1.0, rel=1e-3)
+    report = unlearner.unlearn(FORGET)
+    assert report.status == "unlearned", report.reason

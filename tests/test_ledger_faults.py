@@ -155,3 +155,55 @@ def test_a_flipped_bit_in_the_request_log_is_refused(tmp_path):
     (tmp_path / LEDGER).write_text(changed)
     with pytest.raises(LedgerCorruptError, match="ledger.json is damaged.*sha256"):
         DeletionLedger(s.unlearner(), str(tmp_path))
+
+
+def test_a_replaced_file_that_cannot_be_removed_after_the_commit_keeps_the_request(tmp_path, monkeypatch, caplog):
+    """Once ledger.json names the new state the request has happened: a replaced part file that
+    cannot be removed (permissions, a busy file system) is left with a warning instead of raising,
+    which would roll memory back to a state the disk no longer holds. Reopening removes the file.
+    (PCMU: its step records are the part large enough to live in a file of its own.)"""
+    s = setting("pcmu")
+    with DeletionLedger(s.unlearner(), str(tmp_path / "clean")) as clean:
+        clean.forget(FIRST)
+        clean.forget(SECOND)
+        expected = clean.unlearner.state_dict()
+
+    ledger = DeletionLedger(s.unlearner(), str(tmp_path / "stuck"))
+    ledger.forget(FIRST)
+    first_files = set(ledger.ledger["parts"].values())
+    real_remove = os.remove
+    refused = []
+
+    def stuck_remove(path):
+        if os.path.basename(path) in first_files:
+            refused.append(os.path.basename(path))
+            raise PermissionError(13, "injected: permission denied", path)
+        real_remove(path)
+
+    monkeypatch.setattr(os, "remove", stuck_remove)
+    with caplog.at_level("WARNING", logger="unlearn_ext"):
+        ledger.forget(SECOND)
+    monkeypatch.undo()
+    assert refused, "the second request replaced no part file: the test exercises nothing"
+    assert all(name in caplog.text for name in refused)
+    assert ledger.forgotten == sorted(FIRST + SECOND) and len(ledger.requests) == 2
+    assert same(ledger.unlearner.state_dict(), expected)  # memory kept the committed request
+    ledger.close()
+    with DeletionLedger(s.unlearner(), str(tmp_path / "stuck")) as reopened:
+        assert same(reopened.unlearner.state_dict(), expected)
+    assert not set(refused) & set(os.listdir(tmp_path / "stuck"))  # removed on reopen
+
+
+def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path):
+    """State layouts change between formats (e.g. weights by name): an older ledger is refused with
+    its format and the expected one, never loaded into the new layout."""
+    s = setting("topk")
+    with DeletionLedger(s.unlearner(), str(tmp_path)) as ledger:
+        ledger.forget(FIRST)
+    path = tmp_path / LEDGER
+    text = path.read_text()
+    assert ledger_module.FORMAT in text
+    path.write_text(text.replace(ledger_module.FORMAT, "unlearn_ext.ledger/4"))
+    with pytest.raises(ValueError, match=r"not a deletion ledger of this version \(format 'unlearn_ext.ledger/4', "
+                                         r"expected 'unlearn_ext.ledger/5'\)"):
+        DeletionLedger(s.unlearner(), str(tmp_path))

@@ -10,7 +10,7 @@ import torch
 
 from .data import TrainingData, retrain, retrain_cost
 from .model_state import load_model_state_, model_state
-from .parameters import trainable
+from .parameters import parameter_shapes
 from .unlearner import Unlearner, UnlearnReport
 
 
@@ -30,14 +30,12 @@ class RetrainUnlearner(Unlearner):
         retrained = retrain(self.initial, self.data, self.config, union)
         load_model_state_(self.model, model_state(retrained))  # in place: parameters and buffers
         self._set_forgotten(union)
-        cost = retrain_cost(self.data, self.config, union)
         report.status, report.how, report.weights_changed = "retrained", "from scratch", True
-        report.sample_gradients = report.retrain_sample_gradients = cost
+        report.sample_gradients = self.retrain_cost(union)
         report.reason = "retrained from the initial weights with the same seed and batch order, without the ids"
 
     def fingerprint(self) -> dict:
-        shapes = {k: list(v.shape) for k, v in trainable(self.model).items()}
-        return {"shapes": shapes, **self.config.fingerprint(), **self.data.fingerprint()}
+        return {"shapes": parameter_shapes(self.model), **self.config.fingerprint(), **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
         return {**model_state(self.model), "forgotten": self.forgotten.clone()}
@@ -68,12 +66,11 @@ class FinetuneUnlearner(Unlearner):
         self._set_forgotten(union)
         report.status, report.how, report.weights_changed = "unlearned", f"{self.epochs} epoch(s) on R", True
         report.sample_gradients = retrain_cost(self.data, tune, union)
-        report.retrain_sample_gradients = retrain_cost(self.data, self.config, union)
         report.reason = (f"fine-tuned on the retained data for {self.epochs} epoch(s) with the training recipe's "
                          f"optimizer at {self.lr_factor:g}x its peak learning rate (a control: no targeted forgetting)")
 
     def fingerprint(self) -> dict:
-        return {"shapes": {k: list(v.shape) for k, v in trainable(self.model).items()},
+        return {"shapes": parameter_shapes(self.model),
                 "recipe": self.config.fingerprint(), "epochs": self.epochs, "lr_factor": self.lr_factor,
                 **self.data.fingerprint()}
 

@@ -415,8 +415,10 @@ def retrain(initial: torch.nn.Module, data: TrainingData, recipe, forgotten) -> 
     return recipe.train(copy.deepcopy(initial), data, exclude=forgotten)
 
 
-def retrain_cost(data: TrainingData, config: SGDConfig, forgotten) -> int:
+def retrain_cost(data: TrainingData, config, forgotten) -> int:
     """Sample-gradient evaluations retraining without `forgotten` costs (the unit of every report's
-    cost): each retained sample once per epoch."""
+    cost): each retained sample once per epoch. config: the run's recipe (SGDConfig or
+    OptimizerRecipe) or its number of epochs."""
+    epochs = int(config) if isinstance(config, int) else int(config.epochs)
     kept = len(data) - int(torch.isin(data.ids, as_ids(forgotten)).sum())
-    return config.epochs * kept
+    return epochs * kept

@@ -243,6 +243,9 @@ class _StepCounter:
     def __init__(self, run: _Run):
         self.run, self.step = run, 0
         self.lrs: list[float] = []
+        self.weight_decay = float(run.optimizer.param_groups[0].get("weight_decay", 0.0))
+        self.sharpness: list = []  # [step, eta_t * lambda_max] (record_sharpness)
+        self.sharpness_cost = 0    # sample-gradients the estimates took during training
         run.optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer, args, kwargs):
@@ -272,6 +275,16 @@ class _StepCounter:
                 "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **extra}
 
 
+    def record_sharpness(self, flat, w, t: int, lr: float | None = None) -> None:
+        """eta_t * lambda_max at step t into the history's run_info (mini/sharpness.py), as the
+        library's own recorders do: an unlearner that will fall back then knows it before any work,
+        so the fallback costs what retraining costs. Seeded by t, so the user's RNG is untouched."""
+        from .mini.record import record_sharpness
+        with eval_mode(self.run.model):
+            self.sharpness_cost += record_sharpness(self.store, self.sharpness, flat, w, t,
+                                                    self.lrs[t] if lr is None else lr, self.weight_decay)
+
+
 class _AnchorRecorder(_StepCounter):
     """Mini-Unlearning's anchors from the user's loop: at each anchor step the weights and the
     full-data gradient (eval mode, plus weight decay), recorded before the update."""
@@ -282,7 +295,6 @@ class _AnchorRecorder(_StepCounter):
         self.spe = run.schedule.batches_per_epoch
         self.anchor_epochs = anchor_epochs(run.recipe.epochs, anchors)
         self.anchor_steps = {a * self.spe for a in self.anchor_epochs}
-        self.weight_decay = float(run.optimizer.param_groups[0].get("weight_decay", 0.0))
         # Hooks run in registration order: ours (attaching the anchor's gradient) before the recorder's.
         super().__init__(run)
         self.recorder = HistoryRecorder(self.store, run.model, run.optimizer, steps=self.anchor_steps)
@@ -297,8 +309,10 @@ class _AnchorRecorder(_StepCounter):
     def on_step(self, t: int) -> None:
         if t in self.anchor_steps:
             refuse_training_batch_norm(self.run.model, "Mini-Unlearning", "the gradients it replays")
-            flat, _, g = self.full_gradient()
+            flat, w, g = self.full_gradient()
             self.recorder.attach(**{FULL_GRAD: flat.split(g)})
+            if t > 0:
+                self.record_sharpness(flat, w, t)
 
     def unlearner(self, **options):
         from .mini import MiniUnlearner
@@ -307,6 +321,8 @@ class _AnchorRecorder(_StepCounter):
         if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
             flat, w, g = self.full_gradient()
             self.store.record(end, {"params": flat.split(w), FULL_GRAD: flat.split(g)}, lr=None)
+            if end > 0:  # at the trained weights, with the last step's lr (as MiniRecorder does)
+                self.record_sharpness(flat, w, end, lr=self.lrs[-1])
         self.store.set_run_info(**self.run_info(anchor_epochs=self.anchor_epochs,
                                                 recorded_by="unlearn_ext.UnlearningEngine"))
         return MiniUnlearner(self.run.model, self.run.data, self.store, **options)
@@ -317,12 +333,20 @@ class _StepHistory(_StepCounter):
     after the user's backward), every group's lr and the schedule's batch ids."""
 
     def __init__(self, run: _Run, store):
+        from .mini.record import anchor_epochs
         self.store = store if store is not None else step_store(run.model)
         super().__init__(run)  # first: the batch ids must be set before the recorder's hook runs
         self.recorder = HistoryRecorder(self.store, run.model, run.optimizer)
+        # The edge-of-stability estimate where the library's StepRecorder takes it: at Mini's
+        # geometric anchor epochs and at the last step.
+        spe, total = run.schedule.batches_per_epoch, run.recipe.steps(len(run.data))
+        self.sharpness_steps = {a * spe for a in anchor_epochs(run.recipe.epochs) if 0 < a * spe < total} | {total - 1}
 
     def on_step(self, t: int) -> None:
         self.recorder.batch(self.run.schedule.step(t).ids)
+        if t in self.sharpness_steps:
+            flat = FlatModel(self.run.model, self.run.data)
+            self.record_sharpness(flat, flat.flat(), t)
 
     def unlearner(self, **options):
         from .mini import DeltaGradUnlearner

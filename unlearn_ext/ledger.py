@@ -49,15 +49,21 @@ import os
 import re
 import struct
 
+import logging
+
 import torch
 
 from .durable import atomic_write
 from .step_log import StepLog
 from .unlearner import Unlearner, UnlearnReport
 
+logger = logging.getLogger("unlearn_ext")
+
 LEDGER = "ledger.json"
 LOCK = "ledger.lock"
-FORMAT = "unlearn_ext.ledger/4"
+# 5: every method's state by parameter name and one fingerprint shape (the Unlearner contract);
+# a ledger of an earlier format is refused with that reason rather than loaded as other state.
+FORMAT = "unlearn_ext.ledger/5"
 # Entries per file of a log part: a commit rewrites the chunks from the first changed entry on, so
 # an appended or untouched history costs at most one chunk per request.
 LOG_CHUNK = 1024
@@ -337,6 +343,8 @@ class DeletionLedger:
             for name in written:  # not referenced by any ledger: safe to drop
                 _remove(os.path.join(self.directory, name))
             raise
+        # ledger.json now names the new state: the request happened. What follows must not raise,
+        # or the caller would roll memory back to a state the disk no longer holds.
         replaced = set(self.ledger["parts"].values()) - set(parts.values())
         self.ledger, self._committed = ledger, committed
         for log in logs.values():
@@ -382,7 +390,14 @@ class DeletionLedger:
 
 
 def _remove(path: str) -> None:
+    """Removes a part file no ledger names, best effort: a file that cannot be removed is left with a
+    warning (reopening the ledger removes unnamed part files). It never raises, because after a
+    commit an error here would make the caller roll memory back to a state the disk no longer holds,
+    and while cleaning up after a failure it would hide that failure."""
     try:
         os.remove(path)
     except FileNotFoundError:
         pass
+    except OSError as error:
+        logger.warning("ledger: could not remove %s (%s); it is removed when the ledger is next opened",
+                       path, error)

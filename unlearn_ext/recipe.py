@@ -178,7 +178,7 @@ class OptimizerRecipe:
                         if on_step is not None:
                             on_step(step.step, step.ids, model)
                         optimizer.zero_grad()
-                        self.batch_loss(data, model(_to(x, device)), _to(y, device)).backward()
+                        self.batch_loss(data, model(to_device(x, device)), to_device(y, device)).backward()
                         optimizer.step()
                     if scheduler is not None and self.scheduler_step == "step":
                         scheduler.step()
@@ -211,7 +211,8 @@ class OptimizerRecipe:
                 "batch_size": self.batch_size, "seed": self.seed}
 
 
-def _to(value, device: torch.device):
+def to_device(value, device: torch.device):
+    """A batch element on `device` (tensors moved; anything else, e.g. a list of strings, as it is)."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     return value

@@ -12,11 +12,18 @@ sequence), so a method only writes `_forget(new_ids, report)`:
     listed as repeats and not processed again; a request of only repeats answers
     'already-forgotten' and changes nothing (so repeated requests are idempotent).
 
-Persistence: `state_dict()` returns a snapshot (later requests must not change it) split into named
-parts, so the ledger can write only the parts a request changed; `load_state_dict()` restores one;
-`fingerprint()` says what must match for saved state to belong to this unlearner. A part that grows
-with training (PCMU's step records) can be a `StepLog` named by `logs()`: the ledger then tracks it
-through the log's own change marks instead of a snapshot, so a request costs what it changed.
+Every report's cost is counted against retraining: `retrain_cost(forgotten)` is the one place that
+says what retraining without the forgotten ids costs, and `unlearn` fills it into the report.
+
+Persistence, the same shape for every method: `state_dict()` returns a snapshot (later requests
+must not change it) split into named parts, so the ledger can write only the parts a request
+changed -- the model's weights and buffers by name as `model_state` takes them ("params",
+"buffers"), "forgotten", and whatever else the method keeps; `load_state_dict()` restores one;
+`fingerprint()` says what must match for saved state to belong to this unlearner, the model's
+parameters always as {"shapes": {name: shape}} (`parameters.parameter_shapes`).
+A part that grows with training (PCMU's step records) can be a `StepLog` named by `logs()`: the
+ledger then tracks it through the log's own change marks instead of a snapshot, so a request costs
+what it changed.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import TrainingData, as_ids
+from .data import TrainingData, as_ids, retrain_cost
 
 
 log = logging.getLogger("unlearn_ext")
@@ -113,12 +120,7 @@ class Unlearner(ABC):
     def split_request(self, ids) -> tuple[list, list, list]:
         """(new ids, duplicates, repeats) of a request, after refusing empty and unknown requests.
         Raises without changing anything."""
-        raw = as_ids(ids).tolist()
-        if not raw:
-            raise ValueError("empty deletion request: give at least one id")
-        unknown = self.unknown_ids(raw)
-        if unknown.numel():
-            raise UnknownIdsError(f"ids never trained on (nothing was changed): {unknown.tolist()}")
+        raw = checked_request(self.data, ids).tolist()
         seen, duplicates = set(), []
         for i in raw:
             if i in seen and i not in duplicates:
@@ -139,9 +141,20 @@ class Unlearner(ABC):
             self._forget(torch.tensor(new, dtype=torch.int64), report)
             if report.status not in STATUSES:
                 raise RuntimeError(f"{type(self).__name__} reported unknown status {report.status!r}")
+            report.retrain_sample_gradients = self.retrain_cost(self.forgotten)
         report.seconds = time.perf_counter() - began
         log.info("%s (%.3f s)", report, report.seconds)
         return report
+
+    def retrain_cost(self, forgotten) -> int:
+        """Sample-gradient evaluations that retraining without `forgotten` costs: each retained
+        sample once per epoch of the run (`data.retrain_cost`; a method whose training may stop
+        mid-epoch counts its own schedule instead)."""
+        return retrain_cost(self.data, self.training_epochs(), forgotten)
+
+    def training_epochs(self) -> int:
+        """Epochs of the training run that retraining repeats."""
+        return self.config.epochs
 
     @abstractmethod
     def _forget(self, new_ids: torch.Tensor, report: UnlearnReport) -> None:
@@ -174,3 +187,17 @@ class Unlearner(ABC):
         for part in self.logs():
             state.pop(part, None)
         return state
+
+
+def checked_request(data: TrainingData, ids, name: str = "ids") -> torch.Tensor:
+    """The ids of a request as int64, after refusing what no method can answer: non-integers
+    (`as_ids`), an empty request, and ids that name no training sample (UnknownIdsError naming
+    them). The one place these refusals are made, for the base class and PCMU's check alike;
+    `name` is what the messages call the ids."""
+    ids = as_ids(ids, name)
+    if not ids.numel():
+        raise ValueError("empty deletion request: give at least one id")
+    unknown = data.unknown_ids(ids).unique()
+    if unknown.numel():
+        raise UnknownIdsError(f"ids never trained on (nothing was changed): {unknown.tolist()}")
+    return ids

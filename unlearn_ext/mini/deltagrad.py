@@ -63,10 +63,10 @@ from collections import deque
 
 import torch
 
-from ..data import TrainingData
+from ..data import TrainingData, as_ids
 from ..history import HistoryStore
 from ..model_state import load_model_state_, model_state
-from ..parameters import trainable
+from ..parameters import parameter_shapes, trainable
 from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
@@ -308,8 +308,6 @@ class DeltaGradUnlearner(Unlearner):
         refuse_training_batch_norm(self.model, "DeltaGrad")
         union = torch.cat([self.forgotten, new]).unique()
         T = len(self.store.steps)
-        report.retrain_sample_gradients = int(self.info.get("epochs", 1)) * (len(self.data) - int(union.numel())) \
-            if "epochs" in self.info else self._retained_seen(union)
         before = self.store.bytes_read
         edge = recorded_edge(self.info)
         if self.unstable == "refuse" and edge is not None and edge[0] >= self.stable_below:
@@ -378,13 +376,20 @@ class DeltaGradUnlearner(Unlearner):
         rise = retained_loss_rise(self.flat, ids, self.flat.flat().double(), w.double(), self.weight_decay)
         return rise, int(ids.numel())
 
-    def _retained_seen(self, union) -> int:
-        return sum(int((~torch.isin(s.batch_ids, union)).sum()) for s in self.store.iter(names=[]))
+    def retrain_cost(self, forgotten) -> int:
+        if "epochs" in self.info:  # recorded by the library's loops or the engine
+            return super().retrain_cost(forgotten)
+        # A history the user recorded with HistoryRecorder names no epochs: count its steps.
+        forgotten = as_ids(forgotten)
+        return sum(int((~torch.isin(s.batch_ids, forgotten)).sum()) for s in self.store.iter(names=[]))
+
+    def training_epochs(self) -> int:
+        return int(self.info["epochs"])
 
     # ---- persistence ----------------------------------------------------------------------------
 
     def fingerprint(self) -> dict:
-        return {"shapes": [list(s) for s in self.flat.shapes], "steps": len(self.store.steps),
+        return {"shapes": parameter_shapes(self.model), "steps": len(self.store.steps),
                 "weight_decay": self.weight_decay, "codecs": {k: v.codec for k, v in self.store.fields.items()},
                 "burn_in": self.burn_in, "period": self.period, "memory": self.memory, **self.sgd.describe(),
                 "loss_rise_limit": self.loss_rise_limit, "check_samples": self.check_samples, "unstable": self.unstable,

@@ -36,7 +36,7 @@ def estimate_eta_lambda(flat, w: torch.Tensor, lr: float, weight_decay: float, s
 
 def recorded_edge(run_info: dict) -> tuple[float, int] | None:
     """(the largest recorded eta_t * lambda_max, its step), or None where the run recorded none
-    (e.g. a history written by HistoryRecorder in the user's own loop)."""
+    (e.g. a history written by a HistoryRecorder attached by hand)."""
     values = run_info.get(SHARPNESS_KEY)
     if not values:
         return None

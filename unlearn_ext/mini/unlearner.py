@@ -34,7 +34,7 @@ import torch
 from ..data import TrainingData
 from ..history import HistoryStore
 from ..model_state import load_model_state_, model_state
-from ..parameters import trainable
+from ..parameters import parameter_shapes, trainable
 from ..policy import refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
@@ -156,7 +156,6 @@ class MiniUnlearner(Unlearner):
             return
         retained = self.data.without(union)
         T = int(self.lrs.numel())
-        report.retrain_sample_gradients = int(self.info.get("epochs", T // max(self.info["steps_per_epoch"], 1))) * (n - r)
         stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
         edge = recorded_edge(self.info)
         if self.unstable == "refuse" and edge is not None and edge[0] >= stable_below:
@@ -180,7 +179,7 @@ class MiniUnlearner(Unlearner):
             deltas.append((r / (n - r)) * (g.double() - g_forget.double()))
         cost = len(anchors) * r
         # 2. curvature (once at w*, or per segment at its end anchor) on m retained samples.
-        m, k = self._curvature_plan(report.retrain_sample_gradients, cost,
+        m, k = self._curvature_plan(self.retrain_cost(union), cost,
                                     len(anchors) if self.curvature == "anchors" else 1, n - r)
         spectra = {}
         if self.curvature == "anchors":
@@ -285,10 +284,14 @@ class MiniUnlearner(Unlearner):
         w0 = self.flat.join(self.store.read(0, ["params"]).tensors["params"])
         return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union)
 
+    def training_epochs(self) -> int:
+        # Older run records name no epochs: the recorded schedule's steps over steps per epoch.
+        return int(self.info.get("epochs", self.lrs.numel() // max(self.info["steps_per_epoch"], 1)))
+
     # ---- persistence ----------------------------------------------------------------------------
 
     def fingerprint(self) -> dict:
-        return {"shapes": [list(s) for s in self.flat.shapes], "anchor_steps": self.anchor_steps,
+        return {"shapes": parameter_shapes(self.model), "anchor_steps": self.anchor_steps,
                 "steps": int(self.lrs.numel()), "weight_decay": self.weight_decay, **self.sgd.describe(),
                 "codecs": {k: v.codec for k, v in self.store.fields.items()}, "curvature": self.curvature,
                 "delta_rule": self.delta_rule, "curvature_samples": self.curvature_samples,
@@ -297,11 +300,13 @@ class MiniUnlearner(Unlearner):
                 **self.data.fingerprint()}
 
     def state_dict(self) -> dict:
-        return {**model_state(self.model), "original": self.original.clone(), "forgotten": self.forgotten.clone()}
+        # w* (what every request recomputes from) by parameter name, like the model's weights
+        original = {k: v.clone() for k, v in zip(self.flat.names, self.flat.split(self.original))}
+        return {**model_state(self.model), "original": original, "forgotten": self.forgotten.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state_(self.model, state)
-        self.original = state["original"].clone()
+        self.original = self.flat.join([state["original"][k] for k in self.flat.names])
         self._set_forgotten(state["forgotten"])
 
 

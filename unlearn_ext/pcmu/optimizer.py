@@ -85,7 +85,7 @@ class PCMUOptimizer:
         # by n: its scale is unknown here, so those losses always recompute.
         self.loss_reduction = "weighted" if getattr(loss_fn, "weight", None) is not None and hasattr(
             loss_fn, "ignore_index") else loss_reduction
-        self.trainer = PCMUTrainer(model, None, data, batch_size=batch_size, seed=seed, lr=_lr_from_optimizer,
+        self.trainer = PCMUTrainer(model, None, data, batch_size=batch_size, seed=seed, lr=None,
                                    **pcmu_options)
         self.capture = BackwardCapture(model, self.trainer.names) if self.trainer.framework == "G" else None
         self._values = dict(zip(self.trainer.names, self.trainer.params))
@@ -169,7 +169,3 @@ class PCMUOptimizer:
         self.close()
         return PCMUUnlearner(self.trainer)
 
-
-def _lr_from_optimizer(t: int) -> float:
-    raise RuntimeError("this PCMU run takes its step size from the wrapped optimizer's lr at each step: train "
-                       "through PCMUOptimizer.step(), not PCMUTrainer.train()")

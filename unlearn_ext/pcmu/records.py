@@ -28,6 +28,9 @@ from .. import ops as _ops
 SPARSE, DENSE = "sparse", "dense"
 LAYOUTS = ("auto", SPARSE, DENSE)
 _INT32_MAX = 2**31 - 1
+# Steps per window of the vectorized per-step reads (the trainer's per-step arrays): bounds a
+# request's working memory at any history length.
+STEP_WINDOW = 1 << 16
 
 
 def pack_codes(codes: list[torch.Tensor]) -> torch.Tensor:

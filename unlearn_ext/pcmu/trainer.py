@@ -25,7 +25,6 @@ space and do not bound sample removal, so every request on such a model goes to 
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -34,14 +33,16 @@ from .. import ops as _ops
 from ..data import BatchSchedule, TrainingData, as_ids
 from ..rng import call_offset
 from ..step_log import StepLog
-from ..unlearner import UnknownIdsError
 from ..parameters import trainable
 from ..per_sample import clipped_sum64, plan_for
 from ..policy import eval_mode, refuse_training_batch_norm
-from ..recipe import _to
+from ..recipe import to_device
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star
+from .fallback import resume_without
+from .persistence import fingerprint, load_state_dict, state_dict
 from .margin import MAX_SUM_TERMS, rounding_margin as derived_margin
-from .records import FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
+from .records import STEP_WINDOW, FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
+from .request_check import check_request
 from .smoothing import analytic_threshold, blocks_per_element, check_smoothing_config, smooth_quantize
 
 
@@ -51,7 +52,9 @@ class PCMUTrainer:
     data: a TrainingData (tensors, ids, per-sample loss; loss_fn may then be None), or an
         (inputs, targets) pair whose row i belongs to sample id ids[i] (default 0..n-1).
     loss_fn: loss of a one-sample batch, e.g. torch.nn.functional.cross_entropy.
-    lr: the step size lr*scale of the quantized update, a float or a function of the step index.
+    lr: the step size lr*scale of the quantized update, a float or a function of the step index;
+        None: given at each step (`step(step_size=...)`, as PCMUOptimizer does from the user's
+        optimizer), so `train()` is refused and the records are the only record of it.
     max_request: M, the largest number of removed ids per batch that the per-request check covers.
         Each step records its fragile coordinates (radius < M*C/b + margin): the larger M, the more
         bytes (record_bytes(), estimate_record_bytes(); README "PCMU", max_request).
@@ -85,7 +88,8 @@ class PCMUTrainer:
         self.model, self.loss_fn = model, loss_fn or data.loss
         self.schedule = BatchSchedule(data.ids, batch_size, seed)
         self.batch_size, self.clip_norm = int(batch_size), float(clip_norm)
-        self._lr = lr if callable(lr) else (lambda t, v=float(lr): v)
+        self.lr_given_per_step = lr is None
+        self._lr = _step_size_given_per_step if lr is None else lr if callable(lr) else (lambda t, v=float(lr): v)
         self.tau, self.sigma, self.mode = float(tau), float(sigma), mode
         self.n0, self.n, self.alpha, self.seed = int(n0), int(n), float(alpha), int(seed)
         self.max_request, self.chunk = int(max_request), int(chunk)
@@ -139,8 +143,8 @@ class PCMUTrainer:
         added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
         if bool(torch.isin(self._forgotten, ids).all()):
             # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
-            for begin in range(0, self._steps, _WINDOW):
-                end = min(begin + _WINDOW, self._steps)
+            for begin in range(0, self._steps, STEP_WINDOW):
+                end = min(begin + STEP_WINDOW, self._steps)
                 self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
             self._forgotten = ids
         else:
@@ -196,8 +200,8 @@ class PCMUTrainer:
         exclude = as_ids([] if without is None else without).unique()
         rows = self.rows(exclude[~torch.isin(exclude, self.unknown_ids(exclude))])
         total = self.schedule.samples_in_steps(start, self.steps_done)
-        for begin in range(start, self.steps_done, _WINDOW):
-            total -= int(self.schedule.count_in_steps(rows, begin, min(begin + _WINDOW, self.steps_done)).sum())
+        for begin in range(start, self.steps_done, STEP_WINDOW):
+            total -= int(self.schedule.count_in_steps(rows, begin, min(begin + STEP_WINDOW, self.steps_done)).sum())
         return total
 
     # ---- training -----------------------------------------------------------------------------------
@@ -240,7 +244,7 @@ class PCMUTrainer:
         """(inputs, targets) of the samples `ids`, on the parameters' device."""
         x, y = self.data.batch(ids)
         device = self.params[0].device if self.params else torch.device("cpu")
-        return _to(x, device), _to(y, device)
+        return to_device(x, device), to_device(y, device)
 
     def _clipped_mean64(self, params: list[torch.Tensor], ids: torch.Tensor,
                         sums: dict | None = None) -> list[torch.Tensor]:
@@ -344,62 +348,9 @@ class PCMUTrainer:
         return w
 
     def check_request(self, removed) -> RequestCheck:
-        """Would training without `removed` and every id forgotten so far give the same codes? The
-        ids forgotten so far are always included: a certified deletion leaves the record as it was,
-        so their gradients are still inside the stored values of the steps that held them."""
-        began = time.perf_counter()
-        removed = as_ids(removed, "removed")
-        if removed.numel() == 0:
-            raise ValueError("empty request: give at least one id to check")
-        unknown = self.unknown_ids(removed).unique()
-        if unknown.numel():  # an id never trained on has no gradient to remove: answering would mislead
-            raise UnknownIdsError(f"ids never trained on: {unknown.tolist()}")
-        fast = self._a_priori_answer(removed[~torch.isin(removed, self.forgotten)].unique(), began)
-        if fast is not None:
-            return fast
-        removed = torch.cat([self.forgotten, removed]).unique()
-        out = RequestCheck("exact" if self.mode == "analytic" or self.framework == "D" else "probable",
-                           None, "")
-        w_at, w = 0, None
-        for r in self.records:
-            present = r.ids[torch.isin(r.ids, removed)]
-            k = present.numel()
-            if k == 0 or not r.applied:
-                continue
-            out.steps_with_removed_ids += 1
-            verdict, rebuilt = self._check_step(r, present, w_at, w, out)
-            if rebuilt is not None:  # the step needed w_t: later steps continue the replay from it
-                w_at, w = rebuilt
-            if verdict is not None:
-                out.status, out.first_divergent_step, out.reason = verdict[0], r.step, verdict[1]
-                break
-        if out.first_divergent_step is None:
-            out.reason = _certified_reason(out.status)
-        out.seconds = time.perf_counter() - began
-        return out
-
-    def _a_priori_answer(self, new: torch.Tensor, began: float) -> RequestCheck | None:
-        """check_request's answer when every step holding a removed or forgotten id passes the a-priori
-        test (k*C/b + margin < the step's smallest radius), read from the per-step arrays in windows:
-        no per-step Python and memory bounded by the window, so a request certified a priori costs
-        the same at any history length. None when some step needs more (the loop then decides)."""
-        if self.framework == "D":
-            return None
-        rows, touched = self.rows(new), 0
-        for begin in range(0, self._steps, _WINDOW):
-            end = min(begin + _WINDOW, self._steps)
-            k = self._forgotten_count[begin:end] + self.schedule.count_in_steps(rows, begin, end)
-            held = (k > 0) & self._applied[begin:end]
-            # The same float64 arithmetic as _check_step's test, per element.
-            passes = k.to(torch.float64) * self.unit + self.rounding_margin < self._min_radius[begin:end]
-            if not bool((passes | ~held).all()):
-                return None
-            touched += int(held.sum())
-        out = RequestCheck("exact" if self.mode == "analytic" else "probable", None, "",
-                           steps_with_removed_ids=touched, steps_checked_a_priori=touched)
-        out.reason = _certified_reason(out.status)
-        out.seconds = time.perf_counter() - began
-        return out
+        """Would training without `removed` and every id forgotten so far give the same codes?
+        (request_check.py)"""
+        return check_request(self, removed)
 
     def remaining_budget(self) -> int:
         """certificate().remaining_budget from the per-step arrays (what a request reports)."""
@@ -410,137 +361,29 @@ class PCMUTrainer:
         used = int(torch.where(applied, self._forgotten_count[:self._steps], 0).max())
         return max(budget_m_star([radius], self.unit, self.rounding_margin) - used, 0)
 
-    def _check_step(self, r: PCMUStep, present: torch.Tensor, w_at: int, w, out: RequestCheck):
-        """(verdict, rebuilt): verdict None if step r keeps its codes without `present`, else
-        (status, reason); rebuilt = (t, w_t) when the check had to replay w_t, else None."""
-        k = present.numel()
-        if self.framework == "D":
-            return ("uncertifiable", "framework D certifies input perturbations, not sample removal"), None
-        if k * self.unit + self.rounding_margin < r.min_radius:
-            out.steps_checked_a_priori += 1
-            return None, None
-        if self.mode == "mc" and k == r.ids.numel():
-            return ("uncertifiable", "the batch would be empty (no update) but mc codes are random"), None
-        if k > self.max_request:
-            return ("over_budget", f"{k} removed ids in one batch exceed the recorded fragile sets (M = "
-                                   f"{self.max_request})"), None
-        w = self.replay(r.step, (w_at, w) if w is not None else None)
-        index, value, radius = r.fragile.selected()
-        delta = torch.cat([g.reshape(-1).cpu() for g in self._clipped_mean64(w, present)])[index]
-        out.steps_checked_exactly += 1
-        out.sample_gradients += k
-        if self.mode == "analytic":
-            verdict = self._requantize_analytic(value, delta, out)
-        else:
-            verdict = self._radius_check_mc(radius, delta)
-        if verdict is not None and verdict[0] == "undecided" and self.mode == "analytic":
-            verdict = self._recompute_step(r, present, w, out)
-        return verdict, (r.step, w)
-
-    def _recompute_step(self, r: PCMUStep, present: torch.Tensor, w, out: RequestCheck):
-        """Settles a near-tie exactly: computes step r as retraining would (w_t is the same, since every
-        earlier step keeps its codes; the batch is r's minus the removed ids, in order) and compares
-        its codes with the recorded ones. Costs one batch of gradients instead of a resume."""
-        rest = r.ids[~torch.isin(r.ids, present)]
-        recorded = unpack_codes(r.codes, self.shapes)
-        if rest.numel() == 0:
-            # Retraining makes no update at an emptied batch: the same weights iff every recorded code is 0.
-            flipped = sum(int((old != 0).sum()) for old in recorded)
-        else:
-            _, result = self._quantize(r.step, w, rest, self.fragile_threshold)
-            out.sample_gradients += rest.numel()
-            flipped = sum(int((c.cpu() != old).sum()) for c, old in zip(result.codes, recorded))
-        if flipped:
-            out.flipped_coordinates = flipped
-            return "diverges", f"{flipped} coordinates change their code (near-tie settled by recomputing the step)"
-        return None
-
-    def _requantize_analytic(self, v: torch.Tensor, delta: torch.Tensor, out: RequestCheck):
-        """v: the step's fragile values; delta: the removed samples' part of them."""
-        beta = float(torch.tensor(self.beta, dtype=torch.float32))  # the kernel compares in float32
-        old = (v > beta).to(torch.int8) - (v < -beta).to(torch.int8)
-        v_new = v.double() - delta
-        new = (v_new > beta).to(torch.int8) - (v_new < -beta).to(torch.int8)
-        near = ((v_new.abs() - beta).abs() <= self.rounding_margin)
-        flipped = (new != old) & ~near
-        if bool(flipped.any()):
-            out.flipped_coordinates = int(flipped.sum())
-            return ("diverges", f"{int(flipped.sum())} coordinates change their code")
-        if bool(near.any()):
-            return ("undecided", f"{int(near.sum())} coordinates land within the rounding margin of +-beta")
-        return None
-
-    def _radius_check_mc(self, radius: torch.Tensor, delta: torch.Tensor):
-        uncovered = ~(delta.abs() + self.rounding_margin < radius.double())
-        if bool(uncovered.any()):
-            return ("undecided", f"{int(uncovered.sum())} coordinates move by more than their Monte-Carlo "
-                                 "radius (abstaining coordinates have radius 0)")
-        return None
-
-    # ---- the fallback -----------------------------------------------------------------------------
+    # ---- the fallback and persistence (each in its own module) --------------------------------------
 
     def resume_without(self, removed, t0: int) -> None:
-        """Retrains steps t0.. without `removed` from the replayed w_t0 (exactly what retraining from
-        scratch without them gives when steps < t0 are certified), replacing their records. Each
-        step keeps its recorded step size (the lr schedule does not depend on the data; a run whose
-        lr came from the user's optimizer has no other record of it)."""
-        removed = as_ids(removed, "removed").unique()
-        end = self.steps_done
-        w = self.replay(t0)
-        with torch.no_grad():
-            for p, src in zip(self.params, w):
-                p.copy_(src)
-        self.forgotten = torch.cat([self.forgotten, removed]).unique()
-        step_sizes = [r.step_size for r in self.records[t0:end]]
-        self._drop_records_from(t0)
-        for scheduled, step_size in zip(self.schedule.steps(t0, end, self.forgotten), step_sizes):
-            self._add_record(self._compute_step(scheduled.step, scheduled.ids, step_size))
-
-    # ---- persistence ----------------------------------------------------------------------------
+        """Retrains steps t0.. without `removed` from the replayed w_t0 (fallback.py)."""
+        resume_without(self, removed, t0)
 
     def fingerprint(self) -> dict:
-        """What must match for saved state to belong to this trainer."""
-        return {"names": self.names, "shapes": [list(s) for s in self.shapes], "mode": self.mode,
-                "framework": self.framework, "batch_size": self.batch_size, "clip_norm": self.clip_norm,
-                "tau": self.tau, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
-                "seed": self.seed, "max_request": self.max_request, "rounding_margin": self.rounding_margin,
-                **self.data.fingerprint()}
+        """What must match for saved state to belong to this trainer (persistence.py)."""
+        return fingerprint(self)
 
     def state_dict(self, *, records: bool = True) -> dict:
-        """A snapshot; records=False leaves out the records and the fingerprint (the ledger tracks
-        the records through their StepLog and checks the fingerprint once)."""
-        state = {"initial": [w.clone() for w in self.initial], "params": [p.detach().clone() for p in self.params],
-                 "forgotten": self.forgotten}
-        if records:
-            state.update(fingerprint=self.fingerprint(), records=[r.to_state() for r in self.records])
-        return state
+        """The trainer's state by name, its fingerprint and (records=True) its records (persistence.py)."""
+        return state_dict(self, records=records)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores state_dict()'s snapshot. Without 'records' (a rollback, whose StepLog was
-        restored in place) the records stay as they are and the per-step index is rebuilt."""
-        if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
-            mismatch = sorted(k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k])
-            raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
-                             f"{', '.join(mismatch)})")
-        # The learning rate is a function of the step, so it is checked on the recorded steps: a
-        # resumed or replayed step with another lr would not be the coupled retraining.
-        for r in state.get("records", []):
-            if float(r["step_size"]) != float(self._lr(r["step"])):
-                raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
-                                 f"{r['step']} used {r['step_size']!r}, this trainer's lr gives {self._lr(r['step'])!r})")
-        self.initial = [t.clone() for t in state["initial"]]
-        with torch.no_grad():
-            for p, src in zip(self.params, state["params"]):
-                p.copy_(src)
-        if "records" in state:
-            self.records.replace(PCMUStep.from_state(s, self.coordinates, self.fragile_threshold)
-                                 for s in state["records"])
-        self._forgotten = as_ids(state["forgotten"]).unique()
-        self._reindex()
+        """Restores a state_dict, refusing another configuration (persistence.py)."""
+        load_state_dict(self, state)
 
 
-# Steps per window of the vectorized per-step reads: bounds a request's working memory.
-_WINDOW = 1 << 16
+def _step_size_given_per_step(t: int) -> float:
+    raise RuntimeError("this PCMU run takes its step size from the wrapped optimizer's lr at each step: train "
+                       "through PCMUOptimizer.step(), not PCMUTrainer.train()")
+
 
 # What PCMU's refusal of BatchNorm in training mode says it needs.
 PER_SAMPLE_NEED = "per-sample clipped gradients"
@@ -552,11 +395,3 @@ def apply_codes_(params: list[torch.Tensor], codes: list[torch.Tensor], step_siz
     as_int8 = [c.to(device=p.device, dtype=torch.int8) for p, c in zip(params, codes)]
     with torch.no_grad():
         _ops.apply_codes_(list(params), as_int8, float(step_size))
-
-
-def _certified_reason(status: str) -> str:
-    """What a request that changes no step's codes is told ('exact': analytic mode; 'probable': mc)."""
-    if status == "exact":
-        return "no code changes at any step: retraining without these ids gives bit-identical parameters"
-    return ("every affected coordinate's change is inside its Monte-Carlo radius: the same codes with "
-            "probability >= 1 - alpha per coordinate")

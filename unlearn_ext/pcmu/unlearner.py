@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from ..model_state import load_model_state_, model_state
 from ..policy import eval_mode_note
 from ..unlearner import Unlearner, UnlearnReport
 from .trainer import PCMUTrainer
@@ -44,7 +43,6 @@ class PCMUUnlearner(Unlearner):
         if note:
             report.details["stochastic_layers"] = note
         report.sample_gradients = check.sample_gradients
-        report.retrain_sample_gradients = trainer.training_cost(union)
         if check.certified:
             self._set_forgotten(union)
             report.status = "certified"
@@ -61,24 +59,22 @@ class PCMUUnlearner(Unlearner):
         report.reason = (f"not certified at step {t0} ({check.status}: {check.reason}); training resumed "
                          f"without the ids from step {t0} of {end}, which equals retraining from scratch")
 
+    def retrain_cost(self, forgotten) -> int:
+        # PCMU's reference is its own coupled retraining, over the steps trained (which may stop
+        # mid-epoch): counted on the schedule.
+        return self.trainer.training_cost(forgotten)
+
     def fingerprint(self) -> dict:
         return self.trainer.fingerprint()
 
     def state_dict(self) -> dict:
-        state = self.trainer.state_dict()
-        del state["fingerprint"]  # the ledger keeps and checks it once
-        # The trainer keeps the parameters; the buffers are the model's (PCMU refuses BatchNorm in
-        # training mode, so nothing moves them, but they are part of the state all the same).
-        return {**state, "buffers": model_state(self.model)["buffers"]}
+        return self.trainer.state_dict()
 
     def logs(self) -> dict:
         return {"records": self.trainer.records}
 
     def state_dict_without_logs(self) -> dict:
-        return {**self.trainer.state_dict(records=False), "buffers": model_state(self.model)["buffers"]}
+        return self.trainer.state_dict(records=False)
 
     def load_state_dict(self, state: dict) -> None:
-        state = dict(state)
-        buffers = state.pop("buffers")
-        load_model_state_(self.model, {"params": dict(zip(self.trainer.names, state["params"])), "buffers": buffers})
         self.trainer.load_state_dict(state)

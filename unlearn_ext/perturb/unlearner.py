@@ -23,7 +23,7 @@ from .. import selection as sel_api
 from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256
 from ..forward import outputs
 from ..model_state import load_model_state_, model_state
-from ..parameters import trainable
+from ..parameters import parameter_shapes, trainable
 from ..unlearner import Unlearner, UnlearnReport
 from . import guard as retained_guard
 from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores
@@ -185,7 +185,6 @@ class PerturbUnlearner(Unlearner):
         report.how = (f"{self.method} {self.perturbation} of {count} coordinates + {self.repair_epochs} "
                       f"{self.repair} repair epoch(s)")
         report.sample_gradients = cost + repair_cost
-        report.retrain_sample_gradients = retrain_cost(self.data, self.config, union)
         report.reason = "perturbed the selected coordinates, then repaired on the retained data (approximate)"
         details.update(scoring_sample_gradients=cost, repair_sample_gradients=repair_cost)
         report.details = details
@@ -282,7 +281,7 @@ class PerturbUnlearner(Unlearner):
     # ---- persistence --------------------------------------------------------------------------------
 
     def fingerprint(self) -> dict:
-        return {"method": self.method, "shapes": {k: list(v.shape) for k, v in trainable(self.model).items()},
+        return {"method": self.method, "shapes": parameter_shapes(self.model),
                 "k": self.k, "perturbation": self.perturbation, "score": self.score, "beta": self.beta,
                 "sigma": self.sigma, "repair": self.repair, "repair_epochs": self.repair_epochs,
                 "repair_lr_factor": self.repair_lr_factor, "distill_temperature": self.distill_temperature,

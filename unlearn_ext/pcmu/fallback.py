@@ -1,0 +1,26 @@
+"""PCMU's fallback (docs/design.md §4): when a request is not certified at step t0, training
+resumes without the ids from the replayed w_t0 -- every earlier step keeps its codes, so this is
+exactly what PCMU training from scratch without them gives (coupled retraining)."""
+from __future__ import annotations
+
+import torch
+
+from ..data import as_ids
+
+
+def resume_without(trainer, removed, t0: int) -> None:
+    """Retrains steps t0.. without `removed` from the replayed w_t0 (exactly what retraining from
+    scratch without them gives when steps < t0 are certified), replacing their records. Each
+    step keeps its recorded step size (the lr schedule does not depend on the data; a run whose
+    lr came from the user's optimizer has no other record of it)."""
+    removed = as_ids(removed, "removed").unique()
+    end = trainer.steps_done
+    w = trainer.replay(t0)
+    with torch.no_grad():
+        for p, src in zip(trainer.params, w):
+            p.copy_(src)
+    trainer.forgotten = torch.cat([trainer.forgotten, removed]).unique()
+    step_sizes = [r.step_size for r in trainer.records[t0:end]]
+    trainer._drop_records_from(t0)
+    for scheduled, step_size in zip(trainer.schedule.steps(t0, end, trainer.forgotten), step_sizes):
+        trainer._add_record(trainer._compute_step(scheduled.step, scheduled.ids, step_size))
