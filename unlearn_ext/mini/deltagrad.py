@@ -20,8 +20,10 @@ w <- w - eta (g + mu b) (Nesterov), where g is the exact or quasi-Newton retaine
 (with weight decay). The pairs still model the loss gradient alone, which momentum does not change.
 An emptied batch leaves b alone too, as an optimizer that is not stepped.
 
-Safety checks (ours), any of which stops the replay and falls back to the exact replay from the
-stored initial weights (= retraining), status 'fallback' with the reason:
+Safety checks (ours), any of which stops the replay and falls back to retraining: training resumed
+without the ids from the stored initial weights over the recorded batches and learning rates,
+through the same step function as `retrain` (mini/resume.py), so its weights are retraining's bit
+for bit; status 'fallback' with the reason:
   * stability: at a quasi-Newton step the gap evolves as dw <- (I - eta_t B) dw + ..., so
     eta_t * lambda_max(B) must stay below 2 (lambda_max on span(S, Y) and sigma outside it); with
     momentum below the momentum recursion's bound (mini/propagate.py: 2 (1 + mu) for heavy ball,
@@ -34,8 +36,14 @@ stored initial weights (= retraining), status 'fallback' with the reason:
 
 Deciding before spending (ours): where the recorded run's eta * lambda_max estimate
 (mini/sharpness.py) is already at the stability bound, the quasi-Newton replay would be refused
-at its first unstable step, so the request goes straight to the exact replay (`unstable="refuse"`,
-the default); it then computes only the retained samples' gradients, as retraining does.
+at its first unstable step, so the request goes straight to that retraining (`unstable="refuse"`,
+the default).
+
+Speed (ours): a replay takes one or two gradients per recorded step, each on a handful of rows, so
+on small models the per-call bookkeeping used to cost more than the arithmetic. The replay pays it
+once per request: one working copy of the model (mini/replay_model.py), one read of the schedule and
+one membership test for the whole history, one forward pass for an exact step's retained and
+removed gradients; what is left per step is what depends on the step before.
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
@@ -66,8 +74,14 @@ from .history_digest import history_sha256
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
 from .propagate import stability_bound
+from .replay_model import ReplayModel
 from .record import check_replayable_sgd
+from .resume import resume_from
 from .vectors import FlatModel
+
+
+FALLBACK_HOW = "retrained from the stored initial weights"
+FALLBACK_WHAT = "trained again without the ids from the stored initial weights, which equals retraining"
 
 
 class CompactLBFGS:
@@ -89,10 +103,11 @@ class CompactLBFGS:
         M = torch.cat([torch.cat([self.sigma * (S.T @ S), L], 1), torch.cat([L.T, -D], 1)], 0)
         self.W = torch.cat([self.sigma * S, Y], 1)
         self.M_inv = torch.linalg.inv(M)
+        self._P = self.M_inv @ self.W.T  # [2m, d]: a product is then two thin matrix-vector products
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
-        return self.sigma * v - self.W @ (self.M_inv @ (self.W.T @ v))
+        return torch.addmv(v, self.W, self._P @ v, beta=self.sigma, alpha=-1.0)  # sigma v - W M^-1 W^T v
 
     def _span_eigen(self):
         """(Q orthonormal basis of span(W), eigenvalues and eigenvectors of Q^T B Q), cached."""
@@ -193,9 +208,27 @@ class DeltaGradUnlearner(Unlearner):
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0
 
-    def _replay(self, union: torch.Tensor, all_exact: bool):
-        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '')."""
+    def _plan(self, union: torch.Tensor) -> list:
+        """Every recorded step as (t, lr, kept ids, removed ids, batch size), read from the store's
+        schedule (no field decoded) with one membership test for the whole history."""
+        steps = list(self.store.schedule())
+        for t, _, _, ids in steps:
+            if ids is None:
+                raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
+        gone = torch.isin(torch.cat([ids for *_, ids in steps]), union).split([int(ids.numel()) for *_, ids in steps])
+        return [(t, float(lr), ids[~g], ids[g], int(ids.numel())) for (t, lr, _, ids), g in zip(steps, gone)]
+
+    def _replay(self, union: torch.Tensor):
+        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '').
+
+        The per-step work is only what depends on the previous step: the schedule and the
+        membership test are done once for the whole history, and the gradients come from one
+        working copy of the model (mini/replay_model.py) instead of rebuilding the model from the
+        flat vector at every call; an exact step takes its retained and removed gradients from one
+        forward pass. tests/deltagrad_reference.py states the same replay step by step."""
         flat, wd = self.flat, self.weight_decay
+        plan = self._plan(union)
+        grads = ReplayModel(flat)
         momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov) if self.sgd.momentum else None
         pairs = deque(maxlen=self.memory)
         w, cost, exact_steps, worst, top_eta_lambda, damped = None, 0, 0, 0.0, 0.0, 0
@@ -205,51 +238,41 @@ class DeltaGradUnlearner(Unlearner):
         def stats():
             return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda,
                     **({"damped_steps": damped} if self.unstable == "damp" else {})}
-        if all_exact:  # retraining needs the stored weights of step 0 only: no other step is decoded
-            w = flat.join(self.store.read(self.store.steps[0], ["params"]).tensors["params"])
-        for s in self.store.iter(names=[] if all_exact else ["params"]):
-            t, lr, batch = s.step, float(s.lr), s.batch_ids
-            if batch is None:
-                raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
-            if not all_exact:
-                w_t = flat.join(s.tensors["params"])
-                if w is None:
-                    w = w_t.clone()  # the stored initial weights
-            gone = torch.isin(batch, union)
-            kept, removed = batch[~gone], batch[gone]
+        stored = self.store.iter(names=["params"])
+        for t, lr, kept, removed, size in plan:
+            w_t = flat.join(next(stored).tensors["params"])
+            if w is None:
+                w = w_t.clone()  # the stored initial weights
             if kept.numel() == 0:
                 continue  # retraining makes no update on an emptied batch
-            g_rec = None if all_exact else self.store.encoded(t, "grads")
-            # The exact replay (retraining) never needs the removed samples' gradients.
-            g_removed = flat.mean_loss_grad(w, removed) if removed.numel() and not all_exact else None
-            cost += int(removed.numel()) if g_removed is not None else 0
-            dw = None if all_exact else w - w_t
-            if all_exact or self._exact_step(t) or not pairs:
+            g_rec = self.store.encoded(t, "grads")
+            dw = w - w_t
+            if self._exact_step(t) or not pairs:
                 exact_steps += 1
-                g_kept = flat.mean_loss_grad(w, kept)
-                cost += int(kept.numel())
-                if not all_exact:
-                    # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
-                    dg = g_kept * kept.numel() / batch.numel()
-                    if g_removed is not None:
-                        dg += g_removed * removed.numel() / batch.numel()
-                    g_rec.axpy_(flat.split(dg), -1.0)
-                    if pairs and float(dg.norm()) > 0:
-                        if model is None:
-                            model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
-                        err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
-                        worst = max(worst, err)
-                        if err > self.max_prediction_error:
-                            return None, cost, stats(), (
-                                f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
-                                f"{err:.3g} (relative) > {self.max_prediction_error:g}")
-                    if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
-                        pairs.append((dw.clone(), dg.clone()))
-                        lambda_max, model = None, None
-                # the same arithmetic as data.sgd_step: g + wd * w, then w - lr * g
-                step = g_kept + wd * w if wd else g_kept
-                w = w - lr * step if momentum is None else momentum.step(w, step, lr)
+                g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
+                cost += int(kept.numel()) + int(removed.numel())
+                # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
+                dg = g_kept * kept.numel() / size
+                if g_removed is not None:
+                    dg += g_removed * removed.numel() / size
+                g_rec.axpy_(flat.split(dg), -1.0)
+                if pairs and float(dg.norm()) > 0:
+                    if model is None:
+                        model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                    err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
+                    worst = max(worst, err)
+                    if err > self.max_prediction_error:
+                        return None, cost, stats(), (
+                            f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
+                            f"{err:.3g} (relative) > {self.max_prediction_error:g}")
+                if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
+                    pairs.append((dw.clone(), dg.clone()))
+                    lambda_max, model = None, None
+                step = g_kept.add(w, alpha=wd) if wd else g_kept
+                w = torch.add(w, step, alpha=-lr) if momentum is None else momentum.step(w, step, lr)
             else:
+                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+                cost += int(removed.numel())
                 if model is None:
                     model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
                 if lambda_max is None:
@@ -264,14 +287,14 @@ class DeltaGradUnlearner(Unlearner):
                     predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
                 else:
                     predicted = model.product(dw).float()           # B (w^I_t - w_t)
-                scale = batch.numel() / kept.numel()
-                direction = scale * predicted
+                scale = size / kept.numel()
+                direction = predicted.mul_(scale)  # (in place: fewer passes over d values per step)
                 if g_removed is not None:
-                    direction -= (removed.numel() / kept.numel()) * g_removed
+                    direction.add_(g_removed, alpha=-removed.numel() / kept.numel())
                 if wd:
-                    direction += wd * w
+                    direction.add_(w, alpha=wd)
                 if momentum is None:
-                    w = w - lr * direction
+                    w = torch.add(w, direction, alpha=-lr)
                     g_rec.axpy_(flat.split(w), -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
                 else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t, on the codes
                     g_rec.axpy_(flat.split(direction), scale)
@@ -288,17 +311,17 @@ class DeltaGradUnlearner(Unlearner):
         before = self.store.bytes_read
         edge = recorded_edge(self.info)
         if self.unstable == "refuse" and edge is not None and edge[0] >= self.stable_below:
-            # Decided before any work: the exact replay alone, which costs what retraining costs.
-            w, cost, stats, _ = self._replay(union, all_exact=True)
+            # Decided before any work: retraining alone, which costs what retraining costs.
+            cost = self._retrain(union)
             stats = {"recorded_eta_lambda_max": edge[0]}
             reason = (f"the run recorded eta_t * lambda_max = {edge[0]:.3g} >= {self.stable_below:g} at step {edge[1]} "
                       "during training, so the quasi-Newton replay would amplify the gap; decided before any other "
                       "work")
-            report.status, report.how = "fallback", "exact replay from the stored initial weights"
-            report.reason = f"safety check fired: {reason}; replayed every step exactly, which equals retraining"
-            self._finish(report, w, cost, stats, before, union, T)
+            report.status, report.how = "fallback", FALLBACK_HOW
+            report.reason = f"safety check fired: {reason}; {FALLBACK_WHAT}"
+            self._finish(report, None, cost, stats, before, union, T)
             return
-        w, cost, stats, reason = self._replay(union, all_exact=False)
+        w, cost, stats, reason = self._replay(union)
         if not reason:
             rise, check_cost = self._retained_loss_rise(w, union)
             cost += check_cost
@@ -308,10 +331,9 @@ class DeltaGradUnlearner(Unlearner):
                           f"weights relative to the weights before the request (limit {self.loss_rise_limit:.0%}): "
                           "retraining lowers it, so the answer is likely farther from retraining than doing nothing")
         if reason:
-            w, extra, _, _ = self._replay(union, all_exact=True)
-            cost += extra
-            report.status, report.how = "fallback", "exact replay from the stored initial weights"
-            report.reason = f"safety check fired: {reason}; replayed every step exactly, which equals retraining"
+            w, cost = None, cost + self._retrain(union)
+            report.status, report.how = "fallback", FALLBACK_HOW
+            report.reason = f"safety check fired: {reason}; {FALLBACK_WHAT}"
         else:
             report.status, report.how = "unlearned", (f"{stats['exact_steps']} exact and "
                                                       f"{T - stats['exact_steps']} quasi-Newton steps")
@@ -320,8 +342,21 @@ class DeltaGradUnlearner(Unlearner):
                              f"{stats['max_eta_lambda']:.3g}")
         self._finish(report, w, cost, stats, before, union, T)
 
+    def _retrain(self, union: torch.Tensor) -> int:
+        """The fallback: training resumed without the ids from the stored step-0 weights over the
+        recorded batches and learning rates, through the same step function as `retrain`
+        (mini/resume.py, Mini's fallback too), so it gives retraining's weights bit for bit — not a
+        replay of its arithmetic on flat vectors, whose rounding differs in the last bit and which a
+        non-smooth model (ReLU) can amplify over many steps. Returns its cost (retained samples seen)."""
+        steps = list(self.store.schedule())
+        w0 = self.flat.join(self.store.read(steps[0][0], ["params"]).tensors["params"])
+        return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union,
+                           batches={t: ids for t, _, _, ids in steps}, lrs={t: float(lr) for t, lr, _, _ in steps})
+
     def _finish(self, report: UnlearnReport, w, cost: int, stats: dict, bytes_before: int, union, T: int) -> None:
-        self.flat.load_(w)
+        """w: the replayed weights, or None when the fallback already trained the model."""
+        if w is not None:
+            self.flat.load_(w)
         report.details = {**stats, "steps": T, "burn_in": self.burn_in, "period": self.period, "memory": self.memory,
                           "stability_bound": self.stable_below, **self.sgd.describe()}
         if self.unstable != "refuse":

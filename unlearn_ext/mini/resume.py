@@ -19,15 +19,16 @@ from .record import SGDSettings
 
 
 def resume_from(model, data: TrainingData, run_info: dict, sgd: SGDSettings, start: int, weights: torch.Tensor,
-                flat, exclude: torch.Tensor, batches=None) -> int:
+                flat, exclude: torch.Tensor, batches=None, lrs=None) -> int:
     """Loads `weights` (flat) into `model` and trains steps start..T-1 without `exclude`, with the
     SGD settings `sgd` (check_replayable_sgd; momentum: torch.optim.SGD's own steps, from step 0
     only). batches: optional {step: recorded batch ids}; otherwise the BatchSchedule of run_info.
+    lrs: optional {step: recorded learning rate}; otherwise run_info's lr_schedule.
     Returns the sample-gradient cost (retained samples seen)."""
     if sgd.momentum and start != 0:
         raise ValueError(f"resuming momentum SGD at step {start} needs the retrained run's momentum buffer there, "
                          "which no history stores; resume from step 0 (buffer 0)")
-    lrs = run_info["lr_schedule"]
+    lrs = run_info["lr_schedule"] if lrs is None else lrs
     flat.load_(weights)
     optimizer = momentum_optimizer(model, sgd.momentum, sgd.nesterov, sgd.weight_decay)
     cost = 0
