@@ -164,7 +164,7 @@ def table(payloads: list[dict]) -> str:
 
 
 def targets(payloads: list[dict], min_ratio: float = 0.05) -> str:
-    """Issue 13's target measures, means over every (seed, ratio >= min_ratio) run: test-accuracy gap
+    """The perturbation targets' measures, means over every (seed, ratio >= min_ratio) run: test-accuracy gap
     to that run's retrain (retrain - method), per-run |MIA gap|, |forget - retrain forget|, MRR, cost,
     UD, and in how many runs the test and MIA gaps are within that run's noise floor."""
     records = [r for p in payloads for r in p["records"] if r["ratio"] >= min_ratio]
