@@ -4,7 +4,8 @@
 // has no three-way xor). Tests compare the words bit for bit with the scalar Philox.
 //
 // Include it only where AVX2 is enabled for the code that follows (#pragma GCC target: the AVX2 copy
-// of a kernel file, isa_target.h, or smoothing_mc_avx2.cpp).
+// of a kernel file, or isa_target.h). The mc span (smoothing_mc_avx2.cpp) has a layout of its own,
+// tuned for its draw loop.
 #pragma once
 
 #include <immintrin.h>
