@@ -117,3 +117,21 @@ def test_fallback_gives_retraining_bit_for_bit(codec):
     assert report.status == "fallback" and "equals retraining" in report.reason
     assert torch.equal(flat(got, data), flat(ue.retrain(init, data, config, FORGET), data))
     assert report.sample_gradients >= report.retrain_sample_gradients
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_minis_fallback_gives_retraining_bit_for_bit(codec):
+    """Mini-Unlearning's fallback (here forced by a retained-loss limit no answer can meet) resumes
+    from the stored initial weights through retraining's own step function: on the same ReLU
+    network the result is retraining's, bit for bit, whatever codec stored the anchors."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (96,), generator=g)
+    x = torch.randn(96, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    data, init = ue.TrainingData(x, y), relu_cnn()
+    config = ue.SGDConfig(epochs=6, batch_size=16, lr=0.1, weight_decay=1e-4)
+    model, store = copy.deepcopy(init), ue.mini_store(init, codec)
+    ue.train_recording_anchors(model, data, config, store, anchors=3)
+    got = copy.deepcopy(model)
+    report = ue.MiniUnlearner(got, data, store, lanczos_steps=4, loss_rise_limit=-1.0).unlearn(FORGET)
+    assert report.status == "fallback", report.reason
+    assert torch.equal(flat(got, data), flat(ue.retrain(init, data, config, FORGET), data))
