@@ -44,8 +44,10 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt $(BENCH_DEPS)
 	touch $@
 
+# Every file in benchmarks/: the timed benchmarks and the ones that time themselves and only record
+# notes (distributed runs); --benchmark-only would skip the latter.
 bench: build $(VENV)/.bench-deps
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	$(PY) -m pytest benchmarks -q -s
 
 # Compiles the CUDA sources with nvcc against a CUDA build of torch (no GPU needed).
 cuda-build-check:
