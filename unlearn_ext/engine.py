@@ -414,8 +414,10 @@ def _history_store(history, make, model, ddp):
 
 def _flat_model(run: _Run) -> FlatModel:
     """The flat view the recorders take full-data gradients and sharpness estimates with. Under DDP
-    each rank computes its slice of the ids and the ranks' sums are added in rank order: every rank
-    records the same bits, at 1/world of the sample-gradients each."""
+    a mean gradient is split: each rank computes its slice of the ids and the ranks' sums are added
+    in rank order, so every rank records the same bits at 1/world of the sample-gradients each. The
+    sharpness estimate's Hessian products (a small subsample) run whole on every rank, the same
+    arithmetic on the same weights; the digest check at unlearner() catches a rank that differs."""
     if run.ddp is None:
         return FlatModel(run.model, run.data)
     return RankSplitFlatModel(run.model, run.data, run.ddp.group)
