@@ -52,4 +52,4 @@ def test_ddp_loop_example_runs_on_two_ranks():
     code = code.replace(INIT, "").replace("dist.destroy_process_group()", "")
     got = launch(ddp_readme_worker, 2, TIMEOUT_S, code)
     assert got[0]["ids"] == [3, 17, 42] and got[0]["status"] in ("unlearned", "fallback")
-    assert got[1] == {"status": None, "ids": None}  # rank 1 recorded nothing and answered nothing
+    assert got[1] == got[0]  # every rank answered the same request

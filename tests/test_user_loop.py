@@ -229,6 +229,26 @@ def test_mean_reduced_loss_gives_the_same_answer_as_a_per_sample_loss(method):
 
 
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_a_history_path_records_on_disk_and_answers_as_the_in_memory_store(method, tmp_path):
+    """history="path": the engine makes a disk store there with the default codecs, so the answer is
+    the in-memory default's, bit for bit; the file holds the recorded steps."""
+    answers = []
+    for history in (None, tmp_path / "history"):
+        engine, model = wrap_and_train(method, lambda: cnn("group"), "sgd", history=history)
+        engine.unlearner().unlearn(FORGET)
+        answers.append(model)
+    stored = ue.HistoryStore.open(str(tmp_path / "history"), writable=False)
+    assert stored.steps == engine.run.recorder.store.steps and len(stored.steps) > 1
+    stored.close()
+    assert same_state(*answers)
+
+
+def test_a_history_that_is_neither_store_nor_path_is_refused_before_training():
+    with pytest.raises(TypeError, match="history must be a HistoryStore, a path or None, got int"):
+        wrap_and_train("mini", lambda: cnn("group"), "sgd", history=3)
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):
         wrap_and_train(method, lambda: cnn("group"), "sgd", loss_fn=nn.CrossEntropyLoss(reduction="sum"))

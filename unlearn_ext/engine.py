@@ -23,21 +23,27 @@ What wrapping does:
     methods need torch.optim.SGD, plain or with heavy-ball / Nesterov momentum (dampening 0).
 A DistributedDataParallel model (history methods only; distributed/ddp.py): the checks, the recipe
 and the recording use its replicated module; each rank's loader yields its equal share of every
-batch; rank 0 records and answers requests, the other ranks record nothing.
+batch; every rank records the (replicated) history into its own store, and `unlearner()` is
+collective: on every rank it returns the distributed unlearner over the model's process group,
+which refuses on every rank when the ranks' histories differ (their digests).
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
 """
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .baselines import FinetuneUnlearner, RetrainUnlearner
 from .data import BatchSchedule, TrainingData
-from .distributed.ddp import RankShareSampler, check_even_shares, ddp_placement
-from .history import HistoryRecorder
+from .distributed.ddp import RankShareSampler, check_even_shares, ddp_placement, rank_history_path
+from .distributed.group import agree
+from .distributed.history_methods import (DistributedDeltaGradUnlearner, DistributedMiniUnlearner,
+                                          RankSplitFlatModel)
+from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.vectors import FlatModel
@@ -74,8 +80,10 @@ class UnlearningEngine:
             step ("step") in the loop; retraining repeats it.
         augmentation_seed: wrap the dataset in a SeededDataset so random augmentation is a function of
             (seed, epoch, id) and retraining sees the same augmentations.
-        history: a HistoryStore for the history methods (default: in memory; mini_store / step_store
-            make one on disk). anchors: Mini-Unlearning's anchor count.
+        history: where the history methods record: a HistoryStore (mini_store / step_store make one),
+            a path (a disk store there with the method's default codecs; under DistributedDataParallel
+            each rank writes its own, `<path>.rank<r>`) or None (in memory, on every rank).
+            anchors: Mini-Unlearning's anchor count.
         method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
             trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
         """
@@ -111,8 +119,10 @@ class UnlearningEngine:
             pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed,
                                  steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
                                  **method_options)
+        if method in HISTORY_METHODS:
+            history = _history_store(history, mini_store if method == "mini" else step_store, model, ddp)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
-        self.run.records = ddp is None or ddp.records
+        self.run.ddp = ddp
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
@@ -144,7 +154,8 @@ class UnlearningEngine:
 
     def unlearner(self) -> Unlearner:
         """The method's Unlearner for the trained model (built once, after training; later calls
-        return the same one)."""
+        return the same one). Under DistributedDataParallel the first call is collective: make it on
+        every rank; each rank gets the distributed unlearner, whose requests are collective too."""
         run = self._require_run()
         if run.unlearner is None:
             run.trained = copy.deepcopy(run.model)
@@ -164,7 +175,7 @@ class _Run:
         self.recorder = None
         self.unlearner = None
         self.trained = None
-        self.records = True  # False on a DDP job's ranks other than 0: one rank writes the history
+        self.ddp = None  # the DDPPlacement of a DistributedDataParallel model
 
     def build(self) -> Unlearner:
         m, o = self.method, self.options
@@ -286,6 +297,15 @@ class _StepCounter:
         raise NotImplementedError
 
     def check_finished(self) -> None:
+        """Under DDP checked on every rank together, so one rank's refusal is every rank's (the others
+        would otherwise wait in the unlearner's first collective)."""
+        ddp = self.run.ddp
+        if ddp is None:
+            self._check_steps()
+        else:
+            agree(lambda: self._check_steps() or (), shared=(), group=ddp.group)
+
+    def _check_steps(self) -> None:
         total = self.run.recipe.steps(len(self.run.data))
         if self.step != total:
             raise RuntimeError(f"training took {self.step} optimizer steps; the recipe ({self.run.recipe.epochs} "
@@ -314,26 +334,24 @@ class _AnchorRecorder(_StepCounter):
 
     def __init__(self, run: _Run, store, anchors: int):
         from .mini.record import anchor_epochs
-        self.store = _store_of(run, store, mini_store)
+        self.store = store
         self.spe = run.schedule.batches_per_epoch
         self.anchor_epochs = anchor_epochs(run.recipe.epochs, anchors)
         self.anchor_steps = {a * self.spe for a in self.anchor_epochs}
         # Hooks run in registration order: ours (attaching the anchor's gradient) before the recorder's.
         super().__init__(run)
-        if run.records:
-            self.recorder = HistoryRecorder(self.store, run.model, run.optimizer, steps=self.anchor_steps)
+        self.recorder = HistoryRecorder(self.store, run.model, run.optimizer, steps=self.anchor_steps)
 
     def full_gradient(self):
-        flat = FlatModel(self.run.model, self.run.data)
+        flat = _flat_model(self.run)
         w = flat.flat()
         with eval_mode(self.run.model):
             g = flat.mean_loss_grad(w, self.run.data.ids) + self.weight_decay * w
         return flat, w, g
 
     def on_step(self, t: int) -> None:
-        # Under DDP rank 0 alone takes the full-data gradient (K * n sample-gradients in all); the
-        # other ranks wait for it in DDP's next gradient all-reduce.
-        if t in self.anchor_steps and self.run.records:
+        # Under DDP the ranks take the full-data gradient together (_flat_model), in the same step.
+        if t in self.anchor_steps:
             refuse_training_batch_norm(self.run.model, "Mini-Unlearning", "the gradients it replays")
             flat, w, g = self.full_gradient()
             self.recorder.attach(**{FULL_GRAD: flat.split(g)})
@@ -343,7 +361,6 @@ class _AnchorRecorder(_StepCounter):
     def unlearner(self, **options):
         from .mini import MiniUnlearner
         self.check_finished()
-        _require_recording_rank(self.run)
         end = self.run.recipe.steps(len(self.run.data))
         if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
             flat, w, g = self.full_gradient()
@@ -352,7 +369,7 @@ class _AnchorRecorder(_StepCounter):
                 self.record_sharpness(flat, w, end, lr=self.lrs[-1])
         self.store.set_run_info(**self.run_info(anchor_epochs=self.anchor_epochs,
                                                 recorded_by="unlearn_ext.UnlearningEngine"))
-        return MiniUnlearner(self.run.model, self.run.data, self.store, **options)
+        return _history_unlearner(self.run, MiniUnlearner, DistributedMiniUnlearner, self.store, options)
 
 
 class _StepHistory(_StepCounter):
@@ -361,40 +378,55 @@ class _StepHistory(_StepCounter):
 
     def __init__(self, run: _Run, store):
         from .mini.record import anchor_epochs
-        self.store = _store_of(run, store, step_store)
+        self.store = store
         super().__init__(run)  # first: the batch ids must be set before the recorder's hook runs
-        if run.records:
-            self.recorder = HistoryRecorder(self.store, run.model, run.optimizer)
+        self.recorder = HistoryRecorder(self.store, run.model, run.optimizer)
         # The edge-of-stability estimate where the library's StepRecorder takes it: at Mini's
         # geometric anchor epochs and at the last step.
         spe, total = run.schedule.batches_per_epoch, run.recipe.steps(len(run.data))
         self.sharpness_steps = {a * spe for a in anchor_epochs(run.recipe.epochs) if 0 < a * spe < total} | {total - 1}
 
     def on_step(self, t: int) -> None:
-        if not self.run.records:  # a DDP rank other than 0 records nothing
-            return
         self.recorder.batch(self.run.schedule.step(t).ids)  # the whole batch (under DDP this rank loaded a share)
         if t in self.sharpness_steps:
-            flat = FlatModel(self.run.model, self.run.data)
+            flat = _flat_model(self.run)
             self.record_sharpness(flat, flat.flat(), t)
 
     def unlearner(self, **options):
         from .mini import DeltaGradUnlearner
         self.check_finished()
-        _require_recording_rank(self.run)
         self.store.set_run_info(**self.run_info(recorded_by="unlearn_ext.UnlearningEngine"))
-        return DeltaGradUnlearner(self.run.model, self.run.data, self.store, **options)
+        return _history_unlearner(self.run, DeltaGradUnlearner, DistributedDeltaGradUnlearner, self.store, options)
 
 
-def _store_of(run: _Run, store, make):
-    """The history store this rank records into: the user's, a new in-memory one, or none on a
-    DDP rank other than 0."""
-    if not run.records:
-        return None
-    return store if store is not None else make(run.model)
+def _history_store(history, make, model, ddp):
+    """The store this rank records into (make_unlearnable's `history`), refused before training
+    when it is neither a HistoryStore, a path nor None."""
+    if history is None:
+        return make(model)
+    if isinstance(history, HistoryStore):
+        return history
+    if isinstance(history, (str, os.PathLike)):
+        path = os.fspath(history) if ddp is None else rank_history_path(history, ddp.rank)
+        return make(model, tier="disk", path=path)
+    raise TypeError(f"history must be a HistoryStore, a path or None, got {type(history).__name__}")
 
 
-def _require_recording_rank(run: _Run) -> None:
-    if not run.records:
-        raise RuntimeError("under DistributedDataParallel rank 0 records the history and answers deletion "
-                           "requests: call engine.unlearner() on rank 0 (this rank recorded nothing)")
+def _flat_model(run: _Run) -> FlatModel:
+    """The flat view the recorders take full-data gradients and sharpness estimates with. Under DDP
+    a mean gradient is split: each rank computes its slice of the ids and the ranks' sums are added
+    in rank order, so every rank records the same bits at 1/world of the sample-gradients each. The
+    sharpness estimate's Hessian products (a small subsample) run whole on every rank, the same
+    arithmetic on the same weights; the digest check at unlearner() catches a rank that differs."""
+    if run.ddp is None:
+        return FlatModel(run.model, run.data)
+    return RankSplitFlatModel(run.model, run.data, run.ddp.group)
+
+
+def _history_unlearner(run: _Run, single, distributed, store, options) -> Unlearner:
+    """The unlearner over the recorded history: under DDP the distributed one on every rank, over
+    the model's process group (its construction refuses on every rank when the ranks' history
+    digests, weights, data or options differ)."""
+    if run.ddp is None:
+        return single(run.model, run.data, store, **options)
+    return distributed(run.model, run.data, store, group=run.ddp.group, **options)

@@ -7,11 +7,16 @@ of every scheduled batch (`RankShareSampler`: rank_slice of the batch), so that 
 batch's mean gradient -- when the shares are equal in size. DDP averages per-rank means with equal
 weights, so unequal shares would weight some samples more than others and the recorded gradients
 would not be the batch gradients that the history methods replay; `check_even_shares` refuses
-such a schedule before training. Recording then needs one writer: rank 0 records (its parameters
-and reduced gradients are every rank's), the other ranks record nothing.
+such a schedule before training.
+
+Every rank then holds the same parameters and reduced gradients, so every rank records the same
+history into its own store (in memory, or a disk file of its own: `rank_history_path`), and every
+rank can answer deletion requests with the distributed unlearners (history_methods.py), which
+first check that the ranks' histories agree (their digests).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +34,11 @@ class DDPPlacement:
     rank: int
     world: int
 
-    @property
-    def records(self) -> bool:
-        """Whether this rank writes the history (rank 0 of the model's group)."""
-        return self.rank == 0
+
+def rank_history_path(path, rank: int) -> str:
+    """The disk store of `rank` for the user's history path: every rank writes its own file
+    (`<path>.rank<r>`), so ranks sharing a file system never write to one file."""
+    return f"{os.fspath(path)}.rank{int(rank)}"
 
 
 def ddp_placement(model: torch.nn.Module) -> DDPPlacement | None:
