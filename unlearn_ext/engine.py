@@ -317,7 +317,6 @@ class _StepCounter:
         return {"steps_per_epoch": self.run.schedule.batches_per_epoch, "batch_seed": r.seed, "batch_size": r.batch_size,
                 "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **extra}
 
-
     def record_sharpness(self, flat, w, t: int, lr: float | None = None) -> None:
         """eta_t * lambda_max at step t into the history's run_info (mini/sharpness.py), as the
         library's own recorders do: an unlearner that will fall back then knows it before any work,
