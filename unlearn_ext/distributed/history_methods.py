@@ -106,36 +106,16 @@ def agree_on_request(unlearner, ids, group) -> None:
     agree(check, shared=("the request's ids",), group=group)
 
 
-class DistributedMiniUnlearner(MiniUnlearner):
-    """MiniUnlearner across the ranks of `group` (module docstring). Same arguments as
-    MiniUnlearner, on every rank (the same model weights, data and history)."""
-
-    hessian = RankSummedHessian
-
-    def __init__(self, model, data, store, *, group=None, **options):
-        self.group = require_group(group)
-
-        def build():  # inside the agreement: one rank's refusal is every rank's
-            MiniUnlearner.__init__(self, model, data, store, **options)
-            self.flat = RankSplitFlatModel(model, data, self.group)
-            return _setup_values(self, options)
-        agree(build, shared=SETUP_NAMES, group=self.group)
-
-    def unlearn(self, ids):
-        agree_on_request(self, ids, self.group)
-        return super().unlearn(ids)
-
-
-class DistributedDeltaGradUnlearner(DeltaGradUnlearner):
-    """DeltaGradUnlearner across the ranks of `group` (module docstring): each replayed step's
-    retained and forgotten gradients are split across the ranks. Same arguments as
-    DeltaGradUnlearner, on every rank."""
+class _AcrossRanks:
+    """What both history methods do across ranks: build on every rank inside one agreement (one
+    rank's refusal is every rank's), replace the gradient source by the rank-split one, and agree on
+    each request's ids before answering. Mixed in before the single-process class."""
 
     def __init__(self, model, data, store, *, group=None, **options):
         self.group = require_group(group)
 
         def build():
-            DeltaGradUnlearner.__init__(self, model, data, store, **options)
+            super(_AcrossRanks, self).__init__(model, data, store, **options)
             self.flat = RankSplitFlatModel(model, data, self.group)
             return _setup_values(self, options)
         agree(build, shared=SETUP_NAMES, group=self.group)
@@ -143,3 +123,17 @@ class DistributedDeltaGradUnlearner(DeltaGradUnlearner):
     def unlearn(self, ids):
         agree_on_request(self, ids, self.group)
         return super().unlearn(ids)
+
+
+class DistributedMiniUnlearner(_AcrossRanks, MiniUnlearner):
+    """MiniUnlearner across the ranks of `group` (module docstring): Hessian-vector products summed
+    across ranks as well. Same arguments as MiniUnlearner, on every rank (the same model weights,
+    data and history)."""
+
+    hessian = RankSummedHessian
+
+
+class DistributedDeltaGradUnlearner(_AcrossRanks, DeltaGradUnlearner):
+    """DeltaGradUnlearner across the ranks of `group` (module docstring): each replayed step's
+    retained and forgotten gradients are split across the ranks. Same arguments as
+    DeltaGradUnlearner, on every rank."""
