@@ -327,10 +327,19 @@ def _data_notes(ds) -> list[str]:
 def _run_with_progress(harness, ds, quiet, **kwargs):
     if quiet:
         return harness.evaluate(ds, **kwargs)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     seeds, names, ratios = kwargs["seeds"], kwargs["methods"], kwargs["ratios"]
     total = len(seeds) * (1 + len(names) + len(ratios) * (1 + len(names) + int(kwargs["ud"])))
+    if not sys.stdout.isatty():
+        # Output to a log file or a pipe: the live bar would reach it only when the run ends, so one line
+        # per finished step instead, flushed at once, on stderr (stdout keeps the table).
+        done, began = [0], time.monotonic()
+
+        def line(what: str) -> None:
+            done[0] += 1
+            print(f"[{done[0]}/{total}] {time.monotonic() - began:.0f} s  {what}", file=sys.stderr, flush=True)
+        return harness.evaluate(ds, progress=line, **kwargs)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task("training", total=total)
