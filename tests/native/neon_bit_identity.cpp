@@ -24,7 +24,7 @@ void expect_equal(uint32_t got, uint32_t want, const char* what, uint64_t a, uin
   ++g_checked;
   if (got == want) return;
   if (++g_failed <= 10)
-    std::printf("MISMATCH %s (%llu, %llu, %llu): neon %08x, scalar %08x\n", what, (unsigned long long)a,
+    std::printf("MISMATCH %s (%llu, %llu, %llu): neon %08x, expected %08x\n", what, (unsigned long long)a,
                 (unsigned long long)b, (unsigned long long)c, got, want);
 }
 
