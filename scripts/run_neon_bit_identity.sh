@@ -15,5 +15,6 @@ QEMU=${AARCH64_QEMU:-qemu-aarch64}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 "$CXX" -std=c++17 -O3 -fno-math-errno -fno-trapping-math -ffp-contract=off -Wall -Wno-unknown-pragmas -static \
-  -Icsrc/include -Icsrc/cpu tests/native/neon_bit_identity.cpp -o "$OUT/neon_bit_identity"
+  -Icsrc/include -Icsrc/cpu tests/native/neon_bit_identity.cpp csrc/cpu/smoothing_mc_scalar.cpp \
+  csrc/cpu/smoothing_mc_neon.cpp -o "$OUT/neon_bit_identity"
 "$QEMU" "$OUT/neon_bit_identity"
