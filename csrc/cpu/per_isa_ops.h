@@ -55,9 +55,9 @@ struct PerIsa<R (*)(A...)> {
 #if defined(UNLEARN_ISA_AVX2) || defined(UNLEARN_ISA_AVX512) || defined(UNLEARN_ISA_NEON)
 #define UNLEARN_REGISTER_OPS(list)
 #elif UNLEARN_X86_VARIANTS
-#define UNLEARN_REGISTER_OP(name, fn)                                                        \
+#define UNLEARN_REGISTER_OP(name, fn)                                                            \
   m.impl(name, &PerIsa<decltype(&scalar::fn)>::call_x86<&scalar::fn##_of_isa, &avx2::fn##_of_isa, \
-                                                    &avx512::fn##_of_isa>);
+                                                        &avx512::fn##_of_isa>);
 #define UNLEARN_REGISTER_OPS(list)                  \
   namespace avx2 { list(UNLEARN_IMPORT_OP) }        \
   namespace avx512 { list(UNLEARN_IMPORT_OP) }      \
