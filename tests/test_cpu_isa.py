@@ -13,7 +13,7 @@ from conftest import DTYPES, LAYOUTS, assert_lists_equal, assert_quantize_equal,
 
 pytestmark = requires_compiled
 
-ALL_PATHS = ("scalar", "avx2", "avx512")
+ALL_PATHS = ("scalar", "avx2", "avx512", "neon")
 TAU, SIGMA = 0.2, 0.25
 
 
@@ -30,7 +30,10 @@ def _cpu_flags() -> set:
 
 
 def _expected_paths() -> list:
-    """What /proc/cpuinfo says this CPU can run (independent of the extension's own detection)."""
+    """What /proc/cpuinfo says this CPU can run (independent of the extension's own detection);
+    every aarch64 CPU has NEON."""
+    if __import__("platform").machine() == "aarch64":
+        return ["scalar", "neon"]
     flags = _cpu_flags()
     out = ["scalar"]
     if {"avx2", "fma", "bmi2", "popcnt"} <= flags:
@@ -62,7 +65,7 @@ def _both(monkeypatch, path, run):
 def test_paths_match_the_cpu(monkeypatch):
     import unlearn_ext as ue
     monkeypatch.delenv("UNLEARN_EXT_CPU_ISA", raising=False)
-    if "linux" in __import__("sys").platform and __import__("platform").machine() == "x86_64":
+    if "linux" in __import__("sys").platform and __import__("platform").machine() in ("x86_64", "aarch64"):
         assert list(_c().cpu_isas()) == _expected_paths()
     assert _c().cpu_isa() == _c().cpu_isas()[-1]
     info = ue.build_info()

@@ -24,24 +24,13 @@
 #include <xmmintrin.h>  // _mm_sfence (SSE: in every x86-64)
 #endif
 
+#include "unlearn/float_math.h"  // float_bits, bits_float
 #include "unlearn/tensor_list.h"
 
 namespace unlearn {
 namespace cpu {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task
-
-inline int32_t float_bits(float f) {
-  int32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
-
-inline float bits_float(int32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
 
 inline float load_float(float v) { return v; }
 inline float load_float(c10::Half v) { return static_cast<float>(v); }

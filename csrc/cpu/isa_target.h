@@ -8,6 +8,8 @@
 #define UNLEARN_ISA avx512
 #elif defined(UNLEARN_ISA_AVX2)
 #define UNLEARN_ISA avx2
+#elif defined(UNLEARN_ISA_NEON)
+#define UNLEARN_ISA neon
 #else
 #define UNLEARN_ISA scalar
 #endif
@@ -23,4 +25,12 @@
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,lzcnt")
 #endif
 #include <immintrin.h>
+#endif
+
+// NEON is aarch64's baseline: the neon copy needs no target switch, only the intrinsics.
+#if defined(UNLEARN_ISA_NEON)
+#if !UNLEARN_NEON_VARIANT
+#error "the neon copies need aarch64 (isa/*_neon.cpp compile to nothing elsewhere)"
+#endif
+#include <arm_neon.h>
 #endif

@@ -1,12 +1,13 @@
-// The draw-count-certify part of the CPU `mc` kernel (DESIGN section 4, `mc` mode), in three
+// The draw-count-certify part of the CPU `mc` kernel (DESIGN section 4, `mc` mode), in four
 // implementations with one interface: hand-written AVX-512 and AVX2 ones (smoothing_mc_avx512.cpp,
-// smoothing_mc_avx2.cpp, each compiled for its ISA whatever the build flags) and a portable one
-// (mc_span_scalar in smoothing_cpu.cpp, written with the shared per-element math of
-// unlearn/smoothing.h). Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path is chosen
+// smoothing_mc_avx2.cpp, each compiled for its ISA whatever the build flags), a hand-written NEON one
+// for aarch64 (smoothing_mc_neon.cpp) and a portable one (smoothing_mc_scalar.cpp, written with the
+// shared per-element math of unlearn/smoothing.h). Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path is chosen
 // per call at run time, so a portable build still takes the widest path the CPU has).
 //
 // All take the class probabilities of each element (Phi computed by the caller) and produce codes,
-// radii and statistics that are identical bit for bit (tests/test_cpu_isa.py forces each path).
+// radii and statistics that are identical bit for bit (tests/test_cpu_isa.py forces each path; the
+// NEON one is also checked under emulation by tests/native/neon_bit_identity.cpp).
 #pragma once
 
 #include <cstdint>
@@ -36,11 +37,19 @@ struct McSpanStats {
 using McSpanFn = void (*)(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                           const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
 
+// The portable path: built everywhere, taken by the scalar copy of smoothing_cpu.cpp.
+void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+                    const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
+
 // Defined only where the x86 copies are built (UNLEARN_X86_VARIANTS, isa.h); called only by the
 // copy of smoothing_cpu.cpp for the same ISA, which runs only on CPUs that have it.
 void mc_span_avx512(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                     const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
 void mc_span_avx2(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
+                  const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
+
+// Defined only on aarch64 (UNLEARN_NEON_VARIANT, isa.h); called only by the neon copy of smoothing_cpu.cpp.
+void mc_span_neon(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                   const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats);
 
 }  // namespace cpu

@@ -24,13 +24,19 @@ struct PerIsa;
 template <typename R, typename... A>
 struct PerIsa<R (*)(A...)> {
   using Fn = R (*)(A...);
+  // x86-64: the scalar, AVX2 and AVX-512 copies.
   template <const Fn* Scalar, const Fn* Avx2, const Fn* Avx512>
-  static R call(A... a) {
+  static R call_x86(A... a) {
     switch (chosen_isa()) {
       case CpuIsa::avx512: return (*Avx512)(std::forward<A>(a)...);
       case CpuIsa::avx2: return (*Avx2)(std::forward<A>(a)...);
       default: return (*Scalar)(std::forward<A>(a)...);
     }
+  }
+  // aarch64: the scalar and NEON copies.
+  template <const Fn* Scalar, const Fn* Neon>
+  static R call_aarch64(A... a) {
+    return chosen_isa() == CpuIsa::neon ? (*Neon)(std::forward<A>(a)...) : (*Scalar)(std::forward<A>(a)...);
   }
 };
 
@@ -44,17 +50,23 @@ struct PerIsa<R (*)(A...)> {
 
 #define UNLEARN_IMPORT_OP(name, fn) extern const decltype(&::unlearn::cpu::scalar::fn) fn##_of_isa;
 
-// Registration of a list, by the scalar copy only (the AVX2 / AVX-512 copies define the ISA macros
-// before they include the kernel file, hence before this header).
-#if defined(UNLEARN_ISA_AVX2) || defined(UNLEARN_ISA_AVX512)
+// Registration of a list, by the scalar copy only (the AVX2 / AVX-512 / NEON copies define the ISA
+// macros before they include the kernel file, hence before this header).
+#if defined(UNLEARN_ISA_AVX2) || defined(UNLEARN_ISA_AVX512) || defined(UNLEARN_ISA_NEON)
 #define UNLEARN_REGISTER_OPS(list)
 #elif UNLEARN_X86_VARIANTS
-#define UNLEARN_REGISTER_OP(name, fn)                                                        \
-  m.impl(name, &PerIsa<decltype(&scalar::fn)>::call<&scalar::fn##_of_isa, &avx2::fn##_of_isa, \
-                                                    &avx512::fn##_of_isa>);
+#define UNLEARN_REGISTER_OP(name, fn)                                                            \
+  m.impl(name, &PerIsa<decltype(&scalar::fn)>::call_x86<&scalar::fn##_of_isa, &avx2::fn##_of_isa, \
+                                                        &avx512::fn##_of_isa>);
 #define UNLEARN_REGISTER_OPS(list)                  \
   namespace avx2 { list(UNLEARN_IMPORT_OP) }        \
   namespace avx512 { list(UNLEARN_IMPORT_OP) }      \
+  TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) { list(UNLEARN_REGISTER_OP) }
+#elif UNLEARN_NEON_VARIANT
+#define UNLEARN_REGISTER_OP(name, fn) \
+  m.impl(name, &PerIsa<decltype(&scalar::fn)>::call_aarch64<&scalar::fn##_of_isa, &neon::fn##_of_isa>);
+#define UNLEARN_REGISTER_OPS(list)           \
+  namespace neon { list(UNLEARN_IMPORT_OP) } \
   TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) { list(UNLEARN_REGISTER_OP) }
 #else
 // Only the scalar copy exists: chosen_isa() can name nothing else.

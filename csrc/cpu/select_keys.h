@@ -2,7 +2,8 @@
 //
 // The per-element key math is unlearn/select.h's (shared with CUDA); this header only makes it
 // fast: score keys come from a plain loop GCC vectorizes, random keys from the vector Philox of
-// philox_avx512.h / philox_avx2.h (the scalar Philox would cost more than the rest of a pass).
+// philox_avx512.h / philox_avx2.h / philox_neon.h (the scalar Philox would cost more than the rest of
+// a pass).
 // Consumers then test 16 keys at a time (lane masks) and visit only the lanes that matter, which at
 // a top-1% is a few lanes per thousand.
 //
@@ -20,6 +21,8 @@
 #include "philox_avx512.h"
 #elif defined(UNLEARN_ISA_AVX2)
 #include "philox_avx2.h"
+#elif defined(UNLEARN_ISA_NEON)
+#include "philox_neon.h"
 #endif
 
 namespace unlearn {
@@ -50,6 +53,8 @@ __attribute__((noinline)) inline void random_tile_keys(uint64_t seed, uint64_t o
     const __m256i word0 = philox_word0_avx2(seed, offset, static_cast<uint64_t>(g + j));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_xor_si256(word0, _mm256_set1_epi32(-1)));
   }
+#elif defined(UNLEARN_ISA_NEON)
+  j = random_keys_neon(seed, offset, n, static_cast<uint64_t>(g), out);
 #endif
   for (; j < n; ++j) out[j] = random_key(seed, offset, static_cast<uint64_t>(g + j));
 }

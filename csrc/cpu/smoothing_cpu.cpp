@@ -21,8 +21,6 @@ namespace cpu {
 namespace UNLEARN_ISA {
 namespace {
 
-constexpr int kLanes = 16;  // elements processed side by side: one AVX-512 register of uint32
-
 // The partial result of one chunk of the list walk (cpu_walk.h). The minimum radius is kept as the
 // bit pattern of a non-negative float, whose integer order equals its float order and whose
 // min-reduction vectorizes without -ffast-math.
@@ -74,18 +72,17 @@ void analytic_span(const T* g, int64_t count, float beta, float below_threshold,
 }
 
 // ---- Monte-Carlo -------------------------------------------------------------------------------
-// Phi is computed here for a whole span; the draws, counts and CERTIFY run in mc_span_scalar below
-// or in its hand-written twins (smoothing_mc_avx2.cpp, smoothing_mc_avx512.cpp): each copy of this
-// file takes the one of its ISA (kMcSpan).
-
-void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
-                    const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& s);
+// Phi is computed here for a whole span; the draws, counts and CERTIFY run in mc_span_scalar
+// (smoothing_mc_scalar.cpp) or in its hand-written twins (smoothing_mc_avx2.cpp, smoothing_mc_avx512.cpp,
+// smoothing_mc_neon.cpp): each copy of this file takes the one of its ISA (kMcSpan).
 
 // This copy's draw-count-certify path.
 #if defined(UNLEARN_ISA_AVX512)
 constexpr McSpanFn kMcSpan = &mc_span_avx512;
 #elif defined(UNLEARN_ISA_AVX2)
 constexpr McSpanFn kMcSpan = &mc_span_avx2;
+#elif defined(UNLEARN_ISA_NEON)
+constexpr McSpanFn kMcSpan = &mc_span_neon;
 #else
 constexpr McSpanFn kMcSpan = &mc_span_scalar;
 #endif
@@ -102,17 +99,6 @@ McParams make_mc_params(double tau, double sigma, int64_t n0, int64_t n, const a
                   McDrawParams{as_u64(seed), as_u64(offset), static_cast<int32_t>(n0), static_cast<int32_t>(n),
                                static_cast<float>(sigma), below_threshold, table.data_ptr<float>()},
                   kMcSpan};
-}
-
-// Adds one draw per lane to the class counters (separate arrays, so the loop vectorizes).
-inline void count_draws(const uint32_t* __restrict words, const int32_t* __restrict neg_levels,
-                        const int32_t* __restrict pos_start, int32_t* __restrict neg,
-                        int32_t* __restrict pos) {
-  for (int l = 0; l < kLanes; ++l) {
-    const DrawThresholds t{neg_levels[l], pos_start[l]};
-    neg[l] += draw_is_negative(words[l], t);
-    pos[l] += draw_is_positive(words[l], t);
-  }
 }
 
 // Class probabilities of every element of a span: p_neg = Phi((-tau - v) / sigma) and
@@ -138,65 +124,6 @@ void mc_probabilities_span(const T* g, int64_t count, const McParams& p, float* 
     const float nan = std::numeric_limits<float>::quiet_NaN();
     p_neg[i] = finite ? 0.5f * p_neg[i] : nan;
     p_pos[i] = finite ? 0.5f * p_pos[i] : nan;
-  }
-}
-
-// Draws, counts and CERTIFY for every element of a span, kLanes elements side by side (each lane
-// is one element's own Philox stream, so lanes never interact). The portable twin of
-// mc_span_avx2 / mc_span_avx512; tests force each and compare them bit for bit.
-void mc_span_scalar(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
-                         const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& s) {
-  const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
-  const int64_t blocks = (int64_t(p.n0) + p.n + 3) / 4;
-  for (int64_t base = 0; base < count; base += kLanes) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - base));
-    int32_t neg_levels[kLanes], pos_start[kLanes], finite[kLanes];
-    uint32_t elem_lo[kLanes], elem_hi[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const bool in = l < lanes;
-      const float pn = in ? p_neg[base + l] : 0.0f, pp = in ? p_pos[base + l] : 0.0f;
-      finite[l] = !std::isnan(pn);  // levels_below(NaN) = 0 gives the non-finite thresholds {0, 2^24}
-      neg_levels[l] = static_cast<int32_t>(levels_below(pn));
-      pos_start[l] = static_cast<int32_t>(kUniformLevels - levels_below(pp));
-      const uint64_t e = global_begin + static_cast<uint64_t>(base + l);
-      elem_lo[l] = static_cast<uint32_t>(e);
-      elem_hi[l] = static_cast<uint32_t>(e >> 32);
-    }
-    int32_t sel_neg[kLanes] = {}, sel_pos[kLanes] = {}, est_neg[kLanes] = {}, est_pos[kLanes] = {};
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint64_t ctr = p.offset + static_cast<uint64_t>(b);
-      const uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
-      uint32_t words[4][kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        const PhiloxBlock r = philox4x32_10(c0, c1, elem_lo[l], elem_hi[l], k0, k1);
-        words[0][l] = r.w[0];
-        words[1][l] = r.w[1];
-        words[2][l] = r.w[2];
-        words[3][l] = r.w[3];
-      }
-      for (int q = 0; q < 4; ++q) {
-        const int64_t j = 4 * b + q;  // draw index of this word
-        if (j < p.n0) {
-          count_draws(words[q], neg_levels, pos_start, sel_neg, sel_pos);
-        } else if (j < int64_t(p.n0) + p.n) {
-          count_draws(words[q], neg_levels, pos_start, est_neg, est_pos);
-        }
-      }
-    }
-    int32_t min_bits = s.min_radius_bits;
-    for (int l = 0; l < lanes; ++l) {
-      const Certified c = certify_from_counts(VoteCounts{sel_neg[l], sel_pos[l]}, p.n0,
-                                              VoteCounts{est_neg[l], est_pos[l]}, p.n, p.radius_table, p.sigma);
-      const int8_t code = finite[l] ? c.code : int8_t(0);
-      const float radius = finite[l] ? c.radius : 0.0f;
-      codes[base + l] = code;
-      radii[base + l] = radius;
-      s.abstained += finite[l] ? c.abstained : 0;
-      s.nonfinite += !finite[l];
-      s.below += radius < p.below_threshold;
-      min_bits = std::min(min_bits, float_bits(radius));
-    }
-    s.min_radius_bits = min_bits;
   }
 }
 
