@@ -20,8 +20,8 @@ def resume_without(trainer, removed, t0: int) -> None:
         for p, src in zip(trainer.params, w):
             p.copy_(src)
     step_sizes = [r.step_size for r in trainer.records[t0:end]]
-    # Records first, then the ids: the removed ids are then excluded from step t0 on, the step
-    # from which the records are recomputed without them.
+    # Dropping the records first excludes every forgotten id from step t0 on (the steps recomputed
+    # below skip them all), and adding the removed ids then recounts only the steps kept.
     trainer._drop_records_from(t0)
     trainer.forgotten = torch.cat([trainer.forgotten, removed]).unique()
     for t, step_size in zip(range(t0, end), step_sizes):
