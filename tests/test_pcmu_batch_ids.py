@@ -172,3 +172,19 @@ def test_the_ledger_record_files_hold_no_batch_ids(tmp_path):
     ids_per_step = sum(trainer.batch_ids(t).numel() * 8 for t in range(trainer.steps_done)) / trainer.steps_done
     assert 0 < overhead_per_step < ids_per_step
     assert LEDGER in os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("batch_size", [7, 40, 200])  # several batches per epoch, and one (full batch)
+def test_counting_held_out_samples_per_step_matches_the_batches(batch_size):
+    """count_in_steps with `until` (what the per-step forgotten counts use) against the batches."""
+    from unlearn_ext.data import BatchSchedule
+    schedule = BatchSchedule(torch.arange(100, 300, 5), batch_size, seed=4)  # 40 ids
+    gen = torch.Generator().manual_seed(batch_size)
+    rows = torch.randperm(40, generator=gen)[:9]
+    until = torch.randint(0, 30, (9,), generator=gen)
+    for begin, end in ((0, 30), (3, 17), (11, 12), (5, 5)):
+        expected = [sum(int(t < u and bool(torch.isin(schedule.ids[r], schedule.step(t).ids)))
+                        for r, u in zip(rows.tolist(), until.tolist())) for t in range(begin, end)]
+        assert schedule.count_in_steps(rows, begin, end, until).tolist() == expected
+    with pytest.raises(ValueError, match="until has 2 entries for 9 rows"):
+        schedule.count_in_steps(rows, 0, 3, until[:2])

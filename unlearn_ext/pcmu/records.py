@@ -267,8 +267,8 @@ def record_bytes(records: list[PCMUStep]) -> dict:
 
 def estimate_record_bytes(coordinates: int, steps: int, *, mode: str = "analytic",
                           fragile_fraction: float = 1.0) -> dict:
-    """Bytes the records of `steps` PCMU steps will need, before training: codes (d/4) and the fragile set of `fragile_fraction` of the d coordinates, in the smaller
-    layout. The fraction is unknown before training; 1.0 (the default) is the worst case, which a
+    """Bytes the records of `steps` PCMU steps will need, before training: codes (d/4) and the
+    fragile set of `fragile_fraction` of the d coordinates, in the smaller layout. The fraction is unknown before training; 1.0 (the default) is the worst case, which a
     large max_request at a small batch reaches (M = 4, b = 256 on a 64-256-256-10 MLP). A
     trainer's estimate_record_bytes uses the fraction its own steps so far have shown."""
     if not 0.0 <= fragile_fraction <= 1.0:

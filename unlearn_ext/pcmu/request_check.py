@@ -31,10 +31,10 @@ def check_request(trainer, removed) -> RequestCheck:
     began = time.perf_counter()
     # An id never trained on has no gradient to remove: answering would mislead.
     removed = checked_request(trainer.data, removed, "removed")
-    fast = _a_priori_answer(trainer, removed[~torch.isin(removed, trainer.forgotten)].unique(), began)
+    new = removed[~torch.isin(removed, trainer.forgotten)].unique()
+    fast = _a_priori_answer(trainer, new, began)
     if fast is not None:
         return fast
-    new = removed[~torch.isin(removed, trainer.forgotten)].unique()
     removed = torch.cat([trainer.forgotten, removed]).unique()
     out = RequestCheck("exact" if trainer.mode == "analytic" or trainer.framework == "D" else "probable",
                        None, "")

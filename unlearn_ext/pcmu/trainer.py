@@ -155,17 +155,16 @@ class PCMUTrainer:
         was = torch.isin(ids, self._forgotten)
         excluded_from = torch.full((ids.numel(),), self._steps, dtype=torch.int64)
         excluded_from[was] = self._excluded_from[torch.searchsorted(self._forgotten, ids[was])]
-        if not bool(leaving.any()):
-            # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
-            added = ids[~was]
-            added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
-            for begin in range(0, self._steps, STEP_WINDOW):
-                end = min(begin + STEP_WINDOW, self._steps)
-                self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
-            self._forgotten, self._excluded_from = ids, excluded_from
-        else:
-            self._forgotten, self._excluded_from = ids, excluded_from
+        self._forgotten, self._excluded_from = ids, excluded_from
+        if bool(leaving.any()):
             self._recount_forgotten()
+            return
+        # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
+        added = ids[~was]
+        added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
+        for begin in range(0, self._steps, STEP_WINDOW):
+            end = min(begin + STEP_WINDOW, self._steps)
+            self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
 
     def _recount_forgotten(self) -> None:
         """Forgotten ids in each recorded batch, from the schedule: id f is in step t's batch when
