@@ -52,6 +52,10 @@ def _request_sequence(trainer: PCMUTrainer):
     yield ids[torch.randperm(ids.numel(), generator=gen)[:1]]
 
 
+def _disk_full(*args, **kwargs):
+    raise OSError("disk full")
+
+
 def _trainer():
     return digits_trainer(sigma=0.05, tau=0.2, exclude=torch.arange(0, 1400, 97))  # m* > 0: many certified
 
@@ -67,7 +71,7 @@ def test_derived_batches_are_the_trained_ones_through_requests_rollbacks_and_reo
             before = trainer.state_dict()
             # A failed commit rolls the request back: the batches are the committed ones again.
             with monkeypatch.context() as m:
-                m.setattr(ledger, "_commit", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+                m.setattr(ledger, "_commit", _disk_full)
                 with pytest.raises(OSError, match="disk full"):
                     ledger.forget(request)
             assert same(trainer.state_dict(), before)
