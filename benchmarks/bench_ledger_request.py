@@ -13,11 +13,14 @@ figure is the median over --requests requests after one warm-up. A committed req
 least the fsyncs durability needs (two when only ledger.json changes): --dir /dev/shm (tmpfs, where
 fsync is free) shows the rest. Peak memory: the rise of the
 process's peak RSS (VmHWM, reset before each request) above its RSS before the request.
+Bytes per recorded step, of the TRAINED real (unshared) records: what they hold in memory
+(`record_bytes`) and what `torch.save` writes for them (a ledger's record files hold the same).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -56,6 +59,14 @@ def _with_history(steps: int) -> PCMUTrainer:
     fresh = _trainer()
     fresh.load_state_dict({**state, "records": records})
     return fresh
+
+
+def bytes_per_step() -> dict:
+    trainer = _trainer().train(steps=TRAINED)
+    buf = io.BytesIO()
+    torch.save([r.to_state() for r in trainer.records], buf)
+    return {"held_bytes_per_step": trainer.record_bytes()["mean_per_step"],
+            "saved_bytes_per_step": len(buf.getvalue()) / TRAINED}
 
 
 def _rss_kib(field: str) -> int:
@@ -107,8 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
+    per_step = bytes_per_step()
     for steps in args.steps:
-        row = measure(steps, args.requests, args.dir)
+        row = {**measure(steps, args.requests, args.dir), **per_step}
         row.update(label=args.label, dir=args.dir or tempfile.gettempdir(), cpu=cpu, threads=torch.get_num_threads(),
                    avx2="avx2" in open("/proc/cpuinfo").read(), avx512="avx512f" in open("/proc/cpuinfo").read(),
                    code=os.path.dirname(os.path.abspath(__import__("unlearn_ext").__file__)))

@@ -4,7 +4,7 @@ Trains the digits example (evaluate/pcmu_examples.py: logistic regression d = 65
 per M in --max-requests and prints, per step: the share of coordinates recorded as fragile, the
 layouts used, the fragile set's bytes (as stored now, and as the earlier all-sparse format stored
 it: int64 index + float32 value + float32 radius = 16 bytes per fragile coordinate), the whole
-record (ids + codes + fragile set) and the estimate made before training (worst case: every
+record (codes + fragile set; no batch ids) and the estimate made before training (worst case: every
 coordinate fragile). --model mlp uses a 64-256-256-10 MLP at b = 256 instead.
 Bytes only: nothing here is timed.
 

@@ -194,16 +194,19 @@ def test_a_replaced_file_that_cannot_be_removed_after_the_commit_keeps_the_reque
     assert not set(refused) & set(os.listdir(tmp_path / "stuck"))  # removed on reopen
 
 
-def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path):
-    """State layouts change between formats (e.g. weights by name): an older ledger is refused with
-    its format and the expected one, never loaded into the new layout."""
-    s = setting("topk")
+@pytest.mark.parametrize("method, old", [("topk", "unlearn_ext.ledger/4"),  # before weights by name
+                                         ("pcmu", "unlearn_ext.ledger/5")])  # PCMU records with batch ids
+def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path, method, old):
+    """State layouts change between formats (e.g. weights by name, PCMU records without batch ids):
+    an older ledger is refused with its format and the expected one, never loaded into the new
+    layout."""
+    s = setting(method)
     with DeletionLedger(s.unlearner(), str(tmp_path)) as ledger:
         ledger.forget(FIRST)
     path = tmp_path / LEDGER
     text = path.read_text()
-    assert ledger_module.FORMAT in text
-    path.write_text(text.replace(ledger_module.FORMAT, "unlearn_ext.ledger/4"))
-    with pytest.raises(ValueError, match=r"not a deletion ledger of this version \(format 'unlearn_ext.ledger/4', "
-                                         r"expected 'unlearn_ext.ledger/5'\)"):
+    assert ledger_module.FORMAT in text and ledger_module.FORMAT == "unlearn_ext.ledger/6"
+    path.write_text(text.replace(ledger_module.FORMAT, old))
+    with pytest.raises(ValueError, match=rf"not a deletion ledger of this version \(format '{old}', "
+                                         r"expected 'unlearn_ext.ledger/6'\)"):
         DeletionLedger(s.unlearner(), str(tmp_path))

@@ -168,7 +168,7 @@ def test_mc_mode_trains_and_states_its_probability():
 def test_framework_d_goes_to_the_fallback():
     x, y, _, _ = digits_data()
     trainer = digits_trainer(framework="D", sigma_data=0.1, n0=2, n=6, batch_size=700).train(steps=2)
-    check = trainer.check_request([int(trainer.records[0].ids[0])])
+    check = trainer.check_request([int(trainer.batch_ids(0)[0])])
     assert check.status == "uncertifiable" and check.first_divergent_step == 0
     assert trainer.certificate().mode == "D"
 

@@ -91,12 +91,12 @@ def test_removed_part_matches_the_retrained_value_within_the_margin(hidden):
     trainer.train(epochs=1)
     worst = 0.0
     for r in trainer.records:
-        w = trainer.replay(r.step)
-        v = trainer._gradient_mean(w, r.ids)  # float32, as stored
+        w, ids = trainer.replay(r.step), trainer.batch_ids(r.step)
+        v = trainer._gradient_mean(w, ids)  # float32, as stored
         for j in range(0, 30, 5):
-            gone = r.ids[j:j + 1 + j % 3]
+            gone = ids[j:j + 1 + j % 3]
             delta = trainer._clipped_mean64(w, gone)
-            retrained = trainer._clipped_mean64(w, r.ids[~torch.isin(r.ids, gone)])
+            retrained = trainer._clipped_mean64(w, ids[~torch.isin(ids, gone)])
             worst = max(worst, max(float((rv - (vv.double() - dv)).abs().max())
                                    for rv, vv, dv in zip(retrained, v, delta)))
     # v is float32 as stored, so worst includes its rounding (the margin's term 1).
@@ -131,7 +131,7 @@ def test_an_emptied_batch_near_tie_is_settled_against_retraining():
     margin = 1.0  # every coordinate near: the recomputation path answers
     trainer = digits_trainer(batch_size=2, max_request=2, rounding_margin=margin).train(steps=40)
     for step in (3, 17):
-        forget = trainer.records[step].ids.clone()
+        forget = trainer.batch_ids(step).clone()
         check = trainer.check_request(forget)
         assert check.status in ("exact", "diverges"), check
         retrained = digits_trainer(batch_size=2, max_request=2, rounding_margin=margin, exclude=forget).train(steps=40)

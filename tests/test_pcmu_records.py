@@ -130,13 +130,13 @@ def test_dense_records_predict_the_first_divergent_step():
 def test_record_bytes_are_the_bytes_held():
     trainer = _trained("auto", max_request=1)
     got = trainer.record_bytes()
-    held = [sum(t.numel() * t.element_size() for t in (r.ids, r.codes, r.fragile.value, r.fragile.index,
+    held = [sum(t.numel() * t.element_size() for t in (r.codes, r.fragile.value, r.fragile.index,
                                                         r.fragile.radius) if t is not None)
             for r in trainer.records]
     assert got["per_step"] == held and got["total"] == sum(held)
     d = trainer.coordinates
     assert got["codes"] == len(trainer.records) * -(-d // 4)
-    assert got["ids"] == 8 * sum(r.ids.numel() for r in trainer.records)
+    assert "ids" not in got and "ids" not in trainer.records[0].to_state()  # the schedule gives them
     assert got["layouts"][SPARSE] + got["layouts"][DENSE] == len(trainer.records)
 
 
@@ -156,7 +156,7 @@ def test_estimate_before_training_is_the_worst_case_and_exact_when_dense():
     later = few.estimate_record_bytes(epochs=1)
     assert later["layout"] == SPARSE and later["fragile_fraction"] == pytest.approx(share)
     with pytest.raises(ValueError, match="fragile_fraction"):
-        estimate_record_bytes(10, 1, 1, fragile_fraction=1.5)
+        estimate_record_bytes(10, 1, fragile_fraction=1.5)
 
 
 def _saved_and_loaded(state):

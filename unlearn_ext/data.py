@@ -142,20 +142,31 @@ class BatchSchedule:
         self._batch_of_epochs = max(self._batch_of_epochs, epochs)
         return self._batch_of[:epochs]
 
-    def count_in_steps(self, rows: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    def count_in_steps(self, rows: torch.Tensor, begin: int, end: int,
+                       until: torch.Tensor | None = None) -> torch.Tensor:
         """int64 [end - begin]: how many of the samples at `rows` each scheduled batch begin..end-1
-        holds (before exclusions)."""
+        holds (before exclusions). until: int64, one per row: the sample at rows[i] counts only in
+        steps < until[i] (a sample excluded from step until[i] on)."""
         rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
         if end <= begin:
             return torch.zeros(0, dtype=torch.int64)
+        if until is not None:
+            until = torch.as_tensor(until, dtype=torch.int64).reshape(-1)
+            if until.numel() != rows.numel():
+                raise ValueError(f"until has {until.numel()} entries for {rows.numel()} rows")
         bpe = self.batches_per_epoch
-        if bpe == 1:  # every step is a whole epoch: it holds every sample
-            return torch.full((end - begin,), rows.numel(), dtype=torch.int64)
+        if bpe == 1:  # every step is a whole epoch: it holds every sample (not yet excluded)
+            if until is None:
+                return torch.full((end - begin,), rows.numel(), dtype=torch.int64)
+            excluded_by = torch.searchsorted(until.sort().values, torch.arange(begin, end), right=True)
+            return rows.numel() - excluded_by
         first, last = begin // bpe, (end - 1) // bpe + 1
         batch = self.batch_of_rows(last)[first:last][:, rows].to(torch.int64)
-        steps = (batch + torch.arange(first, last).mul_(bpe).unsqueeze(1)).reshape(-1)
-        steps = steps[(steps >= begin) & (steps < end)]
-        return torch.bincount(steps - begin, minlength=end - begin)
+        steps = batch + torch.arange(first, last).mul_(bpe).unsqueeze(1)
+        keep = (steps >= begin) & (steps < end)
+        if until is not None:
+            keep &= steps < until.unsqueeze(0)
+        return torch.bincount(steps[keep] - begin, minlength=end - begin)
 
     def samples_in_steps(self, begin: int, end: int) -> int:
         """How many samples the scheduled batches of steps begin..end-1 hold (before exclusions)."""

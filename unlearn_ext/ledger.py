@@ -62,8 +62,9 @@ logger = logging.getLogger("unlearn_ext")
 LEDGER = "ledger.json"
 LOCK = "ledger.lock"
 # 5: every method's state by parameter name and one fingerprint shape (the Unlearner contract);
-# a ledger of an earlier format is refused with that reason rather than loaded as other state.
-FORMAT = "unlearn_ext.ledger/5"
+# 6: PCMU's step records hold no batch ids (its schedule and "exclusions" part give them).
+# A ledger of an earlier format is refused with that reason rather than loaded as other state.
+FORMAT = "unlearn_ext.ledger/6"
 # Entries per file of a log part: a commit rewrites the chunks from the first changed entry on, so
 # an appended or untouched history costs at most one chunk per request.
 LOG_CHUNK = 1024

@@ -82,7 +82,7 @@ def _plain_sgd(name, x, y, seed, steps_like: PCMUTrainer) -> tuple[torch.nn.Modu
     opt = torch.optim.SGD(model.parameters(), lr=SETTINGS[name]["plain_lr"])
     began = time.perf_counter()
     for r in steps_like.records:
-        rows = steps_like.rows(r.ids)
+        rows = steps_like.rows(steps_like.batch_ids(r.step))
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
         opt.step()

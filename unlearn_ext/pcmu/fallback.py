@@ -19,8 +19,10 @@ def resume_without(trainer, removed, t0: int) -> None:
     with torch.no_grad():
         for p, src in zip(trainer.params, w):
             p.copy_(src)
-    trainer.forgotten = torch.cat([trainer.forgotten, removed]).unique()
     step_sizes = [r.step_size for r in trainer.records[t0:end]]
+    # Dropping the records first excludes every forgotten id from step t0 on (the steps recomputed
+    # below skip them all), and adding the removed ids then recounts only the steps kept.
     trainer._drop_records_from(t0)
-    for scheduled, step_size in zip(trainer.schedule.steps(t0, end, trainer.forgotten), step_sizes):
-        trainer._add_record(trainer._compute_step(scheduled.step, scheduled.ids, step_size))
+    trainer.forgotten = torch.cat([trainer.forgotten, removed]).unique()
+    for t, step_size in zip(range(t0, end), step_sizes):
+        trainer._add_record(trainer._compute_step(t, step_size))

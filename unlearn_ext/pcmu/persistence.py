@@ -1,10 +1,19 @@
 """A `PCMUTrainer`'s saved state: the model's weights and buffers by name (`model_state`), the
-initial weights by name, the forgotten ids, the step records, and the fingerprint the state was
-saved under, which loading compares with the trainer's own (the learning rate, a function of the
-step, is compared on the recorded steps)."""
+initial weights by name, the forgotten ids and `exclusions` (the forgotten ids some recorded step
+was computed without, each with the first such step: with the seeded schedule they give every
+recorded step's batch; an id absent from it is in every recorded batch scheduled to hold it, so
+a certified deletion changes only "forgotten"), the step records, and the fingerprint the state
+was saved under, which loading compares with the trainer's own (the learning rate, a function of
+the step, is compared on the recorded steps).
+
+Records saved by earlier versions also hold each step's batch ids; loading derives the exclusion
+steps from them and checks that every step's stored ids are the ones the schedule gives.
+"""
 from __future__ import annotations
 
 import json
+
+import torch
 
 from ..data import as_ids
 from ..model_state import load_model_state_, model_state
@@ -27,7 +36,8 @@ def state_dict(trainer, *, records: bool = True) -> dict:
     so a trainer's state refuses another configuration on its own) and the step records;
     records=False leaves the records out (the ledger tracks them through their StepLog)."""
     state = {"fingerprint": trainer.fingerprint(), "initial": dict(zip(trainer.names, trainer.initial)),
-             **model_state(trainer.model), "forgotten": trainer.forgotten.clone()}
+             **model_state(trainer.model), "forgotten": trainer.forgotten.clone(),
+             "exclusions": exclusions(trainer)}
     if records:
         state["records"] = [r.to_state() for r in trainer.records]
     return state
@@ -49,10 +59,62 @@ def load_state_dict(trainer, state: dict) -> None:
         if float(r["step_size"]) != float(trainer._lr(r["step"])):
             raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
                              f"{r['step']} used {r['step_size']!r}, this trainer's lr gives {trainer._lr(r['step'])!r})")
+    forgotten = as_ids(state["forgotten"], "forgotten").unique()
+    steps = len(state["records"]) if "records" in state else len(trainer.records)
+    if "exclusions" in state:
+        excluded_from = _excluded_from(state["exclusions"], forgotten, steps)
+    elif "records" in state and all("ids" in r for r in state["records"]):
+        excluded_from = _exclusions_from_stored_ids(trainer, state["records"], forgotten)
+    else:
+        raise ValueError("saved PCMU state lacks 'exclusions' (the steps computed without each forgotten id), so "
+                         "its steps' batches cannot be derived")
     load_model_state_(trainer.model, state)  # refuses other names or shapes before copying
     trainer.initial = [state["initial"][k].clone() for k in trainer.names]
     if "records" in state:
         trainer.records.replace(PCMUStep.from_state(s, trainer.coordinates, trainer.fragile_threshold)
                                 for s in state["records"])
-    trainer._forgotten = as_ids(state["forgotten"]).unique()
+    trainer._forgotten, trainer._excluded_from = forgotten, excluded_from
     trainer._reindex()
+
+
+def exclusions(trainer) -> dict:
+    """{"ids", "from_step"}: the forgotten ids that some recorded step was computed without, and the
+    first such step of each."""
+    held_out = trainer._excluded_from < trainer.steps_done
+    return {"ids": trainer.forgotten[held_out].clone(), "from_step": trainer._excluded_from[held_out].clone()}
+
+
+def _excluded_from(saved: dict, forgotten: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per id of `forgotten` (sorted): the first of the `steps` recorded steps computed without it
+    (`steps` for an id in every recorded batch that held it), from saved `exclusions`, refused
+    unless they name forgotten ids, once each, with steps in 0..steps-1."""
+    ids, from_step = saved.get("ids"), saved.get("from_step")
+    if not (isinstance(ids, torch.Tensor) and isinstance(from_step, torch.Tensor) and ids.dtype == torch.int64
+            and from_step.dtype == torch.int64 and ids.dim() == 1 and from_step.shape == ids.shape):
+        raise ValueError("saved PCMU state: exclusions must hold int64 'ids' and 'from_step' of one length")
+    position = torch.searchsorted(forgotten, ids)
+    if (ids.unique().numel() != ids.numel() or bool((position >= forgotten.numel()).any())
+            or not torch.equal(forgotten[position], ids)):
+        raise ValueError("saved PCMU state: exclusions must name forgotten ids, each once")
+    if ids.numel() and not (0 <= int(from_step.min()) and int(from_step.max()) < steps):
+        raise ValueError(f"saved PCMU state: exclusions' steps must lie in 0..{steps - 1} (the recorded steps)")
+    out = torch.full((forgotten.numel(),), steps, dtype=torch.int64)
+    out[position] = from_step
+    return out
+
+
+def _exclusions_from_stored_ids(trainer, records: list, forgotten: torch.Tensor) -> torch.Tensor:
+    """Exclusion steps of records that stored their batch ids: a forgotten id is excluded from the
+    first step whose scheduled batch holds it but whose stored ids do not. Every step's stored ids
+    must then be what the schedule gives, or the records are refused. `forgotten`: sorted, unique."""
+    excluded_from = torch.full((forgotten.numel(),), len(records), dtype=torch.int64)
+    for t, record in enumerate(records):
+        stored = as_ids(record["ids"], "records' ids")
+        scheduled = trainer.schedule.step(t).ids
+        newly = torch.isin(forgotten, scheduled[~torch.isin(scheduled, stored)]) & (excluded_from > t)
+        excluded_from[newly] = t
+        if int(record["step"]) != t or not torch.equal(
+                stored, trainer.schedule.step(t, forgotten[excluded_from <= t]).ids):
+            raise ValueError(f"saved PCMU records do not follow this trainer's batch schedule (step {t}: its stored "
+                             "ids are not the scheduled batch minus the forgotten ids)")
+    return excluded_from

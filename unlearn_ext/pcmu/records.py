@@ -1,8 +1,9 @@
 """What PCMU training records per step, so that deletion requests can be answered later without
 retraining (docs/design.md §4, per-request certificate):
 
-* the ids present in the batch and the step size, which with the initial weights and the codes
-  replay every w_t bit for bit (codes packed 2 bits each);
+* the step size, which with the initial weights and the codes replays every w_t bit for bit
+  (codes packed 2 bits each). The batch's ids are not stored: the trainer's seeded schedule and the
+  step each forgotten id was excluded from give them again (`PCMUTrainer.batch_ids`);
 * the smallest certified radius (the a-priori certificate);
 * the fragile coordinates — radius < M*C/b + margin — with their exact pre-quantization values
   (`FragileSet`), in whichever of two layouts is smaller for that step:
@@ -201,7 +202,6 @@ def _fragile_mask(radii: torch.Tensor, threshold: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class PCMUStep:
     step: int
-    ids: torch.Tensor              # int64 ids present in the batch
     step_size: float               # lr * scale of this step
     offset: int                    # RNG block offset used by this step (mc mode)
     applied: bool                  # False for an empty batch (no update)
@@ -223,15 +223,12 @@ class PCMUStep:
         return self.fragile.radii()
 
     def nbytes(self) -> dict:
-        """Bytes this record holds: batch ids, packed codes, fragile set (plus a few scalars, not
-        counted)."""
-        ids = self.ids.numel() * self.ids.element_size()
+        """Bytes this record holds: packed codes, fragile set (plus a few scalars, not counted)."""
         codes = self.codes.numel() * self.codes.element_size()
-        return {"ids": ids, "codes": codes, "fragile": self.fragile.nbytes,
-                "total": ids + codes + self.fragile.nbytes}
+        return {"codes": codes, "fragile": self.fragile.nbytes, "total": codes + self.fragile.nbytes}
 
     def to_state(self) -> dict:
-        return {"step": self.step, "ids": self.ids, "step_size": self.step_size, "offset": self.offset,
+        return {"step": self.step, "step_size": self.step_size, "offset": self.offset,
                 "applied": self.applied, "min_radius": self.min_radius, "fragile": self.fragile.to_state(),
                 "codes": self.codes}
 
@@ -240,8 +237,10 @@ class PCMUStep:
         """From to_state's dict. Records saved before the layouts existed (keys fragile_index,
         fragile_value, fragile_radius: int64 indices with stored radii) load as sparse sets with
         stored radii, exactly as they were recorded; `coordinates` and `threshold` (the trainer's)
-        fill in what those records did not keep."""
+        fill in what those records did not keep. Batch ids that earlier records stored are dropped
+        here (the trainer's load derives what they told and checks them first: persistence.py)."""
         s = dict(s)
+        s.pop("ids", None)
         if "fragile" in s:
             s["fragile"] = FragileSet.from_state(s["fragile"])
         else:
@@ -255,7 +254,7 @@ class PCMUStep:
 def record_bytes(records: list[PCMUStep]) -> dict:
     """What a list of step records holds, in bytes: totals by part, per step, and layouts used."""
     parts = [r.nbytes() for r in records]
-    out = {k: sum(p[k] for p in parts) for k in ("ids", "codes", "fragile", "total")}
+    out = {k: sum(p[k] for p in parts) for k in ("codes", "fragile", "total")}
     out["steps"] = len(records)
     out["per_step"] = [p["total"] for p in parts]
     out["fragile_per_step"] = [p["fragile"] for p in parts]
@@ -266,11 +265,10 @@ def record_bytes(records: list[PCMUStep]) -> dict:
     return out
 
 
-def estimate_record_bytes(coordinates: int, steps: int, batch_size: int, *, mode: str = "analytic",
+def estimate_record_bytes(coordinates: int, steps: int, *, mode: str = "analytic",
                           fragile_fraction: float = 1.0) -> dict:
-    """Bytes the records of `steps` PCMU steps will need, before training: ids (8 per sample),
-    codes (d/4) and the fragile set of `fragile_fraction` of the d coordinates, in the smaller
-    layout. The fraction is unknown before training; 1.0 (the default) is the worst case, which a
+    """Bytes the records of `steps` PCMU steps will need, before training: codes (d/4) and the
+    fragile set of `fragile_fraction` of the d coordinates, in the smaller layout. The fraction is unknown before training; 1.0 (the default) is the worst case, which a
     large max_request at a small batch reaches (M = 4, b = 256 on a 64-256-256-10 MLP). A
     trainer's estimate_record_bytes uses the fraction its own steps so far have shown."""
     if not 0.0 <= fragile_fraction <= 1.0:
@@ -280,7 +278,7 @@ def estimate_record_bytes(coordinates: int, steps: int, batch_size: int, *, mode
     stores_radius = mode == "mc"
     fragile = math.ceil(fragile_fraction * coordinates)
     layout = smaller_layout(coordinates, fragile, stores_radius)
-    per_step = {"ids": 8 * batch_size, "codes": -(-coordinates // 4),
+    per_step = {"codes": -(-coordinates // 4),
                 "fragile": fragile_bytes(layout, coordinates, fragile, stores_radius)}
     out = {k: steps * v for k, v in per_step.items()}
     out["total"] = sum(out.values())

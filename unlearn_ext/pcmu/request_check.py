@@ -6,7 +6,9 @@ without retraining:
   * a request whose every affected step beats k*C/b + margin (k = removed and forgotten ids in its
     batch) is answered from the per-step arrays in windows, at a cost independent of the history's
     length;
-  * otherwise, step by step: a step whose smallest radius beats the bound keeps its codes a priori;
+  * otherwise, step by step over the steps that hold a removed id (found from the schedule, a
+    window at a time; a step's batch ids are recomputed only when it needs more than the a-priori
+    test): a step whose smallest radius beats the bound keeps its codes a priori;
     else (k <= M, the recorded fragile sets' budget) the removed samples' part of v is recomputed
     at the replayed w_t and the fragile coordinates requantized (analytic) or compared with their
     Monte-Carlo radii (mc); a near-tie is settled by recomputing the step itself.
@@ -29,20 +31,18 @@ def check_request(trainer, removed) -> RequestCheck:
     began = time.perf_counter()
     # An id never trained on has no gradient to remove: answering would mislead.
     removed = checked_request(trainer.data, removed, "removed")
-    fast = _a_priori_answer(trainer, removed[~torch.isin(removed, trainer.forgotten)].unique(), began)
+    new = removed[~torch.isin(removed, trainer.forgotten)].unique()
+    fast = _a_priori_answer(trainer, new, began)
     if fast is not None:
         return fast
     removed = torch.cat([trainer.forgotten, removed]).unique()
     out = RequestCheck("exact" if trainer.mode == "analytic" or trainer.framework == "D" else "probable",
                        None, "")
     w_at, w = 0, None
-    for r in trainer.records:
-        present = r.ids[torch.isin(r.ids, removed)]
-        k = present.numel()
-        if k == 0 or not r.applied:
-            continue
+    for t, k in _steps_holding(trainer, new):
+        r = trainer.records[t]
         out.steps_with_removed_ids += 1
-        verdict, rebuilt = _check_step(trainer, r, present, w_at, w, out)
+        verdict, rebuilt = _check_step(trainer, r, k, removed, w_at, w, out)
         if rebuilt is not None:  # the step needed w_t: later steps continue the replay from it
             w_at, w = rebuilt
         if verdict is not None:
@@ -52,6 +52,24 @@ def check_request(trainer, removed) -> RequestCheck:
         out.reason = _certified_reason(out.status)
     out.seconds = time.perf_counter() - began
     return out
+
+
+def _removed_per_step(trainer, rows: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """k per step begin..end-1: ids of the request (at `rows`, none forgotten yet) and forgotten ids
+    in that step's recorded batch."""
+    return trainer._forgotten_count[begin:end] + trainer.schedule.count_in_steps(rows, begin, end)
+
+
+def _steps_holding(trainer, new: torch.Tensor):
+    """(t, k) in step order for every applied step whose batch held k > 0 of the removed ids (the
+    request's `new` ids and the forgotten ones), a window of steps at a time."""
+    rows = trainer.rows(new)
+    for begin in range(0, trainer._steps, STEP_WINDOW):
+        end = min(begin + STEP_WINDOW, trainer._steps)
+        k = _removed_per_step(trainer, rows, begin, end)
+        held = torch.nonzero((k > 0) & trainer._applied[begin:end]).reshape(-1)
+        for offset, count in zip(held.tolist(), k[held].tolist()):
+            yield begin + offset, count
 
 
 def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck | None:
@@ -64,7 +82,7 @@ def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck |
     rows, touched = trainer.rows(new), 0
     for begin in range(0, trainer._steps, STEP_WINDOW):
         end = min(begin + STEP_WINDOW, trainer._steps)
-        k = trainer._forgotten_count[begin:end] + trainer.schedule.count_in_steps(rows, begin, end)
+        k = _removed_per_step(trainer, rows, begin, end)
         held = (k > 0) & trainer._applied[begin:end]
         # The same float64 arithmetic as _check_step's test, per element.
         passes = k.to(torch.float64) * trainer.unit + trainer.rounding_margin < trainer._min_radius[begin:end]
@@ -78,16 +96,17 @@ def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck |
     return out
 
 
-def _check_step(trainer, r: PCMUStep, present: torch.Tensor, w_at: int, w, out: RequestCheck):
-    """(verdict, rebuilt): verdict None if step r keeps its codes without `present`, else
-    (status, reason); rebuilt = (t, w_t) when the check had to replay w_t, else None."""
-    k = present.numel()
+def _check_step(trainer, r: PCMUStep, k: int, removed: torch.Tensor, w_at: int, w, out: RequestCheck):
+    """(verdict, rebuilt): verdict None if step r keeps its codes without the k ids of `removed` its
+    batch held, else (status, reason); rebuilt = (t, w_t) when the check had to replay w_t, else None."""
     if trainer.framework == "D":
         return ("uncertifiable", "framework D certifies input perturbations, not sample removal"), None
     if k * trainer.unit + trainer.rounding_margin < r.min_radius:
         out.steps_checked_a_priori += 1
         return None, None
-    if trainer.mode == "mc" and k == r.ids.numel():
+    ids = trainer.batch_ids(r.step)
+    present = ids[torch.isin(ids, removed)]  # in batch order, as training summed them
+    if trainer.mode == "mc" and k == ids.numel():
         return ("uncertifiable", "the batch would be empty (no update) but mc codes are random"), None
     if k > trainer.max_request:
         return ("over_budget", f"{k} removed ids in one batch exceed the recorded fragile sets (M = "
@@ -102,15 +121,15 @@ def _check_step(trainer, r: PCMUStep, present: torch.Tensor, w_at: int, w, out: 
     else:
         verdict = _radius_check_mc(trainer, radius, delta)
     if verdict is not None and verdict[0] == "undecided" and trainer.mode == "analytic":
-        verdict = _recompute_step(trainer, r, present, w, out)
+        verdict = _recompute_step(trainer, r, ids, present, w, out)
     return verdict, (r.step, w)
 
 
-def _recompute_step(trainer, r: PCMUStep, present: torch.Tensor, w, out: RequestCheck):
+def _recompute_step(trainer, r: PCMUStep, ids: torch.Tensor, present: torch.Tensor, w, out: RequestCheck):
     """Settles a near-tie exactly: computes step r as retraining would (w_t is the same, since every
-    earlier step keeps its codes; the batch is r's minus the removed ids, in order) and compares
-    its codes with the recorded ones. Costs one batch of gradients instead of a resume."""
-    rest = r.ids[~torch.isin(r.ids, present)]
+    earlier step keeps its codes; the batch is r's, `ids`, minus the removed ids, in order) and
+    compares its codes with the recorded ones. Costs one batch of gradients instead of a resume."""
+    rest = ids[~torch.isin(ids, present)]
     recorded = unpack_codes(r.codes, trainer.shapes)
     if rest.numel() == 0:
         # Retraining makes no update at an emptied batch: the same weights iff every recorded code is 0.

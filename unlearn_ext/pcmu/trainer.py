@@ -6,7 +6,9 @@ Training step t (framework G):
   2. v = sum_i clip_C(grad l_i(w_t)) / b over the batch, b the *nominal* batch size (per_sample.py);
   3. codes, radii = smoothed ternary quantization of v (`analytic` or `mc`, fused kernels);
   4. w_{t+1} = w_t - step_size_t * codes; the RNG offset of step t is t * blocks-per-call;
-  5. record the step (records.py): ids, step size, smallest radius, fragile coordinates.
+  5. record the step (records.py): step size, smallest radius, fragile coordinates, codes. Not the
+     batch's ids: the seeded schedule and the step each forgotten id was excluded from give them
+     again (`batch_ids`), so a record does not grow with the batch.
 
 Removing k ids from a batch moves v by at most k*C/b in every coordinate, so a coordinate whose
 radius exceeds k*C/b (plus `rounding_margin`) keeps its code. `check_request` uses the records to
@@ -112,6 +114,10 @@ class PCMUTrainer:
         self._forgotten_count = torch.empty(0, dtype=torch.int64)  # forgotten ids in each step's batch
         self._steps = 0
         self._forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
+        # Per forgotten id (aligned with _forgotten): the first step computed without it. Recorded
+        # step t trained on its scheduled batch minus the forgotten ids with excluded_from <= t;
+        # every value is <= steps_done (steps computed from now on skip every forgotten id).
+        self._excluded_from = torch.zeros(self._forgotten.numel(), dtype=torch.int64)
         check_smoothing_config(self.tau, self.sigma, mode, self.n0, self.n, self.alpha)
 
     # ---- basic facts --------------------------------------------------------------------------------
@@ -138,22 +144,48 @@ class PCMUTrainer:
 
     @forgotten.setter
     def forgotten(self, ids) -> None:
+        """Sets the ids to skip from the next computed step on. An id may leave the set only while no
+        recorded step was computed without it (the records' batches are derived from it)."""
         ids = as_ids(ids).unique()
-        added = ids[~torch.isin(ids, self._forgotten)]
-        added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
-        if bool(torch.isin(self._forgotten, ids).all()):
-            # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
-            for begin in range(0, self._steps, STEP_WINDOW):
-                end = min(begin + STEP_WINDOW, self._steps)
-                self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
-            self._forgotten = ids
-        else:
-            self._forgotten = ids
+        leaving = ~torch.isin(self._forgotten, ids)
+        held_out = self._forgotten[leaving & (self._excluded_from < self._steps)]
+        if held_out.numel():
+            raise ValueError(f"ids {held_out[:10].tolist()} cannot leave the forgotten set: recorded steps were "
+                             "trained without them (their batches are derived from it)")
+        was = torch.isin(ids, self._forgotten)
+        excluded_from = torch.full((ids.numel(),), self._steps, dtype=torch.int64)
+        excluded_from[was] = self._excluded_from[torch.searchsorted(self._forgotten, ids[was])]
+        self._forgotten, self._excluded_from = ids, excluded_from
+        if bool(leaving.any()):
             self._recount_forgotten()
+            return
+        # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
+        added = ids[~was]
+        added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
+        for begin in range(0, self._steps, STEP_WINDOW):
+            end = min(begin + STEP_WINDOW, self._steps)
+            self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
 
     def _recount_forgotten(self) -> None:
-        self._forgotten_count[:self._steps] = torch.tensor(
-            [int(torch.isin(r.ids, self._forgotten).sum()) for r in self.records], dtype=torch.int64)
+        """Forgotten ids in each recorded batch, from the schedule: id f is in step t's batch when
+        t is scheduled to hold it and t < its excluded_from."""
+        known = ~torch.isin(self._forgotten, self.unknown_ids(self._forgotten))
+        rows, until = self.rows(self._forgotten[known]), self._excluded_from[known]
+        for begin in range(0, self._steps, STEP_WINDOW):
+            end = min(begin + STEP_WINDOW, self._steps)
+            self._forgotten_count[begin:end] = self.schedule.count_in_steps(rows, begin, end, until)
+
+    def batch_ids(self, t: int) -> torch.Tensor:
+        """The ids recorded step t trained on, in batch order: its scheduled batch minus the ids
+        excluded by then (recomputed from the seeded schedule; records keep no ids)."""
+        t = int(t)
+        if not 0 <= t < self._steps:
+            raise IndexError(f"step {t} is not recorded (steps 0..{self._steps - 1} are)")
+        return self.schedule.step(t, self._forgotten[self._excluded_from <= t]).ids
+
+    def _next_batch(self, t: int) -> torch.Tensor:
+        """The batch a step computed now trains on: scheduled batch t minus every forgotten id."""
+        return self.schedule.step(t, self._forgotten).ids
 
     def _add_record(self, r: PCMUStep) -> None:
         t = self._steps
@@ -163,13 +195,15 @@ class PCMUTrainer:
             self._applied = torch.cat([self._applied, torch.zeros(cap - t, dtype=torch.bool)])
             self._forgotten_count = torch.cat([self._forgotten_count, torch.zeros(cap - t, dtype=torch.int64)])
         self._min_radius[t], self._applied[t] = r.min_radius, r.applied
-        self._forgotten_count[t] = int(torch.isin(r.ids, self._forgotten).sum())
+        self._forgotten_count[t] = 0  # computed by _compute_step, on _next_batch: no forgotten id in it
         self._steps = t + 1
         self.records.append(r)
 
     def _drop_records_from(self, t0: int) -> None:
         self.records.truncate(t0)
         self._steps = len(self.records)
+        # The steps recomputed from here on skip every forgotten id.
+        self._excluded_from.clamp_(max=self._steps)
 
     def _reindex(self) -> None:
         """Rebuilds the per-step arrays from the records (after they were replaced or rolled back)."""
@@ -212,8 +246,8 @@ class PCMUTrainer:
             raise ValueError("give exactly one of epochs= or steps=")
         count = steps if steps is not None else epochs * self.schedule.batches_per_epoch
         start = self.steps_done
-        for scheduled in self.schedule.steps(start, start + count, self.forgotten):
-            self._add_record(self._compute_step(scheduled.step, scheduled.ids))
+        for t in range(start, start + count):
+            self._add_record(self._compute_step(t))
         return self
 
     def batches(self, epochs: int):
@@ -232,11 +266,10 @@ class PCMUTrainer:
         when the caller already has them bit for bit as `clipped_sum64` computes them (PCMUOptimizer
         takes them from the user's backward pass); default: computed here."""
         t = self.steps_done
-        expected = self.schedule.step(t, self.forgotten).ids
-        if not torch.equal(as_ids(ids), expected):
+        if not torch.equal(as_ids(ids), self._next_batch(t)):
             raise ValueError(f"step {t} must use the scheduled batch (fixed per-epoch cuts minus forgotten ids, "
                              "docs/design.md §4); iterate trainer.batches() to get it")
-        record = self._compute_step(t, expected, step_size, clipped_sums)
+        record = self._compute_step(t, step_size, clipped_sums)
         self._add_record(record)
         return record
 
@@ -279,12 +312,14 @@ class PCMUTrainer:
                                   alpha=self.alpha, seed=self.seed, offset=self.offset_of(t),
                                   count_below=count_below)
 
-    def _compute_step(self, t: int, ids: torch.Tensor, step_size: float | None = None,
-                      sums: dict | None = None) -> PCMUStep:
+    def _compute_step(self, t: int, step_size: float | None = None, sums: dict | None = None) -> PCMUStep:
+        """Step t on its batch `_next_batch(t)` (the only batch a recorded step may train on: records
+        keep no ids, batch_ids derives them)."""
+        ids = self._next_batch(t)
         step_size = float(self._lr(t) if step_size is None else step_size)
         nothing = FragileSet.empty(self.coordinates, self.fragile_threshold)
         if ids.numel() == 0:  # an emptied batch makes no update (and consumes no data)
-            return PCMUStep(t, ids, step_size, self.offset_of(t), False, float("inf"), nothing,
+            return PCMUStep(t, step_size, self.offset_of(t), False, float("inf"), nothing,
                             torch.empty(0, dtype=torch.uint8))
         with torch.no_grad():
             v, result = self._quantize(t, self.params, ids, self.fragile_threshold, sums)
@@ -294,14 +329,14 @@ class PCMUTrainer:
                                             beta=self.beta if self.mode == "analytic" else None)
             else:  # input-space radii: nothing to record for removal checks
                 fragile = nothing
-        return PCMUStep(t, ids, step_size, self.offset_of(t), True, result.min_radius, fragile,
+        return PCMUStep(t, step_size, self.offset_of(t), True, result.min_radius, fragile,
                         pack_codes(result.codes))
 
     # ---- record bytes ------------------------------------------------------------------------------
 
     def record_bytes(self) -> dict:
-        """Bytes the step records hold now (records.record_bytes): totals of ids, codes and fragile
-        sets, per step, and how many steps used each layout."""
+        """Bytes the step records hold now (records.record_bytes): totals of codes and fragile sets,
+        per step, and how many steps used each layout."""
         return record_bytes(self.records)
 
     def estimate_record_bytes(self, *, epochs: int | None = None, steps: int | None = None,
@@ -316,7 +351,7 @@ class PCMUTrainer:
             applied = [r for r in self.records if r.applied]
             fragile_fraction = (sum(r.fragile.count for r in applied) / (len(applied) * self.coordinates)
                                 if applied and self.coordinates else 1.0)
-        return estimate_record_bytes(self.coordinates, count, self.batch_size, mode=self.mode,
+        return estimate_record_bytes(self.coordinates, count, mode=self.mode,
                                      fragile_fraction=fragile_fraction)
 
     # ---- certificates ---------------------------------------------------------------------------------
@@ -334,8 +369,8 @@ class PCMUTrainer:
             rounding_margin=margin, steps=len(applied), coordinates=d,
             min_radius_per_step=[r.min_radius for r in applied] if self.framework == "G" else [0.0],
             max_request=self.max_request, coverage=[1.0 - c / pairs for c in below], below_counts=below,
-            forgotten_per_batch_max=max((int(torch.isin(r.ids, self.forgotten).sum()) for r in applied),
-                                        default=0))
+            forgotten_per_batch_max=int(self._forgotten_count[:self._steps][self._applied[:self._steps]].max())
+            if applied else 0)
 
     def replay(self, t: int, start=None) -> list[torch.Tensor]:
         """w_t rebuilt bit for bit from the initial weights and the recorded codes. `start` = (s, w_s)
