@@ -201,7 +201,7 @@ class DeltaGradUnlearner(Unlearner):
         self.max_prediction_error = float(max_prediction_error)
         self.stability_limit = float(stability_limit)
         self.loss_rise_limit, self.check_samples = float(loss_rise_limit), int(check_samples)
-        # Binds saved state to this history (mini/history_digest.py): the schedule and both ends.
+        # Binds saved state to this history (mini/history_digest.py): the schedule and every step.
         self.history_sha256 = history_sha256(store, sorted({steps[0], steps[-1]}), ["params", "grads"], "DeltaGrad")
         self.stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
 
