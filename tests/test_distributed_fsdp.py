@@ -4,7 +4,9 @@ the parameters and of the reduce-scattered gradients, with the placements FSDP a
 parameter split along dim 0). ShardedHistory reassembles every step, which equals a
 single-process recording of the same run (the same initial weights, batches and learning rate)
 within float tolerance: FSDP's reduce-scatter averages the ranks' gradients in its own order, so
-the last bits may differ, and the weights follow them."""
+the last bits may differ, and the weights follow them. Read shard-locally (RankShardHistory, the
+history methods' reads) with FSDP's placements, a dot and an axpy on the gradient codes and the
+assembled weights equal the same on the single-process recording, the same bits on every rank."""
 from __future__ import annotations
 
 import math
@@ -15,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from unlearn_ext.distributed import ShardedHistory, ShardedRecorder, rank_slice
+from unlearn_ext.distributed import RankShardHistory, ShardedHistory, ShardedRecorder, rank_slice
 from unlearn_ext.history import HistoryStore
 from unlearn_ext.history.store import FieldSpec
 
@@ -23,6 +25,7 @@ from distributed_setup import launch
 
 TIMEOUT_S = 120
 N, BATCH, EPOCHS, LR = 48, 12, 3, 0.2
+READ_STEP = 5  # the step read shard-locally
 
 
 def _model() -> nn.Module:
@@ -72,7 +75,15 @@ def fsdp_worker(rank, world, directory):
         recorder.record(t, {"params": [p.to_local().detach() for p in params],
                             "grads": [p.grad.to_local() for p in params]}, lr=LR, batch_ids=ids)
         optimizer.step()
-    return recorder.finish()
+    manifest = recorder.finish()
+    history = RankShardHistory.open(directory)
+    v = torch.linspace(-1, 1, history.shard.total)
+    y = torch.zeros(history.shard.total)
+    history.encoded(READ_STEP, "grads").axpy_([y], 2.0)
+    read = {"dot": history.encoded(READ_STEP, "grads").dot([v]), "axpy": y,
+            "weights": history.stored(READ_STEP, "params").whole()}
+    history.close()
+    return manifest, read
 
 
 def _single_process() -> HistoryStore:
@@ -94,7 +105,7 @@ def _single_process() -> HistoryStore:
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp_shards_reassemble_to_the_single_process_history(world):
     with tempfile.TemporaryDirectory() as directory:
-        manifests = launch(fsdp_worker, world, TIMEOUT_S, directory)
+        got = launch(fsdp_worker, world, TIMEOUT_S, directory)
         history = ShardedHistory.open(directory)
         want = _single_process()
         assert history.steps == want.steps and len(want.steps) == EPOCHS * N // BATCH
@@ -107,6 +118,14 @@ def test_fsdp_shards_reassemble_to_the_single_process_history(world):
                 assert torch.allclose(read[name], expected, rtol=1e-5, atol=1e-6), \
                     (t, name, float((read[name] - expected).abs().max()))
         history.close()
+    flat = {name: torch.cat([v.reshape(-1) for v in want.read(READ_STEP).tensors[name]]) for name in ("params", "grads")}
+    v = torch.linspace(-1, 1, flat["grads"].numel())
+    for _, read in got:
+        assert read["dot"] == got[0][1]["dot"] and torch.equal(read["axpy"], got[0][1]["axpy"])
+        assert read["dot"] == pytest.approx(float(torch.dot(flat["grads"].double(), v.double())), rel=1e-5, abs=1e-6)
+        assert torch.allclose(read["axpy"], 2.0 * flat["grads"], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(read["weights"], flat["params"], rtol=1e-5, atol=1e-6)
+    manifests = [m for m, _ in got]
     placed = [r["placements"] for r in manifests[0]["ranks"]]
     assert all(m == manifests[0] for m in manifests) and len(placed) == world
     # FSDP splits each parameter: rank 0's shard of the second parameter is not right after its first.
