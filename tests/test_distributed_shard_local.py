@@ -9,7 +9,8 @@ tolerance, with the same bits on every rank.
 During the request a rank decodes only its own shard, never reassembles a step (ShardedHistory.read
 fails if called), assembles no recorded gradient, and assembles weights only where a forward pass
 runs at them (DeltaGrad: the replay's start, step 0; Mini-Unlearning: its anchors). A dot on the
-codes equals the single-store dot.
+codes equals the single-store dot. A model of another size than the history's, placements that
+overlap, and a whole-step read of a rank's shard are refused.
 
 The ranks' histories are compared over every step (the per-step digests): a rank whose history
 differs from the others' at a middle step only makes construction fail on every rank, in one line."""
@@ -126,8 +127,24 @@ def shard_local_worker(rank, world, directory):
                        "assembled": watch.assembled, "axpys": watch.axpys, "dot": dot,
                        "shard": int(history.shard.index.numel()), "dim": flat.dim,
                        "anchors": [t for t in store.steps if t > 0]}
+        refusals = [_refusal(lambda: list(history.iter(names=None)))]  # whole fields are not served
+        if method == "deltagrad":  # a model of another size than the history's
+            wider = torch.nn.Linear(6, 4)
+            refusals.append(_refusal(lambda: DISTRIBUTED[method](wider, data, history, **OPTIONS[method])))
+            # every rank places its shard at element 0
+            refusals.append(_refusal(lambda: ShardedRecorder(os.path.join(directory, "overlap"), [torch.zeros(7)],
+                                                             placements=[0])))
+        out[method]["refusals"] = refusals
         history.close()
     return out
+
+
+def _refusal(build) -> str:
+    try:
+        build()
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
 
 
 def _moved(store: HistoryStore, step: int) -> HistoryStore:
@@ -179,6 +196,11 @@ def _compare(world: int):
                 assert answer["dot"] == got[0][method]["dot"]
             else:
                 assert answer["assembled"] == [(t, "params") for t in answer["anchors"]], answer["assembled"]
+            refusals = answer["refusals"]
+            assert "serves its fields shard-locally" in refusals[0], refusals
+            if method == "deltagrad":
+                assert f"holds {answer['dim']} elements per step; the model has 28" in refusals[1], refusals
+                assert "more than once" in refusals[2], refusals
         assert not torch.equal(want, FlatModel(*_problem(method)[:2]).flat())  # the request moved the weights
 
 

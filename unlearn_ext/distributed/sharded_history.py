@@ -89,6 +89,17 @@ class ShardedRecorder:
             sizes = [int(torch.Size(s).numel()) for s in self.shapes]
             placements = [self.offset + sum(sizes[:i]) for i in range(len(sizes))]
         self.placements = [int(o) for o in placements]
+        layouts = [None] * self.world
+        dist.all_gather_object(layouts, {"rank": self.rank, "file": _store_file(self.rank),
+                                         "shapes": [list(s) for s in self.shapes], "placements": self.placements},
+                               group=self.group)
+        self.ranks = [{**layout, "offset": sum(self.counts[:r]), "elements": self.counts[r]}
+                      for r, layout in enumerate(layouts)]
+        try:  # before any step is recorded; every rank checks the same layouts, so all raise or none
+            check_placements(self.ranks)
+        except ValueError:
+            self.store.close()
+            raise
 
     def record(self, step: int, fields: dict, *, lr: float | None = None, batch_ids=None) -> None:
         """This rank's shard of step `step`: {field name: list of tensors shaped like the shard}."""
@@ -101,14 +112,8 @@ class ShardedRecorder:
             steps = self.store.steps
             return (state_digest(steps),)
         agree(check, shared=("the recorded steps",), group=self.group)
-        layouts = [None] * self.world
-        dist.all_gather_object(layouts, {"rank": self.rank, "file": _store_file(self.rank),
-                                         "shapes": [list(s) for s in self.shapes], "placements": self.placements},
-                               group=self.group)
-        ranks = [{**layout, "offset": sum(self.counts[:r]), "elements": self.counts[r]} for r, layout in enumerate(layouts)]
-        check_placements(ranks)  # the same check on every rank: all raise or none
         steps = self.store.steps
-        manifest = {"format": FORMAT, "world": self.world, "ranks": ranks,
+        manifest = {"format": FORMAT, "world": self.world, "ranks": self.ranks,
                     "steps": {"first": steps[0] if steps else None, "last": steps[-1] if steps else None,
                               "count": len(steps)},
                     "codecs": {k: v for k, v in self.codecs.items() if v is not None}}
