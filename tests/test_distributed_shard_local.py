@@ -127,7 +127,7 @@ def shard_local_worker(rank, world, directory):
                        "assembled": watch.assembled, "axpys": watch.axpys, "dot": dot,
                        "shard": int(history.shard.index.numel()), "dim": flat.dim,
                        "anchors": [t for t in store.steps if t > 0]}
-        refusals = [_refusal(lambda: list(history.iter(names=None)))]  # whole fields are not served
+        refusals = [_refusal(lambda: history.iter(names=None))]  # whole fields are not served
         if method == "deltagrad":  # a model of another size than the history's
             wider = torch.nn.Linear(6, 4)
             refusals.append(_refusal(lambda: DISTRIBUTED[method](wider, data, history, **OPTIONS[method])))

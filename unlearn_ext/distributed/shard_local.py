@@ -198,15 +198,14 @@ class RankShardHistory:
         """This rank's shard's digests (the unlearners combine the ranks' in rank order)."""
         return self.store.field_digests(names)
 
-    def iter(self, start=None, stop=None, names=None):
+    def iter(self, start=None, stop=None, names=None):  # refuses at the call, not at the first step
         """The recorded steps' lr and batch ids, without fields (names=[]): fields are served only
         by `stored` and `encoded`."""
         if names is None or list(names):
             raise ValueError("a rank's shard of a sharded history serves its fields shard-locally (stored, "
                              "encoded); to read whole steps, open the directory with ShardedHistory")
-        for step, lr, lrs, ids in self.store.schedule():
-            if (start is None or step >= start) and (stop is None or step < stop):
-                yield StoredStep(step, lr, ids, {}, {}, lrs)
+        return (StoredStep(step, lr, ids, {}, {}, lrs) for step, lr, lrs, ids in self.store.schedule()
+                if (start is None or step >= start) and (stop is None or step < stop))
 
     # ---- shard-local fields ---------------------------------------------------------------------
 
