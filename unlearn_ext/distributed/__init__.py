@@ -16,7 +16,9 @@ processes or opens connections of its own.
 * ddp.py        what UnlearningEngine.make_unlearnable needs for a DistributedDataParallel model in
                 the user's loop: each rank's equal share of every batch, and which rank records.
 * sharded_history.py  each rank records its shard of the parameters into its own store; a manifest
-                (ranks, shard offsets, step range, codecs) ties them; reading a step reassembles it.
+                (ranks, shard placements, step range, codecs) ties them; reading a step reassembles it.
+* shard_local.py  the history methods on a sharded history without reassembling it: each rank
+                serves dot / axpy / differences on its own shard's codes.
 * pcmu.py       PCMU training, checks and fallback with each batch's per-sample gradients split
                 across the ranks (a fixed slice each) and summed in rank order.
 
@@ -28,6 +30,7 @@ from .history_methods import DistributedDeltaGradUnlearner, DistributedMiniUnlea
 from .ledger import DistributedLedger
 from .pcmu import DistributedPCMUTrainer, rank_slice
 from .selection import histogram_bytes_per_pass, random_k, topk
+from .shard_local import RankShardHistory
 from .sharded_history import ShardedHistory, ShardedRecorder
 
-__all__ = ["DistributedDeltaGradUnlearner", "DistributedLedger", "DistributedMiniUnlearner", "DistributedPCMUTrainer", "DistributedRefusal", "ShardedHistory", "ShardedRecorder", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]
+__all__ = ["DistributedDeltaGradUnlearner", "DistributedLedger", "DistributedMiniUnlearner", "DistributedPCMUTrainer", "DistributedRefusal", "RankShardHistory", "ShardedHistory", "ShardedRecorder", "agree", "rank_slice", "histogram_bytes_per_pass", "random_k", "topk"]

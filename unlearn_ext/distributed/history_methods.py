@@ -15,6 +15,12 @@ Not split: Mini-Unlearning's fallback (resuming training without F from the stor
 0), which every rank runs in full (the same arithmetic as one process, so the same weights);
 DeltaGrad's fallback, the exact replay, is split like its other steps.
 
+A history sharded across the ranks (each rank its shard's store, `RankShardHistory`: parameters
+split flat or as FSDP places them) is read shard-locally (shard_local.py): each rank decodes only
+its own shard, recorded gradients enter through dot / axpy on its codes, and only the weights a
+forward pass runs at are assembled. The answer equals the one from the reassembled history up
+to float rounding.
+
 Every call that computes (construction, unlearn) is collective: call it on every rank, in the same
 order. Construction checks that the ranks agree on the data size, the history (its digest), the
 model's weights and the method's options; a request, that every rank names the same ids.
@@ -22,6 +28,7 @@ model's weights and the method's options; a request, that every rank names the s
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 import torch.distributed as dist
@@ -33,6 +40,7 @@ from ..mini.vectors import FlatModel
 from .group import agree, require_group, sum_in_rank_order
 from .ledger import state_digest
 from .pcmu import rank_slice
+from .shard_local import RankShardHistory
 
 
 class RankSplitFlatModel(FlatModel):
@@ -97,6 +105,23 @@ def _setup_values(unlearner, options: dict) -> tuple:
 SETUP_NAMES = ("data size", "history (its sha256)", "model weights", "options")
 
 
+def _recorded_run(store) -> int:
+    """The run metadata and schedule (lrs, batch ids) of a history: what the ranks' shards of one
+    sharded history hold equally."""
+    return state_digest([json.dumps(store.run_info, sort_keys=True)] + [
+        [step, repr(lr), repr(lrs), ids if ids is not None else "-"] for step, lr, lrs, ids in store.schedule()])
+
+
+def _sharded_setup_values(unlearner, options: dict) -> tuple:
+    """As _setup_values for a sharded history: each rank's shard digest differs, so the ranks
+    compare the recorded run and pass their shard digests as local values (last)."""
+    data_size, _, weights, opts = _setup_values(unlearner, options)
+    return data_size, _recorded_run(unlearner.store), weights, opts, _digest64(unlearner.history_sha256)
+
+
+SHARDED_SETUP_NAMES = ("data size", "history (its run metadata and schedule)", "model weights", "options")
+
+
 def agree_on_request(unlearner, ids, group) -> None:
     """Every rank checks the request itself (empty, unknown ids) and that it names the same ids as
     every other rank; any refusal raises on every rank before work starts."""
@@ -113,12 +138,28 @@ class _AcrossRanks:
 
     def __init__(self, model, data, store, *, group=None, **options):
         self.group = require_group(group)
+        sharded = isinstance(store, RankShardHistory)
 
         def build():
             super(_AcrossRanks, self).__init__(model, data, store, **options)
             self.flat = RankSplitFlatModel(model, data, self.group)
-            return _setup_values(self, options)
-        agree(build, shared=SETUP_NAMES, group=self.group)
+            if not sharded:
+                return _setup_values(self, options)
+            if store.shard.total != self.flat.dim:
+                raise ValueError(f"the sharded history holds {store.shard.total} elements per step; the model has "
+                                 f"{self.flat.dim} trainable parameters")
+            return _sharded_setup_values(self, options)
+        if not sharded:
+            agree(build, shared=SETUP_NAMES, group=self.group)
+            return
+        rows = agree(build, shared=SHARDED_SETUP_NAMES, local=("history shard",), group=self.group)
+        # The job's history is every rank's shard: its digest is theirs in rank order (the same on every rank).
+        self.history_sha256 = hashlib.sha256(",".join(str(int(v)) for v in rows[:, -1]).encode()).hexdigest()
+
+    def _stored(self, step, name):
+        if isinstance(self.store, RankShardHistory):
+            return self.store.stored(step, name)
+        return super()._stored(step, name)
 
     def unlearn(self, ids):
         agree_on_request(self, ids, self.group)

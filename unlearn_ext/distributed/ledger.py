@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..ledger import DeletionLedger
 from ..unlearner import UnlearnReport
-from .group import agree, require_group
+from .group import agree, exchange_device, require_group
 
 
 def state_digest(state) -> int:
@@ -119,7 +119,7 @@ class DistributedLedger:
         before = self.unlearner.state_dict()
         try:
             report = _unlearn_and_agree(self.unlearner, ids, self.group)
-            committed = torch.zeros(1, dtype=torch.int64)
+            committed = self._commit_flag(0)
             dist.broadcast(committed, src=self._src, group=self.group)
             if not int(committed[0]):
                 raise RuntimeError("rank 0 could not commit the request to the ledger; rolled back on every rank")
@@ -133,10 +133,14 @@ class DistributedLedger:
             report = self._ledger.forget(ids)  # restores rank 0's state itself on any failure
         except BaseException:
             if self._agreed.agreed:  # every rank applied it, the commit failed: tell them
-                dist.broadcast(torch.zeros(1, dtype=torch.int64), src=self._src, group=self.group)
+                dist.broadcast(self._commit_flag(0), src=self._src, group=self.group)
             raise
-        dist.broadcast(torch.ones(1, dtype=torch.int64), src=self._src, group=self.group)
+        dist.broadcast(self._commit_flag(1), src=self._src, group=self.group)
         return report
+
+    def _commit_flag(self, value: int) -> torch.Tensor:
+        """Rank 0's commit decision as a tensor the group's backend takes (CUDA for nccl)."""
+        return torch.full((1,), value, dtype=torch.int64, device=exchange_device(self.group))
 
     def close(self) -> None:
         if self._ledger is not None:

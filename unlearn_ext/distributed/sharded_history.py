@@ -8,12 +8,16 @@ shard into its own disk store, and a manifest ties the stores together.
     history = ShardedHistory.open("history/")                      # any process, later
     history.read(t)["params"]                                      # the whole flat vector of step t
 
-A rank's shard is a list of tensors (e.g. FSDP's local flat parameter, or whole parameters placed
-on that rank); the global order is rank 0's tensors flattened, then rank 1's, ... (the order the
-distributed Top-K uses). The manifest (manifest.json) lists the world size, each rank's store file,
-global element offset, element count and tensor shapes, the recorded step range and count, and the
-fields' codecs. `ShardedHistory.read` decodes each rank's store and concatenates the shards in
-rank order.
+A rank's shard is a list of tensors (e.g. FSDP's local shards of each parameter, or whole
+parameters placed on that rank). Where each tensor sits in the flat vector of all parameters is
+its placement: by default the ranks' tensors concatenated in rank order (rank 0's tensors
+flattened, then rank 1's, ...: the order the distributed Top-K uses); `placements=` gives each
+tensor's global element offset instead (FSDP splits every parameter along dim 0, so rank r's
+shard of a parameter starts at the parameter's offset plus its first row times the row size).
+The manifest (manifest.json) lists the world size, each rank's store file, element count, tensor
+shapes and placements, the recorded step range and count, and the fields' codecs.
+`ShardedHistory.read` decodes each rank's store and places the shards (the one read that builds
+whole steps); `RankShardHistory` (shard_local.py) serves the history methods shard by shard.
 
 What equals an unsharded recording: with fp32 / fp16 / bf16 codecs any split reads back the same
 bits; with the quantized codecs the blocks are per tensor, so a split that keeps tensors whole
@@ -48,11 +52,16 @@ class ShardedRecorder:
     Construct and finish on every rank of `group`; `record` is local (no communication)."""
 
     def __init__(self, directory: str, shard: list, *, params: str = "fp32", grads: str | None = "fp32",
+                 extra: dict | None = None, placements: list | None = None, run_info: dict | None = None,
                  group=None, keyframe_every: int = 50):
+        """extra: more fields {name: codec}, stored plainly (e.g. Mini-Unlearning's 'full_grad');
+        placements: each shard tensor's global element offset (module docstring; default: rank
+        order); run_info: the run metadata the history methods need (HistoryStore.run_info of a
+        single-process recording: the optimizer settings, learning-rate schedule, n, ...)."""
         self.group = require_group(group)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.directory = directory
-        self.codecs = {"params": params, "grads": grads}
+        self.codecs = {"params": params, "grads": grads, **(extra or {})}
 
         def build():  # inside the agreement: a rank refusing its shard or codecs refuses everywhere
             tensors = list(shard)
@@ -63,13 +72,34 @@ class ShardedRecorder:
             # As HistoryStore.for_model: quantized parameters as closed-loop deltas, gradients plainly.
             fields = {name: FieldSpec(self.shapes, codec, delta=name == "params" and codec in BITS)
                       for name, codec in self.codecs.items() if codec is not None}
+            if placements is not None and (len(placements) != len(tensors)
+                                           or not all(isinstance(o, int) and o >= 0 for o in placements)):
+                raise ValueError(f"placements must give one non-negative int offset per shard tensor "
+                                 f"({len(tensors)}), got {placements!r}")
             os.makedirs(directory, exist_ok=True)
             self.store = HistoryStore(fields, tier="disk", path=os.path.join(directory, _store_file(self.rank)),
-                                      keyframe_every=keyframe_every)
-            return state_digest(sorted((k, str(v)) for k, v in self.codecs.items())), self.elements
-        rows = agree(build, shared=("codecs",), local=("shard elements",), group=self.group)
-        self.counts = [int(c) for c in rows[:, 1]]
+                                      keyframe_every=keyframe_every, run_info=run_info)
+            return (state_digest(sorted((k, str(v)) for k, v in self.codecs.items())), placements is None,
+                    self.elements)
+        rows = agree(build, shared=("codecs", "whether placements are given"), local=("shard elements",),
+                     group=self.group)
+        self.counts = [int(c) for c in rows[:, 2]]
         self.offset = sum(self.counts[:self.rank])
+        if placements is None:  # rank order: this rank's tensors one after the other from its offset
+            sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+            placements = [self.offset + sum(sizes[:i]) for i in range(len(sizes))]
+        self.placements = [int(o) for o in placements]
+        layouts = [None] * self.world
+        dist.all_gather_object(layouts, {"rank": self.rank, "file": _store_file(self.rank),
+                                         "shapes": [list(s) for s in self.shapes], "placements": self.placements},
+                               group=self.group)
+        self.ranks = [{**layout, "offset": sum(self.counts[:r]), "elements": self.counts[r]}
+                      for r, layout in enumerate(layouts)]
+        try:  # before any step is recorded; every rank checks the same layouts, so all raise or none
+            check_placements(self.ranks)
+        except ValueError:
+            self.store.close()
+            raise
 
     def record(self, step: int, fields: dict, *, lr: float | None = None, batch_ids=None) -> None:
         """This rank's shard of step `step`: {field name: list of tensors shaped like the shard}."""
@@ -82,13 +112,8 @@ class ShardedRecorder:
             steps = self.store.steps
             return (state_digest(steps),)
         agree(check, shared=("the recorded steps",), group=self.group)
-        layouts = [None] * self.world
-        dist.all_gather_object(layouts, {"rank": self.rank, "file": _store_file(self.rank),
-                                         "shapes": [list(s) for s in self.shapes]}, group=self.group)
         steps = self.store.steps
-        manifest = {"format": FORMAT, "world": self.world,
-                    "ranks": [{**layout, "offset": sum(self.counts[:r]), "elements": self.counts[r]}
-                              for r, layout in enumerate(layouts)],
+        manifest = {"format": FORMAT, "world": self.world, "ranks": self.ranks,
                     "steps": {"first": steps[0] if steps else None, "last": steps[-1] if steps else None,
                               "count": len(steps)},
                     "codecs": {k: v for k, v in self.codecs.items() if v is not None}}
@@ -97,6 +122,31 @@ class ShardedRecorder:
             atomic_write(os.path.join(self.directory, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         dist.barrier(group=self.group)  # the manifest exists before any rank returns
         return manifest
+
+
+def placement_index(rank_entry: dict) -> torch.Tensor:
+    """The global element index of each of a rank's local elements (its tensors flattened in order)."""
+    sizes = [int(torch.Size(s).numel()) for s in rank_entry["shapes"]]
+    # A manifest without placements (written before they were recorded) is in rank order.
+    offsets = rank_entry.get("placements") or [rank_entry["offset"] + sum(sizes[:i]) for i in range(len(sizes))]
+    runs = [torch.arange(o, o + n) for o, n in zip(offsets, sizes)]
+    return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.int64)
+
+
+def check_placements(ranks: list) -> None:
+    """Refuses placements that do not cover the flat vector of all parameters exactly once."""
+    total = sum(r["elements"] for r in ranks)
+    seen = torch.zeros(total, dtype=torch.int64)
+    for r in ranks:
+        index = placement_index(r)
+        if index.numel() and int(index.max()) >= total:
+            raise ValueError(f"rank {r['rank']}'s placements reach element {int(index.max())}; the ranks hold "
+                             f"{total} elements in all")
+        seen.index_add_(0, index, torch.ones_like(index))
+    if not bool((seen == 1).all()):
+        twice, never = int((seen > 1).sum()), int((seen == 0).sum())
+        raise ValueError(f"the ranks' placements cover {twice} elements more than once and leave {never} of the "
+                         f"{total} uncovered: each element of the flat parameter vector must be placed once")
 
 
 class ShardedHistory:
@@ -127,10 +177,16 @@ class ShardedHistory:
         return self.stores[0].steps
 
     def read(self, step: int, names=None) -> dict:
-        """{field name: the step's whole flat float32 vector}, the shards concatenated in rank order."""
+        """{field name: the step's whole flat float32 vector}, each rank's shard at its placements."""
         names = list(names or self.manifest["codecs"])
+        total = sum(r["elements"] for r in self.manifest["ranks"])
         parts = [store.read(step, names).tensors for store in self.stores]
-        return {name: torch.cat([t.reshape(-1) for part in parts for t in part[name]]) for name in names}
+        out = {name: torch.empty(total, dtype=torch.float32) for name in names}
+        for entry, part in zip(self.manifest["ranks"], parts):
+            index = placement_index(entry)
+            for name in names:
+                out[name][index] = torch.cat([t.reshape(-1) for t in part[name]]) if part[name] else out[name][:0]
+        return out
 
     def close(self) -> None:
         for store in self.stores:

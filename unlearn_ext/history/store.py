@@ -73,7 +73,7 @@ class StoredStep:
     lr: float | None             # the first param group's lr (lrs[0] when lrs was recorded)
     batch_ids: torch.Tensor | None
     tensors: dict                # field name -> list of fp32 tensors shaped like the recorded ones
-    stats: dict                  # field name -> {"bytes", "raw_bytes", "max_err", "rms_err", "kind"}
+    stats: dict                  # field name -> {"bytes", "raw_bytes", "max_err", "rms_err", "kind", "digest"}
     lrs: list | None = None      # every param group's lr, when recorded (HistoryRecorder does)
 
 
@@ -279,6 +279,7 @@ class HistoryStore:
             sync = self._since_sync + 1 >= self.keyframe_every
             for name, ts in tensors.items():
                 enc, stats = self._encode(name, list(ts))
+                stats["digest"] = hc.payload_digest(enc)
                 entry.fields[name] = enc
                 entry.stats[name] = stats
                 if enc.kind == hc.KEYFRAME:
@@ -483,6 +484,18 @@ class HistoryStore:
             if e.file_entry is None or e.file_entry.header["batch_ids"]:
                 ids = self._load(i, [], ids=True)[1]
             yield e.step, e.lr, None if e.lrs is None else list(e.lrs), ids
+
+    def field_digests(self, names) -> list | None:
+        """[(step, [digest of each of `names` the step recorded])] for every recorded step, from the
+        digests taken when the steps were recorded (codecs.payload_digest): nothing is read or
+        decoded. None when some step has no digest (recorded by a version that did not take them)."""
+        out = []
+        for e in self._entries:
+            stats = [e.stats[n] for n in names if n in e.stats]
+            if any("digest" not in s for s in stats):
+                return None
+            out.append((e.step, [s["digest"] for s in stats]))
+        return out
 
     def encoded(self, step: int, name: str) -> hc.EncodedField:
         """One plain field of one step in its stored form (EncodedField: dot, axpy_, decode,

@@ -77,7 +77,7 @@ from .propagate import stability_bound
 from .replay_model import ReplayModel
 from .record import check_replayable_sgd
 from .resume import resume_from
-from .vectors import FlatModel
+from .vectors import FlatModel, StoredVector, stored_vector
 
 
 FALLBACK_HOW = "retrained from the stored initial weights"
@@ -201,7 +201,7 @@ class DeltaGradUnlearner(Unlearner):
         self.max_prediction_error = float(max_prediction_error)
         self.stability_limit = float(stability_limit)
         self.loss_rise_limit, self.check_samples = float(loss_rise_limit), int(check_samples)
-        # Binds saved state to this history (mini/history_digest.py): the schedule and both ends.
+        # Binds saved state to this history (mini/history_digest.py): the schedule and every step.
         self.history_sha256 = history_sha256(store, sorted({steps[0], steps[-1]}), ["params", "grads"], "DeltaGrad")
         self.stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
 
@@ -238,15 +238,14 @@ class DeltaGradUnlearner(Unlearner):
         def stats():
             return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda,
                     **({"damped_steps": damped} if self.unstable == "damp" else {})}
-        stored = self.store.iter(names=["params"])
         for t, lr, kept, removed, size in plan:
-            w_t = flat.join(next(stored).tensors["params"])
+            w_t = self._stored(t, "params")
             if w is None:
-                w = w_t.clone()  # the stored initial weights
+                w = w_t.whole()  # the stored initial weights
             if kept.numel() == 0:
                 continue  # retraining makes no update on an emptied batch
             g_rec = self.store.encoded(t, "grads")
-            dw = w - w_t
+            dw = w_t.subtracted_from(w)  # w - w_t
             if self._exact_step(t) or not pairs:
                 exact_steps += 1
                 g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
@@ -349,9 +348,13 @@ class DeltaGradUnlearner(Unlearner):
         replay of its arithmetic on flat vectors, whose rounding differs in the last bit and which a
         non-smooth model (ReLU) can amplify over many steps. Returns its cost (retained samples seen)."""
         steps = list(self.store.schedule())
-        w0 = self.flat.join(self.store.read(steps[0][0], ["params"]).tensors["params"])
+        w0 = self._stored(steps[0][0], "params").whole()
         return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union,
                            batches={t: ids for t, _, _, ids in steps}, lrs={t: float(lr) for t, lr, _, _ in steps})
+
+    def _stored(self, step: int, name: str) -> StoredVector:
+        """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""
+        return stored_vector(self.store, self.flat, step, name)
 
     def _finish(self, report: UnlearnReport, w, cost: int, stats: dict, bytes_before: int, union, T: int) -> None:
         """w: the replayed weights, or None when the fallback already trained the model."""

@@ -4,9 +4,11 @@ A ledger of Mini-Unlearning or DeltaGrad holds weights computed from one trainin
 same model shapes and data with another history (other initial weights, another learning rate or
 batch order) would answer the next request from that other run on top of these weights. The
 fingerprint therefore carries `history_sha256`: a digest of the run metadata, every step's learning
-rates and batch ids, and the weights (and gradients) of the steps a method names — for
-Mini-Unlearning every anchor, for DeltaGrad the first and last step (the whole history would cost
-a full decode of T steps; the schedule and both ends pin the run).
+rates and batch ids, and every recorded step's weights (and gradients) through the digests the
+store took of their codes when each step was recorded (HistoryStore.field_digests): a history that
+differs in any one step, a middle one included, has another digest, and nothing is decoded.
+Histories recorded before the store took digests fall back to the decoded values of the steps a
+method names (for Mini-Unlearning every anchor, for DeltaGrad the first and last step).
 
 It also refuses a schedule the replay cannot follow: param groups whose learning rates differ at
 some step (a scheduler that moved one group), since both methods use one learning rate for every
@@ -32,6 +34,11 @@ def history_sha256(store, tensor_steps, names, method: str) -> str:
         h.update(f"{step};{lr!r};{lrs!r};".encode())
         if ids is not None:
             h.update(tensors_sha256([ids]).encode())
+    digests = store.field_digests(names)
+    if digests is not None:
+        for step, values in digests:
+            h.update(f"{step}:{','.join(values)};".encode())
+        return h.hexdigest()
     for t in tensor_steps:
         stored = store.read(t, names)
         h.update(f"{t}:".encode())

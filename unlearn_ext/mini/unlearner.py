@@ -46,7 +46,7 @@ from .record import FULL_GRAD, check_replayable_sgd
 from .resume import resume_from
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
-from .vectors import FlatModel
+from .vectors import FlatModel, StoredVector, stored_vector
 
 CURVATURE = ("final", "anchors", "exact")
 
@@ -123,9 +123,12 @@ class MiniUnlearner(Unlearner):
         out = []
         steps = self.anchor_steps if self.delta_rule == "interp" else [t for t in self.anchor_steps if t > 0]
         for t in steps or self.anchor_steps:
-            s = self.store.read(t, ["params", FULL_GRAD])
-            out.append((t, self.flat.join(s.tensors["params"]), self.flat.join(s.tensors[FULL_GRAD])))
+            out.append((t, self._stored(t, "params").whole(), self._stored(t, FULL_GRAD)))
         return out
+
+    def _stored(self, step: int, name: str) -> StoredVector:
+        """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""
+        return stored_vector(self.store, self.flat, step, name)
 
     def _curvature_plan(self, retrain_sample_gradients: int, anchor_cost: int, spectra: int,
                         retained: int) -> tuple[int, int]:
@@ -177,7 +180,7 @@ class MiniUnlearner(Unlearner):
         deltas = []
         for _, w, g in anchors:
             g_forget = self.flat.mean_loss_grad(w, union) + self.weight_decay * w
-            deltas.append((r / (n - r)) * (g.double() - g_forget.double()))
+            deltas.append(-(r / (n - r)) * g.subtracted_from(g_forget.double()))  # (r/(n-r)) (g - g_forget)
         cost = len(anchors) * r
         # 2. curvature (once at w*, or per segment at its end anchor) on m retained samples.
         m, k = self._curvature_plan(self.retrain_cost(union), cost,
@@ -282,7 +285,7 @@ class MiniUnlearner(Unlearner):
         if 0 not in self.anchor_steps:
             raise RuntimeError("a safety check fired and the history holds no weights at step 0 to resume from "
                                "(record an anchor at epoch 0)")
-        w0 = self.flat.join(self.store.read(0, ["params"]).tensors["params"])
+        w0 = self._stored(0, "params").whole()
         return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union)
 
     def training_epochs(self) -> int:

@@ -82,3 +82,25 @@ class FlatModel:
             x, y = self.data.batch(ids[lo:lo + CHUNK])
             total += torch.autograd.grad(self.loss_sum(leaf, x, y), leaf)[0].float()
         return total / ids.numel()
+
+
+class StoredVector:
+    """One recorded step's field (weights or a gradient) as the history methods use it: whole (to
+    start a replay or run a forward pass at it) or as the difference x - v (a gap or a drift).
+    This one holds the decoded values; with a history sharded across ranks each rank holds only its
+    shard's values and builds these results from the ranks' slices (distributed/shard_local.py)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def whole(self) -> torch.Tensor:
+        return self.values.clone()
+
+    def subtracted_from(self, x: torch.Tensor) -> torch.Tensor:
+        """x - v in x's dtype."""
+        return x - self.values.to(x.dtype)
+
+
+def stored_vector(store, flat: FlatModel, step: int, name: str) -> StoredVector:
+    """Field `name` of recorded step `step` of a (single-process) history store, decoded."""
+    return StoredVector(flat.join(store.read(step, [name]).tensors[name]))
