@@ -2,7 +2,7 @@
 digits + cnn and mnist1d + cnn with seeds 100-102 (never the reported 0-2).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --data digits --out digits.jsonl
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --data mnist1d --out mnist1d.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --data mnist1d --limit 1500 --out mnist1d.jsonl
     PYTHONPATH=. python scripts/pcmu_networks_grid.py --choose digits.jsonl mnist1d.jsonl
 
 One JSON line per (data, seed, configuration, epochs): PCMU test accuracy, PCMU and plain-SGD
@@ -45,12 +45,12 @@ def most_per_batch(trainer, forget) -> int:
     return int(trainer.schedule.count_in_steps(rows, 0, trainer.steps_done).max())
 
 
-def run(data: str, out: str, seeds) -> None:
+def run(data: str, out: str, seeds, limit: int | None = None) -> None:
     from unlearn_ext import metrics
     from unlearn_ext.evaluate import datasets, harness
     from unlearn_ext.pcmu import PCMUTrainer
 
-    ds = datasets.load(data, form="grid")
+    ds = datasets.load(data, form="grid", limit=limit)
     with open(out, "a", encoding="utf-8") as f:
         for seed in seeds:
             plain = harness.train_run(ds, "cnn", seed)
@@ -111,12 +111,13 @@ def main() -> None:
     p.add_argument("--data", choices=("digits", "mnist1d"))
     p.add_argument("--out")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N training samples")
     p.add_argument("--choose", nargs="+", metavar="JSONL")
     a = p.parse_args()
     if a.choose:
         choose(a.choose)
     else:
-        run(a.data, a.out, [int(s) for s in a.seeds.split(",")])
+        run(a.data, a.out, [int(s) for s in a.seeds.split(",")], a.limit)
 
 
 if __name__ == "__main__":
