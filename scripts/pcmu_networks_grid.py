@@ -3,7 +3,10 @@ digits + cnn and mnist1d + cnn with seeds 100-102 (never the reported 0-2).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --data digits --out digits.jsonl
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --data mnist1d --limit 1500 --out mnist1d.jsonl
-    PYTHONPATH=. python scripts/pcmu_networks_grid.py --choose digits.jsonl mnist1d.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --timing --data digits --out timing.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/pcmu_networks_grid.py --timing --data mnist1d --limit 1500 \
+        --out timing.jsonl
+    PYTHONPATH=. python scripts/pcmu_networks_grid.py --choose digits.jsonl mnist1d.jsonl timing.jsonl
 
 One JSON line per (data, seed, configuration, epochs): PCMU test accuracy, PCMU and plain-SGD
 training wall time (same process), and the 1% request's answer from the record (certified exact,
@@ -76,8 +79,38 @@ def run(data: str, out: str, seeds, limit: int | None = None) -> None:
                     print(json.dumps(line), flush=True)
 
 
+def timing(data: str, out: str, limit: int | None, seed: int = SEEDS[0], repeats: int = 3) -> None:
+    """CPU time (this process, 1 thread) of PCMU per epoch against the plain-SGD recipe's whole
+    training, back to back, per (b, tau, sigma): the cost the rule bounds, measured apart from the
+    grid so that the machine's changing load does not enter the ratio. Median of `repeats`."""
+    from unlearn_ext.evaluate import datasets, harness
+    from unlearn_ext.pcmu import PCMUTrainer
+
+    ds = datasets.load(data, form="grid", limit=limit)
+    plain = harness.train_run(ds, "cnn", seed)
+    with open(out, "a", encoding="utf-8") as f:
+        for b, (tau, sigma) in itertools.product(GRID["batch_size"], GRID["smoothing"]):
+            plain_cpu, pcmu_cpu = [], []
+            for _ in range(repeats):
+                began = time.process_time()
+                plain.config.train(copy.deepcopy(plain.initial), plain.data)
+                plain_cpu.append(time.process_time() - began)
+                trainer = PCMUTrainer(copy.deepcopy(plain.initial), None, plain.data, batch_size=b,
+                                      clip_norm=CLIP_NORM, lr=0.005, tau=tau, sigma=sigma, max_request=GRID_M, seed=seed)
+                began = time.process_time()
+                trainer.train(epochs=2)
+                pcmu_cpu.append((time.process_time() - began) / 2)
+            line = {"data": data, "batch_size": b, "tau": tau, "sigma": sigma,
+                    "plain_cpu_seconds": statistics.median(plain_cpu),
+                    "pcmu_cpu_seconds_per_epoch": statistics.median(pcmu_cpu)}
+            f.write(json.dumps(line) + "\n")
+            print(json.dumps(line), flush=True)
+
+
 def choose(paths) -> None:
     lines = [json.loads(x) for p in paths for x in open(p, encoding="utf-8") if x.strip()]
+    timings = {(x["data"], x["batch_size"], x["tau"], x["sigma"]): x for x in lines if "plain_cpu_seconds" in x}
+    lines = [x for x in lines if "plain_cpu_seconds" not in x]
     groups: dict = {}
     for x in lines:
         groups.setdefault((x["batch_size"], x["lr"], x["tau"], x["sigma"], x["epochs"]), []).append(x)
@@ -85,7 +118,7 @@ def choose(paths) -> None:
     for key, xs in groups.items():
         rows.append(dict(key=key, runs=len(xs), acc=statistics.mean(x["test_acc"] for x in xs),
                          plain=statistics.mean(x["plain_test_acc"] for x in xs),
-                         time_ratio=statistics.mean(x["pcmu_seconds"] / x["plain_seconds"] for x in xs),
+                         time_ratio=statistics.mean(_cpu_ratio(timings, x) for x in xs),
                          req_cost=statistics.mean(x["request_1pct"]["cost"] for x in xs),
                          certified=sum(x["request_1pct"]["certified"] for x in xs),
                          steps=statistics.mean(x["steps"] for x in xs),
@@ -106,16 +139,24 @@ def choose(paths) -> None:
           f"{chosen['most']} -> M = {m}")
 
 
+def _cpu_ratio(timings: dict, x: dict) -> float:
+    t = timings[(x["data"], x["batch_size"], x["tau"], x["sigma"])]
+    return x["epochs"] * t["pcmu_cpu_seconds_per_epoch"] / t["plain_cpu_seconds"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=("digits", "mnist1d"))
     p.add_argument("--out")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--limit", type=int, default=None, help="keep only the first N training samples")
+    p.add_argument("--timing", action="store_true", help="measure the CPU-time ratios (seed 100) instead")
     p.add_argument("--choose", nargs="+", metavar="JSONL")
     a = p.parse_args()
     if a.choose:
         choose(a.choose)
+    elif a.timing:
+        timing(a.data, a.out, a.limit)
     else:
         run(a.data, a.out, [int(s) for s in a.seeds.split(",")], a.limit)
 
