@@ -139,6 +139,26 @@ def choose(paths) -> None:
           f"{chosen['most']} -> M = {m}")
 
 
+def single_ids(data: str, limit: int | None, seed: int, count: int) -> None:
+    """How `count` single-id requests fare against the record of the harness's network profile
+    (pcmu_profiles.py) on `data` + cnn: certified exact, or the first divergent step."""
+    from unlearn_ext.evaluate import datasets, harness, pcmu_profiles
+    from unlearn_ext.pcmu import PCMUTrainer
+
+    ds = datasets.load(data, form="grid", limit=limit)
+    settings = pcmu_profiles.settings_for("cnn")
+    trainer = PCMUTrainer(harness.build_model(ds, "cnn", seed), None, ds.training_data(), seed=seed,
+                          **{k: v for k, v in settings.items() if k != "epochs"}).train(epochs=settings["epochs"])
+    ids = trainer.schedule.ids[torch.randperm(trainer.schedule.ids.numel(),
+                                              generator=torch.Generator().manual_seed(1000 + seed))[:count]]
+    checks = [trainer.check_request(ids[i:i + 1]) for i in range(count)]
+    print(json.dumps({"data": data, "seed": seed, "settings": settings, "steps": trainer.steps_done,
+                      "checked": count, "certified": sum(c.certified for c in checks),
+                      "statuses": sorted({c.status for c in checks}),
+                      "first_divergent_steps": [c.first_divergent_step for c in checks],
+                      "flipped_coordinates": [c.flipped_coordinates for c in checks]}))
+
+
 def _cpu_ratio(timings: dict, x: dict) -> float:
     t = timings[(x["data"], x["batch_size"], x["tau"], x["sigma"])]
     return x["epochs"] * t["pcmu_cpu_seconds_per_epoch"] / t["plain_cpu_seconds"]
@@ -151,10 +171,14 @@ def main() -> None:
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--limit", type=int, default=None, help="keep only the first N training samples")
     p.add_argument("--timing", action="store_true", help="measure the CPU-time ratios (seed 100) instead")
+    p.add_argument("--single-ids", type=int, default=None, metavar="N",
+                   help="check N single-id requests against the network profile's record (--seeds: the first)")
     p.add_argument("--choose", nargs="+", metavar="JSONL")
     a = p.parse_args()
     if a.choose:
         choose(a.choose)
+    elif a.single_ids:
+        single_ids(a.data, a.limit, int(a.seeds.split(",")[0]), a.single_ids)
     elif a.timing:
         timing(a.data, a.out, a.limit)
     else:

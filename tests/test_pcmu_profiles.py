@@ -111,3 +111,36 @@ def test_an_override_without_the_pcmu_method_is_refused(tmp_path, capsys):
 def test_the_python_api_refuses_a_bad_override_when_the_method_is_built():
     with pytest.raises(pcmu_profiles.PCMUSettingError, match="PCMU setting clip_norm must be a finite number > 0"):
         methods.pcmu_method({"clip_norm": 0})
+
+
+def _grid_script():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "pcmu_networks_grid.py")
+    spec = importlib.util.spec_from_file_location("pcmu_networks_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_script_applies_the_written_rule(tmp_path, capsys):
+    """benchmarks/pcmu_networks_rule.md: the most accurate configuration within 3x plain SGD's CPU
+    time wins; within 0.01 of it the cheaper 1% request wins; M is the smallest choice covering the
+    most ids per batch."""
+    def line(b, lr, epochs, acc, cost, most):
+        return {"data": "d", "seed": 100, "batch_size": b, "lr": lr, "tau": 0.0015, "sigma": 0.0025, "epochs": epochs,
+                "test_acc": acc, "plain_test_acc": 0.5, "pcmu_seconds": 1.0, "plain_seconds": 1.0, "steps": 10 * epochs,
+                "most_per_batch": {"0.01": 2, "0.05": most}, "request_1pct": {"certified": False, "cost": cost}}
+    timing = {"data": "d", "batch_size": 64, "tau": 0.0015, "sigma": 0.0025, "plain_cpu_seconds": 1.0,
+              "pcmu_cpu_seconds_per_epoch": 0.2}  # 10 epochs: 2x, 20 epochs: 4x
+    lines = [timing, {**timing, "batch_size": 128, "pcmu_cpu_seconds_per_epoch": 0.1},
+             line(64, 0.01, 20, 0.99, 0.5, 9),     # the most accurate, but 4x plain SGD's time: out
+             line(64, 0.01, 10, 0.90, 0.99, 5),    # within 0.01 of the best allowed, dearer request
+             line(128, 0.02, 10, 0.895, 0.98, 5),  # within 0.01, the cheaper request: chosen
+             line(128, 0.01, 10, 0.80, 0.10, 7)]   # cheapest request, too far below
+    path = tmp_path / "g.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    _grid_script().choose([str(path)])
+    out = capsys.readouterr().out
+    assert "chosen: b, lr, tau, sigma, epochs = (128, 0.02, 0.0015, 0.0025, 10)" in out
+    assert "most ids of a 1%/5% set in one batch: 5 -> M = 6" in out
