@@ -85,6 +85,7 @@ def pcmu_method(overrides: dict | None = None) -> Method:
 
 PCMU = pcmu_method()
 
+
 def _finetune_method(overrides: dict | None = None) -> Method:
     # The same repair budget as Top-K / Random-k get (perturb_repair_epochs: 1, or 3 on mlp-wide).
     return Method("finetune", "retrain",
