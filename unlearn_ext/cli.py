@@ -101,9 +101,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .evaluate import methods, models, settings
-
-    from .evaluate import training
+    from .evaluate import methods, models, pcmu_profiles, settings, training
 
     parser = _Parser(prog="unlearn-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"unlearn-ext {__version__} ({backend()})")
@@ -139,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive, default=None, help="keep only the first N training samples")
     ev.add_argument("--noise-floor", type=_count, default=2, help="retrains with other seeds per ratio (default 2)")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda (where a CUDA device is available)")
+    ev.add_argument("--pcmu", default=None, metavar="KEY=VALUE,...",
+                    help="PCMU's training settings over its model family's defaults, e.g. lr=0.01,epochs=10; keys: "
+                    f"{', '.join(pcmu_profiles.KEYS)} (defaults: unlearn_ext/evaluate/pcmu_profiles.py)")
     ev.add_argument("--setting", default=None, choices=list(settings.SETTINGS),
                     help="a named setting (data, model, SGD training) of the per-method scripts; "
                          "replaces --data/--model/--widths/--label-noise/--limit (unlearn_ext/evaluate/settings.py)")
@@ -228,7 +229,7 @@ def _check_output_paths(parser, out: str | None, json_path: str | None) -> None:
 def _evaluate(parser, args) -> int:
     import torch
 
-    from .evaluate import datasets, harness, methods, models, precondition, report, settings, training
+    from .evaluate import datasets, harness, methods, models, pcmu_profiles, precondition, report, settings, training
 
     demo = args.command == "demo"
     _check_output_paths(parser, args.out or ("unlearn-ext-demo" if demo else None), args.json_path)
@@ -267,19 +268,28 @@ def _evaluate(parser, args) -> int:
                                         weight_decay=args.weight_decay, schedule=args.schedule, epochs=args.epochs,
                                         batch_size=args.batch_size)
     sgd = setting.sgd if setting is not None else None
+    pcmu_text = None if demo else args.pcmu
     try:  # everything the run needs, checked before it starts
         methods.resolve(names)
+        pcmu_overrides = pcmu_profiles.parse(pcmu_text) if pcmu_text is not None else {}
+        if pcmu_text is not None and "pcmu" not in names:
+            raise ValueError("--pcmu sets the pcmu method's training, which --methods does not include")
+        pcmu_settings = pcmu_profiles.settings_for(model, pcmu_overrides)
         recipe.check()
         form = models.reads(model)
         ds = datasets.load(data_name, form=form, label_noise=label_noise, limit=limit)  # named in the title
         data = datasets.per_seed(data_name, form=form, label_noise=label_noise, limit=limit) if label_noise > 0 else ds
         harness.check_forget_sizes(len(ds.y), ratios)
         harness.build_model(ds, model, seeds[0], widths, model_options)
+    except pcmu_profiles.PCMUSettingError as exc:
+        parser.error(f"--pcmu {pcmu_text}: {exc}")
     except ValueError as exc:  # DatasetError, ModelError, RecipeError and the checks' refusals
         parser.error(str(exc))
+    # PCMU with the run's settings in place of the registry's entry (which has no overrides)
+    run_methods = [methods.pcmu_method(pcmu_overrides) if n == "pcmu" else n for n in names]
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
-    records = _run_with_progress(harness, data, args.quiet, model=model, methods=names, ratios=ratios, seeds=seeds,
+    records = _run_with_progress(harness, data, args.quiet, model=model, methods=run_methods, ratios=ratios, seeds=seeds,
                                  widths=widths, noise_floor_seeds=noise, ud=args.ud, sgd=sgd, recipe=recipe,
                                  model_options=model_options, device=device)
     summary = harness.summarize(records)
@@ -295,6 +305,10 @@ def _evaluate(parser, args) -> int:
              f"{'x'.join(map(str, ds.input_shape))}); methods: {', '.join(names)}",
              "training recipe: " + ", ".join(f"{k} {v}" for k, v in trained.items() if v is not None)
              + (f"; model options: {model_options}" if model_options else "")] + _data_notes(ds) + memorization_lines
+    if "pcmu" in names:
+        notes.append(f"PCMU training ({pcmu_profiles.profile_of(model)} profile"
+                     + (f", with --pcmu {pcmu_text}" if pcmu_text else "") + "): "
+                     + ", ".join(f"{k} {v}" for k, v in pcmu_settings.items()))
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
@@ -308,6 +322,7 @@ def _evaluate(parser, args) -> int:
                                 "methods": names, "ratios": ratios, "seeds": seeds, "epochs": trained["epochs"],
                                 "recipe": trained, "label_noise": label_noise, "ud": args.ud, "device": device,
                                 "setting": setting.name if setting is not None else None,
+                                "pcmu": pcmu_settings if "pcmu" in names else None,
                                 "memorization": memorization}}
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, default=float)

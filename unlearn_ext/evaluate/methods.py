@@ -23,7 +23,8 @@ from ..mini import (DeltaGradUnlearner, MiniUnlearner, mini_store, step_store, t
 from ..pcmu import PCMUTrainer, PCMUUnlearner
 from ..perturb import AdaptiveRandomKUnlearner, AdaptiveTopKUnlearner, RandomKUnlearner, TopKUnlearner
 from ..unlearner import Unlearner
-from .pcmu_examples import SETTINGS as EXAMPLE_SETTINGS
+from . import pcmu_profiles
+from .models import TABULAR
 
 
 @dataclass
@@ -54,27 +55,36 @@ class Method:
 
 # ---- PCMU ----------------------------------------------------------------------------------------
 
-# The digits example's setting (pcmu_examples.py, chosen on a held-out split with seed 1).
-PCMU_SETTINGS = {k: v for k, v in EXAMPLE_SETTINGS["digits"].items() if k not in ("epochs", "plain_lr")}
-PCMU_EPOCHS = EXAMPLE_SETTINGS["digits"]["epochs"]
+# Settings per model family (pcmu_profiles.py): the digits example's for the tabular models, the
+# "network" profile, chosen by benchmarks/pcmu_networks_rule.md, for the others.
 
-
-def _pcmu_trainer(run: Run, exclude=None) -> PCMUTrainer:
+def _pcmu_trainer(run: Run, settings: dict, exclude=None) -> PCMUTrainer:
+    trainer_settings = {k: v for k, v in settings.items() if k != "epochs"}
     return PCMUTrainer(copy.deepcopy(run.initial), None, run.data, seed=run.seed, exclude=exclude,
-                       **PCMU_SETTINGS)
+                       **trainer_settings)
 
 
-def _pcmu_prepare(run: Run) -> PCMUTrainer:
-    return _pcmu_trainer(run).train(epochs=PCMU_EPOCHS)
+def pcmu_method(overrides: dict | None = None) -> Method:
+    """PCMU with its model family's settings (pcmu_profiles.settings_for), `overrides` on top: a new
+    entry, the registry unchanged. Pass it to evaluate() in place of the name 'pcmu'."""
+    overrides = pcmu_profiles.check_overrides(overrides or {})
+
+    def settings(run: Run) -> dict:
+        return pcmu_profiles.settings_for(run.model_name, overrides)
+
+    def train(run: Run, exclude=None) -> PCMUTrainer:
+        s = settings(run)
+        return _pcmu_trainer(run, s, exclude).train(epochs=s["epochs"])
+
+    return Method("pcmu", "pcmu-coupled-retrain",
+                  build=lambda run, trainer: PCMUUnlearner(copy.deepcopy(trainer)),
+                  prepare=train,
+                  own_original=lambda run, trainer: trainer.model,
+                  own_retrain=lambda run, trainer, forget: train(run, exclude=forget).model)
 
 
-PCMU = Method(
-    "pcmu", "pcmu-coupled-retrain",
-    build=lambda run, trainer: PCMUUnlearner(copy.deepcopy(trainer)),
-    prepare=_pcmu_prepare,
-    own_original=lambda run, trainer: trainer.model,
-    own_retrain=lambda run, trainer, forget: _pcmu_trainer(run, exclude=forget).train(epochs=PCMU_EPOCHS).model,
-)
+PCMU = pcmu_method()
+
 
 def _finetune_method(overrides: dict | None = None) -> Method:
     # The same repair budget as Top-K / Random-k get (perturb_repair_epochs: 1, or 3 on mlp-wide).
@@ -158,12 +168,11 @@ PERTURB_SETTINGS = {  # model family: keyword arguments of the unlearners
     "network": dict(k=NETWORK_K, repair_epochs=NETWORK_REPAIR_EPOCHS, repair_lr_factor=0.4, distill_temperature=2.0,
                     guard=NETWORK_GUARD),
 }
-TABULAR_MODELS = ("logreg", "mlp", "mlp-wide")
 
 
 def perturb_profile(run: Run) -> str:
     """Which PERTURB_SETTINGS entry serves the run's model."""
-    if run.model_name not in TABULAR_MODELS:
+    if run.model_name not in TABULAR:
         return "network"
     return "memorizing" if run.model_name == "mlp-wide" else "generalizing"
 

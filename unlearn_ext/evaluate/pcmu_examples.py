@@ -1,5 +1,6 @@
 """The two PCMU examples of docs/design.md §4, run by `unlearn-ext pcmu` (demo code: it sits with the
-evaluation, above the library, and the digits setting is the one the harness runs PCMU with).
+evaluation, above the library, and the digits setting is the one the harness runs PCMU with on the
+tabular models; networks get their own profile, pcmu_profiles.py).
 
 * synthetic: make_classification (20k train, 5 features, 3 classes), logistic regression, full batch,
   C = 1, tau = 0.1, sigma = 0.005, lr*scale = 0.1, T = 20 — the regime where m* >= 1;

@@ -25,6 +25,8 @@ from . import sequence, tabular, vision
 READS = {"logreg": "table", "mlp": "table", "mlp-wide": "table", "cnn": "grid", "resnet": "grid",
          "transformer": "tokens", "causal-lm": "documents"}
 NAMES = tuple(READS)
+# The models of n x d tables: the families whose method settings differ from the networks'.
+TABULAR = tuple(name for name, form in READS.items() if form == "table")
 
 
 class ModelError(ValueError):
