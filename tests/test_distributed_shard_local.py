@@ -220,3 +220,37 @@ def test_a_history_that_differs_at_a_middle_step_is_refused_on_every_rank():
     for message in got:
         assert "disagree on history (its sha256)" in message, message
         assert "\n" not in message, message
+
+
+def _drop_digests(history: RankShardHistory) -> None:
+    """What opening a shard store recorded before the store took per-step digests gives: the same
+    steps, no 'digest' in their stats."""
+    for entry in history.store._entries:
+        for stats in entry.stats.values():
+            stats.pop("digest", None)
+
+
+def undigested_worker(rank, world, directory):
+    """DeltaGrad on this rank's shard read with and without per-step digests: (weights with digests,
+    weights without, the job's history digest without)."""
+    model, data, store = _problem("deltagrad")
+    _record_shards(directory, "deltagrad", FlatModel(model, data), store, rank, world)
+    out = []
+    for digests in (True, False):
+        history = RankShardHistory.open(directory)
+        if not digests:
+            _drop_digests(history)
+        unlearner = DistributedDeltaGradUnlearner(copy.deepcopy(model), data, history, **OPTIONS["deltagrad"])
+        unlearner.unlearn(FORGET)
+        out.append(FlatModel(unlearner.model, data).flat())
+        history.close()
+    return out[0], out[1], unlearner.history_sha256
+
+
+@pytest.mark.slow
+def test_a_shard_history_without_per_step_digests_is_served():
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(undigested_worker, 2, TIMEOUT_S, directory)
+    for digested, undigested, sha in got:
+        assert torch.equal(undigested, digested)
+        assert sha == got[0][2]  # every rank holds the job's one digest

@@ -31,6 +31,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..data import tensors_sha256
 from ..history import HistoryStore
 from ..history.store import StoredStep
 from ..mini.vectors import StoredVector
@@ -195,8 +196,14 @@ class RankShardHistory:
         return self.store.schedule()
 
     def field_digests(self, names):
-        """This rank's shard's digests (the unlearners combine the ranks' in rank order)."""
-        return self.store.field_digests(names)
+        """This rank's shard's per-step digests (the unlearners combine the ranks' in rank order). A
+        store recorded before the store took digests has none: its shard of every step is decoded
+        once and hashed instead (this rank's elements only, so a changed middle step still shows)."""
+        digests = self.store.field_digests(names)
+        if digests is not None:
+            return digests
+        return [(s.step, [tensors_sha256(s.tensors[n]) for n in names if n in s.tensors])
+                for s in self.store.iter(names=list(names))]
 
     def iter(self, start=None, stop=None, names=None):  # refuses at the call, not at the first step
         """The recorded steps' lr and batch ids, without fields (names=[]): fields are served only
