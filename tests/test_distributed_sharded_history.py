@@ -117,3 +117,38 @@ def test_sharded_reads_equal_one_store(world, split):
         codecs, steps = got[rank][1]
         assert "disagree on codecs" in codecs, codecs
         assert "disagree on the recorded steps" in steps, steps
+
+
+def moved_placement_worker(rank, world, directory):
+    """Records a flat split, then rank 0 rewrites the manifest with rank 1's shard placed over rank
+    0's (a manifest changed after recording); every rank then opens its shard shard-locally."""
+    from unlearn_ext.distributed import RankShardHistory
+    import torch.distributed as dist
+
+    recorder = ShardedRecorder(directory, _shard(_step(0, "params"), "flat", rank, world), params="fp32",
+                               grads="fp32")
+    _record(recorder, "flat", rank, world)
+    recorder.finish()
+    if rank == 0:
+        path = os.path.join(directory, "manifest.json")
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["ranks"][1]["placements"] = [0]
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+    dist.barrier()
+    try:
+        RankShardHistory.open(directory)
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
+
+
+@pytest.mark.slow
+def test_a_manifest_whose_placements_overlap_is_refused_when_opened():
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(moved_placement_worker, 2, TIMEOUT_S, directory)
+        with pytest.raises(ValueError, match="more than once"):
+            ShardedHistory.open(directory)
+    for message in got:
+        assert "more than once" in message, message

@@ -25,8 +25,6 @@ does); the saving is memory and decoding: a rank never holds another rank's hist
 """
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -36,7 +34,7 @@ from ..history import HistoryStore
 from ..history.store import StoredStep
 from ..mini.vectors import StoredVector
 from .group import agree, exchange_device, require_group, sum_in_rank_order
-from .sharded_history import FORMAT, MANIFEST, placement_index
+from .sharded_history import open_rank_store, placement_index, read_manifest
 
 
 class RankShard:
@@ -154,21 +152,11 @@ class RankShardHistory:
         found = {}
 
         def check():  # inside the agreement: a rank that cannot open its store refuses on every rank
-            path = os.path.join(directory, MANIFEST)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} does not exist: finish() the ShardedRecorder on every rank first")
-            with open(path) as f:
-                manifest = json.load(f)
-            if manifest.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a sharded history manifest ({FORMAT})")
+            manifest = read_manifest(directory)
             if manifest["world"] != world:
                 raise ValueError(f"the history was recorded by {manifest['world']} ranks; this group has {world}: "
                                  "each rank serves the shard its rank recorded")
-            store = HistoryStore.open(os.path.join(directory, manifest["ranks"][rank]["file"]), writable=False)
-            if len(store.steps) != manifest["steps"]["count"]:
-                raise ValueError(f"{manifest['ranks'][rank]['file']} holds {len(store.steps)} steps; the manifest "
-                                 f"says {manifest['steps']['count']}: the store was changed or cut after recording")
-            found.update(manifest=manifest, store=store)
+            found.update(manifest=manifest, store=open_rank_store(directory, manifest, rank))
             return ()
         agree(check, shared=(), group=group)
         return cls(found["store"], found["manifest"], RankShard(found["manifest"], rank, group))

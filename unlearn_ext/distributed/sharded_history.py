@@ -149,6 +149,33 @@ def check_placements(ranks: list) -> None:
                          f"{total} uncovered: each element of the flat parameter vector must be placed once")
 
 
+def read_manifest(directory: str) -> dict:
+    """The manifest of the sharded history in `directory`, refused unless it is one whose placements
+    cover the flat vector of all parameters exactly once (a manifest changed after recording would
+    otherwise put a shard's values at other elements)."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: finish() the ShardedRecorder on every rank first")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sharded history manifest ({FORMAT}); format {manifest.get('format')!r}")
+    check_placements(manifest["ranks"])
+    return manifest
+
+
+def open_rank_store(directory: str, manifest: dict, rank: int) -> HistoryStore:
+    """Rank `rank`'s store of the sharded history (read-only), refused unless it holds the steps the
+    manifest counts."""
+    entry, want = manifest["ranks"][rank], manifest["steps"]["count"]
+    store = HistoryStore.open(os.path.join(directory, entry["file"]), writable=False)
+    if len(store.steps) != want:
+        store.close()
+        raise ValueError(f"{entry['file']} holds {len(store.steps)} steps; the manifest says every rank recorded "
+                         f"{want}: the store was changed or cut after recording")
+    return store
+
+
 class ShardedHistory:
     """A sharded recording read back as whole steps (module docstring). Needs no process group."""
 
@@ -157,20 +184,8 @@ class ShardedHistory:
 
     @classmethod
     def open(cls, directory: str) -> "ShardedHistory":
-        path = os.path.join(directory, MANIFEST)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: finish() the ShardedRecorder on every rank first")
-        with open(path) as f:
-            manifest = json.load(f)
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a sharded history manifest ({FORMAT}); format {manifest.get('format')!r}")
-        stores = [HistoryStore.open(os.path.join(directory, r["file"]), writable=False) for r in manifest["ranks"]]
-        want = manifest["steps"]["count"]
-        for r, store in zip(manifest["ranks"], stores):
-            if len(store.steps) != want:
-                raise ValueError(f"{r['file']} holds {len(store.steps)} steps; the manifest says every rank recorded "
-                                 f"{want}: the store was changed or cut after recording")
-        return cls(directory, manifest, stores)
+        manifest = read_manifest(directory)
+        return cls(directory, manifest, [open_rank_store(directory, manifest, r) for r in range(manifest["world"])])
 
     @property
     def steps(self) -> list:
