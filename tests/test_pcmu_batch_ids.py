@@ -138,6 +138,7 @@ def test_stored_ids_off_the_schedule_are_refused():
     (lambda e: {"ids": e["ids"], "from_step": e["from_step"].to(torch.int32)}, "int64"),
     (lambda e: {"ids": e["ids"] + 1, "from_step": e["from_step"]}, "name forgotten ids"),
     (lambda e: {"ids": e["ids"], "from_step": e["from_step"] + 10**6}, r"steps must lie in 0\.\.7"),
+    (lambda e: [e["ids"], e["from_step"]], "exclusions must hold"),  # not a dict
 ])
 def test_malformed_exclusions_are_refused_before_loading(change, message):
     trainer = _trainer().train(epochs=2)

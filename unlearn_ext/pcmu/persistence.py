@@ -88,7 +88,7 @@ def _excluded_from(saved: dict, forgotten: torch.Tensor, steps: int) -> torch.Te
     """Per id of `forgotten` (sorted): the first of the `steps` recorded steps computed without it
     (`steps` for an id in every recorded batch that held it), from saved `exclusions`, refused
     unless they name forgotten ids, once each, with steps in 0..steps-1."""
-    ids, from_step = saved.get("ids"), saved.get("from_step")
+    ids, from_step = (saved.get("ids"), saved.get("from_step")) if isinstance(saved, dict) else (None, None)
     if not (isinstance(ids, torch.Tensor) and isinstance(from_step, torch.Tensor) and ids.dtype == torch.int64
             and from_step.dtype == torch.int64 and ids.dim() == 1 and from_step.shape == ids.shape):
         raise ValueError("saved PCMU state: exclusions must hold int64 'ids' and 'from_step' of one length")
