@@ -152,3 +152,36 @@ def test_a_manifest_whose_placements_overlap_is_refused_when_opened():
             ShardedHistory.open(directory)
     for message in got:
         assert "more than once" in message, message
+
+
+def test_a_refused_open_closes_the_stores_it_opened(tmp_path, monkeypatch):
+    """Rank 1's store was cut after recording: opening is refused, and rank 0's store, opened first,
+    is closed again (no file left open by a refused call)."""
+    shapes = [(4,)]
+    ranks = []
+    for rank, steps in enumerate((3, 2)):
+        store = HistoryStore({"params": FieldSpec(shapes, "fp32")}, tier="disk", path=str(tmp_path / f"rank{rank}.hist"))
+        for t in range(steps):
+            store.record(t, {"params": [torch.full((4,), float(t))]}, lr=0.1)
+        store.close()
+        ranks.append({"rank": rank, "file": f"rank{rank}.hist", "shapes": [[4]], "placements": [4 * rank],
+                      "offset": 4 * rank, "elements": 4})
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "unlearn_ext.sharded_history/1", "world": 2, "ranks": ranks,
+        "steps": {"first": 0, "last": 2, "count": 3}, "codecs": {"params": "fp32"}}))
+    opened, closed = [], []
+    real_open, real_close = HistoryStore.open, HistoryStore.close
+
+    def tracked_open(*args, **kwargs):
+        store = real_open(*args, **kwargs)
+        opened.append(store)
+        return store
+
+    def tracked_close(self):
+        closed.append(self)
+        real_close(self)
+    monkeypatch.setattr(HistoryStore, "open", tracked_open)
+    monkeypatch.setattr(HistoryStore, "close", tracked_close)
+    with pytest.raises(ValueError, match="rank1.hist holds 2 steps"):
+        ShardedHistory.open(str(tmp_path))
+    assert len(opened) == 2 and all(any(s is c for c in closed) for s in opened)

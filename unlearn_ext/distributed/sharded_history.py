@@ -185,7 +185,15 @@ class ShardedHistory:
     @classmethod
     def open(cls, directory: str) -> "ShardedHistory":
         manifest = read_manifest(directory)
-        return cls(directory, manifest, [open_rank_store(directory, manifest, r) for r in range(manifest["world"])])
+        stores = []
+        try:
+            for rank in range(manifest["world"]):
+                stores.append(open_rank_store(directory, manifest, rank))
+        except BaseException:  # a refused open leaves no store open
+            for store in stores:
+                store.close()
+            raise
+        return cls(directory, manifest, stores)
 
     @property
     def steps(self) -> list:
