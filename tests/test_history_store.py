@@ -522,3 +522,19 @@ def test_anchor_fields_reopen(tmp_path):
     store.record(6, {"w": tensors(6)})
     got = store.read(6).tensors["w"]
     assert max(float((a - b).abs().max()) for a, b in zip(got, tensors(6))) == store.report()[-1]["max_err"]
+
+
+def test_reading_no_fields_decodes_none(monkeypatch):
+    """read(step, names=[]) gives the step's lr and batch ids without decoding any field (a reader
+    that wants only the schedule must not pay for every field: it used to decode them all)."""
+    store = HistoryStore({"params": FieldSpec(SHAPES, "int8"), "grads": FieldSpec(SHAPES, "fp32")})
+    for t in range(3):
+        store.record(t, {"params": tensors(t), "grads": tensors(10 + t)}, lr=0.1, batch_ids=torch.arange(t, t + 4))
+    whole = store.read(1)
+    assert set(whole.tensors) == {"params", "grads"}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a field was decoded")
+    monkeypatch.setattr(store, "_decode_field", no_decoding)
+    for s, t in zip(store.iter(names=[]), range(3)):
+        assert s.tensors == {} and s.lr == 0.1 and s.batch_ids.tolist() == list(range(t, t + 4))

@@ -457,10 +457,11 @@ class HistoryStore:
         return [t.clone() for t in recon]
 
     def read(self, step: int, names=None, *, device=None) -> StoredStep:
-        """One step's fields (decoded to fp32), lr, batch ids and stats; reads only what it needs."""
+        """One step's fields (decoded to fp32; `names`: which, default every field, [] none), lr, batch
+        ids and stats; reads only what it needs."""
         i = self._index_of(step)
         e = self._entries[i]
-        names = [n for n in (names or self.fields) if self._field_kind(i, n) is not None]
+        names = [n for n in (self.fields if names is None else names) if self._field_kind(i, n) is not None]
         tensors = {n: self._decode_field(n, i, device) for n in names}
         ids = None
         if e.file_entry is None or e.file_entry.header["batch_ids"]:

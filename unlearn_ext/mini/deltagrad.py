@@ -384,7 +384,7 @@ class DeltaGradUnlearner(Unlearner):
             return super().retrain_cost(forgotten)
         # A history the user recorded with HistoryRecorder names no epochs: count its steps.
         forgotten = as_ids(forgotten)
-        return sum(int((~torch.isin(s.batch_ids, forgotten)).sum()) for s in self.store.iter(names=[]))
+        return sum(int((~torch.isin(ids, forgotten)).sum()) for *_, ids in self.store.schedule())
 
     def training_epochs(self) -> int:
         return int(self.info["epochs"])
