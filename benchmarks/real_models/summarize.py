@@ -1,5 +1,5 @@
 """The summary table of benchmarks/RESULTS.md, "Real models: every method on cnn, resnet, transformer",
-and the targets read off it, from the JSON files that run.sh's `unlearn-ext eval` commands write.
+and the targets read off it, from the JSON files that the `unlearn-ext eval` commands listed there write.
 
 Usage: python benchmarks/real_models/summarize.py benchmarks/real_models/*.json
 
