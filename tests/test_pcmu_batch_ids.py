@@ -155,6 +155,31 @@ def test_malformed_exclusions_are_refused_before_loading(change, message):
         other.load_state_dict(state)
 
 
+def _drop_a_records_field(state):
+    del state["records"][3]["codes"]
+
+
+def _initial_of_another_shape(state):
+    name = next(iter(state["initial"]))
+    state["initial"][name] = state["initial"][name][:1]
+
+
+@pytest.mark.parametrize("change, message", [
+    (_drop_a_records_field, r"step record 3 is malformed"),
+    (_initial_of_another_shape, r"'initial' must hold this model's initial weights"),
+])
+def test_a_malformed_record_or_initial_leaves_the_trainer_as_it_was(change, message):
+    """Loading checks everything before it changes anything: the trainer's weights, records and
+    forgotten ids stay those it had (they used to be half replaced when a record was malformed)."""
+    state = _trainer().train(epochs=2).state_dict()
+    change(state)
+    other = _trainer().train(epochs=1)
+    untouched = other.state_dict()
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(state)
+    assert same(other.state_dict(), untouched)
+
+
 def test_an_id_trained_without_cannot_leave_the_forgotten_set():
     trainer = _trainer().train(steps=1)
     with pytest.raises(ValueError, match=r"ids \[0\] cannot leave the forgotten set"):

@@ -68,13 +68,37 @@ def load_state_dict(trainer, state: dict) -> None:
     else:
         raise ValueError("saved PCMU state lacks 'exclusions' (the steps computed without each forgotten id), so "
                          "its steps' batches cannot be derived")
+    # Everything is read and checked before the trainer changes: a refused state leaves it as it was.
+    initial = _initial(trainer, state.get("initial"))
+    records = _records(trainer, state["records"]) if "records" in state else None
     load_model_state_(trainer.model, state)  # refuses other names or shapes before copying
-    trainer.initial = [state["initial"][k].clone() for k in trainer.names]
-    if "records" in state:
-        trainer.records.replace(PCMUStep.from_state(s, trainer.coordinates, trainer.fragile_threshold)
-                                for s in state["records"])
+    trainer.initial = initial
+    if records is not None:
+        trainer.records.replace(records)
     trainer._forgotten, trainer._excluded_from = forgotten, excluded_from
     trainer._reindex()
+
+
+def _initial(trainer, saved) -> list[torch.Tensor]:
+    """The saved initial weights in the trainer's parameter order, refused unless they are this
+    model's: every parameter by name, same shape."""
+    if not (isinstance(saved, dict) and set(saved) == set(trainer.names) and all(
+            isinstance(saved[k], torch.Tensor) and saved[k].shape == w.shape
+            for k, w in zip(trainer.names, trainer.initial))):
+        raise ValueError("saved PCMU state: 'initial' must hold this model's initial weights, every parameter by "
+                         "name with its shape")
+    return [saved[k].clone() for k in trainer.names]
+
+
+def _records(trainer, saved) -> list[PCMUStep]:
+    """The saved step records as PCMUSteps; a malformed one is refused naming its position."""
+    records = []
+    for i, s in enumerate(saved):
+        try:
+            records.append(PCMUStep.from_state(s, trainer.coordinates, trainer.fragile_threshold))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"saved PCMU state: step record {i} is malformed ({type(exc).__name__}: {exc})") from None
+    return records
 
 
 def exclusions(trainer) -> dict:
