@@ -185,3 +185,21 @@ def test_a_refused_open_closes_the_stores_it_opened(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="rank1.hist holds 2 steps"):
         ShardedHistory.open(str(tmp_path))
     assert len(opened) == 2 and all(any(s is c for c in closed) for s in opened)
+
+
+def test_a_manifest_whose_shapes_differ_from_a_rank_store_is_refused(tmp_path):
+    """The manifest places rank 1's shard as a (2, 2) tensor but its store recorded a (4,) one (the
+    same element count, so the placements alone cannot tell): opening names the field and the rank."""
+    ranks = []
+    for rank in range(2):
+        store = HistoryStore({"params": FieldSpec([(4,)], "fp32")}, tier="disk", path=str(tmp_path / f"rank{rank}.hist"))
+        for t in range(2):
+            store.record(t, {"params": [torch.full((4,), float(t))]}, lr=0.1)
+        store.close()
+        ranks.append({"rank": rank, "file": f"rank{rank}.hist", "shapes": [[4]] if rank == 0 else [[2, 2]],
+                      "placements": [4 * rank], "offset": 4 * rank, "elements": 4})
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "unlearn_ext.sharded_history/1", "world": 2, "ranks": ranks,
+        "steps": {"first": 0, "last": 1, "count": 2}, "codecs": {"params": "fp32"}}))
+    with pytest.raises(ValueError, match=r"rank1.hist: field\(s\) params hold shapes other than .* for rank 1"):
+        ShardedHistory.open(str(tmp_path))

@@ -166,11 +166,17 @@ def read_manifest(directory: str) -> dict:
 
 def open_rank_store(directory: str, manifest: dict, rank: int) -> HistoryStore:
     """Rank `rank`'s store of the sharded history (read-only), refused unless it holds the steps the
-    manifest counts."""
+    manifest counts and every field has the shard shapes the manifest places."""
     entry, want = manifest["ranks"][rank], manifest["steps"]["count"]
     store = HistoryStore.open(os.path.join(directory, entry["file"]), writable=False)
-    if len(store.steps) != want:
+    shapes = [tuple(int(d) for d in s) for s in entry["shapes"]]
+    wrong = sorted(name for name, spec in store.fields.items() if list(spec.shapes) != shapes)
+    if len(store.steps) != want or wrong:
         store.close()
+        if wrong:
+            raise ValueError(f"{entry['file']}: field(s) {', '.join(wrong)} hold shapes other than the manifest's "
+                             f"{[list(s) for s in shapes]} for rank {rank}: the manifest or the store was changed "
+                             "after recording")
         raise ValueError(f"{entry['file']} holds {len(store.steps)} steps; the manifest says every rank recorded "
                          f"{want}: the store was changed or cut after recording")
     return store
