@@ -45,6 +45,7 @@ from .distributed.history_methods import (DistributedDeltaGradUnlearner, Distrib
                                           RankSplitFlatModel)
 from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset
+from .loop_guard import LoopGuard
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.vectors import FlatModel
 from .parameters import trainable
@@ -123,6 +124,10 @@ class UnlearningEngine:
             history = _history_store(history, mini_store if method == "mini" else step_store, model, ddp)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
         self.run.ddp = ddp
+        if method != "pcmu":  # PCMU's optimizer holds its own loop to the schedule (pcmu/optimizer.py)
+            # First, so that its refusals come before any method's recording in the same step.
+            self.run.guard = LoopGuard(model, optimizer, self.run.initial, recipe, len(data),
+                                       batches_per_epoch=schedule.batches_per_epoch, ddp=ddp)
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
@@ -158,6 +163,8 @@ class UnlearningEngine:
         every rank; each rank gets the distributed unlearner, whose requests are collective too."""
         run = self._require_run()
         if run.unlearner is None:
+            if run.guard is not None:
+                run.guard.check_finished()
             run.trained = copy.deepcopy(run.model)
             run.unlearner = run.build()
         return run.unlearner
@@ -176,6 +183,7 @@ class _Run:
         self.unlearner = None
         self.trained = None
         self.ddp = None  # the DDPPlacement of a DistributedDataParallel model
+        self.guard: LoopGuard | None = None  # holds the user's loop to the recipe (every method but PCMU)
 
     def build(self) -> Unlearner:
         m, o = self.method, self.options
@@ -272,10 +280,11 @@ def _check_history_method(method: str, model, optimizer, reduction: str) -> None
 
 
 class _StepCounter:
-    """An optimizer step pre-hook that knows the schedule's step t and checks the loop keeps to it."""
+    """An optimizer step pre-hook that records at the schedule's step t (the run's LoopGuard counts
+    the steps and refuses a loop that leaves the recipe, before this hook runs)."""
 
     def __init__(self, run: _Run):
-        self.run, self.step = run, 0
+        self.run = run
         self.lrs: list[float] = []
         self.weight_decay = float(run.optimizer.param_groups[0].get("weight_decay", 0.0))
         self.sharpness: list = []  # [step, eta_t * lambda_max] (record_sharpness)
@@ -283,34 +292,12 @@ class _StepCounter:
         run.optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer, args, kwargs):
-        t = self.step
-        total = self.run.recipe.steps(len(self.run.data))
-        if t >= total:
-            raise RuntimeError(f"the loop takes more optimizer steps than the recipe's {self.run.recipe.epochs} "
-                               f"epochs x {self.run.schedule.batches_per_epoch} batches = {total}: the history would "
-                               "not match the schedule")
+        t = self.run.guard.step
         self.lrs.append(float(optimizer.param_groups[0]["lr"]))
         self.on_step(t)
-        self.step += 1
 
     def on_step(self, t: int) -> None:
         raise NotImplementedError
-
-    def check_finished(self) -> None:
-        """Under DDP checked on every rank together, so one rank's refusal is every rank's (the others
-        would otherwise wait in the unlearner's first collective)."""
-        ddp = self.run.ddp
-        if ddp is None:
-            self._check_steps()
-        else:
-            agree(lambda: self._check_steps() or (), shared=(), group=ddp.group)
-
-    def _check_steps(self) -> None:
-        total = self.run.recipe.steps(len(self.run.data))
-        if self.step != total:
-            raise RuntimeError(f"training took {self.step} optimizer steps; the recipe ({self.run.recipe.epochs} "
-                               f"epochs of {self.run.schedule.batches_per_epoch} batches) has {total}: finish "
-                               "the epochs given to make_unlearnable before asking for the unlearner")
 
     def run_info(self, **extra) -> dict:
         r, n = self.run.recipe, len(self.run.data)
@@ -359,7 +346,6 @@ class _AnchorRecorder(_StepCounter):
 
     def unlearner(self, **options):
         from .mini import MiniUnlearner
-        self.check_finished()
         end = self.run.recipe.steps(len(self.run.data))
         if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
             flat, w, g = self.full_gradient()
@@ -393,7 +379,6 @@ class _StepHistory(_StepCounter):
 
     def unlearner(self, **options):
         from .mini import DeltaGradUnlearner
-        self.check_finished()
         self.store.set_run_info(**self.run_info(recorded_by="unlearn_ext.UnlearningEngine"))
         return _history_unlearner(self.run, DeltaGradUnlearner, DistributedDeltaGradUnlearner, self.store, options)
 

@@ -18,6 +18,7 @@ training (the optimizer must not have stepped yet).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import warnings
@@ -105,7 +106,7 @@ class OptimizerRecipe:
                                  "model: the recipe rebuilds the optimizer over the model's parameters by name")
             groups.append(({k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
                            [names[id(p)] for p in group["params"]]))
-        opt_class, defaults = type(optimizer), copy.deepcopy(optimizer.defaults)
+        opt_class, defaults = type(optimizer), _constructor_defaults(optimizer)
 
         def make_optimizer(model_now: torch.nn.Module):
             params = dict(model_now.named_parameters())
@@ -209,6 +210,19 @@ class OptimizerRecipe:
     def fingerprint(self) -> dict:
         return {**{k: v for k, v in self.description.items()}, "epochs": self.epochs,
                 "batch_size": self.batch_size, "seed": self.seed}
+
+
+def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's defaults its class's constructor takes back as keywords. Some classes keep a
+    default the constructor does not accept (torch's AdamW stores decoupled_weight_decay=True, which it
+    sets itself); the groups carry every hyperparameter anyway."""
+    try:
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+    except (TypeError, ValueError):  # no signature to read: give everything, as before
+        return copy.deepcopy(optimizer.defaults)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return copy.deepcopy(optimizer.defaults)
+    return {k: copy.deepcopy(v) for k, v in optimizer.defaults.items() if k in accepted}
 
 
 def to_device(value, device: torch.device):

@@ -1,0 +1,143 @@
+"""Holds the user's own training loop to the recipe that retraining will repeat.
+
+`UnlearningEngine.make_unlearnable` captures a recipe (recipe.py) whose loop is, per scheduled
+batch: zero_grad, one backward of the batch loss, optimizer.step, the scheduler stepped per step or
+per epoch. Retraining, fine-tuning and every repair train with that recipe, so a user's loop that
+does anything else makes every answer silently differ from retraining. What the loop does between
+the wrapping and `unlearner()` cannot be seen before training; `LoopGuard` watches it through hooks
+and refuses at the first optimizer step that leaves the recipe, before its update:
+
+  * the step count: no more steps than the recipe's epochs x batches, and exactly that many when the
+    unlearner is asked for (gradient accumulation, a skipped step, an early break, other epochs);
+  * every param group's learning rate at step t equals the recipe's (a scheduler stepped in the loop
+    but not given to make_unlearnable, one stepped per batch but declared per epoch, a hand-set lr);
+  * every gradient the step uses was made by exactly one backward pass since the last step and left
+    untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards).
+    A gradient is watched through its version counter, which every in-place change bumps; a clip
+    that happens not to change any value is refused too, since the loop could not be told apart.
+
+The gradient check is off under DistributedDataParallel: its reducer writes the averaged gradients
+into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .distributed.group import agree
+
+
+class LoopGuard:
+    """Optimizer step hooks (and gradient hooks) on the user's optimizer and model that refuse a loop
+    leaving the recipe. `step` is the schedule step the next optimizer.step() takes."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, initial: torch.nn.Module, recipe,
+                 n: int, *, batches_per_epoch: int, ddp=None):
+        self.optimizer, self.recipe, self.ddp = optimizer, recipe, ddp
+        self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
+        self.step = 0
+        # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
+        # learning rates retraining will use at each step.
+        self._shadow = recipe.make_optimizer(initial)
+        self._shadow_scheduler = None
+        if recipe.scheduler_factory is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._shadow_scheduler = recipe.scheduler_factory(self._shadow)
+        # The step hooks stay after training: a step past the recipe's last is refused then too.
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+        self._gradient_hooks = []
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._backwards: dict[int, int] = {}  # id(param) -> backward passes into its grad since the last step
+        self._versions: dict[int, int] = {}   # id(param) -> its grad's version counter after the last of them
+        if ddp is None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._after_backward))
+
+    # ---- the hooks -------------------------------------------------------------------------------
+
+    def _after_backward(self, p: torch.Tensor) -> None:
+        key = id(p)
+        self._backwards[key] = self._backwards.get(key, 0) + 1
+        self._versions[key] = p.grad._version
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        t = self.step
+        if t >= self.total:
+            raise RuntimeError(f"the loop takes more optimizer steps than the recipe's {self.recipe.epochs} epochs x "
+                               f"{self.batches_per_epoch} batches = {self.total}: retraining and the history would "
+                               "not match the schedule; pass the epochs the loop runs to make_unlearnable")
+        self._check_learning_rates(t)
+        if self._gradient_hooks:
+            self._check_gradients(t)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._backwards.clear()
+        self._versions.clear()
+        self.step += 1
+        last = self.step >= self.total
+        if self._shadow_scheduler is not None and not last and (
+                self.recipe.scheduler_step == "step" or self.step % self.batches_per_epoch == 0):
+            with warnings.catch_warnings():  # the shadow optimizer never steps: torch warns about the order
+                warnings.simplefilter("ignore")
+                self._shadow_scheduler.step()
+
+    # ---- the checks -------------------------------------------------------------------------------
+
+    def _check_learning_rates(self, t: int) -> None:
+        mine = [float(g["lr"]) for g in self.optimizer.param_groups]
+        recipe = [float(g["lr"]) for g in self._shadow.param_groups]
+        if mine != recipe:
+            raise RuntimeError(
+                f"at optimizer step {t} the optimizer's learning rates are {mine}, the recipe's schedule gives "
+                f"{recipe}: retraining would train with other rates. Pass the scheduler that changes them to "
+                "make_unlearnable (scheduler=, with scheduler_step='step' if the loop steps it every batch, "
+                "'epoch' if once per epoch) and do not set the lr by hand")
+
+    def _check_gradients(self, t: int) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                key, name = id(p), self._names.get(id(p), "a parameter")
+                passes = self._backwards.get(key, 0)
+                if passes != 1:
+                    raise RuntimeError(
+                        f"optimizer step {t}: the gradient of {name} comes from {passes} backward passes since the "
+                        "last step; the recipe retraining repeats runs exactly one per step (zero_grad, backward, "
+                        "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
+                        "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
+                        "reach cannot be repeated: step after every batch's backward")
+                if p.grad._version != self._versions[key]:
+                    raise RuntimeError(
+                        f"optimizer step {t}: the loop changed the gradient of {name} between backward and step "
+                        "(e.g. torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); retraining "
+                        "steps on the backward's gradient and could not repeat it. Remove the change from the "
+                        "loop (PCMU clips per-sample gradients itself: method='pcmu', clip_norm=)")
+
+    # ---- the end of training ---------------------------------------------------------------------
+
+    def check_finished(self) -> None:
+        """The loop ran the recipe's steps; then the gradient hooks come off (the unlearner's own
+        training runs on the same parameters with optimizers of its own). Under DDP checked on every rank together, so one rank's refusal is every
+        rank's (the others would otherwise wait in the unlearner's first collective)."""
+        if self.ddp is None:
+            self._check_steps()
+        else:
+            agree(lambda: self._check_steps() or (), shared=(), group=self.ddp.group)
+        self._stop_watching_gradients()
+
+    def _check_steps(self) -> None:
+        if self.step != self.total:
+            raise RuntimeError(f"training took {self.step} optimizer steps; the recipe ({self.recipe.epochs} "
+                               f"epochs of {self.batches_per_epoch} batches) has {self.total}: finish the epochs "
+                               "given to make_unlearnable before asking for the unlearner (and step once per batch)")
+
+    def _stop_watching_gradients(self) -> None:
+        for handle in self._gradient_hooks:
+            handle.remove()
+        self._gradient_hooks = []
