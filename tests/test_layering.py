@@ -26,7 +26,7 @@ LAYERS = [
                     "unlearn_ext.spdgan"]),
     ("families", ["unlearn_ext.baselines", "unlearn_ext.pcmu", "unlearn_ext.mini", "unlearn_ext.perturb"]),
     # distributed: the families across ranks (it drives PCMU, the ledger and the selection)
-    ("top", ["unlearn_ext.engine", "unlearn_ext.distributed", "unlearn_ext.evaluate", "unlearn_ext.cli", "unlearn_ext.__main__",
+    ("top", ["unlearn_ext.engine", "unlearn_ext.loop_guard", "unlearn_ext.distributed", "unlearn_ext.evaluate", "unlearn_ext.cli", "unlearn_ext.__main__",
              "unlearn_ext"]),
 ]
 FAMILIES = dict(LAYERS)["families"]
