@@ -43,10 +43,6 @@ def subsample(retained: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return retained[pick].sort().values
 
 
-# What torch says when forward-mode AD (or torch.func) cannot go through an operation.
-FORWARD_MODE_MISSING = ("forward AD", "forward-mode", "forward mode", "jvp", "functorch", "setup_context")
-
-
 class HessianOperator:
     """v -> H v of the mean loss over `ids` plus weight_decay * v, at flat weights w (float64 in/out)."""
 
@@ -71,13 +67,21 @@ class HessianOperator:
                 hv = jvp(self._grad, (self.w,), (v.float(),))[1]
                 return hv.double() + self.wd * v.double()
             except (RuntimeError, NotImplementedError) as exc:
-                # An operation without a forward-mode derivative (or one torch.func cannot
-                # transform, e.g. an old-style autograd.Function): from here on, reverse-over-reverse
-                # (double backward) gives the same product. Any other error is the model's or the
-                # loss's own and propagates.
-                if not any(s in str(exc) for s in FORWARD_MODE_MISSING):
-                    raise
+                # An operation forward mode cannot go through: one without a forward-mode
+                # derivative, one torch.func cannot transform (an old-style autograd.Function), or
+                # a decomposition that rejects what the ordinary kernel accepts (uint8 class
+                # targets, channels_last inputs). From here on reverse-over-reverse (double
+                # backward) gives the same product. An error of the model or the loss itself fails
+                # there too, and the first error propagates.
+                try:
+                    hv = self._reverse_over_reverse(v)
+                except (RuntimeError, NotImplementedError):
+                    raise exc from None
                 self._forward_mode = False
+                return hv
+        return self._reverse_over_reverse(v)
+
+    def _reverse_over_reverse(self, v: torch.Tensor) -> torch.Tensor:
         leaf = self.w.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(self.flat.loss_sum(leaf, self.x, self.y) / self.count, leaf, create_graph=True)
         (hv,) = torch.autograd.grad(g @ v.float(), leaf)

@@ -1,0 +1,114 @@
+"""Data and models as users bring them, beyond the plain (image, int label) pair: label dtypes,
+memory formats, samplers and loader settings, float64 models. Each either works -- the library's
+retraining equals a loop the test writes, a request's answer moves toward that retraining -- or is
+refused in make_unlearnable, before training, naming the problem and the fix."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_ext as ue
+from unlearn_ext.data import BatchSchedule
+from unlearn_ext.mini.curvature import HessianOperator
+from unlearn_ext.mini.vectors import FlatModel
+from user_models import LazyImages, cnn, distance_ratio, same_state, user_loop
+
+N, BATCH, EPOCHS = 48, 16, 2
+FORGET = [3, 17, 42]
+
+
+class Relabelled(torch.utils.data.Dataset):
+    """LazyImages with the label as a tensor of `dtype` and the image in `memory_format`."""
+
+    def __init__(self, dtype=torch.int64, memory_format=torch.contiguous_format):
+        self.base, self.dtype, self.memory_format = LazyImages(N), dtype, memory_format
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x.contiguous(memory_format=self.memory_format), torch.tensor(y, dtype=self.dtype)
+
+
+def channels_last_batch(items):
+    """A user's collate_fn that hands the model a channels_last batch (4-d NHWC strides)."""
+    x = torch.stack([x for x, _ in items]).to(memory_format=torch.channels_last)
+    return x, torch.as_tensor([int(y) for _, y in items])
+
+
+def channels_last_cnn():
+    """cnn() converted to channels_last, as users do for speed (the weights' strides change)."""
+    return cnn("group").to(memory_format=torch.channels_last)
+
+
+def hessian_product(data, v):
+    torch.manual_seed(1)
+    flat = FlatModel(cnn("group"), data)
+    return HessianOperator(flat, flat.flat(), data.ids, weight_decay=0.01)(v)
+
+
+def test_hessian_products_of_uint8_targets_equal_those_of_int64_targets():
+    """torch's forward-mode decomposition of the loss refuses a uint8 class index (its scatter)
+    although the ordinary kernel takes it: the product must still come out, the same."""
+    plain = ue.TrainingData(Relabelled())
+    v = torch.randn(FlatModel(cnn("group"), plain).dim, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    product = hessian_product(ue.TrainingData(Relabelled(torch.uint8)), v)
+    torch.testing.assert_close(product, hessian_product(plain, v), rtol=1e-5, atol=1e-6)
+
+
+def wrap_and_train(method, dataset, make_model=lambda: cnn("group"), **loader_settings):
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, **loader_settings)
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS,
+                                                       loss_fn=nn.CrossEntropyLoss())
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    return engine, model
+
+
+def my_retraining(engine, make_model, collate=None):
+    """The user's loop over the schedule's batches without FORGET, written here, not the library's."""
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.set_rng_state(engine.recipe.rng_state)
+    batches = engine.data.sampler(BatchSchedule(engine.data.ids, BATCH, 0), torch.tensor(FORGET))
+    loader = torch.utils.data.DataLoader(engine.data.items, batch_sampler=batches,
+                                         **({"collate_fn": collate} if collate else {}))
+    return user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+@pytest.mark.parametrize("variant", ["uint8 targets", "channels_last inputs"])
+def test_history_methods_train_and_unlearn_with_uint8_labels_or_channels_last_batches(method, variant):
+    """Their edge-of-stability estimate takes Hessian products during training: it must not fail
+    the user's loop where the loop itself runs."""
+    if variant == "uint8 targets":
+        make_model, dataset, collate = (lambda: cnn("group")), Relabelled(torch.uint8), None
+    else:
+        make_model, dataset, collate = channels_last_cnn, LazyImages(N), channels_last_batch
+    engine, model = wrap_and_train(method, dataset, make_model, **({"collate_fn": collate} if collate else {}))
+    trained = copy.deepcopy(model)
+    report = engine.unlearner().unlearn(FORGET)
+    gold = my_retraining(engine, make_model, collate)
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), gold)
+    assert report.status == "unlearned", report.reason
+    assert distance_ratio(model, trained, gold) < 1.0
+
+
+def test_hessian_products_of_a_channels_last_model_equal_those_of_the_contiguous_one():
+    """torch's forward-mode decomposition of group_norm views NHWC strides it cannot view; the
+    ordinary kernel (the user's loop) takes them: the product must still come out, the same."""
+    data = ue.TrainingData(LazyImages(N), collate=channels_last_batch)
+    v = torch.randn(FlatModel(cnn("group"), data).dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(1)
+    flat = FlatModel(channels_last_cnn(), data)
+    product = HessianOperator(flat, flat.flat(), data.ids, weight_decay=0.01)(v)
+    torch.testing.assert_close(product, hessian_product(ue.TrainingData(LazyImages(N)), v), rtol=1e-5, atol=1e-6)
