@@ -112,3 +112,61 @@ def test_hessian_products_of_a_channels_last_model_equal_those_of_the_contiguous
     flat = FlatModel(channels_last_cnn(), data)
     product = HessianOperator(flat, flat.flat(), data.ids, weight_decay=0.01)(v)
     torch.testing.assert_close(product, hessian_product(ue.TrainingData(LazyImages(N)), v), rtol=1e-5, atol=1e-6)
+
+
+# ---- DataLoader settings the batch schedule would silently replace: refused when wrapping ------------
+
+class SeededPermutation(torch.utils.data.Sampler):
+    """A user's own sampler with a generator of its own."""
+
+    def __init__(self, n):
+        self.n, self.generator = n, torch.Generator().manual_seed(1)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def own_sampling():
+    data = LazyImages(N)
+    return {
+        "drop_last": ({"batch_size": BATCH, "shuffle": True, "drop_last": True}, "drop_last=True"),
+        "weighted": ({"batch_size": BATCH, "sampler": torch.utils.data.WeightedRandomSampler(torch.ones(N), N)},
+                     "sampler \\(WeightedRandomSampler\\)"),
+        "with replacement": ({"batch_size": BATCH, "sampler": torch.utils.data.RandomSampler(data, replacement=True)},
+                             "sampler \\(RandomSampler\\)"),
+        "subset": ({"batch_size": BATCH, "sampler": torch.utils.data.RandomSampler(data, num_samples=N // 2)},
+                   "sampler \\(RandomSampler\\)"),
+        "own sampler": ({"batch_size": BATCH, "sampler": SeededPermutation(N)}, "sampler \\(SeededPermutation\\)"),
+        "distributed": ({"batch_size": BATCH, "sampler": torch.utils.data.DistributedSampler(data, 2, 0)},
+                        "whole step's batch size"),
+    }
+
+
+@pytest.mark.parametrize("case", list(own_sampling()))
+@pytest.mark.parametrize("method", ["mini", "deltagrad", "topk"])
+def test_a_loader_whose_sampling_the_schedule_would_replace_is_refused_when_wrapping(method, case):
+    settings, names = own_sampling()[case]
+    model = cnn("group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = ue.UnlearningEngine()
+    loader = torch.utils.data.DataLoader(LazyImages(N), **settings)
+    with pytest.raises(ValueError, match=names):
+        engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS)
+    assert engine.run is None  # nothing wrapped: the user's loop cannot start on a replaced sampler
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_plain_shuffle_settings_are_the_schedules_seeded_order(shuffle):
+    """shuffle= only sets an order, which seed= decides: either way the loop trains what the
+    library retrains."""
+    torch.manual_seed(0)
+    model = cnn("group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = ue.UnlearningEngine()
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=shuffle)
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method="retrain", epochs=EPOCHS)
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)

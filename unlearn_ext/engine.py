@@ -35,7 +35,7 @@ import copy
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .baselines import FinetuneUnlearner, RetrainUnlearner
 from .data import BatchSchedule, TrainingData
@@ -198,6 +198,7 @@ def _training_data(data, batch_size, ids, augmentation_seed):
         if isinstance(data.dataset, torch.utils.data.IterableDataset):
             raise TypeError("the DataLoader streams an IterableDataset: deletion requests name items by index or "
                             "id, so wrap a map-style dataset (with __len__ and __getitem__)")
+        _refuse_own_sampling(data)
         batch_size = batch_size or data.batch_size
         if batch_size is None:
             raise ValueError("the DataLoader has a custom batch_sampler: give batch_size= (the schedule makes the "
@@ -220,6 +221,32 @@ def _training_data(data, batch_size, ids, augmentation_seed):
     if "collate_fn" in options:
         training.collate = options["collate_fn"]
     return training, int(batch_size), options
+
+
+def _refuse_own_sampling(loader: DataLoader) -> None:
+    """The returned loader draws the schedule's batches: every item once per epoch, in a seeded
+    order (what retraining repeats). A DataLoader whose sampling says otherwise (a sampler that
+    weights, repeats or subsets items; dropping the last short batch) would be silently replaced,
+    so it is refused. Plain shuffle=True / shuffle=False only set the order, which `seed=` decides."""
+    sampler = loader.sampler
+    if loader.batch_size is not None and not _orders_every_item_once(sampler, len(loader.dataset)):
+        raise ValueError(f"the DataLoader's sampler ({type(sampler).__name__}) decides which items each epoch "
+                         "draws; unlearning needs the batch schedule's draw, every item once per epoch in a "
+                         "seeded order (seed=), which retraining repeats without the forgotten items. Pass a "
+                         "DataLoader with shuffle=True (or the dataset with batch_size=)" + (
+                             "; under DistributedDataParallel give the whole step's batch size: each rank's "
+                             "loader then yields its share" if isinstance(sampler, DistributedSampler) else ""))
+    if loader.drop_last:
+        raise ValueError("the DataLoader has drop_last=True; the batch schedule keeps every item in every epoch "
+                         "(an epoch's last batch may be shorter), and retraining repeats that schedule. Pass "
+                         "drop_last=False")
+
+
+def _orders_every_item_once(sampler, n: int) -> bool:
+    if type(sampler) is torch.utils.data.SequentialSampler:
+        return True
+    return (type(sampler) is torch.utils.data.RandomSampler and not sampler.replacement
+            and sampler.num_samples == n)
 
 
 def _check_ddp(method: str, n: int, batch_size: int, ddp) -> None:
