@@ -170,3 +170,39 @@ def test_plain_shuffle_settings_are_the_schedules_seeded_order(shuffle):
     model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method="retrain", epochs=EPOCHS)
     user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+
+
+# ---- float64 models ------------------------------------------------------------------------------------
+
+class Doubles(torch.utils.data.Dataset):
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        x, y = LazyImages(N)[i]
+        return x.double(), y
+
+
+@pytest.mark.parametrize("method", ["topk", "randomk", "pcmu"])
+def test_kernel_methods_refuse_a_float64_model_when_wrapping_naming_parameter_and_fix(method):
+    """Their kernels take float32/float16/bfloat16: refused before training, not at the first
+    request (Top-K, Random-k) or step (PCMU)."""
+    model = cnn("group").double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    options = {"clip_norm": 1.0, "tau": 1.0, "sigma": 0.1} if method == "pcmu" else {}
+    engine = ue.UnlearningEngine()
+    with pytest.raises(ue.UnsupportedModelError, match="parameter '0.weight' is torch.float64.*model.float"):
+        engine.make_unlearnable(model, optimizer, Doubles(), batch_size=BATCH, method=method, epochs=EPOCHS, **options)
+    assert engine.run is None
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_history_methods_unlearn_a_float64_model_toward_its_retraining(method):
+    engine, model = wrap_and_train(method, Doubles(), lambda: cnn("group").double())
+    trained = copy.deepcopy(model)
+    report = engine.unlearner().unlearn(FORGET)
+    gold = my_retraining(engine, lambda: cnn("group").double())
+    assert next(model.parameters()).dtype == torch.float64
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), gold)
+    assert report.status == "unlearned", report.reason
+    assert distance_ratio(model, trained, gold) < 1.0

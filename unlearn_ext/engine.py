@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .baselines import FinetuneUnlearner, RetrainUnlearner
+from .checks import FLOAT_DTYPES
 from .data import BatchSchedule, TrainingData
 from .distributed.ddp import RankShareSampler, check_even_shares, ddp_placement, rank_history_path
 from .distributed.group import agree
@@ -57,6 +58,8 @@ from .unlearner import Unlearner
 
 METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad", "pcmu")
 HISTORY_METHODS = ("mini", "deltagrad")
+# The methods whose kernels (ops/) take the parameters themselves: float32, float16 or bfloat16 only.
+KERNEL_METHODS = ("topk", "randomk", "pcmu")
 
 
 class UnlearningEngine:
@@ -104,6 +107,8 @@ class UnlearningEngine:
         data.loss = per_sample_loss_of(loss_fn)
         if method in HISTORY_METHODS:
             _check_history_method(method, model, optimizer, reduction)
+        if method in KERNEL_METHODS:
+            _check_kernel_dtypes(method, model)
         if method == "pcmu":
             check_pcmu_wrap(model, optimizer)
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
@@ -247,6 +252,18 @@ def _orders_every_item_once(sampler, n: int) -> bool:
         return True
     return (type(sampler) is torch.utils.data.RandomSampler and not sampler.replacement
             and sampler.num_samples == n)
+
+
+def _check_kernel_dtypes(method: str, model: torch.nn.Module) -> None:
+    """Refused when wrapping: otherwise the kernel's dtype check would fail the first request (Top-K,
+    Random-k) or the first step (PCMU), after the user trained."""
+    other = [(n, p.dtype) for n, p in trainable(model).items() if p.dtype not in FLOAT_DTYPES]
+    if other:
+        name, dtype = other[0]
+        raise UnsupportedModelError(f"method={method!r} runs its kernels on the parameters, which take float32, "
+                                    f"float16 or bfloat16; parameter {name!r} is {dtype}. Train in float32 "
+                                    "(model.float()), or use mini, deltagrad, finetune or retrain, which take "
+                                    "float64 models")
 
 
 def _check_ddp(method: str, n: int, batch_size: int, ddp) -> None:
