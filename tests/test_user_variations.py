@@ -206,3 +206,64 @@ def test_history_methods_unlearn_a_float64_model_toward_its_retraining(method):
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), gold)
     assert report.status == "unlearned", report.reason
     assert distance_ratio(model, trained, gold) < 1.0
+
+
+# ---- items that are not (input, target) pairs ------------------------------------------------------------
+
+class Records(torch.utils.data.Dataset):
+    """Items as dicts with an extra field, as datasets read from tables often are."""
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        x, y = LazyImages(N)[i]
+        return {"image": x, "label": y, "row": i}
+
+
+def records_batch(items):
+    """The user's collate_fn: the (inputs, targets) their loop unpacks."""
+    return torch.stack([r["image"] for r in items]), torch.tensor([r["label"] for r in items])
+
+
+@pytest.mark.parametrize("method", ["mini", "topk"])
+def test_dict_items_with_the_users_collate_fn_train_retrain_and_unlearn(method):
+    engine, model = wrap_and_train(method, Records(), collate_fn=records_batch)
+    trained = copy.deepcopy(model)
+    report = engine.unlearner().unlearn(FORGET)
+    gold = my_retraining(engine, lambda: cnn("group"), records_batch)
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), gold)
+    assert report.status == "unlearned", report.reason
+    if method == "mini":  # the history methods promise to move toward retraining
+        assert distance_ratio(model, trained, gold) < 1.0
+
+
+def test_dict_items_without_a_collate_fn_are_refused_when_wrapping_naming_the_fix():
+    model = cnn("group")
+    engine = ue.UnlearningEngine()
+    with pytest.raises(TypeError, match="collated to dict.*collate_fn that returns \\(inputs, targets\\)"):
+        engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                torch.utils.data.DataLoader(Records(), batch_size=BATCH), method="mini", epochs=EPOCHS)
+    assert engine.run is None
+
+
+# ---- a sequence of requests across a ledger restart -----------------------------------------------------
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad", "topk"])
+def test_requests_across_a_ledger_restart_equal_the_uninterrupted_sequence(method, tmp_path):
+    """Request [3], close, rebuild the run as a restarted process would and reopen, request the
+    rest: the same weights as both requests to one unlearner (asked for twice: the same one)."""
+    engine, uninterrupted = wrap_and_train(method, LazyImages(N))
+    assert engine.unlearner() is engine.unlearner()
+    engine.unlearner().unlearn(FORGET[:1])
+    engine.unlearner().unlearn(FORGET[1:])
+
+    first, _ = wrap_and_train(method, LazyImages(N))
+    with ue.DeletionLedger(first.unlearner(), tmp_path) as ledger:
+        ledger.forget(FORGET[:1])
+    restarted, model = wrap_and_train(method, LazyImages(N))
+    with ue.DeletionLedger(restarted.unlearner(), tmp_path) as ledger:
+        assert ledger.forgotten == FORGET[:1]
+        report = ledger.forget(FORGET[1:])
+    assert report.ids == FORGET[1:]
+    assert same_state(model, uninterrupted)
