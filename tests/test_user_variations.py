@@ -142,6 +142,9 @@ def own_sampling():
         "own sampler": ({"batch_size": BATCH, "sampler": SeededPermutation(N)}, "sampler \\(SeededPermutation\\)"),
         "distributed": ({"batch_size": BATCH, "sampler": torch.utils.data.DistributedSampler(data, 2, 0)},
                         "whole step's batch size"),
+        "own batch sampler": ({"batch_sampler": [list(range(i, N, 3)) for i in range(3)]},
+                              "batch_sampler \\(list\\) decides which items each batch holds"),
+        "unbatched": ({"batch_size": None}, "batch_size=None"),
     }
 
 
@@ -153,22 +156,36 @@ def test_a_loader_whose_sampling_the_schedule_would_replace_is_refused_when_wrap
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = ue.UnlearningEngine()
     loader = torch.utils.data.DataLoader(LazyImages(N), **settings)
-    with pytest.raises(ValueError, match=names):
-        engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS)
+    for batch_size in (None, BATCH):  # refused also when batch_size= is given to make_unlearnable
+        with pytest.raises(ValueError, match=names):
+            engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS, batch_size=batch_size)
     assert engine.run is None  # nothing wrapped: the user's loop cannot start on a replaced sampler
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_plain_shuffle_settings_are_the_schedules_seeded_order(shuffle):
-    """shuffle= only sets an order, which seed= decides: either way the loop trains what the
-    library retrains."""
+def plain_orders():
+    data = LazyImages(N)
+    return {
+        "shuffle": {"batch_size": BATCH, "shuffle": True},
+        "no shuffle": {"batch_size": BATCH, "shuffle": False},
+        "batch sampler": {"batch_sampler": torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data),
+                                                                         BATCH, drop_last=False)},
+        "two persistent workers": {"batch_size": BATCH, "shuffle": True, "num_workers": 2,
+                                   "persistent_workers": True},
+    }
+
+
+@pytest.mark.parametrize("case", list(plain_orders()))
+def test_plain_orders_are_the_schedules_seeded_order(case):
+    """shuffle=, a plain BatchSampler or workers only set an order, a size and how items load; the
+    order is seed='s: the loop trains what the library retrains, at the loader's batch size."""
     torch.manual_seed(0)
     model = cnn("group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = ue.UnlearningEngine()
-    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=shuffle)
+    loader = torch.utils.data.DataLoader(LazyImages(N), **plain_orders()[case])
     model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method="retrain", epochs=EPOCHS)
     user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    assert engine.recipe.batch_size == BATCH
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
 
 
