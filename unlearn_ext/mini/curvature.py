@@ -67,12 +67,16 @@ class HessianOperator:
                 hv = jvp(self._grad, (self.w,), (v.float(),))[1]
                 return hv.double() + self.wd * v.double()
             except (RuntimeError, NotImplementedError) as exc:
-                # An operation forward mode cannot go through: one without a forward-mode
-                # derivative, one torch.func cannot transform (an old-style autograd.Function), or
-                # a decomposition that rejects what the ordinary kernel accepts (uint8 class
-                # targets, channels_last inputs). From here on reverse-over-reverse (double
-                # backward) gives the same product. An error of the model or the loss itself fails
-                # there too, and the first error propagates.
+                # Where torch's forward mode cannot go through an operation -- one without a
+                # forward-mode derivative, one torch.func cannot transform (an old-style
+                # autograd.Function), a decomposition that rejects what the ordinary kernel takes
+                # (uint8 class targets, channels_last inputs) -- torch raises exactly RuntimeError or
+                # NotImplementedError; from then on reverse-over-reverse (double backward) gives the
+                # same product. An error class of the model's or the loss's own (a subclass)
+                # propagates untouched, and one that double backward raises too is raised as it
+                # first came.
+                if type(exc) not in (RuntimeError, NotImplementedError):
+                    raise
                 try:
                     hv = self._reverse_over_reverse(v)
                 except (RuntimeError, NotImplementedError):
