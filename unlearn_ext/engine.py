@@ -12,7 +12,8 @@ already has, train with their own loop, answer deletion requests later.
 What wrapping does:
   * the data: the dataset becomes a `TrainingData` (ids: the index, or `ids=` e.g. database keys);
     the returned DataLoader keeps the user's settings (workers, collate_fn, pin_memory) and yields
-    the batch schedule's batches (`batch_size`, `seed`), so retraining can repeat them without F;
+    the batch schedule's batches (`batch_size`, `seed`), so retraining can repeat them without F
+    (sampling the schedule would silently replace -- weighted or custom samplers, drop_last -- is refused);
   * the recipe (optimizer class and per-group hyperparameters, scheduler, epochs, loss, the global
     RNG state) is captured now: retraining, fine-tuning and repairs train with it;
   * per method, what it records during training: Mini-Unlearning its anchors and DeltaGrad every
@@ -37,9 +38,10 @@ import copy
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .baselines import FinetuneUnlearner, RetrainUnlearner
+from .checks import FLOAT_DTYPES
 from .data import BatchSchedule, TrainingData
 from .distributed.ddp import RankShareSampler, check_even_shares, ddp_placement, rank_history_path
 from .distributed.group import agree
@@ -60,6 +62,8 @@ from .unlearner import Unlearner
 
 METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad", "pcmu")
 HISTORY_METHODS = ("mini", "deltagrad")
+# The methods whose kernels (ops/) take the parameters themselves: float32, float16 or bfloat16 only.
+KERNEL_METHODS = ("topk", "randomk", "pcmu")
 
 
 class UnlearningEngine:
@@ -75,8 +79,10 @@ class UnlearningEngine:
         """Returns (model, optimizer, loader) for the user's loop: the same model and optimizer
         objects (with step hooks where the method records) and a DataLoader over the schedule.
 
-        data: the user's DataLoader (its dataset, batch size and settings are taken), a map-style
-            Dataset (give batch_size) or a TrainingData.
+        data: the user's DataLoader (its dataset, batch size and settings are taken; a sampler other
+            than plain shuffling, a batch sampler of its own or drop_last=True is refused: the
+            schedule would replace it), a map-style Dataset (give batch_size) or a TrainingData.
+            Items are (input, target) pairs, or anything the DataLoader's collate_fn makes a pair of.
         loss_fn: the batch loss the loop uses (default: mean cross-entropy); it must reduce by mean
             (sum is accepted by the methods that do not replay gradients).
         scheduler: the user's LR scheduler, stepped once per epoch (scheduler_step="epoch") or per
@@ -107,6 +113,8 @@ class UnlearningEngine:
         data.loss = per_sample_loss_of(loss_fn)
         if method in HISTORY_METHODS:
             _check_history_method(method, model, optimizer, reduction)
+        if method in KERNEL_METHODS:
+            _check_kernel_dtypes(method, model)
         if method == "pcmu":
             check_pcmu_wrap(model, optimizer)
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
@@ -208,10 +216,8 @@ def _training_data(data, batch_size, ids, augmentation_seed):
         if isinstance(data.dataset, torch.utils.data.IterableDataset):
             raise TypeError("the DataLoader streams an IterableDataset: deletion requests name items by index or "
                             "id, so wrap a map-style dataset (with __len__ and __getitem__)")
-        batch_size = batch_size or data.batch_size
-        if batch_size is None:
-            raise ValueError("the DataLoader has a custom batch_sampler: give batch_size= (the schedule makes the "
-                             "batches)")
+        plain_batch_size = _plain_batch_size(data)  # checked even when batch_size= is given
+        batch_size = batch_size or plain_batch_size
         options = loader_options(data)
         data = data.dataset
     if isinstance(data, TrainingData):
@@ -230,6 +236,55 @@ def _training_data(data, batch_size, ids, augmentation_seed):
     if "collate_fn" in options:
         training.collate = options["collate_fn"]
     return training, int(batch_size), options
+
+
+def _plain_batch_size(loader: DataLoader) -> int:
+    """The batch size of a loader whose batches the schedule can take over, refused otherwise.
+
+    The returned loader draws the schedule's batches: every item once per epoch, in a seeded order
+    (what retraining repeats). Plain shuffling or a plain BatchSampler only set an order and a size
+    (`seed=` decides the order); a sampler that weights, repeats or subsets items, a batch sampler
+    of the user's, or dropping the last short batch would be silently replaced, so they are refused."""
+    how = " Pass a DataLoader with batch_size= and shuffle=True (or the dataset with batch_size=)"
+    batches = loader.batch_sampler
+    if batches is None:
+        raise ValueError("the DataLoader has batch_size=None: it yields single items, unbatched; the unlearner "
+                         "trains and retrains on the batch schedule's batches." + how)
+    if type(batches) is not torch.utils.data.BatchSampler:
+        raise ValueError(f"the DataLoader's batch_sampler ({type(batches).__name__}) decides which items each batch "
+                         "holds; unlearning needs the batch schedule's batches (a seeded order cut into fixed "
+                         "batches), which retraining repeats without the forgotten items." + how)
+    sampler = batches.sampler
+    if not _orders_every_item_once(sampler, len(loader.dataset)):
+        hint = ("; under DistributedDataParallel give the whole step's batch size: each rank's loader then yields "
+                "its share" if isinstance(sampler, DistributedSampler) else "")
+        raise ValueError(f"the DataLoader's sampler ({type(sampler).__name__}) decides which items each epoch "
+                         "draws; unlearning needs the batch schedule's draw, every item once per epoch in a "
+                         "seeded order (seed=), which retraining repeats without the forgotten items." + how + hint)
+    if batches.drop_last:
+        raise ValueError("the DataLoader has drop_last=True; the batch schedule keeps every item in every epoch "
+                         "(an epoch's last batch may be shorter), and retraining repeats that schedule. Pass "
+                         "drop_last=False")
+    return batches.batch_size
+
+
+def _orders_every_item_once(sampler, n: int) -> bool:
+    if type(sampler) is torch.utils.data.SequentialSampler:
+        return True
+    return (type(sampler) is torch.utils.data.RandomSampler and not sampler.replacement
+            and sampler.num_samples == n)
+
+
+def _check_kernel_dtypes(method: str, model: torch.nn.Module) -> None:
+    """Refused when wrapping: otherwise the kernel's dtype check would fail the first request (Top-K,
+    Random-k) or the first step (PCMU), after the user trained."""
+    other = [(n, p.dtype) for n, p in trainable(model).items() if p.dtype not in FLOAT_DTYPES]
+    if other:
+        name, dtype = other[0]
+        raise UnsupportedModelError(f"method={method!r} runs its kernels on the parameters, which take float32, "
+                                    f"float16 or bfloat16; parameter {name!r} is {dtype}. Train in float32 "
+                                    "(model.float()), or use mini, deltagrad, finetune or retrain, which take "
+                                    "float64 models")
 
 
 def _check_ddp(method: str, n: int, batch_size: int, ddp) -> None:

@@ -98,12 +98,17 @@ def check_map_style(dataset) -> None:
 
 
 def collate_pairs(items: list, collate: Callable = default_collate) -> tuple:
-    """(inputs, targets) of a batch of (input, target) items."""
-    first = items[0]
-    if not isinstance(first, (tuple, list)) or len(first) != 2:
-        raise TypeError(f"each dataset item must be an (input, target) pair; got {type(first).__name__}"
-                        f"{f' of length {len(first)}' if isinstance(first, (tuple, list)) else ''}")
-    x, y = collate(items)
+    """(inputs, targets) of a batch of items. What is checked is the collated batch, not the items:
+    a collate_fn of the user's may turn any item (a dict, a triple) into the (inputs, targets) pair
+    their loop unpacks."""
+    batch = collate(items)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(f"a batch must collate to an (inputs, targets) pair, as `for x, y in loader` unpacks it; "
+                        f"the dataset's items ({type(items[0]).__name__}) collated to {type(batch).__name__}"
+                        f"{length}: make each item an (input, target) pair, or give the DataLoader a "
+                        "collate_fn that returns (inputs, targets)")
+    x, y = batch
     return x, y
 
 
