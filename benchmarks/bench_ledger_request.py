@@ -19,7 +19,6 @@ Bytes per recorded step, of the TRAINED real (unshared) records: what they hold 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -32,6 +31,7 @@ import torch
 
 from unlearn_ext.ledger import DeletionLedger
 from unlearn_ext.pcmu import PCMUTrainer, PCMUUnlearner
+from workloads import pcmu_with_long_history
 
 TRAINED = 4
 N, B = 4000, 4000
@@ -51,14 +51,7 @@ def _trainer():
 
 
 def _with_history(steps: int) -> PCMUTrainer:
-    trainer = _trainer().train(steps=TRAINED)
-    state = trainer.state_dict()
-    base = list(trainer.records)
-    records = [dataclasses.replace(base[t % TRAINED], step=t, offset=trainer.offset_of(t)).to_state()
-               for t in range(steps)]
-    fresh = _trainer()
-    fresh.load_state_dict({**state, "records": records})
-    return fresh
+    return pcmu_with_long_history(_trainer, TRAINED, steps)
 
 
 def bytes_per_step() -> dict:

@@ -13,7 +13,6 @@ bench_ledger_request.py. Each request checks one id; median over --requests ids 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -23,6 +22,7 @@ import torch
 
 from unlearn_ext.evaluate.pcmu_examples import load
 from unlearn_ext.pcmu import PCMUTrainer, request_check
+from workloads import pcmu_with_long_history
 
 TRAINED = 8
 
@@ -35,14 +35,7 @@ def _trainer() -> PCMUTrainer:
 
 
 def _with_history(steps: int) -> PCMUTrainer:
-    trainer = _trainer().train(steps=TRAINED)
-    state = trainer.state_dict()
-    base = list(trainer.records)
-    records = [dataclasses.replace(base[t % TRAINED], step=t, offset=trainer.offset_of(t)).to_state()
-               for t in range(steps)]
-    fresh = _trainer()
-    fresh.load_state_dict({**state, "records": records})
-    return fresh
+    return pcmu_with_long_history(_trainer, TRAINED, steps)
 
 
 def measure(steps: int, requests: int) -> dict:

@@ -1,6 +1,7 @@
 """Benchmark workloads: parameter lists shaped like real models (DESIGN section 9)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -44,3 +45,16 @@ def run_timed(benchmark, fn, rounds: int, warmup_rounds: int = 1):
         sync()
         return out
     return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+
+
+def pcmu_with_long_history(make_trainer, trained: int, steps: int):
+    """A fresh PCMU trainer (`make_trainer()`) holding `steps` step records: `trained` steps are really
+    trained and their records repeated, renumbered, up to `steps` (training that many is out of
+    reach here). The records share their tensors, which is what a benchmark of reads wants."""
+    trainer = make_trainer().train(steps=trained)
+    state, base = trainer.state_dict(), list(trainer.records)
+    records = [dataclasses.replace(base[t % trained], step=t, offset=trainer.offset_of(t)).to_state()
+               for t in range(steps)]
+    fresh = make_trainer()
+    fresh.load_state_dict({**state, "records": records})
+    return fresh
