@@ -46,3 +46,22 @@ def trained(data, init, config, record, store):
     model = copy.deepcopy(init)
     record(model, data, config, store)
     return model
+
+
+# The distributed history-method tests' run: every rank and the single process train it alike.
+DISTRIBUTED_RUN = dict(epochs=6, batch_size=50, lr=0.3, weight_decay=1e-3)
+
+
+def recorded_run(method: str, n: int = 200, epochs: int = DISTRIBUTED_RUN["epochs"]):
+    """(model, data, store): a 3-class problem trained with `method`'s history recorded in fp32
+    ("mini": anchors, "deltagrad": every step)."""
+    data, init = classification(n=n, d=6, classes=3, seed=1)
+    model = copy.deepcopy(init)
+    config = ue.SGDConfig(**{**DISTRIBUTED_RUN, "epochs": epochs})
+    if method == "mini":
+        store = ue.mini_store(model)
+        ue.train_recording_anchors(model, data, config, store)
+    else:
+        store = ue.step_store(model, params="fp32", grads="fp32")
+        ue.train_recording_steps(model, data, config, store)
+    return model, data, store

@@ -15,27 +15,12 @@ from unlearn_ext.distributed import DistributedDeltaGradUnlearner, DistributedMi
 from unlearn_ext.mini.vectors import FlatModel
 
 from distributed_setup import launch
-from history_methods_setup import classification
+from history_methods_setup import recorded_run as _problem
 
 TIMEOUT_S = 120
 FORGET = [3, 17, 42, 77, 101, 150, 199]
-CONFIG = dict(epochs=6, batch_size=50, lr=0.3, weight_decay=1e-3)
 MINI_OPTIONS = dict(curvature_samples=101, lanczos_steps=6)
 DELTAGRAD_OPTIONS = dict(burn_in=4, period=3, memory=2)
-
-
-def _problem(method: str, n: int = 200, epochs: int = CONFIG["epochs"]):
-    """(model, data, store) after training with the method's history recorded."""
-    data, init = classification(n=n, d=6, classes=3, seed=1)
-    model = copy.deepcopy(init)
-    config = ue.SGDConfig(**{**CONFIG, "epochs": epochs})
-    if method == "mini":
-        store = ue.mini_store(model)
-        ue.train_recording_anchors(model, data, config, store)
-    else:
-        store = ue.step_store(model, params="fp32", grads="fp32")
-        ue.train_recording_steps(model, data, config, store)
-    return model, data, store
 
 
 SINGLE = {"mini": (ue.MiniUnlearner, MINI_OPTIONS), "deltagrad": (ue.DeltaGradUnlearner, DELTAGRAD_OPTIONS)}

@@ -31,29 +31,14 @@ from unlearn_ext.mini.record import FULL_GRAD
 from unlearn_ext.mini.vectors import FlatModel
 
 from distributed_setup import launch
-from history_methods_setup import classification
+from history_methods_setup import recorded_run as _problem
 
 TIMEOUT_S = 150
 FORGET = [3, 17, 42, 77, 101, 150, 199]
-CONFIG = dict(epochs=6, batch_size=50, lr=0.3, weight_decay=1e-3)
 OPTIONS = {"mini": dict(curvature_samples=101, lanczos_steps=6), "deltagrad": dict(burn_in=4, period=3, memory=2)}
 SINGLE = {"mini": ue.MiniUnlearner, "deltagrad": ue.DeltaGradUnlearner}
 DISTRIBUTED = {"mini": DistributedMiniUnlearner, "deltagrad": DistributedDeltaGradUnlearner}
 FIELDS = {"mini": ("params", FULL_GRAD), "deltagrad": ("params", "grads")}
-
-
-def _problem(method: str):
-    """(model, data, store): trained with the method's history recorded in one fp32 store."""
-    data, init = classification(n=200, d=6, classes=3, seed=1)
-    model = copy.deepcopy(init)
-    config = ue.SGDConfig(**CONFIG)
-    if method == "mini":
-        store = ue.mini_store(model)
-        ue.train_recording_anchors(model, data, config, store)
-    else:
-        store = ue.step_store(model, params="fp32", grads="fp32")
-        ue.train_recording_steps(model, data, config, store)
-    return model, data, store
 
 
 def _record_shards(directory, method, flat, store, rank, world):
