@@ -149,7 +149,7 @@ def test_class_weighted_mean_is_never_undone():
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 0.5, 1.5, 0.7, 1.3, 0.9, 1.1, 0.6, 1.4, 0.8]))
     model = copy.deepcopy(initial)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = torch.utils.data.DataLoader(Reordered(), batch_size=64)
+    loader = torch.utils.data.DataLoader(Reordered(), batch_size=64, shuffle=True)
     model, optimizer, loader = ue.UnlearningEngine().make_unlearnable(model, optimizer, loader, method="pcmu",
                                                                       epochs=1, loss_fn=weighted, **PCMU)
     for x, y in loader:

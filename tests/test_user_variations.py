@@ -166,7 +166,6 @@ def plain_orders():
     data = LazyImages(N)
     return {
         "shuffle": {"batch_size": BATCH, "shuffle": True},
-        "no shuffle": {"batch_size": BATCH, "shuffle": False},
         "batch sampler": {"batch_sampler": torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data),
                                                                          BATCH, drop_last=False)},
         "two persistent workers": {"batch_size": BATCH, "shuffle": True, "num_workers": 2,
@@ -176,8 +175,9 @@ def plain_orders():
 
 @pytest.mark.parametrize("case", list(plain_orders()))
 def test_plain_orders_are_the_schedules_seeded_order(case):
-    """shuffle=, a plain BatchSampler or workers only set an order, a size and how items load; the
-    order is seed='s: the loop trains what the library retrains, at the loader's batch size."""
+    """shuffle=True, a plain BatchSampler over a RandomSampler or workers only set an order, a size
+    and how items load; the order is seed='s: the loop trains what the library retrains, at the
+    loader's batch size. (shuffle=False is kept as it is: tests/test_user_loop_sequential.py.)"""
     torch.manual_seed(0)
     model = cnn("group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

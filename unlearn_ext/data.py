@@ -93,9 +93,11 @@ def _int64_ids(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class BatchSchedule:
-    """Fixed per-epoch permutations of `ids` cut into batches of `batch_size`."""
+    """Fixed per-epoch permutations of `ids` cut into batches of `batch_size`. shuffle=False keeps
+    the ids' own order in every epoch (a user's DataLoader with shuffle=False: its SequentialSampler
+    is honoured, not replaced; `seed` then decides nothing)."""
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seed: int = 0):
+    def __init__(self, ids: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True):
         ids = as_ids(ids)
         if ids.numel() == 0:
             raise ValueError("the training set is empty: no ids to schedule")
@@ -106,6 +108,7 @@ class BatchSchedule:
         self.ids = ids
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.shuffle = bool(shuffle)
         self.batches_per_epoch = math.ceil(ids.numel() / self.batch_size)
         self._cached = None  # (epoch, its permutation)
         self._batch_of = None  # [epochs, n]: batch (within its epoch) of each row; see batch_of_rows
@@ -114,6 +117,8 @@ class BatchSchedule:
     def _row_order(self, epoch: int) -> np.ndarray:
         # numpy's SeedSequence mixes (seed, epoch) into independent streams; the permutation depends
         # only on these two numbers, never on the excluded ids.
+        if not self.shuffle:
+            return np.arange(self.ids.numel())
         return np.random.default_rng([self.seed, int(epoch)]).permutation(self.ids.numel())
 
     def permutation(self, epoch: int) -> torch.Tensor:

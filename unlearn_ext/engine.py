@@ -12,8 +12,9 @@ already has, train with their own loop, answer deletion requests later.
 What wrapping does:
   * the data: the dataset becomes a `TrainingData` (ids: the index, or `ids=` e.g. database keys);
     the returned DataLoader keeps the user's settings (workers, collate_fn, pin_memory) and yields
-    the batch schedule's batches (`batch_size`, `seed`), so retraining can repeat them without F
-    (sampling the schedule would silently replace -- weighted or custom samplers, drop_last -- is refused);
+    the batch schedule's batches (`batch_size`, `seed`; a loader with shuffle=False keeps the data's
+    own order), so retraining can repeat them without F (sampling the schedule would silently
+    replace -- weighted or custom samplers, drop_last -- is refused);
   * the recipe (optimizer class and per-group hyperparameters, scheduler, epochs, loss, the global
     RNG state) is captured now: retraining, fine-tuning and repairs train with it;
   * per method, what it records during training: Mini-Unlearning its anchors and DeltaGrad every
@@ -79,9 +80,11 @@ class UnlearningEngine:
         """Returns (model, optimizer, loader) for the user's loop: the same model and optimizer
         objects (with step hooks where the method records) and a DataLoader over the schedule.
 
-        data: the user's DataLoader (its dataset, batch size and settings are taken; a sampler other
-            than plain shuffling, a batch sampler of its own or drop_last=True is refused: the
-            schedule would replace it), a map-style Dataset (give batch_size) or a TrainingData.
+        data: the user's DataLoader (its dataset, batch size, order -- shuffled by `seed`, or the
+            dataset's own with shuffle=False -- and settings are taken; a sampler other than plain
+            shuffling or the sequential one, a batch sampler of its own or drop_last=True is refused:
+            the schedule would replace it), a map-style Dataset (give batch_size; shuffled) or a
+            TrainingData.
             Items are (input, target) pairs, or anything the DataLoader's collate_fn makes a pair of.
         loss_fn: the batch loss the loop uses (default: mean cross-entropy); it must reduce by mean
             (sum is accepted by the methods that do not replay gradients).
@@ -100,7 +103,7 @@ class UnlearningEngine:
             raise RuntimeError("this engine already wraps a training run; make one engine per run")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        data, batch_size, options = _training_data(data, batch_size, ids, augmentation_seed)
+        data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
         user_model, ddp = model, ddp_placement(model)
         if ddp is not None:  # everything below works on the replicated module; the user keeps the DDP wrapper
             _check_ddp(method, len(data), batch_size, ddp)
@@ -118,16 +121,17 @@ class UnlearningEngine:
         if method == "pcmu":
             check_pcmu_wrap(model, optimizer)
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-                                         loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step)
+                                         loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
+                                         shuffle=shuffle)
         recipe.loader_options = options
-        schedule = BatchSchedule(data.ids, batch_size, seed)
+        schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         batches = data.sampler(schedule)
         if ddp is not None:  # each rank loads its share of every batch
             batches = RankShareSampler(batches, ddp.rank, ddp.world)
         loader = DataLoader(data.items, batch_sampler=batches, **options)
         pcmu = None
         if method == "pcmu":  # before the run is set: its options may still be refused
-            pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed,
+            pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed, shuffle=shuffle,
                                  steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
                                  **method_options)
         if method in HISTORY_METHODS:
@@ -210,13 +214,14 @@ class _Run:
 
 
 def _training_data(data, batch_size, ids, augmentation_seed):
-    """(TrainingData, batch size, DataLoader options) from what the user gave."""
-    options = {}
+    """(TrainingData, batch size, DataLoader options, shuffle) from what the user gave; shuffle is
+    False for a DataLoader drawing the data's own order (shuffle=False), True otherwise."""
+    options, shuffle = {}, True
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, torch.utils.data.IterableDataset):
             raise TypeError("the DataLoader streams an IterableDataset: deletion requests name items by index or "
                             "id, so wrap a map-style dataset (with __len__ and __getitem__)")
-        plain_batch_size = _plain_batch_size(data)  # checked even when batch_size= is given
+        plain_batch_size, shuffle = _plain_batch_size(data)  # checked even when batch_size= is given
         batch_size = batch_size or plain_batch_size
         options = loader_options(data)
         data = data.dataset
@@ -235,17 +240,19 @@ def _training_data(data, batch_size, ids, augmentation_seed):
         raise ValueError("give batch_size= (or pass the DataLoader the loop uses)")
     if "collate_fn" in options:
         training.collate = options["collate_fn"]
-    return training, int(batch_size), options
+    return training, int(batch_size), options, shuffle
 
 
-def _plain_batch_size(loader: DataLoader) -> int:
-    """The batch size of a loader whose batches the schedule can take over, refused otherwise.
+def _plain_batch_size(loader: DataLoader) -> tuple[int, bool]:
+    """(batch size, shuffle) of a loader whose batches the schedule can take over, refused otherwise.
 
     The returned loader draws the schedule's batches: every item once per epoch, in a seeded order
-    (what retraining repeats). Plain shuffling or a plain BatchSampler only set an order and a size
-    (`seed=` decides the order); a sampler that weights, repeats or subsets items, a batch sampler
+    or in the data's own order (what retraining repeats). Plain shuffling only sets an order (`seed=`
+    decides it); a SequentialSampler (shuffle=False) is kept: the schedule's order is then the
+    dataset's, every epoch. A sampler that weights, repeats or subsets items, a batch sampler
     of the user's, or dropping the last short batch would be silently replaced, so they are refused."""
-    how = " Pass a DataLoader with batch_size= and shuffle=True (or the dataset with batch_size=)"
+    how = (" Pass a DataLoader with batch_size= and shuffle=True or shuffle=False (or the dataset with "
+           "batch_size=)")
     batches = loader.batch_sampler
     if batches is None:
         raise ValueError("the DataLoader has batch_size=None: it yields single items, unbatched; the unlearner "
@@ -265,7 +272,7 @@ def _plain_batch_size(loader: DataLoader) -> int:
         raise ValueError("the DataLoader has drop_last=True; the batch schedule keeps every item in every epoch "
                          "(an epoch's last batch may be shorter), and retraining repeats that schedule. Pass "
                          "drop_last=False")
-    return batches.batch_size
+    return batches.batch_size, type(sampler) is not torch.utils.data.SequentialSampler
 
 
 def _orders_every_item_once(sampler, n: int) -> bool:
@@ -358,8 +365,9 @@ class _StepCounter:
 
     def run_info(self, **extra) -> dict:
         r, n = self.run.recipe, len(self.run.data)
+        order = {} if r.shuffle else {"batch_shuffle": False}  # read by the exact fallback (mini/resume.py)
         return {"steps_per_epoch": self.run.schedule.batches_per_epoch, "batch_seed": r.seed, "batch_size": r.batch_size,
-                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **extra}
+                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **extra}
 
     def record_sharpness(self, flat, w, t: int, lr: float | None = None) -> None:
         """eta_t * lambda_max at step t into the history's run_info (mini/sharpness.py), as the

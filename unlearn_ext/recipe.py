@@ -64,18 +64,21 @@ class OptimizerRecipe:
     """optimizer_factory(params) -> optimizer over the model's trainable parameters;
     scheduler_factory(optimizer) -> an LR scheduler or None, stepped once per epoch or per step
     (`scheduler_step`); loss(outputs, targets) -> the batch loss (default: the mean of the data's
-    per-sample loss); rng_state: torch's global RNG state to train from (dropout draws)."""
+    per-sample loss); rng_state: torch's global RNG state to train from (dropout draws); shuffle:
+    the batch schedule's order (False: the data's own order every epoch, as a DataLoader with
+    shuffle=False draws it)."""
 
     def __init__(self, optimizer_factory: Callable, *, epochs: int, batch_size: int, seed: int = 0,
                  loss: Callable | None = None, scheduler_factory: Callable | None = None,
                  scheduler_step: str = "epoch", loader_options: dict | None = None,
-                 rng_state: torch.Tensor | None = None, description: dict | None = None):
+                 rng_state: torch.Tensor | None = None, description: dict | None = None, shuffle: bool = True):
         if int(epochs) < 1 or int(batch_size) < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         if scheduler_step not in SCHEDULER_STEPS:
             raise ValueError(f"scheduler_step must be one of {SCHEDULER_STEPS}, got {scheduler_step!r}")
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
         self.epochs, self.batch_size, self.seed = int(epochs), int(batch_size), int(seed)
+        self.shuffle = bool(shuffle)
         self.loss, self.scheduler_step = loss, scheduler_step
         self.loader_options = dict(loader_options or {})
         self.rng_state = None if rng_state is None else rng_state.clone()
@@ -86,9 +89,10 @@ class OptimizerRecipe:
     @classmethod
     def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int, batch_size: int,
                 seed: int = 0, loss: Callable | None = None, scheduler=None, scheduler_step: str = "epoch",
-                loader: DataLoader | None = None) -> "OptimizerRecipe":
+                loader: DataLoader | None = None, shuffle: bool = True) -> "OptimizerRecipe":
         """The recipe of `optimizer` (class, defaults, every group's hyperparameters, its parameters
-        by name in `model`) and `scheduler` as they are now -- before the first step."""
+        by name in `model`) and `scheduler` as they are now -- before the first step. shuffle: the
+        batch schedule's order (BatchSchedule)."""
         if any(optimizer.state.values()):
             raise ValueError("the optimizer has already taken steps (its state is not empty): wrap it before "
                              "training, so that retraining can start from the same place")
@@ -130,7 +134,7 @@ class OptimizerRecipe:
         options = {} if loader is None else loader_options(loader)
         return cls(make_optimizer, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,
                    scheduler_factory=scheduler_factory, scheduler_step=scheduler_step, loader_options=options,
-                   rng_state=torch.get_rng_state(), description=description)
+                   rng_state=torch.get_rng_state(), description=description, shuffle=shuffle)
 
     # ---- the recipe interface -----------------------------------------------------------------------
 
@@ -158,7 +162,7 @@ class OptimizerRecipe:
         runs before step t's forward pass. A batch left empty by `exclude` makes no update (the
         scheduler still counts it when stepped per step)."""
         excluded = as_ids([] if exclude is None else exclude)
-        schedule = BatchSchedule(data.ids, self.batch_size, self.seed)
+        schedule = BatchSchedule(data.ids, self.batch_size, self.seed, self.shuffle)
         optimizer = self.make_optimizer(model)
         scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
         loader = DataLoader(data.items, batch_sampler=data.sampler(schedule, excluded), **self.loader_options)
@@ -191,7 +195,8 @@ class OptimizerRecipe:
     def tuned(self, lr_factor: float, epochs: int, seed: int, n: int) -> "OptimizerRecipe":
         """The short run fine-tuning and repairs use: the user's optimizer and hyperparameters with
         every group's learning rate scaled by lr_factor and held constant (no scheduler: a repair
-        of a few epochs does not replay a schedule made for the whole run), another batch order."""
+        of a few epochs does not replay a schedule made for the whole run), another batch order (a
+        seeded shuffle, also after a run in the data's own order: a repair is not a replay)."""
         base = self
 
         def make_tuned(model):
@@ -208,8 +213,9 @@ class OptimizerRecipe:
                                    for g in self.description.get("param_groups") or []] or None})
 
     def fingerprint(self) -> dict:
+        order = {} if self.shuffle else {"shuffle": False}  # a shuffled run's fingerprint as before
         return {**{k: v for k, v in self.description.items()}, "epochs": self.epochs,
-                "batch_size": self.batch_size, "seed": self.seed}
+                "batch_size": self.batch_size, "seed": self.seed, **order}
 
 
 def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:

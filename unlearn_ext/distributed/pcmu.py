@@ -53,10 +53,10 @@ class DistributedPCMUTrainer(PCMUTrainer):
                 raise ValueError("distributed PCMU supports framework 'G' (gradient smoothing) only")
             PCMUTrainer.__init__(self, model, loss_fn, data, **options)
             floats = (self.clip_norm, self.tau, self.sigma)
-            return (self.batch_size, self.seed, self.coordinates, len(self.data.ids), self.max_request,
-                    *(int(torch.tensor(v, dtype=torch.float64).view(torch.int64)) for v in floats))
-        agree(build, shared=("batch_size", "seed", "coordinates", "data size", "max_request", "clip_norm", "tau",
-                             "sigma"), group=self.group)
+            return (self.batch_size, self.seed, int(self.schedule.shuffle), self.coordinates, len(self.data.ids),
+                    self.max_request, *(int(torch.tensor(v, dtype=torch.float64).view(torch.int64)) for v in floats))
+        agree(build, shared=("batch_size", "seed", "shuffle", "coordinates", "data size", "max_request", "clip_norm",
+                             "tau", "sigma"), group=self.group)
         self._check_same_start()
 
     def _check_same_start(self) -> None:

@@ -33,7 +33,8 @@ def resume_from(model, data: TrainingData, run_info: dict, sgd: SGDSettings, sta
     optimizer = momentum_optimizer(model, sgd.momentum, sgd.nesterov, sgd.weight_decay)
     cost = 0
     if batches is None:
-        schedule = BatchSchedule(data.ids, run_info["batch_size"], run_info["batch_seed"])
+        schedule = BatchSchedule(data.ids, run_info["batch_size"], run_info["batch_seed"],
+                                 run_info.get("batch_shuffle", True))
         steps = ((s.step, s.ids) for s in schedule.steps(start, len(lrs), exclude))
     else:
         steps = ((t, ids[~torch.isin(ids, exclude)]) for t, ids in sorted(batches.items()) if t >= start)

@@ -74,7 +74,7 @@ class PCMUOptimizer:
     """The user's SGD optimizer, stepping with PCMU (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, data: TrainingData, *, batch_size: int,
-                 seed: int, steps: int, loss_fn, loss_reduction: str, **pcmu_options):
+                 seed: int, steps: int, loss_fn, loss_reduction: str, shuffle: bool = True, **pcmu_options):
         check_pcmu_wrap(model, optimizer)
         for key in ("lr", "ids", "exclude", "data"):
             if key in pcmu_options:
@@ -85,7 +85,7 @@ class PCMUOptimizer:
         # by n: its scale is unknown here, so those losses always recompute.
         self.loss_reduction = "weighted" if getattr(loss_fn, "weight", None) is not None and hasattr(
             loss_fn, "ignore_index") else loss_reduction
-        self.trainer = PCMUTrainer(model, None, data, batch_size=batch_size, seed=seed, lr=None,
+        self.trainer = PCMUTrainer(model, None, data, batch_size=batch_size, seed=seed, shuffle=shuffle, lr=None,
                                    **pcmu_options)
         self.capture = BackwardCapture(model, self.trainer.names) if self.trainer.framework == "G" else None
         self._values = dict(zip(self.trainer.names, self.trainer.params))

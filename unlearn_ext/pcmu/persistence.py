@@ -27,7 +27,7 @@ def fingerprint(trainer) -> dict:
             "framework": trainer.framework, "batch_size": trainer.batch_size, "clip_norm": trainer.clip_norm,
             "tau": trainer.tau, "sigma": trainer.sigma, "n0": trainer.n0, "n": trainer.n, "alpha": trainer.alpha,
             "seed": trainer.seed, "max_request": trainer.max_request, "rounding_margin": trainer.rounding_margin,
-            **trainer.data.fingerprint()}
+            **({} if trainer.schedule.shuffle else {"shuffle": False}), **trainer.data.fingerprint()}
 
 
 def state_dict(trainer, *, records: bool = True) -> dict:

@@ -61,6 +61,7 @@ class PCMUTrainer:
         Each step records its fragile coordinates (radius < M*C/b + margin): the larger M, the more
         bytes (record_bytes(), estimate_record_bytes(); README "PCMU", max_request).
     exclude: ids never trained on (the coupled-retraining baseline uses this).
+    shuffle: the batch schedule's order (BatchSchedule; False: the data's own order every epoch).
     """
 
     # How each step stores its fragile set (records.py): 'auto' (the smaller layout per step),
@@ -72,7 +73,7 @@ class PCMUTrainer:
                  lr, tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
                  alpha: float = 1e-3, seed: int = 0, max_request: int = 4, ids=None, exclude=None,
                  chunk: int = 4096, framework: str = "G", sigma_data: float | None = None,
-                 rounding_margin: float | None = None):
+                 rounding_margin: float | None = None, shuffle: bool = True):
         if framework not in ("G", "D"):
             raise ValueError(f"framework must be 'G' (gradient smoothing) or 'D' (data smoothing), got {framework!r}")
         if framework == "D" and (sigma_data is None or not sigma_data > 0):
@@ -88,7 +89,7 @@ class PCMUTrainer:
         refuse_training_batch_norm(model, "PCMU", PER_SAMPLE_NEED)
         self.data = data
         self.model, self.loss_fn = model, loss_fn or data.loss
-        self.schedule = BatchSchedule(data.ids, batch_size, seed)
+        self.schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         self.batch_size, self.clip_norm = int(batch_size), float(clip_norm)
         self.lr_given_per_step = lr is None
         self._lr = _step_size_given_per_step if lr is None else lr if callable(lr) else (lambda t, v=float(lr): v)
