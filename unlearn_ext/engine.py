@@ -65,6 +65,10 @@ METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad", "pcmu"
 HISTORY_METHODS = ("mini", "deltagrad")
 # The methods whose kernels (ops/) take the parameters themselves: float32, float16 or bfloat16 only.
 KERNEL_METHODS = ("topk", "randomk", "pcmu")
+# The methods that take one learning rate for every parameter at each step and every other
+# hyperparameter as a constant of the run (the history methods replay them, PCMU steps with them).
+SCHEDULE_CONSTANT_METHODS = ("mini", "deltagrad", "pcmu")
+_METHOD_NAMES = {"mini": "Mini-Unlearning", "deltagrad": "DeltaGrad", "pcmu": "PCMU"}
 
 
 class UnlearningEngine:
@@ -114,17 +118,19 @@ class UnlearningEngine:
             with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
                 reduction = loss_reduction(loss_fn, model, *data.batch(data.ids[:32]))
         data.loss = per_sample_loss_of(loss_fn)
+        recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+                                         loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
+                                         shuffle=shuffle)
+        recipe.loader_options = options
+        schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
+        if method in SCHEDULE_CONSTANT_METHODS:  # first: a scheduler explains what the checks below would see
+            _check_schedule_replayable(method, model, recipe, len(data), schedule.batches_per_epoch)
         if method in HISTORY_METHODS:
             _check_history_method(method, model, optimizer, reduction)
         if method in KERNEL_METHODS:
             _check_kernel_dtypes(method, model)
         if method == "pcmu":
             check_pcmu_wrap(model, optimizer)
-        recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-                                         loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
-                                         shuffle=shuffle)
-        recipe.loader_options = options
-        schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         batches = data.sampler(schedule)
         if ddp is not None:  # each rank loads its share of every batch
             batches = RankShareSampler(batches, ddp.rank, ddp.world)
@@ -302,6 +308,44 @@ def _check_ddp(method: str, n: int, batch_size: int, ddp) -> None:
         raise UnsupportedModelError(f"a DistributedDataParallel model is supported for the history methods "
                                     f"({', '.join(HISTORY_METHODS)}), not for method={method!r}{hint}")
     check_even_shares(n, batch_size, ddp.world)
+
+
+def _check_schedule_replayable(method: str, model, recipe: OptimizerRecipe, n: int, batches_per_epoch: int) -> None:
+    """Refuses, before training, a scheduler that gives the param groups different learning rates at
+    some step (per-group lambdas, a list of max_lr) or changes another hyperparameter during the run
+    (OneCycleLR / CyclicLR cycle momentum by default): the history methods would replay it as a
+    constant, silently wrong, and PCMU would stop mid-run. The recipe's schedule is run alone,
+    over every step, on an optimizer that never steps (recipe.scheduled_param_groups)."""
+    if recipe.scheduler_factory is None:  # constant hyperparameters: the method's own checks cover them
+        return
+    name, scheduler = _METHOD_NAMES[method], recipe.description["scheduler"]
+    others = "retrain, finetune, topk and randomk repeat any schedule"
+    first = None
+    for t, groups in recipe.scheduled_param_groups(model, recipe.steps(n), batches_per_epoch):
+        lrs = [float(g["lr"]) for g in groups]
+        if any(lr != lrs[0] for lr in lrs):
+            raise UnsupportedModelError(
+                f"{name} takes one learning rate for every parameter at each step; the scheduler {scheduler} gives "
+                f"the optimizer's param groups the rates {lrs} at step {t}: use one schedule for every group (or one "
+                f"group), or another method ({others})")
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+        if first is None:
+            first = settings
+            continue
+        for now, before in zip(settings, first):
+            changed = next((k for k in before if not _same_value(now.get(k), before[k])), None)
+            if changed is not None:
+                hint = f" (pass cycle_momentum=False to {scheduler})" if changed in ("momentum", "betas") else ""
+                raise UnsupportedModelError(
+                    f"{name} takes the optimizer's {changed} as a constant of the run; the scheduler {scheduler} "
+                    f"changes it from {before[changed]!r} at step 0 to {now.get(changed)!r} at step {t}: keep it "
+                    f"constant{hint}, or use another method ({others})")
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def _check_history_method(method: str, model, optimizer, reduction: str) -> None:

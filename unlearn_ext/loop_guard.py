@@ -21,8 +21,6 @@ into p.grad after the backward hooks, which the version counter cannot tell from
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .distributed.group import agree
@@ -38,13 +36,9 @@ class LoopGuard:
         self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
         self.step = 0
         # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
-        # learning rates retraining will use at each step.
-        self._shadow = recipe.make_optimizer(initial)
-        self._shadow_scheduler = None
-        if recipe.scheduler_factory is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._shadow_scheduler = recipe.scheduler_factory(self._shadow)
+        # learning rates retraining will use at each step (advanced in _after_step).
+        self._scheduled = recipe.scheduled_param_groups(initial, self.total, batches_per_epoch)
+        self._shadow_groups = next(self._scheduled)[1]  # step 0's (a recipe has at least one step)
         # The step hooks stay after training: a step past the recipe's last is refused then too.
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
@@ -79,18 +73,14 @@ class LoopGuard:
         self._backwards.clear()
         self._versions.clear()
         self.step += 1
-        last = self.step >= self.total
-        if self._shadow_scheduler is not None and not last and (
-                self.recipe.scheduler_step == "step" or self.step % self.batches_per_epoch == 0):
-            with warnings.catch_warnings():  # the shadow optimizer never steps: torch warns about the order
-                warnings.simplefilter("ignore")
-                self._shadow_scheduler.step()
+        if self.step < self.total:
+            self._shadow_groups = next(self._scheduled)[1]
 
     # ---- the checks -------------------------------------------------------------------------------
 
     def _check_learning_rates(self, t: int) -> None:
         mine = [float(g["lr"]) for g in self.optimizer.param_groups]
-        recipe = [float(g["lr"]) for g in self._shadow.param_groups]
+        recipe = [float(g["lr"]) for g in self._shadow_groups]
         if mine != recipe:
             raise RuntimeError(
                 f"at optimizer step {t} the optimizer's learning rates are {mine}, the recipe's schedule gives "

@@ -153,6 +153,24 @@ class OptimizerRecipe:
             return self.optimizer_factory(model)
         return self.optimizer_factory([p for p in model.parameters() if p.requires_grad])
 
+    def scheduled_param_groups(self, model: torch.nn.Module, steps: int, batches_per_epoch: int):
+        """Yields (t, param_groups) for t = 0..steps-1: the recipe's own optimizer over `model`'s
+        parameters, never stepped, with every hyperparameter the scheduler gives step t (lr, and
+        momentum or betas where a scheduler cycles them) -- what retraining trains step t with.
+        The groups are live: read them before asking for the next step."""
+        optimizer = self.make_optimizer(model)
+        # Warnings are silenced around each scheduler call, not across a yield (the filters are global):
+        # the optimizer never steps, and torch warns about the order.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        for t in range(steps):
+            if t and scheduler is not None and (self.scheduler_step == "step" or t % batches_per_epoch == 0):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scheduler.step()  # as train() steps it: after each step, or after each epoch
+            yield t, optimizer.param_groups
+
     def batch_loss(self, data: TrainingData, outputs: torch.Tensor, targets) -> torch.Tensor:
         return data.loss(outputs, targets).mean() if self.loss is None else self.loss(outputs, targets)
 
