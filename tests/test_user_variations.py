@@ -103,6 +103,38 @@ def test_history_methods_train_and_unlearn_with_uint8_labels_or_channels_last_ba
     assert distance_ratio(model, trained, gold) < 1.0
 
 
+@pytest.mark.parametrize("method", ["retrain", "finetune", "topk", "randomk", "pcmu"])
+def test_the_other_methods_train_retrain_and_unlearn_with_uint8_labels(method):
+    """uint8 class indices are what torch's cross_entropy takes besides int64: every method serves them."""
+    options = {"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01, "max_request": 3} if method == "pcmu" else {}
+    torch.manual_seed(0)
+    model = cnn("group")
+    loader = torch.utils.data.DataLoader(Relabelled(torch.uint8), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
+                                                       method=method, epochs=EPOCHS, **options)
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    if method != "pcmu":  # PCMU trains with its own step, not the recipe's
+        assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+    report = engine.unlearner().unlearn(FORGET)
+    assert report.weights_changed and report.ids == FORGET
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8])
+@pytest.mark.parametrize("method", ["retrain", "topk", "mini", "deltagrad", "pcmu"])
+def test_narrow_integer_labels_are_refused_when_wrapping_naming_dtype_and_fix(method, dtype):
+    """torch's cross_entropy refuses int32 / int16 / int8 class indices: the user's loop could not
+    run either, so wrapping says which labels and how to make them int64 (it does not convert them)."""
+    options = {"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01, "max_request": 3} if method == "pcmu" else {}
+    model = cnn("group")
+    loader = torch.utils.data.DataLoader(Relabelled(dtype), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    with pytest.raises(TypeError, match=f"targets are {dtype}.*dtype=torch.long"):
+        engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader, method=method,
+                                epochs=EPOCHS, **options)
+    assert engine.run is None
+
+
 def test_hessian_products_of_a_channels_last_model_equal_those_of_the_contiguous_one():
     """torch's forward-mode decomposition of group_norm views NHWC strides it cannot view; the
     ordinary kernel (the user's loop) takes them: the product must still come out, the same."""

@@ -113,10 +113,7 @@ class UnlearningEngine:
             _check_ddp(method, len(data), batch_size, ddp)
             model = ddp.module
         loss_fn = torch.nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-        reduction = "mean"
-        if len(data) >= 2:
-            with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
-                reduction = loss_reduction(loss_fn, model, *data.batch(data.ids[:32]))
+        reduction = _probe_loss_reduction(loss_fn, model, data)
         data.loss = per_sample_loss_of(loss_fn)
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
@@ -247,6 +244,29 @@ def _training_data(data, batch_size, ids, augmentation_seed):
     if "collate_fn" in options:
         training.collate = options["collate_fn"]
     return training, int(batch_size), options, shuffle
+
+
+# Integer class targets torch's class-index losses (cross_entropy, nll_loss) refuse; they take int64 and uint8.
+NARROW_INTEGER_TARGETS = (torch.int8, torch.int16, torch.int32)
+
+
+def _probe_loss_reduction(loss_fn, model, data: TrainingData) -> str:
+    """How the loss reduces (policy.loss_reduction), found on the first items before training.
+    Targets of a narrow integer dtype that the loss refuses are named, with the fix: torch's message
+    alone would not say that the dataset's labels are the cause. They are not converted: the loop
+    feeds the loss the same batches, and a conversion the user did not write would hide it."""
+    if len(data) < 2:
+        return "mean"
+    x, y = data.batch(data.ids[:32])
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
+            return loss_reduction(loss_fn, model, x, y)
+    except RuntimeError as exc:
+        if isinstance(y, torch.Tensor) and y.dtype in NARROW_INTEGER_TARGETS:
+            raise TypeError(f"the dataset's targets are {y.dtype} and the loss refuses them ({exc}); torch's "
+                            "class-index losses take int64 (or uint8): make the dataset or collate_fn return "
+                            "torch.long labels (torch.as_tensor(y, dtype=torch.long))") from None
+        raise
 
 
 def _plain_batch_size(loader: DataLoader) -> tuple[int, bool]:
