@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from .loading import ScheduleSampler, TensorItems, check_map_style, collate_pairs
+from .loading import LoopSampler, ScheduleSampler, TensorItems, check_map_style, collate_pairs
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,10 @@ class TrainingData:
         """A batch sampler for a DataLoader over `self.items` yielding `schedule`'s batches."""
         excluded = None if exclude is None else as_ids(exclude)
         return ScheduleSampler(schedule, self.rows, excluded, first_epoch)
+
+    def loop_sampler(self, schedule: BatchSchedule, next_step: Callable[[], int], rng_states: dict) -> LoopSampler:
+        """The batch sampler of a user's loop over `schedule` (loading.LoopSampler)."""
+        return LoopSampler(schedule, self.rows, next_step, rng_states)
 
     def digest(self) -> str:
         """sha256 of the ids, inputs and targets (item by item, as stored): two sets with the same

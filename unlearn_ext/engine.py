@@ -128,7 +128,8 @@ class UnlearningEngine:
             _check_kernel_dtypes(method, model)
         if method == "pcmu":
             check_pcmu_wrap(model, optimizer)
-        batches = data.sampler(schedule)
+        # Each pass starts at the loop's next optimizer step (the run's, once it exists).
+        batches = data.loop_sampler(schedule, lambda: self.run.next_step(), recipe.epoch_rng_states)
         if ddp is not None:  # each rank loads its share of every batch
             batches = RankShareSampler(batches, ddp.rank, ddp.world)
         loader = DataLoader(data.items, batch_sampler=batches, **options)
@@ -201,6 +202,10 @@ class _Run:
         self.trained = None
         self.ddp = None  # the DDPPlacement of a DistributedDataParallel model
         self.guard: LoopGuard | None = None  # holds the user's loop to the recipe (every method but PCMU)
+
+    def next_step(self) -> int:
+        """The schedule step the user's loop takes next (the loader's pass starts there)."""
+        return self.recorder.trainer.steps_done if self.method == "pcmu" else self.guard.step
 
     def build(self) -> Unlearner:
         m, o = self.method, self.options

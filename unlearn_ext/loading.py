@@ -140,3 +140,26 @@ class ScheduleSampler(torch.utils.data.Sampler):
         if self.exclude is None or self.exclude.numel() == 0:
             return self.schedule.batches_per_epoch
         return len(self.batches(self.epoch))
+
+
+class LoopSampler(ScheduleSampler):
+    """The batch sampler of the user's own loop (UnlearningEngine): a pass starts at the optimizer
+    step the loop takes next (`next_step()`), not at the pass count, so a pass that trains nothing
+    -- a peek at one batch, an evaluation over the training loader -- does not shift the batches
+    the loop's steps train on (retraining and the history follow the step). A pass started inside
+    an epoch yields that epoch's remaining batches.
+
+    At the start of each epoch's pass torch's global RNG state is kept in `rng_states[epoch]` (the
+    last such pass wins: the one that trains), so retraining can start each epoch from the state
+    the loop had, whatever the loop drew between epochs (a validation DataLoader's seed draw,
+    dropout in a validation pass left in training mode)."""
+
+    def __init__(self, schedule, rows_of: Callable, next_step: Callable[[], int], rng_states: dict):
+        super().__init__(schedule, rows_of)
+        self.next_step, self.rng_states = next_step, rng_states
+
+    def __iter__(self):
+        epoch, position = divmod(self.next_step(), self.schedule.batches_per_epoch)
+        if position == 0:
+            self.rng_states[epoch] = torch.get_rng_state()
+        yield from self.batches(epoch)[position:]

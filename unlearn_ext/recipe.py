@@ -82,6 +82,10 @@ class OptimizerRecipe:
         self.loss, self.scheduler_step = loss, scheduler_step
         self.loader_options = dict(loader_options or {})
         self.rng_state = None if rng_state is None else rng_state.clone()
+        # torch's RNG state at the start of each epoch of the user's loop, {epoch: state}, filled while
+        # it trains (loading.LoopSampler): train() starts each epoch from it, so draws the loop made
+        # between epochs (a validation pass) do not make retraining differ from the loop.
+        self.epoch_rng_states: dict = {}
         self.description = description or {"optimizer": getattr(optimizer_factory, "__name__", "factory")}
 
     # ---- taking the recipe from the user's objects -----------------------------------------------
@@ -195,6 +199,8 @@ class OptimizerRecipe:
                 torch.set_rng_state(self.rng_state)
             for epoch in range(self.epochs):
                 batches = iter(loader)
+                if epoch in self.epoch_rng_states:  # after iter(): the loop's pass began after its seed draw
+                    torch.set_rng_state(self.epoch_rng_states[epoch])
                 for step in schedule.steps(epoch * spe, (epoch + 1) * spe, excluded):
                     if step.ids.numel():
                         x, y = next(batches)
