@@ -230,8 +230,11 @@ class OptimizerRecipe:
             return optimizer
 
         make_tuned.takes_model = True
+        # Dropout masks from a generator seeded by `seed`: a repair's answer is a function of the run
+        # and the request, not of the process's RNG state when it is asked.
+        rng_state = torch.Generator().manual_seed(int(seed)).get_state()
         return OptimizerRecipe(make_tuned, epochs=epochs, batch_size=self.batch_size, seed=seed, loss=self.loss,
-                               loader_options=self.loader_options,
+                               loader_options=self.loader_options, rng_state=rng_state,
                                description={**self.description, "scheduler": None, "param_groups": [
                                    {**g, "lr": lr_factor * float(g.get("initial_lr", g["lr"])), "initial_lr": None}
                                    for g in self.description.get("param_groups") or []] or None})

@@ -30,6 +30,14 @@ def resume_from(model, data: TrainingData, run_info: dict, sgd: SGDSettings, sta
                          "which no history stores; resume from step 0 (buffer 0)")
     lrs = run_info["lr_schedule"] if lrs is None else lrs
     flat.load_(weights)
+    # A model with dropout trains in training mode here: its masks come from a generator seeded by
+    # the run, so the answer does not depend on the process's RNG state, which is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(run_info.get("batch_seed", 0)))
+        return _replay(model, data, run_info, sgd, start, exclude, batches, lrs)
+
+
+def _replay(model, data, run_info, sgd, start, exclude, batches, lrs) -> int:
     optimizer = momentum_optimizer(model, sgd.momentum, sgd.nesterov, sgd.weight_decay)
     cost = 0
     if batches is None:

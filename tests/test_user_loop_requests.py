@@ -1,0 +1,47 @@
+"""A request's answer is a function of the trained run and the request, never of the process's
+RNG state when it is made, and a request leaves that state alone: a model with dropout trains in
+training mode during Mini-Unlearning's / DeltaGrad's exact fallback and during fine-tuning's and
+Top-K's repairs, and those draws come from a generator seeded by the run. Before, the fallback drew
+from (and moved) the global RNG, so a request made after a restart -- the ledger reopened in a new
+process -- gave other weights than the same request in the uninterrupted process."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_ext as ue
+from user_models import LazyImages, cnn, same_state, user_loop
+
+N, BATCH, EPOCHS = 48, 16, 2
+FORGET = [3, 17]
+# Options that make Mini-Unlearning take its exact fallback (a retained-loss limit no answer meets).
+OPTIONS = {"mini": {"loss_rise_limit": -1.0}, "finetune": {}, "topk": {}}
+
+
+def trained(method):
+    torch.manual_seed(0)
+    model = cnn("group", dropout=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS,
+                                                       **OPTIONS[method])
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    return engine, model
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_a_request_on_a_dropout_model_ignores_and_keeps_the_processs_rng_state(method):
+    answers = []
+    for process_seed in (1, 2):  # two processes that drew differently before the request
+        engine, model = trained(method)
+        torch.manual_seed(process_seed)
+        before = torch.get_rng_state()
+        report = engine.unlearner().unlearn(FORGET)
+        assert torch.equal(torch.get_rng_state(), before)
+        answers.append((report.status, model))
+    assert answers[0][0] == answers[1][0]
+    if method == "mini":
+        assert answers[0][0] == "fallback"
+    assert same_state(answers[0][1], answers[1][1])
