@@ -7,11 +7,14 @@ loop bit for bit (before, a peek made the loop train epochs 1..E while retrainin
 assumed 0..E-1, and a validation pass changed every later dropout mask)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import unlearn_ext as ue
+from unlearn_ext.pcmu import PCMUTrainer
 from user_models import LazyImages, cnn, same_state
 
 N, BATCH, EPOCHS = 48, 16, 3
@@ -23,7 +26,8 @@ def wrap(method, dropout=0.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
     engine = ue.UnlearningEngine()
-    return engine, *engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS)
+    options = {"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01} if method == "pcmu" else {}
+    return engine, *engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS, **options)
 
 
 def train_epoch(model, optimizer, loader):
@@ -34,14 +38,19 @@ def train_epoch(model, optimizer, loader):
         optimizer.step()
 
 
-@pytest.mark.parametrize("method", ["retrain", "deltagrad"])
+@pytest.mark.parametrize("method", ["retrain", "deltagrad", "pcmu"])
 def test_a_peek_at_one_batch_before_training_does_not_shift_the_epochs(method):
     engine, model, optimizer, loader = wrap(method)
     x, y = next(iter(loader))  # the shapes, as users check them
     assert x.shape[0] == BATCH
     for _ in range(EPOCHS):
         train_epoch(model, optimizer, loader)
-    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+    if method == "pcmu":  # its own step: the run must be PCMUTrainer's over the schedule from step 0
+        reference = PCMUTrainer(copy.deepcopy(engine.initial), None, engine.data, batch_size=BATCH, seed=0, lr=0.05, clip_norm=1.0,
+                                tau=0.006, sigma=0.01)
+        assert same_state(reference.train(epochs=EPOCHS).model, model)
+    else:
+        assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
     engine.unlearner()  # the loop kept to the recipe
 
 
