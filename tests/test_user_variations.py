@@ -316,3 +316,38 @@ def test_requests_across_a_ledger_restart_equal_the_uninterrupted_sequence(metho
         report = ledger.forget(FORGET[1:])
     assert report.ids == FORGET[1:]
     assert same_state(model, uninterrupted)
+
+
+# ---- a token-level loss over padded sequences ------------------------------------------------------------
+
+class PaddedSequences(torch.utils.data.Dataset):
+    """Next-token targets with a padded tail of varying length (ignore_index -100)."""
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        tokens = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(i))
+        targets = torch.roll(tokens, -1)
+        targets[3 + i % 3:] = -100
+        return tokens, targets
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 8), nn.Linear(8, 10)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens))).transpose(1, 2)  # [batch, vocab, tokens]
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_a_token_mean_with_ignore_index_is_refused_by_the_history_methods_naming_it(method):
+    """It divides by the batch's count of targets, not by its samples: no mean of per-sample losses."""
+    model = TokenModel()
+    loader = torch.utils.data.DataLoader(PaddedSequences(), batch_size=BATCH, shuffle=True)
+    with pytest.raises(ue.UnsupportedModelError, match="tokens with ignore_index"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                               method=method, epochs=EPOCHS,
+                                               loss_fn=nn.CrossEntropyLoss(ignore_index=-100))

@@ -378,8 +378,9 @@ def _check_history_method(method: str, model, optimizer, reduction: str) -> None
     name = "Mini-Unlearning" if method == "mini" else "DeltaGrad"
     refuse_training_batch_norm(model, name, "the gradients of single samples and of subsets it replays")
     if reduction != "mean":
-        what = "sums over the batch" if reduction == "sum" else \
-            "is neither the mean nor the sum of its per-sample losses (e.g. a class-weighted mean)"
+        what = "sums over the batch" if reduction == "sum" else (
+            "is neither the mean nor the sum of its per-sample losses (e.g. a class-weighted mean, or a mean over "
+            "tokens with ignore_index, which divides by the batch's count of targets)")
         raise UnsupportedModelError(f"{name} replays mean batch gradients; the loss {what}. Use a loss with "
                                     "reduction='mean' over unweighted per-sample losses")
     if type(optimizer) is not torch.optim.SGD:
