@@ -104,3 +104,21 @@ def test_pcmu_records_the_sequential_order_and_its_fingerprint_says_so():
         runs[shuffle] = reference.train(epochs=EPOCHS).model
     assert same_state(model, runs[False])
     assert not same_state(model, runs[True])
+
+
+@pytest.mark.parametrize("method", ["retrain", "topk"])
+def test_a_ledger_of_a_shuffled_run_is_refused_for_the_sequential_run(method, tmp_path):
+    """The order is part of what identifies a run: reopening names the difference."""
+    torch.manual_seed(0)
+    model = cnn("group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    shuffled = ue.UnlearningEngine()
+    model, optimizer, loader = shuffled.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS)
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    with ue.DeletionLedger(shuffled.unlearner(), tmp_path) as ledger:
+        ledger.forget(FORGET[:1])
+    engine, model, optimizer, loader = wrap(method)
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    with pytest.raises(ValueError, match="differs in: (shuffle|recipe)"):
+        ue.DeletionLedger(engine.unlearner(), tmp_path)
