@@ -262,16 +262,20 @@ def _probe_loss_reduction(loss_fn, model, data: TrainingData) -> str:
     feeds the loss the same batches, and a conversion the user did not write would hide it."""
     if len(data) < 2:
         return "mean"
-    x, y = data.batch(data.ids[:32])
-    try:
-        with torch.random.fork_rng(devices=[]):  # the probe must not move the user's RNG
+    with torch.random.fork_rng(devices=[]):  # the probe (loading included) must not move the user's RNG
+        x, y = data.batch(data.ids[:32])
+        try:
             return loss_reduction(loss_fn, model, x, y)
-    except RuntimeError as exc:
-        if isinstance(y, torch.Tensor) and y.dtype in NARROW_INTEGER_TARGETS:
-            raise TypeError(f"the dataset's targets are {y.dtype} and the loss refuses them ({exc}); torch's "
-                            "class-index losses take int64 (or uint8): make the dataset or collate_fn return "
-                            "torch.long labels (torch.as_tensor(y, dtype=torch.long))") from None
-        raise
+        except RuntimeError as exc:
+            _refuse_narrow_integer_targets(y, exc)
+            raise
+
+
+def _refuse_narrow_integer_targets(y, exc: RuntimeError) -> None:
+    if isinstance(y, torch.Tensor) and y.dtype in NARROW_INTEGER_TARGETS:
+        raise TypeError(f"the dataset's targets are {y.dtype} and the loss refuses them ({exc}); torch's "
+                        "class-index losses take int64 (or uint8): make the dataset or collate_fn return "
+                        "torch.long labels (torch.as_tensor(y, dtype=torch.long))") from None
 
 
 def _plain_batch_size(loader: DataLoader) -> tuple[int, bool]:
