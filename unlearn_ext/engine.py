@@ -30,7 +30,7 @@ collective: on every rank it returns the distributed unlearner over the model's 
 which refuses on every rank when the ranks' histories differ (their digests).
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
-What only the loop shows (clipping, accumulation, another lr schedule, other epochs) is refused by
+What only the loop shows (undeclared clipping, accumulation, another lr schedule, other epochs) is refused by
 the run's LoopGuard (loop_guard.py) at the first step that leaves the recipe, before its update.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ class UnlearningEngine:
     def make_unlearnable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, *, method: str,
                          epochs: int, loss_fn=None, scheduler=None, scheduler_step: str = "epoch",
                          batch_size: int | None = None, seed: int = 0, ids=None, augmentation_seed: int | None = None,
-                         history=None, anchors: int = 5, **method_options):
+                         history=None, anchors: int = 5, clip_grad_norm: float | None = None, **method_options):
         """Returns (model, optimizer, loader) for the user's loop: the same model and optimizer
         objects (with step hooks where the method records) and a DataLoader over the schedule.
 
@@ -94,6 +94,10 @@ class UnlearningEngine:
             (sum is accepted by the methods that do not replay gradients).
         scheduler: the user's LR scheduler, stepped once per epoch (scheduler_step="epoch") or per
             step ("step") in the loop; retraining repeats it.
+        clip_grad_norm: the max_norm of the loop's torch.nn.utils.clip_grad_norm_(model.parameters(),
+            max_norm) between backward and step; retraining, fine-tuning and repairs clip the same
+            (retrain, finetune, topk, randomk; the history methods replay and PCMU takes unclipped
+            batch gradients). Undeclared clipping is refused at the first step.
         augmentation_seed: wrap the dataset in a SeededDataset so random augmentation is a function of
             (seed, epoch, id) and retraining sees the same augmentations.
         history: where the history methods record: a HistoryStore (mini_store / step_store make one),
@@ -115,9 +119,14 @@ class UnlearningEngine:
         loss_fn = torch.nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         reduction = _probe_loss_reduction(loss_fn, model, data)
         data.loss = per_sample_loss_of(loss_fn)
+        if clip_grad_norm is not None and method in SCHEDULE_CONSTANT_METHODS:
+            hint = " (PCMU clips per-sample gradients itself: clip_norm=)" if method == "pcmu" else ""
+            raise UnsupportedModelError(f"{_METHOD_NAMES[method]} works from the batch's unclipped mean gradient; "
+                                        f"clip_grad_norm= (clipping in the loop) is for retrain, finetune, topk and "
+                                        f"randomk{hint}")
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
-                                         shuffle=shuffle)
+                                         shuffle=shuffle, clip_grad_norm=clip_grad_norm)
         recipe.loader_options = options
         schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         if method in SCHEDULE_CONSTANT_METHODS:  # first: a scheduler explains what the checks below would see

@@ -15,6 +15,8 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
     untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards).
     A gradient is watched through its version counter, which every in-place change bumps; a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
+    Declared clipping (make_unlearnable's clip_grad_norm=, repeated by retraining) is the one change
+    allowed: the gradients' total norm at the step must then be the backward's, clipped to it.
 
 The gradient check is off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
@@ -46,11 +48,19 @@ class LoopGuard:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._backwards: dict[int, int] = {}  # id(param) -> backward passes into its grad since the last step
         self._versions: dict[int, int] = {}   # id(param) -> its grad's version counter after the last of them
+        self._squares: dict[int, torch.Tensor] = {}  # id(param) -> its backward gradient's squared norm (clipping)
+        # What clip_grad_norm_(model.parameters(), ...) clips: every parameter with a gradient.
+        self._clipped = [p for p in model.parameters() if p.requires_grad]
         if ddp is None:
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.requires_grad:
                         self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._after_backward))
+            if recipe.clip_grad_norm is not None:  # the others' norms count in the clip too
+                for p in self._clipped:
+                    if id(p) not in stepped:
+                        self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._square))
 
     # ---- the hooks -------------------------------------------------------------------------------
 
@@ -58,6 +68,12 @@ class LoopGuard:
         key = id(p)
         self._backwards[key] = self._backwards.get(key, 0) + 1
         self._versions[key] = p.grad._version
+        if self.recipe.clip_grad_norm is not None:
+            self._square(p)
+
+    def _square(self, p: torch.Tensor) -> None:
+        """The backward gradient's squared norm (declared clipping), a tensor read at the step (one sync)."""
+        self._squares[id(p)] = p.grad.detach().double().pow(2).sum()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         t = self.step
@@ -72,6 +88,7 @@ class LoopGuard:
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._backwards.clear()
         self._versions.clear()
+        self._squares.clear()
         self.step += 1
         if self.step < self.total:
             self._shadow_groups = next(self._scheduled)[1]
@@ -89,6 +106,7 @@ class LoopGuard:
                 "'epoch' if once per epoch) and do not set the lr by hand")
 
     def _check_gradients(self, t: int) -> None:
+        clip = self.recipe.clip_grad_norm
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -102,12 +120,31 @@ class LoopGuard:
                         "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
                         "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
                         "reach cannot be repeated: step after every batch's backward")
-                if p.grad._version != self._versions[key]:
+                if p.grad._version != self._versions[key] and clip is None:
                     raise RuntimeError(
                         f"optimizer step {t}: the loop changed the gradient of {name} between backward and step "
                         "(e.g. torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); retraining "
                         "steps on the backward's gradient and could not repeat it. Remove the change from the "
-                        "loop (PCMU clips per-sample gradients itself: method='pcmu', clip_norm=)")
+                        "loop, or declare a clip_grad_norm_(model.parameters(), max_norm) to make_unlearnable "
+                        "(clip_grad_norm=max_norm; retrain, finetune, topk, randomk)")
+        if clip is not None:
+            self._check_clipped(t, clip)
+
+    def _check_clipped(self, t: int, clip: float) -> None:
+        """The gradients are the backward's, clipped as clip_grad_norm_(model.parameters(), clip) does:
+        scaled by min(1, clip / (norm + 1e-6)) where norm is their total 2-norm after backward."""
+        grads = [p.grad for p in self._clipped if p.grad is not None]
+        if not grads:
+            return
+        before = float(torch.stack(list(self._squares.values())).sum().sqrt()) if self._squares else 0.0
+        expected = before * min(1.0, clip / (before + 1e-6))
+        now = float(torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().sqrt())
+        if abs(now - expected) > 1e-4 * max(expected, 1e-12):
+            raise RuntimeError(
+                f"optimizer step {t}: the gradients' norm is {now:.6g}; the backward's ({before:.6g}) clipped to the "
+                f"declared clip_grad_norm={clip:g} is {expected:.6g}: the loop must call "
+                f"torch.nn.utils.clip_grad_norm_(model.parameters(), {clip:g}) between backward and step, and "
+                "change the gradients no other way (retraining clips the same)")
 
     # ---- the end of training ---------------------------------------------------------------------
 

@@ -66,12 +66,14 @@ class OptimizerRecipe:
     (`scheduler_step`); loss(outputs, targets) -> the batch loss (default: the mean of the data's
     per-sample loss); rng_state: torch's global RNG state to train from (dropout draws); shuffle:
     the batch schedule's order (False: the data's own order every epoch, as a DataLoader with
-    shuffle=False draws it)."""
+    shuffle=False draws it); clip_grad_norm: the max_norm of torch.nn.utils.clip_grad_norm_ over the
+    model's parameters between backward and step (None: no clipping)."""
 
     def __init__(self, optimizer_factory: Callable, *, epochs: int, batch_size: int, seed: int = 0,
                  loss: Callable | None = None, scheduler_factory: Callable | None = None,
                  scheduler_step: str = "epoch", loader_options: dict | None = None,
-                 rng_state: torch.Tensor | None = None, description: dict | None = None, shuffle: bool = True):
+                 rng_state: torch.Tensor | None = None, description: dict | None = None, shuffle: bool = True,
+                 clip_grad_norm: float | None = None):
         if int(epochs) < 1 or int(batch_size) < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         if scheduler_step not in SCHEDULER_STEPS:
@@ -79,6 +81,9 @@ class OptimizerRecipe:
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
         self.epochs, self.batch_size, self.seed = int(epochs), int(batch_size), int(seed)
         self.shuffle = bool(shuffle)
+        if clip_grad_norm is not None and not float(clip_grad_norm) > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 (or None), got {clip_grad_norm}")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.loss, self.scheduler_step = loss, scheduler_step
         self.loader_options = dict(loader_options or {})
         self.rng_state = None if rng_state is None else rng_state.clone()
@@ -93,7 +98,8 @@ class OptimizerRecipe:
     @classmethod
     def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int, batch_size: int,
                 seed: int = 0, loss: Callable | None = None, scheduler=None, scheduler_step: str = "epoch",
-                loader: DataLoader | None = None, shuffle: bool = True) -> "OptimizerRecipe":
+                loader: DataLoader | None = None, shuffle: bool = True,
+                clip_grad_norm: float | None = None) -> "OptimizerRecipe":
         """The recipe of `optimizer` (class, defaults, every group's hyperparameters, its parameters
         by name in `model`) and `scheduler` as they are now -- before the first step. shuffle: the
         batch schedule's order (BatchSchedule)."""
@@ -138,7 +144,8 @@ class OptimizerRecipe:
         options = {} if loader is None else loader_options(loader)
         return cls(make_optimizer, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,
                    scheduler_factory=scheduler_factory, scheduler_step=scheduler_step, loader_options=options,
-                   rng_state=torch.get_rng_state(), description=description, shuffle=shuffle)
+                   rng_state=torch.get_rng_state(), description=description, shuffle=shuffle,
+                   clip_grad_norm=clip_grad_norm)
 
     # ---- the recipe interface -----------------------------------------------------------------------
 
@@ -208,6 +215,8 @@ class OptimizerRecipe:
                             on_step(step.step, step.ids, model)
                         optimizer.zero_grad()
                         self.batch_loss(data, model(to_device(x, device)), to_device(y, device)).backward()
+                        if self.clip_grad_norm is not None:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
                         optimizer.step()
                     if scheduler is not None and self.scheduler_step == "step":
                         scheduler.step()
@@ -235,14 +244,17 @@ class OptimizerRecipe:
         rng_state = torch.Generator().manual_seed(int(seed)).get_state()
         return OptimizerRecipe(make_tuned, epochs=epochs, batch_size=self.batch_size, seed=seed, loss=self.loss,
                                loader_options=self.loader_options, rng_state=rng_state,
+                               clip_grad_norm=self.clip_grad_norm,
                                description={**self.description, "scheduler": None, "param_groups": [
                                    {**g, "lr": lr_factor * float(g.get("initial_lr", g["lr"])), "initial_lr": None}
                                    for g in self.description.get("param_groups") or []] or None})
 
     def fingerprint(self) -> dict:
-        order = {} if self.shuffle else {"shuffle": False}  # a shuffled run's fingerprint as before
+        # Keys a run without them never had, so its fingerprint stays as before.
+        order = {} if self.shuffle else {"shuffle": False}
+        clip = {} if self.clip_grad_norm is None else {"clip_grad_norm": self.clip_grad_norm}
         return {**{k: v for k, v in self.description.items()}, "epochs": self.epochs,
-                "batch_size": self.batch_size, "seed": self.seed, **order}
+                "batch_size": self.batch_size, "seed": self.seed, **order, **clip}
 
 
 def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
