@@ -45,3 +45,23 @@ def test_a_request_on_a_dropout_model_ignores_and_keeps_the_processs_rng_state(m
     if method == "mini":
         assert answers[0][0] == "fallback"
     assert same_state(answers[0][1], answers[1][1])
+
+
+@pytest.mark.parametrize("method,store", [("mini", "mini_store"), ("deltagrad", "step_store")])
+def test_a_history_path_that_exists_is_refused_before_training_naming_the_fixes(method, store, tmp_path):
+    """A process that trains again after a restart passes the same path: removing it or
+    overwrite=True are the ways on, and the latter records the run as the first did."""
+    path = tmp_path / "history.bin"
+    path.write_bytes(b"recorded by an earlier process")
+    model = cnn("group")
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    with pytest.raises(FileExistsError, match=f"exists: .*Remove it.*ue.{store}\\(model, tier='disk'.*overwrite=True"):
+        engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader, method=method,
+                                epochs=EPOCHS, history=path)
+    assert engine.run is None
+    history = getattr(ue, store)(model, tier="disk", path=path, overwrite=True)
+    model, optimizer, loader = engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
+                                                       method=method, epochs=EPOCHS, history=history)
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    assert engine.unlearner().unlearn(FORGET).weights_changed

@@ -540,6 +540,10 @@ def _history_store(history, make, model, ddp):
         return history
     if isinstance(history, (str, os.PathLike)):
         path = os.fspath(history) if ddp is None else rank_history_path(history, ddp.rank)
+        if os.path.exists(path):  # refused by the store too, whose hint (HistoryStore.open) does not apply here
+            raise FileExistsError(f"history={path!r} exists: make_unlearnable records this run's history there "
+                                  f"anew. Remove it (a run trained again after a restart records it again), or pass "
+                                  f"history=ue.{make.__name__}(model, tier='disk', path=..., overwrite=True)")
         return make(model, tier="disk", path=path)
     raise TypeError(f"history must be a HistoryStore, a path or None, got {type(history).__name__}")
 
