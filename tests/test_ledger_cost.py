@@ -184,17 +184,14 @@ def test_resumed_request_rewrites_from_its_step_and_a_failed_commit_restores_the
     check = trainer.check_request([17, 300])
     if check.first_divergent_step is None:
         pytest.skip("request was certified; the resume is what this test needs")
-    real_write = ledger_module.atomic_write
 
-    def fail_on_ledger_json(path, write):
-        if path.endswith("ledger.json"):
-            raise OSError("disk full")
-        return real_write(path, write)
+    def fail_at_the_commit_point(journal, record):  # the record naming the new files is not written
+        raise OSError("disk full")
 
-    monkeypatch.setattr(ledger_module, "atomic_write", fail_on_ledger_json)
-    with pytest.raises(OSError, match="disk full"):
-        ledger.forget([17, 300])
-    monkeypatch.setattr(ledger_module, "atomic_write", real_write)
+    with monkeypatch.context() as m:
+        m.setattr(ledger_module.ledger_journal.Appender, "append", fail_at_the_commit_point)
+        with pytest.raises(OSError, match="disk full"):
+            ledger.forget([17, 300])
     assert same(ledger.unlearner.state_dict(), state) and sorted(os.listdir(tmp_path)) == files
     assert _answer(trainer.check_request([17, 300])) == _answer(check)  # the records are the committed ones
     parts = _stored(ledger)
