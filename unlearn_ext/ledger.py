@@ -152,8 +152,15 @@ def _own_copy(value):
     return value
 
 
+# Integer views of each element size: comparing them is comparing bytes (so 0.0 and -0.0, or two
+# NaNs, compare by their bits), and several times faster than comparing uint8 bytes.
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+    """`t`'s elements as integers holding the same bits (bytes when no integer type has their size)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(_SAME_SIZE_INT.get(flat.element_size(), torch.uint8))
 
 
 def _chunk_part(part: str, c: int) -> str:
