@@ -57,13 +57,12 @@ def read(path: str) -> tuple[list[dict], int, int]:
         where = f"record {len(records) + 1} (byte {at})"
         if head[:len(MAGIC)] != MAGIC or head[-1:] != b"\n" or head[-10:-9] != b" ":
             raise JournalDamaged(f"{where} does not start with a record header")
-        try:
-            crc = int(head[-9:-1], 16)
-            length = int(head[len(MAGIC) + 1:len(MAGIC) + 11])
-        except ValueError:
-            raise JournalDamaged(f"{where} has an unreadable header") from None
-        if zlib.crc32(head[:-10]) != crc:
+        if head[-9:-1] != b"%08x" % zlib.crc32(head[:-10]):  # compared as written ('b' and 'B' differ)
             raise JournalDamaged(f"{where}: its header does not match its crc32")
+        try:
+            length = int(head[len(MAGIC) + 1:len(MAGIC) + 11])
+        except ValueError:  # only if written so: the crc32 matched
+            raise JournalDamaged(f"{where} has an unreadable header") from None
         body = data[at + _HEADER_SIZE:at + _HEADER_SIZE + length]
         if len(body) < length:
             break  # torn inside the payload
