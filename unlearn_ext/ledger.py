@@ -376,7 +376,7 @@ class DeletionLedger:
             delta, record = _delta(self.ledger, staged, version, entry), None
             if self._journal is not None and self._journal.intact:
                 record = ledger_journal.encode(delta)
-                if self._journal.size + len(record) > max(FOLD_BYTES, self._snapshot_bytes):
+                if self._should_fold(len(record)):
                     record = None
             if record is not None:
                 self._journal.append(record)
@@ -401,6 +401,11 @@ class DeletionLedger:
             log.mark_clean(self)
         for name in replaced - {None}:
             _remove(os.path.join(self.directory, name))
+
+    def _should_fold(self, record_bytes: int) -> bool:
+        """Whether the journal, with a record of `record_bytes` more, outgrew both FOLD_BYTES and the
+        snapshot: folding costs the snapshot's size, so at most about one byte per byte appended."""
+        return self._journal.size + record_bytes > max(FOLD_BYTES, self._snapshot_bytes)
 
     def _fold(self, staged: dict, version: int, entry: dict | None, written: list) -> tuple[dict, object]:
         """Writes the whole ledger at `version` as a new snapshot naming a new, empty journal:
