@@ -11,7 +11,10 @@ import torch
 import unlearn_ext.ledger as ledger_module
 from unlearn_ext.ledger import LEDGER, DeletionLedger, LedgerCorruptError
 
+from unlearn_ext.pcmu import PCMUUnlearner
+
 from ledger_methods_setup import METHODS, InjectedFault, Setting, requests_without_timing, same
+from pcmu_settings import digits_trainer
 
 FIRST, SECOND = [3, 4], [5, 7, 20]
 
@@ -237,3 +240,52 @@ def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path, me
     with pytest.raises(ValueError, match=rf"not a deletion ledger of this version \(format '{old}', "
                                          r"expected 'unlearn_ext.ledger/7'\)"):
         DeletionLedger(s.unlearner(), str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["the fold's rename", "the append's fsync"])
+def test_a_commit_point_that_fails_after_its_write_keeps_the_ledger_openable(tmp_path, monkeypatch, where):
+    """A failure after the commit's write reached the file (the directory fsync after the fold's
+    rename; an fsync of the append whose record cannot be cut off again) is reported and rolled
+    back in memory, yet the disk may hold the request: its files stay, reopening gives the state
+    before or after it (never a damaged ledger), and the next commit (a fold) writes what memory
+    holds. (PCMU resuming training: the request writes part files, which the disk may name.)"""
+    def unlearner():
+        return PCMUUnlearner(digits_trainer().train(epochs=1))
+    many = list(range(0, 1400, 70))  # 5 ids per batch of 350, more than M = 3: training resumes
+    with DeletionLedger(unlearner(), str(tmp_path / "clean")) as clean:
+        clean.forget([3])
+        before = clean.unlearner.state_dict()
+        assert clean.forget(many).status == "retrained"
+        after = clean.unlearner.state_dict()
+    for reopen_at_once in (True, False):
+        directory = str(tmp_path / f"ledger-{reopen_at_once}")
+        ledger = DeletionLedger(unlearner(), directory)
+        ledger.forget([3])
+        with monkeypatch.context() as m:
+            if where == "the fold's rename":
+                real = ledger_module.atomic_write
+
+                def renamed_then_failed(path, write):
+                    real(path, write)
+                    if path.endswith(LEDGER):
+                        raise OSError("injected: fsync of the directory failed")
+                m.setattr(ledger_module, "atomic_write", renamed_then_failed)
+                m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
+            else:
+                def failed(*args):
+                    raise OSError("injected: fsync failed")
+                m.setattr(os, "fdatasync", failed)
+                m.setattr(os, "ftruncate", failed)
+            with pytest.raises(OSError, match="injected"):
+                ledger.forget(many)
+        assert same(ledger.unlearner.state_dict(), before)
+        if reopen_at_once:
+            ledger.close()
+            with DeletionLedger(unlearner(), directory) as reopened:
+                assert same(reopened.unlearner.state_dict(), after)  # the write reached the disk
+            continue
+        ledger.forget(many)  # the retry folds, superseding what the disk held
+        assert same(ledger.unlearner.state_dict(), after) and len(ledger.requests) == 2
+        ledger.close()
+        with DeletionLedger(unlearner(), directory) as reopened:
+            assert same(reopened.unlearner.state_dict(), after) and len(reopened.requests) == 2

@@ -365,6 +365,7 @@ class DeletionLedger:
             parts[part], digests[part] = name, digest
 
         logs = self.unlearner.logs()
+        record, folding = None, False
         try:
             for part, value in state.items():
                 if (part in parts or part in inline) and part in committed and _same_content(committed[part], value):
@@ -373,19 +374,29 @@ class DeletionLedger:
                 committed[part] = _own_copy(value)
             for part, log in logs.items():
                 self._stage_log(part, log, log_meta, parts, digests, inline, write)
-            delta, record = _delta(self.ledger, staged, version, entry), None
+            delta = _delta(self.ledger, staged, version, entry)
             if self._journal is not None and self._journal.intact:
                 record = ledger_journal.encode(delta)
                 if self._should_fold(len(record)):
                     record = None
+            folded = None
             if record is not None:
                 self._journal.append(record)
-                folded = None
             else:
-                folded = self._fold(staged, version, entry, written)
+                folding = True
+                folded = self._fold(staged, version, entry)
         except BaseException:
-            for name in written:  # not referenced by any ledger: safe to drop
-                _remove(os.path.join(self.directory, name))
+            if folding or (self._journal is not None and not self._journal.intact):
+                # The fold's snapshot may have been renamed into place (a failure after the rename),
+                # or an appended record could not be cut off again: the disk may name the new files.
+                # They stay (reopening removes those no ledger names), and the next commit folds,
+                # superseding whatever the disk holds with the state in memory.
+                if self._journal is not None:
+                    self._journal.close()
+                self._journal = None
+            else:
+                for name in written:  # not referenced by any ledger: safe to drop
+                    _remove(os.path.join(self.directory, name))
             raise
         # The disk now holds the new state: the request happened. What follows must not raise, or
         # the caller would roll memory back to a state the disk no longer holds.
@@ -407,14 +418,13 @@ class DeletionLedger:
         snapshot: folding costs the snapshot's size, so at most about one byte per byte appended."""
         return self._journal.size + record_bytes > max(FOLD_BYTES, self._snapshot_bytes)
 
-    def _fold(self, staged: dict, version: int, entry: dict | None, written: list) -> tuple[dict, object]:
+    def _fold(self, staged: dict, version: int, entry: dict | None) -> tuple[dict, object]:
         """Writes the whole ledger at `version` as a new snapshot naming a new, empty journal:
         the journal first (so the snapshot never names a missing one), then ledger.json replaced
         atomically. Returns (the ledger as a reader parses it, the journal's appender); the old
         journal is the caller's to remove."""
         name = f"journal-{version:06d}.log"
         path = os.path.join(self.directory, name)
-        written.append(name)
         ledger_journal.create(path)
         journal = ledger_journal.Appender(path, 0)
         try:
