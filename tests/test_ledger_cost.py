@@ -240,3 +240,23 @@ def test_a_part_changed_in_the_tensor_the_ledger_loaded_is_written(tmp_path):
     reopened = ToyUnlearner()
     DeletionLedger(reopened, str(tmp_path)).close()
     assert _bits(reopened.w) == w and w != _bits(torch.zeros(4))
+
+
+def test_a_request_certified_a_priori_reads_no_step_record(tmp_path, monkeypatch):
+    """The request path of a certified deletion (the check, the report, the commit) reads the
+    per-step arrays, never a step record, so its cost does not follow the records' size."""
+    trainer = synthetic_trainer().train(steps=12)
+    with DeletionLedger(PCMUUnlearner(trainer), str(tmp_path)) as ledger:
+        ledger.forget([1])
+
+        def no_reading(*args):
+            raise AssertionError("a step record was read")
+
+        with monkeypatch.context() as m:
+            for name in ("__getitem__", "__iter__"):
+                m.setattr(StepLog, name, no_reading)
+            assert ledger.forget([2]).how == "a-priori (m*)"
+        state = ledger.unlearner.state_dict()
+    reopened = PCMUUnlearner(synthetic_trainer())
+    DeletionLedger(reopened, str(tmp_path)).close()
+    assert same(reopened.state_dict(), state)
