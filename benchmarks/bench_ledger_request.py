@@ -8,10 +8,14 @@ Workload: the benchmark MLP 64-256-256-10 (85k parameters), 4,000 synthetic samp
 priori. Training 100k full-batch steps is out of reach here, so TRAINED steps are trained and their
 records repeated (renumbered, tensors shared) up to T: the request path reads only the per-step
 radii and the record count, never a record's values, and storage is shared, so the figures for the
-code that serializes every record understate its cost. Each request forgets one new id; the
-figure is the median over --requests requests after one warm-up. A committed request costs at
-least the fsyncs durability needs (two when only ledger.json changes): --dir /dev/shm (tmpfs, where
-fsync is free) shows the rest. Peak memory: the rise of the
+code that serializes every record understate its cost. --prior N commits N requests first (id 0,
+then repeats of it: 'already-forgotten', recorded all the same), for the cost against the number of
+requests the ledger already holds. Each measured request forgets one new id; the
+figure is the median over --requests requests after one warm-up, in wall time and in the
+process's CPU time (which a loaded machine disturbs less, and which leaves out waiting for the
+disk). A committed request costs at least the fsync durability needs (one journal append when only
+small parts change; two more per part file written): --dir /dev/shm (tmpfs, where fsync is free)
+shows the rest. Peak memory: the rise of the
 process's peak RSS (VmHWM, reset before each request) above its RSS before the request.
 Bytes per recorded step, of the TRAINED real (unshared) records: what they hold in memory
 (`record_bytes`) and what `torch.save` writes for them (a ledger's record files hold the same).
@@ -79,32 +83,38 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(steps: int, requests: int, where: str | None) -> dict:
+def measure(steps: int, requests: int, where: str | None, prior: int = 0) -> dict:
     trainer = _with_history(steps)
     with tempfile.TemporaryDirectory(dir=where) as directory:
         ledger = DeletionLedger(PCMUUnlearner(trainer), directory)
-        seconds, peaks = [], []
-        for i in range(requests + 1):
+        for _ in range(prior):
+            ledger.forget([0])
+        seconds, cpu_seconds, peaks = [], [], []
+        for i in range(1, requests + 2):
             can_reset = _reset_peak()
             rss = _rss_kib("VmRSS")
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             report = ledger.forget([i])
-            elapsed = time.perf_counter() - began
+            elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu_began
             if report.how != "a-priori (m*)":
                 raise RuntimeError(f"request {i} was not certified a priori: {report}")
-            if i:  # the first request is the warm-up
+            if i > 1:  # the first request is the warm-up
                 seconds.append(elapsed)
+                cpu_seconds.append(cpu)
                 if can_reset:
                     peaks.append(_rss_kib("VmHWM") - rss)
         ledger.close()
     return {"steps": steps, "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
-            "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests}
+            "cpu_median_ms": 1e3 * statistics.median(cpu_seconds),
+            "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests, "prior": prior}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--prior", type=int, nargs="+", default=[0],
+                        help="requests committed before the measured ones (one row per value)")
     parser.add_argument("--label", default="")
     parser.add_argument("--dir", default=None, help="where the ledger lives (default: the system's temp "
                         "directory); a tmpfs such as /dev/shm shows the cost without the disk's fsync")
@@ -112,8 +122,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     per_step = bytes_per_step()
-    for steps in args.steps:
-        row = {**measure(steps, args.requests, args.dir), **per_step}
+    for steps, prior in ((s, p) for s in args.steps for p in args.prior):
+        row = {**measure(steps, args.requests, args.dir, prior), **per_step}
         row.update(label=args.label, dir=args.dir or tempfile.gettempdir(), cpu=cpu, threads=torch.get_num_threads(),
                    avx2="avx2" in open("/proc/cpuinfo").read(), avx512="avx512f" in open("/proc/cpuinfo").read(),
                    code=os.path.dirname(os.path.abspath(__import__("unlearn_ext").__file__)))

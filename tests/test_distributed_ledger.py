@@ -5,7 +5,6 @@ leave every surviving rank's state and the ledger on disk as they were, and the 
 within the group's timeout instead of hanging."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -15,6 +14,7 @@ import torch
 from unlearn_ext import DeletionLedger
 from unlearn_ext.distributed import DistributedLedger, DistributedPCMUTrainer
 from unlearn_ext.distributed.ledger import state_digest
+from unlearn_ext.ledger import read_ledger
 from unlearn_ext.pcmu import PCMUTrainer, PCMUUnlearner
 from distributed_setup import GROUP_TIMEOUT_S, launch
 from pcmu_settings import digits_data
@@ -31,8 +31,12 @@ def _model():
 
 
 def _ledger_bytes(directory):
-    with open(os.path.join(directory, "ledger.json"), "rb") as f:
-        return f.read()
+    """Every file of the ledger (ledger.json, its journal, its parts), by name."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            out[name] = f.read()
+    return out
 
 
 def _attempt(call) -> tuple[str, float]:
@@ -87,8 +91,7 @@ def test_two_ranks_one_ledger_same_result_or_none():
             want = single.forget(FIRST)
             want_requests = [(r["status"], r["how"], r["ids"]) for r in single.requests]
         got = launch(ledger_worker, 2, TIMEOUT_S, x, y, job_dir, may_die=(1,))
-        with open(os.path.join(job_dir, "ledger.json")) as f:
-            committed = json.load(f)["requests"]
+        committed = read_ledger(job_dir)["requests"]
     rank0 = got[0]
     assert got[1] is None  # rank 1 died on purpose
     assert rank0["report"] == (want.status, want.how) and want.status == "retrained"

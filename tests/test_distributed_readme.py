@@ -2,11 +2,12 @@
 so the examples' own init and destroy lines are the only ones left out), in a temporary directory."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import pytest
+
+from unlearn_ext.ledger import read_ledger
 
 from distributed_setup import launch
 from test_readme import example
@@ -30,8 +31,7 @@ def test_distributed_example_runs_on_two_ranks():
     code = code.replace(INIT, "").replace("dist.destroy_process_group()", "")
     with tempfile.TemporaryDirectory() as directory:
         got = launch(readme_worker, 2, TIMEOUT_S, code, directory)
-        with open(os.path.join(directory, "deletions", "ledger.json")) as f:
-            requests = json.load(f)["requests"]
+        requests = read_ledger(os.path.join(directory, "deletions"))["requests"]
     assert got[0]["status"] == got[1]["status"] == requests[0]["status"]
     assert [r["ids"] for r in requests] == [[3, 17, 42]]
     assert got[0]["k"] == got[1]["k"] == sum(g["reset"] for g in got) > 0

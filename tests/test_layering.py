@@ -16,6 +16,7 @@ from test_layout import PACKAGE, ROOT, internal_imports, module_name
 # Bottom to top. A module belongs to the first entry that is its name or a package above it.
 LAYERS = [
     ("formats", ["unlearn_ext.codec_format", "unlearn_ext.rng_format", "unlearn_ext.radix", "unlearn_ext.durable",
+                 "unlearn_ext.ledger_journal",
                  "unlearn_ext.parameters", "unlearn_ext.forward"]),
     ("reference", ["unlearn_ext.reference"]),
     ("ops", ["unlearn_ext.ops", "unlearn_ext.checks", "unlearn_ext.rng", "unlearn_ext.selection",

@@ -1,13 +1,12 @@
 """Prompt deletion through the generic ledger (PCMU as the Unlearner): defined answers for every
 kind of request, and a ledger that survives a restart, a crash in the middle of a request, a
 directory it cannot write, and a second writer."""
-import json
 import os
 
 import pytest
 import torch
 
-from unlearn_ext.ledger import LEDGER, DeletionLedger, LedgerInUseError
+from unlearn_ext.ledger import DeletionLedger, LedgerInUseError, read_ledger
 from unlearn_ext.pcmu import PCMUUnlearner
 from unlearn_ext.unlearner import UnknownIdsError
 
@@ -92,8 +91,7 @@ def test_ledger_survives_a_restart(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(params, fresh.params))
     assert fresh.steps_done == trainer.steps_done
     assert reopened.forget([10]).status == "already-forgotten"
-    with open(os.path.join(tmp_path, LEDGER)) as f:
-        assert len(json.load(f)["requests"]) == 3
+    assert len(read_ledger(str(tmp_path))["requests"]) == 3
 
 
 def test_crash_while_saving_keeps_the_previous_ledger(tmp_path, monkeypatch):

@@ -184,17 +184,14 @@ def test_resumed_request_rewrites_from_its_step_and_a_failed_commit_restores_the
     check = trainer.check_request([17, 300])
     if check.first_divergent_step is None:
         pytest.skip("request was certified; the resume is what this test needs")
-    real_write = ledger_module.atomic_write
 
-    def fail_on_ledger_json(path, write):
-        if path.endswith("ledger.json"):
-            raise OSError("disk full")
-        return real_write(path, write)
+    def fail_at_the_commit_point(journal, record):  # the record naming the new files is not written
+        raise OSError("disk full")
 
-    monkeypatch.setattr(ledger_module, "atomic_write", fail_on_ledger_json)
-    with pytest.raises(OSError, match="disk full"):
-        ledger.forget([17, 300])
-    monkeypatch.setattr(ledger_module, "atomic_write", real_write)
+    with monkeypatch.context() as m:
+        m.setattr(ledger_module.ledger_journal.Appender, "append", fail_at_the_commit_point)
+        with pytest.raises(OSError, match="disk full"):
+            ledger.forget([17, 300])
     assert same(ledger.unlearner.state_dict(), state) and sorted(os.listdir(tmp_path)) == files
     assert _answer(trainer.check_request([17, 300])) == _answer(check)  # the records are the committed ones
     parts = _stored(ledger)
@@ -243,3 +240,23 @@ def test_a_part_changed_in_the_tensor_the_ledger_loaded_is_written(tmp_path):
     reopened = ToyUnlearner()
     DeletionLedger(reopened, str(tmp_path)).close()
     assert _bits(reopened.w) == w and w != _bits(torch.zeros(4))
+
+
+def test_a_request_certified_a_priori_reads_no_step_record(tmp_path, monkeypatch):
+    """The request path of a certified deletion (the check, the report, the commit) reads the
+    per-step arrays, never a step record, so its cost does not follow the records' size."""
+    trainer = synthetic_trainer().train(steps=12)
+    with DeletionLedger(PCMUUnlearner(trainer), str(tmp_path)) as ledger:
+        ledger.forget([1])
+
+        def no_reading(*args):
+            raise AssertionError("a step record was read")
+
+        with monkeypatch.context() as m:
+            for name in ("__getitem__", "__iter__"):
+                m.setattr(StepLog, name, no_reading)
+            assert ledger.forget([2]).how == "a-priori (m*)"
+        state = ledger.unlearner.state_dict()
+    reopened = PCMUUnlearner(synthetic_trainer())
+    DeletionLedger(reopened, str(tmp_path)).close()
+    assert same(reopened.state_dict(), state)

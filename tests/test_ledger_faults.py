@@ -11,7 +11,10 @@ import torch
 import unlearn_ext.ledger as ledger_module
 from unlearn_ext.ledger import LEDGER, DeletionLedger, LedgerCorruptError
 
+from unlearn_ext.pcmu import PCMUUnlearner
+
 from ledger_methods_setup import METHODS, InjectedFault, Setting, requests_without_timing, same
+from pcmu_settings import digits_trainer
 
 FIRST, SECOND = [3, 4], [5, 7, 20]
 
@@ -61,10 +64,12 @@ def test_failure_inside_forget_leaves_everything_as_before_and_the_retry_equals_
         assert disk(tmp_path / "faulty") == files, f"{method}: disk changed by a failure at the {where}"
         assert ledger.forgotten == FIRST and len(ledger.requests) == 1
 
-    def failing_write(path, write):
+    def failing_write(*args):
         raise OSError("injected failure while committing")
 
+    # Every write of a commit fails: its part files and its journal record (or a fold's snapshot).
     monkeypatch.setattr(ledger_module, "atomic_write", failing_write)
+    monkeypatch.setattr(ledger_module.ledger_journal.Appender, "append", failing_write)
     with pytest.raises(OSError, match="injected failure while committing"):
         ledger.forget(SECOND)
     monkeypatch.undo()
@@ -92,17 +97,25 @@ def _truncate(path, size: int) -> None:
 
 
 @pytest.mark.parametrize("method", ["pcmu", "topk", "deltagrad"])
-def test_every_damaged_ledger_is_refused_naming_the_ledger_file(method, tmp_path):
-    """Bit flips spread over every file the ledger names, and truncations of each: every reopen
-    either refuses with LedgerCorruptError naming ledger.json or (never, here: every byte is
-    covered by a checksum) gives exactly the committed state."""
+def test_every_damaged_ledger_is_refused_naming_the_ledger_file(method, tmp_path, caplog):
+    """Bit flips spread over every file the ledger names (ledger.json, its journal, its parts), and
+    truncations of each. A flip is always refused with LedgerCorruptError naming ledger.json (every
+    byte is covered by a checksum), and so is a truncated snapshot or part file. A truncated
+    journal is what a crash during an append leaves: it loads exactly the state of an earlier
+    commit, never other state, with a warning naming the journal when the cut is inside a record
+    (a cut between records cannot be told from a journal that ended there), or, where that
+    commit's replaced part files are gone (PCMU's records), is refused."""
     s = setting(method)
     directory = tmp_path / "ledger"
     with DeletionLedger(s.unlearner(), str(directory)) as ledger:
+        commits = [ledger.unlearner.state_dict()]
         ledger.forget(FIRST)
+        commits.append(ledger.unlearner.state_dict())
         ledger.forget(SECOND)
-        committed = ledger.unlearner.state_dict()
+        commits.append(ledger.unlearner.state_dict())
+        journal = ledger.ledger["journal"]
     pristine = disk(directory)
+    assert pristine[journal], "the requests left no journal records: the test exercises nothing"
     files = [LEDGER] + sorted(n for n in pristine if n != LEDGER)
     damages = []
     for name in files:
@@ -116,24 +129,39 @@ def test_every_damaged_ledger_is_refused_naming_the_ledger_file(method, tmp_path
                 f.write(blob)
         (_flip if how == "flip" else _truncate)(directory / name, where)
         unlearner = s.unlearner()
+        caplog.clear()
         try:
             DeletionLedger(unlearner, str(directory)).close()
         except LedgerCorruptError as exc:
             assert str(directory / LEDGER) in str(exc), str(exc)
             refused += 1
             continue
-        assert same(unlearner.state_dict(), committed), f"{how} of {name} at {where} loaded other state"
-    assert refused == len(damages)  # every byte is covered by a checksum
+        assert name == journal and how == "truncate", f"{how} of {name} at {where} was not refused"
+        assert any(same(unlearner.state_dict(), c) for c in commits), f"{how} of {name} at {where} loaded other state"
+        cut_inside_a_record = where not in _record_ends(pristine[journal])
+        assert (journal in caplog.text and "torn" in caplog.text) == cut_inside_a_record, (where, caplog.text)
+    journal_cuts = sum(name == journal and how == "truncate" for name, how, _ in damages)
+    assert refused >= len(damages) - journal_cuts
+
+
+def _record_ends(journal: bytes) -> set:
+    """Offsets where a whole record of the journal ends (0 included)."""
+    ends, at = {0}, 0
+    while at < len(journal):
+        at += ledger_module.ledger_journal._HEADER_SIZE + int(journal[at + 5:at + 15])
+        ends.add(at)
+    return ends
 
 
 def test_unreferenced_part_files_are_removed_on_reopen(tmp_path):
-    """A crash after ledger.json was replaced but before the replaced part files were removed
-    leaves them behind; reopening removes every part file the ledger does not name."""
+    """A crash after a commit was durable but before the part files (or the journal) it replaced
+    were removed leaves them behind; reopening removes every such file the ledger does not name."""
     s = setting("topk")
     with DeletionLedger(s.unlearner(), str(tmp_path)) as ledger:
         ledger.forget(FIRST)
-        named = set(ledger.ledger["parts"].values())
-    stale = ["params-000000.pt", "forgotten-000001.pt", "buffers-000009.pt.tmp", LEDGER + ".tmp"]
+        named = set(ledger.ledger["parts"].values()) | {ledger.ledger["journal"]}
+    stale = ["params-000000.pt", "forgotten-000001.pt", "buffers-000009.pt.tmp", LEDGER + ".tmp",
+             "journal-000000.log", "journal-1234567.log"]
     for name in stale:
         (tmp_path / name).write_bytes(b"left by a crash")
     (tmp_path / "notes.txt").write_text("not the ledger's")
@@ -144,16 +172,18 @@ def test_unreferenced_part_files_are_removed_on_reopen(tmp_path):
 
 
 def test_a_flipped_bit_in_the_request_log_is_refused(tmp_path):
-    """One bit in ledger.json that turns a forgotten id into another (the log and the forgotten set
-    then disagree) is refused, not accepted."""
+    """One bit in the request's journal record that turns a forgotten id into another (the log and
+    the forgotten set then disagree) is refused, naming the record, not accepted."""
     s = setting("pcmu")
     with DeletionLedger(s.unlearner(), str(tmp_path)) as ledger:
         ledger.forget([17])
-    text = (tmp_path / LEDGER).read_text()
-    changed = re.sub(r'("ids": \[\s*)17', r"\g<1>57", text, count=1)  # '1' -> '5': one bit
+        journal = tmp_path / ledger.ledger["journal"]
+    text = journal.read_text()
+    changed = re.sub(r'("ids":\[)17', r"\g<1>57", text, count=1)  # '1' -> '5': one bit
     assert changed != text
-    (tmp_path / LEDGER).write_text(changed)
-    with pytest.raises(LedgerCorruptError, match="ledger.json is damaged.*sha256"):
+    journal.write_text(changed)
+    with pytest.raises(LedgerCorruptError, match=r"ledger.json is damaged: its journal journal-\d+\.log: record 1 "
+                                                 r"\(byte 0\) does not match its sha256"):
         DeletionLedger(s.unlearner(), str(tmp_path))
 
 
@@ -205,8 +235,57 @@ def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path, me
         ledger.forget(FIRST)
     path = tmp_path / LEDGER
     text = path.read_text()
-    assert ledger_module.FORMAT in text and ledger_module.FORMAT == "unlearn_ext.ledger/6"
+    assert ledger_module.FORMAT in text and ledger_module.FORMAT == "unlearn_ext.ledger/7"
     path.write_text(text.replace(ledger_module.FORMAT, old))
     with pytest.raises(ValueError, match=rf"not a deletion ledger of this version \(format '{old}', "
-                                         r"expected 'unlearn_ext.ledger/6'\)"):
+                                         r"expected 'unlearn_ext.ledger/7'\)"):
         DeletionLedger(s.unlearner(), str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["the fold's rename", "the append's fsync"])
+def test_a_commit_point_that_fails_after_its_write_keeps_the_ledger_openable(tmp_path, monkeypatch, where):
+    """A failure after the commit's write reached the file (the directory fsync after the fold's
+    rename; an fsync of the append whose record cannot be cut off again) is reported and rolled
+    back in memory, yet the disk may hold the request: its files stay, reopening gives the state
+    before or after it (never a damaged ledger), and the next commit (a fold) writes what memory
+    holds. (PCMU resuming training: the request writes part files, which the disk may name.)"""
+    def unlearner():
+        return PCMUUnlearner(digits_trainer().train(epochs=1))
+    many = list(range(0, 1400, 70))  # 5 ids per batch of 350, more than M = 3: training resumes
+    with DeletionLedger(unlearner(), str(tmp_path / "clean")) as clean:
+        clean.forget([3])
+        before = clean.unlearner.state_dict()
+        assert clean.forget(many).status == "retrained"
+        after = clean.unlearner.state_dict()
+    for reopen_at_once in (True, False):
+        directory = str(tmp_path / f"ledger-{reopen_at_once}")
+        ledger = DeletionLedger(unlearner(), directory)
+        ledger.forget([3])
+        with monkeypatch.context() as m:
+            if where == "the fold's rename":
+                real = ledger_module.atomic_write
+
+                def renamed_then_failed(path, write):
+                    real(path, write)
+                    if path.endswith(LEDGER):
+                        raise OSError("injected: fsync of the directory failed")
+                m.setattr(ledger_module, "atomic_write", renamed_then_failed)
+                m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
+            else:
+                def failed(*args):
+                    raise OSError("injected: fsync failed")
+                m.setattr(os, "fdatasync", failed)
+                m.setattr(os, "ftruncate", failed)
+            with pytest.raises(OSError, match="injected"):
+                ledger.forget(many)
+        assert same(ledger.unlearner.state_dict(), before)
+        if reopen_at_once:
+            ledger.close()
+            with DeletionLedger(unlearner(), directory) as reopened:
+                assert same(reopened.unlearner.state_dict(), after)  # the write reached the disk
+            continue
+        ledger.forget(many)  # the retry folds, superseding what the disk held
+        assert same(ledger.unlearner.state_dict(), after) and len(ledger.requests) == 2
+        ledger.close()
+        with DeletionLedger(unlearner(), directory) as reopened:
+            assert same(reopened.unlearner.state_dict(), after) and len(reopened.requests) == 2

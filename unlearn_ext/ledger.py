@@ -10,16 +10,22 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
   * Durability: a request takes effect only once committed. The unlearner's state is split into
     parts (weights, records, forgotten ids...); a commit writes a new file only for each part whose
     content changed (a certified PCMU deletion writes the forgotten ids, not the weights), then
-    replaces `ledger.json` atomically (write, fsync, rename, fsync the directory) pointing at the
-    new files, then removes files no longer referenced. A crash at any point leaves the previous
-    ledger and every file it names intact.
+    appends one record to the commit journal that `ledger.json` names (ledger_journal.py): what
+    the commit changed (the request, the parts' new files or inline values), checksummed, made
+    durable by one fsync; then removes files no longer referenced. Now and then (when the journal
+    outgrows max(FOLD_BYTES, the snapshot)) a commit folds instead: a fresh empty journal, then
+    `ledger.json` replaced atomically (write, fsync, rename, fsync the directory) by the full
+    state naming it, then the old journal removed. A crash at any point leaves the previous
+    ledger and every file it names intact; an append cut short by a crash (a torn tail: that
+    commit never returned) is dropped on reopening, with a warning naming the journal.
   * Cost of a request: what it changed, not the history's length. A part is compared bit for bit
     with the value the ledger last committed (kept in memory; a part that shares memory with it
     counts as changed), so unchanged parts are neither serialized nor hashed. A method's history
     (PCMU's step records) is a `StepLog` (`Unlearner.logs()`): stored in files of LOG_CHUNK entries,
     and a commit rewrites only the chunks from the log's first changed entry on; its rollback undoes
     only what the request changed. Parts of at most INLINE_BYTES serialized live inside
-    `ledger.json` itself ("inline", base64), so a certified deletion is one atomic write.
+    `ledger.json` or the journal itself ("inline", base64), so a certified deletion is one
+    journal record and one fsync, whatever the history's length or the number of requests.
   * No half-applied requests: if anything fails — the method itself partway (an exception in the
     loss during a repair, a refused non-finite result) or the commit (full disk, read-only
     directory) — the unlearner (weights, buffers, counters, forgotten ids) is restored to its state
@@ -30,11 +36,14 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
     (build the same unlearner — model, data, configuration — and pass it). State of another method
     or configuration is refused, naming the fields that differ. Files load with
     torch.load(weights_only=True): loading never runs code.
-  * Integrity: `ledger.json` carries a sha256 of its own content and one per part file; reopening
-    checks every one before anything is loaded, so a damaged ledger (a flipped bit, a truncated
-    file, a missing part) is refused with one `LedgerCorruptError` naming `ledger.json`, and an
-    intact one gives exactly the committed state. Part files no ledger names (left by a crash
-    between replacing `ledger.json` and removing the files it replaced) are removed on reopening.
+  * Integrity: `ledger.json` carries a sha256 of its own content, each journal record its own
+    checksums, and both a sha256 per part file; reopening checks every one before anything is
+    loaded, so a damaged ledger (a flipped bit, a truncated snapshot or part, a missing file) is
+    refused with one `LedgerCorruptError` naming `ledger.json` (and the journal record, when that
+    is the damaged one), and an intact one gives exactly the committed state. A journal cut short
+    is read as the crash it looks like (a torn tail is dropped, with a warning; whole records cut
+    off cannot be told from never written). Part and journal files no ledger names (left by a
+    crash between a commit's steps) are removed on reopening.
   * One writer: the directory is locked (fcntl) while a ledger is open; a second process gets a
     clear error instead of interleaving commits.
 """
@@ -53,6 +62,7 @@ import logging
 
 import torch
 
+from . import ledger_journal
 from .durable import atomic_write
 from .step_log import StepLog
 from .unlearner import Unlearner, UnlearnReport
@@ -62,9 +72,15 @@ logger = logging.getLogger("unlearn_ext")
 LEDGER = "ledger.json"
 LOCK = "ledger.lock"
 # 5: every method's state by parameter name and one fingerprint shape (the Unlearner contract);
-# 6: PCMU's step records hold no batch ids (its schedule and "exclusions" part give them).
+# 6: PCMU's step records hold no batch ids (its schedule and "exclusions" part give them);
+# 7: commits are records appended to a journal that ledger.json (a snapshot) names.
+# Format 6 is format 7's snapshot without a journal: it is read, and its first commit writes 7.
 # A ledger of an earlier format is refused with that reason rather than loaded as other state.
-FORMAT = "unlearn_ext.ledger/6"
+FORMAT = "unlearn_ext.ledger/7"
+READABLE_FORMATS = (FORMAT, "unlearn_ext.ledger/6")
+# A commit folds the journal into a new snapshot once the journal would outgrow both this and the
+# snapshot: a fold costs the snapshot's size, so this bounds its share of each commit.
+FOLD_BYTES = 1 << 20
 # Entries per file of a log part: a commit rewrites the chunks from the first changed entry on, so
 # an appended or untouched history costs at most one chunk per request.
 LOG_CHUNK = 1024
@@ -73,7 +89,11 @@ LOG_CHUNK = 1024
 INLINE_BYTES = 4096
 CHECKSUM = "ledger_sha256"  # the ledger's own digest: sha256 of its canonical JSON without this key
 # The files a ledger writes: '<part>-<version>.pt' (and their '.tmp' while being written).
-_PART_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*-\d{6}\.pt(\.tmp)?$")
+_PART_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*-\d{6,}\.pt(\.tmp)?$")
+# Its journals: 'journal-<version of the snapshot naming it>.log'.
+_JOURNAL_FILE = re.compile(r"^journal-\d{6,}\.log$")
+# What a journal record updates: the ledger's maps from part to file, digest, inline value, log layout.
+_MAPS = ("parts", "digests", "inline", "logs")
 
 
 class LedgerInUseError(RuntimeError):
@@ -132,8 +152,15 @@ def _own_copy(value):
     return value
 
 
+# Integer views of each element size: comparing them is comparing bytes (so 0.0 and -0.0, or two
+# NaNs, compare by their bits), and several times faster than comparing uint8 bytes.
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+    """`t`'s elements as integers holding the same bits (bytes when no integer type has their size)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(_SAME_SIZE_INT.get(flat.element_size(), torch.uint8))
 
 
 def _chunk_part(part: str, c: int) -> str:
@@ -150,6 +177,9 @@ def _canonical(ledger: dict) -> bytes:
 class DeletionLedger:
     def __init__(self, unlearner: Unlearner, directory: str):
         self.unlearner, self.directory = unlearner, directory
+        # The journal the next commit appends to; None: the next commit folds (writes a snapshot
+        # naming a fresh journal). _snapshot_bytes: the size of ledger.json (the fold threshold).
+        self._journal, self._snapshot_bytes = None, 0
         os.makedirs(directory, exist_ok=True)
         self._lock_file = self._lock(directory)
         path = os.path.join(directory, LEDGER)
@@ -160,7 +190,7 @@ class DeletionLedger:
             else:
                 self.ledger = {"format": FORMAT, "method": unlearner.method,
                                "fingerprint": unlearner.fingerprint(), "requests": [], "parts": {},
-                               "digests": {}, "inline": {}, "logs": {}, "version": 0}
+                               "digests": {}, "inline": {}, "logs": {}, "version": 0, "journal": None}
                 self._committed = {}
                 self._check_writable()
                 self._commit(unlearner.state_dict_without_logs())
@@ -181,24 +211,13 @@ class DeletionLedger:
                                    "another DeletionLedger); close it first") from None
         return f
 
-    def _read_verified(self, path: str) -> tuple[dict, dict]:
-        """(the ledger, its parts' saved values), after checking every checksum; any damage raises
-        LedgerCorruptError naming `path`, before anything is loaded into the unlearner."""
+    def _read_verified(self, path: str) -> tuple[dict, dict, tuple[int, int]]:
+        """(the ledger, its parts' saved values, (end, size) of its journal's whole records and of
+        the file), after checking every checksum; any damage raises LedgerCorruptError naming
+        `path`, before anything is loaded into the unlearner."""
         def damaged(what: str) -> LedgerCorruptError:
-            return LedgerCorruptError(f"the deletion ledger {path} is damaged: {what}; nothing was loaded "
-                                      "(restore the directory from a backup)")
-        try:
-            with open(path, "rb") as f:
-                ledger = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise damaged(f"it is not valid JSON ({exc})") from None
-        if not isinstance(ledger, dict):
-            raise damaged("it does not hold a JSON object")
-        if ledger.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a deletion ledger of this version (format "
-                             f"{ledger.get('format')!r}, expected {FORMAT!r})")
-        if ledger.get(CHECKSUM) != hashlib.sha256(_canonical(ledger)).hexdigest():
-            raise damaged("its content does not match its own sha256 (a changed or cut-off record)")
+            return _damaged(path, what)
+        ledger, self._snapshot_bytes, journal = _read_ledger(path)
         state = {}
         for part, name in ledger["parts"].items():
             try:
@@ -222,10 +241,10 @@ class DeletionLedger:
             if len(entries) != meta["length"]:
                 raise damaged(f"log {part!r} holds {len(entries)} entries, the ledger recorded {meta['length']}")
             state[part] = entries
-        return ledger, state
+        return ledger, state, journal
 
     def _restore(self, path: str) -> None:
-        ledger, state = self._read_verified(path)
+        ledger, state, (end, size) = self._read_verified(path)
         want = {"method": self.unlearner.method, **self.unlearner.fingerprint()}
         have = {"method": ledger.get("method"), **ledger.get("fingerprint", {})}
         # JSON turns tuples into lists: compare through one JSON round trip.
@@ -248,13 +267,31 @@ class DeletionLedger:
         for part, log in logs.items():
             if part in ledger.get("logs", {}):
                 log.mark_clean(self)
+        if ledger["journal"] is not None:
+            self._open_journal(os.path.join(self.directory, ledger["journal"]), end, size)
+
+    def _open_journal(self, path: str, end: int, size: int) -> None:
+        """Appends go to `path` from `end` on; a torn tail (end < size: an append a crash cut short,
+        whose commit never returned) is cut off first. If the journal cannot be opened for writing,
+        the next commit folds into a fresh one (and says why, if it cannot either)."""
+        try:
+            if end < size:
+                logger.warning("ledger: the journal %s ends in a torn record (bytes %d..%d: a commit that a "
+                               "crash interrupted, which never returned); it is dropped", path, end, size)
+                ledger_journal.cut(path, end)
+            self._journal = ledger_journal.Appender(path, end)
+        except OSError as error:
+            logger.warning("ledger: cannot append to the journal %s (%s); the next commit writes a new one",
+                           path, error)
+            self._journal = None
 
     def _remove_unreferenced(self) -> None:
-        """Drops part files (and temporaries) that the ledger does not name: a crash after
-        `ledger.json` was replaced but before the files it replaced were removed leaves them."""
-        keep = set(self.ledger["parts"].values())
+        """Drops part files (and temporaries) and journals that the ledger does not name: a crash
+        after a commit's new state was durable but before the files it replaced were removed
+        leaves them."""
+        keep = set(self.ledger["parts"].values()) | {self.ledger["journal"]}
         for name in os.listdir(self.directory):
-            if _PART_FILE.match(name) and name not in keep:
+            if (_PART_FILE.match(name) or _JOURNAL_FILE.match(name)) and name not in keep:
                 _remove(os.path.join(self.directory, name))
         _remove(os.path.join(self.directory, LEDGER + ".tmp"))
 
@@ -302,11 +339,15 @@ class DeletionLedger:
 
     def _commit(self, state: dict, entry: dict | None = None) -> None:
         """Changed parts (of `state`, without logs, and of the unlearner's logs) to new files, then
-        the ledger pointing at them, then drop replaced files."""
+        one journal record saying so (or, now and then, a fold: a new snapshot), then drop
+        replaced files."""
         version = self.ledger["version"] + 1
-        parts, digests = dict(self.ledger["parts"]), dict(self.ledger["digests"])
-        inline, log_meta, committed = dict(self.ledger["inline"]), dict(self.ledger["logs"]), dict(self._committed)
+        staged = {key: dict(self.ledger[key]) for key in _MAPS}
+        parts, digests, inline, log_meta = (staged[key] for key in _MAPS)
+        committed = dict(self._committed)
         written = []
+        if entry is not None:  # as a reader parses it (JSON turns tuples into lists...)
+            entry = json.loads(json.dumps(entry, default=float))
 
         def write(part: str, value) -> None:
             blob = _serialize(value)
@@ -324,6 +365,7 @@ class DeletionLedger:
             parts[part], digests[part] = name, digest
 
         logs = self.unlearner.logs()
+        record, folding = None, False
         try:
             for part, value in state.items():
                 if (part in parts or part in inline) and part in committed and _same_content(committed[part], value):
@@ -332,7 +374,61 @@ class DeletionLedger:
                 committed[part] = _own_copy(value)
             for part, log in logs.items():
                 self._stage_log(part, log, log_meta, parts, digests, inline, write)
-            ledger = dict(self.ledger, parts=parts, digests=digests, inline=inline, logs=log_meta, version=version,
+            delta = _delta(self.ledger, staged, version, entry)
+            if self._journal is not None and self._journal.intact:
+                record = ledger_journal.encode(delta)
+                if self._should_fold(len(record)):
+                    record = None
+            folded = None
+            if record is not None:
+                self._journal.append(record)
+            else:
+                folding = True
+                folded = self._fold(staged, version, entry)
+        except BaseException:
+            if folding or (self._journal is not None and not self._journal.intact):
+                # The fold's snapshot may have been renamed into place (a failure after the rename),
+                # or an appended record could not be cut off again: the disk may name the new files.
+                # They stay (reopening removes those no ledger names), and the next commit folds,
+                # superseding whatever the disk holds with the state in memory.
+                if self._journal is not None:
+                    self._journal.close()
+                self._journal = None
+            else:
+                for name in written:  # not referenced by any ledger: safe to drop
+                    _remove(os.path.join(self.directory, name))
+            raise
+        # The disk now holds the new state: the request happened. What follows must not raise, or
+        # the caller would roll memory back to a state the disk no longer holds.
+        replaced = set(self.ledger["parts"].values()) - set(parts.values())
+        if folded is None:
+            _apply(self.ledger, delta)
+        else:
+            ledger, journal = folded
+            replaced.add(self.ledger["journal"])
+            self._journal, self.ledger = journal, ledger
+        self._committed = committed
+        for log in logs.values():
+            log.mark_clean(self)
+        for name in replaced - {None}:
+            _remove(os.path.join(self.directory, name))
+
+    def _should_fold(self, record_bytes: int) -> bool:
+        """Whether the journal, with a record of `record_bytes` more, outgrew both FOLD_BYTES and the
+        snapshot: folding costs the snapshot's size, so at most about one byte per byte appended."""
+        return self._journal.size + record_bytes > max(FOLD_BYTES, self._snapshot_bytes)
+
+    def _fold(self, staged: dict, version: int, entry: dict | None) -> tuple[dict, object]:
+        """Writes the whole ledger at `version` as a new snapshot naming a new, empty journal:
+        the journal first (so the snapshot never names a missing one), then ledger.json replaced
+        atomically. Returns (the ledger as a reader parses it, the journal's appender); the old
+        journal is the caller's to remove."""
+        name = f"journal-{version:06d}.log"
+        path = os.path.join(self.directory, name)
+        ledger_journal.create(path)
+        journal = ledger_journal.Appender(path, 0)
+        try:
+            ledger = dict(self.ledger, **staged, format=FORMAT, version=version, journal=name,
                           requests=self.requests + ([entry] if entry is not None else []))
             ledger.pop(CHECKSUM, None)
             # Through one JSON round trip, so the checksum covers exactly what a reader parses.
@@ -341,17 +437,12 @@ class DeletionLedger:
             text = json.dumps(ledger, indent=1).encode()
             atomic_write(os.path.join(self.directory, LEDGER), lambda f: f.write(text))
         except BaseException:
-            for name in written:  # not referenced by any ledger: safe to drop
-                _remove(os.path.join(self.directory, name))
+            journal.close()
             raise
-        # ledger.json now names the new state: the request happened. What follows must not raise,
-        # or the caller would roll memory back to a state the disk no longer holds.
-        replaced = set(self.ledger["parts"].values()) - set(parts.values())
-        self.ledger, self._committed = ledger, committed
-        for log in logs.values():
-            log.mark_clean(self)
-        for name in replaced:
-            _remove(os.path.join(self.directory, name))
+        if self._journal is not None:
+            self._journal.close()
+        self._snapshot_bytes = len(text)
+        return ledger, journal
 
     def _stage_log(self, part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, inline: dict,
                    write) -> None:
@@ -376,6 +467,9 @@ class DeletionLedger:
 
     def close(self) -> None:
         """Releases the directory lock (a process that exits releases it too)."""
+        if getattr(self, "_journal", None) is not None:
+            self._journal.close()
+            self._journal = None
         if getattr(self, "_lock_file", None) is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -388,6 +482,83 @@ class DeletionLedger:
 
     def __del__(self):
         self.close()
+
+
+def read_ledger(directory: str) -> dict:
+    """The ledger committed in `directory` as a dict ("requests": every committed request's entry,
+    in order; "parts", "inline", "logs": where the state's parts are): ledger.json with its
+    journal's records applied, every checksum of both checked (LedgerCorruptError otherwise). Part
+    files are not read, nothing is locked or written (a torn journal tail is left out)."""
+    return _read_ledger(os.path.join(directory, LEDGER))[0]
+
+
+def _damaged(path: str, what: str) -> LedgerCorruptError:
+    return LedgerCorruptError(f"the deletion ledger {path} is damaged: {what}; nothing was loaded "
+                              "(restore the directory from a backup)")
+
+
+def _read_ledger(path: str) -> tuple[dict, int, tuple[int, int]]:
+    """(the ledger: the snapshot at `path` with its journal applied, the snapshot's size, (end,
+    size) of the journal's whole records and of the file), every checksum checked."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+        ledger = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"it is not valid JSON ({exc})") from None
+    if not isinstance(ledger, dict):
+        raise _damaged(path, "it does not hold a JSON object")
+    if ledger.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path} is not a deletion ledger of this version (format "
+                         f"{ledger.get('format')!r}, expected {FORMAT!r})")
+    if ledger.get(CHECKSUM) != hashlib.sha256(_canonical(ledger)).hexdigest():
+        raise _damaged(path, "its content does not match its own sha256 (a changed or cut-off record)")
+    ledger.setdefault("journal", None)  # format 6: no journal
+    if ledger["journal"] is None:
+        return ledger, len(text), (0, 0)
+    name = ledger["journal"]
+    try:
+        records, end, size = ledger_journal.read(os.path.join(os.path.dirname(path), name))
+    except OSError as exc:
+        raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
+    except ledger_journal.JournalDamaged as exc:
+        raise _damaged(path, f"its journal {name}: {exc}") from None
+    for i, record in enumerate(records):
+        if not _apply(ledger, record):
+            raise _damaged(path, f"its journal {name}: record {i + 1} is not the commit that follows version "
+                                 f"{ledger['version']}")
+    return ledger, len(text), (end, size)
+
+
+def _delta(old: dict, staged: dict, version: int, entry: dict | None) -> dict:
+    """A commit's journal record: its version, its request's entry (None for a commit of changes
+    made outside a request) and what it changes in the ledger's maps: "set" {map: {key: new
+    value}}, "drop" {map: [removed keys]} (a few entries per request; the maps themselves hold one
+    per part or log chunk)."""
+    return {"version": version, "request": entry,
+            "set": {key: {k: v for k, v in staged[key].items() if old[key].get(k) != v} for key in _MAPS},
+            "drop": {key: [k for k in old[key] if k not in staged[key]] for key in _MAPS}}
+
+
+def _apply(ledger: dict, record: dict) -> bool:
+    """Applies one journal record to the ledger in place; False (and nothing changed) unless it is
+    a well-formed record of the commit that follows the ledger's version."""
+    try:
+        ok = (record["version"] == ledger["version"] + 1 and isinstance(record["request"], (dict, type(None)))
+              and all(isinstance(record["set"][key], dict) and isinstance(record["drop"][key], list)
+                      for key in _MAPS))
+    except (KeyError, TypeError):
+        return False
+    if not ok:
+        return False
+    for key in _MAPS:
+        ledger[key].update(record["set"][key])
+        for k in record["drop"][key]:
+            ledger[key].pop(k, None)
+    if record["request"] is not None:
+        ledger["requests"].append(record["request"])
+    ledger["version"] = record["version"]
+    return True
 
 
 def _remove(path: str) -> None:
