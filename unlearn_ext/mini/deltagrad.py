@@ -329,18 +329,19 @@ class DeltaGradUnlearner(Unlearner):
                 step = g_kept.add(w, alpha=wd) if wd else g_kept
                 w = torch.add(w, step, alpha=-lr) if momentum is None else momentum.step(w, step, lr)
             else:
-                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
-                cost += int(removed.numel())
+                # The stability check first: it needs no gradient, so a step it refuses costs nothing.
                 if model is None:
                     model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
                 if lambda_max is None:
                     lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
+                if lr * lambda_max >= self.stable_below and self.unstable == "refuse":
+                    return None, cost, stats(), (
+                        f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
+                        "quasi-Newton replay amplifies the gap")
+                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+                cost += int(removed.numel())
                 if lr * lambda_max >= self.stable_below:
-                    if self.unstable == "refuse":
-                        return None, cost, stats(), (
-                            f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
-                            "quasi-Newton replay amplifies the gap")
                     damped += 1
                     predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
                 else:
