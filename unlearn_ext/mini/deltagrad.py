@@ -20,10 +20,16 @@ w <- w - eta (g + mu b) (Nesterov), where g is the exact or quasi-Newton retaine
 (with weight decay). The pairs still model the loss gradient alone, which momentum does not change.
 An emptied batch leaves b alone too, as an optimizer that is not stepped.
 
-Safety checks (ours), any of which stops the replay and falls back to retraining: training resumed
-without the ids from the stored initial weights over the recorded batches and learning rates,
-through the same step function as `retrain` (mini/resume.py), so its weights are retraining's bit
-for bit; status 'fallback' with the reason:
+The exact prefix (the burn-in, and any step before the first pair: steps computed exactly on the
+retained data from the stored initial weights) is retraining's first steps, so it is run as such:
+through the same step function as `retrain` (mini/resume.py's RetainedRun, on a copy of the model),
+with the removed samples' gradients for the pairs from the working copy; the approximate phase starts
+from that run's weights and momentum buffer.
+
+Safety checks (ours), any of which stops the replay and falls back to retraining: the prefix's run
+continued without the ids over the remaining recorded batches and learning rates (or, before the
+replay began, training resumed from the stored initial weights), so its weights are retraining's
+bit for bit and the prefix is not paid twice; status 'fallback' with the reason:
   * stability: at a quasi-Newton step the gap evolves as dw <- (I - eta_t B) dw + ..., so
     eta_t * lambda_max(B) must stay below 2 (lambda_max on span(S, Y) and sigma outside it); with
     momentum below the momentum recursion's bound (mini/propagate.py: 2 (1 + mu) for heavy ball,
@@ -32,7 +38,12 @@ for bit; status 'fallback' with the reason:
     dg; a relative error above `max_prediction_error` (default 10) means the model is far off.
     (With SGD the pairs come from different batches, so errors ~1-2 are normal: measured on the
     tests' logistic regression, where the result is still within d/d0 ~0.1 of retraining.)
-  * a non-finite iterate.
+  * a non-finite iterate;
+  * at the end, the retained objective on a subsample must not rise by more than loss_rise_limit
+    relative to the weights before the request (mini/safety.py).
+A late fallback costs retraining plus what the approximate phase spent before the check fired (its
+exact steps' batches, the removed samples' gradients, the loss check's passes); the stability check
+runs before a quasi-Newton step's gradient, so a step it refuses costs nothing.
 
 Deciding before spending (ours): where the recorded run's eta * lambda_max estimate
 (mini/sharpness.py) is already at the stability bound, the quasi-Newton replay would be refused
