@@ -142,3 +142,17 @@ def test_retained_loss_check_at_the_end(runs):
     check = len(data) - len(forget)  # every retained sample (fewer than check_samples)
     assert report.sample_gradients == report.retrain_sample_gradients + prefix + spend + check
 
+
+
+def test_exact_prefix_is_retrainings_own_run(runs):
+    """A burn-in as long as the run makes every step part of the exact prefix: the answer is then
+    retraining's bit for bit (momentum buffer included), at retraining's cost plus the removed
+    samples' gradients the pairs take."""
+    data, forget, (model, store), _, retrained = runs
+    steps = len(store.steps)
+    got, report = unlearned(model, data, store, forget, burn_in=steps)
+    assert report.status == "unlearned" and report.details["prefix_steps"] == steps
+    assert torch.equal(flat(got, data), flat(retrained, data))
+    prefix, _ = replay_spend(store, forget, steps, steps, stop_spends=False)
+    check = len(data) - len(forget)
+    assert report.sample_gradients == report.retrain_sample_gradients + prefix + check
