@@ -58,8 +58,8 @@ class RetainedRun:
         """The run's momentum buffer, flat float32 (None without momentum or before the first step)."""
         if self.optimizer is None:
             return None
-        state = self.optimizer.state
-        parts = [state[p].get("momentum_buffer") if p in state else None for p in self.optimizer.param_groups[0]["params"]]
+        state, params = self.optimizer.state, self.optimizer.param_groups[0]["params"]
+        parts = [state[p].get("momentum_buffer") if p in state else None for p in params]
         if any(b is None for b in parts):
             return None
         return torch.cat([b.reshape(-1).float() for b in parts])
