@@ -382,14 +382,16 @@ def momentum_optimizer(model: torch.nn.Module, momentum: float, nesterov: bool,
 
 
 def sgd_step(model: torch.nn.Module, data: TrainingData, ids: torch.Tensor, lr: float,
-             weight_decay: float, optimizer: torch.optim.SGD | None = None) -> None:
+             weight_decay: float, optimizer: torch.optim.SGD | None = None) -> tuple | None:
     """One step of w <- w - lr * (mean per-sample loss gradient over the present ids + wd * w).
     The mean is over the samples present (a batch with forgotten ids removed averages the rest),
     which is what retraining on the retained set does; an empty batch makes no update.
     optimizer: a momentum run's torch.optim.SGD (momentum_optimizer; its weight decay applies),
-    stepped with this gradient at learning rate lr; an empty batch leaves its buffer alone."""
+    stepped with this gradient at learning rate lr; an empty batch leaves its buffer alone.
+    Returns the mean loss gradient (per trainable parameter, without weight decay) at the weights
+    before the step, or None for an empty batch (DeltaGrad's exact prefix keeps it)."""
     if ids.numel() == 0:
-        return
+        return None
     x, y = data.batch(ids)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(data.loss(model(x), y).mean(), params)
@@ -401,12 +403,13 @@ def sgd_step(model: torch.nn.Module, data: TrainingData, ids: torch.Tensor, lr: 
         optimizer.step()
         for p in params:
             p.grad = None
-        return
+        return grads
     with torch.no_grad():
         for p, g in zip(params, grads):
             if weight_decay:
                 g = g + weight_decay * p
             p.sub_(lr * g)
+    return grads
 
 
 def train_sgd(model: torch.nn.Module, data: TrainingData, config: SGDConfig, *, exclude=None,

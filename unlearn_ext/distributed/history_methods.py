@@ -11,9 +11,9 @@ recurrence, the spectral propagation, DeltaGrad's replay and every safety check 
 every rank: the weights every rank ends with are equal bit for bit, and equal the single-process
 answer up to float rounding (the sums are grouped per rank).
 
-Not split: Mini-Unlearning's fallback (resuming training without F from the stored weights at step
-0), which every rank runs in full (the same arithmetic as one process, so the same weights);
-DeltaGrad's fallback, the exact replay, is split like its other steps.
+Not split: retraining itself (training without F from the stored weights at step 0: Mini-Unlearning's
+fallback, DeltaGrad's exact prefix and the fallback that continues it), which every rank runs in
+full (the same arithmetic as one process, so the same weights).
 
 A history sharded across the ranks (each rank its shard's store, `RankShardHistory`: parameters
 split flat or as FSDP places them) is read shard-locally (shard_local.py): each rank decodes only

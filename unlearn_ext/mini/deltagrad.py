@@ -20,10 +20,16 @@ w <- w - eta (g + mu b) (Nesterov), where g is the exact or quasi-Newton retaine
 (with weight decay). The pairs still model the loss gradient alone, which momentum does not change.
 An emptied batch leaves b alone too, as an optimizer that is not stepped.
 
-Safety checks (ours), any of which stops the replay and falls back to retraining: training resumed
-without the ids from the stored initial weights over the recorded batches and learning rates,
-through the same step function as `retrain` (mini/resume.py), so its weights are retraining's bit
-for bit; status 'fallback' with the reason:
+The exact prefix (the burn-in, and any step before the first pair: steps computed exactly on the
+retained data from the stored initial weights) is retraining's first steps, so it is run as such:
+through the same step function as `retrain` (mini/resume.py's RetainedRun, on a copy of the model),
+with the removed samples' gradients for the pairs from the working copy; the approximate phase starts
+from that run's weights and momentum buffer.
+
+Safety checks (ours), any of which stops the replay and falls back to retraining: the prefix's run
+continued without the ids over the remaining recorded batches and learning rates (or, before the
+replay began, training resumed from the stored initial weights), so its weights are retraining's
+bit for bit and the prefix is not paid twice; status 'fallback' with the reason:
   * stability: at a quasi-Newton step the gap evolves as dw <- (I - eta_t B) dw + ..., so
     eta_t * lambda_max(B) must stay below 2 (lambda_max on span(S, Y) and sigma outside it); with
     momentum below the momentum recursion's bound (mini/propagate.py: 2 (1 + mu) for heavy ball,
@@ -32,7 +38,12 @@ for bit; status 'fallback' with the reason:
     dg; a relative error above `max_prediction_error` (default 10) means the model is far off.
     (With SGD the pairs come from different batches, so errors ~1-2 are normal: measured on the
     tests' logistic regression, where the result is still within d/d0 ~0.1 of retraining.)
-  * a non-finite iterate.
+  * a non-finite iterate;
+  * at the end, the retained objective on a subsample must not rise by more than loss_rise_limit
+    relative to the weights before the request (mini/safety.py).
+A late fallback costs retraining plus what the approximate phase spent before the check fired (its
+exact steps' batches, the removed samples' gradients, the loss check's passes); the stability check
+runs before a quasi-Newton step's gradient, so a step it refuses costs nothing.
 
 Deciding before spending (ours): where the recorded run's eta * lambda_max estimate
 (mini/sharpness.py) is already at the stability bound, the quasi-Newton replay would be refused
@@ -59,6 +70,7 @@ dw lies in span(S), whose capped directions remove it): an option, not the defau
 """
 from __future__ import annotations
 
+import copy
 from collections import deque
 
 import torch
@@ -76,11 +88,12 @@ from .sharpness import recorded_edge
 from .propagate import stability_bound
 from .replay_model import ReplayModel
 from .record import check_replayable_sgd
-from .resume import resume_from
+from .resume import RetainedRun, resume_from, run_seed
 from .vectors import FlatModel, StoredVector, stored_vector
 
 
 FALLBACK_HOW = "retrained from the stored initial weights"
+FALLBACK_CONTINUED = "retrained from the stored initial weights, continuing the replay's exact prefix"
 FALLBACK_WHAT = "trained again without the ids from the stored initial weights, which equals retraining"
 
 
@@ -143,16 +156,24 @@ class CompactLBFGS:
         return out
 
 
+def _copy_parameters(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """target's trainable parameters <- source's (a copy of target), bit for bit."""
+    with torch.no_grad():
+        for p, q in zip(trainable(target).values(), trainable(source).values()):
+            p.copy_(q)
+
+
 def lbfgs_product(S: torch.Tensor, Y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """B v for the compact-form L-BFGS approximation of pairs (S, Y) (see CompactLBFGS)."""
     return CompactLBFGS(S, Y).product(v)
 
 
 class _MomentumReplay:
-    """The replayed run's momentum buffer, updated as torch.optim.SGD does (dampening 0)."""
+    """The replayed run's momentum buffer, updated as torch.optim.SGD does (dampening 0); `buffer`:
+    the buffer to continue from (None: the first step starts it)."""
 
-    def __init__(self, momentum: float, nesterov: bool):
-        self.mu, self.nesterov, self.buffer = float(momentum), bool(nesterov), None
+    def __init__(self, momentum: float, nesterov: bool, buffer: torch.Tensor | None = None):
+        self.mu, self.nesterov, self.buffer = float(momentum), bool(nesterov), buffer
 
     def step(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
         """w after one step with gradient g (weight decay included) at learning rate lr."""
@@ -218,8 +239,24 @@ class DeltaGradUnlearner(Unlearner):
         gone = torch.isin(torch.cat([ids for *_, ids in steps]), union).split([int(ids.numel()) for *_, ids in steps])
         return [(t, float(lr), ids[~g], ids[g], int(ids.numel())) for (t, lr, _, ids), g in zip(steps, gone)]
 
-    def _replay(self, union: torch.Tensor):
+    def _retained_run(self, plan: list) -> RetainedRun:
+        """Training without the ids from the stored step-0 weights over the recorded batches and
+        learning rates (mini/resume.py), on a copy of the model so that the user's model is only
+        written once the request is answered: the replay's exact prefix takes its first steps, a
+        fallback takes the rest."""
+        model = copy.deepcopy(self.model)
+        return RetainedRun(model, self.data, self.sgd, self._stored(plan[0][0], "params").whole(),
+                           FlatModel(model, self.data), [(t, kept, lr) for t, lr, kept, _, _ in plan],
+                           seed=run_seed(self.info))
+
+    def _replay(self, union: torch.Tensor, run: RetainedRun | None = None):
         """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '').
+
+        The exact prefix (the burn-in, and any step before the first pair) is retraining's own first
+        steps: `run` (a RetainedRun of this request's plan, made here when not given) takes them
+        through retraining's step function and keeps its weights and momentum buffer, so a fallback
+        continues it from the prefix's end (module docstring). The removed samples' gradients at
+        each prefix step (for the pairs) come from the working copy.
 
         The per-step work is only what depends on the previous step: the schedule and the
         membership test are done once for the whole history, and the gradients come from one
@@ -228,8 +265,8 @@ class DeltaGradUnlearner(Unlearner):
         forward pass. tests/deltagrad_reference.py states the same replay step by step."""
         flat, wd = self.flat, self.weight_decay
         plan = self._plan(union)
+        run = self._retained_run(plan) if run is None else run
         grads = ReplayModel(flat)
-        momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov) if self.sgd.momentum else None
         pairs = deque(maxlen=self.memory)
         w, cost, exact_steps, worst, top_eta_lambda, damped = None, 0, 0, 0.0, 0.0, 0
         lambda_max = None  # of the current pairs' B (recomputed when a pair is added)
@@ -237,16 +274,59 @@ class DeltaGradUnlearner(Unlearner):
 
         def stats():
             return {"exact_steps": exact_steps, "worst_prediction_error": worst, "max_eta_lambda": top_eta_lambda,
-                    **({"damped_steps": damped} if self.unstable == "damp" else {})}
+                    "prefix_steps": prefix, **({"damped_steps": damped} if self.unstable == "damp" else {})}
+
+        def learn(t, w, dw, dg):
+            """Adds the exact step's pair (dw, dg) after checking B's prediction of dg; returns the
+            reason to stop, or ''."""
+            nonlocal model, lambda_max, worst
+            if pairs and float(dg.norm()) > 0:
+                if model is None:
+                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
+                worst = max(worst, err)
+                if err > self.max_prediction_error:
+                    return (f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
+                            f"{err:.3g} (relative) > {self.max_prediction_error:g}")
+            if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
+                pairs.append((dw.clone(), dg.clone()))
+                lambda_max, model = None, None
+            return ""
+
+        # The exact prefix, on retraining's own run.
+        prefix = 0
         for t, lr, kept, removed, size in plan:
-            w_t = self._stored(t, "params")
-            if w is None:
-                w = w_t.whole()  # the stored initial weights
+            if not (t < self.burn_in or not pairs):
+                break
+            prefix += 1
+            w = run.flat.flat()  # w^I_t: retraining's weights at step t
+            g_kept = run.step()
+            if g_kept is None:
+                continue  # an emptied batch: retraining makes no update
+            exact_steps += 1
+            g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+            cost += int(kept.numel()) + int(removed.numel())
+            dg = g_kept * kept.numel() / size
+            if g_removed is not None:
+                dg += g_removed * removed.numel() / size
+            self.store.encoded(t, "grads").axpy_(flat.split(dg), -1.0)  # dg = grad L_B(w^I_t) - g_t, on the codes
+            reason = learn(t, w, self._stored(t, "params").subtracted_from(w), dg)
+            if reason:
+                return None, cost, stats(), reason
+        if prefix == len(plan):
+            return run.flat.flat(), cost, stats(), ""
+        w = run.flat.flat()
+        momentum = None
+        if self.sgd.momentum:  # the retained run's own buffer carries on (None if no step was taken)
+            momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov, run.momentum_buffer())
+        # The approximate phase.
+        for t, lr, kept, removed, size in plan[prefix:]:
             if kept.numel() == 0:
                 continue  # retraining makes no update on an emptied batch
+            w_t = self._stored(t, "params")
             g_rec = self.store.encoded(t, "grads")
             dw = w_t.subtracted_from(w)  # w - w_t
-            if self._exact_step(t) or not pairs:
+            if self._exact_step(t):
                 exact_steps += 1
                 g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
                 cost += int(kept.numel()) + int(removed.numel())
@@ -255,33 +335,25 @@ class DeltaGradUnlearner(Unlearner):
                 if g_removed is not None:
                     dg += g_removed * removed.numel() / size
                 g_rec.axpy_(flat.split(dg), -1.0)
-                if pairs and float(dg.norm()) > 0:
-                    if model is None:
-                        model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
-                    err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
-                    worst = max(worst, err)
-                    if err > self.max_prediction_error:
-                        return None, cost, stats(), (
-                            f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
-                            f"{err:.3g} (relative) > {self.max_prediction_error:g}")
-                if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
-                    pairs.append((dw.clone(), dg.clone()))
-                    lambda_max, model = None, None
+                reason = learn(t, w, dw, dg)
+                if reason:
+                    return None, cost, stats(), reason
                 step = g_kept.add(w, alpha=wd) if wd else g_kept
                 w = torch.add(w, step, alpha=-lr) if momentum is None else momentum.step(w, step, lr)
             else:
-                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
-                cost += int(removed.numel())
+                # The stability check first: it needs no gradient, so a step it refuses costs nothing.
                 if model is None:
                     model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
                 if lambda_max is None:
                     lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
+                if lr * lambda_max >= self.stable_below and self.unstable == "refuse":
+                    return None, cost, stats(), (
+                        f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
+                        "quasi-Newton replay amplifies the gap")
+                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+                cost += int(removed.numel())
                 if lr * lambda_max >= self.stable_below:
-                    if self.unstable == "refuse":
-                        return None, cost, stats(), (
-                            f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
-                            "quasi-Newton replay amplifies the gap")
                     damped += 1
                     predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
                 else:
@@ -320,9 +392,11 @@ class DeltaGradUnlearner(Unlearner):
             report.reason = f"safety check fired: {reason}; {FALLBACK_WHAT}"
             self._finish(report, None, cost, stats, before, union, T)
             return
-        w, cost, stats, reason = self._replay(union)
+        w_before = self.flat.flat()  # the weights before the request (doing nothing), for the loss check
+        run = self._retained_run(self._plan(union))
+        w, cost, stats, reason = self._replay(union, run)
         if not reason:
-            rise, check_cost = self._retained_loss_rise(w, union)
+            rise, check_cost = self._retained_loss_rise(w_before, w, union)
             cost += check_cost
             stats["retained_loss_rise"] = rise
             if rise > self.loss_rise_limit:
@@ -330,8 +404,11 @@ class DeltaGradUnlearner(Unlearner):
                           f"weights relative to the weights before the request (limit {self.loss_rise_limit:.0%}): "
                           "retraining lowers it, so the answer is likely farther from retraining than doing nothing")
         if reason:
-            w, cost = None, cost + self._retrain(union)
-            report.status, report.how = "fallback", FALLBACK_HOW
+            # The fallback continues retraining's run from the end of the exact prefix.
+            cost += run.finish()
+            _copy_parameters(run.model, self.model)
+            w = None
+            report.status, report.how = "fallback", FALLBACK_CONTINUED
             report.reason = f"safety check fired: {reason}; {FALLBACK_WHAT}"
         else:
             report.status, report.how = "unlearned", (f"{stats['exact_steps']} exact and "
@@ -342,11 +419,12 @@ class DeltaGradUnlearner(Unlearner):
         self._finish(report, w, cost, stats, before, union, T)
 
     def _retrain(self, union: torch.Tensor) -> int:
-        """The fallback: training resumed without the ids from the stored step-0 weights over the
-        recorded batches and learning rates, through the same step function as `retrain`
-        (mini/resume.py, Mini's fallback too), so it gives retraining's weights bit for bit — not a
-        replay of its arithmetic on flat vectors, whose rounding differs in the last bit and which a
-        non-smooth model (ReLU) can amplify over many steps. Returns its cost (retained samples seen)."""
+        """The fallback decided before any work: training resumed without the ids from the stored
+        step-0 weights over the recorded batches and learning rates, through the same step function
+        as `retrain` (mini/resume.py, Mini's fallback too), so it gives retraining's weights bit for
+        bit — not a replay of its arithmetic on flat vectors, whose rounding differs in the last bit
+        and which a non-smooth model (ReLU) can amplify over many steps. Returns its cost (retained
+        samples seen)."""
         steps = list(self.store.schedule())
         w0 = self._stored(steps[0][0], "params").whole()
         return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union,
@@ -369,14 +447,14 @@ class DeltaGradUnlearner(Unlearner):
         report.weights_changed = True
         self._set_forgotten(union)
 
-    def _retained_loss_rise(self, w: torch.Tensor, union: torch.Tensor) -> tuple[float, int]:
-        """mini/safety.py's check of the replayed weights against the weights before the request
-        (doing nothing), and its cost; (0, 0) when nothing is retained."""
+    def _retained_loss_rise(self, w_before: torch.Tensor, w: torch.Tensor, union: torch.Tensor) -> tuple[float, int]:
+        """mini/safety.py's check of the replayed weights w against w_before, the weights before the
+        request (doing nothing), and its cost; (0, 0) when nothing is retained."""
         retained = self.data.without(union)
         if retained.numel() == 0:
             return 0.0, 0
         ids = subsample(retained, self.check_samples, 0)
-        rise = retained_loss_rise(self.flat, ids, self.flat.flat().double(), w.double(), self.weight_decay)
+        rise = retained_loss_rise(self.flat, ids, w_before.double(), w.double(), self.weight_decay)
         return rise, int(ids.numel())
 
     def retrain_cost(self, forgotten) -> int:

@@ -4,11 +4,23 @@ Replays SGD without the forgotten ids from a recorded step `start` to the end, w
 schedule (batch seed and size, or the recorded batch ids), learning rates, weight decay and
 momentum. From step 0 (the initial weights) this is exactly `retrain`.
 
+`RetainedRun` is that training one step at a time, so that a method may run its first steps and
+keep them: DeltaGrad's exact prefix (its burn-in) is retraining's first steps, taken through this
+same step function, and a fallback that fires later continues the same run from there instead of
+starting again at step 0 (the answer is still retraining's bit for bit, and the prefix is not
+paid twice).
+
 Momentum: a run with momentum carries the buffer b_t from step to step, so resuming at step t needs
 the buffer the *retrained* run would hold there, not only its weights. At step 0 it is known (b_0 =
 0: torch starts the buffer with the first gradient); at a later step it is as unknown as the
 retrained weights themselves, and the recorded run's buffer is not it. So a momentum run resumes
-from step 0 only (a later start would need a stored retained-run buffer, which no history holds).
+from step 0 only (a later start would need a stored retained-run buffer, which no history holds);
+a `RetainedRun` holds its own buffer, so it may be stopped and continued at any step.
+
+Randomness: a model with dropout trains in training mode here; its masks come from the run's own
+generator state, seeded by the run (`seed`) and carried from step to step, so the answer depends
+neither on the process's RNG state (a restarted process gives the same weights) nor on how the
+steps were split between a prefix and its continuation; the process's RNG is left alone.
 """
 from __future__ import annotations
 
@@ -16,6 +28,54 @@ import torch
 
 from ..data import BatchSchedule, TrainingData, momentum_optimizer, sgd_step
 from .record import SGDSettings
+
+
+class RetainedRun:
+    """Training on the retained samples from flat `weights` (loaded into `model`, which it trains in
+    place) over `steps`, an iterable of (step, retained ids, lr) in order, one step at a time,
+    through the step function of `retrain` (data.sgd_step; with momentum, torch.optim.SGD's own
+    steps and buffer). `cost` counts the retained samples seen."""
+
+    def __init__(self, model, data: TrainingData, sgd: SGDSettings, weights: torch.Tensor, flat, steps, seed: int):
+        self.model, self.data, self.sgd, self.flat = model, data, sgd, flat
+        flat.load_(weights)
+        self.optimizer = momentum_optimizer(model, sgd.momentum, sgd.nesterov, sgd.weight_decay)
+        self._steps = iter(steps)
+        self._rng_state = torch.Generator().manual_seed(int(seed)).get_state()
+        self.cost = 0
+
+    def _take(self, ids, lr):
+        """One step under the run's own generator state (module docstring, Randomness)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            grads = sgd_step(self.model, self.data, ids, lr, self.sgd.weight_decay, self.optimizer)
+            self._rng_state = torch.get_rng_state()
+        self.cost += int(ids.numel())
+        return grads
+
+    def step(self) -> torch.Tensor | None:
+        """Takes the next step; returns the mean loss gradient at the weights before it, flat float32
+        without weight decay (None for an empty batch, which makes no update)."""
+        _, ids, lr = next(self._steps)
+        grads = self._take(ids, lr)
+        return None if grads is None else torch.cat([g.reshape(-1).float() for g in grads])
+
+    def finish(self) -> int:
+        """Takes every remaining step; returns their cost."""
+        before = self.cost
+        for _, ids, lr in self._steps:
+            self._take(ids, lr)
+        return self.cost - before
+
+    def momentum_buffer(self) -> torch.Tensor | None:
+        """The run's momentum buffer, flat float32 (None without momentum or before the first step)."""
+        if self.optimizer is None:
+            return None
+        state, params = self.optimizer.state, self.optimizer.param_groups[0]["params"]
+        parts = [state[p].get("momentum_buffer") if p in state else None for p in params]
+        if any(b is None for b in parts):
+            return None
+        return torch.cat([b.reshape(-1).float() for b in parts])
 
 
 def resume_from(model, data: TrainingData, run_info: dict, sgd: SGDSettings, start: int, weights: torch.Tensor,
@@ -29,24 +89,15 @@ def resume_from(model, data: TrainingData, run_info: dict, sgd: SGDSettings, sta
         raise ValueError(f"resuming momentum SGD at step {start} needs the retrained run's momentum buffer there, "
                          "which no history stores; resume from step 0 (buffer 0)")
     lrs = run_info["lr_schedule"] if lrs is None else lrs
-    flat.load_(weights)
-    # A model with dropout trains in training mode here: its masks come from a generator seeded by
-    # the run, so the answer does not depend on the process's RNG state, which is left alone.
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(int(run_info.get("batch_seed", 0)))
-        return _replay(model, data, run_info, sgd, start, exclude, batches, lrs)
-
-
-def _replay(model, data, run_info, sgd, start, exclude, batches, lrs) -> int:
-    optimizer = momentum_optimizer(model, sgd.momentum, sgd.nesterov, sgd.weight_decay)
-    cost = 0
     if batches is None:
         schedule = BatchSchedule(data.ids, run_info["batch_size"], run_info["batch_seed"],
                                  run_info.get("batch_shuffle", True))
-        steps = ((s.step, s.ids) for s in schedule.steps(start, len(lrs), exclude))
+        steps = ((s.step, s.ids, lrs[s.step]) for s in schedule.steps(start, len(lrs), exclude))
     else:
-        steps = ((t, ids[~torch.isin(ids, exclude)]) for t, ids in sorted(batches.items()) if t >= start)
-    for t, ids in steps:
-        sgd_step(model, data, ids, lrs[t], sgd.weight_decay, optimizer)
-        cost += int(ids.numel())
-    return cost
+        steps = ((t, ids[~torch.isin(ids, exclude)], lrs[t]) for t, ids in sorted(batches.items()) if t >= start)
+    return RetainedRun(model, data, sgd, weights, flat, steps, seed=run_seed(run_info)).finish()
+
+
+def run_seed(run_info: dict) -> int:
+    """The seed of a retained run's own randomness (dropout masks): the recorded run's batch seed."""
+    return int(run_info.get("batch_seed", 0))
