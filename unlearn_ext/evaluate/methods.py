@@ -39,6 +39,9 @@ class Run:
     original: torch.nn.Module      # plain SGD on all of D
     train_seconds: float
     holdout: tuple | None = None   # held-out (x, y) non-members: half the test split (Top-K ascent's stop)
+    # the user's validation data (x, y): in the harness a split carved from the test pool that no
+    # reported test accuracy reads (harness.carve_validation); the held-out accuracy guard reads it
+    validation: tuple | None = None
 
 
 @dataclass
@@ -182,7 +185,10 @@ def perturb_settings(run: Run, overrides: dict | None = None) -> dict:
     settings = dict(PERTURB_SETTINGS[perturb_profile(run)])
     if perturb_profile(run) == "network":
         settings["initial"] = run.initial
-    return {**settings, **(overrides or {})}
+    settings.update(overrides or {})
+    if settings.get("guard") is not None and run.validation is not None:
+        settings.setdefault("guard_data", run.validation)  # the guard reads the validation split
+    return settings
 
 
 def perturb_repair_epochs(run: Run) -> int:
