@@ -1,13 +1,14 @@
 """Applies benchmarks/perturb-guard-rule.md to the grid's JSON files (grid-*.json here) and prints
-the measures per candidate and the choice. Usage: python benchmarks/perturb_guard/choose.py"""
-import glob, json, os
+the measures per candidate and the choice. Usage: python benchmarks/perturb_guard/choose.py [grid|grid2]
+(grid2: round 2's files)"""
+import glob, json, os, sys
 from statistics import mean
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "grid-*.json")))]
+    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, f"{(sys.argv[1:] or ['grid'])[0]}-*.json")))]
     names = list(runs[0]["ratios"][0]["configs"])
     gen, mem = {n: [] for n in names}, {n: [] for n in names}
     for run in runs:

@@ -1,8 +1,8 @@
 """The grid of benchmarks/perturb-guard-rule.md on one (data, model, regime, seed): trains the
 original, and per forget ratio (5%, 10%) retrains without F and runs every candidate from the same
 original; test accuracy on the harness's test pool less its validation split, which the guard
-reads. Writes JSON. Usage: python benchmarks/perturb_guard/grid.py DATA MODEL LIMIT|- memorizing|generalizing SEED OUT.json"""
-import copy, json, sys
+reads. Writes JSON (GRID_ROUND=2: the round-2 candidates). Usage: python benchmarks/perturb_guard/grid.py DATA MODEL LIMIT|- memorizing|generalizing SEED OUT.json"""
+import copy, json, os, sys
 
 from unlearn_ext.data import retrain
 from unlearn_ext.evaluate import datasets, harness, models
@@ -23,6 +23,14 @@ CANDIDATES = {
     "g01-r0-b05": dict(guard=0.01, guard_rounds=0, guard_budget=0.5),
     "lr1": dict(guard=None, repair_lr_factor=1.0),
 }
+# round 2 of the rule (repair rounds only): GRID_ROUND=2 runs these instead
+CANDIDATES_2 = {
+    "base": dict(guard=None),
+    "g01-r2-h0-b1": dict(guard=0.01, guard_rounds=2, guard_halvings=0, guard_budget=1.0),
+    "g02-r2-h0-b1": dict(guard=0.02, guard_rounds=2, guard_halvings=0, guard_budget=1.0),
+}
+if os.environ.get("GRID_ROUND") == "2":
+    CANDIDATES = CANDIDATES_2
 
 
 def main(data, model, limit, regime, seed, out):
