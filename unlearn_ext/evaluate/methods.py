@@ -158,7 +158,8 @@ DELTAGRAD = Method(
 # limits there; this one had the smallest worst miss; the guard tied and lost on cost: it stays an option).
 # benchmarks/perturb-guard-rule.md then tried the held-out guard (the validation split, Run.validation):
 # it kept test accuracy within 2 points in 11 of 14 choosing runs (base: 7) but undid forgetting on the
-# memorizing ones (MIA gap 0.077 -> 0.132), so by that rule it stays off by default.
+# memorizing ones (MIA gap 0.077 -> 0.132; round 2, repair rounds without halving K: forget gap 0.067 ->
+# 0.167), so by that rule it stays off by default: `--perturb guard=0.02,guard_budget=1` turns it on.
 NETWORK_K, NETWORK_REPAIR_EPOCHS, NETWORK_GUARD = 0.3, 5, None
 
 PERTURB_VARIANTS = {  # name suffix: (perturbation, repair)
