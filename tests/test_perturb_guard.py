@@ -43,7 +43,8 @@ HARSH = dict(perturbation="reset", repair_epochs=0)
 @pytest.mark.parametrize("cls", [TopKUnlearner, RandomKUnlearner])
 def test_guarded_answer_is_the_unguarded_answer_at_the_chosen_k(small, cls):
     data, _, config, original = small
-    guarded = cls(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=4, guard_budget=None, seed=3, **HARSH)
+    guarded = cls(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=4, guard_budget=None,
+                  seed=3, **HARSH)
     report = guarded.unlearn(FORGET)
     chosen, trials = report.details["k_chosen"], report.details["guard_trials"]
     assert chosen < 0.8 and [t[0] for t in trials] == [0.8 / 2 ** i for i in range(len(trials))], trials

@@ -17,9 +17,9 @@ answer against what the model did before the request, on one of two probes:
 When the answer fails, the guard first repairs further with the repair's own recipe (`rounds`
 rounds of `repair_epochs` more epochs each, re-checking after each), then halves K and answers
 again from the weights before the request (at most `halvings` times), and so on. It never starts a
-step whose cost would take the request past `budget` x retraining's sample gradients (None: no cost
-cap, only the counts). The last answer is kept either way; the report says what the guard did and
-why it stopped. Cost: one forward pass over the probe per check (and over S or the held-out data
+step whose cost would take the request past `budget` x retraining's sample gradients (default 1.0:
+never more than retraining would cost; None: no cost cap, only the counts). The last answer is kept
+either way; the report says what the guard did and why it stopped. Cost: one forward pass over the probe per check (and over S or the held-out data
 once before), counted as one sample gradient per sample, plus every repair round and retried answer.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ class PerturbUnlearner(Unlearner):
                  ascent_step: float = 0.1, ascent_max_steps: int = 50, distill_temperature: float = 2.0,
                  distill_alpha: float = 0.0, ratio_floor: float = RATIO_FLOOR, guard: float | None = None,
                  guard_size: int = 256, guard_halvings: int = 3, guard_rounds: int = 2,
-                 guard_budget: float | None = 0.5, guard_data: tuple | None = None, seed: int = 0):
+                 guard_budget: float | None = 1.0, guard_data: tuple | None = None, seed: int = 0):
         super().__init__(data)
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
