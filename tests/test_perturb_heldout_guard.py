@@ -72,11 +72,12 @@ def test_repair_rounds_come_before_a_smaller_k(mixture):
     u = TopKUnlearner(copy.deepcopy(original), data, config, initial=initial, guard=0.0, guard_rounds=2,
                       guard_halvings=1, guard_budget=None, guard_data=validation, **WRECK)
     report = u.unlearn(forget)
-    trials = report.details["guard_trials"]
-    # K 0.9 with 0, 1, 2 further repair epochs, then K 0.45 ... (each until the guard holds)
-    assert [t[:2] for t in trials[:3]] == [[0.9, 0], [0.9, 1], [0.9, 2]]
-    if len(trials) > 3:
-        assert trials[3][:2] == [0.45, 0]
+    trials, reference = report.details["guard_trials"], report.details["guard_accuracy_before"]
+    # each K: the answer, then further repair rounds of 1 epoch while the guard fails, then K halved
+    schedule = [[k, epochs] for k in (0.9, 0.45) for epochs in (0, 1, 2)]
+    assert [t[:2] for t in trials] == schedule[:len(trials)]
+    assert all(reference - t[2] > 0.0 for t in trials[:-1])  # a step follows only a failed check
+    assert len(trials) > 3, trials  # here repair alone did not restore it: K was halved
     # cost: every answer, every further round (one repair each: |R| sample gradients) and every check
     single = TopKUnlearner(copy.deepcopy(original), data, config, initial=initial, **WRECK).unlearn(forget)
     answers, rounds = sum(t[1] == 0 for t in trials), sum(t[1] > 0 for t in trials)
