@@ -117,7 +117,7 @@ def test_noise_floor_is_retraining_from_other_seeds_against_the_reference():
                                         epochs=2, noise_floor_seeds=2)
     gold = next(r for r in records if r["method"] == "retrain")
     other = next(r for r in records if r["method"] == "retrain-other")
-    ds = named.dataset(0)
+    ds, _ = harness.carve_validation(named.dataset(0))  # the test pool less the validation split, as evaluate()
     data, initial, config = named.training(0, epochs=2)
     forget = harness.forget_ids(data, 0.05, 0)
     want_test, want_mia = [], []

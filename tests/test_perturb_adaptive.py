@@ -165,7 +165,8 @@ def test_harness_records_keep_the_chosen_k():
     json.dumps(records, allow_nan=False)
     by = {r["method"]: r for r in records}
     assert by["original"]["details"] == {} and by["retrain"]["details"] == {}
-    run = harness.train_run(ds, "logreg", 0, epochs=2)
+    tested, validation = harness.carve_validation(ds)  # the harness's test pool, as evaluate() splits it
+    run = harness.train_run(tested, "logreg", 0, epochs=2, validation=validation)
     (spec,) = methods.resolve(["topk-adaptive"])
     alone = spec.build(run, None).unlearn(harness.forget_ids(run.data, 0.1, 0))
     recorded = by["topk-adaptive"]["details"]

@@ -43,7 +43,8 @@ HARSH = dict(perturbation="reset", repair_epochs=0)
 @pytest.mark.parametrize("cls", [TopKUnlearner, RandomKUnlearner])
 def test_guarded_answer_is_the_unguarded_answer_at_the_chosen_k(small, cls):
     data, _, config, original = small
-    guarded = cls(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=4, seed=3, **HARSH)
+    guarded = cls(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=4, guard_budget=None,
+                  seed=3, **HARSH)
     report = guarded.unlearn(FORGET)
     chosen, trials = report.details["k_chosen"], report.details["guard_trials"]
     assert chosen < 0.8 and [t[0] for t in trials] == [0.8 / 2 ** i for i in range(len(trials))], trials
@@ -52,11 +53,11 @@ def test_guarded_answer_is_the_unguarded_answer_at_the_chosen_k(small, cls):
     assert torch.equal(_flat(guarded.model), _flat(plain.model))
     # Every trial but the last failed the guard; the last one's accuracy is the kept model's.
     before = report.details["guard_accuracy_before"]
-    assert all(before - acc > 0.0 for _, acc in trials[:-1])
+    assert all(before - acc > 0.0 for _, _, acc in trials[:-1])
     probe = guard_slice(data.without(FORGET), 256, 3, 1)
     assert before == slice_accuracy(original, data, probe)
-    assert trials[-1][1] == slice_accuracy(guarded.model, data, probe)
-    assert report.details["guard_met"] == (before - trials[-1][1] <= 0.0)
+    assert trials[-1][2] == slice_accuracy(guarded.model, data, probe)
+    assert report.details["guard_met"] == (before - trials[-1][2] <= 0.0)
 
 
 def test_guard_that_holds_at_once_changes_nothing_but_the_cost(small):
@@ -74,7 +75,7 @@ def test_guard_that_holds_at_once_changes_nothing_but_the_cost(small):
 def test_guard_cost_counts_every_answer(small):
     data, _, config, original = small
     report = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2,
-                           **HARSH).unlearn(FORGET)
+                           guard_budget=None, **HARSH).unlearn(FORGET)
     single = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, **HARSH).unlearn(FORGET)
     probe = min(256, len(data) - FORGET.numel())
     tries = len(report.details["guard_trials"])
@@ -85,6 +86,11 @@ def test_guard_cost_counts_every_answer(small):
 @pytest.mark.parametrize("options, named", [
     (dict(guard=-0.1), "guard"), (dict(guard=1.0), "guard"), (dict(guard=float("nan")), "guard"),
     (dict(guard=0.02, guard_size=0), "guard_size"), (dict(guard=0.02, guard_halvings=-1), "guard_halvings"),
+    (dict(guard=0.02, guard_rounds=-1), "guard_rounds"), (dict(guard=0.02, guard_rounds=1.5), "guard_rounds"),
+    (dict(guard=0.02, guard_budget=0.0), "guard_budget"), (dict(guard=0.02, guard_budget=float("inf")), "guard_budget"),
+    (dict(guard=0.02, guard_data=torch.zeros(3, 6)), "guard_data"),
+    (dict(guard=0.02, guard_data=(torch.zeros(3, 6), torch.zeros(2, dtype=torch.long))), "guard_data"),
+    (dict(guard=0.02, guard_data=(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))), "guard_data"),
 ])
 def test_bad_guard_options_are_refused(small, options, named):
     data, _, config, original = small
@@ -119,7 +125,8 @@ def test_a_failure_between_guarded_answers_leaves_the_model_as_before(small, mon
     the retry then equals an uninterrupted guarded request."""
     from unlearn_ext.perturb import guard as guard_module
     data, _, config, original = small
-    u = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2, **HARSH)
+    u = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2, guard_budget=None,
+                      **HARSH)
     calls = {"n": 0}
     real = guard_module.slice_accuracy
 
@@ -135,6 +142,7 @@ def test_a_failure_between_guarded_answers_leaves_the_model_as_before(small, mon
     assert torch.equal(_flat(u.model), _flat(original)) and u.requests == 0 and u.forgotten.numel() == 0
     monkeypatch.setattr(guard_module, "slice_accuracy", real)
     u.unlearn(FORGET)
-    clean = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2, **HARSH)
+    clean = TopKUnlearner(copy.deepcopy(original), data, config, k=0.8, guard=0.0, guard_halvings=2, guard_budget=None,
+                          **HARSH)
     clean.unlearn(FORGET)
     assert torch.equal(_flat(u.model), _flat(clean.model))

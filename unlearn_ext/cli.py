@@ -101,7 +101,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .evaluate import methods, models, pcmu_profiles, settings, training
+    from .evaluate import methods, models, pcmu_profiles, perturb_options, settings, training
 
     parser = _Parser(prog="unlearn-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"unlearn-ext {__version__} ({backend()})")
@@ -140,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--pcmu", default=None, metavar="KEY=VALUE,...",
                     help="PCMU's training settings over its model family's defaults, e.g. lr=0.01,epochs=10; keys: "
                     f"{', '.join(pcmu_profiles.KEYS)} (defaults: unlearn_ext/evaluate/pcmu_profiles.py)")
+    ev.add_argument("--perturb", default=None, metavar="KEY=VALUE,...",
+                    help="Top-K / Random-k's settings over their model family's defaults, e.g. "
+                    f"k=0.1,guard=0.01 (guard=off, guard_budget=none unset them); keys: "
+                    f"{', '.join(perturb_options.KEYS)} (defaults: unlearn_ext/evaluate/methods.py)")
     ev.add_argument("--setting", default=None, choices=list(settings.SETTINGS),
                     help="a named setting (data, model, SGD training) of the per-method scripts; "
                          "replaces --data/--model/--widths/--label-noise/--limit (unlearn_ext/evaluate/settings.py)")
@@ -229,7 +233,8 @@ def _check_output_paths(parser, out: str | None, json_path: str | None) -> None:
 def _evaluate(parser, args) -> int:
     import torch
 
-    from .evaluate import datasets, harness, methods, models, pcmu_profiles, precondition, report, settings, training
+    from .evaluate import (datasets, harness, methods, models, pcmu_profiles, perturb_options, precondition, report,
+                           settings, training)
 
     demo = args.command == "demo"
     _check_output_paths(parser, args.out or ("unlearn-ext-demo" if demo else None), args.json_path)
@@ -269,11 +274,17 @@ def _evaluate(parser, args) -> int:
                                         batch_size=args.batch_size)
     sgd = setting.sgd if setting is not None else None
     pcmu_text = None if demo else args.pcmu
+    perturb_text = None if demo else args.perturb
     try:  # everything the run needs, checked before it starts
         methods.resolve(names)
         pcmu_overrides = pcmu_profiles.parse(pcmu_text) if pcmu_text is not None else {}
         if pcmu_text is not None and "pcmu" not in names:
             raise ValueError("--pcmu sets the pcmu method's training, which --methods does not include")
+        perturb_overrides = perturb_options.parse(perturb_text) if perturb_text is not None else {}
+        perturbers = methods.perturb_family(**perturb_overrides) if perturb_text is not None else {}
+        if perturb_text is not None and not set(perturbers) & set(names):
+            raise ValueError(f"--perturb sets the settings of {', '.join(perturbers)}, which --methods does not "
+                             "include")
         pcmu_settings = pcmu_profiles.settings_for(model, pcmu_overrides)
         recipe.check()
         form = models.reads(model)
@@ -283,10 +294,13 @@ def _evaluate(parser, args) -> int:
         harness.build_model(ds, model, seeds[0], widths, model_options)
     except pcmu_profiles.PCMUSettingError as exc:
         parser.error(f"--pcmu {pcmu_text}: {exc}")
+    except perturb_options.PerturbSettingError as exc:
+        parser.error(f"--perturb {perturb_text}: {exc}")
     except ValueError as exc:  # DatasetError, ModelError, RecipeError and the checks' refusals
         parser.error(str(exc))
     # PCMU with the run's settings in place of the registry's entry (which has no overrides)
-    run_methods = [methods.pcmu_method(pcmu_overrides) if n == "pcmu" else n for n in names]
+    # and the perturbation methods with --perturb's settings (new entries; the registry is unchanged)
+    run_methods = [methods.pcmu_method(pcmu_overrides) if n == "pcmu" else perturbers.get(n, n) for n in names]
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
     records = _run_with_progress(harness, data, args.quiet, model=model, methods=run_methods, ratios=ratios, seeds=seeds,
@@ -299,12 +313,16 @@ def _evaluate(parser, args) -> int:
     for line in memorization_lines:
         print(line)
     trained = recipe.resolved(model, sgd)
+    tested, (_, validation_y) = harness.carve_validation(ds)
     notes = [f"command: `{args.command_line}`",
              f"backend: {backend()}; device: {device}; {time.perf_counter() - began:.0f} s on this machine",
-             f"n = {len(ds.y)} training samples, {len(ds.y_test)} test samples ({ds.kind}, one sample "
+             f"n = {len(ds.y)} training samples, {len(tested.y_test)} test samples and a validation split of "
+             f"{len(validation_y)} carved from the test pool ({ds.kind}, one sample "
              f"{'x'.join(map(str, ds.input_shape))}); methods: {', '.join(names)}",
              "training recipe: " + ", ".join(f"{k} {v}" for k, v in trained.items() if v is not None)
              + (f"; model options: {model_options}" if model_options else "")] + _data_notes(ds) + memorization_lines
+    if perturb_text is not None:
+        notes.append(f"perturbation settings (--perturb, over the model family's): {perturb_overrides}")
     if "pcmu" in names:
         notes.append(f"PCMU training ({pcmu_profiles.profile_of(model)} profile"
                      + (f", with --pcmu {pcmu_text}" if pcmu_text else "") + "): "

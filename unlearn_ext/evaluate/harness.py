@@ -105,12 +105,30 @@ def check_forget_sizes(n: int, ratios) -> None:
                              "use more samples or a smaller ratio")
 
 
+# The share of the test pool the harness sets aside as the validation split (the user's validation
+# set: Top-K / Random-k's held-out accuracy guard reads it); reported test accuracy reads the rest.
+VALIDATION_FRACTION = 0.25
+
+
+def carve_validation(ds: Dataset, fraction: float = VALIDATION_FRACTION) -> tuple[Dataset, tuple]:
+    """(ds with the validation split removed from its test pool, (x_val, y_val)). The split is a
+    fixed seeded draw (the same for every training seed), at least one sample, and leaves at least
+    one test sample; a test pool of one sample gives an empty validation split."""
+    n = int(ds.y_test.shape[0])
+    count = min(max(1, int(round(fraction * n))), n - 1) if n > 1 else 0
+    order = torch.from_numpy(np.random.default_rng(20261207).permutation(n)).to(ds.y_test.device)
+    val, test = order[:count].sort().values, order[count:].sort().values
+    return (dataclasses.replace(ds, x_test=ds.x_test[test], y_test=ds.y_test[test]),
+            (ds.x_test[val], ds.y_test[val]))
+
+
 def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, widths=None,
               sgd: dict | None = None, *, recipe: RecipeOptions | None = None, model_options: dict | None = None,
-              device: str = "cpu") -> Run:
+              device: str = "cpu", validation: tuple | None = None) -> Run:
     """Trains one seed's original. recipe: the run's training options (training.RecipeOptions) over
     `sgd` (a named setting's SGD fields) or the model's defaults; epochs overrides both.
-    model_options: norm / dropout of the models that take them."""
+    model_options: norm / dropout of the models that take them. validation: the (x, y) split the
+    methods may read as the user's validation set (carve_validation), never ds's test pool."""
     data = ds.training_data()
     initial = build_model(ds, model, seed, widths, model_options).to(device)
     options = recipe or RecipeOptions()
@@ -121,7 +139,7 @@ def train_run(ds: Dataset, model: str, seed: int, epochs: int | None = None, wid
     original = config.train(copy.deepcopy(initial), data)
     # Held-out non-members for normalized ascent's stop: every other test sample.
     return Run(ds.name, model, seed, data, initial, config, original, time.perf_counter() - began,
-               holdout=(ds.x_test[::2], ds.y_test[::2]))
+               holdout=(ds.x_test[::2], ds.y_test[::2]), validation=validation)
 
 
 def build_model(ds: Dataset, model: str, seed: int, widths=None, model_options: dict | None = None):
@@ -185,9 +203,9 @@ def evaluate(ds: Dataset | Callable[[int], Dataset], *, model: str = "mlp", meth
     tick = progress or (lambda what: None)
     records = []
     for seed in seeds:
-        seed_ds = _on_device(ds(seed) if callable(ds) else ds, device)
+        seed_ds, validation = carve_validation(_on_device(ds(seed) if callable(ds) else ds, device))
         run = train_run(seed_ds, model, seed, epochs, widths, sgd, recipe=recipe, model_options=model_options,
-                        device=device)
+                        device=device, validation=validation)
         tick(f"seed {seed}: trained the original ({run.train_seconds:.1f} s)")
         prepared = {}
         for spec in specs:

@@ -17,9 +17,8 @@ every value is checked here, before any training.
 """
 from __future__ import annotations
 
-import math
-
 from ..pcmu.smoothing import check_smoothing_config
+from . import key_values
 from .models import TABULAR
 from .pcmu_examples import SETTINGS as EXAMPLE_SETTINGS
 
@@ -69,38 +68,11 @@ def check_overrides(overrides: dict) -> dict:
         if key not in KEYS:
             raise PCMUSettingError(f"unknown PCMU setting {key!r}; choose from {', '.join(KEYS)}")
         kind, least, inclusive = KEYS[key]
-        out[key] = _value(key, value, kind, least, inclusive)
+        out[key] = key_values.number(key, value, kind, least, inclusive, "PCMU setting", PCMUSettingError)
     return out
-
-
-def _value(key: str, value, kind, least, inclusive):
-    bound = f"{'>=' if inclusive else '>'} {least:g}"
-    what = "an integer" if kind is int else "a finite number"
-    try:
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        number = kind(value) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        number = None
-    if number is None or (kind is float and not math.isfinite(number)) or \
-            (number < least if inclusive else number <= least):
-        raise PCMUSettingError(f"PCMU setting {key} must be {what} {bound}, got {value!r}")
-    return number
 
 
 def parse(text: str) -> dict:
     """'lr=0.01,epochs=10' -> {'lr': 0.01, 'epochs': 10}, checked (check_overrides)."""
-    pairs = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise PCMUSettingError(f"PCMU settings are KEY=VALUE pairs separated by commas, got {item!r}")
-        if key in pairs:
-            raise PCMUSettingError(f"PCMU setting {key} given twice")
-        pairs[key] = value.strip()
-    if not pairs:
-        raise PCMUSettingError("give at least one PCMU setting, e.g. lr=0.01")
+    pairs = key_values.split_pairs(text, "PCMU setting", "lr=0.01", PCMUSettingError)
     return check_overrides(pairs)

@@ -11,7 +11,8 @@ ones (masked: the masked-gradient op zeroes the rest of every gradient); with th
 model gave on R before this request (softened by `distill_temperature`): on a memorizing model
 those outputs carry the memorized retained labels that a short repair on the labels does not
 relearn. Fine-tuning alone, the control, is baselines.FinetuneUnlearner. With `guard=` set, every
-answer is checked by the retained-accuracy guard (perturb/guard.py) and K halved until it holds.
+answer is checked by the accuracy guard (perturb/guard.py: on `guard_data`, the user's held-out
+data, or else a slice of R), repaired further and/or answered again at a smaller K until it holds.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..forward import outputs
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes, trainable
 from ..unlearner import Unlearner, UnlearnReport
-from . import guard as retained_guard
+from . import guard as accuracy_guard
 from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores
 
 PERTURBATIONS = ("reset", "dampen", "noise", "ascent")
@@ -43,7 +44,8 @@ class PerturbUnlearner(Unlearner):
                  repair: str = "all", per_tensor: bool = False, holdout: tuple | None = None,
                  ascent_step: float = 0.1, ascent_max_steps: int = 50, distill_temperature: float = 2.0,
                  distill_alpha: float = 0.0, ratio_floor: float = RATIO_FLOOR, guard: float | None = None,
-                 guard_size: int = 256, guard_halvings: int = 3, seed: int = 0):
+                 guard_size: int = 256, guard_halvings: int = 3, guard_rounds: int = 2,
+                 guard_budget: float | None = 1.0, guard_data: tuple | None = None, seed: int = 0):
         super().__init__(data)
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
@@ -66,7 +68,7 @@ class PerturbUnlearner(Unlearner):
             raise ValueError("normalized ascent stops at the held-out non-members' loss: give holdout=(x, y)")
         if isinstance(k, float) and not 0.0 <= k <= 1.0:
             raise ValueError(f"a fractional k must be in [0, 1], got {k}")
-        retained_guard.check_options(guard, guard_size, guard_halvings)
+        accuracy_guard.check_options(guard, guard_size, guard_halvings, guard_rounds, guard_budget, guard_data)
         self.model, self.config = model, config
         self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
         self.initial = None if initial is None else [p.detach().clone() for p in trainable(initial).values()]
@@ -76,6 +78,10 @@ class PerturbUnlearner(Unlearner):
         self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
         self.ratio_floor = float(ratio_floor)
         self.guard, self.guard_size, self.guard_halvings = guard, guard_size, guard_halvings
+        self.guard_rounds, self.guard_budget = guard_rounds, guard_budget
+        self.guard_data = None if guard_data is None else (guard_data[0].detach(), guard_data[1].detach())
+        self._guard_reference = None  # the original model's accuracy on guard_data (first guarded request)
+        self._repair_inputs = None    # (selection, union, teacher) of the answer the guard is checking
         self._k_now = k          # the K of the answer being computed (the guard halves it)
         self.requests = 0        # requests answered (they key the noise and Random-k draws)
         self._in_flight = None   # the number of the request being answered (requests + 1)
@@ -115,14 +121,15 @@ class PerturbUnlearner(Unlearner):
             self._guarded(new, report)
 
     def _guarded(self, new: torch.Tensor, report: UnlearnReport) -> None:
-        """Answers at K, then at K/2, K/4, ... from the weights before the request until the retained-
-        accuracy guard holds (perturb/guard.py); keeps the last answer."""
+        """Answers at K, checks the answer with the accuracy guard (perturb/guard.py) and, while it
+        fails: repairs further (guard_rounds rounds of repair_epochs epochs), then answers again at K/2
+        from the weights before the request, and so on, within guard_budget; keeps the last answer."""
         before, forgotten, requests = model_state(self.model), self.forgotten, self.requests
-        retained = self.data.without(torch.cat([self.forgotten, new]))
-        probe_ids = retained_guard.guard_slice(retained, self.guard_size, self.seed, self.requests + 1)
-        accuracy_before = retained_guard.slice_accuracy(self.model, self.data, probe_ids)
-        probe = int(probe_ids.numel())
-        spent, tried, k = probe, [], self.k
+        union = torch.cat([forgotten, new]).unique()
+        probe, reference, spent = self._guard_probe(new)
+        cap = None if self.guard_budget is None else self.guard_budget * self.retrain_cost(union)
+        fits = lambda cost: cap is None or spent + cost + probe.cost <= cap  # noqa: E731
+        tried, k, stop = [], self.k, "met"
         try:
             for attempt in range(self.guard_halvings + 1):
                 if attempt:  # every answer starts from the weights before the request
@@ -131,12 +138,27 @@ class PerturbUnlearner(Unlearner):
                     self.requests = requests
                 self._k_now = k
                 self._answer(new, report)
-                accuracy = retained_guard.slice_accuracy(self.model, self.data, probe_ids)
-                spent += report.sample_gradients + probe
-                tried.append([k, accuracy])
-                if accuracy_before - accuracy <= self.guard:
+                answer_cost = report.sample_gradients
+                spent += answer_cost + probe.cost
+                extra, accuracy = 0, probe(self.model)
+                tried.append([k, extra, accuracy])
+                for round_ in range(1, self.guard_rounds + 1 if self.repair_epochs else 1):
+                    if reference - accuracy <= self.guard or not fits(self._repair_round_cost(union)):
+                        break
+                    spent += self._repair(*self._repair_inputs, round_=round_) + probe.cost
+                    check_finite(self._params(), f"{self.method}: the parameters after the guard's repair round")
+                    extra += self.repair_epochs
+                    accuracy = probe(self.model)
+                    tried.append([k, extra, accuracy])
+                if reference - accuracy <= self.guard:
                     break
-                k = retained_guard.halved(k)
+                if attempt == self.guard_halvings:
+                    stop = "halvings"
+                elif not fits(answer_cost):
+                    stop = "budget"
+                if stop != "met":
+                    break
+                k = accuracy_guard.halved(k)
         except BaseException:  # as for one answer: the request leaves no trace when anything fails
             load_model_state_(self.model, before)
             self._set_forgotten(forgotten)
@@ -144,12 +166,40 @@ class PerturbUnlearner(Unlearner):
             raise
         finally:
             self._k_now = self.k
-        met = accuracy_before - tried[-1][1] <= self.guard
+            self._repair_inputs = None
+        met = reference - tried[-1][2] <= self.guard
+        if not met and stop == "met":  # the repair rounds stopped for the budget
+            stop = "budget"
         report.sample_gradients = spent
-        report.details.update(k_chosen=tried[-1][0], guard_met=met, guard_accuracy_before=accuracy_before,
-                              guard_trials=tried, guard_sample_gradients=probe * (1 + len(tried)))
-        report.how = (f"{self.method}: K = {tried[-1][0]:g} after {len(tried)} answer(s) (retained-accuracy guard "
-                      f"{'met' if met else 'not met at the smallest K tried'}); " + report.how)
+        report.details.update(k_chosen=tried[-1][0], guard_met=met, guard_probe=probe.name,
+                              guard_accuracy_before=reference, guard_trials=tried,
+                              guard_extra_repair_epochs=tried[-1][1], guard_stop="met" if met else stop,
+                              guard_sample_gradients=probe.spent)
+        why = {"met": "met", "halvings": "not met at the smallest K allowed",
+               "budget": f"not met within its budget of {self.guard_budget:g}x retraining's cost"
+               if self.guard_budget is not None else "not met"}["met" if met else stop]
+        answers = sum(1 for t in tried if t[1] == 0)
+        report.how = (f"{self.method}: K = {tried[-1][0]:g} + {tried[-1][1]} further repair epoch(s) after "
+                      f"{answers} answer(s) ({probe.name} accuracy {tried[-1][2]:.3f} vs {reference:.3f} before; "
+                      f"guard {why}); " + report.how)
+
+    def _guard_probe(self, new: torch.Tensor):
+        """(probe, reference accuracy, sample gradients spent on the reference): the held-out data if
+        given (reference: the original model's accuracy, measured at the first guarded request),
+        else a seeded slice of this request's R (reference: the accuracy just before the request)."""
+        if self.guard_data is not None:
+            probe = _Probe("held-out", lambda model: accuracy_guard.accuracy(model, *self.guard_data),
+                           int(self.guard_data[0].shape[0]))
+            spent = 0
+            if self._guard_reference is None:
+                self._guard_reference = probe(self.model)
+                spent = probe.cost
+            return probe, self._guard_reference, spent
+        retained = self.data.without(torch.cat([self.forgotten, new]))
+        ids = accuracy_guard.guard_slice(retained, self.guard_size, self.seed, self.requests + 1)
+        probe = _Probe("retained-slice", lambda model: accuracy_guard.slice_accuracy(model, self.data, ids),
+                       int(ids.numel()))
+        return probe, probe(self.model), probe.cost
 
     def _answer(self, new: torch.Tensor, report: UnlearnReport) -> None:
         """One answer to the request; on any failure the model (parameters and buffers) is put back and the
@@ -191,6 +241,8 @@ class PerturbUnlearner(Unlearner):
             cost += steps * int(new.numel())
             details.update(ascent_steps=steps, forget_loss=loss, holdout_loss=target)
         details["selected"] = int(count)
+        if self.guard is not None:  # the guard may repair this answer further
+            self._repair_inputs = (selection, union, teacher)
         repair_cost = self._repair(selection, union, teacher)
         self._set_forgotten(union)
         report.status, report.weights_changed = "unlearned", True
@@ -235,10 +287,16 @@ class PerturbUnlearner(Unlearner):
         """repair_lr_factor x the training recipe's peak learning rate."""
         return self.repair_lr_factor * self.config.peak_lr(len(self.data))
 
-    def _repair_config(self, union):
-        """The repair's recipe: the training recipe's optimizer at repair_lr_factor x its peak lr."""
-        return self.config.tuned(self.repair_lr_factor, self.repair_epochs, self.config.seed + 104729 * (1 + len(union)),
-                                 len(self.data))
+    def _repair_config(self, union, round_: int = 0):
+        """The repair's recipe: the training recipe's optimizer at repair_lr_factor x its peak lr; the
+        guard's further rounds (round_ >= 1) draw other batch orders."""
+        return self.config.tuned(self.repair_lr_factor, self.repair_epochs,
+                                 self.config.seed + 104729 * (1 + len(union)) + round_, len(self.data))
+
+    def _repair_round_cost(self, union) -> int:
+        """Sample gradients of one repair (the guard's further rounds cost the same)."""
+        teacher_cost = len(self.data) - len(union) if self._distills() else 0
+        return retrain_cost(self.data, self._repair_config(union), union) + teacher_cost
 
     def _distills(self) -> bool:
         return self.repair in ("distill", "masked-distill") and self.repair_epochs > 0
@@ -262,10 +320,10 @@ class PerturbUnlearner(Unlearner):
             return kl
         return (1 - self.distill_alpha) * kl + self.distill_alpha * self.data.loss(logits, y).mean()
 
-    def _repair(self, selection, union, teacher=None) -> int:
+    def _repair(self, selection, union, teacher=None, round_: int = 0) -> int:
         if self.repair_epochs == 0:
             return 0
-        tune = self._repair_config(union)
+        tune = self._repair_config(union, round_)
         if self.repair == "all":
             tune.train(self.model, self.data, exclude=union)
             return retrain_cost(self.data, tune, union)
@@ -304,8 +362,11 @@ class PerturbUnlearner(Unlearner):
                 # only where they matter (ledgers saved before the fields above were added are refused,
                 # naming them: their repair settings were not recorded)
                 **({"ratio_floor": self.ratio_floor} if self.score in RETAINED_SCORES else {}),
-                **({"guard": self.guard, "guard_size": self.guard_size, "guard_halvings": self.guard_halvings}
+                **({"guard": self.guard, "guard_size": self.guard_size, "guard_halvings": self.guard_halvings,
+                    "guard_rounds": self.guard_rounds, "guard_budget": self.guard_budget}
                    if self.guard is not None else {}),
+                **({"guard_data_sha256": tensors_sha256(self.guard_data)}
+                   if self.guard is not None and self.guard_data is not None else {}),
                 **({"ascent_step": self.ascent_step, "ascent_max_steps": self.ascent_max_steps}
                    if self.perturbation == "ascent" else {}),
                 **({"holdout_sha256": tensors_sha256(self.holdout)} if self.holdout is not None else {}),
@@ -313,13 +374,17 @@ class PerturbUnlearner(Unlearner):
 
     def state_dict(self) -> dict:
         # buffers included: a repair in training mode moves BatchNorm's running statistics
+        # the held-out guard's reference: the original model's accuracy, which the model no longer is
+        reference = {} if self._guard_reference is None else \
+            {"guard_reference": torch.tensor(self._guard_reference, dtype=torch.float64)}
         return {**model_state(self.model), "requests": torch.tensor(self.requests),
-                "forgotten": self.forgotten.clone()}
+                "forgotten": self.forgotten.clone(), **reference}
 
     def load_state_dict(self, state: dict) -> None:
         load_model_state_(self.model, state)
         self.requests = int(state["requests"])
         self._set_forgotten(state["forgotten"])
+        self._guard_reference = float(state["guard_reference"]) if "guard_reference" in state else None
 
 
 class TopKUnlearner(PerturbUnlearner):
@@ -345,6 +410,18 @@ class RandomKUnlearner(PerturbUnlearner):
     def _select(self, new):
         # Same (seed, request) keys for every K the guard tries: a smaller K selects a subset.
         return sel_api.random_k([p.detach() for p in self._params()], self._k_now, self.seed, self._in_flight), 0
+
+
+class _Probe:
+    """What the guard measures accuracy on: name, accuracy(model), and its cost per check (one
+    forward pass per sample, counted as one sample gradient each); `spent` adds up the checks."""
+
+    def __init__(self, name: str, measure, cost: int):
+        self.name, self._measure, self.cost, self.spent = name, measure, cost, 0
+
+    def __call__(self, model) -> float:
+        self.spent += self.cost
+        return self._measure(model)
 
 
 def check_finite(tensors, what: str) -> None:
