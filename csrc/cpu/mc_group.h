@@ -34,40 +34,36 @@ namespace {
 // `lanes` are padding: they read p = 0, count nothing and are neither stored nor counted.
 template <int kLanes>
 struct McGroup {
-  uint64_t element0;  // global index of lane 0: the Philox stream of lane l is element0 + l
-  int lanes;          // real elements, 1 to kLanes
   // With k = word >> 8: class -1 iff k < neg_levels, class +1 iff k >= pos_from. pos_from is
   // max(pos_start, neg_levels), since +1 also needs "not -1" (draw_is_positive): one compare per draw.
-  int32_t neg_levels[kLanes];
-  int32_t pos_from[kLanes];
-  int32_t finite[kLanes];  // 0 for a non-finite input (p NaN: thresholds {0, 2^24}, code and radius 0)
+  alignas(4 * kLanes) int32_t neg_levels[kLanes];  // aligned like a vector of the lanes
+  alignas(4 * kLanes) int32_t pos_from[kLanes];
+  alignas(4 * kLanes) int32_t finite[kLanes];  // 0 for a non-finite input (p NaN: thresholds {0, 2^24}, code and radius 0)
+  uint64_t element0;  // global index of lane 0: the Philox stream of lane l is element0 + l
+  int lanes;          // real elements, 1 to kLanes
 };
 
 // Class counts of each lane's n0 selection and n estimation draws.
 template <int kLanes>
 struct McGroupCounts {
-  int32_t sel_neg[kLanes], sel_pos[kLanes], est_neg[kLanes], est_pos[kLanes];
+  alignas(4 * kLanes) int32_t sel_neg[kLanes];
+  alignas(4 * kLanes) int32_t sel_pos[kLanes];
+  alignas(4 * kLanes) int32_t est_neg[kLanes];
+  alignas(4 * kLanes) int32_t est_pos[kLanes];
 };
 
+// The thresholds of a group from kLanes probabilities of each class (padding lanes: p = 0).
 template <int kLanes>
 inline void group_thresholds(const float* p_neg, const float* p_pos, uint64_t element0, int lanes, McGroup<kLanes>& g) {
   g.element0 = element0;
   g.lanes = lanes;
-  float pn[kLanes] = {}, pp[kLanes] = {};
-  if (lanes == kLanes) {  // a constant size: the common case loads whole registers
-    std::memcpy(pn, p_neg, sizeof pn);
-    std::memcpy(pp, p_pos, sizeof pp);
-  } else {
-    std::memcpy(pn, p_neg, sizeof(float) * lanes);
-    std::memcpy(pp, p_pos, sizeof(float) * lanes);
-  }
   UNLEARN_LANE_LOOP
   for (int l = 0; l < kLanes; ++l) {
-    const int32_t neg = static_cast<int32_t>(levels_below(pn[l]));  // levels_below(NaN) = 0
-    const int32_t pos_start = static_cast<int32_t>(kUniformLevels - levels_below(pp[l]));
+    const int32_t neg = static_cast<int32_t>(levels_below(p_neg[l]));  // levels_below(NaN) = 0
+    const int32_t pos_start = static_cast<int32_t>(kUniformLevels - levels_below(p_pos[l]));
     g.neg_levels[l] = neg;
     g.pos_from[l] = std::max(pos_start, neg);
-    g.finite[l] = pn[l] == pn[l];
+    g.finite[l] = p_neg[l] == p_neg[l];
   }
 }
 
@@ -111,7 +107,7 @@ struct McLaneStats {
 };
 
 // CERTIFY (certify_from_counts, in its steps around the table read) for each lane, the stores of
-// the real lanes and their statistics. Lane loops over 32-bit values only: GCC vectorizes them whole
+// all kLanes codes and radii, and the statistics of the real lanes. Lane loops over 32-bit values only: GCC vectorizes them whole
 // (a byte-wide value in a loop shrinks the vectors it picks).
 template <int kLanes>
 inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>& c, const McDrawParams& p,
@@ -142,32 +138,38 @@ inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>&
     // radii are >= 0, so their bit patterns order like the floats
     stats.min_radius_bits[l] = std::min(stats.min_radius_bits[l], real ? float_bits(radius[l]) : int32_t(0x7f800000));
   }
-  int8_t code8[kLanes];
+  std::memcpy(radii, radius, sizeof radius);
   UNLEARN_LANE_LOOP
-  for (int l = 0; l < kLanes; ++l) code8[l] = static_cast<int8_t>(code[l]);
-  if (g.lanes == kLanes) {  // a constant size: the common case stores whole registers
-    std::memcpy(codes, code8, kLanes);
-    std::memcpy(radii, radius, sizeof(float) * kLanes);
-  } else {
-    std::memcpy(codes, code8, g.lanes);
-    std::memcpy(radii, radius, sizeof(float) * g.lanes);
-  }
+  for (int l = 0; l < kLanes; ++l) codes[l] = static_cast<int8_t>(code[l]);
 }
 
-// A span in groups of kLanes elements, the last one ragged: thresholds, then
+// A span in groups of kLanes elements, the last one ragged (read and written through padded copies):
+// thresholds, then
 // count_group(const McGroup<kLanes>&, McGroupCounts<kLanes>&) (the path's draw loop), then CERTIFY.
 template <int kLanes, typename CountGroup>
 inline void mc_span_groups(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                            const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats,
                            CountGroup&& count_group) {
   McLaneStats<kLanes> lane_stats;
-  for (int64_t base = 0; base < count; base += kLanes) {
+  const auto group = [&](const float* pn, const float* pp, uint64_t element0, int lanes, int8_t* code, float* radius) {
     McGroup<kLanes> g;
-    group_thresholds(p_neg + base, p_pos + base, global_begin + static_cast<uint64_t>(base),
-                     static_cast<int>(std::min<int64_t>(kLanes, count - base)), g);
+    group_thresholds(pn, pp, element0, lanes, g);
     McGroupCounts<kLanes> c;
     count_group(static_cast<const McGroup<kLanes>&>(g), c);
-    certify_group(g, c, p, codes + base, radii + base, lane_stats);
+    certify_group(g, c, p, code, radius, lane_stats);
+  };
+  int64_t base = 0;
+  for (; base + kLanes <= count; base += kLanes)
+    group(p_neg + base, p_pos + base, global_begin + static_cast<uint64_t>(base), kLanes, codes + base, radii + base);
+  if (base < count) {  // the ragged tail through padded copies
+    const int rest = static_cast<int>(count - base);
+    float pn[kLanes] = {}, pp[kLanes] = {}, radius[kLanes];
+    int8_t code[kLanes];
+    std::memcpy(pn, p_neg + base, sizeof(float) * rest);
+    std::memcpy(pp, p_pos + base, sizeof(float) * rest);
+    group(pn, pp, global_begin + static_cast<uint64_t>(base), rest, code, radius);
+    std::memcpy(codes + base, code, rest);
+    std::memcpy(radii + base, radius, sizeof(float) * rest);
   }
   lane_stats.add_to(stats);
 }
