@@ -3,13 +3,15 @@
 // elements with its ragged tail, each element's draw thresholds, the split of the n0 + n draws into
 // Philox blocks by phase, and CERTIFY with the stores and statistics. A path supplies only how it
 // draws and counts one group (its vector inner loop); everything here calls the very functions of
-// unlearn/smoothing.h that define the results (levels_below, certify_from_counts), so the paths agree
-// bit for bit by construction. The lane loops are plain C++ that GCC vectorizes for the ISA of the
-// file that includes this header.
+// unlearn/philox.h and unlearn/smoothing.h that define the results (levels_below, the steps of
+// certify_from_counts), so the paths agree bit for bit by construction. The lane loops are plain C++
+// that GCC vectorizes for the ISA of the file that includes this header.
 //
-// Include it after the file's own ISA switch (#pragma GCC target): it is compiled once per path, and
-// its internal linkage keeps the copies built for different ISAs apart (an inline function with
-// external linkage would be merged by the linker, which could hand AVX-512 code to any CPU).
+// Include it after the file's own ISA switch (#pragma GCC target), and the headers it includes before
+// the switch: it is compiled once per path, and its internal linkage keeps the copies built for
+// different ISAs apart (an inline function with external linkage, such as a std::min instantiated
+// from a header first included after the switch, would be merged by the linker, which could hand
+// AVX-512 code to any CPU).
 #pragma once
 
 #include <algorithm>
@@ -107,8 +109,9 @@ struct McLaneStats {
 };
 
 // CERTIFY (certify_from_counts, in its steps around the table read) for each lane, the stores of
-// all kLanes codes and radii, and the statistics of the real lanes. Lane loops over 32-bit values only: GCC vectorizes them whole
-// (a byte-wide value in a loop shrinks the vectors it picks).
+// all kLanes codes and radii, and the statistics of the real lanes. The lane loops hold 32-bit
+// values only, so GCC vectorizes them at full width (a byte-wide value in a loop shrinks the vectors
+// it picks); the codes are narrowed to bytes in a loop of their own.
 template <int kLanes>
 inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>& c, const McDrawParams& p,
                           int8_t* codes, float* radii, McLaneStats<kLanes>& stats) {
@@ -144,8 +147,8 @@ inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>&
 }
 
 // A span in groups of kLanes elements, the last one ragged (read and written through padded copies):
-// thresholds, then
-// count_group(const McGroup<kLanes>&, McGroupCounts<kLanes>&) (the path's draw loop), then CERTIFY.
+// thresholds, count_group(const McGroup<kLanes>&, McGroupCounts<kLanes>&) (the path's draw loop),
+// CERTIFY.
 template <int kLanes, typename CountGroup>
 inline void mc_span_groups(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                            const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats,

@@ -1,6 +1,6 @@
-// AVX2 path of the CPU `mc` kernel (interface and contract: mc_kernel.h), the 8-lane twin of
-// smoothing_mc_avx512.cpp: integer draw thresholds from the probabilities, the n0 + n Philox draws
-// and their class counts, CERTIFY, the stores and the statistics, 8 elements at a time.
+// AVX2 path of the CPU `mc` kernel (interface and contract: mc_kernel.h): the draw loop of
+// mc_group.h's walk, the n0 + n Philox draws of 8 elements at a time and their class counts. The
+// thresholds, CERTIFY, stores and statistics are mc_group.h's lane loops, compiled here for AVX2.
 //
 // AVX2 has no unsigned compares and no mask registers: thresholds and words are compared as signed
 // integers after flipping their top bits (x <u y <=> x ^ 2^31 <s y ^ 2^31), and a compare's all-ones
