@@ -85,7 +85,8 @@ inline void fix_wrapped_thresholds(const McGroup<kLanes>& g, const McDrawParams&
 }
 
 // The statistics of McSpanStats kept per lane over a span and reduced once at its end, so that a
-// group adds to them lane by lane (no horizontal sums per group).
+// group adds to them lane by lane (no horizontal sums per group). A lane adds at most 1 per group,
+// so 32 bits hold any span of fewer than 2^31 groups (the callers' spans are parallel chunks).
 template <int kLanes>
 struct McLaneStats {
   int32_t min_radius_bits[kLanes];
