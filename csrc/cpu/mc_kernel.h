@@ -2,8 +2,11 @@
 // implementations with one interface: hand-written AVX-512 and AVX2 ones (smoothing_mc_avx512.cpp,
 // smoothing_mc_avx2.cpp, each compiled for its ISA whatever the build flags), a hand-written NEON one
 // for aarch64 (smoothing_mc_neon.cpp) and a portable one (smoothing_mc_scalar.cpp, written with the
-// shared per-element math of unlearn/smoothing.h). Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path is chosen
-// per call at run time, so a portable build still takes the widest path the CPU has).
+// shared per-element math of unlearn/smoothing.h). They differ only in how they draw and count; the
+// rest of a span (groups and tail, thresholds, block phases, CERTIFY, stores, statistics) is
+// mc_group.h, compiled into each, except the AVX-512 path, which still holds its own copy: moving it
+// onto mc_group.h waits for a machine with AVX-512 to check it bit for bit against the others. Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path
+// is chosen per call at run time, so a portable build still takes the widest path the CPU has).
 //
 // All take the class probabilities of each element (Phi computed by the caller) and produce codes,
 // radii and statistics that are identical bit for bit (tests/test_cpu_isa.py forces each path; the

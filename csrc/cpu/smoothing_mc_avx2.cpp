@@ -1,6 +1,6 @@
-// AVX2 path of the CPU `mc` kernel (interface and contract: mc_kernel.h), the 8-lane twin of
-// smoothing_mc_avx512.cpp: integer draw thresholds from the probabilities, the n0 + n Philox draws
-// and their class counts, CERTIFY, the stores and the statistics, 8 elements at a time.
+// AVX2 path of the CPU `mc` kernel (interface and contract: mc_kernel.h): the draw loop of
+// mc_group.h's walk, the n0 + n Philox draws of 8 elements at a time and their class counts. The
+// thresholds, CERTIFY, stores and statistics are mc_group.h's lane loops, compiled here for AVX2.
 //
 // AVX2 has no unsigned compares and no mask registers: thresholds and words are compared as signed
 // integers after flipping their top bits (x <u y <=> x ^ 2^31 <s y ^ 2^31), and a compare's all-ones
@@ -18,12 +18,15 @@
 // Like the AVX-512 file, this one enables AVX2 for its own functions only (#pragma GCC target, after
 // every shared include), so a portable build contains it and the AVX2 copy of smoothing_cpu.cpp
 // calls it where the CPU has AVX2 (isa.h).
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "isa.h"
 #include "mc_kernel.h"
+#include "unlearn/float_math.h"
 #include "unlearn/philox.h"
+#include "unlearn/smoothing.h"
 
 #if UNLEARN_X86_VARIANTS
 
@@ -34,6 +37,8 @@
 // chains; with it the kernel measured ~20% faster on Zen 3.
 #pragma GCC optimize("schedule-insns", "sched-pressure")
 #include <immintrin.h>
+
+#include "mc_group.h"
 
 namespace unlearn {
 namespace cpu {
@@ -251,153 +256,45 @@ inline void count_whole_blocks(const Group& g, uint64_t first, uint64_t last, ui
   });
 }
 
-// levels_below (unlearn/philox.h) for 4 float probabilities: ceil((p 2^25 - 1) / 2) in float64,
-// clamped to [0, 2^24]. Every step is exact, as in the scalar form, and the clamp alone gives the
-// scalar form's special cases: p <= 0 rounds to <= 0 and p >= 1 to >= 2^24, and vmaxpd returns its
-// second operand (0) when the first is NaN.
-inline __m128i levels_below4(__m128 p_f) {
-  const __m256d p = _mm256_cvtps_pd(p_f);
-  const __m256d scaled = _mm256_mul_pd(_mm256_sub_pd(_mm256_mul_pd(p, _mm256_set1_pd(0x1p25)), _mm256_set1_pd(1.0)),
-                                       _mm256_set1_pd(0.5));
-  const __m256d t = _mm256_round_pd(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-  const __m256d clamped =
-      _mm256_min_pd(_mm256_max_pd(t, _mm256_setzero_pd()), _mm256_set1_pd(static_cast<double>(kUniformLevels)));
-  return _mm256_cvttpd_epi32(clamped);
-}
-
-inline __m256i levels_below8(__m256 p) {
-  const __m128i lo = levels_below4(_mm256_castps256_ps128(p));
-  const __m128i hi = levels_below4(_mm256_extractf128_ps(p, 1));
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-}
-
-struct Counts8 {
-  __m256i sel_neg, sel_pos, est_neg, est_pos;
-};
-
-// Class counts of the n0 selection and n estimation draws of 8 consecutive elements (element0 is the
-// first one's global index). For a level count L < 2^24, (word >> 8) < L <=> word < L * 256
-// (unsigned); L = 2^24 (every draw below) wraps to 0 and is fixed after the loop. Blocks that lie in
-// one phase take the check-free loop; at most two blocks (the one holding draw n0 and a partial last
-// one) go word by word.
-inline Counts8 count_draws8(__m256i neg_levels, __m256i pos_from, uint64_t element0, const McDrawParams& p,
-                            const RoundKeys& keys) {
+// Class counts of the n0 selection and n estimation draws of a group (mc_group.h). For a level count
+// L < 2^24, (word >> 8) < L <=> word < L * 256 (unsigned); L = 2^24 (every draw below) wraps to 0
+// and is fixed after the loop (fix_wrapped_thresholds).
+__attribute__((noinline)) void count_group(const McGroup<kLanes>& group, const McDrawParams& p, const RoundKeys& keys,
+                                            McGroupCounts<kLanes>& c) {
+  const __m256i neg_levels = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group.neg_levels));
+  const __m256i pos_from = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group.pos_from));
   const __m256i neg_words = _mm256_xor_si256(_mm256_slli_epi32(neg_levels, 8), top_bits());  // -1 iff word <  these
   const __m256i pos_words = _mm256_xor_si256(_mm256_slli_epi32(pos_from, 8), top_bits());    // +1 iff word >= these
-  const Group g = make_group(element0, p, keys, neg_words, pos_words);
-  const uint64_t n0 = static_cast<uint64_t>(p.n0), draws = n0 + static_cast<uint64_t>(p.n);
-  const uint64_t sel_blocks = n0 / 4;                        // blocks of selection draws only
-  const uint64_t est_first = (n0 + 3) / 4;                   // first block of estimation draws only
-  const uint64_t est_last = draws / 4 > est_first ? draws / 4 : est_first;  // end of the whole estimation blocks
+  const Group g = make_group(group.element0, p, keys, neg_words, pos_words);
   BelowCounts sel{_mm256_setzero_si256(), _mm256_setzero_si256()}, est = sel;
-  count_whole_blocks(g, 0, sel_blocks, p.offset, sel);
-  count_whole_blocks(g, est_first, est_last, p.offset, est);
-  // The blocks split by a phase boundary, word by word: the one holding draws on both sides of n0,
-  // and the partial last one (the same block when both lie inside it).
-  const auto count_split_block = [&](uint64_t block, const __m256i (&s0)[4], const __m256i (&s1)[4]) {
-    for (int q = 0; q < 4; ++q) {
-      const uint64_t j = 4 * block + static_cast<uint64_t>(q);  // draw index of this word
-      if (j >= draws) break;
-      count_word(draw_word(s0, s1, q), neg_words, pos_words, j < n0 ? sel : est);
-    }
-  };
-  if (n0 % 4 != 0) blocks<1>(g, n0 / 4, n0 / 4 + 1, p.offset, count_split_block);
-  if (draws % 4 != 0 && !(n0 % 4 != 0 && draws / 4 == n0 / 4))
-    blocks<1>(g, draws / 4, draws / 4 + 1, p.offset, count_split_block);
-  const __m256i all = _mm256_set1_epi32(static_cast<int>(kUniformLevels));
-  const __m256i every_neg = _mm256_cmpeq_epi32(neg_levels, all);  // neg_words wrapped to 0
-  const __m256i no_pos = _mm256_cmpeq_epi32(pos_from, all);      // pos_words wrapped to 0
+  for_each_block_run(
+      p, [&](uint64_t first, uint64_t last, bool estimation) { count_whole_blocks(g, first, last, p.offset, estimation ? est : sel); },
+      [&](uint64_t split) {
+        blocks<1>(g, split, split + 1, p.offset, [&](uint64_t block, const __m256i (&s0)[4], const __m256i (&s1)[4]) {
+          for (int q = 0; q < 4; ++q) {
+            const DrawPhase phase = draw_phase(block, q, p);
+            if (phase == DrawPhase::kNone) break;
+            count_word(draw_word(s0, s1, q), neg_words, pos_words, phase == DrawPhase::kSelection ? sel : est);
+          }
+        });
+      });
+  // +1 was counted as "not below pos_words": the draws of a phase minus those below.
   const __m256i n0v = _mm256_set1_epi32(p.n0), nv = _mm256_set1_epi32(p.n);
-  Counts8 c;
-  c.sel_neg = _mm256_blendv_epi8(sel.neg, n0v, every_neg);
-  c.est_neg = _mm256_blendv_epi8(est.neg, nv, every_neg);
-  c.sel_pos = _mm256_andnot_si256(no_pos, _mm256_sub_epi32(n0v, sel.below_pos));
-  c.est_pos = _mm256_andnot_si256(no_pos, _mm256_sub_epi32(nv, est.below_pos));
-  return c;
-}
-
-inline int lane_bits(__m256i mask) { return _mm256_movemask_ps(_mm256_castsi256_ps(mask)); }
-
-// One group of 8 elements, read from and written to full 8-lane arrays; `valid` marks the lanes
-// that are real elements (the rest read p = 0 and are left out of the statistics).
-inline void mc_group8(const float* p_neg, const float* p_pos, uint64_t element0, int valid, const McDrawParams& p,
-                      const RoundKeys& keys, int8_t* codes, float* radii, __m256i& min_bits, int64_t& abstained, int64_t& nonfinite,
-                      int64_t& below) {
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256i n0v = _mm256_set1_epi32(p.n0), nv = _mm256_set1_epi32(p.n);
-  const __m256 pn = _mm256_loadu_ps(p_neg), pp = _mm256_loadu_ps(p_pos);
-  const int finite = _mm256_movemask_ps(_mm256_cmp_ps(pn, pn, _CMP_ORD_Q)) & valid;
-  const __m256i neg_levels = levels_below8(pn);
-  const __m256i pos_start = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(kUniformLevels)), levels_below8(pp));
-  // +1 needs k >= pos_start and "not -1" (k >= neg_levels): one threshold, the larger.
-  const __m256i pos_from = _mm256_max_epi32(pos_start, neg_levels);
-  const Counts8 c = count_draws8(neg_levels, pos_from, element0, p, keys);
-
-  // CERTIFY (certify_from_counts): c_A from selection counts (ties: 0, then +1, then -1), k_A from
-  // the estimation counts, the table entry at k_A, abstention where it is not positive.
-  const __m256i zero_sel = _mm256_sub_epi32(_mm256_sub_epi32(n0v, c.sel_neg), c.sel_pos);
-  // a >= b as not (b > a)
-  const __m256i is_zero = _mm256_andnot_si256(
-      _mm256_or_si256(_mm256_cmpgt_epi32(c.sel_pos, zero_sel), _mm256_cmpgt_epi32(c.sel_neg, zero_sel)),
-      _mm256_set1_epi32(-1));
-  const __m256i pos_wins = _mm256_andnot_si256(_mm256_cmpgt_epi32(c.sel_neg, c.sel_pos), _mm256_set1_epi32(-1));
-  const __m256i c_a = _mm256_andnot_si256(is_zero, _mm256_blendv_epi8(_mm256_set1_epi32(-1), _mm256_set1_epi32(1), pos_wins));
-  __m256i k_a = _mm256_blendv_epi8(c.est_neg, c.est_pos, pos_wins);
-  k_a = _mm256_blendv_epi8(k_a, _mm256_sub_epi32(_mm256_sub_epi32(nv, c.est_neg), c.est_pos), is_zero);
-  k_a = _mm256_min_epi32(_mm256_max_epi32(k_a, zero), nv);
-  const __m256 phi_inv_low = _mm256_i32gather_ps(p.radius_table, k_a, 4);
-  const __m256 certified = _mm256_cmp_ps(phi_inv_low, _mm256_setzero_ps(), _CMP_GT_OQ);
-  const int certified_bits = _mm256_movemask_ps(certified);
-  const __m256 emit = _mm256_and_ps(certified, _mm256_cmp_ps(pn, pn, _CMP_ORD_Q));
-  const __m256i code = _mm256_and_si256(c_a, _mm256_castps_si256(emit));
-  const __m256 radius = _mm256_and_ps(
-      emit, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(p.sigma), phi_inv_low), _mm256_set1_ps(1.0f - 0x1p-22f)));
-  const __m128i code16 = _mm_packs_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(codes), _mm_packs_epi16(code16, code16));
-  _mm256_storeu_ps(radii, radius);
-
-  abstained += __builtin_popcount(static_cast<unsigned>(finite & ~certified_bits));
-  nonfinite += __builtin_popcount(static_cast<unsigned>(valid & ~finite));
-  below += __builtin_popcount(
-      static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(radius, _mm256_set1_ps(p.below_threshold), _CMP_LT_OQ)) & valid));
-  // Padding lanes take +inf's bits, which never lower the minimum.
-  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid == 0xff ? 8 : __builtin_popcount(valid)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256i bits = _mm256_blendv_epi8(_mm256_set1_epi32(0x7f800000), _mm256_castps_si256(radius), live);
-  min_bits = _mm256_min_epi32(min_bits, bits);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.sel_neg), sel.neg);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.est_neg), est.neg);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.sel_pos), _mm256_sub_epi32(n0v, sel.below_pos));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.est_pos), _mm256_sub_epi32(nv, est.below_pos));
+  fix_wrapped_thresholds(group, p, c);
 }
 
 }  // namespace
 
 void mc_span_avx2(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                   const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats) {
-  __m256i min_bits = _mm256_set1_epi32(stats.min_radius_bits);
-  int64_t abstained = 0, nonfinite = 0, below = 0;
   RoundKeys keys;
   fill_round_keys(p.seed, keys);
-  int64_t base = 0;
-  for (; base + kLanes <= count; base += kLanes)
-    mc_group8(p_neg + base, p_pos + base, global_begin + static_cast<uint64_t>(base), 0xff, p, keys, codes + base,
-              radii + base, min_bits, abstained, nonfinite, below);
-  if (base < count) {  // the ragged tail through padded copies
-    const int rest = static_cast<int>(count - base);
-    alignas(32) float pn[kLanes] = {}, pp[kLanes] = {}, r[kLanes];
-    alignas(8) int8_t c[kLanes];
-    std::memcpy(pn, p_neg + base, sizeof(float) * rest);
-    std::memcpy(pp, p_pos + base, sizeof(float) * rest);
-    mc_group8(pn, pp, global_begin + static_cast<uint64_t>(base), (1 << rest) - 1, p, keys, c, r, min_bits, abstained,
-              nonfinite, below);
-    std::memcpy(codes + base, c, rest);
-    std::memcpy(radii + base, r, sizeof(float) * rest);
-  }
-  alignas(32) int32_t m[kLanes];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(m), min_bits);
-  int32_t least = m[0];
-  for (int l = 1; l < kLanes; ++l) least = m[l] < least ? m[l] : least;
-  stats.min_radius_bits = least;
-  stats.abstained += abstained;
-  stats.nonfinite += nonfinite;
-  stats.below += below;
+  mc_span_groups<kLanes>(p_neg, p_pos, count, global_begin, p, codes, radii, stats,
+                         [&](const McGroup<kLanes>& g, McGroupCounts<kLanes>& c) { count_group(g, p, keys, c); });
 }
 
 }  // namespace cpu

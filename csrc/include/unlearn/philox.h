@@ -71,12 +71,15 @@ UE_HOST_DEVICE double uniform_from_word(uint32_t word) {
 // Number of levels k in [0, 2^24) with (k + 0.5) * 2^-24 < p, i.e. u < p  <=>  k < threshold.
 // (k + 0.5) 2^-24 < p  <=>  2k + 1 < p 2^25  <=>  k < (p 2^25 - 1) / 2, so the count is
 // ceil((p 2^25 - 1) / 2) clamped to [0, 2^24]. Every step is exact in float64 for p in [0, 1].
+// The clamp is two selects rather than branches, so lane loops over it vectorize (the CPU `mc`
+// kernel's thresholds; on x86 the selects are maxpd and minpd): p <= 0 gives t <= 0 and NaN fails
+// the compare, both give 0; p >= 1 gives t >= 2^24 (p = +inf: +inf), clamped to 2^24.
 UE_HOST_DEVICE uint32_t levels_below(double p) {
-  if (!(p > 0.0)) return 0u;  // also catches NaN
-  if (p >= 1.0) return kUniformLevels;
   const double t = ceil((p * 0x1p25 - 1.0) * 0.5);
-  if (t <= 0.0) return 0u;
-  return t >= static_cast<double>(kUniformLevels) ? kUniformLevels : static_cast<uint32_t>(t);
+  const double levels = static_cast<double>(kUniformLevels);
+  const double at_least_0 = t > 0.0 ? t : 0.0;
+  const double clamped = at_least_0 < levels ? at_least_0 : levels;
+  return static_cast<uint32_t>(static_cast<int32_t>(clamped));  // exact: an integer in [0, 2^24]
 }
 
 }  // namespace unlearn

@@ -83,25 +83,49 @@ struct Certified {
   int32_t abstained;
 };
 
-UE_HOST_DEVICE int8_t select_class(VoteCounts selection, int32_t n0) {
+UE_HOST_DEVICE int32_t select_class(VoteCounts selection, int32_t n0) {
   const int32_t zero = n0 - selection.neg - selection.pos;
   if (zero >= selection.pos && zero >= selection.neg) return 0;
-  return selection.pos >= selection.neg ? int8_t(1) : int8_t(-1);
+  return selection.pos >= selection.neg ? 1 : -1;
 }
 
-UE_HOST_DEVICE Certified certify_from_counts(VoteCounts selection, int32_t n0, VoteCounts estimation,
-                                             int32_t n, const float* radius_table, float sigma) {
-  const int8_t c_a = select_class(selection, n0);
+// CERTIFY in two steps around the table read, for callers that batch the reads (the CPU `mc` kernel
+// reads a group's entries in one gather): which class and which count index the table
+// (certify_index), then the answer from the entry read there (certify_from_entry).
+// (32-bit class values: lane loops over them vectorize at full width.)
+struct CertifyIndex {
+  int32_t c_a;
+  int32_t k_a;  // in [0, n]
+};
+
+UE_HOST_DEVICE CertifyIndex certify_index(VoteCounts selection, int32_t n0, VoteCounts estimation, int32_t n) {
+  const int32_t c_a = select_class(selection, n0);
   int32_t k_a =
       c_a == 0 ? n - estimation.neg - estimation.pos : (c_a > 0 ? estimation.pos : estimation.neg);
   // Counts come from callers' tensors in vote_finalize: keep the table read in bounds whatever
   // they hold (the Python layer reports inconsistent counts as an error).
   k_a = k_a < 0 ? 0 : (k_a > n ? n : k_a);
-  const float phi_inv_low = radius_table[k_a];
-  // Branch-free selects: whether a coordinate abstains is data-dependent and unpredictable.
-  const bool certified = phi_inv_low > 0.0f;
-  return Certified{certified ? c_a : int8_t(0), certified ? round_radius_down(sigma * phi_inv_low) : 0.0f,
-                   static_cast<int32_t>(!certified)};
+  return CertifyIndex{c_a, k_a};
+}
+
+// The answer from the entry, part by part (32-bit values, so that lane loops over them vectorize at
+// full width), and whole. Branch-free selects: whether a coordinate abstains is data-dependent and
+// unpredictable.
+UE_HOST_DEVICE int32_t abstains(float phi_inv_low) { return !(phi_inv_low > 0.0f); }
+UE_HOST_DEVICE int32_t certified_class(int32_t c_a, float phi_inv_low) { return abstains(phi_inv_low) ? 0 : c_a; }
+UE_HOST_DEVICE float certified_radius(float phi_inv_low, float sigma) {
+  return abstains(phi_inv_low) ? 0.0f : round_radius_down(sigma * phi_inv_low);
+}
+
+UE_HOST_DEVICE Certified certify_from_entry(int32_t c_a, float phi_inv_low, float sigma) {
+  return Certified{static_cast<int8_t>(certified_class(c_a, phi_inv_low)), certified_radius(phi_inv_low, sigma),
+                   abstains(phi_inv_low)};
+}
+
+UE_HOST_DEVICE Certified certify_from_counts(VoteCounts selection, int32_t n0, VoteCounts estimation,
+                                             int32_t n, const float* radius_table, float sigma) {
+  const CertifyIndex i = certify_index(selection, n0, estimation, n);
+  return certify_from_entry(i.c_a, radius_table[i.k_a], sigma);
 }
 
 // ---- data smoothing (framework D) ----------------------------------------------------------------
