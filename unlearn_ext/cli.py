@@ -285,6 +285,7 @@ def _evaluate(parser, args) -> int:
         if perturb_text is not None and not set(perturbers) & set(names):
             raise ValueError(f"--perturb sets the settings of {', '.join(perturbers)}, which --methods does not "
                              "include")
+        _refuse_ignored_perturb_keys(methods, names, model, perturb_overrides)
         pcmu_settings = pcmu_profiles.settings_for(model, pcmu_overrides)
         recipe.check()
         form = models.reads(model)
@@ -292,15 +293,16 @@ def _evaluate(parser, args) -> int:
         data = datasets.per_seed(data_name, form=form, label_noise=label_noise, limit=limit) if label_noise > 0 else ds
         harness.check_forget_sizes(len(ds.y), ratios)
         harness.build_model(ds, model, seeds[0], widths, model_options)
+        # PCMU with the run's settings in place of the registry's entry (which has no overrides)
+        # and the perturbation methods with --perturb's settings (new entries; the registry is unchanged)
+        run_methods = [methods.pcmu_method(pcmu_overrides) if n == "pcmu" else perturbers.get(n, n) for n in names]
+        harness.check_validation(methods.resolve(run_methods), model, len(ds.y_test))
     except pcmu_profiles.PCMUSettingError as exc:
         parser.error(f"--pcmu {pcmu_text}: {exc}")
     except perturb_options.PerturbSettingError as exc:
         parser.error(f"--perturb {perturb_text}: {exc}")
     except ValueError as exc:  # DatasetError, ModelError, RecipeError and the checks' refusals
         parser.error(str(exc))
-    # PCMU with the run's settings in place of the registry's entry (which has no overrides)
-    # and the perturbation methods with --perturb's settings (new entries; the registry is unchanged)
-    run_methods = [methods.pcmu_method(pcmu_overrides) if n == "pcmu" else perturbers.get(n, n) for n in names]
     title = f"unlearn_ext: {ds.name}, {model}, ratios {', '.join(f'{r:g}' for r in ratios)}, seeds {seeds}"
     began = time.perf_counter()
     records = _run_with_progress(harness, data, args.quiet, model=model, methods=run_methods, ratios=ratios, seeds=seeds,
@@ -322,7 +324,9 @@ def _evaluate(parser, args) -> int:
              "training recipe: " + ", ".join(f"{k} {v}" for k, v in trained.items() if v is not None)
              + (f"; model options: {model_options}" if model_options else "")] + _data_notes(ds) + memorization_lines
     if perturb_text is not None:
-        notes.append(f"perturbation settings (--perturb, over the model family's): {perturb_overrides}")
+        used = [n for n in names if n in perturbers]  # each reads every key (_refuse_ignored_perturb_keys)
+        notes.append(f"perturbation settings (--perturb, over the model family's) of {', '.join(used)}: "
+                     f"{perturb_overrides}")
     if "pcmu" in names:
         notes.append(f"PCMU training ({pcmu_profiles.profile_of(model)} profile"
                      + (f", with --pcmu {pcmu_text}" if pcmu_text else "") + "): "
@@ -346,6 +350,22 @@ def _evaluate(parser, args) -> int:
             json.dump(payload, f, indent=1, default=float)
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _refuse_ignored_perturb_keys(methods, names, model: str, overrides: dict) -> None:
+    """Every --perturb key must be read by every selected method of the perturbation family, so that
+    no row of the table silently ran without a setting the report lists; refuses the others in one
+    line naming each key, the methods that would ignore it and what those read."""
+    ignored = methods.perturb_keys_ignored(names, model, overrides)
+    groups: dict[tuple, list[str]] = {}
+    for key, ignoring in ignored.items():
+        groups.setdefault(tuple(ignoring), []).append(key)
+    if groups:
+        parts = [f"{', '.join(keys)}: not read by " + ", ".join(
+            f"{n} (it reads {', '.join(methods.perturb_keys_read(n, model, overrides))})" for n in ignoring)
+            for ignoring, keys in groups.items()]
+        raise ValueError(f"--perturb {'; '.join(parts)}; drop those keys or evaluate those methods in a run of "
+                         "their own")
 
 
 def _data_notes(ds) -> list[str]:

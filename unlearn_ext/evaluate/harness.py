@@ -110,12 +110,29 @@ def check_forget_sizes(n: int, ratios) -> None:
 VALIDATION_FRACTION = 0.25
 
 
+def validation_size(n_test: int, fraction: float = VALIDATION_FRACTION) -> int:
+    """How many of a test pool of n_test samples carve_validation sets aside: at least one, leaving at
+    least one test sample; none from a pool of one."""
+    return min(max(1, int(round(fraction * n_test))), n_test - 1) if n_test > 1 else 0
+
+
+def check_validation(specs, model: str, n_test: int) -> None:
+    """Refuses, before training, methods that read the validation split (the held-out guard) when a
+    test pool of n_test samples leaves none to carve."""
+    needing = [spec.name for spec in specs if spec.reads_validation(model)]
+    if needing and validation_size(n_test) == 0:
+        raise ValueError(f"{', '.join(needing)}: the held-out accuracy guard reads the validation split carved "
+                         f"from the test pool, which needs at least 2 test samples (one to validate on, one to "
+                         f"test); the test pool has {n_test} sample(s)")
+
+
 def carve_validation(ds: Dataset, fraction: float = VALIDATION_FRACTION) -> tuple[Dataset, tuple]:
     """(ds with the validation split removed from its test pool, (x_val, y_val)). The split is a
     fixed seeded draw (the same for every training seed), at least one sample, and leaves at least
-    one test sample; a test pool of one sample gives an empty validation split."""
+    one test sample; a test pool of one sample gives an empty validation split (check_validation
+    refuses the methods that would read it)."""
     n = int(ds.y_test.shape[0])
-    count = min(max(1, int(round(fraction * n))), n - 1) if n > 1 else 0
+    count = validation_size(n, fraction)
     order = torch.from_numpy(np.random.default_rng(20261207).permutation(n)).to(ds.y_test.device)
     val, test = order[:count].sort().values, order[count:].sort().values
     return (dataclasses.replace(ds, x_test=ds.x_test[test], y_test=ds.y_test[test]),
@@ -203,7 +220,9 @@ def evaluate(ds: Dataset | Callable[[int], Dataset], *, model: str = "mlp", meth
     tick = progress or (lambda what: None)
     records = []
     for seed in seeds:
-        seed_ds, validation = carve_validation(_on_device(ds(seed) if callable(ds) else ds, device))
+        seed_ds = _on_device(ds(seed) if callable(ds) else ds, device)
+        check_validation(specs, model, int(seed_ds.y_test.shape[0]))
+        seed_ds, validation = carve_validation(seed_ds)
         run = train_run(seed_ds, model, seed, epochs, widths, sgd, recipe=recipe, model_options=model_options,
                         device=device, validation=validation)
         tick(f"seed {seed}: trained the original ({run.train_seconds:.1f} s)")

@@ -23,7 +23,7 @@ from ..mini import (DeltaGradUnlearner, MiniUnlearner, mini_store, step_store, t
 from ..pcmu import PCMUTrainer, PCMUUnlearner
 from ..perturb import AdaptiveRandomKUnlearner, AdaptiveTopKUnlearner, RandomKUnlearner, TopKUnlearner
 from ..unlearner import Unlearner
-from . import pcmu_profiles
+from . import pcmu_profiles, perturb_options
 from .models import TABULAR
 
 
@@ -54,6 +54,9 @@ class Method:
     # (run, prepared, forget ids) -> that training without F.
     own_original: Callable | None = None
     own_retrain: Callable | None = None
+    # model name -> whether it reads Run.validation (the held-out guard), so that the harness can
+    # refuse a test pool too small to carve one from before training (harness.check_validation)
+    reads_validation: Callable[[str], bool] = lambda model_name: False
 
 
 # ---- PCMU ----------------------------------------------------------------------------------------
@@ -90,10 +93,14 @@ PCMU = pcmu_method()
 
 
 def _finetune_method(overrides: dict | None = None) -> Method:
-    # The same repair budget as Top-K / Random-k get (perturb_repair_epochs: 1, or 3 on mlp-wide).
+    # The same repair budget as Top-K / Random-k get (perturb_repair_epochs: 1, or 3 on mlp-wide);
+    # the only perturbation setting it reads (FINETUNE_READS).
     return Method("finetune", "retrain",
                   build=lambda run, _: FinetuneUnlearner(copy.deepcopy(run.original), run.data, run.config,
                                                          epochs=perturb_settings(run, overrides)["repair_epochs"]))
+
+
+FINETUNE_READS = ("repair_epochs",)
 
 
 FINETUNE = _finetune_method()
@@ -179,9 +186,14 @@ PERTURB_SETTINGS = {  # model family: keyword arguments of the unlearners
 
 def perturb_profile(run: Run) -> str:
     """Which PERTURB_SETTINGS entry serves the run's model."""
-    if run.model_name not in TABULAR:
+    return profile_of(run.model_name)
+
+
+def profile_of(model_name: str) -> str:
+    """Which PERTURB_SETTINGS entry serves a model of this name."""
+    if model_name not in TABULAR:
         return "network"
-    return "memorizing" if run.model_name == "mlp-wide" else "generalizing"
+    return "memorizing" if model_name == "mlp-wide" else "generalizing"
 
 
 def perturb_settings(run: Run, overrides: dict | None = None) -> dict:
@@ -195,6 +207,11 @@ def perturb_settings(run: Run, overrides: dict | None = None) -> dict:
     return settings
 
 
+def guard_on(model_name: str, overrides: dict | None = None) -> bool:
+    """Whether the fixed-K perturbation methods run the held-out guard on this model (perturb_settings)."""
+    return (overrides or {}).get("guard", PERTURB_SETTINGS[profile_of(model_name)].get("guard")) is not None
+
+
 def perturb_repair_epochs(run: Run) -> int:
     return perturb_settings(run)["repair_epochs"]
 
@@ -205,7 +222,8 @@ def _perturb_method(name: str, cls, perturbation: str, repair: str, overrides: d
             raise ValueError(f"{name}: normalized ascent needs held-out non-members (Run.holdout)")
         return cls(copy.deepcopy(run.original), run.data, run.config, perturbation=perturbation, repair=repair,
                    holdout=run.holdout, seed=run.seed, **perturb_settings(run, overrides))
-    return Method(name, "retrain", build=build)
+    return Method(name, "retrain", build=build,
+                  reads_validation=lambda model_name: guard_on(model_name, overrides))
 
 
 def _perturb_methods(overrides: dict | None = None) -> list[Method]:
@@ -223,6 +241,9 @@ TOPK, RANDOMK = PERTURB_METHODS[0], PERTURB_METHODS[len(PERTURB_VARIANTS)]
 # seeds 100-102 of the memorizing setting 3 label-repair epochs and the mean won over 5-10 epochs,
 # distillation (also mixed with labels) and the median (benchmarks/RESULTS.md, "Perturbation rerun").
 ADAPTIVE_K_CAP = 0.5
+# what the adaptive K sets itself, whatever the overrides say: its ladder's cap, and no guard (its own
+# stop rule replaces it)
+ADAPTIVE_OWN = {"k": ADAPTIVE_K_CAP, "guard": None}
 
 
 def _adaptive_method(name: str, cls, overrides: dict | None = None) -> Method:
@@ -231,8 +252,7 @@ def _adaptive_method(name: str, cls, overrides: dict | None = None) -> Method:
             raise ValueError(f"{name}: the adaptive K stops at held-out non-members' loss (Run.holdout)")
         return cls(copy.deepcopy(run.original), run.data, run.config, perturbation="reset", repair="all",
                    holdout=run.holdout, seed=run.seed,
-                   # its own stop rule replaces the guard
-                   **{**perturb_settings(run, overrides), "k": ADAPTIVE_K_CAP, "guard": None})
+                   **{**perturb_settings(run, overrides), **ADAPTIVE_OWN})
     return Method(name, "retrain", build=build)
 
 
@@ -250,6 +270,31 @@ def perturb_family(**overrides) -> dict[str, "Method"]:
     to evaluate() in place of their names."""
     return {m.name: m for m in (_finetune_method(overrides), *_perturb_methods(overrides),
                                 *_adaptive_methods(overrides))}
+
+
+def perturb_keys_read(name: str, model_name: str, overrides: dict) -> tuple[str, ...]:
+    """The perturbation settings (perturb_options.KEYS) the perturb_family method `name` reads on this
+    model with these overrides: finetune its repair epochs, the adaptive K its repair (it sets K and
+    the guard itself), the fixed-K variants every key -- the guard's own options only while the guard
+    is on. Methods outside the family read none."""
+    if name == "finetune":
+        return FINETUNE_READS
+    if name in {m.name for m in ADAPTIVE_METHODS}:
+        return tuple(key for key in perturb_options.KEYS
+                     if key not in ADAPTIVE_OWN and key not in perturb_options.GUARD_OPTIONS)
+    if name in {m.name for m in PERTURB_METHODS}:
+        return tuple(key for key in perturb_options.KEYS
+                     if guard_on(model_name, overrides) or key not in perturb_options.GUARD_OPTIONS)
+    return ()
+
+
+def perturb_keys_ignored(names, model_name: str, overrides: dict) -> dict[str, list[str]]:
+    """{key of overrides: the perturb_family methods among `names` that would not read it}; empty when
+    every selected method of the family reads every key (methods outside the family are not asked)."""
+    family = [n for n in names if n in perturb_family()]
+    reads = {n: perturb_keys_read(n, model_name, overrides) for n in family}
+    ignored = {key: [n for n in family if key not in reads[n]] for key in overrides}
+    return {key: names_ for key, names_ in ignored.items() if names_}
 
 
 # -ratio: Top-K with score grad_ratio (|sum_F g| over R's |sum_R g| scaled to |F|, perturb/scores.py,

@@ -1,8 +1,9 @@
 """The user's overrides of Top-K / Random-k's settings on the command line (`unlearn-ext eval
 --perturb k=0.1,guard=0.01`): keys in the unlearners' own names, every value checked here, before
 any training. They apply over the model family's settings (methods.PERTURB_SETTINGS) to every
-perturbation method of the run (finetune takes repair_epochs; the adaptive K keeps its own K and
-stop rule)."""
+perturbation method of the run; a key a selected method would not read is refused
+(methods.perturb_keys_ignored: finetune reads repair_epochs only, the adaptive K its repair only, the
+guard's options need the guard)."""
 from __future__ import annotations
 
 from . import key_values
@@ -18,6 +19,8 @@ KEYS = {
     "guard_size": (int, 1, True),
     "guard_budget": (float, 0.0, False),    # a multiple of retraining's cost; none: no cost cap
 }
+# the guard's own options: read only while the guard is on (guard set)
+GUARD_OPTIONS = ("guard_rounds", "guard_halvings", "guard_size", "guard_budget")
 # keys that also take a word for "not set"
 UNSET = {"guard": "off", "guard_budget": "none"}
 # keys whose values must also stay below (or at) a bound: key: (bound, whether the bound is allowed)
