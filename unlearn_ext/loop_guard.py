@@ -12,7 +12,8 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
   * every param group's learning rate at step t equals the recipe's (a scheduler stepped in the loop
     but not given to make_unlearnable, one stepped per batch but declared per epoch, a hand-set lr);
   * every gradient the step uses was made by exactly one backward pass since the last step and left
-    untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards).
+    untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards, a
+    gradient set to None, which the step would skip).
     A gradient is watched through its version counter, which every in-place change bumps; a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
     Declared clipping (make_unlearnable's clip_grad_norm=, repeated by retraining) is the one change
@@ -112,9 +113,14 @@ class LoopGuard:
         clip = self.recipe.clip_grad_norm
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 key, name = id(p), self._names.get(id(p), "a parameter")
+                if p.grad is None:
+                    if self._backwards.get(key):  # the step would skip the parameter; retraining steps it
+                        raise RuntimeError(
+                            f"optimizer step {t}: the gradient of {name} was removed (set to None) between "
+                            "backward and step, so the step leaves it as it is; retraining steps it on the "
+                            "backward's gradient and could not repeat it: keep the gradients the backward made")
+                    continue
                 passes = self._backwards.get(key, 0)
                 if passes != 1:
                     raise RuntimeError(
