@@ -140,6 +140,15 @@ def skipping_loop(model, optimizer, loader, scheduler):
             optimizer.step()
 
 
+def gradient_dropping_loop(model, optimizer, loader, scheduler):
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.CrossEntropyLoss()(model(x), y).backward()
+            model[3].bias.grad = None  # the step then leaves that parameter where it is
+            optimizer.step()
+
+
 def undeclared_scheduler_loop(model, optimizer, loader, scheduler):
     mine = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)  # not given to make_unlearnable
     for _ in range(EPOCHS):
@@ -171,6 +180,7 @@ REFUSED_IN_THE_LOOP = {
     "clip_grad_norm_": (clipping_loop, None, "changed the gradient of 1.weight between backward and step"),
     "gradient-accumulation": (accumulating_loop, None, "gradient of 1.weight comes from 2 backward passes"),
     "skip-on-non-finite-loss": (skipping_loop, None, "2 backward passes.*skipped"),
+    "a-gradient-dropped": (gradient_dropping_loop, None, "gradient of 3.bias was removed"),
     "undeclared-scheduler": (undeclared_scheduler_loop, None, "learning rates are \\[0.025\\], the recipe's "
                                                               "schedule gives \\[0.05\\]"),
     "scheduler-stepped-per-batch": (per_batch_scheduler_declared_per_epoch_loop,

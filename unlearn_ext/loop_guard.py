@@ -12,11 +12,15 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
   * every param group's learning rate at step t equals the recipe's (a scheduler stepped in the loop
     but not given to make_unlearnable, one stepped per batch but declared per epoch, a hand-set lr);
   * every gradient the step uses was made by exactly one backward pass since the last step and left
-    untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards).
+    untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards, a
+    gradient set to None, which the step would skip).
     A gradient is watched through its version counter, which every in-place change bumps; a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
     Declared clipping (make_unlearnable's clip_grad_norm=, repeated by retraining) is the one change
-    allowed: the gradients' total norm at the step must then be the backward's, clipped to it.
+    allowed: clip_grad_norm_ writes each gradient exactly once (also when it does not clip), so the
+    version counter must have moved by exactly one, and the values must be the backward's (a copy
+    is kept) times the coefficient clip_grad_norm_ computes from them, to within the gradients'
+    dtype rounding. Noise, a zeroed or rescaled gradient, another max_norm or norm are refused.
 
 The gradient check is off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
@@ -48,7 +52,7 @@ class LoopGuard:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._backwards: dict[int, int] = {}  # id(param) -> backward passes into its grad since the last step
         self._versions: dict[int, int] = {}   # id(param) -> its grad's version counter after the last of them
-        self._squares: dict[int, torch.Tensor] = {}  # id(param) -> its backward gradient's squared norm (clipping)
+        self._backward_grads: dict[int, torch.Tensor] = {}  # id(param) -> a copy of its backward gradient (clipping)
         # What clip_grad_norm_(model.parameters(), ...) clips: every parameter with a gradient.
         self._clipped = [p for p in model.parameters() if p.requires_grad]
         if ddp is None:
@@ -60,7 +64,7 @@ class LoopGuard:
             if recipe.clip_grad_norm is not None:  # the others' norms count in the clip too
                 for p in self._clipped:
                     if id(p) not in stepped:
-                        self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._square))
+                        self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._keep))
 
     # ---- the hooks -------------------------------------------------------------------------------
 
@@ -69,11 +73,11 @@ class LoopGuard:
         self._backwards[key] = self._backwards.get(key, 0) + 1
         self._versions[key] = p.grad._version
         if self.recipe.clip_grad_norm is not None:
-            self._square(p)
+            self._keep(p)
 
-    def _square(self, p: torch.Tensor) -> None:
-        """The backward gradient's squared norm (declared clipping), a tensor read at the step (one sync)."""
-        self._squares[id(p)] = p.grad.detach().double().pow(2).sum()
+    def _keep(self, p: torch.Tensor) -> None:
+        """A copy of the backward gradient (declared clipping): the step's gradient must be it, clipped."""
+        self._backward_grads[id(p)] = p.grad.detach().clone()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         t = self.step
@@ -88,7 +92,7 @@ class LoopGuard:
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._backwards.clear()
         self._versions.clear()
-        self._squares.clear()
+        self._backward_grads.clear()
         self.step += 1
         if self.step < self.total:
             self._shadow_groups = next(self._scheduled)[1]
@@ -109,9 +113,14 @@ class LoopGuard:
         clip = self.recipe.clip_grad_norm
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 key, name = id(p), self._names.get(id(p), "a parameter")
+                if p.grad is None:
+                    if self._backwards.get(key):  # the step would skip the parameter; retraining steps it
+                        raise RuntimeError(
+                            f"optimizer step {t}: the gradient of {name} was removed (set to None) between "
+                            "backward and step, so the step leaves it as it is; retraining steps it on the "
+                            "backward's gradient and could not repeat it: keep the gradients the backward made")
+                    continue
                 passes = self._backwards.get(key, 0)
                 if passes != 1:
                     raise RuntimeError(
@@ -120,31 +129,68 @@ class LoopGuard:
                         "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
                         "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
                         "reach cannot be repeated: step after every batch's backward")
-                if p.grad._version != self._versions[key] and clip is None:
+                writes = p.grad._version - self._versions[key]
+                if clip is None and writes != 0:
                     raise RuntimeError(
                         f"optimizer step {t}: the loop changed the gradient of {name} between backward and step "
                         "(e.g. torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); retraining "
                         "steps on the backward's gradient and could not repeat it. Remove the change from the "
                         "loop, or declare a clip_grad_norm_(model.parameters(), max_norm) to make_unlearnable "
                         "(clip_grad_norm=max_norm; retrain, finetune, topk, randomk)")
+                if clip is not None and writes != 1:  # clip_grad_norm_ writes every gradient once, clipping or not
+                    raise RuntimeError(
+                        f"optimizer step {t}: the gradient of {name} was written {writes} times between backward "
+                        f"and step; with clip_grad_norm={clip:g} declared the loop must write it once, by "
+                        f"torch.nn.utils.clip_grad_norm_(model.parameters(), {clip:g}), and change the gradients "
+                        "no other way (retraining clips the same)")
         if clip is not None:
             self._check_clipped(t, clip)
 
     def _check_clipped(self, t: int, clip: float) -> None:
-        """The gradients are the backward's, clipped as clip_grad_norm_(model.parameters(), clip) does:
-        scaled by min(1, clip / (norm + 1e-6)) where norm is their total 2-norm after backward."""
-        grads = [p.grad for p in self._clipped if p.grad is not None]
-        if not grads:
+        """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
+        model.parameters(), clip) computes, min(1, clip / (norm + 1e-6)) with norm the backward
+        gradients' total 2-norm, both in the gradients' dtype as torch computes them (so a bf16
+        model's rounding is the recipe's, not a change). Per gradient, the scale that fits it best
+        must be that coefficient within a few roundings of the dtype (torch's other code paths and
+        parameter orders round the norm differently), and every value must be the backward's times
+        that scale within one rounding: noise, a zeroed or rescaled gradient, another max_norm are
+        refused. One host sync for the whole step."""
+        backward = [self._backward_grads[id(p)] for p in self._clipped if id(p) in self._backward_grads]
+        if not backward:
             return
-        before = float(torch.stack(list(self._squares.values())).sum().sqrt()) if self._squares else 0.0
-        expected = before * min(1.0, clip / (before + 1e-6))
-        now = float(torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().sqrt())
-        if abs(now - expected) > 1e-4 * max(expected, 1e-12):
-            raise RuntimeError(
-                f"optimizer step {t}: the gradients' norm is {now:.6g}; the backward's ({before:.6g}) clipped to the "
-                f"declared clip_grad_norm={clip:g} is {expected:.6g}: the loop must call "
-                f"torch.nn.utils.clip_grad_norm_(model.parameters(), {clip:g}) between backward and step, and "
-                "change the gradients no other way (retraining clips the same)")
+        norm = torch.nn.utils.get_total_norm(backward)  # clip_grad_norm_'s own computation, in its dtype
+        coefficient = torch.clamp(clip / (norm + 1e-6), max=1.0).double()
+        coarsest = max(torch.finfo(g.dtype).eps for g in backward)
+        device = coefficient.device
+        checked, fits, off = [], [], []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) not in self._backward_grads:
+                    continue
+                fit, values_off = _scaled_copy(self._backward_grads[id(p)], p.grad.detach(), coefficient)
+                checked.append(p)
+                fits.append(fit.to(device))
+                off.append(values_off.to(device))
+        if not checked:
+            return
+        fits_t = torch.stack(fits)
+        scale_off = ~((fits_t - coefficient).abs() <= 4 * coarsest * coefficient)
+        verdict = torch.cat([torch.stack([norm.isfinite().double().to(device), coefficient]), fits_t,
+                             (scale_off | torch.stack(off)).double()]).tolist()
+        finite, coefficient_value = verdict[0], verdict[1]
+        fit_values, bad = verdict[2:2 + len(checked)], verdict[2 + len(checked):]
+        if not finite:  # a non-finite backward: clip_grad_norm_ makes it NaN alike in retraining
+            return
+        for p, fit_value, is_bad in zip(checked, fit_values, bad):
+            if is_bad:
+                name = self._names.get(id(p), "a parameter")
+                raise RuntimeError(
+                    f"optimizer step {t}: the gradient of {name} is not the backward's clipped to the declared "
+                    f"clip_grad_norm={clip:g} (clip_grad_norm_ scales it by {coefficient_value:.6g}; its closest "
+                    f"scaling of the backward's is by {fit_value:.6g}, or it is no scaling at all, e.g. noise): "
+                    "the loop must call "
+                    f"torch.nn.utils.clip_grad_norm_(model.parameters(), {clip:g}) between backward and step, and "
+                    "change the gradients no other way (retraining clips the same)")
 
     # ---- the end of training ---------------------------------------------------------------------
 
@@ -168,3 +214,17 @@ class LoopGuard:
         for handle in self._gradient_hooks:
             handle.remove()
         self._gradient_hooks = []
+
+
+def _scaled_copy(before: torch.Tensor, after: torch.Tensor,
+                 otherwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether `after` is `before` times one scale, rounded to after's dtype: the least-squares scale
+    (`otherwise` where before is all zero) and whether some value is not before x that scale within
+    one rounding of the dtype (plus its smallest normal, for values rounded into subnormals)."""
+    before, wide = before.double(), after.double()
+    squares = before.square().sum()
+    fit = torch.where(squares > 0, (wide * before).sum() / squares, otherwise.to(squares.device))
+    expected = fit * before
+    dtype = torch.finfo(after.dtype)
+    # "not within" rather than "beyond", so that a NaN the loop wrote counts as off
+    return fit, ~((wide - expected).abs() <= 2 * dtype.eps * expected.abs() + dtype.tiny).all()
