@@ -180,6 +180,11 @@ class DeletionLedger:
         # The journal the next commit appends to; None: the next commit folds (writes a snapshot
         # naming a fresh journal). _snapshot_bytes: the size of ledger.json (the fold threshold).
         self._journal, self._snapshot_bytes = None, 0
+        # The highest version whose file names a failed commit may have left on disk, named by the
+        # disk's ledger (see _commit): later commits never write files of that version again.
+        self._spent_version = 0
+        # Files such a commit wrote: removed once a later commit has superseded the disk's ledger.
+        self._left_behind = set()
         os.makedirs(directory, exist_ok=True)
         self._lock_file = self._lock(directory)
         path = os.path.join(directory, LEDGER)
@@ -341,7 +346,9 @@ class DeletionLedger:
         """Changed parts (of `state`, without logs, and of the unlearner's logs) to new files, then
         one journal record saying so (or, now and then, a fold: a new snapshot), then drop
         replaced files."""
-        version = self.ledger["version"] + 1
+        # Past any version a failed commit may have put on disk: rewriting a file that the disk's
+        # ledger names would damage it, should a crash come before this commit's own commit point.
+        version = max(self.ledger["version"], self._spent_version) + 1
         staged = {key: dict(self.ledger[key]) for key in _MAPS}
         parts, digests, inline, log_meta = (staged[key] for key in _MAPS)
         committed = dict(self._committed)
@@ -389,8 +396,13 @@ class DeletionLedger:
             if folding or (self._journal is not None and not self._journal.intact):
                 # The fold's snapshot may have been renamed into place (a failure after the rename),
                 # or an appended record could not be cut off again: the disk may name the new files.
-                # They stay (reopening removes those no ledger names), and the next commit folds,
-                # superseding whatever the disk holds with the state in memory.
+                # They stay until the next commit, a fold, has superseded whatever the disk holds
+                # with the state in memory (or reopening removes those no ledger names). Its files
+                # take a later version (a fold writes the whole ledger: a skipped number is harmless).
+                self._spent_version = version
+                self._left_behind.update(written)
+                if folding:
+                    self._left_behind.add(_journal_name(version))
                 if self._journal is not None:
                     self._journal.close()
                 self._journal = None
@@ -406,6 +418,8 @@ class DeletionLedger:
         else:
             ledger, journal = folded
             replaced.add(self.ledger["journal"])
+            replaced |= self._left_behind  # the new snapshot supersedes whatever named them
+            self._left_behind = set()
             self._journal, self.ledger = journal, ledger
         self._committed = committed
         for log in logs.values():
@@ -423,7 +437,7 @@ class DeletionLedger:
         the journal first (so the snapshot never names a missing one), then ledger.json replaced
         atomically. Returns (the ledger as a reader parses it, the journal's appender); the old
         journal is the caller's to remove."""
-        name = f"journal-{version:06d}.log"
+        name = _journal_name(version)
         path = os.path.join(self.directory, name)
         ledger_journal.create(path)
         journal = ledger_journal.Appender(path, 0)
@@ -490,6 +504,11 @@ def read_ledger(directory: str) -> dict:
     journal's records applied, every checksum of both checked (LedgerCorruptError otherwise). Part
     files are not read, nothing is locked or written (a torn journal tail is left out)."""
     return _read_ledger(os.path.join(directory, LEDGER))[0]
+
+
+def _journal_name(version: int) -> str:
+    """The journal that the snapshot of `version` names."""
+    return f"journal-{version:06d}.log"
 
 
 def _damaged(path: str, what: str) -> LedgerCorruptError:
