@@ -502,7 +502,9 @@ def read_ledger(directory: str) -> dict:
     """The ledger committed in `directory` as a dict ("requests": every committed request's entry,
     in order; "parts", "inline", "logs": where the state's parts are): ledger.json with its
     journal's records applied, every checksum of both checked (LedgerCorruptError otherwise). Part
-    files are not read, nothing is locked or written (a torn journal tail is left out)."""
+    files are not read, nothing is locked or written (a torn journal tail is left out). A writer
+    committing meanwhile is no damage: its fold replaces ledger.json before it removes the journal
+    the old one named, so a journal gone missing under an updated ledger.json is read again."""
     return _read_ledger(os.path.join(directory, LEDGER))[0]
 
 
@@ -519,9 +521,38 @@ def _damaged(path: str, what: str) -> LedgerCorruptError:
 def _read_ledger(path: str) -> tuple[dict, int, tuple[int, int]]:
     """(the ledger: the snapshot at `path` with its journal applied, the snapshot's size, (end,
     size) of the journal's whole records and of the file), every checksum checked."""
+    with open(path, "rb") as f:
+        text = f.read()
+    while True:
+        ledger = _parse_snapshot(path, text)
+        if ledger["journal"] is None:
+            return ledger, len(text), (0, 0)
+        name = ledger["journal"]
+        try:
+            records, end, size = ledger_journal.read(os.path.join(os.path.dirname(path), name))
+            break
+        except FileNotFoundError as exc:
+            # A writer that folded between the two reads has replaced the snapshot, then removed
+            # the journal it named: read the new snapshot. Unchanged, the journal is missing.
+            with open(path, "rb") as f:
+                again = f.read()
+            if again == text:
+                raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
+            text = again
+        except OSError as exc:
+            raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
+        except ledger_journal.JournalDamaged as exc:
+            raise _damaged(path, f"its journal {name}: {exc}") from None
+    for i, record in enumerate(records):
+        if not _apply(ledger, record):
+            raise _damaged(path, f"its journal {name}: record {i + 1} is not the commit that follows version "
+                                 f"{ledger['version']}")
+    return ledger, len(text), (end, size)
+
+
+def _parse_snapshot(path: str, text: bytes) -> dict:
+    """The snapshot `text` read from `path`, its own checksum checked."""
     try:
-        with open(path, "rb") as f:
-            text = f.read()
         ledger = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _damaged(path, f"it is not valid JSON ({exc})") from None
@@ -533,20 +564,7 @@ def _read_ledger(path: str) -> tuple[dict, int, tuple[int, int]]:
     if ledger.get(CHECKSUM) != hashlib.sha256(_canonical(ledger)).hexdigest():
         raise _damaged(path, "its content does not match its own sha256 (a changed or cut-off record)")
     ledger.setdefault("journal", None)  # format 6: no journal
-    if ledger["journal"] is None:
-        return ledger, len(text), (0, 0)
-    name = ledger["journal"]
-    try:
-        records, end, size = ledger_journal.read(os.path.join(os.path.dirname(path), name))
-    except OSError as exc:
-        raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
-    except ledger_journal.JournalDamaged as exc:
-        raise _damaged(path, f"its journal {name}: {exc}") from None
-    for i, record in enumerate(records):
-        if not _apply(ledger, record):
-            raise _damaged(path, f"its journal {name}: record {i + 1} is not the commit that follows version "
-                                 f"{ledger['version']}")
-    return ledger, len(text), (end, size)
+    return ledger
 
 
 def _delta(old: dict, staged: dict, version: int, entry: dict | None) -> dict:
