@@ -317,3 +317,23 @@ def test_a_reader_racing_a_fold_reads_the_new_ledger_and_a_missing_journal_is_st
     os.remove(tmp_path / seen["journal"])
     with pytest.raises(LedgerCorruptError, match=rf"its journal {seen['journal']} cannot be read"):
         read_ledger(str(tmp_path))
+
+
+def test_a_journal_extended_with_nul_bytes_by_a_crash_opens_as_a_torn_tail(tmp_path, caplog):
+    """A crash on a file system that had extended the journal for an append, but not written its
+    data, leaves NUL bytes after the last whole record: reopening drops them with the torn-tail
+    warning and gives the committed state; the next commit appends after the whole records."""
+    def unlearner():
+        return PCMUUnlearner(synthetic_trainer().train(steps=20))
+    with DeletionLedger(unlearner(), str(tmp_path)) as ledger:
+        ledger.forget([5])
+        committed, journal = ledger.unlearner.state_dict(), tmp_path / ledger.ledger["journal"]
+    size = os.path.getsize(journal)
+    with open(journal, "ab") as f:
+        f.write(b"\0" * 4096)
+    with DeletionLedger(unlearner(), str(tmp_path)) as ledger:
+        assert same(ledger.unlearner.state_dict(), committed) and len(ledger.requests) == 1
+        assert str(journal) in caplog.text and "torn" in caplog.text
+        assert os.path.getsize(journal) == size  # cut back before the next append
+        ledger.forget([6])
+    assert [r["ids"] for r in read_ledger(str(tmp_path))["requests"]] == [[5], [6]]

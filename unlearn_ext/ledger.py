@@ -41,8 +41,9 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
     loaded, so a damaged ledger (a flipped bit, a truncated snapshot or part, a missing file) is
     refused with one `LedgerCorruptError` naming `ledger.json` (and the journal record, when that
     is the damaged one), and an intact one gives exactly the committed state. A journal cut short
-    is read as the crash it looks like (a torn tail is dropped, with a warning; whole records cut
-    off cannot be told from never written). Part and journal files no ledger names (left by a
+    (or ending in NUL bytes: extended, its data never written) is read as the crash it looks like
+    (a torn tail is dropped, with a warning; whole records cut off cannot be told from never
+    written). Part and journal files no ledger names (left by a
     crash between a commit's steps) are removed on reopening.
   * One writer: the directory is locked (fcntl) while a ledger is open; a second process gets a
     clear error instead of interleaving commits.
