@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+import unlearn_ext.durable as durable
 from unlearn_ext.ledger import LEDGER, LOCK, DeletionLedger
 from unlearn_ext.pcmu import PCMUUnlearner
 
@@ -124,3 +125,80 @@ def test_a_kill_at_any_write_point_leaves_the_state_before_or_after_the_request(
         with DeletionLedger(make(), str(directory)) as ledger:
             assert same(ledger.unlearner.state_dict(), after), f"{where}: the reopened ledger differs"
     assert "before" in outcomes and "after" in outcomes, outcomes
+
+
+@pytest.mark.parametrize("failure", ["the fold's directory fsync", "the append's fsync"])
+def test_a_crash_in_the_commit_after_one_that_failed_past_its_write_leaves_an_openable_ledger(
+        failure, tmp_path, monkeypatch):
+    """A commit can fail after the disk already holds it (the directory fsync after the fold's
+    rename; an appended record that cannot be cut off again): the disk's ledger names that commit's
+    files. The next commit (another request, a fold) must not write over them: a crash at any of
+    its write calls leaves a ledger that opens to the failed request's state (what the disk held)
+    or the next one's, and once it returns the directory holds only the files the ledger names."""
+    other = list(range(1, 1400, 70))  # resumes training too, to other weights than MANY
+    with DeletionLedger(_resumable(), str(tmp_path / "base")) as base:
+        base.forget([3])
+    states = {}
+    for name, request in (("failed", MANY), ("next", other)):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        with DeletionLedger(_resumable(), str(tmp_path / name)) as clean:
+            assert clean.forget(request).status == "retrained"
+            states[name] = clean.unlearner.state_dict()
+    assert not same(states["failed"], states["next"])
+    directory = tmp_path / "ledger"
+    ledger = DeletionLedger(_resumable(), str(directory))
+    ledger.forget([3])
+    with monkeypatch.context() as m:
+        if failure == "the fold's directory fsync":
+            real_replace = os.replace
+            renamed = []
+
+            def replace(src, dst):
+                real_replace(src, dst)
+                renamed.append(dst)
+
+            def fsync_dir(path):  # fails right after ledger.json was renamed into place
+                if renamed and renamed[-1].endswith(LEDGER):
+                    raise OSError("injected: fsync of the directory failed")
+                real_fsync_dir(path)
+            real_fsync_dir = durable.fsync_dir
+            m.setattr(os, "replace", replace)
+            m.setattr(durable, "fsync_dir", fsync_dir)
+            m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
+        else:
+            def failed(*args):
+                raise OSError("injected: fsync failed")
+            m.setattr(os, "fdatasync", failed)
+            m.setattr(os, "ftruncate", failed)
+        with pytest.raises(OSError, match="injected"):
+            ledger.forget(MANY)
+    # The retry, with the directory copied before each of its write calls (a crash there).
+    crashes, copying, real = [], [], {name: getattr(os, name) for name in WRITE_CALLS}
+
+    def hook(name):
+        def call(*args):
+            if not copying:  # the copy's own calls are not the commit's
+                copying.append(True)
+                copy = tmp_path / f"crash-{len(crashes) + 1}"
+                shutil.copytree(directory, copy)
+                crashes.append((copy, name))
+                copying.clear()
+            return real[name](*args)
+        return call
+    with monkeypatch.context() as m:
+        for name in WRITE_CALLS:
+            m.setattr(os, name, hook(name))
+        ledger.forget(other)
+    assert same(ledger.unlearner.state_dict(), states["next"]) and len(ledger.requests) == 2
+    assert _named_files_only(ledger, directory), sorted(os.listdir(directory))
+    ledger.close()
+    assert any(name == "replace" for _, name in crashes)  # the retry folded
+    outcomes = []
+    for copy, name in crashes:
+        with DeletionLedger(_resumable(), str(copy)) as reopened:
+            state = reopened.unlearner.state_dict()
+            which = [which for which in states if same(state, states[which])]
+            assert which, f"crash before {name} in {copy.name}: neither the failed request's state nor the next's"
+            outcomes += which
+            assert len(reopened.requests) == 2, copy.name
+    assert set(outcomes) == set(states), outcomes

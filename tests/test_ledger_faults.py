@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import unlearn_ext.ledger as ledger_module
-from unlearn_ext.ledger import LEDGER, DeletionLedger, LedgerCorruptError
+from unlearn_ext import ledger_journal
+from unlearn_ext.ledger import LEDGER, DeletionLedger, LedgerCorruptError, read_ledger
 
 from unlearn_ext.pcmu import PCMUUnlearner
 
 from ledger_methods_setup import METHODS, InjectedFault, Setting, requests_without_timing, same
-from pcmu_settings import digits_trainer
+from pcmu_settings import digits_trainer, synthetic_trainer
 
 FIRST, SECOND = [3, 4], [5, 7, 20]
 
@@ -289,3 +290,50 @@ def test_a_commit_point_that_fails_after_its_write_keeps_the_ledger_openable(tmp
         ledger.close()
         with DeletionLedger(unlearner(), directory) as reopened:
             assert same(reopened.unlearner.state_dict(), after) and len(reopened.requests) == 2
+
+
+def test_a_reader_racing_a_fold_reads_the_new_ledger_and_a_missing_journal_is_still_damage(tmp_path, monkeypatch):
+    """read_ledger reads ledger.json, then the journal it names. A writer that folds in between
+    replaces ledger.json and removes that journal: the reader reads the new snapshot instead of
+    calling an intact ledger damaged. A journal missing while ledger.json stays the same is damage."""
+    writer = DeletionLedger(PCMUUnlearner(synthetic_trainer().train(steps=20)), str(tmp_path))
+    real_read, folds = ledger_journal.read, []
+
+    def read_after_a_fold(path):  # the reader has read ledger.json; the writer folds now
+        if not folds:
+            with monkeypatch.context() as m:
+                m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
+                writer.forget([5])
+            folds.append(path)
+        return real_read(path)
+    monkeypatch.setattr(ledger_journal, "read", read_after_a_fold)
+    try:
+        seen = read_ledger(str(tmp_path))
+        assert folds and not os.path.exists(folds[0])  # the race happened: the journal read first is gone
+        assert seen["journal"] == writer.ledger["journal"] != os.path.basename(folds[0])
+        assert [r["ids"] for r in seen["requests"]] == [[5]]
+    finally:
+        writer.close()
+    os.remove(tmp_path / seen["journal"])
+    with pytest.raises(LedgerCorruptError, match=rf"its journal {seen['journal']} cannot be read"):
+        read_ledger(str(tmp_path))
+
+
+def test_a_journal_extended_with_nul_bytes_by_a_crash_opens_as_a_torn_tail(tmp_path, caplog):
+    """A crash on a file system that had extended the journal for an append, but not written its
+    data, leaves NUL bytes after the last whole record: reopening drops them with the torn-tail
+    warning and gives the committed state; the next commit appends after the whole records."""
+    def unlearner():
+        return PCMUUnlearner(synthetic_trainer().train(steps=20))
+    with DeletionLedger(unlearner(), str(tmp_path)) as ledger:
+        ledger.forget([5])
+        committed, journal = ledger.unlearner.state_dict(), tmp_path / ledger.ledger["journal"]
+    size = os.path.getsize(journal)
+    with open(journal, "ab") as f:
+        f.write(b"\0" * 4096)
+    with DeletionLedger(unlearner(), str(tmp_path)) as ledger:
+        assert same(ledger.unlearner.state_dict(), committed) and len(ledger.requests) == 1
+        assert str(journal) in caplog.text and "torn" in caplog.text
+        assert os.path.getsize(journal) == size  # cut back before the next append
+        ledger.forget([6])
+    assert [r["ids"] for r in read_ledger(str(tmp_path))["requests"]] == [[5], [6]]

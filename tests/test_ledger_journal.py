@@ -1,6 +1,7 @@
 """The ledger's commit journal on its own: records read back as written; a file cut inside its last
-record (a torn append) gives the whole records before it and says where they end; every flipped bit
-of a whole record is refused naming the record; a failed append leaves the file as it was."""
+record (a torn append, or one the file system left as NUL bytes) gives the whole records before it
+and says where they end; every flipped bit of a whole record is refused naming the record; a failed
+append leaves the file as it was."""
 import os
 
 import pytest
@@ -41,6 +42,22 @@ def test_a_cut_inside_the_last_record_is_a_torn_tail(tmp_path):
             f.write(blob[:cut])
         records, end, size = ledger_journal.read(path)
         assert records == RECORDS[:-1] and end == whole and size == cut
+
+
+@pytest.mark.parametrize("zeros", [1, 90, 4096])
+def test_nul_bytes_after_the_records_or_inside_the_last_one_are_a_torn_tail(tmp_path, zeros):
+    """A crash can leave the file extended by an append whose data never reached the disk: NULs
+    after the last whole record, or after a part of the one being appended. Both are torn tails."""
+    path = _journal(tmp_path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    whole = len(blob) - len(ledger_journal.encode(RECORDS[-1]))
+    for cut in range(whole, len(blob) + 1):  # the last record: none of it, part of it, all of it
+        with open(path, "wb") as f:
+            f.write(blob[:cut] + b"\0" * zeros)
+        records, end, size = ledger_journal.read(path)
+        kept = RECORDS if cut == len(blob) else RECORDS[:-1]
+        assert records == kept and end == (cut if cut == len(blob) else whole) and size == cut + zeros
 
 
 def test_every_flipped_bit_of_a_whole_record_is_refused_naming_it(tmp_path):

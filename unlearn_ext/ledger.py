@@ -41,8 +41,9 @@ reported, 'already-forgotten' requests recorded too). The ledger adds:
     loaded, so a damaged ledger (a flipped bit, a truncated snapshot or part, a missing file) is
     refused with one `LedgerCorruptError` naming `ledger.json` (and the journal record, when that
     is the damaged one), and an intact one gives exactly the committed state. A journal cut short
-    is read as the crash it looks like (a torn tail is dropped, with a warning; whole records cut
-    off cannot be told from never written). Part and journal files no ledger names (left by a
+    (or ending in NUL bytes: extended, its data never written) is read as the crash it looks like
+    (a torn tail is dropped, with a warning; whole records cut off cannot be told from never
+    written). Part and journal files no ledger names (left by a
     crash between a commit's steps) are removed on reopening.
   * One writer: the directory is locked (fcntl) while a ledger is open; a second process gets a
     clear error instead of interleaving commits.
@@ -180,6 +181,11 @@ class DeletionLedger:
         # The journal the next commit appends to; None: the next commit folds (writes a snapshot
         # naming a fresh journal). _snapshot_bytes: the size of ledger.json (the fold threshold).
         self._journal, self._snapshot_bytes = None, 0
+        # The highest version whose file names a failed commit may have left on disk, named by the
+        # disk's ledger (see _commit): later commits never write files of that version again.
+        self._spent_version = 0
+        # Files such a commit wrote: removed once a later commit has superseded the disk's ledger.
+        self._left_behind = set()
         os.makedirs(directory, exist_ok=True)
         self._lock_file = self._lock(directory)
         path = os.path.join(directory, LEDGER)
@@ -341,7 +347,9 @@ class DeletionLedger:
         """Changed parts (of `state`, without logs, and of the unlearner's logs) to new files, then
         one journal record saying so (or, now and then, a fold: a new snapshot), then drop
         replaced files."""
-        version = self.ledger["version"] + 1
+        # Past any version a failed commit may have put on disk: rewriting a file that the disk's
+        # ledger names would damage it, should a crash come before this commit's own commit point.
+        version = max(self.ledger["version"], self._spent_version) + 1
         staged = {key: dict(self.ledger[key]) for key in _MAPS}
         parts, digests, inline, log_meta = (staged[key] for key in _MAPS)
         committed = dict(self._committed)
@@ -389,8 +397,13 @@ class DeletionLedger:
             if folding or (self._journal is not None and not self._journal.intact):
                 # The fold's snapshot may have been renamed into place (a failure after the rename),
                 # or an appended record could not be cut off again: the disk may name the new files.
-                # They stay (reopening removes those no ledger names), and the next commit folds,
-                # superseding whatever the disk holds with the state in memory.
+                # They stay until the next commit, a fold, has superseded whatever the disk holds
+                # with the state in memory (or reopening removes those no ledger names). Its files
+                # take a later version (a fold writes the whole ledger: a skipped number is harmless).
+                self._spent_version = version
+                self._left_behind.update(written)
+                if folding:
+                    self._left_behind.add(_journal_name(version))
                 if self._journal is not None:
                     self._journal.close()
                 self._journal = None
@@ -406,6 +419,8 @@ class DeletionLedger:
         else:
             ledger, journal = folded
             replaced.add(self.ledger["journal"])
+            replaced |= self._left_behind  # the new snapshot supersedes whatever named them
+            self._left_behind = set()
             self._journal, self.ledger = journal, ledger
         self._committed = committed
         for log in logs.values():
@@ -423,7 +438,7 @@ class DeletionLedger:
         the journal first (so the snapshot never names a missing one), then ledger.json replaced
         atomically. Returns (the ledger as a reader parses it, the journal's appender); the old
         journal is the caller's to remove."""
-        name = f"journal-{version:06d}.log"
+        name = _journal_name(version)
         path = os.path.join(self.directory, name)
         ledger_journal.create(path)
         journal = ledger_journal.Appender(path, 0)
@@ -488,8 +503,15 @@ def read_ledger(directory: str) -> dict:
     """The ledger committed in `directory` as a dict ("requests": every committed request's entry,
     in order; "parts", "inline", "logs": where the state's parts are): ledger.json with its
     journal's records applied, every checksum of both checked (LedgerCorruptError otherwise). Part
-    files are not read, nothing is locked or written (a torn journal tail is left out)."""
+    files are not read, nothing is locked or written (a torn journal tail is left out). A writer
+    committing meanwhile is no damage: its fold replaces ledger.json before it removes the journal
+    the old one named, so a journal gone missing under an updated ledger.json is read again."""
     return _read_ledger(os.path.join(directory, LEDGER))[0]
+
+
+def _journal_name(version: int) -> str:
+    """The journal that the snapshot of `version` names."""
+    return f"journal-{version:06d}.log"
 
 
 def _damaged(path: str, what: str) -> LedgerCorruptError:
@@ -500,9 +522,38 @@ def _damaged(path: str, what: str) -> LedgerCorruptError:
 def _read_ledger(path: str) -> tuple[dict, int, tuple[int, int]]:
     """(the ledger: the snapshot at `path` with its journal applied, the snapshot's size, (end,
     size) of the journal's whole records and of the file), every checksum checked."""
+    with open(path, "rb") as f:
+        text = f.read()
+    while True:
+        ledger = _parse_snapshot(path, text)
+        if ledger["journal"] is None:
+            return ledger, len(text), (0, 0)
+        name = ledger["journal"]
+        try:
+            records, end, size = ledger_journal.read(os.path.join(os.path.dirname(path), name))
+            break
+        except FileNotFoundError as exc:
+            # A writer that folded between the two reads has replaced the snapshot, then removed
+            # the journal it named: read the new snapshot. Unchanged, the journal is missing.
+            with open(path, "rb") as f:
+                again = f.read()
+            if again == text:
+                raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
+            text = again
+        except OSError as exc:
+            raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
+        except ledger_journal.JournalDamaged as exc:
+            raise _damaged(path, f"its journal {name}: {exc}") from None
+    for i, record in enumerate(records):
+        if not _apply(ledger, record):
+            raise _damaged(path, f"its journal {name}: record {i + 1} is not the commit that follows version "
+                                 f"{ledger['version']}")
+    return ledger, len(text), (end, size)
+
+
+def _parse_snapshot(path: str, text: bytes) -> dict:
+    """The snapshot `text` read from `path`, its own checksum checked."""
     try:
-        with open(path, "rb") as f:
-            text = f.read()
         ledger = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _damaged(path, f"it is not valid JSON ({exc})") from None
@@ -514,20 +565,7 @@ def _read_ledger(path: str) -> tuple[dict, int, tuple[int, int]]:
     if ledger.get(CHECKSUM) != hashlib.sha256(_canonical(ledger)).hexdigest():
         raise _damaged(path, "its content does not match its own sha256 (a changed or cut-off record)")
     ledger.setdefault("journal", None)  # format 6: no journal
-    if ledger["journal"] is None:
-        return ledger, len(text), (0, 0)
-    name = ledger["journal"]
-    try:
-        records, end, size = ledger_journal.read(os.path.join(os.path.dirname(path), name))
-    except OSError as exc:
-        raise _damaged(path, f"its journal {name} cannot be read: {exc.strerror or exc}") from None
-    except ledger_journal.JournalDamaged as exc:
-        raise _damaged(path, f"its journal {name}: {exc}") from None
-    for i, record in enumerate(records):
-        if not _apply(ledger, record):
-            raise _damaged(path, f"its journal {name}: record {i + 1} is not the commit that follows version "
-                                 f"{ledger['version']}")
-    return ledger, len(text), (end, size)
+    return ledger
 
 
 def _delta(old: dict, staged: dict, version: int, entry: dict | None) -> dict:

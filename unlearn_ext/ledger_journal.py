@@ -11,9 +11,11 @@ readable with a text viewer):
 
 The header's own crc32 means a damaged length can never pass for a shorter file. Reading tells
 two things apart:
-  * torn tail: the file ends inside its last record (a header or payload cut short). An append
-    that a crash interrupted leaves exactly this, and that commit never returned, so the record is
-    dropped (`read` reports where the whole records end; the caller truncates there).
+  * torn tail: the file ends inside its last record (a header or payload cut short), or in NUL
+    bytes after it (a file system that had extended the file, but not yet written the data, at the
+    crash: XFS, ext4 data=writeback; a record always ends in a newline, so none ends in a NUL). An
+    append that a crash interrupted leaves exactly this, and that commit never returned, so the
+    record is dropped (`read` reports where the whole records end; the caller truncates there).
   * damage: a whole record (header and payload present) whose magic, header checksum or payload
     sha256 does not match, or a payload that is not a JSON object: refused, naming the record.
 A truncation that removes whole records cannot be told from a journal that never held them; a
@@ -49,6 +51,8 @@ def read(path: str) -> tuple[list[dict], int, int]:
     naming the first damaged whole record, OSError when the file cannot be read."""
     with open(path, "rb") as f:
         data = f.read()
+    size = len(data)
+    data = data.rstrip(b"\0")  # the NULs of an extension whose data never reached the disk
     records, at = [], 0
     while at < len(data):
         head = data[at:at + _HEADER_SIZE]
@@ -76,7 +80,7 @@ def read(path: str) -> tuple[list[dict], int, int]:
             raise JournalDamaged(f"{where} does not hold a JSON object")
         records.append(payload)
         at += _HEADER_SIZE + length
-    return records, at, len(data)
+    return records, at, size
 
 
 def create(path: str) -> None:
