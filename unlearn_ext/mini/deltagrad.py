@@ -88,7 +88,7 @@ from .sharpness import recorded_edge
 from .propagate import stability_bound
 from .replay_model import ReplayModel
 from .record import check_replayable_sgd
-from .resume import RetainedRun, resume_from, run_seed
+from .resume import RetainedRun, resume_from
 from .vectors import FlatModel, StoredVector, stored_vector
 
 
@@ -247,7 +247,7 @@ class DeltaGradUnlearner(Unlearner):
         model = copy.deepcopy(self.model)
         return RetainedRun(model, self.data, self.sgd, self._stored(plan[0][0], "params").whole(),
                            FlatModel(model, self.data), [(t, kept, lr) for t, lr, kept, _, _ in plan],
-                           seed=run_seed(self.info))
+                           self.info)
 
     def _replay(self, union: torch.Tensor, run: RetainedRun | None = None):
         """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '').
