@@ -24,7 +24,9 @@ The exact prefix (the burn-in, and any step before the first pair: steps compute
 retained data from the stored initial weights) is retraining's first steps, so it is run as such:
 through the same step function as `retrain` (mini/resume.py's RetainedRun, on a copy of the model),
 with the removed samples' gradients for the pairs from the working copy; the approximate phase starts
-from that run's weights and momentum buffer.
+from that run's weights and momentum buffer. A model with active dropout trains those steps with
+retraining's masks, while the pairs' gradients, as every replayed gradient, are taken in eval mode:
+the kept samples' gradient is taken again on the working copy (they are billed twice).
 
 Safety checks (ours), any of which stops the replay and falls back to retraining: the prefix's run
 continued without the ids over the remaining recorded batches and learning rates (or, before the
@@ -79,7 +81,7 @@ from ..data import TrainingData, as_ids
 from ..history import HistoryStore
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes, trainable
-from ..policy import refuse_training_batch_norm
+from ..policy import active_stochastic_layers, refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
 from .history_digest import history_sha256
@@ -293,7 +295,9 @@ class DeltaGradUnlearner(Unlearner):
                 lambda_max, model = None, None
             return ""
 
-        # The exact prefix, on retraining's own run.
+        # The exact prefix, on retraining's own run. Its steps train in the model's own mode (retraining's
+        # dropout masks); with active stochastic layers the pair's kept gradient is taken again in eval mode.
+        stochastic = bool(active_stochastic_layers(run.model))
         prefix = 0
         for t, lr, kept, removed, size in plan:
             if not (t < self.burn_in or not pairs):
@@ -304,7 +308,11 @@ class DeltaGradUnlearner(Unlearner):
             if g_kept is None:
                 continue  # an emptied batch: retraining makes no update
             exact_steps += 1
-            g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+            if stochastic:  # the step drew dropout masks; the pair's gradients are in eval mode, as every replay's
+                g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
+                cost += int(kept.numel())
+            else:
+                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
             cost += int(kept.numel()) + int(removed.numel())
             dg = g_kept * kept.numel() / size
             if g_removed is not None:
