@@ -251,8 +251,9 @@ class DeltaGradUnlearner(Unlearner):
                            FlatModel(model, self.data), [(t, kept, lr) for t, lr, kept, _, _ in plan],
                            self.info)
 
-    def _replay(self, union: torch.Tensor, run: RetainedRun | None = None):
-        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '').
+    def _replay(self, plan: list, run: RetainedRun | None = None):
+        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '') for the
+        request's plan (_plan, made once per request).
 
         The exact prefix (the burn-in, and any step before the first pair) is retraining's own first
         steps: `run` (a RetainedRun of this request's plan, made here when not given) takes them
@@ -266,7 +267,6 @@ class DeltaGradUnlearner(Unlearner):
         flat vector at every call; an exact step takes its retained and removed gradients from one
         forward pass. tests/deltagrad_reference.py states the same replay step by step."""
         flat, wd = self.flat, self.weight_decay
-        plan = self._plan(union)
         run = self._retained_run(plan) if run is None else run
         grads = ReplayModel(flat)
         pairs = deque(maxlen=self.memory)
@@ -401,8 +401,9 @@ class DeltaGradUnlearner(Unlearner):
             self._finish(report, None, cost, stats, before, union, T)
             return
         w_before = self.flat.flat()  # the weights before the request (doing nothing), for the loss check
-        run = self._retained_run(self._plan(union))
-        w, cost, stats, reason = self._replay(union, run)
+        plan = self._plan(union)
+        run = self._retained_run(plan)
+        w, cost, stats, reason = self._replay(plan, run)
         if not reason:
             rise, check_cost = self._retained_loss_rise(w_before, w, union)
             cost += check_cost
