@@ -241,17 +241,3 @@ def test_users_stable_loop_is_served(method):
     report = unlearner.unlearn(FORGET)
     assert report.status == "unlearned", report.reason
 
-
-def test_deltagrad_burn_in_over_the_whole_run_is_retraining():
-    """A burn-in covering every recorded step makes the whole replay exact: it is decided before any
-    work and run as retraining, at retraining's cost (no pair gradients, no loss check)."""
-    data, init = classification(n=60)
-    config = ue.SGDConfig(epochs=2, batch_size=16, lr=0.3, weight_decay=1e-3)
-    model = copy.deepcopy(init)
-    store = ue.step_store(model, params="fp32", grads="fp32")
-    ue.train_recording_steps(model, data, config, store)
-    unlearner = ue.DeltaGradUnlearner(model, data, store, burn_in=len(store.steps))
-    report = unlearner.unlearn(FORGET)
-    assert report.status == "retrained", report.reason
-    assert report.sample_gradients == report.retrain_sample_gradients
-    assert torch.equal(flat(model, data), flat(ue.retrain(init, data, config, FORGET), data))

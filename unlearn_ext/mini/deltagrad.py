@@ -388,15 +388,6 @@ class DeltaGradUnlearner(Unlearner):
         union = torch.cat([self.forgotten, new]).unique()
         T = len(self.store.steps)
         before = self.store.bytes_read
-        if self.burn_in >= T:
-            # Every step is exact: the replay would be retraining plus the pairs' gradients and the loss
-            # check, for nothing. Decided before any work: retraining itself, at retraining's cost.
-            cost = self._retrain(union)
-            report.status, report.how = "retrained", FALLBACK_HOW
-            report.reason = (f"the burn-in (j0={self.burn_in}) covers all {T} recorded steps, so the replay is "
-                             f"retraining; {FALLBACK_WHAT}")
-            self._finish(report, None, cost, {}, before, union, T)
-            return
         edge = recorded_edge(self.info)
         if self.unstable == "refuse" and edge is not None and edge[0] >= self.stable_below:
             # Decided before any work: retraining alone, which costs what retraining costs.
