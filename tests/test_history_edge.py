@@ -240,4 +240,3 @@ def test_users_stable_loop_is_served(method):
     assert recorded_edge(unlearner.store.run_info)[0] == pytest.approx(1.0, rel=1e-3)
     report = unlearner.unlearn(FORGET)
     assert report.status == "unlearned", report.reason
-
