@@ -49,7 +49,7 @@ def recorded(data, init, config, **store_kw):
 
 def fast_and_reference(model, data, store, **kw):
     unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store, **kw)
-    return unlearner._replay(FORGET), straightforward_replay(unlearner, FORGET)
+    return unlearner._replay(unlearner._plan(FORGET)), straightforward_replay(unlearner, FORGET)
 
 
 def assert_same_replay(fast, ref):
@@ -135,3 +135,16 @@ def test_minis_fallback_gives_retraining_bit_for_bit(codec):
     report = ue.MiniUnlearner(got, data, store, lanczos_steps=4, loss_rise_limit=-1.0).unlearn(FORGET)
     assert report.status == "fallback", report.reason
     assert torch.equal(flat(got, data), flat(ue.retrain(init, data, config, FORGET), data))
+
+
+def test_a_request_plans_its_replay_once():
+    """The schedule and membership test of a request (_plan) are made once and shared by the
+    retained run and the replay."""
+    data, init = blobs(), eval_batch_norm_mlp()
+    config = ue.SGDConfig(epochs=4, batch_size=16, lr=0.2)
+    model, store = recorded(data, init, config, params="fp32", grads="fp32")
+    unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store, burn_in=4, period=3)
+    plan, calls = unlearner._plan, []
+    unlearner._plan = lambda union: calls.append(union) or plan(union)
+    report = unlearner.unlearn(FORGET)
+    assert report.status in ("unlearned", "fallback") and len(calls) == 1

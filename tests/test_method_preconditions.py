@@ -98,8 +98,8 @@ def test_deltagrad_falls_back_when_its_answer_raises_the_retained_loss(monkeypat
     exact = FlatModel(ue.retrain(initial, s.data, s.config, union), s.data).flat()
     real_replay = u._replay
 
-    def far_off(union, run):  # run: the retained run the replay's exact prefix takes its steps on
-        w, cost, stats, reason = real_replay(union, run)
+    def far_off(plan, run):  # run: the retained run the replay's exact prefix takes its steps on
+        w, cost, stats, reason = real_replay(plan, run)
         return w + 5.0, cost, stats, reason
 
     monkeypatch.setattr(u, "_replay", far_off)

@@ -404,11 +404,11 @@ def sgd_step(model: torch.nn.Module, data: TrainingData, ids: torch.Tensor, lr: 
         for p in params:
             p.grad = None
         return grads
-    with torch.no_grad():
+    with torch.no_grad():  # torch.optim.SGD's own arithmetic, so a user's plain-SGD loop agrees bit for bit
         for p, g in zip(params, grads):
             if weight_decay:
-                g = g + weight_decay * p
-            p.sub_(lr * g)
+                g = g.add(p, alpha=weight_decay)
+            p.add_(g, alpha=-lr)
     return grads
 
 

@@ -52,6 +52,7 @@ from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset
 from .loop_guard import LoopGuard
 from .mini.record import FULL_GRAD, mini_store, step_store
+from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
 from .parameters import trainable
 from .pcmu.optimizer import PCMUOptimizer, check_pcmu_wrap
@@ -449,8 +450,11 @@ class _StepCounter:
     def run_info(self, **extra) -> dict:
         r, n = self.run.recipe, len(self.run.data)
         order = {} if r.shuffle else {"batch_shuffle": False}  # read by the exact fallback (mini/resume.py)
+        # The loop's RNG state at each epoch's start, which retraining starts each epoch from: the
+        # history methods' exact fallback does too (mini/resume.py, Randomness).
+        rng = {"epoch_rng_states": encode_rng_states(r.epoch_rng_states)} if r.epoch_rng_states else {}
         return {"steps_per_epoch": self.run.schedule.batches_per_epoch, "batch_seed": r.seed, "batch_size": r.batch_size,
-                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **extra}
+                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **rng, **extra}
 
     def record_sharpness(self, flat, w, t: int, lr: float | None = None) -> None:
         """eta_t * lambda_max at step t into the history's run_info (mini/sharpness.py), as the

@@ -24,7 +24,9 @@ The exact prefix (the burn-in, and any step before the first pair: steps compute
 retained data from the stored initial weights) is retraining's first steps, so it is run as such:
 through the same step function as `retrain` (mini/resume.py's RetainedRun, on a copy of the model),
 with the removed samples' gradients for the pairs from the working copy; the approximate phase starts
-from that run's weights and momentum buffer.
+from that run's weights and momentum buffer. A model with active dropout trains those steps with
+retraining's masks, while the pairs' gradients, as every replayed gradient, are taken in eval mode:
+the kept samples' gradient is taken again on the working copy (they are billed twice).
 
 Safety checks (ours), any of which stops the replay and falls back to retraining: the prefix's run
 continued without the ids over the remaining recorded batches and learning rates (or, before the
@@ -79,7 +81,7 @@ from ..data import TrainingData, as_ids
 from ..history import HistoryStore
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes, trainable
-from ..policy import refuse_training_batch_norm
+from ..policy import active_stochastic_layers, refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
 from .history_digest import history_sha256
@@ -88,7 +90,7 @@ from .sharpness import recorded_edge
 from .propagate import stability_bound
 from .replay_model import ReplayModel
 from .record import check_replayable_sgd
-from .resume import RetainedRun, resume_from, run_seed
+from .resume import RetainedRun, resume_from
 from .vectors import FlatModel, StoredVector, stored_vector
 
 
@@ -247,10 +249,11 @@ class DeltaGradUnlearner(Unlearner):
         model = copy.deepcopy(self.model)
         return RetainedRun(model, self.data, self.sgd, self._stored(plan[0][0], "params").whole(),
                            FlatModel(model, self.data), [(t, kept, lr) for t, lr, kept, _, _ in plan],
-                           seed=run_seed(self.info))
+                           self.info)
 
-    def _replay(self, union: torch.Tensor, run: RetainedRun | None = None):
-        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '').
+    def _replay(self, plan: list, run: RetainedRun | None = None):
+        """Returns (w^I_T, sample_gradients, stats, reason why the replay stopped or '') for the
+        request's plan (_plan, made once per request).
 
         The exact prefix (the burn-in, and any step before the first pair) is retraining's own first
         steps: `run` (a RetainedRun of this request's plan, made here when not given) takes them
@@ -264,7 +267,6 @@ class DeltaGradUnlearner(Unlearner):
         flat vector at every call; an exact step takes its retained and removed gradients from one
         forward pass. tests/deltagrad_reference.py states the same replay step by step."""
         flat, wd = self.flat, self.weight_decay
-        plan = self._plan(union)
         run = self._retained_run(plan) if run is None else run
         grads = ReplayModel(flat)
         pairs = deque(maxlen=self.memory)
@@ -293,7 +295,9 @@ class DeltaGradUnlearner(Unlearner):
                 lambda_max, model = None, None
             return ""
 
-        # The exact prefix, on retraining's own run.
+        # The exact prefix, on retraining's own run. Its steps train in the model's own mode (retraining's
+        # dropout masks); with active stochastic layers the pair's kept gradient is taken again in eval mode.
+        stochastic = bool(active_stochastic_layers(run.model))
         prefix = 0
         for t, lr, kept, removed, size in plan:
             if not (t < self.burn_in or not pairs):
@@ -304,7 +308,11 @@ class DeltaGradUnlearner(Unlearner):
             if g_kept is None:
                 continue  # an emptied batch: retraining makes no update
             exact_steps += 1
-            g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+            if stochastic:  # the step drew dropout masks; the pair's gradients are in eval mode, as every replay's
+                g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
+                cost += int(kept.numel())
+            else:
+                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
             cost += int(kept.numel()) + int(removed.numel())
             dg = g_kept * kept.numel() / size
             if g_removed is not None:
@@ -393,8 +401,9 @@ class DeltaGradUnlearner(Unlearner):
             self._finish(report, None, cost, stats, before, union, T)
             return
         w_before = self.flat.flat()  # the weights before the request (doing nothing), for the loss check
-        run = self._retained_run(self._plan(union))
-        w, cost, stats, reason = self._replay(union, run)
+        plan = self._plan(union)
+        run = self._retained_run(plan)
+        w, cost, stats, reason = self._replay(plan, run)
         if not reason:
             rise, check_cost = self._retained_loss_rise(w_before, w, union)
             cost += check_cost

@@ -18,11 +18,17 @@ from step 0 only (a later start would need a stored retained-run buffer, which n
 a `RetainedRun` holds its own buffer, so it may be stopped and continued at any step.
 
 Randomness: a model with dropout trains in training mode here; its masks come from the run's own
-generator state, seeded by the run (`seed`) and carried from step to step, so the answer depends
-neither on the process's RNG state (a restarted process gives the same weights) nor on how the
-steps were split between a prefix and its continuation; the process's RNG is left alone.
+generator state, carried from step to step, so the answer depends neither on the process's RNG
+state (a restarted process gives the same weights) nor on how the steps were split between a
+prefix and its continuation; the process's RNG is left alone. That state starts from the run's
+batch seed, and each epoch starts from the RNG state the recorded loop started it from where the
+history holds one (run_info "epoch_rng_states", recorded by the engine from the user's loop), as
+the recipe's retraining does: through the engine the fallback is retraining bit for bit, dropout
+included.
 """
 from __future__ import annotations
+
+import base64
 
 import torch
 
@@ -34,18 +40,24 @@ class RetainedRun:
     """Training on the retained samples from flat `weights` (loaded into `model`, which it trains in
     place) over `steps`, an iterable of (step, retained ids, lr) in order, one step at a time,
     through the step function of `retrain` (data.sgd_step; with momentum, torch.optim.SGD's own
-    steps and buffer). `cost` counts the retained samples seen."""
+    steps and buffer). run_info: the history's, for the run's randomness (module docstring,
+    Randomness). `cost` counts the retained samples seen."""
 
-    def __init__(self, model, data: TrainingData, sgd: SGDSettings, weights: torch.Tensor, flat, steps, seed: int):
+    def __init__(self, model, data: TrainingData, sgd: SGDSettings, weights: torch.Tensor, flat, steps,
+                 run_info: dict):
         self.model, self.data, self.sgd, self.flat = model, data, sgd, flat
         flat.load_(weights)
         self.optimizer = momentum_optimizer(model, sgd.momentum, sgd.nesterov, sgd.weight_decay)
         self._steps = iter(steps)
-        self._rng_state = torch.Generator().manual_seed(int(seed)).get_state()
+        self._rng_state = torch.Generator().manual_seed(int(run_info.get("batch_seed", 0))).get_state()
+        self._epoch_rng_states = epoch_rng_states(run_info)
+        self._steps_per_epoch = int(run_info.get("steps_per_epoch") or 0)
         self.cost = 0
 
-    def _take(self, ids, lr):
-        """One step under the run's own generator state (module docstring, Randomness)."""
+    def _take(self, t, ids, lr):
+        """Step t under the run's own generator state (module docstring, Randomness)."""
+        if self._steps_per_epoch and t % self._steps_per_epoch == 0:
+            self._rng_state = self._epoch_rng_states.get(t // self._steps_per_epoch, self._rng_state)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._rng_state)
             grads = sgd_step(self.model, self.data, ids, lr, self.sgd.weight_decay, self.optimizer)
@@ -56,15 +68,15 @@ class RetainedRun:
     def step(self) -> torch.Tensor | None:
         """Takes the next step; returns the mean loss gradient at the weights before it, flat float32
         without weight decay (None for an empty batch, which makes no update)."""
-        _, ids, lr = next(self._steps)
-        grads = self._take(ids, lr)
+        t, ids, lr = next(self._steps)
+        grads = self._take(t, ids, lr)
         return None if grads is None else torch.cat([g.reshape(-1).float() for g in grads])
 
     def finish(self) -> int:
         """Takes every remaining step; returns their cost."""
         before = self.cost
-        for _, ids, lr in self._steps:
-            self._take(ids, lr)
+        for t, ids, lr in self._steps:
+            self._take(t, ids, lr)
         return self.cost - before
 
     def momentum_buffer(self) -> torch.Tensor | None:
@@ -95,9 +107,16 @@ def resume_from(model, data: TrainingData, run_info: dict, sgd: SGDSettings, sta
         steps = ((s.step, s.ids, lrs[s.step]) for s in schedule.steps(start, len(lrs), exclude))
     else:
         steps = ((t, ids[~torch.isin(ids, exclude)], lrs[t]) for t, ids in sorted(batches.items()) if t >= start)
-    return RetainedRun(model, data, sgd, weights, flat, steps, seed=run_seed(run_info)).finish()
+    return RetainedRun(model, data, sgd, weights, flat, steps, run_info).finish()
 
 
-def run_seed(run_info: dict) -> int:
-    """The seed of a retained run's own randomness (dropout masks): the recorded run's batch seed."""
-    return int(run_info.get("batch_seed", 0))
+def encode_rng_states(states: dict) -> dict:
+    """{epoch: torch RNG state} as run_info holds it: {"epoch": base64 of the state's bytes}."""
+    return {str(int(e)): base64.b64encode(bytes(s.numpy())).decode("ascii") for e, s in states.items()}
+
+
+def epoch_rng_states(run_info: dict) -> dict:
+    """The history's {epoch: torch RNG state the recorded loop started that epoch from} (none for a
+    history recorded outside the engine)."""
+    return {int(e): torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+            for e, s in (run_info.get("epoch_rng_states") or {}).items()}
