@@ -65,3 +65,23 @@ def recorded_run(method: str, n: int = 200, epochs: int = DISTRIBUTED_RUN["epoch
         store = ue.step_store(model, params="fp32", grads="fp32")
         ue.train_recording_steps(model, data, config, store)
     return model, data, store
+
+
+def recorded_by_torch_sgd(data, init, config):
+    """The run trained by a plain torch.optim.SGD loop (the config's lr schedule, weight decay and
+    momentum) and recorded by HistoryRecorder (p.grad and batch ids): the user's loop, not the
+    library's trainer. Such a history holds no eta * lambda_max estimate. Returns (model, store)."""
+    model = copy.deepcopy(init)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr_at(0), weight_decay=config.weight_decay,
+                          momentum=config.momentum, nesterov=config.nesterov)
+    store = ue.step_store(model, params="fp32", grads="fp32")
+    recorder = ue.HistoryRecorder(store, model, opt)
+    for step in ue.BatchSchedule(data.ids, config.batch_size, config.seed).steps(0, config.steps(len(data))):
+        for g in opt.param_groups:
+            g["lr"] = config.lr_at(step.step)
+        opt.zero_grad()
+        x, y = data.batch(step.ids)
+        data.loss(model(x), y).mean().backward()
+        recorder.batch(step.ids)
+        opt.step()
+    return model, store

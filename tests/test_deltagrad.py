@@ -9,7 +9,7 @@ import torch
 import unlearn_ext as ue
 from unlearn_ext.mini import lbfgs_product
 
-from history_methods_setup import classification, flat, gap
+from history_methods_setup import classification, flat, gap, recorded_by_torch_sgd
 
 FORGET = [1, 5, 7, 20, 33]
 
@@ -94,19 +94,7 @@ def test_restart_from_disk_record_equals_in_memory(run, tmp_path):
 def test_history_from_torch_optimizer_and_history_recorder(run):
     """A torch.optim.SGD loop recorded by HistoryRecorder (p.grad, batch ids) replays exactly."""
     data, init, config, _, _, retrained = run
-    model = copy.deepcopy(init)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr_at(0), weight_decay=config.weight_decay)
-    store = ue.step_store(model, params="fp32", grads="fp32")
-    recorder = ue.HistoryRecorder(store, model, opt)
-    schedule = ue.BatchSchedule(data.ids, config.batch_size, config.seed)
-    for step in schedule.steps(0, config.steps(len(data))):
-        for g in opt.param_groups:
-            g["lr"] = config.lr_at(step.step)
-        opt.zero_grad()
-        x, y = data.batch(step.ids)
-        data.loss(model(x), y).mean().backward()
-        recorder.batch(step.ids)
-        opt.step()
+    model, store = recorded_by_torch_sgd(data, init, config)
     got, report = forget(model, data, store, period=1)
     assert torch.allclose(flat(got, data), flat(retrained, data), atol=1e-5)
     assert report.retrain_sample_gradients == config.epochs * (len(data) - len(FORGET))

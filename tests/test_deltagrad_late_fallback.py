@@ -13,7 +13,7 @@ import torch
 
 import unlearn_ext as ue
 
-from history_methods_setup import classification, flat
+from history_methods_setup import classification, flat, recorded_by_torch_sgd
 
 KINDS = ["plain", "heavy-ball", "nesterov"]
 # Per kind, a forget set whose replayed answer raises the retained loss a little (measured: +0.03% plain,
@@ -32,22 +32,9 @@ def recipe(kind: str) -> ue.SGDConfig:
 
 
 def by_hand(data, init, config):
-    """The run trained by a torch.optim.SGD loop and recorded by HistoryRecorder: such a history holds
-    no eta * lambda_max estimate, so the stability check can only fire during the replay."""
-    model = copy.deepcopy(init)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr_at(0), weight_decay=config.weight_decay,
-                          momentum=config.momentum, nesterov=config.nesterov)
-    store = ue.step_store(model, params="fp32", grads="fp32")
-    recorder = ue.HistoryRecorder(store, model, opt)
-    for step in ue.BatchSchedule(data.ids, config.batch_size, config.seed).steps(0, config.steps(len(data))):
-        for g in opt.param_groups:
-            g["lr"] = config.lr_at(step.step)
-        opt.zero_grad()
-        x, y = data.batch(step.ids)
-        data.loss(model(x), y).mean().backward()
-        recorder.batch(step.ids)
-        opt.step()
-    return model, store
+    """The run trained by the user's torch.optim.SGD loop: its history holds no eta * lambda_max
+    estimate, so the stability check can only fire during the replay."""
+    return recorded_by_torch_sgd(data, init, config)
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -14,7 +14,7 @@ from unlearn_ext.mini.curvature import Spectrum
 from unlearn_ext.mini.resume import resume_from
 from unlearn_ext.mini.vectors import FlatModel
 
-from history_methods_setup import classification, flat, gap, linear_regression
+from history_methods_setup import classification, flat, gap, linear_regression, recorded_by_torch_sgd
 
 FORGET = [1, 5, 7, 20]
 KINDS = [pytest.param(False, id="heavy-ball"), pytest.param(True, id="nesterov")]
@@ -264,19 +264,7 @@ def test_deltagrad_fallback_equals_retraining(step_run):
 def test_deltagrad_from_torch_optimizer_with_momentum(step_run):
     """A torch.optim.SGD momentum loop recorded by HistoryRecorder replays exactly (all exact steps)."""
     data, init, config, _, _, retrained = step_run
-    model = copy.deepcopy(init)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr_at(0), weight_decay=config.weight_decay,
-                          momentum=config.momentum, nesterov=config.nesterov)
-    store = ue.step_store(model, params="fp32", grads="fp32")
-    recorder = ue.HistoryRecorder(store, model, opt)
-    for step in ue.BatchSchedule(data.ids, config.batch_size, config.seed).steps(0, config.steps(len(data))):
-        for g in opt.param_groups:
-            g["lr"] = config.lr_at(step.step)
-        opt.zero_grad()
-        x, y = data.batch(step.ids)
-        data.loss(model(x), y).mean().backward()
-        recorder.batch(step.ids)
-        opt.step()
+    model, store = recorded_by_torch_sgd(data, init, config)
     got, _ = deltagrad(model, data, store, period=1)
     assert torch.allclose(flat(got, data), flat(retrained, data), atol=1e-5)
 
