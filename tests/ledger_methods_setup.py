@@ -4,6 +4,7 @@ request can be interrupted inside the method (scoring, repair, replay), not only
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
@@ -104,3 +105,28 @@ def without_timing(value):
 
 def requests_without_timing(ledger) -> list:
     return without_timing(ledger.requests)
+
+
+def fail_commit_after_disk(m, where: str) -> None:
+    """Makes the next commit fail after its state may have reached the disk (pytest's monkeypatch
+    context `m`): "fold", the commit folds and ledger.json is renamed into place, then an error (as
+    a failed directory fsync); "append", the journal append's fdatasync fails and the append cannot
+    be cut back either."""
+    import unlearn_ext.ledger as ledger_module
+    from unlearn_ext.ledger import LEDGER, DeletionLedger
+    if where == "fold":
+        real = ledger_module.atomic_write
+
+        def renamed_then_failed(path, write):
+            real(path, write)
+            if path.endswith(LEDGER):
+                raise OSError("injected: fsync of the directory failed")
+        m.setattr(ledger_module, "atomic_write", renamed_then_failed)
+        m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
+    elif where == "append":
+        def failed(*args):
+            raise OSError("injected: fsync failed")
+        m.setattr(os, "fdatasync", failed)
+        m.setattr(os, "ftruncate", failed)
+    else:
+        raise ValueError(f"where: 'fold' or 'append', got {where!r}")

@@ -8,12 +8,12 @@ import os
 import shutil
 
 import pytest
+import torch
 
-import unlearn_ext.durable as durable
 from unlearn_ext.ledger import LEDGER, LOCK, DeletionLedger
 from unlearn_ext.pcmu import PCMUUnlearner
 
-from ledger_methods_setup import requests_without_timing, same
+from ledger_methods_setup import fail_commit_after_disk, requests_without_timing, same
 from pcmu_settings import digits_trainer, synthetic_trainer
 
 KILLED = 77
@@ -45,6 +45,9 @@ def _run_child(directory, make, request, fold, kill_at=None, torn=False, log=Non
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1
+        # The parent's OpenMP thread pool does not survive fork (a parallel region hangs in the child
+        # when the parent ran torch with several threads): the child runs single-threaded.
+        torch.set_num_threads(1)
         try:
             if fold:  # every commit folds
                 DeletionLedger._should_fold = lambda ledger, record_bytes: True
@@ -149,27 +152,7 @@ def test_a_crash_in_the_commit_after_one_that_failed_past_its_write_leaves_an_op
     ledger = DeletionLedger(_resumable(), str(directory))
     ledger.forget([3])
     with monkeypatch.context() as m:
-        if failure == "the fold's directory fsync":
-            real_replace = os.replace
-            renamed = []
-
-            def replace(src, dst):
-                real_replace(src, dst)
-                renamed.append(dst)
-
-            def fsync_dir(path):  # fails right after ledger.json was renamed into place
-                if renamed and renamed[-1].endswith(LEDGER):
-                    raise OSError("injected: fsync of the directory failed")
-                real_fsync_dir(path)
-            real_fsync_dir = durable.fsync_dir
-            m.setattr(os, "replace", replace)
-            m.setattr(durable, "fsync_dir", fsync_dir)
-            m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
-        else:
-            def failed(*args):
-                raise OSError("injected: fsync failed")
-            m.setattr(os, "fdatasync", failed)
-            m.setattr(os, "ftruncate", failed)
+        fail_commit_after_disk(m, "fold" if failure == "the fold's directory fsync" else "append")
         with pytest.raises(OSError, match="injected"):
             ledger.forget(MANY)
     # The retry, with the directory copied before each of its write calls (a crash there).

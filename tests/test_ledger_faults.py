@@ -14,7 +14,8 @@ from unlearn_ext.ledger import LEDGER, DeletionLedger, LedgerCorruptError, read_
 
 from unlearn_ext.pcmu import PCMUUnlearner
 
-from ledger_methods_setup import METHODS, InjectedFault, Setting, requests_without_timing, same
+from ledger_methods_setup import (METHODS, InjectedFault, Setting, fail_commit_after_disk, requests_without_timing,
+                                  same)
 from pcmu_settings import digits_trainer, synthetic_trainer
 
 FIRST, SECOND = [3, 4], [5, 7, 20]
@@ -263,20 +264,7 @@ def test_a_commit_point_that_fails_after_its_write_keeps_the_ledger_openable(tmp
         ledger = DeletionLedger(unlearner(), directory)
         ledger.forget([3])
         with monkeypatch.context() as m:
-            if where == "the fold's rename":
-                real = ledger_module.atomic_write
-
-                def renamed_then_failed(path, write):
-                    real(path, write)
-                    if path.endswith(LEDGER):
-                        raise OSError("injected: fsync of the directory failed")
-                m.setattr(ledger_module, "atomic_write", renamed_then_failed)
-                m.setattr(DeletionLedger, "_should_fold", lambda self, record_bytes: True)
-            else:
-                def failed(*args):
-                    raise OSError("injected: fsync failed")
-                m.setattr(os, "fdatasync", failed)
-                m.setattr(os, "ftruncate", failed)
+            fail_commit_after_disk(m, "fold" if where == "the fold's rename" else "append")
             with pytest.raises(OSError, match="injected"):
                 ledger.forget(many)
         assert same(ledger.unlearner.state_dict(), before)
