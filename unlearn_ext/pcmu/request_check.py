@@ -74,21 +74,30 @@ def _steps_holding(trainer, new: torch.Tensor):
 
 def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck | None:
     """check_request's answer when every step holding a removed or forgotten id passes the a-priori
-    test (k*C/b + margin < the step's smallest radius), read from the per-step arrays in windows:
-    no per-step Python and memory bounded by the window, so a request certified a priori costs
-    the same at any history length. None when some step needs more (the loop then decides)."""
+    test (k*C/b + margin < the step's smallest radius), from the trainer's a-priori index
+    (apriori_index.py): the steps holding only forgotten ids all pass iff its slack_held >= 0, and
+    a step holding c of the request's ids passes iff f + c <= m. Under a full-batch schedule every
+    step holds all of them (c = the request's size), which the index's slack answers at once;
+    otherwise only the steps holding them are read (one per id and epoch). No per-step Python, and
+    no work per recorded step. None when some step needs more (the loop then decides)."""
     if trainer.framework == "D":
         return None
-    rows, touched = trainer.rows(new), 0
-    for begin in range(0, trainer._steps, STEP_WINDOW):
-        end = min(begin + STEP_WINDOW, trainer._steps)
-        k = _removed_per_step(trainer, rows, begin, end)
-        held = (k > 0) & trainer._applied[begin:end]
-        # The same float64 arithmetic as _check_step's test, per element.
-        passes = k.to(torch.float64) * trainer.unit + trainer.rounding_margin < trainer._min_radius[begin:end]
-        if not bool((passes | ~held).all()):
+    index = trainer.apriori_index()
+    if index.slack_held < 0:
+        return None
+    rows = trainer.rows(new)
+    if trainer.schedule.batches_per_epoch == 1:
+        if rows.numel() > index.slack:
             return None
-        touched += int(held.sum())
+        touched = index.applied if rows.numel() else index.held
+    else:
+        steps, counts = trainer.schedule.steps_holding(rows, 0, trainer._steps).unique(return_counts=True)
+        applied = trainer._applied[steps]
+        steps, counts = steps[applied], counts[applied]
+        forgotten = trainer._forgotten_count[steps]
+        if bool((forgotten + counts > index.budgets[steps]).any()):
+            return None
+        touched = index.held + int((forgotten == 0).sum())
     out = RequestCheck("exact" if trainer.mode == "analytic" else "probable", None, "",
                        steps_with_removed_ids=touched, steps_checked_a_priori=touched)
     out.reason = _certified_reason(out.status)

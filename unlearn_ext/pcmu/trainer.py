@@ -39,6 +39,7 @@ from ..parameters import trainable
 from ..per_sample import clipped_sum64, plan_for
 from ..policy import eval_mode, refuse_training_batch_norm
 from ..recipe import to_device
+from .apriori_index import AprioriIndex
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star
 from .fallback import resume_without
 from .persistence import fingerprint, load_state_dict, state_dict
@@ -114,6 +115,7 @@ class PCMUTrainer:
         self._applied = torch.empty(0, dtype=torch.bool)
         self._forgotten_count = torch.empty(0, dtype=torch.int64)  # forgotten ids in each step's batch
         self._steps = 0
+        self._apriori = AprioriIndex()  # running totals of those arrays (apriori_index.py)
         self._forgotten = as_ids([] if exclude is None else exclude, "exclude").unique()
         # Per forgotten id (aligned with _forgotten): the first step computed without it. Recorded
         # step t trained on its scheduled batch minus the forgotten ids with excluded_from <= t;
@@ -163,13 +165,32 @@ class PCMUTrainer:
         # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
         added = ids[~was]
         added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
-        for begin in range(0, self._steps, STEP_WINDOW):
-            end = min(begin + STEP_WINDOW, self._steps)
-            self._forgotten_count[begin:end] += self.schedule.count_in_steps(self.rows(added), begin, end)
+        if added.numel() and self._steps:
+            self._count_added(self.rows(added))
+
+    def _count_added(self, rows: torch.Tensor) -> None:
+        """Counts the samples at `rows`, just forgotten, in every recorded batch scheduled to hold
+        them, and updates the a-priori index in place: at a cost of the steps holding them (none
+        per step under a full-batch schedule, where every step holds them all)."""
+        if self.schedule.batches_per_epoch == 1:
+            self._forgotten_count[:self._steps] += rows.numel()
+            self._apriori.added_everywhere(rows.numel())
+            return
+        steps, counts = self.schedule.steps_holding(rows, 0, self._steps).unique(return_counts=True)
+        self._forgotten_count.index_add_(0, steps, counts)
+        self._apriori.added_at(self, steps, counts)
+
+    def apriori_index(self) -> AprioriIndex:
+        """The running totals a request certified a priori reads (apriori_index.py), rebuilt here
+        if the records or the counts changed otherwise since."""
+        if not self._apriori.valid:
+            self._apriori.rebuild(self)
+        return self._apriori
 
     def _recount_forgotten(self) -> None:
         """Forgotten ids in each recorded batch, from the schedule: id f is in step t's batch when
         t is scheduled to hold it and t < its excluded_from."""
+        self._apriori.invalidate()
         known = ~torch.isin(self._forgotten, self.unknown_ids(self._forgotten))
         rows, until = self.rows(self._forgotten[known]), self._excluded_from[known]
         for begin in range(0, self._steps, STEP_WINDOW):
@@ -198,11 +219,13 @@ class PCMUTrainer:
         self._min_radius[t], self._applied[t] = r.min_radius, r.applied
         self._forgotten_count[t] = 0  # computed by _compute_step, on _next_batch: no forgotten id in it
         self._steps = t + 1
+        self._apriori.invalidate()
         self.records.append(r)
 
     def _drop_records_from(self, t0: int) -> None:
         self.records.truncate(t0)
         self._steps = len(self.records)
+        self._apriori.invalidate()
         # The steps recomputed from here on skip every forgotten id.
         self._excluded_from.clamp_(max=self._steps)
 
@@ -234,10 +257,8 @@ class PCMUTrainer:
         (the unit of reports: coupled retraining from scratch costs training_cost(F))."""
         exclude = as_ids([] if without is None else without).unique()
         rows = self.rows(exclude[~torch.isin(exclude, self.unknown_ids(exclude))])
-        total = self.schedule.samples_in_steps(start, self.steps_done)
-        for begin in range(start, self.steps_done, STEP_WINDOW):
-            total -= int(self.schedule.count_in_steps(rows, begin, min(begin + STEP_WINDOW, self.steps_done)).sum())
-        return total
+        return (self.schedule.samples_in_steps(start, self.steps_done)
+                - self.schedule.total_in_steps(rows, start, self.steps_done))
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -389,13 +410,11 @@ class PCMUTrainer:
         return check_request(self, removed)
 
     def remaining_budget(self) -> int:
-        """certificate().remaining_budget from the per-step arrays (what a request reports)."""
-        applied = self._applied[:self._steps]
-        if not bool(applied.any()):
+        """certificate().remaining_budget from the a-priori index (what a request reports)."""
+        index = self.apriori_index()
+        if not index.applied:
             return 0
-        radius = float(torch.where(applied, self._min_radius[:self._steps], float("inf")).min())
-        used = int(torch.where(applied, self._forgotten_count[:self._steps], 0).max())
-        return max(budget_m_star([radius], self.unit, self.rounding_margin) - used, 0)
+        return max(budget_m_star([index.min_radius], self.unit, self.rounding_margin) - index.max_held, 0)
 
     # ---- the fallback and persistence (each in its own module) --------------------------------------
 
