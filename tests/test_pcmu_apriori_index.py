@@ -1,0 +1,144 @@
+"""PCMU's a-priori index (pcmu/apriori_index.py) against the full recomputation over every step.
+
+The index keeps running totals of the per-step arrays, updated in place by certified deletions and
+rebuilt after anything else changed them; every answer it gives (the a-priori test, the remaining
+budget, the per-step forgotten counts behind them, a run's training cost) is compared here with the
+per-step computation it replaces, over sequences of requests through the ledger that pass and fail
+the a-priori test, resume training, restart from disk, roll back and train further."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unlearn_ext.data import BatchSchedule
+from unlearn_ext.ledger import DeletionLedger
+from unlearn_ext.pcmu import PCMUTrainer, PCMUUnlearner
+from unlearn_ext.pcmu.apriori_index import UNBOUNDED, AprioriIndex, step_budgets
+from unlearn_ext.pcmu.request_check import _a_priori_answer
+
+from ledger_methods_setup import blobs, fail_commit_after_disk
+
+# batch 16 of 48 (3 steps per epoch) and the full batch, each with per-step budgets m_t of 2-3: a few
+# requests exhaust a batch's budget, so later ones fail the a-priori test and resume training.
+SETTINGS = {"batches": dict(batch_size=16, tau=0.3, sigma=0.2), "full batch": dict(batch_size=48, tau=0.15, sigma=0.1)}
+REQUESTS = [[0], [5], [1, 2], [0], [7], [9, 11], [3], [20, 21], [30], [4]]
+
+
+def _trainer(setting: str) -> PCMUTrainer:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return PCMUTrainer(model, torch.nn.functional.cross_entropy, blobs(), clip_norm=1.0, lr=0.1, max_request=2,
+                       **SETTINGS[setting]).train(steps=12)
+
+
+def _full_a_priori(trainer, new: torch.Tensor):
+    """The a-priori test over every step (what the index replaces): steps holding a removed id, or None."""
+    steps = trainer._steps
+    k = trainer._forgotten_count[:steps] + trainer.schedule.count_in_steps(trainer.rows(new), 0, steps)
+    held = (k > 0) & trainer._applied[:steps]
+    passes = k.to(torch.float64) * trainer.unit + trainer.rounding_margin < trainer._min_radius[:steps]
+    return int(held.sum()) if bool((passes | ~held).all()) else None
+
+
+def _full_remaining_budget(trainer) -> int:
+    applied = trainer._applied[:trainer._steps]
+    if not bool(applied.any()):
+        return 0
+    return trainer.certificate().remaining_budget
+
+
+def _check_against_full(trainer) -> dict:
+    """Asserts every answer of the index equals the full recomputation; returns how the probes went."""
+    steps = trainer._steps
+    forgotten = trainer.forgotten
+    recounted = trainer.schedule.count_in_steps(trainer.rows(forgotten), 0, steps, trainer._excluded_from)
+    assert torch.equal(trainer._forgotten_count[:steps], recounted)
+    index, fresh = trainer.apriori_index(), AprioriIndex()
+    fresh.rebuild(trainer)
+    for name in ("applied", "held", "slack", "slack_held", "max_held", "min_radius"):
+        assert getattr(index, name) == getattr(fresh, name), name
+    assert trainer.remaining_budget() == _full_remaining_budget(trainer)
+    outcomes = {"passed": 0, "failed": 0}
+    for probe in ([], [6], [8], [10, 12], [13, 14, 15], [40], [41, 42, 43, 44]):
+        new = torch.tensor(probe, dtype=torch.int64)
+        new = new[~torch.isin(new, forgotten)]
+        fast, full = _a_priori_answer(trainer, new, 0.0), _full_a_priori(trainer, new)
+        assert (None if fast is None else fast.steps_with_removed_ids) == full, probe
+        outcomes["passed" if full is not None else "failed"] += 1
+    everyone = trainer.data.ids
+    for without in (forgotten, everyone[:5], everyone):
+        rows = trainer.rows(without)
+        assert trainer.training_cost(without) == (trainer.schedule.samples_in_steps(0, steps)
+                                                  - int(trainer.schedule.count_in_steps(rows, 0, steps).sum()))
+    return outcomes
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_index_follows_requests_restarts_rollbacks_and_training(setting, tmp_path, monkeypatch):
+    unlearner = PCMUUnlearner(_trainer(setting))
+    ledger = DeletionLedger(unlearner, str(tmp_path))
+    seen, routes = {"passed": 0, "failed": 0}, set()
+
+    def run(requests):
+        for ids in requests:
+            report = ledger.forget(ids)
+            routes.add(report.how.split(" from")[0])
+            for key, n in _check_against_full(unlearner.trainer).items():
+                seen[key] += n
+
+    run(REQUESTS[:5])
+    # A restart: a fresh, identical unlearner restored from the directory.
+    ledger.close()
+    unlearner = PCMUUnlearner(_trainer(setting))
+    ledger = DeletionLedger(unlearner, str(tmp_path))
+    _check_against_full(unlearner.trainer)
+    # A rollback: a certified deletion (counts updated in place) whose commit then fails.
+    before = unlearner.trainer._forgotten_count.clone()
+    with monkeypatch.context() as m:
+        fail_commit_after_disk(m, "append")
+        with pytest.raises(OSError, match="injected"):
+            ledger.forget([45])
+    assert torch.equal(unlearner.trainer._forgotten_count[:unlearner.trainer._steps],
+                       before[:unlearner.trainer._steps])
+    _check_against_full(unlearner.trainer)
+    run(REQUESTS[5:8])
+    unlearner.trainer.train(steps=4)  # more steps recorded outside the ledger
+    _check_against_full(unlearner.trainer)
+    run(REQUESTS[8:])
+    ledger.close()
+    # The sequence exercised every path the index must agree on.
+    assert seen["passed"] and seen["failed"]
+    assert "a-priori (m*)" in routes and "resumed" in routes
+
+
+def test_step_budgets_is_the_per_step_test():
+    unit, margin = 1.0 / 48, 3e-7
+    radius = torch.cat([torch.rand(2000, dtype=torch.float64) * 0.2,
+                        torch.arange(0, 12, dtype=torch.float64) * unit + margin,  # exactly on a boundary
+                        torch.arange(0, 12, dtype=torch.float64) * unit + margin + 1e-17,
+                        torch.tensor([0.0, margin, -1.0, math.inf, -math.inf, math.nan, 1e300], dtype=torch.float64)])
+    m = step_budgets(radius, unit, margin)
+    test = lambda k: k.to(torch.float64) * unit + margin < radius  # noqa: E731
+    finite = m < UNBOUNDED
+    assert bool((test(m.clamp(min=0)) | (m == -1)).all())  # m_t passes (or none does)
+    assert not bool((test(m + 1) & finite).any())          # m_t + 1 fails
+    assert m[-7:].tolist() == [-1, -1, -1, UNBOUNDED, -1, -1, UNBOUNDED]  # 0, margin, -1, inf, -inf, nan, 1e300
+
+
+@pytest.mark.parametrize("n,batch_size", [(48, 16), (50, 16), (48, 48), (7, 3)])
+def test_schedule_totals_and_steps_holding(n, batch_size):
+    schedule = BatchSchedule(torch.arange(n), batch_size, seed=4, shuffle=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        rows = torch.randperm(n, generator=g)[:int(torch.randint(0, n + 1, (1,), generator=g))]
+        begin = int(torch.randint(0, 25, (1,), generator=g))
+        end = begin + int(torch.randint(0, 25, (1,), generator=g))
+        counts = schedule.count_in_steps(rows, begin, end)
+        assert schedule.total_in_steps(rows, begin, end) == int(counts.sum())
+        held = schedule.steps_holding(rows, begin, end)
+        assert torch.equal(torch.bincount(held - begin, minlength=end - begin)
+                           if held.numel() else torch.zeros(end - begin, dtype=torch.int64), counts)
+        for t in range(begin, end):  # against the batches themselves
+            assert int(counts[t - begin]) == int(torch.isin(schedule.step(t).ids, rows).sum())
