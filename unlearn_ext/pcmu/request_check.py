@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..data import in_sorted
 from ..unlearner import checked_request
 from .certificate import RequestCheck
 from .records import STEP_WINDOW, PCMUStep, unpack_codes
@@ -31,7 +32,7 @@ def check_request(trainer, removed) -> RequestCheck:
     began = time.perf_counter()
     # An id never trained on has no gradient to remove: answering would mislead.
     removed = checked_request(trainer.data, removed, "removed")
-    new = removed[~torch.isin(removed, trainer.forgotten)].unique()
+    new = removed[~in_sorted(removed, trainer.forgotten)].unique()
     fast = _a_priori_answer(trainer, new, began)
     if fast is not None:
         return fast

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from .. import ops as _ops
-from ..data import BatchSchedule, TrainingData, as_ids
+from ..data import BatchSchedule, TrainingData, as_ids, in_sorted
 from ..rng import call_offset
 from ..step_log import StepLog
 from ..parameters import trainable
@@ -150,12 +150,12 @@ class PCMUTrainer:
         """Sets the ids to skip from the next computed step on. An id may leave the set only while no
         recorded step was computed without it (the records' batches are derived from it)."""
         ids = as_ids(ids).unique()
-        leaving = ~torch.isin(self._forgotten, ids)
+        leaving = ~in_sorted(self._forgotten, ids)
         held_out = self._forgotten[leaving & (self._excluded_from < self._steps)]
         if held_out.numel():
             raise ValueError(f"ids {held_out[:10].tolist()} cannot leave the forgotten set: recorded steps were "
                              "trained without them (their batches are derived from it)")
-        was = torch.isin(ids, self._forgotten)
+        was = in_sorted(ids, self._forgotten)
         excluded_from = torch.full((ids.numel(),), self._steps, dtype=torch.int64)
         excluded_from[was] = self._excluded_from[torch.searchsorted(self._forgotten, ids[was])]
         self._forgotten, self._excluded_from = ids, excluded_from
@@ -164,7 +164,7 @@ class PCMUTrainer:
             return
         # Only additions: a new id was never excluded, so it is in every scheduled batch so far.
         added = ids[~was]
-        added = added[~torch.isin(added, self.unknown_ids(added))]  # never scheduled: in no batch
+        added = added[self.data.known(added)]  # an unknown id was never scheduled: in no batch
         if added.numel() and self._steps:
             self._count_added(self.rows(added))
 
@@ -191,7 +191,7 @@ class PCMUTrainer:
         """Forgotten ids in each recorded batch, from the schedule: id f is in step t's batch when
         t is scheduled to hold it and t < its excluded_from."""
         self._apriori.invalidate()
-        known = ~torch.isin(self._forgotten, self.unknown_ids(self._forgotten))
+        known = self.data.known(self._forgotten)
         rows, until = self.rows(self._forgotten[known]), self._excluded_from[known]
         for begin in range(0, self._steps, STEP_WINDOW):
             end = min(begin + STEP_WINDOW, self._steps)
@@ -256,7 +256,7 @@ class PCMUTrainer:
         """Per-sample gradients that steps start.. of the trained run cost without the ids `without`
         (the unit of reports: coupled retraining from scratch costs training_cost(F))."""
         exclude = as_ids([] if without is None else without).unique()
-        rows = self.rows(exclude[~torch.isin(exclude, self.unknown_ids(exclude))])
+        rows = self.rows(exclude[self.data.known(exclude)])
         return (self.schedule.samples_in_steps(start, self.steps_done)
                 - self.schedule.total_in_steps(rows, start, self.steps_done))
 
