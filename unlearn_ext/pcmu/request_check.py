@@ -4,8 +4,8 @@ or which step is the first whose codes change? Read from a trained `PCMUTrainer`
 without retraining:
 
   * a request whose every affected step beats k*C/b + margin (k = removed and forgotten ids in its
-    batch) is answered from the per-step arrays in windows, at a cost independent of the history's
-    length;
+    batch) is answered from the trainer's a-priori index (running totals of the per-step arrays,
+    apriori_index.py) and the steps holding the request's ids: no work per recorded step;
   * otherwise, step by step over the steps that hold a removed id (found from the schedule, a
     window at a time; a step's batch ids are recomputed only when it needs more than the a-priori
     test): a step whose smallest radius beats the bound keeps its codes a priori;
