@@ -55,13 +55,14 @@ class AprioriIndex:
         applied = trainer._applied[:steps]
         radius, forgotten = trainer._min_radius[:steps], trainer._forgotten_count[:steps]
         self.budgets = step_budgets(radius, trainer.unit, trainer.rounding_margin)
-        slack = (self.budgets - forgotten)[applied]
-        held = forgotten[applied] > 0
+        # Over the applied steps only; torch.where rather than masked selection (no copies).
+        slack = torch.where(applied, self.budgets - forgotten, UNBOUNDED + 1)
+        held = applied & (forgotten > 0)
         self.applied, self.held = int(applied.sum()), int(held.sum())
-        self.slack = int(slack.min()) if slack.numel() else math.inf
-        self.slack_held = int(slack[held].min()) if self.held else math.inf
-        self.max_held = int(forgotten[applied].max()) if self.applied else 0
-        self.min_radius = float(radius[applied].min()) if self.applied else math.inf
+        self.slack = int(slack.min()) if self.applied else math.inf
+        self.slack_held = int(torch.where(held, slack, UNBOUNDED + 1).min()) if self.held else math.inf
+        self.max_held = int(torch.where(applied, forgotten, 0).max()) if self.applied else 0
+        self.min_radius = float(torch.where(applied, radius, math.inf).min()) if self.applied else math.inf
         self.valid = True
 
     def added_everywhere(self, count: int) -> None:
