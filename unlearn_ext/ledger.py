@@ -358,10 +358,14 @@ class DeletionLedger:
         parts, digests, inline, log_meta = (staged[key] for key in _MAPS)
         committed = dict(self._committed)
         written = []
+        # The keys this commit may change in the maps (a dict as an ordered set): the journal
+        # record is read from them, not from the whole maps (one entry per log chunk).
+        touched = {}
         if entry is not None:  # as a reader parses it (JSON turns tuples into lists...)
             entry = json.loads(json.dumps(entry, default=float))
 
         def write(part: str, value) -> None:
+            touched[part] = None
             blob = _serialize(value)
             if len(blob) <= INLINE_BYTES:
                 inline[part] = base64.b64encode(blob).decode("ascii")
@@ -385,8 +389,8 @@ class DeletionLedger:
                 write(part, value)
                 committed[part] = _own_copy(value)
             for part, log in logs.items():
-                self._stage_log(part, log, log_meta, parts, digests, inline, write)
-            delta = _delta(self.ledger, staged, version, entry)
+                self._stage_log(part, log, log_meta, parts, digests, inline, write, touched)
+            delta = _delta(self.ledger, staged, version, entry, touched)
             if self._journal is not None and self._journal.intact:
                 record = ledger_journal.encode(delta)
                 if self._should_fold(len(record)):
@@ -464,7 +468,7 @@ class DeletionLedger:
         return ledger, journal
 
     def _stage_log(self, part: str, log: StepLog, log_meta: dict, parts: dict, digests: dict, inline: dict,
-                   write) -> None:
+                   write, touched: dict) -> None:
         """Writes the chunks of `log` from its first changed entry on (all of them when its marks are
         another committer's); drops chunks past its end."""
         meta = log_meta.get(part)
@@ -478,8 +482,10 @@ class DeletionLedger:
         for c in range(first, chunks):
             write(_chunk_part(part, c), [e.to_state() for e in log[c * size:(c + 1) * size]])
         for c in range(chunks, old_chunks):
+            touched[_chunk_part(part, c)] = None
             for where in (parts, digests, inline):
                 where.pop(_chunk_part(part, c), None)
+        touched[part] = None
         log_meta[part] = {"length": len(log), "chunk": size, "chunks": chunks}
 
     # ---- closing --------------------------------------------------------------------------------
@@ -572,14 +578,16 @@ def _parse_snapshot(path: str, text: bytes) -> dict:
     return ledger
 
 
-def _delta(old: dict, staged: dict, version: int, entry: dict | None) -> dict:
+def _delta(old: dict, staged: dict, version: int, entry: dict | None, touched) -> dict:
     """A commit's journal record: its version, its request's entry (None for a commit of changes
     made outside a request) and what it changes in the ledger's maps: "set" {map: {key: new
     value}}, "drop" {map: [removed keys]} (a few entries per request; the maps themselves hold one
-    per part or log chunk)."""
+    per part or log chunk, so only the keys in `touched`, the only ones the commit changed, are
+    compared)."""
     return {"version": version, "request": entry,
-            "set": {key: {k: v for k, v in staged[key].items() if old[key].get(k) != v} for key in _MAPS},
-            "drop": {key: [k for k in old[key] if k not in staged[key]] for key in _MAPS}}
+            "set": {key: {k: staged[key][k] for k in touched if k in staged[key] and old[key].get(k) != staged[key][k]}
+                    for key in _MAPS},
+            "drop": {key: [k for k in touched if k in old[key] and k not in staged[key]] for key in _MAPS}}
 
 
 def _apply(ledger: dict, record: dict) -> bool:
