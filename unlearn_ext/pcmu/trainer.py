@@ -170,8 +170,9 @@ class PCMUTrainer:
 
     def _count_added(self, rows: torch.Tensor) -> None:
         """Counts the samples at `rows`, just forgotten, in every recorded batch scheduled to hold
-        them, and updates the a-priori index in place: at a cost of the steps holding them (none
-        per step under a full-batch schedule, where every step holds them all)."""
+        them, and updates the a-priori index in place. Under a full-batch schedule every step holds
+        them all: one vectorized add, and the index shifts as a whole; otherwise only the steps
+        holding them (one per sample and epoch) are touched."""
         if self.schedule.batches_per_epoch == 1:
             self._forgotten_count[:self._steps] += rows.numel()
             self._apriori.added_everywhere(rows.numel())
