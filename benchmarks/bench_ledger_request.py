@@ -48,15 +48,15 @@ def _mlp():
                                torch.nn.Linear(256, 10))
 
 
-def _trainer():
+def _trainer(batch_size: int = B):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 64, generator=g), torch.randint(0, 10, (N,), generator=g)
-    return PCMUTrainer(_mlp(), torch.nn.functional.cross_entropy, (x, y), batch_size=B, clip_norm=1.0, lr=0.01,
-                       tau=0.5, sigma=0.2, max_request=1)
+    return PCMUTrainer(_mlp(), torch.nn.functional.cross_entropy, (x, y), batch_size=batch_size, clip_norm=1.0,
+                       lr=0.01, tau=0.5, sigma=0.2, max_request=1)
 
 
-def _with_history(steps: int) -> PCMUTrainer:
-    return pcmu_with_long_history(_trainer, TRAINED, steps)
+def _with_history(steps: int, batch_size: int = B) -> PCMUTrainer:
+    return pcmu_with_long_history(lambda: _trainer(batch_size), TRAINED, steps)
 
 
 def bytes_per_step() -> dict:
@@ -84,8 +84,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(steps: int, requests: int, where: str | None, prior: int = 0) -> dict:
-    trainer = _with_history(steps)
+def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_size: int = B) -> dict:
+    trainer = _with_history(steps, batch_size)
     with tempfile.TemporaryDirectory(dir=where) as directory:
         ledger = DeletionLedger(PCMUUnlearner(trainer), directory)
         for _ in range(prior):
@@ -110,7 +110,8 @@ def measure(steps: int, requests: int, where: str | None, prior: int = 0) -> dic
     return {"steps": steps, "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
             "cpu_median_ms": 1e3 * statistics.median(cpu_seconds),
             "first_ms": 1e3 * first[0], "first_cpu_ms": 1e3 * first[1],
-            "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests, "prior": prior}
+            "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests, "prior": prior,
+            "batch_size": batch_size}
 
 
 def main() -> None:
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--prior", type=int, nargs="+", default=[0],
                         help="requests committed before the measured ones (one row per value)")
+    parser.add_argument("--batch-size", type=int, default=B, help=f"PCMU's batch (default {B}: the full batch, "
+                        "one step per epoch; smaller: several, and a request's ids are in one batch per epoch)")
     parser.add_argument("--label", default="")
     parser.add_argument("--dir", default=None, help="where the ledger lives (default: the system's temp "
                         "directory); a tmpfs such as /dev/shm shows the cost without the disk's fsync")
@@ -127,7 +130,7 @@ def main() -> None:
                platform.processor())
     per_step = bytes_per_step()
     for steps, prior in ((s, p) for s in args.steps for p in args.prior):
-        row = {**measure(steps, args.requests, args.dir, prior), **per_step}
+        row = {**measure(steps, args.requests, args.dir, prior, args.batch_size), **per_step}
         row.update(label=args.label, dir=args.dir or tempfile.gettempdir(), cpu=cpu, threads=torch.get_num_threads(),
                    avx2="avx2" in open("/proc/cpuinfo").read(), avx512="avx512f" in open("/proc/cpuinfo").read(),
                    code=os.path.dirname(os.path.abspath(__import__("unlearn_ext").__file__)))

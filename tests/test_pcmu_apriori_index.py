@@ -138,6 +138,7 @@ def test_schedule_totals_and_steps_holding(n, batch_size):
         counts = schedule.count_in_steps(rows, begin, end)
         assert schedule.total_in_steps(rows, begin, end) == int(counts.sum())
         held = schedule.steps_holding(rows, begin, end)
+        assert bool((held[1:] >= held[:-1]).all())  # ascending: unique_consecutive counts it
         assert torch.equal(torch.bincount(held - begin, minlength=end - begin)
                            if held.numel() else torch.zeros(end - begin, dtype=torch.int64), counts)
         for t in range(begin, end):  # against the batches themselves

@@ -177,8 +177,9 @@ class BatchSchedule:
 
     def steps_holding(self, rows: torch.Tensor, begin: int, end: int,
                       until: torch.Tensor | None = None) -> torch.Tensor:
-        """int64: the steps begin..end-1 whose scheduled batches hold the samples at `rows` (before
-        exclusions), one entry per (step, sample) pair, unordered: one per sample and epoch, so it
+        """int64, ascending: the steps begin..end-1 whose scheduled batches hold the samples at `rows`
+        (before exclusions), one entry per (step, sample) pair (a step holding two of them appears
+        twice, side by side: torch.unique_consecutive counts them). One per sample and epoch, so it
         costs the epochs spanned times the samples, not the steps. until: as count_in_steps."""
         rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
         if end <= begin:
@@ -187,10 +188,14 @@ class BatchSchedule:
         first, last = begin // bpe, (end - 1) // bpe + 1
         batch = self.batch_of_rows(last)[first:last][:, rows].to(torch.int64)
         steps = batch + torch.arange(first, last).mul_(bpe).unsqueeze(1)
-        keep = (steps >= begin) & (steps < end)
-        if until is not None:
-            keep &= steps < torch.as_tensor(until, dtype=torch.int64).reshape(1, -1)
-        return steps[keep]
+        if until is not None:  # per row (column): applied before any reordering
+            keep = (steps >= begin) & (steps < end) & (steps < torch.as_tensor(until, dtype=torch.int64).reshape(1, -1))
+            return steps[keep].sort().values
+        if rows.numel() > 1:  # ascending within each epoch; the epochs are in order already
+            steps = steps.sort(dim=1).values
+        if begin == first * bpe and end == last * bpe:
+            return steps.reshape(-1)  # whole epochs: every entry is in range
+        return steps[(steps >= begin) & (steps < end)]
 
     def total_in_steps(self, rows: torch.Tensor, begin: int, end: int) -> int:
         """count_in_steps(rows, begin, end).sum() without a per-step array: every sample is in one
