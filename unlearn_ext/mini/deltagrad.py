@@ -73,6 +73,7 @@ dw lies in span(S), whose capped directions remove it): an option, not the defau
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 
 import torch
@@ -88,7 +89,7 @@ from .history_digest import history_sha256
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
 from .propagate import stability_bound
-from .replay_model import ReplayModel
+from .replay_model import ReplayModel, batch_rows
 from .record import check_replayable_sgd
 from .resume import RetainedRun, resume_from
 from .vectors import FlatModel, StoredVector, stored_vector
@@ -323,20 +324,23 @@ class DeltaGradUnlearner(Unlearner):
                 return None, cost, stats(), reason
         if prefix == len(plan):
             return run.flat.flat(), cost, stats(), ""
-        w = run.flat.flat()
+        w = run.flat.flat()  # updated in place from here on: `parts` stay its per-parameter views
+        parts = flat.split(w)
         momentum = None
         if self.sgd.momentum:  # the retained run's own buffer carries on (None if no step was taken)
             momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov, run.momentum_buffer())
-        # The approximate phase.
-        for t, lr, kept, removed, size in plan[prefix:]:
-            if kept.numel() == 0:
-                continue  # retraining makes no update on an emptied batch
+        # The approximate phase. The rows its gradients need, read ahead in blocks (replay_model.batch_rows).
+        approximate = [(t, lr, kept, removed, size, self._exact_step(t)) for t, lr, kept, removed, size in plan[prefix:]
+                       if kept.numel()]  # retraining makes no update on an emptied batch
+        rows = batch_rows(self.data, [torch.cat([kept, removed]) if exact else removed
+                                      for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
+        for t, lr, kept, removed, size, exact in approximate:
             w_t = self._stored(t, "params")
             g_rec = self.store.encoded(t, "grads")
             dw = w_t.subtracted_from(w)  # w - w_t
-            if self._exact_step(t):
+            if exact:
                 exact_steps += 1
-                g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
+                g_kept, g_removed = grads.split_mean_grads(w, kept, removed, next(rows))
                 cost += int(kept.numel()) + int(removed.numel())
                 # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
                 dg = g_kept * kept.numel() / size
@@ -347,7 +351,10 @@ class DeltaGradUnlearner(Unlearner):
                 if reason:
                     return None, cost, stats(), reason
                 step = g_kept.add(w, alpha=wd) if wd else g_kept
-                w = torch.add(w, step, alpha=-lr) if momentum is None else momentum.step(w, step, lr)
+                if momentum is None:
+                    w.add_(step, alpha=-lr)
+                else:
+                    w.copy_(momentum.step(w, step, lr))
             else:
                 # The stability check first: it needs no gradient, so a step it refuses costs nothing.
                 if model is None:
@@ -359,7 +366,7 @@ class DeltaGradUnlearner(Unlearner):
                     return None, cost, stats(), (
                         f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
                         "quasi-Newton replay amplifies the gap")
-                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+                g_removed = grads.mean_loss_grad(w, removed, next(rows)) if removed.numel() else None
                 cost += int(removed.numel())
                 if lr * lambda_max >= self.stable_below:
                     damped += 1
@@ -373,12 +380,13 @@ class DeltaGradUnlearner(Unlearner):
                 if wd:
                     direction.add_(w, alpha=wd)
                 if momentum is None:
-                    w = torch.add(w, direction, alpha=-lr)
-                    g_rec.axpy_(flat.split(w), -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
+                    w.add_(direction, alpha=-lr)
+                    g_rec.axpy_(parts, -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
                 else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t, on the codes
                     g_rec.axpy_(flat.split(direction), scale)
-                    w = momentum.step(w, direction, lr)
-            if not torch.isfinite(w).all():
+                    w.copy_(momentum.step(w, direction, lr))
+            # All finite exactly when their float64 sum is (d float32 values cannot overflow it): one pass.
+            if not math.isfinite(float(w.sum(dtype=torch.float64))):
                 return None, cost, stats(), (
                     f"the replayed weights became non-finite at step {t}")
         return w, cost, stats(), ""
@@ -441,7 +449,7 @@ class DeltaGradUnlearner(Unlearner):
 
     def _stored(self, step: int, name: str) -> StoredVector:
         """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""
-        return stored_vector(self.store, self.flat, step, name)
+        return stored_vector(self.store, step, name)
 
     def _finish(self, report: UnlearnReport, w, cost: int, stats: dict, bytes_before: int, union, T: int) -> None:
         """w: the replayed weights, or None when the fallback already trained the model."""
