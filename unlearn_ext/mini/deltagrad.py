@@ -76,6 +76,7 @@ import copy
 import math
 from collections import deque
 
+import numpy as np
 import torch
 
 from ..data import TrainingData, as_ids
@@ -110,16 +111,37 @@ class CompactLBFGS:
     between: a product is then two thin matrix-vector products, not a new 2m x 2m solve."""
 
     def __init__(self, S: torch.Tensor, Y: torch.Tensor):
-        S, Y = S.double(), Y.double()
-        s, y = S[:, -1], Y[:, -1]
-        self.sigma = float(torch.dot(y, s) / torch.dot(s, s))
-        SY = S.T @ Y
-        L = torch.tril(SY, -1)
-        D = torch.diag(torch.diagonal(SY))
-        M = torch.cat([torch.cat([self.sigma * (S.T @ S), L], 1), torch.cat([L.T, -D], 1)], 0)
-        self.W = torch.cat([self.sigma * S, Y], 1)
-        self.M_inv = torch.linalg.inv(M)
-        self._P = self.M_inv @ self.W.T  # [2m, d]: a product is then two thin matrix-vector products
+        self._build(S.T.double().contiguous(), Y.T.double().contiguous())
+
+    @classmethod
+    def from_pairs(cls, pairs) -> "CompactLBFGS":
+        """The approximation of (dw, dg) pairs, oldest first (as the replay keeps them): the same as
+        cls(S, Y) with their columns, built from rows (no strided copies of d values)."""
+        model = cls.__new__(cls)
+        dws, dgs = zip(*pairs)
+        model._build(torch.stack(dws).double(), torch.stack(dgs).double())
+        return model
+
+    def _build(self, St: torch.Tensor, Yt: torch.Tensor) -> None:
+        """St, Yt: S^T and Y^T ([m, d], float64, contiguous)."""
+        m = St.shape[0]
+        # Every inner product the 2m x 2m algebra needs (S^T S, S^T Y, Y^T Y) from one pass over the
+        # d values; that algebra then runs on 2m x 2m arrays in numpy (per-call cost of small ops).
+        rows = torch.cat([St, Yt])
+        G = (rows @ rows.T).numpy()
+        SS, SY, YY = G[:m, :m], G[:m, m:], G[m:, m:]
+        s = self.sigma = float(SY[-1, -1] / SS[-1, -1])
+        L = np.tril(SY, -1)
+        M = np.empty((2 * m, 2 * m))
+        M[:m, :m], M[:m, m:], M[m:, :m], M[m:, m:] = s * SS, L, L.T, -np.diag(np.diag(SY))
+        self.M_inv = torch.linalg.inv(torch.from_numpy(M))
+        Wt = torch.cat([s * St, Yt])  # W^T [2m, d]
+        self.W = Wt.T
+        self._P = self.M_inv @ Wt  # [2m, d]: a product is then two thin matrix-vector products
+        # W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue)
+        gram = np.empty((2 * m, 2 * m))
+        gram[:m, :m], gram[:m, m:], gram[m:, :m], gram[m:, m:] = s * s * SS, s * SY, s * SY.T, YY
+        self._gram = torch.from_numpy(gram)
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
@@ -136,10 +158,12 @@ class CompactLBFGS:
         return self._eigen
 
     def largest_eigenvalue(self) -> float:
-        """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q for an
-        orthonormal basis Q of the span (no d x d matrix)."""
-        _, values, _ = self._span_eigen()
-        return max(float(values.max()), self.sigma)
+        """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q = sigma I -
+        R M^-1 R^T for W = Q R, which are sigma minus those of M^-1 R^T R = M^-1 W^T W (AB and BA
+        have the same eigenvalues): 2m x 2m algebra on the Gram matrix, no basis of the span and no
+        d x d matrix (capped_product, which needs the eigenvectors too, builds the basis)."""
+        inside = self.sigma - torch.linalg.eigvals(self.M_inv @ self._gram).real
+        return max(float(inside.max()), self.sigma)
 
     def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
         """B v with every in-span eigenvalue >= `above` replaced by `cap`, and sigma (outside the span),
@@ -285,7 +309,7 @@ class DeltaGradUnlearner(Unlearner):
             nonlocal model, lambda_max, worst
             if pairs and float(dg.norm()) > 0:
                 if model is None:
-                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                    model = CompactLBFGS.from_pairs(pairs)
                 err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
                 worst = max(worst, err)
                 if err > self.max_prediction_error:
@@ -358,7 +382,7 @@ class DeltaGradUnlearner(Unlearner):
             else:
                 # The stability check first: it needs no gradient, so a step it refuses costs nothing.
                 if model is None:
-                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                    model = CompactLBFGS.from_pairs(pairs)
                 if lambda_max is None:
                     lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
