@@ -134,14 +134,14 @@ class CompactLBFGS:
         L = np.tril(SY, -1)
         M = np.empty((2 * m, 2 * m))
         M[:m, :m], M[:m, m:], M[m:, :m], M[m:, m:] = s * SS, L, L.T, -np.diag(np.diag(SY))
-        self.M_inv = torch.linalg.inv(torch.from_numpy(M))
+        self.M_inv = torch.from_numpy(np.linalg.inv(M))
         Wt = torch.cat([s * St, Yt])  # W^T [2m, d]
         self.W = Wt.T
         self._P = self.M_inv @ Wt  # [2m, d]: a product is then two thin matrix-vector products
-        # W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue)
+        # M^-1 W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue)
         gram = np.empty((2 * m, 2 * m))
         gram[:m, :m], gram[:m, m:], gram[m:, :m], gram[m:, m:] = s * s * SS, s * SY, s * SY.T, YY
-        self._gram = torch.from_numpy(gram)
+        self._M_inv_gram = self.M_inv.numpy() @ gram
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
@@ -162,7 +162,7 @@ class CompactLBFGS:
         R M^-1 R^T for W = Q R, which are sigma minus those of M^-1 R^T R = M^-1 W^T W (AB and BA
         have the same eigenvalues): 2m x 2m algebra on the Gram matrix, no basis of the span and no
         d x d matrix (capped_product, which needs the eigenvectors too, builds the basis)."""
-        inside = self.sigma - torch.linalg.eigvals(self.M_inv @ self._gram).real
+        inside = self.sigma - np.linalg.eigvals(self._M_inv_gram).real
         return max(float(inside.max()), self.sigma)
 
     def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
