@@ -118,7 +118,7 @@ class HistoryStore:
         # Records since the last fsync: also synced every keyframe_every records when no keyframe
         # did, so the tail a crash can damage (and open() may drop) stays that short.
         self._since_sync = 0
-        self._cache: dict = {}           # decoder state per delta field: (entry index, tensors)
+        self._cache: dict = {}           # decoder state per delta field: (entry index, tensors, their flat vector)
         self._keyframes: dict = {}       # delta field -> entry indices of its keyframes (ascending)
         self._run_info: dict = {}
         # Payload bytes (encoded fields and batch ids) that read(), iter() and encoded() loaded
@@ -453,17 +453,19 @@ class HistoryStore:
         keys = self._keyframes[name]
         key = keys[bisect.bisect_right(keys, i) - 1]
         cached = self._cache.pop(name, None)
-        if cached is not None and key <= cached[0] <= i and cached[1][0].device == dev:
-            start, recon = cached
+        if cached is not None and key <= cached[0] <= i and cached[2].device == dev:
+            start, recon, whole = cached
         else:
             start = key
-            recon = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
+            sizes = [math.prod(s) for s in spec.shapes]  # the tensors are views of one vector (flat reads copy it once)
+            whole = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+            recon = [part.view(s) for part, s in zip(whole.split(sizes), spec.shapes)]
             hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
                 hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
-        self._cache[name] = (i, recon)
-        return torch.cat([t.reshape(-1) for t in recon]) if flat else [t.clone() for t in recon]
+        self._cache[name] = (i, recon, whole)
+        return whole.clone() if flat else [t.clone() for t in recon]
 
     def read(self, step: int, names=None, *, device=None) -> StoredStep:
         """One step's fields (decoded to fp32; `names`: which, default every field, [] none), lr, batch
