@@ -1,14 +1,15 @@
 """The mean loss gradient of a chain of Linear layers and elementwise activations under the default
-cross-entropy, written out as the backward pass autograd would run, without building a graph.
+cross-entropy, as explicit backward-pass arithmetic, without building autograd's graph.
 
 A replay that takes a gradient on a handful of rows at every recorded step (DeltaGrad) spends most
 of a small model's gradient call in autograd's bookkeeping (recording the graph, the engine's
 queue, one Python frame per module), not in arithmetic. For the models it covers, `LayerChain`
-calls the same kernels autograd's backward calls (nll_loss's backward at the targets,
-_log_softmax_backward_data, tanh/sigmoid/threshold_backward from the layer outputs, the two
-products and the row sum of each Linear) straight from the forward pass's tensors, so the numbers
-are autograd's (tests/test_layer_chain.py compares both, in float32 and float64) at a fraction of
-the calls.
+computes the same backward pass from the forward pass's tensors: softmax minus the one-hot targets
+at the logits, autograd's own tanh/sigmoid/threshold_backward kernels from the layer outputs, and
+for each Linear grad^T x and the row sum of grad, written straight into one flat output vector.
+About half the tensor operations of the autograd call (no graph, no concatenation after); the
+numbers equal autograd's up to float rounding (tests/test_layer_chain.py compares both, in float32
+and float64).
 
 Covered: an nn.Linear, or an nn.Sequential (the class itself, not a subclass with its own forward)
 of nn.Linear, nn.Tanh, nn.Sigmoid and nn.ReLU, without hooks, every parameter trainable, with the
@@ -30,6 +31,7 @@ _ACTIVATIONS = {
     nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
 }
 _FORWARD = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu}
+_MINUS_ONE = torch.tensor([[-1.0]])
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -38,10 +40,23 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 class LayerChain:
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, dtype: torch.dtype):
         # (weight, bias or None) for a Linear, an activation class otherwise, in order: read once, so a
         # call spends no module attribute look-ups
         self.layers = layers
+        linears = [layer for layer in layers if type(layer) is not type]
+        sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
+        # Two flat output vectors (a split call fills both), each with a (weight, bias) view per Linear
+        # in flat order: the products write straight into them, with no concatenation after.
+        self.outputs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(2)]
+        self._views = []
+        for out in self.outputs:
+            parts, views = iter(out.split(sizes)), {}
+            for i, layer in enumerate(layers):
+                if type(layer) is not type:
+                    weight, bias = layer
+                    views[i] = (next(parts).view(weight.shape), None if bias is None else next(parts))
+            self._views.append(views)
 
     @classmethod
     def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
@@ -70,35 +85,32 @@ class LayerChain:
         if x.dim() != 2 or x.dtype != params[0].dtype or y.dim() != 1 or y.dtype != torch.int64 or not len(y) \
                 or int(y.min()) < 0 or int(y.max()) >= children[-1].out_features:
             return None
-        return cls(layers)
+        return cls(layers, params[0].dtype)
 
-    def loss_grad_sums(self, x: torch.Tensor, y: torch.Tensor, split: int | None = None) -> list:
-        """The gradient (one tensor per parameter, in flat order) of the summed per-sample losses of
-        rows (x, y); with `split` = k, two such lists: rows [:k] and rows [k:], from one forward pass."""
+    def loss_grad_sums(self, x: torch.Tensor, y: torch.Tensor, split: int | None = None):
+        """The gradient of the summed per-sample losses of rows (x, y) as one flat vector (the
+        parameters in flat order); with `split` = k, two: rows [:k] and rows [k:], from one forward
+        pass. The vectors are this chain's own, overwritten by the next call: use them before."""
         with torch.no_grad():
             outputs = [x]
             for layer in self.layers:
                 outputs.append(_FORWARD[layer](outputs[-1]) if type(layer) is type else
                                nn.functional.linear(outputs[-1], *layer))
-            logp = torch.log_softmax(outputs[-1], 1)
-            # d(sum of nll)/d logp: -1 at each row's target (nll_loss's backward with ones upstream)
-            grad = torch.zeros_like(logp).scatter_(1, y.unsqueeze(1), -1.0)
-            grad = torch._log_softmax_backward_data(grad, logp, 1, logp.dtype)
-            parts = [[]] if split is None else [[], []]
+            # d(sum of cross-entropies)/d logits: softmax minus each row's one-hot target
+            grad = torch.softmax(outputs[-1], 1)
+            grad.scatter_add_(1, y.unsqueeze(1), _MINUS_ONE.expand(len(y), 1).to(grad.dtype))
+            rows = [slice(None)] if split is None else [slice(None, split), slice(split, None)]
             for i in range(len(self.layers) - 1, -1, -1):
                 layer = self.layers[i]
                 if type(layer) is type:
                     grad = _ACTIVATIONS[layer](grad, outputs[i + 1])
                     continue
-                weight, bias = layer
-                if split is None:
-                    pieces = ((parts[0], grad, outputs[i]),)
-                else:
-                    pieces = ((parts[0], grad[:split], outputs[i][:split]), (parts[1], grad[split:], outputs[i][split:]))
-                for part, g, below in pieces:
-                    if bias is not None:
-                        part.append(g.sum(0))
-                    part.append(torch.mm(below.t(), g).t())  # addmm's backward: (x^T grad)^T
+                for views, r in zip(self._views, rows):
+                    g, below = (grad, outputs[i]) if split is None else (grad[r], outputs[i][r])
+                    weight_grad, bias_grad = views[i]
+                    torch.mm(g.t(), below, out=weight_grad)
+                    if bias_grad is not None:
+                        torch.sum(g, 0, out=bias_grad)
                 if i:
-                    grad = torch.mm(grad, weight)
-            return parts[0][::-1] if split is None else [parts[0][::-1], parts[1][::-1]]
+                    grad = torch.mm(grad, layer[0])
+            return self.outputs[0] if split is None else (self.outputs[0], self.outputs[1])

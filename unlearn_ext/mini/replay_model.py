@@ -13,7 +13,7 @@ The numbers are those of `FlatModel.mean_loss_grad`: the same modules, the same 
 summed per chunk of rows, divided by the number of rows (tests/test_deltagrad_fast.py compares
 them, on a model with BatchNorm in eval mode among others). A model made of Linear layers and
 elementwise activations under the default cross-entropy takes its backward pass without autograd's
-graph (mini/layer_chain.py: the same kernels, a third fewer calls; tests/test_layer_chain.py).
+graph (mini/layer_chain.py: the same arithmetic, about half the calls; tests/test_layer_chain.py).
 `batch_rows` reads the rows of a replay's many small id sets ahead, in blocks.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ReplayModel:
             p.grad = None
         self.dim = flat.dim
         # Models of Linear layers and elementwise activations: the backward pass without autograd's
-        # graph (mini/layer_chain.py, the same kernels); None: autograd.
+        # graph (mini/layer_chain.py); None: autograd.
         self.chain = LayerChain.of(self.module, self.params, self.data)
 
     def _set(self, w: torch.Tensor) -> None:
@@ -65,7 +65,7 @@ class ReplayModel:
 
     def _loss_grad_sums(self, x, y) -> torch.Tensor:
         if self.chain is not None:
-            return self._flat(self.chain.loss_grad_sums(x, y))
+            return self.chain.loss_grad_sums(x, y).float()  # (the chain's own vector: used before the next call)
         return self._grad_of(self._loss_sum(x, y))
 
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor, rows=None) -> torch.Tensor:
@@ -98,7 +98,7 @@ class ReplayModel:
         x, y = self.data.batch(torch.cat([kept, removed])) if rows is None else rows
         if self.chain is not None:
             g_kept, g_removed = self.chain.loss_grad_sums(x, y, split=k)
-            return self._flat(g_kept) / k, self._flat(g_removed) / removed.numel()
+            return g_kept.float() / k, g_removed.float() / removed.numel()
         losses = self.data.loss(self.module(x), y)
         g_kept = self._grad_of(losses[:k].sum(), retain_graph=True) / k
         g_removed = self._grad_of(losses[k:].sum()) / removed.numel()
