@@ -55,8 +55,11 @@ the default).
 Speed (ours): a replay takes one or two gradients per recorded step, each on a handful of rows, so
 on small models the per-call bookkeeping used to cost more than the arithmetic. The replay pays it
 once per request: one working copy of the model (mini/replay_model.py), one read of the schedule and
-one membership test for the whole history, one forward pass for an exact step's retained and
-removed gradients; what is left per step is what depends on the step before.
+one membership test for the whole history, the rows read in blocks, one forward pass for an exact
+step's retained and removed gradients; what is left per step is what depends on the step before,
+made of as few tensor operations as the arithmetic allows (a model of Linear layers and elementwise
+activations takes its gradients without autograd's graph, mini/layer_chain.py; each step's stored
+weights are decoded straight into one vector; the weights are updated in place).
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
