@@ -132,3 +132,28 @@ def test_lbfgs_compact_form_equals_bfgs_updates():
     # the stability check's lambda_max (computed on span(S, Y) without a d x d matrix)
     from unlearn_ext.mini.deltagrad import CompactLBFGS
     assert CompactLBFGS(S, Y).largest_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(B).max()), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_lbfgs_largest_eigenvalue_from_the_gram_matrix(seed, m):
+    """lambda_max(B) from the 2m x 2m Gram algebra against the dense B, including pairs whose
+    curvature along span(S, Y) exceeds sigma (the newest pair's, which holds outside the span), and
+    the replay's construction from (dw, dg) pairs against the one from columns."""
+    from unlearn_ext.mini.deltagrad import CompactLBFGS
+    g = torch.Generator().manual_seed(seed)
+    d = 9
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.linspace(0.1, 5.0 * (seed + 1), d, dtype=torch.float64)) @ Q.T
+    S = torch.randn(d, m, generator=g, dtype=torch.float64)
+    if seed == 3 and m > 1:
+        S[:, 0] = S[:, 1] + 1e-3 * S[:, 0]  # nearly collinear steps
+    Y = A @ S
+    model = CompactLBFGS(S, Y)
+    B = torch.stack([model.product(e) for e in torch.eye(d, dtype=torch.float64)], 1)
+    want = float(torch.linalg.eigvalsh((B + B.T) / 2).max())
+    assert model.largest_eigenvalue() == pytest.approx(want, rel=1e-7)
+    rebuilt = CompactLBFGS.from_pairs([(S[:, i], Y[:, i]) for i in range(m)])
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    assert torch.allclose(rebuilt.product(v), model.product(v), rtol=1e-12, atol=1e-12)
+    assert rebuilt.largest_eigenvalue() == pytest.approx(model.largest_eigenvalue(), rel=1e-12)

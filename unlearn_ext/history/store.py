@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -117,7 +118,7 @@ class HistoryStore:
         # Records since the last fsync: also synced every keyframe_every records when no keyframe
         # did, so the tail a crash can damage (and open() may drop) stays that short.
         self._since_sync = 0
-        self._cache: dict = {}           # decoder state per delta field: (entry index, tensors)
+        self._cache: dict = {}           # decoder state per delta field: (entry index, tensors, their flat vector)
         self._keyframes: dict = {}       # delta field -> entry indices of its keyframes (ascending)
         self._run_info: dict = {}
         # Payload bytes (encoded fields and batch ids) that read(), iter() and encoded() loaded
@@ -427,15 +428,23 @@ class HistoryStore:
         enc = e.fields.get(name)
         return None if enc is None else enc.kind
 
-    def _decode_field(self, name: str, i: int, device=None) -> list:
+    def _decode_field(self, name: str, i: int, device=None, flat: bool = False):
+        """The field's tensors (copies the caller owns), or with flat=True one fp32 vector of them
+        concatenated in order."""
         spec = self.fields[name]
         if self._field_kind(i, name) is None:
             raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if not spec.delta:
-            out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
-            hc.decode_into(self._load(i, [name])[0][name], out, self.block_size)
-            return out
+            if not flat:  # separate tensors: each can be kept or saved without the others' storage
+                out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
+                hc.decode_into(self._load(i, [name])[0][name], out, self.block_size)
+                return out
+            sizes = [math.prod(s) for s in spec.shapes]
+            whole = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+            hc.decode_into(self._load(i, [name])[0][name],
+                           [part.view(s) for part, s in zip(whole.split(sizes), spec.shapes)], self.block_size)
+            return whole
         # Delta chain: from the cached position when it lies between the keyframe and i, else from
         # the last keyframe at or before i. Never more than keyframe_every - 1 deltas. The cache
         # owns its tensors and advances in place; the caller gets one copy (iter() reading steps
@@ -444,17 +453,19 @@ class HistoryStore:
         keys = self._keyframes[name]
         key = keys[bisect.bisect_right(keys, i) - 1]
         cached = self._cache.pop(name, None)
-        if cached is not None and key <= cached[0] <= i and cached[1][0].device == dev:
-            start, recon = cached
+        if cached is not None and key <= cached[0] <= i and cached[2].device == dev:
+            start, recon, whole = cached
         else:
             start = key
-            recon = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
+            sizes = [math.prod(s) for s in spec.shapes]  # the tensors are views of one vector (flat reads copy it once)
+            whole = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+            recon = [part.view(s) for part, s in zip(whole.split(sizes), spec.shapes)]
             hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
                 hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
-        self._cache[name] = (i, recon)
-        return [t.clone() for t in recon]
+        self._cache[name] = (i, recon, whole)
+        return whole.clone() if flat else [t.clone() for t in recon]
 
     def read(self, step: int, names=None, *, device=None) -> StoredStep:
         """One step's fields (decoded to fp32; `names`: which, default every field, [] none), lr, batch
@@ -469,6 +480,11 @@ class HistoryStore:
             if ids is not None and e.file_entry is None:
                 ids = ids.clone()  # memory tiers: the caller must not hold the store's own tensor
         return StoredStep(e.step, e.lr, ids, tensors, e.stats, None if e.lrs is None else list(e.lrs))
+
+    def read_flat(self, step: int, name: str) -> torch.Tensor:
+        """One field of one step decoded to one fp32 vector, its tensors concatenated in order (what the
+        history methods' flat-vector arithmetic reads): no per-tensor copies, no batch ids read."""
+        return self._decode_field(name, self._index_of(step), flat=True)
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
         """StoredSteps of the recorded steps in [start, stop), in order (deltas applied

@@ -55,8 +55,11 @@ the default).
 Speed (ours): a replay takes one or two gradients per recorded step, each on a handful of rows, so
 on small models the per-call bookkeeping used to cost more than the arithmetic. The replay pays it
 once per request: one working copy of the model (mini/replay_model.py), one read of the schedule and
-one membership test for the whole history, one forward pass for an exact step's retained and
-removed gradients; what is left per step is what depends on the step before.
+one membership test for the whole history, the rows read in blocks, one forward pass for an exact
+step's retained and removed gradients; what is left per step is what depends on the step before,
+made of as few tensor operations as the arithmetic allows (a model of Linear layers and elementwise
+activations takes its gradients without autograd's graph, mini/layer_chain.py; each step's stored
+weights are decoded straight into one vector; the weights are updated in place).
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
@@ -73,8 +76,10 @@ dw lies in span(S), whose capped directions remove it): an option, not the defau
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 
+import numpy as np
 import torch
 
 from ..data import TrainingData, as_ids
@@ -88,7 +93,7 @@ from .history_digest import history_sha256
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
 from .propagate import stability_bound
-from .replay_model import ReplayModel
+from .replay_model import ReplayModel, batch_rows
 from .record import check_replayable_sgd
 from .resume import RetainedRun, resume_from
 from .vectors import FlatModel, StoredVector, stored_vector
@@ -109,16 +114,37 @@ class CompactLBFGS:
     between: a product is then two thin matrix-vector products, not a new 2m x 2m solve."""
 
     def __init__(self, S: torch.Tensor, Y: torch.Tensor):
-        S, Y = S.double(), Y.double()
-        s, y = S[:, -1], Y[:, -1]
-        self.sigma = float(torch.dot(y, s) / torch.dot(s, s))
-        SY = S.T @ Y
-        L = torch.tril(SY, -1)
-        D = torch.diag(torch.diagonal(SY))
-        M = torch.cat([torch.cat([self.sigma * (S.T @ S), L], 1), torch.cat([L.T, -D], 1)], 0)
-        self.W = torch.cat([self.sigma * S, Y], 1)
-        self.M_inv = torch.linalg.inv(M)
-        self._P = self.M_inv @ self.W.T  # [2m, d]: a product is then two thin matrix-vector products
+        self._build(S.T.double().contiguous(), Y.T.double().contiguous())
+
+    @classmethod
+    def from_pairs(cls, pairs) -> "CompactLBFGS":
+        """The approximation of (dw, dg) pairs, oldest first (as the replay keeps them): the same as
+        cls(S, Y) with their columns, built from rows (no strided copies of d values)."""
+        model = cls.__new__(cls)
+        dws, dgs = zip(*pairs)
+        model._build(torch.stack(dws).double(), torch.stack(dgs).double())
+        return model
+
+    def _build(self, St: torch.Tensor, Yt: torch.Tensor) -> None:
+        """St, Yt: S^T and Y^T ([m, d], float64, contiguous)."""
+        m = St.shape[0]
+        # Every inner product the 2m x 2m algebra needs (S^T S, S^T Y, Y^T Y) from one pass over the
+        # d values; that algebra then runs on 2m x 2m arrays in numpy (per-call cost of small ops).
+        rows = torch.cat([St, Yt])
+        G = (rows @ rows.T).numpy()
+        SS, SY, YY = G[:m, :m], G[:m, m:], G[m:, m:]
+        s = self.sigma = float(SY[-1, -1] / SS[-1, -1])
+        L = np.tril(SY, -1)
+        M = np.empty((2 * m, 2 * m))
+        M[:m, :m], M[:m, m:], M[m:, :m], M[m:, m:] = s * SS, L, L.T, -np.diag(np.diag(SY))
+        self.M_inv = torch.from_numpy(np.linalg.inv(M))
+        Wt = torch.cat([s * St, Yt])  # W^T [2m, d]
+        self.W = Wt.T
+        self._P = self.M_inv @ Wt  # [2m, d]: a product is then two thin matrix-vector products
+        # M^-1 W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue)
+        gram = np.empty((2 * m, 2 * m))
+        gram[:m, :m], gram[:m, m:], gram[m:, :m], gram[m:, m:] = s * s * SS, s * SY, s * SY.T, YY
+        self._M_inv_gram = self.M_inv.numpy() @ gram
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
@@ -135,10 +161,12 @@ class CompactLBFGS:
         return self._eigen
 
     def largest_eigenvalue(self) -> float:
-        """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q for an
-        orthonormal basis Q of the span (no d x d matrix)."""
-        _, values, _ = self._span_eigen()
-        return max(float(values.max()), self.sigma)
+        """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q = sigma I -
+        R M^-1 R^T for W = Q R, which are sigma minus those of M^-1 R^T R = M^-1 W^T W (AB and BA
+        have the same eigenvalues): 2m x 2m algebra on the Gram matrix, no basis of the span and no
+        d x d matrix (capped_product, which needs the eigenvectors too, builds the basis)."""
+        inside = self.sigma - np.linalg.eigvals(self._M_inv_gram).real
+        return max(float(inside.max()), self.sigma)
 
     def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
         """B v with every in-span eigenvalue >= `above` replaced by `cap`, and sigma (outside the span),
@@ -284,7 +312,7 @@ class DeltaGradUnlearner(Unlearner):
             nonlocal model, lambda_max, worst
             if pairs and float(dg.norm()) > 0:
                 if model is None:
-                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                    model = CompactLBFGS.from_pairs(pairs)
                 err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
                 worst = max(worst, err)
                 if err > self.max_prediction_error:
@@ -323,20 +351,23 @@ class DeltaGradUnlearner(Unlearner):
                 return None, cost, stats(), reason
         if prefix == len(plan):
             return run.flat.flat(), cost, stats(), ""
-        w = run.flat.flat()
+        w = run.flat.flat()  # updated in place from here on: `parts` stay its per-parameter views
+        parts = flat.split(w)
         momentum = None
         if self.sgd.momentum:  # the retained run's own buffer carries on (None if no step was taken)
             momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov, run.momentum_buffer())
-        # The approximate phase.
-        for t, lr, kept, removed, size in plan[prefix:]:
-            if kept.numel() == 0:
-                continue  # retraining makes no update on an emptied batch
+        # The approximate phase. The rows its gradients need, read ahead in blocks (replay_model.batch_rows).
+        approximate = [(t, lr, kept, removed, size, self._exact_step(t)) for t, lr, kept, removed, size in plan[prefix:]
+                       if kept.numel()]  # retraining makes no update on an emptied batch
+        rows = batch_rows(self.data, [torch.cat([kept, removed]) if exact else removed
+                                      for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
+        for t, lr, kept, removed, size, exact in approximate:
             w_t = self._stored(t, "params")
             g_rec = self.store.encoded(t, "grads")
             dw = w_t.subtracted_from(w)  # w - w_t
-            if self._exact_step(t):
+            if exact:
                 exact_steps += 1
-                g_kept, g_removed = grads.split_mean_grads(w, kept, removed)
+                g_kept, g_removed = grads.split_mean_grads(w, kept, removed, next(rows))
                 cost += int(kept.numel()) + int(removed.numel())
                 # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
                 dg = g_kept * kept.numel() / size
@@ -347,11 +378,14 @@ class DeltaGradUnlearner(Unlearner):
                 if reason:
                     return None, cost, stats(), reason
                 step = g_kept.add(w, alpha=wd) if wd else g_kept
-                w = torch.add(w, step, alpha=-lr) if momentum is None else momentum.step(w, step, lr)
+                if momentum is None:
+                    w.add_(step, alpha=-lr)
+                else:
+                    w.copy_(momentum.step(w, step, lr))
             else:
                 # The stability check first: it needs no gradient, so a step it refuses costs nothing.
                 if model is None:
-                    model = CompactLBFGS(*(torch.stack(p, 1) for p in zip(*pairs)))
+                    model = CompactLBFGS.from_pairs(pairs)
                 if lambda_max is None:
                     lambda_max = model.largest_eigenvalue()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
@@ -359,7 +393,7 @@ class DeltaGradUnlearner(Unlearner):
                     return None, cost, stats(), (
                         f"eta_t * lambda_max(B) = {lr * lambda_max:.3g} >= {self.stable_below:g} at step {t}: the "
                         "quasi-Newton replay amplifies the gap")
-                g_removed = grads.mean_loss_grad(w, removed) if removed.numel() else None
+                g_removed = grads.mean_loss_grad(w, removed, next(rows)) if removed.numel() else None
                 cost += int(removed.numel())
                 if lr * lambda_max >= self.stable_below:
                     damped += 1
@@ -373,12 +407,13 @@ class DeltaGradUnlearner(Unlearner):
                 if wd:
                     direction.add_(w, alpha=wd)
                 if momentum is None:
-                    w = torch.add(w, direction, alpha=-lr)
-                    g_rec.axpy_(flat.split(w), -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
+                    w.add_(direction, alpha=-lr)
+                    g_rec.axpy_(parts, -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
                 else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t, on the codes
                     g_rec.axpy_(flat.split(direction), scale)
-                    w = momentum.step(w, direction, lr)
-            if not torch.isfinite(w).all():
+                    w.copy_(momentum.step(w, direction, lr))
+            # All finite exactly when their float64 sum is (d float32 values cannot overflow it): one pass.
+            if not math.isfinite(float(w.sum(dtype=torch.float64))):
                 return None, cost, stats(), (
                     f"the replayed weights became non-finite at step {t}")
         return w, cost, stats(), ""
@@ -441,7 +476,7 @@ class DeltaGradUnlearner(Unlearner):
 
     def _stored(self, step: int, name: str) -> StoredVector:
         """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""
-        return stored_vector(self.store, self.flat, step, name)
+        return stored_vector(self.store, step, name)
 
     def _finish(self, report: UnlearnReport, w, cost: int, stats: dict, bytes_before: int, union, T: int) -> None:
         """w: the replayed weights, or None when the fallback already trained the model."""

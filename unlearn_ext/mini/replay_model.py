@@ -11,7 +11,10 @@ one backward pass.
 
 The numbers are those of `FlatModel.mean_loss_grad`: the same modules, the same per-sample losses
 summed per chunk of rows, divided by the number of rows (tests/test_deltagrad_fast.py compares
-them, on a model with BatchNorm in eval mode among others).
+them, on a model with BatchNorm in eval mode among others). A model made of Linear layers and
+elementwise activations under the default cross-entropy takes its backward pass without autograd's
+graph (mini/layer_chain.py: the same arithmetic, about half the calls; tests/test_layer_chain.py).
+`batch_rows` reads the rows of a replay's many small id sets ahead, in blocks.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import copy
 
 import torch
 
+from .layer_chain import LayerChain
 from .vectors import CHUNK, FlatModel
 
 
@@ -35,6 +39,9 @@ class ReplayModel:
             p.data = view.view(p.shape)  # every parameter now reads the flat buffer
             p.grad = None
         self.dim = flat.dim
+        # Models of Linear layers and elementwise activations: the backward pass without autograd's
+        # graph (mini/layer_chain.py); None: autograd.
+        self.chain = LayerChain.of(self.module, self.params, self.data)
 
     def _set(self, w: torch.Tensor) -> None:
         self.weights.copy_(w.detach())
@@ -42,37 +49,77 @@ class ReplayModel:
     def _grad_of(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         grads = torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True,
                                     materialize_grads=True)
-        return torch.cat([g.reshape(-1) for g in grads]).float()
+        return self._flat(grads)
 
     def _loss_sum(self, x, y) -> torch.Tensor:
         return self.data.loss(self.module(x), y).sum()
 
-    def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _flat(self, grads) -> torch.Tensor:
+        return torch.cat([g.reshape(-1) for g in grads]).float()
+
+    def _rows(self, ids: torch.Tensor, rows, lo: int, hi: int):
+        """(inputs, targets) of ids[lo:hi]: sliced from `rows` (those of all of ids) when given, else read."""
+        if rows is None:
+            return self.data.batch(ids[lo:hi])
+        return rows[0][lo:hi], rows[1][lo:hi]
+
+    def _loss_grad_sums(self, x, y) -> torch.Tensor:
+        if self.chain is not None:
+            return self.chain.loss_grad_sums(x, y).float()  # (the chain's own vector: used before the next call)
+        return self._grad_of(self._loss_sum(x, y))
+
+    def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor, rows=None) -> torch.Tensor:
         """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay (as
-        FlatModel.mean_loss_grad). Empty ids give zeros."""
+        FlatModel.mean_loss_grad). Empty ids give zeros. rows: (inputs, targets) of ids when the
+        caller has them already (batch_rows), else read here."""
         if ids.numel() == 0:
             return torch.zeros(self.dim, dtype=torch.float32)
         self._set(w)
         if ids.numel() <= CHUNK:  # one chunk: 0 + g would add nothing but a pass over d values
-            return self._grad_of(self._loss_sum(*self.data.batch(ids))) / ids.numel()
+            return self._loss_grad_sums(*self._rows(ids, rows, 0, ids.numel())) / ids.numel()
         total = torch.zeros(self.dim, dtype=torch.float32)
         for lo in range(0, ids.numel(), CHUNK):
-            x, y = self.data.batch(ids[lo:lo + CHUNK])
-            total += self._grad_of(self._loss_sum(x, y))
+            total += self._loss_grad_sums(*self._rows(ids, rows, lo, lo + CHUNK))
         return total / ids.numel()
 
-    def split_mean_grads(self, w: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor):
+    def split_mean_grads(self, w: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, rows=None):
         """(mean_loss_grad(w, kept), mean_loss_grad(w, removed)) from one forward pass over both
         sets when they fit in one chunk (an exact DeltaGrad step needs both at the same weights);
-        removed may be empty (its gradient is then None)."""
-        if removed.numel() == 0:
-            return self.mean_loss_grad(w, kept), None
-        if kept.numel() + removed.numel() > CHUNK or kept.numel() == 0:
-            return self.mean_loss_grad(w, kept), self.mean_loss_grad(w, removed)
-        self._set(w)
-        x, y = self.data.batch(torch.cat([kept, removed]))
-        losses = self.data.loss(self.module(x), y)
+        removed may be empty (its gradient is then None). rows: (inputs, targets) of kept then
+        removed, when the caller has them already (batch_rows)."""
         k = kept.numel()
+        if removed.numel() == 0:
+            return self.mean_loss_grad(w, kept, rows), None
+        if k + removed.numel() > CHUNK or k == 0:
+            both = None if rows is None else ((rows[0][:k], rows[1][:k]), (rows[0][k:], rows[1][k:]))
+            return (self.mean_loss_grad(w, kept, both and both[0]),
+                    self.mean_loss_grad(w, removed, both and both[1]))
+        self._set(w)
+        x, y = self.data.batch(torch.cat([kept, removed])) if rows is None else rows
+        if self.chain is not None:
+            g_kept, g_removed = self.chain.loss_grad_sums(x, y, split=k)
+            return g_kept.float() / k, g_removed.float() / removed.numel()
+        losses = self.data.loss(self.module(x), y)
         g_kept = self._grad_of(losses[:k].sum(), retain_graph=True) / k
         g_removed = self._grad_of(losses[k:].sum()) / removed.numel()
         return g_kept, g_removed
+
+
+def batch_rows(data, sets: list):
+    """Yields (inputs, targets) of each id set in `sets`, in order. In-memory data are read ahead in
+    blocks of up to CHUNK rows, one `data.batch` per block instead of one per set (a replay reads a
+    few rows at each of many steps); other data set by set (a block of loaded items costs the same)."""
+    if not data.in_memory:
+        for ids in sets:
+            yield data.batch(ids)
+        return
+    start = 0
+    while start < len(sets):
+        stop, total = start + 1, int(sets[start].numel())
+        while stop < len(sets) and total + sets[stop].numel() <= CHUNK:
+            total += int(sets[stop].numel())
+            stop += 1
+        sizes = [int(s.numel()) for s in sets[start:stop]]
+        x, y = data.batch(torch.cat(sets[start:stop]))
+        yield from zip(x.split(sizes), y.split(sizes))
+        start = stop

@@ -128,7 +128,7 @@ class MiniUnlearner(Unlearner):
 
     def _stored(self, step: int, name: str) -> StoredVector:
         """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""
-        return stored_vector(self.store, self.flat, step, name)
+        return stored_vector(self.store, step, name)
 
     def _curvature_plan(self, retrain_sample_gradients: int, anchor_cost: int, spectra: int,
                         retained: int) -> tuple[int, int]:

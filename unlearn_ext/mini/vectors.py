@@ -101,6 +101,7 @@ class StoredVector:
         return x - self.values.to(x.dtype)
 
 
-def stored_vector(store, flat: FlatModel, step: int, name: str) -> StoredVector:
-    """Field `name` of recorded step `step` of a (single-process) history store, decoded."""
-    return StoredVector(flat.join(store.read(step, [name]).tensors[name]))
+def stored_vector(store, step: int, name: str) -> StoredVector:
+    """Field `name` of recorded step `step` of a (single-process) history store, decoded straight
+    into one flat vector (the field's tensors are the trainable parameters, in order)."""
+    return StoredVector(store.read_flat(step, name))

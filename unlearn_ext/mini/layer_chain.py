@@ -1,0 +1,116 @@
+"""The mean loss gradient of a chain of Linear layers and elementwise activations under the default
+cross-entropy, as explicit backward-pass arithmetic, without building autograd's graph.
+
+A replay that takes a gradient on a handful of rows at every recorded step (DeltaGrad) spends most
+of a small model's gradient call in autograd's bookkeeping (recording the graph, the engine's
+queue, one Python frame per module), not in arithmetic. For the models it covers, `LayerChain`
+computes the same backward pass from the forward pass's tensors: softmax minus the one-hot targets
+at the logits, autograd's own tanh/sigmoid/threshold_backward kernels from the layer outputs, and
+for each Linear grad^T x and the row sum of grad, written straight into one flat output vector.
+About half the tensor operations of the autograd call (no graph, no concatenation after); the
+numbers equal autograd's up to float rounding (tests/test_layer_chain.py compares both, in float32
+and float64).
+
+Covered: an nn.Linear, or an nn.Sequential (the class itself, not a subclass with its own forward)
+of nn.Linear, nn.Tanh, nn.Sigmoid and nn.ReLU, without hooks, every parameter trainable, with the
+TrainingData's default per-sample cross-entropy on in-memory 2-D inputs of the parameters' dtype
+and int64 class targets in range. `LayerChain.of` returns None for anything else, and the caller
+keeps autograd.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import TrainingData, per_sample_cross_entropy
+
+# activation -> its backward from the layer's output (autograd's formula for each)
+_ACTIVATIONS = {
+    nn.Tanh: lambda grad, out: torch.ops.aten.tanh_backward(grad, out),
+    nn.Sigmoid: lambda grad, out: torch.ops.aten.sigmoid_backward(grad, out),
+    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
+}
+_FORWARD = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu}
+_MINUS_ONE = torch.tensor([[-1.0]])
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+class LayerChain:
+    def __init__(self, layers: list, dtype: torch.dtype):
+        # (weight, bias or None) for a Linear, an activation class otherwise, in order: read once, so a
+        # call spends no module attribute look-ups
+        self.layers = layers
+        linears = [layer for layer in layers if type(layer) is not type]
+        sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
+        # Two flat output vectors (a split call fills both), each with a (weight, bias) view per Linear
+        # in flat order: the products write straight into them, with no concatenation after.
+        self.outputs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(2)]
+        self._views = []
+        for out in self.outputs:
+            parts, views = iter(out.split(sizes)), {}
+            for i, layer in enumerate(layers):
+                if type(layer) is not type:
+                    weight, bias = layer
+                    views[i] = (next(parts).view(weight.shape), None if bias is None else next(parts))
+            self._views.append(views)
+
+    @classmethod
+    def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
+        """The chain of `module` (whose trainable parameters, in flat order, are `params`), or None
+        where it is not covered (module docstring)."""
+        if data.loss is not per_sample_cross_entropy or not data.in_memory:
+            return None
+        children = [module] if type(module) is nn.Linear else \
+            list(module) if type(module) is nn.Sequential and not _has_hooks(module) else None
+        if not children or type(children[-1]) is not nn.Linear:
+            return None
+        layers, order = [], []
+        for child in children:
+            if _has_hooks(child):
+                return None
+            if type(child) is nn.Linear:
+                order += [child.weight] + ([child.bias] if child.bias is not None else [])
+                layers.append((child.weight, child.bias))
+            elif type(child) in _ACTIVATIONS:  # (an in-place ReLU: the same values and gradient)
+                layers.append(type(child))
+            else:
+                return None
+        if len(order) != len(params) or any(p is not q for p, q in zip(order, params)):
+            return None  # a frozen parameter, or parameters outside the chain
+        x, y = data.inputs, data.targets
+        if x.dim() != 2 or x.dtype != params[0].dtype or y.dim() != 1 or y.dtype != torch.int64 or not len(y) \
+                or int(y.min()) < 0 or int(y.max()) >= children[-1].out_features:
+            return None
+        return cls(layers, params[0].dtype)
+
+    def loss_grad_sums(self, x: torch.Tensor, y: torch.Tensor, split: int | None = None):
+        """The gradient of the summed per-sample losses of rows (x, y) as one flat vector (the
+        parameters in flat order); with `split` = k, two: rows [:k] and rows [k:], from one forward
+        pass. The vectors are this chain's own, overwritten by the next call: use them before."""
+        with torch.no_grad():
+            outputs = [x]
+            for layer in self.layers:
+                outputs.append(_FORWARD[layer](outputs[-1]) if type(layer) is type else
+                               nn.functional.linear(outputs[-1], *layer))
+            # d(sum of cross-entropies)/d logits: softmax minus each row's one-hot target
+            grad = torch.softmax(outputs[-1], 1)
+            grad.scatter_add_(1, y.unsqueeze(1), _MINUS_ONE.expand(len(y), 1).to(grad.dtype))
+            rows = [slice(None)] if split is None else [slice(None, split), slice(split, None)]
+            for i in range(len(self.layers) - 1, -1, -1):
+                layer = self.layers[i]
+                if type(layer) is type:
+                    grad = _ACTIVATIONS[layer](grad, outputs[i + 1])
+                    continue
+                for views, r in zip(self._views, rows):
+                    g, below = (grad, outputs[i]) if split is None else (grad[r], outputs[i][r])
+                    weight_grad, bias_grad = views[i]
+                    torch.mm(g.t(), below, out=weight_grad)
+                    if bias_grad is not None:
+                        torch.sum(g, 0, out=bias_grad)
+                if i:
+                    grad = torch.mm(grad, layer[0])
+            return self.outputs[0] if split is None else (self.outputs[0], self.outputs[1])
