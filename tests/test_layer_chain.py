@@ -81,9 +81,15 @@ def hooked():
     return model
 
 
+def forward_replaced():
+    model = copy.deepcopy(models()["tanh mlp"])
+    model[1].forward = torch.relu  # set on the instance: the class's forward no longer runs
+    return model
+
+
 @pytest.mark.parametrize("case", ["subclass", "conv", "batchnorm", "dropout", "gelu", "frozen", "hook",
-                                  "loss", "float targets", "targets out of range", "input dtype", "3-d inputs"])
-def test_models_and_data_left_to_autograd(case):
+                                  "instance forward", "global hook", "loss", "float targets", "targets out of range", "input dtype", "3-d inputs"])
+def test_models_and_data_left_to_autograd(case, request):
     """Anything the chain does not state exactly keeps autograd (LayerChain.of is None), and the
     working copy's gradient is still FlatModel's."""
     data, model = table(), models()["tanh mlp"]
@@ -102,6 +108,12 @@ def test_models_and_data_left_to_autograd(case):
         model = frozen_first_layer()
     elif case == "hook":
         model = hooked()
+    elif case == "instance forward":
+        model = forward_replaced()
+    elif case == "global hook":  # registered for every module, removed at the end of the test
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, output: output * 2 if isinstance(module, nn.Tanh) else None)
+        request.addfinalizer(handle.remove)
     elif case == "loss":
         data = ue.TrainingData(x, y, loss=lambda out, t: nn.functional.cross_entropy(out, t, reduction="none", label_smoothing=0.1))
     elif case == "float targets":

@@ -143,3 +143,28 @@ def test_schedule_totals_and_steps_holding(n, batch_size):
                            if held.numel() else torch.zeros(end - begin, dtype=torch.int64), counts)
         for t in range(begin, end):  # against the batches themselves
             assert int(counts[t - begin]) == int(torch.isin(schedule.step(t).ids, rows).sum())
+
+
+def test_schedule_totals_at_the_widest_small_batch_table():
+    """32,768 batches per epoch: the schedule's per-row batch table is int16 up to 2^15 batches, and
+    the count must not wrap at the epoch's end (hi = 32,768)."""
+    schedule = BatchSchedule(torch.arange(2**15), 1, seed=4)
+    rows = torch.tensor([0, 5, 2**15 - 1])
+    for begin, end in ((0, 2**15), (0, 40_000), (100, 2**15), (2**15 - 1, 2**15 + 1)):
+        assert schedule.total_in_steps(rows, begin, end) == int(schedule.count_in_steps(rows, begin, end).sum())
+
+
+def test_repeat_request_is_answered_a_priori_when_a_later_step_has_no_budget(tmp_path):
+    """Full batch: a step trained after a deletion holds no forgotten id, so a step there without any
+    budget (its smallest radius at the margin) must not stop a repeated request (no new id) from
+    being answered from the index: only the steps holding forgotten ids matter."""
+    unlearner = PCMUUnlearner(_trainer("full batch"))
+    with DeletionLedger(unlearner, str(tmp_path)) as ledger:
+        ledger.forget([0])
+    trainer = unlearner.trainer.train(steps=3)
+    # (the per-step array the index reads, set directly: the records keep their radius)
+    trainer._min_radius[trainer._steps - 1] = 0.0  # no m passes at this step: m_t = -1
+    trainer._apriori.invalidate()
+    assert trainer.apriori_index().slack < 0 <= trainer.apriori_index().slack_held
+    answer = _a_priori_answer(trainer, torch.empty(0, dtype=torch.int64), 0.0)
+    assert answer is not None and answer.steps_with_removed_ids == _full_a_priori(trainer, torch.empty(0, dtype=torch.int64))

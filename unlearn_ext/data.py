@@ -209,7 +209,8 @@ class BatchSchedule:
         first, last = begin // bpe, (end - 1) // bpe  # epochs touched, inclusive
 
         def in_epoch(e: int, lo: int, hi: int) -> int:  # samples whose batch of epoch e is in lo..hi-1
-            batch = self.batch_of_rows(e + 1)[e, rows]
+            # int64: the table's small dtype (int16 up to 2^15 batches) cannot hold hi = batches_per_epoch
+            batch = self.batch_of_rows(e + 1)[e, rows].to(torch.int64)
             return int(((batch >= lo) & (batch < hi)).sum())
         if first == last:
             return in_epoch(first, begin - first * bpe, end - first * bpe)

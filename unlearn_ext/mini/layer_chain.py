@@ -12,8 +12,8 @@ numbers equal autograd's up to float rounding (tests/test_layer_chain.py compare
 and float64).
 
 Covered: an nn.Linear, or an nn.Sequential (the class itself, not a subclass with its own forward)
-of nn.Linear, nn.Tanh, nn.Sigmoid and nn.ReLU, without hooks, every parameter trainable, with the
-TrainingData's default per-sample cross-entropy on in-memory 2-D inputs of the parameters' dtype
+of nn.Linear, nn.Tanh, nn.Sigmoid and nn.ReLU, without hooks (their own or global ones) or a
+forward set on an instance, every parameter trainable, with the TrainingData's default per-sample cross-entropy on in-memory 2-D inputs of the parameters' dtype
 and int64 class targets in range. `LayerChain.of` returns None for anything else, and the caller
 keeps autograd.
 """
@@ -35,8 +35,17 @@ _MINUS_ONE = torch.tensor([[-1.0]])
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in (
+    """Whether calling `module` may run more than its class's forward: its own hooks, or a forward
+    set on the instance (model[1].forward = ...)."""
+    return "forward" in vars(module) or any(getattr(module, name, None) for name in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (register_module_forward_hook and the like) are set."""
+    from torch.nn.modules import module as registry
+    return any(getattr(registry, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 class LayerChain:
@@ -62,7 +71,7 @@ class LayerChain:
     def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
         """The chain of `module` (whose trainable parameters, in flat order, are `params`), or None
         where it is not covered (module docstring)."""
-        if data.loss is not per_sample_cross_entropy or not data.in_memory:
+        if data.loss is not per_sample_cross_entropy or not data.in_memory or _global_hooks():
             return None
         children = [module] if type(module) is nn.Linear else \
             list(module) if type(module) is nn.Sequential and not _has_hooks(module) else None

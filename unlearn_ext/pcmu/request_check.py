@@ -88,7 +88,7 @@ def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck |
         return None
     rows = trainer.rows(new)
     if trainer.schedule.batches_per_epoch == 1:
-        if rows.numel() > index.slack:
+        if rows.numel() and rows.numel() > index.slack:  # no new id: only the held steps matter (slack_held)
             return None
         touched = index.applied if rows.numel() else index.held
     else:
