@@ -153,6 +153,7 @@ def test_lbfgs_largest_eigenvalue_from_the_gram_matrix(seed, m):
     B = torch.stack([model.product(e) for e in torch.eye(d, dtype=torch.float64)], 1)
     want = float(torch.linalg.eigvalsh((B + B.T) / 2).max())
     assert model.largest_eigenvalue() == pytest.approx(want, rel=1e-7)
+    assert model.largest_eigenvalue(from_basis=True) == pytest.approx(want, rel=1e-7)  # (damping's numbers)
     rebuilt = CompactLBFGS.from_pairs([(S[:, i], Y[:, i]) for i in range(m)])
     v = torch.randn(d, generator=g, dtype=torch.float64)
     assert torch.allclose(rebuilt.product(v), model.product(v), rtol=1e-12, atol=1e-12)

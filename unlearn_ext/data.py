@@ -197,6 +197,11 @@ class BatchSchedule:
             return steps.reshape(-1)  # whole epochs: every entry is in range
         return steps[(steps >= begin) & (steps < end)]
 
+    def step_counts(self, rows: torch.Tensor, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steps, counts), int64: the distinct steps begin..end-1 whose scheduled batches hold any of
+        the samples at `rows`, ascending, and how many of them each holds (steps_holding, counted)."""
+        return torch.unique_consecutive(self.steps_holding(rows, begin, end), return_counts=True)
+
     def total_in_steps(self, rows: torch.Tensor, begin: int, end: int) -> int:
         """count_in_steps(rows, begin, end).sum() without a per-step array: every sample is in one
         batch per epoch, so only the first and last epochs the steps cut need a look at the schedule."""

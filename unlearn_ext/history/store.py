@@ -440,10 +440,8 @@ class HistoryStore:
                 out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
                 hc.decode_into(self._load(i, [name])[0][name], out, self.block_size)
                 return out
-            sizes = [math.prod(s) for s in spec.shapes]
-            whole = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-            hc.decode_into(self._load(i, [name])[0][name],
-                           [part.view(s) for part, s in zip(whole.split(sizes), spec.shapes)], self.block_size)
+            whole, parts = _flat_with_views(spec.shapes, dev)
+            hc.decode_into(self._load(i, [name])[0][name], parts, self.block_size)
             return whole
         # Delta chain: from the cached position when it lies between the keyframe and i, else from
         # the last keyframe at or before i. Never more than keyframe_every - 1 deltas. The cache
@@ -457,9 +455,7 @@ class HistoryStore:
             start, recon, whole = cached
         else:
             start = key
-            sizes = [math.prod(s) for s in spec.shapes]  # the tensors are views of one vector (flat reads copy it once)
-            whole = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-            recon = [part.view(s) for part, s in zip(whole.split(sizes), spec.shapes)]
+            whole, recon = _flat_with_views(spec.shapes, dev)  # (flat reads copy the vector once)
             hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
@@ -553,6 +549,13 @@ class HistoryStore:
         """Per recorded step and field: kind, bytes, fp32 bytes, ratio, max and RMS error."""
         return [dict(step=e.step, field=k, ratio=s["raw_bytes"] / s["bytes"] if s["bytes"] else float("nan"), **s)
                 for e in self._entries for k, s in e.stats.items()]
+
+
+def _flat_with_views(shapes, device) -> tuple[torch.Tensor, list]:
+    """One fp32 vector for tensors of `shapes` and a view of it shaped like each, in order."""
+    sizes = [math.prod(s) for s in shapes]
+    whole = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    return whole, [part.view(s) for part, s in zip(whole.split(sizes), shapes)]
 
 
 def _trainable_shapes(model) -> list:

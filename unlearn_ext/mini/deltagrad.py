@@ -160,12 +160,16 @@ class CompactLBFGS:
             self._eigen = (Q, values, vectors)
         return self._eigen
 
-    def largest_eigenvalue(self) -> float:
+    def largest_eigenvalue(self, from_basis: bool = False) -> float:
         """lambda_max of B: sigma outside span(W); inside, the eigenvalues of Q^T B Q = sigma I -
         R M^-1 R^T for W = Q R, which are sigma minus those of M^-1 R^T R = M^-1 W^T W (AB and BA
         have the same eigenvalues): 2m x 2m algebra on the Gram matrix, no basis of the span and no
-        d x d matrix (capped_product, which needs the eigenvectors too, builds the basis)."""
-        inside = self.sigma - np.linalg.eigvals(self._M_inv_gram).real
+        d x d matrix. from_basis: from the basis's eigenvalues instead (_span_eigen), the ones
+        capped_product caps, so that a damping decision and the cap agree at the bound."""
+        if from_basis:
+            inside = self._span_eigen()[1].numpy()
+        else:
+            inside = self.sigma - np.linalg.eigvals(self._M_inv_gram).real
         return max(float(inside.max()), self.sigma)
 
     def capped_product(self, v: torch.Tensor, above: float, cap: float) -> torch.Tensor:
@@ -387,7 +391,8 @@ class DeltaGradUnlearner(Unlearner):
                 if model is None:
                     model = CompactLBFGS.from_pairs(pairs)
                 if lambda_max is None:
-                    lambda_max = model.largest_eigenvalue()
+                    # (damping caps the basis's eigenvalues: decide on those same numbers)
+                    lambda_max = model.largest_eigenvalue(from_basis=self.unstable == "damp")
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
                 if lr * lambda_max >= self.stable_below and self.unstable == "refuse":
                     return None, cost, stats(), (

@@ -13,6 +13,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+from .apriori_index import step_budgets
+
 
 @dataclass
 class AprioriCertificate:
@@ -85,13 +89,11 @@ def budget_m_star(min_radius_per_step, unit: float, margin: float) -> int:
     """m*: the largest m with m*unit + margin < every given radius (0 if none)."""
     if len(min_radius_per_step) == 0:
         return 0
-    r = min(min_radius_per_step)
-    if not math.isfinite(r):
-        return 2**31 - 1 if r > 0 else 0
-    m = max(int(math.floor((r - margin) / unit)), 0)
-    while m > 0 and m * unit + margin >= r:  # strict inequality
-        m -= 1
-    return m
+    # The per-step test's own search (apriori_index.step_budgets) at the smallest radius; at least 0,
+    # and an unbounded radius reported as the largest int32.
+    r = min(float(radius) for radius in min_radius_per_step)
+    m = int(step_budgets(torch.tensor([r], dtype=torch.float64), unit, margin)[0])
+    return min(max(m, 0), 2**31 - 1)
 
 
 @dataclass

@@ -92,8 +92,7 @@ def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck |
             return None
         touched = index.applied if rows.numel() else index.held
     else:
-        steps, counts = torch.unique_consecutive(trainer.schedule.steps_holding(rows, 0, trainer._steps),
-                                                 return_counts=True)
+        steps, counts = trainer.schedule.step_counts(rows, 0, trainer._steps)
         applied = trainer._applied[steps]
         steps, counts = steps[applied], counts[applied]
         forgotten = trainer._forgotten_count[steps]

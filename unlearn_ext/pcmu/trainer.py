@@ -177,7 +177,7 @@ class PCMUTrainer:
             self._forgotten_count[:self._steps] += rows.numel()
             self._apriori.added_everywhere(rows.numel())
             return
-        steps, counts = torch.unique_consecutive(self.schedule.steps_holding(rows, 0, self._steps), return_counts=True)
+        steps, counts = self.schedule.step_counts(rows, 0, self._steps)
         self._forgotten_count.index_add_(0, steps, counts)
         self._apriori.added_at(self, steps, counts)
 
