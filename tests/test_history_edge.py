@@ -16,6 +16,7 @@ from unlearn_ext.mini.sharpness import SHARPNESS_KEY, recorded_edge
 from unlearn_ext.mini.vectors import FlatModel
 
 from history_methods_setup import classification, flat, linear_regression
+from user_models import Pairs
 
 FORGET = [1, 5, 7, 20]
 
@@ -175,16 +176,6 @@ def test_equilibrium_serves_a_request_refuse_sends_to_retraining():
     assert ue.distance_ratio(got, model, retrained) < 1
 
 
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
 
 def users_quadratic_loop(method: str, edge: float):
     """The user's own loop (torch.optim.SGD, MSELoss with mean reduction, a full-batch DataLoader) on
@@ -198,7 +189,7 @@ def users_quadratic_loop(method: str, edge: float):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=edge / lam)
-    loader = torch.utils.data.DataLoader(_Pairs(x, y), batch_size=30)
+    loader = torch.utils.data.DataLoader(Pairs(x, y), batch_size=30)
     loss_fn = torch.nn.MSELoss()
     engine = ue.UnlearningEngine()
     model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method=method, epochs=6,

@@ -14,6 +14,8 @@ from unlearn_ext.mini.layer_chain import LayerChain
 from unlearn_ext.mini.replay_model import ReplayModel, batch_rows
 from unlearn_ext.mini.vectors import CHUNK, FlatModel
 
+from user_models import Pairs
+
 
 def table(n=300, d=7, classes=4, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -136,21 +138,11 @@ def test_models_and_data_left_to_autograd(case, request):
     assert torch.allclose(replay.mean_loss_grad(w, ids), fm.mean_loss_grad(w, ids), atol=1e-6, rtol=1e-5)
 
 
-class ListData(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_batch_rows_reads_each_set_as_data_batch(in_memory):
     base = table(n=CHUNK + 700)
-    data = base if in_memory else ue.TrainingData(ListData(base.inputs, base.targets))
+    data = base if in_memory else ue.TrainingData(Pairs(base.inputs, base.targets))
     g = torch.Generator().manual_seed(2)
     sizes = [5, 130, 2000, 1, 2500, 17, CHUNK + 3, 9]  # blocks break inside, and a set larger than CHUNK
     sets = [data.ids[torch.randperm(len(data), generator=g)[:k]] for k in sizes]

@@ -7,6 +7,19 @@ import torch
 from torch import nn
 
 
+class Pairs(torch.utils.data.Dataset):
+    """Items (x[i], y[i]) of two tensors, through the Dataset protocol (not handed over as tensors)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
 class LazyImages(torch.utils.data.Dataset):
     """n 1x8x8 images of 3 classes, item i generated from its index (class i % 3 shifts the mean)."""
 
