@@ -55,12 +55,16 @@ class RankSplitFlatModel(FlatModel):
     def my_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return rank_slice(ids, self.rank, self.world)
 
+    def sum_over_ranks(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """Every rank's sum over its slice, added in rank order in float64 (the same bits on every rank)."""
+        return sum_in_rank_order(local_sum.double(), self.group)
+
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() == 0:  # the same decision on every rank: no collective
             return torch.zeros(self.dim, dtype=torch.float32)
         mine = self.my_ids(ids)
         local = super().mean_loss_grad(w, mine).double() * mine.numel()  # this rank's sum
-        return (sum_in_rank_order(local, self.group) / ids.numel()).float()
+        return (self.sum_over_ranks(local) / ids.numel()).float()
 
     def mean_loss(self, w: torch.Tensor, ids: torch.Tensor) -> float:
         mine = self.my_ids(ids)
