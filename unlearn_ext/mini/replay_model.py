@@ -38,7 +38,7 @@ class ReplayModel:
         # A copy, so that the user's model (its parameters, .grad and training flags) is never
         # touched; retraining deep-copies the model the same way, so any model it accepts works here.
         self.data = flat.data
-        self.my_ids, self.sum_over_ranks = flat.my_ids, flat.sum_over_ranks  # (module docstring: across ranks)
+        self._my_ids, self._sum_over_ranks = flat.my_ids, flat.sum_over_ranks  # (module docstring: across ranks)
         self.module = copy.deepcopy(flat.model).eval()
         self.params = [self.module.get_parameter(name) for name in flat.names]
         self.dtype = self.params[0].dtype if self.params else torch.float32
@@ -79,7 +79,7 @@ class ReplayModel:
     def mine(self, ids: torch.Tensor) -> torch.Tensor:
         """The ids of a set whose rows this process reads: all of them in one process, the rank's
         slice across ranks (module docstring). What `rows` arguments hold the rows of."""
-        return self.my_ids(ids)
+        return self._my_ids(ids)
 
     def _grad_sum(self, mine: torch.Tensor, rows) -> torch.Tensor:
         """The summed per-sample loss gradients over ids `mine` (float32, this process's share;
@@ -95,7 +95,7 @@ class ReplayModel:
 
     def _mean(self, local_sum: torch.Tensor, count: int) -> torch.Tensor:
         """Every process's sum added (sum_over_ranks) and divided by the set's size, float32."""
-        return (self.sum_over_ranks(local_sum) / count).float()
+        return (self._sum_over_ranks(local_sum) / count).float()
 
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor, rows=None) -> torch.Tensor:
         """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay (as
