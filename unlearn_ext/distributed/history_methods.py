@@ -6,14 +6,18 @@ same store). What costs sample-gradients is split: a gradient or loss over a set
 forgotten set F, a retained batch, the curvature subsample, the loss check's subsample) is
 computed by each rank on its slice of those ids (`rank_slice`: contiguous, fixed by the set's size
 and the world size) and the ranks' sums are added in rank order; a Hessian-vector product likewise
-over the curvature subsample. Every rank then holds the same float64 bits, so the Lanczos
-recurrence, the spectral propagation, DeltaGrad's replay and every safety check run identically on
-every rank: the weights every rank ends with are equal bit for bit, and equal the single-process
-answer up to float rounding (the sums are grouped per rank).
+over the curvature subsample. DeltaGrad's replay takes its per-step gradients through its working
+copy of the model (mini/replay_model.py), which asks the flat model for the rank's slice
+(`my_ids`) and for the rank-order sum (`sum_over_ranks`): its data passes are split the same way.
+Every rank then holds the same float64 bits, so the Lanczos recurrence, the spectral propagation,
+DeltaGrad's replay and every safety check run identically on every rank: the weights every rank
+ends with are equal bit for bit, and equal the single-process answer up to float rounding (the
+sums are grouped per rank).
 
 Not split: retraining itself (training without F from the stored weights at step 0: Mini-Unlearning's
-fallback, DeltaGrad's exact prefix and the fallback that continues it), which every rank runs in
-full (the same arithmetic as one process, so the same weights).
+fallback, the retained batches' steps of DeltaGrad's exact prefix and the fallback that continues
+it), which every rank runs in full (the same arithmetic as one process, so the same weights); the
+removed samples' gradients at the prefix's steps are the replay's, split.
 
 A history sharded across the ranks (each rank its shard's store, `RankShardHistory`: parameters
 split flat or as FSDP places them) is read shard-locally (shard_local.py): each rank decodes only
@@ -55,12 +59,16 @@ class RankSplitFlatModel(FlatModel):
     def my_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return rank_slice(ids, self.rank, self.world)
 
+    def sum_over_ranks(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """Every rank's sum over its slice, added in rank order in float64 (the same bits on every rank)."""
+        return sum_in_rank_order(local_sum.double(), self.group)
+
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() == 0:  # the same decision on every rank: no collective
             return torch.zeros(self.dim, dtype=torch.float32)
         mine = self.my_ids(ids)
         local = super().mean_loss_grad(w, mine).double() * mine.numel()  # this rank's sum
-        return (sum_in_rank_order(local, self.group) / ids.numel()).float()
+        return (self.sum_over_ranks(local) / ids.numel()).float()
 
     def mean_loss(self, w: torch.Tensor, ids: torch.Tensor) -> float:
         mine = self.my_ids(ids)

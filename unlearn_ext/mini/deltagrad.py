@@ -360,10 +360,12 @@ class DeltaGradUnlearner(Unlearner):
         momentum = None
         if self.sgd.momentum:  # the retained run's own buffer carries on (None if no step was taken)
             momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov, run.momentum_buffer())
-        # The approximate phase. The rows its gradients need, read ahead in blocks (replay_model.batch_rows).
+        # The approximate phase. The rows its gradients need (this process's share: ReplayModel.mine), read
+        # ahead in blocks (replay_model.batch_rows).
         approximate = [(t, lr, kept, removed, size, self._exact_step(t)) for t, lr, kept, removed, size in plan[prefix:]
                        if kept.numel()]  # retraining makes no update on an emptied batch
-        rows = batch_rows(self.data, [torch.cat([kept, removed]) if exact else removed
+        mine = grads.mine
+        rows = batch_rows(self.data, [torch.cat([mine(kept), mine(removed)]) if exact else mine(removed)
                                       for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
         for t, lr, kept, removed, size, exact in approximate:
             w_t = self._stored(t, "params")

@@ -15,6 +15,13 @@ them, on a model with BatchNorm in eval mode among others). A model made of Line
 elementwise activations under the default cross-entropy takes its backward pass without autograd's
 graph (mini/layer_chain.py: the same arithmetic, about half the calls; tests/test_layer_chain.py).
 `batch_rows` reads the rows of a replay's many small id sets ahead, in blocks.
+
+Across ranks (distributed/history_methods.py) the flat model is a RankSplitFlatModel: each gradient
+over a set of ids is then taken by every rank on its slice of the ids (`mine`, the flat model's
+`my_ids`) and the ranks' sums are added in rank order (its `sum_over_ranks`), as that model's own
+`mean_loss_grad` does; in one process the slice is every id and the sum is the process's own, so
+the arithmetic above is unchanged. Whether a set is empty, or the sets fit in one chunk, is decided
+on the whole set (the same decision on every rank, so every rank joins the same collectives).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class ReplayModel:
         # A copy, so that the user's model (its parameters, .grad and training flags) is never
         # touched; retraining deep-copies the model the same way, so any model it accepts works here.
         self.data = flat.data
+        self._my_ids, self._sum_over_ranks = flat.my_ids, flat.sum_over_ranks  # (module docstring: across ranks)
         self.module = copy.deepcopy(flat.model).eval()
         self.params = [self.module.get_parameter(name) for name in flat.names]
         self.dtype = self.params[0].dtype if self.params else torch.float32
@@ -68,41 +76,65 @@ class ReplayModel:
             return self.chain.loss_grad_sums(x, y).float()  # (the chain's own vector: used before the next call)
         return self._grad_of(self._loss_sum(x, y))
 
+    def mine(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids of a set whose rows this process reads: all of them in one process, the rank's
+        slice across ranks (module docstring). What `rows` arguments hold the rows of."""
+        return self._my_ids(ids)
+
+    def _grad_sum(self, mine: torch.Tensor, rows) -> torch.Tensor:
+        """The summed per-sample loss gradients over ids `mine` (float32, this process's share;
+        zeros for none) at the weights set last. rows: theirs, or None to read them here."""
+        if mine.numel() == 0:
+            return torch.zeros(self.dim, dtype=torch.float32)
+        if mine.numel() <= CHUNK:  # one chunk: 0 + g would add nothing but a pass over d values
+            return self._loss_grad_sums(*self._rows(mine, rows, 0, mine.numel()))
+        total = torch.zeros(self.dim, dtype=torch.float32)
+        for lo in range(0, mine.numel(), CHUNK):
+            total += self._loss_grad_sums(*self._rows(mine, rows, lo, lo + CHUNK))
+        return total
+
+    def _mean(self, local_sum: torch.Tensor, count: int) -> torch.Tensor:
+        """Every process's sum added (sum_over_ranks) and divided by the set's size, float32."""
+        return (self._sum_over_ranks(local_sum) / count).float()
+
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor, rows=None) -> torch.Tensor:
         """grad of (1/|ids|) sum_{i in ids} l_i(w), float32, without weight decay (as
-        FlatModel.mean_loss_grad). Empty ids give zeros. rows: (inputs, targets) of ids when the
-        caller has them already (batch_rows), else read here."""
-        if ids.numel() == 0:
+        FlatModel.mean_loss_grad). Empty ids give zeros. rows: (inputs, targets) of mine(ids) when
+        the caller has them already (batch_rows), else read here."""
+        if ids.numel() == 0:  # decided on the whole set: the same on every rank, no collective
             return torch.zeros(self.dim, dtype=torch.float32)
         self._set(w)
-        if ids.numel() <= CHUNK:  # one chunk: 0 + g would add nothing but a pass over d values
-            return self._loss_grad_sums(*self._rows(ids, rows, 0, ids.numel())) / ids.numel()
-        total = torch.zeros(self.dim, dtype=torch.float32)
-        for lo in range(0, ids.numel(), CHUNK):
-            total += self._loss_grad_sums(*self._rows(ids, rows, lo, lo + CHUNK))
-        return total / ids.numel()
+        return self._mean(self._grad_sum(self.mine(ids), rows), ids.numel())
 
     def split_mean_grads(self, w: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, rows=None):
         """(mean_loss_grad(w, kept), mean_loss_grad(w, removed)) from one forward pass over both
         sets when they fit in one chunk (an exact DeltaGrad step needs both at the same weights);
-        removed may be empty (its gradient is then None). rows: (inputs, targets) of kept then
-        removed, when the caller has them already (batch_rows)."""
-        k = kept.numel()
+        removed may be empty (its gradient is then None). rows: (inputs, targets) of mine(kept)
+        then mine(removed), when the caller has them already (batch_rows)."""
         if removed.numel() == 0:
             return self.mean_loss_grad(w, kept, rows), None
-        if k + removed.numel() > CHUNK or k == 0:
+        my_kept, my_removed = self.mine(kept), self.mine(removed)
+        if kept.numel() + removed.numel() > CHUNK or kept.numel() == 0:
+            k = my_kept.numel()
             both = None if rows is None else ((rows[0][:k], rows[1][:k]), (rows[0][k:], rows[1][k:]))
             return (self.mean_loss_grad(w, kept, both and both[0]),
                     self.mean_loss_grad(w, removed, both and both[1]))
         self._set(w)
-        x, y = self.data.batch(torch.cat([kept, removed])) if rows is None else rows
+        g_kept, g_removed = self._split_grad_sums(my_kept, my_removed, rows)
+        return self._mean(g_kept, kept.numel()), self._mean(g_removed, removed.numel())
+
+    def _split_grad_sums(self, my_kept: torch.Tensor, my_removed: torch.Tensor, rows):
+        """The summed loss gradients over my_kept and over my_removed (float32; zeros for none) from
+        one forward pass over both, at the weights set last. rows: theirs (kept first), or None."""
+        k = my_kept.numel()
+        if k + my_removed.numel() == 0:  # a rank whose slices are both empty still joins the sums
+            return torch.zeros(self.dim, dtype=torch.float32), torch.zeros(self.dim, dtype=torch.float32)
+        x, y = self.data.batch(torch.cat([my_kept, my_removed])) if rows is None else rows
         if self.chain is not None:
             g_kept, g_removed = self.chain.loss_grad_sums(x, y, split=k)
-            return g_kept.float() / k, g_removed.float() / removed.numel()
+            return g_kept.float(), g_removed.float()
         losses = self.data.loss(self.module(x), y)
-        g_kept = self._grad_of(losses[:k].sum(), retain_graph=True) / k
-        g_removed = self._grad_of(losses[k:].sum()) / removed.numel()
-        return g_kept, g_removed
+        return self._grad_of(losses[:k].sum(), retain_graph=True), self._grad_of(losses[k:].sum())
 
 
 def batch_rows(data, sets: list):
@@ -111,7 +143,7 @@ def batch_rows(data, sets: list):
     few rows at each of many steps); other data set by set (a block of loaded items costs the same)."""
     if not data.in_memory:
         for ids in sets:
-            yield data.batch(ids)
+            yield data.batch(ids) if ids.numel() else None  # (a rank's empty slice: nothing to read)
         return
     start = 0
     while start < len(sets):

@@ -49,6 +49,19 @@ class FlatModel:
             for p, v in zip(trainable(self.model).values(), self.split(w)):
                 p.copy_(v.to(p.dtype))
 
+    # ---- this process's share of a data pass -----------------------------------------------------
+    # One process takes every id and its sum is the total. Across ranks (distributed/history_methods.py,
+    # RankSplitFlatModel) each rank takes its slice and the ranks' sums are added in rank order; a
+    # replay's working copy (mini/replay_model.py) asks these two so that its passes split the same way.
+
+    def my_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids of a set this process computes on: all of them."""
+        return ids
+
+    def sum_over_ranks(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """The total of every process's sum over its `my_ids`: here, this process's own (the same tensor)."""
+        return local_sum
+
     # ---- losses and gradients -----------------------------------------------------------------
 
     def _dtype(self):
