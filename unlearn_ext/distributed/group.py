@@ -43,14 +43,16 @@ def _as_int64(value: int) -> int:
 
 
 def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequence[str] = (),
-          group=None) -> torch.Tensor:
+          group=None, failed: str = "refused the call") -> torch.Tensor:
     """Runs `check` on this rank: it validates the local input and returns len(shared) integers
     that every rank must hold equally (k, a key mode, seeds), then len(local) per-rank integers (an
     element count). Gathers every rank's answer; returns the values, one row per rank, in the
     group's rank order.
 
-    Raises DistributedRefusal on every rank when a rank's check raised (naming that rank; on that
-    rank, also its error) or when the shared values differ between ranks."""
+    Raises DistributedRefusal on every rank when a rank's check raised, naming each such rank and
+    its error ("rank(s) [1] <failed>: rank 1: <error>"), or when the shared values differ between
+    ranks. The error texts cross in a second exchange, made only when some rank failed (every rank
+    then knows it from the first)."""
     group = require_group(group)
     width = len(shared) + len(local)
     error, row = None, torch.zeros(1 + width, dtype=torch.int64)
@@ -65,8 +67,12 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
     rows = _all_gather_rows(row, group)
     refused = [r for r in range(rows.shape[0]) if int(rows[r, 0]) == 0]
     if refused:
-        reason = f": {error}" if error is not None else " (the error on those ranks names the problem)"
-        raise DistributedRefusal(f"rank(s) {refused} refused the call{reason}") from error
+        errors = [None] * rows.shape[0]
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if isinstance(error, DistributedRefusal) and len(refused) == len(errors) and len(set(errors)) == 1:
+            raise error  # an agreement inside this check already refused on every rank, alike: pass it on
+        named = "; ".join(f"rank {r}: {errors[r]}" for r in refused)
+        raise DistributedRefusal(f"rank(s) {refused} {failed}: {named}") from error
     for j, name in enumerate(shared):
         column = rows[:, 1 + j]
         if not bool((column == column[0]).all()):

@@ -139,11 +139,18 @@ class RankShardHistory:
     """This rank's store of a sharded history, served shard-locally (module docstring): the run
     metadata, the schedule and the per-step digests as HistoryStore has them; `stored` and
     `encoded` in place of decoded reads. Open it on every rank of `group` with the manifest's
-    world size; the rank reads the store its rank recorded."""
+    world size; the rank reads the store its rank recorded.
 
-    def __init__(self, store: HistoryStore, manifest: dict, shard: RankShard):
+    A read can fail on one rank only (its shard's record is damaged, its file unreadable), and the
+    other ranks would then wait in the read's next exchange until the group's timeout. So each
+    field read is agreed on (group.agree: one small all_gather per read), and a failed read raises
+    DistributedRefusal on every rank, naming the rank and its error; the schedule (lrs, batch
+    ids) is read once, when opening, inside the opening's agreement."""
+
+    def __init__(self, store: HistoryStore, manifest: dict, shard: RankShard, schedule: list):
         self.store, self.manifest, self.shard = store, manifest, shard
         self.group = shard.group
+        self._schedule = schedule
 
     @classmethod
     def open(cls, directory: str, group=None) -> "RankShardHistory":
@@ -157,9 +164,15 @@ class RankShardHistory:
                 raise ValueError(f"the history was recorded by {manifest['world']} ranks; this group has {world}: "
                                  "each rank serves the shard its rank recorded")
             found.update(manifest=manifest, store=open_rank_store(directory, manifest, rank))
+            found["schedule"] = list(found["store"].schedule())
             return ()
-        agree(check, shared=(), group=group)
-        return cls(found["store"], found["manifest"], RankShard(found["manifest"], rank, group))
+        try:
+            agree(check, shared=(), group=group)
+        except BaseException:  # refused on some rank: close what this rank opened
+            if "store" in found:
+                found["store"].close()
+            raise
+        return cls(found["store"], found["manifest"], RankShard(found["manifest"], rank, group), found["schedule"])
 
     # ---- what HistoryStore offers without decoding ------------------------------------------------
 
@@ -181,7 +194,8 @@ class RankShardHistory:
         return self.store.bytes_read
 
     def schedule(self):
-        return self.store.schedule()
+        """(step, lr, lrs, batch ids) of every recorded step, as read when the history was opened."""
+        return iter(self._schedule)
 
     def field_digests(self, names):
         """This rank's shard's per-step digests (the unlearners combine the ranks' in rank order). A
@@ -199,19 +213,27 @@ class RankShardHistory:
         if names is None or list(names):
             raise ValueError("a rank's shard of a sharded history serves its fields shard-locally (stored, "
                              "encoded); to read whole steps, open the directory with ShardedHistory")
-        return (StoredStep(step, lr, ids, {}, {}, lrs) for step, lr, lrs, ids in self.store.schedule()
+        return (StoredStep(step, lr, ids, {}, {}, lrs) for step, lr, lrs, ids in self._schedule
                 if (start is None or step >= start) and (stop is None or step < stop))
 
     # ---- shard-local fields ---------------------------------------------------------------------
 
     def stored(self, step: int, name: str) -> ShardVector:
         """Field `name` of `step`: this rank's shard decoded (1/world of the step), as a StoredVector."""
-        values = torch.cat([t.reshape(-1) for t in self.store.read(step, [name]).tensors[name]])
-        return ShardVector(values, self.shard)
+        parts = self._agreed_read(step, name, lambda: self.store.read(step, [name]).tensors[name])
+        return ShardVector(torch.cat([t.reshape(-1) for t in parts]), self.shard)
 
     def encoded(self, step: int, name: str) -> ShardField:
         """A plain field of `step` on this rank's codes (ShardField: dot, axpy_)."""
-        return ShardField(self.store.encoded(step, name), self.shard)
+        return ShardField(self._agreed_read(step, name, lambda: self.store.encoded(step, name)), self.shard)
+
+    def _agreed_read(self, step: int, name: str, read):
+        """read()'s result on this rank, once every rank's read of the same field succeeded; else
+        DistributedRefusal on every rank (class docstring). Collective: every rank reads in turn."""
+        got = []
+        agree(lambda: got.append(read()) or (), shared=(), group=self.group,
+              failed=f"could not read field {name!r} of step {step} from their history shard")
+        return got[0]
 
     def close(self) -> None:
         self.store.close()

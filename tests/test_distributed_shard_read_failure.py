@@ -1,0 +1,91 @@
+"""A rank whose shard of a sharded history cannot be read mid-request (a damaged record) makes the
+request fail on every rank at once, not leave the other ranks waiting in the next exchange until the
+group's timeout: each rank raises DistributedRefusal naming the failing rank and its error, and
+each rank's unlearner -- and a DistributedLedger over it -- is left as it was before the request.
+
+2 gloo ranks, DeltaGrad on a flat-split history (tests/test_distributed_shard_local.py's set-up);
+rank 1's store file is damaged after opening, one byte of the recorded gradients of a middle step,
+as a disk fault would (its checksum no longer matches when the request reads it)."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+
+
+from unlearn_ext.distributed import DistributedDeltaGradUnlearner, DistributedLedger, RankShardHistory
+from unlearn_ext.distributed.ledger import state_digest
+from unlearn_ext.history import HistoryStore
+from unlearn_ext.mini.vectors import FlatModel
+
+from distributed_setup import GROUP_TIMEOUT_S, launch
+from history_methods_setup import recorded_run
+from test_distributed_shard_local import FORGET, OPTIONS, _record_shards
+
+TIMEOUT_S = 120
+DAMAGED_RANK, FIELD = 1, "grads"
+
+
+def _flip_a_byte(path: str, step: int, name: str) -> None:
+    """Flips the first byte of field `name`'s section in `step`'s record of the store file at `path`."""
+    store = HistoryStore.open(path, writable=False)
+    entry = store._entries[store._index_of(step)].file_entry
+    offset = entry.payload_offset
+    for section, _, nbytes, _ in entry.header["sections"]:
+        if section == name:
+            break
+        offset += nbytes
+    else:
+        raise AssertionError(f"step {step} recorded no section {name!r}")
+    store.close()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def _failed_request(call) -> tuple:
+    """(error type, message, seconds until it raised) of a call expected to raise."""
+    began = time.monotonic()
+    try:
+        call()
+    except Exception as exc:  # the test asserts which one
+        return type(exc).__name__, str(exc), time.monotonic() - began
+    return "none", "the request succeeded", time.monotonic() - began
+
+
+def damaged_shard_worker(rank, world, directory, ledger_dir, step):
+    model, data, store = recorded_run("deltagrad")
+    _record_shards(directory, "deltagrad", FlatModel(model, data), store, rank, world)
+    history = RankShardHistory.open(directory)
+    if rank == DAMAGED_RANK:
+        _flip_a_byte(history.store.file.path, step, FIELD)
+    unlearner = DistributedDeltaGradUnlearner(copy.deepcopy(model), data, history, **OPTIONS["deltagrad"])
+    before = state_digest(unlearner.state_dict())
+    out = {"direct": _failed_request(lambda: unlearner.unlearn(FORGET))}
+    out["unchanged"] = state_digest(unlearner.state_dict()) == before
+    ledger = DistributedLedger(unlearner, ledger_dir)
+    out["ledger"] = _failed_request(lambda: ledger.forget(FORGET))
+    out["unchanged_after_ledger"] = state_digest(unlearner.state_dict()) == before
+    out["requests"] = ledger.requests
+    ledger.close()
+    history.close()
+    return out
+
+
+def test_a_damaged_shard_record_fails_the_request_on_every_rank_at_once():
+    step = len(recorded_run("deltagrad")[2].steps) // 2  # read by the replay (its approximate phase)
+    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as ledger_dir:
+        got = launch(damaged_shard_worker, 2, TIMEOUT_S, directory, os.path.join(ledger_dir, "ledger"), step)
+    for rank, outcome in enumerate(got):
+        for route in ("direct", "ledger"):
+            kind, message, seconds = outcome[route]
+            assert kind == "DistributedRefusal", (rank, route, kind, message)
+            assert f"rank(s) [{DAMAGED_RANK}]" in message and f"field {FIELD!r} of step {step}" in message, message
+            assert "HistoryCorruptError" in message and "checksum mismatch" in message, message
+            # Raised by the agreement, not by the group's timeout (a waiting rank would take GROUP_TIMEOUT_S).
+            assert seconds < GROUP_TIMEOUT_S / 2, (rank, route, seconds)
+        assert outcome["unchanged"] and outcome["unchanged_after_ledger"], rank
+        assert outcome["requests"] == []  # nothing committed (rank 0 holds the ledger)
