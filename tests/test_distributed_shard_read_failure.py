@@ -66,6 +66,10 @@ def damaged_shard_worker(rank, world, directory, ledger_dir, step):
     before = state_digest(unlearner.state_dict())
     out = {"direct": _failed_request(lambda: unlearner.unlearn(FORGET))}
     out["unchanged"] = state_digest(unlearner.state_dict()) == before
+    if out["direct"][0] != "DistributedRefusal":  # the ranks are out of step: what this test guards against
+        if rank == DAMAGED_RANK:  # alive and joining no collective, as a rank handling its own error: a rank
+            time.sleep(GROUP_TIMEOUT_S + 5)  # left waiting then shows as a wait, not as a closed connection
+        return out
     ledger = DistributedLedger(unlearner, ledger_dir)
     out["ledger"] = _failed_request(lambda: ledger.forget(FORGET))
     out["unchanged_after_ledger"] = state_digest(unlearner.state_dict()) == before
@@ -82,7 +86,7 @@ def test_a_damaged_shard_record_fails_the_request_on_every_rank_at_once():
     for rank, outcome in enumerate(got):
         for route in ("direct", "ledger"):
             kind, message, seconds = outcome[route]
-            assert kind == "DistributedRefusal", (rank, route, kind, message)
+            assert kind == "DistributedRefusal", (rank, route, kind, message, seconds)
             assert f"rank(s) [{DAMAGED_RANK}]" in message and f"field {FIELD!r} of step {step}" in message, message
             assert "HistoryCorruptError" in message and "checksum mismatch" in message, message
             # Raised by the agreement, not by the group's timeout (a waiting rank would take GROUP_TIMEOUT_S).
