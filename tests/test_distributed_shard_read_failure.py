@@ -5,7 +5,8 @@ each rank's unlearner -- and a DistributedLedger over it -- is left as it was be
 
 2 gloo ranks, DeltaGrad on a flat-split history (tests/test_distributed_shard_local.py's set-up);
 rank 1's store file is damaged after opening, one byte of the recorded gradients of a middle step,
-as a disk fault would (its checksum no longer matches when the request reads it)."""
+as a disk fault would (its checksum no longer matches when the request reads it). Mini-Unlearning
+likewise, rank 1's read of an anchor's full gradient raising an I/O error."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,11 @@ import os
 import tempfile
 import time
 
-
-from unlearn_ext.distributed import DistributedDeltaGradUnlearner, DistributedLedger, RankShardHistory
+from unlearn_ext.distributed import (DistributedDeltaGradUnlearner, DistributedLedger, DistributedMiniUnlearner,
+                                     RankShardHistory)
 from unlearn_ext.distributed.ledger import state_digest
 from unlearn_ext.history import HistoryStore
+from unlearn_ext.mini.record import FULL_GRAD
 from unlearn_ext.mini.vectors import FlatModel
 
 from distributed_setup import GROUP_TIMEOUT_S, launch
@@ -56,6 +58,17 @@ def _failed_request(call) -> tuple:
     return "none", "the request succeeded", time.monotonic() - began
 
 
+def _out_of_step(rank: int, outcome: tuple) -> bool:
+    """Whether the ranks are out of step after a failed request (what these tests guard against). The
+    damaged rank then stays alive and joins no collective, as a rank handling its own error would, so
+    a rank left waiting shows as a wait (the group's timeout), not as a closed connection."""
+    if outcome[0] == "DistributedRefusal":
+        return False
+    if rank == DAMAGED_RANK:
+        time.sleep(GROUP_TIMEOUT_S + 5)
+    return True
+
+
 def damaged_shard_worker(rank, world, directory, ledger_dir, step):
     model, data, store = recorded_run("deltagrad")
     _record_shards(directory, "deltagrad", FlatModel(model, data), store, rank, world)
@@ -66,9 +79,7 @@ def damaged_shard_worker(rank, world, directory, ledger_dir, step):
     before = state_digest(unlearner.state_dict())
     out = {"direct": _failed_request(lambda: unlearner.unlearn(FORGET))}
     out["unchanged"] = state_digest(unlearner.state_dict()) == before
-    if out["direct"][0] != "DistributedRefusal":  # the ranks are out of step: what this test guards against
-        if rank == DAMAGED_RANK:  # alive and joining no collective, as a rank handling its own error: a rank
-            time.sleep(GROUP_TIMEOUT_S + 5)  # left waiting then shows as a wait, not as a closed connection
+    if _out_of_step(rank, out["direct"]):
         return out
     ledger = DistributedLedger(unlearner, ledger_dir)
     out["ledger"] = _failed_request(lambda: ledger.forget(FORGET))
@@ -93,3 +104,35 @@ def test_a_damaged_shard_record_fails_the_request_on_every_rank_at_once():
             assert seconds < GROUP_TIMEOUT_S / 2, (rank, route, seconds)
         assert outcome["unchanged"] and outcome["unchanged_after_ledger"], rank
         assert outcome["requests"] == []  # nothing committed (rank 0 holds the ledger)
+
+
+def failing_read_worker(rank, world, directory):
+    model, data, store = recorded_run("mini")
+    _record_shards(directory, "mini", FlatModel(model, data), store, rank, world)
+    history = RankShardHistory.open(directory)
+    if rank == DAMAGED_RANK:
+        read = history.store.read
+
+        def failing(step, names=None, **kw):
+            if names == [FULL_GRAD]:
+                raise OSError(5, "Input/output error")
+            return read(step, names, **kw)
+        history.store.read = failing
+    unlearner = DistributedMiniUnlearner(copy.deepcopy(model), data, history, **OPTIONS["mini"])
+    before = state_digest(unlearner.state_dict())
+    out = _failed_request(lambda: unlearner.unlearn(FORGET))
+    if _out_of_step(rank, out):
+        return out, None
+    history.close()
+    return out, state_digest(unlearner.state_dict()) == before
+
+
+def test_a_failing_read_fails_mini_unlearning_on_every_rank_at_once():
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(failing_read_worker, 2, TIMEOUT_S, directory)
+    for rank, ((kind, message, seconds), unchanged) in enumerate(got):
+        assert kind == "DistributedRefusal", (rank, kind, message, seconds)
+        assert f"rank(s) [{DAMAGED_RANK}] could not read field {FULL_GRAD!r}" in message, message
+        assert "OSError" in message and "Input/output error" in message, message
+        assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)
+        assert unchanged, rank
