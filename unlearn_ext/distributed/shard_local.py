@@ -143,7 +143,7 @@ class RankShardHistory:
 
     A read can fail on one rank only (its shard's record is damaged, its file unreadable), and the
     other ranks would then wait in the read's next exchange until the group's timeout. So each
-    field read is agreed on (group.agree: one small all_gather per read), and a failed read raises
+    field read is agreed on (group.agree: one small exchange per read), and a failed read raises
     DistributedRefusal on every rank, naming the rank and its error; the schedule (lrs, batch
     ids) is read once, when opening, inside the opening's agreement."""
 
@@ -229,7 +229,8 @@ class RankShardHistory:
 
     def _agreed_read(self, step: int, name: str, read):
         """read()'s result on this rank, once every rank's read of the same field succeeded; else
-        DistributedRefusal on every rank (class docstring). Collective: every rank reads in turn."""
+        DistributedRefusal on every rank (class docstring). Collective: the ranks make the same reads in
+        the same order (the unlearners run the same steps on every rank)."""
         got = []
         agree(lambda: got.append(read()) or (), shared=(), group=self.group,
               failed=f"could not read field {name!r} of step {step} from their history shard")
