@@ -21,6 +21,7 @@ from unlearn_ext.mini.vectors import FlatModel
 
 from distributed_setup import launch
 from history_methods_setup import recorded_run
+from user_models import Pairs
 
 TIMEOUT_S = 120
 FORGET = [3, 17, 42, 77, 101, 150, 199]
@@ -41,21 +42,10 @@ def _count_replay_reads(data) -> list:
     return read
 
 
-class RowDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def _answer(cls, in_memory: bool) -> dict:
     model, data, store = recorded_run("deltagrad")
     if not in_memory:  # the same rows, read item by item
-        data = ue.TrainingData(RowDataset(data.inputs, data.targets))
+        data = ue.TrainingData(Pairs(data.inputs, data.targets))
     read = _count_replay_reads(data)
     report = cls(model, data, store, **OPTIONS).unlearn(FORGET)
     return {"weights": FlatModel(model, data).flat(), "status": report.status, "read": read,
