@@ -101,12 +101,20 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     return "other"
 
 
-def per_sample_loss_of(loss_fn):
+class PerSampleLoss:
     """The per-sample form (shape [b]) of a batch loss (reduction='none', summed over any extra
-    dimensions, e.g. tokens)."""
-    from .per_sample.engine import per_sample_losses
+    dimensions, e.g. tokens). `batch_loss` is the loss it wraps: mini/layer_chain.py recognizes
+    torch's default cross-entropy behind it (a class, not a closure, so that it can be looked at)."""
 
-    def per_sample(outputs, targets):
-        return per_sample_losses(loss_fn, outputs, targets)
-    per_sample.__name__ = f"per_sample({getattr(loss_fn, '__name__', type(loss_fn).__name__)})"
-    return per_sample
+    def __init__(self, batch_loss):
+        from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
+        self.batch_loss, self._per_sample_losses = batch_loss, per_sample_losses
+        self.__name__ = f"per_sample({getattr(batch_loss, '__name__', type(batch_loss).__name__)})"
+
+    def __call__(self, outputs, targets):
+        return self._per_sample_losses(self.batch_loss, outputs, targets)
+
+
+def per_sample_loss_of(loss_fn) -> PerSampleLoss:
+    """The per-sample form of a batch loss (PerSampleLoss)."""
+    return PerSampleLoss(loss_fn)

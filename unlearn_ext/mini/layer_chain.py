@@ -12,10 +12,17 @@ numbers equal autograd's up to float rounding (tests/test_layer_chain.py compare
 and float64).
 
 Covered: an nn.Linear, or an nn.Sequential (the class itself, not a subclass with its own forward)
-of nn.Linear, nn.Tanh, nn.Sigmoid and nn.ReLU, without hooks (their own or global ones) or a
-forward set on an instance, every parameter trainable, with the TrainingData's default per-sample cross-entropy on in-memory 2-D inputs of the parameters' dtype
-and int64 class targets in range. `LayerChain.of` returns None for anything else, and the caller
-keeps autograd.
+of nn.Linear, nn.Tanh, nn.Sigmoid and nn.ReLU, optionally led by one nn.Flatten() with its default
+dims (start_dim=1, end_dim=-1), without hooks (their own or global ones) or a forward set on an
+instance, every parameter trainable; under cross-entropy with torch's defaults: the TrainingData's
+own per-sample loss, or the engine's per-sample form (policy.PerSampleLoss) of nn.CrossEntropyLoss
+(no class weights, ignore_index -100, no label smoothing, any reduction; no hooks) or of
+F.cross_entropy; on rows whose inputs are of the parameters' dtype and 2-D (after the leading
+Flatten, of the first Linear's width) and whose targets are int64 class indices, 1-D, in range.
+In-memory data are checked once (`of`); a dataset's rows only exist once loaded, so they are checked
+batch by batch (`takes`). `LayerChain.of` returns None for anything else, and the caller keeps
+autograd; a batch `takes` refuses sends the caller to autograd too (mini/replay_model.py), which
+computes, or refuses, it as it always did: never the chain's arithmetic on rows it does not state.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 
 from ..data import TrainingData, per_sample_cross_entropy
+from ..policy import PerSampleLoss
 
 # activation -> its backward from the layer's output (autograd's formula for each)
 _ACTIVATIONS = {
@@ -41,6 +49,18 @@ def _has_hooks(module: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+def _is_default_cross_entropy(loss) -> bool:
+    """Whether the per-sample loss `loss` is cross-entropy with torch's defaults (module docstring):
+    the chain's softmax-minus-one-hot is its gradient exactly on in-range targets."""
+    if loss is per_sample_cross_entropy:
+        return True
+    batch = loss.batch_loss if isinstance(loss, PerSampleLoss) else None
+    if batch is nn.functional.cross_entropy:
+        return True
+    return (type(batch) is nn.CrossEntropyLoss and not _has_hooks(batch) and batch.weight is None
+            and batch.ignore_index == -100 and batch.label_smoothing == 0.0)
+
+
 def _global_hooks() -> bool:
     """Whether hooks registered for every module (register_module_forward_hook and the like) are set."""
     from torch.nn.modules import module as registry
@@ -49,10 +69,13 @@ def _global_hooks() -> bool:
 
 
 class LayerChain:
-    def __init__(self, layers: list, dtype: torch.dtype):
+    def __init__(self, layers: list, dtype: torch.dtype, flatten: bool, classes: int, rows_checked: bool):
         # (weight, bias or None) for a Linear, an activation class otherwise, in order: read once, so a
         # call spends no module attribute look-ups
         self.layers = layers
+        self.dtype, self.flatten, self.classes = dtype, flatten, classes
+        self.width = next(layer for layer in layers if type(layer) is not type)[0].shape[1]  # the first Linear's in_features
+        self.rows_checked = rows_checked  # in-memory data: every row checked by `of`
         linears = [layer for layer in layers if type(layer) is not type]
         sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
         # Two flat output vectors (a split call fills both), each with a (weight, bias) view per Linear
@@ -71,10 +94,15 @@ class LayerChain:
     def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
         """The chain of `module` (whose trainable parameters, in flat order, are `params`), or None
         where it is not covered (module docstring)."""
-        if data.loss is not per_sample_cross_entropy or not data.in_memory or _global_hooks():
+        if not _is_default_cross_entropy(data.loss) or _global_hooks():
             return None
         children = [module] if type(module) is nn.Linear else \
             list(module) if type(module) is nn.Sequential and not _has_hooks(module) else None
+        flatten = bool(children) and type(children[0]) is nn.Flatten
+        if flatten:
+            if _has_hooks(children[0]) or (children[0].start_dim, children[0].end_dim) != (1, -1):
+                return None
+            children = children[1:]
         if not children or type(children[-1]) is not nn.Linear:
             return None
         layers, order = [], []
@@ -87,21 +115,38 @@ class LayerChain:
             elif type(child) in _ACTIVATIONS:  # (an in-place ReLU: the same values and gradient)
                 layers.append(type(child))
             else:
-                return None
+                return None  # (an nn.Flatten here too: only a leading one is covered)
         if len(order) != len(params) or any(p is not q for p, q in zip(order, params)):
             return None  # a frozen parameter, or parameters outside the chain
-        x, y = data.inputs, data.targets
-        if x.dim() != 2 or x.dtype != params[0].dtype or y.dim() != 1 or y.dtype != torch.int64 or not len(y) \
-                or int(y.min()) < 0 or int(y.max()) >= children[-1].out_features:
+        chain = cls(layers, params[0].dtype, flatten, children[-1].out_features, data.in_memory)
+        if data.in_memory and not chain.fits(data.inputs, data.targets):
             return None
-        return cls(layers, params[0].dtype)
+        return chain
+
+    def fits(self, x, y) -> bool:
+        """Whether rows (x, y) are ones the chain computes (module docstring): inputs of the
+        parameters' dtype, 2-D after the leading Flatten (if any) and of the first Linear's width;
+        int64 1-D class targets in range, one per row."""
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dtype != self.dtype:
+            return False
+        if not (x.dim() >= 2 if self.flatten else x.dim() == 2) or x.shape[1:].numel() != self.width:
+            return False
+        if y.dim() != 1 or y.dtype != torch.int64 or not len(y) or len(y) != len(x):
+            return False
+        low, high = torch.aminmax(y)
+        return int(low) >= 0 and int(high) < self.classes
+
+    def takes(self, x, y) -> bool:
+        """Whether the chain computes the gradient of rows (x, y) of its data: in-memory rows were
+        checked once (`of`), a dataset's are checked here, batch by batch."""
+        return self.rows_checked or self.fits(x, y)
 
     def loss_grad_sums(self, x: torch.Tensor, y: torch.Tensor, split: int | None = None):
         """The gradient of the summed per-sample losses of rows (x, y) as one flat vector (the
         parameters in flat order); with `split` = k, two: rows [:k] and rows [k:], from one forward
         pass. The vectors are this chain's own, overwritten by the next call: use them before."""
         with torch.no_grad():
-            outputs = [x]
+            outputs = [x.flatten(1) if self.flatten else x]
             for layer in self.layers:
                 outputs.append(_FORWARD[layer](outputs[-1]) if type(layer) is type else
                                nn.functional.linear(outputs[-1], *layer))

@@ -13,7 +13,8 @@ The numbers are those of `FlatModel.mean_loss_grad`: the same modules, the same 
 summed per chunk of rows, divided by the number of rows (tests/test_deltagrad_fast.py compares
 them, on a model with BatchNorm in eval mode among others). A model made of Linear layers and
 elementwise activations under the default cross-entropy takes its backward pass without autograd's
-graph (mini/layer_chain.py: the same arithmetic, about half the calls; tests/test_layer_chain.py).
+graph (mini/layer_chain.py: the same arithmetic, about half the calls; tests/test_layer_chain.py);
+rows read from a dataset are checked batch by batch before the chain takes them.
 `batch_rows` reads the rows of a replay's many small id sets ahead, in blocks.
 
 Across ranks (distributed/history_methods.py) the flat model is a RankSplitFlatModel: each gradient
@@ -71,8 +72,16 @@ class ReplayModel:
             return self.data.batch(ids[lo:hi])
         return rows[0][lo:hi], rows[1][lo:hi]
 
+    def _chain_takes(self, x, y) -> bool:
+        """Whether the chain computes the gradient of rows (x, y) (LayerChain.takes: a dataset's rows
+        are checked batch by batch). A batch it does not take leaves the rest of the request to
+        autograd, which computes, or refuses, such rows as it always did."""
+        if self.chain is not None and not self.chain.takes(x, y):
+            self.chain = None
+        return self.chain is not None
+
     def _loss_grad_sums(self, x, y) -> torch.Tensor:
-        if self.chain is not None:
+        if self._chain_takes(x, y):
             return self.chain.loss_grad_sums(x, y).float()  # (the chain's own vector: used before the next call)
         return self._grad_of(self._loss_sum(x, y))
 
@@ -130,7 +139,7 @@ class ReplayModel:
         if k + my_removed.numel() == 0:  # a rank whose slices are both empty still joins the sums
             return torch.zeros(self.dim, dtype=torch.float32), torch.zeros(self.dim, dtype=torch.float32)
         x, y = self.data.batch(torch.cat([my_kept, my_removed])) if rows is None else rows
-        if self.chain is not None:
+        if self._chain_takes(x, y):
             g_kept, g_removed = self.chain.loss_grad_sums(x, y, split=k)
             return g_kept.float(), g_removed.float()
         losses = self.data.loss(self.module(x), y)
