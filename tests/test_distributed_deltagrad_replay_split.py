@@ -3,9 +3,10 @@
 the removed samples at the exact prefix, both sets at exact steps, the removed ones at quasi-Newton
 steps) are split across the ranks, each rank reading about 1/world of them and all ranks together
 exactly the rows one process reads; the answer equals the single-process one within the tolerance
-of tests/test_distributed_history_methods.py and is the same bits on every rank. With the data in
-memory the replay's gradients take the Linear-chain path (mini/layer_chain.py); from a Dataset,
-autograd's, and some ranks' slices of the small removed sets are empty (nothing read there)."""
+of tests/test_distributed_history_methods.py and is the same bits on every rank. The replay's
+gradients take the Linear-chain path (mini/layer_chain.py), from in-memory data and from a Dataset
+(whose rows each rank checks batch by batch); some ranks' slices of the small removed sets are
+empty (nothing read there)."""
 from __future__ import annotations
 
 import os
