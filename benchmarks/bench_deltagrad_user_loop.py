@@ -128,7 +128,7 @@ def main() -> None:
         def pooled(key):
             return statistics.median(v for r in results for v in r[key])
         summary[name] = {"chain": [r["chain"] for r in results], "status": [r["status"] for r in results],
-                         "d_over_d0": [round(r["d_over_d0"], 4) for r in results],
+                         "d_over_d0": [round(r["d_over_d0"], 9) for r in results],
                          "cost_vs_retrain": results[0]["cost_vs_retrain"],
                          "cpu_ratio_median": pooled("cpu_ratio"),
                          "cpu_ratio_range": [min(v for r in results for v in r["cpu_ratio"]),
