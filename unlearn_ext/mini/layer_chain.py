@@ -73,10 +73,10 @@ class LayerChain:
         # (weight, bias or None) for a Linear, an activation class otherwise, in order: read once, so a
         # call spends no module attribute look-ups
         self.layers = layers
-        self.dtype, self.flatten, self.classes = dtype, flatten, classes
-        self.width = next(layer for layer in layers if type(layer) is not type)[0].shape[1]  # the first Linear's in_features
-        self.rows_checked = rows_checked  # in-memory data: every row checked by `of`
         linears = [layer for layer in layers if type(layer) is not type]
+        # What `fits` checks rows against; rows_checked: in-memory data, every row checked by `of`
+        self.dtype, self.flatten, self.classes = dtype, flatten, classes
+        self.width, self.rows_checked = linears[0][0].shape[1], rows_checked  # (the first Linear's in_features)
         sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
         # Two flat output vectors (a split call fills both), each with a (weight, bias) view per Linear
         # in flat order: the products write straight into them, with no concatenation after.
