@@ -23,6 +23,7 @@ Bytes per recorded step, of the TRAINED real (unshared) records: what they hold 
 --history: the trainer records into a disk history store (PCMUTrainer(history=...), in the same
 directory as the ledger; every one of the T records written to it), which the ledger commits by
 reference (the store's length and digest) instead of record files; the row says history_store.
+ledger_bytes and store_bytes: what the ledger directory and the store file hold at the end.
 """
 from __future__ import annotations
 
@@ -115,7 +116,11 @@ def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_
                     peaks.append(_rss_kib("VmHWM") - rss)
         ledger.close()
         trainer.close()
-    return {"history_store": history, "steps": steps, "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
+        on_disk = {name: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(
+            os.path.join(directory, name)) for f in files) if os.path.isdir(os.path.join(directory, name))
+            else os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)}
+    return {"history_store": history, "steps": steps, "ledger_bytes": on_disk.get("ledger"),
+            "store_bytes": on_disk.get("pcmu.hist"), "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
             "cpu_median_ms": 1e3 * statistics.median(cpu_seconds),
             "first_ms": 1e3 * first[0], "first_cpu_ms": 1e3 * first[1],
             "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests, "prior": prior,

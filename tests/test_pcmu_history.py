@@ -11,7 +11,7 @@ import torch
 
 from unlearn_ext.history.file import HistoryConflictError, HistoryLockedError
 from unlearn_ext.history.store import HistoryStore
-from unlearn_ext.ledger import DeletionLedger
+from unlearn_ext.ledger import DeletionLedger, read_ledger
 from unlearn_ext.pcmu import PCMUUnlearner
 from unlearn_ext.pcmu.history import load_records
 
@@ -156,13 +156,10 @@ def test_ledger_commits_the_store_by_reference(tmp_path):
     path, directory = str(tmp_path / "h"), str(tmp_path / "ledger")
     trainer, ledger = ledger_over(path, directory)
     trainer.train(epochs=EPOCHS)
-    size = os.path.getsize(path)
-    first = ledger.forget([5])  # certified or not: the records are never copied into the ledger
+    ledger.forget([5])
     names = set(ledger.ledger["parts"]) | set(ledger.ledger["inline"])
-    assert "history" in names and not any(n.startswith("records") for n in names)
+    assert "history" in names and not any(n.startswith("records") for n in names)  # never copied
     assert not ledger.ledger["logs"]
-    if first.status == "certified":
-        assert os.path.getsize(path) == size  # the history was not rewritten
     report = ledger.forget(DIVERGENT)
     assert report.status == "retrained"
     forgotten = torch.tensor(sorted(set(DIVERGENT) | {5}))
@@ -175,6 +172,25 @@ def test_ledger_commits_the_store_by_reference(tmp_path):
     assert ledger2.forgotten == forgotten.tolist() and len(ledger2.requests) == 2
     assert trainer2.certificate() == retrained.certificate()
     ledger2.close(), trainer2.close()
+
+
+def test_a_certified_request_leaves_the_store_as_it_was(tmp_path):
+    """A setting where requests are certified (wider smoothing): the commit names the same records,
+    the store file is not written, and the ledger holds no record."""
+    path, directory = str(tmp_path / "h"), str(tmp_path / "ledger")
+    trainer, ledger = ledger_over(path, directory, sigma=0.05, tau=0.2)
+    trainer.train(epochs=EPOCHS)
+    ledger.forget([3])  # commits the trained steps (their mark)
+    with open(path, "rb") as f:
+        before = f.read()
+    committed = read_ledger(directory)["inline"]["history"]
+    report = ledger.forget(DIVERGENT)
+    assert report.status == "certified" and not report.weights_changed
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert read_ledger(directory)["inline"]["history"] == committed
+    assert not any(n.startswith("records") for n in os.listdir(directory))
+    ledger.close(), trainer.close()
 
 
 def test_a_failed_commit_restores_the_rewritten_records(tmp_path, monkeypatch):
