@@ -13,7 +13,7 @@ from unlearn_ext.history.file import HistoryConflictError, HistoryLockedError
 from unlearn_ext.history.store import HistoryStore
 from unlearn_ext.ledger import DeletionLedger, read_ledger
 from unlearn_ext.pcmu import PCMUUnlearner
-from unlearn_ext.pcmu.history import load_records
+from unlearn_ext.pcmu.history import fields, load_records
 
 from unlearn_ext.pcmu import PCMUTrainer
 
@@ -127,6 +127,17 @@ def test_one_writer_and_another_configuration_refused(tmp_path):
         digits_trainer(history=path, lr=0.07)
     with pytest.raises(TypeError, match="history must be a path or a HistoryStore"):
         digits_trainer(history=3)
+    with pytest.raises(ValueError, match="PCMU records into a disk store made with"):
+        digits_trainer(history=HistoryStore(fields(1), tier="host"))
+
+
+def test_a_store_given_as_an_object(tmp_path):
+    """history= a disk HistoryStore made with pcmu.history.fields: the same records as a path."""
+    store = HistoryStore(fields(2), tier="disk", path=str(tmp_path / "h"))
+    trainer = digits_trainer(history=store).train(steps=3)
+    assert trainer.history is store and len(store) == 3
+    assert same_records(load_records(store), digits_trainer().train(steps=3).records)
+    trainer.close()
 
 
 def test_rewind_and_rollback_of_the_store(tmp_path):

@@ -453,7 +453,7 @@ class HistoryStore:
         self.file.truncate_to(mark)
         self.close()
         fresh = HistoryStore.open(path)
-        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
 
     # ---- reading -------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ from .records import RECORD_TENSORS, PCMUStep
 
 RUN_KEY = "pcmu"        # run metadata: the trainer's fingerprint
 INITIAL = "initial"     # step 0's field: the initial weights, one flat float32 tensor per parameter
+# Records between fsyncs of a store created from a path (exact fields have no keyframes: this is the
+# store's keyframe_every, which also bounds the tail a crash can cost).
+SYNC_EVERY = 50
 
 
 def fields(parameters: int) -> dict:
@@ -53,10 +56,11 @@ def open_history(history, trainer) -> HistoryStore:
     or a HistoryStore made with `fields(...)` on the disk tier; refused for another configuration."""
     want = fields(len(trainer.params))
     mine = json.loads(json.dumps(trainer.fingerprint(), default=float))
-    if isinstance(history, (str, os.PathLike)):
+    opened_here = isinstance(history, (str, os.PathLike))  # closed again here when refused
+    if opened_here:
         path = os.fspath(history)
         store = (HistoryStore.open(path, expect=want) if os.path.exists(path)
-                 else HistoryStore(want, tier="disk", path=path, keyframe_every=50))
+                 else HistoryStore(want, tier="disk", path=path, keyframe_every=SYNC_EVERY))
     elif isinstance(history, HistoryStore):
         store = history
         if store.tier != "disk" or {k: v.describe() for k, v in store.fields.items()} != {
@@ -66,13 +70,13 @@ def open_history(history, trainer) -> HistoryStore:
     else:
         raise TypeError(f"history must be a path or a HistoryStore, got {type(history).__name__}")
     saved = store.run_info.get(RUN_KEY)
-    if saved is None:
-        if len(store):
-            store.close()
-            raise ValueError(f"history {store.file.path}: holds steps but no PCMU configuration: not a PCMU history")
+    if saved is None and not len(store):
         store.set_run_info(**{RUN_KEY: mine})
     elif saved != mine:
-        store.close()
+        if opened_here:
+            store.close()
+        if saved is None:
+            raise ValueError(f"history {store.file.path}: holds steps but no PCMU configuration: not a PCMU history")
         differs = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
         raise ValueError(f"history {store.file.path} was recorded by another PCMU model or configuration "
                          f"(differs in: {', '.join(differs)})")
@@ -106,6 +110,10 @@ class StoreLog(StepLog):
         self.truncate(0)
         for e in entries:
             self.append(e)
+
+    def restore_clean(self) -> None:
+        raise RuntimeError("records in a history store are rolled back through the store (the state's "
+                           "'history' mark, persistence.py), not through the StepLog's marks")
 
     def reload(self) -> None:
         """The records as the store holds them now (after the store was rolled back)."""
@@ -145,7 +153,8 @@ def attach(trainer, history) -> None:
         initial = initial_weights(store, trainer.shapes) if len(log) else trainer.initial
         persistence.check_step_sizes(trainer, [(r.step, r.step_size) for r in log])
     except BaseException:
-        store.close()
+        if not isinstance(history, HistoryStore):  # opened here from a path
+            store.close()
         raise
     trainer.history, trainer.initial, trainer.records = store, initial, log
     if len(log):
