@@ -23,7 +23,8 @@ Bytes per recorded step, of the TRAINED real (unshared) records: what they hold 
 --history: the trainer records into a disk history store (PCMUTrainer(history=...), in the same
 directory as the ledger; every one of the T records written to it), which the ledger commits by
 reference (the store's length and digest) instead of record files; the row says history_store.
-ledger_bytes and store_bytes: what the ledger directory and the store file hold at the end.
+ledger_bytes and store_bytes: what the ledger directory and the store file hold at the end;
+restart_ms: building the trainer again and reopening the ledger over those files (wall, CPU).
 """
 from __future__ import annotations
 
@@ -116,6 +117,16 @@ def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_
                     peaks.append(_rss_kib("VmHWM") - rss)
         ledger.close()
         trainer.close()
+        # A restart: the same trainer built again (over the store, which restores its records) and
+        # the ledger reopened over it (which loads the committed state: record files or the mark).
+        began, cpu_began = time.perf_counter(), time.process_time()
+        trainer = _trainer(batch_size, os.path.join(directory, "pcmu.hist") if history else None)
+        ledger = DeletionLedger(PCMUUnlearner(trainer), os.path.join(directory, "ledger"))
+        restart = (time.perf_counter() - began, time.process_time() - cpu_began)
+        if trainer.steps_done != steps:
+            raise RuntimeError(f"the restarted trainer holds {trainer.steps_done} steps, not {steps}")
+        ledger.close()
+        trainer.close()
         on_disk = {name: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(
             os.path.join(directory, name)) for f in files) if os.path.isdir(os.path.join(directory, name))
             else os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)}
@@ -123,6 +134,7 @@ def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_
             "store_bytes": on_disk.get("pcmu.hist"), "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
             "cpu_median_ms": 1e3 * statistics.median(cpu_seconds),
             "first_ms": 1e3 * first[0], "first_cpu_ms": 1e3 * first[1],
+            "restart_ms": 1e3 * restart[0], "restart_cpu_ms": 1e3 * restart[1],
             "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests, "prior": prior,
             "batch_size": batch_size}
 
