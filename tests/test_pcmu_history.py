@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -71,6 +75,43 @@ def test_reopening_after_a_crash_continues_as_the_uninterrupted_run(tmp_path):
     ra, rb = PCMUUnlearner(resumed).unlearn(DIVERGENT), PCMUUnlearner(uninterrupted).unlearn(DIVERGENT)
     assert (ra.status, ra.how) == (rb.status, rb.how)
     assert params_equal(resumed, uninterrupted) and same_records(resumed.records, uninterrupted.records)
+
+
+# The child trains into the store until it is killed (SIGKILL: no close, no flush beyond each record's).
+KILLED_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from pcmu_settings import digits_trainer
+    trainer = digits_trainer(history=sys.argv[1])
+    for _ in range(10000):
+        trainer.train(steps=1)
+        print(trainer.steps_done, flush=True)
+""")
+
+
+def test_a_killed_training_process_reopens_at_its_last_whole_record(tmp_path):
+    path = str(tmp_path / "h")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(tests) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, path, tests], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        for line in child.stdout:  # kill it mid-training, once it has recorded a few steps
+            if int(line) >= 6:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    reopened = digits_trainer(history=path)
+    done = reopened.steps_done
+    assert done >= 6
+    uninterrupted = digits_trainer().train(steps=done)
+    assert params_equal(reopened, uninterrupted) and same_records(reopened.records, uninterrupted.records)
+    reopened.train(steps=3)
+    uninterrupted.train(steps=3)
+    assert params_equal(reopened, uninterrupted) and reopened.certificate() == uninterrupted.certificate()
+    reopened.close()
 
 
 def test_a_reopened_store_restores_the_initial_weights(tmp_path):
