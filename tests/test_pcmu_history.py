@@ -287,3 +287,27 @@ def test_restart_cuts_the_steps_the_ledger_never_committed(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(committed, trainer2.params))
     assert ledger2.forgotten == [5]
     ledger2.close(), trainer2.close()
+
+
+def test_a_state_naming_a_store_is_refused_where_it_does_not_fit(tmp_path):
+    """state_dict() of a store-backed trainer names the store (no records): an in-memory trainer
+    refuses it, and so does the trainer when its store no longer begins with those records, before
+    anything changes."""
+    path = str(tmp_path / "h")
+    trainer = digits_trainer(history=path).train(steps=3)
+    state = trainer.state_dict()
+    assert "records" not in state and state["history"]["steps"] == 3
+    with pytest.raises(ValueError, match="names records in a history store"):
+        digits_trainer().load_state_dict(state)
+    with pytest.raises(ValueError, match="'history' must hold the store's bytes, digest and steps"):
+        trainer.load_state_dict({**state, "history": {"bytes": "3"}})
+    trainer.train(steps=1)
+    params, mark = [p.clone() for p in trainer.params], trainer.history.mark()
+    with pytest.raises(HistoryConflictError, match="does not begin with the records of the mark"):
+        trainer.load_state_dict({**state, "history": {**state["history"], "digest": "0" * 64}})
+    assert trainer.history.mark() == mark and trainer.steps_done == 4
+    assert all(torch.equal(a, b) for a, b in zip(params, trainer.params))
+    trainer.load_state_dict(state)  # the mark it took: back to 3 steps, the weights then
+    assert trainer.steps_done == 3 and len(trainer.history) == 3
+    assert params_equal(trainer, digits_trainer().train(steps=3))
+    trainer.close()

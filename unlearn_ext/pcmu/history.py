@@ -170,14 +170,26 @@ def mark(trainer) -> dict:
     return {"path": os.path.abspath(trainer.history.file.path), **trainer.history.mark(), "steps": len(trainer.records)}
 
 
-def restore(trainer, saved: dict) -> None:
-    """Back to the records `saved` (a `mark`) covered: the store is cut back to them (refused unless
-    it begins with them) and the records are read again."""
-    store = trainer.history
-    if not (isinstance(saved, dict) and {"bytes", "digest", "steps"} <= set(saved)):
+def saved_mark(trainer, saved) -> dict:
+    """A saved state's "history" (a `mark`), checked: well-formed, and this trainer records into a
+    store."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("bytes"), int) and isinstance(saved.get("digest"), str)
+            and isinstance(saved.get("steps"), int)):
         raise ValueError("saved PCMU state: 'history' must hold the store's bytes, digest and steps")
-    if store.mark() != {"bytes": saved["bytes"], "digest": saved["digest"]}:
-        store.rollback({"bytes": saved["bytes"], "digest": saved["digest"]})
+    if trainer.history is None:
+        raise ValueError(f"saved PCMU state names records in a history store ({saved.get('path')}): build the "
+                         "trainer with history= that store")
+    return saved
+
+
+def restore(trainer, saved: dict) -> None:
+    """Back to the records `saved` (a checked `mark`) covered: the store is cut back to them
+    (HistoryConflictError, and nothing changed, unless it begins with them) and the records are
+    read again."""
+    store = trainer.history
+    mark = {"bytes": saved["bytes"], "digest": saved["digest"]}
+    if store.mark() != mark:
+        store.rollback(mark)
         trainer.records.reload()
     if len(trainer.records) != saved["steps"]:
         raise ValueError(f"history {store.file.path} holds {len(trainer.records)} steps at the saved mark, "

@@ -59,12 +59,9 @@ def load_state_dict(trainer, state: dict) -> None:
         raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
                          f"{', '.join(mismatch)})")
     check_step_sizes(trainer, [(r["step"], r["step_size"]) for r in state.get("records", [])])
-    if "history" in state and trainer.history is None:
-        raise ValueError("saved PCMU state names records in a history store "
-                         f"({state['history'].get('path') if isinstance(state['history'], dict) else '?'}): build "
-                         "the trainer with history= that store")
+    stored = history.saved_mark(trainer, state["history"]) if "history" in state else None
     forgotten = as_ids(state["forgotten"], "forgotten").unique()
-    steps = (len(state["records"]) if "records" in state else int(state["history"]["steps"]) if "history" in state
+    steps = (len(state["records"]) if "records" in state else stored["steps"] if stored is not None
              else len(trainer.records))
     if "exclusions" in state:
         excluded_from = _excluded_from(state["exclusions"], forgotten, steps)
@@ -76,10 +73,10 @@ def load_state_dict(trainer, state: dict) -> None:
     # Everything is read and checked before the trainer changes: a refused state leaves it as it was.
     initial = _initial(trainer, state.get("initial"))
     records = _records(trainer, state["records"]) if "records" in state else None
+    if stored is not None:  # first: refused (the store no longer begins with those records) before any change
+        history.restore(trainer, stored)
     load_model_state_(trainer.model, state)  # refuses other names or shapes before copying
     trainer.initial = initial
-    if "history" in state:
-        history.restore(trainer, state["history"])
     if records is not None:
         trainer.records.replace(records)
     trainer._forgotten, trainer._excluded_from = forgotten, excluded_from
