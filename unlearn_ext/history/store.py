@@ -86,6 +86,7 @@ class StoredStep:
     lr: float | None             # the first param group's lr (lrs[0] when lrs was recorded)
     batch_ids: torch.Tensor | None
     tensors: dict                # field name -> list of fp32 tensors shaped like the recorded ones
+                                 # (exact fields: the recorded 1-D tensors, their own dtype)
     stats: dict                  # field name -> {"bytes", "raw_bytes", "max_err", "rms_err", "kind", "digest"}
     lrs: list | None = None      # every param group's lr, when recorded (HistoryRecorder does)
     meta: dict | None = None     # the step's own scalars, when recorded (record(meta=...))

@@ -185,13 +185,8 @@ class FragileSet:
         """Bytes of the stored tensors."""
         return sum(t.numel() * t.element_size() for t in (self.value, self.index, self.radius) if t is not None)
 
-    # ---- persistence (torch.load(weights_only=True) safe: tensors and plain values) ----------------
-
-    def to_state(self) -> dict:
-        """The form of records saved before PCMUStep.to_record existed (read by from_state)."""
-        return {"layout": self.layout, "coordinates": self.coordinates, "threshold": self.threshold,
-                "beta": self.beta, "count": self.count, "value": self.value, "index": self.index,
-                "radius": self.radius}
+    # ---- persistence: PCMUStep.to_record writes a fragile set; this reads the form records held
+    # before it (a dict of these fields, torch.load(weights_only=True) safe).
 
     @classmethod
     def from_state(cls, s: dict) -> "FragileSet":
@@ -267,7 +262,7 @@ class PCMUStep:
     @classmethod
     def from_state(cls, s: dict, coordinates: int = 0, threshold: float = 0.0) -> "PCMUStep":
         """From to_state's dict (to_record's pieces). Earlier forms load too: records with a
-        "fragile" dict (FragileSet.to_state), and records saved before the layouts existed (keys fragile_index,
+        "fragile" dict (FragileSet.from_state's fields), and records saved before the layouts existed (keys fragile_index,
         fragile_value, fragile_radius: int64 indices with stored radii) load as sparse sets with
         stored radii, exactly as they were recorded; `coordinates` and `threshold` (the trainer's)
         fill in what those records did not keep. Batch ids that earlier records stored are dropped
