@@ -311,3 +311,17 @@ def test_a_state_naming_a_store_is_refused_where_it_does_not_fit(tmp_path):
     assert trainer.steps_done == 3 and len(trainer.history) == 3
     assert params_equal(trainer, digits_trainer().train(steps=3))
     trainer.close()
+
+
+def test_a_store_without_the_initial_weights_is_refused(tmp_path):
+    """Steps recorded by hand without step 0's initial weights: no trajectory to replay."""
+    path = str(tmp_path / "h")
+    trainer = digits_trainer().train(steps=2)
+    store = HistoryStore(fields(2), tier="disk", path=path, run_info={"pcmu": trainer.fingerprint()})
+    for r in trainer.records:
+        tensors, meta = r.to_record()
+        store.record(r.step, {k: [v] for k, v in tensors.items()}, lr=r.step_size, meta=meta)
+    store.close()
+    with pytest.raises(ValueError, match="step 0 does not hold this model's initial weights"):
+        digits_trainer(history=path)
+    HistoryStore.open(path).close()  # the refusal closed the file it opened (its lock is free)

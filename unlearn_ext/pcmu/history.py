@@ -29,6 +29,7 @@ memory (the checks read them at every request); the store is their durable copy.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -138,7 +139,11 @@ def load_records(store: HistoryStore) -> list[PCMUStep]:
 
 def initial_weights(store: HistoryStore, shapes) -> list[torch.Tensor]:
     """The initial weights step 0 recorded, shaped like the parameters."""
-    flat = store.read(0, [INITIAL]).tensors[INITIAL]
+    flat = store.read(0, [INITIAL]).tensors.get(INITIAL)
+    if flat is None or [t.numel() for t in flat] != [math.prod(s) for s in shapes] or any(
+            t.dtype != torch.float32 for t in flat):
+        raise ValueError(f"history {store.file.path}: step 0 does not hold this model's initial weights (float32, "
+                         "one tensor per parameter)")
     return [t.reshape(shape) for t, shape in zip(flat, shapes)]
 
 
