@@ -20,6 +20,11 @@ shows the rest. Peak memory: the rise of the
 process's peak RSS (VmHWM, reset before each request) above its RSS before the request.
 Bytes per recorded step, of the TRAINED real (unshared) records: what they hold in memory
 (`record_bytes`) and what `torch.save` writes for them (a ledger's record files hold the same).
+--history: the trainer records into a disk history store (PCMUTrainer(history=...), in the same
+directory as the ledger; every one of the T records written to it), which the ledger commits by
+reference (the store's length and digest) instead of record files; the row says history_store.
+ledger_bytes and store_bytes: what the ledger directory and the store file hold at the end;
+restart_ms: building the trainer again and reopening the ledger over those files (wall, CPU).
 """
 from __future__ import annotations
 
@@ -48,15 +53,18 @@ def _mlp():
                                torch.nn.Linear(256, 10))
 
 
-def _trainer(batch_size: int = B):
+def _trainer(batch_size: int = B, history=None, **pcmu):
+    """The workload's trainer; `pcmu`: other PCMU settings (tau, sigma, max_request...)."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 64, generator=g), torch.randint(0, 10, (N,), generator=g)
-    return PCMUTrainer(_mlp(), torch.nn.functional.cross_entropy, (x, y), batch_size=batch_size, clip_norm=1.0,
-                       lr=0.01, tau=0.5, sigma=0.2, max_request=1)
+    settings = {**dict(clip_norm=1.0, lr=0.01, tau=0.5, sigma=0.2, max_request=1), **pcmu}
+    return PCMUTrainer(_mlp(), torch.nn.functional.cross_entropy, (x, y), batch_size=batch_size, history=history,
+                       **settings)
 
 
-def _with_history(steps: int, batch_size: int = B) -> PCMUTrainer:
-    return pcmu_with_long_history(lambda: _trainer(batch_size), TRAINED, steps)
+def _with_history(steps: int, batch_size: int = B, history=None) -> PCMUTrainer:
+    return pcmu_with_long_history(lambda: _trainer(batch_size), TRAINED, steps,
+                                  make_fresh=lambda: _trainer(batch_size, history))
 
 
 def bytes_per_step() -> dict:
@@ -84,10 +92,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_size: int = B) -> dict:
-    trainer = _with_history(steps, batch_size)
+def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_size: int = B,
+            history: bool = False) -> dict:
     with tempfile.TemporaryDirectory(dir=where) as directory:
-        ledger = DeletionLedger(PCMUUnlearner(trainer), directory)
+        trainer = _with_history(steps, batch_size, os.path.join(directory, "pcmu.hist") if history else None)
+        ledger = DeletionLedger(PCMUUnlearner(trainer), os.path.join(directory, "ledger"))
         for _ in range(prior):
             ledger.forget([0])
         seconds, cpu_seconds, peaks = [], [], []
@@ -107,9 +116,25 @@ def measure(steps: int, requests: int, where: str | None, prior: int = 0, batch_
                 if can_reset:
                     peaks.append(_rss_kib("VmHWM") - rss)
         ledger.close()
-    return {"steps": steps, "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
+        trainer.close()
+        # A restart: the same trainer built again (over the store, which restores its records) and
+        # the ledger reopened over it (which loads the committed state: record files or the mark).
+        began, cpu_began = time.perf_counter(), time.process_time()
+        trainer = _trainer(batch_size, os.path.join(directory, "pcmu.hist") if history else None)
+        ledger = DeletionLedger(PCMUUnlearner(trainer), os.path.join(directory, "ledger"))
+        restart = (time.perf_counter() - began, time.process_time() - cpu_began)
+        if trainer.steps_done != steps:
+            raise RuntimeError(f"the restarted trainer holds {trainer.steps_done} steps, not {steps}")
+        ledger.close()
+        trainer.close()
+        on_disk = {name: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(
+            os.path.join(directory, name)) for f in files) if os.path.isdir(os.path.join(directory, name))
+            else os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)}
+    return {"history_store": history, "steps": steps, "ledger_bytes": on_disk.get("ledger"),
+            "store_bytes": on_disk.get("pcmu.hist"), "median_ms": 1e3 * statistics.median(seconds), "max_ms": 1e3 * max(seconds),
             "cpu_median_ms": 1e3 * statistics.median(cpu_seconds),
             "first_ms": 1e3 * first[0], "first_cpu_ms": 1e3 * first[1],
+            "restart_ms": 1e3 * restart[0], "restart_cpu_ms": 1e3 * restart[1],
             "peak_rise_MiB": max(peaks) / 1024 if peaks else None, "requests": requests, "prior": prior,
             "batch_size": batch_size}
 
@@ -122,6 +147,8 @@ def main() -> None:
                         help="requests committed before the measured ones (one row per value)")
     parser.add_argument("--batch-size", type=int, default=B, help=f"PCMU's batch (default {B}: the full batch, "
                         "one step per epoch; smaller: several, and a request's ids are in one batch per epoch)")
+    parser.add_argument("--history", action="store_true", help="the trainer records into a disk history "
+                        "store beside the ledger (committed by reference)")
     parser.add_argument("--label", default="")
     parser.add_argument("--dir", default=None, help="where the ledger lives (default: the system's temp "
                         "directory); a tmpfs such as /dev/shm shows the cost without the disk's fsync")
@@ -130,7 +157,7 @@ def main() -> None:
                platform.processor())
     per_step = bytes_per_step()
     for steps, prior in ((s, p) for s in args.steps for p in args.prior):
-        row = {**measure(steps, args.requests, args.dir, prior, args.batch_size), **per_step}
+        row = {**measure(steps, args.requests, args.dir, prior, args.batch_size, args.history), **per_step}
         row.update(label=args.label, dir=args.dir or tempfile.gettempdir(), cpu=cpu, threads=torch.get_num_threads(),
                    avx2="avx2" in open("/proc/cpuinfo").read(), avx512="avx512f" in open("/proc/cpuinfo").read(),
                    code=os.path.dirname(os.path.abspath(__import__("unlearn_ext").__file__)))

@@ -47,14 +47,15 @@ def run_timed(benchmark, fn, rounds: int, warmup_rounds: int = 1):
     return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
 
 
-def pcmu_with_long_history(make_trainer, trained: int, steps: int):
-    """A fresh PCMU trainer (`make_trainer()`) holding `steps` step records: `trained` steps are really
-    trained and their records repeated, renumbered, up to `steps` (training that many is out of
-    reach here). The records share their tensors, which is what a benchmark of reads wants."""
+def pcmu_with_long_history(make_trainer, trained: int, steps: int, make_fresh=None):
+    """A fresh PCMU trainer (`make_fresh()`, default `make_trainer()`) holding `steps` step records:
+    `trained` steps are really trained (by `make_trainer()`) and their records repeated, renumbered,
+    up to `steps` (training that many is out of reach here). The records share their tensors, which
+    is what a benchmark of reads wants (a fresh trainer over a history store writes every one)."""
     trainer = make_trainer().train(steps=trained)
     state, base = trainer.state_dict(), list(trainer.records)
     records = [dataclasses.replace(base[t % trained], step=t, offset=trainer.offset_of(t)).to_state()
                for t in range(steps)]
-    fresh = make_trainer()
+    fresh = (make_fresh or make_trainer)()
     fresh.load_state_dict({**state, "records": records})
     return fresh

@@ -156,7 +156,7 @@ def test_malformed_exclusions_are_refused_before_loading(change, message):
 
 
 def _drop_a_records_field(state):
-    del state["records"][3]["codes"]
+    del state["records"][3]["tensors"]["codes"]
 
 
 def _initial_of_another_shape(state):

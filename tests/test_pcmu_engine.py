@@ -271,3 +271,22 @@ def test_a_refused_option_leaves_the_engine_free_and_the_loop_is_held_to_the_sch
     with pytest.raises(RuntimeError, match="more optimizer steps"):
         optimizer.step()
     assert isinstance(engine.unlearner(), PCMUUnlearner)
+
+
+def test_user_loop_records_into_a_disk_store(tmp_path):
+    """history=path: the user's loop writes PCMUTrainer's records into a disk store; a trainer built
+    over the file restores that run; a path that exists is refused before training."""
+    path = str(tmp_path / "pcmu.hist")
+    initial = small_cnn()
+    engine, optimizer = user_run(copy.deepcopy(initial), epochs=1, history=path)
+    ref = reference(initial, epochs=1)
+    assert_same_run(optimizer.trainer, ref)
+    optimizer.trainer.close()
+    spe = -(-N_TRAIN // 64)
+    reopened = PCMUTrainer(copy.deepcopy(initial), None, ue.TrainingData(DigitImages()), batch_size=64, seed=0,
+                           lr=None, history=path, **PCMU)
+    assert reopened.steps_done == spe
+    assert_same_run(reopened, ref)
+    reopened.close()
+    with pytest.raises(FileExistsError, match="exists: make_unlearnable records this run's history there anew"):
+        user_run(small_cnn(), epochs=1, history=path)

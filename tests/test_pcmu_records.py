@@ -182,9 +182,10 @@ def test_records_of_the_earlier_format_still_load():
     """Before the layouts: every record held int64 index + value + radius of its fragile set."""
     trainer = _trained(DENSE)
     state = trainer.state_dict()
-    for s, r in zip(state["records"], trainer.records):
-        del s["fragile"]
-        s.update(fragile_index=r.fragile_index, fragile_value=r.fragile_value, fragile_radius=r.fragile_radius)
+    state["records"] = [{"step": r.step, "step_size": r.step_size, "offset": r.offset, "applied": r.applied,
+                         "min_radius": r.min_radius, "codes": r.codes, "fragile_index": r.fragile_index,
+                         "fragile_value": r.fragile_value, "fragile_radius": r.fragile_radius}
+                        for r in trainer.records]
     other = digits_trainer()
     other.load_state_dict(_saved_and_loaded(state))
     assert all(r.fragile.layout == SPARSE and r.fragile.radius is not None for r in other.records)
@@ -195,6 +196,21 @@ def test_records_of_the_earlier_format_still_load():
         assert a.to_dict() == b.to_dict()
     assert isinstance(other.records[0], PCMUStep)
     assert other.record_bytes()["fragile"] == 16 * other.record_bytes()["fragile_coordinates"]
+
+
+def test_records_with_a_fragile_dict_still_load():
+    """Records saved before to_record (a "fragile" dict of the FragileSet's fields) load as they were."""
+    trainer = _trained(DENSE)
+    state = trainer.state_dict()
+    fragile = ("layout", "coordinates", "threshold", "beta", "count", "value", "index", "radius")
+    state["records"] = [{"step": r.step, "step_size": r.step_size, "offset": r.offset, "applied": r.applied,
+                         "min_radius": r.min_radius, "codes": r.codes,
+                         "fragile": {k: getattr(r.fragile, k) for k in fragile}}
+                        for r in trainer.records]
+    other = digits_trainer()
+    other.load_state_dict(_saved_and_loaded(state))
+    assert [r.to_state()["meta"] for r in other.records] == [r.to_state()["meta"] for r in trainer.records]
+    assert other.certificate().to_dict() == trainer.certificate().to_dict()
 
 
 def test_selected_equals_the_three_accessors():

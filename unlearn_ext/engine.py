@@ -103,7 +103,8 @@ class UnlearningEngine:
             (seed, epoch, id) and retraining sees the same augmentations.
         history: where the history methods record: a HistoryStore (mini_store / step_store make one),
             a path (a disk store there with the method's default codecs; under DistributedDataParallel
-            each rank writes its own, `<path>.rank<r>`) or None (in memory, on every rank).
+            each rank writes its own, `<path>.rank<r>`) or None (in memory, on every rank). PCMU: a path
+            (a new disk store of its step records, pcmu/history.py) or None (in memory).
             anchors: Mini-Unlearning's anchor count.
         method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
             trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
@@ -145,6 +146,11 @@ class UnlearningEngine:
         loader = DataLoader(data.items, batch_sampler=batches, **options)
         pcmu = None
         if method == "pcmu":  # before the run is set: its options may still be refused
+            if history is not None:
+                if not isinstance(history, (str, os.PathLike)):
+                    raise TypeError(f"history for PCMU must be a path or None, got {type(history).__name__}")
+                method_options = dict(method_options, history=_new_history_path(
+                    history, "continue a recorded PCMU run with PCMUTrainer(..., history=path)"))
             pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed, shuffle=shuffle,
                                  steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
                                  **method_options)
@@ -543,13 +549,20 @@ def _history_store(history, make, model, ddp):
     if isinstance(history, HistoryStore):
         return history
     if isinstance(history, (str, os.PathLike)):
-        path = os.fspath(history) if ddp is None else rank_history_path(history, ddp.rank)
-        if os.path.exists(path):  # refused by the store too, whose hint (HistoryStore.open) does not apply here
-            raise FileExistsError(f"history={path!r} exists: make_unlearnable records this run's history there "
-                                  f"anew. Remove it (a run trained again after a restart records it again), or pass "
-                                  f"history=ue.{make.__name__}(model, tier='disk', path=..., overwrite=True)")
+        path = _new_history_path(history if ddp is None else rank_history_path(history, ddp.rank),
+                                 f"pass history=ue.{make.__name__}(model, tier='disk', path=..., overwrite=True)")
         return make(model, tier="disk", path=path)
     raise TypeError(f"history must be a HistoryStore, a path or None, got {type(history).__name__}")
+
+
+def _new_history_path(history, hint: str) -> str:
+    """make_unlearnable's history path, refused when a file is there: the run records anew (the
+    store refuses it too, but its hint, HistoryStore.open, does not apply to a run started here)."""
+    path = os.fspath(history)
+    if os.path.exists(path):
+        raise FileExistsError(f"history={path!r} exists: make_unlearnable records this run's history there "
+                              f"anew. Remove it (a run trained again after a restart records it again), or {hint}")
+    return path
 
 
 def _flat_model(run: _Run) -> FlatModel:

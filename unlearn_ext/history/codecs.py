@@ -12,6 +12,8 @@
                   RMS error than int8 on heavy-tailed data and on Gaussian data;
                   |x - deq| <= (443 / 64516) absmax ~ 0.0069 absmax
 The bounds of the quantized codecs, as a fraction of the block's absmax, are max_error_fraction.
+  exact           1-D tensors of any length and dtype (integer or float), stored bit for bit: for
+                  records whose size varies per step (PCMU's packed codes and fragile sets)
 
 An encoded field is a list of flat CPU-or-device tensors ("arrays"), in a fixed order: one value
 array per tensor for fp codecs; all code arrays, then all scale arrays, for int codecs. That order
@@ -33,6 +35,7 @@ FP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat1
 BITS = {"int8": 8, "int4": 4, "nf4": 4, "compand8": 8}             # the quantized codecs
 LEVELS = {"int8": "linear", "int4": "linear", "nf4": "normal", "compand8": "companded"}
 DEFAULT_BLOCK = 256
+EXACT = "exact"  # not a value codec (no shapes, no quantization): a field's tensors stored as they are
 
 # Kinds of an encoded field: values stored directly, an exact fp32 keyframe, or a closed-loop delta.
 PLAIN, KEYFRAME, DELTA = "plain", "keyframe", "delta"
@@ -98,6 +101,11 @@ def encode_plain(tensors, codec: str, block_size: int) -> Encoded:
         return Encoded(codec, PLAIN, [t.detach().reshape(-1).to(FP_DTYPES[codec], copy=True) for t in tensors])
     codes, scales = _ops.blockwise_quantize([t.detach() for t in tensors], BITS[codec], block_size, LEVELS[codec])
     return Encoded(codec, PLAIN, list(codes) + list(scales))
+
+
+def encode_exact(tensors) -> Encoded:
+    """Stores 1-D tensors as they are (their own dtype and length): decoding returns the same bits."""
+    return Encoded(EXACT, PLAIN, [t.detach().reshape(-1).to("cpu", copy=True) for t in tensors])
 
 
 def encode_keyframe(tensors, codec: str) -> Encoded:

@@ -6,8 +6,10 @@ Layout (little endian), format version 3:
     record = frame header payload
     frame  = struct "<4sIQIII": b"UERC", len(header), len(payload), crc32(header), crc32(payload),
              crc32 of the 24 frame bytes before it (so a damaged length is detected as such)
-    header = UTF-8 JSON: kind "file" (the first record), "step" (one recorded step) or "run" (run
-             metadata, header only: {"run": {...}}; later run records update earlier keys);
+    header = UTF-8 JSON: kind "file" (the first record), "step" (one recorded step), "run" (run
+             metadata, header only: {"run": {...}}; later run records update earlier keys) or
+             "rewind" (header only, fsync'd: {"from_step": t}: the steps >= t recorded before it are
+             superseded; the steps after it continue from t);
              "sync": true on records that were fsync'd (everything up to them is durable)
     payload= sections one after the other; header["sections"] lists each as
              [name, [[dtype, numel], ...], nbytes, crc32], its arrays' raw bytes in that order
@@ -18,6 +20,15 @@ of a step, or its batch ids) has its own checksum, so a reader reads and verifie
 sections it needs (a delta chain of parameters skips the gradients). The first record holds
 the store's description (fields, shapes, codecs, block size, keyframe interval), which is what
 lets a file refuse to load for another model.
+
+Superseding steps. The file is append-only, so a history rewritten from step t on (PCMU's
+fallback retrains from t) appends a "rewind" record and then the new steps t, t+1, ...: a reader
+indexes the records in file order and a rewind drops the steps >= t indexed before it, so the steps
+a reader sees are either all the old ones (it opened before the rewind was whole) or the new ones
+from t on; never a mix. The superseded records stay in the file: `truncate_to(mark)` (a `mark()`
+taken before) cuts the file back to them, which is how the deletion ledger undoes a request that
+rewrote steps and did not commit. A rewind record or an int32 array makes builds before them refuse
+the file with a message (an unknown record kind; an unknown dtype).
 
 Versions: 1 and 2 start with b"UEHIST01" and have a 24-byte frame without its own checksum; 2
 added "run" records (and optional per-step "lrs"). 3 checksums the frame and marks fsync'd
@@ -53,6 +64,7 @@ record, or anything not a history file, is never replaced unless the caller pass
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import struct
@@ -72,12 +84,12 @@ FILE_MAGIC = b"UEHIST03"
 FORMAT_NAME = "unlearn_ext.history"
 FORMAT_VERSION = 3                 # what this build writes
 READABLE_VERSIONS = (1, 2, 3)      # what it opens
-RECORD_KINDS = ("step", "run")     # kinds after the first ("file") record
+RECORD_KINDS = ("step", "run", "rewind")  # kinds after the first ("file") record
 KEYFRAME = "keyframe"              # codecs.KEYFRAME: a step holding one was fsync'd (versions 1, 2)
 CREATION_LIMIT = 1 << 20           # a cut-off creation is never larger than a description record
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.int8: "int8", torch.uint8: "uint8", torch.int64: "int64"}
+               torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32", torch.int64: "int64"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 _open_binary = open  # the one place files are opened for reading (tests wrap it to count bytes read)
@@ -194,6 +206,7 @@ class HistoryFile:
     _appended: bool = False      # whether this handle wrote records (only then may close add one)
     _ident: tuple = ()           # (st_dev, st_ino): the path must still name this file
     _abspath: str = ""           # for that check, whatever the working directory becomes
+    _chain: object = None        # sha256 over every record's frame so far (mark()); None: not computed yet
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -247,6 +260,47 @@ class HistoryFile:
         self._append({"kind": "run", "run": info}, [], sync=True, index=False)
         self.run_info.update(info)
 
+    def append_rewind(self, step: int) -> None:
+        """Supersedes the indexed steps >= `step` (a header-only record, fsync'd so that no step
+        appended after it can outlive it in a crash); the next step appended may be `step` again."""
+        if self.file_header.get("version") != FORMAT_VERSION:
+            raise HistoryFormatError(f"{self.path} was written in history format version "
+                                     f"{self.file_header.get('version')}, which has no rewind records; write a "
+                                     "new file to rewrite steps")
+        self._append({"kind": "rewind", "from_step": int(step)}, [], sync=True, index=False)
+        self._rewind_index(int(step))
+
+    def _rewind_index(self, step: int) -> None:
+        while self.index and self.index[-1].header["step"] >= step:
+            self.index.pop()
+        self._last_step = self.index[-1].header["step"] if self.index else None
+
+    def mark(self) -> dict:
+        """{"bytes", "digest"}: the file's length and a sha256 over the frames of its records (each
+        frame holds the crc32 of its header and payload), so a later `truncate_to` or a reopening
+        can check that the file still begins with exactly these records. Costs nothing per record
+        appended; the first call after opening reads every frame once."""
+        if self._chain is None:
+            self._chain = _frame_chain(self._f, self.layout, self._end)
+        return {"bytes": self._end, "digest": self._chain.hexdigest()}
+
+    def truncate_to(self, mark: dict) -> None:
+        """Cuts the file back to `mark` (taken by mark() on this file): the records after it are
+        removed, fsync'd. Refused unless the file begins with the marked records (HistoryConflictError).
+        The caller reopens the file to index what remains (HistoryStore.rollback does)."""
+        if not self.writable:
+            raise RuntimeError(f"{self.path} was opened read-only (writable=False): it cannot be truncated")
+        end = int(mark["bytes"])
+        chain = _frame_chain(self._f, self.layout, end) if end <= self._end else None
+        if chain is None or chain.hexdigest() != mark["digest"]:
+            raise HistoryConflictError(f"{self.path} does not begin with the records of the mark (length {end} "
+                                       f"bytes, digest {mark['digest']}): it was rewritten since; nothing was cut")
+        self._check_unchanged()
+        self._f.truncate(end)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._end, self._chain = end, chain
+
     def _append(self, header: dict, sections, *, sync: bool, index: bool):
         meta, blobs, crc = [], [], 0
         for name, arrays in sections:
@@ -275,6 +329,8 @@ class HistoryFile:
         if sync:  # keyframes: a crash after this point loses nothing up to here
             os.fsync(f.fileno())
         entry = IndexEntry(offset, header, offset + len(frame) + len(head), payload_len, crc)
+        if self._chain is not None:
+            self._chain.update(frame)
         self._end, self._last, self._tail_synced = entry.end, (offset, frame), synced(header)
         self._appended = True
         if index:
@@ -387,6 +443,9 @@ class HistoryFile:
             if kind == "run":
                 self.run_info.update(e.header["run"])
                 continue
+            if kind == "rewind":
+                self._rewind_index(int(e.header["from_step"]))
+                continue
             step = e.header.get("step")
             if self._last_step is not None and not step > self._last_step:
                 if salvage:
@@ -425,6 +484,20 @@ def _ident(st) -> tuple:
 def _frame_at(f, layout: Layout, offset: int) -> bytes:
     f.seek(offset)
     return f.read(layout.frame.size)
+
+
+def _frame_chain(f, layout: Layout, end: int):
+    """sha256 over the frames of the records that end exactly at `end` (mark()), or None when no
+    record ends there."""
+    chain, pos = hashlib.sha256(), len(layout.magic)
+    while pos < end:
+        frame = os.pread(f.fileno(), layout.frame.size, pos)
+        fields = layout.unpack(frame)
+        if fields is None:
+            return None
+        chain.update(frame)
+        pos += len(frame) + fields[0] + fields[1]
+    return chain if pos == end else None
 
 
 def _payload_ok(f, e: IndexEntry) -> bool:

@@ -9,6 +9,13 @@ per element it is at most the codec bound of that step's delta (codecs.max_error
 delta block's absmax, e.g. scale / 2 for int8/int4, plus 2^-22 absmax) plus half an ulp of the
 value (the fp32 add recon + deq). Steps can be recorded
 every step or only at chosen steps (anchors): a field simply appears in the steps that recorded it.
+Fields with codec "exact" hold 1-D tensors of any length and dtype, stored bit for bit (a record whose
+size varies per step: PCMU's packed codes and fragile sets, pcmu/history.py); a step's scalars that
+no field holds go in its `meta` (a JSON object, StoredStep.meta).
+
+A history rewritten from a step on (PCMU's fallback) calls `rewind(t)` and records steps t, t+1, ...
+again; on disk the superseded records stay until `rollback(mark)` cuts the file back to a `mark()`
+(file.py, "Superseding steps"): a reader sees the old steps or the new ones, never a mix.
 
 Tiers: "device" (the recorded tensors' device, e.g. GPU memory), "host" (CPU memory, pinned when
 CUDA is available, so copies to the GPU can overlap), "disk" (file.py: append-only,
@@ -45,7 +52,7 @@ from . import codecs as hc
 from ..codec_format import check_codec_args
 from ..data import as_ids
 from ..parameters import trainable
-from .file import HistoryCorruptError, HistoryFile, HistoryFormatError, Recovery, jsonable
+from .file import DTYPE_NAMES, HistoryCorruptError, HistoryFile, HistoryFormatError, Recovery, jsonable
 
 TIERS = ("device", "host", "disk")
 IDS = "#batch_ids"  # the section holding a step's batch ids (field names may not start with '#')
@@ -59,7 +66,12 @@ class FieldSpec:
 
     def __post_init__(self):
         self.shapes = [tuple(int(d) for d in s) for s in self.shapes]
-        hc.check_codec(self.codec)
+        if self.codec == hc.EXACT:
+            if self.delta or any(s != (-1,) for s in self.shapes):
+                raise ValueError("an exact field holds 1-D tensors of any length: give its shapes as (-1,) "
+                                 "per tensor, without delta")
+        else:
+            hc.check_codec(self.codec)
         if self.delta and self.codec not in hc.BITS:
             raise ValueError(f"delta encoding needs a quantized codec ({', '.join(hc.BITS)}), got {self.codec!r} "
                              "(fp codecs store every step directly)")
@@ -74,8 +86,10 @@ class StoredStep:
     lr: float | None             # the first param group's lr (lrs[0] when lrs was recorded)
     batch_ids: torch.Tensor | None
     tensors: dict                # field name -> list of fp32 tensors shaped like the recorded ones
+                                 # (exact fields: the recorded 1-D tensors, their own dtype)
     stats: dict                  # field name -> {"bytes", "raw_bytes", "max_err", "rms_err", "kind", "digest"}
     lrs: list | None = None      # every param group's lr, when recorded (HistoryRecorder does)
+    meta: dict | None = None     # the step's own scalars, when recorded (record(meta=...))
 
 
 @dataclass
@@ -88,6 +102,7 @@ class _Entry:
     fields: dict = field(default_factory=dict)    # name -> hc.Encoded (memory tiers)
     batch_ids: torch.Tensor | None = None
     file_entry: object = None                     # file.IndexEntry (disk tier)
+    meta: dict | None = None
 
 
 class HistoryStore:
@@ -194,7 +209,8 @@ class HistoryStore:
                     block_size=head["block_size"], _file=hf)
         for e in hf.index:
             h = e.header
-            store._entries.append(_Entry(h["step"], h["lr"], h["stats"], h.get("lrs"), file_entry=e))
+            store._entries.append(_Entry(h["step"], h["lr"], h["stats"], h.get("lrs"), file_entry=e,
+                                         meta=h.get("meta")))
             store._steps.append(h["step"])
             for name in h["fields"]:
                 if store.fields[name].delta:
@@ -254,11 +270,13 @@ class HistoryStore:
     # ---- recording -----------------------------------------------------------------------------
 
     def record(self, step: int, tensors: dict, *, lr: float | None = None, lrs=None,
-               batch_ids=None) -> dict | None:
+               batch_ids=None, meta: dict | None = None) -> dict | None:
         """Records the given fields of one step; lrs: every param group's lr (lr defaults to
-        lrs[0]). Returns the step's stats, or None when the step was skipped for non-finite values
-        (nonfinite='skip')."""
+        lrs[0]); meta: the step's own scalars (JSON values). Returns the step's stats, or None when
+        the step was skipped for non-finite values (nonfinite='skip')."""
         step = int(step)
+        if meta is not None:
+            _check_json(meta)
         if self._broken:
             raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
                                "HistoryStore.open, which continues after the last whole record")
@@ -273,7 +291,8 @@ class HistoryStore:
         lrs = None if lrs is None else [float(x) for x in lrs]
         if lr is None and lrs:
             lr = lrs[0]
-        entry = _Entry(step, None if lr is None else float(lr), {}, lrs)
+        entry = _Entry(step, None if lr is None else float(lr), {}, lrs,
+                       meta=None if meta is None else json.loads(json.dumps(meta)))
         if batch_ids is not None:
             entry.batch_ids = as_ids(batch_ids, "batch_ids").to("cpu", copy=True)
         try:
@@ -307,6 +326,12 @@ class HistoryStore:
         spec = self.fields[name]
         if len(ts) != len(spec.shapes):
             raise ValueError(f"field {name!r}: got {len(ts)} tensors, the store was made for {len(spec.shapes)}")
+        if spec.codec == hc.EXACT:  # stored bit for bit: any length, any dtype the file format knows
+            for i, t in enumerate(ts):
+                if t.dim() != 1 or t.dtype not in DTYPE_NAMES:
+                    raise ValueError(f"field {name!r}[{i}]: an exact field holds 1-D tensors of dtype "
+                                     f"{', '.join(DTYPE_NAMES.values())}; got {t.dim()}-D {t.dtype}")
+            return True
         for i, (t, s) in enumerate(zip(ts, spec.shapes)):
             if tuple(t.shape) != s:
                 raise ValueError(f"field {name!r}[{i}]: shape {tuple(t.shape)}, the store was made for {s}")
@@ -331,6 +356,10 @@ class HistoryStore:
 
     def _encode(self, name, ts):
         spec = self.fields[name]
+        if spec.codec == hc.EXACT:
+            enc = hc.encode_exact(ts)
+            return enc, {"kind": enc.kind, "bytes": enc.nbytes, "raw_bytes": enc.nbytes, "max_err": 0.0,
+                         "rms_err": 0.0}
         raw = sum(t.numel() for t in ts) * 4
         work = [t.detach() if t.dtype in (torch.float32, torch.float16, torch.bfloat16)
                 else t.detach().float() for t in ts]
@@ -373,6 +402,8 @@ class HistoryStore:
                   "batch_ids": entry.batch_ids is not None}
         if entry.lrs is not None:  # absent otherwise, as in files of format version 1
             header["lrs"] = entry.lrs
+        if entry.meta is not None:
+            header["meta"] = entry.meta
         entry.file_entry = self.file.append(header, sections, sync=sync)
         entry.fields, entry.batch_ids = {}, None  # the disk tier keeps only the index in memory
 
@@ -385,6 +416,45 @@ class HistoryStore:
 
     def __exit__(self, *exc):
         self.close()
+
+    # ---- rewriting from a step on ----------------------------------------------------------------
+
+    def rewind(self, step: int) -> None:
+        """Supersedes the recorded steps >= `step`: the next record may be `step` again. On disk a
+        rewind record is appended (fsync'd) and the old records stay in the file until a rollback
+        cuts it back; readers that opened before see the old steps, those opening after the new ones.
+        Refused for stores with delta-encoded fields (their chain continues from the last record)."""
+        step = int(step)
+        delta = [k for k, v in self.fields.items() if v.delta]
+        if delta:
+            raise ValueError(f"rewind: fields {delta} are delta-encoded; a closed-loop chain cannot restart "
+                             "mid-chain (record them with a plain codec to rewrite steps)")
+        if self.file is not None:
+            if not self.file.writable:
+                raise RuntimeError(f"{self.file.path} was opened read-only (writable=False): it cannot record")
+            self.file.append_rewind(step)
+        keep = bisect.bisect_left(self._steps, step)
+        del self._entries[keep:], self._steps[keep:]
+        self._since_sync = 0
+
+    def mark(self) -> dict:
+        """{"bytes", "digest"} of a disk store as it is now (file.py mark()): what `rollback` returns
+        to, and what the deletion ledger commits instead of a copy of the records."""
+        if self.file is None:
+            raise ValueError("mark() and rollback() need a disk store (tier='disk')")
+        return self.file.mark()
+
+    def rollback(self, mark: dict) -> None:
+        """Back to `mark`: the file is cut to the records it covered (refused, HistoryConflictError,
+        unless the file still begins with them) and reindexed, so rewinds after the mark are undone
+        and the steps they superseded read again. The writer's lock is released and retaken."""
+        if self.file is None:
+            raise ValueError("mark() and rollback() need a disk store (tier='disk')")
+        path = self.file.path
+        self.file.truncate_to(mark)
+        self.close()
+        fresh = HistoryStore.open(path)
+        self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -435,6 +505,10 @@ class HistoryStore:
         if self._field_kind(i, name) is None:
             raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        if spec.codec == hc.EXACT:
+            if flat:
+                raise ValueError(f"field {name!r} is exact (1-D tensors of any dtype), not a flat fp32 vector")
+            return [a.to(dev, copy=True) for a in self._load(i, [name])[0][name].arrays]
         if not spec.delta:
             if not flat:  # separate tensors: each can be kept or saved without the others' storage
                 out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
@@ -475,7 +549,8 @@ class HistoryStore:
             ids = self._load(i, [], ids=True)[1]
             if ids is not None and e.file_entry is None:
                 ids = ids.clone()  # memory tiers: the caller must not hold the store's own tensor
-        return StoredStep(e.step, e.lr, ids, tensors, e.stats, None if e.lrs is None else list(e.lrs))
+        return StoredStep(e.step, e.lr, ids, tensors, e.stats, None if e.lrs is None else list(e.lrs),
+                          None if e.meta is None else json.loads(json.dumps(e.meta)))
 
     def read_flat(self, step: int, name: str) -> torch.Tensor:
         """One field of one step decoded to one fp32 vector, its tensors concatenated in order (what the
@@ -521,6 +596,8 @@ class HistoryStore:
         if name not in self.fields:
             raise KeyError(f"unknown field {name!r}; this store records {sorted(self.fields)}")
         spec = self.fields[name]
+        if spec.codec == hc.EXACT:
+            raise ValueError(f"field {name!r} is exact (1-D tensors of any dtype): read it with store.read")
         if spec.delta:
             raise ValueError(f"field {name!r} is delta-encoded (closed-loop deltas between fp32 keyframes): "
                              "its codes are differences from the previous record, not values; use "

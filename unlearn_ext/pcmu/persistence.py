@@ -18,6 +18,7 @@ import torch
 from ..data import as_ids
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes
+from . import history
 from .records import PCMUStep
 
 
@@ -34,33 +35,34 @@ def state_dict(trainer, *, records: bool = True) -> dict:
     """The model's state by name (`model_state`: "params", "buffers"), the initial weights by
     name, the forgotten ids, the fingerprint the state was saved under (checked again on load,
     so a trainer's state refuses another configuration on its own) and the step records;
-    records=False leaves the records out (the ledger tracks them through their StepLog)."""
+    records=False leaves the records out (the ledger tracks them through their StepLog). Records in a
+    history store are named instead, always: "history" (history.mark: the store's path, length and
+    digest of the records, and their number)."""
     state = {"fingerprint": trainer.fingerprint(), "initial": dict(zip(trainer.names, trainer.initial)),
              **model_state(trainer.model), "forgotten": trainer.forgotten.clone(),
              "exclusions": exclusions(trainer)}
-    if records:
+    if trainer.history is not None:
+        state["history"] = history.mark(trainer)
+    elif records:
         state["records"] = [r.to_state() for r in trainer.records]
     return state
 
 
 def load_state_dict(trainer, state: dict) -> None:
     """Restores state_dict()'s snapshot. Without 'records' (a rollback, whose StepLog was
-    restored in place) the records stay as they are and the per-step index is rebuilt."""
+    restored in place) the records stay as they are and the per-step index is rebuilt. With
+    'history' (records in the trainer's store) the store is cut back to the records it names."""
     saved = json.loads(json.dumps(state["fingerprint"], default=float))  # as a ledger stores it
     mine = json.loads(json.dumps(trainer.fingerprint(), default=float))
     if saved != mine:
         mismatch = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
         raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
                          f"{', '.join(mismatch)})")
-    # The learning rate is a function of the step, so it is checked on the recorded steps: a
-    # resumed or replayed step with another lr would not be the coupled retraining. (A step size
-    # given per step has no function to check against: the records are its only record.)
-    for r in [] if trainer.lr_given_per_step else state.get("records", []):
-        if float(r["step_size"]) != float(trainer._lr(r["step"])):
-            raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
-                             f"{r['step']} used {r['step_size']!r}, this trainer's lr gives {trainer._lr(r['step'])!r})")
+    check_step_sizes(trainer, [(r["step"], r["step_size"]) for r in state.get("records", [])])
+    stored = history.saved_mark(trainer, state["history"]) if "history" in state else None
     forgotten = as_ids(state["forgotten"], "forgotten").unique()
-    steps = len(state["records"]) if "records" in state else len(trainer.records)
+    steps = (len(state["records"]) if "records" in state else stored["steps"] if stored is not None
+             else len(trainer.records))
     if "exclusions" in state:
         excluded_from = _excluded_from(state["exclusions"], forgotten, steps)
     elif "records" in state and all("ids" in r for r in state["records"]):
@@ -71,12 +73,25 @@ def load_state_dict(trainer, state: dict) -> None:
     # Everything is read and checked before the trainer changes: a refused state leaves it as it was.
     initial = _initial(trainer, state.get("initial"))
     records = _records(trainer, state["records"]) if "records" in state else None
+    if stored is not None:  # first: refused (the store no longer begins with those records) before any change
+        history.restore(trainer, stored)
     load_model_state_(trainer.model, state)  # refuses other names or shapes before copying
     trainer.initial = initial
     if records is not None:
         trainer.records.replace(records)
     trainer._forgotten, trainer._excluded_from = forgotten, excluded_from
     trainer._reindex()
+
+
+def check_step_sizes(trainer, steps) -> None:
+    """Refuses recorded (step, step size) pairs that this trainer's lr does not give. The learning
+    rate is a function of the step, so it is checked on the recorded steps: a resumed or replayed
+    step with another lr would not be the coupled retraining. (A step size given per step has no
+    function to check against: the records are its only record.)"""
+    for step, size in [] if trainer.lr_given_per_step else steps:
+        if float(size) != float(trainer._lr(step)):
+            raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
+                             f"{step} used {size!r}, this trainer's lr gives {trainer._lr(step)!r})")
 
 
 def _initial(trainer, saved) -> list[torch.Tensor]:

@@ -16,6 +16,11 @@ retraining (docs/design.md §4, per-request certificate):
   Per fragile coordinate: sparse 8 bytes (analytic) / 12 (mc); dense 4 (analytic) / 8 (mc) per
   coordinate of the model, whether fragile or not. Our choice: the layout with fewer bytes, per step.
   `check_request` reads either layout through the same accessors (indices, values, radii).
+
+One encoding: `PCMUStep.to_record()` gives a step as named 1-D tensors (packed codes; fragile values,
+indices, radii) and JSON scalars (RNG offset, applied, smallest radius, layout...), its step size
+apart. A history store writes exactly these as one step's exact fields, lr and meta (history.py);
+`to_state()` (a trainer's state_dict, the deletion ledger's record chunks) holds the same pieces.
 """
 from __future__ import annotations
 
@@ -180,12 +185,8 @@ class FragileSet:
         """Bytes of the stored tensors."""
         return sum(t.numel() * t.element_size() for t in (self.value, self.index, self.radius) if t is not None)
 
-    # ---- persistence (torch.load(weights_only=True) safe: tensors and plain values) ----------------
-
-    def to_state(self) -> dict:
-        return {"layout": self.layout, "coordinates": self.coordinates, "threshold": self.threshold,
-                "beta": self.beta, "count": self.count, "value": self.value, "index": self.index,
-                "radius": self.radius}
+    # ---- persistence: PCMUStep.to_record writes a fragile set; this reads the form records held
+    # before it (a dict of these fields, torch.load(weights_only=True) safe).
 
     @classmethod
     def from_state(cls, s: dict) -> "FragileSet":
@@ -227,18 +228,47 @@ class PCMUStep:
         codes = self.codes.numel() * self.codes.element_size()
         return {"codes": codes, "fragile": self.fragile.nbytes, "total": codes + self.fragile.nbytes}
 
+    def to_record(self) -> tuple[dict, dict]:
+        """(tensors, meta): the record's 1-D tensors by name (RECORD_TENSORS; index and radius only
+        when the layout stores them) and its scalars as JSON values (a non-finite smallest radius,
+        an empty batch's, as a string). With `step` and `step_size` that is the whole record."""
+        f = self.fragile
+        tensors = {"codes": self.codes, "fragile_value": f.value}
+        if f.index is not None:
+            tensors["fragile_index"] = f.index
+        if f.radius is not None:
+            tensors["fragile_radius"] = f.radius
+        meta = {"offset": self.offset, "applied": self.applied,
+                "min_radius": self.min_radius if math.isfinite(self.min_radius) else repr(self.min_radius),
+                "layout": f.layout, "coordinates": f.coordinates, "threshold": f.threshold, "beta": f.beta,
+                "count": f.count}
+        return tensors, meta
+
+    @classmethod
+    def from_record(cls, step: int, step_size: float, tensors: dict, meta: dict) -> "PCMUStep":
+        """Inverse of to_record."""
+        fragile = FragileSet(meta["layout"], int(meta["coordinates"]), float(meta["threshold"]),
+                             None if meta["beta"] is None else float(meta["beta"]), int(meta["count"]),
+                             tensors["fragile_value"], tensors.get("fragile_index"), tensors.get("fragile_radius"))
+        if fragile.layout not in (SPARSE, DENSE):
+            raise ValueError(f"unknown fragile layout {fragile.layout!r}")
+        return cls(int(step), float(step_size), int(meta["offset"]), bool(meta["applied"]),
+                   float(meta["min_radius"]), fragile, tensors["codes"])
+
     def to_state(self) -> dict:
-        return {"step": self.step, "step_size": self.step_size, "offset": self.offset,
-                "applied": self.applied, "min_radius": self.min_radius, "fragile": self.fragile.to_state(),
-                "codes": self.codes}
+        tensors, meta = self.to_record()
+        return {"step": self.step, "step_size": self.step_size, "tensors": tensors, "meta": meta}
 
     @classmethod
     def from_state(cls, s: dict, coordinates: int = 0, threshold: float = 0.0) -> "PCMUStep":
-        """From to_state's dict. Records saved before the layouts existed (keys fragile_index,
+        """From to_state's dict (to_record's pieces). Earlier forms load too: records with a
+        "fragile" dict (FragileSet.from_state's fields), and records saved before the layouts existed (keys fragile_index,
         fragile_value, fragile_radius: int64 indices with stored radii) load as sparse sets with
         stored radii, exactly as they were recorded; `coordinates` and `threshold` (the trainer's)
         fill in what those records did not keep. Batch ids that earlier records stored are dropped
         here (the trainer's load derives what they told and checks them first: persistence.py)."""
+        if "meta" in s:
+            return cls.from_record(s["step"], s["step_size"], s["tensors"], s["meta"])
         s = dict(s)
         s.pop("ids", None)
         if "fragile" in s:
@@ -247,6 +277,10 @@ class PCMUStep:
             index, value, radius = s.pop("fragile_index"), s.pop("fragile_value"), s.pop("fragile_radius")
             s["fragile"] = FragileSet(SPARSE, coordinates, threshold, None, index.numel(), value, index, radius)
         return cls(**s)
+
+
+# The tensors a record may hold (to_record), each 1-D of any length: a history store's exact fields.
+RECORD_TENSORS = ("codes", "fragile_value", "fragile_index", "fragile_radius")
 
 
 # ---- bytes, recorded and expected --------------------------------------------------------------

@@ -42,6 +42,7 @@ from ..recipe import to_device
 from .apriori_index import AprioriIndex
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star
 from .fallback import resume_without
+from .history import attach as attach_history
 from .persistence import fingerprint, load_state_dict, state_dict
 from .margin import MAX_SUM_TERMS, rounding_margin as derived_margin
 from .records import STEP_WINDOW, FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
@@ -63,6 +64,9 @@ class PCMUTrainer:
         bytes (record_bytes(), estimate_record_bytes(); README "PCMU", max_request).
     exclude: ids never trained on (the coupled-retraining baseline uses this).
     shuffle: the batch schedule's order (BatchSchedule; False: the data's own order every epoch).
+    history: a path (or a disk HistoryStore made with pcmu.history.fields) to record the steps into,
+        crash-safe and locked like every history file; over an existing file the recorded steps are
+        restored and training goes on from them (history.py). None (default): records in memory.
     """
 
     # How each step stores its fragile set (records.py): 'auto' (the smaller layout per step),
@@ -74,7 +78,7 @@ class PCMUTrainer:
                  lr, tau: float, sigma: float, mode: str = "analytic", n0: int = 16, n: int = 64,
                  alpha: float = 1e-3, seed: int = 0, max_request: int = 4, ids=None, exclude=None,
                  chunk: int = 4096, framework: str = "G", sigma_data: float | None = None,
-                 rounding_margin: float | None = None, shuffle: bool = True):
+                 rounding_margin: float | None = None, shuffle: bool = True, history=None):
         if framework not in ("G", "D"):
             raise ValueError(f"framework must be 'G' (gradient smoothing) or 'D' (data smoothing), got {framework!r}")
         if framework == "D" and (sigma_data is None or not sigma_data > 0):
@@ -122,6 +126,9 @@ class PCMUTrainer:
         # every value is <= steps_done (steps computed from now on skip every forgotten id).
         self._excluded_from = torch.zeros(self._forgotten.numel(), dtype=torch.int64)
         check_smoothing_config(self.tau, self.sigma, mode, self.n0, self.n, self.alpha)
+        self.history = None  # the disk store the records are written to (history.py), if any
+        if history is not None:
+            attach_history(self, history)
 
     # ---- basic facts --------------------------------------------------------------------------------
 
@@ -434,6 +441,11 @@ class PCMUTrainer:
     def load_state_dict(self, state: dict) -> None:
         """Restores a state_dict, refusing another configuration (persistence.py)."""
         load_state_dict(self, state)
+
+    def close(self) -> None:
+        """Closes the history store the records go to (releasing its writer's lock), if any."""
+        if self.history is not None:
+            self.history.close()
 
 
 def _step_size_given_per_step(t: int) -> float:

@@ -71,7 +71,8 @@ class PCMUUnlearner(Unlearner):
         return self.trainer.state_dict()
 
     def logs(self) -> dict:
-        return {"records": self.trainer.records}
+        # Records in a history store are committed by reference (persistence.state_dict's "history").
+        return {} if self.trainer.history is not None else {"records": self.trainer.records}
 
     def state_dict_without_logs(self) -> dict:
         return self.trainer.state_dict(records=False)

@@ -1,0 +1,159 @@
+"""The history store's exact fields, per-step meta, rewind (steps superseded in an append-only
+file) and mark/rollback (history/store.py, history/file.py "Superseding steps")."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from unlearn_ext.history.file import HistoryConflictError, HistoryFormatError
+from unlearn_ext.history.store import FieldSpec, HistoryStore
+
+FIELDS = {"codes": FieldSpec([(-1,)], "exact"), "pair": FieldSpec([(-1,), (-1,)], "exact")}
+
+
+def step_tensors(t: int, version: int = 0) -> dict:
+    """Step t's tensors (of a given version: a rewritten step differs), lengths varying per step."""
+    g = torch.Generator().manual_seed(100 * version + t)
+    return {"codes": [torch.randint(0, 255, (t + 1,), dtype=torch.uint8, generator=g)],
+            "pair": [torch.randint(-2**31, 2**31 - 1, (2 * t,), dtype=torch.int32, generator=g),
+                     torch.randn(t, generator=g)]}
+
+
+def write(store: HistoryStore, steps, version: int = 0) -> None:
+    for t in steps:
+        store.record(t, step_tensors(t, version), lr=0.5 + t, meta={"t": t, "version": version, "x": [1.5, None]})
+
+
+def assert_steps(store: HistoryStore, versions: dict) -> None:
+    """The store holds exactly the steps in `versions` (step -> version), bit for bit."""
+    assert store.steps == sorted(versions)
+    for t, version in versions.items():
+        s = store.read(t)
+        want = step_tensors(t, version)
+        for name, tensors in want.items():
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(s.tensors[name], tensors))
+        assert s.meta == {"t": t, "version": version, "x": [1.5, None]} and s.lr == 0.5 + t
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_exact_fields_and_meta_read_back_bit_for_bit(tmp_path, tier):
+    store = HistoryStore(FIELDS, tier=tier, path=str(tmp_path / "h") if tier == "disk" else None)
+    write(store, range(5))
+    assert_steps(store, {t: 0 for t in range(5)})
+    if tier == "disk":
+        store.close()
+        with HistoryStore.open(str(tmp_path / "h"), writable=False) as reader:
+            assert_steps(reader, {t: 0 for t in range(5)})
+
+
+def test_exact_fields_refuse_what_they_cannot_store(tmp_path):
+    store = HistoryStore(FIELDS, tier="host")
+    with pytest.raises(ValueError, match=r"an exact field holds 1-D tensors.*got 2-D"):
+        store.record(0, {"codes": [torch.zeros(2, 2, dtype=torch.uint8)]})
+    with pytest.raises(ValueError, match="got 1-D torch.float64"):
+        store.record(0, {"codes": [torch.zeros(2, dtype=torch.float64)]})
+    with pytest.raises(TypeError, match="not JSON-serializable"):
+        store.record(0, {"codes": [torch.zeros(2, dtype=torch.uint8)]}, meta={"x": object()})
+    with pytest.raises(ValueError, match=r"give its shapes as \(-1,\) per tensor"):
+        FieldSpec([(3,)], "exact")
+    with pytest.raises(ValueError, match="exact"):
+        store.encoded(0, "codes")
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_rewind_supersedes_the_later_steps(tmp_path, tier):
+    store = HistoryStore(FIELDS, tier=tier, path=str(tmp_path / "h") if tier == "disk" else None)
+    write(store, range(6))
+    store.rewind(3)
+    assert store.steps == [0, 1, 2]
+    with pytest.raises(ValueError, match="steps must increase"):
+        store.record(2, step_tensors(2, 1))
+    write(store, range(3, 5), version=1)
+    assert_steps(store, {0: 0, 1: 0, 2: 0, 3: 1, 4: 1})
+    if tier == "disk":
+        store.close()
+        reopened = HistoryStore.open(str(tmp_path / "h"))
+        assert_steps(reopened, {0: 0, 1: 0, 2: 0, 3: 1, 4: 1})
+        write(reopened, [5], version=1)
+        reopened.close()
+
+
+def test_a_reader_sees_the_old_steps_or_the_new_ones_never_a_mix(tmp_path):
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(6))
+    before = HistoryStore.open(path, writable=False)
+    store.rewind(2)
+    during = HistoryStore.open(path, writable=False)  # after the rewind, before the new steps
+    write(store, range(2, 6), version=1)
+    after = HistoryStore.open(path, writable=False)
+    assert_steps(before, {t: 0 for t in range(6)})  # its records are still in the file
+    assert_steps(during, {0: 0, 1: 0})
+    assert_steps(after, {0: 0, 1: 0, **{t: 1 for t in range(2, 6)}})
+    for reader in (before, during, after):
+        reader.close()
+    store.close()
+
+
+def test_a_crash_before_the_rewind_was_whole_keeps_the_old_steps(tmp_path):
+    """The rewind record cut off by a crash: reopening drops it (and anything after it): the old
+    steps, all of them."""
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(6))
+    cut_at = store.mark()["bytes"]
+    store.rewind(3)
+    store.close()
+    with open(path, "r+b") as f:
+        f.truncate(cut_at + 10)  # inside the rewind record
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        reopened = HistoryStore.open(path)
+    assert_steps(reopened, {t: 0 for t in range(6)})
+    reopened.close()
+
+
+def test_rollback_to_a_mark_restores_the_superseded_steps(tmp_path):
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(6))
+    mark = store.mark()
+    store.rewind(1)
+    write(store, range(1, 7), version=1)
+    store.rollback(mark)
+    assert os.path.getsize(path) == mark["bytes"] and store.mark() == mark
+    assert_steps(store, {t: 0 for t in range(6)})
+    write(store, [6], version=2)  # and it records on after the mark
+    with pytest.raises(HistoryConflictError, match="does not begin with the records of the mark"):
+        store.rollback({**mark, "bytes": mark["bytes"] + 1})
+    with pytest.raises(HistoryConflictError, match="does not begin with the records of the mark"):
+        store.rollback({**mark, "digest": "0" * 64})
+    assert_steps(store, {**{t: 0 for t in range(6)}, 6: 2})
+    store.close()
+    with pytest.raises(ValueError, match="need a disk store"):
+        HistoryStore(FIELDS, tier="host").mark()
+
+
+def test_rewind_is_refused_where_it_cannot_hold(tmp_path):
+    delta = HistoryStore({"params": FieldSpec([(3,)], "int8", delta=True)}, tier="host")
+    delta.record(0, {"params": [torch.ones(3)]})
+    with pytest.raises(ValueError, match="delta-encoded; a closed-loop chain cannot restart"):
+        delta.rewind(0)
+    path = str(tmp_path / "h")
+    HistoryStore(FIELDS, tier="disk", path=path).close()
+    with HistoryStore.open(path, writable=False) as reader:
+        with pytest.raises(RuntimeError, match="opened read-only"):
+            reader.rewind(0)
+
+
+def test_files_of_format_version_1_refuse_rewind_records(tmp_path, monkeypatch):
+    import unlearn_ext.history.file as history_file
+    path = str(tmp_path / "h")
+    with monkeypatch.context() as m:
+        m.setattr(history_file, "FORMAT_VERSION", 1)
+        store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(2))
+    with pytest.raises(HistoryFormatError, match="has no rewind records"):
+        store.rewind(1)
+    store.close()
