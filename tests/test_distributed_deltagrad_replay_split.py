@@ -18,6 +18,7 @@ import torch
 
 import unlearn_ext as ue
 from unlearn_ext.distributed import DistributedDeltaGradUnlearner
+from unlearn_ext.mini.layer_chain import LayerChain
 from unlearn_ext.mini.vectors import FlatModel
 
 from distributed_setup import launch
@@ -48,9 +49,18 @@ def _answer(cls, in_memory: bool) -> dict:
     if not in_memory:  # the same rows, read item by item
         data = ue.TrainingData(Pairs(data.inputs, data.targets))
     read = _count_replay_reads(data)
-    report = cls(model, data, store, **OPTIONS).unlearn(FORGET)
+    chain_calls, original = [], LayerChain.loss_grad_sums
+
+    def counted(self, *args, **kwargs):
+        chain_calls.append(1)
+        return original(self, *args, **kwargs)
+    LayerChain.loss_grad_sums = counted
+    try:
+        report = cls(model, data, store, **OPTIONS).unlearn(FORGET)
+    finally:
+        LayerChain.loss_grad_sums = original
     return {"weights": FlatModel(model, data).flat(), "status": report.status, "read": read,
-            "exact_steps": report.details["exact_steps"]}
+            "exact_steps": report.details["exact_steps"], "chain_calls": len(chain_calls)}
 
 
 def replay_worker(rank, world, in_memory):
@@ -65,6 +75,7 @@ def _compare(world: int, in_memory: bool = True):
     assert total > 0
     for rank, answer in enumerate(got):
         assert answer["status"] == want["status"] and answer["exact_steps"] == want["exact_steps"]
+        assert answer["chain_calls"] > 0, f"rank {rank}: the replay's gradients did not take the Linear chain"
         assert torch.equal(answer["weights"], got[0]["weights"]), f"rank {rank} ended with other weights than rank 0"
         assert torch.allclose(answer["weights"], want["weights"], rtol=1e-4, atol=1e-5), \
             float((answer["weights"] - want["weights"]).abs().max())

@@ -54,7 +54,7 @@ def _is_default_cross_entropy(loss) -> bool:
     the chain's softmax-minus-one-hot is its gradient exactly on in-range targets."""
     if loss is per_sample_cross_entropy:
         return True
-    batch = loss.batch_loss if isinstance(loss, PerSampleLoss) else None
+    batch = loss.batch_loss if type(loss) is PerSampleLoss else None
     if batch is nn.functional.cross_entropy:
         return True
     return (type(batch) is nn.CrossEntropyLoss and not _has_hooks(batch) and batch.weight is None
