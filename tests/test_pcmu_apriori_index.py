@@ -203,3 +203,29 @@ def test_repeat_request_is_answered_a_priori_when_a_later_step_has_no_budget(tmp
     assert trainer.apriori_index().slack < 0 <= trainer.apriori_index().slack_held
     answer = _a_priori_answer(trainer, torch.empty(0, dtype=torch.int64), 0.0)
     assert answer is not None and answer.steps_with_removed_ids == _full_a_priori(trainer, torch.empty(0, dtype=torch.int64))
+
+
+def test_certified_request_finds_the_steps_holding_its_ids_once(monkeypatch):
+    """Several batches per epoch: a request certified a priori finds the steps holding its ids
+    (the schedule's per-epoch table) once, in the check, and forgetting the ids counts them in from
+    that; the counts and the index equal the recomputation."""
+    unlearner = PCMUUnlearner(_trainer("batches"))
+    calls = []
+    original = BatchSchedule.steps_holding
+    monkeypatch.setattr(BatchSchedule, "steps_holding",
+                        lambda self, *args, **kwargs: calls.append(args) or original(self, *args, **kwargs))
+    for ids in ([0], [5, 6]):
+        calls.clear()
+        report = unlearner.unlearn(ids)
+        assert report.how == "a-priori (m*)"
+        assert len(calls) == 1, calls
+        _check_against_full(unlearner.trainer)
+    # A `holding` for other ids or another history length is not used: the steps are found again.
+    trainer, new = unlearner.trainer, torch.tensor([7])
+    check = trainer.check_request(new)
+    assert check.holding is not None and "holding" not in check.to_dict()
+    trainer.train(steps=2)
+    calls.clear()
+    trainer.set_forgotten(torch.cat([trainer.forgotten, new]), holding=check.holding)
+    assert len(calls) == 1
+    _check_against_full(trainer)
