@@ -6,7 +6,9 @@ each rank's unlearner -- and a DistributedLedger over it -- is left as it was be
 2 gloo ranks, DeltaGrad on a flat-split history (tests/test_distributed_shard_local.py's set-up);
 rank 1's store file is damaged after opening, one byte of the recorded gradients of a middle step,
 as a disk fault would (its checksum no longer matches when the request reads it). Mini-Unlearning
-likewise, rank 1's read of an anchor's full gradient raising an I/O error."""
+likewise, rank 1's read of an anchor's full gradient raising an I/O error; there the agreement is
+also watched: tensor all-reduces on the group's device only, no object collective. And the error
+texts' fixed-size rows: a long, non-ASCII text is cut on a character boundary."""
 from __future__ import annotations
 
 import copy
@@ -14,8 +16,11 @@ import os
 import tempfile
 import time
 
+import torch.distributed as dist
+
 from unlearn_ext.distributed import (DistributedDeltaGradUnlearner, DistributedLedger, DistributedMiniUnlearner,
                                      RankShardHistory)
+from unlearn_ext.distributed.group import ERROR_TEXT_BYTES, DistributedRefusal, agree, exchange_device
 from unlearn_ext.distributed.ledger import state_digest
 from unlearn_ext.history import HistoryStore
 from unlearn_ext.mini.record import FULL_GRAD
@@ -109,10 +114,6 @@ def test_a_damaged_shard_record_fails_the_request_on_every_rank_at_once():
 def _watch_collectives() -> list:
     """From now on in this process: object collectives raise, and every all_reduce's tensor device
     is listed (returned) next to the group's exchange device."""
-    import torch.distributed as dist
-
-    from unlearn_ext.distributed.group import exchange_device
-
     seen, all_reduce = [], dist.all_reduce
 
     def refuse(*args, **kwargs):
@@ -173,3 +174,24 @@ def test_the_read_agreement_refuses_through_tensor_collectives_on_the_groups_dev
         assert kind == "DistributedRefusal", (rank, kind, message, seconds)
         assert "OSError" in message and "Input/output error" in message, message
         assert seen and all(device == expected for device, expected in seen), (rank, seen)
+
+
+def refusing_worker(rank, world):
+    def check():
+        if rank == 0:  # a long text of 2-byte characters: cut inside the fixed-size row
+            raise ValueError("é" * 2000)
+        raise OSError(5, "Input/output error")
+    try:
+        agree(check, shared=(), failed="refused")
+    except DistributedRefusal as exc:
+        return str(exc)
+    return "not refused"
+
+
+def test_long_and_non_ascii_error_texts_cross_cut_on_a_character_boundary():
+    got = launch(refusing_worker, 2, TIMEOUT_S)
+    assert got[0] == got[1], got
+    message = got[0]
+    assert message.startswith("rank(s) [0, 1] refused: rank 0: ValueError: é"), message[:80]
+    assert "é...; rank 1: OSError: [Errno 5] Input/output error" in message, message[-80:]
+    assert len(message.split("; rank 1")[0].split("rank 0: ", 1)[1].encode()) <= ERROR_TEXT_BYTES
