@@ -104,3 +104,31 @@ def test_two_ranks_unlearn_as_one_process():
 @pytest.mark.slow
 def test_three_ranks_uneven_split_unlearn_as_one_process():
     _compare(3)
+
+
+def _exact_sums_data():
+    """5 samples of integer features; the per-sample loss is the linear model's output, so each
+    sample's gradient is its input and every sum of them is exact in float32 and float64. Over 2
+    ranks (2 and 3 ids) the mean then has one rounding only: the division by 5."""
+    x = torch.randint(-1000, 1000, (5, 64), generator=torch.Generator().manual_seed(0)).float()
+    model = torch.nn.Linear(64, 1, bias=False)
+    return model, ue.TrainingData(x, torch.zeros(5), loss=lambda out, _: out.reshape(-1))
+
+
+def mean_grad_worker(rank, world):
+    from unlearn_ext.distributed.history_methods import RankSplitFlatModel
+    model, data = _exact_sums_data()
+    flat = RankSplitFlatModel(model, data, torch.distributed.group.WORLD)
+    return flat.mean_loss_grad(flat.flat(), data.ids)
+
+
+def test_rank_split_mean_gradient_is_one_process_mean_when_the_sums_are_exact():
+    """Each rank's sum enters as it was computed, not as its float32 mean times its count (3
+    samples' mean 1/3-rounds): with exact sums the answer is the one-process FlatModel's, bit for bit."""
+    model, data = _exact_sums_data()
+    single = FlatModel(model, data).mean_loss_grad(FlatModel(model, data).flat(), data.ids)
+    # The rounding the test catches is there: a float32 mean times its count is not the sum.
+    third = data.inputs[2:].sum(0)
+    assert not torch.equal((third / 3).double() * 3, third.double())
+    for got in launch(mean_grad_worker, 2, TIMEOUT_S):
+        assert torch.equal(got, single)

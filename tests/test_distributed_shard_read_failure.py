@@ -6,7 +6,9 @@ each rank's unlearner -- and a DistributedLedger over it -- is left as it was be
 2 gloo ranks, DeltaGrad on a flat-split history (tests/test_distributed_shard_local.py's set-up);
 rank 1's store file is damaged after opening, one byte of the recorded gradients of a middle step,
 as a disk fault would (its checksum no longer matches when the request reads it). Mini-Unlearning
-likewise, rank 1's read of an anchor's full gradient raising an I/O error."""
+likewise, rank 1's read of an anchor's full gradient raising an I/O error; there the agreement is
+also watched: tensor all-reduces on the group's device only, no object collective. And the error
+texts' fixed-size rows: a long, non-ASCII text is cut on a character boundary."""
 from __future__ import annotations
 
 import copy
@@ -14,8 +16,11 @@ import os
 import tempfile
 import time
 
+import torch.distributed as dist
+
 from unlearn_ext.distributed import (DistributedDeltaGradUnlearner, DistributedLedger, DistributedMiniUnlearner,
                                      RankShardHistory)
+from unlearn_ext.distributed.group import ERROR_TEXT_BYTES, DistributedRefusal, agree, exchange_device
 from unlearn_ext.distributed.ledger import state_digest
 from unlearn_ext.history import HistoryStore
 from unlearn_ext.mini.record import FULL_GRAD
@@ -106,7 +111,24 @@ def test_a_damaged_shard_record_fails_the_request_on_every_rank_at_once():
         assert outcome["requests"] == []  # nothing committed (rank 0 holds the ledger)
 
 
-def failing_read_worker(rank, world, directory):
+def _watch_collectives() -> list:
+    """From now on in this process: object collectives raise, and every all_reduce's tensor device
+    is listed (returned) next to the group's exchange device."""
+    seen, all_reduce = [], dist.all_reduce
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an object collective was used (it pickles, and with nccl needs a CUDA device set)")
+
+    def recording(tensor, *args, group=None, **kwargs):
+        seen.append((str(tensor.device), str(exchange_device(group or dist.group.WORLD))))
+        return all_reduce(tensor, *args, group=group, **kwargs)
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
+        setattr(dist, name, refuse)
+    dist.all_reduce = recording
+    return seen
+
+
+def failing_read_worker(rank, world, directory, watch=False):
     model, data, store = recorded_run("mini")
     _record_shards(directory, "mini", FlatModel(model, data), store, rank, world)
     history = RankShardHistory.open(directory)
@@ -120,10 +142,14 @@ def failing_read_worker(rank, world, directory):
         history.store.read = failing
     unlearner = DistributedMiniUnlearner(copy.deepcopy(model), data, history, **OPTIONS["mini"])
     before = state_digest(unlearner.state_dict())
+    if watch:
+        seen = _watch_collectives()
     out = _failed_request(lambda: unlearner.unlearn(FORGET))
     if _out_of_step(rank, out):
         return out, None
     history.close()
+    if watch:
+        return out, seen
     return out, state_digest(unlearner.state_dict()) == before
 
 
@@ -136,3 +162,36 @@ def test_a_failing_read_fails_mini_unlearning_on_every_rank_at_once():
         assert "OSError" in message and "Input/output error" in message, message
         assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)
         assert unchanged, rank
+
+
+def test_the_read_agreement_refuses_through_tensor_collectives_on_the_groups_device():
+    """The failed read is agreed on, and its error text crosses, through fixed-size tensor
+    all-reduces on the group's exchange device: no object collective (which pickles, and under
+    nccl needs torch.cuda.set_device on every rank) is called."""
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(failing_read_worker, 2, TIMEOUT_S, directory, True)
+    for rank, ((kind, message, seconds), seen) in enumerate(got):
+        assert kind == "DistributedRefusal", (rank, kind, message, seconds)
+        assert "OSError" in message and "Input/output error" in message, message
+        assert seen and all(device == expected for device, expected in seen), (rank, seen)
+
+
+def refusing_worker(rank, world):
+    def check():
+        if rank == 0:  # a long text of 2-byte characters: cut inside the fixed-size row
+            raise ValueError("é" * 2000)
+        raise OSError(5, "Input/output error")
+    try:
+        agree(check, shared=(), failed="refused")
+    except DistributedRefusal as exc:
+        return str(exc)
+    return "not refused"
+
+
+def test_long_and_non_ascii_error_texts_cross_cut_on_a_character_boundary():
+    got = launch(refusing_worker, 2, TIMEOUT_S)
+    assert got[0] == got[1], got
+    message = got[0]
+    assert message.startswith("rank(s) [0, 1] refused: rank 0: ValueError: é"), message[:80]
+    assert "é...; rank 1: OSError: [Errno 5] Input/output error" in message, message[-80:]
+    assert len(message.split("; rank 1")[0].split("rank 0: ", 1)[1].encode()) <= ERROR_TEXT_BYTES

@@ -7,6 +7,7 @@ per-step computation it replaces, over sequences of requests through the ledger 
 the a-priori test, resume training, restart from disk, roll back and train further."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -49,8 +50,24 @@ def _full_remaining_budget(trainer) -> int:
     return trainer.certificate().remaining_budget
 
 
+def _per_step_arrays(trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's per-step arrays by their definition: each record's smallest radius and flag."""
+    return (torch.tensor([r.min_radius for r in trainer.records], dtype=torch.float64),
+            torch.tensor([r.applied for r in trainer.records], dtype=torch.bool))
+
+
+def _assert_per_step_arrays_match_records(trainer) -> None:
+    radius, applied = _per_step_arrays(trainer)
+    steps = trainer._steps
+    assert steps == len(trainer.records)
+    # Bit for bit (a NaN radius included): the index's answers depend on the exact float64.
+    assert torch.equal(trainer._min_radius[:steps].view(torch.int64), radius.view(torch.int64))
+    assert torch.equal(trainer._applied[:steps], applied)
+
+
 def _check_against_full(trainer) -> dict:
     """Asserts every answer of the index equals the full recomputation; returns how the probes went."""
+    _assert_per_step_arrays_match_records(trainer)
     steps = trainer._steps
     forgotten = trainer.forgotten
     recounted = trainer.schedule.count_in_steps(trainer.rows(forgotten), 0, steps, trainer._excluded_from)
@@ -113,6 +130,24 @@ def test_index_follows_requests_restarts_rollbacks_and_training(setting, tmp_pat
     assert "a-priori (m*)" in routes and "resumed" in routes
 
 
+def test_reindex_rebuilds_the_per_step_arrays_from_the_records():
+    """Loading records (a ledger's reopen) rebuilds the per-step arrays: the same as reading each
+    record's fields, for radii at the edges of float64 and steps that applied no update."""
+    trained = _trainer("batches")
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, 1e300, 1.0 / 3.0]
+    records = [dataclasses.replace(r, min_radius=specials[t % len(specials)] if t % 3 else r.min_radius,
+                                   applied=r.applied and t % 4 != 1).to_state()
+               for t, r in enumerate(trained.records)]
+    restored = PCMUTrainer(trained.model, torch.nn.functional.cross_entropy, blobs(), clip_norm=1.0, lr=0.1,
+                           max_request=2, **SETTINGS["batches"])
+    restored.load_state_dict({**trained.state_dict(), "records": records})
+    _assert_per_step_arrays_match_records(restored)
+    assert not bool(restored._applied.all()) and bool(restored._min_radius.isnan().any())
+    for empty in (0, 1):  # no records, one record
+        restored.load_state_dict({**trained.state_dict(), "records": records[:empty]})
+        _assert_per_step_arrays_match_records(restored)
+
+
 def test_step_budgets_is_the_per_step_test():
     unit, margin = 1.0 / 48, 3e-7
     radius = torch.cat([torch.rand(2000, dtype=torch.float64) * 0.2,
@@ -168,3 +203,29 @@ def test_repeat_request_is_answered_a_priori_when_a_later_step_has_no_budget(tmp
     assert trainer.apriori_index().slack < 0 <= trainer.apriori_index().slack_held
     answer = _a_priori_answer(trainer, torch.empty(0, dtype=torch.int64), 0.0)
     assert answer is not None and answer.steps_with_removed_ids == _full_a_priori(trainer, torch.empty(0, dtype=torch.int64))
+
+
+def test_certified_request_finds_the_steps_holding_its_ids_once(monkeypatch):
+    """Several batches per epoch: a request certified a priori finds the steps holding its ids
+    (the schedule's per-epoch table) once, in the check, and forgetting the ids counts them in from
+    that; the counts and the index equal the recomputation."""
+    unlearner = PCMUUnlearner(_trainer("batches"))
+    calls = []
+    original = BatchSchedule.steps_holding
+    monkeypatch.setattr(BatchSchedule, "steps_holding",
+                        lambda self, *args, **kwargs: calls.append(args) or original(self, *args, **kwargs))
+    for ids in ([0], [5, 6]):
+        calls.clear()
+        report = unlearner.unlearn(ids)
+        assert report.how == "a-priori (m*)"
+        assert len(calls) == 1, calls
+        _check_against_full(unlearner.trainer)
+    # A `holding` for other ids or another history length is not used: the steps are found again.
+    trainer, new = unlearner.trainer, torch.tensor([7])
+    check = trainer.check_request(new)
+    assert check.holding is not None and "holding" not in check.to_dict()
+    trainer.train(steps=2)
+    calls.clear()
+    trainer.set_forgotten(torch.cat([trainer.forgotten, new]), holding=check.holding)
+    assert len(calls) == 1
+    _check_against_full(trainer)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 UINT64_RANGE = 1 << 64
+# UTF-8 bytes of a refusing rank's error text that cross to the other ranks (longer texts are cut).
+ERROR_TEXT_BYTES = 1024
 
 
 class DistributedRefusal(ValueError):
@@ -52,7 +54,9 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
     Raises DistributedRefusal on every rank when a rank's check raised, naming each such rank and
     its error ("rank(s) [1] <failed>: rank 1: <error>"), or when the shared values differ between
     ranks. The error texts cross in a second exchange, made only when some rank failed (every rank
-    then knows it from the first)."""
+    then knows it from the first): a fixed-size tensor of each rank's text (`_every_ranks_text`),
+    on the group's device like the first, so no rank pickles objects or needs more than the
+    group's own device set up (nccl: the current CUDA device)."""
     group = require_group(group)
     width = len(shared) + len(local)
     error = None
@@ -66,8 +70,7 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
     rows = _every_ranks_row(row, group)
     refused = [r for r, accepted in enumerate(rows[:, 0].tolist()) if not accepted]
     if refused:
-        errors = [None] * rows.shape[0]
-        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        errors = _every_ranks_text(None if error is None else f"{type(error).__name__}: {error}", group)
         if isinstance(error, DistributedRefusal) and len(refused) == len(errors) and len(set(errors)) == 1:
             raise error  # an agreement inside this check already refused on every rank, alike: pass it on
         named = "; ".join(f"rank {r}: {errors[r]}" for r in refused)
@@ -89,6 +92,26 @@ def _every_ranks_row(row: torch.Tensor, group) -> torch.Tensor:
     rows[dist.get_rank(group)] = row
     dist.all_reduce(rows, group=group)
     return rows.cpu()
+
+
+def _every_ranks_text(text: str | None, group) -> list:
+    """Every rank's text (None for a rank with none), in rank order, through one fixed-size int64
+    row per rank (_every_ranks_row): its length in UTF-8 bytes (-1 for None), then the bytes, cut
+    at ERROR_TEXT_BYTES on a character boundary ("..." marks a cut)."""
+    row = torch.zeros(1 + ERROR_TEXT_BYTES, dtype=torch.int64)
+    if text is None:
+        row[0] = -1
+    else:
+        data = text.encode()
+        if len(data) > ERROR_TEXT_BYTES:
+            data = data[:ERROR_TEXT_BYTES - 3].decode(errors="ignore").encode() + b"..."
+        row[0] = len(data)
+        row[1:1 + len(data)] = torch.tensor(list(data), dtype=torch.int64)
+    texts = []
+    for r in _every_ranks_row(row, group):
+        n = int(r[0])
+        texts.append(None if n < 0 else bytes(r[1:1 + n].tolist()).decode())
+    return texts
 
 
 def sum_in_rank_order(flat: torch.Tensor, group) -> torch.Tensor:

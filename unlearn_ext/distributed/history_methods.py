@@ -66,8 +66,9 @@ class RankSplitFlatModel(FlatModel):
     def mean_loss_grad(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() == 0:  # the same decision on every rank: no collective
             return torch.zeros(self.dim, dtype=torch.float32)
-        mine = self.my_ids(ids)
-        local = super().mean_loss_grad(w, mine).double() * mine.numel()  # this rank's sum
+        # This rank's sum as computed (not its mean times its count: a rounding one process does
+        # not take), the ranks' sums added in float64, divided once.
+        local = self.loss_grad_sum(w, self.my_ids(ids))
         return (self.sum_over_ranks(local) / ids.numel()).float()
 
     def mean_loss(self, w: torch.Tensor, ids: torch.Tensor) -> float:

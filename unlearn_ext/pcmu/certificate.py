@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -121,13 +121,18 @@ class RequestCheck:
     sample_gradients: int = 0
     flipped_coordinates: int = 0
     seconds: float = 0.0
+    # Not part of the answer (left out of to_dict): (ids, steps recorded, steps, counts) when the
+    # check found which recorded steps hold the request's new `ids` (schedule.step_counts over
+    # steps 0..steps recorded - 1), so that forgetting them after a certificate counts them in
+    # without asking the schedule again (PCMUTrainer.set_forgotten).
+    holding: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def certified(self) -> bool:
         return self.status in ("exact", "probable")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "holding"}
 
     def __str__(self) -> str:
         where = "" if self.first_divergent_step is None else f" at step {self.first_divergent_step}"

@@ -108,9 +108,10 @@ def _initial(trainer, saved) -> list[torch.Tensor]:
 def _records(trainer, saved) -> list[PCMUStep]:
     """The saved step records as PCMUSteps; a malformed one is refused naming its position."""
     records = []
+    coordinates, threshold = trainer.coordinates, trainer.fragile_threshold  # once, not per record
     for i, s in enumerate(saved):
         try:
-            records.append(PCMUStep.from_state(s, trainer.coordinates, trainer.fragile_threshold))
+            records.append(PCMUStep.from_state(s, coordinates, threshold))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"saved PCMU state: step record {i} is malformed ({type(exc).__name__}: {exc})") from None
     return records

@@ -90,17 +90,18 @@ def _a_priori_answer(trainer, new: torch.Tensor, began: float) -> RequestCheck |
     if trainer.schedule.batches_per_epoch == 1:
         if rows.numel() and rows.numel() > index.slack:  # no new id: only the held steps matter (slack_held)
             return None
-        touched = index.applied if rows.numel() else index.held
+        touched, holding = (index.applied if rows.numel() else index.held), None
     else:
-        steps, counts = trainer.schedule.step_counts(rows, 0, trainer._steps)
-        applied = trainer._applied[steps]
-        steps, counts = steps[applied], counts[applied]
+        all_steps, all_counts = trainer.schedule.step_counts(rows, 0, trainer._steps)
+        holding = (new, trainer._steps, all_steps, all_counts)  # what forgetting `new` counts in
+        applied = trainer._applied[all_steps]
+        steps, counts = all_steps[applied], all_counts[applied]
         forgotten = trainer._forgotten_count[steps]
         if bool((forgotten + counts > index.budgets[steps]).any()):
             return None
         touched = index.held + int((forgotten == 0).sum())
     out = RequestCheck("exact" if trainer.mode == "analytic" else "probable", None, "",
-                       steps_with_removed_ids=touched, steps_checked_a_priori=touched)
+                       steps_with_removed_ids=touched, steps_checked_a_priori=touched, holding=holding)
     out.reason = _certified_reason(out.status)
     out.seconds = time.perf_counter() - began
     return out

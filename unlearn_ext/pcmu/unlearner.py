@@ -44,7 +44,7 @@ class PCMUUnlearner(Unlearner):
             report.details["stochastic_layers"] = note
         report.sample_gradients = check.sample_gradients
         if check.certified:
-            self._set_forgotten(union)
+            trainer.set_forgotten(union, holding=check.holding)  # the steps holding `new`, found once
             report.status = "certified"
             report.how = "a-priori (m*)" if check.steps_checked_exactly == 0 else "per-request check"
             report.reason = check.reason

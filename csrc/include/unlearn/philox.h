@@ -30,7 +30,14 @@ UE_HOST_DEVICE uint32_t mul_hi32(uint32_t a, uint32_t b) {
 // lanes auto-vectorizes (vpmuludq) and nvcc emits mul.hi.
 UE_HOST_DEVICE PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                          uint32_t k0, uint32_t k1) {
+  // Fully unrolled, each compiler told in its own words: a bare `#pragma unroll` is nvcc's (GCC
+  // ignores it, with a warning), `#pragma GCC unroll` is GCC's (nvcc warns on it). nvcc's host pass
+  // gets neither (its host compiler sees every pragma nvcc's front end accepted).
+#if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif !defined(__CUDACC__)
+#pragma GCC unroll 10
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = mul_hi32(kPhiloxM0, c0);
     const uint32_t lo0 = kPhiloxM0 * c0;
