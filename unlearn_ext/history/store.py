@@ -125,6 +125,9 @@ class HistoryStore:
         # since the store was made or opened: the "history bytes read" of unlearning reports.
         # Assign 0 to start a new count.
         self.bytes_read = 0
+        # Counts the changes to what the store holds (a recorded step, new run metadata): what was
+        # computed from the store at one revision (mini/history_digest.py) holds while it is unchanged.
+        self.revision = 0
         self.file = _file
         if tier == "disk" and self.file is None:
             self.file = HistoryFile.create(path, self._describe(), overwrite=overwrite)
@@ -250,6 +253,7 @@ class HistoryStore:
                 raise RuntimeError(f"{self.file.path} was opened read-only (writable=False): it cannot record")
             self.file.append_run(info)
         self._run_info.update(json.loads(json.dumps(info)))  # stored as it reads back from disk
+        self.revision += 1
 
     # ---- recording -----------------------------------------------------------------------------
 
@@ -299,6 +303,7 @@ class HistoryStore:
             raise
         self._entries.append(entry)
         self._steps.append(entry.step)
+        self.revision += 1
         return entry.stats
 
     def _check_field(self, name, ts, step) -> bool:
