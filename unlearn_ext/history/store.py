@@ -439,7 +439,7 @@ class HistoryStore:
         spec = self.fields[name]
         if self._field_kind(i, name) is None:
             raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else _CPU
         if not spec.delta:
             if not flat:  # separate tensors: each can be kept or saved without the others' storage
                 out = [torch.empty(s, dtype=torch.float32, device=dev) for s in spec.shapes]
@@ -462,9 +462,10 @@ class HistoryStore:
             start = key
             whole, recon = _flat_with_views(spec.shapes, dev)  # (flat reads copy the vector once)
             hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
+        names = [name]
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
-                hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
+                hc.apply_delta(self._load(j, names)[0][name], recon, self.block_size)
         self._cache[name] = (i, recon, whole)
         return whole.clone() if flat else [t.clone() for t in recon]
 
@@ -486,6 +487,49 @@ class HistoryStore:
         """One field of one step decoded to one fp32 vector, its tensors concatenated in order (what the
         history methods' flat-vector arithmetic reads): no per-tensor copies, no batch ids read."""
         return self._decode_field(name, self._index_of(step), flat=True)
+
+    def read_flat_many(self, steps, name: str) -> torch.Tensor:
+        """Field `name` of each of `steps` (increasing) decoded into the rows of one [len(steps), n]
+        fp32 matrix: row k holds what read_flat(steps[k], name) gives, bit for bit. For a reader of
+        many steps in order (a replay): the codes of every record the rows need are dequantized in
+        one call, and a delta chain then advances by one addition per record (its reconstruction
+        update: the same rounding, so the same bits) instead of one decode call per step."""
+        idx = [self._index_of(s) for s in steps]
+        if any(b <= a for a, b in zip(idx, idx[1:])):
+            raise ValueError(f"steps must increase, got {list(steps)}")
+        spec = self.fields[name]
+        for i in idx:
+            if self._field_kind(i, name) is None:
+                raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
+        out = torch.empty(len(idx), sum(math.prod(s) for s in spec.shapes), dtype=torch.float32)
+        if not idx:
+            return out
+        names = [name]
+        if not spec.delta:
+            hc.decode_many_into([self._load(i, names)[0][name] for i in idx], _row_views(out, spec.shapes),
+                                self.block_size)
+            return out
+        # A delta chain: the first row as read_flat reads it (which places the decoder's cache there),
+        # then every record up to the last row, in order: a delta adds its dequantized codes, a
+        # keyframe restarts the chain.
+        out[0] = self._decode_field(name, idx[0], flat=True)
+        span = [(j, self._field_kind(j, name)) for j in range(idx[0] + 1, idx[-1] + 1)]
+        span = [(j, kind) for j, kind in span if kind is not None]
+        decoded = torch.empty(len(span), out.shape[1], dtype=torch.float32)
+        hc.decode_many_into([self._load(j, names)[0][name] for j, _ in span], _row_views(decoded, spec.shapes),
+                            self.block_size)
+        rows, scratch = dict(zip(idx, out)), torch.empty_like(out[0])
+        current = out[0]
+        for (j, kind), values in zip(span, decoded):
+            target = rows.get(j, scratch)  # (scratch: a record between two wanted steps, updated in place)
+            if kind == hc.DELTA:
+                torch.add(current, values, out=target)
+            else:  # a keyframe: its values
+                target.copy_(values)
+            current = target
+        whole = out[-1].clone()  # the decoder's cache continues from the last row
+        self._cache[name] = (idx[-1], _row_views(whole.unsqueeze(0), spec.shapes)[0], whole)
+        return out
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
         """StoredSteps of the recorded steps in [start, stop), in order (deltas applied
@@ -554,6 +598,20 @@ class HistoryStore:
         """Per recorded step and field: kind, bytes, fp32 bytes, ratio, max and RMS error."""
         return [dict(step=e.step, field=k, ratio=s["raw_bytes"] / s["bytes"] if s["bytes"] else float("nan"), **s)
                 for e in self._entries for k, s in e.stats.items()]
+
+
+_CPU = torch.device("cpu")
+
+
+def _row_views(matrix: torch.Tensor, shapes) -> list:
+    """For each row of `matrix` ([k, n], contiguous rows), its views shaped like `shapes` in order:
+    a few operations per shape for all the rows, not a split per row."""
+    columns, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        columns.append(matrix[:, start:start + n].view(len(matrix), *shape).unbind(0))
+        start += n
+    return [list(parts) for parts in zip(*columns)]
 
 
 def _flat_with_views(shapes, device) -> tuple[torch.Tensor, list]:
