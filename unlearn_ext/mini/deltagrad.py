@@ -340,15 +340,16 @@ class DeltaGradUnlearner(Unlearner):
             """Adds the exact step's pair (dw, dg) after checking B's prediction of dg; returns the
             reason to stop, or ''."""
             nonlocal model, lambda_max, worst
+            dw64, dg64 = dw.double(), dg.double()
             if pairs and float(dg.norm()) > 0:
                 if model is None:
                     model = CompactLBFGS.from_pairs(pairs)
-                err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
+                err = float((model.product(dw64) - dg64).norm() / dg64.norm())
                 worst = max(worst, err)
                 if err > self.max_prediction_error:
                     return (f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
                             f"{err:.3g} (relative) > {self.max_prediction_error:g}")
-            if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
+            if float(torch.dot(dw64, dg64)) > 1e-12 * float(dw.norm() * dg.norm()):
                 pairs.append((dw.clone(), dg.clone()))
                 lambda_max, model = None, None
             return ""
