@@ -170,17 +170,18 @@ def test_read_flat_equals_the_joined_read(codec):
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_read_flat_many_equals_read_flat_row_by_row(codec, tier, tmp_path):
     """The replay's read-ahead: every row bit for bit what read_flat gives, over blocks that cross
-    keyframes, skip steps, start at a keyframe or at step 0; the decoder's cache then continues from
+    keyframes, skip steps (few or many), start at a keyframe or at step 0; the decoder's cache then continues from
     the last row; bad step lists refused with a one-line error."""
     data, init = table(), models()["deep mixed"]
     model = copy.deepcopy(init)
     store = ue.step_store(model, params=codec, grads=codec, keyframe_every=4, tier=tier,
                           path=str(tmp_path / "h.hist") if tier == "disk" else None)
-    ue.train_recording_steps(model, data, ue.SGDConfig(epochs=2, batch_size=32, lr=0.1), store)
+    ue.train_recording_steps(model, data, ue.SGDConfig(epochs=1, batch_size=4, lr=0.05), store)  # 75 steps
     fresh = HistoryStore.open(str(tmp_path / "h.hist"), writable=False) if tier == "disk" else store
     last = len(store.steps) - 1
     want = {name: [fresh.read_flat(t, name) for t in store.steps] for name in ("params", "grads")}
-    for steps in ([0], list(range(0, 11)), list(range(3, last + 1, 3)), [4, 5, 9], list(range(last - 6, last + 1))):
+    for steps in ([0], list(range(0, 11)), list(range(3, last + 1, 3)), [4, 5, 9], list(range(last - 6, last + 1)),
+                  [1, last]):  # (the last: more records between two rows than one decode call takes)
         for name in ("params", "grads"):
             got = store.read_flat_many(steps, name)
             assert got.shape == (len(steps), FlatModel(model, data).dim)

@@ -515,18 +515,21 @@ class HistoryStore:
         out[0] = self._decode_field(name, idx[0], flat=True)
         span = [(j, self._field_kind(j, name)) for j in range(idx[0] + 1, idx[-1] + 1)]
         span = [(j, kind) for j, kind in span if kind is not None]
-        decoded = torch.empty(len(span), out.shape[1], dtype=torch.float32)
-        hc.decode_many_into([self._load(j, names)[0][name] for j, _ in span], _row_views(decoded, spec.shapes),
-                            self.block_size)
         rows, scratch = dict(zip(idx, out)), torch.empty_like(out[0])
         current = out[0]
-        for (j, kind), values in zip(span, decoded):
-            target = rows.get(j, scratch)  # (scratch: a record between two wanted steps, updated in place)
-            if kind == hc.DELTA:
-                torch.add(current, values, out=target)
-            else:  # a keyframe: its values
-                target.copy_(values)
-            current = target
+        per_call = max(len(idx), 64)  # records decoded per call: as many rows as out has (sparse steps)
+        for lo in range(0, len(span), per_call):
+            part = span[lo:lo + per_call]
+            decoded = torch.empty(len(part), out.shape[1], dtype=torch.float32)
+            hc.decode_many_into([self._load(j, names)[0][name] for j, _ in part], _row_views(decoded, spec.shapes),
+                                self.block_size)
+            for (j, kind), values in zip(part, decoded):
+                target = rows.get(j, scratch)  # (scratch: a record between two wanted steps, updated in place)
+                if kind == hc.DELTA:
+                    torch.add(current, values, out=target)
+                else:  # a keyframe: its values
+                    target.copy_(values)
+                current = target
         whole = out[-1].clone()  # the decoder's cache continues from the last row
         self._cache[name] = (idx[-1], _row_views(whole.unsqueeze(0), spec.shapes)[0], whole)
         return out
