@@ -58,7 +58,8 @@ class Encoded:
 
     @property
     def nbytes(self) -> int:
-        # (the arrays are never replaced: counted once, a replay asks at every step it reads)
+        # (the arrays' sizes never change, a move to another tier keeps them: counted once, as a replay
+        # asks at every step it reads)
         if self._nbytes is None:
             self._nbytes = sum(a.numel() * a.element_size() for a in self.arrays)
         return self._nbytes
