@@ -148,3 +148,40 @@ def test_a_request_plans_its_replay_once():
     unlearner._plan = lambda union: calls.append(union) or plan(union)
     report = unlearner.unlearn(FORGET)
     assert report.status in ("unlearned", "fallback") and len(calls) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_read_ahead_block_size_changes_no_bit(monkeypatch, momentum):
+    """The recorded weights and gradients read ahead in blocks (DeltaGradUnlearner._recorded): one
+    step per block, blocks that end inside the exact prefix and the default give the same bits,
+    with plain SGD and with momentum (whose buffer takes the recorded gradient too)."""
+    from unlearn_ext.mini import deltagrad
+    data, init = classification(n=90, d=5, classes=3, seed=4)
+    config = ue.SGDConfig(epochs=4, batch_size=16, lr=0.2, weight_decay=1e-3, momentum=momentum)
+    model, store = recorded(data, init, config)
+    answers = []
+    for steps in (1, 7, deltagrad.READ_AHEAD_STEPS):
+        monkeypatch.setattr(deltagrad, "READ_AHEAD_STEPS", steps)
+        unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store)
+        w, _, _, reason = unlearner._replay(unlearner._plan(FORGET))
+        assert reason == ""
+        answers.append(w)
+    assert all(torch.equal(a, answers[0]) for a in answers[1:])
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_the_decoded_gradients_axpy_rounds_as_the_axpy_on_the_codes(codec):
+    """y += alpha g_t from the decoded values (the replay's read-ahead) equals the dequantize-axpy on
+    the codes bit for bit, over alphas of either sign and magnitude."""
+    from unlearn_ext.mini.deltagrad import _add_scaled_
+    from unlearn_ext.history import HistoryStore
+    g = torch.Generator().manual_seed(3)
+    store = HistoryStore({"grads": {"shapes": [(37, 11), (11,)], "codec": codec}})
+    store.record(0, {"grads": [torch.randn(37, 11, generator=g), torch.randn(11, generator=g) * 1e-3]})
+    values = store.read_flat(0, "grads")
+    for alpha in (-1.0, 0.3, -0.0123456789, 7.77e-5, 3.0):
+        y = torch.randn(values.numel(), generator=g)
+        want = y.clone()
+        store.encoded(0, "grads").axpy_([want[:407].view(37, 11), want[407:]], alpha)
+        _add_scaled_(values, y, alpha)
+        assert torch.equal(y, want), alpha

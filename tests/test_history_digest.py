@@ -59,3 +59,25 @@ def test_a_changed_middle_step_changes_the_digest(tmp_path):
         for field in names:
             changed = _copy(store, middle, field)
             assert history_sha256(changed, ends, names, method) != digest, (method, field)
+
+
+def test_the_digest_is_kept_while_the_store_is_unchanged_and_recomputed_after_a_change(monkeypatch):
+    """A second call on the same store does not walk the schedule again; recording a step or new run
+    metadata gives the digest a fresh store with the same contents has."""
+    store, names = _trained("deltagrad")
+    ends = sorted({store.steps[0], store.steps[-1]})
+    digest = history_sha256(store, ends, names, "deltagrad")
+    walks = []
+    schedule = HistoryStore.schedule
+    monkeypatch.setattr(HistoryStore, "schedule", lambda self: walks.append(1) or schedule(self))
+    assert history_sha256(store, ends, names, "deltagrad") == digest and not walks
+    assert history_sha256(store, ends[-1:], names, "deltagrad") == digest and walks  # another argument set: computed
+
+    last = store.read(store.steps[-1])
+    store.record(store.steps[-1] + 1, last.tensors, lr=last.lr, batch_ids=last.batch_ids)
+    grown = history_sha256(store, ends, names, "deltagrad")
+    assert grown != digest and grown == history_sha256(_copy(store), ends, names, "deltagrad")
+
+    store.set_run_info(note="changed")
+    assert history_sha256(store, ends, names, "deltagrad") not in (digest, grown)
+    assert history_sha256(store, ends, names, "deltagrad") == history_sha256(_copy(store), ends, names, "deltagrad")

@@ -157,3 +157,34 @@ def test_files_of_format_version_1_refuse_rewind_records(tmp_path, monkeypatch):
     with pytest.raises(HistoryFormatError, match="has no rewind records"):
         store.rewind(1)
     store.close()
+
+
+def test_rewind_and_rollback_move_the_revision_past_every_earlier_one(tmp_path):
+    """What is kept per store revision (the history digest, mini/history_digest.py) must not survive
+    a rewind or a rollback: neither may give the store a revision it had before with other contents."""
+    from unlearn_ext.mini.history_digest import history_sha256
+
+    store = HistoryStore(FIELDS, tier="disk", path=str(tmp_path / "h"))
+    write(store, range(3))
+    seen = {store.revision}
+    mark = store.mark()
+    write(store, range(3, 6))
+    seen.add(store.revision)
+    before = history_sha256(store, [0, 5], ["codes"], "deltagrad")
+
+    store.rewind(4)
+    assert store.revision > max(seen)
+    seen.add(store.revision)
+    write(store, range(4, 6), version=1)  # steps 4, 5 again, other contents: back to the same count
+    assert store.revision > max(seen)
+    assert history_sha256(store, [0, 5], ["codes"], "deltagrad") != before
+    seen.add(store.revision)
+
+    store.rollback(mark)
+    assert store.revision > max(seen)  # a reopened store counts from 0: the rollback must not
+    seen.add(store.revision)
+    write(store, range(3, 6), version=2)
+    assert store.revision > max(seen)
+    assert history_sha256(store, [0, 5], ["codes"], "deltagrad") == history_sha256(
+        HistoryStore.open(str(tmp_path / "h"), writable=False), [0, 5], ["codes"], "deltagrad")
+    store.close()

@@ -12,6 +12,7 @@ from torch import nn
 import unlearn_ext as ue
 from unlearn_ext.mini.layer_chain import LayerChain
 from unlearn_ext.mini.replay_model import ReplayModel, batch_rows
+from unlearn_ext.history import HistoryStore
 from unlearn_ext.mini.vectors import CHUNK, FlatModel
 
 from user_models import Pairs
@@ -163,3 +164,33 @@ def test_read_flat_equals_the_joined_read(codec):
     for step in (0, 3, 1, len(store.steps) - 1, 5):  # out of order: the delta chain's cache moves both ways
         for name in ("params", "grads"):
             assert torch.equal(store.read_flat(step, name), fm.join(store.read(step, [name]).tensors[name]))
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_read_flat_many_equals_read_flat_row_by_row(codec, tier, tmp_path):
+    """The replay's read-ahead: every row bit for bit what read_flat gives, over blocks that cross
+    keyframes, skip steps (few or many), start at a keyframe or at step 0; the decoder's cache then continues from
+    the last row; bad step lists refused with a one-line error."""
+    data, init = table(), models()["deep mixed"]
+    model = copy.deepcopy(init)
+    store = ue.step_store(model, params=codec, grads=codec, keyframe_every=4, tier=tier,
+                          path=str(tmp_path / "h.hist") if tier == "disk" else None)
+    ue.train_recording_steps(model, data, ue.SGDConfig(epochs=1, batch_size=4, lr=0.05), store)  # 75 steps
+    fresh = HistoryStore.open(str(tmp_path / "h.hist"), writable=False) if tier == "disk" else store
+    last = len(store.steps) - 1
+    want = {name: [fresh.read_flat(t, name) for t in store.steps] for name in ("params", "grads")}
+    for steps in ([0], list(range(0, 11)), list(range(3, last + 1, 3)), [4, 5, 9], list(range(last - 6, last + 1)),
+                  [1, last]):  # (the last: more records between two rows than one decode call takes)
+        for name in ("params", "grads"):
+            got = store.read_flat_many(steps, name)
+            assert got.shape == (len(steps), FlatModel(model, data).dim)
+            for row, t in zip(got, steps):
+                assert torch.equal(row, want[name][t]), (codec, name, t)
+            if steps[-1] < last:  # the cache left at the last row: the next step reads as from scratch
+                assert torch.equal(store.read_flat(steps[-1] + 1, name), want[name][steps[-1] + 1])
+    assert store.read_flat_many([], "grads").shape[0] == 0
+    with pytest.raises(ValueError, match="steps must increase"):
+        store.read_flat_many([3, 3], "params")
+    with pytest.raises(KeyError, match="not recorded"):
+        store.read_flat_many([1, last + 5], "params")

@@ -187,3 +187,14 @@ class DistributedDeltaGradUnlearner(_AcrossRanks, DeltaGradUnlearner):
     """DeltaGradUnlearner across the ranks of `group` (module docstring): each replayed step's
     retained and forgotten gradients are split across the ranks. Same arguments as
     DeltaGradUnlearner, on every rank."""
+
+    def _recorded(self, steps: list):
+        """A rank's shard of a sharded history is read step by step, shard-locally (its weights' gap
+        and its gradient's axpy on the codes exchange across ranks at each step); a whole history
+        as in one process."""
+        if not isinstance(self.store, RankShardHistory):
+            yield from super()._recorded(steps)
+            return
+        for t in steps:
+            w_t, field = self.store.stored(t, "params"), self.store.encoded(t, "grads")
+            yield w_t, lambda y, alpha, field=field: field.axpy_(self.flat.split(y), alpha)

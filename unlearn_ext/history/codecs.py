@@ -61,7 +61,13 @@ class Encoded:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() for a in self.arrays)
+        # (the arrays' sizes never change, a move to another tier keeps them: counted once, as a replay
+        # asks at every step it reads)
+        if self._nbytes is None:
+            self._nbytes = sum(a.numel() * a.element_size() for a in self.arrays)
+        return self._nbytes
+
+    _nbytes = None
 
 
 def payload_digest(enc: Encoded) -> str:
@@ -126,20 +132,40 @@ def decode_into(enc: Encoded, out, block_size: int) -> None:
         for o, a in zip(out, enc.arrays):
             o.copy_(a.reshape(o.shape))
         return
-    arrays = [a.to(out[0].device) for a in enc.arrays]
+    arrays = _values_of(enc, out[0].device)
     _ops.blockwise_dequantize_(out, arrays[:n], arrays[n:], BITS[enc.codec], block_size, LEVELS[enc.codec])
+
+
+def decode_many_into(encs, outs, block_size: int) -> None:
+    """decode_into(encs[k], outs[k]) for every k, the quantized ones (plain fields and deltas, whose
+    values are their dequantized codes) in one dequantize call: a reader of many records (a replay)
+    pays the call once. The same values as one call per record (each element is dequantized alone)."""
+    quantized = [k for k, enc in enumerate(encs) if enc.kind != KEYFRAME and enc.codec in BITS]
+    for k in sorted(set(range(len(encs))) - set(quantized)):
+        decode_into(encs[k], outs[k], block_size)
+    groups = {}  # codec -> (outputs, codes, scales): one call per codec (a store has one per field)
+    for k in quantized:
+        n, arrays = len(outs[k]), _values_of(encs[k], outs[k][0].device)
+        out, codes, scales = groups.setdefault(encs[k].codec, ([], [], []))
+        out += outs[k]
+        codes += arrays[:n]
+        scales += arrays[n:]
+    for codec, (out, codes, scales) in groups.items():
+        _ops.blockwise_dequantize_(out, codes, scales, BITS[codec], block_size, LEVELS[codec])
 
 
 def apply_delta(enc: Encoded, recon, block_size: int) -> None:
     """recon (fp32) += deq(delta): bit-identical to the encoder's own reconstruction update."""
     n = len(recon)
-    arrays = [a.to(recon[0].device) for a in enc.arrays]
+    arrays = _values_of(enc, recon[0].device)
     _ops.dequantize_axpy_(recon, 1.0, arrays[:n], arrays[n:], BITS[enc.codec], block_size, LEVELS[enc.codec])
 
 
 def _values_of(enc: Encoded, device) -> list:
     """The arrays of an fp-coded field, or the codes and the scales of an int-coded one, on `device`
-    (a no-op for arrays already there)."""
+    (the stored list itself when they are all there already: the common case, checked without a call per array)."""
+    if all(a.device == device for a in enc.arrays):
+        return enc.arrays
     return [a.to(device) for a in enc.arrays]
 
 

@@ -140,6 +140,9 @@ class HistoryStore:
         # since the store was made or opened: the "history bytes read" of unlearning reports.
         # Assign 0 to start a new count.
         self.bytes_read = 0
+        # Counts the changes to what the store holds (a recorded step, new run metadata): what was
+        # computed from the store at one revision (mini/history_digest.py) holds while it is unchanged.
+        self.revision = 0
         self.file = _file
         if tier == "disk" and self.file is None:
             self.file = HistoryFile.create(path, self._describe(), overwrite=overwrite)
@@ -266,6 +269,7 @@ class HistoryStore:
                 raise RuntimeError(f"{self.file.path} was opened read-only (writable=False): it cannot record")
             self.file.append_run(info)
         self._run_info.update(json.loads(json.dumps(info)))  # stored as it reads back from disk
+        self.revision += 1
 
     # ---- recording -----------------------------------------------------------------------------
 
@@ -318,6 +322,7 @@ class HistoryStore:
             raise
         self._entries.append(entry)
         self._steps.append(entry.step)
+        self.revision += 1
         return entry.stats
 
     def _check_field(self, name, ts, step) -> bool:
@@ -436,6 +441,8 @@ class HistoryStore:
         keep = bisect.bisect_left(self._steps, step)
         del self._entries[keep:], self._steps[keep:]
         self._since_sync = 0
+        self._cache.clear()  # decoder state names entries by index: those from `step` on are gone
+        self.revision += 1   # what was computed from the superseded steps (a digest) no longer holds
 
     def mark(self) -> dict:
         """{"bytes", "digest"} of a disk store as it is now (file.py mark()): what `rollback` returns
@@ -450,11 +457,14 @@ class HistoryStore:
         and the steps they superseded read again. The writer's lock is released and retaken."""
         if self.file is None:
             raise ValueError("mark() and rollback() need a disk store (tier='disk')")
-        path = self.file.path
+        path, revision = self.file.path, self.revision
         self.file.truncate_to(mark)
         self.close()
         fresh = HistoryStore.open(path)
         self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
+        # Past every revision before: a digest kept from before the rollback must not match again
+        # (a fresh store counts from 0, and later records could bring it back to a kept number).
+        self.revision = revision + 1
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -504,7 +514,7 @@ class HistoryStore:
         spec = self.fields[name]
         if self._field_kind(i, name) is None:
             raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else _CPU
         if spec.codec == hc.EXACT:
             if flat:
                 raise ValueError(f"field {name!r} is exact (1-D tensors of any dtype), not a flat fp32 vector")
@@ -531,9 +541,10 @@ class HistoryStore:
             start = key
             whole, recon = _flat_with_views(spec.shapes, dev)  # (flat reads copy the vector once)
             hc.decode_into(self._load(key, [name])[0][name], recon, self.block_size)
+        names = [name]
         for j in range(start + 1, i + 1):
             if self._field_kind(j, name) == hc.DELTA:
-                hc.apply_delta(self._load(j, [name])[0][name], recon, self.block_size)
+                hc.apply_delta(self._load(j, names)[0][name], recon, self.block_size)
         self._cache[name] = (i, recon, whole)
         return whole.clone() if flat else [t.clone() for t in recon]
 
@@ -556,6 +567,52 @@ class HistoryStore:
         """One field of one step decoded to one fp32 vector, its tensors concatenated in order (what the
         history methods' flat-vector arithmetic reads): no per-tensor copies, no batch ids read."""
         return self._decode_field(name, self._index_of(step), flat=True)
+
+    def read_flat_many(self, steps, name: str) -> torch.Tensor:
+        """Field `name` of each of `steps` (increasing) decoded into the rows of one [len(steps), n]
+        fp32 matrix: row k holds what read_flat(steps[k], name) gives, bit for bit. For a reader of
+        many steps in order (a replay): the codes of every record the rows need are dequantized in
+        one call, and a delta chain then advances by one addition per record (its reconstruction
+        update: the same rounding, so the same bits) instead of one decode call per step."""
+        idx = [self._index_of(s) for s in steps]
+        if any(b <= a for a, b in zip(idx, idx[1:])):
+            raise ValueError(f"steps must increase, got {list(steps)}")
+        spec = self.fields[name]
+        for i in idx:
+            if self._field_kind(i, name) is None:
+                raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
+        out = torch.empty(len(idx), sum(math.prod(s) for s in spec.shapes), dtype=torch.float32)
+        if not idx:
+            return out
+        names = [name]
+        if not spec.delta:
+            hc.decode_many_into([self._load(i, names)[0][name] for i in idx], _row_views(out, spec.shapes),
+                                self.block_size)
+            return out
+        # A delta chain: the first row as read_flat reads it (which places the decoder's cache there),
+        # then every record up to the last row, in order: a delta adds its dequantized codes, a
+        # keyframe restarts the chain.
+        out[0] = self._decode_field(name, idx[0], flat=True)
+        span = [(j, self._field_kind(j, name)) for j in range(idx[0] + 1, idx[-1] + 1)]
+        span = [(j, kind) for j, kind in span if kind is not None]
+        rows, scratch = dict(zip(idx, out)), torch.empty_like(out[0])
+        current = out[0]
+        per_call = max(len(idx), 64)  # records decoded per call: as many rows as out has (sparse steps)
+        for lo in range(0, len(span), per_call):
+            part = span[lo:lo + per_call]
+            decoded = torch.empty(len(part), out.shape[1], dtype=torch.float32)
+            hc.decode_many_into([self._load(j, names)[0][name] for j, _ in part], _row_views(decoded, spec.shapes),
+                                self.block_size)
+            for (j, kind), values in zip(part, decoded):
+                target = rows.get(j, scratch)  # (scratch: a record between two wanted steps, updated in place)
+                if kind == hc.DELTA:
+                    torch.add(current, values, out=target)
+                else:  # a keyframe: its values
+                    target.copy_(values)
+                current = target
+        whole = out[-1].clone()  # the decoder's cache continues from the last row
+        self._cache[name] = (idx[-1], _row_views(whole.unsqueeze(0), spec.shapes)[0], whole)
+        return out
 
     def iter(self, start: int | None = None, stop: int | None = None, names=None, *, device=None):
         """StoredSteps of the recorded steps in [start, stop), in order (deltas applied
@@ -626,6 +683,20 @@ class HistoryStore:
         """Per recorded step and field: kind, bytes, fp32 bytes, ratio, max and RMS error."""
         return [dict(step=e.step, field=k, ratio=s["raw_bytes"] / s["bytes"] if s["bytes"] else float("nan"), **s)
                 for e in self._entries for k, s in e.stats.items()]
+
+
+_CPU = torch.device("cpu")
+
+
+def _row_views(matrix: torch.Tensor, shapes) -> list:
+    """For each row of `matrix` ([k, n], contiguous rows), its views shaped like `shapes` in order:
+    a few operations per shape for all the rows, not a split per row."""
+    columns, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        columns.append(matrix[:, start:start + n].view(len(matrix), *shape).unbind(0))
+        start += n
+    return [list(parts) for parts in zip(*columns)]
 
 
 def _flat_with_views(shapes, device) -> tuple[torch.Tensor, list]:

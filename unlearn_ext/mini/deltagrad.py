@@ -11,8 +11,9 @@ w^I_t directly:
     forgotten samples' exact gradients are taken out:
         w^I_{t+1} = w^I_t - eta_t [(|B| (g_t + B dw) - sum_{i in B & F} grad l_i(w^I_t)) / |B \\ F| + wd w^I_t].
 Weight decay is linear, so it is applied exactly rather than through the pairs. The recorded g_t
-enter through the encoded history (`store.encoded(t, 'grads').axpy_`, dequantize-axpy on the int8
-codes), never as decoded copies. A batch left empty makes no update (as retraining).
+enter as y += alpha g_t rounded as the dequantize-axpy on their int8 codes (alpha g_t, then the sum),
+from blocks of steps decoded in one call each (HistoryStore.read_flat_many; across ranks with a
+sharded history, the axpy on each rank's codes). A batch left empty makes no update (as retraining).
 
 Momentum (heavy ball or Nesterov, dampening 0): the replay carries the retained run's buffer b as
 torch does: b <- mu b + g (b = g at the replay's first update), w <- w - eta b (heavy ball) or
@@ -55,11 +56,12 @@ the default).
 Speed (ours): a replay takes one or two gradients per recorded step, each on a handful of rows, so
 on small models the per-call bookkeeping used to cost more than the arithmetic. The replay pays it
 once per request: one working copy of the model (mini/replay_model.py), one read of the schedule and
-one membership test for the whole history, the rows read in blocks, one forward pass for an exact
-step's retained and removed gradients; what is left per step is what depends on the step before,
-made of as few tensor operations as the arithmetic allows (a model of Linear layers and elementwise
-activations takes its gradients without autograd's graph, mini/layer_chain.py; each step's stored
-weights are decoded straight into one vector; the weights are updated in place).
+one membership test for the whole history, the rows and the recorded weights and gradients read
+ahead in blocks (one decode call per block of steps), one forward pass for an exact step's retained
+and removed gradients, the history's digest kept with the store (mini/history_digest.py); what is
+left per step is what depends on the step before, made of as few tensor operations as the
+arithmetic allows (a model of Linear layers and elementwise activations takes its gradients without
+autograd's graph, mini/layer_chain.py; the weights are updated in place).
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
@@ -76,6 +78,7 @@ dw lies in span(S), whose capped directions remove it): an option, not the defau
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections import deque
 
@@ -99,6 +102,11 @@ from .resume import RetainedRun, resume_from
 from .vectors import FlatModel, StoredVector, stored_vector
 
 
+# Read-ahead of the recorded weights and gradients (DeltaGradUnlearner._recorded): steps per block, and at
+# most this many bytes of decoded rows (both fields) per block.
+READ_AHEAD_STEPS = 64
+READ_AHEAD_BYTES = 64 << 20
+
 FALLBACK_HOW = "retrained from the stored initial weights"
 FALLBACK_CONTINUED = "retrained from the stored initial weights, continuing the replay's exact prefix"
 FALLBACK_WHAT = "trained again without the ids from the stored initial weights, which equals retraining"
@@ -114,7 +122,7 @@ class CompactLBFGS:
     between: a product is then two thin matrix-vector products, not a new 2m x 2m solve."""
 
     def __init__(self, S: torch.Tensor, Y: torch.Tensor):
-        self._build(S.T.double().contiguous(), Y.T.double().contiguous())
+        self._build(torch.cat([S.T, Y.T]).double(), S.shape[1])
 
     @classmethod
     def from_pairs(cls, pairs) -> "CompactLBFGS":
@@ -122,29 +130,32 @@ class CompactLBFGS:
         cls(S, Y) with their columns, built from rows (no strided copies of d values)."""
         model = cls.__new__(cls)
         dws, dgs = zip(*pairs)
-        model._build(torch.stack(dws).double(), torch.stack(dgs).double())
+        model._build(torch.stack(dws + dgs).double(), len(dws))
         return model
 
-    def _build(self, St: torch.Tensor, Yt: torch.Tensor) -> None:
-        """St, Yt: S^T and Y^T ([m, d], float64, contiguous)."""
-        m = St.shape[0]
+    def _build(self, rows: torch.Tensor, m: int) -> None:
+        """rows: [S^T; Y^T] ([2m, d], float64, contiguous; this model's own: scaled in place into W^T).
+        Built once per change of the pairs, so made of few operations: a rebuild costs about as
+        much as several quasi-Newton steps on a small model."""
         # Every inner product the 2m x 2m algebra needs (S^T S, S^T Y, Y^T Y) from one pass over the
         # d values; that algebra then runs on 2m x 2m arrays in numpy (per-call cost of small ops).
-        rows = torch.cat([St, Yt])
         G = (rows @ rows.T).numpy()
         SS, SY, YY = G[:m, :m], G[:m, m:], G[m:, m:]
         s = self.sigma = float(SY[-1, -1] / SS[-1, -1])
         L = np.tril(SY, -1)
         M = np.empty((2 * m, 2 * m))
         M[:m, :m], M[:m, m:], M[m:, :m], M[m:, m:] = s * SS, L, L.T, -np.diag(np.diag(SY))
-        self.M_inv = torch.from_numpy(np.linalg.inv(M))
-        Wt = torch.cat([s * St, Yt])  # W^T [2m, d]
-        self.W = Wt.T
-        self._P = self.M_inv @ Wt  # [2m, d]: a product is then two thin matrix-vector products
-        # M^-1 W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue)
-        gram = np.empty((2 * m, 2 * m))
-        gram[:m, :m], gram[:m, m:], gram[m:, :m], gram[m:, m:] = s * s * SS, s * SY, s * SY.T, YY
-        self._M_inv_gram = self.M_inv.numpy() @ gram
+        M_inv = np.linalg.inv(M)
+        self.M_inv = torch.from_numpy(M_inv)
+        rows[:m] *= s  # W^T = [sigma S, Y]^T [2m, d]
+        self.W = rows.T
+        self._P = self.M_inv @ rows  # [2m, d]: a product is then two thin matrix-vector products
+        # M^-1 W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue):
+        # W^T W = [[s^2 S^T S, s S^T Y], [s Y^T S, Y^T Y]], G scaled by (s.., 1..) on both sides
+        scales = np.repeat([s, 1.0], m)
+        gram = G * np.outer(scales, scales)
+        gram[m:, :m] = gram[:m, m:].T  # (G's own upper block, as the formula: G is symmetric up to rounding)
+        self._M_inv_gram = M_inv @ gram
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
@@ -188,6 +199,12 @@ class CompactLBFGS:
             new = min(float(positive.min()), cap) if positive.numel() else cap
             out = out - (self.sigma - new) * (v - Q @ coords)
         return out
+
+
+def _add_scaled_(values: torch.Tensor, y: torch.Tensor, alpha: float) -> None:
+    """y += alpha * values in float32, rounded as ops.dequantize_axpy_ on the values' codes: alpha * values
+    (alpha as float32), then the sum, two roundings (one fused multiply-add would round once)."""
+    y.add_(values * alpha)
 
 
 def _copy_parameters(source: torch.nn.Module, target: torch.nn.Module) -> None:
@@ -270,8 +287,17 @@ class DeltaGradUnlearner(Unlearner):
         for t, _, _, ids in steps:
             if ids is None:
                 raise ValueError(f"step {t} of the history has no batch ids: DeltaGrad needs them")
-        gone = torch.isin(torch.cat([ids for *_, ids in steps]), union).split([int(ids.numel()) for *_, ids in steps])
-        return [(t, float(lr), ids[~g], ids[g], int(ids.numel())) for (t, lr, _, ids), g in zip(steps, gone)]
+        # Split every step's ids at once: the kept and the removed ids of the whole history, then each
+        # step's share of both (counts from a cumulative sum of the membership).
+        sizes = [int(ids.numel()) for *_, ids in steps]
+        every = torch.cat([ids for *_, ids in steps])
+        gone = torch.isin(every, union)
+        ends = np.cumsum(sizes)
+        removed_before = np.concatenate([[0], np.cumsum(gone.numpy())])[np.concatenate([[0], ends])]
+        removed_counts = np.diff(removed_before).tolist()
+        kept_counts = [n - r for n, r in zip(sizes, removed_counts)]
+        kept, removed = every[~gone].split(kept_counts), every[gone].split(removed_counts)
+        return [(t, float(lr), k, r, n) for (t, lr, _, _), k, r, n in zip(steps, kept, removed, sizes)]
 
     def _retained_run(self, plan: list) -> RetainedRun:
         """Training without the ids from the stored step-0 weights over the recorded batches and
@@ -314,15 +340,16 @@ class DeltaGradUnlearner(Unlearner):
             """Adds the exact step's pair (dw, dg) after checking B's prediction of dg; returns the
             reason to stop, or ''."""
             nonlocal model, lambda_max, worst
+            dw64, dg64 = dw.double(), dg.double()
             if pairs and float(dg.norm()) > 0:
                 if model is None:
                     model = CompactLBFGS.from_pairs(pairs)
-                err = float((model.product(dw) - dg.double()).norm() / dg.double().norm())
+                err = float((model.product(dw64) - dg64).norm() / dg64.norm())
                 worst = max(worst, err)
                 if err > self.max_prediction_error:
                     return (f"the quasi-Newton prediction of the gradient change at exact step {t} is off by "
                             f"{err:.3g} (relative) > {self.max_prediction_error:g}")
-            if float(torch.dot(dw.double(), dg.double())) > 1e-12 * float(dw.norm() * dg.norm()):
+            if float(torch.dot(dw64, dg64)) > 1e-12 * float(dw.norm() * dg.norm()):
                 pairs.append((dw.clone(), dg.clone()))
                 lambda_max, model = None, None
             return ""
@@ -330,6 +357,8 @@ class DeltaGradUnlearner(Unlearner):
         # The exact prefix, on retraining's own run. Its steps train in the model's own mode (retraining's
         # dropout masks); with active stochastic layers the pair's kept gradient is taken again in eval mode.
         stochastic = bool(active_stochastic_layers(run.model))
+        # The recorded weights and gradients of every step that updates (a non-empty retained batch), read ahead.
+        recorded = self._recorded([t for t, _, kept, _, _ in plan if kept.numel()])
         prefix = 0
         for t, lr, kept, removed, size in plan:
             if not (t < self.burn_in or not pairs):
@@ -349,14 +378,14 @@ class DeltaGradUnlearner(Unlearner):
             dg = g_kept * kept.numel() / size
             if g_removed is not None:
                 dg += g_removed * removed.numel() / size
-            self.store.encoded(t, "grads").axpy_(flat.split(dg), -1.0)  # dg = grad L_B(w^I_t) - g_t, on the codes
-            reason = learn(t, w, self._stored(t, "params").subtracted_from(w), dg)
+            w_t, add_g = next(recorded)
+            add_g(dg, -1.0)  # dg = grad L_B(w^I_t) - g_t
+            reason = learn(t, w, w_t.subtracted_from(w), dg)
             if reason:
                 return None, cost, stats(), reason
         if prefix == len(plan):
             return run.flat.flat(), cost, stats(), ""
-        w = run.flat.flat()  # updated in place from here on: `parts` stay its per-parameter views
-        parts = flat.split(w)
+        w = run.flat.flat()  # updated in place from here on
         momentum = None
         if self.sgd.momentum:  # the retained run's own buffer carries on (None if no step was taken)
             momentum = _MomentumReplay(self.sgd.momentum, self.sgd.nesterov, run.momentum_buffer())
@@ -368,18 +397,17 @@ class DeltaGradUnlearner(Unlearner):
         rows = batch_rows(self.data, [torch.cat([mine(kept), mine(removed)]) if exact else mine(removed)
                                       for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
         for t, lr, kept, removed, size, exact in approximate:
-            w_t = self._stored(t, "params")
-            g_rec = self.store.encoded(t, "grads")
+            w_t, add_g = next(recorded)
             dw = w_t.subtracted_from(w)  # w - w_t
             if exact:
                 exact_steps += 1
                 g_kept, g_removed = grads.split_mean_grads(w, kept, removed, next(rows))
                 cost += int(kept.numel()) + int(removed.numel())
-                # dg = grad L_B(w^I_t) - g_t, the recorded g_t taken off on its codes.
+                # dg = grad L_B(w^I_t) - g_t
                 dg = g_kept * kept.numel() / size
                 if g_removed is not None:
                     dg += g_removed * removed.numel() / size
-                g_rec.axpy_(flat.split(dg), -1.0)
+                add_g(dg, -1.0)
                 reason = learn(t, w, dw, dg)
                 if reason:
                     return None, cost, stats(), reason
@@ -415,9 +443,9 @@ class DeltaGradUnlearner(Unlearner):
                     direction.add_(w, alpha=wd)
                 if momentum is None:
                     w.add_(direction, alpha=-lr)
-                    g_rec.axpy_(parts, -lr * scale)    # - lr |B|/|B\F| g_t, on the codes
-                else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t, on the codes
-                    g_rec.axpy_(flat.split(direction), scale)
+                    add_g(w, -lr * scale)    # - lr |B|/|B\F| g_t
+                else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t
+                    add_g(direction, scale)
                     w.copy_(momentum.step(w, direction, lr))
             # All finite exactly when their float64 sum is (d float32 values cannot overflow it): one pass.
             if not math.isfinite(float(w.sum(dtype=torch.float64))):
@@ -480,6 +508,19 @@ class DeltaGradUnlearner(Unlearner):
         w0 = self._stored(steps[0][0], "params").whole()
         return resume_from(self.model, self.data, self.info, self.sgd, 0, w0, self.flat, union,
                            batches={t: ids for t, _, _, ids in steps}, lrs={t: float(lr) for t, lr, _, _ in steps})
+
+    def _recorded(self, steps: list):
+        """Yields (w_t, add_g) for each of `steps` (increasing), in order: the step's stored weights (a
+        StoredVector) and add_g(y, alpha): y += alpha * g_t on a flat float32 vector, g_t the recorded
+        gradient, rounded as the dequantize-axpy on its codes (the product, then the sum). Read ahead
+        in blocks (HistoryStore.read_flat_many: one dequantize call per block and field, and one
+        addition per delta record, instead of a decode and an axpy call per step)."""
+        block = max(1, min(READ_AHEAD_STEPS, READ_AHEAD_BYTES // (8 * max(self.flat.dim, 1))))
+        for lo in range(0, len(steps), block):
+            part = steps[lo:lo + block]
+            weights, grads = self.store.read_flat_many(part, "params"), self.store.read_flat_many(part, "grads")
+            for w_t, g_t in zip(weights, grads):
+                yield StoredVector(w_t), functools.partial(_add_scaled_, g_t)
 
     def _stored(self, step: int, name: str) -> StoredVector:
         """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""

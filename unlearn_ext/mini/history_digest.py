@@ -10,6 +10,10 @@ differs in any one step, a middle one included, has another digest, and nothing 
 Histories recorded before the store took digests fall back to the decoded values of the steps a
 method names (for Mini-Unlearning every anchor, for DeltaGrad the first and last step).
 
+The digest is kept per store and argument set while the store is unchanged (its `revision`: a
+recorded step or new run metadata makes a new one), so a method built again on the same history
+(one unlearner per request, as the harness does) does not hash every step's batch ids again.
+
 It also refuses a schedule the replay cannot follow: param groups whose learning rates differ at
 some step (a scheduler that moved one group), since both methods use one learning rate for every
 parameter.
@@ -18,12 +22,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 
 from ..data import tensors_sha256
 from .record import UnsupportedOptimizerError
 
+# store -> {(tensor_steps, names, method): (store revision, digest)}; an entry goes with its store.
+_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 def history_sha256(store, tensor_steps, names, method: str) -> str:
+    """The digest (module docstring), kept while the store's revision is unchanged; a store without
+    a revision (one that cannot say it changed) is hashed at every call."""
+    revision = getattr(store, "revision", None)
+    if revision is None:
+        return _history_sha256(store, tensor_steps, names, method)
+    key = (tuple(tensor_steps), tuple(names), method)
+    kept = _DIGESTS.setdefault(store, {}).get(key)
+    if kept is not None and kept[0] == revision:
+        return kept[1]
+    digest = _history_sha256(store, tensor_steps, names, method)
+    _DIGESTS[store][key] = (revision, digest)
+    return digest
+
+
+def _history_sha256(store, tensor_steps, names, method: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(store.run_info, sort_keys=True).encode())
     h.update(json.dumps({name: spec.describe() for name, spec in store.fields.items()}, sort_keys=True).encode())

@@ -32,14 +32,13 @@ from torch import nn
 from ..data import TrainingData, per_sample_cross_entropy
 from ..policy import PerSampleLoss
 
-# activation -> its backward from the layer's output (autograd's formula for each)
+# activation -> its backward from the layer's output (autograd's own kernels, the resolved overloads)
 _ACTIVATIONS = {
-    nn.Tanh: lambda grad, out: torch.ops.aten.tanh_backward(grad, out),
-    nn.Sigmoid: lambda grad, out: torch.ops.aten.sigmoid_backward(grad, out),
-    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
+    nn.Tanh: lambda grad, out: torch.ops.aten.tanh_backward.default(grad, out),
+    nn.Sigmoid: lambda grad, out: torch.ops.aten.sigmoid_backward.default(grad, out),
+    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward.default(grad, out, 0),
 }
 _FORWARD = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu}
-_MINUS_ONE = torch.tensor([[-1.0]])
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -70,9 +69,9 @@ def _global_hooks() -> bool:
 
 class LayerChain:
     def __init__(self, layers: list, dtype: torch.dtype, flatten: bool, classes: int, rows_checked: bool):
-        # (weight, bias or None) for a Linear, an activation class otherwise, in order: read once, so a
-        # call spends no module attribute look-ups
-        self.layers = layers
+        # layers: (weight, bias or None) for a Linear, an activation class otherwise, in order. Turned
+        # once into the two passes' steps, so that a call spends its time in the products, not in
+        # looking up what each layer is (a replay calls this once or twice per recorded step).
         linears = [layer for layer in layers if type(layer) is not type]
         # What `fits` checks rows against; rows_checked: in-memory data, every row checked by `of`
         self.dtype, self.flatten, self.classes = dtype, flatten, classes
@@ -81,14 +80,22 @@ class LayerChain:
         # Two flat output vectors (a split call fills both), each with a (weight, bias) view per Linear
         # in flat order: the products write straight into them, with no concatenation after.
         self.outputs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(2)]
-        self._views = []
-        for out in self.outputs:
-            parts, views = iter(out.split(sizes)), {}
-            for i, layer in enumerate(layers):
-                if type(layer) is not type:
-                    weight, bias = layer
-                    views[i] = (next(parts).view(weight.shape), None if bias is None else next(parts))
-            self._views.append(views)
+        views = [iter(out.split(sizes)) for out in self.outputs]
+        # forward: one function of the layer's input per layer; backward, last layer first:
+        # (activation backward, index of its output) or (None, (index of the Linear's input, its
+        # weight, [(weight grad view, bias grad view or None) for each output vector])).
+        self._forward, self._backward = [], []
+        for i, layer in enumerate(layers):
+            if type(layer) is type:
+                self._forward.append(_FORWARD[layer])
+                self._backward.append((_ACTIVATIONS[layer], i + 1))
+                continue
+            weight, bias = layer
+            self._forward.append(lambda h, weight=weight, bias=bias: nn.functional.linear(h, weight, bias))
+            grads = [(next(parts).view(weight.shape), None if bias is None else next(parts)) for parts in views]
+            self._backward.append((None, (i, weight, grads)))
+        self._backward.reverse()
+        self._minus_one = torch.tensor([[-1.0]], dtype=dtype)
 
     @classmethod
     def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
@@ -147,24 +154,29 @@ class LayerChain:
         pass. The vectors are this chain's own, overwritten by the next call: use them before."""
         with torch.no_grad():
             outputs = [x.flatten(1) if self.flatten else x]
-            for layer in self.layers:
-                outputs.append(_FORWARD[layer](outputs[-1]) if type(layer) is type else
-                               nn.functional.linear(outputs[-1], *layer))
+            for forward in self._forward:
+                outputs.append(forward(outputs[-1]))
             # d(sum of cross-entropies)/d logits: softmax minus each row's one-hot target
             grad = torch.softmax(outputs[-1], 1)
-            grad.scatter_add_(1, y.unsqueeze(1), _MINUS_ONE.expand(len(y), 1).to(grad.dtype))
-            rows = [slice(None)] if split is None else [slice(None, split), slice(split, None)]
-            for i in range(len(self.layers) - 1, -1, -1):
-                layer = self.layers[i]
-                if type(layer) is type:
-                    grad = _ACTIVATIONS[layer](grad, outputs[i + 1])
+            grad.scatter_add_(1, y.unsqueeze(1), self._minus_one.expand(len(y), 1))
+            last = len(self._backward) - 1
+            for step, (backward, at) in enumerate(self._backward):
+                if backward is not None:
+                    grad = backward(grad, outputs[at])
                     continue
-                for views, r in zip(self._views, rows):
-                    g, below = (grad, outputs[i]) if split is None else (grad[r], outputs[i][r])
-                    weight_grad, bias_grad = views[i]
-                    torch.mm(g.t(), below, out=weight_grad)
+                i, weight, grads = at
+                below = outputs[i]
+                if split is None:
+                    weight_grad, bias_grad = grads[0]
+                    torch.mm(grad.t(), below, out=weight_grad)
                     if bias_grad is not None:
-                        torch.sum(g, 0, out=bias_grad)
-                if i:
-                    grad = torch.mm(grad, layer[0])
+                        torch.sum(grad, 0, out=bias_grad)
+                else:
+                    for (weight_grad, bias_grad), g, b in ((grads[0], grad[:split], below[:split]),
+                                                           (grads[1], grad[split:], below[split:])):
+                        torch.mm(g.t(), b, out=weight_grad)
+                        if bias_grad is not None:
+                            torch.sum(g, 0, out=bias_grad)
+                if step != last:
+                    grad = torch.mm(grad, weight)
             return self.outputs[0] if split is None else (self.outputs[0], self.outputs[1])

@@ -70,6 +70,8 @@ class ReplayModel:
         """(inputs, targets) of ids[lo:hi]: sliced from `rows` (those of all of ids) when given, else read."""
         if rows is None:
             return self.data.batch(ids[lo:hi])
+        if lo == 0 and hi >= len(rows[0]):  # all of them (one chunk): no slices to make
+            return rows
         return rows[0][lo:hi], rows[1][lo:hi]
 
     def _chain_takes(self, x, y) -> bool:
