@@ -157,3 +157,24 @@ def test_files_of_format_version_1_refuse_rewind_records(tmp_path, monkeypatch):
     with pytest.raises(HistoryFormatError, match="has no rewind records"):
         store.rewind(1)
     store.close()
+
+
+def test_a_mark_covers_only_records_that_are_on_disk(tmp_path, monkeypatch):
+    """The deletion ledger commits a mark (durably): the records it covers must be durable too, or
+    a power loss after the commit leaves a ledger naming bytes the file no longer has (and its
+    restart cannot cut back to them). Records between fsyncs are only flushed, so mark() fsyncs."""
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path, keyframe_every=100)  # no fsync'd step in reach
+    durable = []  # the file's size at each fsync of it: what a power loss keeps
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            durable.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write(store, range(5))
+    mark = store.mark()
+    assert max(durable, default=0) >= mark["bytes"] == os.path.getsize(path)
+    store.close()

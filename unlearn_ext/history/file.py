@@ -279,7 +279,11 @@ class HistoryFile:
         """{"bytes", "digest"}: the file's length and a sha256 over the frames of its records (each
         frame holds the crc32 of its header and payload), so a later `truncate_to` or a reopening
         can check that the file still begins with exactly these records. Costs nothing per record
-        appended; the first call after opening reads every frame once."""
+        appended; the first call after opening reads every frame once. The records it covers are
+        fsync'd first: a mark is committed elsewhere (the deletion ledger), durably, and must not
+        name records that a power loss could still take from the file."""
+        if self.writable and not self._tail_synced:  # (_tail_synced stays: no record says "sync")
+            os.fsync(self._f.fileno())  # _append flushed every record: the OS has them
         if self._chain is None:
             self._chain = _frame_chain(self._f, self.layout, self._end)
         return {"bytes": self._end, "digest": self._chain.hexdigest()}
