@@ -178,3 +178,50 @@ def test_a_mark_covers_only_records_that_are_on_disk(tmp_path, monkeypatch):
     mark = store.mark()
     assert max(durable, default=0) >= mark["bytes"] == os.path.getsize(path)
     store.close()
+
+
+def test_rollback_keeps_the_writer_lock_throughout(tmp_path, monkeypatch):
+    """rollback reindexes the cut file: another writer trying to open it at that moment (or at any
+    moment of the rollback) is refused, so nothing can be appended between the cut and the reindex."""
+    from unlearn_ext.history.file import HistoryFile, HistoryLockedError
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(4))
+    mark = store.mark()
+    store.rewind(2)
+    write(store, range(2, 5), version=1)
+    attempts = []
+    real_open, real_index = HistoryFile.open.__func__, HistoryFile._index_records
+
+    def another_writer():
+        if getattr(another_writer, "busy", False):  # its own open reindexes too
+            return
+        another_writer.busy = True
+        try:
+            real_open(HistoryFile, path).close()
+            attempts.append("got in")
+        except HistoryLockedError:
+            attempts.append("refused")
+        finally:
+            another_writer.busy = False
+
+    def open_(cls, *args, **kw):  # a (re)opening of the file: before it takes the lock
+        another_writer()
+        return real_open(cls, *args, **kw)
+
+    def index_records(self, records, salvage):  # the cut file being reindexed
+        another_writer()
+        return real_index(self, records, salvage)
+
+    monkeypatch.setattr(HistoryFile, "open", classmethod(open_))
+    monkeypatch.setattr(HistoryFile, "_index_records", index_records)
+    store.rollback(mark)
+    monkeypatch.undo()
+    assert attempts and set(attempts) == {"refused"}
+    assert_steps(store, {t: 0 for t in range(4)})
+    with pytest.raises(HistoryLockedError):  # still this store's to write
+        HistoryStore.open(path)
+    write(store, [4], version=2)
+    store.close()
+    with HistoryStore.open(path, writable=False) as reader:
+        assert_steps(reader, {**{t: 0 for t in range(4)}, 4: 2})

@@ -400,6 +400,24 @@ class HistoryFile:
         try:
             if writable:
                 _lock(f, path)
+        except BaseException:
+            f.close()
+            raise
+        return cls._read(f, path, writable=writable, salvage=salvage)
+
+    def reopened(self) -> "HistoryFile":
+        """This file indexed afresh from its start (after `truncate_to`), on the same open handle: a
+        writer keeps its lock throughout, so no other writer can append in between. This handle is
+        spent (the returned one owns the file)."""
+        f, self._f = self._f, None
+        f.seek(0)
+        return type(self)._read(f, self.path, writable=self.writable, salvage=False)
+
+    @classmethod
+    def _read(cls, f, path: str, *, writable: bool, salvage: bool) -> "HistoryFile":
+        """Indexes the open file `f` (locked when writable); closes it if that fails."""
+        try:
+            f.seek(0)
             size = os.fstat(f.fileno()).st_size
             layout = LAYOUTS.get(f.read(len(FILE_MAGIC)))
             if layout is None:

@@ -186,15 +186,19 @@ class HistoryStore:
         and deltas. writable=False: no lock, nothing truncated (a torn tail is reported and left).
         Damage before the last fsync'd record raises HistoryCorruptError; salvage=True (read-only)
         then verifies every record and keeps every one before the first bad one."""
-        hf = HistoryFile.open(path, writable=writable, salvage=salvage)
-        writable = hf.writable
+        return cls._over(HistoryFile.open(path, writable=writable, salvage=salvage), expect)
+
+    @classmethod
+    def _over(cls, hf: HistoryFile, expect=None) -> "HistoryStore":
+        """The store over an opened file (open; rollback's reindexed one)."""
+        path, writable = hf.path, hf.writable
         r = hf.recovery
         if r.dropped_bytes:
             done = ("truncated them; the store continues after the last whole record" if r.truncated
                     else "left them in the file (opened read-only)")
             warnings.warn(f"{path}: dropped {r.dropped_bytes} bytes ({r.dropped_records} record"
                           f"{'' if r.dropped_records == 1 else 's'}) at the end, not whole: {r.reason}; "
-                          f"{done}", RuntimeWarning, stacklevel=2)
+                          f"{done}", RuntimeWarning, stacklevel=3)
         head = hf.file_header
         fields = {k: FieldSpec(**v) for k, v in head["fields"].items()}
         if expect is not None:
@@ -447,13 +451,12 @@ class HistoryStore:
     def rollback(self, mark: dict) -> None:
         """Back to `mark`: the file is cut to the records it covered (refused, HistoryConflictError,
         unless the file still begins with them) and reindexed, so rewinds after the mark are undone
-        and the steps they superseded read again. The writer's lock is released and retaken."""
+        and the steps they superseded read again. The writer keeps its lock throughout: the file is
+        reindexed on the same handle."""
         if self.file is None:
             raise ValueError("mark() and rollback() need a disk store (tier='disk')")
-        path = self.file.path
         self.file.truncate_to(mark)
-        self.close()
-        fresh = HistoryStore.open(path)
+        fresh = HistoryStore._over(self.file.reopened())
         self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
 
     # ---- reading -------------------------------------------------------------------------------
