@@ -177,6 +177,11 @@ def test_a_mark_covers_only_records_that_are_on_disk(tmp_path, monkeypatch):
     write(store, range(5))
     mark = store.mark()
     assert max(durable, default=0) >= mark["bytes"] == os.path.getsize(path)
+    durable.clear()
+    assert store.mark() == mark and not durable  # nothing new to sync: no fsync (the ledger marks often)
+    write(store, [5])  # flushed, not fsync'd
+    assert not durable
+    assert store.mark()["bytes"] == os.path.getsize(path) == max(durable)
     store.close()
 
 

@@ -208,6 +208,7 @@ class HistoryFile:
     _abspath: str = ""           # for that check, whatever the working directory becomes
     _chain: object = None        # sha256 over every record's frame so far (mark()); None: not computed yet
     _torn: bool = False          # an append of this handle failed: bytes after _end may be its own
+    _durable_end: int = 0        # the file is fsync'd up to here (by this handle): mark() syncs the rest
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -283,8 +284,9 @@ class HistoryFile:
         appended; the first call after opening reads every frame once. The records it covers are
         fsync'd first: a mark is committed elsewhere (the deletion ledger), durably, and must not
         name records that a power loss could still take from the file."""
-        if self.writable and not self._tail_synced:  # (_tail_synced stays: no record says "sync")
+        if self.writable and self._durable_end < self._end:
             os.fsync(self._f.fileno())  # _append flushed every record: the OS has them
+            self._durable_end = self._end
         if self._chain is None:
             self._chain = _frame_chain(self._f, self.layout, self._end)
         return {"bytes": self._end, "digest": self._chain.hexdigest()}
@@ -305,6 +307,7 @@ class HistoryFile:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._end, self._chain, self._torn = end, chain, False
+        self._durable_end = end  # the fsync above synced what stays, too
 
     def _append(self, header: dict, sections, *, sync: bool, index: bool):
         meta, blobs, crc = [], [], 0
@@ -334,6 +337,7 @@ class HistoryFile:
             f.flush()
             if sync:  # keyframes: a crash after this point loses nothing up to here
                 os.fsync(f.fileno())
+                self._durable_end = offset + len(frame) + len(head) + payload_len
         except BaseException:
             self._torn = True  # part of the record may be in the file, after _end: truncate_to may cut it
             raise
