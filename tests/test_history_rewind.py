@@ -54,8 +54,11 @@ def test_exact_fields_refuse_what_they_cannot_store(tmp_path):
         store.record(0, {"codes": [torch.zeros(2, 2, dtype=torch.uint8)]})
     with pytest.raises(ValueError, match="got 1-D torch.float64"):
         store.record(0, {"codes": [torch.zeros(2, dtype=torch.float64)]})
-    with pytest.raises(TypeError, match="not JSON-serializable"):
+    with pytest.raises(TypeError, match="step meta 'x' is not JSON-serializable"):
         store.record(0, {"codes": [torch.zeros(2, dtype=torch.uint8)]}, meta={"x": object()})
+    with pytest.raises(TypeError, match="step meta must be a dict of JSON values, got a list"):
+        store.record(0, {"codes": [torch.zeros(2, dtype=torch.uint8)]}, meta=[1.5])
+    assert not len(store)
     with pytest.raises(ValueError, match=r"give its shapes as \(-1,\) per tensor"):
         FieldSpec([(3,)], "exact")
     with pytest.raises(ValueError, match="exact"):

@@ -280,7 +280,7 @@ class HistoryStore:
         the step was skipped for non-finite values (nonfinite='skip')."""
         step = int(step)
         if meta is not None:
-            _check_json(meta)
+            _check_json(meta, "step meta")
         if self._broken:
             raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
                                "HistoryStore.open, which continues after the last whole record")
@@ -656,11 +656,14 @@ def _extra_spec(name: str, how, param_shapes) -> FieldSpec:
                     f"FieldSpec, got {type(how).__name__}")
 
 
-def _check_json(info: dict) -> None:
-    """Run metadata must survive a JSON round trip (the file stores JSON; nothing is pickled)."""
+def _check_json(info: dict, what: str = "run metadata") -> None:
+    """Run metadata and a step's meta must survive a JSON round trip (the file stores JSON; nothing
+    is pickled)."""
+    if not isinstance(info, dict):
+        raise TypeError(f"{what} must be a dict of JSON values, got a {type(info).__name__}")
     for key, value in info.items():
         if not jsonable(value):
-            raise TypeError(f"run metadata {key!r} is not JSON-serializable (a {type(value).__name__}); "
+            raise TypeError(f"{what} {key!r} is not JSON-serializable (a {type(value).__name__}); "
                             "store finite numbers, strings, booleans, None, or lists and dicts of them")
 
 
