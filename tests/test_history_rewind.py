@@ -233,3 +233,19 @@ def test_rollback_keeps_the_writer_lock_throughout(tmp_path, monkeypatch):
     store.close()
     with HistoryStore.open(path, writable=False) as reader:
         assert_steps(reader, {**{t: 0 for t in range(4)}, 4: 2})
+
+
+def test_rollback_of_a_store_opened_by_a_relative_path_after_a_chdir(tmp_path, monkeypatch):
+    """The store keeps writing the file it opened, whatever the working directory became."""
+    monkeypatch.chdir(tmp_path)
+    store = HistoryStore(FIELDS, tier="disk", path="h", keyframe_every=2)  # fsyncs (and checks the path) often
+    write(store, range(3))
+    mark = store.mark()
+    store.rewind(1)
+    write(store, range(1, 3), version=1)
+    monkeypatch.chdir(tmp_path.parent)
+    store.rollback(mark)
+    write(store, range(3, 6))
+    store.close()
+    with HistoryStore.open(str(tmp_path / "h"), writable=False) as reader:
+        assert_steps(reader, {t: 0 for t in range(6)})

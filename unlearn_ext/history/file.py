@@ -421,8 +421,9 @@ class HistoryFile:
         writer keeps its lock throughout, so no other writer can append in between. This handle is
         spent (the returned one owns the file)."""
         f, self._f = self._f, None
-        f.seek(0)
-        return type(self)._read(f, self.path, writable=self.writable, salvage=False)
+        hf = type(self)._read(f, self.path, writable=self.writable, salvage=False)
+        hf._abspath = self._abspath  # `path` may be relative to a working directory left since
+        return hf
 
     @classmethod
     def _read(cls, f, path: str, *, writable: bool, salvage: bool) -> "HistoryFile":
