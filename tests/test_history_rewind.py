@@ -54,8 +54,11 @@ def test_exact_fields_refuse_what_they_cannot_store(tmp_path):
         store.record(0, {"codes": [torch.zeros(2, 2, dtype=torch.uint8)]})
     with pytest.raises(ValueError, match="got 1-D torch.float64"):
         store.record(0, {"codes": [torch.zeros(2, dtype=torch.float64)]})
-    with pytest.raises(TypeError, match="not JSON-serializable"):
+    with pytest.raises(TypeError, match="step meta 'x' is not JSON-serializable"):
         store.record(0, {"codes": [torch.zeros(2, dtype=torch.uint8)]}, meta={"x": object()})
+    with pytest.raises(TypeError, match="step meta must be a dict of JSON values, got a list"):
+        store.record(0, {"codes": [torch.zeros(2, dtype=torch.uint8)]}, meta=[1.5])
+    assert not len(store)
     with pytest.raises(ValueError, match=r"give its shapes as \(-1,\) per tensor"):
         FieldSpec([(3,)], "exact")
     with pytest.raises(ValueError, match="exact"):
@@ -188,3 +191,91 @@ def test_rewind_and_rollback_move_the_revision_past_every_earlier_one(tmp_path):
     assert history_sha256(store, [0, 5], ["codes"], "deltagrad") == history_sha256(
         HistoryStore.open(str(tmp_path / "h"), writable=False), [0, 5], ["codes"], "deltagrad")
     store.close()
+
+def test_a_mark_covers_only_records_that_are_on_disk(tmp_path, monkeypatch):
+    """The deletion ledger commits a mark (durably): the records it covers must be durable too, or
+    a power loss after the commit leaves a ledger naming bytes the file no longer has (and its
+    restart cannot cut back to them). Records between fsyncs are only flushed, so mark() fsyncs."""
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path, keyframe_every=100)  # no fsync'd step in reach
+    durable = []  # the file's size at each fsync of it: what a power loss keeps
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            durable.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write(store, range(5))
+    mark = store.mark()
+    assert max(durable, default=0) >= mark["bytes"] == os.path.getsize(path)
+    durable.clear()
+    assert store.mark() == mark and not durable  # nothing new to sync: no fsync (the ledger marks often)
+    write(store, [5])  # flushed, not fsync'd
+    assert not durable
+    assert store.mark()["bytes"] == os.path.getsize(path) == max(durable)
+    store.close()
+
+
+def test_rollback_keeps_the_writer_lock_throughout(tmp_path, monkeypatch):
+    """rollback reindexes the cut file: another writer trying to open it at that moment (or at any
+    moment of the rollback) is refused, so nothing can be appended between the cut and the reindex."""
+    from unlearn_ext.history.file import HistoryFile, HistoryLockedError
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(4))
+    mark = store.mark()
+    store.rewind(2)
+    write(store, range(2, 5), version=1)
+    attempts = []
+    real_open, real_index = HistoryFile.open.__func__, HistoryFile._index_records
+
+    def another_writer():
+        if getattr(another_writer, "busy", False):  # its own open reindexes too
+            return
+        another_writer.busy = True
+        try:
+            real_open(HistoryFile, path).close()
+            attempts.append("got in")
+        except HistoryLockedError:
+            attempts.append("refused")
+        finally:
+            another_writer.busy = False
+
+    def open_(cls, *args, **kw):  # a (re)opening of the file: before it takes the lock
+        another_writer()
+        return real_open(cls, *args, **kw)
+
+    def index_records(self, records, salvage):  # the cut file being reindexed
+        another_writer()
+        return real_index(self, records, salvage)
+
+    monkeypatch.setattr(HistoryFile, "open", classmethod(open_))
+    monkeypatch.setattr(HistoryFile, "_index_records", index_records)
+    store.rollback(mark)
+    monkeypatch.undo()
+    assert attempts and set(attempts) == {"refused"}
+    assert_steps(store, {t: 0 for t in range(4)})
+    with pytest.raises(HistoryLockedError):  # still this store's to write
+        HistoryStore.open(path)
+    write(store, [4], version=2)
+    store.close()
+    with HistoryStore.open(path, writable=False) as reader:
+        assert_steps(reader, {**{t: 0 for t in range(4)}, 4: 2})
+
+
+def test_rollback_of_a_store_opened_by_a_relative_path_after_a_chdir(tmp_path, monkeypatch):
+    """The store keeps writing the file it opened, whatever the working directory became."""
+    monkeypatch.chdir(tmp_path)
+    store = HistoryStore(FIELDS, tier="disk", path="h", keyframe_every=2)  # fsyncs (and checks the path) often
+    write(store, range(3))
+    mark = store.mark()
+    store.rewind(1)
+    write(store, range(1, 3), version=1)
+    monkeypatch.chdir(tmp_path.parent)
+    store.rollback(mark)
+    write(store, range(3, 6))
+    store.close()
+    with HistoryStore.open(str(tmp_path / "h"), writable=False) as reader:
+        assert_steps(reader, {t: 0 for t in range(6)})

@@ -237,10 +237,10 @@ def test_a_ledger_of_an_earlier_format_is_refused_naming_the_format(tmp_path, me
         ledger.forget(FIRST)
     path = tmp_path / LEDGER
     text = path.read_text()
-    assert ledger_module.FORMAT in text and ledger_module.FORMAT == "unlearn_ext.ledger/7"
+    assert ledger_module.FORMAT in text and ledger_module.FORMAT == "unlearn_ext.ledger/8"
     path.write_text(text.replace(ledger_module.FORMAT, old))
     with pytest.raises(ValueError, match=rf"not a deletion ledger of this version \(format '{old}', "
-                                         r"expected 'unlearn_ext.ledger/7'\)"):
+                                         r"expected 'unlearn_ext.ledger/8'\)"):
         DeletionLedger(s.unlearner(), str(tmp_path))
 
 

@@ -1,8 +1,10 @@
 """Sequences of requests across restarts and journal folds give what one uninterrupted ledger gives;
-a ledger of format 6 (a snapshot without a journal) is read and upgraded by its next commit."""
+ledgers of formats 6 (a snapshot without a journal) and 7 are read and upgraded by their next commit."""
 import hashlib
 import json
 import os
+
+import pytest
 
 import unlearn_ext.ledger as ledger_module
 from unlearn_ext.ledger import CHECKSUM, LEDGER, DeletionLedger, read_ledger
@@ -54,26 +56,32 @@ def test_requests_with_restarts_and_folds_equal_one_uninterrupted_run(tmp_path, 
     assert without_timing(read_ledger(directory)["requests"]) == requests
 
 
-def test_a_ledger_of_format_6_is_read_and_its_next_commit_writes_format_7(tmp_path):
+@pytest.mark.parametrize("version", [6, 7])
+def test_a_ledger_of_an_earlier_format_is_read_and_its_next_commit_writes_this_one(tmp_path, version):
     directory = str(tmp_path)
     with DeletionLedger(_unlearner(), directory) as ledger:
         ledger.forget([3])
         state = ledger.unlearner.state_dict()
         journal = ledger.ledger["journal"]
-    # What format 6 wrote: the same snapshot, every request in it, no journal.
     old = read_ledger(directory)
-    del old["journal"], old[CHECKSUM]
-    old["format"] = "unlearn_ext.ledger/6"
+    del old[CHECKSUM]
+    old["format"] = f"unlearn_ext.ledger/{version}"
+    if version == 6:  # what format 6 wrote: the same snapshot, every request in it, no journal
+        del old["journal"]
+        os.remove(os.path.join(directory, journal))
+    else:  # format 7: its snapshot names the journal, whose records read_ledger merged into `old`
+        with open(os.path.join(directory, LEDGER)) as f:
+            old = dict(json.load(f), format=old["format"])
+        del old[CHECKSUM]
     old[CHECKSUM] = hashlib.sha256(ledger_module._canonical(old)).hexdigest()
     with open(os.path.join(directory, LEDGER), "w") as f:
         json.dump(old, f, indent=1)
-    os.remove(os.path.join(directory, journal))
 
     with DeletionLedger(_unlearner(), directory) as ledger:
         assert same(ledger.unlearner.state_dict(), state) and len(ledger.requests) == 1
         ledger.forget([900])
         state = ledger.unlearner.state_dict()
     with open(os.path.join(directory, LEDGER)) as f:
-        assert json.load(f)["format"] == "unlearn_ext.ledger/7"
+        assert json.load(f)["format"] == ledger_module.FORMAT != old["format"]
     with DeletionLedger(_unlearner(), directory) as ledger:
         assert same(ledger.unlearner.state_dict(), state) and len(ledger.requests) == 2

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from unlearn_ext.history.file import HistoryConflictError, HistoryLockedError
+from unlearn_ext.history.file import HistoryConflictError, HistoryFile, HistoryLockedError
 from unlearn_ext.history.store import HistoryStore
 from unlearn_ext.ledger import DeletionLedger, read_ledger
 from unlearn_ext.pcmu import PCMUUnlearner
@@ -265,6 +265,52 @@ def test_a_failed_commit_restores_the_rewritten_records(tmp_path, monkeypatch):
     assert same_records(trainer.records, records) and trainer.history.mark() == mark
     assert same_records(load_records(trainer.history), records)
     # The retry gives what an uninterrupted request gives.
+    ledger.forget(DIVERGENT)
+    assert params_equal(trainer, digits_trainer(exclude=torch.tensor([5] + DIVERGENT)).train(epochs=EPOCHS))
+    ledger.close(), trainer.close()
+
+
+def test_a_store_write_failing_mid_fallback_is_rolled_back(tmp_path, monkeypatch):
+    """A write to the store fails during the fallback's rewrite (a full disk), leaving part of a record
+    in the file: the request is rolled back like any failed one (its own torn bytes cut with the rest),
+    the original error is raised, and the retry gives the uninterrupted request's result."""
+    path, directory = str(tmp_path / "h"), str(tmp_path / "ledger")
+    trainer, ledger = ledger_over(path, directory)
+    trainer.train(epochs=EPOCHS)
+    ledger.forget([5])
+    params, records, mark = [p.clone() for p in trainer.params], list(trainer.records), trainer.history.mark()
+    real = HistoryFile._append
+    seen = []
+
+    class FullDisk:  # the file, whose next write gets half of its bytes in and then fails
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            self.f.write(bytes(b)[:len(b) // 2])
+            self.f.flush()
+            raise OSError("simulated full disk")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def torn(self, header, sections, *, sync, index):
+        if header.get("kind") == "step":
+            seen.append(header["step"])
+            if len(seen) == 2:  # the second rewritten step: part of it reaches the file
+                f, self._f = self._f, FullDisk(self._f)
+                try:
+                    return real(self, header, sections, sync=sync, index=index)
+                finally:
+                    self._f = f
+        return real(self, header, sections, sync=sync, index=index)
+
+    monkeypatch.setattr(HistoryFile, "_append", torn)
+    with pytest.raises(OSError, match="full disk"):
+        ledger.forget(DIVERGENT)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(params, trainer.params))
+    assert same_records(trainer.records, records) and trainer.history.mark() == mark
     ledger.forget(DIVERGENT)
     assert params_equal(trainer, digits_trainer(exclude=torch.tensor([5] + DIVERGENT)).train(epochs=EPOCHS))
     ledger.close(), trainer.close()

@@ -75,11 +75,15 @@ LEDGER = "ledger.json"
 LOCK = "ledger.lock"
 # 5: every method's state by parameter name and one fingerprint shape (the Unlearner contract);
 # 6: PCMU's step records hold no batch ids (its schedule and "exclusions" part give them);
-# 7: commits are records appended to a journal that ledger.json (a snapshot) names.
-# Format 6 is format 7's snapshot without a journal: it is read, and its first commit writes 7.
-# A ledger of an earlier format is refused with that reason rather than loaded as other state.
-FORMAT = "unlearn_ext.ledger/7"
-READABLE_FORMATS = (FORMAT, "unlearn_ext.ledger/6")
+# 7: commits are records appended to a journal that ledger.json (a snapshot) names;
+# 8: PCMU's step records in one encoding (PCMUStep.to_record: "tensors" and "meta"), or named by a
+#    "history" part (a mark of the history store holding them) instead of copied: builds before it
+#    would load such a state without its records.
+# Formats 6 and 7 are read (6 is 7's snapshot without a journal); the first commit after opening one
+# folds, writing a format-8 snapshot. A ledger of an earlier format is refused with that reason
+# rather than loaded as other state.
+FORMAT = "unlearn_ext.ledger/8"
+READABLE_FORMATS = (FORMAT, "unlearn_ext.ledger/7", "unlearn_ext.ledger/6")
 # A commit folds the journal into a new snapshot once the journal would outgrow both this and the
 # snapshot: a fold costs the snapshot's size, so this bounds its share of each commit.
 FOLD_BYTES = 1 << 20
@@ -277,7 +281,7 @@ class DeletionLedger:
         for part, log in logs.items():
             if part in ledger.get("logs", {}):
                 log.mark_clean(self)
-        if ledger["journal"] is not None:
+        if ledger["journal"] is not None and ledger["format"] == FORMAT:  # else the next commit folds
             self._open_journal(os.path.join(self.directory, ledger["journal"]), end, size)
 
     def _open_journal(self, path: str, end: int, size: int) -> None:

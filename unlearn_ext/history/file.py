@@ -207,6 +207,8 @@ class HistoryFile:
     _ident: tuple = ()           # (st_dev, st_ino): the path must still name this file
     _abspath: str = ""           # for that check, whatever the working directory becomes
     _chain: object = None        # sha256 over every record's frame so far (mark()); None: not computed yet
+    _torn: bool = False          # an append of this handle failed: bytes after _end may be its own
+    _durable_end: int = 0        # the file is fsync'd up to here (by this handle): mark() syncs the rest
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -279,7 +281,12 @@ class HistoryFile:
         """{"bytes", "digest"}: the file's length and a sha256 over the frames of its records (each
         frame holds the crc32 of its header and payload), so a later `truncate_to` or a reopening
         can check that the file still begins with exactly these records. Costs nothing per record
-        appended; the first call after opening reads every frame once."""
+        appended; the first call after opening reads every frame once. The records it covers are
+        fsync'd first: a mark is committed elsewhere (the deletion ledger), durably, and must not
+        name records that a power loss could still take from the file."""
+        if self.writable and self._durable_end < self._end:
+            os.fsync(self._f.fileno())  # _append flushed every record: the OS has them
+            self._durable_end = self._end
         if self._chain is None:
             self._chain = _frame_chain(self._f, self.layout, self._end)
         return {"bytes": self._end, "digest": self._chain.hexdigest()}
@@ -295,11 +302,12 @@ class HistoryFile:
         if chain is None or chain.hexdigest() != mark["digest"]:
             raise HistoryConflictError(f"{self.path} does not begin with the records of the mark (length {end} "
                                        f"bytes, digest {mark['digest']}): it was rewritten since; nothing was cut")
-        self._check_unchanged()
+        self._check_unchanged(torn_tail_ok=self._torn)  # a failed append's bytes are cut with the rest
         self._f.truncate(end)
         self._f.flush()
         os.fsync(self._f.fileno())
-        self._end, self._chain = end, chain
+        self._end, self._chain, self._torn = end, chain, False
+        self._durable_end = end  # the fsync above synced what stays, too
 
     def _append(self, header: dict, sections, *, sync: bool, index: bool):
         meta, blobs, crc = [], [], 0
@@ -320,14 +328,19 @@ class HistoryFile:
         self._check_unchanged(path_too=sync)
         f, offset = self._f, self._end
         frame = self.layout.pack(len(head), payload_len, zlib.crc32(head), crc)
-        f.seek(offset)
-        f.write(frame)
-        f.write(head)
-        for b in blobs:
-            f.write(b)
-        f.flush()
-        if sync:  # keyframes: a crash after this point loses nothing up to here
-            os.fsync(f.fileno())
+        try:
+            f.seek(offset)
+            f.write(frame)
+            f.write(head)
+            for b in blobs:
+                f.write(b)
+            f.flush()
+            if sync:  # keyframes: a crash after this point loses nothing up to here
+                os.fsync(f.fileno())
+                self._durable_end = offset + len(frame) + len(head) + payload_len
+        except BaseException:
+            self._torn = True  # part of the record may be in the file, after _end: truncate_to may cut it
+            raise
         entry = IndexEntry(offset, header, offset + len(frame) + len(head), payload_len, crc)
         if self._chain is not None:
             self._chain.update(frame)
@@ -337,17 +350,19 @@ class HistoryFile:
             self.index.append(entry)
         return entry
 
-    def _check_unchanged(self, path_too: bool = True) -> None:
+    def _check_unchanged(self, path_too: bool = True, torn_tail_ok: bool = False) -> None:
         """Refuses to append unless the file is exactly what this handle last wrote: another writer
         (lock not honoured, e.g. some network file systems, or the file replaced at its path) would
         otherwise get records of two runs mixed, or deltas against records this handle never saw.
         The path lookup (a file replaced at its path) costs as much as the other checks together:
         it runs before fsync'd records only (at least every keyframe_every records), where it is
-        dwarfed by the fsync; records meanwhile went to the replaced file, never into the new one."""
+        dwarfed by the fsync; records meanwhile went to the replaced file, never into the new one.
+        torn_tail_ok: bytes after what this handle last wrote are its own failed append's (truncate_to
+        cuts them); the record before them must still be this handle's."""
         fd = self._f.fileno()
         st = os.fstat(fd)
         why = ""
-        if st.st_size != self._end:
+        if st.st_size != self._end and not (torn_tail_ok and st.st_size > self._end):
             why = f"its size is {st.st_size} bytes, this handle last left it at {self._end}"
         elif os.pread(fd, len(self._last[1]), self._last[0]) != self._last[1]:
             why = f"the record at offset {self._last[0]} is not the one this handle wrote"
@@ -396,6 +411,25 @@ class HistoryFile:
         try:
             if writable:
                 _lock(f, path)
+        except BaseException:
+            f.close()
+            raise
+        return cls._read(f, path, writable=writable, salvage=salvage)
+
+    def reopened(self) -> "HistoryFile":
+        """This file indexed afresh from its start (after `truncate_to`), on the same open handle: a
+        writer keeps its lock throughout, so no other writer can append in between. This handle is
+        spent (the returned one owns the file)."""
+        f, self._f = self._f, None
+        hf = type(self)._read(f, self.path, writable=self.writable, salvage=False)
+        hf._abspath = self._abspath  # `path` may be relative to a working directory left since
+        return hf
+
+    @classmethod
+    def _read(cls, f, path: str, *, writable: bool, salvage: bool) -> "HistoryFile":
+        """Indexes the open file `f` (locked when writable); closes it if that fails."""
+        try:
+            f.seek(0)
             size = os.fstat(f.fileno()).st_size
             layout = LAYOUTS.get(f.read(len(FILE_MAGIC)))
             if layout is None:

@@ -189,15 +189,19 @@ class HistoryStore:
         and deltas. writable=False: no lock, nothing truncated (a torn tail is reported and left).
         Damage before the last fsync'd record raises HistoryCorruptError; salvage=True (read-only)
         then verifies every record and keeps every one before the first bad one."""
-        hf = HistoryFile.open(path, writable=writable, salvage=salvage)
-        writable = hf.writable
+        return cls._over(HistoryFile.open(path, writable=writable, salvage=salvage), expect)
+
+    @classmethod
+    def _over(cls, hf: HistoryFile, expect=None) -> "HistoryStore":
+        """The store over an opened file (open; rollback's reindexed one)."""
+        path, writable = hf.path, hf.writable
         r = hf.recovery
         if r.dropped_bytes:
             done = ("truncated them; the store continues after the last whole record" if r.truncated
                     else "left them in the file (opened read-only)")
             warnings.warn(f"{path}: dropped {r.dropped_bytes} bytes ({r.dropped_records} record"
                           f"{'' if r.dropped_records == 1 else 's'}) at the end, not whole: {r.reason}; "
-                          f"{done}", RuntimeWarning, stacklevel=2)
+                          f"{done}", RuntimeWarning, stacklevel=3)
         head = hf.file_header
         fields = {k: FieldSpec(**v) for k, v in head["fields"].items()}
         if expect is not None:
@@ -280,7 +284,7 @@ class HistoryStore:
         the step was skipped for non-finite values (nonfinite='skip')."""
         step = int(step)
         if meta is not None:
-            _check_json(meta)
+            _check_json(meta, "step meta")
         if self._broken:
             raise RuntimeError(f"this store cannot record any more: {self._broken}. Reopen the file with "
                                "HistoryStore.open, which continues after the last whole record")
@@ -454,13 +458,13 @@ class HistoryStore:
     def rollback(self, mark: dict) -> None:
         """Back to `mark`: the file is cut to the records it covered (refused, HistoryConflictError,
         unless the file still begins with them) and reindexed, so rewinds after the mark are undone
-        and the steps they superseded read again. The writer's lock is released and retaken."""
+        and the steps they superseded read again. The writer keeps its lock throughout: the file is
+        reindexed on the same handle."""
         if self.file is None:
             raise ValueError("mark() and rollback() need a disk store (tier='disk')")
-        path, revision = self.file.path, self.revision
+        revision = self.revision
         self.file.truncate_to(mark)
-        self.close()
-        fresh = HistoryStore.open(path)
+        fresh = HistoryStore._over(self.file.reopened())
         self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
         # Past every revision before: a digest kept from before the rollback must not match again
         # (a fresh store counts from 0, and later records could bring it back to a kept number).
@@ -724,11 +728,14 @@ def _extra_spec(name: str, how, param_shapes) -> FieldSpec:
                     f"FieldSpec, got {type(how).__name__}")
 
 
-def _check_json(info: dict) -> None:
-    """Run metadata must survive a JSON round trip (the file stores JSON; nothing is pickled)."""
+def _check_json(info: dict, what: str = "run metadata") -> None:
+    """Run metadata and a step's meta must survive a JSON round trip (the file stores JSON; nothing
+    is pickled)."""
+    if not isinstance(info, dict):
+        raise TypeError(f"{what} must be a dict of JSON values, got a {type(info).__name__}")
     for key, value in info.items():
         if not jsonable(value):
-            raise TypeError(f"run metadata {key!r} is not JSON-serializable (a {type(value).__name__}); "
+            raise TypeError(f"{what} {key!r} is not JSON-serializable (a {type(value).__name__}); "
                             "store finite numbers, strings, booleans, None, or lists and dicts of them")
 
 

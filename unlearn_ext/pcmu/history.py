@@ -36,8 +36,7 @@ import torch
 
 from ..history.store import FieldSpec, HistoryStore
 from ..step_log import StepLog
-from . import persistence
-from .records import RECORD_TENSORS, PCMUStep
+from .records import RECORD_TENSORS, PCMUStep, check_step_sizes
 
 RUN_KEY = "pcmu"        # run metadata: the trainer's fingerprint
 INITIAL = "initial"     # step 0's field: the initial weights, one flat float32 tensor per parameter
@@ -156,7 +155,7 @@ def attach(trainer, history) -> None:
     try:
         log = StoreLog(store, trainer)
         initial = initial_weights(store, trainer.shapes) if len(log) else trainer.initial
-        persistence.check_step_sizes(trainer, [(r.step, r.step_size) for r in log])
+        check_step_sizes(trainer, [(r.step, r.step_size) for r in log])
     except BaseException:
         if not isinstance(history, HistoryStore):  # opened here from a path
             store.close()

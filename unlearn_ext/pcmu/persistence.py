@@ -19,7 +19,7 @@ from ..data import as_ids
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes
 from . import history
-from .records import PCMUStep
+from .records import PCMUStep, check_step_sizes
 
 
 def fingerprint(trainer) -> dict:
@@ -81,17 +81,6 @@ def load_state_dict(trainer, state: dict) -> None:
         trainer.records.replace(records)
     trainer._forgotten, trainer._excluded_from = forgotten, excluded_from
     trainer._reindex()
-
-
-def check_step_sizes(trainer, steps) -> None:
-    """Refuses recorded (step, step size) pairs that this trainer's lr does not give. The learning
-    rate is a function of the step, so it is checked on the recorded steps: a resumed or replayed
-    step with another lr would not be the coupled retraining. (A step size given per step has no
-    function to check against: the records are its only record.)"""
-    for step, size in [] if trainer.lr_given_per_step else steps:
-        if float(size) != float(trainer._lr(step)):
-            raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
-                             f"{step} used {size!r}, this trainer's lr gives {trainer._lr(step)!r})")
 
 
 def _initial(trainer, saved) -> list[torch.Tensor]:

@@ -283,6 +283,17 @@ class PCMUStep:
 RECORD_TENSORS = ("codes", "fragile_value", "fragile_index", "fragile_radius")
 
 
+def check_step_sizes(trainer, steps) -> None:
+    """Refuses recorded (step, step size) pairs that this trainer's lr does not give. The learning
+    rate is a function of the step, so it is checked on the recorded steps: a resumed or replayed
+    step with another lr would not be the coupled retraining. (A step size given per step has no
+    function to check against: the records are its only record.)"""
+    for step, size in [] if trainer.lr_given_per_step else steps:
+        if float(size) != float(trainer._lr(step)):
+            raise ValueError(f"saved PCMU state was trained with another learning rate (differs in: lr; step "
+                             f"{step} used {size!r}, this trainer's lr gives {trainer._lr(step)!r})")
+
+
 # ---- bytes, recorded and expected --------------------------------------------------------------
 
 def record_bytes(records: list[PCMUStep]) -> dict:
