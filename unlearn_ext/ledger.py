@@ -67,7 +67,7 @@ import torch
 from . import ledger_journal
 from .durable import atomic_write
 from .step_log import StepLog
-from .unlearner import Unlearner, UnlearnReport
+from .unlearner import Unlearner, UnlearnReport, fingerprint_differences
 
 logger = logging.getLogger("unlearn_ext")
 
@@ -261,9 +261,7 @@ class DeletionLedger:
         ledger, state, (end, size) = self._read_verified(path)
         want = {"method": self.unlearner.method, **self.unlearner.fingerprint()}
         have = {"method": ledger.get("method"), **ledger.get("fingerprint", {})}
-        # JSON turns tuples into lists: compare through one JSON round trip.
-        want = json.loads(json.dumps(want, default=float))
-        differs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        differs = fingerprint_differences(have, want)
         if differs:
             raise ValueError(f"the ledger in {self.directory} belongs to another model or configuration "
                              f"(differs in: {', '.join(differs)})")

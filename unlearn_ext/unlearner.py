@@ -27,6 +27,7 @@ what it changed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -187,6 +188,13 @@ class Unlearner(ABC):
         for part in self.logs():
             state.pop(part, None)
         return state
+
+
+def fingerprint_differences(saved: dict, mine: dict) -> list[str]:
+    """The names whose values differ between two fingerprints (sorted), compared as JSON stores
+    them: one round trip each, so a tuple equals the list it was saved as and a float the number."""
+    saved, mine = (json.loads(json.dumps(f, default=float)) for f in (saved, mine))
+    return sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
 
 
 def checked_request(data: TrainingData, ids, name: str = "ids") -> torch.Tensor:

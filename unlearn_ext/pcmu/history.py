@@ -36,6 +36,7 @@ import torch
 
 from ..history.store import FieldSpec, HistoryStore
 from ..step_log import StepLog
+from ..unlearner import fingerprint_differences
 from .records import RECORD_TENSORS, PCMUStep, check_step_sizes
 
 RUN_KEY = "pcmu"        # run metadata: the trainer's fingerprint
@@ -77,7 +78,7 @@ def open_history(history, trainer) -> HistoryStore:
             store.close()
         if saved is None:
             raise ValueError(f"history {store.file.path}: holds steps but no PCMU configuration: not a PCMU history")
-        differs = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
+        differs = fingerprint_differences(saved, mine)
         raise ValueError(f"history {store.file.path} was recorded by another PCMU model or configuration "
                          f"(differs in: {', '.join(differs)})")
     return store

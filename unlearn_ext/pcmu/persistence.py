@@ -11,13 +11,12 @@ steps from them and checks that every step's stored ids are the ones the schedul
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ..data import as_ids
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes
+from ..unlearner import fingerprint_differences
 from . import history
 from .records import PCMUStep, check_step_sizes
 
@@ -52,10 +51,8 @@ def load_state_dict(trainer, state: dict) -> None:
     """Restores state_dict()'s snapshot. Without 'records' (a rollback, whose StepLog was
     restored in place) the records stay as they are and the per-step index is rebuilt. With
     'history' (records in the trainer's store) the store is cut back to the records it names."""
-    saved = json.loads(json.dumps(state["fingerprint"], default=float))  # as a ledger stores it
-    mine = json.loads(json.dumps(trainer.fingerprint(), default=float))
-    if saved != mine:
-        mismatch = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
+    mismatch = fingerprint_differences(state["fingerprint"], trainer.fingerprint())  # as a ledger stores them
+    if mismatch:
         raise ValueError(f"saved PCMU state belongs to another model or configuration (differs in: "
                          f"{', '.join(mismatch)})")
     check_step_sizes(trainer, [(r["step"], r["step_size"]) for r in state.get("records", [])])
