@@ -188,3 +188,17 @@ def test_rewind_and_rollback_move_the_revision_past_every_earlier_one(tmp_path):
     assert history_sha256(store, [0, 5], ["codes"], "deltagrad") == history_sha256(
         HistoryStore.open(str(tmp_path / "h"), writable=False), [0, 5], ["codes"], "deltagrad")
     store.close()
+
+
+def test_a_rollback_keeps_the_stores_nonfinite_policy(tmp_path):
+    """The rollback reopens the file in place; the policy the store was made with (nonfinite='skip')
+    is not in the file and must not fall back to the default ('error')."""
+    store = HistoryStore({"w": FieldSpec([(3,)], "fp32")}, tier="disk", path=str(tmp_path / "h"), nonfinite="skip")
+    store.record(0, {"w": [torch.ones(3)]})
+    mark = store.mark()
+    store.record(1, {"w": [torch.ones(3)]})
+    store.rollback(mark)
+    assert store.nonfinite == "skip"
+    assert store.record(1, {"w": [torch.tensor([1.0, float("nan"), 0.0])]}) is None  # skipped, as before
+    assert store.steps == [0] and store.skipped_steps[-1] == 1
+    store.close()

@@ -457,11 +457,12 @@ class HistoryStore:
         and the steps they superseded read again. The writer's lock is released and retaken."""
         if self.file is None:
             raise ValueError("mark() and rollback() need a disk store (tier='disk')")
-        path, revision = self.file.path, self.revision
+        path, revision, nonfinite = self.file.path, self.revision, self.nonfinite
         self.file.truncate_to(mark)
         self.close()
         fresh = HistoryStore.open(path)
         self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
+        self.nonfinite = nonfinite  # (the store's own policy: not in the file, open() gives the default)
         # Past every revision before: a digest kept from before the rollback must not match again
         # (a fresh store counts from 0, and later records could bring it back to a kept number).
         self.revision = revision + 1
