@@ -195,3 +195,29 @@ def test_long_and_non_ascii_error_texts_cross_cut_on_a_character_boundary():
     assert message.startswith("rank(s) [0, 1] refused: rank 0: ValueError: é"), message[:80]
     assert "é...; rank 1: OSError: [Errno 5] Input/output error" in message, message[-80:]
     assert len(message.split("; rank 1")[0].split("rank 0: ", 1)[1].encode()) <= ERROR_TEXT_BYTES
+
+
+def unencodable_text_worker(rank, world):
+    def check():
+        if rank == 1:  # a path read from a directory whose names are not UTF-8 (os.fsdecode's surrogates)
+            raise ValueError(f"{os.fsdecode(b'/data/shard-' + bytes([255]) + b'.hist')} is not a history file")
+        return ()
+    began = time.monotonic()
+    try:
+        agree(check, shared=(), failed="refused")
+    except DistributedRefusal as exc:
+        return str(exc), time.monotonic() - began
+    except Exception as exc:  # noqa: BLE001 (the failure this test looks for: a rank leaving the exchange)
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - began
+    return "not refused", time.monotonic() - began
+
+
+def test_an_error_text_utf8_cannot_encode_still_crosses_on_every_rank():
+    """A text holding a lone surrogate (a non-UTF-8 file name) has no UTF-8 bytes: it crosses with the
+    surrogate escaped, and every rank refuses at once (a rank failing to encode it would leave the
+    others waiting in the text exchange until the group's timeout)."""
+    got = launch(unencodable_text_worker, 2, TIMEOUT_S)
+    for rank, (message, seconds) in enumerate(got):
+        assert message == "rank(s) [1] refused: rank 1: ValueError: /data/shard-\\udcff.hist is not a history file", \
+            (rank, message)
+        assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)

@@ -279,3 +279,17 @@ def test_rollback_of_a_store_opened_by_a_relative_path_after_a_chdir(tmp_path, m
     store.close()
     with HistoryStore.open(str(tmp_path / "h"), writable=False) as reader:
         assert_steps(reader, {t: 0 for t in range(6)})
+
+
+def test_a_rollback_keeps_the_stores_nonfinite_policy(tmp_path):
+    """The rollback reopens the file in place; the policy the store was made with (nonfinite='skip')
+    is not in the file and must not fall back to the default ('error')."""
+    store = HistoryStore({"w": FieldSpec([(3,)], "fp32")}, tier="disk", path=str(tmp_path / "h"), nonfinite="skip")
+    store.record(0, {"w": [torch.ones(3)]})
+    mark = store.mark()
+    store.record(1, {"w": [torch.ones(3)]})
+    store.rollback(mark)
+    assert store.nonfinite == "skip"
+    assert store.record(1, {"w": [torch.tensor([1.0, float("nan"), 0.0])]}) is None  # skipped, as before
+    assert store.steps == [0] and store.skipped_steps[-1] == 1
+    store.close()

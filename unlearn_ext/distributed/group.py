@@ -97,12 +97,15 @@ def _every_ranks_row(row: torch.Tensor, group) -> torch.Tensor:
 def _every_ranks_text(text: str | None, group) -> list:
     """Every rank's text (None for a rank with none), in rank order, through one fixed-size int64
     row per rank (_every_ranks_row): its length in UTF-8 bytes (-1 for None), then the bytes, cut
-    at ERROR_TEXT_BYTES on a character boundary ("..." marks a cut)."""
+    at ERROR_TEXT_BYTES on a character boundary ("..." marks a cut); what UTF-8 cannot encode (a lone
+    surrogate) crosses escaped, as \\udcff."""
     row = torch.zeros(1 + ERROR_TEXT_BYTES, dtype=torch.int64)
     if text is None:
         row[0] = -1
     else:
-        data = text.encode()
+        # (backslashreplace: a lone surrogate, as a non-UTF-8 file name decodes to, has no UTF-8 bytes;
+        # a rank raising here would leave the others waiting in the exchange below)
+        data = text.encode("utf-8", "backslashreplace")
         if len(data) > ERROR_TEXT_BYTES:
             data = data[:ERROR_TEXT_BYTES - 3].decode(errors="ignore").encode() + b"..."
         row[0] = len(data)

@@ -462,10 +462,13 @@ class HistoryStore:
         reindexed on the same handle."""
         if self.file is None:
             raise ValueError("mark() and rollback() need a disk store (tier='disk')")
-        revision = self.revision
+        revision, nonfinite, bytes_read = self.revision, self.nonfinite, self.bytes_read
         self.file.truncate_to(mark)
         fresh = HistoryStore._over(self.file.reopened())
         self.__dict__.update(fresh.__dict__)  # in place: its users (a trainer, its records) hold this object
+        # What the store holds beside the file (open() gives defaults): its non-finite policy and
+        # the bytes its users have read so far.
+        self.nonfinite, self.bytes_read = nonfinite, bytes_read
         # Past every revision before: a digest kept from before the rollback must not match again
         # (a fresh store counts from 0, and later records could bring it back to a kept number).
         self.revision = revision + 1
