@@ -138,6 +138,29 @@ def test_rollback_to_a_mark_restores_the_superseded_steps(tmp_path):
         HistoryStore(FIELDS, tier="host").mark()
 
 
+def test_steps_at_a_mark_counts_what_a_rollback_leaves_without_cutting(tmp_path):
+    """steps_at(mark): the steps rollback(mark) leaves (rewinds after the mark undone), read before
+    anything is cut, so a caller can refuse first; a mark the file does not begin with is refused."""
+    path = str(tmp_path / "h")
+    store = HistoryStore(FIELDS, tier="disk", path=path)
+    write(store, range(3))
+    early = store.mark()
+    write(store, range(3, 6))
+    store.rewind(2)  # a rewind inside the marked records counts too
+    write(store, range(2, 4), version=1)
+    mark = store.mark()
+    store.rewind(1)
+    write(store, range(1, 8), version=2)
+    size, now = os.path.getsize(path), store.mark()
+    assert (store.steps_at(early), store.steps_at(mark), store.steps_at(now)) == (3, 4, 8)
+    with pytest.raises(HistoryConflictError, match="does not begin with the records of the mark"):
+        store.steps_at({**mark, "digest": "0" * 64})
+    assert os.path.getsize(path) == size and store.mark() == now and len(store) == 8
+    store.rollback(mark)
+    assert len(store) == 4
+    store.close()
+
+
 def test_rewind_is_refused_where_it_cannot_hold(tmp_path):
     delta = HistoryStore({"params": FieldSpec([(3,)], "int8", delta=True)}, tier="host")
     delta.record(0, {"params": [torch.ones(3)]})

@@ -371,3 +371,43 @@ def test_a_store_without_the_initial_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match="step 0 does not hold this model's initial weights"):
         digits_trainer(history=path)
     HistoryStore.open(path).close()  # the refusal closed the file it opened (its lock is free)
+
+
+def test_a_refused_state_leaves_the_store_and_the_trainer_as_they_were(tmp_path):
+    """Every check of a saved state runs before the store is cut back to its mark: a ledger whose
+    committed state the model refuses (another buffer), and a state whose step count is not the
+    mark's, are refused naming the problem with the store's mark, the records and the weights as
+    they were (the ledger's undo of a refused state then has nothing to undo), and requests go on."""
+    path, directory = str(tmp_path / "h"), str(tmp_path / "ledger")
+    trainer, ledger = ledger_over(path, directory)
+    trainer.train(steps=4)
+    ledger.forget([5])  # commits the 4 steps
+    trainer.train(steps=2)  # never committed: the ledger's state cuts them
+    ledger.close(), trainer.close()
+
+    trainer = digits_trainer(history=path)
+    trainer.model.register_buffer("extra", torch.zeros(2))  # not in the committed model state
+    params, records, mark = [p.clone() for p in trainer.params], list(trainer.records), trainer.history.mark()
+    with pytest.raises(ValueError, match=r"does not match the model's buffers: missing \['extra'\]"):
+        DeletionLedger(PCMUUnlearner(trainer), directory)
+    assert trainer.history.mark() == mark and len(trainer.history) == 6
+    assert same_records(trainer.records, records) and same_records(load_records(trainer.history), records)
+    assert all(torch.equal(a, b) for a, b in zip(params, trainer.params))
+
+    del trainer.model._buffers["extra"]
+    ledger = DeletionLedger(PCMUUnlearner(trainer), directory)  # now the committed state loads: 4 steps
+    assert trainer.steps_done == 4 and ledger.forgotten == [5]
+    state, mark = trainer.state_dict(), trainer.history.mark()
+    trainer.train(steps=2)
+    params, records, later = [p.clone() for p in trainer.params], list(trainer.records), trainer.history.mark()
+    with pytest.raises(ValueError, match="holds 4 steps at the saved mark, the saved state 3"):
+        trainer.load_state_dict({**state, "history": {**state["history"], "steps": 3}})
+    assert trainer.history.mark() == later and same_records(trainer.records, records)
+    assert same_records(load_records(trainer.history), records)
+    assert all(torch.equal(a, b) for a, b in zip(params, trainer.params))
+    trainer.load_state_dict(state)
+    assert trainer.history.mark() == mark and trainer.steps_done == 4
+    trainer.train(steps=4)
+    ledger.forget(DIVERGENT)  # a following request: as retraining without every forgotten id
+    assert params_equal(trainer, digits_trainer(exclude=torch.tensor([5] + DIVERGENT)).train(steps=8))
+    ledger.close(), trainer.close()

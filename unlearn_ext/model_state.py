@@ -24,6 +24,17 @@ def model_state(model: torch.nn.Module) -> dict:
 def load_model_state_(model: torch.nn.Module, state: dict) -> None:
     """Copies a `model_state` snapshot into `model` in place. A snapshot whose names or shapes
     differ from the model's is refused, naming them, before anything is copied."""
+    targets = check_model_state(model, state)
+    with torch.no_grad():
+        for kind, have in targets.items():
+            for name, tensor in have.items():
+                tensor.copy_(state[kind][name])
+
+
+def check_model_state(model: torch.nn.Module, state: dict) -> dict:
+    """Refuses (ValueError, naming them) a `model_state` snapshot whose names or shapes differ from
+    the model's; else the model's tensors by kind and name. For callers that change other things
+    before loading the snapshot and must refuse it first."""
     targets = {"params": trainable(model), "buffers": dict(model.named_buffers())}
     for kind, have in targets.items():
         given = state.get(kind)
@@ -42,7 +53,4 @@ def load_model_state_(model: torch.nn.Module, state: dict) -> None:
                 what = "parameter" if kind == "params" else "buffer"
                 raise ValueError(f"the saved model state's {what} {name!r} has shape {shape}; the model's "
                                  f"is {tuple(tensor.shape)}")
-    with torch.no_grad():
-        for kind, have in targets.items():
-            for name, tensor in have.items():
-                tensor.copy_(state[kind][name])
+    return targets

@@ -297,17 +297,39 @@ class HistoryFile:
         The caller reopens the file to index what remains (HistoryStore.rollback does)."""
         if not self.writable:
             raise RuntimeError(f"{self.path} was opened read-only (writable=False): it cannot be truncated")
-        end = int(mark["bytes"])
-        chain = _frame_chain(self._f, self.layout, end) if end <= self._end else None
-        if chain is None or chain.hexdigest() != mark["digest"]:
-            raise HistoryConflictError(f"{self.path} does not begin with the records of the mark (length {end} "
-                                       f"bytes, digest {mark['digest']}): it was rewritten since; nothing was cut")
+        end, chain = int(mark["bytes"]), self._marked_chain(mark)
         self._check_unchanged(torn_tail_ok=self._torn)  # a failed append's bytes are cut with the rest
         self._f.truncate(end)
         self._f.flush()
         os.fsync(self._f.fileno())
         self._end, self._chain, self._torn = end, chain, False
         self._durable_end = end  # the fsync above synced what stays, too
+
+    def steps_at(self, mark: dict) -> int:
+        """How many steps the file indexes once cut back to `mark` (the rewinds after it undone),
+        read from the headers of the records it covers; nothing changes. Refused like truncate_to
+        unless the file begins with the marked records, so a caller can check before it cuts."""
+        end, entries, pos = int(mark["bytes"]), [], len(self.layout.magic)
+        self._marked_chain(mark)
+        while pos < end:
+            e, why = _read_record(self._f, self.layout, pos, end)
+            if e is None:  # the frames' chain matched: the bytes changed under this handle since
+                raise HistoryCorruptError(f"{self.path}: {why}")
+            entries.append(e)
+            pos = e.end
+        covered = HistoryFile(self.path, self.file_header, writable=False, layout=self.layout)
+        covered._index_records(entries[1:], salvage=False)  # entries[0]: the file description
+        return len(covered.index)
+
+    def _marked_chain(self, mark: dict):
+        """The frames' chain of the records `mark` covers; HistoryConflictError unless the file
+        begins with exactly them."""
+        end = int(mark["bytes"])
+        chain = _frame_chain(self._f, self.layout, end) if end <= self._end else None
+        if chain is None or chain.hexdigest() != mark["digest"]:
+            raise HistoryConflictError(f"{self.path} does not begin with the records of the mark (length {end} "
+                                       f"bytes, digest {mark['digest']}): it was rewritten since; nothing was cut")
+        return chain
 
     def _append(self, header: dict, sections, *, sync: bool, index: bool):
         meta, blobs, crc = [], [], 0

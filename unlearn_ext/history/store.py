@@ -455,6 +455,13 @@ class HistoryStore:
             raise ValueError("mark() and rollback() need a disk store (tier='disk')")
         return self.file.mark()
 
+    def steps_at(self, mark: dict) -> int:
+        """How many steps `rollback(mark)` would leave, without changing anything (refused, like it,
+        unless the file still begins with the mark's records)."""
+        if self.file is None:
+            raise ValueError("mark() and rollback() need a disk store (tier='disk')")
+        return self.file.steps_at(mark)
+
     def rollback(self, mark: dict) -> None:
         """Back to `mark`: the file is cut to the records it covered (refused, HistoryConflictError,
         unless the file still begins with them) and reindexed, so rewinds after the mark are undone

@@ -176,26 +176,28 @@ def mark(trainer) -> dict:
 
 
 def saved_mark(trainer, saved) -> dict:
-    """A saved state's "history" (a `mark`), checked: well-formed, and this trainer records into a
-    store."""
+    """A saved state's "history" (a `mark`), checked without changing anything: well-formed, this
+    trainer records into a store, the store begins with the marked records (HistoryConflictError)
+    and they are the saved number of steps."""
     if not (isinstance(saved, dict) and isinstance(saved.get("bytes"), int) and isinstance(saved.get("digest"), str)
             and isinstance(saved.get("steps"), int)):
         raise ValueError("saved PCMU state: 'history' must hold the store's bytes, digest and steps")
     if trainer.history is None:
         raise ValueError(f"saved PCMU state names records in a history store ({saved.get('path')}): build the "
                          "trainer with history= that store")
+    store, mark = trainer.history, {"bytes": saved["bytes"], "digest": saved["digest"]}
+    steps = len(trainer.records) if store.mark() == mark else store.steps_at(mark)
+    if steps != saved["steps"]:
+        raise ValueError(f"history {store.file.path} holds {steps} steps at the saved mark, the saved state "
+                         f"{saved['steps']}")
     return saved
 
 
 def restore(trainer, saved: dict) -> None:
-    """Back to the records `saved` (a checked `mark`) covered: the store is cut back to them
-    (HistoryConflictError, and nothing changed, unless it begins with them) and the records are
-    read again."""
+    """Back to the records `saved` (a `mark` checked by saved_mark) covered: the store is cut back
+    to them and the records are read again."""
     store = trainer.history
     mark = {"bytes": saved["bytes"], "digest": saved["digest"]}
     if store.mark() != mark:
         store.rollback(mark)
         trainer.records.reload()
-    if len(trainer.records) != saved["steps"]:
-        raise ValueError(f"history {store.file.path} holds {len(trainer.records)} steps at the saved mark, "
-                         f"the saved state {saved['steps']}")

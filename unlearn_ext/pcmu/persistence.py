@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..data import as_ids
-from ..model_state import load_model_state_, model_state
+from ..model_state import check_model_state, load_model_state_, model_state
 from ..parameters import parameter_shapes
 from ..unlearner import fingerprint_differences
 from . import history
@@ -70,9 +70,10 @@ def load_state_dict(trainer, state: dict) -> None:
     # Everything is read and checked before the trainer changes: a refused state leaves it as it was.
     initial = _initial(trainer, state.get("initial"))
     records = _records(trainer, state["records"]) if "records" in state else None
-    if stored is not None:  # first: refused (the store no longer begins with those records) before any change
+    check_model_state(trainer.model, state)  # other names or shapes: refused before the store is cut
+    if stored is not None:  # checked by saved_mark above: the cut cannot be refused
         history.restore(trainer, stored)
-    load_model_state_(trainer.model, state)  # refuses other names or shapes before copying
+    load_model_state_(trainer.model, state)
     trainer.initial = initial
     if records is not None:
         trainer.records.replace(records)
