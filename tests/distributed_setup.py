@@ -5,7 +5,8 @@ values in rank order. Bounded in time: the group's own timeout makes a stuck col
 and a process still alive at the deadline is killed and the test fails, naming it.
 
 A worker's exception fails the test with the rank and the traceback. Workers must be module-level
-functions (spawn pickles them by name)."""
+functions (spawn pickles them by name). `watch_collectives()` in a worker makes object collectives
+raise there and lists the device of every all_reduce."""
 from __future__ import annotations
 
 import datetime
@@ -16,6 +17,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from unlearn_ext.distributed.group import exchange_device
 
 GROUP_TIMEOUT_S = 20  # a collective that waits longer raises (gloo's timeout)
 
@@ -67,3 +70,20 @@ def launch(worker, world: int, timeout_s: float, *args, may_die: tuple = ()) -> 
                 raise AssertionError(f"rank {r} raised:\n{got['error']}")
             results.append(got["result"])
         return results
+
+
+def watch_collectives() -> list:
+    """From now on in this process: object collectives raise, and every all_reduce's tensor device
+    is listed (returned) next to the group's exchange device."""
+    seen, all_reduce = [], dist.all_reduce
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an object collective was used (it pickles, and with nccl needs a CUDA device set)")
+
+    def recording(tensor, *args, group=None, **kwargs):
+        seen.append((str(tensor.device), str(exchange_device(group or dist.group.WORLD))))
+        return all_reduce(tensor, *args, group=group, **kwargs)
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
+        setattr(dist, name, refuse)
+    dist.all_reduce = recording
+    return seen

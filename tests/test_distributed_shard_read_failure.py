@@ -20,13 +20,13 @@ import torch.distributed as dist
 
 from unlearn_ext.distributed import (DistributedDeltaGradUnlearner, DistributedLedger, DistributedMiniUnlearner,
                                      RankShardHistory)
-from unlearn_ext.distributed.group import ERROR_TEXT_BYTES, DistributedRefusal, agree, exchange_device
+from unlearn_ext.distributed.group import ERROR_TEXT_BYTES, DistributedRefusal, agree
 from unlearn_ext.distributed.ledger import state_digest
 from unlearn_ext.history import HistoryStore
 from unlearn_ext.mini.record import FULL_GRAD
 from unlearn_ext.mini.vectors import FlatModel
 
-from distributed_setup import GROUP_TIMEOUT_S, launch
+from distributed_setup import GROUP_TIMEOUT_S, launch, watch_collectives
 from history_methods_setup import recorded_run
 from test_distributed_shard_local import FORGET, OPTIONS, _record_shards
 
@@ -111,23 +111,6 @@ def test_a_damaged_shard_record_fails_the_request_on_every_rank_at_once():
         assert outcome["requests"] == []  # nothing committed (rank 0 holds the ledger)
 
 
-def _watch_collectives() -> list:
-    """From now on in this process: object collectives raise, and every all_reduce's tensor device
-    is listed (returned) next to the group's exchange device."""
-    seen, all_reduce = [], dist.all_reduce
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an object collective was used (it pickles, and with nccl needs a CUDA device set)")
-
-    def recording(tensor, *args, group=None, **kwargs):
-        seen.append((str(tensor.device), str(exchange_device(group or dist.group.WORLD))))
-        return all_reduce(tensor, *args, group=group, **kwargs)
-    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
-        setattr(dist, name, refuse)
-    dist.all_reduce = recording
-    return seen
-
-
 def failing_read_worker(rank, world, directory, watch=False):
     model, data, store = recorded_run("mini")
     _record_shards(directory, "mini", FlatModel(model, data), store, rank, world)
@@ -143,7 +126,7 @@ def failing_read_worker(rank, world, directory, watch=False):
     unlearner = DistributedMiniUnlearner(copy.deepcopy(model), data, history, **OPTIONS["mini"])
     before = state_digest(unlearner.state_dict())
     if watch:
-        seen = _watch_collectives()
+        seen = watch_collectives()
     out = _failed_request(lambda: unlearner.unlearn(FORGET))
     if _out_of_step(rank, out):
         return out, None

@@ -203,3 +203,41 @@ def test_a_manifest_whose_shapes_differ_from_a_rank_store_is_refused(tmp_path):
         "steps": {"first": 0, "last": 1, "count": 2}, "codecs": {"params": "fp32"}}))
     with pytest.raises(ValueError, match=r"rank1.hist: field\(s\) params hold shapes other than .* for rank 1"):
         ShardedHistory.open(str(tmp_path))
+
+
+# Shards of different tensor counts and ranks (a 0-dim tensor too): the layouts cross as padded rows.
+UNEVEN = [[(3, 4), (5,)], [(2, 2, 2)], [(), (7,)]]
+
+
+def uneven_layout_worker(rank, world, directory):
+    from distributed_setup import watch_collectives
+
+    seen = watch_collectives()
+    shard = [torch.full(s, float(rank)) for s in UNEVEN[rank]]
+    recorder = ShardedRecorder(directory, shard, params="fp32", grads=None)
+    for t in range(2):
+        recorder.record(t, {"params": [x + t for x in shard]})
+    return recorder.finish(), seen
+
+
+def test_the_recorders_setup_exchanges_the_layouts_through_tensor_collectives():
+    """Every rank's layout (shapes, placements) crosses through tensor all-reduces on the group's
+    exchange device, no object collective (which pickles, and under nccl needs
+    torch.cuda.set_device on every rank), and reaches the manifest as each rank gave it."""
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(uneven_layout_worker, 3, TIMEOUT_S, directory)
+        history = ShardedHistory.open(directory)
+        for t in range(2):
+            want = torch.cat([torch.full(s, float(r) + t).reshape(-1) for r, shapes in enumerate(UNEVEN)
+                              for s in shapes])
+            assert torch.equal(history.read(t)["params"], want), t
+        history.close()
+    sizes = [[torch.Size(s).numel() for s in shapes] for shapes in UNEVEN]
+    starts = [sum(map(sum, sizes[:r])) for r in range(3)]
+    for rank, (manifest, seen) in enumerate(got):
+        assert seen and all(device == expected for device, expected in seen), (rank, seen)
+        assert manifest == got[0][0]
+        assert [r["shapes"] for r in manifest["ranks"]] == [[list(s) for s in shapes] for shapes in UNEVEN]
+        assert [r["placements"] for r in manifest["ranks"]] == [
+            [starts[r] + sum(sizes[r][:i]) for i in range(len(sizes[r]))] for r in range(3)]
+        assert [r["file"] for r in manifest["ranks"]] == [f"rank{r}.hist" for r in range(3)]

@@ -36,7 +36,7 @@ from ..durable import atomic_write
 from ..history import HistoryStore
 from ..history.codecs import BITS
 from ..history.store import FieldSpec
-from .group import agree, require_group
+from .group import _every_ranks_row, agree, require_group
 from .ledger import state_digest
 
 MANIFEST = "manifest.json"
@@ -73,28 +73,32 @@ class ShardedRecorder:
             fields = {name: FieldSpec(self.shapes, codec, delta=name == "params" and codec in BITS)
                       for name, codec in self.codecs.items() if codec is not None}
             if placements is not None and (len(placements) != len(tensors)
-                                           or not all(isinstance(o, int) and o >= 0 for o in placements)):
-                raise ValueError(f"placements must give one non-negative int offset per shard tensor "
+                                           or not all(isinstance(o, int) and 0 <= o < 1 << 63 for o in placements)):
+                raise ValueError(f"placements must give one non-negative int64 offset per shard tensor "
                                  f"({len(tensors)}), got {placements!r}")
             os.makedirs(directory, exist_ok=True)
             self.store = HistoryStore(fields, tier="disk", path=os.path.join(directory, _store_file(self.rank)),
                                       keyframe_every=keyframe_every, run_info=run_info)
             return (state_digest(sorted((k, str(v)) for k, v in self.codecs.items())), placements is None,
-                    self.elements)
-        rows = agree(build, shared=("codecs", "whether placements are given"), local=("shard elements",),
-                     group=self.group)
+                    self.elements, len(_layout_row(self.shapes, [0] * len(self.shapes))))
+        rows = agree(build, shared=("codecs", "whether placements are given"),
+                     local=("shard elements", "layout length"), group=self.group)
         self.counts = [int(c) for c in rows[:, 2]]
         self.offset = sum(self.counts[:self.rank])
         if placements is None:  # rank order: this rank's tensors one after the other from its offset
             sizes = [int(torch.Size(s).numel()) for s in self.shapes]
             placements = [self.offset + sum(sizes[:i]) for i in range(len(sizes))]
         self.placements = [int(o) for o in placements]
-        layouts = [None] * self.world
-        dist.all_gather_object(layouts, {"rank": self.rank, "file": _store_file(self.rank),
-                                         "shapes": [list(s) for s in self.shapes], "placements": self.placements},
-                               group=self.group)
-        self.ranks = [{**layout, "offset": sum(self.counts[:r]), "elements": self.counts[r]}
-                      for r, layout in enumerate(layouts)]
+        # Every rank's layout through one int64 row each, padded to the longest (the lengths crossed in
+        # the agreement): a tensor collective on the group's device, never a pickled object.
+        row = torch.zeros(int(rows[:, 3].max()), dtype=torch.int64)
+        mine = _layout_row(self.shapes, self.placements)
+        row[:len(mine)] = torch.tensor(mine, dtype=torch.int64)
+        layouts = [_layout_from_row(r.tolist()) for r in _every_ranks_row(row, self.group)]
+        # A rank's store file follows from its rank alone (_store_file): nothing to exchange.
+        self.ranks = [{"rank": r, "file": _store_file(r), "shapes": shapes, "placements": offsets,
+                       "offset": sum(self.counts[:r]), "elements": self.counts[r]}
+                      for r, (shapes, offsets) in enumerate(layouts)]
         try:  # before any step is recorded; every rank checks the same layouts, so all raise or none
             check_placements(self.ranks)
         except ValueError:
@@ -122,6 +126,22 @@ class ShardedRecorder:
             atomic_write(os.path.join(self.directory, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         dist.barrier(group=self.group)  # the manifest exists before any rank returns
         return manifest
+
+
+def _layout_row(shapes: list, placements: list) -> list:
+    """A rank's layout as integers: the number of tensors, each tensor's dimension count and sizes,
+    then each tensor's placement (read back by _layout_from_row, whatever follows it ignored)."""
+    return [len(shapes), *(v for s in shapes for v in (len(s), *s)), *placements]
+
+
+def _layout_from_row(row: list) -> tuple:
+    """(shapes as lists, placements) from a _layout_row, possibly padded at the end."""
+    count, pos, shapes = row[0], 1, []
+    for _ in range(count):
+        ndim = row[pos]
+        shapes.append(row[pos + 1:pos + 1 + ndim])
+        pos += 1 + ndim
+    return shapes, row[pos:pos + count]
 
 
 def placement_index(rank_entry: dict) -> torch.Tensor:
