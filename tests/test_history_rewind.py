@@ -61,6 +61,15 @@ def test_exact_fields_refuse_what_they_cannot_store(tmp_path):
     assert not len(store)
     with pytest.raises(ValueError, match=r"give its shapes as \(-1,\) per tensor"):
         FieldSpec([(3,)], "exact")
+
+
+def test_flat_reads_of_an_exact_field_are_refused_with_its_name():
+    """read_flat and read_flat_many give fp32 vectors; an exact field's tensors have any dtype and length."""
+    store = HistoryStore(FIELDS, tier="host")
+    write(store, range(2))
+    for read in (lambda: store.read_flat(0, "codes"), lambda: store.read_flat_many([0, 1], "codes")):
+        with pytest.raises(ValueError, match="field 'codes' is exact"):
+            read()
     with pytest.raises(ValueError, match="exact"):
         store.encoded(0, "codes")
 

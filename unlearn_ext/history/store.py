@@ -531,7 +531,7 @@ class HistoryStore:
         dev = torch.device(device) if device is not None else _CPU
         if spec.codec == hc.EXACT:
             if flat:
-                raise ValueError(f"field {name!r} is exact (1-D tensors of any dtype), not a flat fp32 vector")
+                _refuse_exact_flat(name)
             return [a.to(dev, copy=True) for a in self._load(i, [name])[0][name].arrays]
         if not spec.delta:
             if not flat:  # separate tensors: each can be kept or saved without the others' storage
@@ -592,6 +592,8 @@ class HistoryStore:
         if any(b <= a for a, b in zip(idx, idx[1:])):
             raise ValueError(f"steps must increase, got {list(steps)}")
         spec = self.fields[name]
+        if spec.codec == hc.EXACT:
+            _refuse_exact_flat(name)
         for i in idx:
             if self._field_kind(i, name) is None:
                 raise KeyError(f"step {self._entries[i].step} did not record field {name!r}")
@@ -700,6 +702,11 @@ class HistoryStore:
 
 
 _CPU = torch.device("cpu")
+
+
+def _refuse_exact_flat(name: str) -> None:
+    """read_flat / read_flat_many decode fp32 codecs; an exact field holds tensors of any dtype and length."""
+    raise ValueError(f"field {name!r} is exact (1-D tensors of any dtype), not a flat fp32 vector")
 
 
 def _row_views(matrix: torch.Tensor, shapes) -> list:
