@@ -204,3 +204,32 @@ def test_an_error_text_utf8_cannot_encode_still_crosses_on_every_rank():
         assert message == "rank(s) [1] refused: rank 1: ValueError: /data/shard-\\udcff.hist is not a history file", \
             (rank, message)
         assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)
+
+
+class _Unprintable(RuntimeError):
+    def __str__(self):
+        raise RuntimeError("this error cannot say what it is")
+
+
+def unprintable_error_worker(rank, world):
+    def check():
+        if rank == 1:
+            raise _Unprintable()
+        return ()
+    began = time.monotonic()
+    try:
+        agree(check, shared=(), failed="refused")
+    except DistributedRefusal as exc:
+        return str(exc), time.monotonic() - began
+    except Exception as exc:  # noqa: BLE001 (the failure this test looks for: a rank leaving the exchange)
+        return f"{type(exc).__name__} (outside the agreement)", time.monotonic() - began
+    return "not refused", time.monotonic() - began
+
+
+def test_an_error_whose_str_raises_is_still_reported_by_its_rank():
+    """An exception whose own __str__ raises still crosses, by its type name: the failing rank takes
+    part in the text exchange, and every rank refuses at once naming it."""
+    got = launch(unprintable_error_worker, 2, TIMEOUT_S)
+    for rank, (message, seconds) in enumerate(got):
+        assert message == "rank(s) [1] refused: rank 1: _Unprintable: <unprintable>", (rank, message)
+        assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)

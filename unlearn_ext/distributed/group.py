@@ -67,10 +67,10 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
         row = torch.tensor([1] + [_as_int64(v) for v in values], dtype=torch.int64)  # 1: accepted
     except Exception as exc:  # reported to every rank below, then raised everywhere
         error, row = exc, torch.zeros(1 + width, dtype=torch.int64)
-    rows = _every_ranks_row(row, group)
+    rows = every_ranks_row(row, group)
     refused = [r for r, accepted in enumerate(rows[:, 0].tolist()) if not accepted]
     if refused:
-        errors = _every_ranks_text(None if error is None else f"{type(error).__name__}: {error}", group)
+        errors = _every_ranks_text(None if error is None else _error_text(error), group)
         if isinstance(error, DistributedRefusal) and len(refused) == len(errors) and len(set(errors)) == 1:
             raise error  # an agreement inside this check already refused on every rank, alike: pass it on
         named = "; ".join(f"rank {r}: {errors[r]}" for r in refused)
@@ -83,7 +83,18 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
     return rows[:, 1:]
 
 
-def _every_ranks_row(row: torch.Tensor, group) -> torch.Tensor:
+def _error_text(error: BaseException) -> str:
+    """'<type name>: <message>' of an exception, for the other ranks. Never raises: an exception
+    whose own __str__ raises is '<type name>: <unprintable>' (a rank raising here would be missing
+    from the text exchange, leaving the other ranks waiting in it)."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable>"
+    return f"{type(error).__name__}: {message}"
+
+
+def every_ranks_row(row: torch.Tensor, group) -> torch.Tensor:
     """Every rank's row, in rank order: each rank writes its row into its own slot of a zero matrix
     and the ranks' matrices are summed (exact in int64). One all_reduce costs less than gloo's
     all_gather of the same rows (about 180 against 300 us on 2 ranks of one machine), and a shard
@@ -96,7 +107,7 @@ def _every_ranks_row(row: torch.Tensor, group) -> torch.Tensor:
 
 def _every_ranks_text(text: str | None, group) -> list:
     """Every rank's text (None for a rank with none), in rank order, through one fixed-size int64
-    row per rank (_every_ranks_row): its length in UTF-8 bytes (-1 for None), then the bytes, cut
+    row per rank (every_ranks_row): its length in UTF-8 bytes (-1 for None), then the bytes, cut
     at ERROR_TEXT_BYTES on a character boundary ("..." marks a cut); what UTF-8 cannot encode (a lone
     surrogate) crosses escaped, as \\udcff."""
     row = torch.zeros(1 + ERROR_TEXT_BYTES, dtype=torch.int64)
@@ -111,7 +122,7 @@ def _every_ranks_text(text: str | None, group) -> list:
         row[0] = len(data)
         row[1:1 + len(data)] = torch.tensor(list(data), dtype=torch.int64)
     texts = []
-    for r in _every_ranks_row(row, group):
+    for r in every_ranks_row(row, group):
         n = int(r[0])
         texts.append(None if n < 0 else bytes(r[1:1 + n].tolist()).decode())
     return texts

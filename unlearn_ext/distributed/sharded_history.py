@@ -36,7 +36,7 @@ from ..durable import atomic_write
 from ..history import HistoryStore
 from ..history.codecs import BITS
 from ..history.store import FieldSpec
-from .group import _every_ranks_row, agree, require_group
+from .group import agree, every_ranks_row, require_group
 from .ledger import state_digest
 
 MANIFEST = "manifest.json"
@@ -94,7 +94,7 @@ class ShardedRecorder:
         row = torch.zeros(int(rows[:, 3].max()), dtype=torch.int64)
         mine = _layout_row(self.shapes, self.placements)
         row[:len(mine)] = torch.tensor(mine, dtype=torch.int64)
-        layouts = [_layout_from_row(r.tolist()) for r in _every_ranks_row(row, self.group)]
+        layouts = [_layout_from_row(r.tolist()) for r in every_ranks_row(row, self.group)]
         # A rank's store file follows from its rank alone (_store_file): nothing to exchange.
         self.ranks = [{"rank": r, "file": _store_file(r), "shapes": shapes, "placements": offsets,
                        "offset": sum(self.counts[:r]), "elements": self.counts[r]}
