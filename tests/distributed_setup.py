@@ -6,7 +6,7 @@ and a process still alive at the deadline is killed and the test fails, naming i
 
 A worker's exception fails the test with the rank and the traceback. Workers must be module-level
 functions (spawn pickles them by name). `watch_collectives()` in a worker makes object collectives
-raise there and lists the device of every all_reduce."""
+raise there and lists the device of every all_reduce and broadcast."""
 from __future__ import annotations
 
 import datetime
@@ -73,17 +73,19 @@ def launch(worker, world: int, timeout_s: float, *args, may_die: tuple = ()) -> 
 
 
 def watch_collectives() -> list:
-    """From now on in this process: object collectives raise, and every all_reduce's tensor device
-    is listed (returned) next to the group's exchange device."""
-    seen, all_reduce = [], dist.all_reduce
+    """From now on in this process: object collectives raise, and every all_reduce's and
+    broadcast's tensor device is listed (returned) next to the group's exchange device."""
+    seen = []
 
     def refuse(*args, **kwargs):
         raise AssertionError("an object collective was used (it pickles, and with nccl needs a CUDA device set)")
 
-    def recording(tensor, *args, group=None, **kwargs):
-        seen.append((str(tensor.device), str(exchange_device(group or dist.group.WORLD))))
-        return all_reduce(tensor, *args, group=group, **kwargs)
+    def recorded(collective):
+        def recording(tensor, *args, group=None, **kwargs):
+            seen.append((str(tensor.device), str(exchange_device(group or dist.group.WORLD))))
+            return collective(tensor, *args, group=group, **kwargs)
+        return recording
     for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
         setattr(dist, name, refuse)
-    dist.all_reduce = recording
+    dist.all_reduce, dist.broadcast = recorded(dist.all_reduce), recorded(dist.broadcast)
     return seen

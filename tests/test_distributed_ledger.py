@@ -104,3 +104,45 @@ def test_two_ranks_one_ledger_same_result_or_none():
     message, seconds = rank0["dead_rank"]
     assert message != "no error" and seconds <= GROUP_TIMEOUT_S + 5, rank0["dead_rank"]
     assert rank0["rolled_back_after_death"] and rank0["ledger_unchanged_after_death"]
+
+
+def exchange_worker(rank, world, x, y, directory):
+    from distributed_setup import watch_collectives
+
+    seen = watch_collectives()
+    trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    trainer.train(epochs=1)
+    ledger = DistributedLedger(PCMUUnlearner(trainer), directory)
+    out = {"first": ledger.forget(FIRST if rank == 0 else [1, 2]).ids}  # rank 0's request, not rank 1's
+    out["not_integers"] = _attempt(lambda: ledger.forget([1.5] if rank == 0 else SECOND))
+    out["empty"] = _attempt(lambda: ledger.forget([] if rank == 0 else SECOND))
+    after_first = state_digest(ledger.unlearner.state_dict())
+    ledger.close()
+    # Reopened over a unlearner that never saw the request: rank 0 restores it from disk and every
+    # other rank receives the restored state from rank 0.
+    fresh = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    fresh.train(epochs=1)
+    reopened = DistributedLedger(PCMUUnlearner(fresh), directory)
+    out["restored"] = state_digest(reopened.unlearner.state_dict()) == after_first
+    out["requests"] = [r["ids"] for r in reopened.requests]
+    reopened.close()
+    out["seen"] = seen
+    return out
+
+
+def test_the_ledgers_exchanges_are_tensor_collectives_on_the_groups_device():
+    """Rank 0's ids and its restored state reach the other ranks through tensor collectives on the
+    group's device, no object collective (which pickles, and under nccl needs torch.cuda.set_device
+    on every rank); the ledger behaves as before: rank 0 decides the request, ids that are not
+    integers and an empty request are refused on every rank, a reopened ledger restores every rank."""
+    x, y, _, _ = digits_data()
+    with tempfile.TemporaryDirectory() as job_dir:
+        got = launch(exchange_worker, 2, TIMEOUT_S, x, y, job_dir)
+    for rank, out in enumerate(got):
+        assert out["first"] == sorted(FIRST), rank
+        assert out["not_integers"][0].startswith("DistributedRefusal: rank(s) [0]"), out["not_integers"]
+        assert "must be integers" in out["not_integers"][0], out["not_integers"]
+        assert "empty deletion request" in out["empty"][0], out["empty"]
+        assert out["restored"], rank
+        assert out["seen"] and all(device == expected for device, expected in out["seen"]), (rank, out["seen"])
+    assert got[0]["requests"] == [sorted(FIRST)]

@@ -111,10 +111,16 @@ class LedgerCorruptError(ValueError):
     unreadable): nothing was loaded."""
 
 
-def _serialize(value) -> bytes:
+def state_bytes(value) -> bytes:
+    """A state (tensors, containers, numbers, strings) as the bytes the ledger stores it in."""
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
+
+
+def state_from_bytes(blob: bytes):
+    """The state `state_bytes` wrote, loaded with weights_only=True: loading never runs code."""
+    return torch.load(io.BytesIO(blob), weights_only=True)
 
 
 def _same_content(a, b) -> bool:
@@ -242,9 +248,9 @@ class DeletionLedger:
             if hashlib.sha256(blob).hexdigest() != ledger["digests"].get(part):
                 raise damaged(f"part {part!r} ({name}) does not match the sha256 the ledger recorded for it")
             # The bytes are the ones committed, so this load cannot meet damage.
-            state[part] = torch.load(io.BytesIO(blob), weights_only=True)
+            state[part] = state_from_bytes(blob)
         for part, text in ledger["inline"].items():
-            state[part] = torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
+            state[part] = state_from_bytes(base64.b64decode(text))
         for part, meta in ledger.get("logs", {}).items():  # a log part: its chunks, in order
             entries = []
             for c in range(meta["chunks"]):
@@ -368,7 +374,7 @@ class DeletionLedger:
 
         def write(part: str, value) -> None:
             touched[part] = None
-            blob = _serialize(value)
+            blob = state_bytes(value)
             if len(blob) <= INLINE_BYTES:
                 inline[part] = base64.b64encode(blob).decode("ascii")
                 parts.pop(part, None), digests.pop(part, None)

@@ -128,6 +128,22 @@ def _every_ranks_text(text: str | None, group) -> list:
     return texts
 
 
+def broadcast_values(values: torch.Tensor | None, numel: int, dtype: torch.dtype, src: int, group) -> torch.Tensor:
+    """Rank `src`'s flat tensor of `numel` elements of `dtype` (the other ranks pass None; every
+    rank must already know `numel`, e.g. from an agreement), on every rank, on the CPU. One tensor
+    broadcast on the group's device: no object is pickled and nothing but the group's own device
+    needs setting up (nccl: the current CUDA device). `src` is a global rank, as dist.broadcast's."""
+    device = exchange_device(group)
+    if dist.get_rank() == src:
+        if values.dtype != dtype or values.numel() != numel:
+            raise RuntimeError(f"internal: broadcasting {values.numel()} {values.dtype} for {numel} {dtype}")
+        buffer = values.reshape(-1).to(device)
+    else:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+    dist.broadcast(buffer, src=src, group=group)
+    return buffer.cpu()
+
+
 def sum_in_rank_order(flat: torch.Tensor, group) -> torch.Tensor:
     """sum over ranks r = 0, 1, ... of each rank's vector, added in that order, on every rank. An
     all-reduce adds in the backend's own order; gathering first and adding in rank order makes every

@@ -4,7 +4,9 @@
 Every rank builds the same unlearner (a collective one, such as `PCMUUnlearner` over a
 `DistributedPCMUTrainer`, or any unlearner whose state is replicated) and a `DistributedLedger`
 over it; only rank 0 opens the directory and writes. A request goes:
-  1. rank 0's ids are broadcast: the request is decided once, whatever the other ranks passed;
+  1. rank 0's ids are broadcast (their count in an agreement, so ids that are not integers are
+     refused on every rank, then the int64 ids): the request is decided once, whatever the other
+     ranks passed;
   2. every rank runs the unlearner on them;
   3. the ranks agree (one all_gather): every rank succeeded and holds the same state (a sha256 of
      its state dict) -- or the request failed;
@@ -14,7 +16,10 @@ raise, and the ledger on disk stays at the previous request. A rank that dies ma
 pending collective raise within the process group's timeout (`init_process_group(timeout=...)`;
 gloo usually notices a closed connection at once); they roll back the same way.
 
-Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others.
+Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others,
+as the bytes the ledger stores it in (loaded with weights_only=True, so loading runs no code).
+Every exchange is a tensor collective on the group's device: no object collective (which pickles,
+and under nccl needs torch.cuda.set_device on every rank first).
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from ..ledger import DeletionLedger
+from ..data import as_ids
+from ..ledger import DeletionLedger, state_bytes, state_from_bytes
 from ..unlearner import UnlearnReport
-from .group import agree, exchange_device, require_group
+from .group import agree, broadcast_values, exchange_device, require_group
 
 
 def state_digest(state) -> int:
@@ -94,15 +100,24 @@ class DistributedLedger:
         self._ledger = None
         self._agreed = _AgreedUnlearner(unlearner, self.group) if self.rank == 0 else None
 
+        blob = []
+
         def open_on_rank0():
-            if self.rank == 0:
-                self._ledger = DeletionLedger(self._agreed, directory)
-            return ()
-        agree(open_on_rank0, shared=(), group=self.group)  # a refused directory is refused on every rank
-        state = [unlearner.state_dict() if self.rank == 0 else None]
-        dist.broadcast_object_list(state, src=self._src, group=self.group)
+            if self.rank != 0:
+                return (0,)
+            self._ledger = DeletionLedger(self._agreed, directory)
+            try:
+                blob.append(state_bytes(unlearner.state_dict()))
+            except BaseException:
+                self.close()
+                raise
+            return (len(blob[0]),)
+        # A refused directory (or state) is refused on every rank; the state's size crosses with it.
+        sizes = agree(open_on_rank0, shared=(), local=("the restored state's size",), group=self.group)
+        data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
+        data = broadcast_values(data, int(sizes[0, 0]), torch.uint8, self._src, self.group)
         if self.rank != 0:
-            unlearner.load_state_dict(state[0])
+            unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
 
     @property
     def requests(self) -> list:
@@ -111,9 +126,7 @@ class DistributedLedger:
 
     def forget(self, ids=None) -> UnlearnReport:
         """One deletion request, decided by rank 0's `ids` (the other ranks may pass None)."""
-        box = [ids if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=self._src, group=self.group)
-        ids = box[0]
+        ids = self._rank0_ids(ids)
         if self.rank == 0:
             return self._forget_on_rank0(ids)
         before = self.unlearner.state_dict()
@@ -127,6 +140,20 @@ class DistributedLedger:
             self.unlearner.load_state_dict(before)
             raise
         return report
+
+    def _rank0_ids(self, ids) -> torch.Tensor:
+        """Rank 0's request as int64 ids, on every rank: rank 0 checks that they are integers
+        (refused on every rank if not) and their count crosses in that agreement, then the ids."""
+        decided = []
+
+        def check():
+            if self.rank != 0:
+                return (0,)
+            decided.append(as_ids(ids))
+            return (decided[0].numel(),)
+        counts = agree(check, shared=(), local=("the request's id count",), group=self.group)
+        return broadcast_values(decided[0] if self.rank == 0 else None, int(counts[0, 0]), torch.int64,
+                                self._src, self.group)
 
     def _forget_on_rank0(self, ids) -> UnlearnReport:
         try:
