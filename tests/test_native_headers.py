@@ -15,7 +15,16 @@ import pytest
 
 INCLUDE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "include"
 CXX = os.environ.get("CXX", "c++")
-NVCC = str(pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+
+
+def _nvcc_places() -> list:
+    """Where nvcc may be, in the order torch's extension builder looks: $CUDA_HOME/bin, PATH, then
+    /usr/local/cuda/bin."""
+    places = [os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")] if os.environ.get("CUDA_HOME") else []
+    return places + [shutil.which("nvcc") or "nvcc on PATH", "/usr/local/cuda/bin/nvcc"]
+
+
+NVCC = next((p for p in _nvcc_places() if os.path.isfile(p) and os.access(p, os.X_OK)), None)
 
 
 def _needs_torch(header: pathlib.Path, seen=()) -> bool:
@@ -30,8 +39,8 @@ HEADERS = sorted(h.name for h in (INCLUDE / "unlearn").glob("*.h") if not _needs
 
 
 def _unit(header: str) -> str:
-    # <cmath> first: codecs.h calls fabsf without including it (its includers all have it).
-    return f'#include <cmath>\n#include "unlearn/{header}"\n'
+    """A translation unit of the header alone: it must include what it uses itself."""
+    return f'#include "unlearn/{header}"\n'
 
 
 def test_the_torch_free_headers_include_those_with_unroll_pragmas():
@@ -48,7 +57,7 @@ def test_header_compiles_on_the_host_without_unknown_pragmas(header, tmp_path):
     assert run.returncode == 0 and "pragma" not in run.stderr, run.stderr
 
 
-@pytest.mark.skipif(not os.access(NVCC, os.X_OK), reason=f"needs nvcc ({NVCC}; set CUDA_HOME)")
+@pytest.mark.skipif(NVCC is None, reason=f"needs nvcc: none at {', '.join(_nvcc_places())}")
 def test_headers_compile_with_nvcc_without_warnings(tmp_path):
     """Both of nvcc's passes: the device code (nvcc's front end warns on pragmas it does not know)
     and the host code, which nvcc hands to the host compiler with the pragmas it accepted."""

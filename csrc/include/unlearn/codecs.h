@@ -39,6 +39,7 @@
 // __fadd_rn), and the inverse scale computed exactly as written (one IEEE division).
 #pragma once
 
+#include <cmath>  // fabsf
 #include <cstdint>
 
 #include "unlearn/float_math.h"
