@@ -67,6 +67,23 @@ def test_chain_gradient_over_several_chunks():
     assert torch.allclose(got, fm.mean_loss_grad(w, data.ids), atol=1e-6, rtol=1e-5)
 
 
+def test_the_second_output_vector_comes_with_the_first_split_call():
+    """A call without a split fills one vector: the second (a split call's rows [k:]) is allocated
+    only by the first split call, and the split then equals the two calls it replaces."""
+    data = table()
+    fm = FlatModel(models()["deep mixed"], data)
+    chain = ReplayModel(fm).chain
+    x, y = data.batch(data.ids[:40])
+    whole = chain.loss_grad_sums(x, y).clone()
+    assert len(chain.outputs) == 1
+    first, second = (g.clone() for g in chain.loss_grad_sums(x, y, split=15))
+    assert len(chain.outputs) == 2
+    tol = dict(atol=1e-5, rtol=1e-5)
+    assert torch.allclose(first, chain.loss_grad_sums(x[:15], y[:15]), **tol)
+    assert torch.allclose(second, chain.loss_grad_sums(x[15:], y[15:]), **tol)
+    assert torch.allclose(first + second, whole, **tol)
+
+
 class Residual(nn.Sequential):
     def forward(self, x):
         return super().forward(x) + x[:, :4]

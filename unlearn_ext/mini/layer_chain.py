@@ -76,15 +76,18 @@ class LayerChain:
         # What `fits` checks rows against; rows_checked: in-memory data, every row checked by `of`
         self.dtype, self.flatten, self.classes = dtype, flatten, classes
         self.width, self.rows_checked = linears[0][0].shape[1], rows_checked  # (the first Linear's in_features)
-        sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
-        # Two flat output vectors (a split call fills both), each with a (weight, bias) view per Linear
-        # in flat order: the products write straight into them, with no concatenation after.
-        self.outputs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(2)]
-        views = [iter(out.split(sizes)) for out in self.outputs]
+        # Flat output vectors, each with a (weight, bias) view per Linear in flat order: the products
+        # write straight into them, with no concatenation after. A call fills the first; a split call
+        # fills both, so the second is allocated by the first split call (many replays make none).
+        self._sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
+        self._shapes = [(weight.shape, bias is not None) for weight, bias in linears]
+        self.outputs, self._views = [], []
+        self._add_output()
         # forward: one function of the layer's input per layer; backward, last layer first:
         # (activation backward, index of its output) or (None, (index of the Linear's input, its
-        # weight, [(weight grad view, bias grad view or None) for each output vector])).
+        # weight, its index among the Linears: that of its views in each output vector)).
         self._forward, self._backward = [], []
+        linear = 0
         for i, layer in enumerate(layers):
             if type(layer) is type:
                 self._forward.append(_FORWARD[layer])
@@ -92,10 +95,18 @@ class LayerChain:
                 continue
             weight, bias = layer
             self._forward.append(lambda h, weight=weight, bias=bias: nn.functional.linear(h, weight, bias))
-            grads = [(next(parts).view(weight.shape), None if bias is None else next(parts)) for parts in views]
-            self._backward.append((None, (i, weight, grads)))
+            self._backward.append((None, (i, weight, linear)))
+            linear += 1
         self._backward.reverse()
         self._minus_one = torch.tensor([[-1.0]], dtype=dtype)
+
+    def _add_output(self) -> None:
+        """One more flat output vector and its (weight grad view, bias grad view or None) per Linear."""
+        out = torch.empty(sum(self._sizes), dtype=self.dtype)
+        parts = iter(out.split(self._sizes))
+        self._views.append([(next(parts).view(shape), next(parts) if has_bias else None)
+                            for shape, has_bias in self._shapes])
+        self.outputs.append(out)
 
     @classmethod
     def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
@@ -152,6 +163,8 @@ class LayerChain:
         """The gradient of the summed per-sample losses of rows (x, y) as one flat vector (the
         parameters in flat order); with `split` = k, two: rows [:k] and rows [k:], from one forward
         pass. The vectors are this chain's own, overwritten by the next call: use them before."""
+        if split is not None and len(self.outputs) < 2:
+            self._add_output()
         with torch.no_grad():
             outputs = [x.flatten(1) if self.flatten else x]
             for forward in self._forward:
@@ -164,16 +177,16 @@ class LayerChain:
                 if backward is not None:
                     grad = backward(grad, outputs[at])
                     continue
-                i, weight, grads = at
+                i, weight, linear = at
                 below = outputs[i]
                 if split is None:
-                    weight_grad, bias_grad = grads[0]
+                    weight_grad, bias_grad = self._views[0][linear]
                     torch.mm(grad.t(), below, out=weight_grad)
                     if bias_grad is not None:
                         torch.sum(grad, 0, out=bias_grad)
                 else:
-                    for (weight_grad, bias_grad), g, b in ((grads[0], grad[:split], below[:split]),
-                                                           (grads[1], grad[split:], below[split:])):
+                    for (weight_grad, bias_grad), g, b in ((self._views[0][linear], grad[:split], below[:split]),
+                                                           (self._views[1][linear], grad[split:], below[split:])):
                         torch.mm(g.t(), b, out=weight_grad)
                         if bias_grad is not None:
                             torch.sum(g, 0, out=bias_grad)
