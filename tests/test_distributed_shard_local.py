@@ -239,3 +239,34 @@ def test_a_shard_history_without_per_step_digests_is_served():
     for digested, undigested, sha in got:
         assert torch.equal(undigested, digested)
         assert sha == got[0][2]  # every rank holds the job's one digest
+
+
+def rebuilt_worker(rank, world, directory):
+    """Two DeltaGrad unlearners built on one RankShardHistory: (the history digest computations each
+    construction made, the two job digests)."""
+    from unlearn_ext.mini import history_digest
+
+    model, data, store = _problem("deltagrad")
+    _record_shards(directory, "deltagrad", FlatModel(model, data), store, rank, world)
+    history = RankShardHistory.open(directory)
+    computed, compute = [], history_digest._history_sha256
+    history_digest._history_sha256 = lambda *args: computed.append(1) or compute(*args)
+    counts, digests = [], []
+    for _ in range(2):
+        before = len(computed)
+        unlearner = DistributedDeltaGradUnlearner(copy.deepcopy(model), data, history, **OPTIONS["deltagrad"])
+        counts.append(len(computed) - before)
+        digests.append(unlearner.history_sha256)
+    history.close()
+    return counts, digests
+
+
+def test_the_shard_historys_digest_is_computed_once_per_revision():
+    """A rank's shard history has a revision (its read-only store's), so an unlearner built again on
+    it (one per request, as the harness does) does not hash every step's batch ids and digests
+    again, and gets the same job digest."""
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(rebuilt_worker, 2, TIMEOUT_S, directory)
+    for rank, (counts, digests) in enumerate(got):
+        assert counts == [1, 0], (rank, counts)
+        assert digests[0] == digests[1] == got[0][1][0], rank

@@ -189,6 +189,13 @@ class RankShardHistory:
         return self.store.steps
 
     @property
+    def revision(self) -> int:
+        """The shard store's revision (HistoryStore.revision): it is opened read-only and the
+        schedule is read once, so what is computed from this history (the history methods' digest,
+        mini/history_digest.py) holds for every unlearner built on it, and is computed once."""
+        return self.store.revision
+
+    @property
     def bytes_read(self) -> int:
         """This rank's history bytes read (its shard's)."""
         return self.store.bytes_read
