@@ -185,3 +185,29 @@ def test_the_decoded_gradients_axpy_rounds_as_the_axpy_on_the_codes(codec):
         store.encoded(0, "grads").axpy_([want[:407].view(37, 11), want[407:]], alpha)
         _add_scaled_(values, y, alpha)
         assert torch.equal(y, want), alpha
+
+
+def test_the_read_ahead_blocks_hold_no_more_decoded_rows_than_the_bound(monkeypatch):
+    """With READ_AHEAD_BYTES small enough to bind, every block the replay reads has at most
+    read_ahead_block(dim) steps, and that many steps' rows held at once (READ_AHEAD_ROWS_PER_STEP:
+    the block being replayed, the next one, read_flat_many's scratch) fit in the bound; the answer
+    is the one of the unbounded read-ahead."""
+    from unlearn_ext.mini import deltagrad
+    data, init = classification(n=90, d=5, classes=3, seed=4)
+    config = ue.SGDConfig(epochs=4, batch_size=16, lr=0.2)
+    model, store = recorded(data, init, config)
+    unbounded = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store)
+    want, _, _, reason = unbounded._replay(unbounded._plan(FORGET))
+    assert reason == ""
+    dim = unbounded.flat.dim
+    monkeypatch.setattr(deltagrad, "READ_AHEAD_BYTES", 4 * deltagrad.READ_AHEAD_ROWS_PER_STEP * dim * 3 + 5)
+    block = deltagrad.read_ahead_block(dim)
+    assert block == 3
+    unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store)
+    calls, read = [], store.read_flat_many
+    monkeypatch.setattr(store, "read_flat_many", lambda steps, name: calls.append(len(steps)) or read(steps, name))
+    w, _, _, reason = unlearner._replay(unlearner._plan(FORGET))
+    assert reason == "" and torch.equal(w, want)
+    assert calls and max(calls) == block
+    held = 4 * deltagrad.READ_AHEAD_ROWS_PER_STEP * dim * max(calls)
+    assert held <= deltagrad.READ_AHEAD_BYTES

@@ -183,6 +183,24 @@ def test_read_flat_equals_the_joined_read(codec):
             assert torch.equal(store.read_flat(step, name), fm.join(store.read(step, [name]).tensors[name]))
 
 
+def test_read_flat_many_decodes_no_more_rows_at_once_than_it_returns(monkeypatch):
+    """Between two far-apart rows of a delta chain, read_flat_many's scratch holds at most as many
+    decoded records as it returns rows (so a reader bounding its rows bounds the scratch too), and
+    the rows are still those read_flat gives."""
+    from unlearn_ext.history import codecs as hc
+    data, init = table(), models()["deep mixed"]
+    model = copy.deepcopy(init)
+    store = ue.step_store(model, params="int8", grads="int8", keyframe_every=1000)
+    ue.train_recording_steps(model, data, ue.SGDConfig(epochs=1, batch_size=4, lr=0.05), store)  # 75 steps
+    last = len(store.steps) - 1
+    want = [store.read_flat(t, "params") for t in (1, last)]
+    decoded, decode = [], hc.decode_many_into
+    monkeypatch.setattr(hc, "decode_many_into", lambda codes, views, *a: decoded.append(len(views)) or decode(codes, views, *a))
+    got = store.read_flat_many([1, last], "params")  # (the weights: a delta chain)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert sum(decoded) == last - 1 and max(decoded) <= 2, decoded
+
+
 @pytest.mark.parametrize("codec", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_read_flat_many_equals_read_flat_row_by_row(codec, tier, tmp_path):

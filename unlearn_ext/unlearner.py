@@ -63,7 +63,7 @@ class UnlearnReport:
     seconds: float = 0.0
     sample_gradients: int = 0          # per-sample gradient evaluations this request cost
     retrain_sample_gradients: int = 0  # what retraining without every forgotten id would cost
-    history_bytes_read: int = 0
+    history_bytes_read: int = 0        # bytes the history store read (DeltaGrad: read-ahead included)
     duplicates: list = field(default_factory=list)
     repeats: list = field(default_factory=list)
     details: dict = field(default_factory=dict)  # method-specific evidence (certificate, Ritz values...)

@@ -587,7 +587,11 @@ class HistoryStore:
         fp32 matrix: row k holds what read_flat(steps[k], name) gives, bit for bit. For a reader of
         many steps in order (a replay): the codes of every record the rows need are dequantized in
         one call, and a delta chain then advances by one addition per record (its reconstruction
-        update: the same rounding, so the same bits) instead of one decode call per step."""
+        update: the same rounding, so the same bits) instead of one decode call per step.
+
+        Memory besides the result: a delta field's records are decoded into a scratch matrix of at
+        most len(steps) rows (records between wanted steps take further calls, not more rows), plus
+        two rows (a record between wanted steps; the decoder cache's copy of the last row)."""
         idx = [self._index_of(s) for s in steps]
         if any(b <= a for a, b in zip(idx, idx[1:])):
             raise ValueError(f"steps must increase, got {list(steps)}")
@@ -613,7 +617,7 @@ class HistoryStore:
         span = [(j, kind) for j, kind in span if kind is not None]
         rows, scratch = dict(zip(idx, out)), torch.empty_like(out[0])
         current = out[0]
-        per_call = max(len(idx), 64)  # records decoded per call: as many rows as out has (sparse steps)
+        per_call = len(idx)  # records decoded per call: as many rows as out has (the scratch's bound)
         for lo in range(0, len(span), per_call):
             part = span[lo:lo + per_call]
             decoded = torch.empty(len(part), out.shape[1], dtype=torch.float32)

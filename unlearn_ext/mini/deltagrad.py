@@ -14,6 +14,9 @@ Weight decay is linear, so it is applied exactly rather than through the pairs. 
 enter as y += alpha g_t rounded as the dequantize-axpy on their int8 codes (alpha g_t, then the sum),
 from blocks of steps decoded in one call each (HistoryStore.read_flat_many; across ranks with a
 sharded history, the axpy on each rank's codes). A batch left empty makes no update (as retraining).
+The history bytes a request reports (history_bytes_read) are those the store read, read-ahead
+included: a replay that stops early (a safety check fired mid-replay) has read the rest of its
+block too, up to READ_AHEAD_STEPS - 1 steps past the step it stopped at.
 
 Momentum (heavy ball or Nesterov, dampening 0): the replay carries the retained run's buffer b as
 torch does: b <- mu b + g (b = g at the replay's first update), w <- w - eta b (heavy ball) or
@@ -103,9 +106,19 @@ from .vectors import FlatModel, StoredVector, stored_vector
 
 
 # Read-ahead of the recorded weights and gradients (DeltaGradUnlearner._recorded): steps per block, and at
-# most this many bytes of decoded rows (both fields) per block.
+# most this many bytes of decoded float32 rows held at once (read_ahead_block).
 READ_AHEAD_STEPS = 64
 READ_AHEAD_BYTES = 64 << 20
+# Decoded rows held at once per step of a block, while the next block is read: the block the replay
+# is at (its weights and gradients; the replay still holds its last step's), the next block's two,
+# and read_flat_many's scratch for the field it decodes (at most one row per step).
+READ_AHEAD_ROWS_PER_STEP = 5
+
+
+def read_ahead_block(dim: int) -> int:
+    """Steps per read-ahead block for `dim` parameters: READ_AHEAD_STEPS, fewer where the decoded
+    rows held at once (READ_AHEAD_ROWS_PER_STEP per step) would pass READ_AHEAD_BYTES; at least 1."""
+    return max(1, min(READ_AHEAD_STEPS, READ_AHEAD_BYTES // (4 * READ_AHEAD_ROWS_PER_STEP * max(dim, 1))))
 
 FALLBACK_HOW = "retrained from the stored initial weights"
 FALLBACK_CONTINUED = "retrained from the stored initial weights, continuing the replay's exact prefix"
@@ -515,7 +528,7 @@ class DeltaGradUnlearner(Unlearner):
         gradient, rounded as the dequantize-axpy on its codes (the product, then the sum). Read ahead
         in blocks (HistoryStore.read_flat_many: one dequantize call per block and field, and one
         addition per delta record, instead of a decode and an axpy call per step)."""
-        block = max(1, min(READ_AHEAD_STEPS, READ_AHEAD_BYTES // (8 * max(self.flat.dim, 1))))
+        block = read_ahead_block(self.flat.dim)
         for lo in range(0, len(steps), block):
             part = steps[lo:lo + block]
             weights, grads = self.store.read_flat_many(part, "params"), self.store.read_flat_many(part, "grads")
