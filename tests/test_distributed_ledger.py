@@ -106,14 +106,22 @@ def test_two_ranks_one_ledger_same_result_or_none():
     assert rank0["rolled_back_after_death"] and rank0["ledger_unchanged_after_death"]
 
 
+def _refuse_state(state):
+    raise ValueError("injected: not my state")
+
+
 def exchange_worker(rank, world, x, y, directory):
     from distributed_setup import watch_collectives
 
     seen = watch_collectives()
     trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
     trainer.train(epochs=1)
-    ledger = DistributedLedger(PCMUUnlearner(trainer), directory)
-    out = {"first": ledger.forget(FIRST if rank == 0 else [1, 2]).ids}  # rank 0's request, not rank 1's
+    refusing = PCMUUnlearner(trainer)
+    if rank == 1:  # cannot load rank 0's state: refused on every rank, rank 0's ledger closed again
+        refusing.load_state_dict = _refuse_state
+    out = {"refused_open": _attempt(lambda: DistributedLedger(refusing, directory))}
+    ledger = DistributedLedger(PCMUUnlearner(trainer), directory)  # (the directory's lock was released)
+    out["first"] = ledger.forget(FIRST if rank == 0 else [1, 2]).ids  # rank 0's request, not rank 1's
     out["not_integers"] = _attempt(lambda: ledger.forget([1.5] if rank == 0 else SECOND))
     out["empty"] = _attempt(lambda: ledger.forget([] if rank == 0 else SECOND))
     after_first = state_digest(ledger.unlearner.state_dict())
@@ -134,11 +142,14 @@ def test_the_ledgers_exchanges_are_tensor_collectives_on_the_groups_device():
     """Rank 0's ids and its restored state reach the other ranks through tensor collectives on the
     group's device, no object collective (which pickles, and under nccl needs torch.cuda.set_device
     on every rank); the ledger behaves as before: rank 0 decides the request, ids that are not
-    integers and an empty request are refused on every rank, a reopened ledger restores every rank."""
+    integers and an empty request are refused on every rank, a reopened ledger restores every rank;
+    a rank that cannot load rank 0's state refuses the opening on every rank."""
     x, y, _, _ = digits_data()
     with tempfile.TemporaryDirectory() as job_dir:
         got = launch(exchange_worker, 2, TIMEOUT_S, x, y, job_dir)
     for rank, out in enumerate(got):
+        assert out["refused_open"][0] == ("DistributedRefusal: rank(s) [1] could not load rank 0's state: rank 1: "
+                                          "ValueError: injected: not my state"), out["refused_open"]
         assert out["first"] == sorted(FIRST), rank
         assert out["not_integers"][0].startswith("DistributedRefusal: rank(s) [0]"), out["not_integers"]
         assert "must be integers" in out["not_integers"][0], out["not_integers"]

@@ -116,8 +116,16 @@ class DistributedLedger:
         sizes = agree(open_on_rank0, shared=(), local=("the restored state's size",), group=self.group)
         data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
         data = broadcast_values(data, int(sizes[0, 0]), torch.uint8, self._src, self.group)
-        if self.rank != 0:
-            unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
+
+        def load_on_the_others():
+            if self.rank != 0:
+                unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
+            return ()
+        try:  # a rank that cannot load it refuses on every rank (rank 0 then closes its ledger)
+            agree(load_on_the_others, shared=(), group=self.group, failed="could not load rank 0's state")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def requests(self) -> list:
