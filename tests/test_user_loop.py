@@ -445,6 +445,66 @@ def test_frozen_batchnorm_is_accepted_and_its_buffers_are_left_alone(method):
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
 
 
+def _frozen_batchnorm_cnn():
+    torch.manual_seed(0)
+    model = cnn("batch", dropout=0.3)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.1, 0.1)
+    model.eval()  # frozen statistics, and the loop below never calls model.train(): dropout off too
+    return model
+
+
+@pytest.mark.parametrize("method", ["retrain", "finetune", "mini", "deltagrad"])
+def test_a_loop_in_eval_mode_is_what_retraining_repeats(method):
+    """Retraining trains each module in the training mode the loop's steps had (here eval mode:
+    frozen BatchNorm, dropout off), not in training mode: without deletions it is the loop bit for
+    bit, and it moves no BatchNorm statistic."""
+    model = _frozen_batchnorm_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True), method=method,
+        epochs=EPOCHS, loss_fn=loss_fn)
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    engine.unlearner()
+    assert same_state(retrain(engine.initial, engine.data, engine.recipe, []), engine.trained)
+    retrained = retrain(engine.initial, engine.data, engine.recipe, FORGET)
+    assert all(torch.equal(v, dict(engine.initial.named_buffers())[k]) for k, v in retrained.named_buffers())
+
+
+def test_a_loop_that_changes_training_modes_is_refused_at_that_step():
+    """Retraining trains every step in the modes of the loop's first step; a loop whose later step
+    runs in other modes (model.eval() for a validation pass, no model.train() after it) is refused
+    at that step, before its update, naming the modules."""
+    torch.manual_seed(0)
+    model = cnn("group", dropout=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    model, optimizer, loader = ue.UnlearningEngine().make_unlearnable(
+        model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True),
+        method="retrain", epochs=EPOCHS, loss_fn=loss_fn)
+    model.train()
+    batches = iter(loader)
+    for step in range(2):
+        x, y = next(batches)
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        if step == 1:
+            model.eval()
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.raises(RuntimeError,
+                               match=r"optimizer step 1: modules .*\b3\b.* another training mode than at step 0"):
+                optimizer.step()
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        else:
+            optimizer.step()
+
+
 @pytest.mark.parametrize("method", ["topk", "randomk"])
 def test_a_one_id_request_on_a_batchnorm_model_and_scoring_leaves_buffers_alone(method, monkeypatch):
     """Scores are taken in eval mode: one id through a BatchNorm layer works, and the scoring pass

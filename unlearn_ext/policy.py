@@ -60,6 +60,26 @@ def refuse_training_batch_norm(model, who: str, needs: str = "per-sample gradien
             "accept BatchNorm as it is")
 
 
+def training_modes(model: torch.nn.Module) -> dict[str, bool]:
+    """Every module's training flag by name ('' is the model itself): what a loop trained in."""
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def set_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None) -> None:
+    """Sets each module's training flag to `modes` (training_modes of a model of the same
+    structure); None: training mode throughout (model.train())."""
+    if modes is None:
+        model.train()
+        return
+    for name, m in model.named_modules():
+        m.training = modes[name]
+
+
+def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
+    """The modules (named, '(model)' for the model itself) whose training flag differs from `modes`."""
+    return [name or "(model)" for name, m in model.named_modules() if m.training != modes.get(name, m.training)]
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """The model in eval mode (dropout off, BatchNorm on running statistics), each module's own
