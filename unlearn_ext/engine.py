@@ -459,8 +459,10 @@ class _StepCounter:
         # The loop's RNG state at each epoch's start, which retraining starts each epoch from: the
         # history methods' exact fallback does too (mini/resume.py, Randomness).
         rng = {"epoch_rng_states": encode_rng_states(r.epoch_rng_states)} if r.epoch_rng_states else {}
+        # The modules' training modes of the loop's steps, which the fallback trains in (mini/resume.py).
+        modes = {} if r.train_modes is None else {"train_modes": r.train_modes}
         return {"steps_per_epoch": self.run.schedule.batches_per_epoch, "batch_seed": r.seed, "batch_size": r.batch_size,
-                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **rng, **extra}
+                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **rng, **modes, **extra}
 
     def record_sharpness(self, flat, w, t: int, lr: float | None = None) -> None:
         """eta_t * lambda_max at step t into the history's run_info (mini/sharpness.py), as the

@@ -75,6 +75,20 @@ def set_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None) ->
         m.training = modes[name]
 
 
+@contextlib.contextmanager
+def in_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None):
+    """The model with each module's training flag set to `modes` (None: left as it is), every
+    module's own flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    if modes is not None:
+        set_training_modes(model, modes)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
     """The modules (named, '(model)' for the model itself) whose training flag differs from `modes`."""
     return [name or "(model)" for name, m in model.named_modules() if m.training != modes.get(name, m.training)]
