@@ -26,7 +26,8 @@ Where the per-sample sums come from:
     mode. `sources` counts how many steps took each route.
 The user's p.grad is left as their backward made it and is not used. A step after more than one
 backward pass (gradient accumulation, a step skipped) is refused before its update: the loop ran
-several batches for one scheduled step, and the last one's backward is not batch t's.
+several batches for one scheduled step, and the last one's backward is not batch t's. So is a step
+whose gradients the loop changed after the backward (clipping, noise): the change would be dropped.
 """
 from __future__ import annotations
 
@@ -96,7 +97,10 @@ class PCMUOptimizer:
         # Backward passes into each parameter's gradient since the last step: step t takes its sums from
         # the loop's one backward of batch t (or recomputes them), so a loop that runs two batches per
         # step (gradient accumulation, a step skipped) is refused rather than stepped on the last one.
+        # And the gradient's version counter after the last of them: p.grad is not read, so a change the
+        # loop makes to it (clipping, noise) would be dropped silently; it is refused instead.
         self._backwards: dict[str, int] = {}
+        self._versions: dict[str, int] = {}
         self._backward_hooks = [p.register_post_accumulate_grad_hook(self._count_backward(name))
                                 for name, p in self._values.items() if p.requires_grad]
 
@@ -128,7 +132,7 @@ class PCMUOptimizer:
         if t >= self.steps:
             raise RuntimeError(f"the loop takes more optimizer steps than the {self.steps} of the epochs given to "
                                "make_unlearnable: the records would not match the schedule")
-        self._refuse_several_backwards(t)
+        self._check_loop(t)
         lr = _one_lr(self.optimizer)
         ids = trainer.schedule.step(t, trainer.forgotten).ids
         sums = self._sums_from_backward(ids.numel())
@@ -142,6 +146,7 @@ class PCMUOptimizer:
         # the optimizer's own step, which PCMU's update replaces).
         self.optimizer._opt_called = True
         self._backwards.clear()
+        self._versions.clear()
         if trainer.steps_done == self.steps:
             self.close()
         return loss
@@ -149,9 +154,19 @@ class PCMUOptimizer:
     def _count_backward(self, name: str):
         def count(p: torch.Tensor) -> None:
             self._backwards[name] = self._backwards.get(name, 0) + 1
+            self._versions[name] = p.grad._version
         return count
 
-    def _refuse_several_backwards(self, t: int) -> None:
+    def _check_loop(self, t: int) -> None:
+        """Refuses step t of a loop that left zero_grad, one backward, step (see __init__)."""
+        for name, version in self._versions.items():
+            grad = self._values[name].grad
+            if grad is not None and grad._version != version:
+                raise RuntimeError(
+                    f"optimizer step {t}: the loop changed the gradient of {name} between backward and step (e.g. "
+                    "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); PCMU's step does not use the "
+                    "gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
+                    "(sigma=). Remove the change from the loop")
         name, passes = max(self._backwards.items(), key=lambda item: item[1], default=(None, 0))
         if passes > 1:
             raise RuntimeError(
