@@ -248,6 +248,19 @@ def test_a_history_that_is_neither_store_nor_path_is_refused_before_training():
         wrap_and_train("mini", lambda: cnn("group"), "sgd", history=3)
 
 
+@pytest.mark.parametrize("method", ["retrain", "finetune", "topk", "randomk", "mini", "deltagrad"])
+def test_an_option_the_method_does_not_take_is_refused_when_wrapping(method):
+    """Method options reach the unlearner, which unlearner() builds after training: a misspelt one
+    must be refused before the training run, not after it (and retraining, which takes none, must
+    not ignore it)."""
+    model = cnn("group")
+    with pytest.raises(TypeError, match=f"{method} takes no option 'repair_epoch'"):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method=method, epochs=EPOCHS,
+            repair_epoch=2)
+
+
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):

@@ -36,6 +36,7 @@ the run's LoopGuard (loop_guard.py) at the first step that leaves the recipe, be
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 
 import torch
@@ -51,6 +52,7 @@ from .distributed.history_methods import (DistributedDeltaGradUnlearner, Distrib
 from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset
 from .loop_guard import LoopGuard
+from .mini import DeltaGradUnlearner, MiniUnlearner
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
@@ -113,6 +115,7 @@ class UnlearningEngine:
             raise RuntimeError("this engine already wraps a training run; make one engine per run")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        _check_method_options(method, method_options)
         data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
         user_model, ddp = model, ddp_placement(model)
         if ddp is not None:  # everything below works on the replicated module; the user keeps the DDP wrapper
@@ -235,6 +238,26 @@ class _Run:
         if m == "pcmu":  # its options went to its trainer when wrapping
             return self.recorder.unlearner()
         return self.recorder.unlearner(**o)
+
+
+# The Unlearner each method's unlearner() builds after training, whose keyword options method_options are.
+# PCMU's options go to its trainer when wrapping (and are checked there).
+_UNLEARNER_CLASSES = {"retrain": RetrainUnlearner, "finetune": FinetuneUnlearner, "topk": TopKUnlearner,
+                      "randomk": RandomKUnlearner, "mini": MiniUnlearner, "deltagrad": DeltaGradUnlearner}
+
+
+def _check_method_options(method: str, options: dict) -> None:
+    """A method option the unlearner does not take, refused when wrapping: the unlearner is built
+    after training, which a misspelt option would otherwise cost before its TypeError."""
+    cls = _UNLEARNER_CLASSES.get(method)
+    if cls is None or not options:
+        return
+    taken = {name for name, p in inspect.signature(cls.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise TypeError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(sorted(taken)) or 'none'}")
 
 
 def _training_data(data, batch_size, ids, augmentation_seed):
@@ -505,7 +528,6 @@ class _AnchorRecorder(_StepCounter):
                 self.record_sharpness(flat, w, t)
 
     def unlearner(self, **options):
-        from .mini import MiniUnlearner
         end = self.run.recipe.steps(len(self.run.data))
         if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
             flat, w, g = self.full_gradient()
@@ -538,7 +560,6 @@ class _StepHistory(_StepCounter):
             self.record_sharpness(flat, flat.flat(), t)
 
     def unlearner(self, **options):
-        from .mini import DeltaGradUnlearner
         self.store.set_run_info(**self.run_info(recorded_by="unlearn_ext.UnlearningEngine"))
         return _history_unlearner(self.run, DeltaGradUnlearner, DistributedDeltaGradUnlearner, self.store, options)
 
