@@ -261,6 +261,19 @@ def test_an_option_the_method_does_not_take_is_refused_when_wrapping(method):
             repair_epoch=2)
 
 
+@pytest.mark.parametrize("option,value", [("seed", -1), ("seed", 1.5), ("augmentation_seed", -1),
+                                          ("augmentation_seed", True)])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused_when_wrapping(option, value):
+    """seed=-1 was taken, and the first pass over the loader failed with numpy's "expected
+    non-negative integer", naming no seed; 1.5 was silently truncated."""
+    model = cnn("group")
+    with pytest.raises((TypeError, ValueError), match=f"{option} must be a non-negative integer, got {value}"):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True), method="retrain",
+            epochs=EPOCHS, **{option: value})
+
+
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):

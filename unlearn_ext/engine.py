@@ -50,7 +50,7 @@ from .distributed.group import agree
 from .distributed.history_methods import (DistributedDeltaGradUnlearner, DistributedMiniUnlearner,
                                           RankSplitFlatModel)
 from .history import HistoryRecorder, HistoryStore
-from .loading import SeededDataset
+from .loading import SeededDataset, checked_seed
 from .loop_guard import LoopGuard
 from .mini import DeltaGradUnlearner, MiniUnlearner
 from .mini.record import FULL_GRAD, mini_store, step_store
@@ -116,6 +116,9 @@ class UnlearningEngine:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         _check_method_options(method, method_options)
+        checked_seed(seed)
+        if augmentation_seed is not None:
+            checked_seed(augmentation_seed, "augmentation_seed")
         data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
         user_model, ddp = model, ddp_placement(model)
         if ddp is not None:  # everything below works on the replicated module; the user keeps the DDP wrapper
