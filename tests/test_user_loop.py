@@ -274,6 +274,20 @@ def test_a_seed_that_is_not_a_non_negative_integer_is_refused_when_wrapping(opti
             epochs=EPOCHS, **{option: value})
 
 
+@pytest.mark.parametrize("method", ["retrain", "mini"])
+def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
+    """NaN inputs: the probe's loss is NaN. Retraining took it (training then ran on NaN) and the
+    history methods said the loss was neither a mean nor a sum of per-sample losses."""
+    x = torch.randn(N, 1, 8, 8)
+    x[5, 0, 2, 2] = float("nan")
+    data = torch.utils.data.TensorDataset(x, torch.arange(N) % 3)
+    model = cnn("group")
+    with pytest.raises(ue.UnsupportedModelError, match="the loss of the first 32 items is nan"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(data, batch_size=BATCH),
+                                               method=method, epochs=EPOCHS)
+
+
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):

@@ -109,8 +109,8 @@ def eval_mode(model: torch.nn.Module):
 
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     """How `loss_fn` reduces its per-sample losses: 'mean', 'sum' or 'other' (e.g. a class-weighted
-    mean, which divides by the batch's total weight), found on the batch (x, y) (two or more
-    samples) in eval mode without gradients. Each method decides what it accepts (the history
+    mean, which divides by the batch's total weight), found on the batch (x, y) (the data's first
+    two or more samples) in eval mode without gradients; a non-finite loss there is refused. Each method decides what it accepts (the history
     methods replay mean gradients: 'mean' only). A loss without a per-sample form
     (reduction='none') raises UnsupportedModelError."""
     from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
@@ -124,6 +124,11 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     if not isinstance(batch, torch.Tensor) or batch.numel() != 1:
         raise UnsupportedModelError(f"the loss must return one number for a batch (mean or sum of per-sample "
                                     f"losses); it returned shape {tuple(getattr(batch, 'shape', ()))}")
+    if not torch.isfinite(batch):
+        # Not a reduction to classify (NaN compares unequal to everything): the data or the model.
+        raise UnsupportedModelError(f"the loss of the first {len(per)} items is {float(batch)} at the initial "
+                                    "weights: their inputs or targets hold NaN or infinite values, or the model "
+                                    "overflows on them; training would step on it")
     if getattr(loss_fn, "weight", None) is not None and getattr(loss_fn, "reduction", None) == "mean":
         # A class-weighted mean: on a probe whose samples share one class of weight 1 it would pass
         # for a plain mean, so it is classified by what it is.
