@@ -274,6 +274,17 @@ def test_a_seed_that_is_not_a_non_negative_integer_is_refused_when_wrapping(opti
             epochs=EPOCHS, **{option: value})
 
 
+@pytest.mark.parametrize("option,value", [("epochs", 2.5), ("epochs", True), ("batch_size", 0), ("batch_size", 8.0)])
+def test_epochs_and_batch_size_that_are_not_positive_integers_are_refused(option, value):
+    """epochs=2.5 was truncated to 2 and batch_size=0 fell back to the DataLoader's, silently."""
+    model = cnn("group")
+    with pytest.raises((TypeError, ValueError), match=f"{option} must be a positive integer, got {value}"):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method="retrain",
+            **{"epochs": EPOCHS, option: value})
+
+
 @pytest.mark.parametrize("method", ["retrain", "mini"])
 def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
     """NaN inputs: the probe's loss is NaN. Retraining took it (training then ran on NaN) and the

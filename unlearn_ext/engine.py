@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 import os
 
 import torch
@@ -117,6 +118,9 @@ class UnlearningEngine:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         _check_method_options(method, method_options)
         checked_seed(seed)
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if augmentation_seed is not None:
             checked_seed(augmentation_seed, "augmentation_seed")
         data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
