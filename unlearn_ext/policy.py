@@ -110,9 +110,9 @@ def eval_mode(model: torch.nn.Module):
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     """How `loss_fn` reduces its per-sample losses: 'mean', 'sum' or 'other' (e.g. a class-weighted
     mean, which divides by the batch's total weight), found on the batch (x, y) (the data's first
-    two or more samples) in eval mode without gradients; a non-finite loss there is refused. Each method decides what it accepts (the history
-    methods replay mean gradients: 'mean' only). A loss without a per-sample form
-    (reduction='none') raises UnsupportedModelError."""
+    two or more samples) in eval mode without gradients; a non-finite loss there is refused. Each
+    method decides what it accepts (the history methods replay mean gradients: 'mean' only). A loss
+    without a per-sample form (reduction='none') raises UnsupportedModelError."""
     from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
     with torch.no_grad(), eval_mode(model):
         out = model(x)
