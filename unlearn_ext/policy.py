@@ -67,12 +67,12 @@ def training_modes(model: torch.nn.Module) -> dict[str, bool]:
 
 def set_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None) -> None:
     """Sets each module's training flag to `modes` (training_modes of a model of the same
-    structure); None: training mode throughout (model.train())."""
+    structure; a module it does not name trains); None: training mode throughout (model.train())."""
     if modes is None:
         model.train()
         return
     for name, m in model.named_modules():
-        m.training = modes[name]
+        m.training = modes.get(name, True)
 
 
 @contextlib.contextmanager
