@@ -36,6 +36,24 @@ def test_fallback_is_the_recipes_retraining(method, momentum, dropout):
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), model)
 
 
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+def test_fallback_trains_in_the_loops_modes_whatever_mode_the_model_is_left_in(method):
+    """The user evaluates the trained model (model.eval()) before asking for the unlearner: the
+    fallback still trains as the loop did (dropout on), so it is still retraining bit for bit."""
+    torch.manual_seed(0)
+    model = cnn("group", dropout=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    model, opt, loader = engine.make_unlearnable(model, opt, loader, method=method, epochs=EPOCHS, **FORCE[method])
+    user_loop(model, opt, loader, nn.CrossEntropyLoss(), EPOCHS)
+    model.eval()
+    report = engine.unlearner().unlearn(FORGET)
+    assert report.status == "fallback", report.reason
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), model)
+    assert not any(m.training for m in model.modules())  # the user's model is left in the mode it was in
+
+
 def test_deltagrad_prefix_pairs_take_eval_mode_gradients(monkeypatch):
     """DeltaGrad's exact prefix steps retraining's run (dropout on, as retraining draws it), but the
     gradient difference of its quasi-Newton pair takes its kept and removed gradients in eval mode,

@@ -273,6 +273,48 @@ def test_a_refused_option_leaves_the_engine_free_and_the_loop_is_held_to_the_sch
     assert isinstance(engine.unlearner(), PCMUUnlearner)
 
 
+@pytest.mark.parametrize("zero_grad_between", [False, True])
+def test_several_backward_passes_per_step_are_refused_at_the_step(zero_grad_between):
+    """Gradient accumulation (or a backward whose step was skipped) runs the loop over two batches
+    for one PCMU step: the step must not take its per-sample sums from the last batch's backward
+    (batch t+1 of the same size) under batch t's ids, nor leave the schedule. Refused at that step,
+    before its update."""
+    model = small_cnn()
+    model, optimizer, loader = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = iter(loader)
+    for _ in range(2):
+        x, y = next(batches)
+        if zero_grad_between:  # a step skipped (e.g. on a non-finite loss); without: accumulation
+            optimizer.zero_grad()
+        (nn.functional.cross_entropy(model(x), y) / 2).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer step 0: .* 2 backward passes since the last step"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert optimizer.trainer.steps_done == 0
+
+
+@pytest.mark.parametrize("change", ["clip_grad_norm_", "noise"])
+def test_a_gradient_changed_between_backward_and_step_is_refused_at_the_step(change):
+    """PCMU's step does not read p.grad (it clips each sample's gradient to clip_norm itself): a loop
+    that clips or perturbs the gradients would see its change silently dropped. Refused at that
+    step, before its update, naming PCMU's own clipping."""
+    model = small_cnn()
+    model, optimizer, loader = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if change == "clip_grad_norm_":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    else:
+        with torch.no_grad():
+            model[4].bias.grad.add_(torch.randn_like(model[4].bias.grad))
+    with pytest.raises(RuntimeError, match=r"optimizer step 0: the loop changed the gradient of .*clip_norm="):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_user_loop_records_into_a_disk_store(tmp_path):
     """history=path: the user's loop writes PCMUTrainer's records into a disk store; a trainer built
     over the file restores that run; a path that exists is refused before training."""

@@ -96,6 +96,13 @@ def test_sensitivity_scores_and_refusals(small):
         TopKUnlearner(original, data, config, score="magic")
     with pytest.raises(ValueError, match="fractional k"):
         TopKUnlearner(original, data, config, k=1.5)
+    # A count out of range was taken and refused by the first request, after any training.
+    total = sum(p.numel() for p in original.parameters())
+    for k in (-1, total + 1):
+        with pytest.raises(ValueError, match=rf"k must be in \[0, {total}\] \(the number of elements\), got {k}"):
+            RandomKUnlearner(original, data, config, k=k)
+    with pytest.raises(TypeError, match="not a bool"):
+        TopKUnlearner(original, data, config, k=True)
 
 
 @pytest.mark.slow

@@ -248,6 +248,57 @@ def test_a_history_that_is_neither_store_nor_path_is_refused_before_training():
         wrap_and_train("mini", lambda: cnn("group"), "sgd", history=3)
 
 
+@pytest.mark.parametrize("method", ["retrain", "finetune", "topk", "randomk", "mini", "deltagrad"])
+def test_an_option_the_method_does_not_take_is_refused_when_wrapping(method):
+    """Method options reach the unlearner, which unlearner() builds after training: a misspelt one
+    must be refused before the training run, not after it (and retraining, which takes none, must
+    not ignore it)."""
+    model = cnn("group")
+    with pytest.raises(TypeError, match=f"{method} takes no option 'repair_epoch'"):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method=method, epochs=EPOCHS,
+            repair_epoch=2)
+
+
+@pytest.mark.parametrize("option,value", [("seed", -1), ("seed", 1.5), ("augmentation_seed", -1),
+                                          ("augmentation_seed", True)])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused_when_wrapping(option, value):
+    """seed=-1 was taken, and the first pass over the loader failed with numpy's "expected
+    non-negative integer", naming no seed; 1.5 was silently truncated."""
+    model = cnn("group")
+    with pytest.raises((TypeError, ValueError), match=f"{option} must be a non-negative integer, got {value}"):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True), method="retrain",
+            epochs=EPOCHS, **{option: value})
+
+
+@pytest.mark.parametrize("option,value", [("epochs", 2.5), ("epochs", True), ("batch_size", 0), ("batch_size", 8.0)])
+def test_epochs_and_batch_size_that_are_not_positive_integers_are_refused(option, value):
+    """epochs=2.5 was truncated to 2 and batch_size=0 fell back to the DataLoader's, silently."""
+    model = cnn("group")
+    with pytest.raises((TypeError, ValueError), match=f"{option} must be a positive integer, got {value}"):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method="retrain",
+            **{"epochs": EPOCHS, option: value})
+
+
+@pytest.mark.parametrize("method", ["retrain", "mini"])
+def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
+    """NaN inputs: the probe's loss is NaN. Retraining took it (training then ran on NaN) and the
+    history methods said the loss was neither a mean nor a sum of per-sample losses."""
+    x = torch.randn(N, 1, 8, 8)
+    x[5, 0, 2, 2] = float("nan")
+    data = torch.utils.data.TensorDataset(x, torch.arange(N) % 3)
+    model = cnn("group")
+    with pytest.raises(ue.UnsupportedModelError, match="the loss of the first 32 items is nan"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(data, batch_size=BATCH),
+                                               method=method, epochs=EPOCHS)
+
+
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):
@@ -443,6 +494,66 @@ def test_frozen_batchnorm_is_accepted_and_its_buffers_are_left_alone(method):
     report = engine.unlearner().unlearn(FORGET)
     assert report.status in ("unlearned", "retrained", "fallback", "certified"), report.reason
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+
+
+def _frozen_batchnorm_cnn():
+    torch.manual_seed(0)
+    model = cnn("batch", dropout=0.3)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.1, 0.1)
+    model.eval()  # frozen statistics, and the loop below never calls model.train(): dropout off too
+    return model
+
+
+@pytest.mark.parametrize("method", ["retrain", "finetune", "mini", "deltagrad"])
+def test_a_loop_in_eval_mode_is_what_retraining_repeats(method):
+    """Retraining trains each module in the training mode the loop's steps had (here eval mode:
+    frozen BatchNorm, dropout off), not in training mode: without deletions it is the loop bit for
+    bit, and it moves no BatchNorm statistic."""
+    model = _frozen_batchnorm_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True), method=method,
+        epochs=EPOCHS, loss_fn=loss_fn)
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    engine.unlearner()
+    assert same_state(retrain(engine.initial, engine.data, engine.recipe, []), engine.trained)
+    retrained = retrain(engine.initial, engine.data, engine.recipe, FORGET)
+    assert all(torch.equal(v, dict(engine.initial.named_buffers())[k]) for k, v in retrained.named_buffers())
+
+
+def test_a_loop_that_changes_training_modes_is_refused_at_that_step():
+    """Retraining trains every step in the modes of the loop's first step; a loop whose later step
+    runs in other modes (model.eval() for a validation pass, no model.train() after it) is refused
+    at that step, before its update, naming the modules."""
+    torch.manual_seed(0)
+    model = cnn("group", dropout=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    model, optimizer, loader = ue.UnlearningEngine().make_unlearnable(
+        model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True),
+        method="retrain", epochs=EPOCHS, loss_fn=loss_fn)
+    model.train()
+    batches = iter(loader)
+    for step in range(2):
+        x, y = next(batches)
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        if step == 1:
+            model.eval()
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.raises(RuntimeError,
+                               match=r"optimizer step 1: modules .*\b3\b.* another training mode than at step 0"):
+                optimizer.step()
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        else:
+            optimizer.step()
 
 
 @pytest.mark.parametrize("method", ["topk", "randomk"])

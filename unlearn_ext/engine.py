@@ -36,6 +36,8 @@ the run's LoopGuard (loop_guard.py) at the first step that leaves the recipe, be
 from __future__ import annotations
 
 import copy
+import inspect
+import numbers
 import os
 
 import torch
@@ -49,8 +51,9 @@ from .distributed.group import agree
 from .distributed.history_methods import (DistributedDeltaGradUnlearner, DistributedMiniUnlearner,
                                           RankSplitFlatModel)
 from .history import HistoryRecorder, HistoryStore
-from .loading import SeededDataset
+from .loading import SeededDataset, checked_seed
 from .loop_guard import LoopGuard
+from .mini import DeltaGradUnlearner, MiniUnlearner
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
@@ -113,6 +116,13 @@ class UnlearningEngine:
             raise RuntimeError("this engine already wraps a training run; make one engine per run")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        _check_method_options(method, method_options)
+        checked_seed(seed)
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if augmentation_seed is not None:
+            checked_seed(augmentation_seed, "augmentation_seed")
         data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
         user_model, ddp = model, ddp_placement(model)
         if ddp is not None:  # everything below works on the replicated module; the user keeps the DDP wrapper
@@ -235,6 +245,26 @@ class _Run:
         if m == "pcmu":  # its options went to its trainer when wrapping
             return self.recorder.unlearner()
         return self.recorder.unlearner(**o)
+
+
+# The Unlearner each method's unlearner() builds after training, whose keyword options method_options are.
+# PCMU's options go to its trainer when wrapping (and are checked there).
+_UNLEARNER_CLASSES = {"retrain": RetrainUnlearner, "finetune": FinetuneUnlearner, "topk": TopKUnlearner,
+                      "randomk": RandomKUnlearner, "mini": MiniUnlearner, "deltagrad": DeltaGradUnlearner}
+
+
+def _check_method_options(method: str, options: dict) -> None:
+    """A method option the unlearner does not take, refused when wrapping: the unlearner is built
+    after training, which a misspelt option would otherwise cost before its TypeError."""
+    cls = _UNLEARNER_CLASSES.get(method)
+    if cls is None or not options:
+        return
+    taken = {name for name, p in inspect.signature(cls.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise TypeError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(sorted(taken)) or 'none'}")
 
 
 def _training_data(data, batch_size, ids, augmentation_seed):
@@ -459,8 +489,10 @@ class _StepCounter:
         # The loop's RNG state at each epoch's start, which retraining starts each epoch from: the
         # history methods' exact fallback does too (mini/resume.py, Randomness).
         rng = {"epoch_rng_states": encode_rng_states(r.epoch_rng_states)} if r.epoch_rng_states else {}
+        # The modules' training modes of the loop's steps, which the fallback trains in (mini/resume.py).
+        modes = {} if r.train_modes is None else {"train_modes": r.train_modes}
         return {"steps_per_epoch": self.run.schedule.batches_per_epoch, "batch_seed": r.seed, "batch_size": r.batch_size,
-                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **rng, **extra}
+                "epochs": r.epochs, "n": n, "lr_schedule": self.lrs, **order, **rng, **modes, **extra}
 
     def record_sharpness(self, flat, w, t: int, lr: float | None = None) -> None:
         """eta_t * lambda_max at step t into the history's run_info (mini/sharpness.py), as the
@@ -503,7 +535,6 @@ class _AnchorRecorder(_StepCounter):
                 self.record_sharpness(flat, w, t)
 
     def unlearner(self, **options):
-        from .mini import MiniUnlearner
         end = self.run.recipe.steps(len(self.run.data))
         if end in self.anchor_steps and (not self.store.steps or self.store.steps[-1] < end):
             flat, w, g = self.full_gradient()
@@ -536,7 +567,6 @@ class _StepHistory(_StepCounter):
             self.record_sharpness(flat, flat.flat(), t)
 
     def unlearner(self, **options):
-        from .mini import DeltaGradUnlearner
         self.store.set_run_info(**self.run_info(recorded_by="unlearn_ext.UnlearningEngine"))
         return _history_unlearner(self.run, DeltaGradUnlearner, DistributedDeltaGradUnlearner, self.store, options)
 

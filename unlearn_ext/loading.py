@@ -39,6 +39,14 @@ class ScheduledIndex(int):
 UNSCHEDULED_EPOCH = -1
 
 
+def checked_seed(seed, name: str = "seed") -> int:
+    """`seed` as an int, refused unless it is a non-negative integer (numpy's seed sequences, which
+    draw the batch order and the augmentation seeds, take no negative one; a float is not truncated)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
 class SeededDataset(Dataset):
     """Wraps a dataset whose items use random augmentation so that the randomness of an item is a
     function of (seed, epoch, id): every load of the same item in the same epoch -- in training, in
@@ -52,7 +60,7 @@ class SeededDataset(Dataset):
 
     def __init__(self, dataset: Dataset, seed: int = 0):
         check_map_style(dataset)
-        self.dataset, self.seed = dataset, int(seed)
+        self.dataset, self.seed = dataset, checked_seed(seed)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -13,7 +13,10 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
     but not given to make_unlearnable, one stepped per batch but declared per epoch, a hand-set lr);
   * every gradient the step uses was made by exactly one backward pass since the last step and left
     untouched (clip_grad_norm_, gradient scaling or noise, accumulation over several backwards, a
-    gradient set to None, which the step would skip).
+    gradient set to None, which the step would skip);
+  * every module's training flag at step t equals step 0's, which the recipe keeps and retraining
+    trains in (a model in eval mode or frozen BatchNorm is repeated as it is; a loop whose later
+    steps run in other modes -- model.eval() for validation and no model.train() after it -- is not).
     A gradient is watched through its version counter, which every in-place change bumps; a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
     Declared clipping (make_unlearnable's clip_grad_norm=, repeated by retraining) is the one change
@@ -30,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .distributed.group import agree
+from .policy import changed_modes, training_modes
 
 
 class LoopGuard:
@@ -38,7 +42,7 @@ class LoopGuard:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, initial: torch.nn.Module, recipe,
                  n: int, *, batches_per_epoch: int, ddp=None):
-        self.optimizer, self.recipe, self.ddp = optimizer, recipe, ddp
+        self.model, self.optimizer, self.recipe, self.ddp = model, optimizer, recipe, ddp
         self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
         self.step = 0
         # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
@@ -86,6 +90,7 @@ class LoopGuard:
                                f"{self.batches_per_epoch} batches = {self.total}: retraining and the history would "
                                "not match the schedule; pass the epochs the loop runs to make_unlearnable")
         self._check_learning_rates(t)
+        self._check_training_modes(t)
         if self._gradient_hooks:
             self._check_gradients(t)
 
@@ -108,6 +113,18 @@ class LoopGuard:
                 f"{recipe}: retraining would train with other rates. Pass the scheduler that changes them to "
                 "make_unlearnable (scheduler=, with scheduler_step='step' if the loop steps it every batch, "
                 "'epoch' if once per epoch) and do not set the lr by hand")
+
+    def _check_training_modes(self, t: int) -> None:
+        if t == 0:
+            self.recipe.train_modes = training_modes(self.model)
+            return
+        changed = changed_modes(self.recipe.train_modes, self.model)
+        if changed:
+            raise RuntimeError(
+                f"optimizer step {t}: modules {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} are in "
+                "another training mode than at step 0 (train() / eval()); retraining trains every step in step 0's "
+                "modes and could not repeat it. Put the model back in its training modes before each epoch's steps "
+                "(e.g. model.train() after a validation pass)")
 
     def _check_gradients(self, t: int) -> None:
         clip = self.recipe.clip_grad_norm

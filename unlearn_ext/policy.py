@@ -60,6 +60,40 @@ def refuse_training_batch_norm(model, who: str, needs: str = "per-sample gradien
             "accept BatchNorm as it is")
 
 
+def training_modes(model: torch.nn.Module) -> dict[str, bool]:
+    """Every module's training flag by name ('' is the model itself): what a loop trained in."""
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def set_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None) -> None:
+    """Sets each module's training flag to `modes` (training_modes of a model of the same
+    structure; a module it does not name trains); None: training mode throughout (model.train())."""
+    if modes is None:
+        model.train()
+        return
+    for name, m in model.named_modules():
+        m.training = modes.get(name, True)
+
+
+@contextlib.contextmanager
+def in_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None):
+    """The model with each module's training flag set to `modes` (None: left as it is), every
+    module's own flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    if modes is not None:
+        set_training_modes(model, modes)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
+    """The modules (named, '(model)' for the model itself) whose training flag differs from `modes`."""
+    return [name or "(model)" for name, m in model.named_modules() if m.training != modes.get(name, m.training)]
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """The model in eval mode (dropout off, BatchNorm on running statistics), each module's own
@@ -75,10 +109,10 @@ def eval_mode(model: torch.nn.Module):
 
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     """How `loss_fn` reduces its per-sample losses: 'mean', 'sum' or 'other' (e.g. a class-weighted
-    mean, which divides by the batch's total weight), found on the batch (x, y) (two or more
-    samples) in eval mode without gradients. Each method decides what it accepts (the history
-    methods replay mean gradients: 'mean' only). A loss without a per-sample form
-    (reduction='none') raises UnsupportedModelError."""
+    mean, which divides by the batch's total weight), found on the batch (x, y) (the data's first
+    two or more samples) in eval mode without gradients; a non-finite loss there is refused. Each
+    method decides what it accepts (the history methods replay mean gradients: 'mean' only). A loss
+    without a per-sample form (reduction='none') raises UnsupportedModelError."""
     from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
     with torch.no_grad(), eval_mode(model):
         out = model(x)
@@ -90,6 +124,11 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     if not isinstance(batch, torch.Tensor) or batch.numel() != 1:
         raise UnsupportedModelError(f"the loss must return one number for a batch (mean or sum of per-sample "
                                     f"losses); it returned shape {tuple(getattr(batch, 'shape', ()))}")
+    if not torch.isfinite(batch):
+        # Not a reduction to classify (NaN compares unequal to everything): the data or the model.
+        raise UnsupportedModelError(f"the loss of the first {len(per)} items is {float(batch)} at the initial "
+                                    "weights: their inputs or targets hold NaN or infinite values, or the model "
+                                    "overflows on them; training would step on it")
     if getattr(loss_fn, "weight", None) is not None and getattr(loss_fn, "reduction", None) == "mean":
         # A class-weighted mean: on a probe whose samples share one class of weight 1 it would pass
         # for a plain mean, so it is classified by what it is.

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import BatchSchedule, TrainingData, as_ids
+from .policy import set_training_modes
 
 SCHEDULER_STEPS = ("epoch", "step")
 log = logging.getLogger("unlearn_ext")
@@ -91,6 +92,10 @@ class OptimizerRecipe:
         # it trains (loading.LoopSampler): train() starts each epoch from it, so draws the loop made
         # between epochs (a validation pass) do not make retraining differ from the loop.
         self.epoch_rng_states: dict = {}
+        # Every module's training flag at the user's loop's steps ({name: bool}, policy.training_modes;
+        # the engine's LoopGuard takes it at the first step and holds the loop to it): train() trains
+        # in those modes (e.g. frozen BatchNorm, the model in eval mode). None: training mode throughout.
+        self.train_modes: dict | None = None
         self.description = description or {"optimizer": getattr(optimizer_factory, "__name__", "factory")}
 
     # ---- taking the recipe from the user's objects -----------------------------------------------
@@ -197,7 +202,7 @@ class OptimizerRecipe:
         loader = DataLoader(data.items, batch_sampler=data.sampler(schedule, excluded), **self.loader_options)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         spe = schedule.batches_per_epoch
-        model.train()
+        set_training_modes(model, self.train_modes)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # a rebuilt scheduler's optimizer was not patched by the scheduler's constructor: torch
             # warns that step() "has been overridden", which here it has not.
@@ -242,12 +247,14 @@ class OptimizerRecipe:
         # Dropout masks from a generator seeded by `seed`: a repair's answer is a function of the run
         # and the request, not of the process's RNG state when it is asked.
         rng_state = torch.Generator().manual_seed(int(seed)).get_state()
-        return OptimizerRecipe(make_tuned, epochs=epochs, batch_size=self.batch_size, seed=seed, loss=self.loss,
+        tuned = OptimizerRecipe(make_tuned, epochs=epochs, batch_size=self.batch_size, seed=seed, loss=self.loss,
                                loader_options=self.loader_options, rng_state=rng_state,
                                clip_grad_norm=self.clip_grad_norm,
                                description={**self.description, "scheduler": None, "param_groups": [
                                    {**g, "lr": lr_factor * float(g.get("initial_lr", g["lr"])), "initial_lr": None}
                                    for g in self.description.get("param_groups") or []] or None})
+        tuned.train_modes = self.train_modes  # a repair trains the modules as the loop did (frozen BatchNorm...)
+        return tuned
 
     def fingerprint(self) -> dict:
         # Keys a run without them never had, so its fingerprint stays as before.

@@ -17,6 +17,10 @@ retrained weights themselves, and the recorded run's buffer is not it. So a mome
 from step 0 only (a later start would need a stored retained-run buffer, which no history holds);
 a `RetainedRun` holds its own buffer, so it may be stopped and continued at any step.
 
+Modes: each step trains the modules in the training modes the recorded loop's steps had (run_info
+"train_modes", recorded by the engine), whatever mode the model was left in after training (a user
+who evaluated it in eval mode); a history without them trains the model in its current modes.
+
 Randomness: a model with dropout trains in training mode here; its masks come from the run's own
 generator state, carried from step to step, so the answer depends neither on the process's RNG
 state (a restarted process gives the same weights) nor on how the steps were split between a
@@ -33,6 +37,7 @@ import base64
 import torch
 
 from ..data import BatchSchedule, TrainingData, momentum_optimizer, sgd_step
+from ..policy import in_training_modes
 from .record import SGDSettings
 
 
@@ -52,13 +57,14 @@ class RetainedRun:
         self._rng_state = torch.Generator().manual_seed(int(run_info.get("batch_seed", 0))).get_state()
         self._epoch_rng_states = epoch_rng_states(run_info)
         self._steps_per_epoch = int(run_info.get("steps_per_epoch") or 0)
+        self._modes = run_info.get("train_modes")
         self.cost = 0
 
     def _take(self, t, ids, lr):
         """Step t under the run's own generator state (module docstring, Randomness)."""
         if self._steps_per_epoch and t % self._steps_per_epoch == 0:
             self._rng_state = self._epoch_rng_states.get(t // self._steps_per_epoch, self._rng_state)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), in_training_modes(self.model, self._modes):
             torch.set_rng_state(self._rng_state)
             grads = sgd_step(self.model, self.data, ids, lr, self.sgd.weight_decay, self.optimizer)
             self._rng_state = torch.get_rng_state()

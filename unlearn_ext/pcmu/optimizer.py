@@ -24,7 +24,10 @@ Where the per-sample sums come from:
     is checked; the loop must use the returned loader);
   * otherwise recomputed from the batch (`data.batch(ids)`, one more forward and backward), in eval
     mode. `sources` counts how many steps took each route.
-The user's p.grad is left as their backward made it and is not used.
+The user's p.grad is left as their backward made it and is not used. A step after more than one
+backward pass (gradient accumulation, a step skipped) is refused before its update: the loop ran
+several batches for one scheduled step, and the last one's backward is not batch t's. So is a step
+whose gradients the loop changed after the backward (clipping, noise): the change would be dropped.
 """
 from __future__ import annotations
 
@@ -91,6 +94,15 @@ class PCMUOptimizer:
         self._values = dict(zip(self.trainer.names, self.trainer.params))
         self._sums = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for k, p in self._values.items()}
         self.sources = {"backward": 0, "recomputed": 0}
+        # Backward passes into each parameter's gradient since the last step: step t takes its sums from
+        # the loop's one backward of batch t (or recomputes them), so a loop that runs two batches per
+        # step (gradient accumulation, a step skipped) is refused rather than stepped on the last one.
+        # And the gradient's version counter after the last of them: p.grad is not read, so a change the
+        # loop makes to it (clipping, noise) would be dropped silently; it is refused instead.
+        self._backwards: dict[str, int] = {}
+        self._versions: dict[str, int] = {}
+        self._backward_hooks = [p.register_post_accumulate_grad_hook(self._count_backward(name))
+                                for name, p in self._values.items() if p.requires_grad]
 
     # ---- what a loop uses of an optimizer --------------------------------------------------------
 
@@ -120,6 +132,7 @@ class PCMUOptimizer:
         if t >= self.steps:
             raise RuntimeError(f"the loop takes more optimizer steps than the {self.steps} of the epochs given to "
                                "make_unlearnable: the records would not match the schedule")
+        self._check_loop(t)
         lr = _one_lr(self.optimizer)
         ids = trainer.schedule.step(t, trainer.forgotten).ids
         sums = self._sums_from_backward(ids.numel())
@@ -132,9 +145,35 @@ class PCMUOptimizer:
         # The user's LR scheduler checks that the optimizer it drives has stepped (torch's flag, set by
         # the optimizer's own step, which PCMU's update replaces).
         self.optimizer._opt_called = True
+        self._backwards.clear()
+        self._versions.clear()
         if trainer.steps_done == self.steps:
             self.close()
         return loss
+
+    def _count_backward(self, name: str):
+        def count(p: torch.Tensor) -> None:
+            self._backwards[name] = self._backwards.get(name, 0) + 1
+            self._versions[name] = p.grad._version
+        return count
+
+    def _check_loop(self, t: int) -> None:
+        """Refuses step t of a loop that left zero_grad, one backward, step (see __init__)."""
+        for name, version in self._versions.items():
+            grad = self._values[name].grad
+            if grad is not None and grad._version != version:
+                raise RuntimeError(
+                    f"optimizer step {t}: the loop changed the gradient of {name} between backward and step (e.g. "
+                    "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); PCMU's step does not use the "
+                    "gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
+                    "(sigma=). Remove the change from the loop")
+        name, passes = max(self._backwards.items(), key=lambda item: item[1], default=(None, 0))
+        if passes > 1:
+            raise RuntimeError(
+                f"optimizer step {t}: the gradient of {name} comes from {passes} backward passes since the last "
+                "step; PCMU's step t trains on the schedule's batch t, from the loop's one backward of that batch "
+                "(zero_grad, backward, step). Gradient accumulation or a backward whose step was skipped (e.g. on "
+                "a non-finite loss) runs several batches per step: step after every batch's backward")
 
     def _sums_from_backward(self, n: int) -> dict | None:
         if self.capture is None or not self.capture.active:
@@ -161,6 +200,9 @@ class PCMUOptimizer:
         """Removes the recording hooks (done after the last step)."""
         if self.capture is not None:
             self.capture.close()
+        for handle in self._backward_hooks:
+            handle.remove()
+        self._backward_hooks = []
 
     def unlearner(self) -> PCMUUnlearner:
         if self.trainer.steps_done != self.steps:

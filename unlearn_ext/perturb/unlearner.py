@@ -66,8 +66,11 @@ class PerturbUnlearner(Unlearner):
                              "loss); with your optimizer's recipe use repair='all'")
         if perturbation == "ascent" and holdout is None:
             raise ValueError("normalized ascent stops at the held-out non-members' loss: give holdout=(x, y)")
-        if isinstance(k, float) and not 0.0 <= k <= 1.0:
-            raise ValueError(f"a fractional k must be in [0, 1], got {k}")
+        if per_tensor:  # a count is per tensor there (topk_per_tensor checks it)
+            if isinstance(k, float) and not 0.0 <= k <= 1.0:
+                raise ValueError(f"a fractional k must be in [0, 1], got {k}")
+        else:  # a count out of range would otherwise be refused by the first request
+            sel_api.resolve_k(k, sum(p.numel() for p in trainable(model).values()))
         accuracy_guard.check_options(guard, guard_size, guard_halvings, guard_rounds, guard_budget, guard_data)
         self.model, self.config = model, config
         self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
