@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..reference.codecs import MAX_BLOCK, MIN_BLOCK, block_count, code_dtype, code_numel
 from .schemas import MAX_DRAWS
@@ -403,7 +404,7 @@ def _layer_chain_grad_sums(out, x, y, weights, biases, layers, split) -> None:
         _check(o.dim() == 1 and o.numel() == total and o.is_contiguous() and o.dtype == dtype, "out[", i,
                "] must be a contiguous 1-D tensor of ", total, " values of the weights' dtype, got ", o.dtype,
                " of shape ", tuple(o.shape))
-    if y.device.type != "meta":  # (values: not for fake tensors)
+    if y.device.type != "meta" and not is_fake(y):  # (the values: fake and meta tensors have none)
         classes = weights[-1].shape[0]
         bad = y[(y < 0) | (y >= classes)]
         _check(bad.numel() == 0, "y must hold class indices in [0, ", classes, "), got ",
