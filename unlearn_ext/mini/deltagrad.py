@@ -60,8 +60,11 @@ one membership test for the whole history, the rows and the recorded weights and
 ahead in blocks (one decode call per block of steps), one forward pass for an exact step's retained
 and removed gradients, the history's digest kept with the store (mini/history_digest.py); what is
 left per step is what depends on the step before, made of as few tensor operations as the
-arithmetic allows (a model of Linear layers and elementwise activations takes its gradients without
-autograd's graph, mini/layer_chain.py; the weights are updated in place).
+arithmetic allows, issued from C++ where Python's per-call cost would dominate: a model of Linear
+layers and elementwise activations takes its gradients without autograd's graph in one op call
+(mini/layer_chain.py), and a quasi-Newton step (B dw, the direction, the weight and momentum update,
+the recorded gradient's term) is one op call too (ops.deltagrad_qn_step_); the weights are updated
+in place.
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
