@@ -289,8 +289,51 @@ def _select_cases():
     return cases
 
 
+def _chain(dtype, device, biases=(True, False), rows=7, split=-1, layers=(0, 1, 0)):
+    """layer_chain_grad_sums_'s arguments: a chain 5 -> 4 -> 3 (codes `layers`, two Linears) on
+    `rows` rows of x shaped (rows, 5) as a (rows, 1, 5) tensor (flattened by the op)."""
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(4, 5, generator=gen, dtype=dtype), torch.randn(3, 4, generator=gen, dtype=dtype)]
+    bias = [torch.randn(w.shape[0], generator=gen, dtype=dtype) if b else None for w, b in zip(weights, biases)]
+    total = sum(t.numel() for t in weights + bias if t is not None)
+    x = torch.randn(rows, 1, 5, generator=gen, dtype=dtype)
+    y = torch.randint(0, 3, (rows,), generator=gen)
+    out = [torch.zeros(total, dtype=dtype, device=device) for _ in range(1 if split == -1 else 2)]
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return out, x.to(device), y.to(device), [move(w) for w in weights], [move(b) for b in bias], list(layers), split
+
+
+def _qn_step(device, momentum=0.0, predicted=False, removed=True, start=False):
+    """deltagrad_qn_step_'s arguments on d = 11 weights and two pairs (W, P: 11 x 4 and 4 x 11)."""
+    gen = torch.Generator().manual_seed(4)
+    v = lambda dtype=torch.float32: torch.randn(11, generator=gen, dtype=dtype).to(device)  # noqa: E731
+    W, P = torch.randn(11, 4, generator=gen, dtype=torch.float64), torch.randn(4, 11, generator=gen, dtype=torch.float64)
+    return (v(), v() if momentum else None, v(), v(), W.to(device), P.to(device), 0.7,
+            v(torch.float64) if predicted else None, v() if removed else None, -0.1, 1.1, 1e-3, 0.05, momentum,
+            False, start)
+
+
+def _replay_cases():
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        tag = str(dtype).removeprefix("torch.")
+        cases += [
+            OpCase("layer_chain_grad_sums_", tag, lambda d, t=dtype: _chain(t, d)),
+            OpCase("layer_chain_grad_sums_", tag + "_split", lambda d, t=dtype: _chain(t, d, split=3)),
+            OpCase("layer_chain_grad_sums_", tag + "_relu_sigmoid", lambda d, t=dtype: _chain(
+                t, d, biases=(False, True), layers=(0, 3, 2, 0))),
+        ]
+    cases += [
+        OpCase("deltagrad_qn_step_", "plain", lambda d: _qn_step(d)),
+        OpCase("deltagrad_qn_step_", "predicted_no_removed", lambda d: _qn_step(d, predicted=True, removed=False)),
+        OpCase("deltagrad_qn_step_", "momentum", lambda d: _qn_step(d, momentum=0.9)),
+        OpCase("deltagrad_qn_step_", "momentum_start", lambda d: _qn_step(d, momentum=0.9, start=True)),
+    ]
+    return cases
+
+
 OP_CASES = (_rng_cases() + _smoothing_cases() + _fragile_cases() + _codec_cases() + _apply_codes_cases()
-            + _requires_grad_cases() + _select_cases())
+            + _requires_grad_cases() + _select_cases() + _replay_cases())
 
 
 def registered_ops() -> set[str]:
@@ -452,7 +495,49 @@ def _bad_inputs():
         ("select_apply_bin_", "alpha", (_g(), _g(), [], [], 1, 0, 0, 0, 0, 8, 1, 1, float("inf"), 0, 0),
          "alpha must be finite"),
         ("select_mask_grad_", "threshold", (_g(), _g(), 1, 0, 0, 0, -2, 0), r"threshold must be in \[-1, 2\^32\]"),
+        ("layer_chain_grad_sums_", "x_dtype", _replaced(_chain(torch.float32, "cpu"), 1, lambda x: x.double()),
+         "x has dtype"),
+        ("layer_chain_grad_sums_", "x_width", _replaced(_chain(torch.float32, "cpu"), 1, lambda x: x[..., :4]),
+         "x must have rows of 5 values"),
+        ("layer_chain_grad_sums_", "y_dtype", _replaced(_chain(torch.float32, "cpu"), 2, lambda y: y.int()),
+         "y must be 1-D int64"),
+        ("layer_chain_grad_sums_", "y_rows", _replaced(_chain(torch.float32, "cpu"), 2, lambda y: y[:5]),
+         "x has 7 rows but y has 5"),
+        ("layer_chain_grad_sums_", "no_rows", _chain(torch.float32, "cpu", rows=0), "x has no rows"),
+        ("layer_chain_grad_sums_", "weight_shape", _replaced(_chain(torch.float32, "cpu"), 3, lambda w: [w[0], w[1].t()]),
+         r"weights\[1\] must be 2-D with 4 columns"),
+        ("layer_chain_grad_sums_", "bias_shape", _replaced(_chain(torch.float32, "cpu"), 4, lambda b: [b[0][:3], None]),
+         r"biases\[0\] must have shape \(4,\)"),
+        ("layer_chain_grad_sums_", "layer_code", _replaced(_chain(torch.float32, "cpu"), 5, lambda _: [0, 7, 0]),
+         r"layers\[1\] must be 0 \(linear\)"),
+        ("layer_chain_grad_sums_", "last_layer", _replaced(_chain(torch.float32, "cpu"), 5, lambda _: [0, 0, 1]),
+         "the last layer must be linear"),
+        ("layer_chain_grad_sums_", "linears", _replaced(_chain(torch.float32, "cpu"), 5, lambda _: [1, 0]),
+         "layers name 1 linear layers but weights has 2"),
+        ("layer_chain_grad_sums_", "split", _chain(torch.float32, "cpu", split=8), r"split must be -1 \(none\)"),
+        ("layer_chain_grad_sums_", "out_count", _replaced(_chain(torch.float32, "cpu", split=2), 0, lambda o: o[:1]),
+         "out must hold 2 tensors"),
+        ("layer_chain_grad_sums_", "out_size", _replaced(_chain(torch.float32, "cpu"), 0, lambda o: [o[0][:-1]]),
+         r"out\[0\] must be a contiguous 1-D tensor of 36 values"),
+        ("deltagrad_qn_step_", "w_dtype", _replaced(_qn_step("cpu"), 0, lambda w: w.double()),
+         "w must be a 1-D float32 tensor"),
+        ("deltagrad_qn_step_", "dw_shape", _replaced(_qn_step("cpu"), 2, lambda v: v[:10]),
+         "dw must be a 1-D float32 tensor of 11 values"),
+        ("deltagrad_qn_step_", "W_dtype", _replaced(_qn_step("cpu"), 4, lambda W: W.float()),
+         "W must be a 2-D float64 tensor with 11 rows"),
+        ("deltagrad_qn_step_", "P_shape", _replaced(_qn_step("cpu"), 5, lambda P: P[:3]),
+         r"P must be a float64 tensor of shape \(4, 11\)"),
+        ("deltagrad_qn_step_", "predicted_dtype", _replaced(_qn_step("cpu", predicted=True), 7, lambda p: p.float()),
+         "predicted must be a 1-D float64 tensor"),
+        ("deltagrad_qn_step_", "buffer_shape", _replaced(_qn_step("cpu", momentum=0.9), 1, lambda b: b[:3]),
+         "buffer must be a 1-D float32 tensor of 11 values"),
+        ("deltagrad_qn_step_", "lr", _replaced(_qn_step("cpu"), 12, lambda _: float("nan")), "lr must be finite"),
     ]
+
+
+def _replaced(args, i, change):
+    """args with argument i replaced by change(argument i)."""
+    return (*args[:i], change(args[i]), *args[i + 1:])
 
 
 @pytest.mark.parametrize("name, args, message", [pytest.param(n, a, m, id=f"{n}-{i}")

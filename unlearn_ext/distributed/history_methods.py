@@ -183,6 +183,23 @@ class DistributedMiniUnlearner(_AcrossRanks, MiniUnlearner):
     hessian = RankSummedHessian
 
 
+class _ShardGradient:
+    """A recorded step's gradient on this rank's codes, as DeltaGradUnlearner._recorded's: add_g(y,
+    alpha), y += alpha g_t (the axpy on each rank's codes, exchanged); scaled(alpha): alpha g_t alone
+    (the same axpy into zeros)."""
+
+    def __init__(self, field, flat):
+        self.field, self.flat = field, flat
+
+    def __call__(self, y: torch.Tensor, alpha: float) -> None:
+        self.field.axpy_(self.flat.split(y), alpha)
+
+    def scaled(self, alpha: float) -> torch.Tensor:
+        term = torch.zeros(self.flat.dim, dtype=torch.float32)
+        self(term, alpha)
+        return term
+
+
 class DistributedDeltaGradUnlearner(_AcrossRanks, DeltaGradUnlearner):
     """DeltaGradUnlearner across the ranks of `group` (module docstring): each replayed step's
     retained and forgotten gradients are split across the ranks. Same arguments as
@@ -197,4 +214,4 @@ class DistributedDeltaGradUnlearner(_AcrossRanks, DeltaGradUnlearner):
             return
         for t in steps:
             w_t, field = self.store.stored(t, "params"), self.store.encoded(t, "grads")
-            yield w_t, lambda y, alpha, field=field: field.axpy_(self.flat.split(y), alpha)
+            yield w_t, _ShardGradient(field, self.flat)

@@ -63,8 +63,11 @@ one membership test for the whole history, the rows and the recorded weights and
 ahead in blocks (one decode call per block of steps), one forward pass for an exact step's retained
 and removed gradients, the history's digest kept with the store (mini/history_digest.py); what is
 left per step is what depends on the step before, made of as few tensor operations as the
-arithmetic allows (a model of Linear layers and elementwise activations takes its gradients without
-autograd's graph, mini/layer_chain.py; the weights are updated in place).
+arithmetic allows, issued from C++ where Python's per-call cost would dominate: a model of Linear
+layers and elementwise activations takes its gradients without autograd's graph in one op call
+(mini/layer_chain.py), and a quasi-Newton step (B dw, the direction, the weight and momentum update,
+the recorded gradient's term) is one op call too (ops.deltagrad_qn_step_); the weights are updated
+in place.
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
@@ -81,7 +84,6 @@ dw lies in span(S), whose capped directions remove it): an option, not the defau
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections import deque
 
@@ -90,6 +92,7 @@ import torch
 
 from ..data import TrainingData, as_ids
 from ..history import HistoryStore
+from .. import ops
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes, trainable
 from ..policy import active_stochastic_layers, refuse_training_batch_norm
@@ -162,7 +165,7 @@ class CompactLBFGS:
         self.M_inv = torch.from_numpy(M_inv)
         rows[:m] *= s  # W^T = [sigma S, Y]^T [2m, d]
         self.W = rows.T
-        self._P = self.M_inv @ rows  # [2m, d]: a product is then two thin matrix-vector products
+        self.P = self.M_inv @ rows  # [2m, d]: a product is then two thin matrix-vector products
         # M^-1 W^T W, for B's eigenvalues on span(W) without a basis of it (largest_eigenvalue):
         # W^T W = [[s^2 S^T S, s S^T Y], [s Y^T S, Y^T Y]], G scaled by (s.., 1..) on both sides
         scales = np.repeat([s, 1.0], m)
@@ -172,7 +175,7 @@ class CompactLBFGS:
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         v = v.double()
-        return torch.addmv(v, self.W, self._P @ v, beta=self.sigma, alpha=-1.0)  # sigma v - W M^-1 W^T v
+        return torch.addmv(v, self.W, self.P @ v, beta=self.sigma, alpha=-1.0)  # sigma v - W M^-1 W^T v
 
     def _span_eigen(self):
         """(Q orthonormal basis of span(W), eigenvalues and eigenvectors of Q^T B Q), cached."""
@@ -220,6 +223,21 @@ def _add_scaled_(values: torch.Tensor, y: torch.Tensor, alpha: float) -> None:
     y.add_(values * alpha)
 
 
+class _RecordedGradient:
+    """A recorded step's gradient g_t from its decoded values (DeltaGradUnlearner._recorded): called as
+    add_g(y, alpha), y += alpha g_t (_add_scaled_); scaled(alpha): the term alpha g_t alone, which
+    the quasi-Newton step op adds (the same rounding: the product, then the sum)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def __call__(self, y: torch.Tensor, alpha: float) -> None:
+        _add_scaled_(self.values, y, alpha)
+
+    def scaled(self, alpha: float) -> torch.Tensor:
+        return self.values * alpha
+
+
 def _copy_parameters(source: torch.nn.Module, target: torch.nn.Module) -> None:
     """target's trainable parameters <- source's (a copy of target), bit for bit."""
     with torch.no_grad():
@@ -243,6 +261,13 @@ class _MomentumReplay:
         """w after one step with gradient g (weight decay included) at learning rate lr."""
         self.buffer = g.clone() if self.buffer is None else self.mu * self.buffer + g
         return w - lr * (g + self.mu * self.buffer if self.nesterov else self.buffer)
+
+    def for_op(self, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(the buffer for ops.deltagrad_qn_step_ to update in place, whether that step starts it)."""
+        if self.buffer is None:
+            self.buffer = torch.empty_like(like)
+            return self.buffer, True
+        return self.buffer, False
 
 
 class DeltaGradUnlearner(Unlearner):
@@ -412,6 +437,7 @@ class DeltaGradUnlearner(Unlearner):
         for t, lr, kept, removed, size, exact in approximate:
             w_t, add_g = next(recorded)
             dw = w_t.subtracted_from(w)  # w - w_t
+            total = None  # sum(w) after the step, in float64 (the quasi-Newton step's op returns it)
             if exact:
                 exact_steps += 1
                 g_kept, g_removed = grads.split_mean_grads(w, kept, removed, next(rows))
@@ -443,25 +469,27 @@ class DeltaGradUnlearner(Unlearner):
                         "quasi-Newton replay amplifies the gap")
                 g_removed = grads.mean_loss_grad(w, removed, next(rows)) if removed.numel() else None
                 cost += int(removed.numel())
+                predicted = None  # B dw: the op computes it from the model's matrices
                 if lr * lambda_max >= self.stable_below:
                     damped += 1
-                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr).float()
-                else:
-                    predicted = model.product(dw).float()           # B (w^I_t - w_t)
+                    predicted = model.capped_product(dw, self.stable_below / lr, 1.0 / lr)
+                # One op call (ops.deltagrad_qn_step_, from C++ on the CPU): direction = |B|/|B\F| B dw
+                # - |B&F|/|B\F| g_removed + wd w, then w -= lr direction and the recorded gradient's
+                # term - lr |B|/|B\F| g_t; with momentum the term joins the direction (the buffer needs
+                # the whole gradient) and the buffer steps as torch's.
                 scale = size / kept.numel()
-                direction = predicted.mul_(scale)  # (in place: fewer passes over d values per step)
-                if g_removed is not None:
-                    direction.add_(g_removed, alpha=-removed.numel() / kept.numel())
-                if wd:
-                    direction.add_(w, alpha=wd)
+                removed_alpha = -removed.numel() / kept.numel()
                 if momentum is None:
-                    w.add_(direction, alpha=-lr)
-                    add_g(w, -lr * scale)    # - lr |B|/|B\F| g_t
-                else:  # the buffer needs the whole gradient: + |B|/|B\F| g_t
-                    add_g(direction, scale)
-                    w.copy_(momentum.step(w, direction, lr))
+                    total = ops.deltagrad_qn_step_(w, None, dw, add_g.scaled(-lr * scale), model.W, model.P,
+                                                   model.sigma, predicted, g_removed, removed_alpha, scale, wd, lr,
+                                                   0.0, False, False)
+                else:
+                    buffer, start = momentum.for_op(w)
+                    total = ops.deltagrad_qn_step_(w, buffer, dw, add_g.scaled(scale), model.W, model.P,
+                                                   model.sigma, predicted, g_removed, removed_alpha, scale, wd, lr,
+                                                   momentum.mu, momentum.nesterov, start)
             # All finite exactly when their float64 sum is (d float32 values cannot overflow it): one pass.
-            if not math.isfinite(float(w.sum(dtype=torch.float64))):
+            if not math.isfinite(float(w.sum(dtype=torch.float64) if total is None else total)):
                 return None, cost, stats(), (
                     f"the replayed weights became non-finite at step {t}")
         return w, cost, stats(), ""
@@ -533,7 +561,7 @@ class DeltaGradUnlearner(Unlearner):
             part = steps[lo:lo + block]
             weights, grads = self.store.read_flat_many(part, "params"), self.store.read_flat_many(part, "grads")
             for w_t, g_t in zip(weights, grads):
-                yield StoredVector(w_t), functools.partial(_add_scaled_, g_t)
+                yield StoredVector(w_t), _RecordedGradient(g_t)
 
     def _stored(self, step: int, name: str) -> StoredVector:
         """A recorded field (the distributed unlearner reads a sharded history shard by shard)."""

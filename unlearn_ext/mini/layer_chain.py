@@ -7,8 +7,9 @@ queue, one Python frame per module), not in arithmetic. For the models it covers
 computes the same backward pass from the forward pass's tensors: softmax minus the one-hot targets
 at the logits, autograd's own tanh/sigmoid/threshold_backward kernels from the layer outputs, and
 for each Linear grad^T x and the row sum of grad, written straight into one flat output vector.
-About half the tensor operations of the autograd call (no graph, no concatenation after); the
-numbers equal autograd's up to float rounding (tests/test_layer_chain.py compares both, in float32
+About half the tensor operations of the autograd call (no graph, no concatenation after), issued
+by one op call (ops.layer_chain_grad_sums_: from C++ on the CPU, the reference on other devices)
+instead of one Python call each; the numbers equal autograd's up to float rounding (tests/test_layer_chain.py compares both, in float32
 and float64).
 
 Covered: an nn.Linear, or an nn.Sequential (the class itself, not a subclass with its own forward)
@@ -31,14 +32,11 @@ from torch import nn
 
 from ..data import TrainingData, per_sample_cross_entropy
 from ..policy import PerSampleLoss
+from .. import ops
+from ..reference import replay
 
-# activation -> its backward from the layer's output (autograd's own kernels, the resolved overloads)
-_ACTIVATIONS = {
-    nn.Tanh: lambda grad, out: torch.ops.aten.tanh_backward.default(grad, out),
-    nn.Sigmoid: lambda grad, out: torch.ops.aten.sigmoid_backward.default(grad, out),
-    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward.default(grad, out, 0),
-}
-_FORWARD = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu}
+# activation class -> its code in ops.layer_chain_grad_sums_
+_ACTIVATIONS = {nn.Tanh: replay.TANH, nn.Sigmoid: replay.SIGMOID, nn.ReLU: replay.RELU}
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -70,43 +68,21 @@ def _global_hooks() -> bool:
 class LayerChain:
     def __init__(self, layers: list, dtype: torch.dtype, flatten: bool, classes: int, rows_checked: bool):
         # layers: (weight, bias or None) for a Linear, an activation class otherwise, in order. Turned
-        # once into the two passes' steps, so that a call spends its time in the products, not in
+        # once into the op's arguments, so that a call spends its time in the products, not in
         # looking up what each layer is (a replay calls this once or twice per recorded step).
         linears = [layer for layer in layers if type(layer) is not type]
         # What `fits` checks rows against; rows_checked: in-memory data, every row checked by `of`
         self.dtype, self.flatten, self.classes = dtype, flatten, classes
         self.width, self.rows_checked = linears[0][0].shape[1], rows_checked  # (the first Linear's in_features)
-        # Flat output vectors, each with a (weight, bias) view per Linear in flat order: the products
-        # write straight into them, with no concatenation after. A call fills the first; a split call
-        # fills both, so the second is allocated by the first split call (many replays make none).
-        self._sizes = [t.numel() for weight, bias in linears for t in (weight, bias) if t is not None]
-        self._shapes = [(weight.shape, bias is not None) for weight, bias in linears]
-        self.outputs, self._views = [], []
-        self._add_output()
-        # forward: one function of the layer's input per layer; backward, last layer first:
-        # (activation backward, index of its output) or (None, (index of the Linear's input, its
-        # weight, its index among the Linears: that of its views in each output vector)).
-        self._forward, self._backward = [], []
-        linear = 0
-        for i, layer in enumerate(layers):
-            if type(layer) is type:
-                self._forward.append(_FORWARD[layer])
-                self._backward.append((_ACTIVATIONS[layer], i + 1))
-                continue
-            weight, bias = layer
-            self._forward.append(lambda h, weight=weight, bias=bias: nn.functional.linear(h, weight, bias))
-            self._backward.append((None, (i, weight, linear)))
-            linear += 1
-        self._backward.reverse()
-        self._minus_one = torch.tensor([[-1.0]], dtype=dtype)
-
-    def _add_output(self) -> None:
-        """One more flat output vector and its (weight grad view, bias grad view or None) per Linear."""
-        out = torch.empty(sum(self._sizes), dtype=self.dtype)
-        parts = iter(out.split(self._sizes))
-        self._views.append([(next(parts).view(shape), next(parts) if has_bias else None)
-                            for shape, has_bias in self._shapes])
-        self.outputs.append(out)
+        # (detached: the same memory, so the op reads the current weights, and no autograd history
+        # for its outputs: the parameters require grad)
+        self.weights = [weight.detach() for weight, _ in linears]
+        self.biases = [None if bias is None else bias.detach() for _, bias in linears]
+        self.layers = [replay.LINEAR if type(layer) is not type else _ACTIVATIONS[layer] for layer in layers]
+        size = sum(t.numel() for weight, bias in linears for t in (weight, bias) if t is not None)
+        # The op writes the gradients straight into these flat vectors: a call fills the first, a
+        # split call both, so the second comes with the first split call (many replays make none).
+        self.outputs = [torch.empty(size, dtype=dtype)]
 
     @classmethod
     def of(cls, module: nn.Module, params: list, data: TrainingData) -> "LayerChain | None":
@@ -162,34 +138,11 @@ class LayerChain:
     def loss_grad_sums(self, x: torch.Tensor, y: torch.Tensor, split: int | None = None):
         """The gradient of the summed per-sample losses of rows (x, y) as one flat vector (the
         parameters in flat order); with `split` = k, two: rows [:k] and rows [k:], from one forward
-        pass. The vectors are this chain's own, overwritten by the next call: use them before."""
+        pass. The vectors are this chain's own, overwritten by the next call: use them before.
+        One op call (ops.layer_chain_grad_sums_: the backward pass as explicit arithmetic, in C++ on
+        the CPU), not one Python call per tensor operation."""
         if split is not None and len(self.outputs) < 2:
-            self._add_output()
-        with torch.no_grad():
-            outputs = [x.flatten(1) if self.flatten else x]
-            for forward in self._forward:
-                outputs.append(forward(outputs[-1]))
-            # d(sum of cross-entropies)/d logits: softmax minus each row's one-hot target
-            grad = torch.softmax(outputs[-1], 1)
-            grad.scatter_add_(1, y.unsqueeze(1), self._minus_one.expand(len(y), 1))
-            last = len(self._backward) - 1
-            for step, (backward, at) in enumerate(self._backward):
-                if backward is not None:
-                    grad = backward(grad, outputs[at])
-                    continue
-                i, weight, linear = at
-                below = outputs[i]
-                if split is None:
-                    weight_grad, bias_grad = self._views[0][linear]
-                    torch.mm(grad.t(), below, out=weight_grad)
-                    if bias_grad is not None:
-                        torch.sum(grad, 0, out=bias_grad)
-                else:
-                    for (weight_grad, bias_grad), g, b in ((self._views[0][linear], grad[:split], below[:split]),
-                                                           (self._views[1][linear], grad[split:], below[split:])):
-                        torch.mm(g.t(), b, out=weight_grad)
-                        if bias_grad is not None:
-                            torch.sum(g, 0, out=bias_grad)
-                if step != last:
-                    grad = torch.mm(grad, weight)
-            return self.outputs[0] if split is None else (self.outputs[0], self.outputs[1])
+            self.outputs.append(torch.empty_like(self.outputs[0]))
+        out = self.outputs[:1] if split is None else self.outputs
+        ops.layer_chain_grad_sums_(out, x, y, self.weights, self.biases, self.layers, -1 if split is None else split)
+        return out[0] if split is None else (out[0], out[1])

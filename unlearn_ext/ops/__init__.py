@@ -113,3 +113,15 @@ def select_apply_bin_(params, scores, source, masks, mode, seed, offset, base, p
                       alpha, noise_seed, noise_offset):
     return impl("select_apply_bin_")(params, scores, source, masks, mode, seed, offset, base, prefix, prefix_bits,
                                      needed, action, alpha, noise_seed, noise_offset)
+
+
+# ---- DeltaGrad replay steps (mini/layer_chain.py, mini/deltagrad.py) ---------------------------------
+
+def layer_chain_grad_sums_(out, x, y, weights, biases, layers, split):
+    return impl("layer_chain_grad_sums_")(out, x, y, weights, biases, layers, split)
+
+
+def deltagrad_qn_step_(w, buffer, dw, recorded, W, P, sigma, predicted, g_removed, removed_alpha, scale, weight_decay,
+                       lr, momentum, nesterov, start_buffer):
+    return impl("deltagrad_qn_step_")(w, buffer, dw, recorded, W, P, sigma, predicted, g_removed, removed_alpha, scale,
+                                      weight_decay, lr, momentum, nesterov, start_buffer)

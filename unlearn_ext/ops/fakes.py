@@ -130,4 +130,6 @@ FAKES = {
     "select_histogram_near": _int64_on_first(((1 << 16) + 3,)),
     "select_apply_bin_": _int64_on_first((3,)),
     "select_mask_grad_": _select_mask_grad,
+    "layer_chain_grad_sums_": _nothing,
+    "deltagrad_qn_step_": lambda w, *args: torch.empty((), dtype=torch.float64, device=w.device),
 }

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..reference.codecs import MAX_BLOCK, MIN_BLOCK, block_count, code_dtype, code_numel
 from .schemas import MAX_DRAWS
@@ -204,7 +205,7 @@ def written_tensors(schema: torch._C.FunctionSchema, args) -> list[torch.Tensor]
     out = []
     for arg, value in zip(schema.arguments, args):
         if arg.alias_info is not None and arg.alias_info.is_write:
-            out += [value] if isinstance(value, torch.Tensor) else list(value)
+            out += [value] if isinstance(value, torch.Tensor) else [] if value is None else list(value)
     return out
 
 
@@ -365,6 +366,82 @@ def _select_mask_grad(grads, scores, key_mode, seed, offset, base, threshold, bo
     check_apply_lists(grads, scores, [], [])
 
 
+def _layer_chain_grad_sums(out, x, y, weights, biases, layers, split) -> None:
+    """As check_chain in csrc/cpu/replay_cpu.cpp (the same conditions, in its order)."""
+    _check(len(weights) > 0, "weights must hold at least one tensor")
+    for i, code in enumerate(layers):
+        _check(0 <= code <= 3, "layers[", i, "] must be 0 (linear), 1 (tanh), 2 (sigmoid) or 3 (relu), got ", code)
+    _check(len(layers) > 0 and layers[-1] == 0, "the last layer must be linear (0)")
+    linears = sum(code == 0 for code in layers)
+    _check(linears == len(weights), "layers name ", linears, " linear layers but weights has ", len(weights),
+           " tensors")
+    _check(len(biases) == len(weights), "biases has ", len(biases), " entries but weights has ", len(weights))
+    dtype = weights[0].dtype
+    _check(dtype in (torch.float32, torch.float64), "weights must be float32 or float64, got ", dtype)
+    width, total = weights[0].shape[1] if weights[0].dim() == 2 else -1, 0
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check(w.dim() == 2 and w.shape[1] == width, "weights[", i, "] must be 2-D with ", width,
+               " columns (the width below it), got shape ", tuple(w.shape))
+        _check(w.dtype == dtype, "weights[", i, "] has dtype ", w.dtype, " but weights[0] has ", dtype)
+        total += w.numel()
+        if b is not None:
+            _check(b.dim() == 1 and b.shape[0] == w.shape[0], "biases[", i, "] must have shape (", w.shape[0],
+                   ",), got ", tuple(b.shape))
+            _check(b.dtype == dtype, "biases[", i, "] has dtype ", b.dtype, " but weights[0] has ", dtype)
+            total += b.numel()
+        width = w.shape[0]
+    _check(x.dtype == dtype, "x has dtype ", x.dtype, " but the weights have ", dtype)
+    _check(x.dim() >= 2 and x.shape[1:].numel() == weights[0].shape[1], "x must have rows of ", weights[0].shape[1],
+           " values (the first weight's columns), got shape ", tuple(x.shape))
+    _check(y.dtype == torch.int64 and y.dim() == 1, "y must be 1-D int64 class indices, got ", y.dtype, " of shape ",
+           tuple(y.shape))
+    _check(y.shape[0] == x.shape[0], "x has ", x.shape[0], " rows but y has ", y.shape[0])
+    _check(x.shape[0] > 0, "x has no rows")
+    _check(split == -1 or 0 <= split <= x.shape[0], "split must be -1 (none) or in [0, ", x.shape[0], "], got ", split)
+    _check(len(out) == (1 if split == -1 else 2), "out must hold ", 1 if split == -1 else 2, " tensors (split ",
+           split, "), got ", len(out))
+    for i, o in enumerate(out):
+        _check(o.dim() == 1 and o.numel() == total and o.is_contiguous() and o.dtype == dtype, "out[", i,
+               "] must be a contiguous 1-D tensor of ", total, " values of the weights' dtype, got ", o.dtype,
+               " of shape ", tuple(o.shape))
+    if y.device.type != "meta" and not is_fake(y):  # (the values: fake and meta tensors have none)
+        classes = weights[-1].shape[0]
+        bad = y[(y < 0) | (y >= classes)]
+        _check(bad.numel() == 0, "y must hold class indices in [0, ", classes, "), got ",
+               int(bad[0]) if bad.numel() else None)
+
+
+def _check_vector(t, name: str, dtype, d: int) -> None:
+    _check(t.dtype == dtype and t.dim() == 1 and t.shape[0] == d, name, " must be a 1-D ",
+           "float32" if dtype == torch.float32 else "float64", " tensor of ", d, " values, got ", t.dtype, " of shape ",
+           tuple(t.shape))
+
+
+def _deltagrad_qn_step(w, buffer, dw, recorded, W, P, sigma, predicted, g_removed, removed_alpha, scale, weight_decay,
+                       lr, momentum, nesterov, start_buffer) -> None:
+    """As deltagrad_qn_step_cpu in csrc/cpu/replay_cpu.cpp (the same conditions, in its order)."""
+    _check(w.dtype == torch.float32 and w.dim() == 1, "w must be a 1-D float32 tensor, got ", w.dtype, " of shape ",
+           tuple(w.shape))
+    d = w.shape[0]
+    _check_vector(dw, "dw", torch.float32, d)
+    _check_vector(recorded, "recorded", torch.float32, d)
+    if predicted is not None:
+        _check_vector(predicted, "predicted", torch.float64, d)
+    else:
+        _check(W.dtype == torch.float64 and W.dim() == 2 and W.shape[0] == d, "W must be a 2-D float64 tensor with ",
+               d, " rows, got ", W.dtype, " of shape ", tuple(W.shape))
+        _check(P.dtype == torch.float64 and P.dim() == 2 and tuple(P.shape) == (W.shape[1], d),
+               "P must be a float64 tensor of shape (", W.shape[1], ", ", d, "), got ", P.dtype, " of shape ",
+               tuple(P.shape))
+    if g_removed is not None:
+        _check_vector(g_removed, "g_removed", torch.float32, d)
+    if buffer is not None:
+        _check_vector(buffer, "buffer", torch.float32, d)
+    for name, value in (("sigma", sigma), ("removed_alpha", removed_alpha), ("scale", scale),
+                        ("weight_decay", weight_decay), ("lr", lr), ("momentum", momentum)):
+        _check(math.isfinite(value), name, " must be finite, got ", value)
+
+
 CHECKS = {
     "philox_bits": _philox,
     "philox_uniform": _philox,
@@ -388,4 +465,6 @@ CHECKS = {
     "select_histogram_near": _select_histogram_near,
     "select_apply_bin_": _select_apply_bin,
     "select_mask_grad_": _select_mask_grad,
+    "layer_chain_grad_sums_": _layer_chain_grad_sums,
+    "deltagrad_qn_step_": _deltagrad_qn_step,
 }

@@ -111,6 +111,25 @@ SCHEMAS = (
     # place; returns the float64 sum of squares of the kept ones.
     "select_mask_grad_(Tensor(a!)[] grads, Tensor[] scores, int key_mode, int seed, int offset, int base, "
     "int threshold, int boundary) -> Tensor",
+
+    # ---- DeltaGrad replay steps (docs/design.md §6; mini/layer_chain.py, mini/deltagrad.py) -----------
+    # The summed cross-entropy gradient of rows (x, y) through a chain of Linear layers and elementwise
+    # activations, written into flat outputs (per Linear: weight grad, then bias grad, in layer order).
+    # layers: one code per layer, 0 linear (the next of weights / biases), 1 tanh, 2 sigmoid, 3 relu;
+    # the last is linear. x: rows flattened from dim 1 on; y: int64 class indices in range. split -1:
+    # out holds one vector (all rows); split k: two, rows [:k] and rows [k:], from one forward pass.
+    "layer_chain_grad_sums_(Tensor(a!)[] out, Tensor x, Tensor y, Tensor[] weights, Tensor?[] biases, "
+    "int[] layers, int split) -> ()",
+    # One DeltaGrad quasi-Newton step on flat float32 weights w: direction = scale * B dw (B from the
+    # compact L-BFGS matrices: sigma v - W (P v) in float64, v = dw; or `predicted`, B dw given in
+    # float64) + removed_alpha * g_removed + weight_decay * w; without buffer w -= lr * direction, then
+    # w += recorded (the recorded gradient's term, scaled by the caller); with a momentum buffer (torch's
+    # SGD, dampening 0) direction += recorded, buffer <- direction (start_buffer) or momentum * buffer +
+    # direction, w -= lr * buffer (heavy ball) or lr * (direction + momentum * buffer) (Nesterov).
+    # Returns sum(w) as a float64 scalar (finite exactly when every weight is).
+    "deltagrad_qn_step_(Tensor(a!) w, Tensor(b!)? buffer, Tensor dw, Tensor recorded, Tensor W, Tensor P, "
+    "float sigma, Tensor? predicted, Tensor? g_removed, float removed_alpha, float scale, float weight_decay, "
+    "float lr, float momentum, bool nesterov, bool start_buffer) -> Tensor",
 )
 
 

@@ -26,3 +26,4 @@ from .select import (  # noqa: F401
     select_mask_grad_,
     select_tie_boundary,
 )
+from .replay import deltagrad_qn_step_, layer_chain_grad_sums_  # noqa: F401

@@ -1,0 +1,179 @@
+"""The DeltaGrad replay's ops (ops/schemas.py: layer_chain_grad_sums_, deltagrad_qn_step_): the
+compiled CPU kernels give the reference's numbers bit for bit (the reference is the replay's former
+Python arithmetic: the same ATen calls in the same order), the chain's gradients are autograd's up to
+float rounding in float32 and float64, the step is its formula, and bad rows are refused before any
+work on every backend (tests/test_opcheck.py has the op-level checks and the other bad inputs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_ext as ue
+from unlearn_ext.reference import replay
+
+from conftest import BACKENDS, served_by
+
+OPS = torch.ops.unlearn_ext
+CODES = {nn.Tanh: replay.TANH, nn.Sigmoid: replay.SIGMOID, nn.ReLU: replay.RELU}
+
+# (leading Flatten, layers): Linear(in, out, bias) as a tuple, activations as classes
+CHAINS = {
+    "linear": (False, [(6, 4, True)]),
+    "tanh_mlp": (False, [(6, 8, True), nn.Tanh, (8, 4, True)]),
+    "flatten_relu_sigmoid": (True, [(6, 5, False), nn.ReLU, (5, 7, True), nn.Sigmoid, (7, 3, False)]),
+    "stacked_linears": (False, [(6, 5, True), (5, 4, True)]),
+}
+
+
+def _model(name: str, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    flatten, layers = CHAINS[name]
+    modules = [nn.Linear(*layer[:2], bias=layer[2]) if isinstance(layer, tuple) else layer() for layer in layers]
+    return nn.Sequential(*([nn.Flatten()] if flatten else []), *modules).to(dtype), flatten
+
+
+def _rows(n: int, flatten: bool, classes: int, dtype, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 3, generator=gen, dtype=dtype) if flatten else torch.randn(n, 6, generator=gen, dtype=dtype)
+    return x * 2, torch.randint(0, classes, (n,), generator=gen)
+
+
+def _op_args(model, x, y, split):
+    """(out, x, y, weights, biases, layers, split) of the model's chain."""
+    linears = [m for m in model if type(m) is nn.Linear]
+    layers = [replay.LINEAR if type(m) is nn.Linear else CODES[type(m)] for m in model if type(m) is not nn.Flatten]
+    size = sum(p.numel() for p in model.parameters())
+    out = [torch.full((size,), float("nan"), dtype=x.dtype) for _ in range(1 if split == -1 else 2)]
+    return (out, x, y, [m.weight.detach() for m in linears],
+            [None if m.bias is None else m.bias.detach() for m in linears], layers, split)
+
+
+def _autograd(model, x, y):
+    """The summed cross-entropy gradient by autograd, flat in parameter order."""
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_the_chain_op_gives_autograds_gradient(name, dtype, backend):
+    model, flatten = _model(name, dtype)
+    classes = [m for m in model if type(m) is nn.Linear][-1].out_features
+    x, y = _rows(9, flatten, classes, dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with served_by(backend):
+        for split in (-1, 0, 4, 9):
+            args = _op_args(model, x, y, split)
+            OPS.layer_chain_grad_sums_(*args)
+            if split == -1:
+                torch.testing.assert_close(args[0][0], _autograd(model, x, y), **tol)
+            else:
+                torch.testing.assert_close(args[0][0], _autograd(model, x[:split], y[:split]), **tol)
+                torch.testing.assert_close(args[0][1], _autograd(model, x[split:], y[split:]), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_the_compiled_chain_op_is_the_reference_bit_for_bit(name, dtype):
+    """The CPU kernel against the reference (mini/layer_chain.py's former Python arithmetic)."""
+    if not ue.compiled():
+        pytest.skip("compiled extension not loaded")
+    model, flatten = _model(name, dtype, seed=3)
+    classes = [m for m in model if type(m) is nn.Linear][-1].out_features
+    x, y = _rows(13, flatten, classes, dtype, seed=4)
+    for split in (-1, 5):
+        got, want = _op_args(model, x, y, split), _op_args(model, x, y, split)
+        OPS.layer_chain_grad_sums_(*got)
+        ue.reference.layer_chain_grad_sums_(*want)
+        for a, b in zip(got[0], want[0]):
+            assert torch.equal(a, b), (split, float((a - b).abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target", [-1, 4])
+def test_the_chain_op_refuses_an_out_of_range_target_before_any_work(target, backend):
+    model, _ = _model("tanh_mlp", torch.float32)
+    x, y = _rows(5, False, 4, torch.float32)
+    y[3] = target
+    args = _op_args(model, x, y, -1)
+    with served_by(backend), pytest.raises(RuntimeError, match=rf"y must hold class indices in \[0, 4\), got {target}"):
+        OPS.layer_chain_grad_sums_(*args)
+    assert args[0][0].isnan().all()  # untouched
+
+
+def _step_args(d=23, m=2, momentum=0.0, predicted=False, removed=True, start=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    v = lambda dtype=torch.float32: torch.randn(d, generator=gen, dtype=dtype)  # noqa: E731
+    W = torch.randn(d, 2 * m, generator=gen, dtype=torch.float64)
+    P = torch.randn(2 * m, d, generator=gen, dtype=torch.float64) * 0.1
+    return [v(), v() if momentum else None, v() * 0.01, v() * 0.003, W, P, 0.8,
+            v(torch.float64) if predicted else None, v() if removed else None, -0.125, 1.14, 1e-3, 0.07, momentum,
+            False, start]
+
+
+VARIANTS = {
+    "plain": {}, "predicted": {"predicted": True}, "no_removed": {"removed": False},
+    "heavy_ball": {"momentum": 0.9}, "heavy_ball_start": {"momentum": 0.9, "start": True},
+    "nesterov": {"momentum": 0.8, "nesterov": True},
+}
+
+
+def _variant(name, **extra):
+    options = dict(VARIANTS[name])
+    nesterov = options.pop("nesterov", False)
+    args = _step_args(**options, **extra)
+    args[14] = nesterov
+    return args
+
+
+def _clone(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_compiled_step_op_is_the_reference_bit_for_bit(name):
+    if not ue.compiled():
+        pytest.skip("compiled extension not loaded")
+    args = _variant(name)
+    got, want = _clone(args), _clone(args)
+    total = OPS.deltagrad_qn_step_(*got)
+    expected = ue.reference.deltagrad_qn_step_(*want)
+    assert torch.equal(got[0], want[0])
+    if got[1] is not None:
+        assert torch.equal(got[1], want[1])
+    assert torch.equal(total, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_step_op_is_its_formula(name, backend):
+    """The update in float64 from the schema's formula (B dw = sigma dw - W (P dw)), against the op
+    (float32 arithmetic: a few roundings apart)."""
+    args = _variant(name)
+    w, buffer, dw, recorded, W, P, sigma, predicted, g_removed, alpha, scale, wd, lr, mu, nesterov, start = \
+        [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    b_dw = predicted if predicted is not None else sigma * dw - W @ (P @ dw)
+    direction = scale * b_dw + (alpha * g_removed if g_removed is not None else 0) + wd * w
+    if buffer is None:
+        want_w, want_buffer = w - lr * direction + recorded, None
+    else:
+        direction = direction + recorded
+        want_buffer = direction if start else mu * buffer + direction
+        want_w = w - lr * (direction + mu * want_buffer if nesterov else want_buffer)
+    with served_by(backend):
+        total = OPS.deltagrad_qn_step_(*args)
+    torch.testing.assert_close(args[0].double(), want_w, rtol=1e-5, atol=1e-6)
+    if buffer is not None:
+        torch.testing.assert_close(args[1].double(), want_buffer, rtol=1e-5, atol=1e-6)
+    assert total.dtype == torch.float64 and float(total) == float(args[0].sum(dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_step_op_reports_a_non_finite_step_in_its_sum(backend):
+    args = _variant("plain")
+    args[3][5] = float("inf")  # the recorded gradient's term
+    with served_by(backend):
+        total = OPS.deltagrad_qn_step_(*args)
+    assert not torch.isfinite(total) and not torch.isfinite(args[0][5])
