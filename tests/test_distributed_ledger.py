@@ -157,3 +157,15 @@ def test_the_ledgers_exchanges_are_tensor_collectives_on_the_groups_device():
         assert out["restored"], rank
         assert out["seen"] and all(device == expected for device, expected in out["seen"]), (rank, out["seen"])
     assert got[0]["requests"] == [sorted(FIRST)]
+
+
+def test_the_state_digest_takes_zero_dim_tensors():
+    """A state holding a 0-dim tensor wider than a byte (BatchNorm's num_batches_tracked, a step
+    counter) has a digest, and it tells such states apart (the ranks' agreement compares them)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = {"buffers": dict(model.named_buffers()), "count": torch.tensor(7, dtype=torch.int64)}
+    assert state["buffers"]["1.num_batches_tracked"].dim() == 0
+    other = {**state, "count": torch.tensor(8, dtype=torch.int64)}
+    assert state_digest(state) == state_digest({**state, "count": torch.tensor(7, dtype=torch.int64)})
+    assert state_digest(state) != state_digest(other)
+    assert state_digest(torch.tensor(1.5)) != state_digest(torch.tensor([1.5]))  # the shape counts too

@@ -43,7 +43,8 @@ def state_digest(state) -> int:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # (flattened first: a 0-dim tensor cannot be viewed as bytes; the shape is hashed above)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(value, dict):
             h.update(b"D")
             for k in sorted(value, key=repr):
