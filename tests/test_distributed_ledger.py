@@ -169,3 +169,46 @@ def test_the_state_digest_takes_zero_dim_tensors():
     assert state_digest(state) == state_digest({**state, "count": torch.tensor(7, dtype=torch.int64)})
     assert state_digest(state) != state_digest(other)
     assert state_digest(torch.tensor(1.5)) != state_digest(torch.tensor([1.5]))  # the shape counts too
+
+
+def refused_open_worker(rank, world, x, y, directory):
+    def trained():
+        trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+        trainer.train(epochs=1)
+        return PCMUUnlearner(trainer)
+    ledger = DistributedLedger(trained(), directory)
+    ledger.forget(FIRST if rank == 0 else None)
+    ledger.close()
+    # A fresh unlearner (it never saw the request): rank 0 restores the request's state into it, rank 1
+    # loads that state and then refuses it, so the opening is refused.
+    fresh = trained()
+    before = state_digest(fresh.state_dict())
+    if rank == 1:
+        load, refusals = fresh.load_state_dict, []
+
+        def load_then_refuse(state):  # rank 0's state, once (its own state back is taken)
+            load(state)
+            if not refusals:
+                refusals.append(1)
+                raise ValueError("injected: loaded, then refused")
+        fresh.load_state_dict = load_then_refuse
+    refused = _attempt(lambda: DistributedLedger(fresh, directory))[0]
+    unchanged = state_digest(fresh.state_dict()) == before
+    reopened = DistributedLedger(fresh, directory)  # (the directory's lock was released)
+    requests = len(reopened.requests)
+    reopened.close()
+    return refused, unchanged, requests
+
+
+def test_a_refused_opening_leaves_every_ranks_unlearner_as_it_was():
+    """Rank 0 restores the ledger's state into its unlearner, another rank cannot take it: the opening
+    is refused on every rank, and every rank's unlearner holds its state from before the opening (rank
+    0's not the restored one, the refusing rank's not the one it loaded), so the ranks still agree."""
+    x, y, _, _ = digits_data()
+    with tempfile.TemporaryDirectory() as job_dir:
+        got = launch(refused_open_worker, 2, TIMEOUT_S, x, y, job_dir)
+    for rank, (refused, unchanged, _) in enumerate(got):
+        assert refused == ("DistributedRefusal: rank(s) [1] could not load rank 0's state: rank 1: "
+                           "ValueError: injected: loaded, then refused"), (rank, refused)
+        assert unchanged, rank
+    assert got[0][2] == 1

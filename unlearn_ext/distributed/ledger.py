@@ -18,6 +18,8 @@ gloo usually notices a closed connection at once); they roll back the same way.
 
 Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others,
 as the bytes the ledger stores it in (loaded with weights_only=True, so loading runs no code).
+An opening refused on some rank (rank 0 cannot open the directory, another rank cannot load the
+state) raises on every rank and leaves every rank's unlearner as it was, the directory unlocked.
 Every exchange is a tensor collective on the group's device: no object collective (which pickles,
 and under nccl needs torch.cuda.set_device on every rank first).
 """
@@ -101,32 +103,42 @@ class DistributedLedger:
         self._ledger = None
         self._agreed = _AgreedUnlearner(unlearner, self.group) if self.rank == 0 else None
 
-        blob = []
+        blob, before = [], []  # before: this rank's state, for a refused opening to return to
 
         def open_on_rank0():
             if self.rank != 0:
                 return (0,)
+            before.append(unlearner.state_dict())
             self._ledger = DeletionLedger(self._agreed, directory)
             try:
                 blob.append(state_bytes(unlearner.state_dict()))
             except BaseException:
-                self.close()
+                self._undo_opening(before)
                 raise
             return (len(blob[0]),)
         # A refused directory (or state) is refused on every rank; the state's size crosses with it.
         sizes = agree(open_on_rank0, shared=(), local=("the restored state's size",), group=self.group)
-        data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
-        data = broadcast_values(data, int(sizes[0, 0]), torch.uint8, self._src, self.group)
 
         def load_on_the_others():
             if self.rank != 0:
+                before.append(unlearner.state_dict())
                 unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
             return ()
-        try:  # a rank that cannot load it refuses on every rank (rank 0 then closes its ledger)
+        try:  # a rank that cannot load it refuses on every rank, and every rank undoes the opening
+            data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
+            data = broadcast_values(data, int(sizes[0, 0]), torch.uint8, self._src, self.group)
             agree(load_on_the_others, shared=(), group=self.group, failed="could not load rank 0's state")
         except BaseException:
-            self.close()
+            self._undo_opening(before)
             raise
+
+    def _undo_opening(self, before: list) -> None:
+        """A refused opening leaves every rank as it was (as DeletionLedger leaves an unlearner whose
+        restored state it refused): rank 0 closes its ledger, and a rank whose unlearner took a state
+        (rank 0's restored one, another rank's load before it failed) gets its own back."""
+        self.close()
+        if before:
+            self.unlearner.load_state_dict(before[0])
 
     @property
     def requests(self) -> list:
