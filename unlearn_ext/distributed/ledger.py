@@ -121,8 +121,13 @@ class DistributedLedger:
 
         def load_on_the_others():
             if self.rank != 0:
-                before.append(unlearner.state_dict())
-                unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
+                own = unlearner.state_dict()
+                try:
+                    unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
+                except BaseException:
+                    unlearner.load_state_dict(own)  # a refused state leaves it as it was (as DeletionLedger)
+                    raise
+                before.append(own)
             return ()
         try:  # a rank that cannot load it refuses on every rank, and every rank undoes the opening
             data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
@@ -133,9 +138,8 @@ class DistributedLedger:
             raise
 
     def _undo_opening(self, before: list) -> None:
-        """A refused opening leaves every rank as it was (as DeletionLedger leaves an unlearner whose
-        restored state it refused): rank 0 closes its ledger, and a rank whose unlearner took a state
-        (rank 0's restored one, another rank's load before it failed) gets its own back."""
+        """A refused opening leaves every rank as it was: rank 0 closes its ledger, and a rank whose
+        unlearner took a state (rank 0: the one it restored; another: rank 0's) gets its own back."""
         self.close()
         if before:
             self.unlearner.load_state_dict(before[0])
