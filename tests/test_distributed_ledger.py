@@ -212,3 +212,36 @@ def test_a_refused_opening_leaves_every_ranks_unlearner_as_it_was():
                            "ValueError: injected: loaded, then refused"), (rank, refused)
         assert unchanged, rank
     assert got[0][2] == 1
+
+
+def unready_worker(rank, world, x, y, directory):
+    trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    trainer.train(epochs=1)
+    ledger = DistributedLedger(PCMUUnlearner(trainer), directory)
+    before = state_digest(ledger.unlearner.state_dict())
+    out = {}
+    if rank == 0:  # the directory turns read-only under the open ledger (os.access: a chmod binds no root)
+        access = os.access
+        os.access = lambda path, mode, **kw: False if mode & os.W_OK and path == directory else access(path, mode, **kw)
+    out["unwritable"] = _attempt(lambda: ledger.forget(SECOND))
+    if rank == 0:
+        os.access = access
+    ledger.close()
+    out["closed"] = _attempt(lambda: ledger.forget(SECOND))
+    out["unchanged"] = state_digest(ledger.unlearner.state_dict()) == before
+    return out
+
+
+def test_a_ledger_rank_0_cannot_commit_to_refuses_the_request_on_every_rank_at_once():
+    """A request rank 0's ledger cannot take (its directory is not writable, it was closed) is refused
+    on every rank before any work, naming why: no rank answers it and then waits for rank 0 until
+    the group's timeout."""
+    x, y, _, _ = digits_data()
+    with tempfile.TemporaryDirectory() as job_dir:
+        got = launch(unready_worker, 2, TIMEOUT_S, x, y, job_dir)
+    for rank, out in enumerate(got):
+        for case, why in (("unwritable", "is not writable"), ("closed", "was closed")):
+            message, seconds = out[case]
+            assert message.startswith("DistributedRefusal: rank(s) [0]") and why in message, (rank, case, message)
+            assert seconds < GROUP_TIMEOUT_S / 2, (rank, case, seconds)
+        assert out["unchanged"], rank

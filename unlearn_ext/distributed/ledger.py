@@ -4,9 +4,9 @@
 Every rank builds the same unlearner (a collective one, such as `PCMUUnlearner` over a
 `DistributedPCMUTrainer`, or any unlearner whose state is replicated) and a `DistributedLedger`
 over it; only rank 0 opens the directory and writes. A request goes:
-  1. rank 0's ids are broadcast (their count in an agreement, so ids that are not integers are
-     refused on every rank, then the int64 ids): the request is decided once, whatever the other
-     ranks passed;
+  1. rank 0's ids are broadcast (their count in an agreement, so ids that are not integers, or a
+     ledger that cannot take a request -- closed, its directory not writable -- are refused on every
+     rank, then the int64 ids): the request is decided once, whatever the other ranks passed;
   2. every rank runs the unlearner on them;
   3. the ranks agree (one all_gather): every rank succeeded and holds the same state (a sha256 of
      its state dict) -- or the request failed;
@@ -167,13 +167,18 @@ class DistributedLedger:
         return report
 
     def _rank0_ids(self, ids) -> torch.Tensor:
-        """Rank 0's request as int64 ids, on every rank: rank 0 checks that they are integers
-        (refused on every rank if not) and their count crosses in that agreement, then the ids."""
+        """Rank 0's request as int64 ids, on every rank: rank 0 checks that its ledger can take a
+        request (open, its directory writable: DeletionLedger.forget would refuse on rank 0 alone,
+        before the others' agreement, leaving them waiting in it) and that the ids are integers,
+        refused on every rank if not; their count crosses in that agreement, then the ids."""
         decided = []
 
         def check():
             if self.rank != 0:
                 return (0,)
+            if self._ledger is None:
+                raise RuntimeError("this DistributedLedger was closed")
+            self._ledger._check_writable()
             decided.append(as_ids(ids))
             return (decided[0].numel(),)
         counts = agree(check, shared=(), local=("the request's id count",), group=self.group)
