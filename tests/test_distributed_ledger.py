@@ -157,3 +157,91 @@ def test_the_ledgers_exchanges_are_tensor_collectives_on_the_groups_device():
         assert out["restored"], rank
         assert out["seen"] and all(device == expected for device, expected in out["seen"]), (rank, out["seen"])
     assert got[0]["requests"] == [sorted(FIRST)]
+
+
+def test_the_state_digest_takes_zero_dim_tensors():
+    """A state holding a 0-dim tensor wider than a byte (BatchNorm's num_batches_tracked, a step
+    counter) has a digest, and it tells such states apart (the ranks' agreement compares them)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = {"buffers": dict(model.named_buffers()), "count": torch.tensor(7, dtype=torch.int64)}
+    assert state["buffers"]["1.num_batches_tracked"].dim() == 0
+    other = {**state, "count": torch.tensor(8, dtype=torch.int64)}
+    assert state_digest(state) == state_digest({**state, "count": torch.tensor(7, dtype=torch.int64)})
+    assert state_digest(state) != state_digest(other)
+    assert state_digest(torch.tensor(1.5)) != state_digest(torch.tensor([1.5]))  # the shape counts too
+
+
+def refused_open_worker(rank, world, x, y, directory):
+    def trained():
+        trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+        trainer.train(epochs=1)
+        return PCMUUnlearner(trainer)
+    ledger = DistributedLedger(trained(), directory)
+    ledger.forget(FIRST if rank == 0 else None)
+    ledger.close()
+    # A fresh unlearner (it never saw the request): rank 0 restores the request's state into it, rank 1
+    # loads that state and then refuses it, so the opening is refused.
+    fresh = trained()
+    before = state_digest(fresh.state_dict())
+    if rank == 1:
+        load, refusals = fresh.load_state_dict, []
+
+        def load_then_refuse(state):  # rank 0's state, once (its own state back is taken)
+            load(state)
+            if not refusals:
+                refusals.append(1)
+                raise ValueError("injected: loaded, then refused")
+        fresh.load_state_dict = load_then_refuse
+    refused = _attempt(lambda: DistributedLedger(fresh, directory))[0]
+    unchanged = state_digest(fresh.state_dict()) == before
+    reopened = DistributedLedger(fresh, directory)  # (the directory's lock was released)
+    requests = len(reopened.requests)
+    reopened.close()
+    return refused, unchanged, requests
+
+
+def test_a_refused_opening_leaves_every_ranks_unlearner_as_it_was():
+    """Rank 0 restores the ledger's state into its unlearner, another rank cannot take it: the opening
+    is refused on every rank, and every rank's unlearner holds its state from before the opening (rank
+    0's not the restored one, the refusing rank's not the one it loaded), so the ranks still agree."""
+    x, y, _, _ = digits_data()
+    with tempfile.TemporaryDirectory() as job_dir:
+        got = launch(refused_open_worker, 2, TIMEOUT_S, x, y, job_dir)
+    for rank, (refused, unchanged, _) in enumerate(got):
+        assert refused == ("DistributedRefusal: rank(s) [1] could not load rank 0's state: rank 1: "
+                           "ValueError: injected: loaded, then refused"), (rank, refused)
+        assert unchanged, rank
+    assert got[0][2] == 1
+
+
+def unready_worker(rank, world, x, y, directory):
+    trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    trainer.train(epochs=1)
+    ledger = DistributedLedger(PCMUUnlearner(trainer), directory)
+    before = state_digest(ledger.unlearner.state_dict())
+    out = {}
+    if rank == 0:  # the directory turns read-only under the open ledger (os.access: a chmod binds no root)
+        access = os.access
+        os.access = lambda path, mode, **kw: False if mode & os.W_OK and path == directory else access(path, mode, **kw)
+    out["unwritable"] = _attempt(lambda: ledger.forget(SECOND))
+    if rank == 0:
+        os.access = access
+    ledger.close()
+    out["closed"] = _attempt(lambda: ledger.forget(SECOND))
+    out["unchanged"] = state_digest(ledger.unlearner.state_dict()) == before
+    return out
+
+
+def test_a_ledger_rank_0_cannot_commit_to_refuses_the_request_on_every_rank_at_once():
+    """A request rank 0's ledger cannot take (its directory is not writable, it was closed) is refused
+    on every rank before any work, naming why: no rank answers it and then waits for rank 0 until
+    the group's timeout."""
+    x, y, _, _ = digits_data()
+    with tempfile.TemporaryDirectory() as job_dir:
+        got = launch(unready_worker, 2, TIMEOUT_S, x, y, job_dir)
+    for rank, out in enumerate(got):
+        for case, why in (("unwritable", "is not writable"), ("closed", "was closed")):
+            message, seconds = out[case]
+            assert message.startswith("DistributedRefusal: rank(s) [0]") and why in message, (rank, case, message)
+            assert seconds < GROUP_TIMEOUT_S / 2, (rank, case, seconds)
+        assert out["unchanged"], rank

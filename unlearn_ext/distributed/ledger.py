@@ -4,9 +4,9 @@
 Every rank builds the same unlearner (a collective one, such as `PCMUUnlearner` over a
 `DistributedPCMUTrainer`, or any unlearner whose state is replicated) and a `DistributedLedger`
 over it; only rank 0 opens the directory and writes. A request goes:
-  1. rank 0's ids are broadcast (their count in an agreement, so ids that are not integers are
-     refused on every rank, then the int64 ids): the request is decided once, whatever the other
-     ranks passed;
+  1. rank 0's ids are broadcast (their count in an agreement, so ids that are not integers, or a
+     ledger that cannot take a request -- closed, its directory not writable -- are refused on every
+     rank, then the int64 ids): the request is decided once, whatever the other ranks passed;
   2. every rank runs the unlearner on them;
   3. the ranks agree (one all_gather): every rank succeeded and holds the same state (a sha256 of
      its state dict) -- or the request failed;
@@ -18,6 +18,8 @@ gloo usually notices a closed connection at once); they roll back the same way.
 
 Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others,
 as the bytes the ledger stores it in (loaded with weights_only=True, so loading runs no code).
+An opening refused on some rank (rank 0 cannot open the directory, another rank cannot load the
+state) raises on every rank and leaves every rank's unlearner as it was, the directory unlocked.
 Every exchange is a tensor collective on the group's device: no object collective (which pickles,
 and under nccl needs torch.cuda.set_device on every rank first).
 """
@@ -43,7 +45,8 @@ def state_digest(state) -> int:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # (flattened first: a 0-dim tensor cannot be viewed as bytes; the shape is hashed above)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(value, dict):
             h.update(b"D")
             for k in sorted(value, key=repr):
@@ -100,32 +103,46 @@ class DistributedLedger:
         self._ledger = None
         self._agreed = _AgreedUnlearner(unlearner, self.group) if self.rank == 0 else None
 
-        blob = []
+        blob, before = [], []  # before: this rank's state, for a refused opening to return to
 
         def open_on_rank0():
             if self.rank != 0:
                 return (0,)
+            before.append(unlearner.state_dict())
             self._ledger = DeletionLedger(self._agreed, directory)
             try:
                 blob.append(state_bytes(unlearner.state_dict()))
             except BaseException:
-                self.close()
+                self._undo_opening(before)
                 raise
             return (len(blob[0]),)
         # A refused directory (or state) is refused on every rank; the state's size crosses with it.
         sizes = agree(open_on_rank0, shared=(), local=("the restored state's size",), group=self.group)
-        data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
-        data = broadcast_values(data, int(sizes[0, 0]), torch.uint8, self._src, self.group)
 
         def load_on_the_others():
             if self.rank != 0:
-                unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
+                own = unlearner.state_dict()
+                try:
+                    unlearner.load_state_dict(state_from_bytes(data.numpy().tobytes()))
+                except BaseException:
+                    unlearner.load_state_dict(own)  # a refused state leaves it as it was (as DeletionLedger)
+                    raise
+                before.append(own)
             return ()
-        try:  # a rank that cannot load it refuses on every rank (rank 0 then closes its ledger)
+        try:  # a rank that cannot load it refuses on every rank, and every rank undoes the opening
+            data = torch.frombuffer(bytearray(blob[0]), dtype=torch.uint8) if self.rank == 0 else None
+            data = broadcast_values(data, int(sizes[0, 0]), torch.uint8, self._src, self.group)
             agree(load_on_the_others, shared=(), group=self.group, failed="could not load rank 0's state")
         except BaseException:
-            self.close()
+            self._undo_opening(before)
             raise
+
+    def _undo_opening(self, before: list) -> None:
+        """A refused opening leaves every rank as it was: rank 0 closes its ledger, and a rank whose
+        unlearner took a state (rank 0: the one it restored; another: rank 0's) gets its own back."""
+        self.close()
+        if before:
+            self.unlearner.load_state_dict(before[0])
 
     @property
     def requests(self) -> list:
@@ -150,13 +167,18 @@ class DistributedLedger:
         return report
 
     def _rank0_ids(self, ids) -> torch.Tensor:
-        """Rank 0's request as int64 ids, on every rank: rank 0 checks that they are integers
-        (refused on every rank if not) and their count crosses in that agreement, then the ids."""
+        """Rank 0's request as int64 ids, on every rank: rank 0 checks that its ledger can take a
+        request (open, its directory writable: DeletionLedger.forget would refuse on rank 0 alone,
+        before the others' agreement, leaving them waiting in it) and that the ids are integers,
+        refused on every rank if not; their count crosses in that agreement, then the ids."""
         decided = []
 
         def check():
             if self.rank != 0:
                 return (0,)
+            if self._ledger is None:
+                raise RuntimeError("this DistributedLedger was closed")
+            self._ledger._check_writable()
             decided.append(as_ids(ids))
             return (decided[0].numel(),)
         counts = agree(check, shared=(), local=("the request's id count",), group=self.group)
