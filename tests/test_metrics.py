@@ -65,3 +65,17 @@ def test_classifier_mia_separates_a_memorizing_model_from_a_blind_one():
     # same output everywhere: the forget set is called members exactly as often as test samples
     assert mia.efficacy(blind, retain, test, forget) == mia.efficacy(blind, retain, test, test)
     assert mia.efficacy(Lookup(), retain, test, test) < 0.05
+
+
+def test_measuring_keeps_every_modules_training_flag():
+    """A frozen BatchNorm in a model in training mode (bn.eval() after model.train()) stays frozen
+    after a measurement: a loop that measures accuracy between steps would otherwise train the
+    layer's statistics from then on (and the engine's loop guard refuses the changed mode)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(4, 3))
+    model.train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    metrics.accuracy(model, torch.randn(8, 4), torch.arange(8) % 3)
+    assert [m.training for m in model.modules()] == modes

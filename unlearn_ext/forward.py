@@ -1,17 +1,17 @@
 """A model's outputs as measurements and repairs read them: eval mode (dropout off, BatchNorm on
-its running statistics), no autograd, in chunks so that large inputs fit; the model's mode is put
-back afterwards. Shared by the metrics, membership inference and perturbation's distillation
-teacher, so that they all see the same outputs."""
+its running statistics), no autograd, in chunks so that large inputs fit; each module's training
+flag is put back afterwards (a frozen BatchNorm in a training model stays frozen). Shared by the
+metrics, membership inference and perturbation's distillation teacher, so that they all see the
+same outputs."""
 from __future__ import annotations
 
 import torch
 
+from .policy import eval_mode
+
 
 @torch.no_grad()
 def outputs(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) if x.shape[0] else \
-        model(x)
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) if x.shape[0] else \
+            model(x)
