@@ -17,11 +17,11 @@ from test_layout import PACKAGE, ROOT, internal_imports, module_name
 LAYERS = [
     ("formats", ["unlearn_ext.codec_format", "unlearn_ext.rng_format", "unlearn_ext.radix", "unlearn_ext.durable",
                  "unlearn_ext.ledger_journal",
-                 "unlearn_ext.parameters", "unlearn_ext.forward"]),
+                 "unlearn_ext.parameters", "unlearn_ext.forward", "unlearn_ext.chain_format"]),
     ("reference", ["unlearn_ext.reference"]),
     ("ops", ["unlearn_ext.ops", "unlearn_ext.checks", "unlearn_ext.rng", "unlearn_ext.selection",
              "unlearn_ext._C"]),
-    ("foundation", ["unlearn_ext.data", "unlearn_ext.loading", "unlearn_ext.recipe", "unlearn_ext.policy",
+    ("foundation", ["unlearn_ext.data", "unlearn_ext.loading", "unlearn_ext.recipe", "unlearn_ext.policy", "unlearn_ext.backward_passes",
                     "unlearn_ext.per_sample", "unlearn_ext.model_state", "unlearn_ext.step_log", "unlearn_ext.unlearner",
                     "unlearn_ext.ledger", "unlearn_ext.history", "unlearn_ext.metrics", "unlearn_ext.mia",
                     "unlearn_ext.spdgan"]),

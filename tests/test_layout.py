@@ -88,6 +88,11 @@ def registered_ops() -> list[str]:
 REFERENCE_ON_CUDA = {
     "select_apply_bin_": "the CUDA select never leaves a selection pending (digit plan 11 + 11 + 10), "
                          "so only a direct call on CUDA tensors reaches it",
+    # DeltaGrad's replay ops: their CPU body (replay_cpu.cpp) issues ATen calls only, the reference's
+    # own calls in its order, to save Python dispatch on small CPU models; on CUDA the reference makes
+    # those same calls (each a kernel launch), and what a C++ body would save there is unmeasured (no GPU).
+    "layer_chain_grad_sums_": "the reference issues the same ATen calls (replay_cpu.cpp only saves CPU dispatch)",
+    "deltagrad_qn_step_": "the reference issues the same ATen calls (replay_cpu.cpp only saves CPU dispatch)",
 }
 
 

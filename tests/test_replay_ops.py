@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import unlearn_ext as ue
-from unlearn_ext.reference import replay
+from unlearn_ext import chain_format
 
 from conftest import BACKENDS, served_by
 
 OPS = torch.ops.unlearn_ext
-CODES = {nn.Tanh: replay.TANH, nn.Sigmoid: replay.SIGMOID, nn.ReLU: replay.RELU}
+CODES = {nn.Tanh: chain_format.TANH, nn.Sigmoid: chain_format.SIGMOID, nn.ReLU: chain_format.RELU}
 
 # (leading Flatten, layers): Linear(in, out, bias) as a tuple, activations as classes
 CHAINS = {
@@ -42,7 +42,7 @@ def _rows(n: int, flatten: bool, classes: int, dtype, seed: int = 1):
 def _op_args(model, x, y, split):
     """(out, x, y, weights, biases, layers, split) of the model's chain."""
     linears = [m for m in model if type(m) is nn.Linear]
-    layers = [replay.LINEAR if type(m) is nn.Linear else CODES[type(m)] for m in model if type(m) is not nn.Flatten]
+    layers = [chain_format.LINEAR if type(m) is nn.Linear else CODES[type(m)] for m in model if type(m) is not nn.Flatten]
     size = sum(p.numel() for p in model.parameters())
     out = [torch.full((size,), float("nan"), dtype=x.dtype) for _ in range(1 if split == -1 else 2)]
     return (out, x, y, [m.weight.detach() for m in linears],

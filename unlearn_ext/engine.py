@@ -47,9 +47,9 @@ from .baselines import FinetuneUnlearner, RetrainUnlearner
 from .checks import FLOAT_DTYPES
 from .data import BatchSchedule, TrainingData
 from .distributed.ddp import RankShareSampler, check_even_shares, ddp_placement, rank_history_path
-from .distributed.group import agree
 from .distributed.history_methods import (DistributedDeltaGradUnlearner, DistributedMiniUnlearner,
                                           RankSplitFlatModel)
+from .forward import eval_mode
 from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset, checked_seed
 from .loop_guard import LoopGuard
@@ -60,8 +60,7 @@ from .mini.vectors import FlatModel
 from .parameters import trainable
 from .pcmu.optimizer import PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
-from .policy import (UnsupportedModelError, eval_mode, loss_reduction, per_sample_loss_of,
-                     refuse_training_batch_norm)
+from .policy import UnsupportedModelError, loss_reduction, per_sample_loss_of, refuse_training_batch_norm
 from .recipe import OptimizerRecipe, loader_options
 from .unlearner import Unlearner
 

@@ -5,9 +5,22 @@ metrics, membership inference and perturbation's distillation teacher, so that t
 same outputs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .policy import eval_mode
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (dropout off, BatchNorm on running statistics), each module's own
+    training flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 @torch.no_grad()

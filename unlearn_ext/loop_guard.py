@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .backward_passes import BackwardPasses
 from .distributed.group import agree
 from .policy import changed_modes, training_modes
 
@@ -52,32 +53,23 @@ class LoopGuard:
         # The step hooks stay after training: a step past the recipe's last is refused then too.
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
-        self._gradient_hooks = []
         self._names = {id(p): n for n, p in model.named_parameters()}
-        self._backwards: dict[int, int] = {}  # id(param) -> backward passes into its grad since the last step
-        self._versions: dict[int, int] = {}   # id(param) -> its grad's version counter after the last of them
         self._backward_grads: dict[int, torch.Tensor] = {}  # id(param) -> a copy of its backward gradient (clipping)
         # What clip_grad_norm_(model.parameters(), ...) clips: every parameter with a gradient.
         self._clipped = [p for p in model.parameters() if p.requires_grad]
+        # The stepped parameters' backward passes (None under DDP: no gradient check, module docstring),
+        # and with declared clipping a copy of every clipped backward gradient: the others' norms count
+        # in the clip too.
+        self._passes, self._keeping = None, []
         if ddp is None:
-            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
-                        self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._after_backward))
-            if recipe.clip_grad_norm is not None:  # the others' norms count in the clip too
-                for p in self._clipped:
-                    if id(p) not in stepped:
-                        self._gradient_hooks.append(p.register_post_accumulate_grad_hook(self._keep))
+            stepped = [p for group in optimizer.param_groups for p in group["params"]]
+            keep = self._keep if recipe.clip_grad_norm is not None else None
+            self._passes = BackwardPasses(stepped, after_backward=keep)
+            if keep is not None:
+                ids = {id(p) for p in stepped}
+                self._keeping = [p.register_post_accumulate_grad_hook(keep) for p in self._clipped if id(p) not in ids]
 
     # ---- the hooks -------------------------------------------------------------------------------
-
-    def _after_backward(self, p: torch.Tensor) -> None:
-        key = id(p)
-        self._backwards[key] = self._backwards.get(key, 0) + 1
-        self._versions[key] = p.grad._version
-        if self.recipe.clip_grad_norm is not None:
-            self._keep(p)
 
     def _keep(self, p: torch.Tensor) -> None:
         """A copy of the backward gradient (declared clipping): the step's gradient must be it, clipped."""
@@ -91,12 +83,12 @@ class LoopGuard:
                                "not match the schedule; pass the epochs the loop runs to make_unlearnable")
         self._check_learning_rates(t)
         self._check_training_modes(t)
-        if self._gradient_hooks:
+        if self._passes is not None:
             self._check_gradients(t)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        self._backwards.clear()
-        self._versions.clear()
+        if self._passes is not None:
+            self._passes.clear()
         self._backward_grads.clear()
         self.step += 1
         if self.step < self.total:
@@ -130,15 +122,15 @@ class LoopGuard:
         clip = self.recipe.clip_grad_norm
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                key, name = id(p), self._names.get(id(p), "a parameter")
+                name = self._names.get(id(p), "a parameter")
+                passes = self._passes.passes(p)
                 if p.grad is None:
-                    if self._backwards.get(key):  # the step would skip the parameter; retraining steps it
+                    if passes:  # the step would skip the parameter; retraining steps it
                         raise RuntimeError(
                             f"optimizer step {t}: the gradient of {name} was removed (set to None) between "
                             "backward and step, so the step leaves it as it is; retraining steps it on the "
                             "backward's gradient and could not repeat it: keep the gradients the backward made")
                     continue
-                passes = self._backwards.get(key, 0)
                 if passes != 1:
                     raise RuntimeError(
                         f"optimizer step {t}: the gradient of {name} comes from {passes} backward passes since the "
@@ -146,7 +138,7 @@ class LoopGuard:
                         "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
                         "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
                         "reach cannot be repeated: step after every batch's backward")
-                writes = p.grad._version - self._versions[key]
+                writes = self._passes.writes(p)
                 if clip is None and writes != 0:
                     raise RuntimeError(
                         f"optimizer step {t}: the loop changed the gradient of {name} between backward and step "
@@ -228,9 +220,12 @@ class LoopGuard:
                                "given to make_unlearnable before asking for the unlearner (and step once per batch)")
 
     def _stop_watching_gradients(self) -> None:
-        for handle in self._gradient_hooks:
+        if self._passes is not None:
+            self._passes.remove()
+            self._passes = None  # (and no gradient check from here on)
+        for handle in self._keeping:
             handle.remove()
-        self._gradient_hooks = []
+        self._keeping = []
 
 
 def _scaled_copy(before: torch.Tensor, after: torch.Tensor,

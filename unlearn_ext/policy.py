@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from .forward import eval_mode
+
 BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
@@ -92,19 +94,6 @@ def in_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None):
 def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
     """The modules (named, '(model)' for the model itself) whose training flag differs from `modes`."""
     return [name or "(model)" for name, m in model.named_modules() if m.training != modes.get(name, m.training)]
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode (dropout off, BatchNorm on running statistics), each module's own
-    training flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:

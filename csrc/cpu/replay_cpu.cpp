@@ -22,7 +22,7 @@ namespace unlearn {
 namespace cpu {
 namespace {
 
-// Layer codes of layer_chain_grad_sums_ (unlearn_ext/reference/replay.py names them).
+// Layer codes of layer_chain_grad_sums_ (unlearn_ext/chain_format.py names them).
 constexpr int64_t kLinear = 0, kTanh = 1, kSigmoid = 2, kRelu = 3;
 
 void check_finite_arg(double v, const char* name) {

@@ -33,10 +33,10 @@ from torch import nn
 from ..data import TrainingData, per_sample_cross_entropy
 from ..policy import PerSampleLoss
 from .. import ops
-from ..reference import replay
+from .. import chain_format
 
 # activation class -> its code in ops.layer_chain_grad_sums_
-_ACTIVATIONS = {nn.Tanh: replay.TANH, nn.Sigmoid: replay.SIGMOID, nn.ReLU: replay.RELU}
+_ACTIVATIONS = {nn.Tanh: chain_format.TANH, nn.Sigmoid: chain_format.SIGMOID, nn.ReLU: chain_format.RELU}
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -78,7 +78,7 @@ class LayerChain:
         # for its outputs: the parameters require grad)
         self.weights = [weight.detach() for weight, _ in linears]
         self.biases = [None if bias is None else bias.detach() for _, bias in linears]
-        self.layers = [replay.LINEAR if type(layer) is not type else _ACTIVATIONS[layer] for layer in layers]
+        self.layers = [chain_format.LINEAR if type(layer) is not type else _ACTIVATIONS[layer] for layer in layers]
         size = sum(t.numel() for weight, bias in linears for t in (weight, bias) if t is not None)
         # The op writes the gradients straight into these flat vectors: a call fills the first, a
         # split call both, so the second comes with the first split call (many replays make none).

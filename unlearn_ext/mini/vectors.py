@@ -13,8 +13,8 @@ import torch
 from torch.func import functional_call
 
 from ..data import TrainingData
+from ..forward import eval_mode
 from ..parameters import trainable
-from ..policy import eval_mode
 
 # Rows per forward/backward pass when a gradient covers many samples (bounds activation memory).
 CHUNK = 4096

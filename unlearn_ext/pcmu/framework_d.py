@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..forward import eval_mode
 from ..per_sample import clipped_sum64
-from ..policy import eval_mode
 from .smoothing import VoteCounter
 
 

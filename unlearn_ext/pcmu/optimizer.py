@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backward_passes import BackwardPasses
 from ..data import TrainingData
 from ..per_sample.capture import BackwardCapture
 from ..policy import UnsupportedModelError, active_stochastic_layers, refuse_training_batch_norm
@@ -99,10 +100,7 @@ class PCMUOptimizer:
         # step (gradient accumulation, a step skipped) is refused rather than stepped on the last one.
         # And the gradient's version counter after the last of them: p.grad is not read, so a change the
         # loop makes to it (clipping, noise) would be dropped silently; it is refused instead.
-        self._backwards: dict[str, int] = {}
-        self._versions: dict[str, int] = {}
-        self._backward_hooks = [p.register_post_accumulate_grad_hook(self._count_backward(name))
-                                for name, p in self._values.items() if p.requires_grad]
+        self._passes = BackwardPasses(self._values.values())
 
     # ---- what a loop uses of an optimizer --------------------------------------------------------
 
@@ -145,30 +143,23 @@ class PCMUOptimizer:
         # The user's LR scheduler checks that the optimizer it drives has stepped (torch's flag, set by
         # the optimizer's own step, which PCMU's update replaces).
         self.optimizer._opt_called = True
-        self._backwards.clear()
-        self._versions.clear()
+        self._passes.clear()
         if trainer.steps_done == self.steps:
             self.close()
         return loss
 
-    def _count_backward(self, name: str):
-        def count(p: torch.Tensor) -> None:
-            self._backwards[name] = self._backwards.get(name, 0) + 1
-            self._versions[name] = p.grad._version
-        return count
-
     def _check_loop(self, t: int) -> None:
         """Refuses step t of a loop that left zero_grad, one backward, step (see __init__)."""
-        for name, version in self._versions.items():
-            grad = self._values[name].grad
-            if grad is not None and grad._version != version:
+        for name, p in self._values.items():
+            if self._passes.writes(p):
                 raise RuntimeError(
                     f"optimizer step {t}: the loop changed the gradient of {name} between backward and step (e.g. "
                     "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); PCMU's step does not use the "
                     "gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
                     "(sigma=). Remove the change from the loop")
-        name, passes = max(self._backwards.items(), key=lambda item: item[1], default=(None, 0))
+        most, passes = self._passes.most(self._values.values())
         if passes > 1:
+            name = next(name for name, p in self._values.items() if p is most)
             raise RuntimeError(
                 f"optimizer step {t}: the gradient of {name} comes from {passes} backward passes since the last "
                 "step; PCMU's step t trains on the schedule's batch t, from the loop's one backward of that batch "
@@ -200,9 +191,7 @@ class PCMUOptimizer:
         """Removes the recording hooks (done after the last step)."""
         if self.capture is not None:
             self.capture.close()
-        for handle in self._backward_hooks:
-            handle.remove()
-        self._backward_hooks = []
+        self._passes.remove()
 
     def unlearner(self) -> PCMUUnlearner:
         if self.trainer.steps_done != self.steps:

@@ -39,7 +39,8 @@ from ..rng import call_offset
 from ..step_log import StepLog
 from ..parameters import trainable
 from ..per_sample import clipped_sum64, plan_for
-from ..policy import eval_mode, refuse_training_batch_norm
+from ..forward import eval_mode
+from ..policy import refuse_training_batch_norm
 from ..recipe import to_device
 from .apriori_index import AprioriIndex
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star

@@ -17,9 +17,9 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ..data import TrainingData
+from ..forward import eval_mode
 from ..parameters import trainable
 from ..per_sample import per_sample_grad_fn
-from ..policy import eval_mode
 
 
 def _batches(ids: torch.Tensor, batch_size: int):

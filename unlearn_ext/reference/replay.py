@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-# Layer codes of layer_chain_grad_sums_: (0 is a Linear layer.)
-LINEAR, TANH, SIGMOID, RELU = 0, 1, 2, 3
+from ..chain_format import LINEAR, RELU, SIGMOID, TANH
+
 # activation code -> its forward, and its backward from the layer's output (autograd's own kernels)
 FORWARD = {TANH: torch.tanh, SIGMOID: torch.sigmoid, RELU: torch.relu}
 BACKWARD = {
