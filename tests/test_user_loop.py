@@ -299,6 +299,33 @@ def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
                                                method=method, epochs=EPOCHS)
 
 
+@pytest.mark.parametrize("method, option, message", [
+    ("finetune", {"lr_factor": 0}, "finetune needs epochs >= 1 and lr_factor > 0"),
+    ("topk", {"k": 2.0}, r"a fractional k must be in \[0, 1\]"),
+    ("topk", {"k": -1}, r"k must be in \[0, "),
+    ("topk", {"repair": "everything"}, "repair must be one of"),
+    ("randomk", {"k": 10 ** 9}, r"k must be in \[0, "),
+    ("randomk", {"guard": 1.5}, "guard"),
+    ("mini", {"curvature_budget": 0}, "curvature_budget must be a positive fraction"),
+    ("mini", {"curvature_samples": 0}, "curvature_samples must be a positive int or 'auto'"),
+    ("mini", {"delta_rule": "start"}, "delta_rule must be one of"),
+    ("deltagrad", {"burn_in": -3}, "need burn_in >= 0, period >= 1, memory >= 1"),
+    ("deltagrad", {"memory": 0}, "need burn_in >= 0, period >= 1, memory >= 1"),
+    ("deltagrad", {"unstable": "ignore"}, "unstable must be 'refuse' or 'damp'"),
+])
+def test_an_option_value_the_method_refuses_is_refused_when_wrapping(method, option, message):
+    """Option values reach the unlearner, built after training: one it refuses must be refused
+    before the training run, with the unlearner's own message (PCMU's trainer is built when wrapping
+    and checks its values there; retraining takes no option)."""
+    model = cnn("group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = ue.UnlearningEngine()
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.make_unlearnable(model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                method=method, epochs=EPOCHS, **option)
+    assert engine.run is None and not optimizer.state  # nothing was wrapped, nothing trained
+
+
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):

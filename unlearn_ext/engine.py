@@ -140,6 +140,7 @@ class UnlearningEngine:
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
                                          shuffle=shuffle, clip_grad_norm=clip_grad_norm)
         recipe.loader_options = options
+        _check_method_option_values(method, method_options, model, recipe)
         schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         if method in SCHEDULE_CONSTANT_METHODS:  # first: a scheduler explains what the checks below would see
             _check_schedule_replayable(method, model, recipe, len(data), schedule.batches_per_epoch)
@@ -259,12 +260,30 @@ def _check_method_options(method: str, options: dict) -> None:
     cls = _UNLEARNER_CLASSES.get(method)
     if cls is None or not options:
         return
-    taken = {name for name, p in inspect.signature(cls.__init__).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    taken = set(_keyword_defaults(cls))
     unknown = sorted(set(options) - taken)
     if unknown:
         raise TypeError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options: "
                         f"{', '.join(sorted(taken)) or 'none'}")
+
+
+def _check_method_option_values(method: str, options: dict, model, recipe) -> None:
+    """The option values the unlearner would refuse when built after training (k out of range,
+    burn_in < 0, ...), refused when wrapping by the unlearner's own check_options, which its
+    constructor calls too: the options given over the constructor's defaults, plus the model and
+    the recipe for the checks that read them (Top-K's count of elements, its repair's optimizer)."""
+    cls = _UNLEARNER_CLASSES.get(method)
+    check = getattr(cls, "check_options", None)
+    if check is None:
+        return
+    values = {**_keyword_defaults(cls), **options, "model": model, "config": recipe}
+    check(**{name: values[name] for name in inspect.signature(check).parameters})
+
+
+def _keyword_defaults(cls) -> dict:
+    """The keyword-only options of an unlearner's constructor, with their defaults."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _training_data(data, batch_size, ids, augmentation_seed):
