@@ -58,7 +58,8 @@ from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
 from .parameters import trainable
-from .pcmu.optimizer import PCMUOptimizer, check_pcmu_wrap
+from .pcmu import PCMUTrainer
+from .pcmu.optimizer import SET_BY_THE_WRAP, PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import (UnsupportedModelError, eval_mode, loss_reduction, per_sample_loss_of,
                      refuse_training_batch_norm)
@@ -256,15 +257,27 @@ _UNLEARNER_CLASSES = {"retrain": RetrainUnlearner, "finetune": FinetuneUnlearner
 
 def _check_method_options(method: str, options: dict) -> None:
     """A method option the unlearner does not take, refused when wrapping: the unlearner is built
-    after training, which a misspelt option would otherwise cost before its TypeError."""
-    cls = _UNLEARNER_CLASSES.get(method)
-    if cls is None or not options:
-        return
-    taken = set(_keyword_defaults(cls))
-    unknown = sorted(set(options) - taken)
+    after training, which a misspelt option would otherwise cost before its TypeError. PCMU's
+    options go to its trainer, built when wrapping: one it does not take, or a required one missing,
+    is named here as an option of this call (the trainer's TypeError would name its constructor)."""
+    call = f"make_unlearnable(method={method!r})"
+    if method == "pcmu":
+        given = next((k for k in SET_BY_THE_WRAP if k in options), None)
+        if given is not None:
+            raise ValueError(f"{given}= is not an option of {call}: the step size is the optimizer's lr; the data, "
+                             "ids, order, steps, loss and history are those given to make_unlearnable")
+        defaults = {k: v for k, v in _keyword_defaults(PCMUTrainer).items() if k not in SET_BY_THE_WRAP}
+        missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty and k not in options]
+        if missing:
+            raise TypeError(f"{call} needs the PCMU option(s) {', '.join(k + '=' for k in missing)} (e.g. "
+                            "clip_norm=1.0, tau=0.006, sigma=0.01; docs/design.md §4)")
+        unknown = sorted(set(options) - set(defaults))
+    else:
+        defaults = _keyword_defaults(_UNLEARNER_CLASSES[method])
+        unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options: "
-                        f"{', '.join(sorted(taken)) or 'none'}")
+        raise TypeError(f"{call} takes no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(sorted(defaults)) or 'none'}")
 
 
 def _check_method_option_values(method: str, options: dict, model, recipe) -> None:
