@@ -51,6 +51,7 @@ class FinetuneUnlearner(Unlearner):
     On its own it forgets little: the forget samples' influence decays but is not removed."""
 
     method = "finetune"
+    trains_on_retained = "its answer is fine-tuning on the retained data"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, config, *,
                  epochs: int = 1, lr_factor: float = 0.4):

@@ -506,6 +506,13 @@ class DeltaGradUnlearner(Unlearner):
         union = torch.cat([self.forgotten, new]).unique()
         T = len(self.store.steps)
         before = self.store.bytes_read
+        if union.numel() == len(self.data):
+            # Nothing is retained: every batch is empty, retraining makes no update and returns the
+            # stored initial weights (as Mini-Unlearning reports it; a replay of empty batches is none).
+            report.status, report.how = "retrained", "every sample forgotten"
+            report.reason = "every training sample is forgotten: retraining returns the stored initial weights"
+            self._finish(report, None, self._retrain(union), {}, before, union, T)
+            return
         edge = recorded_edge(self.info)
         if self.unstable == "refuse" and edge is not None and edge[0] >= self.stable_below:
             # Decided before any work: retraining alone, which costs what retraining costs.

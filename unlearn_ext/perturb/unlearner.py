@@ -37,6 +37,7 @@ class PerturbUnlearner(Unlearner):
     """Shared body of Top-K and Random-k; subclasses choose the selection."""
 
     method = "perturb"
+    trains_on_retained = "its answer is repaired on (and may be scored against) the retained data"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, config, *, k=0.05,
                  perturbation: str = "reset", score: str = "grad_abs", beta: float = 0.1, sigma: float = 0.01,
