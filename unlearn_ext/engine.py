@@ -112,6 +112,7 @@ class UnlearningEngine:
             anchors: Mini-Unlearning's anchor count.
         method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
             trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
+            Their names and values are checked here, before training (the unlearner's check_options).
         """
         if self.run is not None:
             raise RuntimeError("this engine already wraps a training run; make one engine per run")
