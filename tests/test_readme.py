@@ -6,6 +6,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 
 from unlearn_ext.engine import METHODS
 
@@ -17,6 +18,27 @@ def example(name: str) -> str:
     match = re.search(rf"<!-- example: {name} [^>]*-->\s*```python\n(.*?)```", text, re.S)
     assert match, f"README has no example {name!r}"
     return match.group(1)
+
+
+def run_example(name: str, replace: tuple[str, str] | None = None) -> dict:
+    code = example(name)
+    if replace is not None:
+        code = code.replace(*replace)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    return namespace
+
+
+def test_your_own_model_example_gives_the_same_answer_every_run(capsys):
+    """The example is seeded (initial weights, batch order): Mini-Unlearning's answer -- replayed
+    or fallen back -- and the weights are the same in every run, as a reader copying it sees."""
+    first, second = run_example("user-loop"), run_example("user-loop")
+    torch.manual_seed(12345)  # another process-wide RNG state before the run: the example seeds its own
+    third = run_example("user-loop")
+    assert first["report"].status == second["report"].status == third["report"].status
+    for other in (second, third):
+        assert all(torch.equal(a, b) for a, b in zip(first["model"].state_dict().values(),
+                                                     other["model"].state_dict().values()))
 
 
 @pytest.mark.parametrize("method", METHODS)

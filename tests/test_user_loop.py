@@ -254,7 +254,7 @@ def test_an_option_the_method_does_not_take_is_refused_when_wrapping(method):
     must be refused before the training run, not after it (and retraining, which takes none, must
     not ignore it)."""
     model = cnn("group")
-    with pytest.raises(TypeError, match=f"{method} takes no option 'repair_epoch'"):
+    with pytest.raises(TypeError, match=f"make_unlearnable\\(method='{method}'\\) takes no option 'repair_epoch'"):
         ue.UnlearningEngine().make_unlearnable(
             model, torch.optim.SGD(model.parameters(), lr=0.05),
             torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method=method, epochs=EPOCHS,
@@ -297,6 +297,52 @@ def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
         ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
                                                torch.utils.data.DataLoader(data, batch_size=BATCH),
                                                method=method, epochs=EPOCHS)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tau": 0.006, "sigma": 0.01}, r"make_unlearnable\(method='pcmu'\) needs the PCMU option\(s\) clip_norm= "),
+    ({}, r"make_unlearnable\(method='pcmu'\) needs the PCMU option\(s\) clip_norm=, tau=, sigma= "),
+    ({"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01, "clip_nrm": 2.0},
+     r"make_unlearnable\(method='pcmu'\) takes no option 'clip_nrm'; its options: .*clip_norm"),
+    ({"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01, "shuffle": False},
+     r"shuffle= is not an option of make_unlearnable\(method='pcmu'\): "),
+])
+def test_a_missing_or_unknown_pcmu_option_is_named_as_an_option_of_make_unlearnable(options, message):
+    """PCMU's options go to its trainer when wrapping: a missing or misspelt one is named as an
+    option of the call the user made, not as an argument of PCMUTrainer's constructor."""
+    model = cnn("group")
+    with pytest.raises((TypeError, ValueError), match=message):
+        ue.UnlearningEngine().make_unlearnable(
+            model, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH), method="pcmu", epochs=EPOCHS, **options)
+
+
+@pytest.mark.parametrize("method, option, message", [
+    ("finetune", {"lr_factor": 0}, "finetune needs epochs >= 1 and lr_factor > 0"),
+    ("topk", {"k": 2.0}, r"a fractional k must be in \[0, 1\]"),
+    ("topk", {"k": -1}, r"k must be in \[0, "),
+    ("topk", {"repair": "everything"}, "repair must be one of"),
+    ("randomk", {"k": 10 ** 9}, r"k must be in \[0, "),
+    ("randomk", {"guard": 1.5}, "guard"),
+    ("mini", {"curvature_budget": 0}, "curvature_budget must be a positive fraction"),
+    ("mini", {"curvature_samples": 0}, "curvature_samples must be a positive int or 'auto'"),
+    ("mini", {"delta_rule": "start"}, "delta_rule must be one of"),
+    ("deltagrad", {"burn_in": -3}, "need burn_in >= 0, period >= 1, memory >= 1"),
+    ("deltagrad", {"memory": 0}, "need burn_in >= 0, period >= 1, memory >= 1"),
+    ("deltagrad", {"unstable": "ignore"}, "unstable must be 'refuse' or 'damp'"),
+    ("pcmu", {"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01, "max_request": -1}, "max_request must be >= 0"),
+])
+def test_an_option_value_the_method_refuses_is_refused_when_wrapping(method, option, message):
+    """Option values reach the unlearner, built after training: one it refuses must be refused
+    before the training run, with the unlearner's own message (PCMU's trainer is built when wrapping
+    and checks its values there; retraining takes no option)."""
+    model = cnn("group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = ue.UnlearningEngine()
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.make_unlearnable(model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                method=method, epochs=EPOCHS, **option)
+    assert engine.run is None and not optimizer.state  # nothing was wrapped, nothing trained
 
 
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])

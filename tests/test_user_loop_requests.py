@@ -65,3 +65,37 @@ def test_a_history_path_that_exists_is_refused_before_training_naming_the_fixes(
                                                        method=method, epochs=EPOCHS, history=history)
     user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
     assert engine.unlearner().unlearn(FORGET).weights_changed
+
+
+EVERY_METHOD_OPTIONS = {"retrain": {}, "finetune": {}, "topk": {}, "randomk": {}, "mini": {}, "deltagrad": {},
+                        "pcmu": {"clip_norm": 1.0, "tau": 0.006, "sigma": 0.01, "max_request": N}}
+
+
+@pytest.mark.parametrize("method", list(EVERY_METHOD_OPTIONS))
+def test_forgetting_every_training_id_through_the_ledger_is_retraining_or_refused_before_work(method, tmp_path):
+    """The last request leaves nothing retained (the first forgot some ids already). Retraining on
+    no data makes no update: a method answers with the initial weights, reported as retraining, or
+    -- fine-tuning, Top-K, Random-k, whose answer trains on the retained data -- is refused by name
+    before any work, the model and the ledger left as they were. Never 'unlearned' on nothing."""
+    torch.manual_seed(0)
+    model = cnn("group")
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
+                                                       method=method, epochs=EPOCHS, **EVERY_METHOD_OPTIONS[method])
+    user_loop(model, optimizer, loader, nn.CrossEntropyLoss(), EPOCHS)
+    ledger = ue.DeletionLedger(engine.unlearner(), str(tmp_path))
+    ledger.forget(FORGET)
+    rest = [i for i in range(N) if i not in FORGET]
+    if method in ("finetune", "topk", "randomk"):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=f"^{method}: the request would forget every one of the {N} training "
+                                             "samples, but .* retained data.*use method='retrain'"):
+            ledger.forget(rest)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert sorted(ledger.unlearner.forgotten.tolist()) == sorted(FORGET)
+        return
+    report = ledger.forget(rest)
+    assert report.status == "retrained", report
+    assert same_state(model, engine.initial)
+    assert sorted(ledger.unlearner.forgotten.tolist()) == list(range(N))

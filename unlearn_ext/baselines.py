@@ -51,13 +51,20 @@ class FinetuneUnlearner(Unlearner):
     On its own it forgets little: the forget samples' influence decays but is not removed."""
 
     method = "finetune"
+    trains_on_retained = "its answer is fine-tuning on the retained data"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, config, *,
                  epochs: int = 1, lr_factor: float = 0.4):
         super().__init__(data)
+        self.check_options(epochs=epochs, lr_factor=lr_factor)
+        self.model, self.config, self.epochs, self.lr_factor = model, config, int(epochs), float(lr_factor)
+
+    @staticmethod
+    def check_options(*, epochs, lr_factor) -> None:
+        """Refuses option values no request could use; the constructor calls it, and
+        make_unlearnable before training (the unlearner is built after it)."""
         if epochs < 1 or not lr_factor > 0:
             raise ValueError(f"finetune needs epochs >= 1 and lr_factor > 0, got {epochs}, {lr_factor}")
-        self.model, self.config, self.epochs, self.lr_factor = model, config, int(epochs), float(lr_factor)
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()

@@ -58,7 +58,8 @@ from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
 from .parameters import trainable
-from .pcmu.optimizer import PCMUOptimizer, check_pcmu_wrap
+from .pcmu import PCMUTrainer
+from .pcmu.optimizer import SET_BY_THE_WRAP, PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import UnsupportedModelError, loss_reduction, per_sample_loss_of, refuse_training_batch_norm
 from .recipe import OptimizerRecipe, loader_options
@@ -110,6 +111,7 @@ class UnlearningEngine:
             anchors: Mini-Unlearning's anchor count.
         method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
             trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
+            Their names and values are checked here, before training (the unlearner's check_options).
         """
         if self.run is not None:
             raise RuntimeError("this engine already wraps a training run; make one engine per run")
@@ -139,6 +141,7 @@ class UnlearningEngine:
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
                                          shuffle=shuffle, clip_grad_norm=clip_grad_norm)
         recipe.loader_options = options
+        _check_method_option_values(method, method_options, model, recipe)
         schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         if method in SCHEDULE_CONSTANT_METHODS:  # first: a scheduler explains what the checks below would see
             _check_schedule_replayable(method, model, recipe, len(data), schedule.batches_per_epoch)
@@ -254,16 +257,46 @@ _UNLEARNER_CLASSES = {"retrain": RetrainUnlearner, "finetune": FinetuneUnlearner
 
 def _check_method_options(method: str, options: dict) -> None:
     """A method option the unlearner does not take, refused when wrapping: the unlearner is built
-    after training, which a misspelt option would otherwise cost before its TypeError."""
-    cls = _UNLEARNER_CLASSES.get(method)
-    if cls is None or not options:
-        return
-    taken = {name for name, p in inspect.signature(cls.__init__).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = sorted(set(options) - taken)
+    after training, which a misspelt option would otherwise cost before its TypeError. PCMU's
+    options go to its trainer, built when wrapping: one it does not take, or a required one missing,
+    is named here as an option of this call (the trainer's TypeError would name its constructor)."""
+    call = f"make_unlearnable(method={method!r})"
+    if method == "pcmu":
+        given = next((k for k in SET_BY_THE_WRAP if k in options), None)
+        if given is not None:
+            raise ValueError(f"{given}= is not an option of {call}: the step size is the optimizer's lr; the data, "
+                             "ids, order, steps, loss and history are those given to make_unlearnable")
+        defaults = {k: v for k, v in _keyword_defaults(PCMUTrainer).items() if k not in SET_BY_THE_WRAP}
+        missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty and k not in options]
+        if missing:
+            raise TypeError(f"{call} needs the PCMU option(s) {', '.join(k + '=' for k in missing)} (e.g. "
+                            "clip_norm=1.0, tau=0.006, sigma=0.01; docs/design.md §4)")
+        unknown = sorted(set(options) - set(defaults))
+    else:
+        defaults = _keyword_defaults(_UNLEARNER_CLASSES[method])
+        unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options: "
-                        f"{', '.join(sorted(taken)) or 'none'}")
+        raise TypeError(f"{call} takes no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(sorted(defaults)) or 'none'}")
+
+
+def _check_method_option_values(method: str, options: dict, model, recipe) -> None:
+    """The option values the unlearner would refuse when built after training (k out of range,
+    burn_in < 0, ...), refused when wrapping by the unlearner's own check_options, which its
+    constructor calls too: the options given over the constructor's defaults, plus the model and
+    the recipe for the checks that read them (Top-K's count of elements, its repair's optimizer)."""
+    cls = _UNLEARNER_CLASSES.get(method)
+    check = getattr(cls, "check_options", None)
+    if check is None:
+        return
+    values = {**_keyword_defaults(cls), **options, "model": model, "config": recipe}
+    check(**{name: values[name] for name in inspect.signature(check).parameters})
+
+
+def _keyword_defaults(cls) -> dict:
+    """The keyword-only options of an unlearner's constructor, with their defaults."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _training_data(data, batch_size, ids, augmentation_seed):

@@ -99,6 +99,10 @@ class Unlearner(ABC):
     method: str = "unlearner"
     data: TrainingData
     model: torch.nn.Module
+    # What the method trains on the retained data, for the methods whose answer is that training
+    # (fine-tuning, perturbation's repair): a request that would forget every sample leaves them
+    # nothing to train on, and is refused before any work rather than answered by training on nothing.
+    trains_on_retained: str | None = None
 
     def __init__(self, data: TrainingData):
         self.data = data
@@ -138,6 +142,7 @@ class Unlearner(ABC):
         if not new:
             report.status, report.reason = "already-forgotten", "every id in the request was forgotten before"
         else:
+            self._refuse_forgetting_everything(len(new))
             log.info("%s: forgetting %d id(s) (%d forgotten before)", self.method, len(new), self.forgotten.numel())
             self._forget(torch.tensor(new, dtype=torch.int64), report)
             if report.status not in STATUSES:
@@ -146,6 +151,16 @@ class Unlearner(ABC):
         report.seconds = time.perf_counter() - began
         log.info("%s (%.3f s)", report, report.seconds)
         return report
+
+    def _refuse_forgetting_everything(self, new_count: int) -> None:
+        """Refuses a request after which no training sample would be retained, for a method whose
+        answer trains on the retained data (trains_on_retained): it would report success for a
+        model trained on nothing. Retraining (RetrainUnlearner) answers it: the initial weights."""
+        if self.trains_on_retained is None or self.forgotten.numel() + new_count < len(self.data):
+            return
+        raise ValueError(f"{self.method}: the request would forget every one of the {len(self.data)} training samples, "
+                         f"but {self.trains_on_retained}, and none would be left. Retraining on no data gives the "
+                         "initial weights: use method='retrain' (RetrainUnlearner) for it")
 
     def retrain_cost(self, forgotten) -> int:
         """Sample-gradient evaluations that retraining without `forgotten` costs: each retained

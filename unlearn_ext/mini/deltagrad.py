@@ -286,13 +286,9 @@ class DeltaGradUnlearner(Unlearner):
         already there) or "damp" (ours: those eigenvalues of B are capped at 1 / eta_t; module
         docstring)."""
         super().__init__(data)
-        if unstable not in ("refuse", "damp"):
-            raise ValueError(f"unstable must be 'refuse' or 'damp', got {unstable!r}")
+        self.check_options(burn_in=burn_in, period=period, memory=memory, loss_rise_limit=loss_rise_limit,
+                           check_samples=check_samples, unstable=unstable)
         self.unstable = unstable
-        if burn_in < 0 or period < 1 or memory < 1:
-            raise ValueError(f"need burn_in >= 0, period >= 1, memory >= 1; got {burn_in}, {period}, {memory}")
-        if not loss_rise_limit > 0 or check_samples < 1:
-            raise ValueError(f"need loss_rise_limit > 0 and check_samples >= 1; got {loss_rise_limit}, {check_samples}")
         info = store.run_info
         refuse_training_batch_norm(model, "DeltaGrad")
         self.sgd = check_replayable_sgd(info, "DeltaGrad", len(trainable(model)))
@@ -314,6 +310,17 @@ class DeltaGradUnlearner(Unlearner):
         # Binds saved state to this history (mini/history_digest.py): the schedule and every step.
         self.history_sha256 = history_sha256(store, sorted({steps[0], steps[-1]}), ["params", "grads"], "DeltaGrad")
         self.stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
+
+    @staticmethod
+    def check_options(*, burn_in, period, memory, loss_rise_limit, check_samples, unstable) -> None:
+        """Refuses option values no request could use, naming the option; the constructor calls it,
+        and make_unlearnable before training (the unlearner is built after it)."""
+        if unstable not in ("refuse", "damp"):
+            raise ValueError(f"unstable must be 'refuse' or 'damp', got {unstable!r}")
+        if burn_in < 0 or period < 1 or memory < 1:
+            raise ValueError(f"need burn_in >= 0, period >= 1, memory >= 1; got {burn_in}, {period}, {memory}")
+        if not loss_rise_limit > 0 or check_samples < 1:
+            raise ValueError(f"need loss_rise_limit > 0 and check_samples >= 1; got {loss_rise_limit}, {check_samples}")
 
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0
@@ -499,6 +506,13 @@ class DeltaGradUnlearner(Unlearner):
         union = torch.cat([self.forgotten, new]).unique()
         T = len(self.store.steps)
         before = self.store.bytes_read
+        if union.numel() == len(self.data):
+            # Nothing is retained: every batch is empty, retraining makes no update and returns the
+            # stored initial weights (as Mini-Unlearning reports it; a replay of empty batches is none).
+            report.status, report.how = "retrained", "every sample forgotten"
+            report.reason = "every training sample is forgotten: retraining returns the stored initial weights"
+            self._finish(report, None, self._retrain(union), {}, before, union, T)
+            return
         edge = recorded_edge(self.info)
         if self.unstable == "refuse" and edge is not None and edge[0] >= self.stable_below:
             # Decided before any work: retraining alone, which costs what retraining costs.

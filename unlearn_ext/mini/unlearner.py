@@ -78,12 +78,9 @@ class MiniUnlearner(Unlearner):
         directions take the linear recursion's fixed point -delta / theta (mini/propagate.py); the
         request falls back only when the complement's curvature h_perp is at the edge too."""
         super().__init__(data)
-        if unstable not in UNSTABLE:
-            raise ValueError(f"unstable must be one of {UNSTABLE}, got {unstable!r}")
-        if curvature not in CURVATURE:
-            raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
-        if delta_rule not in DELTA_RULES:
-            raise ValueError(f"delta_rule must be one of {DELTA_RULES}, got {delta_rule!r}")
+        self.check_options(unstable=unstable, curvature=curvature, delta_rule=delta_rule,
+                           curvature_samples=curvature_samples, lanczos_steps=lanczos_steps,
+                           curvature_budget=curvature_budget)
         self.delta_rule = delta_rule
         info = store.run_info
         refuse_training_batch_norm(model, "Mini-Unlearning")
@@ -108,12 +105,26 @@ class MiniUnlearner(Unlearner):
         self.curvature_samples = _auto_or_positive("curvature_samples", curvature_samples)
         self.lanczos_steps = _auto_or_positive("lanczos_steps", lanczos_steps)
         self.curvature_budget = float(curvature_budget)
-        if not self.curvature_budget > 0:
-            raise ValueError(f"curvature_budget must be a positive fraction of retraining's cost, got {curvature_budget}")
         self.curvature, self.seed, self.stability_limit = curvature, int(seed), float(stability_limit)
         self.loss_rise_limit = float(loss_rise_limit)
         # Binds saved state to this history (mini/history_digest.py): every anchor's weights and gradient.
         self.history_sha256 = history_sha256(store, self.anchor_steps, ["params", FULL_GRAD], "Mini-Unlearning")
+
+    @staticmethod
+    def check_options(*, unstable, curvature, delta_rule, curvature_samples, lanczos_steps, curvature_budget) -> None:
+        """Refuses option values no request could use, naming the option; the constructor calls it,
+        and make_unlearnable before training (the unlearner is built after it)."""
+        if unstable not in UNSTABLE:
+            raise ValueError(f"unstable must be one of {UNSTABLE}, got {unstable!r}")
+        if curvature not in CURVATURE:
+            raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
+        if delta_rule not in DELTA_RULES:
+            raise ValueError(f"delta_rule must be one of {DELTA_RULES}, got {delta_rule!r}")
+        _auto_or_positive("curvature_samples", curvature_samples)
+        _auto_or_positive("lanczos_steps", lanczos_steps)
+        if isinstance(curvature_budget, bool) or not isinstance(curvature_budget, numbers.Real) \
+                or not curvature_budget > 0:
+            raise ValueError(f"curvature_budget must be a positive fraction of retraining's cost, got {curvature_budget!r}")
 
     # ---- unlearning -----------------------------------------------------------------------------
 

@@ -74,16 +74,19 @@ def _one_lr(optimizer) -> float:
     return lrs[0]
 
 
+# What make_unlearnable sets itself (from its own arguments, the data, the loss and the optimizer's
+# lr): PCMUOptimizer's arguments and PCMUTrainer's options that are not PCMU options of
+# make_unlearnable(..., method="pcmu", **options) (the engine refuses them there).
+SET_BY_THE_WRAP = ("batch_size", "seed", "shuffle", "steps", "loss_fn", "loss_reduction", "lr", "ids", "exclude",
+                   "data", "history")
+
+
 class PCMUOptimizer:
     """The user's SGD optimizer, stepping with PCMU (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, data: TrainingData, *, batch_size: int,
                  seed: int, steps: int, loss_fn, loss_reduction: str, shuffle: bool = True, **pcmu_options):
         check_pcmu_wrap(model, optimizer)
-        for key in ("lr", "ids", "exclude", "data"):
-            if key in pcmu_options:
-                raise ValueError(f"{key}= is not a PCMU option here: the step size is the optimizer's lr, the data "
-                                 "and ids those given to make_unlearnable")
         self.optimizer, self.model, self.steps = optimizer, model, int(steps)
         # A class-weighted CrossEntropyLoss/NLLLoss divides its mean by the batch's total weight, not
         # by n: its scale is unknown here, so those losses always recompute.

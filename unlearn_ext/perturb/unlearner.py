@@ -37,6 +37,7 @@ class PerturbUnlearner(Unlearner):
     """Shared body of Top-K and Random-k; subclasses choose the selection."""
 
     method = "perturb"
+    trains_on_retained = "its answer is repaired on (and may be scored against) the retained data"
 
     def __init__(self, model: torch.nn.Module, data: TrainingData, config, *, k=0.05,
                  perturbation: str = "reset", score: str = "grad_abs", beta: float = 0.1, sigma: float = 0.01,
@@ -47,6 +48,37 @@ class PerturbUnlearner(Unlearner):
                  guard_size: int = 256, guard_halvings: int = 3, guard_rounds: int = 2,
                  guard_budget: float | None = 1.0, guard_data: tuple | None = None, seed: int = 0):
         super().__init__(data)
+        self.check_options(model=model, config=config, k=k, perturbation=perturbation, score=score, repair=repair,
+                           distill_temperature=distill_temperature, distill_alpha=distill_alpha,
+                           ratio_floor=ratio_floor, repair_epochs=repair_epochs, repair_lr_factor=repair_lr_factor,
+                           holdout=holdout, per_tensor=per_tensor, guard=guard, guard_size=guard_size,
+                           guard_halvings=guard_halvings, guard_rounds=guard_rounds, guard_budget=guard_budget,
+                           guard_data=guard_data)
+        self.model, self.config = model, config
+        self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
+        self.initial = None if initial is None else [p.detach().clone() for p in trainable(initial).values()]
+        self.repair_epochs, self.repair_lr_factor, self.repair = int(repair_epochs), float(repair_lr_factor), repair
+        self.per_tensor, self.holdout, self.seed = per_tensor, holdout, int(seed)
+        self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
+        self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
+        self.ratio_floor = float(ratio_floor)
+        self.guard, self.guard_size, self.guard_halvings = guard, guard_size, guard_halvings
+        self.guard_rounds, self.guard_budget = guard_rounds, guard_budget
+        self.guard_data = None if guard_data is None else (guard_data[0].detach(), guard_data[1].detach())
+        self._guard_reference = None  # the original model's accuracy on guard_data (first guarded request)
+        self._repair_inputs = None    # (selection, union, teacher) of the answer the guard is checking
+        self._k_now = k          # the K of the answer being computed (the guard halves it)
+        self.requests = 0        # requests answered (they key the noise and Random-k draws)
+        self._in_flight = None   # the number of the request being answered (requests + 1)
+        if self._distills():
+            self._check_distillable()
+
+    @staticmethod
+    def check_options(*, model, config, k, perturbation, score, repair, distill_temperature, distill_alpha,
+                      ratio_floor, repair_epochs, repair_lr_factor, holdout, per_tensor, guard, guard_size,
+                      guard_halvings, guard_rounds, guard_budget, guard_data) -> None:
+        """Refuses option values no request could use, naming the option; the constructor calls it,
+        and make_unlearnable before training (the unlearner is built after it)."""
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose from {', '.join(PERTURBATIONS)}")
         if score not in SCORES:
@@ -72,24 +104,6 @@ class PerturbUnlearner(Unlearner):
         else:  # a count out of range would otherwise be refused by the first request
             sel_api.resolve_k(k, sum(p.numel() for p in trainable(model).values()))
         accuracy_guard.check_options(guard, guard_size, guard_halvings, guard_rounds, guard_budget, guard_data)
-        self.model, self.config = model, config
-        self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
-        self.initial = None if initial is None else [p.detach().clone() for p in trainable(initial).values()]
-        self.repair_epochs, self.repair_lr_factor, self.repair = int(repair_epochs), float(repair_lr_factor), repair
-        self.per_tensor, self.holdout, self.seed = per_tensor, holdout, int(seed)
-        self.ascent_step, self.ascent_max_steps = float(ascent_step), int(ascent_max_steps)
-        self.distill_temperature, self.distill_alpha = float(distill_temperature), float(distill_alpha)
-        self.ratio_floor = float(ratio_floor)
-        self.guard, self.guard_size, self.guard_halvings = guard, guard_size, guard_halvings
-        self.guard_rounds, self.guard_budget = guard_rounds, guard_budget
-        self.guard_data = None if guard_data is None else (guard_data[0].detach(), guard_data[1].detach())
-        self._guard_reference = None  # the original model's accuracy on guard_data (first guarded request)
-        self._repair_inputs = None    # (selection, union, teacher) of the answer the guard is checking
-        self._k_now = k          # the K of the answer being computed (the guard halves it)
-        self.requests = 0        # requests answered (they key the noise and Random-k draws)
-        self._in_flight = None   # the number of the request being answered (requests + 1)
-        if self._distills():
-            self._check_distillable()
 
     def _check_distillable(self) -> None:
         """Distillation reads (batch, classes) logits (softmax over the classes); a model with other
