@@ -345,6 +345,19 @@ def test_an_option_value_the_method_refuses_is_refused_when_wrapping(method, opt
     assert engine.run is None and not optimizer.state  # nothing was wrapped, nothing trained
 
 
+def test_mini_equilibrium_with_a_momentum_optimizer_is_refused_when_wrapping():
+    """unstable='equilibrium' is derived for plain SGD: with a momentum optimizer the unlearner
+    refuses it, so the wrap must too, before the training run (the optimizer is known there)."""
+    model = cnn("group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = ue.UnlearningEngine()
+    with pytest.raises(ValueError, match="unstable='equilibrium' is derived for plain SGD; the training run uses "
+                                         "momentum 0.9"):
+        engine.make_unlearnable(model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                method="mini", epochs=EPOCHS, unstable="equilibrium")
+    assert engine.run is None and not optimizer.state
+
+
 @pytest.mark.parametrize("method", ["mini", "deltagrad"])
 def test_history_methods_refuse_a_summed_loss(method):
     with pytest.raises(ue.UnsupportedModelError, match="reduction='mean'"):

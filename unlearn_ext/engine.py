@@ -141,7 +141,7 @@ class UnlearningEngine:
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
                                          shuffle=shuffle, clip_grad_norm=clip_grad_norm)
         recipe.loader_options = options
-        _check_method_option_values(method, method_options, model, recipe)
+        _check_method_option_values(method, method_options, model, optimizer, recipe)
         schedule = BatchSchedule(data.ids, batch_size, seed, shuffle)
         if method in SCHEDULE_CONSTANT_METHODS:  # first: a scheduler explains what the checks below would see
             _check_schedule_replayable(method, model, recipe, len(data), schedule.batches_per_epoch)
@@ -280,16 +280,18 @@ def _check_method_options(method: str, options: dict) -> None:
                         f"{', '.join(sorted(defaults)) or 'none'}")
 
 
-def _check_method_option_values(method: str, options: dict, model, recipe) -> None:
+def _check_method_option_values(method: str, options: dict, model, optimizer, recipe) -> None:
     """The option values the unlearner would refuse when built after training (k out of range,
     burn_in < 0, ...), refused when wrapping by the unlearner's own check_options, which its
-    constructor calls too: the options given over the constructor's defaults, plus the model and
-    the recipe for the checks that read them (Top-K's count of elements, its repair's optimizer)."""
+    constructor calls too: the options given over the constructor's defaults, plus the model, the
+    recipe and the optimizer's momentum for the checks that read them (Top-K's count of elements,
+    its repair's optimizer, Mini's unstable='equilibrium', derived for plain SGD)."""
     cls = _UNLEARNER_CLASSES.get(method)
     check = getattr(cls, "check_options", None)
     if check is None:
         return
-    values = {**_keyword_defaults(cls), **options, "model": model, "config": recipe}
+    momentum = float(optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
+    values = {**_keyword_defaults(cls), **options, "model": model, "config": recipe, "momentum": momentum}
     check(**{name: values[name] for name in inspect.signature(check).parameters})
 
 

@@ -78,17 +78,14 @@ class MiniUnlearner(Unlearner):
         directions take the linear recursion's fixed point -delta / theta (mini/propagate.py); the
         request falls back only when the complement's curvature h_perp is at the edge too."""
         super().__init__(data)
-        self.check_options(unstable=unstable, curvature=curvature, delta_rule=delta_rule,
-                           curvature_samples=curvature_samples, lanczos_steps=lanczos_steps,
-                           curvature_budget=curvature_budget)
-        self.delta_rule = delta_rule
         info = store.run_info
         refuse_training_batch_norm(model, "Mini-Unlearning")
         self.sgd = check_replayable_sgd(info, "Mini-Unlearning", len(trainable(model)))
+        self.check_options(unstable=unstable, curvature=curvature, delta_rule=delta_rule,
+                           curvature_samples=curvature_samples, lanczos_steps=lanczos_steps,
+                           curvature_budget=curvature_budget, momentum=self.sgd.momentum)
+        self.delta_rule = delta_rule
         self.weight_decay = self.sgd.weight_decay
-        if unstable == "equilibrium" and self.sgd.momentum:
-            raise ValueError("unstable='equilibrium' is derived for plain SGD; the recorded run used momentum "
-                             f"{self.sgd.momentum:g}: use unstable='refuse'")
         self.unstable = unstable
         for key in ("lr_schedule", "steps_per_epoch", "n"):
             if key not in info:
@@ -111,11 +108,16 @@ class MiniUnlearner(Unlearner):
         self.history_sha256 = history_sha256(store, self.anchor_steps, ["params", FULL_GRAD], "Mini-Unlearning")
 
     @staticmethod
-    def check_options(*, unstable, curvature, delta_rule, curvature_samples, lanczos_steps, curvature_budget) -> None:
+    def check_options(*, unstable, curvature, delta_rule, curvature_samples, lanczos_steps, curvature_budget,
+                      momentum) -> None:
         """Refuses option values no request could use, naming the option; the constructor calls it,
-        and make_unlearnable before training (the unlearner is built after it)."""
+        and make_unlearnable before training (the unlearner is built after it). momentum: the
+        training run's SGD momentum (the recorded run's, or the wrapped optimizer's)."""
         if unstable not in UNSTABLE:
             raise ValueError(f"unstable must be one of {UNSTABLE}, got {unstable!r}")
+        if unstable == "equilibrium" and momentum:
+            raise ValueError("unstable='equilibrium' is derived for plain SGD; the training run uses momentum "
+                             f"{momentum:g}: use unstable='refuse'")
         if curvature not in CURVATURE:
             raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
         if delta_rule not in DELTA_RULES:
