@@ -164,3 +164,18 @@ def test_backward_through_float_outputs_raises():
     min_radius, _ = OPS.quantized_step_analytic_(_floats(2), v, 0.2, 0.01, 0.05, True)
     with pytest.raises(RuntimeError, match="not implemented"):
         min_radius.backward()
+
+
+def test_an_optional_tensor_list_is_an_input_like_the_others():
+    """layer_chain_grad_sums_'s biases are a Tensor?[] (a generic list, not a tensor list): a bias
+    that requires grad gives the output a NotImplemented gradient function as a weight would, and a
+    bias carrying a forward-mode tangent is refused, instead of both being silently ignored."""
+    x, y, weights, biases, layers = _chain_inputs()
+    out = [torch.zeros(24)]
+    OPS.layer_chain_grad_sums_(out, x, y, weights, [biases[0].requires_grad_(), None], layers, -1)
+    with pytest.raises(RuntimeError, match="derivative for unlearn_ext::layer_chain_grad_sums_ is not implemented"):
+        out[0].sum().backward()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(biases[0].detach(), torch.ones(3))
+        with pytest.raises(NotImplementedError, match="has no forward-mode derivative"):
+            OPS.layer_chain_grad_sums_([torch.zeros(24)], x, y, weights, [dual, None], layers, -1)
