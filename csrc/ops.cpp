@@ -26,13 +26,17 @@
 
 namespace {
 
-// Calls f(tensor) for each tensor an argument or a result holds (a Tensor or a Tensor[]).
+// Calls f(tensor) for each tensor an argument or a result holds (a Tensor, a Tensor[], or the
+// defined entries of a Tensor?[]: a generic list, which isTensorList() does not recognize).
 template <typename F>
 void for_each_tensor(const c10::IValue& v, F&& f) {
   if (v.isTensor()) {
     f(v.toTensor());
   } else if (v.isTensorList()) {
     for (const at::Tensor& t : v.toTensorVector()) f(t);
+  } else if (v.isList()) {
+    for (const c10::IValue& e : v.toListRef())
+      if (e.isTensor()) f(e.toTensor());
   }
 }
 

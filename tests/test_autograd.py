@@ -43,10 +43,41 @@ def _in_place_calls():
         "select_mask_grad_": (lambda: (_floats(2), _floats(4), 1, 0, 0, 0, -1, 0), (0,)),
         # every |score| key has its top bit set: all of them lie above the bin "top bit 0"
         "select_apply_bin_": (lambda: (_floats(2), _floats(4), [], [], 1, 0, 0, 0, 0, 1, 0, 1, 0.5, 0, 0), (0,)),
+        # a 5 -> 3 -> tanh -> 2 chain (weight, bias; weight, no bias) on 4 rows: out holds 5*3 + 3 + 3*2
+        "layer_chain_grad_sums_": (lambda: ([torch.zeros(24)], *_chain_inputs(), -1), (0,)),
+        # d = 5 flat weights, one (s, y) pair: W 5 x 2, P 2 x 5; a momentum buffer (the second written)
+        "deltagrad_qn_step_": (lambda: (*_step_inputs(), 0.5, None, None, 0.0, 1.0, 0.0, 0.1, 0.9, False, False),
+                               (0, 1)),
     }
 
 
+def _step_inputs():
+    """(w, buffer, dw, recorded, W, P) of deltagrad_qn_step_ (the IN_PLACE row)."""
+    gen = torch.Generator().manual_seed(10)
+    w, buffer, dw, recorded = (torch.randn(5, generator=gen) for _ in range(4))
+    W, P = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((5, 2), (2, 5)))
+    return w, buffer, dw, recorded, W, P
+
+
+def _chain_inputs():
+    """(x, y, weights, biases, layers) of layer_chain_grad_sums_ (the IN_PLACE row)."""
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(4, 5, generator=gen), torch.tensor([0, 1, 1, 0])
+    weights = [torch.randn(3, 5, generator=gen), torch.randn(2, 3, generator=gen)]
+    return x, y, weights, [torch.randn(3, generator=gen), None], [0, 1, 0]
+
+
 IN_PLACE = _in_place_calls()
+
+
+def _tensors(value):
+    """The tensors of a written argument: a Tensor[] or a single Tensor."""
+    return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+def _each(value, f):
+    """f applied to each tensor of a written argument, keeping its kind (list or single tensor)."""
+    return f(value) if isinstance(value, torch.Tensor) else [f(t) for t in value]
 
 
 def test_every_mutating_op_is_covered():
@@ -59,9 +90,9 @@ def test_every_mutating_op_is_covered():
 def test_version_counters_are_bumped(name):
     build, mutated = IN_PLACE[name]
     args = build()
-    before = [[t._version for t in args[i]] for i in mutated]
+    before = [[t._version for t in _tensors(args[i])] for i in mutated]
     getattr(OPS, name)(*args)
-    after = [[t._version for t in args[i]] for i in mutated]
+    after = [[t._version for t in _tensors(args[i])] for i in mutated]
     assert all(a > b for bs, as_ in zip(before, after) for b, a in zip(bs, as_)), (before, after)
 
 
@@ -73,7 +104,7 @@ def test_vote_accumulate_bumps_the_counters_version():
 
 def _with_leaves(args, position):
     args = list(args)
-    args[position] = [t.detach().requires_grad_() for t in args[position]]
+    args[position] = _each(args[position], lambda t: t.detach().requires_grad_())
     return args
 
 
@@ -81,10 +112,10 @@ def _with_leaves(args, position):
 def test_leaf_requiring_grad_is_refused_in_grad_mode(name):
     build, mutated = IN_PLACE[name]
     args = _with_leaves(build(), mutated[0])
-    before = [t.detach().clone() for t in args[mutated[0]]]
+    before = [t.detach().clone() for t in _tensors(args[mutated[0]])]
     with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place"):
         getattr(OPS, name)(*args)
-    assert all(torch.equal(a, b) for a, b in zip(args[mutated[0]], before)), "refused, yet written"
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(args[mutated[0]]), before)), "refused, yet written"
 
 
 @pytest.mark.parametrize("name", sorted(IN_PLACE))
@@ -95,7 +126,7 @@ def test_leaf_requiring_grad_is_updated_under_no_grad(name):
     leaves = _with_leaves(build(), mutated[0])
     with torch.no_grad():
         getattr(OPS, name)(*leaves)
-    for got, want in zip(leaves[mutated[0]], plain[mutated[0]]):
+    for got, want in zip(_tensors(leaves[mutated[0]]), _tensors(plain[mutated[0]])):
         assert got.requires_grad and got.is_leaf
         assert torch.equal(got.detach(), want)
 
@@ -104,20 +135,20 @@ def test_leaf_requiring_grad_is_updated_under_no_grad(name):
 def test_backward_through_a_mutated_non_leaf_raises(name):
     build, mutated = IN_PLACE[name]
     args = list(build())
-    w = [t.detach().requires_grad_() for t in args[mutated[0]]]
-    args[mutated[0]] = [t * 2 for t in w]  # non-leaves: the old gradient 2 would be silently wrong
+    w = _each(args[mutated[0]], lambda t: t.detach().requires_grad_())
+    args[mutated[0]] = _each(w, lambda t: t * 2)  # non-leaves: the old gradient 2 would be silently wrong
     getattr(OPS, name)(*args)
     with pytest.raises(RuntimeError, match=f"derivative for unlearn_ext::{name} is not implemented"):
-        sum(t.sum() for t in args[mutated[0]]).backward()
+        sum(t.sum() for t in _tensors(args[mutated[0]])).backward()
 
 
 @pytest.mark.parametrize("name", sorted(IN_PLACE))
 def test_backward_through_a_saved_then_mutated_tensor_raises(name):
     build, mutated = IN_PLACE[name]
     args = list(build())
-    w = [t.detach().requires_grad_() for t in args[mutated[0]]]
-    args[mutated[0]] = [t.exp() for t in w]  # exp saves its result for the backward
-    saved_by = [t.exp() for t in args[mutated[0]]]
+    w = _each(args[mutated[0]], lambda t: t.detach().requires_grad_())
+    args[mutated[0]] = _each(w, lambda t: t.exp())  # exp saves its result for the backward
+    saved_by = [t.exp() for t in _tensors(args[mutated[0]])]
     with torch.no_grad():  # even where no history is rebased, the version check catches it
         getattr(OPS, name)(*args)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -133,3 +164,18 @@ def test_backward_through_float_outputs_raises():
     min_radius, _ = OPS.quantized_step_analytic_(_floats(2), v, 0.2, 0.01, 0.05, True)
     with pytest.raises(RuntimeError, match="not implemented"):
         min_radius.backward()
+
+
+def test_an_optional_tensor_list_is_an_input_like_the_others():
+    """layer_chain_grad_sums_'s biases are a Tensor?[] (a generic list, not a tensor list): a bias
+    that requires grad gives the output a NotImplemented gradient function as a weight would, and a
+    bias carrying a forward-mode tangent is refused, instead of both being silently ignored."""
+    x, y, weights, biases, layers = _chain_inputs()
+    out = [torch.zeros(24)]
+    OPS.layer_chain_grad_sums_(out, x, y, weights, [biases[0].requires_grad_(), None], layers, -1)
+    with pytest.raises(RuntimeError, match="derivative for unlearn_ext::layer_chain_grad_sums_ is not implemented"):
+        out[0].sum().backward()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(biases[0].detach(), torch.ones(3))
+        with pytest.raises(NotImplementedError, match="has no forward-mode derivative"):
+            OPS.layer_chain_grad_sums_([torch.zeros(24)], x, y, weights, [dual, None], layers, -1)

@@ -777,3 +777,26 @@ def test_compile_select(device, backend):
     assert_bitwise(got, want)
     compiled.check_traced(want)
     assert_bitwise(list(compiled_state), list(eager_state), "mutated lists")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_replay(device, backend):
+    def fn(out, x, y, weights, biases, w, buffer, dw, recorded, W, P):
+        OPS.layer_chain_grad_sums_(out, x, y, weights, biases, [0, 1, 0], 3)                     # mutates
+        total = OPS.deltagrad_qn_step_(w, buffer, dw, recorded, W, P, 0.7, None, None, -0.1, 1.1, 1e-3, 0.05,
+                                       0.9, True, False)                                          # mutates
+        return total, out[0].sum(dtype=torch.float64) + total
+
+    def mutable():
+        out, x, y, weights, biases, _, _ = _chain(torch.float32, device, split=3)
+        w, buffer, dw, recorded, W, P = _qn_step(device, momentum=0.9)[:6]
+        return (out, x, y, weights, biases, w, buffer, dw, recorded, W, P)
+
+    eager_state, compiled_state = mutable(), mutable()
+    want = fn(*eager_state)
+    compiled = _compiled(fn)
+    got = compiled(*compiled_state)
+    assert_bitwise(got, want)
+    compiled.check_traced(want)
+    assert_bitwise(list(compiled_state[0]) + list(compiled_state[5:7]), list(eager_state[0]) + list(eager_state[5:7]),
+                   "mutated tensors")

@@ -177,3 +177,22 @@ def test_the_step_op_reports_a_non_finite_step_in_its_sum(backend):
     with served_by(backend):
         total = OPS.deltagrad_qn_step_(*args)
     assert not torch.isfinite(total) and not torch.isfinite(args[0][5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_call_mixing_cpu_and_meta_tensors_is_refused_not_faked(backend):
+    """Meta wins the dispatch: such a call reached the fake, which did nothing, and the CPU outputs
+    were left as they were without an error."""
+    model, _ = _model("tanh_mlp", torch.float32)
+    x, y = _rows(5, False, 4, torch.float32)
+    args = list(_op_args(model, x, y, -1))
+    args[1] = x.to("meta")
+    with served_by(backend), pytest.raises(RuntimeError, match="y is on cpu but x is on meta"):
+        OPS.layer_chain_grad_sums_(*args)
+    assert args[0][0].isnan().all()
+    step = _variant("heavy_ball")
+    step[2] = step[2].to("meta")
+    w, buffer = step[0].clone(), step[1].clone()
+    with served_by(backend), pytest.raises(RuntimeError, match="dw is on meta but w is on cpu"):
+        OPS.deltagrad_qn_step_(*step)
+    assert torch.equal(step[0], w) and torch.equal(step[1], buffer)

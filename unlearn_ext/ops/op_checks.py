@@ -46,6 +46,16 @@ def _check_one_device(tensors, name: str) -> None:
                "[0] is on ", tensors[0].device, " and ", name, "[", i, "] is on ", t.device)
 
 
+def _check_on_device(named, device) -> None:
+    """Every (name, tensor or None) of `named` on `device`: a call mixing CPU and meta tensors would
+    otherwise reach the fake (meta wins the dispatch) and leave the CPU tensors untouched, and one
+    mixing CPU and CUDA tensors would reach the reference and fail part way. (A compiled CPU kernel
+    never sees such a call, so its checks need no such condition.)"""
+    for name, t in named:
+        _check(t is None or t.device == device, name, " is on ", None if t is None else t.device, " but ", named[0][0],
+               " is on ", device)
+
+
 def _check_float_list(tensors, name: str) -> None:
     """fp32/fp16/bf16, one dtype and one device for the whole list."""
     for i, t in enumerate(tensors):
@@ -367,7 +377,8 @@ def _select_mask_grad(grads, scores, key_mode, seed, offset, base, threshold, bo
 
 
 def _layer_chain_grad_sums(out, x, y, weights, biases, layers, split) -> None:
-    """As check_chain in csrc/cpu/replay_cpu.cpp (the same conditions, in its order)."""
+    """As check_chain in csrc/cpu/replay_cpu.cpp (the same conditions, in its order), and one
+    device for every tensor (_check_on_device)."""
     _check(len(weights) > 0, "weights must hold at least one tensor")
     for i, code in enumerate(layers):
         _check(0 <= code <= 3, "layers[", i, "] must be 0 (linear), 1 (tanh), 2 (sigmoid) or 3 (relu), got ", code)
@@ -404,6 +415,9 @@ def _layer_chain_grad_sums(out, x, y, weights, biases, layers, split) -> None:
         _check(o.dim() == 1 and o.numel() == total and o.is_contiguous() and o.dtype == dtype, "out[", i,
                "] must be a contiguous 1-D tensor of ", total, " values of the weights' dtype, got ", o.dtype,
                " of shape ", tuple(o.shape))
+    _check_on_device([("x", x), ("y", y)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+                     + [(f"biases[{i}]", b) for i, b in enumerate(biases)]
+                     + [(f"out[{i}]", o) for i, o in enumerate(out)], x.device)
     if y.device.type != "meta" and not is_fake(y):  # (the values: fake and meta tensors have none)
         classes = weights[-1].shape[0]
         bad = y[(y < 0) | (y >= classes)]
@@ -419,7 +433,8 @@ def _check_vector(t, name: str, dtype, d: int) -> None:
 
 def _deltagrad_qn_step(w, buffer, dw, recorded, W, P, sigma, predicted, g_removed, removed_alpha, scale, weight_decay,
                        lr, momentum, nesterov, start_buffer) -> None:
-    """As deltagrad_qn_step_cpu in csrc/cpu/replay_cpu.cpp (the same conditions, in its order)."""
+    """As deltagrad_qn_step_cpu in csrc/cpu/replay_cpu.cpp (the same conditions, in its order), and one
+    device for every tensor (_check_on_device)."""
     _check(w.dtype == torch.float32 and w.dim() == 1, "w must be a 1-D float32 tensor, got ", w.dtype, " of shape ",
            tuple(w.shape))
     d = w.shape[0]
@@ -440,6 +455,8 @@ def _deltagrad_qn_step(w, buffer, dw, recorded, W, P, sigma, predicted, g_remove
     for name, value in (("sigma", sigma), ("removed_alpha", removed_alpha), ("scale", scale),
                         ("weight_decay", weight_decay), ("lr", lr), ("momentum", momentum)):
         _check(math.isfinite(value), name, " must be finite, got ", value)
+    _check_on_device([("w", w), ("buffer", buffer), ("dw", dw), ("recorded", recorded), ("predicted", predicted),
+                      ("g_removed", g_removed)] + ([] if predicted is not None else [("W", W), ("P", P)]), w.device)
 
 
 CHECKS = {
