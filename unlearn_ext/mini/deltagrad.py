@@ -156,7 +156,7 @@ class CompactLBFGS:
         # Every inner product the 2m x 2m algebra needs (S^T S, S^T Y, Y^T Y) from one pass over the
         # d values; that algebra then runs on 2m x 2m arrays in numpy (per-call cost of small ops).
         G = (rows @ rows.T).numpy()
-        SS, SY, YY = G[:m, :m], G[:m, m:], G[m:, m:]
+        SS, SY = G[:m, :m], G[:m, m:]  # (S^T S, S^T Y: Y^T Y is not needed)
         s = self.sigma = float(SY[-1, -1] / SS[-1, -1])
         L = np.tril(SY, -1)
         M = np.empty((2 * m, 2 * m))
