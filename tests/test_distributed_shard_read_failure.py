@@ -180,19 +180,26 @@ def test_long_and_non_ascii_error_texts_cross_cut_on_a_character_boundary():
     assert len(message.split("; rank 1")[0].split("rank 0: ", 1)[1].encode()) <= ERROR_TEXT_BYTES
 
 
-def unencodable_text_worker(rank, world):
+def refused_on_every_rank(rank, failure):
+    """agree() whose check raises `failure()` on rank 1: what this rank got, and how long it took."""
     def check():
-        if rank == 1:  # a path read from a directory whose names are not UTF-8 (os.fsdecode's surrogates)
-            raise ValueError(f"{os.fsdecode(b'/data/shard-' + bytes([255]) + b'.hist')} is not a history file")
+        if rank == 1:
+            raise failure()
         return ()
     began = time.monotonic()
     try:
         agree(check, shared=(), failed="refused")
     except DistributedRefusal as exc:
         return str(exc), time.monotonic() - began
-    except Exception as exc:  # noqa: BLE001 (the failure this test looks for: a rank leaving the exchange)
-        return f"{type(exc).__name__}: {exc}", time.monotonic() - began
+    except Exception as exc:  # noqa: BLE001 (the failure these tests look for: a rank leaving the exchange)
+        return f"{type(exc).__name__} (outside the agreement)", time.monotonic() - began
     return "not refused", time.monotonic() - began
+
+
+def unencodable_text_worker(rank, world):
+    # a path read from a directory whose names are not UTF-8 (os.fsdecode's surrogates)
+    return refused_on_every_rank(rank, lambda: ValueError(
+        f"{os.fsdecode(b'/data/shard-' + bytes([255]) + b'.hist')} is not a history file"))
 
 
 def test_an_error_text_utf8_cannot_encode_still_crosses_on_every_rank():
@@ -212,18 +219,7 @@ class _Unprintable(RuntimeError):
 
 
 def unprintable_error_worker(rank, world):
-    def check():
-        if rank == 1:
-            raise _Unprintable()
-        return ()
-    began = time.monotonic()
-    try:
-        agree(check, shared=(), failed="refused")
-    except DistributedRefusal as exc:
-        return str(exc), time.monotonic() - began
-    except Exception as exc:  # noqa: BLE001 (the failure this test looks for: a rank leaving the exchange)
-        return f"{type(exc).__name__} (outside the agreement)", time.monotonic() - began
-    return "not refused", time.monotonic() - began
+    return refused_on_every_rank(rank, _Unprintable)
 
 
 def test_an_error_whose_str_raises_is_still_reported_by_its_rank():
