@@ -99,6 +99,7 @@ from ..policy import active_stochastic_layers, refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
 from .history_digest import history_sha256
+from .options import threshold, whole_number
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
 from .propagate import stability_bound
@@ -286,7 +287,8 @@ class DeltaGradUnlearner(Unlearner):
         already there) or "damp" (ours: those eigenvalues of B are capped at 1 / eta_t; module
         docstring)."""
         super().__init__(data)
-        self.check_options(burn_in=burn_in, period=period, memory=memory, loss_rise_limit=loss_rise_limit,
+        self.check_options(burn_in=burn_in, period=period, memory=memory, max_prediction_error=max_prediction_error,
+                           stability_limit=stability_limit, loss_rise_limit=loss_rise_limit,
                            check_samples=check_samples, unstable=unstable)
         self.unstable = unstable
         info = store.run_info
@@ -312,15 +314,20 @@ class DeltaGradUnlearner(Unlearner):
         self.stable_below = stability_bound(self.sgd.momentum, self.sgd.nesterov, self.stability_limit)
 
     @staticmethod
-    def check_options(*, burn_in, period, memory, loss_rise_limit, check_samples, unstable) -> None:
+    def check_options(*, burn_in, period, memory, max_prediction_error, stability_limit, loss_rise_limit,
+                      check_samples, unstable) -> None:
         """Refuses option values no request could use, naming the option; the constructor calls it,
         and make_unlearnable before training (the unlearner is built after it)."""
         if unstable not in ("refuse", "damp"):
             raise ValueError(f"unstable must be 'refuse' or 'damp', got {unstable!r}")
-        if burn_in < 0 or period < 1 or memory < 1:
-            raise ValueError(f"need burn_in >= 0, period >= 1, memory >= 1; got {burn_in}, {period}, {memory}")
-        if not loss_rise_limit > 0 or check_samples < 1:
-            raise ValueError(f"need loss_rise_limit > 0 and check_samples >= 1; got {loss_rise_limit}, {check_samples}")
+        whole_number("burn_in", burn_in, 0)
+        whole_number("period", period, 1)
+        whole_number("memory", memory, 1)
+        whole_number("check_samples", check_samples, 1)
+        threshold("max_prediction_error", max_prediction_error)
+        threshold("stability_limit", stability_limit)
+        if not threshold("loss_rise_limit", loss_rise_limit) > 0:
+            raise ValueError(f"need loss_rise_limit > 0; got {loss_rise_limit}")
 
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0

@@ -27,8 +27,6 @@ with the union, so sequential requests equal one combined request):
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ..data import TrainingData
@@ -40,6 +38,7 @@ from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import HessianOperator, exact_spectrum, lanczos_spectrum, subsample
 from .history_digest import history_sha256
+from .options import auto_or_positive, positive_number, threshold
 from .propagate import (DELTA_RULES, UNSTABLE, edge_directions, gap_bound_factor, propagate_segment,
                         propagate_segment_momentum, stability_bound)
 from .record import FULL_GRAD, check_replayable_sgd
@@ -83,7 +82,8 @@ class MiniUnlearner(Unlearner):
         self.sgd = check_replayable_sgd(info, "Mini-Unlearning", len(trainable(model)))
         self.check_options(unstable=unstable, curvature=curvature, delta_rule=delta_rule,
                            curvature_samples=curvature_samples, lanczos_steps=lanczos_steps,
-                           curvature_budget=curvature_budget, momentum=self.sgd.momentum)
+                           curvature_budget=curvature_budget, stability_limit=stability_limit,
+                           loss_rise_limit=loss_rise_limit, momentum=self.sgd.momentum)
         self.delta_rule = delta_rule
         self.weight_decay = self.sgd.weight_decay
         self.unstable = unstable
@@ -99,8 +99,8 @@ class MiniUnlearner(Unlearner):
         self.lrs = torch.tensor(info["lr_schedule"], dtype=torch.float64)
         self.flat = FlatModel(model, data)
         self.original = self.flat.flat()
-        self.curvature_samples = _auto_or_positive("curvature_samples", curvature_samples)
-        self.lanczos_steps = _auto_or_positive("lanczos_steps", lanczos_steps)
+        self.curvature_samples = auto_or_positive("curvature_samples", curvature_samples)
+        self.lanczos_steps = auto_or_positive("lanczos_steps", lanczos_steps)
         self.curvature_budget = float(curvature_budget)
         self.curvature, self.seed, self.stability_limit = curvature, int(seed), float(stability_limit)
         self.loss_rise_limit = float(loss_rise_limit)
@@ -109,7 +109,7 @@ class MiniUnlearner(Unlearner):
 
     @staticmethod
     def check_options(*, unstable, curvature, delta_rule, curvature_samples, lanczos_steps, curvature_budget,
-                      momentum) -> None:
+                      stability_limit, loss_rise_limit, momentum) -> None:
         """Refuses option values no request could use, naming the option; the constructor calls it,
         and make_unlearnable before training (the unlearner is built after it). momentum: the
         training run's SGD momentum (the recorded run's, or the wrapped optimizer's)."""
@@ -122,11 +122,11 @@ class MiniUnlearner(Unlearner):
             raise ValueError(f"curvature must be one of {CURVATURE}, got {curvature!r}")
         if delta_rule not in DELTA_RULES:
             raise ValueError(f"delta_rule must be one of {DELTA_RULES}, got {delta_rule!r}")
-        _auto_or_positive("curvature_samples", curvature_samples)
-        _auto_or_positive("lanczos_steps", lanczos_steps)
-        if isinstance(curvature_budget, bool) or not isinstance(curvature_budget, numbers.Real) \
-                or not curvature_budget > 0:
-            raise ValueError(f"curvature_budget must be a positive fraction of retraining's cost, got {curvature_budget!r}")
+        auto_or_positive("curvature_samples", curvature_samples)
+        auto_or_positive("lanczos_steps", lanczos_steps)
+        positive_number("curvature_budget", curvature_budget, " (a fraction of retraining's cost)")
+        threshold("stability_limit", stability_limit)
+        threshold("loss_rise_limit", loss_rise_limit)
 
     # ---- unlearning -----------------------------------------------------------------------------
 
@@ -325,12 +325,3 @@ class MiniUnlearner(Unlearner):
         load_model_state_(self.model, state)
         self.original = self.flat.join([state["original"][k] for k in self.flat.names])
         self._set_forgotten(state["forgotten"])
-
-
-def _auto_or_positive(name: str, value) -> int | str:
-    """'auto', or the value as a positive int (a clear error otherwise)."""
-    if isinstance(value, str) and value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int or 'auto', got {value!r}")
-    return int(value)
