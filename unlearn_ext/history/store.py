@@ -642,6 +642,15 @@ class HistoryStore:
         for s in self._steps[lo:hi]:
             yield self.read(s, names, device=device)
 
+    def step_scalars(self):
+        """(step, lr, meta) of every recorded step, in order, from the index held in memory: no
+        record is read. The meta dicts are the store's own: read them, do not change them."""
+        return [(e.step, e.lr, e.meta) for e in self._entries]
+
+    def holds_field(self, step: int, name: str) -> bool:
+        """Whether recorded step `step` holds field `name` (from the index: nothing is read)."""
+        return self._field_kind(self._index_of(step), name) is not None
+
     def schedule(self):
         """(step, lr, lrs, batch ids) of every recorded step, in order, without reading any field."""
         for i, e in enumerate(self._entries):

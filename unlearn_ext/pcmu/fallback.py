@@ -19,7 +19,7 @@ def resume_without(trainer, removed, t0: int) -> None:
     with torch.no_grad():
         for p, src in zip(trainer.params, w):
             p.copy_(src)
-    step_sizes = [r.step_size for r in trainer.records[t0:end]]
+    step_sizes = trainer._step_size[t0:end].tolist()
     # Dropping the records first excludes every forgotten id from step t0 on (the steps recomputed
     # below skip them all), and adding the removed ids then recounts only the steps kept.
     trainer._drop_records_from(t0)

@@ -3,17 +3,25 @@ history=path_or_store)`.
 
 Each step is one store record: its tensors (records.PCMUStep.to_record: packed codes, fragile values,
 indices, radii) as exact fields, its step size as the record's lr, its scalars as the record's meta;
-step 0 also holds the initial weights (field "initial"), which replaying the codes starts from. So
-the records are crash-safe and locked like every history file (history/file.py): one writer, fsync'd
-every keyframe_every records, a crash-cut tail dropped on reopening and reported (store.recovery).
-The store's run metadata holds the trainer's fingerprint; a trainer built over an existing file with
-another configuration or model is refused, naming what differs.
+step 0 and every WEIGHTS_EVERY-th step also hold the weights the step starts from (field "initial":
+at step 0 the initial weights), which replaying the codes starts from. So the records are crash-safe
+and locked like every history file (history/file.py): one writer, fsync'd every keyframe_every
+records, a crash-cut tail dropped on reopening and reported (store.recovery); a step's weights are
+part of its record, so a crash keeps or loses both. The store's run metadata holds the trainer's
+fingerprint; a trainer built over an existing file with another configuration or model is refused,
+naming what differs.
 
-Reopening: a trainer built over an existing file restores the recorded steps (the initial weights
-and the codes of every step; the model's weights become the replayed w_T), and trains on from there.
-What requests changed besides the records (the forgotten ids) is the deletion ledger's: a
-`DeletionLedger` over the trainer's unlearner restores it, and cuts the store back to the records
-its last commit covered.
+The records live in the file only (`StoreLog`): a check reads the records of the steps it needs,
+when it needs them, and the per-step scalars a certified request reads (step size, smallest radius,
+applied) come from the store's index, so memory does not hold the records and a certified request
+reads none.
+
+Reopening: a trainer built over an existing file restores the recorded steps without reading their
+records: the per-step arrays from the store's index, the initial weights from step 0, and the
+model's weights w_T from the last stored weights and at most WEIGHTS_EVERY records' codes after
+them; it trains on from there. What requests changed besides the records (the forgotten ids) is the
+deletion ledger's: a `DeletionLedger` over the trainer's unlearner restores it, and cuts the store
+back to the records its last commit covered.
 
 Rewriting from a step t0 (the fallback) appends a rewind record and the new steps (the store's
 `rewind`): the file stays append-only, a reader sees the old steps or the new ones, never a mix, and
@@ -23,8 +31,7 @@ mark, and the superseded steps read again.
 
 Why the in-memory `StepLog` stays the default: without a path there is no file to make crash-safe,
 and a store in memory would hold the same bytes as the StepLog while the ledger would still have to
-copy them. Both hold the same encoding (to_record / to_state). Here the records are also kept in
-memory (the checks read them at every request); the store is their durable copy.
+copy them. Both hold the same encoding (to_record / to_state).
 """
 from __future__ import annotations
 
@@ -32,15 +39,22 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 
 from ..history.store import FieldSpec, HistoryStore
-from ..step_log import StepLog
 from ..unlearner import fingerprint_differences
 from .records import RECORD_TENSORS, PCMUStep, check_step_sizes
 
 RUN_KEY = "pcmu"        # run metadata: the trainer's fingerprint
-INITIAL = "initial"     # step 0's field: the initial weights, one flat float32 tensor per parameter
+# The field holding w_t, the weights step t starts from, one flat float32 tensor per parameter: step 0
+# (the initial weights) and every WEIGHTS_EVERY-th step. Its name in files stays "initial": files
+# written before the keyframes hold it at step 0 only, and open as they are.
+WEIGHTS = "initial"
+# Steps between stored weights: a reopen or a replay rebuilds any w_t from the last stored weights
+# and at most this many records' codes. 256 keeps them at 1/64 of the records' bytes or less (the
+# weights take 4 bytes per coordinate, a step's codes 1/4 byte or more).
+WEIGHTS_EVERY = 256
 # Records between fsyncs of a store created from a path (exact fields have no keyframes: this is the
 # store's keyframe_every, which also bounds the tail a crash can cost).
 SYNC_EVERY = 50
@@ -49,7 +63,7 @@ SYNC_EVERY = 50
 def fields(parameters: int) -> dict:
     """The store's fields for a model of `parameters` trainable tensors."""
     exact = {name: FieldSpec([(-1,)], "exact") for name in RECORD_TENSORS}
-    return {**exact, INITIAL: FieldSpec([(-1,)] * parameters, "exact")}
+    return {**exact, WEIGHTS: FieldSpec([(-1,)] * parameters, "exact")}
 
 
 def open_history(history, trainer) -> HistoryStore:
@@ -84,42 +98,88 @@ def open_history(history, trainer) -> HistoryStore:
     return store
 
 
-class StoreLog(StepLog):
-    """The trainer's records (a StepLog) whose every change is also written to a disk store:
-    append records a step, truncate rewinds the store; step 0 records `trainer.initial` too."""
+class StoreLog:
+    """The trainer's records, read from the disk store when asked (`log[t]`, iteration): memory
+    holds none of them, so it does not grow with the recorded steps. Every change is a store
+    change: append records a step (step 0 and every WEIGHTS_EVERY-th step with the weights it
+    starts from), truncate rewinds the store."""
 
     def __init__(self, store: HistoryStore, trainer):
         self.store, self.trainer = store, trainer
-        super().__init__(load_records(store))
-        self.mark_clean()
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._read(t) for t in range(*i.indices(len(self)))]
+        t = range(len(self))[i]  # an IndexError out of range, negative indices as a list's
+        return self._read(t)
+
+    def __iter__(self):
+        for t in range(len(self)):
+            yield self._read(t)
+
+    def _read(self, t: int) -> PCMUStep:
+        s = self.store.read(t, [k for k in RECORD_TENSORS if self.store.holds_field(t, k)])
+        try:
+            return PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items()}, s.meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"history {self.store.file.path}: step record {t} is not a PCMU record "
+                             f"({type(exc).__name__}: {exc})") from None
 
     def append(self, entry: PCMUStep) -> None:
         tensors, meta = entry.to_record()
-        if entry.step == 0:
-            tensors[INITIAL] = [w.detach().reshape(-1).to("cpu", torch.float32) for w in self.trainer.initial]
-        self.store.record(entry.step, {k: [v] if k != INITIAL else v for k, v in tensors.items()},
-                          lr=entry.step_size, meta=meta)
-        super().append(entry)
+        tensors = {k: [v] for k, v in tensors.items()}
+        if entry.step % WEIGHTS_EVERY == 0:
+            weights = self.trainer.initial if entry.step == 0 else weights_at(self, entry.step)
+            tensors[WEIGHTS] = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights]
+        self.store.record(entry.step, tensors, lr=entry.step_size, meta=meta)
 
     def truncate(self, length: int) -> None:
         length = max(int(length), 0)
         if length < len(self):
             self.store.rewind(length)
-        super().truncate(length)
 
     def replace(self, entries) -> None:
         self.truncate(0)
         for e in entries:
             self.append(e)
 
-    def restore_clean(self) -> None:
-        raise RuntimeError("records in a history store are rolled back through the store (the state's "
-                           "'history' mark, persistence.py), not through the StepLog's marks")
+    def keyframe(self, t: int) -> tuple[int, list[torch.Tensor]]:
+        """(s, w_s): the last recorded weights at or before step t (replaying the codes from s
+        gives w_t). The weights are stored at step 0 and every WEIGHTS_EVERY-th step, so at most
+        that many records lie between (files written before the keyframes hold step 0's only)."""
+        s = min(int(t), len(self) - 1)
+        while s > 0 and not self.store.holds_field(s, WEIGHTS):
+            s -= 1
+        return s, stored_weights(self.store, s, self.trainer.shapes)
 
     def reload(self) -> None:
-        """The records as the store holds them now (after the store was rolled back)."""
-        self._entries = load_records(self.store)  # the store's own rewind already happened: not truncate()
-        self.mark_clean()
+        """Nothing to do: the records are read from the store, which was rolled back itself."""
+
+
+def weights_at(log: StoreLog, t: int) -> list[torch.Tensor]:
+    """w_t (0 < t <= len(log)): the last stored weights before it, the codes after them replayed."""
+    return log.trainer.replay(t, log.keyframe(t - 1))
+
+
+def step_scalars(store: HistoryStore) -> tuple:
+    """(step sizes, smallest radii, applied) of every recorded step as numpy arrays, from the
+    store's index in memory (no record is read); refused unless the steps are 0, 1, ... and each
+    holds a PCMU record's scalars."""
+    rows = store.step_scalars()
+    n = len(rows)
+    try:
+        if [row[0] for row in rows] != list(range(n)):
+            raise ValueError("the steps are not 0, 1, 2, ...")
+        sizes = np.fromiter((row[1] for row in rows), np.float64, n)
+        radii = np.fromiter((float(row[2]["min_radius"]) for row in rows), np.float64, n)
+        applied = np.fromiter((row[2]["applied"] for row in rows), np.bool_, n)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"history {store.file.path}: its step records are not PCMU records "
+                         f"({type(exc).__name__}: {exc})") from None
+    return sizes, radii, applied
 
 
 def load_records(store: HistoryStore) -> list[PCMUStep]:
@@ -129,7 +189,7 @@ def load_records(store: HistoryStore) -> list[PCMUStep]:
         try:
             if s.step != i:
                 raise ValueError(f"step {s.step} where step {i} was expected")
-            records.append(PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items() if k != INITIAL},
+            records.append(PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items() if k != WEIGHTS},
                                                 s.meta))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"history {store.file.path}: step record {i} is not a PCMU record "
@@ -137,35 +197,36 @@ def load_records(store: HistoryStore) -> list[PCMUStep]:
     return records
 
 
-def initial_weights(store: HistoryStore, shapes) -> list[torch.Tensor]:
-    """The initial weights step 0 recorded, shaped like the parameters."""
-    flat = store.read(0, [INITIAL]).tensors.get(INITIAL)
+def stored_weights(store: HistoryStore, step: int, shapes) -> list[torch.Tensor]:
+    """The weights recorded at `step` (w_step: step 0's are the initial weights), shaped like the parameters."""
+    flat = store.read(step, [WEIGHTS]).tensors.get(WEIGHTS)
     if flat is None or [t.numel() for t in flat] != [math.prod(s) for s in shapes] or any(
             t.dtype != torch.float32 for t in flat):
-        raise ValueError(f"history {store.file.path}: step 0 does not hold this model's initial weights (float32, "
-                         "one tensor per parameter)")
+        raise ValueError(f"history {store.file.path}: step {step} does not hold this model's "
+                         f"{'initial ' if step == 0 else ''}weights (float32, one tensor per parameter)")
     return [t.reshape(shape) for t, shape in zip(flat, shapes)]
 
 
 def attach(trainer, history) -> None:
     """Makes `trainer` record into `history` (open_history); over a file holding steps, restores
-    them: the initial weights, the records, the per-step index, and the model's weights (w_T
-    replayed). Refused before the trainer changes when the steps' learning rates are not the
-    trainer's."""
+    them: the initial weights, the per-step arrays (from the store's index: no record is read), and
+    the model's weights (w_T: the last stored weights and the codes after them replayed). Refused
+    before the trainer changes when the steps are not PCMU records or their learning rates are not
+    the trainer's."""
     store = open_history(history, trainer)
     try:
-        log = StoreLog(store, trainer)
-        initial = initial_weights(store, trainer.shapes) if len(log) else trainer.initial
-        check_step_sizes(trainer, [(r.step, r.step_size) for r in log])
+        scalars = step_scalars(store)
+        initial = stored_weights(store, 0, trainer.shapes) if len(store) else trainer.initial
+        check_step_sizes(trainer, enumerate(scalars[0].tolist()))
     except BaseException:
         if not isinstance(history, HistoryStore):  # opened here from a path
             store.close()
         raise
-    trainer.history, trainer.initial, trainer.records = store, initial, log
-    if len(log):
-        trainer._reindex()
+    trainer.history, trainer.initial, trainer.records = store, initial, StoreLog(store, trainer)
+    if len(store):
+        trainer._reindex(scalars)
         with torch.no_grad():
-            for p, w in zip(trainer.params, trainer.replay(len(log))):
+            for p, w in zip(trainer.params, trainer.replay(len(store))):
                 p.copy_(w)
 
 

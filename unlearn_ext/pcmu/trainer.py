@@ -45,7 +45,7 @@ from ..recipe import to_device
 from .apriori_index import AprioriIndex
 from .certificate import AprioriCertificate, RequestCheck, budget_m_star
 from .fallback import resume_without
-from .history import attach as attach_history
+from .history import attach as attach_history, step_scalars
 from .persistence import fingerprint, load_state_dict, state_dict
 from .margin import MAX_SUM_TERMS, rounding_margin as derived_margin
 from .records import STEP_WINDOW, FragileSet, PCMUStep, estimate_record_bytes, pack_codes, record_bytes, unpack_codes
@@ -118,6 +118,7 @@ class PCMUTrainer:
         # The records, and per step what a request's a-priori answer reads (kept in
         # step with the records by _add_record / _drop_records_from / load_state_dict).
         self.records = StepLog()
+        self._step_size = torch.empty(0, dtype=torch.float64)
         self._min_radius = torch.empty(0, dtype=torch.float64)
         self._applied = torch.empty(0, dtype=torch.bool)
         self._forgotten_count = torch.empty(0, dtype=torch.int64)  # forgotten ids in each step's batch
@@ -231,10 +232,11 @@ class PCMUTrainer:
         t = self._steps
         if t == self._min_radius.numel():  # grow the per-step arrays by doubling
             cap = max(2 * t, 64)
+            self._step_size = torch.cat([self._step_size, torch.empty(cap - t, dtype=torch.float64)])
             self._min_radius = torch.cat([self._min_radius, torch.empty(cap - t, dtype=torch.float64)])
             self._applied = torch.cat([self._applied, torch.zeros(cap - t, dtype=torch.bool)])
             self._forgotten_count = torch.cat([self._forgotten_count, torch.zeros(cap - t, dtype=torch.int64)])
-        self._min_radius[t], self._applied[t] = r.min_radius, r.applied
+        self._step_size[t], self._min_radius[t], self._applied[t] = r.step_size, r.min_radius, r.applied
         self._forgotten_count[t] = 0  # computed by _compute_step, on _next_batch: no forgotten id in it
         self._steps = t + 1
         self._apriori.invalidate()
@@ -247,13 +249,19 @@ class PCMUTrainer:
         # The steps recomputed from here on skip every forgotten id.
         self._excluded_from.clamp_(max=self._steps)
 
-    def _reindex(self) -> None:
-        """Rebuilds the per-step arrays from the records (after they were replaced or rolled back)."""
+    def _reindex(self, scalars: tuple | None = None) -> None:
+        """Rebuilds the per-step arrays from the records (after they were replaced or rolled back):
+        in a history store from its index, without reading a record (`scalars`: history.step_scalars
+        of it, when the caller has them)."""
         n = len(self.records)
-        # One field per pass, read by C iterators into numpy (half the time of list comprehensions
-        # into torch.tensor at 100k steps; a ledger reopens or rolls back through here).
-        self._min_radius = torch.from_numpy(np.fromiter(map(attrgetter("min_radius"), self.records), np.float64, n))
-        self._applied = torch.from_numpy(np.fromiter(map(attrgetter("applied"), self.records), np.bool_, n))
+        if self.history is not None:
+            sizes, radii, applied = step_scalars(self.history) if scalars is None else scalars
+        else:
+            # One field per pass, read by C iterators into numpy (half the time of list comprehensions
+            # into torch.tensor at 100k steps; a ledger reopens or rolls back through here).
+            sizes, radii, applied = (np.fromiter(map(attrgetter(name), self.records), dtype, n) for name, dtype in
+                                     (("step_size", np.float64), ("min_radius", np.float64), ("applied", np.bool_)))
+        self._step_size, self._min_radius, self._applied = map(torch.from_numpy, (sizes, radii, applied))
         self._forgotten_count = torch.zeros(n, dtype=torch.int64)
         self._steps = n
         self._recount_forgotten()
@@ -390,36 +398,42 @@ class PCMUTrainer:
             raise ValueError("give exactly one of epochs= or steps=")
         count = steps if steps is not None else epochs * self.schedule.batches_per_epoch
         if fragile_fraction is None:
-            applied = [r for r in self.records if r.applied]
-            fragile_fraction = (sum(r.fragile.count for r in applied) / (len(applied) * self.coordinates)
-                                if applied and self.coordinates else 1.0)
+            applied = int(self._applied[:self._steps].sum())
+            fragile = sum(r.fragile.count for r in self.records if r.applied)  # one record at a time
+            fragile_fraction = fragile / (applied * self.coordinates) if applied and self.coordinates else 1.0
         return estimate_record_bytes(self.coordinates, count, mode=self.mode,
                                      fragile_fraction=fragile_fraction)
 
     # ---- certificates ---------------------------------------------------------------------------------
 
     def certificate(self) -> AprioriCertificate:
-        applied = [r for r in self.records if r.applied]
         d, unit, margin = self.coordinates, self.unit, self.rounding_margin
         bounds = [m * unit + margin for m in range(self.max_request + 1)]
-        per_step = [r.fragile.count_below(bounds) for r in applied]
-        below = [sum(c[m] for c in per_step) for m in range(self.max_request + 1)]
-        pairs = max(len(applied) * d, 1)
+        below = [0] * (self.max_request + 1)
+        for r in self.records:  # one record at a time (a history store reads each from its file)
+            if r.applied:
+                below = [a + b for a, b in zip(below, r.fragile.count_below(bounds))]
+        applied = self._applied[:self._steps]
+        radii = self._min_radius[:self._steps][applied].tolist()
+        pairs = max(len(radii) * d, 1)
         return AprioriCertificate(
             mode=self.mode if self.framework == "G" else "D", clip_norm=self.clip_norm,
             batch_size=self.batch_size, tau=self.tau, sigma=self.sigma, alpha=self.alpha,
-            rounding_margin=margin, steps=len(applied), coordinates=d,
-            min_radius_per_step=[r.min_radius for r in applied] if self.framework == "G" else [0.0],
+            rounding_margin=margin, steps=len(radii), coordinates=d,
+            min_radius_per_step=radii if self.framework == "G" else [0.0],
             max_request=self.max_request, coverage=[1.0 - c / pairs for c in below], below_counts=below,
-            forgotten_per_batch_max=int(self._forgotten_count[:self._steps][self._applied[:self._steps]].max())
-            if applied else 0)
+            forgotten_per_batch_max=int(self._forgotten_count[:self._steps][applied].max()) if radii else 0)
 
     def replay(self, t: int, start=None) -> list[torch.Tensor]:
-        """w_t rebuilt bit for bit from the initial weights and the recorded codes. `start` = (s, w_s)
-        continues from an already rebuilt w_s (s <= t) instead of from w_0."""
-        s, w = (0, [p.clone() for p in self.initial]) if start is None else (start[0], [p.clone() for p in start[1]])
+        """w_t rebuilt bit for bit from the initial weights (in a history store: the last weights it
+        stored at or before t) and the recorded codes. `start` = (s, w_s) continues from an already
+        rebuilt w_s (s <= t) instead."""
+        if start is None:
+            start = (0, self.initial) if self.history is None or t == 0 else self.records.keyframe(t)
+        s, w = start[0], [p.clone() for p in start[1]]
         with torch.no_grad():
-            for r in self.records[s:t]:
+            for i in range(s, t):  # one record at a time (a history store reads each from its file)
+                r = self.records[i]
                 if r.applied:
                     apply_codes_(w, unpack_codes(r.codes, self.shapes), r.step_size)
         return w
