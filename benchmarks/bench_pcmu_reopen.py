@@ -9,15 +9,27 @@ records (a reopen after the ledger read its files: records parsed, arrays rebuil
 opening a ledger directory holding T records (mostly torch.load of the record files; --reopen).
 Workload: bench_ledger_request.py's (MLP 64-256-256-10, full batch, 4 trained steps' records
 repeated up to T). Each figure is the median of --repeat runs in process CPU time.
+
+--history DIR: the records in a disk history store instead (PCMUTrainer(history=...), a file of T
+records written under DIR, every record its own). Each of --repeat fresh processes then reopens a
+trainer over the file and answers one certified request (PCMUUnlearner.unlearn of one id); rows:
+`store_reopen_ms` (CPU; wall apart), `request_ms` (CPU), `request_peak_MiB` (tracemalloc's peak
+of Python and torch CPU allocations during the request), and the process's peak RSS (ru_maxrss)
+after the reopen and after the request (`reopen_maxrss_MiB`, `maxrss_MiB`: what a restarted
+process holds, the records included where they are held in memory). Medians over the processes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import tracemalloc
 
 import torch
 
@@ -48,17 +60,60 @@ def measure(steps: int, repeat: int, reopen: bool, where: str | None) -> dict:
     return row
 
 
+def reopen_and_request(path: str) -> dict:
+    """In a fresh process: reopen a trainer over the store at `path`, then one certified request."""
+    began, cpu_began = time.perf_counter(), time.process_time()
+    trainer = _trainer(history=path)
+    reopen = (time.perf_counter() - began, time.process_time() - cpu_began)
+    reopen_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    cpu_began = time.process_time()
+    report = PCMUUnlearner(trainer).unlearn([1])
+    request = time.process_time() - cpu_began
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    if report.how != "a-priori (m*)":
+        raise RuntimeError(f"the request was not certified a priori: {report}")
+    trainer.close()
+    return {"store_reopen_ms": 1e3 * reopen[1], "store_reopen_wall_ms": 1e3 * reopen[0], "request_ms": 1e3 * request,
+            "request_peak_MiB": peak / 2**20, "reopen_maxrss_MiB": reopen_rss / 1024,
+            "maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_store(steps: int, repeat: int, where: str) -> dict:
+    with tempfile.TemporaryDirectory(dir=where) as directory:
+        path = os.path.join(directory, "pcmu.hist")
+        _with_history(steps, history=path).close()
+        runs = []
+        for _ in range(repeat):
+            child = subprocess.run([sys.executable, __file__, "--child", path], capture_output=True, text=True,
+                                   check=True)
+            runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        size = os.path.getsize(path)
+    row = {"steps": steps, "store_bytes": size}
+    row.update({key: statistics.median(run[key] for run in runs) for key in runs[0]})
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--reopen", action="store_true", help="also time one ledger reopen per T")
     parser.add_argument("--dir", default=None, help="where the ledger lives (default: the temp directory)")
+    parser.add_argument("--history", metavar="DIR", default=None,
+                        help="the records in a disk history store written under DIR; reopen and request timed "
+                             "in fresh processes")
+    parser.add_argument("--child", metavar="PATH", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label", default="")
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(reopen_and_request(args.child)), flush=True)
+        return
     code = os.path.dirname(os.path.abspath(__import__("unlearn_ext").__file__))
     for steps in args.steps:
-        row = measure(steps, args.repeat, args.reopen, args.dir)
+        row = (measure_store(steps, args.repeat, args.history) if args.history
+               else measure(steps, args.repeat, args.reopen, args.dir))
         row.update(label=args.label, code=code, threads=torch.get_num_threads(), load=os.getloadavg()[0])
         print(json.dumps(row), flush=True)
 

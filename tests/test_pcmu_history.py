@@ -17,7 +17,9 @@ from unlearn_ext.history.file import HistoryConflictError, HistoryFile, HistoryL
 from unlearn_ext.history.store import HistoryStore
 from unlearn_ext.ledger import DeletionLedger, read_ledger
 from unlearn_ext.pcmu import PCMUUnlearner
-from unlearn_ext.pcmu.history import fields, load_records
+from unlearn_ext.pcmu import history as pcmu_history
+from unlearn_ext.pcmu.history import WEIGHTS, fields, load_records
+from unlearn_ext.pcmu.records import PCMUStep
 
 from unlearn_ext.pcmu import PCMUTrainer
 
@@ -27,6 +29,16 @@ DIGITS = dict(clip_norm=1.0, lr=0.05, tau=0.006, sigma=0.01)  # pcmu_settings.di
 EPOCHS = 2  # 8 steps of the digits setting (batch 350)
 # A request the per-request check does not certify in this setting: it resumes from a step > 0.
 DIVERGENT = [17, 300]
+
+
+# Stored weights every few steps here (every 256 by default), so that the runs of a few steps below
+# reopen, replay, rewind and roll back across them.
+WEIGHTS_EVERY = 3
+
+
+@pytest.fixture(autouse=True)
+def weights_every_few_steps(monkeypatch):
+    monkeypatch.setattr(pcmu_history, "WEIGHTS_EVERY", WEIGHTS_EVERY)
 
 
 def same_records(a, b) -> bool:
@@ -82,6 +94,8 @@ KILLED_CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[2])
     from pcmu_settings import digits_trainer
+    import unlearn_ext.pcmu.history
+    unlearn_ext.pcmu.history.WEIGHTS_EVERY = int(sys.argv[3])
     trainer = digits_trainer(history=sys.argv[1])
     for _ in range(10000):
         trainer.train(steps=1)
@@ -94,8 +108,8 @@ def test_a_killed_training_process_reopens_at_its_last_whole_record(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.path.dirname(tests) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, path, tests], stdout=subprocess.PIPE, text=True,
-                             env=env)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, path, tests, str(WEIGHTS_EVERY)],
+                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         for line in child.stdout:  # kill it mid-training, once it has recorded a few steps
             if int(line) >= 6:
@@ -126,6 +140,91 @@ def test_a_reopened_store_restores_the_initial_weights(tmp_path):
     trained = digits_trainer().train(epochs=EPOCHS)
     assert all(torch.equal(a, b) for a, b in zip(reopened.initial, digits_trainer().initial))
     assert params_equal(reopened, trained) and same_records(reopened.records, trained.records)
+    reopened.close()
+
+
+def stored_weight_steps(store) -> list:
+    return [t for t in range(len(store)) if store.holds_field(t, WEIGHTS)]
+
+
+def test_the_store_holds_the_weights_every_few_steps_and_replays_from_them(tmp_path):
+    """Step 0 and every WEIGHTS_EVERY-th step hold the weights they start from, which are the
+    in-memory run's replayed w_t bit for bit; replaying any w_t from them gives the in-memory
+    run's w_t."""
+    stored = digits_trainer(history=str(tmp_path / "h")).train(steps=10)
+    memory = digits_trainer().train(steps=10)
+    assert stored_weight_steps(stored.history) == [0, 3, 6, 9]
+    for t in (3, 6, 9):
+        s, w = stored.records.keyframe(t)
+        assert s == t and all(torch.equal(a, b) for a, b in zip(w, memory.replay(t)))
+    for t in range(11):
+        assert all(torch.equal(a, b) for a, b in zip(stored.replay(t), memory.replay(t)))
+    stored.close()
+
+
+def test_a_reopen_reads_only_the_last_stored_weights_and_the_codes_after_them(tmp_path, monkeypatch):
+    """Reopening a store of T steps reads step 0's initial weights, the last stored weights and the
+    records after them (fewer than WEIGHTS_EVERY), whatever T: the per-step arrays come from the
+    store's index. The reopened trainer is the uninterrupted run, and trains on as it."""
+    path = str(tmp_path / "h")
+    digits_trainer(history=path).train(steps=11).close()
+    read = []
+    real = HistoryStore.read
+
+    def counted(store, step, names=None, **kw):
+        read.append(step)
+        return real(store, step, names, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(HistoryStore, "read", counted)
+        reopened = digits_trainer(history=path)
+    assert set(read) <= {0, 9, 10}  # stored weights at 0, 3, 6, 9: from 9 on
+    uninterrupted = digits_trainer().train(steps=11)
+    assert params_equal(reopened, uninterrupted)
+    assert reopened.certificate() == uninterrupted.certificate()
+    reopened.train(steps=3)
+    uninterrupted.train(steps=3)
+    assert params_equal(reopened, uninterrupted) and same_records(reopened.records, uninterrupted.records)
+    assert stored_weight_steps(reopened.history) == [0, 3, 6, 9, 12]
+    reopened.close()
+
+
+def test_a_store_backed_trainer_holds_no_record_in_memory(tmp_path):
+    """The records are read from the file when needed: neither training into the store nor
+    reopening it leaves step records in memory, and a request certified a priori reads none."""
+    import gc
+
+    def records_alive() -> int:
+        gc.collect()
+        return sum(type(o) is PCMUStep for o in gc.get_objects())
+
+    path = str(tmp_path / "h")
+    before = records_alive()
+    trainer = digits_trainer(history=path, sigma=0.05, tau=0.2).train(steps=12)
+    assert records_alive() == before
+    trainer.close()
+    trainer = digits_trainer(history=path, sigma=0.05, tau=0.2)
+    assert records_alive() == before and trainer.steps_done == 12
+    trainer.history.bytes_read = 0
+    report = PCMUUnlearner(trainer).unlearn([3])
+    assert report.how == "a-priori (m*)" and trainer.history.bytes_read == 0
+    trainer.close()
+
+
+def test_a_file_with_the_initial_weights_only_still_reopens(tmp_path, monkeypatch):
+    """Files written before the stored weights hold them at step 0 only: reopening replays every
+    step from there, and the steps trained on store weights again."""
+    path = str(tmp_path / "h")
+    monkeypatch.setattr(pcmu_history, "WEIGHTS_EVERY", 10**9)
+    digits_trainer(history=path).train(steps=7).close()
+    monkeypatch.setattr(pcmu_history, "WEIGHTS_EVERY", WEIGHTS_EVERY)
+    reopened = digits_trainer(history=path)
+    assert stored_weight_steps(reopened.history) == [0]
+    uninterrupted = digits_trainer().train(steps=7)
+    assert params_equal(reopened, uninterrupted)
+    reopened.train(steps=3)
+    uninterrupted.train(steps=3)
+    assert params_equal(reopened, uninterrupted) and stored_weight_steps(reopened.history) == [0, 9]
     reopened.close()
 
 
