@@ -89,6 +89,30 @@ def test_reopening_after_a_crash_continues_as_the_uninterrupted_run(tmp_path):
     assert params_equal(resumed, uninterrupted) and same_records(resumed.records, uninterrupted.records)
 
 
+def test_a_crash_cutting_a_record_that_holds_weights_reopens_from_the_weights_before(tmp_path):
+    """The record cut by the crash is one holding the weights (step 6): reopening drops it with its
+    weights, rebuilds w_6 from step 3's weights and the codes after them, and the retrained step 6
+    stores them again, bit for bit the uninterrupted run's."""
+    path, crashed = str(tmp_path / "h"), str(tmp_path / "crashed")
+    writer = digits_trainer(history=path).train(steps=7)
+    shutil.copy(path, crashed)  # the file as the killed writer left it (no closing record)...
+    writer.close()
+    with open(crashed, "r+b") as f:  # ...cut inside its last record, step 6
+        f.truncate(os.path.getsize(crashed) - 10)
+    with pytest.warns(RuntimeWarning, match="dropped .* bytes"):
+        resumed = digits_trainer(history=crashed)
+    assert resumed.steps_done == 6 and stored_weight_steps(resumed.history) == [0, 3]
+    uninterrupted = digits_trainer().train(steps=6)
+    assert params_equal(resumed, uninterrupted)
+    resumed.train(steps=2)
+    uninterrupted.train(steps=2)
+    assert params_equal(resumed, uninterrupted) and same_records(resumed.records, uninterrupted.records)
+    assert stored_weight_steps(resumed.history) == [0, 3, 6]
+    s, w = resumed.records.keyframe(6)
+    assert s == 6 and all(torch.equal(a, b) for a, b in zip(w, uninterrupted.replay(6)))
+    resumed.close()
+
+
 # The child trains into the store until it is killed (SIGKILL: no close, no flush beyond each record's).
 KILLED_CHILD = textwrap.dedent("""
     import sys
