@@ -52,8 +52,9 @@ RUN_KEY = "pcmu"        # run metadata: the trainer's fingerprint
 # written before the keyframes hold it at step 0 only, and open as they are.
 WEIGHTS = "initial"
 # Steps between stored weights: a reopen or a replay rebuilds any w_t from the last stored weights
-# and at most this many records' codes. 256 keeps them at 1/64 of the records' bytes or less (the
-# weights take 4 bytes per coordinate, a step's codes 1/4 byte or more).
+# and fewer than this many records' codes (about 0.2 ms a step on an 85k-parameter MLP). 256 keeps
+# the weights at 1/16 of the records' bytes or less (4 bytes per coordinate, against 256 steps'
+# codes of 1/4 byte per coordinate each, and their fragile sets).
 WEIGHTS_EVERY = 256
 # Records between fsyncs of a store created from a path (exact fields have no keyframes: this is the
 # store's keyframe_every, which also bounds the tail a crash can cost).
