@@ -58,7 +58,7 @@ def test_records_in_a_disk_store_are_the_in_memory_records(tmp_path):
     stored = digits_trainer(history=str(tmp_path / "h")).train(epochs=EPOCHS)
     memory = digits_trainer().train(epochs=EPOCHS)
     assert same_records(stored.records, memory.records) and params_equal(stored, memory)
-    assert stored.certificate() == memory.certificate()
+    assert stored.certificate() == memory.certificate() and stored.record_bytes() == memory.record_bytes()
     # The store holds exactly those records: read back from the file by another handle.
     stored.close()
     with HistoryStore.open(str(tmp_path / "h"), writable=False) as reader:

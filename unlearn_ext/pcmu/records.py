@@ -296,17 +296,22 @@ def check_step_sizes(trainer, steps) -> None:
 
 # ---- bytes, recorded and expected --------------------------------------------------------------
 
-def record_bytes(records: list[PCMUStep]) -> dict:
-    """What a list of step records holds, in bytes: totals by part, per step, and layouts used."""
-    parts = [r.nbytes() for r in records]
+def record_bytes(records) -> dict:
+    """What step records hold, in bytes: totals by part, per step, and layouts used. One pass over
+    `records` (a history store's are read from its file one at a time)."""
+    parts, fragile_coordinates, layouts = [], 0, {SPARSE: 0, DENSE: 0}
+    for r in records:
+        parts.append(r.nbytes())
+        fragile_coordinates += r.fragile.count
+        if r.applied:
+            layouts[r.fragile.layout] += 1
     out = {k: sum(p[k] for p in parts) for k in ("codes", "fragile", "total")}
-    out["steps"] = len(records)
+    out["steps"] = len(parts)
     out["per_step"] = [p["total"] for p in parts]
     out["fragile_per_step"] = [p["fragile"] for p in parts]
-    out["mean_per_step"] = out["total"] / len(records) if records else 0.0
-    out["fragile_coordinates"] = sum(r.fragile.count for r in records)
-    out["layouts"] = {layout: sum(r.applied and r.fragile.layout == layout for r in records)
-                      for layout in (SPARSE, DENSE)}
+    out["mean_per_step"] = out["total"] / len(parts) if parts else 0.0
+    out["fragile_coordinates"] = fragile_coordinates
+    out["layouts"] = layouts
     return out
 
 
