@@ -17,7 +17,8 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
   * every module's training flag at step t equals step 0's, which the recipe keeps and retraining
     trains in (a model in eval mode or frozen BatchNorm is repeated as it is; a loop whose later
     steps run in other modes -- model.eval() for validation and no model.train() after it -- is not).
-    A gradient is watched through its version counter, which every in-place change bumps; a clip
+    A gradient is watched through its version counter, which every in-place change bumps, and its
+    identity (a replaced gradient, p.grad = p.grad * 0.5, has a version counter of its own); a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
     Declared clipping (make_unlearnable's clip_grad_norm=, repeated by retraining) is the one change
     allowed: clip_grad_norm_ writes each gradient exactly once (also when it does not clip), so the
@@ -138,6 +139,13 @@ class LoopGuard:
                         "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
                         "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
                         "reach cannot be repeated: step after every batch's backward")
+                if self._passes.replaced(p):  # its own version counter could read as unchanged
+                    raise RuntimeError(
+                        f"optimizer step {t}: the loop replaced the gradient of {name} by another tensor between "
+                        "backward and step (e.g. p.grad = p.grad * scale, p.grad = torch.clamp(p.grad, ...)); "
+                        "retraining steps on the backward's gradient and could not repeat it. Remove the change "
+                        "from the loop (declared clipping is clip_grad_norm=, written in place by "
+                        "torch.nn.utils.clip_grad_norm_)")
                 writes = self._passes.writes(p)
                 if clip is None and writes != 0:
                     raise RuntimeError(

@@ -154,11 +154,11 @@ class PCMUOptimizer:
     def _check_loop(self, t: int) -> None:
         """Refuses step t of a loop that left zero_grad, one backward, step (see __init__)."""
         for name, p in self._values.items():
-            if self._passes.writes(p):
+            if self._passes.writes(p) or self._passes.replaced(p):
                 raise RuntimeError(
                     f"optimizer step {t}: the loop changed the gradient of {name} between backward and step (e.g. "
-                    "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); PCMU's step does not use the "
-                    "gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
+                    "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise, in place or by a new "
+                    "tensor); PCMU's step does not use the gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
                     "(sigma=). Remove the change from the loop")
         most, passes = self._passes.most(self._values.values())
         if passes > 1:
