@@ -299,6 +299,27 @@ def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
                                                method=method, epochs=EPOCHS)
 
 
+@pytest.mark.parametrize("method", ["retrain", "mini"])
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1, 1]))],
+                         ids=["ignore_index", "zero class weight"])
+def test_first_items_whose_targets_all_go_uncounted_are_not_taken_for_a_non_finite_loss(method, loss_fn):
+    """The first 32 items' targets are all ignore_index (or of a class weighing 0): their mean is 0 / 0,
+    NaN, legitimately. It was refused as non-finite data; it is a mean over counted targets: the
+    methods that take any batch loss take it, the history methods refuse it as not a plain mean."""
+    y = torch.arange(N) % 3
+    y[:32] = -100 if loss_fn.weight is None else 0
+    data = torch.utils.data.TensorDataset(torch.randn(N, 1, 8, 8), y)
+    model = cnn("group")
+    wrap = lambda: ue.UnlearningEngine().make_unlearnable(  # noqa: E731
+        model, torch.optim.SGD(model.parameters(), lr=0.05), torch.utils.data.DataLoader(data, batch_size=BATCH),
+        method=method, epochs=EPOCHS, loss_fn=loss_fn)
+    if method == "retrain":
+        wrap()
+    else:
+        with pytest.raises(ue.UnsupportedModelError, match="is neither the mean nor the sum"):
+            wrap()
+
+
 @pytest.mark.parametrize("options, message", [
     ({"tau": 0.006, "sigma": 0.01}, r"make_unlearnable\(method='pcmu'\) needs the PCMU option\(s\) clip_norm= "),
     ({}, r"make_unlearnable\(method='pcmu'\) needs the PCMU option\(s\) clip_norm=, tau=, sigma= "),

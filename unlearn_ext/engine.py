@@ -62,7 +62,7 @@ from .pcmu import PCMUTrainer
 from .pcmu.optimizer import SET_BY_THE_WRAP, PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import UnsupportedModelError, loss_reduction, per_sample_loss_of, refuse_training_batch_norm
-from .recipe import OptimizerRecipe, loader_options
+from .recipe import OptimizerRecipe, loader_options, to_device
 from .unlearner import Unlearner
 
 METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad", "pcmu")
@@ -173,7 +173,8 @@ class UnlearningEngine:
         if method != "pcmu":  # PCMU's optimizer holds its own loop to the schedule (pcmu/optimizer.py)
             # First, so that its refusals come before any method's recording in the same step.
             self.run.guard = LoopGuard(model, optimizer, self.run.initial, recipe, len(data),
-                                       batches_per_epoch=schedule.batches_per_epoch, ddp=ddp)
+                                       batches_per_epoch=schedule.batches_per_epoch, ddp=ddp,
+                                       first_batch_loss=_first_batch_loss(model, data, recipe, schedule))
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
@@ -627,6 +628,18 @@ def _new_history_path(history, hint: str) -> str:
         raise FileExistsError(f"history={path!r} exists: make_unlearnable records this run's history there "
                               f"anew. Remove it (a run trained again after a restart records it again), or {hint}")
     return path
+
+
+def _first_batch_loss(model, data: TrainingData, recipe: OptimizerRecipe, schedule: BatchSchedule):
+    """() -> the loss retraining backpropagates at step 0: the schedule's first batch loaded as
+    retraining loads it (the recipe's collate_fn, in this process), through the model and the
+    recipe's loss (what LoopGuard compares the loop's first gradients with, loss_probe.py)."""
+    def loss() -> torch.Tensor:
+        collate = {k: v for k, v in recipe.loader_options.items() if k == "collate_fn"}
+        x, y = next(iter(DataLoader(data.items, batch_sampler=data.sampler(schedule), **collate)))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return recipe.batch_loss(data, model(to_device(x, device)), to_device(y, device))
+    return loss
 
 
 def _flat_model(run: _Run) -> FlatModel:

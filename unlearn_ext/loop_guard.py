@@ -26,7 +26,11 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
     is kept) times the coefficient clip_grad_norm_ computes from them, to within the gradients'
     dtype rounding. Noise, a zeroed or rescaled gradient, another max_norm or norm are refused.
 
-The gradient check is off under DistributedDataParallel: its reducer writes the averaged gradients
+At the first step the gradients are also compared with retraining's own (loss_probe.py: the
+loss given to make_unlearnable, backpropagated on the schedule's first batch), which tells a
+scaled loss, a term added to it or inputs changed in the loop, none of which a counter sees.
+
+The gradient checks are off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from .backward_passes import BackwardPasses
 from .distributed.group import agree
+from .loss_probe import check_first_step
 from .policy import changed_modes, training_modes
 
 
@@ -43,8 +48,11 @@ class LoopGuard:
     leaving the recipe. `step` is the schedule step the next optimizer.step() takes."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, initial: torch.nn.Module, recipe,
-                 n: int, *, batches_per_epoch: int, ddp=None):
+                 n: int, *, batches_per_epoch: int, ddp=None, first_batch_loss=None):
+        """first_batch_loss: () -> retraining's loss of the schedule's first batch at the current
+        weights (loss_probe.py), checked against the loop's first step; None: not checked."""
         self.model, self.optimizer, self.recipe, self.ddp = model, optimizer, recipe, ddp
+        self._first_batch_loss = first_batch_loss
         self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
         self.step = 0
         # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
@@ -86,6 +94,8 @@ class LoopGuard:
         self._check_training_modes(t)
         if self._passes is not None:
             self._check_gradients(t)
+            if t == 0 and self._first_batch_loss is not None:
+                self._check_first_loss()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._passes is not None:
@@ -162,6 +172,13 @@ class LoopGuard:
                         "no other way (retraining clips the same)")
         if clip is not None:
             self._check_clipped(t, clip)
+
+    def _check_first_loss(self) -> None:
+        """The first step's backward gradients against retraining's (loss_probe.py); with declared
+        clipping the copies taken before the clip, which _check_clipped held the step's to."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(

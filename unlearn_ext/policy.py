@@ -98,8 +98,10 @@ def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
 
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     """How `loss_fn` reduces its per-sample losses: 'mean', 'sum' or 'other' (e.g. a class-weighted
-    mean, which divides by the batch's total weight), found on the batch (x, y) (the data's first
-    two or more samples) in eval mode without gradients; a non-finite loss there is refused. Each
+    mean, which divides by the batch's total weight, or a mean over the targets ignore_index does
+    not skip), found on the batch (x, y) (the data's first two or more samples) in eval mode
+    without gradients; a non-finite loss there is refused, unless it is such a mean over samples
+    none of whose targets counts (every per-sample loss 0, the mean 0 / 0 = NaN: 'other'). Each
     method decides what it accepts (the history methods replay mean gradients: 'mean' only). A loss
     without a per-sample form (reduction='none') raises UnsupportedModelError."""
     from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
@@ -114,6 +116,10 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
         raise UnsupportedModelError(f"the loss must return one number for a batch (mean or sum of per-sample "
                                     f"losses); it returned shape {tuple(getattr(batch, 'shape', ()))}")
     if not torch.isfinite(batch):
+        if torch.isnan(batch) and bool((per == 0).all()):
+            # 0 / 0: a mean over counted targets, none counted in these samples (all ignore_index, or
+            # of classes weighing 0) -- no fault of the data, and no plain mean of per-sample losses.
+            return "other"
         # Not a reduction to classify (NaN compares unequal to everything): the data or the model.
         raise UnsupportedModelError(f"the loss of the first {len(per)} items is {float(batch)} at the initial "
                                     "weights: their inputs or targets hold NaN or infinite values, or the model "
