@@ -660,3 +660,59 @@ def test_a_one_id_request_on_a_batchnorm_model_and_scoring_leaves_buffers_alone(
     report = unlearner.unlearn([7])
     assert report.status == "unlearned" and report.ids == [7]
     assert seen and all(seen.values())
+
+
+class FrozenStatisticsCNN(nn.Module):
+    """A model whose own train() keeps its BatchNorm frozen (a common fine-tuning idiom), and counts
+    its calls: retraining must train in the modes the loop's steps had, whatever train() does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = cnn("batch", dropout=0.3)
+        self.train_calls = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.net[1].eval()
+        self.train_calls += 1
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("method", ["retrain", "finetune", "topk", "deltagrad"])
+@pytest.mark.parametrize("calls_train", [True, False], ids=["loop calls train()", "loop never calls train()"])
+def test_a_custom_train_override_is_repeated_by_retraining(method, calls_train):
+    """The loop calls the override each epoch (BatchNorm frozen, dropout on), or never calls it (the
+    model trains as constructed: BatchNorm on batch statistics; DeltaGrad, which needs it frozen,
+    as model.train() left it before wrapping). Retraining takes the modules'
+    modes recorded at the loop's first step; it does not call train() itself, which would change
+    the modes of a loop that never did."""
+    torch.manual_seed(0)
+    model = FrozenStatisticsCNN()
+    with torch.no_grad():
+        model.net[1].running_mean.uniform_(-0.1, 0.1)
+    if method == "deltagrad" or not calls_train:
+        model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, torch.optim.SGD(model.parameters(), lr=0.05),
+        torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True), method=method, epochs=EPOCHS,
+        loss_fn=loss_fn)
+    frozen = calls_train or method == "deltagrad"
+    if not frozen:  # as constructed: every module in training mode, BatchNorm included
+        nn.Module.train(model)
+    for _ in range(EPOCHS):
+        if calls_train:
+            model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    engine.unlearner()
+    assert engine.recipe.train_modes["net.1"] is not frozen
+    calls = engine.initial.train_calls
+    assert same_state(retrain(engine.initial, engine.data, engine.recipe, []), engine.trained)
+    assert engine.initial.train_calls == calls
