@@ -339,7 +339,19 @@ def test_a_missing_or_unknown_pcmu_option_is_named_as_an_option_of_make_unlearna
 
 
 @pytest.mark.parametrize("method, option, message", [
-    ("finetune", {"lr_factor": 0}, "finetune needs epochs >= 1 and lr_factor > 0"),
+    ("finetune", {"lr_factor": 0}, r"finetune needs epochs >= 1 \(an int\) and lr_factor > 0"),
+    ("finetune", {"unlearn_epochs": 0}, r"finetune needs epochs >= 1 \(an int\)"),
+    ("finetune", {"unlearn_epochs": 1.5}, r"finetune needs epochs >= 1 \(an int\)"),
+    ("topk", {"beta": 1.5}, r"beta \(dampen's factor, w \*= beta\) must be a number in \[0, 1\]"),
+    ("topk", {"beta": float("nan")}, r"beta .* must be a number in \[0, 1\]"),
+    ("randomk", {"sigma": -0.1}, r"sigma \(noise's standard deviation\) must be a finite number > 0"),
+    ("topk", {"sigma": float("inf")}, r"sigma .* must be a finite number > 0"),
+    ("topk", {"ascent_step": 0}, r"ascent_step .* must be a finite number > 0"),
+    ("topk", {"ascent_step": "0.1"}, r"ascent_step .* must be a finite number > 0"),
+    ("topk", {"ascent_max_steps": 0}, r"ascent_max_steps must be an int >= 1"),
+    ("topk", {"unlearn_seed": -1}, "seed must be a non-negative integer"),
+    ("randomk", {"unlearn_seed": 2.5}, "seed must be a non-negative integer"),
+    ("mini", {"unlearn_seed": "0"}, "seed must be a non-negative integer"),
     ("topk", {"k": 2.0}, r"a fractional k must be in \[0, 1\]"),
     ("topk", {"k": -1}, r"k must be in \[0, "),
     ("topk", {"repair": "everything"}, "repair must be one of"),
@@ -370,6 +382,40 @@ def test_an_option_value_the_method_refuses_is_refused_when_wrapping(method, opt
         engine.make_unlearnable(model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
                                 method=method, epochs=EPOCHS, **option)
     assert engine.run is None and not optimizer.state  # nothing was wrapped, nothing trained
+
+
+@pytest.mark.parametrize("method, option, attribute", [("finetune", {"unlearn_epochs": 2}, "epochs"),
+                                                       ("topk", {"unlearn_seed": 7}, "seed"),
+                                                       ("randomk", {"unlearn_seed": 7}, "seed"),
+                                                       ("mini", {"unlearn_seed": 7}, "seed")])
+def test_an_unlearner_option_named_like_a_training_argument_passes_with_the_unlearn_prefix(method, option, attribute):
+    """Fine-tuning's epochs and the seed of Mini-Unlearning, Top-K and Random-k are named like
+    make_unlearnable's own epochs= and seed= (the training run's), which took them: they could not
+    be set. They pass as unlearn_epochs= / unlearn_seed= and reach the unlearner; the bare name
+    stays the training run's."""
+    engine, model, optimizer, loader = _wrapped(method, **option)
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.CrossEntropyLoss()(model(x), y).backward()
+            optimizer.step()
+    assert engine.recipe.epochs == EPOCHS and engine.recipe.seed == 0
+    assert getattr(engine.unlearner(), attribute) == next(iter(option.values()))
+
+
+@pytest.mark.parametrize("method, name", [("finetune", "unlearn_epochs"), ("mini", "unlearn_seed")])
+def test_the_unlearn_prefix_is_listed_among_the_options(method, name):
+    with pytest.raises(TypeError, match=f"takes no option 'epoch_count'; its options: .*{name}"):
+        _wrapped(method, epoch_count=2)
+
+
+def _wrapped(method, **options):
+    torch.manual_seed(0)
+    model = cnn("group")
+    engine = ue.UnlearningEngine()
+    return engine, *engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                            method=method, epochs=EPOCHS, **options)
 
 
 def test_mini_equilibrium_with_a_momentum_optimizer_is_refused_when_wrapping():

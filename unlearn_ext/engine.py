@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import numbers
 import os
 
 import torch
@@ -54,6 +53,7 @@ from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset, checked_seed
 from .loop_guard import LoopGuard
 from .mini import DeltaGradUnlearner, MiniUnlearner
+from .mini.options import positive_integer
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
@@ -111,6 +111,9 @@ class UnlearningEngine:
             anchors: Mini-Unlearning's anchor count.
         method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
             trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
+            An unlearner option named as an argument of this call (epochs, seed: the training run's)
+            takes the prefix unlearn_: unlearn_epochs= for fine-tuning's epochs per request,
+            unlearn_seed= for Mini-Unlearning's, Top-K's and Random-k's seed.
             Their names and values are checked here, before training (the unlearner's check_options).
         """
         if self.run is not None:
@@ -118,10 +121,11 @@ class UnlearningEngine:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         _check_method_options(method, method_options)
+        method_options = _unlearner_names(method, method_options)
         checked_seed(seed)
-        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_integer("epochs", epochs)
+        if batch_size is not None:
+            positive_integer("batch_size", batch_size)
         if augmentation_seed is not None:
             checked_seed(augmentation_seed, "augmentation_seed")
         data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
@@ -256,6 +260,33 @@ _UNLEARNER_CLASSES = {"retrain": RetrainUnlearner, "finetune": FinetuneUnlearner
                       "randomk": RandomKUnlearner, "mini": MiniUnlearner, "deltagrad": DeltaGradUnlearner}
 
 
+# The prefix of an unlearner option whose name make_unlearnable takes itself (the training run's
+# epochs and seed): make_unlearnable(method="finetune", epochs=5, unlearn_epochs=2).
+SHADOWED_PREFIX = "unlearn_"
+
+
+def _make_unlearnable_names() -> set:
+    return {name for name, p in inspect.signature(UnlearningEngine.make_unlearnable).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _option_names(cls) -> dict:
+    """The keyword options of an unlearner's constructor with their defaults, by the names
+    make_unlearnable takes them under (SHADOWED_PREFIX before a name it takes itself)."""
+    own = _make_unlearnable_names()
+    return {(SHADOWED_PREFIX + name if name in own else name): default
+            for name, default in _keyword_defaults(cls).items()}
+
+
+def _unlearner_names(method: str, options: dict) -> dict:
+    """make_unlearnable's method options by the unlearner's own names (SHADOWED_PREFIX taken off)."""
+    if method == "pcmu":
+        return options
+    own = _make_unlearnable_names()
+    return {(name[len(SHADOWED_PREFIX):] if name.startswith(SHADOWED_PREFIX) and name[len(SHADOWED_PREFIX):] in own
+             else name): value for name, value in options.items()}
+
+
 def _check_method_options(method: str, options: dict) -> None:
     """A method option the unlearner does not take, refused when wrapping: the unlearner is built
     after training, which a misspelt option would otherwise cost before its TypeError. PCMU's
@@ -274,7 +305,7 @@ def _check_method_options(method: str, options: dict) -> None:
                             "clip_norm=1.0, tau=0.006, sigma=0.01; docs/design.md §4)")
         unknown = sorted(set(options) - set(defaults))
     else:
-        defaults = _keyword_defaults(_UNLEARNER_CLASSES[method])
+        defaults = _option_names(_UNLEARNER_CLASSES[method])
         unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"{call} takes no option {', '.join(map(repr, unknown))}; its options: "

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from .forward import eval_mode
+from .forward import eval_mode, restored_training_flags
 
 BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
@@ -81,14 +81,10 @@ def set_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None) ->
 def in_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None):
     """The model with each module's training flag set to `modes` (None: left as it is), every
     module's own flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    if modes is not None:
-        set_training_modes(model, modes)
-    try:
+    with restored_training_flags(model):
+        if modes is not None:
+            set_training_modes(model, modes)
         yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
