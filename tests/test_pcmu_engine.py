@@ -319,6 +319,23 @@ def test_a_gradient_changed_between_backward_and_step_is_refused_at_the_step(cha
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_a_scaled_loss_is_refused_at_the_first_step():
+    """PCMU takes its per-sample sums from the loop's backward: (loss * 4).backward() made them another
+    loss's, silently (the run was no longer PCMUTrainer's over the data). The first step compares the
+    backward's gradients with the given loss's own and refuses, before its update."""
+    model = small_cnn()
+    model, optimizer, loader = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    (nn.functional.cross_entropy(model(x), y) * 4).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer step 0: the loop's gradients are not those of the loss.*"
+                                           r"about 4 times it"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert optimizer.trainer.steps_done == 0
+
+
 def test_user_loop_records_into_a_disk_store(tmp_path):
     """history=path: the user's loop writes PCMUTrainer's records into a disk store; a trainer built
     over the file restores that run; a path that exists is refused before training."""

@@ -169,7 +169,7 @@ class UnlearningEngine:
                     history, "continue a recorded PCMU run with PCMUTrainer(..., history=path)"))
             pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed, shuffle=shuffle,
                                  steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
-                                 **method_options)
+                                 first_batch_loss=_first_batch_loss(model, data, recipe, schedule), **method_options)
         if method in HISTORY_METHODS:
             history = _history_store(history, mini_store if method == "mini" else step_store, model, ddp)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)

@@ -17,6 +17,9 @@ What it cannot judge, and then does not refuse:
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
 loss's own gradients: it passes (its skipped steps are refused by the step count).
+The recomputations run the model's forward (and any forward hook the user put on it) twice more
+at the first step; its buffers (BatchNorm statistics), torch's RNG and every p.grad are left as
+they were.
 """
 from __future__ import annotations
 
