@@ -23,8 +23,11 @@ they were.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 # The relative difference (in the 2-norm over every stepped gradient) allowed between the loop's
@@ -34,23 +37,63 @@ RELATIVE_TOLERANCE = 1e-3
 DTYPE_ROUNDINGS = 8
 
 
-def recomputed_gradients(params: Sequence[torch.Tensor], model: torch.nn.Module,
-                         batch_loss: Callable[[], torch.Tensor], seed: int | None) -> list[torch.Tensor]:
-    """d batch_loss() / d params (zeros where unused), without touching p.grad, the model's buffers
-    (BatchNorm statistics) or torch's global RNG; seed: the RNG state to compute under (None: the
-    current one)."""
+@contextlib.contextmanager
+def _leaving_no_trace(model: torch.nn.Module, params: Sequence[torch.Tensor], seed: int | None):
+    """Gradients on: the model's buffers (BatchNorm statistics) and the global random generators
+    (torch's, numpy's, Python's: a dataset may draw from any) put back afterwards; seed: the torch
+    RNG state to run under (None: the current one)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            grads = torch.autograd.grad(batch_loss(), list(params), allow_unused=True)
+            yield
     finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
         with torch.no_grad():
             for b, kept in buffers:
                 b.copy_(kept)
+
+
+def recomputed_gradients(params: Sequence[torch.Tensor], model: torch.nn.Module,
+                         batch_loss: Callable[[], torch.Tensor], seed: int | None) -> list[torch.Tensor]:
+    """d batch_loss() / d params (zeros where unused), without touching p.grad, the buffers or the
+    RNGs (_leaving_no_trace)."""
+    with _leaving_no_trace(model, params, seed):
+        grads = torch.autograd.grad(batch_loss(), list(params), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def distance_of_recomputed(reference: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                           model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], seed: int) -> float:
+    """relative_difference(recomputed_gradients(...), reference) without holding the gradients:
+    a hook compares each one as the backward pass makes it and hands autograd an expanded zero
+    instead (no memory), so the check holds one extra copy of the gradients, not two."""
+    diff = [0.0]
+    reached = set()
+
+    def comparing(i: int):
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            reached.add(i)
+            diff[0] += float((g.double() - reference[i].double()).square().sum())
+            return g.new_zeros(()).expand_as(g)
+        return hook
+
+    handles = [p.register_hook(comparing(i)) for i, p in enumerate(params)]
+    try:
+        with _leaving_no_trace(model, params, seed):
+            torch.autograd.grad(batch_loss(), list(params), allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    diff_sq = diff[0] + sum(float(r.double().square().sum()) for i, r in enumerate(reference) if i not in reached)
+    base = sum(float(r.double().square().sum()) for r in reference)
+    if base == 0:
+        return 0.0 if diff_sq == 0 else float("inf")
+    return (diff_sq / base) ** 0.5
 
 
 def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -79,11 +122,14 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
     clipping the copies taken before the clip) are not batch_loss()'s (retraining's step-0 loss,
     loading its batch included) -- unless two recomputations under different random states
     disagree, when the comparison cannot tell (module docstring)."""
-    if not params:
+    # A frozen parameter's stale gradient is left out: autograd differentiates trainable ones only.
+    kept = [(p, g) for p, g in zip(params, loop) if p.requires_grad]
+    if not kept:
         return
+    params, loop = [p for p, _ in kept], [g for _, g in kept]
     first = recomputed_gradients(params, model, batch_loss, seed=None)
     limit = tolerance(first)
-    if relative_difference(recomputed_gradients(params, model, batch_loss, seed=1), first) > limit:
+    if distance_of_recomputed(first, params, model, batch_loss, seed=1) > limit:
         return  # random beyond the schedule's control: nothing to compare with
     off = relative_difference(loop, first)
     if off <= limit:
