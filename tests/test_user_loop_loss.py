@@ -99,3 +99,30 @@ def test_a_scaled_loss_is_not_judged_where_the_gradients_are_random():
     engine, model, optimizer, loader = wrap("retrain", model=cnn("group", dropout=0.3))
     loop(model, optimizer, loader, backward=lambda loss, model, x: (loss * 4).backward())
     engine.unlearner()
+
+
+@pytest.mark.parametrize("scale, refused", [(1, False), (4, True)])
+def test_a_mixed_precision_loop_is_compared_under_its_own_autocast(scale, refused):
+    """torch.autocast around the loop's forward is the loop's arithmetic: the recomputation runs
+    under the autocast the loop's forward ran under, so the plain loop passes (it was refused, a
+    relative difference of bf16's rounding) and a scaled loss is still refused."""
+    engine, model, optimizer, loader = wrap("retrain")
+
+    def backward(loss, model, x):
+        (loss * scale).backward()
+
+    def autocast_loop():
+        for _ in range(EPOCHS):
+            for x, y in loader:
+                optimizer.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                backward(loss, model, x)
+                optimizer.step()
+
+    if refused:
+        with pytest.raises(RuntimeError, match="about 4 times it"):
+            autocast_loop()
+    else:
+        autocast_loop()
+        engine.unlearner()

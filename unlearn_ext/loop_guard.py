@@ -39,7 +39,7 @@ import torch
 
 from .backward_passes import BackwardPasses
 from .distributed.group import agree
-from .loss_probe import check_first_step
+from .loss_probe import AutocastSeen, check_first_step
 from .policy import changed_modes, training_modes
 
 
@@ -53,6 +53,8 @@ class LoopGuard:
         weights (loss_probe.py), checked against the loop's first step; None: not checked."""
         self.model, self.optimizer, self.recipe, self.ddp = model, optimizer, recipe, ddp
         self._first_batch_loss = first_batch_loss
+        # The autocast of the loop's forward, which the first step's recomputation repeats (until then).
+        self._autocast = AutocastSeen(model) if first_batch_loss is not None and ddp is None else None
         self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
         self.step = 0
         # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
@@ -101,6 +103,9 @@ class LoopGuard:
         if self._passes is not None:
             self._passes.clear()
         self._backward_grads.clear()
+        if self._autocast is not None:
+            self._autocast.remove()
+            self._autocast = None
         self.step += 1
         if self.step < self.total:
             self._shadow_groups = next(self._scheduled)[1]
@@ -178,7 +183,7 @@ class LoopGuard:
         clipping the copies taken before the clip, which _check_clipped held the step's to."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
-        check_first_step(params, loop, self._names, self.model, self._first_batch_loss)
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._autocast)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
@@ -248,6 +253,9 @@ class LoopGuard:
         if self._passes is not None:
             self._passes.remove()
             self._passes = None  # (and no gradient check from here on)
+        if self._autocast is not None:
+            self._autocast.remove()
+            self._autocast = None
         for handle in self._keeping:
             handle.remove()
         self._keeping = []

@@ -16,7 +16,10 @@ What it cannot judge, and then does not refuse:
   * a change smaller than the tolerance (a relative difference of 1e-3 in float32, a few roundings
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
-loss's own gradients: it passes (its skipped steps are refused by the step count).
+loss's own gradients: it passes (its skipped steps are refused by the step count). Mixed precision
+(torch.autocast around the loop's forward) is the loop's arithmetic, not a change: the
+recomputation runs under the autocast the loop's last forward with gradients ran under
+(AutocastSeen). Retraining itself runs without it, as before: close to the loop, not bit for bit.
 The recomputations run the model's forward (and any forward hook the user put on it) twice more
 at the first step; its buffers (BatchNorm statistics), torch's RNG and every p.grad are left as
 they were.
@@ -35,6 +38,27 @@ import torch
 # that add in another order differ by a few roundings of the dtype.
 RELATIVE_TOLERANCE = 1e-3
 DTYPE_ROUNDINGS = 8
+
+
+class AutocastSeen:
+    """The autocast dtype the loop's last forward with gradients ran under (None: no autocast), noted
+    by a forward pre-hook on the model; `context()` runs the recomputation under the same."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.device_type = next((p.device.type for p in model.parameters()), "cpu")
+        self.dtype = None
+        self._handle = model.register_forward_pre_hook(self._note)
+
+    def _note(self, module, args) -> None:
+        if torch.is_grad_enabled():
+            on = torch.is_autocast_enabled(self.device_type)
+            self.dtype = torch.get_autocast_dtype(self.device_type) if on else None
+
+    def context(self):
+        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 @contextlib.contextmanager
@@ -117,11 +141,20 @@ def tolerance(grads: Sequence[torch.Tensor]) -> float:
 
 
 def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor], names: dict,
-                     model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor]) -> None:
+                     model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor],
+                     autocast: AutocastSeen | None = None) -> None:
     """Refuses the loop's first step when its backward's gradients `loop` (of `params`; with declared
     clipping the copies taken before the clip) are not batch_loss()'s (retraining's step-0 loss,
     loading its batch included) -- unless two recomputations under different random states
-    disagree, when the comparison cannot tell (module docstring)."""
+    disagree, when the comparison cannot tell (module docstring). autocast: the loop's, which the
+    recomputations run under."""
+    if autocast is not None:
+        plain_loss = batch_loss
+
+        def batch_loss():
+            with autocast.context():
+                return plain_loss()
+
     # A frozen parameter's stale gradient is left out: autograd differentiates trainable ones only.
     kept = [(p, g) for p, g in zip(params, loop) if p.requires_grad]
     if not kept:

@@ -40,7 +40,7 @@ import torch
 
 from ..backward_passes import BackwardPasses
 from ..data import TrainingData
-from ..loss_probe import check_first_step
+from ..loss_probe import AutocastSeen, check_first_step
 from ..per_sample.capture import BackwardCapture
 from ..policy import UnsupportedModelError, active_stochastic_layers, refuse_training_batch_norm
 from .trainer import PER_SAMPLE_NEED, PCMUTrainer
@@ -97,6 +97,7 @@ class PCMUOptimizer:
         (loss_probe.py), checked against the loop's first backward; None: not checked."""
         check_pcmu_wrap(model, optimizer)
         self._first_batch_loss = first_batch_loss
+        self._autocast = AutocastSeen(model) if first_batch_loss is not None else None  # (until the first step)
         self.optimizer, self.model, self.steps = optimizer, model, int(steps)
         # A class-weighted CrossEntropyLoss/NLLLoss divides its mean by the batch's total weight, not
         # by n: its scale is unknown here, so those losses always recompute.
@@ -159,6 +160,7 @@ class PCMUOptimizer:
         # the optimizer's own step, which PCMU's update replaces).
         self.optimizer._opt_called = True
         self._passes.clear()
+        self._stop_noting_autocast()
         if trainer.steps_done == self.steps:
             self.close()
         return loss
@@ -170,8 +172,8 @@ class PCMUOptimizer:
                 raise RuntimeError(
                     f"optimizer step {t}: the loop changed the gradient of {name} between backward and step (e.g. "
                     "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise, in place or by a new "
-                    "tensor); PCMU's step does not use the gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
-                    "(sigma=). Remove the change from the loop")
+                    "tensor); PCMU's step does not use the gradients: it clips each sample's gradient itself "
+                    "(clip_norm=) and smooths with its own noise (sigma=). Remove the change from the loop")
         most, passes = self._passes.most(self._values.values())
         if passes > 1:
             name = next(name for name, p in self._values.items() if p is most)
@@ -188,7 +190,8 @@ class PCMUOptimizer:
         params = [p for p in self._values.values() if p.grad is not None]
         paused = self.capture.pause() if self.capture is not None else contextlib.nullcontext()
         with paused:
-            check_first_step(params, [p.grad.detach() for p in params], names, self.model, self._first_batch_loss)
+            check_first_step(params, [p.grad.detach() for p in params], names, self.model, self._first_batch_loss,
+                             self._autocast)
 
     def _sums_from_backward(self, n: int) -> dict | None:
         if self.capture is None or not self.capture.active:
@@ -216,6 +219,12 @@ class PCMUOptimizer:
         if self.capture is not None:
             self.capture.close()
         self._passes.remove()
+        self._stop_noting_autocast()
+
+    def _stop_noting_autocast(self) -> None:
+        if self._autocast is not None:
+            self._autocast.remove()
+            self._autocast = None
 
     def unlearner(self) -> PCMUUnlearner:
         if self.trainer.steps_done != self.steps:
