@@ -30,8 +30,9 @@ collective: on every rank it returns the distributed unlearner over the model's 
 which refuses on every rank when the ranks' histories differ (their digests).
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
-What only the loop shows (undeclared clipping, accumulation, another lr schedule, other epochs) is refused by
-the run's LoopGuard (loop_guard.py) at the first step that leaves the recipe, before its update.
+What only the loop shows (undeclared clipping, accumulation, a scaled loss, another lr schedule,
+other epochs) is refused by the run's LoopGuard (loop_guard.py) at the first step that leaves the
+recipe, before its update.
 """
 from __future__ import annotations
 
