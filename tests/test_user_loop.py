@@ -762,3 +762,22 @@ def test_a_custom_train_override_is_repeated_by_retraining(method, calls_train):
     calls = engine.initial.train_calls
     assert same_state(retrain(engine.initial, engine.data, engine.recipe, []), engine.trained)
     assert engine.initial.train_calls == calls
+
+
+@pytest.mark.parametrize("method", ["deltagrad", "pcmu"])
+def test_a_model_whose_own_train_freezes_batchnorm_is_told_to_call_it_before_wrapping(method):
+    """As constructed every module trains, BatchNorm included, so the methods needing it frozen refuse;
+    the model's own train() would freeze it: the refusal says so (it suggested rebuilding the model)."""
+    model = FrozenStatisticsCNN()
+    with pytest.raises(ue.UnsupportedModelError, match=r"the model's own train\(\) puts them in eval mode: call "
+                                                       r"model.train\(\) before wrapping"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                               method=method, epochs=EPOCHS, **(PCMU_OPTIONS if method == "pcmu" else {}))
+    assert model.net[1].training  # train() was tried on a copy
+    with pytest.raises(ue.UnsupportedModelError) as plain:  # a plain BatchNorm model: no such hint
+        m = cnn("batch")
+        ue.UnlearningEngine().make_unlearnable(m, torch.optim.SGD(m.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                               method=method, epochs=EPOCHS, **(PCMU_OPTIONS if method == "pcmu" else {}))
+    assert "own train()" not in str(plain.value)

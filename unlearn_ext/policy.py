@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -54,12 +55,26 @@ def refuse_training_batch_norm(model, who: str, needs: str = "per-sample gradien
     names = [name or type(m).__name__ for name, m in named
              if isinstance(m, BATCHNORM) and (m.training or not m.track_running_stats)]
     if names:
+        hint = (" (the model's own train() puts them in eval mode: call model.train() before wrapping, as the "
+                "loop will)" if _own_train_freezes(model, names) else "")
         raise UnsupportedModelError(
             f"{who}: BatchNorm in training mode (layers: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
-            f"mixes the samples of a batch, so {needs} are not defined: use GroupNorm or LayerNorm, put the "
+            f"mixes the samples of a batch, so {needs} are not defined{hint}: use GroupNorm or LayerNorm, put the "
             "BatchNorm layers in eval mode (frozen statistics), or convert them before training (e.g. opacus' "
             "ModuleValidator.fix replaces BatchNorm with GroupNorm). Top-K, Random-k, fine-tuning and retraining "
             "accept BatchNorm as it is")
+
+
+def _own_train_freezes(model, names: list[str]) -> bool:
+    """Whether `model` (a module) overrides train() and its train() leaves the BatchNorm layers
+    `names` frozen (a fine-tuning idiom): then the refusal says to call it, not to rebuild the model.
+    Tried on a copy, which the refusal's path alone pays for."""
+    if not isinstance(model, torch.nn.Module) or type(model).train is torch.nn.Module.train:
+        return False
+    trial = copy.deepcopy(model).train()
+    modules = dict(trial.named_modules())
+    return all(name in modules and not modules[name].training and modules[name].track_running_stats
+               for name in names)
 
 
 def training_modes(model: torch.nn.Module) -> dict[str, bool]:
