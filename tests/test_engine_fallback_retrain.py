@@ -82,3 +82,23 @@ def test_deltagrad_prefix_pairs_take_eval_mode_gradients(monkeypatch):
     w0 = FlatModel(engine.initial, engine.data).flat()
     expected = FlatModel(engine.initial, engine.data).mean_loss_grad(w0, batch0)  # eval mode, the whole batch
     assert seen and torch.allclose(seen[0], expected, rtol=1e-4, atol=1e-6), float((seen[0] - expected).abs().max())
+
+
+@pytest.mark.parametrize("method", ["mini", "deltagrad"])
+@pytest.mark.parametrize("limit", [0.0, -1.0])
+def test_one_loss_rise_limit_rule_for_both_history_methods(method, limit):
+    """loss_rise_limit is a threshold for both methods (mini/options.check_limits): <= 0 asks every
+    answer whose retained loss does not fall by that much to fall back (DeltaGrad refused it while
+    Mini-Unlearning took it). With -1 no answer meets it: the request falls back to retraining."""
+    torch.manual_seed(0)
+    model = cnn("group")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    engine = ue.UnlearningEngine()
+    model, opt, loader = engine.make_unlearnable(model, opt, loader, method=method, epochs=EPOCHS,
+                                                 loss_rise_limit=limit)
+    user_loop(model, opt, loader, nn.CrossEntropyLoss(), EPOCHS)
+    report = engine.unlearner().unlearn(FORGET)
+    if limit < 0:
+        assert report.status == "fallback", report.reason
+        assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, FORGET), model)

@@ -22,6 +22,7 @@ LAYERS = [
     ("ops", ["unlearn_ext.ops", "unlearn_ext.checks", "unlearn_ext.rng", "unlearn_ext.selection",
              "unlearn_ext._C"]),
     ("foundation", ["unlearn_ext.data", "unlearn_ext.loading", "unlearn_ext.recipe", "unlearn_ext.policy", "unlearn_ext.backward_passes",
+                    "unlearn_ext.loss_probe",
                     "unlearn_ext.per_sample", "unlearn_ext.model_state", "unlearn_ext.step_log", "unlearn_ext.unlearner",
                     "unlearn_ext.ledger", "unlearn_ext.history", "unlearn_ext.metrics", "unlearn_ext.mia",
                     "unlearn_ext.spdgan"]),

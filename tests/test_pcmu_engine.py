@@ -294,7 +294,7 @@ def test_several_backward_passes_per_step_are_refused_at_the_step(zero_grad_betw
     assert optimizer.trainer.steps_done == 0
 
 
-@pytest.mark.parametrize("change", ["clip_grad_norm_", "noise"])
+@pytest.mark.parametrize("change", ["clip_grad_norm_", "noise", "replaced", "clamped into a new tensor"])
 def test_a_gradient_changed_between_backward_and_step_is_refused_at_the_step(change):
     """PCMU's step does not read p.grad (it clips each sample's gradient to clip_norm itself): a loop
     that clips or perturbs the gradients would see its change silently dropped. Refused at that
@@ -307,12 +307,33 @@ def test_a_gradient_changed_between_backward_and_step_is_refused_at_the_step(cha
     nn.functional.cross_entropy(model(x), y).backward()
     if change == "clip_grad_norm_":
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
-    else:
+    elif change == "noise":
         with torch.no_grad():
             model[4].bias.grad.add_(torch.randn_like(model[4].bias.grad))
+    elif change == "replaced":  # a new tensor: a version counter of its own, which reads as unchanged
+        model[4].bias.grad = model[4].bias.grad * 0.5
+    else:
+        model[4].bias.grad = torch.clamp(model[4].bias.grad, -1e-3, 1e-3)
     with pytest.raises(RuntimeError, match=r"optimizer step 0: the loop changed the gradient of .*clip_norm="):
         optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_scaled_loss_is_refused_at_the_first_step():
+    """PCMU takes its per-sample sums from the loop's backward: (loss * 4).backward() made them another
+    loss's, silently (the run was no longer PCMUTrainer's over the data). The first step compares the
+    backward's gradients with the given loss's own and refuses, before its update."""
+    model = small_cnn()
+    model, optimizer, loader = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    (nn.functional.cross_entropy(model(x), y) * 4).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer step 0: the loop's gradients are not those of the loss.*"
+                                           r"about 4 times it"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert optimizer.trainer.steps_done == 0
 
 
 def test_user_loop_records_into_a_disk_store(tmp_path):

@@ -299,6 +299,27 @@ def test_a_non_finite_loss_on_the_first_items_is_refused_naming_it(method):
                                                method=method, epochs=EPOCHS)
 
 
+@pytest.mark.parametrize("method", ["retrain", "mini"])
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1, 1]))],
+                         ids=["ignore_index", "zero class weight"])
+def test_first_items_whose_targets_all_go_uncounted_are_not_taken_for_a_non_finite_loss(method, loss_fn):
+    """The first 32 items' targets are all ignore_index (or of a class weighing 0): their mean is 0 / 0,
+    NaN, legitimately. It was refused as non-finite data; it is a mean over counted targets: the
+    methods that take any batch loss take it, the history methods refuse it as not a plain mean."""
+    y = torch.arange(N) % 3
+    y[:32] = -100 if loss_fn.weight is None else 0
+    data = torch.utils.data.TensorDataset(torch.randn(N, 1, 8, 8), y)
+    model = cnn("group")
+    wrap = lambda: ue.UnlearningEngine().make_unlearnable(  # noqa: E731
+        model, torch.optim.SGD(model.parameters(), lr=0.05), torch.utils.data.DataLoader(data, batch_size=BATCH),
+        method=method, epochs=EPOCHS, loss_fn=loss_fn)
+    if method == "retrain":
+        wrap()
+    else:
+        with pytest.raises(ue.UnsupportedModelError, match="is neither the mean nor the sum"):
+            wrap()
+
+
 @pytest.mark.parametrize("options, message", [
     ({"tau": 0.006, "sigma": 0.01}, r"make_unlearnable\(method='pcmu'\) needs the PCMU option\(s\) clip_norm= "),
     ({}, r"make_unlearnable\(method='pcmu'\) needs the PCMU option\(s\) clip_norm=, tau=, sigma= "),
@@ -318,7 +339,19 @@ def test_a_missing_or_unknown_pcmu_option_is_named_as_an_option_of_make_unlearna
 
 
 @pytest.mark.parametrize("method, option, message", [
-    ("finetune", {"lr_factor": 0}, "finetune needs epochs >= 1 and lr_factor > 0"),
+    ("finetune", {"lr_factor": 0}, r"finetune needs epochs >= 1 \(an int\) and lr_factor > 0"),
+    ("finetune", {"unlearn_epochs": 0}, r"finetune needs epochs >= 1 \(an int\)"),
+    ("finetune", {"unlearn_epochs": 1.5}, r"finetune needs epochs >= 1 \(an int\)"),
+    ("topk", {"beta": 1.5}, r"beta \(dampen's factor, w \*= beta\) must be a number in \[0, 1\]"),
+    ("topk", {"beta": float("nan")}, r"beta .* must be a number in \[0, 1\]"),
+    ("randomk", {"sigma": -0.1}, r"sigma \(noise's standard deviation\) must be a finite number > 0"),
+    ("topk", {"sigma": float("inf")}, r"sigma .* must be a finite number > 0"),
+    ("topk", {"ascent_step": 0}, r"ascent_step .* must be a finite number > 0"),
+    ("topk", {"ascent_step": "0.1"}, r"ascent_step .* must be a finite number > 0"),
+    ("topk", {"ascent_max_steps": 0}, r"ascent_max_steps must be an int >= 1"),
+    ("topk", {"unlearn_seed": -1}, "seed must be a non-negative integer"),
+    ("randomk", {"unlearn_seed": 2.5}, "seed must be a non-negative integer"),
+    ("mini", {"unlearn_seed": "0"}, "seed must be a non-negative integer"),
     ("topk", {"k": 2.0}, r"a fractional k must be in \[0, 1\]"),
     ("topk", {"k": -1}, r"k must be in \[0, "),
     ("topk", {"repair": "everything"}, "repair must be one of"),
@@ -349,6 +382,40 @@ def test_an_option_value_the_method_refuses_is_refused_when_wrapping(method, opt
         engine.make_unlearnable(model, optimizer, torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
                                 method=method, epochs=EPOCHS, **option)
     assert engine.run is None and not optimizer.state  # nothing was wrapped, nothing trained
+
+
+@pytest.mark.parametrize("method, option, attribute", [("finetune", {"unlearn_epochs": 2}, "epochs"),
+                                                       ("topk", {"unlearn_seed": 7}, "seed"),
+                                                       ("randomk", {"unlearn_seed": 7}, "seed"),
+                                                       ("mini", {"unlearn_seed": 7}, "seed")])
+def test_an_unlearner_option_named_like_a_training_argument_passes_with_the_unlearn_prefix(method, option, attribute):
+    """Fine-tuning's epochs and the seed of Mini-Unlearning, Top-K and Random-k are named like
+    make_unlearnable's own epochs= and seed= (the training run's), which took them: they could not
+    be set. They pass as unlearn_epochs= / unlearn_seed= and reach the unlearner; the bare name
+    stays the training run's."""
+    engine, model, optimizer, loader = _wrapped(method, **option)
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.CrossEntropyLoss()(model(x), y).backward()
+            optimizer.step()
+    assert engine.recipe.epochs == EPOCHS and engine.recipe.seed == 0
+    assert getattr(engine.unlearner(), attribute) == next(iter(option.values()))
+
+
+@pytest.mark.parametrize("method, name", [("finetune", "unlearn_epochs"), ("mini", "unlearn_seed")])
+def test_the_unlearn_prefix_is_listed_among_the_options(method, name):
+    with pytest.raises(TypeError, match=f"takes no option 'epoch_count'; its options: .*{name}"):
+        _wrapped(method, epoch_count=2)
+
+
+def _wrapped(method, **options):
+    torch.manual_seed(0)
+    model = cnn("group")
+    engine = ue.UnlearningEngine()
+    return engine, *engine.make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                            torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                            method=method, epochs=EPOCHS, **options)
 
 
 def test_mini_equilibrium_with_a_momentum_optimizer_is_refused_when_wrapping():
@@ -639,3 +706,78 @@ def test_a_one_id_request_on_a_batchnorm_model_and_scoring_leaves_buffers_alone(
     report = unlearner.unlearn([7])
     assert report.status == "unlearned" and report.ids == [7]
     assert seen and all(seen.values())
+
+
+class FrozenStatisticsCNN(nn.Module):
+    """A model whose own train() keeps its BatchNorm frozen (a common fine-tuning idiom), and counts
+    its calls: retraining must train in the modes the loop's steps had, whatever train() does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = cnn("batch", dropout=0.3)
+        self.train_calls = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.net[1].eval()
+        self.train_calls += 1
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("method", ["retrain", "finetune", "topk", "deltagrad"])
+@pytest.mark.parametrize("calls_train", [True, False], ids=["loop calls train()", "loop never calls train()"])
+def test_a_custom_train_override_is_repeated_by_retraining(method, calls_train):
+    """The loop calls the override each epoch (BatchNorm frozen, dropout on), or never calls it (the
+    model trains as constructed: BatchNorm on batch statistics; DeltaGrad, which needs it frozen,
+    as model.train() left it before wrapping). Retraining takes the modules'
+    modes recorded at the loop's first step; it does not call train() itself, which would change
+    the modes of a loop that never did."""
+    torch.manual_seed(0)
+    model = FrozenStatisticsCNN()
+    with torch.no_grad():
+        model.net[1].running_mean.uniform_(-0.1, 0.1)
+    if method == "deltagrad" or not calls_train:
+        model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, torch.optim.SGD(model.parameters(), lr=0.05),
+        torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True), method=method, epochs=EPOCHS,
+        loss_fn=loss_fn)
+    frozen = calls_train or method == "deltagrad"
+    if not frozen:  # as constructed: every module in training mode, BatchNorm included
+        nn.Module.train(model)
+    for _ in range(EPOCHS):
+        if calls_train:
+            model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    engine.unlearner()
+    assert engine.recipe.train_modes["net.1"] is not frozen
+    calls = engine.initial.train_calls
+    assert same_state(retrain(engine.initial, engine.data, engine.recipe, []), engine.trained)
+    assert engine.initial.train_calls == calls
+
+
+@pytest.mark.parametrize("method", ["deltagrad", "pcmu"])
+def test_a_model_whose_own_train_freezes_batchnorm_is_told_to_call_it_before_wrapping(method):
+    """As constructed every module trains, BatchNorm included, so the methods needing it frozen refuse;
+    the model's own train() would freeze it: the refusal says so (it suggested rebuilding the model)."""
+    model = FrozenStatisticsCNN()
+    with pytest.raises(ue.UnsupportedModelError, match=r"the model's own train\(\) puts them in eval mode: call "
+                                                       r"model.train\(\) before wrapping"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                               method=method, epochs=EPOCHS, **(PCMU_OPTIONS if method == "pcmu" else {}))
+    assert model.net[1].training  # train() was tried on a copy
+    with pytest.raises(ue.UnsupportedModelError) as plain:  # a plain BatchNorm model: no such hint
+        m = cnn("batch")
+        ue.UnlearningEngine().make_unlearnable(m, torch.optim.SGD(m.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                               method=method, epochs=EPOCHS, **(PCMU_OPTIONS if method == "pcmu" else {}))
+    assert "own train()" not in str(plain.value)

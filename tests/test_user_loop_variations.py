@@ -149,6 +149,19 @@ def gradient_dropping_loop(model, optimizer, loader, scheduler):
             optimizer.step()
 
 
+def gradient_replacing_loop(replace):
+    """A loop writing a new gradient tensor (not in place): its version counter is its own."""
+    def loop(model, optimizer, loader, scheduler):
+        for _ in range(EPOCHS):
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.CrossEntropyLoss()(model(x), y).backward()
+                for p in model.parameters():
+                    p.grad = replace(p.grad)
+                optimizer.step()
+    return loop
+
+
 def undeclared_scheduler_loop(model, optimizer, loader, scheduler):
     mine = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)  # not given to make_unlearnable
     for _ in range(EPOCHS):
@@ -181,6 +194,10 @@ REFUSED_IN_THE_LOOP = {
     "gradient-accumulation": (accumulating_loop, None, "gradient of 1.weight comes from 2 backward passes"),
     "skip-on-non-finite-loss": (skipping_loop, None, "2 backward passes.*skipped"),
     "a-gradient-dropped": (gradient_dropping_loop, None, "gradient of 3.bias was removed"),
+    "gradients-replaced-by-a-scaled-copy": (gradient_replacing_loop(lambda g: g * 0.5), None,
+                                            "replaced the gradient of 1.weight by another tensor"),
+    "gradients-replaced-by-a-clamped-copy": (gradient_replacing_loop(lambda g: torch.clamp(g, -1e-3, 1e-3)), None,
+                                             "replaced the gradient of 1.weight by another tensor"),
     "undeclared-scheduler": (undeclared_scheduler_loop, None, "learning rates are \\[0.025\\], the recipe's "
                                                               "schedule gives \\[0.05\\]"),
     "scheduler-stepped-per-batch": (per_batch_scheduler_declared_per_epoch_loop,

@@ -8,6 +8,7 @@ import copy
 
 import torch
 
+from .checks import is_whole_number
 from .data import TrainingData, retrain, retrain_cost
 from .model_state import load_model_state_, model_state
 from .parameters import parameter_shapes
@@ -63,8 +64,8 @@ class FinetuneUnlearner(Unlearner):
     def check_options(*, epochs, lr_factor) -> None:
         """Refuses option values no request could use; the constructor calls it, and
         make_unlearnable before training (the unlearner is built after it)."""
-        if epochs < 1 or not lr_factor > 0:
-            raise ValueError(f"finetune needs epochs >= 1 and lr_factor > 0, got {epochs}, {lr_factor}")
+        if not is_whole_number(epochs, 1) or not lr_factor > 0:
+            raise ValueError(f"finetune needs epochs >= 1 (an int) and lr_factor > 0, got {epochs!r}, {lr_factor!r}")
 
     def _forget(self, new: torch.Tensor, report: UnlearnReport) -> None:
         union = torch.cat([self.forgotten, new]).unique()

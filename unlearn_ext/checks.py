@@ -3,6 +3,7 @@ friendly Python errors before a kernel sees bad input. Kernels check again (TORC
 name the argument the user wrote."""
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Sequence
 
@@ -47,6 +48,12 @@ def seed_args(seed: int, offset: int) -> tuple[int, int]:
             raise ValueError(f"{name} must be an integer in [0, 2^64), got {v!r}")
     to_signed = lambda v: int(v) - 2**64 if int(v) >= 2**63 else int(v)  # noqa: E731
     return to_signed(seed), to_signed(offset)
+
+
+def is_whole_number(value, least: int) -> bool:
+    """An integer >= least, as option checks take it: a bool, or a float that happens to be whole,
+    is not one."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
 
 
 def check_count(value, name: str) -> int:

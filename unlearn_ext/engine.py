@@ -30,14 +30,14 @@ collective: on every rank it returns the distributed unlearner over the model's 
 which refuses on every rank when the ranks' histories differ (their digests).
 Every check that can refuse runs here, before training: the optimizer has not stepped, the loss is
 the mean of per-sample losses, the layers suit the method (policy.py), the optimizer suits it.
-What only the loop shows (undeclared clipping, accumulation, another lr schedule, other epochs) is refused by
-the run's LoopGuard (loop_guard.py) at the first step that leaves the recipe, before its update.
+What only the loop shows (undeclared clipping, accumulation, a scaled loss, another lr schedule,
+other epochs) is refused by the run's LoopGuard (loop_guard.py) at the first step that leaves the
+recipe, before its update.
 """
 from __future__ import annotations
 
 import copy
 import inspect
-import numbers
 import os
 
 import torch
@@ -54,6 +54,7 @@ from .history import HistoryRecorder, HistoryStore
 from .loading import SeededDataset, checked_seed
 from .loop_guard import LoopGuard
 from .mini import DeltaGradUnlearner, MiniUnlearner
+from .mini.options import positive_integer
 from .mini.record import FULL_GRAD, mini_store, step_store
 from .mini.resume import encode_rng_states
 from .mini.vectors import FlatModel
@@ -62,7 +63,7 @@ from .pcmu import PCMUTrainer
 from .pcmu.optimizer import SET_BY_THE_WRAP, PCMUOptimizer, check_pcmu_wrap
 from .perturb import RandomKUnlearner, TopKUnlearner
 from .policy import UnsupportedModelError, loss_reduction, per_sample_loss_of, refuse_training_batch_norm
-from .recipe import OptimizerRecipe, loader_options
+from .recipe import OptimizerRecipe, loader_options, to_device
 from .unlearner import Unlearner
 
 METHODS = ("retrain", "finetune", "topk", "randomk", "mini", "deltagrad", "pcmu")
@@ -111,6 +112,9 @@ class UnlearningEngine:
             anchors: Mini-Unlearning's anchor count.
         method_options: passed to the method's Unlearner (e.g. k=0.05 for Top-K); for PCMU to its
             trainer (clip_norm, tau, sigma, mode, max_request, ...; the step size is the optimizer's lr).
+            An unlearner option named as an argument of this call (epochs, seed: the training run's)
+            takes the prefix unlearn_: unlearn_epochs= for fine-tuning's epochs per request,
+            unlearn_seed= for Mini-Unlearning's, Top-K's and Random-k's seed.
             Their names and values are checked here, before training (the unlearner's check_options).
         """
         if self.run is not None:
@@ -118,10 +122,11 @@ class UnlearningEngine:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         _check_method_options(method, method_options)
+        method_options = _unlearner_names(method, method_options)
         checked_seed(seed)
-        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_integer("epochs", epochs)
+        if batch_size is not None:
+            positive_integer("batch_size", batch_size)
         if augmentation_seed is not None:
             checked_seed(augmentation_seed, "augmentation_seed")
         data, batch_size, options, shuffle = _training_data(data, batch_size, ids, augmentation_seed)
@@ -165,7 +170,7 @@ class UnlearningEngine:
                     history, "continue a recorded PCMU run with PCMUTrainer(..., history=path)"))
             pcmu = PCMUOptimizer(model, optimizer, data, batch_size=batch_size, seed=seed, shuffle=shuffle,
                                  steps=recipe.steps(len(data)), loss_fn=loss_fn, loss_reduction=reduction,
-                                 **method_options)
+                                 first_batch_loss=_first_batch_loss(model, data, recipe, schedule), **method_options)
         if method in HISTORY_METHODS:
             history = _history_store(history, mini_store if method == "mini" else step_store, model, ddp)
         self.run = _Run(method, model, optimizer, data, recipe, schedule, copy.deepcopy(model), method_options)
@@ -173,7 +178,8 @@ class UnlearningEngine:
         if method != "pcmu":  # PCMU's optimizer holds its own loop to the schedule (pcmu/optimizer.py)
             # First, so that its refusals come before any method's recording in the same step.
             self.run.guard = LoopGuard(model, optimizer, self.run.initial, recipe, len(data),
-                                       batches_per_epoch=schedule.batches_per_epoch, ddp=ddp)
+                                       batches_per_epoch=schedule.batches_per_epoch, ddp=ddp,
+                                       first_batch_loss=_first_batch_loss(model, data, recipe, schedule))
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
@@ -255,6 +261,33 @@ _UNLEARNER_CLASSES = {"retrain": RetrainUnlearner, "finetune": FinetuneUnlearner
                       "randomk": RandomKUnlearner, "mini": MiniUnlearner, "deltagrad": DeltaGradUnlearner}
 
 
+# The prefix of an unlearner option whose name make_unlearnable takes itself (the training run's
+# epochs and seed): make_unlearnable(method="finetune", epochs=5, unlearn_epochs=2).
+SHADOWED_PREFIX = "unlearn_"
+
+
+def _make_unlearnable_names() -> set:
+    return {name for name, p in inspect.signature(UnlearningEngine.make_unlearnable).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _option_names(cls) -> dict:
+    """The keyword options of an unlearner's constructor with their defaults, by the names
+    make_unlearnable takes them under (SHADOWED_PREFIX before a name it takes itself)."""
+    own = _make_unlearnable_names()
+    return {(SHADOWED_PREFIX + name if name in own else name): default
+            for name, default in _keyword_defaults(cls).items()}
+
+
+def _unlearner_names(method: str, options: dict) -> dict:
+    """make_unlearnable's method options by the unlearner's own names (SHADOWED_PREFIX taken off)."""
+    if method == "pcmu":
+        return options
+    own = _make_unlearnable_names()
+    return {(name[len(SHADOWED_PREFIX):] if name.startswith(SHADOWED_PREFIX) and name[len(SHADOWED_PREFIX):] in own
+             else name): value for name, value in options.items()}
+
+
 def _check_method_options(method: str, options: dict) -> None:
     """A method option the unlearner does not take, refused when wrapping: the unlearner is built
     after training, which a misspelt option would otherwise cost before its TypeError. PCMU's
@@ -273,7 +306,7 @@ def _check_method_options(method: str, options: dict) -> None:
                             "clip_norm=1.0, tau=0.006, sigma=0.01; docs/design.md §4)")
         unknown = sorted(set(options) - set(defaults))
     else:
-        defaults = _keyword_defaults(_UNLEARNER_CLASSES[method])
+        defaults = _option_names(_UNLEARNER_CLASSES[method])
         unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"{call} takes no option {', '.join(map(repr, unknown))}; its options: "
@@ -627,6 +660,18 @@ def _new_history_path(history, hint: str) -> str:
         raise FileExistsError(f"history={path!r} exists: make_unlearnable records this run's history there "
                               f"anew. Remove it (a run trained again after a restart records it again), or {hint}")
     return path
+
+
+def _first_batch_loss(model, data: TrainingData, recipe: OptimizerRecipe, schedule: BatchSchedule):
+    """() -> the loss retraining backpropagates at step 0: the schedule's first batch loaded as
+    retraining loads it (the recipe's collate_fn, in this process), through the model and the
+    recipe's loss (what LoopGuard compares the loop's first gradients with, loss_probe.py)."""
+    def loss() -> torch.Tensor:
+        collate = {k: v for k, v in recipe.loader_options.items() if k == "collate_fn"}
+        x, y = next(iter(DataLoader(data.items, batch_sampler=data.sampler(schedule), **collate)))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return recipe.batch_loss(data, model(to_device(x, device)), to_device(y, device))
+    return loss
 
 
 def _flat_model(run: _Run) -> FlatModel:

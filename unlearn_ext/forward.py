@@ -11,16 +11,24 @@ import torch
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode (dropout off, BatchNorm on running statistics), each module's own
-    training flag restored afterwards."""
+def restored_training_flags(model: torch.nn.Module):
+    """Every module's own training flag put back on exit, whatever the body set (flags, not
+    model.train(mode): a module frozen on its own stays frozen)."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (dropout off, BatchNorm on running statistics), each module's own
+    training flag restored afterwards."""
+    with restored_training_flags(model):
+        model.eval()
+        yield model
 
 
 @torch.no_grad()

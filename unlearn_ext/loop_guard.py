@@ -17,7 +17,8 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
   * every module's training flag at step t equals step 0's, which the recipe keeps and retraining
     trains in (a model in eval mode or frozen BatchNorm is repeated as it is; a loop whose later
     steps run in other modes -- model.eval() for validation and no model.train() after it -- is not).
-    A gradient is watched through its version counter, which every in-place change bumps; a clip
+    A gradient is watched through its version counter, which every in-place change bumps, and its
+    identity (a replaced gradient, p.grad = p.grad * 0.5, has a version counter of its own); a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
     Declared clipping (make_unlearnable's clip_grad_norm=, repeated by retraining) is the one change
     allowed: clip_grad_norm_ writes each gradient exactly once (also when it does not clip), so the
@@ -25,7 +26,11 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
     is kept) times the coefficient clip_grad_norm_ computes from them, to within the gradients'
     dtype rounding. Noise, a zeroed or rescaled gradient, another max_norm or norm are refused.
 
-The gradient check is off under DistributedDataParallel: its reducer writes the averaged gradients
+At the first step the gradients are also compared with retraining's own (loss_probe.py: the
+loss given to make_unlearnable, backpropagated on the schedule's first batch), which tells a
+scaled loss, a term added to it or inputs changed in the loop, none of which a counter sees.
+
+The gradient checks are off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 
 from .backward_passes import BackwardPasses
 from .distributed.group import agree
+from .loss_probe import AutocastSeen, check_first_step
 from .policy import changed_modes, training_modes
 
 
@@ -42,8 +48,13 @@ class LoopGuard:
     leaving the recipe. `step` is the schedule step the next optimizer.step() takes."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, initial: torch.nn.Module, recipe,
-                 n: int, *, batches_per_epoch: int, ddp=None):
+                 n: int, *, batches_per_epoch: int, ddp=None, first_batch_loss=None):
+        """first_batch_loss: () -> retraining's loss of the schedule's first batch at the current
+        weights (loss_probe.py), checked against the loop's first step; None: not checked."""
         self.model, self.optimizer, self.recipe, self.ddp = model, optimizer, recipe, ddp
+        self._first_batch_loss = first_batch_loss
+        # The autocast of the loop's forward, which the first step's recomputation repeats (until then).
+        self._autocast = AutocastSeen(model) if first_batch_loss is not None and ddp is None else None
         self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
         self.step = 0
         # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
@@ -85,11 +96,16 @@ class LoopGuard:
         self._check_training_modes(t)
         if self._passes is not None:
             self._check_gradients(t)
+            if t == 0 and self._first_batch_loss is not None:
+                self._check_first_loss()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._passes is not None:
             self._passes.clear()
         self._backward_grads.clear()
+        if self._autocast is not None:
+            self._autocast.remove()
+            self._autocast = None
         self.step += 1
         if self.step < self.total:
             self._shadow_groups = next(self._scheduled)[1]
@@ -138,6 +154,13 @@ class LoopGuard:
                         "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
                         "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
                         "reach cannot be repeated: step after every batch's backward")
+                if self._passes.replaced(p):  # its own version counter could read as unchanged
+                    raise RuntimeError(
+                        f"optimizer step {t}: the loop replaced the gradient of {name} by another tensor between "
+                        "backward and step (e.g. p.grad = p.grad * scale, p.grad = torch.clamp(p.grad, ...)); "
+                        "retraining steps on the backward's gradient and could not repeat it. Remove the change "
+                        "from the loop (declared clipping is clip_grad_norm=, written in place by "
+                        "torch.nn.utils.clip_grad_norm_)")
                 writes = self._passes.writes(p)
                 if clip is None and writes != 0:
                     raise RuntimeError(
@@ -154,6 +177,13 @@ class LoopGuard:
                         "no other way (retraining clips the same)")
         if clip is not None:
             self._check_clipped(t, clip)
+
+    def _check_first_loss(self) -> None:
+        """The first step's backward gradients against retraining's (loss_probe.py); with declared
+        clipping the copies taken before the clip, which _check_clipped held the step's to."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._autocast)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
@@ -223,6 +253,9 @@ class LoopGuard:
         if self._passes is not None:
             self._passes.remove()
             self._passes = None  # (and no gradient check from here on)
+        if self._autocast is not None:
+            self._autocast.remove()
+            self._autocast = None
         for handle in self._keeping:
             handle.remove()
         self._keeping = []

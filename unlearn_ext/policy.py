@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
-from .forward import eval_mode
+from .forward import eval_mode, restored_training_flags
 
 BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 STOCHASTIC = (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
@@ -54,12 +55,26 @@ def refuse_training_batch_norm(model, who: str, needs: str = "per-sample gradien
     names = [name or type(m).__name__ for name, m in named
              if isinstance(m, BATCHNORM) and (m.training or not m.track_running_stats)]
     if names:
+        hint = (" (the model's own train() puts them in eval mode: call model.train() before wrapping, as the "
+                "loop will)" if _own_train_freezes(model, names) else "")
         raise UnsupportedModelError(
             f"{who}: BatchNorm in training mode (layers: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
-            f"mixes the samples of a batch, so {needs} are not defined: use GroupNorm or LayerNorm, put the "
+            f"mixes the samples of a batch, so {needs} are not defined{hint}: use GroupNorm or LayerNorm, put the "
             "BatchNorm layers in eval mode (frozen statistics), or convert them before training (e.g. opacus' "
             "ModuleValidator.fix replaces BatchNorm with GroupNorm). Top-K, Random-k, fine-tuning and retraining "
             "accept BatchNorm as it is")
+
+
+def _own_train_freezes(model, names: list[str]) -> bool:
+    """Whether `model` (a module) overrides train() and its train() leaves the BatchNorm layers
+    `names` frozen (a fine-tuning idiom): then the refusal says to call it, not to rebuild the model.
+    Tried on a copy, which the refusal's path alone pays for."""
+    if not isinstance(model, torch.nn.Module) or type(model).train is torch.nn.Module.train:
+        return False
+    trial = copy.deepcopy(model).train()
+    modules = dict(trial.named_modules())
+    return all(name in modules and not modules[name].training and modules[name].track_running_stats
+               for name in names)
 
 
 def training_modes(model: torch.nn.Module) -> dict[str, bool]:
@@ -81,14 +96,10 @@ def set_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None) ->
 def in_training_modes(model: torch.nn.Module, modes: dict[str, bool] | None):
     """The model with each module's training flag set to `modes` (None: left as it is), every
     module's own flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    if modes is not None:
-        set_training_modes(model, modes)
-    try:
+    with restored_training_flags(model):
+        if modes is not None:
+            set_training_modes(model, modes)
         yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
@@ -98,8 +109,10 @@ def changed_modes(modes: dict[str, bool], model: torch.nn.Module) -> list[str]:
 
 def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
     """How `loss_fn` reduces its per-sample losses: 'mean', 'sum' or 'other' (e.g. a class-weighted
-    mean, which divides by the batch's total weight), found on the batch (x, y) (the data's first
-    two or more samples) in eval mode without gradients; a non-finite loss there is refused. Each
+    mean, which divides by the batch's total weight, or a mean over the targets ignore_index does
+    not skip), found on the batch (x, y) (the data's first two or more samples) in eval mode
+    without gradients; a non-finite loss there is refused, unless it is such a mean over samples
+    none of whose targets counts (every per-sample loss 0, the mean 0 / 0 = NaN: 'other'). Each
     method decides what it accepts (the history methods replay mean gradients: 'mean' only). A loss
     without a per-sample form (reduction='none') raises UnsupportedModelError."""
     from .per_sample.engine import per_sample_losses  # (per_sample imports this module)
@@ -114,6 +127,10 @@ def loss_reduction(loss_fn, model: torch.nn.Module, x: torch.Tensor, y) -> str:
         raise UnsupportedModelError(f"the loss must return one number for a batch (mean or sum of per-sample "
                                     f"losses); it returned shape {tuple(getattr(batch, 'shape', ()))}")
     if not torch.isfinite(batch):
+        if torch.isnan(batch) and bool((per == 0).all()):
+            # 0 / 0: a mean over counted targets, none counted in these samples (all ignore_index, or
+            # of classes weighing 0) -- no fault of the data, and no plain mean of per-sample losses.
+            return "other"
         # Not a reduction to classify (NaN compares unequal to everything): the data or the model.
         raise UnsupportedModelError(f"the loss of the first {len(per)} items is {float(batch)} at the initial "
                                     "weights: their inputs or targets hold NaN or infinite values, or the model "

@@ -99,7 +99,7 @@ from ..policy import active_stochastic_layers, refuse_training_batch_norm
 from ..unlearner import Unlearner, UnlearnReport
 from .curvature import subsample
 from .history_digest import history_sha256
-from .options import threshold, whole_number
+from .options import check_limits, threshold, whole_number
 from .safety import DEFAULT_LOSS_RISE_LIMIT, retained_loss_rise
 from .sharpness import recorded_edge
 from .propagate import stability_bound
@@ -325,9 +325,7 @@ class DeltaGradUnlearner(Unlearner):
         whole_number("memory", memory, 1)
         whole_number("check_samples", check_samples, 1)
         threshold("max_prediction_error", max_prediction_error)
-        threshold("stability_limit", stability_limit)
-        if not threshold("loss_rise_limit", loss_rise_limit) > 0:
-            raise ValueError(f"need loss_rise_limit > 0; got {loss_rise_limit}")
+        check_limits(stability_limit, loss_rise_limit)
 
     def _exact_step(self, t: int) -> bool:
         return t < self.burn_in or (t - self.burn_in) % self.period == 0

@@ -31,6 +31,7 @@ import torch
 
 from ..data import TrainingData
 from ..history import HistoryStore
+from ..loading import checked_seed
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes, trainable
 from ..policy import refuse_training_batch_norm
@@ -38,7 +39,7 @@ from ..unlearner import Unlearner, UnlearnReport
 from .budget import DEFAULT_BUDGET, DESIGN_SAMPLES, curvature_plan
 from .curvature import HessianOperator, exact_spectrum, lanczos_spectrum, subsample
 from .history_digest import history_sha256
-from .options import auto_or_positive, positive_number, threshold
+from .options import auto_or_positive, check_limits, positive_number
 from .propagate import (DELTA_RULES, UNSTABLE, edge_directions, gap_bound_factor, propagate_segment,
                         propagate_segment_momentum, stability_bound)
 from .record import FULL_GRAD, check_replayable_sgd
@@ -83,7 +84,7 @@ class MiniUnlearner(Unlearner):
         self.check_options(unstable=unstable, curvature=curvature, delta_rule=delta_rule,
                            curvature_samples=curvature_samples, lanczos_steps=lanczos_steps,
                            curvature_budget=curvature_budget, stability_limit=stability_limit,
-                           loss_rise_limit=loss_rise_limit, momentum=self.sgd.momentum)
+                           loss_rise_limit=loss_rise_limit, momentum=self.sgd.momentum, seed=seed)
         self.delta_rule = delta_rule
         self.weight_decay = self.sgd.weight_decay
         self.unstable = unstable
@@ -109,7 +110,7 @@ class MiniUnlearner(Unlearner):
 
     @staticmethod
     def check_options(*, unstable, curvature, delta_rule, curvature_samples, lanczos_steps, curvature_budget,
-                      stability_limit, loss_rise_limit, momentum) -> None:
+                      stability_limit, loss_rise_limit, momentum, seed) -> None:
         """Refuses option values no request could use, naming the option; the constructor calls it,
         and make_unlearnable before training (the unlearner is built after it). momentum: the
         training run's SGD momentum (the recorded run's, or the wrapped optimizer's)."""
@@ -125,8 +126,8 @@ class MiniUnlearner(Unlearner):
         auto_or_positive("curvature_samples", curvature_samples)
         auto_or_positive("lanczos_steps", lanczos_steps)
         positive_number("curvature_budget", curvature_budget, " (a fraction of retraining's cost)")
-        threshold("stability_limit", stability_limit)
-        threshold("loss_rise_limit", loss_rise_limit)
+        check_limits(stability_limit, loss_rise_limit)
+        checked_seed(seed)
 
     # ---- unlearning -----------------------------------------------------------------------------
 

@@ -28,13 +28,19 @@ The user's p.grad is left as their backward made it and is not used. A step afte
 backward pass (gradient accumulation, a step skipped) is refused before its update: the loop ran
 several batches for one scheduled step, and the last one's backward is not batch t's. So is a step
 whose gradients the loop changed after the backward (clipping, noise): the change would be dropped.
+And a first step whose gradients are not those of the loss given (a scaled loss, a penalty added,
+inputs changed in the loop; loss_probe.py): the per-sample sums taken from that backward would be
+another loss's, so the run would silently not be PCMUTrainer's over the data.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from ..backward_passes import BackwardPasses
 from ..data import TrainingData
+from ..loss_probe import AutocastSeen, check_first_step
 from ..per_sample.capture import BackwardCapture
 from ..policy import UnsupportedModelError, active_stochastic_layers, refuse_training_batch_norm
 from .trainer import PER_SAMPLE_NEED, PCMUTrainer
@@ -85,8 +91,13 @@ class PCMUOptimizer:
     """The user's SGD optimizer, stepping with PCMU (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, data: TrainingData, *, batch_size: int,
-                 seed: int, steps: int, loss_fn, loss_reduction: str, shuffle: bool = True, **pcmu_options):
+                 seed: int, steps: int, loss_fn, loss_reduction: str, shuffle: bool = True,
+                 first_batch_loss=None, **pcmu_options):
+        """first_batch_loss: () -> the loss of the schedule's first batch at the current weights
+        (loss_probe.py), checked against the loop's first backward; None: not checked."""
         check_pcmu_wrap(model, optimizer)
+        self._first_batch_loss = first_batch_loss
+        self._autocast = AutocastSeen(model) if first_batch_loss is not None else None  # (until the first step)
         self.optimizer, self.model, self.steps = optimizer, model, int(steps)
         # A class-weighted CrossEntropyLoss/NLLLoss divides its mean by the batch's total weight, not
         # by n: its scale is unknown here, so those losses always recompute.
@@ -134,6 +145,8 @@ class PCMUOptimizer:
             raise RuntimeError(f"the loop takes more optimizer steps than the {self.steps} of the epochs given to "
                                "make_unlearnable: the records would not match the schedule")
         self._check_loop(t)
+        if t == 0 and self._first_batch_loss is not None:
+            self._check_first_loss()
         lr = _one_lr(self.optimizer)
         ids = trainer.schedule.step(t, trainer.forgotten).ids
         sums = self._sums_from_backward(ids.numel())
@@ -147,6 +160,7 @@ class PCMUOptimizer:
         # the optimizer's own step, which PCMU's update replaces).
         self.optimizer._opt_called = True
         self._passes.clear()
+        self._stop_noting_autocast()
         if trainer.steps_done == self.steps:
             self.close()
         return loss
@@ -154,12 +168,12 @@ class PCMUOptimizer:
     def _check_loop(self, t: int) -> None:
         """Refuses step t of a loop that left zero_grad, one backward, step (see __init__)."""
         for name, p in self._values.items():
-            if self._passes.writes(p):
+            if self._passes.writes(p) or self._passes.replaced(p):
                 raise RuntimeError(
                     f"optimizer step {t}: the loop changed the gradient of {name} between backward and step (e.g. "
-                    "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise); PCMU's step does not use the "
-                    "gradients: it clips each sample's gradient itself (clip_norm=) and smooths with its own noise "
-                    "(sigma=). Remove the change from the loop")
+                    "torch.nn.utils.clip_grad_norm_, gradient scaling or added noise, in place or by a new "
+                    "tensor); PCMU's step does not use the gradients: it clips each sample's gradient itself "
+                    "(clip_norm=) and smooths with its own noise (sigma=). Remove the change from the loop")
         most, passes = self._passes.most(self._values.values())
         if passes > 1:
             name = next(name for name, p in self._values.items() if p is most)
@@ -168,6 +182,16 @@ class PCMUOptimizer:
                 "step; PCMU's step t trains on the schedule's batch t, from the loop's one backward of that batch "
                 "(zero_grad, backward, step). Gradient accumulation or a backward whose step was skipped (e.g. on "
                 "a non-finite loss) runs several batches per step: step after every batch's backward")
+
+    def _check_first_loss(self) -> None:
+        """The first backward's gradients against the given loss's own (loss_probe.py), with the
+        recording paused: the recomputation must not replace the loop's captured batch."""
+        names = {id(p): name for name, p in self._values.items()}
+        params = [p for p in self._values.values() if p.grad is not None]
+        paused = self.capture.pause() if self.capture is not None else contextlib.nullcontext()
+        with paused:
+            check_first_step(params, [p.grad.detach() for p in params], names, self.model, self._first_batch_loss,
+                             self._autocast)
 
     def _sums_from_backward(self, n: int) -> dict | None:
         if self.capture is None or not self.capture.active:
@@ -195,6 +219,12 @@ class PCMUOptimizer:
         if self.capture is not None:
             self.capture.close()
         self._passes.remove()
+        self._stop_noting_autocast()
+
+    def _stop_noting_autocast(self) -> None:
+        if self._autocast is not None:
+            self._autocast.remove()
+            self._autocast = None
 
     def unlearner(self) -> PCMUUnlearner:
         if self.trainer.steps_done != self.steps:

@@ -17,12 +17,15 @@ data, or else a slice of R), repaired further and/or answered again at a smaller
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .. import selection as sel_api
+from ..checks import is_whole_number
 from ..data import BatchSchedule, SGDConfig, TrainingData, retrain_cost, tensors_sha256
 from ..forward import outputs
+from ..loading import checked_seed
 from ..model_state import load_model_state_, model_state
 from ..parameters import parameter_shapes, trainable
 from ..unlearner import Unlearner, UnlearnReport
@@ -31,6 +34,11 @@ from .scores import RATIO_FLOOR, RETAINED_SCORES, SCORES, forget_scores
 
 PERTURBATIONS = ("reset", "dampen", "noise", "ascent")
 REPAIRS = ("all", "masked", "distill", "masked-distill")
+
+
+def _real(value) -> bool:
+    """A real number (not a bool, a string or None)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
 class PerturbUnlearner(Unlearner):
@@ -53,7 +61,8 @@ class PerturbUnlearner(Unlearner):
                            ratio_floor=ratio_floor, repair_epochs=repair_epochs, repair_lr_factor=repair_lr_factor,
                            holdout=holdout, per_tensor=per_tensor, guard=guard, guard_size=guard_size,
                            guard_halvings=guard_halvings, guard_rounds=guard_rounds, guard_budget=guard_budget,
-                           guard_data=guard_data)
+                           guard_data=guard_data, beta=beta, sigma=sigma, ascent_step=ascent_step,
+                           ascent_max_steps=ascent_max_steps, seed=seed)
         self.model, self.config = model, config
         self.k, self.perturbation, self.score, self.beta, self.sigma = k, perturbation, score, beta, sigma
         self.initial = None if initial is None else [p.detach().clone() for p in trainable(initial).values()]
@@ -76,7 +85,8 @@ class PerturbUnlearner(Unlearner):
     @staticmethod
     def check_options(*, model, config, k, perturbation, score, repair, distill_temperature, distill_alpha,
                       ratio_floor, repair_epochs, repair_lr_factor, holdout, per_tensor, guard, guard_size,
-                      guard_halvings, guard_rounds, guard_budget, guard_data) -> None:
+                      guard_halvings, guard_rounds, guard_budget, guard_data, beta, sigma, ascent_step,
+                      ascent_max_steps, seed) -> None:
         """Refuses option values no request could use, naming the option; the constructor calls it,
         and make_unlearnable before training (the unlearner is built after it)."""
         if perturbation not in PERTURBATIONS:
@@ -96,6 +106,18 @@ class PerturbUnlearner(Unlearner):
         if repair != "all" and repair_epochs > 0 and not isinstance(config, SGDConfig):
             raise ValueError(f"repair={repair!r} runs its own plain-SGD steps (masked gradients or a distillation "
                              "loss); with your optimizer's recipe use repair='all'")
+        # The perturbations' own values (each checked whichever perturbation is chosen: a value that
+        # is never right is a mistake, and a later request may be asked with another perturbation).
+        if not _real(beta) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta (dampen's factor, w *= beta) must be a number in [0, 1], got {beta!r}")
+        if not _real(sigma) or not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma (noise's standard deviation) must be a finite number > 0, got {sigma!r}")
+        if not _real(ascent_step) or not (math.isfinite(ascent_step) and ascent_step > 0):
+            raise ValueError(f"ascent_step (each ascent step's length, a fraction of the selection's norm) must be "
+                             f"a finite number > 0, got {ascent_step!r}")
+        if not is_whole_number(ascent_max_steps, 1):
+            raise ValueError(f"ascent_max_steps must be an int >= 1, got {ascent_max_steps!r}")
+        checked_seed(seed)
         if perturbation == "ascent" and holdout is None:
             raise ValueError("normalized ascent stops at the held-out non-members' loss: give holdout=(x, y)")
         if per_tensor:  # a count is per tensor there (topk_per_tensor checks it)

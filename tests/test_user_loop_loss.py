@@ -1,0 +1,128 @@
+"""The loss the user's loop backpropagates must be the loss given to make_unlearnable, on the
+loader's batch, unscaled: retraining steps on loss_fn(model(x), y).backward(). A scaled loss, a
+term added to it or inputs changed in the loop make one backward per step with untouched
+gradients, which no count of passes or writes sees; the first step's gradients are compared with
+retraining's own (loss_probe.py) and such a loop is refused there, before its update. GradScaler
+unscales before the step and passes; a model whose gradients are random (dropout) cannot be judged
+and passes too (the control that the comparison never refuses what it cannot tell)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_ext as ue
+from user_models import Augmented, LazyImages, cnn, same_state
+
+N, BATCH, EPOCHS = 48, 16, 2
+
+
+def wrap(method, model=None, dataset=None, **options):
+    torch.manual_seed(0)
+    model = cnn("group") if model is None else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(LazyImages(N) if dataset is None else dataset, batch_size=BATCH,
+                                         shuffle=True)
+    engine = ue.UnlearningEngine()
+    return engine, *engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS,
+                                            loss_fn=nn.CrossEntropyLoss(), **options)
+
+
+def loop(model, optimizer, loader, backward=lambda loss, model, x: loss.backward(), inputs=lambda x: x):
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            x = inputs(x)
+            backward(nn.functional.cross_entropy(model(x), y), model, x)
+            optimizer.step()
+
+
+def l2_penalty(loss, model, x):
+    (loss + 1e-2 * sum(p.square().sum() for p in model.parameters())).backward()
+
+
+LEAVING = {
+    "scaled loss": ({"backward": lambda loss, model, x: (loss * 4).backward()}, "about 4 times it"),
+    "a penalty added": ({"backward": l2_penalty}, "relative difference"),
+    "inputs changed in the loop": ({"inputs": lambda x: x / 2}, "relative difference"),
+}
+
+
+@pytest.mark.parametrize("method", ["retrain", "topk", "mini", "deltagrad"])
+@pytest.mark.parametrize("case", list(LEAVING))
+def test_a_loop_backpropagating_another_loss_is_refused_at_the_first_step(method, case):
+    change, message = LEAVING[case]
+    engine, model, optimizer, loader = wrap(method)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=f"optimizer step 0: the loop's gradients are not those of the loss.*"
+                                           f"{message}"):
+        loop(model, optimizer, loader, **change)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # before its update
+
+
+def test_a_grad_scaler_loop_is_accepted_and_repeated_by_retraining():
+    """GradScaler scales the loss by a power of two and unscales the gradients before the step: the
+    step takes the loss's own gradients."""
+    engine, model, optimizer, loader = wrap("retrain")
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    engine.unlearner()
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+
+
+@pytest.mark.parametrize("case", ["dropout", "seeded augmentation", "frozen batchnorm", "training batchnorm"])
+def test_the_plain_loop_passes_where_gradients_are_random_or_buffers_move(case):
+    """Controls: dropout (two recomputations disagree: not judged), augmentation seeded per (epoch,
+    item) (recomputed as retraining loads it), BatchNorm in eval mode and in training mode (its
+    running statistics are put back after each recomputation)."""
+    if case == "dropout":
+        engine, model, optimizer, loader = wrap("retrain", model=cnn("group", dropout=0.3))
+    elif case == "seeded augmentation":
+        engine, model, optimizer, loader = wrap("retrain", dataset=Augmented(LazyImages(N)), augmentation_seed=3)
+    else:
+        model = cnn("batch").train(case == "training batchnorm")
+        engine, model, optimizer, loader = wrap("retrain", model=model)
+    loop(model, optimizer, loader)
+    engine.unlearner()
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+
+
+def test_a_scaled_loss_is_not_judged_where_the_gradients_are_random():
+    """What the comparison cannot tell, documented: with dropout on, a scaled loss passes."""
+    engine, model, optimizer, loader = wrap("retrain", model=cnn("group", dropout=0.3))
+    loop(model, optimizer, loader, backward=lambda loss, model, x: (loss * 4).backward())
+    engine.unlearner()
+
+
+@pytest.mark.parametrize("scale, refused", [(1, False), (4, True)])
+def test_a_mixed_precision_loop_is_compared_under_its_own_autocast(scale, refused):
+    """torch.autocast around the loop's forward is the loop's arithmetic: the recomputation runs
+    under the autocast the loop's forward ran under, so the plain loop passes (it was refused, a
+    relative difference of bf16's rounding) and a scaled loss is still refused."""
+    engine, model, optimizer, loader = wrap("retrain")
+
+    def backward(loss, model, x):
+        (loss * scale).backward()
+
+    def autocast_loop():
+        for _ in range(EPOCHS):
+            for x, y in loader:
+                optimizer.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                backward(loss, model, x)
+                optimizer.step()
+
+    if refused:
+        with pytest.raises(RuntimeError, match="about 4 times it"):
+            autocast_loop()
+    else:
+        autocast_loop()
+        engine.unlearner()
