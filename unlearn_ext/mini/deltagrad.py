@@ -455,6 +455,15 @@ class DeltaGradUnlearner(Unlearner):
         # the model (ReplayModel.run_arguments); any other step below, one by one.
         run_arguments = grads.run_arguments()
 
+        def quasi_newton_model() -> None:
+            """Sets model and lambda_max for the current pairs where a new pair reset them."""
+            nonlocal model, lambda_max
+            if model is None:
+                model = CompactLBFGS.from_pairs(pairs)
+            if lambda_max is None:
+                # (damping caps the basis's eigenvalues: decide on those same numbers)
+                lambda_max = model.largest_eigenvalue(from_basis=self.unstable == "damp")
+
         def quasi_newton_run(steps) -> str:
             """Replays `steps` (consecutive quasi-Newton steps of `approximate`, below the stability
             bound) in one ops.deltagrad_qn_run_ call: the arithmetic of the per-step path below, its
@@ -490,10 +499,7 @@ class DeltaGradUnlearner(Unlearner):
         while i < len(approximate):
             t, lr, kept, removed, size, exact = approximate[i]
             if not exact and run_arguments is not None:
-                if model is None:
-                    model = CompactLBFGS.from_pairs(pairs)
-                if lambda_max is None:
-                    lambda_max = model.largest_eigenvalue(from_basis=self.unstable == "damp")
+                quasi_newton_model()
                 end = i
                 while (end < len(approximate) and not approximate[end][5]
                        and approximate[end][1] * lambda_max < self.stable_below and approximate[end][3].numel() <= CHUNK):
@@ -527,11 +533,7 @@ class DeltaGradUnlearner(Unlearner):
                     w.copy_(momentum.step(w, step, lr))
             else:
                 # The stability check first: it needs no gradient, so a step it refuses costs nothing.
-                if model is None:
-                    model = CompactLBFGS.from_pairs(pairs)
-                if lambda_max is None:
-                    # (damping caps the basis's eigenvalues: decide on those same numbers)
-                    lambda_max = model.largest_eigenvalue(from_basis=self.unstable == "damp")
+                quasi_newton_model()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
                 if lr * lambda_max >= self.stable_below and self.unstable == "refuse":
                     return None, cost, stats(), (
