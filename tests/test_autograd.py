@@ -48,7 +48,22 @@ def _in_place_calls():
         # d = 5 flat weights, one (s, y) pair: W 5 x 2, P 2 x 5; a momentum buffer (the second written)
         "deltagrad_qn_step_": (lambda: (*_step_inputs(), 0.5, None, None, 0.0, 1.0, 0.0, 0.1, 0.9, False, False),
                                (0, 1)),
+        # two steps (one with the chain's 4 rows) of that chain on its d = 24 flat weights, with a
+        # momentum buffer: w, buffer, chain_weights and grad written
+        "deltagrad_qn_run_": (lambda: _run_inputs(), (0, 1, 2, 3)),
     }
+
+
+def _run_inputs():
+    """deltagrad_qn_run_'s arguments (the IN_PLACE row): the chain of _chain_inputs as shapes."""
+    gen = torch.Generator().manual_seed(11)
+    x, y, *_ = _chain_inputs()
+    w, buffer, chain_weights, grad = torch.randn(24, generator=gen), torch.randn(24, generator=gen), torch.zeros(24), \
+        torch.zeros(24)
+    W, P = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((24, 2), (2, 24)))
+    recorded = [torch.randn(24, generator=gen) for _ in range(4)]
+    return (w, buffer, chain_weights, grad, recorded[:2], recorded[2:], [x], [y], [0, 4], [0.1, 0.1], [1.0, 1.0],
+            [-0.1, -0.1], [3, 5, 1, 2, 3, 0], [0, 1, 0], W, P, 0.5, 0.0, 0.9, False, True)
 
 
 def _step_inputs():

@@ -211,3 +211,27 @@ def test_the_read_ahead_blocks_hold_no_more_decoded_rows_than_the_bound(monkeypa
     assert calls and max(calls) == block
     held = 4 * deltagrad.READ_AHEAD_ROWS_PER_STEP * dim * max(calls)
     assert held <= deltagrad.READ_AHEAD_BYTES
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_runs_of_quasi_newton_steps_in_one_op_give_the_per_step_replays_bits(monkeypatch, momentum, nesterov):
+    """The quasi-Newton steps between two exact steps in one ops.deltagrad_qn_run_ call (a tanh MLP:
+    a chain the op covers) against the same replay one step at a time (ReplayModel.run_arguments
+    None): the same weights bit for bit, the same cost and statistics, with plain SGD, heavy ball
+    and Nesterov momentum."""
+    data = blobs(n=90, seed=2)
+    torch.manual_seed(0)
+    init = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    config = ue.SGDConfig(epochs=5, batch_size=16, lr=0.3 if not momentum else 0.05, weight_decay=1e-3,
+                          momentum=momentum, nesterov=nesterov)
+    model, store = recorded(data, init, config)
+    runs = []
+    run_op = ue.ops.deltagrad_qn_run_
+    monkeypatch.setattr(ue.ops, "deltagrad_qn_run_", lambda *args: runs.append(len(args[8])) or run_op(*args))
+    unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store, burn_in=4, period=4)
+    w, cost, stats, reason = unlearner._replay(unlearner._plan(FORGET))
+    assert reason == "" and runs and sum(runs) == len(store.steps) - stats["exact_steps"]  # every step in a run
+    monkeypatch.setattr(ReplayModel, "run_arguments", lambda self: None)
+    w_step, cost_step, stats_step, reason_step = unlearner._replay(unlearner._plan(FORGET))
+    assert reason_step == "" and torch.equal(w, w_step)
+    assert cost == cost_step and stats == stats_step

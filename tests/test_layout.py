@@ -93,6 +93,7 @@ REFERENCE_ON_CUDA = {
     # those same calls (each a kernel launch), and what a C++ body would save there is unmeasured (no GPU).
     "layer_chain_grad_sums_": "the reference issues the same ATen calls (replay_cpu.cpp only saves CPU dispatch)",
     "deltagrad_qn_step_": "the reference issues the same ATen calls (replay_cpu.cpp only saves CPU dispatch)",
+    "deltagrad_qn_run_": "the reference issues the same ATen calls (replay_cpu.cpp only saves CPU dispatch)",
 }
 
 

@@ -313,6 +313,23 @@ def _qn_step(device, momentum=0.0, predicted=False, removed=True, start=False):
             False, start)
 
 
+def _qn_run(device, momentum=0.0, start=False, counts=(2, 0, 3)):
+    """deltagrad_qn_run_'s arguments: len(counts) steps of a 5 -> 4 -> tanh -> 3 chain (biases on the
+    first Linear only; d = 36 weights) with counts[i] removed rows, two pairs (W, P: 36 x 4, 4 x 36)."""
+    gen = torch.Generator().manual_seed(6)
+    d = 4 * 5 + 4 + 3 * 4
+    v = lambda scale=1.0: (torch.randn(d, generator=gen) * scale).to(device)  # noqa: E731
+    w = v(0.3)
+    x = [torch.randn(c, 5, generator=gen).to(device) for c in counts if c]
+    y = [torch.randint(0, 3, (c,), generator=gen).to(device) for c in counts if c]
+    W, P = torch.randn(d, 4, generator=gen, dtype=torch.float64), torch.randn(4, d, generator=gen, dtype=torch.float64)
+    return (w, v() if momentum else None, torch.zeros(d, device=device), torch.zeros(d, device=device),
+            [w + v(0.01) for _ in counts], [v(0.1) for _ in counts], x, y, list(counts),
+            [0.05 * (1 + i) for i in range(len(counts))], [16 / (16 - c) for c in counts],
+            [-c / (16 - c) for c in counts], [4, 5, 1, 3, 4, 0], [0, 1, 0], W.to(device), P.to(device) * 0.01, 0.7,
+            1e-3, momentum, False, start)
+
+
 def _replay_cases():
     cases = []
     for dtype in (torch.float32, torch.float64):
@@ -328,6 +345,9 @@ def _replay_cases():
         OpCase("deltagrad_qn_step_", "predicted_no_removed", lambda d: _qn_step(d, predicted=True, removed=False)),
         OpCase("deltagrad_qn_step_", "momentum", lambda d: _qn_step(d, momentum=0.9)),
         OpCase("deltagrad_qn_step_", "momentum_start", lambda d: _qn_step(d, momentum=0.9, start=True)),
+        OpCase("deltagrad_qn_run_", "plain", lambda d: _qn_run(d)),
+        OpCase("deltagrad_qn_run_", "momentum_start", lambda d: _qn_run(d, momentum=0.9, start=True)),
+        OpCase("deltagrad_qn_run_", "no_rows", lambda d: _qn_run(d, momentum=0.9, counts=(0,))),
     ]
     return cases
 
@@ -532,6 +552,32 @@ def _bad_inputs():
         ("deltagrad_qn_step_", "buffer_shape", _replaced(_qn_step("cpu", momentum=0.9), 1, lambda b: b[:3]),
          "buffer must be a 1-D float32 tensor of 11 values"),
         ("deltagrad_qn_step_", "lr", _replaced(_qn_step("cpu"), 12, lambda _: float("nan")), "lr must be finite"),
+        ("deltagrad_qn_run_", "w_dtype", _replaced(_qn_run("cpu"), 0, lambda w: w.double()),
+         "w must be a 1-D float32 tensor"),
+        ("deltagrad_qn_run_", "grad_size", _replaced(_qn_run("cpu"), 3, lambda g: g[:-1]),
+         "grad must be a contiguous 1-D float32 tensor of 36 values"),
+        ("deltagrad_qn_run_", "lrs_count", _replaced(_qn_run("cpu"), 9, lambda lrs: lrs[:2]),
+         "lrs has 2 entries but counts has 3"),
+        ("deltagrad_qn_run_", "recorded_g_shape", _replaced(_qn_run("cpu"), 5, lambda g: [g[0], g[1][:5], g[2]]),
+         r"recorded_g\[1\] must be a 1-D float32 tensor of 36 values"),
+        ("deltagrad_qn_run_", "shapes_count", _replaced(_qn_run("cpu"), 12, lambda s: s[:5]),
+         r"shapes must hold \(out, in, bias\) for each of the 2 linear layers"),
+        ("deltagrad_qn_run_", "shapes_chain", _replaced(_qn_run("cpu"), 12, lambda _: [4, 5, 1, 3, 2, 0]),
+         "linear layer 1 takes 2 values but the layer below gives 4"),
+        ("deltagrad_qn_run_", "shapes_total", _replaced(_qn_run("cpu"), 12, lambda _: [4, 5, 1, 3, 4, 1]),
+         "the layers hold 39 parameters but w has 36"),
+        ("deltagrad_qn_run_", "count", _replaced(_qn_run("cpu"), 8, lambda _: [2, -1, 3]),
+         r"counts\[1\] must be >= 0"),
+        ("deltagrad_qn_run_", "rows_entries", _replaced(_qn_run("cpu"), 8, lambda _: [2, 1, 3]),
+         r"x and y must hold one entry per step with rows \(3\), got 2 and 2"),
+        ("deltagrad_qn_run_", "x_rows", _replaced(_qn_run("cpu"), 8, lambda _: [3, 0, 3]),
+         r"x\[0\] must be float32 with 3 rows \(counts\[0\]\) of 5 values"),
+        ("deltagrad_qn_run_", "y_dtype", _replaced(_qn_run("cpu"), 7, lambda y: [y[0].int(), y[1]]),
+         r"y\[0\] must be 1-D int64 class indices"),
+        ("deltagrad_qn_run_", "P_shape", _replaced(_qn_run("cpu"), 15, lambda P: P[:3]),
+         r"P must be a float64 tensor of shape \(4, 36\)"),
+        ("deltagrad_qn_run_", "lr", _replaced(_qn_run("cpu"), 9, lambda lrs: [lrs[0], float("inf"), lrs[2]]),
+         "lrs, scales and removed_alphas must be finite"),
     ]
 
 

@@ -1,8 +1,9 @@
-"""The DeltaGrad replay's ops (ops/schemas.py: layer_chain_grad_sums_, deltagrad_qn_step_): the
-compiled CPU kernels give the reference's numbers bit for bit (the reference is the replay's former
-Python arithmetic: the same ATen calls in the same order), the chain's gradients are autograd's up to
-float rounding in float32 and float64, the step is its formula, and bad rows are refused before any
-work on every backend (tests/test_opcheck.py has the op-level checks and the other bad inputs)."""
+"""The DeltaGrad replay's ops (ops/schemas.py: layer_chain_grad_sums_, deltagrad_qn_step_,
+deltagrad_qn_run_): the compiled CPU kernels give the reference's numbers bit for bit (the reference
+is the replay's former Python arithmetic: the same ATen calls in the same order), the chain's
+gradients are autograd's up to float rounding in float32 and float64, the step is its formula, a run
+is the replay's per-step calls in turn, and bad rows are refused before any work on every backend
+(tests/test_opcheck.py has the op-level checks and the other bad inputs)."""
 from __future__ import annotations
 
 import pytest
@@ -196,3 +197,108 @@ def test_a_call_mixing_cpu_and_meta_tensors_is_refused_not_faked(backend):
     with served_by(backend), pytest.raises(RuntimeError, match="dw is on meta but w is on cpu"):
         OPS.deltagrad_qn_step_(*step)
     assert torch.equal(step[0], w) and torch.equal(step[1], buffer)
+
+
+# ---- deltagrad_qn_run_: a run of quasi-Newton steps ---------------------------------------------------
+
+RUN_SHAPES, RUN_LAYERS = [8, 6, 1, 4, 8, 0], [0, 1, 0]  # Linear(6, 8) -> tanh -> Linear(8, 4, bias=False)
+RUN_D = 8 * 6 + 8 + 4 * 8
+
+
+def _run_args(counts=(3, 0, 2, 5), momentum=0.0, nesterov=False, start=False, seed=0):
+    """deltagrad_qn_run_'s arguments: a run of len(counts) steps of batches of 16 with counts[i]
+    removed rows, on the chain RUN_SHAPES (d = RUN_D), two pairs (W, P: d x 4 and 4 x d)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = lambda scale=1.0: torch.randn(RUN_D, generator=gen) * scale  # noqa: E731
+    w = v(0.3)
+    xs = [torch.randn(c, 6, generator=gen) * 2 for c in counts if c]
+    ys = [torch.randint(0, 4, (c,), generator=gen) for c in counts if c]
+    W = torch.randn(RUN_D, 4, generator=gen, dtype=torch.float64)
+    P = torch.randn(4, RUN_D, generator=gen, dtype=torch.float64) * 0.01
+    return [w, v() if momentum else None, torch.zeros(RUN_D), torch.zeros(RUN_D), [w + v(0.01) for _ in counts],
+            [v(0.1) for _ in counts], xs, ys, list(counts), [0.1 - 0.01 * i for i in range(len(counts))],
+            [16 / (16 - c) for c in counts], [-c / (16 - c) for c in counts], RUN_SHAPES, RUN_LAYERS, W, P, 0.8, 1e-3,
+            momentum, nesterov, start]
+
+
+RUN_VARIANTS = {"plain": {}, "heavy_ball": {"momentum": 0.9}, "heavy_ball_start": {"momentum": 0.9, "start": True},
+                "nesterov": {"momentum": 0.8, "nesterov": True}, "no_rows": {"counts": (0, 0)}}
+
+
+def _clone_run(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else [t.clone() for t in a] if isinstance(a, list) and a
+            and isinstance(a[0], torch.Tensor) else a for a in args]
+
+
+def _steps_in_turn(w, buffer, chain_weights, grad, recorded_w, recorded_g, x, y, counts, lrs, scales, removed_alphas,
+                   shapes, layers, W, P, sigma, weight_decay, momentum, nesterov, start_buffer):
+    """The run as the replay's per-step path takes it, with the two per-step ops: the removed rows'
+    gradient through the chain's views of the working copy's buffer, their mean, the recorded
+    gradient's term, the step."""
+    views, at = [], 0
+    for out, inp, bias in zip(shapes[0::3], shapes[1::3], shapes[2::3]):
+        views.append((chain_weights[at:at + out * inp].view(out, inp), chain_weights[at + out * inp:at + out * inp + out]
+                      if bias else None))
+        at += out * inp + (out if bias else 0)
+    rows, sums = iter(zip(x, y)), []
+    for i, count in enumerate(counts):
+        dw = w - recorded_w[i]
+        g_removed = None
+        if count:
+            chain_weights.copy_(w)
+            OPS.layer_chain_grad_sums_([grad], *next(rows), [a for a, _ in views], [b for _, b in views], layers, -1)
+            g_removed = grad / count
+        term = recorded_g[i] * (scales[i] if buffer is not None else -lrs[i] * scales[i])
+        sums.append(OPS.deltagrad_qn_step_(w, buffer, dw, term, W, P, sigma, None, g_removed, removed_alphas[i],
+                                           scales[i], weight_decay, lrs[i], momentum, nesterov, start_buffer and i == 0))
+    return torch.stack(sums)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(RUN_VARIANTS))
+def test_a_run_is_the_per_step_ops_in_turn_bit_for_bit(name, backend):
+    """What the replay relies on: a run in one call leaves the weights, the momentum buffer and each
+    step's sum exactly where the per-step calls leave them."""
+    args = _run_args(**RUN_VARIANTS[name])
+    got, want = _clone_run(args), _clone_run(args)
+    with served_by(backend):
+        sums = OPS.deltagrad_qn_run_(*got)
+        expected = _steps_in_turn(*want)
+    assert torch.equal(got[0], want[0])
+    if got[1] is not None:
+        assert torch.equal(got[1], want[1])
+    assert sums.dtype == torch.float64 and torch.equal(sums, expected)
+    assert not torch.equal(got[0], args[0])  # the steps moved the weights
+
+
+@pytest.mark.parametrize("name", list(RUN_VARIANTS))
+def test_the_compiled_run_op_is_the_reference_bit_for_bit(name):
+    if not ue.compiled():
+        pytest.skip("compiled extension not loaded")
+    args = _run_args(**RUN_VARIANTS[name], seed=5)
+    got, want = _clone_run(args), _clone_run(args)
+    sums = OPS.deltagrad_qn_run_(*got)
+    expected = ue.reference.deltagrad_qn_run_(*want)
+    for a, b in zip(got[:4], want[:4]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(sums, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_stops_after_its_first_non_finite_step(backend):
+    args = _run_args()
+    args[5][1][7] = float("inf")  # step 1's recorded gradient
+    with served_by(backend):
+        sums = OPS.deltagrad_qn_run_(*args)
+    assert bool(torch.isfinite(sums[0])) and not bool(torch.isfinite(sums[1])) and bool(sums[2:].isnan().all())
+    assert float(sums[1]) == float(args[0].sum(dtype=torch.float64)) or bool(sums[1].isnan())  # w as step 1 left it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_refuses_a_bad_row_before_any_work(backend):
+    args = _run_args()
+    args[7][2][1] = 4  # the third step with rows (step 3): a target out of range
+    w, buffer = args[0].clone(), args[2].clone()
+    with served_by(backend), pytest.raises(RuntimeError, match=r"y\[2\] must hold class indices in \[0, 4\), got 4"):
+        OPS.deltagrad_qn_run_(*args)
+    assert torch.equal(args[0], w) and torch.equal(args[2], buffer)

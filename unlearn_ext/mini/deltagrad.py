@@ -67,7 +67,10 @@ arithmetic allows, issued from C++ where Python's per-call cost would dominate: 
 layers and elementwise activations takes its gradients without autograd's graph in one op call
 (mini/layer_chain.py), and a quasi-Newton step (B dw, the direction, the weight and momentum update,
 the recorded gradient's term) is one op call too (ops.deltagrad_qn_step_); the weights are updated
-in place.
+in place. Between two exact steps the L-BFGS matrices are fixed, so where that op covers the model
+(ReplayModel.run_arguments: a float32 chain, in-memory rows, one process) the whole run of
+quasi-Newton steps below the stability bound is one call (ops.deltagrad_qn_run_: per step the removed
+rows' gradient, the recorded gradient's term and the step, the per-step path's calls in its order).
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
@@ -106,7 +109,7 @@ from .propagate import stability_bound
 from .replay_model import ReplayModel, batch_rows
 from .record import check_replayable_sgd
 from .resume import RetainedRun, resume_from
-from .vectors import FlatModel, StoredVector, stored_vector
+from .vectors import CHUNK, FlatModel, StoredVector, stored_vector
 
 
 # Read-ahead of the recorded weights and gradients (DeltaGradUnlearner._recorded): steps per block, and at
@@ -446,7 +449,66 @@ class DeltaGradUnlearner(Unlearner):
         mine = grads.mine
         rows = batch_rows(self.data, [torch.cat([mine(kept), mine(removed)]) if exact else mine(removed)
                                       for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
-        for t, lr, kept, removed, size, exact in approximate:
+        # Runs of quasi-Newton steps below the stability bound in one op call each where the op covers
+        # the model (ReplayModel.run_arguments); any other step below, one by one.
+        run_arguments = grads.run_arguments()
+
+        def quasi_newton_model() -> None:
+            """Sets model and lambda_max for the current pairs where a new pair reset them."""
+            nonlocal model, lambda_max
+            if model is None:
+                model = CompactLBFGS.from_pairs(pairs)
+            if lambda_max is None:
+                # (damping caps the basis's eigenvalues: decide on those same numbers)
+                lambda_max = model.largest_eigenvalue(from_basis=self.unstable == "damp")
+
+        def quasi_newton_run(steps) -> str:
+            """Replays `steps` (consecutive quasi-Newton steps of `approximate`, below the stability
+            bound) in one ops.deltagrad_qn_run_ call: the arithmetic of the per-step path below, its
+            calls in its order. Returns the reason to stop (a non-finite step), or ''."""
+            nonlocal cost, top_eta_lambda
+            w_ts, g_ts, xs, ys, counts, lrs, scales, removed_alphas = [], [], [], [], [], [], [], []
+            for _, lr, kept, removed, size, _ in steps:
+                w_t, add_g = next(recorded)
+                w_ts.append(w_t.values)
+                g_ts.append(add_g.values)
+                if removed.numel():
+                    x, y = next(rows)
+                    xs.append(x)
+                    ys.append(y)
+                counts.append(int(removed.numel()))
+                lrs.append(lr)
+                scales.append(size / kept.numel())
+                removed_alphas.append(-removed.numel() / kept.numel())
+            buffer, start = (None, False) if momentum is None else momentum.for_op(w)
+            chain_weights, grad, shapes, layers = run_arguments
+            sums = ops.deltagrad_qn_run_(w, buffer, chain_weights, grad, w_ts, g_ts, xs, ys, counts, lrs, scales,
+                                         removed_alphas, shapes, layers, model.W, model.P, model.sigma, wd,
+                                         0.0 if momentum is None else momentum.mu,
+                                         False if momentum is None else momentum.nesterov, start).tolist()
+            for (t, lr, *_), count, total in zip(steps, counts, sums):
+                top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
+                cost += count
+                if not math.isfinite(total):
+                    return f"the replayed weights became non-finite at step {t}"
+            return ""
+
+        i = 0
+        while i < len(approximate):
+            t, lr, kept, removed, size, exact = approximate[i]
+            if not exact and run_arguments is not None:
+                quasi_newton_model()
+                end = i
+                while (end < len(approximate) and not approximate[end][5]
+                       and approximate[end][1] * lambda_max < self.stable_below and approximate[end][3].numel() <= CHUNK):
+                    end += 1
+                if end > i:
+                    reason = quasi_newton_run(approximate[i:end])
+                    if reason:
+                        return None, cost, stats(), reason
+                    i = end
+                    continue
+            i += 1
             w_t, add_g = next(recorded)
             dw = w_t.subtracted_from(w)  # w - w_t
             total = None  # sum(w) after the step, in float64 (the quasi-Newton step's op returns it)
@@ -469,11 +531,7 @@ class DeltaGradUnlearner(Unlearner):
                     w.copy_(momentum.step(w, step, lr))
             else:
                 # The stability check first: it needs no gradient, so a step it refuses costs nothing.
-                if model is None:
-                    model = CompactLBFGS.from_pairs(pairs)
-                if lambda_max is None:
-                    # (damping caps the basis's eigenvalues: decide on those same numbers)
-                    lambda_max = model.largest_eigenvalue(from_basis=self.unstable == "damp")
+                quasi_newton_model()
                 top_eta_lambda = max(top_eta_lambda, lr * lambda_max)
                 if lr * lambda_max >= self.stable_below and self.unstable == "refuse":
                     return None, cost, stats(), (

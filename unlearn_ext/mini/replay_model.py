@@ -51,6 +51,21 @@ class ReplayModel:
         # Models of Linear layers and elementwise activations: the backward pass without autograd's
         # graph (mini/layer_chain.py); None: autograd.
         self.chain = LayerChain.of(self.module, self.params, self.data)
+        # One process: the flat model's sets are its own and its sums need no other rank's.
+        self._one_process = (type(flat).my_ids is FlatModel.my_ids
+                             and type(flat).sum_over_ranks is FlatModel.sum_over_ranks)
+
+    def run_arguments(self):
+        """(chain_weights, grad, shapes, layers): what ops.deltagrad_qn_run_ needs to take a run's
+        removed rows' gradients as mean_loss_grad does (the weights copied into this copy's flat
+        buffer, the chain's own output vector), or None where that op does not cover this model: a
+        float32 chain on in-memory rows (checked once, LayerChain.of), in one process."""
+        chain = self.chain
+        if chain is None or not self._one_process or not chain.rows_checked or chain.dtype != torch.float32:
+            return None
+        shapes = [n for weight, bias in zip(chain.weights, chain.biases)
+                  for n in (weight.shape[0], weight.shape[1], int(bias is not None))]
+        return self.weights, chain.outputs[0], shapes, chain.layers
 
     def _set(self, w: torch.Tensor) -> None:
         self.weights.copy_(w.detach())

@@ -125,3 +125,10 @@ def deltagrad_qn_step_(w, buffer, dw, recorded, W, P, sigma, predicted, g_remove
                        lr, momentum, nesterov, start_buffer):
     return impl("deltagrad_qn_step_")(w, buffer, dw, recorded, W, P, sigma, predicted, g_removed, removed_alpha, scale,
                                       weight_decay, lr, momentum, nesterov, start_buffer)
+
+
+def deltagrad_qn_run_(w, buffer, chain_weights, grad, recorded_w, recorded_g, x, y, counts, lrs, scales, removed_alphas,
+                      shapes, layers, W, P, sigma, weight_decay, momentum, nesterov, start_buffer):
+    return impl("deltagrad_qn_run_")(w, buffer, chain_weights, grad, recorded_w, recorded_g, x, y, counts, lrs, scales,
+                                     removed_alphas, shapes, layers, W, P, sigma, weight_decay, momentum, nesterov,
+                                     start_buffer)

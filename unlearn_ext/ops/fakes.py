@@ -132,4 +132,6 @@ FAKES = {
     "select_mask_grad_": _select_mask_grad,
     "layer_chain_grad_sums_": _nothing,
     "deltagrad_qn_step_": lambda w, *args: torch.empty((), dtype=torch.float64, device=w.device),
+    "deltagrad_qn_run_": lambda w, buffer, chain_weights, grad, recorded_w, recorded_g, x, y, counts, *args: torch.empty(
+        (len(counts),), dtype=torch.float64, device=w.device),
 }

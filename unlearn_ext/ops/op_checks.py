@@ -459,6 +459,80 @@ def _deltagrad_qn_step(w, buffer, dw, recorded, W, P, sigma, predicted, g_remove
                       ("g_removed", g_removed)] + ([] if predicted is not None else [("W", W), ("P", P)]), w.device)
 
 
+def _deltagrad_qn_run(w, buffer, chain_weights, grad, recorded_w, recorded_g, x, y, counts, lrs, scales,
+                      removed_alphas, shapes, layers, W, P, sigma, weight_decay, momentum, nesterov,
+                      start_buffer) -> None:
+    """As check_run in csrc/cpu/replay_cpu.cpp (the same conditions, in its order), and one device for
+    every tensor (_check_on_device)."""
+    _check(w.dtype == torch.float32 and w.dim() == 1, "w must be a 1-D float32 tensor, got ", w.dtype, " of shape ",
+           tuple(w.shape))
+    d = w.shape[0]
+    if buffer is not None:
+        _check_vector(buffer, "buffer", torch.float32, d)
+    for name, t in (("chain_weights", chain_weights), ("grad", grad)):
+        _check(t.dtype == torch.float32 and t.dim() == 1 and t.shape[0] == d and t.is_contiguous(), name,
+               " must be a contiguous 1-D float32 tensor of ", d, " values, got ", t.dtype, " of shape ",
+               tuple(t.shape))
+    n = len(counts)
+    for name, values in (("recorded_w", recorded_w), ("recorded_g", recorded_g), ("lrs", lrs), ("scales", scales),
+                         ("removed_alphas", removed_alphas)):
+        _check(len(values) == n, name, " has ", len(values), " entries but counts has ", n)
+    for i in range(n):
+        _check_vector(recorded_w[i], f"recorded_w[{i}]", torch.float32, d)
+        _check_vector(recorded_g[i], f"recorded_g[{i}]", torch.float32, d)
+    for i, code in enumerate(layers):
+        _check(0 <= code <= 3, "layers[", i, "] must be 0 (linear), 1 (tanh), 2 (sigmoid) or 3 (relu), got ", code)
+    _check(len(layers) > 0 and layers[-1] == 0, "the last layer must be linear (0)")
+    linears = sum(code == 0 for code in layers)
+    _check(len(shapes) == 3 * linears, "shapes must hold (out, in, bias) for each of the ", linears,
+           " linear layers, got ", len(shapes), " values")
+    total = 0
+    for k in range(linears):
+        out, inp, bias = shapes[3 * k:3 * k + 3]
+        _check(out > 0 and inp > 0 and bias in (0, 1), "linear layer ", k, " must have out > 0, in > 0 and bias 0 or "
+               "1, got (", out, ", ", inp, ", ", bias, ")")
+        _check(k == 0 or inp == shapes[3 * k - 3], "linear layer ", k, " takes ", inp, " values but the layer below "
+               "gives ", shapes[3 * k - 3] if k else None)
+        total += out * inp + bias * out
+    _check(total == d, "the layers hold ", total, " parameters but w has ", d)
+    for i, count in enumerate(counts):
+        _check(count >= 0, "counts[", i, "] must be >= 0, got ", count)
+    with_rows = sum(count > 0 for count in counts)
+    _check(len(x) == with_rows and len(y) == with_rows, "x and y must hold one entry per step with rows (", with_rows,
+           "), got ", len(x), " and ", len(y))
+    classes = shapes[3 * linears - 3]
+    k = 0
+    for i, count in enumerate(counts):
+        if count == 0:
+            continue
+        xk, yk = x[k], y[k]
+        _check(xk.dtype == torch.float32 and xk.dim() >= 2 and xk.shape[1:].numel() == shapes[1]
+               and xk.shape[0] == count, "x[", k, "] must be float32 with ", count, " rows (counts[", i, "]) of ",
+               shapes[1], " values, got ", xk.dtype, " of shape ", tuple(xk.shape))
+        _check(yk.dtype == torch.int64 and yk.dim() == 1 and yk.shape[0] == count, "y[", k,
+               "] must be 1-D int64 class indices, one per row of x[", k, "], got ", yk.dtype, " of shape ",
+               tuple(yk.shape))
+        if yk.device.type != "meta" and not is_fake(yk):  # (the values: fake and meta tensors have none)
+            bad = yk[(yk < 0) | (yk >= classes)]
+            _check(bad.numel() == 0, "y[", k, "] must hold class indices in [0, ", classes, "), got ",
+                   int(bad[0]) if bad.numel() else None)
+        k += 1
+    _check(W.dtype == torch.float64 and W.dim() == 2 and W.shape[0] == d, "W must be a 2-D float64 tensor with ", d,
+           " rows, got ", W.dtype, " of shape ", tuple(W.shape))
+    _check(P.dtype == torch.float64 and P.dim() == 2 and tuple(P.shape) == (W.shape[1], d),
+           "P must be a float64 tensor of shape (", W.shape[1], ", ", d, "), got ", P.dtype, " of shape ",
+           tuple(P.shape))
+    for name, value in (("sigma", sigma), ("weight_decay", weight_decay), ("momentum", momentum)):
+        _check(math.isfinite(value), name, " must be finite, got ", value)
+    for i, values in enumerate(zip(lrs, scales, removed_alphas)):
+        _check(all(math.isfinite(v) for v in values), "lrs, scales and removed_alphas must be finite, got ",
+               ", ".join(str(v) for v in values), " at step ", i)
+    _check_on_device([("w", w), ("buffer", buffer), ("chain_weights", chain_weights), ("grad", grad), ("W", W),
+                      ("P", P)] + [(f"recorded_w[{i}]", t) for i, t in enumerate(recorded_w)]
+                     + [(f"recorded_g[{i}]", t) for i, t in enumerate(recorded_g)]
+                     + [(f"x[{i}]", t) for i, t in enumerate(x)] + [(f"y[{i}]", t) for i, t in enumerate(y)], w.device)
+
+
 CHECKS = {
     "philox_bits": _philox,
     "philox_uniform": _philox,
@@ -484,4 +558,5 @@ CHECKS = {
     "select_mask_grad_": _select_mask_grad,
     "layer_chain_grad_sums_": _layer_chain_grad_sums,
     "deltagrad_qn_step_": _deltagrad_qn_step,
+    "deltagrad_qn_run_": _deltagrad_qn_run,
 }

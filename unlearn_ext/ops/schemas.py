@@ -130,6 +130,18 @@ SCHEMAS = (
     "deltagrad_qn_step_(Tensor(a!) w, Tensor(b!)? buffer, Tensor dw, Tensor recorded, Tensor W, Tensor P, "
     "float sigma, Tensor? predicted, Tensor? g_removed, float removed_alpha, float scale, float weight_decay, "
     "float lr, float momentum, bool nesterov, bool start_buffer) -> Tensor",
+    # The quasi-Newton steps between two exact steps (fixed W, P, sigma) in one call, for a chain of
+    # Linear layers (shapes: (out, in, bias 0/1) per Linear, in flat order; layers as above) on flat
+    # float32 weights w. Step i: dw = w - recorded_w[i]; when counts[i] > 0, chain_weights <- w and
+    # grad <- the summed gradient of the step's removed rows (x, y: one entry per such step, counts[i]
+    # rows each), g_removed = grad / counts[i]; recorded = recorded_g[i] * (-lrs[i] * scales[i]), or *
+    # scales[i] with a buffer; then deltagrad_qn_step_ (removed_alphas[i], scales[i], lrs[i]; the buffer
+    # started at step 0 when start_buffer). Returns each step's sum(w) (float64 [n]); the run stops after
+    # the first non-finite one (the later entries NaN).
+    "deltagrad_qn_run_(Tensor(a!) w, Tensor(b!)? buffer, Tensor(c!) chain_weights, Tensor(d!) grad, "
+    "Tensor[] recorded_w, Tensor[] recorded_g, Tensor[] x, Tensor[] y, int[] counts, float[] lrs, float[] scales, "
+    "float[] removed_alphas, int[] shapes, int[] layers, Tensor W, Tensor P, float sigma, float weight_decay, "
+    "float momentum, bool nesterov, bool start_buffer) -> Tensor",
 )
 
 

@@ -26,4 +26,4 @@ from .select import (  # noqa: F401
     select_mask_grad_,
     select_tie_boundary,
 )
-from .replay import deltagrad_qn_step_, layer_chain_grad_sums_  # noqa: F401
+from .replay import deltagrad_qn_run_, deltagrad_qn_step_, layer_chain_grad_sums_  # noqa: F401

@@ -1,5 +1,5 @@
 """Pure-PyTorch references of the DeltaGrad replay's per-step ops (ops/schemas.py): the arithmetic of
-mini/layer_chain.py and of a quasi-Newton step of mini/deltagrad.py. The CPU kernels
+mini/layer_chain.py, of a quasi-Newton step of mini/deltagrad.py, and of a run of such steps. The CPU kernels
 (csrc/cpu/replay_cpu.cpp) issue the same ATen calls in the same order from C++, so both give the
 same numbers; this serves every other device."""
 from __future__ import annotations
@@ -76,3 +76,32 @@ def deltagrad_qn_step_(w, buffer, dw, recorded, W, P, sigma, predicted, g_remove
             buffer.mul_(momentum).add_(direction)
         w.sub_((direction + buffer * momentum) * lr if nesterov else buffer * lr)
     return w.sum(dtype=torch.float64)
+
+
+def deltagrad_qn_run_(w, buffer, chain_weights, grad, recorded_w, recorded_g, x, y, counts, lrs, scales, removed_alphas,
+                      shapes, layers, W, P, sigma, weight_decay, momentum, nesterov, start_buffer) -> torch.Tensor:
+    """The quasi-Newton steps of a run, each as the replay takes it (ops/schemas.py): the removed rows'
+    gradient from the chain at w (copied into chain_weights, whose views are the chain's layers), the
+    recorded gradient's term, then deltagrad_qn_step_. Returns each step's sum(w) in float64, NaN
+    after the first non-finite one."""
+    weights, biases, at = [], [], 0
+    for out, inp, bias in zip(shapes[0::3], shapes[1::3], shapes[2::3]):
+        weights.append(chain_weights[at:at + out * inp].view(out, inp))
+        at += out * inp
+        biases.append(chain_weights[at:at + out] if bias else None)
+        at += out if bias else 0
+    sums = torch.full((len(counts),), float("nan"), dtype=torch.float64, device=w.device)
+    rows = iter(zip(x, y))
+    for i, count in enumerate(counts):
+        dw = w - recorded_w[i]
+        g_removed = None
+        if count:
+            chain_weights.copy_(w)
+            layer_chain_grad_sums_([grad], *next(rows), weights, biases, layers, -1)
+            g_removed = grad / count
+        recorded = recorded_g[i] * (scales[i] if buffer is not None else -lrs[i] * scales[i])
+        sums[i] = deltagrad_qn_step_(w, buffer, dw, recorded, W, P, sigma, None, g_removed, removed_alphas[i],
+                                     scales[i], weight_decay, lrs[i], momentum, nesterov, start_buffer and i == 0)
+        if not torch.isfinite(sums[i]):
+            break
+    return sums
