@@ -1,6 +1,5 @@
 // The ISA-independent parts of the CPU `mc` kernel (interface: mc_kernel.h), written once for every
-// path that can be tested here (smoothing_mc_{scalar,avx2,neon}.cpp; the AVX-512 path keeps its
-// own copy of this logic until it can be run against the others on an AVX-512 CPU): the walk over a span in groups of kLanes
+// path (smoothing_mc_{scalar,avx2,avx512,neon}.cpp): the walk over a span in groups of kLanes
 // elements with its ragged tail, each element's draw thresholds, the split of the n0 + n draws into
 // Philox blocks by phase, and CERTIFY with the stores and statistics. A path supplies only how it
 // draws and counts one group (its vector inner loop); everything here calls the very functions of
