@@ -71,8 +71,10 @@ struct PhaseCounts {
 // Class counts of the n0 selection and n estimation draws of a group (mc_group.h). Thresholds are
 // compared with whole 32-bit words: for a level count L < 2^24, (word >> 8) < L <=> word < L * 256
 // (unsigned), which saves a shift per word; L = 2^24 (every draw below) wraps to 0 and is fixed
-// after the loop (fix_wrapped_thresholds).
-void count_group(const McGroup<kLanes>& g, const McDrawParams& p, McGroupCounts<kLanes>& counts) {
+// after the loop (fix_wrapped_thresholds). Inlined into the group walk: as a call (GCC's choice) it
+// cost a vzeroupper and a reload of the walk's vector constants per group, ~5% of the kernel at
+// n0 = n = 1 on Zen 5; the 32 zmm registers hold both loops' values.
+__attribute__((always_inline)) inline void count_group(const McGroup<kLanes>& g, const McDrawParams& p, McGroupCounts<kLanes>& counts) {
   const __m512i neg_words = _mm512_slli_epi32(_mm512_load_si512(g.neg_levels), 8);  // class -1 iff word <  these
   const __m512i pos_words = _mm512_slli_epi32(_mm512_load_si512(g.pos_from), 8);    // class +1 iff word >= these
   const __m512i one = _mm512_set1_epi32(1);
@@ -86,18 +88,16 @@ void count_group(const McGroup<kLanes>& g, const McDrawParams& p, McGroupCounts<
     c.neg = _mm512_mask_add_epi32(c.neg, _mm512_cmplt_epu32_mask(word, neg_words), c.neg, one);
     c.pos = _mm512_mask_add_epi32(c.pos, _mm512_cmpge_epu32_mask(word, pos_words), c.pos, one);
   };
-  for_each_block_run(
-      p,
-      [&](uint64_t first_block, uint64_t last_block, bool estimation) {
-        PhaseCounts& c = estimation ? est : sel;
-        group_blocks(f, p, first_block, last_block, [&](uint64_t, int, __m512i word) { count_word(word, c); });
-      },
-      [&](uint64_t split) {
-        group_blocks(f, p, split, split + 1, [&](uint64_t block, int q, __m512i word) {
-          const DrawPhase phase = draw_phase(block, q, p);
-          if (phase != DrawPhase::kNone) count_word(word, phase == DrawPhase::kSelection ? sel : est);
-        });
-      });
+  // Every block in one walk, kBlocksInFlight at a time, each word assigned by draw_phase (a scalar
+  // branch the predictor learns, since every group has the same n0 and n). Not for_each_block_run's
+  // runs: walked run by run, a split block and an odd last block of a run are computed alone, with
+  // half the multiply chains in flight, which measured 20-30% slower at n0 + n = 12 or 40 on Zen 5.
+  const uint64_t blocks = (static_cast<uint64_t>(p.n0) + static_cast<uint64_t>(p.n) + 3) / 4;
+  group_blocks(f, p, 0, blocks, [&](uint64_t block, int q, __m512i word) {
+    const DrawPhase phase = draw_phase(block, q, p);
+    if (phase == DrawPhase::kSelection) count_word(word, sel);
+    else if (phase == DrawPhase::kEstimation) count_word(word, est);
+  });
   _mm512_store_si512(counts.sel_neg, sel.neg);
   _mm512_store_si512(counts.sel_pos, sel.pos);
   _mm512_store_si512(counts.est_neg, est.neg);
@@ -105,12 +105,21 @@ void count_group(const McGroup<kLanes>& g, const McDrawParams& p, McGroupCounts<
   fix_wrapped_thresholds(g, p, counts);
 }
 
+// CERTIFY's table read as one vgatherdps: GCC's generic tuning reads the 16 lanes one load at a time,
+// which left this path ~3% slower than its hand-written form before mc_group.h (RESULTS.md).
+struct GatherTableRead {
+  void operator()(const float* table, const int32_t (&index)[kLanes], float (&entry)[kLanes]) const {
+    _mm512_storeu_ps(entry, _mm512_i32gather_ps(_mm512_loadu_si512(index), table, 4));
+  }
+};
+
 }  // namespace
 
 void mc_span_avx512(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                     const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats) {
   mc_span_groups<kLanes>(p_neg, p_pos, count, global_begin, p, codes, radii, stats,
-                         [&](const McGroup<kLanes>& g, McGroupCounts<kLanes>& c) { count_group(g, p, c); });
+                         [&](const McGroup<kLanes>& g, McGroupCounts<kLanes>& c) { count_group(g, p, c); },
+                         GatherTableRead{});
 }
 
 }  // namespace cpu
