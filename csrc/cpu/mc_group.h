@@ -2,7 +2,8 @@
 // path (smoothing_mc_{scalar,avx2,avx512,neon}.cpp): the walk over a span in groups of kLanes
 // elements with its ragged tail, each element's draw thresholds, the split of the n0 + n draws into
 // Philox blocks by phase, and CERTIFY with the stores and statistics. A path supplies only how it
-// draws and counts one group (its vector inner loop); everything here calls the very functions of
+// draws and counts one group (its vector inner loop) and, where its gather measured faster, CERTIFY's
+// table read; everything here calls the very functions of
 // unlearn/philox.h and unlearn/smoothing.h that define the results (levels_below, the steps of
 // certify_from_counts), so the paths agree bit for bit by construction. The lane loops are plain C++
 // that GCC vectorizes for the ISA of the file that includes this header.
