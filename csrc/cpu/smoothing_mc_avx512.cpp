@@ -91,7 +91,7 @@ __attribute__((always_inline)) inline void count_group(const McGroup<kLanes>& g,
   // Every block in one walk, kBlocksInFlight at a time, each word assigned by draw_phase (a scalar
   // branch the predictor learns, since every group has the same n0 and n). Not for_each_block_run's
   // runs: walked run by run, a split block and an odd last block of a run are computed alone, with
-  // half the multiply chains in flight, which measured 20-30% slower at n0 + n = 12 or 40 on Zen 5.
+  // half the multiply chains in flight, which measured 22-38% slower at n0 + n = 12 or 40 on Zen 5.
   const uint64_t blocks = (static_cast<uint64_t>(p.n0) + static_cast<uint64_t>(p.n) + 3) / 4;
   group_blocks(f, p, 0, blocks, [&](uint64_t block, int q, __m512i word) {
     const DrawPhase phase = draw_phase(block, q, p);
@@ -106,7 +106,7 @@ __attribute__((always_inline)) inline void count_group(const McGroup<kLanes>& g,
 }
 
 // CERTIFY's table read as one vgatherdps: GCC's generic tuning reads the 16 lanes one load at a time,
-// which left this path ~3% slower than its hand-written form before mc_group.h (RESULTS.md).
+// which cost up to ~10% per group (n0 = n = 1) against the hand-written path before mc_group.h.
 struct GatherTableRead {
   void operator()(const float* table, const int32_t (&index)[kLanes], float (&entry)[kLanes]) const {
     _mm512_storeu_ps(entry, _mm512_i32gather_ps(_mm512_loadu_si512(index), table, 4));
