@@ -1,9 +1,9 @@
 // The ISA-independent parts of the CPU `mc` kernel (interface: mc_kernel.h), written once for every
-// path that can be tested here (smoothing_mc_{scalar,avx2,neon}.cpp; the AVX-512 path keeps its
-// own copy of this logic until it can be run against the others on an AVX-512 CPU): the walk over a span in groups of kLanes
+// path (smoothing_mc_{scalar,avx2,avx512,neon}.cpp): the walk over a span in groups of kLanes
 // elements with its ragged tail, each element's draw thresholds, the split of the n0 + n draws into
 // Philox blocks by phase, and CERTIFY with the stores and statistics. A path supplies only how it
-// draws and counts one group (its vector inner loop); everything here calls the very functions of
+// draws and counts one group (its vector inner loop) and, where its gather measured faster, CERTIFY's
+// table read; everything here calls the very functions of
 // unlearn/philox.h and unlearn/smoothing.h that define the results (levels_below, the steps of
 // certify_from_counts), so the paths agree bit for bit by construction. The lane loops are plain C++
 // that GCC vectorizes for the ISA of the file that includes this header.
@@ -110,13 +110,24 @@ struct McLaneStats {
   }
 };
 
+// CERTIFY's radius-table read, entry[l] = table[index[l]] (indices in [0, n]), as a lane loop. GCC's
+// generic tuning compiles it to one load per lane; a path whose vector gather measured faster passes
+// its own read to mc_span_groups (the same values, so the same bits).
+struct LaneTableRead {
+  template <int kLanes>
+  void operator()(const float* table, const int32_t (&index)[kLanes], float (&entry)[kLanes]) const {
+    UNLEARN_LANE_LOOP
+    for (int l = 0; l < kLanes; ++l) entry[l] = table[index[l]];
+  }
+};
+
 // CERTIFY (certify_from_counts, in its steps around the table read) for each lane, the stores of
 // all kLanes codes and radii, and the statistics of the real lanes. The lane loops hold 32-bit
 // values only, so GCC vectorizes them at full width (a byte-wide value in a loop shrinks the vectors
 // it picks); the codes are narrowed to bytes in a loop of their own.
-template <int kLanes>
+template <int kLanes, typename TableRead>
 inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>& c, const McDrawParams& p,
-                          int8_t* codes, float* radii, McLaneStats<kLanes>& stats) {
+                          const TableRead& read_table, int8_t* codes, float* radii, McLaneStats<kLanes>& stats) {
   const int32_t n0 = p.n0, n = p.n;
   const float sigma = p.sigma, below_threshold = p.below_threshold;
   int32_t c_a[kLanes], k_a[kLanes];
@@ -128,8 +139,7 @@ inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>&
     k_a[l] = i.k_a;
   }
   float entry[kLanes];
-  UNLEARN_LANE_LOOP
-  for (int l = 0; l < kLanes; ++l) entry[l] = p.radius_table[k_a[l]];
+  read_table(p.radius_table, k_a, entry);
   int32_t code[kLanes];
   float radius[kLanes];
   UNLEARN_LANE_LOOP
@@ -150,18 +160,18 @@ inline void certify_group(const McGroup<kLanes>& g, const McGroupCounts<kLanes>&
 
 // A span in groups of kLanes elements, the last one ragged (read and written through padded copies):
 // thresholds, count_group(const McGroup<kLanes>&, McGroupCounts<kLanes>&) (the path's draw loop),
-// CERTIFY.
-template <int kLanes, typename CountGroup>
+// CERTIFY with read_table (LaneTableRead's signature).
+template <int kLanes, typename CountGroup, typename TableRead = LaneTableRead>
 inline void mc_span_groups(const float* p_neg, const float* p_pos, int64_t count, uint64_t global_begin,
                            const McDrawParams& p, int8_t* codes, float* radii, McSpanStats& stats,
-                           CountGroup&& count_group) {
+                           CountGroup&& count_group, const TableRead& read_table = TableRead{}) {
   McLaneStats<kLanes> lane_stats;
   const auto group = [&](const float* pn, const float* pp, uint64_t element0, int lanes, int8_t* code, float* radius) {
     McGroup<kLanes> g;
     group_thresholds(pn, pp, element0, lanes, g);
     McGroupCounts<kLanes> c;
     count_group(static_cast<const McGroup<kLanes>&>(g), c);
-    certify_group(g, c, p, code, radius, lane_stats);
+    certify_group(g, c, p, read_table, code, radius, lane_stats);
   };
   int64_t base = 0;
   for (; base + kLanes <= count; base += kLanes)

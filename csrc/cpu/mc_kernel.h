@@ -4,8 +4,7 @@
 // for aarch64 (smoothing_mc_neon.cpp) and a portable one (smoothing_mc_scalar.cpp, written with the
 // shared per-element math of unlearn/smoothing.h). They differ only in how they draw and count; the
 // rest of a span (groups and tail, thresholds, block phases, CERTIFY, stores, statistics) is
-// mc_group.h, compiled into each, except the AVX-512 path, which still holds its own copy: moving it
-// onto mc_group.h waits for a machine with AVX-512 to check it bit for bit against the others. Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path
+// mc_group.h, compiled into each. Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path
 // is chosen per call at run time, so a portable build still takes the widest path the CPU has).
 //
 // All take the class probabilities of each element (Phi computed by the caller) and produce codes,
