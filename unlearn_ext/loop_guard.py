@@ -17,6 +17,8 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
   * every module's training flag at step t equals step 0's, which the recipe keeps and retraining
     trains in (a model in eval mode or frozen BatchNorm is repeated as it is; a loop whose later
     steps run in other modes -- model.eval() for validation and no model.train() after it -- is not).
+    Under DistributedDataParallel step 0's modes must also be the same on every rank (one recipe
+    for all of them), agreed at step 0 and refused on every rank otherwise, naming the modules.
     A gradient is watched through its version counter, which every in-place change bumps, and its
     identity (a replaced gradient, p.grad = p.grad * 0.5, has a version counter of its own); a clip
     that happens not to change any value is refused too, since the loop could not be told apart.
@@ -38,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from .backward_passes import BackwardPasses
+from .distributed.ddp import check_same_training_modes
 from .distributed.group import agree
 from .loss_probe import AutocastSeen, check_first_step
 from .policy import changed_modes, training_modes
@@ -124,7 +127,10 @@ class LoopGuard:
 
     def _check_training_modes(self, t: int) -> None:
         if t == 0:
-            self.recipe.train_modes = training_modes(self.model)
+            modes = training_modes(self.model)
+            if self.ddp is not None:  # one recipe for every rank: their modes must agree (refused on every rank)
+                check_same_training_modes(modes, self.ddp.group)
+            self.recipe.train_modes = modes
             return
         changed = changed_modes(self.recipe.train_modes, self.model)
         if changed:

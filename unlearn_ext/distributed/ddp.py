@@ -16,6 +16,7 @@ first check that the ranks' histories agree (their digests).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -23,7 +24,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .group import DistributedRefusal, agree, every_ranks_row
 from .pcmu import rank_slice
+
+# Training flags packed per int64 word of the exchange that names the modules in different modes
+# (63 bits: the sign bit stays clear).
+_FLAGS_PER_WORD = 63
 
 
 @dataclass
@@ -73,3 +79,44 @@ class RankShareSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _digest(text: str) -> int:
+    """A 63-bit digest of `text` (an int64 slot of an agreement)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def check_same_training_modes(modes: dict[str, bool], group) -> None:
+    """Refuses, on every rank, step 0's training modes (policy.training_modes: each module's flag by
+    name) unless every rank holds the same: the recipe keeps one rank's modes and retraining trains
+    in them, so a rank whose modules trained in other modes (one rank's model left in eval mode) would
+    have made the history of another loop. One agreement on digests of the module names and of the
+    flags; only when the flags differ, a second exchange of every rank's flags (packed bits) names
+    the modules that differ."""
+    names = list(modes)
+    flags = [bool(modes[name]) for name in names]
+    rows = agree(lambda: (len(names), _digest("\n".join(names)), _digest("".join("1" if f else "0" for f in flags))),
+                 shared=(), local=("the module count", "the module names' digest", "the training flags' digest"),
+                 group=group)
+    if len(set(rows[:, 0].tolist())) > 1 or len(set(rows[:, 1].tolist())) > 1:
+        raise DistributedRefusal(f"under DistributedDataParallel every rank must train the same model; the ranks' "
+                                 f"models have different modules ({rows[:, 0].tolist()} modules, rank order)")
+    if len(set(rows[:, 2].tolist())) == 1:
+        return
+    words = torch.zeros(-(-len(flags) // _FLAGS_PER_WORD), dtype=torch.int64)
+    for i, flag in enumerate(flags):
+        if flag:
+            words[i // _FLAGS_PER_WORD] |= 1 << (i % _FLAGS_PER_WORD)
+    every = every_ranks_row(words, group)
+    differing = []
+    for i, name in enumerate(names):
+        bits = [(int(row[i // _FLAGS_PER_WORD]) >> (i % _FLAGS_PER_WORD)) & 1 for row in every]
+        if len(set(bits)) > 1:
+            training = [r for r, b in enumerate(bits) if b]
+            evaluating = [r for r, b in enumerate(bits) if not b]
+            differing.append(f"{name or '(model)'} (train() on rank(s) {training}, eval() on rank(s) {evaluating})")
+    shown = "; ".join(differing[:5]) + (f"; ... ({len(differing)} modules)" if len(differing) > 5 else "")
+    raise DistributedRefusal(
+        f"at optimizer step 0 the ranks' modules are in different training modes: {shown}. Retraining trains "
+        "every step in one set of modes, so the ranks would have trained differently from it: put every rank's "
+        "model in the same modes (e.g. model.train() on every rank) before the first step")

@@ -16,6 +16,19 @@ raise, and the ledger on disk stays at the previous request. A rank that dies ma
 pending collective raise within the process group's timeout (`init_process_group(timeout=...)`;
 gloo usually notices a closed connection at once); they roll back the same way.
 
+Once every rank has agreed (3), the commit on disk is the outcome, also when the decision (4)
+cannot reach a rank: forget() returns on a rank only if the request is committed, and raises only
+if this rank holds the state from before it.
+  * Rank 0, its commit durable, cannot tell another rank (that rank died after agreeing): it
+    returns the report (its ledger and its state hold the request), with a warning.
+  * A rank that does not receive rank 0's decision (rank 0 died, after its commit or before it)
+    reads the ledger on disk itself, when it can (the directory on a shared file system): it keeps
+    the request if the ledger holds it, else rolls back and raises. If it cannot read the ledger
+    it rolls back and raises, saying that the outcome is unknown: reopening the DistributedLedger
+    on every rank restores every rank to the committed state.
+(A rank 0 still alive but slower to commit than the group's timeout may commit after such a rank
+has read the ledger; the group's timeout must exceed a commit's duration.)
+
 Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others,
 as the bytes the ledger stores it in (loaded with weights_only=True, so loading runs no code).
 An opening refused on some rank (rank 0 cannot open the directory, another rank cannot load the
@@ -26,14 +39,17 @@ and under nccl needs torch.cuda.set_device on every rank first).
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 import torch.distributed as dist
 
 from ..data import as_ids
-from ..ledger import DeletionLedger, state_bytes, state_from_bytes
+from ..ledger import DeletionLedger, read_ledger, state_bytes, state_from_bytes
 from ..unlearner import UnlearnReport
 from .group import agree, broadcast_values, exchange_device, require_group
+
+logger = logging.getLogger("unlearn_ext")
 
 
 def state_digest(state) -> int:
@@ -151,39 +167,69 @@ class DistributedLedger:
 
     def forget(self, ids=None) -> UnlearnReport:
         """One deletion request, decided by rank 0's `ids` (the other ranks may pass None)."""
-        ids = self._rank0_ids(ids)
+        ids, requests_before = self._rank0_ids(ids)
         if self.rank == 0:
             return self._forget_on_rank0(ids)
         before = self.unlearner.state_dict()
         try:
             report = _unlearn_and_agree(self.unlearner, ids, self.group)
-            committed = self._commit_flag(0)
-            dist.broadcast(committed, src=self._src, group=self.group)
-            if not int(committed[0]):
-                raise RuntimeError("rank 0 could not commit the request to the ledger; rolled back on every rank")
+            self._receive_decision(report, requests_before)
         except BaseException:
             self.unlearner.load_state_dict(before)
             raise
         return report
 
-    def _rank0_ids(self, ids) -> torch.Tensor:
-        """Rank 0's request as int64 ids, on every rank: rank 0 checks that its ledger can take a
-        request (open, its directory writable: DeletionLedger.forget would refuse on rank 0 alone,
-        before the others' agreement, leaving them waiting in it) and that the ids are integers,
-        refused on every rank if not; their count crosses in that agreement, then the ids."""
+    def _receive_decision(self, report: UnlearnReport, requests_before: int) -> None:
+        """Returns if rank 0 committed the request (its decision, or when that cannot arrive, the
+        ledger on disk: module docstring); raises otherwise (the caller rolls back)."""
+        decision = self._commit_flag(0)
+        try:
+            dist.broadcast(decision, src=self._src, group=self.group)
+        except Exception as lost:
+            self._follow_the_disk(report, requests_before, lost)
+            return
+        if not int(decision[0]):
+            raise RuntimeError("rank 0 could not commit the request to the ledger; rolled back on every rank")
+
+    def _follow_the_disk(self, report: UnlearnReport, requests_before: int, lost: Exception) -> None:
+        """Rank 0's decision did not arrive (`lost`): returns if the ledger on disk holds the request
+        as its next one after `requests_before` (the same ids), raises otherwise."""
+        try:
+            requests = read_ledger(self.directory)["requests"]
+        except Exception as exc:
+            raise RuntimeError(
+                f"rank 0's commit decision did not arrive ({lost}) and this rank cannot read the ledger in "
+                f"{self.directory} ({type(exc).__name__}: {exc}): whether the request was committed is unknown. This "
+                "rank holds its state from before the request; reopen the DistributedLedger on every rank to "
+                "restore every rank to the committed state") from lost
+        if len(requests) > requests_before and requests[requests_before].get("ids") == list(report.ids):
+            logger.warning("ledger: rank 0's commit decision did not arrive (%s); the ledger in %s holds the "
+                           "request, so this rank keeps it", lost, self.directory)
+            return
+        raise RuntimeError(f"rank 0's commit decision did not arrive ({lost}) and the ledger in {self.directory} does "
+                           "not hold the request: rolled back") from lost
+
+    def _rank0_ids(self, ids) -> tuple[torch.Tensor, int]:
+        """Rank 0's request as int64 ids, and the number of requests its ledger holds, on every
+        rank: rank 0 checks that its ledger can take a request (open, its directory writable:
+        DeletionLedger.forget would refuse on rank 0 alone, before the others' agreement, leaving
+        them waiting in it) and that the ids are integers, refused on every rank if not; the ids'
+        count and the requests' cross in that agreement, then the ids."""
         decided = []
 
         def check():
             if self.rank != 0:
-                return (0,)
+                return 0, 0
             if self._ledger is None:
                 raise RuntimeError("this DistributedLedger was closed")
             self._ledger._check_writable()
             decided.append(as_ids(ids))
-            return (decided[0].numel(),)
-        counts = agree(check, shared=(), local=("the request's id count",), group=self.group)
-        return broadcast_values(decided[0] if self.rank == 0 else None, int(counts[0, 0]), torch.int64,
-                                self._src, self.group)
+            return decided[0].numel(), len(self._ledger.requests)
+        counts = agree(check, shared=(), local=("the request's id count", "the ledger's request count"),
+                       group=self.group)
+        ids = broadcast_values(decided[0] if self.rank == 0 else None, int(counts[0, 0]), torch.int64,
+                               self._src, self.group)
+        return ids, int(counts[0, 1])
 
     def _forget_on_rank0(self, ids) -> UnlearnReport:
         try:
@@ -192,7 +238,11 @@ class DistributedLedger:
             if self._agreed.agreed:  # every rank applied it, the commit failed: tell them
                 dist.broadcast(self._commit_flag(0), src=self._src, group=self.group)
             raise
-        dist.broadcast(self._commit_flag(1), src=self._src, group=self.group)
+        try:
+            dist.broadcast(self._commit_flag(1), src=self._src, group=self.group)
+        except Exception as exc:  # committed: a rank not told follows the disk (module docstring)
+            logger.warning("ledger: the request is committed, but the decision could not reach every rank (%s); "
+                           "a rank that did not receive it follows the ledger on disk", exc)
         return report
 
     def _commit_flag(self, value: int) -> torch.Tensor:
