@@ -2,7 +2,8 @@
 // implementations with one interface: hand-written AVX-512 and AVX2 ones (smoothing_mc_avx512.cpp,
 // smoothing_mc_avx2.cpp, each compiled for its ISA whatever the build flags), a hand-written NEON one
 // for aarch64 (smoothing_mc_neon.cpp) and a portable one (smoothing_mc_scalar.cpp, written with the
-// shared per-element math of unlearn/smoothing.h). They differ only in how they draw and count; the
+// shared per-element math of unlearn/smoothing.h). They differ only in how they draw and count (and the
+// AVX-512 one in how it reads CERTIFY's radius table: one vector gather, the same entries); the
 // rest of a span (groups and tail, thresholds, block phases, CERTIFY, stores, statistics) is
 // mc_group.h, compiled into each. Each ISA copy of smoothing_cpu.cpp calls its own (isa.h: the path
 // is chosen per call at run time, so a portable build still takes the widest path the CPU has).
