@@ -252,6 +252,32 @@ def test_a_file_with_the_initial_weights_only_still_reopens(tmp_path, monkeypatc
     reopened.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_replays_and_reopens_in_its_own_dtype(tmp_path, dtype):
+    """The weights are stored as float32 (exactly, from the parameters' values): read back they take
+    the parameters' dtype again, so replaying from them (a request's check, the fallback) and
+    reopening follow the run's own half-precision arithmetic, as the in-memory records do."""
+    x, y, _, _ = digits_data()
+
+    def half_trainer(**kw):
+        return PCMUTrainer(linear(64, 10, zero=False).to(dtype), torch.nn.functional.cross_entropy,
+                           (x.to(dtype), y), batch_size=350, max_request=3, seed=0, **DIGITS, **kw)
+
+    path = str(tmp_path / "h")
+    stored, memory = half_trainer(history=path).train(steps=8), half_trainer().train(steps=8)
+    assert params_equal(stored, memory)
+    for t in (2, 4, 7, 8):
+        replayed = stored.replay(t)
+        assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(replayed, memory.replay(t)))
+    stored.close()
+    reopened = half_trainer(history=path)
+    assert all(w.dtype == dtype for w in reopened.initial) and params_equal(reopened, memory)
+    reopened.train(steps=2)
+    memory.train(steps=2)
+    assert params_equal(reopened, memory)
+    reopened.close()
+
+
 def test_the_fallback_rewrites_from_t0_and_readers_never_see_a_mix(tmp_path):
     path = str(tmp_path / "h")
     trainer = digits_trainer(history=path).train(epochs=EPOCHS)

@@ -36,7 +36,6 @@ copy them. Both hold the same encoding (to_record / to_state).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -154,7 +153,7 @@ class StoreLog:
         s = min(int(t), len(self) - 1)
         while s > 0 and not self.store.holds_field(s, WEIGHTS):
             s -= 1
-        return s, stored_weights(self.store, s, self.trainer.shapes)
+        return s, stored_weights(self.store, s, self.trainer.params)
 
     def reload(self) -> None:
         """Nothing to do: the records are read from the store, which was rolled back itself."""
@@ -198,14 +197,17 @@ def load_records(store: HistoryStore) -> list[PCMUStep]:
     return records
 
 
-def stored_weights(store: HistoryStore, step: int, shapes) -> list[torch.Tensor]:
-    """The weights recorded at `step` (w_step: step 0's are the initial weights), shaped like the parameters."""
+def stored_weights(store: HistoryStore, step: int, params) -> list[torch.Tensor]:
+    """The weights recorded at `step` (w_step: step 0's are the initial weights), shaped like the
+    parameters `params` and in their dtype and device: stored as float32, which holds a half-precision
+    parameter's values exactly, they are cast back, so a replay from them adds the codes in the
+    parameters' own arithmetic, as training did."""
     flat = store.read(step, [WEIGHTS]).tensors.get(WEIGHTS)
-    if flat is None or [t.numel() for t in flat] != [math.prod(s) for s in shapes] or any(
+    if flat is None or [t.numel() for t in flat] != [p.numel() for p in params] or any(
             t.dtype != torch.float32 for t in flat):
         raise ValueError(f"history {store.file.path}: step {step} does not hold this model's "
                          f"{'initial ' if step == 0 else ''}weights (float32, one tensor per parameter)")
-    return [t.reshape(shape) for t, shape in zip(flat, shapes)]
+    return [t.reshape(p.shape).to(p.device, p.dtype) for t, p in zip(flat, params)]
 
 
 def attach(trainer, history) -> None:
@@ -217,7 +219,7 @@ def attach(trainer, history) -> None:
     store = open_history(history, trainer)
     try:
         scalars = step_scalars(store)
-        initial = stored_weights(store, 0, trainer.shapes) if len(store) else trainer.initial
+        initial = stored_weights(store, 0, trainer.params) if len(store) else trainer.initial
         check_step_sizes(trainer, enumerate(scalars[0].tolist()))
     except BaseException:
         if not isinstance(history, HistoryStore):  # opened here from a path
