@@ -523,6 +523,24 @@ def test_a_store_without_the_initial_weights_is_refused(tmp_path):
     HistoryStore.open(path).close()  # the refusal closed the file it opened (its lock is free)
 
 
+def test_a_malformed_record_after_the_last_stored_weights_is_refused_and_the_file_closed(tmp_path):
+    """Reopening reads the records after the last stored weights only when it replays them: one that
+    is not a PCMU record is refused, and the refusal closes the file it opened (its lock is free)."""
+    path = str(tmp_path / "h")
+    trainer = digits_trainer().train(steps=2)
+    store = HistoryStore(fields(2), tier="disk", path=path, run_info={"pcmu": trainer.fingerprint()})
+    for r in trainer.records:
+        tensors, meta = r.to_record()
+        tensors = {k: [v] for k, v in tensors.items() if not (r.step == 1 and k == "codes")}
+        if r.step == 0:
+            tensors[WEIGHTS] = [w.reshape(-1) for w in trainer.initial]
+        store.record(r.step, tensors, lr=r.step_size, meta=meta)
+    store.close()
+    with pytest.raises(ValueError, match="step record 1 is not a PCMU record"):
+        digits_trainer(history=path)
+    HistoryStore.open(path).close()
+
+
 def test_a_refused_state_leaves_the_store_and_the_trainer_as_they_were(tmp_path):
     """Every check of a saved state runs before the store is cut back to its mark: a ledger whose
     committed state the model refuses (another buffer), and a state whose step count is not the

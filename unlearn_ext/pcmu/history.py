@@ -217,19 +217,24 @@ def attach(trainer, history) -> None:
     before the trainer changes when the steps are not PCMU records or their learning rates are not
     the trainer's."""
     store = open_history(history, trainer)
+    before = trainer.history, trainer.initial, trainer.records
     try:
         scalars = step_scalars(store)
         initial = stored_weights(store, 0, trainer.params) if len(store) else trainer.initial
         check_step_sizes(trainer, enumerate(scalars[0].tolist()))
+        trainer.history, trainer.initial, trainer.records = store, initial, StoreLog(store, trainer)
+        # w_T reads the records after the last stored weights, which nothing above read: one that is
+        # not a PCMU record (or a damaged one) is refused here, with the trainer as it was.
+        weights = trainer.replay(len(store)) if len(store) else None
     except BaseException:
+        trainer.history, trainer.initial, trainer.records = before
         if not isinstance(history, HistoryStore):  # opened here from a path
             store.close()
         raise
-    trainer.history, trainer.initial, trainer.records = store, initial, StoreLog(store, trainer)
-    if len(store):
+    if weights is not None:
         trainer._reindex(scalars)
         with torch.no_grad():
-            for p, w in zip(trainer.params, trainer.replay(len(store))):
+            for p, w in zip(trainer.params, weights):
                 p.copy_(w)
 
 
