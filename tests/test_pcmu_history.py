@@ -113,6 +113,31 @@ def test_a_crash_cutting_a_record_that_holds_weights_reopens_from_the_weights_be
     resumed.close()
 
 
+def test_a_failed_read_of_the_weights_to_store_stops_the_recording(tmp_path, monkeypatch):
+    """Storing step 3's weights replays them from the file; when that read fails, the step is not
+    recorded (the trainer's per-step arrays stay those of the records) and no later step is either
+    (the model's weights have moved past the records): a retry would record step 3 a second
+    update away from them. Reopening gives the records' own run."""
+    path = str(tmp_path / "h")
+    trainer = digits_trainer(history=path).train(steps=3)
+
+    def failing(store, step, names=None, **kw):
+        raise OSError("simulated read error")
+
+    with monkeypatch.context() as m:
+        m.setattr(HistoryStore, "read", failing)
+        with pytest.raises(OSError, match="simulated read error"):
+            trainer.train(steps=1)
+    assert trainer.steps_done == 3 and trainer._steps == 3 and len(trainer.history) == 3
+    with pytest.raises(RuntimeError, match="recording step 3 failed"):
+        trainer.train(steps=1)
+    assert len(trainer.history) == 3
+    trainer.close()
+    reopened = digits_trainer(history=path)
+    assert params_equal(reopened, digits_trainer().train(steps=3))
+    reopened.close()
+
+
 # The child trains into the store until it is killed (SIGKILL: no close, no flush beyond each record's).
 KILLED_CHILD = textwrap.dedent("""
     import sys

@@ -106,6 +106,9 @@ class StoreLog:
 
     def __init__(self, store: HistoryStore, trainer):
         self.store, self.trainer = store, trainer
+        # Set when recording a step failed: the model's weights have moved past the records then,
+        # so no later step may be recorded until a rollback (reload) restores both.
+        self._failed: str | None = None
 
     def __len__(self) -> int:
         return len(self.store)
@@ -129,12 +132,20 @@ class StoreLog:
                              f"({type(exc).__name__}: {exc})") from None
 
     def append(self, entry: PCMUStep) -> None:
-        tensors, meta = entry.to_record()
-        tensors = {k: [v] for k, v in tensors.items()}
-        if entry.step % WEIGHTS_EVERY == 0:
-            weights = self.trainer.initial if entry.step == 0 else weights_at(self, entry.step)
-            tensors[WEIGHTS] = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights]
-        self.store.record(entry.step, tensors, lr=entry.step_size, meta=meta)
+        if self._failed:
+            raise RuntimeError(f"history {self.store.file.path}: {self._failed}, and the model's weights moved "
+                               "on without it: no later step is recorded. Reopen the trainer over the file, or "
+                               "roll back to a saved state")
+        try:
+            tensors, meta = entry.to_record()
+            tensors = {k: [v] for k, v in tensors.items()}
+            if entry.step % WEIGHTS_EVERY == 0:
+                weights = self.trainer.initial if entry.step == 0 else weights_at(self, entry.step)
+                tensors[WEIGHTS] = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights]
+            self.store.record(entry.step, tensors, lr=entry.step_size, meta=meta)
+        except BaseException as exc:
+            self._failed = f"recording step {entry.step} failed ({exc!r})"
+            raise
 
     def truncate(self, length: int) -> None:
         length = max(int(length), 0)
@@ -156,7 +167,9 @@ class StoreLog:
         return s, stored_weights(self.store, s, self.trainer.params)
 
     def reload(self) -> None:
-        """Nothing to do: the records are read from the store, which was rolled back itself."""
+        """After the store was rolled back (and the trainer's state restored with it): the records
+        are read from the store, so only a failed append's refusal is lifted."""
+        self._failed = None
 
 
 def weights_at(log: StoreLog, t: int) -> list[torch.Tensor]:
@@ -269,4 +282,4 @@ def restore(trainer, saved: dict) -> None:
     mark = {"bytes": saved["bytes"], "digest": saved["digest"]}
     if store.mark() != mark:
         store.rollback(mark)
-        trainer.records.reload()
+    trainer.records.reload()  # also when nothing was written after the mark (a record that failed before)
