@@ -120,6 +120,7 @@ def test_a_failed_read_of_the_weights_to_store_stops_the_recording(tmp_path, mon
     update away from them. Reopening gives the records' own run."""
     path = str(tmp_path / "h")
     trainer = digits_trainer(history=path).train(steps=3)
+    saved = trainer.state_dict()
 
     def failing(store, step, names=None, **kw):
         raise OSError("simulated read error")
@@ -132,9 +133,13 @@ def test_a_failed_read_of_the_weights_to_store_stops_the_recording(tmp_path, mon
     with pytest.raises(RuntimeError, match="recording step 3 failed"):
         trainer.train(steps=1)
     assert len(trainer.history) == 3
+    # Rolling back to a saved state (what a ledger does; the store had nothing to cut) restores the
+    # weights, and recording goes on as the uninterrupted run.
+    trainer.load_state_dict(saved)
+    assert params_equal(trainer.train(steps=2), digits_trainer().train(steps=5))
     trainer.close()
     reopened = digits_trainer(history=path)
-    assert params_equal(reopened, digits_trainer().train(steps=3))
+    assert params_equal(reopened, digits_trainer().train(steps=5))
     reopened.close()
 
 

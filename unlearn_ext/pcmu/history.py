@@ -153,6 +153,8 @@ class StoreLog:
             self.store.rewind(length)
 
     def replace(self, entries) -> None:
+        """Every record rewritten (load_state_dict, which restores the weights with them)."""
+        self._failed = None
         self.truncate(0)
         for e in entries:
             self.append(e)
