@@ -124,12 +124,7 @@ class StoreLog:
             yield self._read(t)
 
     def _read(self, t: int) -> PCMUStep:
-        s = self.store.read(t, [k for k in RECORD_TENSORS if self.store.holds_field(t, k)])
-        try:
-            return PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items()}, s.meta)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"history {self.store.file.path}: step record {t} is not a PCMU record "
-                             f"({type(exc).__name__}: {exc})") from None
+        return read_record(self.store, t)
 
     def append(self, entry: PCMUStep) -> None:
         if self._failed:
@@ -197,19 +192,22 @@ def step_scalars(store: HistoryStore) -> tuple:
     return sizes, radii, applied
 
 
+def read_record(store: HistoryStore, t: int) -> PCMUStep:
+    """Step t's record, its stored weights not read; refused naming the step unless it is a PCMU record."""
+    s = store.read(t, [k for k in RECORD_TENSORS if store.holds_field(t, k)])
+    try:
+        return PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items()}, s.meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"history {store.file.path}: step record {t} is not a PCMU record "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
 def load_records(store: HistoryStore) -> list[PCMUStep]:
-    """Every step the store holds, refused unless they are steps 0, 1, ... each with a whole record."""
-    records = []
-    for i, s in enumerate(store.iter()):
-        try:
-            if s.step != i:
-                raise ValueError(f"step {s.step} where step {i} was expected")
-            records.append(PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items() if k != WEIGHTS},
-                                                s.meta))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"history {store.file.path}: step record {i} is not a PCMU record "
-                             f"({type(exc).__name__}: {exc})") from None
-    return records
+    """Every step the store holds, as a list (a trainer reads them one at a time: StoreLog), refused
+    unless they are steps 0, 1, ... each with a whole record."""
+    if store.steps != list(range(len(store))):
+        raise ValueError(f"history {store.file.path}: its steps are not 0, 1, 2, ... (not PCMU records)")
+    return [read_record(store, t) for t in range(len(store))]
 
 
 def stored_weights(store: HistoryStore, step: int, params) -> list[torch.Tensor]:
