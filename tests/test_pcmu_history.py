@@ -113,6 +113,36 @@ def test_a_crash_cutting_a_record_that_holds_weights_reopens_from_the_weights_be
     resumed.close()
 
 
+def test_a_failed_read_of_the_weights_to_store_stops_the_recording(tmp_path, monkeypatch):
+    """Storing step 3's weights replays them from the file; when that read fails, the step is not
+    recorded (the trainer's per-step arrays stay those of the records) and no later step is either
+    (the model's weights have moved past the records): a retry would record step 3 a second
+    update away from them. Reopening gives the records' own run."""
+    path = str(tmp_path / "h")
+    trainer = digits_trainer(history=path).train(steps=3)
+    saved = trainer.state_dict()
+
+    def failing(store, step, names=None, **kw):
+        raise OSError("simulated read error")
+
+    with monkeypatch.context() as m:
+        m.setattr(HistoryStore, "read", failing)
+        with pytest.raises(OSError, match="simulated read error"):
+            trainer.train(steps=1)
+    assert trainer.steps_done == 3 and trainer._steps == 3 and len(trainer.history) == 3
+    with pytest.raises(RuntimeError, match="recording step 3 failed"):
+        trainer.train(steps=1)
+    assert len(trainer.history) == 3
+    # Rolling back to a saved state (what a ledger does; the store had nothing to cut) restores the
+    # weights, and recording goes on as the uninterrupted run.
+    trainer.load_state_dict(saved)
+    assert params_equal(trainer.train(steps=2), digits_trainer().train(steps=5))
+    trainer.close()
+    reopened = digits_trainer(history=path)
+    assert params_equal(reopened, digits_trainer().train(steps=5))
+    reopened.close()
+
+
 # The child trains into the store until it is killed (SIGKILL: no close, no flush beyond each record's).
 KILLED_CHILD = textwrap.dedent("""
     import sys
@@ -249,6 +279,32 @@ def test_a_file_with_the_initial_weights_only_still_reopens(tmp_path, monkeypatc
     reopened.train(steps=3)
     uninterrupted.train(steps=3)
     assert params_equal(reopened, uninterrupted) and stored_weight_steps(reopened.history) == [0, 9]
+    reopened.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_replays_and_reopens_in_its_own_dtype(tmp_path, dtype):
+    """The weights are stored as float32 (exactly, from the parameters' values): read back they take
+    the parameters' dtype again, so replaying from them (a request's check, the fallback) and
+    reopening follow the run's own half-precision arithmetic, as the in-memory records do."""
+    x, y, _, _ = digits_data()
+
+    def half_trainer(**kw):
+        return PCMUTrainer(linear(64, 10, zero=False).to(dtype), torch.nn.functional.cross_entropy,
+                           (x.to(dtype), y), batch_size=350, max_request=3, seed=0, **DIGITS, **kw)
+
+    path = str(tmp_path / "h")
+    stored, memory = half_trainer(history=path).train(steps=8), half_trainer().train(steps=8)
+    assert params_equal(stored, memory)
+    for t in (2, 4, 7, 8):
+        replayed = stored.replay(t)
+        assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(replayed, memory.replay(t)))
+    stored.close()
+    reopened = half_trainer(history=path)
+    assert all(w.dtype == dtype for w in reopened.initial) and params_equal(reopened, memory)
+    reopened.train(steps=2)
+    memory.train(steps=2)
+    assert params_equal(reopened, memory)
     reopened.close()
 
 
@@ -495,6 +551,24 @@ def test_a_store_without_the_initial_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match="step 0 does not hold this model's initial weights"):
         digits_trainer(history=path)
     HistoryStore.open(path).close()  # the refusal closed the file it opened (its lock is free)
+
+
+def test_a_malformed_record_after_the_last_stored_weights_is_refused_and_the_file_closed(tmp_path):
+    """Reopening reads the records after the last stored weights only when it replays them: one that
+    is not a PCMU record is refused, and the refusal closes the file it opened (its lock is free)."""
+    path = str(tmp_path / "h")
+    trainer = digits_trainer().train(steps=2)
+    store = HistoryStore(fields(2), tier="disk", path=path, run_info={"pcmu": trainer.fingerprint()})
+    for r in trainer.records:
+        tensors, meta = r.to_record()
+        tensors = {k: [v] for k, v in tensors.items() if not (r.step == 1 and k == "codes")}
+        if r.step == 0:
+            tensors[WEIGHTS] = [w.reshape(-1) for w in trainer.initial]
+        store.record(r.step, tensors, lr=r.step_size, meta=meta)
+    store.close()
+    with pytest.raises(ValueError, match="step record 1 is not a PCMU record"):
+        digits_trainer(history=path)
+    HistoryStore.open(path).close()
 
 
 def test_a_refused_state_leaves_the_store_and_the_trainer_as_they_were(tmp_path):

@@ -36,7 +36,6 @@ copy them. Both hold the same encoding (to_record / to_state).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -107,6 +106,9 @@ class StoreLog:
 
     def __init__(self, store: HistoryStore, trainer):
         self.store, self.trainer = store, trainer
+        # Set when recording a step failed: the model's weights have moved past the records then,
+        # so no later step may be recorded until a rollback (reload) restores both.
+        self._failed: str | None = None
 
     def __len__(self) -> int:
         return len(self.store)
@@ -122,20 +124,23 @@ class StoreLog:
             yield self._read(t)
 
     def _read(self, t: int) -> PCMUStep:
-        s = self.store.read(t, [k for k in RECORD_TENSORS if self.store.holds_field(t, k)])
-        try:
-            return PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items()}, s.meta)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"history {self.store.file.path}: step record {t} is not a PCMU record "
-                             f"({type(exc).__name__}: {exc})") from None
+        return read_record(self.store, t)
 
     def append(self, entry: PCMUStep) -> None:
-        tensors, meta = entry.to_record()
-        tensors = {k: [v] for k, v in tensors.items()}
-        if entry.step % WEIGHTS_EVERY == 0:
-            weights = self.trainer.initial if entry.step == 0 else weights_at(self, entry.step)
-            tensors[WEIGHTS] = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights]
-        self.store.record(entry.step, tensors, lr=entry.step_size, meta=meta)
+        if self._failed:
+            raise RuntimeError(f"history {self.store.file.path}: {self._failed}, and the model's weights moved "
+                               "on without it: no later step is recorded. Reopen the trainer over the file, or "
+                               "roll back to a saved state")
+        try:
+            tensors, meta = entry.to_record()
+            tensors = {k: [v] for k, v in tensors.items()}
+            if entry.step % WEIGHTS_EVERY == 0:
+                weights = self.trainer.initial if entry.step == 0 else weights_at(self, entry.step)
+                tensors[WEIGHTS] = [w.detach().reshape(-1).to("cpu", torch.float32) for w in weights]
+            self.store.record(entry.step, tensors, lr=entry.step_size, meta=meta)
+        except BaseException as exc:
+            self._failed = f"recording step {entry.step} failed ({exc!r})"
+            raise
 
     def truncate(self, length: int) -> None:
         length = max(int(length), 0)
@@ -143,6 +148,8 @@ class StoreLog:
             self.store.rewind(length)
 
     def replace(self, entries) -> None:
+        """Every record rewritten (load_state_dict, which restores the weights with them)."""
+        self._failed = None
         self.truncate(0)
         for e in entries:
             self.append(e)
@@ -154,10 +161,12 @@ class StoreLog:
         s = min(int(t), len(self) - 1)
         while s > 0 and not self.store.holds_field(s, WEIGHTS):
             s -= 1
-        return s, stored_weights(self.store, s, self.trainer.shapes)
+        return s, stored_weights(self.store, s, self.trainer.params)
 
     def reload(self) -> None:
-        """Nothing to do: the records are read from the store, which was rolled back itself."""
+        """After the store was rolled back (and the trainer's state restored with it): the records
+        are read from the store, so only a failed append's refusal is lifted."""
+        self._failed = None
 
 
 def weights_at(log: StoreLog, t: int) -> list[torch.Tensor]:
@@ -183,29 +192,35 @@ def step_scalars(store: HistoryStore) -> tuple:
     return sizes, radii, applied
 
 
+def read_record(store: HistoryStore, t: int) -> PCMUStep:
+    """Step t's record, its stored weights not read; refused naming the step unless it is a PCMU record."""
+    s = store.read(t, [k for k in RECORD_TENSORS if store.holds_field(t, k)])
+    try:
+        return PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items()}, s.meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"history {store.file.path}: step record {t} is not a PCMU record "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
 def load_records(store: HistoryStore) -> list[PCMUStep]:
-    """Every step the store holds, refused unless they are steps 0, 1, ... each with a whole record."""
-    records = []
-    for i, s in enumerate(store.iter()):
-        try:
-            if s.step != i:
-                raise ValueError(f"step {s.step} where step {i} was expected")
-            records.append(PCMUStep.from_record(s.step, s.lr, {k: v[0] for k, v in s.tensors.items() if k != WEIGHTS},
-                                                s.meta))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"history {store.file.path}: step record {i} is not a PCMU record "
-                             f"({type(exc).__name__}: {exc})") from None
-    return records
+    """Every step the store holds, as a list (a trainer reads them one at a time: StoreLog), refused
+    unless they are steps 0, 1, ... each with a whole record."""
+    if store.steps != list(range(len(store))):
+        raise ValueError(f"history {store.file.path}: its steps are not 0, 1, 2, ... (not PCMU records)")
+    return [read_record(store, t) for t in range(len(store))]
 
 
-def stored_weights(store: HistoryStore, step: int, shapes) -> list[torch.Tensor]:
-    """The weights recorded at `step` (w_step: step 0's are the initial weights), shaped like the parameters."""
+def stored_weights(store: HistoryStore, step: int, params) -> list[torch.Tensor]:
+    """The weights recorded at `step` (w_step: step 0's are the initial weights), shaped like the
+    parameters `params` and in their dtype and device: stored as float32, which holds a half-precision
+    parameter's values exactly, they are cast back, so a replay from them adds the codes in the
+    parameters' own arithmetic, as training did."""
     flat = store.read(step, [WEIGHTS]).tensors.get(WEIGHTS)
-    if flat is None or [t.numel() for t in flat] != [math.prod(s) for s in shapes] or any(
+    if flat is None or [t.numel() for t in flat] != [p.numel() for p in params] or any(
             t.dtype != torch.float32 for t in flat):
         raise ValueError(f"history {store.file.path}: step {step} does not hold this model's "
                          f"{'initial ' if step == 0 else ''}weights (float32, one tensor per parameter)")
-    return [t.reshape(shape) for t, shape in zip(flat, shapes)]
+    return [t.reshape(p.shape).to(p.device, p.dtype) for t, p in zip(flat, params)]
 
 
 def attach(trainer, history) -> None:
@@ -215,19 +230,24 @@ def attach(trainer, history) -> None:
     before the trainer changes when the steps are not PCMU records or their learning rates are not
     the trainer's."""
     store = open_history(history, trainer)
+    before = trainer.history, trainer.initial, trainer.records
     try:
         scalars = step_scalars(store)
-        initial = stored_weights(store, 0, trainer.shapes) if len(store) else trainer.initial
+        initial = stored_weights(store, 0, trainer.params) if len(store) else trainer.initial
         check_step_sizes(trainer, enumerate(scalars[0].tolist()))
+        trainer.history, trainer.initial, trainer.records = store, initial, StoreLog(store, trainer)
+        # w_T reads the records after the last stored weights, which nothing above read: one that is
+        # not a PCMU record (or a damaged one) is refused here, with the trainer as it was.
+        weights = trainer.replay(len(store)) if len(store) else None
     except BaseException:
+        trainer.history, trainer.initial, trainer.records = before
         if not isinstance(history, HistoryStore):  # opened here from a path
             store.close()
         raise
-    trainer.history, trainer.initial, trainer.records = store, initial, StoreLog(store, trainer)
-    if len(store):
+    if weights is not None:
         trainer._reindex(scalars)
         with torch.no_grad():
-            for p, w in zip(trainer.params, trainer.replay(len(store))):
+            for p, w in zip(trainer.params, weights):
                 p.copy_(w)
 
 
@@ -262,4 +282,4 @@ def restore(trainer, saved: dict) -> None:
     mark = {"bytes": saved["bytes"], "digest": saved["digest"]}
     if store.mark() != mark:
         store.rollback(mark)
-        trainer.records.reload()
+    trainer.records.reload()  # also when nothing was written after the mark (a record that failed before)

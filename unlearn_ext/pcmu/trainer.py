@@ -229,6 +229,9 @@ class PCMUTrainer:
         return self.schedule.step(t, self._forgotten).ids
 
     def _add_record(self, r: PCMUStep) -> None:
+        # Recorded first: a record that fails (a store's write or read) leaves the per-step arrays
+        # those of the records.
+        self.records.append(r)
         t = self._steps
         if t == self._min_radius.numel():  # grow the per-step arrays by doubling
             cap = max(2 * t, 64)
@@ -240,7 +243,6 @@ class PCMUTrainer:
         self._forgotten_count[t] = 0  # computed by _compute_step, on _next_batch: no forgotten id in it
         self._steps = t + 1
         self._apriori.invalidate()
-        self.records.append(r)
 
     def _drop_records_from(self, t0: int) -> None:
         self.records.truncate(t0)
