@@ -452,8 +452,11 @@ class DeltaGradUnlearner(Unlearner):
         rows = batch_rows(self.data, [torch.cat([mine(kept), mine(removed)]) if exact else mine(removed)
                                       for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
         # Runs of quasi-Newton steps below the stability bound in one op call each where the op covers
-        # the model (ReplayModel.run_arguments); any other step below, one by one.
+        # the model (ReplayModel.run_arguments); any other step below, one by one. A run holds its
+        # steps' recorded rows (and so their read-ahead blocks) until its call: at most a block's
+        # steps per call keeps what is held within READ_AHEAD_BYTES (read_ahead_block).
         run_arguments = grads.run_arguments()
+        longest_run = read_ahead_block(flat.dim)
 
         def quasi_newton_model() -> None:
             """Sets model and lambda_max for the current pairs where a new pair reset them."""
@@ -501,7 +504,7 @@ class DeltaGradUnlearner(Unlearner):
             if not exact and run_arguments is not None:
                 quasi_newton_model()
                 end = i
-                while (end < len(approximate) and not approximate[end][5]
+                while (end < len(approximate) and end - i < longest_run and not approximate[end][5]
                        and approximate[end][1] * lambda_max < self.stable_below and approximate[end][3].numel() <= CHUNK):
                     end += 1
                 if end > i:
