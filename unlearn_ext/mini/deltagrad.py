@@ -68,9 +68,10 @@ layers and elementwise activations takes its gradients without autograd's graph 
 (mini/layer_chain.py), and a quasi-Newton step (B dw, the direction, the weight and momentum update,
 the recorded gradient's term) is one op call too (ops.deltagrad_qn_step_); the weights are updated
 in place. Between two exact steps the L-BFGS matrices are fixed, so where that op covers the model
-(ReplayModel.run_arguments: a float32 chain, in-memory rows, one process) the whole run of
-quasi-Newton steps below the stability bound is one call (ops.deltagrad_qn_run_: per step the removed
-rows' gradient, the recorded gradient's term and the step, the per-step path's calls in its order).
+(ReplayModel.run_arguments: a float32 chain, in-memory rows, one process) the run of quasi-Newton
+steps below the stability bound is one call (ops.deltagrad_qn_run_: per step the removed rows'
+gradient, the recorded gradient's term and the step, the per-step path's calls in its order), or one
+call per read-ahead block of steps where the run is longer (its recorded rows are held until the call).
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
