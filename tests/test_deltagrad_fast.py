@@ -235,3 +235,34 @@ def test_runs_of_quasi_newton_steps_in_one_op_give_the_per_step_replays_bits(mon
     w_step, cost_step, stats_step, reason_step = unlearner._replay(unlearner._plan(FORGET))
     assert reason_step == "" and torch.equal(w, w_step)
     assert cost == cost_step and stats == stats_step
+
+
+def test_a_quasi_newton_run_holds_no_more_decoded_rows_than_the_read_ahead_bound(monkeypatch):
+    """A run of quasi-Newton steps in one op call holds its steps' recorded weights and gradients
+    (rows of the read-ahead's blocks) until the call: with a period far longer than a read-ahead
+    block, the blocks its arguments keep alive still fit in READ_AHEAD_BYTES, and the answer is the
+    unbounded read-ahead's."""
+    from unlearn_ext.mini import deltagrad
+    data = blobs(n=90, seed=2)
+    torch.manual_seed(0)
+    init = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model, store = recorded(data, init, ue.SGDConfig(epochs=5, batch_size=16, lr=0.3, weight_decay=1e-3))
+    unbounded = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store, burn_in=4, period=20)
+    want, _, _, reason = unbounded._replay(unbounded._plan(FORGET))
+    assert reason == ""
+    dim = unbounded.flat.dim
+    monkeypatch.setattr(deltagrad, "READ_AHEAD_BYTES", 4 * deltagrad.READ_AHEAD_ROWS_PER_STEP * dim * 3 + 5)
+    assert deltagrad.read_ahead_block(dim) == 3
+    held, run_op = [], ue.ops.deltagrad_qn_run_
+
+    def spy(*args):
+        # the decoded matrices the run's recorded rows keep alive (one storage per block and field)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in args[4] + args[5]}
+        held.append(sum(storages.values()))
+        return run_op(*args)
+
+    monkeypatch.setattr(ue.ops, "deltagrad_qn_run_", spy)
+    unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store, burn_in=4, period=20)
+    w, _, _, reason = unlearner._replay(unlearner._plan(FORGET))
+    assert reason == "" and torch.equal(w, want)
+    assert held and max(held) <= deltagrad.READ_AHEAD_BYTES

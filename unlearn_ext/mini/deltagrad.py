@@ -68,9 +68,10 @@ layers and elementwise activations takes its gradients without autograd's graph 
 (mini/layer_chain.py), and a quasi-Newton step (B dw, the direction, the weight and momentum update,
 the recorded gradient's term) is one op call too (ops.deltagrad_qn_step_); the weights are updated
 in place. Between two exact steps the L-BFGS matrices are fixed, so where that op covers the model
-(ReplayModel.run_arguments: a float32 chain, in-memory rows, one process) the whole run of
-quasi-Newton steps below the stability bound is one call (ops.deltagrad_qn_run_: per step the removed
-rows' gradient, the recorded gradient's term and the step, the per-step path's calls in its order).
+(ReplayModel.run_arguments: a float32 chain, in-memory rows, one process) the run of quasi-Newton
+steps below the stability bound is one call (ops.deltagrad_qn_run_: per step the removed rows'
+gradient, the recorded gradient's term and the step, the per-step path's calls in its order), or one
+call per read-ahead block of steps where the run is longer (its recorded rows are held until the call).
 
 Edge of stability (`unstable="damp"`, ours): at a quasi-Newton step, B's eigenvalues (on
 span(S, Y), and sigma outside it) at or above the bound / eta_t are replaced by 1 / eta_t, the
@@ -450,8 +451,11 @@ class DeltaGradUnlearner(Unlearner):
         rows = batch_rows(self.data, [torch.cat([mine(kept), mine(removed)]) if exact else mine(removed)
                                       for _, _, kept, removed, _, exact in approximate if exact or removed.numel()])
         # Runs of quasi-Newton steps below the stability bound in one op call each where the op covers
-        # the model (ReplayModel.run_arguments); any other step below, one by one.
+        # the model (ReplayModel.run_arguments); any other step below, one by one. A run holds its
+        # steps' recorded rows (and so their read-ahead blocks) until its call: at most a block's
+        # steps per call keeps what is held within READ_AHEAD_BYTES (read_ahead_block).
         run_arguments = grads.run_arguments()
+        longest_run = read_ahead_block(flat.dim)
 
         def quasi_newton_model() -> None:
             """Sets model and lambda_max for the current pairs where a new pair reset them."""
@@ -499,7 +503,7 @@ class DeltaGradUnlearner(Unlearner):
             if not exact and run_arguments is not None:
                 quasi_newton_model()
                 end = i
-                while (end < len(approximate) and not approximate[end][5]
+                while (end < len(approximate) and end - i < longest_run and not approximate[end][5]
                        and approximate[end][1] * lambda_max < self.stable_below and approximate[end][3].numel() <= CHUNK):
                     end += 1
                 if end > i:
