@@ -266,3 +266,31 @@ def test_a_quasi_newton_run_holds_no_more_decoded_rows_than_the_read_ahead_bound
     w, _, _, reason = unlearner._replay(unlearner._plan(FORGET))
     assert reason == "" and torch.equal(w, want)
     assert held and max(held) <= deltagrad.READ_AHEAD_BYTES
+
+
+@pytest.mark.parametrize("bad_step", [2, 12])  # exact steps: one in the burn-in, one in the approximate phase
+def test_a_non_finite_recorded_gradient_at_an_exact_step_stops_the_replay(monkeypatch, bad_step):
+    """A non-finite value in an exact step's recorded gradient made the prediction error NaN, which
+    `err > limit` never flags, and the pair test skipped it: the replay answered as if nothing were
+    wrong. It stops there, naming the step, so the request falls back."""
+    from unlearn_ext.mini.deltagrad import DeltaGradUnlearner
+    data = blobs(n=90, seed=2)
+    torch.manual_seed(0)
+    init = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model, store = recorded(data, init, ue.SGDConfig(epochs=5, batch_size=16, lr=0.3))
+    unlearner = ue.DeltaGradUnlearner(copy.deepcopy(model), data, store, burn_in=4, period=4)
+    plan = unlearner._plan(FORGET)
+    assert all(kept.numel() for _, _, kept, _, _ in plan)  # so the k-th read is step k's
+    assert unlearner._exact_step(bad_step)
+    read = DeltaGradUnlearner._recorded
+
+    def damaged(self, steps):
+        for k, (w_t, add_g) in enumerate(read(self, steps)):
+            if k == bad_step:
+                add_g.values = add_g.values.clone()
+                add_g.values[3] = float("inf")
+            yield w_t, add_g
+
+    monkeypatch.setattr(DeltaGradUnlearner, "_recorded", damaged)
+    w, _, _, reason = unlearner._replay(plan)
+    assert w is None and f"exact step {bad_step} are not finite" in reason

@@ -395,6 +395,11 @@ class DeltaGradUnlearner(Unlearner):
             reason to stop, or ''."""
             nonlocal model, lambda_max, worst
             dw64, dg64 = dw.double(), dg.double()
+            # A non-finite recorded value (a damaged history, an overflowed step) would make the
+            # prediction error NaN, which no comparison below fails: the check would pass silently.
+            if not math.isfinite(float(dw64.sum()) + float(dg64.sum())):
+                return (f"the recorded weights or gradient at exact step {t} are not finite: the history "
+                        "cannot be replayed there")
             if pairs and float(dg.norm()) > 0:
                 if model is None:
                     model = CompactLBFGS.from_pairs(pairs)
