@@ -8,7 +8,9 @@ and passes too (the control that the comparison never refuses what it cannot tel
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -92,6 +94,33 @@ def test_the_plain_loop_passes_where_gradients_are_random_or_buffers_move(case):
     loop(model, optimizer, loader)
     engine.unlearner()
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+
+
+class GlobalRNGFlips(torch.utils.data.Dataset):
+    """LazyImages flipped at random by numpy's or Python's global generator, unseeded: not repeated
+    by retraining (README), but a loop over it is the plain recipe and must not be refused."""
+
+    def __init__(self, base, draw):
+        self.base, self.draw = base, draw
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (x.flip(-1) if self.draw() < 0.5 else x), y
+
+
+@pytest.mark.parametrize("draw", [np.random.rand, random.random], ids=["numpy", "python"])
+def test_augmentation_from_numpy_or_python_is_not_judged(draw):
+    """The two recomputations must run under different states of every generator a dataset may draw
+    from: with torch's alone reseeded they agreed with each other and not with the loop's batch,
+    and this plain loop was refused as another loss."""
+    np.random.seed(0)
+    random.seed(0)
+    engine, model, optimizer, loader = wrap("retrain", dataset=GlobalRNGFlips(LazyImages(N), draw))
+    loop(model, optimizer, loader)
+    engine.unlearner()
 
 
 def test_a_scaled_loss_is_not_judged_where_the_gradients_are_random():

@@ -64,8 +64,11 @@ class AutocastSeen:
 @contextlib.contextmanager
 def _leaving_no_trace(model: torch.nn.Module, params: Sequence[torch.Tensor], seed: int | None):
     """Gradients on: the model's buffers (BatchNorm statistics) and the global random generators
-    (torch's, numpy's, Python's: a dataset may draw from any) put back afterwards; seed: the torch
-    RNG state to run under (None: the current one)."""
+    (torch's, numpy's, Python's: a dataset may draw from any) put back afterwards; seed: what all
+    three are seeded with to run under (None: their current states). All three, so that
+    randomness from any of them (augmentation drawing from numpy or Python in the main process)
+    differs between the two recomputations and is not judged (a torch seed alone left the two
+    agreeing with each other and not with the loop: a false refusal)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -73,6 +76,8 @@ def _leaving_no_trace(model: torch.nn.Module, params: Sequence[torch.Tensor], se
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             if seed is not None:
                 torch.manual_seed(seed)
+                np.random.seed(seed)
+                random.seed(seed)
             yield
     finally:
         random.setstate(py_state)
