@@ -79,12 +79,32 @@ def test_a_grad_scaler_loop_is_accepted_and_repeated_by_retraining():
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
 
 
-@pytest.mark.parametrize("case", ["dropout", "seeded augmentation", "frozen batchnorm", "training batchnorm"])
+class RunningCentering(nn.Module):
+    """Centers its input by a running mean that its forward updates (in training mode) before using
+    it: the output depends on the buffer's value before the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean())
+        return x - self.mean
+
+
+@pytest.mark.parametrize("case", ["dropout", "seeded augmentation", "frozen batchnorm", "training batchnorm",
+                                  "a buffer updated before use"])
 def test_the_plain_loop_passes_where_gradients_are_random_or_buffers_move(case):
     """Controls: dropout (two recomputations disagree: not judged), augmentation seeded per (epoch,
     item) (recomputed as retraining loads it), BatchNorm in eval mode and in training mode (its
-    running statistics are put back after each recomputation)."""
-    if case == "dropout":
+    running statistics are put back after each recomputation), a forward that updates a buffer
+    before using it (recomputed from the buffers the loop's forward started from: from those it
+    left, this loop was refused as another loss)."""
+    if case == "a buffer updated before use":
+        engine, model, optimizer, loader = wrap("retrain", model=nn.Sequential(RunningCentering(), cnn("group")))
+    elif case == "dropout":
         engine, model, optimizer, loader = wrap("retrain", model=cnn("group", dropout=0.3))
     elif case == "seeded augmentation":
         engine, model, optimizer, loader = wrap("retrain", dataset=Augmented(LazyImages(N)), augmentation_seed=3)

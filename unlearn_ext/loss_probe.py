@@ -18,8 +18,8 @@ What it cannot judge, and then does not refuse:
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
 loss's own gradients: it passes (its skipped steps are refused by the step count). Mixed precision
 (torch.autocast around the loop's forward) is the loop's arithmetic, not a change: the
-recomputation runs under the autocast the loop's last forward with gradients ran under
-(AutocastSeen). Retraining itself runs without it, as before: close to the loop, not bit for bit.
+recomputation runs under the autocast the loop's last forward with gradients ran under, from the
+buffers that forward started from (ForwardSeen). Retraining itself runs without it, as before: close to the loop, not bit for bit.
 The recomputations run the model's forward (and any forward hook the user put on it) twice more
 at the first step; its buffers (BatchNorm statistics), torch's RNG and every p.grad are left as
 they were.
@@ -40,25 +40,39 @@ RELATIVE_TOLERANCE = 1e-3
 DTYPE_ROUNDINGS = 8
 
 
-class AutocastSeen:
-    """The autocast dtype the loop's last forward with gradients ran under (None: no autocast), noted
-    by a forward pre-hook on the model; `context()` runs the recomputation under the same."""
+class ForwardSeen:
+    """What the loop's last forward with gradients started from, noted by a forward pre-hook on the
+    model until the first step: the autocast dtype it ran under (None: no autocast) and the model's
+    buffers as they were before it. The recomputation repeats both (`context()`): a forward that
+    updates a buffer before using it (a running normalization, a power iteration's vector) would
+    otherwise run from the value the loop's forward left, not the one it used, and differ from the
+    loop for no fault of it. One copy of the buffers per forward until the first step."""
 
     def __init__(self, model: torch.nn.Module):
         self.device_type = next((p.device.type for p in model.parameters()), "cpu")
         self.dtype = None
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handle = model.register_forward_pre_hook(self._note)
 
     def _note(self, module, args) -> None:
         if torch.is_grad_enabled():
             on = torch.is_autocast_enabled(self.device_type)
             self.dtype = torch.get_autocast_dtype(self.device_type) if on else None
+            self._buffers = [(b, b.detach().clone()) for b in module.buffers()]
 
+    @contextlib.contextmanager
     def context(self):
-        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
+        """The buffers put back to the noted ones (the caller restores the current ones, as
+        _leaving_no_trace does), under the noted autocast."""
+        with torch.no_grad():
+            for b, noted in self._buffers:
+                b.copy_(noted)
+        with contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype):
+            yield
 
     def remove(self) -> None:
         self._handle.remove()
+        self._buffers = []
 
 
 @contextlib.contextmanager
@@ -147,17 +161,17 @@ def tolerance(grads: Sequence[torch.Tensor]) -> float:
 
 def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor], names: dict,
                      model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor],
-                     autocast: AutocastSeen | None = None) -> None:
+                     seen: ForwardSeen | None = None) -> None:
     """Refuses the loop's first step when its backward's gradients `loop` (of `params`; with declared
     clipping the copies taken before the clip) are not batch_loss()'s (retraining's step-0 loss,
     loading its batch included) -- unless two recomputations under different random states
-    disagree, when the comparison cannot tell (module docstring). autocast: the loop's, which the
-    recomputations run under."""
-    if autocast is not None:
+    disagree, when the comparison cannot tell (module docstring). seen: the loop's forward's
+    autocast and starting buffers, which the recomputations run under and from."""
+    if seen is not None:
         plain_loss = batch_loss
 
         def batch_loss():
-            with autocast.context():
+            with seen.context():
                 return plain_loss()
 
     # A frozen parameter's stale gradient is left out: autograd differentiates trainable ones only.
