@@ -143,6 +143,29 @@ def test_augmentation_from_numpy_or_python_is_not_judged(draw):
     engine.unlearner()
 
 
+class CheckpointedMiddle(nn.Module):
+    """A CNN whose middle block runs under activation checkpointing, as large models do."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.first, self.reentrant = nn.Conv2d(1, 4, 3, padding=1), reentrant
+        self.middle = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh())
+        self.last = nn.Sequential(nn.Flatten(), nn.Linear(256, 3))
+
+    def forward(self, x):
+        return self.last(torch.utils.checkpoint.checkpoint(self.middle, self.first(x), use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_loop_with_activation_checkpointing_is_accepted(reentrant):
+    """Reentrant checkpointing refuses torch.autograd.grad, which the recomputation uses: the plain
+    loop is not judged there (it raised the checkpoint's RuntimeError at the first step)."""
+    engine, model, optimizer, loader = wrap("retrain", model=CheckpointedMiddle(reentrant))
+    loop(model, optimizer, loader)
+    engine.unlearner()
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+
+
 def test_a_scaled_loss_is_not_judged_where_the_gradients_are_random():
     """What the comparison cannot tell, documented: with dropout on, a scaled loss passes."""
     engine, model, optimizer, loader = wrap("retrain", model=cnn("group", dropout=0.3))

@@ -13,6 +13,8 @@ What it cannot judge, and then does not refuse:
     random augmentation not seeded by (seed, epoch, id)): the gradient is computed twice under two
     different random states, and when those two differ by more than the tolerance the comparison
     says nothing;
+  * a model whose graph takes backward() but not torch.autograd.grad (activation checkpointing
+    with use_reentrant=True), which the recomputation needs so as to leave p.grad alone;
   * a change smaller than the tolerance (a relative difference of 1e-3 in float32, a few roundings
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
@@ -101,12 +103,26 @@ def _leaving_no_trace(model: torch.nn.Module, params: Sequence[torch.Tensor], se
                 b.copy_(kept)
 
 
+class GradUnsupported(Exception):
+    """The recomputed loss's graph takes backward() only, not torch.autograd.grad."""
+
+
+def _grad(loss: torch.Tensor, params: Sequence[torch.Tensor]):
+    """torch.autograd.grad of loss over params (None where unused); GradUnsupported where the graph
+    refuses .grad() -- activation checkpointing with use_reentrant=True does -- though the loop's
+    backward() ran on the same model: no fault of the loop, only nothing to compare with."""
+    try:
+        return torch.autograd.grad(loss, list(params), allow_unused=True)
+    except RuntimeError as error:
+        raise GradUnsupported(str(error)) from error
+
+
 def recomputed_gradients(params: Sequence[torch.Tensor], model: torch.nn.Module,
                          batch_loss: Callable[[], torch.Tensor], seed: int | None) -> list[torch.Tensor]:
     """d batch_loss() / d params (zeros where unused), without touching p.grad, the buffers or the
     RNGs (_leaving_no_trace)."""
     with _leaving_no_trace(model, params, seed):
-        grads = torch.autograd.grad(batch_loss(), list(params), allow_unused=True)
+        grads = _grad(batch_loss(), params)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
 
@@ -128,7 +144,7 @@ def distance_of_recomputed(reference: Sequence[torch.Tensor], params: Sequence[t
     handles = [p.register_hook(comparing(i)) for i, p in enumerate(params)]
     try:
         with _leaving_no_trace(model, params, seed):
-            torch.autograd.grad(batch_loss(), list(params), allow_unused=True)
+            _grad(batch_loss(), params)
     finally:
         for handle in handles:
             handle.remove()
@@ -179,10 +195,13 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
     if not kept:
         return
     params, loop = [p for p, _ in kept], [g for _, g in kept]
-    first = recomputed_gradients(params, model, batch_loss, seed=None)
-    limit = tolerance(first)
-    if distance_of_recomputed(first, params, model, batch_loss, seed=1) > limit:
-        return  # random beyond the schedule's control: nothing to compare with
+    try:
+        first = recomputed_gradients(params, model, batch_loss, seed=None)
+        limit = tolerance(first)
+        if distance_of_recomputed(first, params, model, batch_loss, seed=1) > limit:
+            return  # random beyond the schedule's control: nothing to compare with
+    except GradUnsupported:
+        return  # a graph that takes backward() only (reentrant checkpointing): nothing to compare with
     off = relative_difference(loop, first)
     if off <= limit:
         return
