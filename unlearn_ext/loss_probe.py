@@ -137,7 +137,7 @@ def distance_of_recomputed(reference: Sequence[torch.Tensor], params: Sequence[t
     def comparing(i: int):
         def hook(g: torch.Tensor) -> torch.Tensor:
             reached.add(i)
-            diff[0] += float((g.double() - reference[i].double()).square().sum())
+            diff[0] += _squared_distance(g, reference[i])
             return g.new_zeros(()).expand_as(g)
         return hook
 
@@ -148,17 +148,40 @@ def distance_of_recomputed(reference: Sequence[torch.Tensor], params: Sequence[t
     finally:
         for handle in handles:
             handle.remove()
-    diff_sq = diff[0] + sum(float(r.double().square().sum()) for i, r in enumerate(reference) if i not in reached)
-    base = sum(float(r.double().square().sum()) for r in reference)
+    diff_sq = diff[0] + sum(_dot(r, r) for i, r in enumerate(reference) if i not in reached)
+    base = sum(_dot(r, r) for r in reference)
     if base == 0:
         return 0.0 if diff_sq == 0 else float("inf")
     return (diff_sq / base) ** 0.5
 
 
+# Elements taken to float64 at a time by the sums below: their temporaries stay ~16 MB whatever the
+# largest gradient (a whole tensor in float64, with its difference and square, took about eight
+# times its float32 size at the first step: 2 GB more for a 268 MB layer).
+FLOAT64_CHUNK = 1 << 20
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """sum(x * y) in float64, FLOAT64_CHUNK elements at a time."""
+    xs, ys = x.reshape(-1), y.reshape(-1)
+    return sum(float(torch.dot(xs[s:s + FLOAT64_CHUNK].double(), ys[s:s + FLOAT64_CHUNK].double()))
+               for s in range(0, xs.numel(), FLOAT64_CHUNK))
+
+
+def _squared_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """sum((x - y)^2) in float64, FLOAT64_CHUNK elements at a time."""
+    xs, ys = x.reshape(-1), y.reshape(-1)
+    total = 0.0
+    for s in range(0, xs.numel(), FLOAT64_CHUNK):
+        d = xs[s:s + FLOAT64_CHUNK].double() - ys[s:s + FLOAT64_CHUNK].double()
+        total += float(torch.dot(d, d))
+    return total
+
+
 def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """||a - b|| / ||b|| over every tensor together, in float64 (inf when b is zero and a is not)."""
-    diff = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b))
-    base = sum(float(y.double().square().sum()) for y in b)
+    diff = sum(_squared_distance(x, y) for x, y in zip(a, b))
+    base = sum(_dot(y, y) for y in b)
     if base == 0:
         return 0.0 if diff == 0 else float("inf")
     return (diff / base) ** 0.5
@@ -166,8 +189,8 @@ def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) ->
 
 def scale_between(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """The least-squares factor s with a ~ s * b (1 when b is zero)."""
-    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
-    base = sum(float(y.double().square().sum()) for y in b)
+    dot = sum(_dot(x, y) for x, y in zip(a, b))
+    base = sum(_dot(y, y) for y in b)
     return dot / base if base else 1.0
 
 
