@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import unlearn_ext as ue
-from user_models import Augmented, LazyImages, cnn, same_state
+from user_models import Augmented, LazyImages, LazyTokens, cnn, same_state
 
 N, BATCH, EPOCHS = 48, 16, 2
 
@@ -232,3 +232,43 @@ def test_a_loop_computing_its_loss_outside_autocast_is_accepted():
             loss_fn(outputs.float(), y).backward()
             optimizer.step()
     engine.unlearner()
+
+
+class SparseBag(nn.Module):
+    """Mean of token embeddings with sparse gradients (nn.Embedding(sparse=True)), then a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.linear = nn.Embedding(12, 8, sparse=True), nn.Linear(8, 2)
+
+    def forward(self, tokens):
+        return self.linear(self.embedding(tokens).mean(1))
+
+
+@pytest.mark.parametrize("scale", [1, 4])
+def test_sparse_gradients_are_compared(scale):
+    """The comparison's hook and sums take sparse gradients: the plain loop passes and is repeated,
+    a scaled loss is refused (the hook's expand raised 'expand is unsupported for Sparse tensors'
+    at the first step of the plain loop)."""
+    torch.manual_seed(0)
+    model = SparseBag()
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(
+        model, torch.optim.SGD(model.parameters(), lr=0.05),
+        torch.utils.data.DataLoader(LazyTokens(N), batch_size=BATCH, shuffle=True), method="retrain", epochs=EPOCHS,
+        loss_fn=nn.CrossEntropyLoss())
+
+    def train():
+        for _ in range(EPOCHS):
+            for x, y in loader:
+                optimizer.zero_grad()
+                (nn.functional.cross_entropy(model(x), y) * scale).backward()
+                optimizer.step()
+
+    if scale != 1:
+        with pytest.raises(RuntimeError, match="about 4 times it"):
+            train()
+        return
+    train()
+    engine.unlearner()
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)

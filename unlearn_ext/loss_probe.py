@@ -138,7 +138,8 @@ def distance_of_recomputed(reference: Sequence[torch.Tensor], params: Sequence[t
         def hook(g: torch.Tensor) -> torch.Tensor:
             reached.add(i)
             diff[0] += _squared_distance(g, reference[i])
-            return g.new_zeros(()).expand_as(g)
+            # (a sparse gradient, nn.Embedding(sparse=True)'s, takes no expand: an empty sparse zero)
+            return torch.zeros_like(g) if g.layout != torch.strided else g.new_zeros(()).expand_as(g)
         return hook
 
     handles = [p.register_hook(comparing(i)) for i, p in enumerate(params)]
@@ -161,16 +162,21 @@ def distance_of_recomputed(reference: Sequence[torch.Tensor], params: Sequence[t
 FLOAT64_CHUNK = 1 << 20
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x as one dense row (a sparse gradient, nn.Embedding(sparse=True)'s, made dense)."""
+    return (x if x.layout == torch.strided else x.to_dense()).reshape(-1)
+
+
 def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
     """sum(x * y) in float64, FLOAT64_CHUNK elements at a time."""
-    xs, ys = x.reshape(-1), y.reshape(-1)
+    xs, ys = _flat(x), _flat(y)
     return sum(float(torch.dot(xs[s:s + FLOAT64_CHUNK].double(), ys[s:s + FLOAT64_CHUNK].double()))
                for s in range(0, xs.numel(), FLOAT64_CHUNK))
 
 
 def _squared_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """sum((x - y)^2) in float64, FLOAT64_CHUNK elements at a time."""
-    xs, ys = x.reshape(-1), y.reshape(-1)
+    xs, ys = _flat(x), _flat(y)
     total = 0.0
     for s in range(0, xs.numel(), FLOAT64_CHUNK):
         d = xs[s:s + FLOAT64_CHUNK].double() - ys[s:s + FLOAT64_CHUNK].double()
