@@ -21,10 +21,14 @@ GradScaler (torch.amp) unscales the gradients before the optimizer's step, so th
 loss's own gradients: it passes (its skipped steps are refused by the step count). Mixed precision
 (torch.autocast around the loop's forward) is the loop's arithmetic, not a change: the
 recomputation runs under the autocast the loop's last forward with gradients ran under, from the
-buffers that forward started from (ForwardSeen). Retraining itself runs without it, as before: close to the loop, not bit for bit.
-The recomputations run the model's forward (and any forward hook the user put on it) twice more
-at the first step; its buffers (BatchNorm statistics), torch's RNG and every p.grad are left as
-they were.
+buffers that forward started from (ForwardSeen). Retraining itself runs without it, as before:
+close to the loop, not bit for bit.
+The recomputations load the first batch (the dataset's __getitem__) and run the model's forward
+(and any forward hook the user put on it) twice more at the first step; its buffers (BatchNorm
+statistics), torch's, numpy's and Python's global RNGs and every p.grad are left as they were.
+State outside those is not: a generator of the model's or the dataset's own, or a Python counter
+its forward keeps, has advanced by those two calls, which retraining (from the copy taken when
+wrapping) does not repeat.
 """
 from __future__ import annotations
 
