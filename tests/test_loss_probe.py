@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from unlearn_ext.loss_probe import check_first_step, distance_of_recomputed, recomputed_gradients, \
-    relative_difference
+from unlearn_ext.loss_probe import FLOAT64_CHUNK, check_first_step, distance_of_recomputed, \
+    recomputed_gradients, relative_difference
 
 
 def setup(dropout=0.0):
@@ -68,3 +69,34 @@ def test_random_gradients_are_not_judged():
     model, params, loss = setup(dropout=0.5)
     loop = [g * 4 for g in recomputed_gradients(params, model, loss, seed=None)]
     check_first_step(params, loop, {}, model, loss)  # two recomputations disagree: no verdict
+
+
+class LargestFloat64(TorchDispatchMode):
+    """The most elements of any float64 tensor an op makes while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.most = max(self.most, t.numel())
+        return out
+
+
+def test_the_comparison_takes_no_whole_large_gradient_to_float64():
+    """Its float64 sums go a chunk at a time: whole tensors in float64 (with their difference and
+    square) held about eight times the largest gradient's float32 size at once, at the first step
+    of a large model. A 3-chunk layer here; a scaled loss must still be refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 3 * FLOAT64_CHUNK // 1024), nn.Tanh(), nn.Linear(3 * FLOAT64_CHUNK // 1024, 2))
+    x, y = torch.randn(4, 1024), torch.randint(0, 2, (4,))
+    params = list(model.parameters())
+    loss = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    loop = [g * 2 for g in recomputed_gradients(params, model, loss, seed=None)]
+    watch = LargestFloat64()
+    with watch, pytest.raises(RuntimeError, match="about 2 times it"):
+        check_first_step(params, loop, {}, model, loss)
+    assert 0 < watch.most <= FLOAT64_CHUNK

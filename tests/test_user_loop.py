@@ -10,6 +10,7 @@ What is checked against what:
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -781,3 +782,21 @@ def test_a_model_whose_own_train_freezes_batchnorm_is_told_to_call_it_before_wra
                                                torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
                                                method=method, epochs=EPOCHS, **(PCMU_OPTIONS if method == "pcmu" else {}))
     assert "own train()" not in str(plain.value)
+
+
+class UncopyableFrozenStatisticsCNN(FrozenStatisticsCNN):
+    """FrozenStatisticsCNN holding something copy.deepcopy refuses (a lock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_the_batchnorm_refusal_stands_when_its_hint_cannot_be_tried():
+    """The hint tries the model's train() on a copy; a model that cannot be copied got deepcopy's
+    TypeError instead of the refusal."""
+    model = UncopyableFrozenStatisticsCNN()
+    with pytest.raises(ue.UnsupportedModelError, match="BatchNorm in training mode"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                                               torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH),
+                                               method="deltagrad", epochs=EPOCHS)

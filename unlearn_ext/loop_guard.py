@@ -42,7 +42,7 @@ import torch
 from .backward_passes import BackwardPasses
 from .distributed.ddp import check_same_training_modes
 from .distributed.group import agree
-from .loss_probe import AutocastSeen, check_first_step
+from .loss_probe import ForwardSeen, check_first_step
 from .policy import changed_modes, training_modes
 
 
@@ -56,8 +56,9 @@ class LoopGuard:
         weights (loss_probe.py), checked against the loop's first step; None: not checked."""
         self.model, self.optimizer, self.recipe, self.ddp = model, optimizer, recipe, ddp
         self._first_batch_loss = first_batch_loss
-        # The autocast of the loop's forward, which the first step's recomputation repeats (until then).
-        self._autocast = AutocastSeen(model) if first_batch_loss is not None and ddp is None else None
+        # The autocast and starting buffers of the loop's forward, which the first step's recomputation
+        # repeats (noted until then).
+        self._forward_seen = ForwardSeen(model) if first_batch_loss is not None and ddp is None else None
         self.total, self.batches_per_epoch = recipe.steps(n), batches_per_epoch
         self.step = 0
         # The recipe's own optimizer and scheduler over the initial copy, never stepped: they give the
@@ -106,9 +107,9 @@ class LoopGuard:
         if self._passes is not None:
             self._passes.clear()
         self._backward_grads.clear()
-        if self._autocast is not None:
-            self._autocast.remove()
-            self._autocast = None
+        if self._forward_seen is not None:
+            self._forward_seen.remove()
+            self._forward_seen = None
         self.step += 1
         if self.step < self.total:
             self._shadow_groups = next(self._scheduled)[1]
@@ -189,7 +190,7 @@ class LoopGuard:
         clipping the copies taken before the clip, which _check_clipped held the step's to."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
-        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._autocast)
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
@@ -259,9 +260,9 @@ class LoopGuard:
         if self._passes is not None:
             self._passes.remove()
             self._passes = None  # (and no gradient check from here on)
-        if self._autocast is not None:
-            self._autocast.remove()
-            self._autocast = None
+        if self._forward_seen is not None:
+            self._forward_seen.remove()
+            self._forward_seen = None
         for handle in self._keeping:
             handle.remove()
         self._keeping = []

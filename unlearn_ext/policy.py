@@ -71,7 +71,10 @@ def _own_train_freezes(model, names: list[str]) -> bool:
     Tried on a copy, which the refusal's path alone pays for."""
     if not isinstance(model, torch.nn.Module) or type(model).train is torch.nn.Module.train:
         return False
-    trial = copy.deepcopy(model).train()
+    try:
+        trial = copy.deepcopy(model).train()
+    except Exception:  # a model that cannot be copied (a lock, a non-leaf tensor attribute) or whose train()
+        return False   # fails on a copy: no hint, and the refusal itself stands, not this error
     modules = dict(trial.named_modules())
     return all(name in modules and not modules[name].training and modules[name].track_running_stats
                for name in names)

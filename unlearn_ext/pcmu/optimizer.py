@@ -40,7 +40,7 @@ import torch
 
 from ..backward_passes import BackwardPasses
 from ..data import TrainingData
-from ..loss_probe import AutocastSeen, check_first_step
+from ..loss_probe import ForwardSeen, check_first_step
 from ..per_sample.capture import BackwardCapture
 from ..policy import UnsupportedModelError, active_stochastic_layers, refuse_training_batch_norm
 from .trainer import PER_SAMPLE_NEED, PCMUTrainer
@@ -97,7 +97,7 @@ class PCMUOptimizer:
         (loss_probe.py), checked against the loop's first backward; None: not checked."""
         check_pcmu_wrap(model, optimizer)
         self._first_batch_loss = first_batch_loss
-        self._autocast = AutocastSeen(model) if first_batch_loss is not None else None  # (until the first step)
+        self._forward_seen = ForwardSeen(model) if first_batch_loss is not None else None  # (until the first step)
         self.optimizer, self.model, self.steps = optimizer, model, int(steps)
         # A class-weighted CrossEntropyLoss/NLLLoss divides its mean by the batch's total weight, not
         # by n: its scale is unknown here, so those losses always recompute.
@@ -160,7 +160,7 @@ class PCMUOptimizer:
         # the optimizer's own step, which PCMU's update replaces).
         self.optimizer._opt_called = True
         self._passes.clear()
-        self._stop_noting_autocast()
+        self._stop_noting_forward()
         if trainer.steps_done == self.steps:
             self.close()
         return loss
@@ -191,7 +191,7 @@ class PCMUOptimizer:
         paused = self.capture.pause() if self.capture is not None else contextlib.nullcontext()
         with paused:
             check_first_step(params, [p.grad.detach() for p in params], names, self.model, self._first_batch_loss,
-                             self._autocast)
+                             self._forward_seen)
 
     def _sums_from_backward(self, n: int) -> dict | None:
         if self.capture is None or not self.capture.active:
@@ -219,12 +219,12 @@ class PCMUOptimizer:
         if self.capture is not None:
             self.capture.close()
         self._passes.remove()
-        self._stop_noting_autocast()
+        self._stop_noting_forward()
 
-    def _stop_noting_autocast(self) -> None:
-        if self._autocast is not None:
-            self._autocast.remove()
-            self._autocast = None
+    def _stop_noting_forward(self) -> None:
+        if self._forward_seen is not None:
+            self._forward_seen.remove()
+            self._forward_seen = None
 
     def unlearner(self) -> PCMUUnlearner:
         if self.trainer.steps_done != self.steps:
