@@ -142,12 +142,12 @@ def tolerance(grads: Sequence[torch.Tensor]) -> float:
 
 def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor], names: dict,
                      model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor],
-                     autocast: AutocastSeen | None = None) -> None:
+                     autocast: AutocastSeen | None = None, hint: str = "") -> None:
     """Refuses the loop's first step when its backward's gradients `loop` (of `params`; with declared
     clipping the copies taken before the clip) are not batch_loss()'s (retraining's step-0 loss,
     loading its batch included) -- unless two recomputations under different random states
     disagree, when the comparison cannot tell (module docstring). autocast: the loop's, which the
-    recomputations run under."""
+    recomputations run under. hint: ends the refusal's message (the caller's advice)."""
     if autocast is not None:
         plain_loss = batch_loss
 
@@ -174,4 +174,4 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
         f"most different: {names.get(id(params[worst]), 'a parameter')}); retraining steps on "
         "loss_fn(model(x), y).backward() over the loader's batches and could not repeat the run. Backpropagate "
         "that loss unscaled ((loss * c).backward() scales every step), pass the loss the loop uses as "
-        "loss_fn=, and leave the loader's inputs and targets as they come")
+        f"loss_fn=, and leave the loader's inputs and targets as they come{hint}")
