@@ -22,7 +22,8 @@ SMALL, LARGE = 0.05, 1e6  # a max_norm that clips every step, and one that never
 def wrap(method="retrain", clip_grad_norm=None, declare=True, scaler=None, model=None):
     torch.manual_seed(0)
     model = cnn("group") if model is None else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05) if method in ("mini", "deltagrad")  # plain SGD
+                 else torch.optim.AdamW(model.parameters(), lr=1e-2))
     loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
     scaler = torch.amp.GradScaler("cpu") if scaler is None else scaler
     engine = ue.UnlearningEngine()
@@ -139,17 +140,18 @@ def test_a_loop_ending_on_a_step_the_scaler_skipped_is_refused_by_the_unlearner(
         engine.unlearner()
 
 
+@pytest.mark.parametrize("method", ["retrain", "mini", "deltagrad"])
 @pytest.mark.parametrize("case", ["plain loop", "scaler declared, no clipping", "scaler undeclared, no clipping"])
-def test_controls_pass_and_are_repeated_by_retraining(case):
+def test_controls_pass_and_are_repeated_by_retraining(case, method):
     if case == "plain loop":
-        engine, model, optimizer, loader, scaler = wrap(declare=False)
+        engine, model, optimizer, loader, scaler = wrap(method, declare=False)
         for _ in range(EPOCHS):
             for x, y in loader:
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
     else:
-        engine, model, optimizer, loader, scaler = wrap(declare=case.startswith("scaler declared"))
+        engine, model, optimizer, loader, scaler = wrap(method, declare=case.startswith("scaler declared"))
         amp_loop(model, optimizer, loader, scaler)
     engine.unlearner()
     assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)

@@ -27,6 +27,11 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
     version counter must have moved by exactly one, and the values must be the backward's (a copy
     is kept) times the coefficient clip_grad_norm_ computes from them, to within the gradients'
     dtype rounding. Noise, a zeroed or rescaled gradient, another max_norm or norm are refused.
+    Under a declared torch.amp.GradScaler (grad_scaler=) the backward's gradients are the scaled
+    loss's and scaler.unscale_ divides p.grad in place without moving its counter: the copies are
+    unscaled by the scale the backward ran at, so the clip is compared with the loss's own
+    gradients; and a step the scaler skips (inf/NaN found: no optimizer.step, a lowered scale) is
+    refused at the next step or at the end, naming it (retraining in float32 would take it).
 
 At the first step the gradients are also compared with retraining's own (loss_probe.py: the
 loss given to make_unlearnable, backpropagated on the schedule's first batch), which tells a

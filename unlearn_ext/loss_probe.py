@@ -16,7 +16,8 @@ What it cannot judge, and then does not refuse:
   * a change smaller than the tolerance (a relative difference of 1e-3 in float32, a few roundings
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
-loss's own gradients: it passes (its skipped steps are refused by the step count). Mixed precision
+loss's own gradients: it passes (with a declared clip the loop guard compares its copies unscaled;
+a step the scaler skips is refused there, loop_guard.py). Mixed precision
 (torch.autocast around the loop's forward) is the loop's arithmetic, not a change: the
 recomputation runs under the autocast the loop's last forward with gradients ran under
 (AutocastSeen). Retraining itself runs without it, as before: close to the loop, not bit for bit.
