@@ -166,3 +166,18 @@ def test_grad_scaler_must_be_a_grad_scaler_and_pcmu_refuses_it():
         ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
                                                method="pcmu", epochs=EPOCHS, clip_norm=1.0, tau=0.006, sigma=0.01,
                                                grad_scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_unscale_leaves_the_version_counter_as_the_guard_assumes():
+    """What the guard relies on (loop_guard.py): scaler.unscale_ multiplies p.grad in place by the
+    float32 reciprocal of the scale without moving its version counter, so a declared clip is the
+    one write the counter sees. Should torch start counting it, this names the cause."""
+    model = nn.Linear(4, 3)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(5, 4)).square().mean()).backward()
+    kept = [(p.grad._version, p.grad.clone()) for p in model.parameters()]
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+    inverse = torch.tensor(1.0 / scaler.get_scale(), dtype=torch.float64).float()
+    for p, (version, scaled) in zip(model.parameters(), kept):
+        assert p.grad._version == version
+        assert torch.equal(p.grad, scaled * inverse)
