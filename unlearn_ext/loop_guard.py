@@ -65,6 +65,7 @@ class LoopGuard:
         # The scaler's scale when the first backward since the last step ran (None: none yet): what
         # divides the kept copies, and what a skipped step's update() lowers.
         self._backward_scale: float | None = None
+        self._inverses: dict = {}  # device -> float32(1 / _backward_scale) there
         self._first_batch_loss = first_batch_loss
         # The autocast of the loop's forward, which the first step's recomputation repeats (until then).
         self._autocast = AutocastSeen(model) if first_batch_loss is not None and ddp is None else None
@@ -113,8 +114,11 @@ class LoopGuard:
             return
         if self._backward_scale is None:  # a clipped parameter outside the optimizer reached first
             self._backward_scale = self._scaler.get_scale()
-        inverse = torch.tensor(1.0 / self._backward_scale, dtype=torch.float64).float()  # unscale_'s own
-        self._backward_grads[id(p)] = (grad.float() * inverse.to(grad.device)).to(grad.dtype)
+        inverse = self._inverses.get(grad.device)
+        if inverse is None:  # unscale_'s own factor, float32(1 / scale), once per step and device
+            inverse = torch.tensor(1.0 / self._backward_scale, dtype=torch.float64).float().to(grad.device)
+            self._inverses[grad.device] = inverse
+        self._backward_grads[id(p)] = (grad.float() * inverse).to(grad.dtype)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         t = self.step
@@ -135,6 +139,7 @@ class LoopGuard:
             self._passes.clear()
         self._backward_grads.clear()
         self._backward_scale = None
+        self._inverses.clear()
         if self._autocast is not None:
             self._autocast.remove()
             self._autocast = None
@@ -235,8 +240,8 @@ class LoopGuard:
     def _scaler_hint(self) -> str:
         if self._scaler is not None:
             return "; under the declared GradScaler, call scaler.unscale_(optimizer) before clip_grad_norm_"
-        return ("; a loop with a torch.amp.GradScaler passes it to make_unlearnable (grad_scaler=), so that "
-                "the clip is checked on the unscaled gradients, and calls scaler.unscale_(optimizer) before the clip")
+        return ("; with a torch.amp.GradScaler, pass it to make_unlearnable (grad_scaler=) and call "
+                "scaler.unscale_(optimizer) before the clip")
 
     def _check_first_loss(self) -> None:
         """The first step's backward gradients against retraining's (loss_probe.py); with declared
