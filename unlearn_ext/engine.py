@@ -85,7 +85,8 @@ class UnlearningEngine:
     def make_unlearnable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, *, method: str,
                          epochs: int, loss_fn=None, scheduler=None, scheduler_step: str = "epoch",
                          batch_size: int | None = None, seed: int = 0, ids=None, augmentation_seed: int | None = None,
-                         history=None, anchors: int = 5, clip_grad_norm: float | None = None, **method_options):
+                         history=None, anchors: int = 5, clip_grad_norm: float | None = None, grad_scaler=None,
+                         **method_options):
         """Returns (model, optimizer, loader) for the user's loop: the same model and optimizer
         objects (with step hooks where the method records) and a DataLoader over the schedule.
 
@@ -103,6 +104,10 @@ class UnlearningEngine:
             max_norm) between backward and step; retraining, fine-tuning and repairs clip the same
             (retrain, finetune, topk, randomk; the history methods replay and PCMU takes unclipped
             batch gradients). Undeclared clipping is refused at the first step.
+        grad_scaler: the loop's torch.amp.GradScaler, if it uses one (mixed precision): with
+            clip_grad_norm= the clip is checked against the backward's gradients unscaled by the
+            scaler's scale (the loop calls scaler.unscale_(optimizer) before clip_grad_norm_), and a
+            step the scaler skips (inf/NaN gradients) is refused naming it (loop_guard.py).
         augmentation_seed: wrap the dataset in a SeededDataset so random augmentation is a function of
             (seed, epoch, id) and retraining sees the same augmentations.
         history: where the history methods record: a HistoryStore (mini_store / step_store make one),
@@ -142,6 +147,7 @@ class UnlearningEngine:
             raise UnsupportedModelError(f"{_METHOD_NAMES[method]} works from the batch's unclipped mean gradient; "
                                         f"clip_grad_norm= (clipping in the loop) is for retrain, finetune, topk and "
                                         f"randomk{hint}")
+        _check_grad_scaler(method, grad_scaler)
         recipe = OptimizerRecipe.capture(model, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                                          loss=loss_fn, scheduler=scheduler, scheduler_step=scheduler_step,
                                          shuffle=shuffle, clip_grad_norm=clip_grad_norm)
@@ -179,7 +185,8 @@ class UnlearningEngine:
             # First, so that its refusals come before any method's recording in the same step.
             self.run.guard = LoopGuard(model, optimizer, self.run.initial, recipe, len(data),
                                        batches_per_epoch=schedule.batches_per_epoch, ddp=ddp,
-                                       first_batch_loss=_first_batch_loss(model, data, recipe, schedule))
+                                       first_batch_loss=_first_batch_loss(model, data, recipe, schedule),
+                                       grad_scaler=grad_scaler)
         if method == "mini":
             self.run.recorder = _AnchorRecorder(self.run, history, anchors)
         elif method == "deltagrad":
@@ -286,6 +293,17 @@ def _unlearner_names(method: str, options: dict) -> dict:
     own = _make_unlearnable_names()
     return {(name[len(SHADOWED_PREFIX):] if name.startswith(SHADOWED_PREFIX) and name[len(SHADOWED_PREFIX):] in own
              else name): value for name, value in options.items()}
+
+
+def _check_grad_scaler(method: str, scaler) -> None:
+    if scaler is None:
+        return
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (the loop's), got {type(scaler).__name__}")
+    if method == "pcmu":  # its per-sample sums are taken in the backward, at the scaled loss, before unscale_
+        raise UnsupportedModelError("PCMU takes per-sample gradients inside the backward, before GradScaler "
+                                    "unscales them: grad_scaler= (mixed precision with loss scaling) is for "
+                                    "retrain, finetune, topk, randomk, mini and deltagrad")
 
 
 def _check_method_options(method: str, options: dict) -> None:

@@ -27,6 +27,11 @@ and refuses at the first optimizer step that leaves the recipe, before its updat
     version counter must have moved by exactly one, and the values must be the backward's (a copy
     is kept) times the coefficient clip_grad_norm_ computes from them, to within the gradients'
     dtype rounding. Noise, a zeroed or rescaled gradient, another max_norm or norm are refused.
+    Under a declared torch.amp.GradScaler (grad_scaler=) the backward's gradients are the scaled
+    loss's and scaler.unscale_ divides p.grad in place without moving its counter: the copies are
+    unscaled by the scale the backward ran at, so the clip is compared with the loss's own
+    gradients; and a step the scaler skips (inf/NaN found: no optimizer.step, a lowered scale) is
+    refused at the next step or at the end, naming it (retraining in float32 would take it).
 
 At the first step the gradients are also compared with retraining's own (loss_probe.py: the
 loss given to make_unlearnable, backpropagated on the schedule's first batch), which tells a
@@ -51,10 +56,16 @@ class LoopGuard:
     leaving the recipe. `step` is the schedule step the next optimizer.step() takes."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, initial: torch.nn.Module, recipe,
-                 n: int, *, batches_per_epoch: int, ddp=None, first_batch_loss=None):
+                 n: int, *, batches_per_epoch: int, ddp=None, first_batch_loss=None, grad_scaler=None):
         """first_batch_loss: () -> retraining's loss of the schedule's first batch at the current
-        weights (loss_probe.py), checked against the loop's first step; None: not checked."""
+        weights (loss_probe.py), checked against the loop's first step; None: not checked.
+        grad_scaler: the loop's torch.amp.GradScaler (None: none declared)."""
         self.model, self.optimizer, self.recipe, self.ddp = model, optimizer, recipe, ddp
+        self._scaler = grad_scaler
+        # The scaler's scale when the first backward since the last step ran (None: none yet): what
+        # divides the kept copies, and what a skipped step's update() lowers.
+        self._backward_scale: float | None = None
+        self._inverses: dict = {}  # device -> float32(1 / _backward_scale) there
         self._first_batch_loss = first_batch_loss
         # The autocast and starting buffers of the loop's forward, which the first step's recomputation
         # repeats (noted until then).
@@ -79,16 +90,36 @@ class LoopGuard:
         if ddp is None:
             stepped = [p for group in optimizer.param_groups for p in group["params"]]
             keep = self._keep if recipe.clip_grad_norm is not None else None
-            self._passes = BackwardPasses(stepped, after_backward=keep)
+            after = self._after_backward if keep is not None or grad_scaler is not None else None
+            self._passes = BackwardPasses(stepped, after_backward=after)
             if keep is not None:
                 ids = {id(p) for p in stepped}
                 self._keeping = [p.register_post_accumulate_grad_hook(keep) for p in self._clipped if id(p) not in ids]
 
     # ---- the hooks -------------------------------------------------------------------------------
 
+    def _after_backward(self, p: torch.Tensor) -> None:
+        if self._scaler is not None and self._backward_scale is None:
+            self._backward_scale = self._scaler.get_scale()  # (one host sync per step on an accelerator)
+        if self.recipe.clip_grad_norm is not None:
+            self._keep(p)
+
     def _keep(self, p: torch.Tensor) -> None:
-        """A copy of the backward gradient (declared clipping): the step's gradient must be it, clipped."""
-        self._backward_grads[id(p)] = p.grad.detach().clone()
+        """A copy of the backward gradient (declared clipping): the step's gradient must be it, clipped.
+        Under a declared GradScaler the backward's gradient is the scaled loss's: the copy is unscaled
+        as scaler.unscale_ unscales p.grad (times the float32 reciprocal of the scale, in place and
+        without moving the version counter), so that the clip is compared with the loss's own gradients."""
+        grad = p.grad.detach()
+        if self._scaler is None:
+            self._backward_grads[id(p)] = grad.clone()
+            return
+        if self._backward_scale is None:  # a clipped parameter outside the optimizer reached first
+            self._backward_scale = self._scaler.get_scale()
+        inverse = self._inverses.get(grad.device)
+        if inverse is None:  # unscale_'s own factor, float32(1 / scale), once per step and device
+            inverse = torch.tensor(1.0 / self._backward_scale, dtype=torch.float64).float().to(grad.device)
+            self._inverses[grad.device] = inverse
+        self._backward_grads[id(p)] = (grad.float() * inverse).to(grad.dtype)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         t = self.step
@@ -96,6 +127,7 @@ class LoopGuard:
             raise RuntimeError(f"the loop takes more optimizer steps than the recipe's {self.recipe.epochs} epochs x "
                                f"{self.batches_per_epoch} batches = {self.total}: retraining and the history would "
                                "not match the schedule; pass the epochs the loop runs to make_unlearnable")
+        self._check_not_skipped(t)
         self._check_learning_rates(t)
         self._check_training_modes(t)
         if self._passes is not None:
@@ -107,6 +139,8 @@ class LoopGuard:
         if self._passes is not None:
             self._passes.clear()
         self._backward_grads.clear()
+        self._backward_scale = None
+        self._inverses.clear()
         if self._forward_seen is not None:
             self._forward_seen.remove()
             self._forward_seen = None
@@ -115,6 +149,24 @@ class LoopGuard:
             self._shadow_groups = next(self._scheduled)[1]
 
     # ---- the checks -------------------------------------------------------------------------------
+
+    def _check_not_skipped(self, t: int) -> None:
+        """A GradScaler that finds inf/NaN gradients skips optimizer.step() and lowers its scale
+        (update(): backoff_factor < 1; it lowers it for nothing else), so a scale below the one of the
+        first backward since the last step tells a skipped step t. Retraining trains in float32
+        without a scaler: it would take step t, where the loop's scaled (float16) arithmetic
+        overflowed, and nothing it could record would say where retraining without some items would
+        overflow. Refused, at the next step (before its update) or when the unlearner is asked for."""
+        if self._scaler is None or self._backward_scale is None:
+            return
+        now = self._scaler.get_scale()
+        if now < self._backward_scale:
+            raise RuntimeError(
+                f"optimizer step {t} was skipped by the GradScaler: it found inf/NaN gradients at scale "
+                f"{self._backward_scale:g} and lowered it to {now:g} without stepping; retraining trains in "
+                "float32 without a scaler and takes every step, so it could not repeat the run. Start the "
+                "scaler at a scale the loop's gradients do not overflow (torch.amp.GradScaler(init_scale=...), "
+                "and a growth_interval it does not reach), use bfloat16 autocast, or train in float32")
 
     def _check_learning_rates(self, t: int) -> None:
         mine = [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -159,7 +211,8 @@ class LoopGuard:
                         f"optimizer step {t}: the gradient of {name} comes from {passes} backward passes since the "
                         "last step; the recipe retraining repeats runs exactly one per step (zero_grad, backward, "
                         "step). Gradient accumulation, a backward whose step was skipped (e.g. on a non-finite "
-                        "loss) or a zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
+                        "loss, or by a GradScaler: pass it to make_unlearnable as grad_scaler=) or a "
+                        "zero_grad(set_to_none=False) leaving zeros on a parameter the batch did not "
                         "reach cannot be repeated: step after every batch's backward")
                 if self._passes.replaced(p):  # its own version counter could read as unchanged
                     raise RuntimeError(
@@ -185,12 +238,19 @@ class LoopGuard:
         if clip is not None:
             self._check_clipped(t, clip)
 
+    def _scaler_hint(self) -> str:
+        if self._scaler is not None:
+            return "; under the declared GradScaler, call scaler.unscale_(optimizer) before clip_grad_norm_"
+        return ("; with a torch.amp.GradScaler, pass it to make_unlearnable (grad_scaler=) and call "
+                "scaler.unscale_(optimizer) before the clip")
+
     def _check_first_loss(self) -> None:
         """The first step's backward gradients against retraining's (loss_probe.py); with declared
         clipping the copies taken before the clip, which _check_clipped held the step's to."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
-        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen)
+        hint = self._scaler_hint() if self.recipe.clip_grad_norm is not None else ""
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen, hint=hint)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
@@ -236,7 +296,7 @@ class LoopGuard:
                     f"scaling of the backward's is by {fit_value:.6g}, or it is no scaling at all, e.g. noise): "
                     "the loop must call "
                     f"torch.nn.utils.clip_grad_norm_(model.parameters(), {clip:g}) between backward and step, and "
-                    "change the gradients no other way (retraining clips the same)")
+                    f"change the gradients no other way (retraining clips the same){self._scaler_hint()}")
 
     # ---- the end of training ---------------------------------------------------------------------
 
@@ -245,6 +305,7 @@ class LoopGuard:
         training runs on the same parameters with optimizers of its own). Under DDP checked on every rank together, so one rank's refusal is every
         rank's (the others would otherwise wait in the unlearner's first collective)."""
         if self.ddp is None:
+            self._check_not_skipped(self.step)
             self._check_steps()
         else:
             agree(lambda: self._check_steps() or (), shared=(), group=self.ddp.group)

@@ -18,7 +18,8 @@ What it cannot judge, and then does not refuse:
   * a change smaller than the tolerance (a relative difference of 1e-3 in float32, a few roundings
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
-loss's own gradients: it passes (its skipped steps are refused by the step count). Mixed precision
+loss's own gradients: it passes (with a declared clip the loop guard compares its copies unscaled;
+a step the scaler skips is refused there, loop_guard.py). Mixed precision
 (torch.autocast around the loop's forward) is the loop's arithmetic, not a change: the
 recomputation runs under the autocast the loop's last forward with gradients ran under, from the
 buffers that forward started from (ForwardSeen). Retraining itself runs without it, as before:
@@ -212,12 +213,13 @@ def tolerance(grads: Sequence[torch.Tensor]) -> float:
 
 def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor], names: dict,
                      model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor],
-                     seen: ForwardSeen | None = None) -> None:
+                     seen: ForwardSeen | None = None, hint: str = "") -> None:
     """Refuses the loop's first step when its backward's gradients `loop` (of `params`; with declared
     clipping the copies taken before the clip) are not batch_loss()'s (retraining's step-0 loss,
     loading its batch included) -- unless two recomputations under different random states
     disagree, when the comparison cannot tell (module docstring). seen: the loop's forward's
-    autocast and starting buffers, which the recomputations run under and from."""
+    autocast and starting buffers, which the recomputations run under and from. hint: ends the
+    refusal's message (the caller's advice)."""
     if seen is not None:
         plain_loss = batch_loss
 
@@ -252,4 +254,4 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
         f"most different: {names.get(id(params[worst]), 'a parameter')}); retraining steps on "
         "loss_fn(model(x), y).backward() over the loader's batches and could not repeat the run. Backpropagate "
         "that loss unscaled ((loss * c).backward() scales every step), pass the loss the loop uses as "
-        "loss_fn=, and leave the loader's inputs and targets as they come")
+        f"loss_fn=, and leave the loader's inputs and targets as they come{hint}")

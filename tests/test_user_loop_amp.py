@@ -1,0 +1,183 @@
+"""Mixed precision in the user's loop: torch.amp's recipe with clipping (GradScaler, scaler.unscale_,
+clip_grad_norm_, scaler.step, scaler.update) under make_unlearnable(..., clip_grad_norm=max_norm,
+grad_scaler=scaler). The guard holds the clip to the UNSCALED backward gradients (the scaler's
+scale at the backward divides the kept copies as unscale_ divides p.grad); a step the scaler skips
+(inf/NaN gradients) is refused, naming the step, since retraining in float32 takes every step.
+Controls: the plain loop, GradScaler without clipping, clipping without GradScaler (test_user_loop_clipping.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_ext as ue
+from user_models import LazyImages, cnn, flat, same_state
+
+N, BATCH, EPOCHS = 48, 16, 2
+SMALL, LARGE = 0.05, 1e6  # a max_norm that clips every step, and one that never does
+
+
+def wrap(method="retrain", clip_grad_norm=None, declare=True, scaler=None, model=None):
+    torch.manual_seed(0)
+    model = cnn("group") if model is None else model
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.05) if method in ("mini", "deltagrad")  # plain SGD
+                 else torch.optim.AdamW(model.parameters(), lr=1e-2))
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    scaler = torch.amp.GradScaler("cpu") if scaler is None else scaler
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method=method, epochs=EPOCHS,
+                                                       loss_fn=nn.CrossEntropyLoss(), clip_grad_norm=clip_grad_norm,
+                                                       **({"grad_scaler": scaler} if declare else {}))
+    return engine, model, optimizer, loader, scaler
+
+
+def amp_loop(model, optimizer, loader, scaler, max_norm=None, autocast=None, unscale=True, on_step=None):
+    """The torch.amp recipe (autocast: the dtype of torch.autocast around the forward, None: none).
+    on_step(scale before, scale after update) after each batch; returning True stops the loop."""
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            if max_norm is not None:
+                if unscale:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if on_step is not None and on_step(before, scaler.get_scale()):
+                return
+
+
+@pytest.mark.parametrize("max_norm", [SMALL, LARGE])
+@pytest.mark.parametrize("method", ["retrain", "finetune", "topk"])
+def test_the_amp_recipe_with_clipping_is_accepted_and_repeated_by_retraining(method, max_norm):
+    """Without autocast the scaling is by a power of two, exact: retraining (float32, no scaler,
+    the same clip) repeats the loop bit for bit. Refused before (the clip was compared with the
+    scaled gradients: 'not the backward's clipped' where it does not clip, '65536 times' at the
+    first step where it does)."""
+    engine, model, optimizer, loader, scaler = wrap(method, clip_grad_norm=max_norm)
+    amp_loop(model, optimizer, loader, scaler, max_norm)
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+    assert engine.unlearner().unlearn([3, 17]).weights_changed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_norm", [SMALL, LARGE])
+def test_the_amp_recipe_under_autocast_is_accepted(dtype, max_norm):
+    """Under autocast retraining runs in float32: close to the loop, not bit for bit (README)."""
+    engine, model, optimizer, loader, scaler = wrap(clip_grad_norm=max_norm)
+    amp_loop(model, optimizer, loader, scaler, max_norm, autocast=dtype)
+    gold = flat(ue.retrain(engine.initial, engine.data, engine.recipe, []))
+    # the loop's distance from retraining, against how far training moved the weights
+    assert (flat(model) - gold).norm() < 0.1 * (gold - flat(engine.initial)).norm()
+    engine.unlearner()
+
+
+def test_clipping_the_scaled_gradients_is_refused_at_the_first_step():
+    """The classic mistake: clip_grad_norm_ before scaler.unscale_ clips the scaled gradients by
+    another coefficient than retraining's."""
+    engine, model, optimizer, loader, scaler = wrap(clip_grad_norm=SMALL)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="optimizer step 0: .*not the backward's clipped.*scaler.unscale_"):
+        amp_loop(model, optimizer, loader, scaler, SMALL, unscale=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("max_norm", [SMALL, LARGE])
+def test_an_undeclared_scaler_with_clipping_is_refused_naming_grad_scaler(max_norm):
+    engine, model, optimizer, loader, scaler = wrap(clip_grad_norm=max_norm, declare=False)
+    with pytest.raises(RuntimeError, match="optimizer step 0: .*grad_scaler="):
+        amp_loop(model, optimizer, loader, scaler, max_norm)
+
+
+SKIPPING = {  # float16 autocast overflows at these scales (torch.amp's default starts at 2 ** 16)
+    "the first steps": lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 20),
+    "a later step, after the scale grew": lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 14, growth_factor=4.0,
+                                                                         growth_interval=1),
+}
+
+
+def skips(taken, after_skip, model):
+    """on_step for amp_loop: counts the steps taken before the first skip, and keeps the weights after it."""
+    def note(before, after):
+        if after < before:  # update() lowers the scale only when the step was skipped
+            after_skip.append(copy.deepcopy(model.state_dict()))
+        elif not after_skip:
+            taken.append(1)
+    return note
+
+
+@pytest.mark.parametrize("max_norm", [None, LARGE])
+@pytest.mark.parametrize("case", list(SKIPPING))
+def test_a_step_the_scaler_skips_is_refused_naming_it(case, max_norm):
+    """Retraining in float32 takes every step. Before: refused as '2 backward passes' (or by the
+    step count) without naming the skip."""
+    engine, model, optimizer, loader, scaler = wrap(clip_grad_norm=max_norm, scaler=SKIPPING[case]())
+    taken, after_skip = [], []
+    with pytest.raises(RuntimeError, match=r"optimizer step \d+ was skipped by the GradScaler") as refusal:
+        amp_loop(model, optimizer, loader, scaler, max_norm, autocast=torch.float16,
+                 on_step=skips(taken, after_skip, model))
+    assert after_skip, "the scaler never skipped: the test proves nothing"
+    assert f"optimizer step {len(taken)} was skipped" in str(refusal.value)
+    # refused before the next step's update: the weights are those after the skip
+    assert all(torch.equal(v, after_skip[0][k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", list(SKIPPING))
+def test_a_loop_ending_on_a_step_the_scaler_skipped_is_refused_by_the_unlearner(case):
+    engine, model, optimizer, loader, scaler = wrap(scaler=SKIPPING[case]())
+    taken, after_skip = [], []
+    note = skips(taken, after_skip, model)
+    amp_loop(model, optimizer, loader, scaler, autocast=torch.float16,
+             on_step=lambda before, after: note(before, after) or bool(after_skip))  # stops at the skip
+    assert after_skip
+    with pytest.raises(RuntimeError, match=f"optimizer step {len(taken)} was skipped by the GradScaler"):
+        engine.unlearner()
+
+
+@pytest.mark.parametrize("method", ["retrain", "mini", "deltagrad"])
+@pytest.mark.parametrize("case", ["plain loop", "scaler declared, no clipping", "scaler undeclared, no clipping"])
+def test_controls_pass_and_are_repeated_by_retraining(case, method):
+    if case == "plain loop":
+        engine, model, optimizer, loader, scaler = wrap(method, declare=False)
+        for _ in range(EPOCHS):
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+    else:
+        engine, model, optimizer, loader, scaler = wrap(method, declare=case.startswith("scaler declared"))
+        amp_loop(model, optimizer, loader, scaler)
+    engine.unlearner()
+    assert same_state(ue.retrain(engine.initial, engine.data, engine.recipe, []), model)
+
+
+def test_grad_scaler_must_be_a_grad_scaler_and_pcmu_refuses_it():
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        wrap(scaler=object())
+    model = cnn("group")
+    loader = torch.utils.data.DataLoader(LazyImages(N), batch_size=BATCH, shuffle=True)
+    with pytest.raises(ue.UnsupportedModelError, match="grad_scaler"):
+        ue.UnlearningEngine().make_unlearnable(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
+                                               method="pcmu", epochs=EPOCHS, clip_norm=1.0, tau=0.006, sigma=0.01,
+                                               grad_scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_unscale_leaves_the_version_counter_as_the_guard_assumes():
+    """What the guard relies on (loop_guard.py): scaler.unscale_ multiplies p.grad in place by the
+    float32 reciprocal of the scale without moving its version counter, so a declared clip is the
+    one write the counter sees. Should torch start counting it, this names the cause."""
+    model = nn.Linear(4, 3)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(5, 4)).square().mean()).backward()
+    kept = [(p.grad._version, p.grad.clone()) for p in model.parameters()]
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+    inverse = torch.tensor(1.0 / scaler.get_scale(), dtype=torch.float64).float()
+    for p, (version, scaled) in zip(model.parameters(), kept):
+        assert p.grad._version == version
+        assert torch.equal(p.grad, scaled * inverse)
