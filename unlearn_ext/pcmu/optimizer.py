@@ -40,7 +40,7 @@ import torch
 
 from ..backward_passes import BackwardPasses
 from ..data import TrainingData
-from ..loss_probe import ForwardSeen, check_first_step
+from ..loss_probe import ForwardSeen, check_first_step, relative_difference, scale_between, tolerance
 from ..per_sample.capture import BackwardCapture
 from ..policy import UnsupportedModelError, active_stochastic_layers, refuse_training_batch_norm
 from .trainer import PER_SAMPLE_NEED, PCMUTrainer
@@ -115,6 +115,7 @@ class PCMUOptimizer:
         # And the gradient's version counter after the last of them: p.grad is not read, so a change the
         # loop makes to it (clipping, noise) would be dropped silently; it is refused instead.
         self._passes = BackwardPasses(self._values.values())
+        self._backward_checked = False  # p.grad against the recorded backward, at its first use
 
     # ---- what a loop uses of an optimizer --------------------------------------------------------
 
@@ -202,7 +203,33 @@ class PCMUOptimizer:
             self.capture.clear()
             return None
         refuse_training_batch_norm(self.model, "PCMU", PER_SAMPLE_NEED)
+        if not self._backward_checked and self.capture.usable(n):
+            self._check_gradients_are_the_backwards(n)
+            self._backward_checked = True
         return self.capture.clipped_sums(n, scale, self.trainer.clip_norm, self._values, self._sums)
+
+    def _check_gradients_are_the_backwards(self, n: int) -> None:
+        """Refuses the first step taking its sums from the loop's backward when p.grad is no longer
+        what that backward computed (the recorded pass's batch gradient): a change that moves no
+        version counter, which _check_loop cannot see -- GradScaler.unscale_ divides p.grad in place
+        that way (scaler.scale(loss).backward(); scaler.step(optimizer)), as does a write through
+        p.grad.data. The recorded pass is the scaled loss's: its per-sample sums, clipped, would make
+        every step another run than PCMUTrainer's. One more reduction of the records, once per run."""
+        backward = self.capture.batch_gradient(n, self._values, self._sums)
+        names = list(self._values)
+        loop = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._values.values()]
+        recorded = [backward[k] for k in names]
+        off = relative_difference(loop, recorded)
+        if off <= tolerance(loop):
+            return
+        worst = max(range(len(names)), key=lambda i: relative_difference([loop[i]], [recorded[i]]))
+        raise RuntimeError(
+            f"optimizer step {self.trainer.steps_done}: the gradients at the step are not the ones the loop's "
+            f"backward computed (about {scale_between(loop, recorded):.4g} times them; most different: "
+            f"{names[worst]}): they were changed in place without a trace, as torch.amp.GradScaler's unscale_ "
+            "(scaler.scale(loss).backward(); scaler.step(optimizer)) or a write through p.grad.data does. PCMU takes "
+            "its per-sample gradients inside the backward, so they would be the scaled loss's: backpropagate the "
+            "loss unscaled (loss.backward(); optimizer.step()), without a GradScaler")
 
     def _loss_scale(self, n: int) -> float | None:
         """The factor between the user's batch loss and sum_i l_i when undoing it is exact, else None."""

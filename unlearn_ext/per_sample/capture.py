@@ -94,24 +94,43 @@ class BackwardCapture:
         # Later in-place ops must not change the tensor whose gradient we keep (as engine.py does).
         return output.clone()
 
+    def batch_gradient(self, n: int, values: dict, out: dict) -> dict:
+        """out[name] = the gradient of the user's batch loss as their backward computed it (unclipped
+        per-sample gradients of the recorded pass, summed in float64, at the loss's own scale): what
+        p.grad holds after that backward. The records are kept for `clipped_sums`; only for a pass
+        that is `usable(n)`."""
+        for c in self._recorded():
+            if c.grad_output is None:
+                c.grad_output = torch.zeros_like(c.output)
+        for t in out.values():
+            t.zero_()
+        self.plan.reduce(self.calls, n, float("inf"), values, out)
+        return out
+
     def clipped_sums(self, n: int, scale: float, clip_norm: float, values: dict, out: dict) -> dict | None:
         """out[name] = sum over the last pass's n samples of clipped per-sample gradients, in
         float64, where the user's loss was `scale` * sum_i l_i; None if the last pass cannot give
         them (no pass with a backward, another batch size, an unusable output). The records are
         released either way."""
-        calls, usable = self.calls, self.active and not self.unusable
-        recorded = [c for cs in calls.values() for c in cs]
-        usable = usable and recorded and all(c.output.shape[0] == n for c in recorded)
-        usable = usable and any(c.grad_output is not None for c in recorded)
+        usable = self.usable(n)
         if usable:
-            for c in recorded:
+            for c in self._recorded():
                 c.grad_output = (torch.zeros_like(c.output) if c.grad_output is None
                                  else c.grad_output * (1.0 / scale))
             for t in out.values():
                 t.zero_()
-            self.plan.reduce(calls, n, clip_norm, values, out)
+            self.plan.reduce(self.calls, n, clip_norm, values, out)
         self.clear()
         return out if usable else None
+
+    def usable(self, n: int) -> bool:
+        """Whether the last pass was one forward and backward of n samples, every output recorded."""
+        recorded = self._recorded()
+        return (self.active and not self.unusable and bool(recorded) and all(c.output.shape[0] == n for c in recorded)
+                and any(c.grad_output is not None for c in recorded))
+
+    def _recorded(self) -> list[Call]:
+        return [c for cs in self.calls.values() for c in cs]
 
 
 def _keep_gradient(call: Call, grad: torch.Tensor) -> None:
