@@ -3,6 +3,7 @@ DataLoader over a map-style dataset, SGD and scheduler; the run must be PCMUTrai
 (records and weights), requests must answer as through PCMUTrainer, and forgetting must give exactly
 PCMU's coupled retraining. Refusals: BatchNorm in training mode, optimizers other than plain SGD."""
 import copy
+import re
 
 import pytest
 import torch
@@ -332,6 +333,27 @@ def test_a_scaled_loss_is_refused_at_the_first_step():
     with pytest.raises(RuntimeError, match=r"optimizer step 0: the loop's gradients are not those of the loss.*"
                                            r"about 4 times it"):
         optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert optimizer.trainer.steps_done == 0
+
+
+def test_an_undeclared_grad_scaler_is_refused_at_the_step():
+    """An undeclared GradScaler backpropagates the loss times 65536, then unscale_ divides p.grad in
+    place without moving its version counter: the first-step loss comparison (it reads p.grad) and
+    the gradient-change check pass, while the per-sample sums PCMU takes from that backward are the
+    scaled loss's -- silently another run than PCMUTrainer's. Refused at the step, before its
+    update; the plain loop is test_user_loop_is_pcmu_trainers_run_bit_for_bit."""
+    model = small_cnn()
+    model, optimizer, loader = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    unscaled = re.escape(f"(about {1 / scaler.get_scale():.4g} times them")
+    with pytest.raises(RuntimeError, match=r"optimizer step 0: the gradients at the step are not the ones the "
+                                           rf"loop's backward computed {unscaled}.*GradScaler"):
+        scaler.step(optimizer)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert optimizer.trainer.steps_done == 0
 
