@@ -30,7 +30,10 @@ several batches for one scheduled step, and the last one's backward is not batch
 whose gradients the loop changed after the backward (clipping, noise): the change would be dropped.
 And a first step whose gradients are not those of the loss given (a scaled loss, a penalty added,
 inputs changed in the loop; loss_probe.py): the per-sample sums taken from that backward would be
-another loss's, so the run would silently not be PCMUTrainer's over the data.
+another loss's, so the run would silently not be PCMUTrainer's over the data. And the first step
+taking its sums from the backward whose p.grad is no longer that backward's (a GradScaler's
+unscale_ or a write through p.grad.data changes it in place without a version counter moving, so
+neither check above sees it): the sums would be the scaled loss's.
 """
 from __future__ import annotations
 
