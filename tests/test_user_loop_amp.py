@@ -181,3 +181,53 @@ def test_unscale_leaves_the_version_counter_as_the_guard_assumes():
     for p, (version, scaled) in zip(model.parameters(), kept):
         assert p.grad._version == version
         assert torch.equal(p.grad, scaled * inverse)
+
+
+class NearTargets(torch.utils.data.Dataset):
+    """Regression targets a few hundredths from a fixed model's outputs (fine-tuning a model that
+    already fits): the mean squared error's gradients are small enough that float16 rounds them into
+    its subnormals unless the loss is scaled, which is what GradScaler is for."""
+
+    def __init__(self, model: nn.Module, n: int = N):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 64, generator=g)
+        with torch.no_grad():
+            self.y = model(self.x) + 0.01 * torch.randn(n, 3072, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("loss_factor", [1.0, 4.0])
+def test_a_float16_loop_whose_unscaled_gradients_would_underflow_is_judged_at_the_scale_it_ran(loss_factor):
+    """The first step's comparison recomputes the loss at the scaler's scale, as the loop's backward
+    ran, and unscales as unscale_ does: unscaled, float16 rounded the small gradients into its
+    subnormals and differed from the loop's by 5% (refused before as 'not those of the loss given',
+    advising an unscaled backward). A loss the loop scales itself is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3072))
+    loader = torch.utils.data.DataLoader(NearTargets(model), batch_size=BATCH, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method="retrain", epochs=1,
+                                                       loss_fn=nn.MSELoss(), grad_scaler=scaler)
+
+    def loop():
+        for x, y in loader:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss * loss_factor).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    if loss_factor != 1.0:
+        with pytest.raises(RuntimeError, match="optimizer step 0: the loop's gradients are not those of the loss"):
+            loop()
+        return
+    loop()
+    engine.unlearner()

@@ -250,7 +250,10 @@ class LoopGuard:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
         hint = self._scaler_hint() if self.recipe.clip_grad_norm is not None else ""
-        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen, hint=hint)
+        # (the scale of the backward the loop's gradients came from, which the recomputation repeats)
+        scale = self._backward_scale if self._backward_scale is not None else 1.0
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen, hint=hint,
+                         loss_scale=scale)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
