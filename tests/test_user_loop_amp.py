@@ -231,3 +231,23 @@ def test_a_float16_loop_whose_unscaled_gradients_would_underflow_is_judged_at_th
         return
     loop()
     engine.unlearner()
+
+
+def test_an_undeclared_scaler_refused_at_the_first_step_is_told_to_declare_it():
+    """The same float16 loop with its GradScaler not declared: the comparison cannot know the scale
+    and refuses; the refusal names grad_scaler= (before: only 'backpropagate that loss unscaled')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3072))
+    loader = torch.utils.data.DataLoader(NearTargets(model), batch_size=BATCH, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    model, optimizer, loader = ue.UnlearningEngine().make_unlearnable(model, optimizer, loader, method="retrain",
+                                                                      epochs=1, loss_fn=nn.MSELoss())
+    with pytest.raises(RuntimeError, match="optimizer step 0: the loop's gradients .*grad_scaler="):
+        for x, y in loader:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()

@@ -100,7 +100,9 @@ class LoopGuard:
 
     def _after_backward(self, p: torch.Tensor) -> None:
         if self._scaler is not None and self._backward_scale is None:
-            self._backward_scale = self._scaler.get_scale()  # (one host sync per step on an accelerator)
+            # (a host sync on an accelerator, inside the backward, once per step; _check_not_skipped
+            # reads the scale once more before each step, after scaler.step's own sync)
+            self._backward_scale = self._scaler.get_scale()
         if self.recipe.clip_grad_norm is not None:
             self._keep(p)
 
@@ -249,7 +251,12 @@ class LoopGuard:
         clipping the copies taken before the clip, which _check_clipped held the step's to."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
-        hint = self._scaler_hint() if self.recipe.clip_grad_norm is not None else ""
+        if self.recipe.clip_grad_norm is not None:
+            hint = self._scaler_hint()
+        elif self._scaler is None:  # (float16 gradients a scale keeps normal differ unscaled: the scale is needed)
+            hint = "; with a torch.amp.GradScaler, pass it to make_unlearnable (grad_scaler=)"
+        else:
+            hint = ""
         # (the scale of the backward the loop's gradients came from, which the recomputation repeats)
         scale = self._backward_scale if self._backward_scale is not None else 1.0
         check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen, hint=hint,
