@@ -47,7 +47,7 @@ import torch
 from .backward_passes import BackwardPasses
 from .distributed.ddp import check_same_training_modes
 from .distributed.group import agree
-from .loss_probe import ForwardSeen, check_first_step
+from .loss_probe import ForwardSeen, check_first_step, unscale_factor, unscaled
 from .policy import changed_modes, training_modes
 
 
@@ -119,9 +119,9 @@ class LoopGuard:
             self._backward_scale = self._scaler.get_scale()
         inverse = self._inverses.get(grad.device)
         if inverse is None:  # unscale_'s own factor, float32(1 / scale), once per step and device
-            inverse = torch.tensor(1.0 / self._backward_scale, dtype=torch.float64).float().to(grad.device)
+            inverse = unscale_factor(self._backward_scale, grad.device)
             self._inverses[grad.device] = inverse
-        self._backward_grads[id(p)] = (grad.float() * inverse).to(grad.dtype)
+        self._backward_grads[id(p)] = unscaled(grad, inverse)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         t = self.step

@@ -214,10 +214,14 @@ def tolerance(grads: Sequence[torch.Tensor]) -> float:
     return max([RELATIVE_TOLERANCE] + [DTYPE_ROUNDINGS * torch.finfo(g.dtype).eps for g in grads])
 
 
-def unscaled(grads: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
-    """grads unscaled as GradScaler.unscale_ unscales p.grad: times float32(1 / scale), in float32."""
-    inverse = torch.tensor(1.0 / scale, dtype=torch.float64).float()
-    return [(g.float() * inverse.to(g.device)).to(g.dtype) for g in grads]
+def unscale_factor(scale: float, device: torch.device) -> torch.Tensor:
+    """GradScaler.unscale_'s factor for a scale: float32(1 / scale), on device."""
+    return torch.tensor(1.0 / scale, dtype=torch.float64).float().to(device)
+
+
+def unscaled(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """grad unscaled as GradScaler.unscale_ unscales p.grad: times its factor, in float32."""
+    return (grad.float() * factor).to(grad.dtype)
 
 
 def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor], names: dict,
@@ -264,7 +268,7 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
     except GradUnsupported:
         return  # a graph that takes backward() only (reentrant checkpointing): nothing to compare with
     if loss_scale != 1.0:
-        first = unscaled(first, loss_scale)
+        first = [unscaled(g, unscale_factor(loss_scale, g.device)) for g in first]
     off = relative_difference(loop, first)
     if off <= limit:
         return
