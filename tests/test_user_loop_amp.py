@@ -251,3 +251,49 @@ def test_an_undeclared_scaler_refused_at_the_first_step_is_told_to_declare_it():
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+
+
+def _ddp_skipping_worker(rank, world, directory):
+    """deltagrad in a 2-rank DDP loop whose second batch's loss is infinite: the GradScaler skips that
+    step on every rank (the averaged gradients are inf everywhere)."""
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    trained = DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)))
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    items = torch.utils.data.TensorDataset(torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g))
+    loader = torch.utils.data.DataLoader(items, batch_size=24, shuffle=True)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = ue.UnlearningEngine()
+    trained, optimizer, loader = engine.make_unlearnable(trained, optimizer, loader, method="deltagrad", epochs=2,
+                                                         loss_fn=nn.CrossEntropyLoss(),
+                                                         history=os.path.join(directory, "history"), grad_scaler=scaler)
+    batches = 0
+    try:
+        for _ in range(2):
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(trained(x), y) * (float("inf") if batches == 1 else 1.0)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                batches += 1
+        engine.unlearner()
+        return batches, "no error"
+    except Exception as exc:
+        return batches, f"{type(exc).__name__}: {exc}"
+
+
+def test_a_step_the_scaler_skips_under_ddp_is_refused_at_the_next_step_naming_it():
+    """Before: no rank refused in the loop (the skip check read the scale in the gradient hooks that
+    DDP does without); the whole run trained on and unlearner() refused by the step count alone."""
+    import tempfile
+
+    from distributed_setup import launch
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(_ddp_skipping_worker, 2, 90, directory)
+    for rank, (batches, message) in enumerate(got):
+        assert batches == 2, (rank, batches, message)  # refused at the step after the skip, before its update
+        assert "optimizer step 1 was skipped by the GradScaler" in message, (rank, message)
