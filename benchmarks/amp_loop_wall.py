@@ -1,7 +1,7 @@
 """Wall time of a user loop with declared clipping, plain or in torch.amp's recipe (GradScaler,
 unscale_, clip_grad_norm_, scaler.step, update; no autocast, float32), for the unlearn_ext on
 PYTHONPATH: what the loop guard's clip check costs with and without a declared GradScaler (which
-adds one get_scale() per step and unscales the kept copies). Prints the seconds of the whole run
+adds two get_scale() per step and unscales the kept copies). Prints the seconds of the whole run
 (make_unlearnable, 4 epochs, unlearner()).
 
     OMP_NUM_THREADS=1 PYTHONPATH=<checkout> python benchmarks/amp_loop_wall.py {clip|amp} [n]

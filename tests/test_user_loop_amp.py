@@ -181,3 +181,119 @@ def test_unscale_leaves_the_version_counter_as_the_guard_assumes():
     for p, (version, scaled) in zip(model.parameters(), kept):
         assert p.grad._version == version
         assert torch.equal(p.grad, scaled * inverse)
+
+
+class NearTargets(torch.utils.data.Dataset):
+    """Regression targets a few hundredths from a fixed model's outputs (fine-tuning a model that
+    already fits): the mean squared error's gradients are small enough that float16 rounds them into
+    its subnormals unless the loss is scaled, which is what GradScaler is for."""
+
+    def __init__(self, model: nn.Module, n: int = N):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 64, generator=g)
+        with torch.no_grad():
+            self.y = model(self.x) + 0.01 * torch.randn(n, 3072, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("loss_factor", [1.0, 4.0])
+def test_a_float16_loop_whose_unscaled_gradients_would_underflow_is_judged_at_the_scale_it_ran(loss_factor):
+    """The first step's comparison recomputes the loss at the scaler's scale, as the loop's backward
+    ran, and unscales as unscale_ does: unscaled, float16 rounded the small gradients into its
+    subnormals and differed from the loop's by 5% (refused before as 'not those of the loss given',
+    advising an unscaled backward). A loss the loop scales itself is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3072))
+    loader = torch.utils.data.DataLoader(NearTargets(model), batch_size=BATCH, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = ue.UnlearningEngine()
+    model, optimizer, loader = engine.make_unlearnable(model, optimizer, loader, method="retrain", epochs=1,
+                                                       loss_fn=nn.MSELoss(), grad_scaler=scaler)
+
+    def loop():
+        for x, y in loader:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss * loss_factor).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    if loss_factor != 1.0:
+        with pytest.raises(RuntimeError, match="optimizer step 0: the loop's gradients are not those of the loss"):
+            loop()
+        return
+    loop()
+    engine.unlearner()
+
+
+def test_an_undeclared_scaler_refused_at_the_first_step_is_told_to_declare_it():
+    """The same float16 loop with its GradScaler not declared: the comparison cannot know the scale
+    and refuses; the refusal names grad_scaler= (before: only 'backpropagate that loss unscaled')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3072))
+    loader = torch.utils.data.DataLoader(NearTargets(model), batch_size=BATCH, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    model, optimizer, loader = ue.UnlearningEngine().make_unlearnable(model, optimizer, loader, method="retrain",
+                                                                      epochs=1, loss_fn=nn.MSELoss())
+    with pytest.raises(RuntimeError, match="optimizer step 0: the loop's gradients .*grad_scaler="):
+        for x, y in loader:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+
+def _ddp_skipping_worker(rank, world, directory):
+    """deltagrad in a 2-rank DDP loop whose second batch's loss is infinite: the GradScaler skips that
+    step on every rank (the averaged gradients are inf everywhere)."""
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    trained = DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)))
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    items = torch.utils.data.TensorDataset(torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g))
+    loader = torch.utils.data.DataLoader(items, batch_size=24, shuffle=True)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = ue.UnlearningEngine()
+    trained, optimizer, loader = engine.make_unlearnable(trained, optimizer, loader, method="deltagrad", epochs=2,
+                                                         loss_fn=nn.CrossEntropyLoss(),
+                                                         history=os.path.join(directory, "history"), grad_scaler=scaler)
+    batches = 0
+    try:
+        for _ in range(2):
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(trained(x), y) * (float("inf") if batches == 1 else 1.0)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                batches += 1
+        engine.unlearner()
+        return batches, "no error"
+    except Exception as exc:
+        return batches, f"{type(exc).__name__}: {exc}"
+
+
+def test_a_step_the_scaler_skips_under_ddp_is_refused_at_the_next_step_naming_it():
+    """Before: no rank refused in the loop (the skip check read the scale in the gradient hooks that
+    DDP does without); the whole run trained on and unlearner() refused by the step count alone."""
+    import tempfile
+
+    from distributed_setup import launch
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(_ddp_skipping_worker, 2, 90, directory)
+    for rank, (batches, message) in enumerate(got):
+        assert batches == 2, (rank, batches, message)  # refused at the step after the skip, before its update
+        assert "optimizer step 1 was skipped by the GradScaler" in message, (rank, message)

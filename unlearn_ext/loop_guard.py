@@ -39,6 +39,8 @@ scaled loss, a term added to it or inputs changed in the loop, none of which a c
 
 The gradient checks are off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
+A step a declared GradScaler skips is refused there too (every rank's scaler checks the same
+averaged gradients, so every rank skips, and refuses, at the same step).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ import torch
 from .backward_passes import BackwardPasses
 from .distributed.ddp import check_same_training_modes
 from .distributed.group import agree
-from .loss_probe import ForwardSeen, check_first_step
+from .loss_probe import ForwardSeen, check_first_step, unscale_factor, unscaled
 from .policy import changed_modes, training_modes
 
 
@@ -95,12 +97,22 @@ class LoopGuard:
             if keep is not None:
                 ids = {id(p) for p in stepped}
                 self._keeping = [p.register_post_accumulate_grad_hook(keep) for p in self._clipped if id(p) not in ids]
+        elif grad_scaler is not None:  # under DDP the scale alone, for the skip check (the same on every rank:
+            # the averaged gradients the scalers check are)
+            self._keeping = [p.register_post_accumulate_grad_hook(self._note_scale)
+                             for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
     # ---- the hooks -------------------------------------------------------------------------------
 
-    def _after_backward(self, p: torch.Tensor) -> None:
+    def _note_scale(self, p: torch.Tensor | None = None) -> None:
+        """The scaler's scale at the first backward since the last step (its first gradient hook)."""
         if self._scaler is not None and self._backward_scale is None:
-            self._backward_scale = self._scaler.get_scale()  # (one host sync per step on an accelerator)
+            # (a host sync on an accelerator, inside the backward, once per step; _check_not_skipped
+            # reads the scale once more before each step, after scaler.step's own sync)
+            self._backward_scale = self._scaler.get_scale()
+
+    def _after_backward(self, p: torch.Tensor) -> None:
+        self._note_scale()
         if self.recipe.clip_grad_norm is not None:
             self._keep(p)
 
@@ -113,13 +125,12 @@ class LoopGuard:
         if self._scaler is None:
             self._backward_grads[id(p)] = grad.clone()
             return
-        if self._backward_scale is None:  # a clipped parameter outside the optimizer reached first
-            self._backward_scale = self._scaler.get_scale()
+        self._note_scale()  # (a clipped parameter outside the optimizer may be reached first)
         inverse = self._inverses.get(grad.device)
         if inverse is None:  # unscale_'s own factor, float32(1 / scale), once per step and device
-            inverse = torch.tensor(1.0 / self._backward_scale, dtype=torch.float64).float().to(grad.device)
+            inverse = unscale_factor(self._backward_scale, grad.device)
             self._inverses[grad.device] = inverse
-        self._backward_grads[id(p)] = (grad.float() * inverse).to(grad.dtype)
+        self._backward_grads[id(p)] = unscaled(grad, inverse)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         t = self.step
@@ -249,8 +260,16 @@ class LoopGuard:
         clipping the copies taken before the clip, which _check_clipped held the step's to."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loop = [self._backward_grads.get(id(p), p.grad).detach() for p in params]
-        hint = self._scaler_hint() if self.recipe.clip_grad_norm is not None else ""
-        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen, hint=hint)
+        if self.recipe.clip_grad_norm is not None:
+            hint = self._scaler_hint()
+        elif self._scaler is None:  # (float16 gradients a scale keeps normal differ unscaled: the scale is needed)
+            hint = "; with a torch.amp.GradScaler, pass it to make_unlearnable (grad_scaler=)"
+        else:
+            hint = ""
+        # (the scale of the backward the loop's gradients came from, which the recomputation repeats)
+        scale = self._backward_scale if self._backward_scale is not None else 1.0
+        check_first_step(params, loop, self._names, self.model, self._first_batch_loss, self._forward_seen, hint=hint,
+                         loss_scale=scale)
 
     def _check_clipped(self, t: int, clip: float) -> None:
         """Every gradient the step uses is the backward's times the coefficient clip_grad_norm_(
@@ -308,7 +327,7 @@ class LoopGuard:
             self._check_not_skipped(self.step)
             self._check_steps()
         else:
-            agree(lambda: self._check_steps() or (), shared=(), group=self.ddp.group)
+            agree(lambda: self._check_not_skipped(self.step) or self._check_steps() or (), shared=(), group=self.ddp.group)
         self._stop_watching_gradients()
 
     def _check_steps(self) -> None:

@@ -19,7 +19,10 @@ What it cannot judge, and then does not refuse:
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
 loss's own gradients: it passes (with a declared clip the loop guard compares its copies unscaled;
-a step the scaler skips is refused there, loop_guard.py). Mixed precision
+a step the scaler skips is refused there, loop_guard.py). Under a declared scaler the recomputations
+backpropagate at the scale the loop's backward ran at and are unscaled alike: unscaled, float16
+gradients that the scale keeps normal fall into its subnormals and differ by more than its
+roundings. Mixed precision
 (torch.autocast around the loop's forward) is the loop's arithmetic, not a change: the
 recomputation runs under the autocast the loop's last forward with gradients ran under, from the
 buffers that forward started from (ForwardSeen). Retraining itself runs without it, as before:
@@ -211,21 +214,41 @@ def tolerance(grads: Sequence[torch.Tensor]) -> float:
     return max([RELATIVE_TOLERANCE] + [DTYPE_ROUNDINGS * torch.finfo(g.dtype).eps for g in grads])
 
 
+def unscale_factor(scale: float, device: torch.device) -> torch.Tensor:
+    """GradScaler.unscale_'s factor for a scale: float32(1 / scale), on device."""
+    return torch.tensor(1.0 / scale, dtype=torch.float64).float().to(device)
+
+
+def unscaled(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """grad unscaled as GradScaler.unscale_ unscales p.grad: times its factor, in float32."""
+    return (grad.float() * factor).to(grad.dtype)
+
+
 def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor], names: dict,
                      model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor],
-                     seen: ForwardSeen | None = None, hint: str = "") -> None:
+                     seen: ForwardSeen | None = None, hint: str = "", loss_scale: float = 1.0) -> None:
     """Refuses the loop's first step when its backward's gradients `loop` (of `params`; with declared
     clipping the copies taken before the clip) are not batch_loss()'s (retraining's step-0 loss,
     loading its batch included) -- unless two recomputations under different random states
     disagree, when the comparison cannot tell (module docstring). seen: the loop's forward's
     autocast and starting buffers, which the recomputations run under and from. hint: ends the
-    refusal's message (the caller's advice)."""
+    refusal's message (the caller's advice). loss_scale: the loop's GradScaler scale at its backward
+    (`loop` already unscaled): the recomputations backpropagate the loss times it, as the loop did,
+    and are unscaled as unscale_ unscales; unscaled, float16 gradients that the scale keeps normal
+    fall into float16's subnormals and differ from the loop's by far more than its roundings."""
     if seen is not None:
         plain_loss = batch_loss
 
         def batch_loss():
             with seen.context():
                 return plain_loss()
+
+    if loss_scale != 1.0:
+        unscaled_loss = batch_loss
+
+        def batch_loss():
+            loss = unscaled_loss()
+            return loss * torch.tensor(loss_scale, dtype=torch.float32, device=loss.device)
 
     # A frozen parameter's stale gradient is left out: autograd differentiates trainable ones only.
     kept = [(p, g) for p, g in zip(params, loop) if p.requires_grad]
@@ -244,6 +267,8 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
             return  # random beyond the schedule's control: nothing to compare with
     except GradUnsupported:
         return  # a graph that takes backward() only (reentrant checkpointing): nothing to compare with
+    if loss_scale != 1.0:
+        first = [unscaled(g, unscale_factor(loss_scale, g.device)) for g in first]
     off = relative_difference(loop, first)
     if off <= limit:
         return
