@@ -34,6 +34,9 @@ scaled loss, a term added to it or inputs changed in the loop, none of which a c
 
 The gradient checks are off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
+The learning rate and training mode checks are agreed on every rank at every step (one int64 per
+rank): a step leaving the recipe on one rank only is refused on every rank, naming it, rather than
+left to the others to wait for in the next gradient all-reduce until the group's timeout.
 """
 from __future__ import annotations
 
@@ -95,6 +98,9 @@ class LoopGuard:
             raise RuntimeError(f"the loop takes more optimizer steps than the recipe's {self.recipe.epochs} epochs x "
                                f"{self.batches_per_epoch} batches = {self.total}: retraining and the history would "
                                "not match the schedule; pass the epochs the loop runs to make_unlearnable")
+        if self.ddp is not None:
+            self._check_rank_agreed(t)
+            return
         self._check_learning_rates(t)
         self._check_training_modes(t)
         if self._passes is not None:
@@ -115,6 +121,21 @@ class LoopGuard:
 
     # ---- the checks -------------------------------------------------------------------------------
 
+    def _check_rank_agreed(self, t: int) -> None:
+        """Under DDP, the checks whose inputs can differ between ranks, agreed on every rank: a rank
+        refusing alone would leave the others waiting in the next step's gradient all-reduce until the
+        group's timeout. A rank's learning rates (set by hand on one rank) and its later steps' training
+        modes (a validation pass in eval mode on rank 0 only) can differ; the step count cannot (the
+        ranks step together, held by DDP's all-reduce), so it is refused before, alone; and the gradient
+        checks are off (module docstring). One agreement of one int64 per rank and step (plus step 0's
+        agreement on the modes, made by every rank first); the error texts cross only on a refusal."""
+        if t == 0:
+            modes = training_modes(self.model)
+            check_same_training_modes(modes, self.ddp.group)
+            self.recipe.train_modes = modes
+        agree(lambda: self._check_learning_rates(t) or self._check_training_modes(t) or (), shared=(),
+              group=self.ddp.group, failed=f"refused optimizer step {t}")
+
     def _check_learning_rates(self, t: int) -> None:
         mine = [float(g["lr"]) for g in self.optimizer.param_groups]
         recipe = [float(g["lr"]) for g in self._shadow_groups]
@@ -127,10 +148,8 @@ class LoopGuard:
 
     def _check_training_modes(self, t: int) -> None:
         if t == 0:
-            modes = training_modes(self.model)
-            if self.ddp is not None:  # one recipe for every rank: their modes must agree (refused on every rank)
-                check_same_training_modes(modes, self.ddp.group)
-            self.recipe.train_modes = modes
+            if self.ddp is None:  # (under DDP agreed on every rank before: _check_rank_agreed)
+                self.recipe.train_modes = training_modes(self.model)
             return
         changed = changed_modes(self.recipe.train_modes, self.model)
         if changed:
