@@ -4,8 +4,8 @@ against the step itself, whose backward all-reduces the gradients. Prints, for r
 optimizer.step() call (where the guard's hooks run) and the median whole step (zero_grad, forward,
 backward with DDP's all-reduce, step), in microseconds, over the steps that record nothing
 (Mini-Unlearning's anchor steps take a full-data gradient and are left out); then, for scale, the
-median of a bare all_reduce of one int64 and of one float32 tensor the size of the model's gradients
-(what DDP's backward reduces, in one bucket here).
+median of a bare all_reduce of one int64, of one float32 tensor the size of the model's gradients
+(what DDP's backward reduces, in one bucket here), and of the guard's `agree` alone, in lockstep.
 
     OMP_NUM_THREADS=1 PYTHONPATH=<checkout> python benchmarks/ddp_loop_guard_step.py [epochs]
 """
@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import unlearn_ext as ue
+from unlearn_ext.distributed.group import agree
 
 
 def rank_main(rank: int, world: int, store_path: str, epochs: int, out: str) -> None:
@@ -55,19 +56,20 @@ def rank_main(rank: int, world: int, store_path: str, epochs: int, out: str) -> 
                 steps.append(done - began)
                 calls.append(done - stepping)
             t += 1
+    flag, grads = torch.zeros(1, dtype=torch.int64), torch.zeros(sum(p.numel() for p in model.parameters()))
     bare = {}
-    for name, tensor in (("flag", torch.zeros(1, dtype=torch.int64)),
-                         ("grads", torch.zeros(sum(p.numel() for p in model.parameters())))):
+    for name, collective in (("flag", lambda: dist.all_reduce(flag)), ("grads", lambda: dist.all_reduce(grads)),
+                             ("agree", lambda: agree(lambda: (), shared=()))):
         times = []
         for _ in range(200):
             began = time.perf_counter()
-            dist.all_reduce(tensor)
+            collective()
             times.append(time.perf_counter() - began)
         bare[name] = statistics.median(times) * 1e6
     if rank == 0:
         with open(out, "w") as f:
             f.write(f"{statistics.median(calls) * 1e6:.0f} {statistics.median(steps) * 1e6:.0f} {len(steps)} "
-                    f"{bare['flag']:.0f} {bare['grads']:.0f}\n")
+                    f"{bare['flag']:.0f} {bare['grads']:.0f} {bare['agree']:.0f}\n")
     dist.barrier()  # (no rank leaves while the other is still in a collective)
     dist.destroy_process_group()
 
@@ -76,7 +78,11 @@ if __name__ == "__main__":
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 100
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out")
-        mp.start_processes(rank_main, args=(2, os.path.join(d, "store"), epochs, out), nprocs=2, start_method="spawn")
-        call_us, step_us, n, flag_us, grads_us = open(out).read().split()
+        try:
+            mp.start_processes(rank_main, args=(2, os.path.join(d, "store"), epochs, out), nprocs=2,
+                               start_method="spawn")
+        except mp.ProcessExitedException as exc:  # (seen at exit, after the numbers: gloo's teardown)
+            print(f"a rank died: {exc}")
+        call_us, step_us, n, flag_us, grads_us, agree_us = open(out).read().split()
     print(f"optimizer.step() median {call_us} us, whole step median {step_us} us ({n} steps, rank 0); "
-          f"bare all_reduce: 1 int64 {flag_us} us, the gradients' float32 {grads_us} us")
+          f"bare all_reduce: 1 int64 {flag_us} us, the gradients' float32 {grads_us} us; agree {agree_us} us")
