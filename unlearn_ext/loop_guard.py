@@ -126,7 +126,8 @@ class LoopGuard:
         refusing alone would leave the others waiting in the next step's gradient all-reduce until the
         group's timeout. A rank's learning rates (set by hand on one rank) and its later steps' training
         modes (a validation pass in eval mode on rank 0 only) can differ; the step count cannot (the
-        ranks step together, held by DDP's all-reduce), so it is refused before, alone; and the gradient
+        ranks step together, held by DDP's all-reduce), so it is refused before, alone (a step on one
+        rank alone after training, no backward with it, is refused there without waiting); the gradient
         checks are off (module docstring). One agreement of one int64 per rank and step (plus step 0's
         agreement on the modes, made by every rank first); the error texts cross only on a refusal."""
         if t == 0:
