@@ -41,6 +41,9 @@ The gradient checks are off under DistributedDataParallel: its reducer writes th
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
 A step a declared GradScaler skips is refused there too (every rank's scaler checks the same
 averaged gradients, so every rank skips, and refuses, at the same step).
+The learning rate and training mode checks are agreed on every rank at every step (one int64 per
+rank): a step leaving the recipe on one rank only is refused on every rank, naming it, rather than
+left to the others to wait for in the next gradient all-reduce until the group's timeout.
 """
 from __future__ import annotations
 
@@ -139,6 +142,9 @@ class LoopGuard:
                                f"{self.batches_per_epoch} batches = {self.total}: retraining and the history would "
                                "not match the schedule; pass the epochs the loop runs to make_unlearnable")
         self._check_not_skipped(t)
+        if self.ddp is not None:
+            self._check_rank_agreed(t)
+            return
         self._check_learning_rates(t)
         self._check_training_modes(t)
         if self._passes is not None:
@@ -178,6 +184,21 @@ class LoopGuard:
                 "float32 without a scaler and takes every step, so it could not repeat the run. Start the "
                 "scaler at a scale the loop's gradients do not overflow (torch.amp.GradScaler(init_scale=...), "
                 "and a growth_interval it does not reach), use bfloat16 autocast, or train in float32")
+    def _check_rank_agreed(self, t: int) -> None:
+        """Under DDP, the checks whose inputs can differ between ranks, agreed on every rank: a rank
+        refusing alone would leave the others waiting in the next step's gradient all-reduce until the
+        group's timeout. A rank's learning rates (set by hand on one rank) and its later steps' training
+        modes (a validation pass in eval mode on rank 0 only) can differ; the step count cannot (the
+        ranks step together, held by DDP's all-reduce), so it is refused before, alone (a step on one
+        rank alone after training, no backward with it, is refused there without waiting); the gradient
+        checks are off (module docstring). One agreement of one int64 per rank and step (plus step 0's
+        agreement on the modes, made by every rank first); the error texts cross only on a refusal."""
+        if t == 0:
+            modes = training_modes(self.model)
+            check_same_training_modes(modes, self.ddp.group)
+            self.recipe.train_modes = modes
+        agree(lambda: self._check_learning_rates(t) or self._check_training_modes(t) or (), shared=(),
+              group=self.ddp.group, failed=f"refused optimizer step {t}")
 
     def _check_learning_rates(self, t: int) -> None:
         mine = [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -191,10 +212,8 @@ class LoopGuard:
 
     def _check_training_modes(self, t: int) -> None:
         if t == 0:
-            modes = training_modes(self.model)
-            if self.ddp is not None:  # one recipe for every rank: their modes must agree (refused on every rank)
-                check_same_training_modes(modes, self.ddp.group)
-            self.recipe.train_modes = modes
+            if self.ddp is None:  # (under DDP agreed on every rank before: _check_rank_agreed)
+                self.recipe.train_modes = training_modes(self.model)
             return
         changed = changed_modes(self.recipe.train_modes, self.model)
         if changed:
