@@ -18,7 +18,8 @@ What it cannot judge, and then does not refuse:
   * a change smaller than the tolerance (a relative difference of 1e-3 in float32, a few roundings
     of the dtype in bf16 / fp16), or one the loop makes only at later steps.
 GradScaler (torch.amp) unscales the gradients before the optimizer's step, so the step uses the
-loss's own gradients: it passes (with a declared clip the loop guard compares its copies unscaled;
+loss's own gradients: this comparison passes it (PCMU refuses a scaler, pcmu/optimizer.py: its
+per-sample sums come from the scaled backward; with a declared clip the loop guard compares its copies unscaled;
 a step the scaler skips is refused there, loop_guard.py). Under a declared scaler the recomputations
 backpropagate at the scale the loop's backward ran at and are unscaled alike: unscaled, float16
 gradients that the scale keeps normal fall into its subnormals and differ by more than its
