@@ -28,7 +28,10 @@ if this rank holds the state from before it.
     it rolls back and raises, saying that the outcome is unknown: reopening the DistributedLedger
     on every rank restores every rank to the committed state.
 (A rank 0 still alive but slower to commit than the group's timeout may commit after such a rank
-has read the ledger; the group's timeout must exceed a commit's duration.)
+has read the ledger; the group's timeout must exceed a commit's duration. And the rank must see
+rank 0's durable writes when it opens the files: a file system with close-to-open consistency, as
+NFS by default; a client cache that serves an older ledger.json or journal makes it roll back a
+committed request. In either case reopening on every rank restores the committed state.)
 
 Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others,
 as the bytes the ledger stores it in (loaded with weights_only=True, so loading runs no code).
@@ -223,8 +226,8 @@ class DistributedLedger:
                 return 0, 0
             if self._ledger is None:
                 raise RuntimeError("this DistributedLedger was closed")
-            self._ledger._prepare_request()  # (what DeletionLedger.forget does before the unlearner)
             decided.append(as_ids(ids))
+            self._ledger._prepare_request()  # (what DeletionLedger.forget does before the unlearner)
             return decided[0].numel(), len(self._ledger.requests)
         counts = agree(check, shared=(), local=("the request's id count", "the ledger's request count"),
                        group=self.group)
