@@ -71,3 +71,39 @@ def test_a_survivor_keeps_the_request_iff_the_ledger_on_disk_committed_it(case, 
     else:
         assert message != "no error" and not applied, (case, message)
         assert "does not hold the request: rolled back" in message, (case, message)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "injected: No space left on device")
+
+
+def pre_commit_worker(rank, world, x, y, directory):
+    trainer = DistributedPCMUTrainer(_model(), torch.nn.functional.cross_entropy, (x, y), **OPTIONS)
+    trainer.train(epochs=1)
+    unlearner = PCMUUnlearner(trainer)
+    ledger = DistributedLedger(unlearner, directory)
+    ledger.forget(FIRST if rank == 0 else None)  # a request every rank agreed on and rank 0 committed
+    trainer.train(steps=1)  # more training: rank 0's ledger commits it first at the next request
+    before = state_digest(unlearner.state_dict())
+    if rank == 0:
+        ledger._ledger._commit = _disk_full  # that commit fails, before the unlearner runs
+    message, seconds = _attempt(lambda: ledger.forget([3, 4, 5] if rank == 0 else None))
+    return message, seconds, state_digest(unlearner.state_dict()) == before
+
+
+def test_rank0_failing_before_the_unlearner_runs_is_refused_on_every_rank_at_once():
+    """DeletionLedger.forget on rank 0 commits the training done since the last request before it
+    runs the unlearner; when that fails, every rank is refused in the ids' agreement, naming rank
+    0's error. (It failed inside rank 0's
+    DeletionLedger.forget, while the others ran the unlearner's collectives: a transport error on
+    every rank at the group's timeout, rank 0 having sent the previous request's 'not committed'
+    flag into those collectives.)"""
+    x, y, _, _ = digits_data()
+    with tempfile.TemporaryDirectory() as job_dir:
+        got = launch(pre_commit_worker, 2, TIMEOUT_S, x, y, job_dir)
+        on_disk = [r["ids"] for r in read_ledger(job_dir)["requests"]]
+    assert on_disk == [sorted(FIRST)], on_disk
+    for rank, (message, seconds, unchanged) in enumerate(got):
+        assert message.startswith("DistributedRefusal: rank(s) [0] ") and "injected: No space left" in message, \
+            (rank, message)
+        assert seconds < GROUP_TIMEOUT_S / 2 and unchanged, (rank, seconds, unchanged)

@@ -330,14 +330,9 @@ class DeletionLedger:
 
     def forget(self, ids) -> UnlearnReport:
         """Answers one deletion request through the unlearner and commits it before returning."""
-        self._check_open()
-        self._check_writable()
+        self._prepare_request()
         logs = self.unlearner.logs()
         before = self.unlearner.state_dict_without_logs()  # a log's snapshot is its clean mark
-        if any(log.dirty or log.marked_by is not self for log in logs.values()):
-            # Changed outside the ledger since its last commit (e.g. more training): committed
-            # first, so that a rollback returns exactly to the request's starting point.
-            self._commit(before)
         try:
             report = self.unlearner.unlearn(ids)  # unknown / empty / malformed requests raise here
             entry = {"request": len(self.requests), **report.to_dict()}
@@ -350,6 +345,17 @@ class DeletionLedger:
             self.unlearner.load_state_dict(before)
             raise
         return report
+
+    def _prepare_request(self) -> None:
+        """What a request needs before the unlearner runs: the ledger open, its directory writable,
+        and what changed outside the ledger since its last commit (e.g. more training) committed,
+        so that a rollback returns exactly to the request's starting point. (DistributedLedger's
+        rank 0 calls it in the agreement before every rank runs the request: failing later, inside
+        forget, it would leave the other ranks in their unlearner's collectives.)"""
+        self._check_open()
+        self._check_writable()
+        if any(log.dirty or log.marked_by is not self for log in self.unlearner.logs().values()):
+            self._commit(self.unlearner.state_dict_without_logs())
 
     def _check_open(self) -> None:
         if self._lock_file is None:

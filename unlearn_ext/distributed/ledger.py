@@ -5,8 +5,9 @@ Every rank builds the same unlearner (a collective one, such as `PCMUUnlearner` 
 `DistributedPCMUTrainer`, or any unlearner whose state is replicated) and a `DistributedLedger`
 over it; only rank 0 opens the directory and writes. A request goes:
   1. rank 0's ids are broadcast (their count in an agreement, so ids that are not integers, or a
-     ledger that cannot take a request -- closed, its directory not writable -- are refused on every
-     rank, then the int64 ids): the request is decided once, whatever the other ranks passed;
+     ledger that cannot take a request -- closed, its directory not writable, its commit of what
+     changed since its last commit, such as more training, failed -- are refused on every rank,
+     then the int64 ids): the request is decided once, whatever the other ranks passed;
   2. every rank runs the unlearner on them;
   3. the ranks agree (one all_gather): every rank succeeded and holds the same state (a sha256 of
      its state dict) -- or the request failed;
@@ -27,7 +28,10 @@ if this rank holds the state from before it.
     it rolls back and raises, saying that the outcome is unknown: reopening the DistributedLedger
     on every rank restores every rank to the committed state.
 (A rank 0 still alive but slower to commit than the group's timeout may commit after such a rank
-has read the ledger; the group's timeout must exceed a commit's duration.)
+has read the ledger; the group's timeout must exceed a commit's duration. And the rank must see
+rank 0's durable writes when it opens the files: a file system with close-to-open consistency, as
+NFS by default; a client cache that serves an older ledger.json or journal makes it roll back a
+committed request. In either case reopening on every rank restores the committed state.)
 
 Opening: rank 0 opens (or restores) the ledger and broadcasts the restored state to the others,
 as the bytes the ledger stores it in (loaded with weights_only=True, so loading runs no code).
@@ -222,8 +226,8 @@ class DistributedLedger:
                 return 0, 0
             if self._ledger is None:
                 raise RuntimeError("this DistributedLedger was closed")
-            self._ledger._check_writable()
             decided.append(as_ids(ids))
+            self._ledger._prepare_request()  # (what DeletionLedger.forget does before the unlearner)
             return decided[0].numel(), len(self._ledger.requests)
         counts = agree(check, shared=(), local=("the request's id count", "the ledger's request count"),
                        group=self.group)
@@ -232,6 +236,9 @@ class DistributedLedger:
         return ids, int(counts[0, 1])
 
     def _forget_on_rank0(self, ids) -> UnlearnReport:
+        # (the previous request's flag would make a failure before this one's unlearner ran send
+        # 'not committed' into the collectives the other ranks' unlearner is running)
+        self._agreed.agreed = False
         try:
             report = self._ledger.forget(ids)  # restores rank 0's state itself on any failure
         except BaseException:
