@@ -15,20 +15,9 @@ import torch
 from torch import nn
 
 import unlearn_ext as ue
+from user_loop_wall import MyImages  # the README's dataset (run from benchmarks/: its folder is on the path)
 
 EPOCHS, MAX_NORM = 4, 1.0
-
-
-class MyImages(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return torch.randn(1, 8, 8, generator=g) + i % 3, i % 3
 
 
 def main(mode: str = "clip", n: int = 960) -> float:

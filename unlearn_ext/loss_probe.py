@@ -211,6 +211,11 @@ def scale_between(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float
     return dot / base if base else 1.0
 
 
+def most_different(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> int:
+    """The index i whose a[i] is relatively farthest from b[i] (the parameter a refusal names)."""
+    return max(range(len(a)), key=lambda i: relative_difference([a[i]], [b[i]]))
+
+
 def tolerance(grads: Sequence[torch.Tensor]) -> float:
     return max([RELATIVE_TOLERANCE] + [DTYPE_ROUNDINGS * torch.finfo(g.dtype).eps for g in grads])
 
@@ -273,7 +278,7 @@ def check_first_step(params: Sequence[torch.Tensor], loop: Sequence[torch.Tensor
     off = relative_difference(loop, first)
     if off <= limit:
         return
-    worst = max(range(len(params)), key=lambda i: relative_difference([loop[i]], [first[i]]))
+    worst = most_different(loop, first)
     raise RuntimeError(
         f"optimizer step 0: the loop's gradients are not those of the loss given to make_unlearnable on the "
         f"batch (relative difference {off:.3g}; they are about {scale_between(loop, first):.4g} times it; "

@@ -35,9 +35,9 @@ void check_finite_arg(double v, const char* name) {
   TORCH_CHECK(std::isfinite(v), "unlearn_ext: ", name, " must be finite, got ", v);
 }
 
-// Every condition before any work, in the order of op_checks._layer_chain_grad_sums (same messages).
-void check_chain(at::TensorList out, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
-                 const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef layers, int64_t split) {
+// The chain's layer codes checked (chain_format.py's), and how many of them are linear: both chain ops
+// take their layers so.
+size_t linear_layers(at::IntArrayRef layers) {
   size_t linears = 0;
   for (size_t i = 0; i < layers.size(); ++i) {
     TORCH_CHECK(layers[i] >= kLinear && layers[i] <= kRelu, "unlearn_ext: layers[", i,
@@ -45,6 +45,13 @@ void check_chain(at::TensorList out, const at::Tensor& x, const at::Tensor& y, a
     linears += layers[i] == kLinear;
   }
   TORCH_CHECK(!layers.empty() && layers.back() == kLinear, "unlearn_ext: the last layer must be linear (0)");
+  return linears;
+}
+
+// Every condition before any work, in the order of op_checks._layer_chain_grad_sums (same messages).
+void check_chain(at::TensorList out, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
+                 const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef layers, int64_t split) {
+  const size_t linears = linear_layers(layers);
   TORCH_CHECK(linears == weights.size(), "unlearn_ext: layers name ", linears, " linear layers but weights has ",
               weights.size(), " tensors");
   TORCH_CHECK(biases.size() == weights.size(), "unlearn_ext: biases has ", biases.size(),
@@ -291,13 +298,7 @@ void check_run(const at::Tensor& w, const std::optional<at::Tensor>& buffer, con
     check_vector(recorded_w[i], ("recorded_w[" + std::to_string(i) + "]").c_str(), at::kFloat, d);
     check_vector(recorded_g[i], ("recorded_g[" + std::to_string(i) + "]").c_str(), at::kFloat, d);
   }
-  size_t linears = 0;
-  for (size_t i = 0; i < layers.size(); ++i) {
-    TORCH_CHECK(layers[i] >= kLinear && layers[i] <= kRelu, "unlearn_ext: layers[", i,
-                "] must be 0 (linear), 1 (tanh), 2 (sigmoid) or 3 (relu), got ", layers[i]);
-    linears += layers[i] == kLinear;
-  }
-  TORCH_CHECK(!layers.empty() && layers.back() == kLinear, "unlearn_ext: the last layer must be linear (0)");
+  const size_t linears = linear_layers(layers);
   TORCH_CHECK(shapes.size() == 3 * linears, "unlearn_ext: shapes must hold (out, in, bias) for each of the ", linears,
               " linear layers, got ", shapes.size(), " values");
   int64_t total = 0;

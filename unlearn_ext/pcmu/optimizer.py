@@ -43,7 +43,7 @@ import torch
 
 from ..backward_passes import BackwardPasses
 from ..data import TrainingData
-from ..loss_probe import ForwardSeen, check_first_step, relative_difference, scale_between, tolerance
+from ..loss_probe import ForwardSeen, check_first_step, most_different, relative_difference, scale_between, tolerance
 from ..per_sample.capture import BackwardCapture
 from ..policy import UnsupportedModelError, active_stochastic_layers, refuse_training_batch_norm
 from .trainer import PER_SAMPLE_NEED, PCMUTrainer
@@ -225,7 +225,7 @@ class PCMUOptimizer:
         off = relative_difference(loop, recorded)
         if off <= tolerance(loop):
             return
-        worst = max(range(len(names)), key=lambda i: relative_difference([loop[i]], [recorded[i]]))
+        worst = most_different(loop, recorded)
         raise RuntimeError(
             f"optimizer step {self.trainer.steps_done}: the gradients at the step are not the ones the loop's "
             f"backward computed (about {scale_between(loop, recorded):.4g} times them; most different: "
