@@ -87,3 +87,47 @@ def test_one_rank_leaving_the_recipe_is_refused_on_every_rank_without_waiting(ho
         assert message.startswith(f"DistributedRefusal: rank(s) [{LEAVING_RANK}] refused optimizer step "
                                   f"{LEAVING_STEP}: rank {LEAVING_RANK}: RuntimeError: {reason}"), (rank, message)
         assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)
+
+
+def one_rank_declaring_worker(rank, world, directory):
+    """A GradScaler loop on both ranks whose scaler is declared (grad_scaler=) on rank 1 only, and
+    whose second batch's loss is infinite: every rank's scaler skips that step, and only rank 1's
+    guard knows it."""
+    torch.manual_seed(0)
+    trained = DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)))
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=BATCH // 2, shuffle=True)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = ue.UnlearningEngine()
+    trained, optimizer, loader = engine.make_unlearnable(
+        trained, optimizer, loader, method="deltagrad", epochs=EPOCHS, loss_fn=nn.CrossEntropyLoss(),
+        history=os.path.join(directory, "history"), grad_scaler=scaler if rank == 1 else None)
+    began = time.monotonic()
+    batches = 0
+    try:
+        for _ in range(EPOCHS):
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(trained(x), y) * (float("inf") if batches == 1 else 1.0)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                batches += 1
+        outcome = "no error"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    seconds = time.monotonic() - began
+    _stay_until_every_rank_finished(directory, world)
+    return outcome, seconds
+
+
+def test_a_skip_only_one_ranks_declared_scaler_sees_is_refused_on_every_rank_without_waiting():
+    """The skip check is one of the checks whose input (the declared scaler) can differ between
+    ranks: it is agreed with the others. Before: rank 1 refused alone, before the agreement, and
+    rank 0 waited in it until the group's timeout."""
+    with tempfile.TemporaryDirectory() as directory:
+        got = launch(one_rank_declaring_worker, 2, TIMEOUT_S, directory)
+    for rank, (message, seconds) in enumerate(got):
+        assert message.startswith("DistributedRefusal: rank(s) [1] refused optimizer step 1: rank 1: RuntimeError: "
+                                  "optimizer step 1 was skipped by the GradScaler"), (rank, message)
+        assert seconds < GROUP_TIMEOUT_S / 2, (rank, seconds)

@@ -141,10 +141,10 @@ class LoopGuard:
             raise RuntimeError(f"the loop takes more optimizer steps than the recipe's {self.recipe.epochs} epochs x "
                                f"{self.batches_per_epoch} batches = {self.total}: retraining and the history would "
                                "not match the schedule; pass the epochs the loop runs to make_unlearnable")
-        self._check_not_skipped(t)
         if self.ddp is not None:
             self._check_rank_agreed(t)
             return
+        self._check_not_skipped(t)
         self._check_learning_rates(t)
         self._check_training_modes(t)
         if self._passes is not None:
@@ -197,8 +197,9 @@ class LoopGuard:
             modes = training_modes(self.model)
             check_same_training_modes(modes, self.ddp.group)
             self.recipe.train_modes = modes
-        agree(lambda: self._check_learning_rates(t) or self._check_training_modes(t) or (), shared=(),
-              group=self.ddp.group, failed=f"refused optimizer step {t}")
+        # (the skip check too: the declared scaler is a rank's own argument, one rank may lack it)
+        agree(lambda: self._check_not_skipped(t) or self._check_learning_rates(t) or self._check_training_modes(t) or (),
+              shared=(), group=self.ddp.group, failed=f"refused optimizer step {t}")
 
     def _check_learning_rates(self, t: int) -> None:
         mine = [float(g["lr"]) for g in self.optimizer.param_groups]
