@@ -40,9 +40,9 @@ scaled loss, a term added to it or inputs changed in the loop, none of which a c
 The gradient checks are off under DistributedDataParallel: its reducer writes the averaged gradients
 into p.grad after the backward hooks, which the version counter cannot tell from a user's change.
 A step a declared GradScaler skips is refused there too (every rank's scaler checks the same
-averaged gradients, so every rank skips, and refuses, at the same step).
-The learning rate and training mode checks are agreed on every rank at every step (one int64 per
-rank): a step leaving the recipe on one rank only is refused on every rank, naming it, rather than
+averaged gradients, so every rank skips at the same step).
+The learning rate, training mode and skip checks are agreed on every rank at every step (one int64
+per rank; the skip check because the scaler is declared per rank): a step leaving the recipe on one rank only is refused on every rank, naming it, rather than
 left to the others to wait for in the next gradient all-reduce until the group's timeout.
 """
 from __future__ import annotations
