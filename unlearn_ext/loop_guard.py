@@ -188,9 +188,11 @@ class LoopGuard:
         """Under DDP, the checks whose inputs can differ between ranks, agreed on every rank: a rank
         refusing alone would leave the others waiting in the next step's gradient all-reduce until the
         group's timeout. A rank's learning rates (set by hand on one rank) and its later steps' training
-        modes (a validation pass in eval mode on rank 0 only) can differ; the step count cannot (the
-        ranks step together, held by DDP's all-reduce), so it is refused before, alone (a step on one
-        rank alone after training, no backward with it, is refused there without waiting); the gradient
+        modes (a validation pass in eval mode on rank 0 only) can differ. The step count is refused
+        before, alone: a step past the recipe's last is refused on every rank alike while their counts
+        match, and a rank that skips optimizer.step() alone (its own check of the loss) meets the
+        others' agreement with its next gradient all-reduce, which no agreement made inside the step
+        can catch (gloo aborts on the mismatch; a hang before this agreement existed). The gradient
         checks are off (module docstring). One agreement of one int64 per rank and step (plus step 0's
         agreement on the modes, made by every rank first); the error texts cross only on a refusal."""
         if t == 0:

@@ -92,7 +92,7 @@ def agree(check: Callable[[], Sequence[int]], shared: Sequence[str], local: Sequ
 def _any_refused(error: BaseException | None, group) -> bool:
     """Whether some rank refused: one all_reduce of a single int64, the count of refusing ranks.
     Cheaper than a row per rank for an agreement with no values, which the loop guard makes at
-    every optimizer step under DDP: about 115-180 us against 180-250 us on 2 gloo ranks of one
+    every optimizer step under DDP: 116-133 us against 182-206 us on 2 gloo ranks of one
     machine (benchmarks/agree_exchange.py, benchmarks/RESULTS.md)."""
     count = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=exchange_device(group))
     dist.all_reduce(count, group=group)
