@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import unlearn_ext as ue
 
 from distributed_setup import GROUP_TIMEOUT_S, launch
+from user_models import scaled_step
 
 TIMEOUT_S = 90
 N, BATCH, EPOCHS = 96, 48, 2  # 4 steps: a refusal at step 1 leaves the other rank steps to wait in
@@ -46,6 +47,19 @@ def _stay_until_every_rank_finished(directory: str, world: int) -> None:
         time.sleep(0.05)
 
 
+def _timed_outcome(loop, directory: str, world: int) -> tuple[str, float]:
+    """(what loop() raised, or 'no error'; its seconds), once every rank has finished its loop."""
+    began = time.monotonic()
+    try:
+        loop()
+        outcome = "no error"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    seconds = time.monotonic() - began
+    _stay_until_every_rank_finished(directory, world)
+    return outcome, seconds
+
+
 def leaving_worker(rank, world, directory, how):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -57,9 +71,9 @@ def leaving_worker(rank, world, directory, how):
     trained, optimizer, loader = engine.make_unlearnable(
         trained, optimizer, loader, method="mini", epochs=EPOCHS, loss_fn=loss_fn,
         history=os.path.join(directory, "anchors"), anchors=2)
-    began = time.monotonic()
-    step = 0
-    try:
+
+    def loop():
+        step = 0
         for _ in range(EPOCHS):
             for x, y in loader:
                 optimizer.zero_grad()
@@ -68,12 +82,7 @@ def leaving_worker(rank, world, directory, how):
                     _leave_the_recipe(how, trained, optimizer)
                 optimizer.step()
                 step += 1
-        outcome = "no error"
-    except Exception as exc:
-        outcome = f"{type(exc).__name__}: {exc}"
-    seconds = time.monotonic() - began
-    _stay_until_every_rank_finished(directory, world)
-    return outcome, seconds
+    return _timed_outcome(loop, directory, world)
 
 
 @pytest.mark.parametrize("how, reason", [
@@ -102,23 +111,14 @@ def one_rank_declaring_worker(rank, world, directory):
     trained, optimizer, loader = engine.make_unlearnable(
         trained, optimizer, loader, method="deltagrad", epochs=EPOCHS, loss_fn=nn.CrossEntropyLoss(),
         history=os.path.join(directory, "history"), grad_scaler=scaler if rank == 1 else None)
-    began = time.monotonic()
-    batches = 0
-    try:
+
+    def loop():
+        batches = 0
         for _ in range(EPOCHS):
             for x, y in loader:
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(trained(x), y) * (float("inf") if batches == 1 else 1.0)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                scaled_step(trained, optimizer, scaler, x, y, infinite_loss=batches == 1)
                 batches += 1
-        outcome = "no error"
-    except Exception as exc:
-        outcome = f"{type(exc).__name__}: {exc}"
-    seconds = time.monotonic() - began
-    _stay_until_every_rank_finished(directory, world)
-    return outcome, seconds
+    return _timed_outcome(loop, directory, world)
 
 
 def test_a_skip_only_one_ranks_declared_scaler_sees_is_refused_on_every_rank_without_waiting():

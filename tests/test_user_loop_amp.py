@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import unlearn_ext as ue
-from user_models import LazyImages, cnn, flat, same_state
+from user_models import LazyImages, cnn, flat, same_state, scaled_step
 
 N, BATCH, EPOCHS = 48, 16, 2
 SMALL, LARGE = 0.05, 1e6  # a max_norm that clips every step, and one that never does
@@ -274,11 +274,7 @@ def _ddp_skipping_worker(rank, world, directory):
     try:
         for _ in range(2):
             for x, y in loader:
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(trained(x), y) * (float("inf") if batches == 1 else 1.0)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                scaled_step(trained, optimizer, scaler, x, y, infinite_loss=batches == 1)
                 batches += 1
         engine.unlearner()
         return batches, "no error"

@@ -102,6 +102,16 @@ def user_loop(model, optimizer, loader, loss_fn, epochs: int, scheduler=None, pe
     return model
 
 
+def scaled_step(model, optimizer, scaler, x, y, infinite_loss: bool = False) -> None:
+    """One step of torch.amp's recipe without autocast or clipping (zero_grad, scaler.scale(loss)
+    .backward(), scaler.step, scaler.update); infinite_loss: the loss times inf, which the scaler skips."""
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y) * (float("inf") if infinite_loss else 1.0)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def same_state(a: nn.Module, b: nn.Module) -> bool:
     """Parameters and buffers bit for bit."""
     sa, sb = a.state_dict(), b.state_dict()

@@ -243,6 +243,12 @@ class _RecordedGradient:
         return self.values * alpha
 
 
+def _step_weights(kept: torch.Tensor, removed: torch.Tensor, size: int) -> tuple[float, float]:
+    """A quasi-Newton step's |B|/|B\\F| (the scale of B dw and of the recorded gradient) and
+    -|B&F|/|B\\F| (the removed rows' mean gradient's weight), as both step paths pass them to their op."""
+    return size / kept.numel(), -removed.numel() / kept.numel()
+
+
 def _copy_parameters(source: torch.nn.Module, target: torch.nn.Module) -> None:
     """target's trainable parameters <- source's (a copy of target), bit for bit."""
     with torch.no_grad():
@@ -487,8 +493,9 @@ class DeltaGradUnlearner(Unlearner):
                     ys.append(y)
                 counts.append(int(removed.numel()))
                 lrs.append(lr)
-                scales.append(size / kept.numel())
-                removed_alphas.append(-removed.numel() / kept.numel())
+                scale, removed_alpha = _step_weights(kept, removed, size)
+                scales.append(scale)
+                removed_alphas.append(removed_alpha)
             buffer, start = (None, False) if momentum is None else momentum.for_op(w)
             chain_weights, grad, shapes, layers = run_arguments
             sums = ops.deltagrad_qn_run_(w, buffer, chain_weights, grad, w_ts, g_ts, xs, ys, counts, lrs, scales,
@@ -556,8 +563,7 @@ class DeltaGradUnlearner(Unlearner):
                 # - |B&F|/|B\F| g_removed + wd w, then w -= lr direction and the recorded gradient's
                 # term - lr |B|/|B\F| g_t; with momentum the term joins the direction (the buffer needs
                 # the whole gradient) and the buffer steps as torch's.
-                scale = size / kept.numel()
-                removed_alpha = -removed.numel() / kept.numel()
+                scale, removed_alpha = _step_weights(kept, removed, size)
                 if momentum is None:
                     total = ops.deltagrad_qn_step_(w, None, dw, add_g.scaled(-lr * scale), model.W, model.P,
                                                    model.sigma, predicted, g_removed, removed_alpha, scale, wd, lr,
